@@ -1,0 +1,19 @@
+"""fa4-cp: ring (context-parallel) attention with FlashAttention-4 kernels and LSE partials."""
+
+from .attention import ring_attention, ring_attention_varlen
+from .consistency import set_consistency_check
+from .parallel.sharding import Sharding
+from .parallel.simulated import SimulatedRing
+from .shard import shard, shard_inputs, shift_labels, unshard
+
+__all__ = [
+    "ring_attention",
+    "ring_attention_varlen",
+    "shard",
+    "unshard",
+    "shard_inputs",
+    "shift_labels",
+    "Sharding",
+    "SimulatedRing",
+    "set_consistency_check",
+]

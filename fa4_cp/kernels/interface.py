@@ -1,0 +1,118 @@
+"""The one kernel interface every ring step uses: attention with log-sum-exp (LSE) partials.
+
+Tensor layouts follow FlashAttention-4:
+- dense:  q, out (b, s, h, d); k, v (b, s, h_kv, d); lse (b, h, s)
+- varlen: q, out (total, h, d); k, v (total, h_kv, d); lse (h, total), with int32 cu_seqlens/seqused
+
+A backend knows nothing of ranks: it sees one (q rows, kv rows, mask) block at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class BandMask:
+    """Which keys each query of a block sees.
+
+    Key j is visible to query i (indices local to the block, per sequence for varlen) iff
+    ``lo <= j - i <= hi``; ``None`` leaves that side unbounded. ``BandMask()`` is no mask,
+    ``BandMask(hi=0)`` is causal, ``BandMask(hi=-o)`` is causal with the diagonal moved o keys
+    left, and ``BandMask(lo=-left, hi=right)`` is a sliding window.
+    """
+
+    lo: int | None = None
+    hi: int | None = None
+
+    @property
+    def is_full(self) -> bool:
+        return self.lo is None and self.hi is None
+
+    @staticmethod
+    def from_flags(causal: bool, window_size: tuple[int, int]) -> BandMask:
+        """The mask of FlashAttention's (causal, window_size) flags; -1 means unbounded."""
+        left, right = window_size
+        hi = None if right < 0 else right
+        if causal:
+            hi = 0 if hi is None else min(hi, 0)
+        return BandMask(lo=None if left < 0 else -left, hi=hi)
+
+
+@dataclass(frozen=True)
+class VarlenRows:
+    """Per-sequence row selection of a varlen block, as FlashAttention-4 takes it.
+
+    Sequence n of the block is q rows ``[cu_seqlens_q[n], cu_seqlens_q[n] + seqused_q[n])`` against
+    kv rows ``[cu_seqlens_k[n], cu_seqlens_k[n] + seqused_k[n])``. All four are int32 on the
+    device of q; cu_seqlens_* have one more entry than there are sequences.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    seqused_q: torch.Tensor
+    seqused_k: torch.Tensor
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulators are one step wider than the inputs: fp32 for 16-bit inputs, fp64 for fp32/fp64.
+
+    fp32 inputs get fp64 accumulators so that the reference's error does not grow with the ring.
+    """
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+class AttentionBackend(Protocol):
+    """Attention with LSE partials over one block pair.
+
+    Rows that see no key have lse = -inf and out = 0. The caller owns every accumulator.
+    """
+
+    name: str
+
+    def forward_step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out_acc: torch.Tensor,
+        lse_acc: torch.Tensor,
+        *,
+        mask: BandMask,
+        softmax_scale: float,
+        accumulate: bool,
+        varlen: VarlenRows | None = None,
+    ) -> None:
+        """Merge softmax(q k^T) v of this block into (out_acc, lse_acc) in place.
+
+        With ``accumulate=False`` the block's result overwrites the accumulators (first block,
+        covering every row); rows not selected by ``varlen`` are never touched.
+        """
+        ...
+
+    def backward_step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        dout: torch.Tensor,
+        delta: torch.Tensor,
+        dq_acc: torch.Tensor,
+        dk_acc: torch.Tensor,
+        dv_acc: torch.Tensor,
+        *,
+        mask: BandMask,
+        softmax_scale: float,
+        varlen: VarlenRows | None = None,
+    ) -> None:
+        """Add this block's dq, dk, dv to the accumulators, given the final out and lse.
+
+        ``delta`` is rowsum(dout * out) (minus any upstream lse gradient), laid out like lse and
+        computed once per ring call.
+        """
+        ...

@@ -1,0 +1,1 @@
+"""Ring machinery: layout, sharding, schedule, transport and executor."""

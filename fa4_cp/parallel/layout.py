@@ -1,0 +1,60 @@
+"""Layouts: which chunks of each sequence a rank holds.
+
+A sequence (or each packed document) is cut into `num_chunks` equal chunks; rank r holds the
+chunks `chunks_of(r)`, in increasing order, back to back. Each held chunk is a "lane".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout(ABC):
+    name: str
+
+    @abstractmethod
+    def num_chunks(self, world_size: int) -> int: ...
+
+    @abstractmethod
+    def chunks_of(self, rank: int, world_size: int) -> tuple[int, ...]:
+        """The chunk indices rank holds, increasing, so local order follows global order."""
+
+
+@dataclass(frozen=True)
+class Zigzag(Layout):
+    """Head-tail: rank r holds chunks r and 2W-1-r of 2W, balancing causal work.
+
+    Identical to torch's context-parallel head-tail load balancer.
+    """
+
+    name: str = "zigzag"
+
+    def num_chunks(self, world_size: int) -> int:
+        return 2 * world_size
+
+    def chunks_of(self, rank: int, world_size: int) -> tuple[int, ...]:
+        return (rank, 2 * world_size - 1 - rank)
+
+
+@dataclass(frozen=True)
+class Contiguous(Layout):
+    """Rank r holds chunk r of W: balanced for non-causal attention."""
+
+    name: str = "contiguous"
+
+    def num_chunks(self, world_size: int) -> int:
+        return world_size
+
+    def chunks_of(self, rank: int, world_size: int) -> tuple[int, ...]:
+        return (rank,)
+
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (Zigzag(), Contiguous())}
+
+
+def get_layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {name!r}")
+    return LAYOUTS[name]

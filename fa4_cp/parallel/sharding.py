@@ -1,0 +1,154 @@
+"""Sharding: which global tokens each rank's local rows hold, for a sequence or packed documents.
+
+Dense: a batch of sequences of length S, each cut into `num_chunks` equal chunks; S must divide.
+Varlen: packed documents, each cut into `num_chunks` chunks of ceil(L / num_chunks) slots. The
+slots past a document's end are padding: they sit at the end of the document's last chunks, so
+within every lane, and within every run of a rank's lanes, the valid slots form a prefix.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .layout import Layout, get_layout
+
+
+@dataclass(frozen=True)
+class Sharding:
+    layout: Layout
+    world_size: int
+    doc_lengths: tuple[int, ...]
+    varlen: bool
+
+    @classmethod
+    def dense(cls, seq_len: int, world_size: int, layout: str | Layout = "zigzag") -> Sharding:
+        layout = get_layout(layout) if isinstance(layout, str) else layout
+        chunks = layout.num_chunks(world_size)
+        if seq_len <= 0 or seq_len % chunks:
+            raise ValueError(
+                f"seq_len: the {layout.name} layout over {world_size} ranks cuts the sequence into {chunks} "
+                f"chunks, so the global length must be a positive multiple of {chunks}; got {seq_len}"
+            )
+        return cls(layout, world_size, (seq_len,), varlen=False)
+
+    @classmethod
+    def documents(cls, doc_lengths: Sequence[int], world_size: int, layout: str | Layout = "zigzag") -> Sharding:
+        layout = get_layout(layout) if isinstance(layout, str) else layout
+        return cls(layout, world_size, tuple(int(n) for n in doc_lengths), varlen=True)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.layout.num_chunks(self.world_size)
+
+    @property
+    def lanes(self) -> int:
+        return len(self.chunks_of(0))
+
+    def chunks_of(self, rank: int) -> tuple[int, ...]:
+        return self.layout.chunks_of(rank, self.world_size)
+
+    @functools.cached_property
+    def chunk_sizes(self) -> tuple[int, ...]:
+        """Slots per chunk, per document."""
+        return tuple(math.ceil(n / self.num_chunks) for n in self.doc_lengths)
+
+    @functools.cached_property
+    def local_doc_starts(self) -> tuple[int, ...]:
+        """Where each document's slots start in a rank's local rows, plus the end (same on all ranks)."""
+        starts = [0]
+        for size in self.chunk_sizes:
+            starts.append(starts[-1] + self.lanes * size)
+        return tuple(starts)
+
+    @property
+    def local_len(self) -> int:
+        return self.local_doc_starts[-1]
+
+    @property
+    def total_len(self) -> int:
+        return sum(self.doc_lengths)
+
+    def valid_slots(self, rank: int, lane: int, doc: int) -> int:
+        size = self.chunk_sizes[doc]
+        return min(max(self.doc_lengths[doc] - self.chunks_of(rank)[lane] * size, 0), size)
+
+    def token_index(self, rank: int) -> torch.Tensor:
+        """Per local slot, the token's index in the unsharded sequence; -1 on padding."""
+        return _token_index(self, rank)
+
+    def positions(self, rank: int) -> torch.Tensor:
+        """Per local slot, the token's position in its document (the sequence, if dense); 0 on padding."""
+        return _positions(self, rank)
+
+    def local_cu_seqlens(self) -> torch.Tensor:
+        """int32 boundaries of the documents in every rank's local rows, padding slots included."""
+        return torch.tensor(self.local_doc_starts, dtype=torch.int32)
+
+    def local_seqused(self, rank: int) -> torch.Tensor:
+        """int32 count of valid (non-padding) local slots of each document on `rank`."""
+        return torch.tensor(self.lane_rows(rank, range(self.lanes))[1], dtype=torch.int32)
+
+    def lane_rows(self, rank: int, lanes: range) -> tuple[list[int], list[int]]:
+        """Varlen rows of a run of lanes: per document the start slot (plus the end), and the valid count."""
+        starts = [doc_start + lanes.start * size for doc_start, size in zip(self.local_doc_starts, self.chunk_sizes)]
+        used = [sum(self.valid_slots(rank, lane, doc) for lane in lanes) for doc in range(len(self.doc_lengths))]
+        return starts + [self.local_len], used
+
+    def lane_slice(self, lanes: range) -> slice:
+        """Dense rows of a run of lanes."""
+        size = self.chunk_sizes[0]
+        return slice(lanes.start * size, lanes.stop * size)
+
+    def shard(self, x: torch.Tensor, rank: int, seq_dim: int = 1, pad_value: float = 0) -> torch.Tensor:
+        """Rank's local rows of the unsharded `x`, padding slots filled with `pad_value`."""
+        index = self.token_index(rank).to(x.device)
+        if x.shape[seq_dim] != self.total_len:
+            raise ValueError(f"x: expected {self.total_len} tokens along dim {seq_dim}, got shape {tuple(x.shape)}")
+        if not self.varlen:
+            return x.index_select(seq_dim, index)
+        local = x.index_select(seq_dim, index.clamp(min=0))
+        pad = (index < 0).view([-1 if d == seq_dim % x.ndim else 1 for d in range(x.ndim)])
+        return local.masked_fill(pad, pad_value)
+
+    def unshard(self, shards: Sequence[torch.Tensor], seq_dim: int = 1) -> torch.Tensor:
+        """The unsharded tensor from every rank's local rows, in rank order; padding is dropped."""
+        if len(shards) != self.world_size:
+            raise ValueError(f"shards: expected {self.world_size} tensors, one per rank, got {len(shards)}")
+        shape = list(shards[0].shape)
+        shape[seq_dim] = self.total_len
+        full = shards[0].new_empty(shape)
+        for rank, local in enumerate(shards):
+            index = self.token_index(rank).to(local.device)
+            keep = (index >= 0).nonzero().squeeze(-1)
+            full.index_copy_(seq_dim, index[keep], local.index_select(seq_dim, keep))
+        return full
+
+
+@functools.lru_cache(maxsize=256)
+def _token_index(sharding: Sharding, rank: int) -> torch.Tensor:
+    index, _ = _local_tokens(sharding, rank)
+    return index
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(sharding: Sharding, rank: int) -> torch.Tensor:
+    _, positions = _local_tokens(sharding, rank)
+    return positions
+
+
+def _local_tokens(sharding: Sharding, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    index, positions = [], []
+    doc_start = 0
+    for length, size in zip(sharding.doc_lengths, sharding.chunk_sizes):
+        for chunk in sharding.chunks_of(rank):
+            position = torch.arange(chunk * size, (chunk + 1) * size)
+            valid = position < length
+            index.append(torch.where(valid, doc_start + position, -1))
+            positions.append(torch.where(valid, position, 0))
+        doc_start += length
+    return torch.cat(index), torch.cat(positions)

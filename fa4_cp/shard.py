@@ -1,0 +1,111 @@
+"""Sharding tensors and training inputs over a ring's ranks (the inverse: `unshard`).
+
+Every rank passes the same full tensor to `shard` and keeps its own rows; no data moves.
+`unshard` all-gathers the local rows and restores the global order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .parallel.sharding import Sharding
+from .parallel.transport import resolve_transport
+from .validation import check_cu_seqlens
+
+
+def sharding_for(total_len: int, world_size: int, layout: str = "zigzag", cu_seqlens: torch.Tensor | None = None) -> Sharding:
+    """The dense sharding of `total_len` tokens, or the per-document one of `cu_seqlens`."""
+    if cu_seqlens is None:
+        return Sharding.dense(total_len, world_size, layout)
+    doc_lengths = check_cu_seqlens(cu_seqlens)
+    if sum(doc_lengths) != total_len:
+        raise ValueError(f"cu_seqlens: expected to end at the {total_len} tokens of the tensor, got {sum(doc_lengths)}")
+    return Sharding.documents(doc_lengths, world_size, layout)
+
+
+def shard(
+    x: torch.Tensor,
+    *,
+    group: object = None,
+    seq_dim: int = 1,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+    pad_value: float = 0,
+) -> torch.Tensor:
+    """This rank's rows of the full tensor `x` along `seq_dim`.
+
+    With `cu_seqlens` (global int32 document boundaries), each document is cut on its own and
+    padded at its end to a multiple of the chunk count; padding slots hold `pad_value`.
+    """
+    transport = resolve_transport(group)
+    sharding = sharding_for(x.shape[seq_dim], transport.world_size, layout, cu_seqlens)
+    return sharding.shard(x, transport.rank, seq_dim, pad_value)
+
+
+def unshard(
+    x_local: torch.Tensor,
+    *,
+    group: object = None,
+    seq_dim: int = 1,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The full tensor from every rank's rows (an all-gather over `group`), padding dropped."""
+    transport = resolve_transport(group)
+    world = transport.world_size
+    if cu_seqlens is None:
+        sharding = sharding_for(x_local.shape[seq_dim] * world, world, layout)
+    else:
+        sharding = Sharding.documents(check_cu_seqlens(cu_seqlens), world, layout)
+        if x_local.shape[seq_dim] != sharding.local_len:
+            raise ValueError(f"x_local: expected {sharding.local_len} rows along dim {seq_dim}, got shape {tuple(x_local.shape)}")
+    return sharding.unshard(transport.all_gather(x_local), seq_dim)
+
+
+def shift_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token labels along the last dim, `ignore_index` at the end of every document.
+
+    Shift before sharding: a token's successor may live on another rank.
+    """
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[..., :-1] = input_ids[..., 1:]
+    if cu_seqlens is not None:
+        ends = torch.tensor(check_cu_seqlens(cu_seqlens)).cumsum(0) - 1
+        labels[..., ends[ends >= 0]] = ignore_index
+    return labels
+
+
+def shard_inputs(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    group: object = None,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """This rank's input_ids, pre-shifted labels and position_ids, all (batch, s_local).
+
+    position_ids default to each token's global position (in its document, with `cu_seqlens`),
+    as RoPE needs. Padding slots get input id 0, label `ignore_index` and position 0. With
+    `cu_seqlens` the result also holds this rank's `local_cu_seqlens` and `local_seqused`.
+    """
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    transport = resolve_transport(group)
+    sharding = sharding_for(input_ids.shape[-1], transport.world_size, layout, cu_seqlens)
+    rank, seq_dim = transport.rank, input_ids.ndim - 1
+    if position_ids is None:
+        local_positions = sharding.positions(rank).to(input_ids.device).expand(*input_ids.shape[:-1], -1)
+    else:
+        local_positions = sharding.shard(position_ids, rank, seq_dim)
+    local = {
+        "input_ids": sharding.shard(input_ids, rank, seq_dim),
+        "labels": sharding.shard(labels, rank, seq_dim, pad_value=ignore_index),
+        "position_ids": local_positions,
+    }
+    if cu_seqlens is not None:
+        local["local_cu_seqlens"] = sharding.local_cu_seqlens()
+        local["local_seqused"] = sharding.local_seqused(rank)
+    return local

@@ -1,0 +1,90 @@
+"""Argument checks of the public API: a ValueError naming the argument, before any communication."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .parallel.layout import Layout
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, varlen: bool) -> None:
+    names = "(total, heads, head_dim)" if varlen else "(batch, seq, heads, head_dim)"
+    ndim = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != ndim:
+            raise ValueError(f"{name}: expected {ndim} dims {names}, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: expected dtype in {[str(d) for d in SUPPORTED_DTYPES]}, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected the device of q ({q.device}), got {t.device}")
+        if 0 in t.shape:
+            raise ValueError(f"{name}: expected no empty dim, got shape {tuple(t.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[:-2] != q.shape[:-2]:
+        raise ValueError(f"k: expected the leading dims of q {tuple(q.shape[:-2])}, got shape {tuple(k.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k: expected the head_dim of q ({q.shape[-1]}), got {k.shape[-1]}")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"k: expected a head count dividing q's {q.shape[-2]} (GQA), got {k.shape[-2]}")
+
+
+def check_local_seq_len(seq_local: int, layout: Layout, world_size: int) -> None:
+    per_rank = layout.num_chunks(world_size) // world_size
+    if seq_local % per_rank:
+        raise ValueError(
+            f"q: the {layout.name} layout over {world_size} ranks needs a global sequence length divisible by "
+            f"{layout.num_chunks(world_size)}, so a local length divisible by {per_rank}; got {seq_local}"
+        )
+
+
+def check_mask(causal: bool, window_size: tuple[int, int], *, varlen: bool) -> tuple[int, int]:
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    ):
+        raise ValueError(f"window_size: expected (left, right) ints >= -1 (-1: unbounded), got {window_size!r}")
+    left, right = window_size
+    if causal and right > 0:
+        raise ValueError(f"window_size: a causal mask sees no key right of the query, so right must be -1 or 0; got {right}")
+    if varlen and (left, right) != (-1, -1):
+        raise ValueError(
+            "window_size: not supported with varlen documents: each document is cut into chunks of its own "
+            f"size, so a window's offset between two chunks differs per document; got {tuple(window_size)}"
+        )
+    return left, right
+
+
+def check_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not (
+        math.isfinite(softmax_scale) and softmax_scale > 0
+    ):
+        raise ValueError(f"softmax_scale: expected a positive finite float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """Document lengths of a global int32 cu_seqlens."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1:
+        got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else repr(cu_seqlens)
+        raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor, got {got}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2 or bounds[0] != 0:
+        raise ValueError(f"cu_seqlens: expected [0, end of document 1, ..., total], got {bounds[:8]}")
+    lengths = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"cu_seqlens: expected non-decreasing boundaries, got {bounds[:8]}{'...' if len(bounds) > 8 else ''}")
+    return lengths
