@@ -42,7 +42,7 @@ class BandMask:
         return BandMask(lo=None if left < 0 else -left, hi=hi)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a bundle of device tensors: identity is equality
 class VarlenRows:
     """Per-sequence row selection of a varlen block, as FlashAttention-4 takes it.
 

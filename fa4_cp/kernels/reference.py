@@ -1,10 +1,15 @@
 """PyTorch reference backend: the numerical reference and CI's backend, on CPU or GPU.
 
-Math runs in fp32 (fp64 for fp64 inputs) on explicit score matrices, one block at a time.
-GQA groups the q heads of each kv head in a view; k and v are never repeated in memory.
+Math runs in fp32 (fp64 for fp64 inputs) on explicit score matrices, one block at a time; a
+varlen block is one masked problem over the selected rows of all its sequences. GQA stacks the
+q heads of each kv head along the rows; k and v are never repeated in memory.
 """
 
 from __future__ import annotations
+
+import functools
+import threading
+import weakref
 
 import torch
 from einops import rearrange
@@ -12,13 +17,15 @@ from einops import rearrange
 from .interface import BandMask, VarlenRows
 from .merge import merge_partials_
 
-Span = tuple[int, int] | None  # rows [start, stop) of one varlen sequence; None: the whole dense block
-
 
 def band_visibility(seqlen_q: int, seqlen_k: int, mask: BandMask, device: torch.device) -> torch.Tensor:
     """Boolean (seqlen_q, seqlen_k) matrix of the keys each query sees."""
-    offset = torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    return _band(torch.arange(seqlen_q, device=device), torch.arange(seqlen_k, device=device), mask)
+
+
+def _band(q_positions: torch.Tensor, k_positions: torch.Tensor, mask: BandMask) -> torch.Tensor:
+    offset = k_positions[None, :] - q_positions[:, None]
+    visible = torch.ones(offset.shape, dtype=torch.bool, device=offset.device)
     if mask.lo is not None:
         visible &= offset >= mask.lo
     if mask.hi is not None:
@@ -26,44 +33,98 @@ def band_visibility(seqlen_q: int, seqlen_k: int, mask: BandMask, device: torch.
     return visible
 
 
-def _segments(varlen: VarlenRows | None) -> list[tuple[Span, Span]]:
-    """The dense sub-problems of a block: itself, or one per non-empty varlen sequence."""
+def _rows(q: torch.Tensor, k: torch.Tensor, mask: BandMask, varlen: VarlenRows | None) -> _Rows:
+    """The block's rows, built once per (varlen rows, mask): a ring reuses both at every step."""
     if varlen is None:
-        return [(None, None)]
+        return _Rows(None, None, _cached_band(q.shape[1], k.shape[1], mask, q.device))
+    with _varlen_cache_lock:
+        per_mask = _varlen_cache.setdefault(varlen, {})
+        if mask not in per_mask:
+            q_index, q_doc, q_pos = _gathered(varlen.cu_seqlens_q, varlen.seqused_q)
+            k_index, k_doc, k_pos = _gathered(varlen.cu_seqlens_k, varlen.seqused_k)
+            per_mask[mask] = _Rows(q_index, k_index, (q_doc[:, None] == k_doc[None, :]) & _band(q_pos, k_pos, mask))
+        return per_mask[mask]
 
-    def spans(cu_seqlens: torch.Tensor, seqused: torch.Tensor) -> list[tuple[int, int]]:
-        return [(start, start + used) for start, used in zip(cu_seqlens[:-1].tolist(), seqused.tolist())]
 
-    pairs = zip(spans(varlen.cu_seqlens_q, varlen.seqused_q), spans(varlen.cu_seqlens_k, varlen.seqused_k))
-    return [(q, k) for q, k in pairs if q[1] > q[0] and k[1] > k[0]]
+class _Rows:
+    """The rows of a block as one dense problem: a dense block as it is (no indices), or the
+    selected rows of every varlen sequence gathered into a batch of one, masked to their own
+    sequence."""
+
+    def __init__(self, q_index: torch.Tensor | None, k_index: torch.Tensor | None, visible: torch.Tensor):
+        self.q_index, self.k_index, self.visible = q_index, k_index, visible
+
+    def q(self, t: torch.Tensor, seq_dim: int = -3) -> torch.Tensor:
+        return t if self.q_index is None else t.index_select(seq_dim, self.q_index).unsqueeze(0)
+
+    def k(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.k_index is None else t.index_select(-3, self.k_index).unsqueeze(0)
+
+    def write_q(self, acc: torch.Tensor, value: torch.Tensor, seq_dim: int = -3) -> None:
+        if self.q_index is None:
+            if value is not acc:
+                acc.copy_(value)
+        else:
+            acc.index_copy_(seq_dim, self.q_index, value.squeeze(0).to(acc.dtype))
+
+    def add_q(self, acc: torch.Tensor, value: torch.Tensor, alpha: float = 1.0) -> None:
+        if self.q_index is None:
+            acc.add_(value, alpha=alpha)
+        else:
+            acc.index_add_(-3, self.q_index, value.squeeze(0).to(acc.dtype), alpha=alpha)
+
+    def add_k(self, acc: torch.Tensor, value: torch.Tensor, alpha: float = 1.0) -> None:
+        if self.k_index is None:
+            acc.add_(value, alpha=alpha)
+        else:
+            acc.index_add_(-3, self.k_index, value.squeeze(0).to(acc.dtype), alpha=alpha)
 
 
-def _select(t: torch.Tensor, span: Span, seq_dim: int = -3) -> torch.Tensor:
-    """A view of the rows of one sub-problem, with a batch dim (lse-like tensors: seq_dim=-1)."""
-    return t if span is None else t.narrow(seq_dim, span[0], span[1] - span[0]).unsqueeze(0)
+def _gathered(cu_seqlens: torch.Tensor, seqused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row index, sequence id and position in the sequence of every selected varlen row."""
+    starts = cu_seqlens[:-1].long()
+    used = seqused.long()
+    sequence = torch.repeat_interleave(torch.arange(len(used), device=used.device), used)
+    position = torch.arange(len(sequence), device=used.device) - (used.cumsum(0) - used)[sequence]
+    return starts[sequence] + position, sequence, position
+
+
+_varlen_cache: weakref.WeakKeyDictionary[VarlenRows, dict[BandMask, _Rows]] = weakref.WeakKeyDictionary()
+_varlen_cache_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_band(seqlen_q: int, seqlen_k: int, mask: BandMask, device: torch.device) -> torch.Tensor:
+    return band_visibility(seqlen_q, seqlen_k, mask, device)
 
 
 class _Scores:
-    """Softmax inputs of one dense block, in math precision, grouped (b, h_kv, group, s, ...)."""
+    """Masked logits of one dense block in math precision; the q heads of each kv head are
+    stacked along the rows: (b, h_kv, group * s_q, s_k)."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BandMask, softmax_scale: float):
-        math = torch.float64 if q.dtype == torch.float64 else torch.float32
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, softmax_scale: float):
+        self.math = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.group = q.shape[2] // k.shape[2]
-        self.q = rearrange(q.to(math), "b s (h g) d -> b h g s d", g=self.group)
-        self.k = rearrange(k.to(math), "b s h d -> b h s d")
-        self.v = rearrange(v.to(math), "b s h d -> b h s d")
-        self.scale = softmax_scale
-        visible = band_visibility(q.shape[1], k.shape[1], mask, q.device)
-        scores = torch.einsum("bhgqd,bhkd->bhgqk", self.q, self.k) * softmax_scale
-        self.logits = scores.masked_fill(~visible, float("-inf"))
+        self.q = self.grouped(q)
+        self.k = rearrange(k.to(self.math), "b s h d -> b h s d")
+        self.v = rearrange(v.to(self.math), "b s h d -> b h s d")
+        hidden = ~visible.repeat(self.group, 1)
+        self.logits = (self.q @ self.k.transpose(-1, -2) * softmax_scale).masked_fill_(hidden, float("-inf"))
 
     def grouped(self, rows: torch.Tensor) -> torch.Tensor:
-        """(b, s, h, d) q-side rows to (b, h_kv, group, s, d) in math precision."""
-        return rearrange(rows.to(self.q.dtype), "b s (h g) d -> b h g s d", g=self.group)
+        """(b, s, h, d) q-side rows to (b, h_kv, group * s, d) in math precision."""
+        return rearrange(rows.to(self.math), "b s (h g) d -> b h (g s) d", g=self.group)
+
+    def grouped_rows(self, lse_like: torch.Tensor) -> torch.Tensor:
+        """(b, h, s) per-row values to (b, h_kv, group * s, 1)."""
+        return rearrange(lse_like.to(self.math), "b (h g) s -> b h (g s) 1", g=self.group)
+
+    def ungrouped(self, out: torch.Tensor) -> torch.Tensor:
+        return rearrange(out, "b h (g s) d -> b s (h g) d", g=self.group)
 
     def probabilities(self, lse: torch.Tensor) -> torch.Tensor:
         """exp(logits - lse), exactly 0 for masked keys and for rows with lse = -inf."""
-        lse = rearrange(lse.to(self.q.dtype), "b (h g) s -> b h g s", g=self.group).unsqueeze(-1)
+        lse = self.grouped_rows(lse)
         return torch.where(lse == float("-inf"), 0.0, torch.exp(self.logits - lse))
 
 
@@ -85,18 +146,18 @@ class ReferenceBackend:
         accumulate: bool,
         varlen: VarlenRows | None = None,
     ) -> None:
-        for q_span, k_span in _segments(varlen):
-            block = _Scores(_select(q, q_span), _select(k, k_span), _select(v, k_span), mask, softmax_scale)
-            lse = torch.logsumexp(block.logits, dim=-1)
-            out = torch.einsum("bhgqk,bhkd->bqhgd", block.probabilities(rearrange(lse, "b h g s -> b (h g) s")), block.v)
-            out = rearrange(out, "b s h g d -> b s (h g) d")
-            lse = rearrange(lse, "b h g s -> b (h g) s")
-            out_rows, lse_rows = _select(out_acc, q_span), _select(lse_acc, q_span, seq_dim=-1)
-            if accumulate:
-                merge_partials_(out_rows, lse_rows.transpose(-1, -2), out, lse.transpose(-1, -2))
-            else:
-                out_rows.copy_(out)
-                lse_rows.copy_(lse)
+        rows = _rows(q, k, mask, varlen)
+        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, softmax_scale)
+        lse = torch.logsumexp(block.logits, dim=-1, keepdim=True)
+        probs = torch.where(lse == float("-inf"), 0.0, torch.exp(block.logits - lse))
+        out = block.ungrouped(probs @ block.v)
+        lse = rearrange(lse, "b h (g s) 1 -> b (h g) s", g=block.group)
+        if accumulate:
+            out_rows, lse_rows = rows.q(out_acc), rows.q(lse_acc, seq_dim=-1)
+            merge_partials_(out_rows, lse_rows.transpose(-1, -2), out, lse.transpose(-1, -2))
+            out, lse = out_rows, lse_rows
+        rows.write_q(out_acc, out)
+        rows.write_q(lse_acc, lse, seq_dim=-1)
 
     def backward_step(
         self,
@@ -116,13 +177,11 @@ class ReferenceBackend:
         varlen: VarlenRows | None = None,
     ) -> None:
         del out  # delta already carries rowsum(dout * out)
-        for q_span, k_span in _segments(varlen):
-            block = _Scores(_select(q, q_span), _select(k, k_span), _select(v, k_span), mask, softmax_scale)
-            probs = block.probabilities(_select(lse, q_span, seq_dim=-1))
-            dout_g = block.grouped(_select(dout, q_span))
-            delta_g = rearrange(_select(delta, q_span, seq_dim=-1).to(probs.dtype), "b (h g) s -> b h g s", g=block.group)
-            dscores = probs * (torch.einsum("bhgqd,bhkd->bhgqk", dout_g, block.v) - delta_g.unsqueeze(-1))
-            dq = torch.einsum("bhgqk,bhkd->bqhgd", dscores, block.k) * softmax_scale
-            _select(dq_acc, q_span).add_(rearrange(dq, "b s h g d -> b s (h g) d"))
-            _select(dk_acc, k_span).add_(torch.einsum("bhgqk,bhgqd->bkhd", dscores, block.q) * softmax_scale)
-            _select(dv_acc, k_span).add_(torch.einsum("bhgqk,bhgqd->bkhd", probs, dout_g))
+        rows = _rows(q, k, mask, varlen)
+        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, softmax_scale)
+        probs = block.probabilities(rows.q(lse, seq_dim=-1))
+        dout_g = block.grouped(rows.q(dout))
+        dscores = probs * (dout_g @ block.v.transpose(-1, -2) - block.grouped_rows(rows.q(delta, seq_dim=-1)))
+        rows.add_q(dq_acc, block.ungrouped(dscores @ block.k), alpha=softmax_scale)
+        rows.add_k(dk_acc, rearrange(dscores.transpose(-1, -2) @ block.q, "b h s d -> b s h d"), alpha=softmax_scale)
+        rows.add_k(dv_acc, rearrange(probs.transpose(-1, -2) @ dout_g, "b h s d -> b s h d"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from dataclasses import dataclass
 
 from ..kernels.interface import BandMask
@@ -47,14 +48,19 @@ class RingSchedule:
         return (rank - step) % self.world_size
 
 
+_build_lock = threading.Lock()
+
+
 def build_schedule(sharding: Sharding, mask: BandMask) -> RingSchedule:
-    return _build_schedule(sharding, mask)
+    """The schedule of every rank (cached); ranks sharing a process build it once."""
+    with _build_lock:
+        return _build_schedule(sharding, mask)
 
 
 @functools.lru_cache(maxsize=64)
 def _build_schedule(sharding: Sharding, mask: BandMask) -> RingSchedule:
     world = sharding.world_size
-    sizes = sorted({size for size in sharding.chunk_sizes if size > 0}) or [1]
+    sizes = tuple(sorted({size for size in sharding.chunk_sizes if size > 0})) or (1,)
     band = (-math.inf if mask.lo is None else mask.lo, math.inf if mask.hi is None else mask.hi)
     per_rank = [
         [_plan_pair(sharding.chunks_of(rank), sharding.chunks_of((rank - step) % world), band, sizes) for step in range(world)]
@@ -65,22 +71,39 @@ def _build_schedule(sharding: Sharding, mask: BandMask) -> RingSchedule:
     return RingSchedule(world, active, calls)
 
 
-def _plan_pair(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], band: Interval, sizes: list[int]) -> tuple[BlockCall, ...]:
-    pairs = _LanePairs(q_chunks, kv_chunks, band, sizes)
-    needed = {cell for cell in _cells(range(len(q_chunks)), range(len(kv_chunks))) if pairs.is_visible(*cell)}
+def _plan_pair(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], band: Interval, sizes: tuple[int, ...]) -> tuple[BlockCall, ...]:
+    """The calls of one (q rank, kv rank) pair, from what each lane pair sees."""
+    seen = tuple(
+        tuple(_seen(band, (kv_chunks[b] - q_chunks[a]) * size, size) for size in sizes)
+        for a, b in _cells(range(len(q_chunks)), range(len(kv_chunks)))
+    )
+    return _cover(len(q_chunks), len(kv_chunks), sizes, seen)
+
+
+def _seen(band: Interval, global_shift: int, size: int) -> Interval:
+    """Key offsets j - i a lane pair sees, in its own coordinates, when the kv chunk starts
+    `global_shift` tokens after the q chunk."""
+    return _clip((band[0] - global_shift, band[1] - global_shift), (-(size - 1), size - 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cover(lanes_q: int, lanes_kv: int, sizes: tuple[int, ...], seen: tuple[tuple[Interval, ...], ...]) -> tuple[BlockCall, ...]:
+    """Fewest calls computing exactly `seen` (per lane pair, per size), then least area."""
+    lane_pairs = _LanePairs(lanes_kv, sizes, seen)
+    needed = {cell for cell in _cells(range(lanes_q), range(lanes_kv)) if lane_pairs.is_visible(*cell)}
     if not needed:
         return ()
     options = [
         (rect, mask)
-        for rect in _rectangles(len(q_chunks), len(kv_chunks))
+        for rect in _rectangles(lanes_q, lanes_kv)
         if any(cell in needed for cell in _cells(*rect))
-        for mask in [pairs.rectangle_mask(*rect)]
+        for mask in [lane_pairs.rectangle_mask(*rect)]
         if mask is not None
     ]
     cover = _min_cover(needed, options)
     if cover is None:
         raise ValueError(
-            f"mask {band} cannot be computed with one band per block for chunk sizes {sizes}: "
+            f"no single band per block computes this mask for chunk sizes {sizes}: "
             "the chunk offsets differ between documents"
         )
     cover.sort(key=lambda option: (-len(option[0][0]), option[0][0].start, option[0][1].start))
@@ -88,40 +111,48 @@ def _plan_pair(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], band: Inte
 
 
 class _LanePairs:
-    """Visibility between the lanes of a q rank and a kv rank, for every chunk size at once.
+    """What each lane pair sees, moved into the local coordinates of a rectangle of lane pairs.
 
-    Inside a rectangle whose first lanes are (a0, b0), lane pair (a, b) spans the local key
-    offsets `reach` and sees those in the global band shifted by `shift`.
+    Lane pair (a, b) of a rectangle whose first lanes are (a0, b0) spans the key offsets
+    `reach` there; it sees its own `seen` interval shifted by the same amount.
     """
 
-    def __init__(self, q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], band: Interval, sizes: list[int]):
-        self.q_chunks, self.kv_chunks, self.band, self.sizes = q_chunks, kv_chunks, band, sizes
-
-    def _geometry(self, a: int, b: int, a0: int, b0: int, size: int) -> tuple[Interval, int]:
-        local_shift = ((b - b0) - (a - a0)) * size
-        global_shift = (self.kv_chunks[b] - self.q_chunks[a]) * size
-        return (local_shift - (size - 1), local_shift + (size - 1)), global_shift - local_shift
-
-    def _visible(self, a: int, b: int, a0: int, b0: int, size: int) -> Interval:
-        reach, shift = self._geometry(a, b, a0, b0, size)
-        return _clip((self.band[0] - shift, self.band[1] - shift), reach)
+    def __init__(self, lanes_kv: int, sizes: tuple[int, ...], seen: tuple[tuple[Interval, ...], ...]):
+        self.lanes_kv, self.sizes, self.seen = lanes_kv, sizes, seen
 
     def is_visible(self, a: int, b: int) -> bool:
-        return any(not _is_empty(self._visible(a, b, a, b, size)) for size in self.sizes)
+        return any(not _is_empty(seen) for seen in self.seen[a * self.lanes_kv + b])
+
+    def _in_rectangle(self, a: int, b: int, a0: int, b0: int, index: int) -> tuple[Interval, Interval]:
+        size = self.sizes[index]
+        shift = ((b - b0) - (a - a0)) * size
+        seen = self.seen[a * self.lanes_kv + b][index]
+        reach = (shift - (size - 1), shift + (size - 1))
+        return reach, seen if _is_empty(seen) else (seen[0] + shift, seen[1] + shift)
 
     def rectangle_mask(self, q_lanes: range, kv_lanes: range) -> BandMask | None:
-        """One band that computes exactly the visible pairs of the rectangle for every size, or None."""
+        """One band computing exactly what every lane pair of the rectangle sees, for every size, or None.
+
+        A valid band's lower edge is pinned by a partly seen lane pair, or can slide down to just past
+        an unseen one, or to -inf; likewise the upper edge. Those are the only candidates.
+        """
         a0, b0 = q_lanes.start, kv_lanes.start
-        candidates = {(-math.inf, math.inf)}
-        for a, b in _cells(q_lanes, kv_lanes):
-            _, shift = self._geometry(a, b, a0, b0, self.sizes[0])
-            candidates.add((self.band[0] - shift, self.band[1] - shift))
-        for candidate in sorted(candidates, key=lambda c: ((c[0] != -math.inf) + (c[1] != math.inf), c)):
-            if all(
-                _clip(candidate, self._geometry(a, b, a0, b0, size)[0]) == self._visible(a, b, a0, b0, size)
-                for a, b in _cells(q_lanes, kv_lanes)
-                for size in self.sizes
-            ):
+        geometry = [
+            self._in_rectangle(a, b, a0, b0, index)
+            for a, b in _cells(q_lanes, kv_lanes)
+            for index in range(len(self.sizes))
+        ]
+        lows, highs = {-math.inf}, {math.inf}
+        for reach, seen in geometry:
+            if _is_empty(seen):
+                lows.add(reach[1] + 1)
+                highs.add(reach[0] - 1)
+            else:
+                lows.add(seen[0])
+                highs.add(seen[1])
+        candidates = sorted(((lo, hi) for lo in lows for hi in highs), key=lambda c: ((c[0] != -math.inf) + (c[1] != math.inf), c))
+        for candidate in candidates:
+            if all(_clip(candidate, reach) == seen for reach, seen in geometry):
                 return _normalized(candidate, len(q_lanes), len(kv_lanes), self.sizes[-1])
         return None
 

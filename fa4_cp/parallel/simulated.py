@@ -1,28 +1,41 @@
 """A simulated ring: W virtual ranks as threads of one process, for tests (W up to 72 and beyond).
 
 Each virtual rank runs the real API, schedule and executor; only the transport is simulated.
-Shifts meet at a barrier, so a rank that fails or never arrives breaks the ring for every rank
-instead of hanging it.
+A shift posts a copy of the send buffer to a per-(source, destination, channel) queue, so the
+sender may reuse its buffer at once; `wait` takes the incoming copy. A rank that fails aborts
+the ring: every other rank raises instead of hanging.
+
+Virtual ranks take turns: one holds the ring's run token while it computes and hands it on
+only when it waits for a peer, so threads do not fight over the GIL at every tensor op.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
+class RingAborted(RuntimeError):
+    """Another virtual rank failed, or a peer did not answer within the ring's timeout."""
+
+
 class SimulatedRing:
+    POLL_SECONDS = 0.05
+
     def __init__(self, world_size: int, timeout: float = 120.0):
         if world_size < 1:
             raise ValueError(f"world_size: expected a positive rank count, got {world_size}")
         self.world_size = world_size
         self.timeout = timeout
-        self._barrier = threading.Barrier(world_size)
-        self._mailbox: dict[tuple[int, int], list] = {}
+        self._queues: dict[tuple[int, int, int], queue.SimpleQueue] = {}
         self._lock = threading.Lock()
+        self._aborted = threading.Event()
+        self._run_token = threading.Lock()
 
     def group(self, rank: int) -> SimulatedGroup:
         return SimulatedGroup(self, rank)
@@ -30,55 +43,72 @@ class SimulatedRing:
     def run(self, fn: Callable[[SimulatedGroup], Any]) -> list[Any]:
         """Run `fn(group)` on every virtual rank at once; results in rank order.
 
-        The first exception of any rank is raised here once every rank has stopped.
+        The first failure of any rank is raised here once every rank has stopped.
         """
         results: list[Any] = [None] * self.world_size
         errors: list[BaseException | None] = [None] * self.world_size
 
         def body(rank: int) -> None:
-            try:
-                results[rank] = fn(self.group(rank))
-            except BaseException as error:  # noqa: BLE001 - reported to the caller below
-                errors[rank] = error
-                self._barrier.abort()
+            with self._run_token:
+                try:
+                    results[rank] = fn(self.group(rank))
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller below
+                    errors[rank] = error
+                    self.abort()
 
         threads = [threading.Thread(target=body, args=(rank,), name=f"sim-rank-{rank}") for rank in range(self.world_size)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
-        if first is None:
-            first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise first
+        failures = [e for e in errors if e is not None]
+        root_causes = [e for e in failures if not isinstance(e, RingAborted)]
+        if failures:
+            raise (root_causes or failures)[0]
         return results
 
-    def _meet(self) -> None:
+    def abort(self) -> None:
+        self._aborted.set()
+
+    def _queue(self, src: int, dst: int, channel: int) -> queue.SimpleQueue:
+        with self._lock:
+            return self._queues.setdefault((src, dst, channel), queue.SimpleQueue())
+
+    def _until(self, ready: Callable[[], Any], what: str) -> Any:
+        """Poll `ready` until it returns something, letting the other ranks run meanwhile."""
+        self._run_token.release()
         try:
-            self._barrier.wait(self.timeout)
-        except threading.BrokenBarrierError:
-            raise threading.BrokenBarrierError("simulated ring broken: a rank failed or timed out") from None
+            deadline = time.monotonic() + self.timeout
+            while not self._aborted.is_set():
+                result = ready()
+                if result is not None:
+                    return result
+                if time.monotonic() > deadline:
+                    self.abort()
+                    raise RingAborted(f"simulated ring: no peer answered within {self.timeout}s while {what}")
+            raise RingAborted(f"simulated ring aborted by another rank while {what}")
+        finally:
+            self._run_token.acquire()
 
-    def _exchange(self, rank: int, channel: int, dst: int, payload: Any) -> Any:
-        """Post `payload` for `dst`, wait for every rank, then take what was posted for `rank`."""
-        with self._lock:
-            self._mailbox[(dst, channel)] = payload
-        self._meet()
-        with self._lock:
-            received = self._mailbox.pop((rank, channel))
-        self._meet()
-        return received
+    def post(self, src: int, dst: int, channel: int, tensor: torch.Tensor) -> None:
+        self._queue(src, dst, channel).put(tensor.clone())
 
-    def _gather(self, rank: int, value: Any) -> list[Any]:
-        with self._lock:
-            self._mailbox[(rank, "gather")] = value
-        self._meet()
-        gathered = [self._mailbox[(source, "gather")] for source in range(self.world_size)]
-        self._meet()
-        with self._lock:
-            del self._mailbox[(rank, "gather")]
-        return gathered
+    def take(self, src: int, dst: int, channel: int) -> torch.Tensor:
+        inbox = self._queue(src, dst, channel)
+
+        def next_message():
+            try:
+                return inbox.get(timeout=self.POLL_SECONDS)
+            except queue.Empty:
+                return None
+
+        return self._until(next_message, f"rank {dst} waited for rank {src}")
+
+    def gather(self, rank: int, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order (a collective of all ranks)."""
+        for dst in range(self.world_size):
+            self.post(rank, dst, -1, value)
+        return [self.take(src, rank, -1) for src in range(self.world_size)]
 
 
 class SimulatedGroup:
@@ -92,11 +122,12 @@ class SimulatedGroup:
 
 class _SimulatedShift:
     def __init__(self, group: SimulatedGroup, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int):
-        self.group, self.send, self.recv, self.offset, self.channel = group, send, recv, offset, channel
+        self.group, self.recv, self.channel = group, recv, channel
+        self.src = (group.rank - offset) % group.world_size
+        group.ring.post(group.rank, (group.rank + offset) % group.world_size, channel, send)
 
     def wait(self) -> None:
-        dst = (self.group.rank + self.offset) % self.group.world_size
-        self.recv.copy_(self.group.ring._exchange(self.group.rank, self.channel, dst, self.send))
+        self.recv.copy_(self.group.ring.take(self.src, self.group.rank, self.channel))
 
 
 class SimulatedTransport:
@@ -109,4 +140,4 @@ class SimulatedTransport:
         return _SimulatedShift(self.group, send, recv, offset, channel)
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [t.clone() for t in self.group.ring._gather(self.rank, tensor)]
+        return self.group.ring.gather(self.rank, tensor)

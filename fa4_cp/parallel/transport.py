@@ -68,6 +68,9 @@ class ProcessGroupTransport:
         self.world_size = dist.get_world_size(group)
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> PendingShift:
+        if offset % self.world_size == 0:
+            recv.copy_(send)
+            return _Done()
         dst = dist.get_global_rank(self.group, (self.rank + offset) % self.world_size)
         src = dist.get_global_rank(self.group, (self.rank - offset) % self.world_size)
         ops = [

@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def poisoned_memory():
+    """Every torch.empty is filled with NaN, so an output the code forgets to write shows up."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)

@@ -1,0 +1,207 @@
+"""Test oracle: cases, fresh random inputs, a naive attention reference and FlashAttention's error rule.
+
+The reference is written independently of fa4_cp: explicit (S, S) masks, GQA by repeating heads,
+autograd for the gradients. Run in fp64 it is the truth; run in the inputs' dtype it is the
+"same-precision single-device reference" whose error sets the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import fa4_cp
+from fa4_cp import Sharding
+
+TENSORS = ("out", "lse", "dq", "dk", "dv")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    causal: bool = True
+    layout: str = "zigzag"
+    heads: int = 4
+    kv_heads: int = 4
+    window_in_chunks: tuple[float, float] | None = None  # window (left, right) in chunk sizes
+    documents: bool = False
+    batch: int = 2
+    head_dim: int = 16
+    fixed_seq_len: int | None = None  # the same tokens whatever the ring size
+
+    def chunk_size(self, world_size: int) -> int:
+        return 8 if world_size <= 4 else 4 if world_size <= 16 else 2
+
+    def window(self, world_size: int) -> tuple[int, int]:
+        if self.window_in_chunks is None:
+            return (-1, -1)
+        chunk = self.chunk_size(world_size)
+        return tuple(-1 if w < 0 else int(w * chunk) for w in self.window_in_chunks)
+
+    def doc_lengths(self, world_size: int) -> list[int]:
+        """Odd lengths, documents shorter than 2W and a one-token document (all-padding chunks)."""
+        two_w = 2 * world_size
+        return [3 * two_w + 1, world_size, 1, two_w + 5, 7, 2 * two_w]
+
+    def seq_len(self, world_size: int) -> int:
+        if self.fixed_seq_len is not None:
+            return self.fixed_seq_len
+        if self.documents:
+            return sum(self.doc_lengths(world_size))
+        chunks = 2 * world_size if self.layout == "zigzag" else world_size
+        return chunks * self.chunk_size(world_size) * (2 if self.layout == "contiguous" else 1)
+
+    def sharding(self, world_size: int) -> Sharding:
+        if self.documents:
+            return Sharding.documents(self.doc_lengths(world_size), world_size, self.layout)
+        return Sharding.dense(self.seq_len(world_size), world_size, self.layout)
+
+    def cu_seqlens(self, world_size: int) -> torch.Tensor:
+        lengths = torch.tensor([0, *self.doc_lengths(world_size)])
+        return lengths.cumsum(0).to(torch.int32)
+
+
+CASES = [
+    Case("causal_zigzag"),
+    Case("full_zigzag", causal=False),
+    Case("full_contiguous", causal=False, layout="contiguous"),
+    Case("window_causal", window_in_chunks=(1.5, 0)),
+    Case("window_both_sides", causal=False, layout="contiguous", window_in_chunks=(0.75, 1.25)),
+    Case("gqa_one_kv_head", kv_heads=1),
+    Case("gqa_half_kv_heads", kv_heads=2),
+    Case("varlen_causal", documents=True),
+    Case("varlen_full_gqa", causal=False, documents=True, kv_heads=2),
+    Case("varlen_causal_contiguous", layout="contiguous", documents=True),
+]
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+    dlse: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+
+
+def make_inputs(case: Case, world_size: int, dtype: torch.dtype, seed: int) -> Inputs:
+    """Fresh random inputs, full (unsharded); varlen tensors have no batch dim."""
+    generator = torch.Generator().manual_seed(seed)
+    seq = case.seq_len(world_size)
+    lead = (seq,) if case.documents else (case.batch, seq)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    q = randn(*lead, case.heads, case.head_dim)
+    k = randn(*lead, case.kv_heads, case.head_dim)
+    v = randn(*lead, case.kv_heads, case.head_dim)
+    dout = randn(*lead, case.heads, case.head_dim)
+    dlse = randn(*lead[:-1], case.heads, seq).float() * 0.1
+    return Inputs(q, k, v, dout, dlse, case.cu_seqlens(world_size) if case.documents else None)
+
+
+def visibility(case: Case, world_size: int) -> torch.Tensor:
+    """(S, S) boolean mask of the full sequence: documents, causality, window."""
+    seq = case.seq_len(world_size)
+    if case.documents:
+        lengths = case.doc_lengths(world_size)
+        doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        starts = torch.tensor([0, *lengths]).cumsum(0)[doc]
+        position = torch.arange(seq) - starts
+        same_doc = doc[:, None] == doc[None, :]
+    else:
+        position = torch.arange(seq)
+        same_doc = torch.ones(seq, seq, dtype=torch.bool)
+    offset = position[None, :] - position[:, None]
+    left, right = case.window(world_size)
+    visible = same_doc.clone()
+    if case.causal:
+        visible &= offset <= 0
+    if left >= 0:
+        visible &= offset >= -left
+    if right >= 0:
+        visible &= offset <= right
+    return visible
+
+
+def naive_attention(q, k, v, visible: torch.Tensor, scale: float):
+    """(out, lse) of explicit masked softmax attention; q (..., S, H, D); lse (..., H, S)."""
+    group = q.shape[-2] // k.shape[-2]
+    k = k.repeat_interleave(group, dim=-2)
+    v = v.repeat_interleave(group, dim=-2)
+    scores = torch.einsum("...qhd,...khd->...hqk", q, k) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return torch.einsum("...hqk,...khd->...qhd", probs, v), lse
+
+
+def reference_results(case: Case, world_size: int, inputs: Inputs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """out, lse, dq, dk, dv of the full sequence on one device, computed in `dtype`."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+    out, lse = naive_attention(q, k, v, visibility(case, world_size), case.head_dim**-0.5)
+    finite = torch.isfinite(lse)
+    loss = (out * inputs.dout.to(dtype)).sum() + (lse.where(finite, 0) * inputs.dlse.to(lse.dtype)).sum()
+    loss.backward()
+    return {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def ring_results_for_rank(case: Case, world_size: int, inputs: Inputs, group, rank: int, **kwargs) -> dict[str, torch.Tensor]:
+    """This rank's local out, lse, dq, dk, dv from fa4_cp's ring, with autograd."""
+    sharding = case.sharding(world_size)
+    seq_dim = 0 if case.documents else 1
+    q, k, v, dout = (sharding.shard(t, rank, seq_dim) for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
+    dlse = sharding.shard(inputs.dlse, rank, seq_dim=-1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    options = dict(group=group, causal=case.causal, window_size=case.window(world_size), layout=case.layout, return_lse=True, **kwargs)
+    if case.documents:
+        out, lse = fa4_cp.ring_attention_varlen(q, k, v, inputs.cu_seqlens, **options)
+    else:
+        out, lse = fa4_cp.ring_attention(q, k, v, **options)
+    finite = torch.isfinite(lse)
+    loss = (out * dout).sum() + (lse.where(finite, 0) * dlse).sum()
+    loss.backward()
+    return {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def unshard_results(case: Case, world_size: int, per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    sharding = case.sharding(world_size)
+    seq_dim = 0 if case.documents else 1
+    return {
+        name: sharding.unshard([r[name] for r in per_rank], seq_dim=-1 if name == "lse" else seq_dim)
+        for name in TENSORS
+    }
+
+
+def padding_slots(case: Case, world_size: int, rank: int) -> torch.Tensor:
+    return case.sharding(world_size).token_index(rank) < 0
+
+
+def max_error(result: torch.Tensor, truth: torch.Tensor) -> float:
+    """Largest absolute error; NaN anywhere or a mismatched -inf makes it infinite."""
+    result, truth = result.double(), truth.double()
+    if torch.isnan(result).any():
+        return math.inf
+    empty = torch.isinf(truth)
+    if not torch.equal(torch.isinf(result), empty) or not torch.equal(result[empty], truth[empty]):
+        return math.inf
+    return (result[~empty] - truth[~empty]).abs().max().item() if (~empty).any() else 0.0
+
+
+def errors_against(truth: dict, results: dict) -> dict[str, float]:
+    return {name: max_error(results[name], truth[name]) for name in TENSORS}
+
+
+ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-12}
+
+
+def assert_flash_rule(errors: dict[str, float], baseline: dict[str, float], dtype: torch.dtype, label: str) -> None:
+    """FlashAttention's rule: error <= 2 x (same-precision reference's error) + a small atol."""
+    for name in TENSORS:
+        bound = 2 * baseline[name] + ATOL[dtype]
+        assert errors[name] <= bound, f"{label}: {name} error {errors[name]:.3e} > {bound:.3e} (reference {baseline[name]:.3e})"

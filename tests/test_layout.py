@@ -1,0 +1,110 @@
+"""Layouts and sharding: shard then unshard is the identity; zigzag matches torch's head-tail balancer."""
+
+import pytest
+import torch
+from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
+
+import fa4_cp
+from fa4_cp import Sharding, SimulatedRing
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8, 72])
+def test_zigzag_indices_equal_torch_head_tail_balancer(world_size):
+    seq_len = 2 * world_size * 5
+    sharding = Sharding.dense(seq_len, world_size, "zigzag")
+    torch_order = _HeadTailLoadBalancer(seq_len, world_size, "cpu")._generate_indices().squeeze(0).long()
+    ours = torch.cat([sharding.token_index(rank) for rank in range(world_size)])
+    assert torch.equal(ours, torch_order)
+
+
+def test_document_zigzag_matches_torch_per_document_example():
+    """The example of torch's _PerDocumentHeadTailLoadBalancer docstring: documents [4, 8, 4] on 2 ranks.
+
+    (torch's implementation orders that balancer's indices document-major, which does not give
+    each rank its own chunks of every document; its docstring and this layout do.)
+    """
+    sharding = Sharding.documents([4, 8, 4], 2, "zigzag")
+    assert sharding.token_index(0).tolist() == [0, 3, 4, 5, 10, 11, 12, 15]
+    assert sharding.token_index(1).tolist() == [1, 2, 6, 7, 8, 9, 13, 14]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_dense_shard_then_unshard_is_identity(world_size, layout):
+    sharding = Sharding.dense(2 * world_size * 6, world_size, layout)
+    x = torch.randn(3, sharding.total_len, 2, 4)
+    shards = [sharding.shard(x, rank) for rank in range(world_size)]
+    assert all(s.shape == (3, sharding.local_len, 2, 4) for s in shards)
+    assert torch.equal(sharding.unshard(shards), x)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_document_shard_then_unshard_is_identity_and_pads_each_document(world_size, layout):
+    lengths = [7, 1, 2 * world_size + 3, world_size, 0, 40]
+    sharding = Sharding.documents(lengths, world_size, layout)
+    x = torch.randn(sum(lengths), 3)
+    shards = [sharding.shard(x, rank, seq_dim=0, pad_value=-5) for rank in range(world_size)]
+    assert torch.equal(sharding.unshard(shards, seq_dim=0), x)
+    cu = sharding.local_cu_seqlens()
+    assert cu.dtype == torch.int32 and int(cu[-1]) == sharding.local_len
+    for rank, local in enumerate(shards):
+        used = sharding.local_seqused(rank)
+        assert int(used.sum()) == int((sharding.token_index(rank) >= 0).sum())
+        for doc, (start, stop) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            # valid slots form a prefix of each document's local rows; padding holds pad_value
+            assert (local[start + int(used[doc]) : stop] == -5).all()
+            assert (sharding.token_index(rank)[start : start + int(used[doc])] >= 0).all()
+    assert sum(int(sharding.local_seqused(rank).sum()) for rank in range(world_size)) == sum(lengths)
+
+
+def test_a_one_token_document_leaves_whole_chunks_of_padding():
+    sharding = Sharding.documents([1], 4, "zigzag")
+    assert [int(sharding.local_seqused(rank)) for rank in range(4)] == [1, 0, 0, 0]
+
+
+def test_dense_length_must_divide_into_chunks():
+    with pytest.raises(ValueError, match="seq_len"):
+        Sharding.dense(30, 4, "zigzag")
+
+
+def test_training_inputs_shard_with_global_positions_and_shifted_labels():
+    world_size, seq_len = 2, 16
+    input_ids = torch.arange(100, 100 + seq_len).unsqueeze(0)
+    labels = fa4_cp.shift_labels(input_ids)
+    assert labels[0, -1] == -100 and torch.equal(labels[0, :-1], input_ids[0, 1:])
+
+    def body(group):
+        return fa4_cp.shard_inputs(input_ids, labels, group=group)
+
+    per_rank = SimulatedRing(world_size).run(body)
+    sharding = Sharding.dense(seq_len, world_size, "zigzag")
+    for rank, local in enumerate(per_rank):
+        index = sharding.token_index(rank)
+        assert torch.equal(local["input_ids"][0], input_ids[0, index])
+        assert torch.equal(local["position_ids"][0], index)
+        assert torch.equal(local["labels"][0], labels[0, index])
+
+
+def test_packed_training_inputs_restart_positions_per_document_and_mask_padding():
+    cu_seqlens = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    input_ids = torch.arange(1, 14).unsqueeze(0)
+    labels = fa4_cp.shift_labels(input_ids, cu_seqlens)
+    assert labels[0, [4, 5, 12]].tolist() == [-100, -100, -100]
+    per_rank = SimulatedRing(2).run(lambda group: fa4_cp.shard_inputs(input_ids, labels, group=group, cu_seqlens=cu_seqlens))
+    sharding = Sharding.documents([5, 1, 7], 2, "zigzag")
+    doc_start = torch.tensor([0] * 5 + [5] + [6] * 7)
+    for rank, local in enumerate(per_rank):
+        index = sharding.token_index(rank)
+        valid = index >= 0
+        assert torch.equal(local["position_ids"][0][valid], index[valid] - doc_start[index[valid]])
+        assert (local["labels"][0][~valid] == -100).all() and (local["input_ids"][0][~valid] == 0).all()
+        assert torch.equal(local["local_seqused"], sharding.local_seqused(rank))
+
+
+def test_distributed_unshard_restores_the_full_tensor():
+    world_size = 3
+    x = torch.randn(2, 6 * world_size, 4)
+    shards = SimulatedRing(world_size).run(lambda group: fa4_cp.shard(x, group=group))
+    restored = SimulatedRing(world_size).run(lambda group: fa4_cp.unshard(shards[group.rank], group=group))
+    assert all(torch.equal(full, x) for full in restored)

@@ -1,0 +1,137 @@
+"""The schedule, checked by brute force: over all ranks and steps, every visible (query, key) pair of
+the full sequence is computed exactly once and no other pair is; skipped steps hold nothing visible.
+"""
+
+import pytest
+import torch
+
+from fa4_cp import Sharding
+from fa4_cp.kernels import BandMask
+from fa4_cp.kernels.reference import band_visibility
+from fa4_cp.parallel.schedule import build_schedule
+
+
+def global_positions(sharding: Sharding) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per global token: its document and its position in it."""
+    lengths = torch.tensor(sharding.doc_lengths)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    return doc, torch.arange(int(lengths.sum())) - starts[doc]
+
+
+def true_visibility(sharding: Sharding, mask: BandMask) -> torch.Tensor:
+    doc, position = global_positions(sharding)
+    offset = position[None, :] - position[:, None]
+    visible = doc[:, None] == doc[None, :]
+    if mask.lo is not None:
+        visible &= offset >= mask.lo
+    if mask.hi is not None:
+        visible &= offset <= mask.hi
+    return visible
+
+
+def call_rows(sharding: Sharding, rank: int, lanes: range) -> list[range]:
+    """Local rows of a run of lanes: per document, its valid rows (one 'document' if dense)."""
+    if not sharding.varlen:
+        rows = sharding.lane_slice(lanes)
+        return [range(rows.start, rows.stop)]
+    starts, used = sharding.lane_rows(rank, lanes)
+    return [range(start, start + n) for start, n in zip(starts, used)]
+
+
+def computed_pairs(sharding: Sharding, mask: BandMask) -> tuple[torch.Tensor, object]:
+    """How many times the schedule computes each (query, key) pair of the full sequence."""
+    schedule = build_schedule(sharding, mask)
+    total = sharding.total_len
+    count = torch.zeros(total, total, dtype=torch.long)
+    for rank in range(sharding.world_size):
+        q_index = sharding.token_index(rank)
+        for step, calls in zip(schedule.steps, schedule.calls[rank]):
+            source = schedule.source_rank(rank, step)
+            kv_index = sharding.token_index(source)
+            for call in calls:
+                for q_rows, kv_rows in zip(call_rows(sharding, rank, call.q_lanes), call_rows(sharding, source, call.kv_lanes)):
+                    if not q_rows or not kv_rows:
+                        continue
+                    visible = band_visibility(len(q_rows), len(kv_rows), call.mask, torch.device("cpu"))
+                    queries = q_index[q_rows.start : q_rows.stop]
+                    keys = kv_index[kv_rows.start : kv_rows.stop]
+                    assert (queries >= 0).all() and (keys >= 0).all(), "a call selected a padding slot"
+                    qi, ki = visible.nonzero(as_tuple=True)
+                    count.index_put_((queries[qi], keys[ki]), torch.ones_like(qi), accumulate=True)
+    return count, schedule
+
+
+MASKS = {
+    "full": BandMask(),
+    "causal": BandMask(hi=0),
+    "causal_diagonal_shifted": BandMask(hi=-3),
+    "window_left": BandMask(lo=-5, hi=0),
+    "window_tiny": BandMask(lo=-1, hi=1),
+    "window_wide": BandMask(lo=-40, hi=17),
+    "future_only": BandMask(lo=2, hi=9),
+    "empty": BandMask(lo=3, hi=1),
+}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 8, 16, 72])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_dense_schedule_computes_each_visible_pair_once(world_size, layout, mask_name):
+    chunks = 2 * world_size if layout == "zigzag" else world_size
+    for chunk_size in (1, 3, 8) if world_size <= 16 else (2,):
+        sharding = Sharding.dense(chunks * chunk_size, world_size, layout)
+        count, _ = computed_pairs(sharding, MASKS[mask_name])
+        assert torch.equal(count, true_visibility(sharding, MASKS[mask_name]).long()), f"chunk size {chunk_size}"
+
+
+def document_lengths(world_size: int) -> list[int]:
+    two_w = 2 * world_size
+    return [3 * two_w + 1, world_size, 1, two_w + 5, 0, 7, 2 * two_w]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8, 72])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("mask_name", ["full", "causal"])
+def test_document_schedule_computes_each_visible_pair_once(world_size, layout, mask_name):
+    sharding = Sharding.documents(document_lengths(world_size), world_size, layout)
+    count, _ = computed_pairs(sharding, MASKS[mask_name])
+    assert torch.equal(count, true_visibility(sharding, MASKS[mask_name]).long())
+
+
+def test_documents_of_one_chunk_size_take_any_window():
+    sharding = Sharding.documents([24, 21, 19], 3, "zigzag")  # every document: 6 chunks of 4 slots
+    count, _ = computed_pairs(sharding, BandMask(lo=-5, hi=2))
+    assert torch.equal(count, true_visibility(sharding, BandMask(lo=-5, hi=2)).long())
+
+
+def test_window_over_documents_of_different_chunk_sizes_is_refused():
+    sharding = Sharding.documents([48, 12], 2, "zigzag")
+    with pytest.raises(ValueError, match="chunk offsets differ between documents"):
+        build_schedule(sharding, BandMask(lo=-5, hi=0))
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8, 72])
+def test_causal_zigzag_makes_one_call_per_step(world_size):
+    schedule = build_schedule(Sharding.dense(4 * world_size, world_size, "zigzag"), BandMask(hi=0))
+    assert schedule.steps == tuple(range(world_size))
+    assert all(len(calls) == 1 for per_rank in schedule.calls for calls in per_rank)
+    assert all(schedule.calls[rank][0][0].mask == BandMask(hi=0) for rank in range(world_size))
+    assert all(call.mask.is_full for per_rank in schedule.calls for calls in per_rank[1:] for call in calls)
+
+
+@pytest.mark.parametrize("world_size", [2, 5, 8])
+def test_full_mask_is_one_unmasked_call_per_step(world_size):
+    schedule = build_schedule(Sharding.dense(2 * world_size * 3, world_size, "zigzag"), BandMask())
+    assert all(calls == schedule.calls[0][0] for per_rank in schedule.calls for calls in per_rank)
+    assert [len(calls) for calls in schedule.calls[0]] == [1] * world_size
+    assert schedule.calls[0][0][0].mask.is_full
+
+
+def test_hops_outside_a_sliding_window_are_skipped():
+    contiguous = build_schedule(Sharding.dense(8 * 16, 8, "contiguous"), BandMask(lo=-10, hi=0))
+    assert contiguous.steps == (0, 1)  # only the previous rank's KV is in reach
+    zigzag = build_schedule(Sharding.dense(16 * 16, 8, "zigzag"), BandMask(lo=-10, hi=0))
+    assert zigzag.steps == (0, 1, 7)  # head chunks reach rank - 1; tail chunks reach rank + 1 (step W - 1)
+    empty = build_schedule(Sharding.dense(16 * 4, 8, "zigzag"), BandMask(lo=3, hi=1))
+    assert empty.steps == ()

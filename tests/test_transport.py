@@ -1,0 +1,63 @@
+"""Transports move buffers the right number of ranks, for odd and even W, on every channel at once."""
+
+import pytest
+import torch
+
+from fa4_cp import SimulatedRing
+from fa4_cp.parallel.transport import resolve_transport
+from gloo import run_gloo
+
+
+def shift_everywhere(rank: int, world_size: int, group=None) -> list[tuple[int, int, int]]:
+    """(offset, received from, channel) for every offset, with two channels in flight together."""
+    transport = resolve_transport(group)
+    seen = []
+    for offset in range(1, 2 * world_size + 1):
+        sends = [torch.full((3, 5), float(100 * channel + rank)) for channel in (0, 1)]
+        recvs = [torch.full((3, 5), float("nan")) for _ in (0, 1)]
+        pending = [transport.shift(sends[c], recvs[c], offset, channel=c) for c in (0, 1)]
+        for c in (1, 0):
+            pending[c].wait()
+        for c in (0, 1):
+            assert (recvs[c] == recvs[c][0, 0]).all()
+            seen.append((offset, int(recvs[c][0, 0].item()) - 100 * c, c))
+    gathered = transport.all_gather(torch.tensor([rank * 7]))
+    assert [int(t) for t in gathered] == [7 * r for r in range(world_size)]
+    return seen
+
+
+def expected(rank: int, world_size: int) -> list[tuple[int, int, int]]:
+    return [(offset, (rank - offset) % world_size, c) for offset in range(1, 2 * world_size + 1) for c in (0, 1)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8])
+def test_simulated_shift(world_size):
+    results = SimulatedRing(world_size).run(lambda group: shift_everywhere(group.rank, world_size, group))
+    assert results == [expected(rank, world_size) for rank in range(world_size)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_gloo_shift_is_deadlock_free(world_size, tmp_path):
+    outcomes = run_gloo(shift_everywhere, world_size, tmp_path, timeout=120)
+    assert outcomes == [("ok", expected(rank, world_size)) for rank in range(world_size)]
+
+
+def test_simulated_ring_reports_a_failing_rank_instead_of_hanging():
+    def body(group):
+        if group.rank == 2:
+            raise RuntimeError("rank 2 fails on purpose")
+        transport = resolve_transport(group)
+        transport.shift(torch.zeros(2), torch.zeros(2), 1).wait()
+
+    with pytest.raises(RuntimeError, match="rank 2 fails on purpose"):
+        SimulatedRing(4, timeout=30).run(body)
+
+
+def test_simulated_ring_times_out_a_missing_peer():
+    def body(group):
+        if group.rank == 0:
+            resolve_transport(group).shift(torch.zeros(2), torch.zeros(2), 1).wait()
+
+    with pytest.raises(RuntimeError, match="no peer answered"):
+        SimulatedRing(2, timeout=1).run(body)
