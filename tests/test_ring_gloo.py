@@ -59,3 +59,20 @@ def test_ring_on_gloo_matches_fp64_reference(world_size, tmp_path):
     for rank, (_, report) in enumerate(outcomes):
         dirty = [key for key, entry in report.items() if not entry["clean_padding"]]
         assert not dirty, f"rank {rank}: padding not exactly 0 (lse -inf) in {dirty}"
+
+
+def mesh_versus_process_group(rank: int, world_size: int) -> bool:
+    """The ring on a 2-D DeviceMesh's "cp" dim gives bit-identical results to its process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "cp"))
+    case = CASES[0]
+    inputs = make_inputs(case, world_size, torch.float32, seed=3)
+    by_mesh = ring_results_for_rank(case, world_size, inputs, mesh["cp"], rank)
+    by_group = ring_results_for_rank(case, world_size, inputs, mesh.get_group("cp"), rank)
+    return all(torch.equal(by_mesh[name], by_group[name]) for name in TENSORS)
+
+
+@pytest.mark.slow
+def test_ring_runs_on_a_device_mesh_dimension(tmp_path):
+    assert run_gloo(mesh_versus_process_group, 2, tmp_path, timeout=120) == [("ok", True), ("ok", True)]

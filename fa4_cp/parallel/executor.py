@@ -84,13 +84,10 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     dtype = accumulator_dtype(q.dtype)
     out_acc = torch.empty(q.shape, dtype=dtype, device=q.device)
     lse_acc = torch.empty(_lse_shape(q), dtype=dtype, device=q.device)
+    # The first call may overwrite the accumulators if it covers every row (varlen: padding rows
+    # are never covered); otherwise they start as "no key seen yet".
     first_calls = schedule.calls[rank][0] if schedule.steps else ()
-    first_writes = (
-        not ring.sharding.varlen
-        and schedule.steps[:1] == (0,)
-        and bool(first_calls)
-        and first_calls[0].q_lanes == range(ring.sharding.lanes)
-    )
+    first_writes = not ring.sharding.varlen and bool(first_calls) and first_calls[0].q_lanes == range(ring.sharding.lanes)
     if not first_writes:
         out_acc.zero_()
         lse_acc.fill_(float("-inf"))
