@@ -33,19 +33,6 @@ def _band(q_positions: torch.Tensor, k_positions: torch.Tensor, mask: BandMask) 
     return visible
 
 
-def _rows(q: torch.Tensor, k: torch.Tensor, mask: BandMask, varlen: VarlenRows | None) -> _Rows:
-    """The block's rows, built once per (varlen rows, mask): a ring reuses both at every step."""
-    if varlen is None:
-        return _Rows(None, None, _cached_band(q.shape[1], k.shape[1], mask, q.device))
-    with _varlen_cache_lock:
-        per_mask = _varlen_cache.setdefault(varlen, {})
-        if mask not in per_mask:
-            q_index, q_doc, q_pos = _gathered(varlen.cu_seqlens_q, varlen.seqused_q)
-            k_index, k_doc, k_pos = _gathered(varlen.cu_seqlens_k, varlen.seqused_k)
-            per_mask[mask] = _Rows(q_index, k_index, (q_doc[:, None] == k_doc[None, :]) & _band(q_pos, k_pos, mask))
-        return per_mask[mask]
-
-
 class _Rows:
     """The rows of a block as one dense problem: a dense block as it is (no indices), or the
     selected rows of every varlen sequence gathered into a batch of one, masked to their own
@@ -55,10 +42,10 @@ class _Rows:
         self.q_index, self.k_index, self.visible = q_index, k_index, visible
 
     def q(self, t: torch.Tensor, seq_dim: int = -3) -> torch.Tensor:
-        return t if self.q_index is None else t.index_select(seq_dim, self.q_index).unsqueeze(0)
+        return _take(t, self.q_index, seq_dim)
 
     def k(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.k_index is None else t.index_select(-3, self.k_index).unsqueeze(0)
+        return _take(t, self.k_index, -3)
 
     def write_q(self, acc: torch.Tensor, value: torch.Tensor, seq_dim: int = -3) -> None:
         if self.q_index is None:
@@ -68,16 +55,21 @@ class _Rows:
             acc.index_copy_(seq_dim, self.q_index, value.squeeze(0).to(acc.dtype))
 
     def add_q(self, acc: torch.Tensor, value: torch.Tensor, alpha: float = 1.0) -> None:
-        if self.q_index is None:
-            acc.add_(value, alpha=alpha)
-        else:
-            acc.index_add_(-3, self.q_index, value.squeeze(0).to(acc.dtype), alpha=alpha)
+        _add(acc, self.q_index, value, alpha)
 
     def add_k(self, acc: torch.Tensor, value: torch.Tensor, alpha: float = 1.0) -> None:
-        if self.k_index is None:
-            acc.add_(value, alpha=alpha)
-        else:
-            acc.index_add_(-3, self.k_index, value.squeeze(0).to(acc.dtype), alpha=alpha)
+        _add(acc, self.k_index, value, alpha)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor | None, seq_dim: int) -> torch.Tensor:
+    return t if index is None else t.index_select(seq_dim, index).unsqueeze(0)
+
+
+def _add(acc: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor, alpha: float) -> None:
+    if index is None:
+        acc.add_(value, alpha=alpha)
+    else:
+        acc.index_add_(-3, index, value.squeeze(0).to(acc.dtype), alpha=alpha)
 
 
 def _gathered(cu_seqlens: torch.Tensor, seqused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,6 +88,19 @@ _varlen_cache_lock = threading.Lock()
 @functools.lru_cache(maxsize=1024)
 def _cached_band(seqlen_q: int, seqlen_k: int, mask: BandMask, device: torch.device) -> torch.Tensor:
     return band_visibility(seqlen_q, seqlen_k, mask, device)
+
+
+def _rows(q: torch.Tensor, k: torch.Tensor, mask: BandMask, varlen: VarlenRows | None) -> _Rows:
+    """The block's rows, built once per (varlen rows, mask): a ring reuses both at every step."""
+    if varlen is None:
+        return _Rows(None, None, _cached_band(q.shape[1], k.shape[1], mask, q.device))
+    with _varlen_cache_lock:
+        per_mask = _varlen_cache.setdefault(varlen, {})
+        if mask not in per_mask:
+            q_index, q_doc, q_pos = _gathered(varlen.cu_seqlens_q, varlen.seqused_q)
+            k_index, k_doc, k_pos = _gathered(varlen.cu_seqlens_k, varlen.seqused_k)
+            per_mask[mask] = _Rows(q_index, k_index, (q_doc[:, None] == k_doc[None, :]) & _band(q_pos, k_pos, mask))
+        return per_mask[mask]
 
 
 class _Scores:
@@ -122,9 +127,17 @@ class _Scores:
     def ungrouped(self, out: torch.Tensor) -> torch.Tensor:
         return rearrange(out, "b h (g s) d -> b s (h g) d", g=self.group)
 
+    def softmax(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's probabilities, and its lse as (b, h, s)."""
+        lse = torch.logsumexp(self.logits, dim=-1, keepdim=True)
+        return self._exp(lse), rearrange(lse, "b h (g s) 1 -> b (h g) s", g=self.group)
+
     def probabilities(self, lse: torch.Tensor) -> torch.Tensor:
+        """exp(logits - lse) for a given (b, h, s) lse."""
+        return self._exp(self.grouped_rows(lse))
+
+    def _exp(self, lse: torch.Tensor) -> torch.Tensor:
         """exp(logits - lse), exactly 0 for masked keys and for rows with lse = -inf."""
-        lse = self.grouped_rows(lse)
         return torch.where(lse == float("-inf"), 0.0, torch.exp(self.logits - lse))
 
 
@@ -148,10 +161,8 @@ class ReferenceBackend:
     ) -> None:
         rows = _rows(q, k, mask, varlen)
         block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, softmax_scale)
-        lse = torch.logsumexp(block.logits, dim=-1, keepdim=True)
-        probs = torch.where(lse == float("-inf"), 0.0, torch.exp(block.logits - lse))
+        probs, lse = block.softmax()
         out = block.ungrouped(probs @ block.v)
-        lse = rearrange(lse, "b h (g s) 1 -> b (h g) s", g=block.group)
         if accumulate:
             out_rows, lse_rows = rows.q(out_acc), rows.q(lse_acc, seq_dim=-1)
             merge_partials_(out_rows, lse_rows.transpose(-1, -2), out, lse.transpose(-1, -2))

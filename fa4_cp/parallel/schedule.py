@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 
 from ..kernels.interface import BandMask
+from .layout import Layout
 from .sharding import Sharding
 
 Interval = tuple[float, float]  # closed integer interval of key offsets j - i; empty when lo > hi
@@ -52,18 +53,21 @@ _build_lock = threading.Lock()
 
 
 def build_schedule(sharding: Sharding, mask: BandMask) -> RingSchedule:
-    """The schedule of every rank (cached); ranks sharing a process build it once."""
+    """The schedule of every rank (cached); ranks sharing a process build it once.
+
+    It depends on the documents only through their distinct chunk sizes, so a training run whose
+    packing changes every batch reuses it.
+    """
+    sizes = tuple(sorted({size for size in sharding.chunk_sizes if size > 0})) or (1,)
     with _build_lock:
-        return _build_schedule(sharding, mask)
+        return _build_schedule(sharding.layout, sharding.world_size, sizes, mask)
 
 
 @functools.lru_cache(maxsize=64)
-def _build_schedule(sharding: Sharding, mask: BandMask) -> RingSchedule:
-    world = sharding.world_size
-    sizes = tuple(sorted({size for size in sharding.chunk_sizes if size > 0})) or (1,)
+def _build_schedule(layout: Layout, world: int, sizes: tuple[int, ...], mask: BandMask) -> RingSchedule:
     band = (-math.inf if mask.lo is None else mask.lo, math.inf if mask.hi is None else mask.hi)
     per_rank = [
-        [_plan_pair(sharding.chunks_of(rank), sharding.chunks_of((rank - step) % world), band, sizes) for step in range(world)]
+        [_plan_pair(layout.chunks_of(rank, world), layout.chunks_of((rank - step) % world, world), band, sizes) for step in range(world)]
         for rank in range(world)
     ]
     active = tuple(step for step in range(world) if any(per_rank[rank][step] for rank in range(world)))
