@@ -49,7 +49,9 @@ class SimulatedRing:
         errors: list[BaseException | None] = [None] * self.world_size
 
         def body(rank: int) -> None:
-            with self._run_token:
+            # Backward runs on each rank's own thread: on GPU, autograd's shared device thread
+            # would otherwise run every rank's backward one after another and deadlock the ring.
+            with self._run_token, torch.autograd.set_multithreading_enabled(False):
                 try:
                     results[rank] = fn(self.group(rank))
                 except BaseException as error:  # noqa: BLE001 - re-raised in the caller below
