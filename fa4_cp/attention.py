@@ -104,4 +104,4 @@ def _run(
     out, lse = RingAttentionFunction.apply(q, k, v, ring)
     if not return_lse:
         return out
-    return out, lse if q.dtype == torch.float64 else lse.float()
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from .kernels import accumulator_dtype
 from .parallel.executor import Ring, ring_backward, ring_forward
 
 
@@ -24,7 +25,8 @@ class RingAttentionFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         # dS = P * (dP - delta) + P * dlse, so an lse gradient folds into delta, computed once per call.
-        delta = rearrange((dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1), "... s h -> ... h s")
+        dtype = accumulator_dtype(q.dtype)
+        delta = rearrange((dout.to(dtype) * out.to(dtype)).sum(-1), "... s h -> ... h s")
         if dlse is not None:
             delta = delta - dlse
         dq, dk, dv = ring_backward(ctx.ring, q, k, v, out, lse, dout, delta)

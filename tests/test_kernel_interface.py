@@ -147,10 +147,10 @@ def test_varlen_block_touches_only_selected_rows():
 
 
 def test_fp32_inputs_accumulate_in_fp64_and_16_bit_inputs_in_fp32():
-    from fa4_cp.kernels import accumulator_dtype
+    from fa4_cp.kernels import LSE_ACCUMULATOR_DTYPE, accumulator_dtype
 
     assert accumulator_dtype(torch.bfloat16) == torch.float32 == accumulator_dtype(torch.float16)
-    assert accumulator_dtype(torch.float32) == torch.float64
+    assert accumulator_dtype(torch.float32) == torch.float64 == LSE_ACCUMULATOR_DTYPE
 
 
 def test_band_from_flags_follows_flash_attention():

@@ -1,7 +1,6 @@
 """The ring on W virtual ranks in one process (reference backend) against an fp64 full-sequence reference."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -51,19 +50,11 @@ def test_ring_matches_fp64_reference(case, world_size, dtype_name):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_error_does_not_grow_with_ring_size(dtype, record_property):
-    """The same tokens on 1 and on 72 ranks: each error within 1.1x of the single-rank error.
-
-    One exception, by design: with 16-bit inputs the lse accumulator is fp32, and each of the up
-    to 72 merges rounds it once, so its error may grow by fp32 rounding, sqrt(W) ulps at most;
-    it stays some 10^4 below the error of a bf16 reference.
-    """
+    """The same tokens on 1 and on 72 ranks: each error within 1.1x of the single-rank error."""
     case = dataclasses.replace(CASES_BY_NAME["causal_zigzag"], fixed_seq_len=4 * 144)
     inputs = make_inputs(case, 72, dtype, seed=7)
     truth = reference_results(case, 72, inputs, torch.float64)
     errors = {world: errors_against(truth, run_simulated(case, world, inputs)[1]) for world in (1, 72)}
     for name in TENSORS:
         record_property(f"{name}_ratio_w72_over_w1", errors[72][name] / errors[1][name])
-        bound = 1.1 * errors[1][name]
-        if name == "lse" and dtype == torch.bfloat16:
-            bound = errors[1][name] + math.sqrt(72) * torch.finfo(torch.float32).eps * truth["lse"].abs().max().item()
-        assert errors[72][name] <= bound, f"{name}: W=72 error {errors[72][name]:.3e} > {bound:.3e} (W=1: {errors[1][name]:.3e})"
+        assert errors[72][name] <= 1.1 * errors[1][name], f"{name}: W=72 error {errors[72][name]:.3e} vs W=1 {errors[1][name]:.3e}"

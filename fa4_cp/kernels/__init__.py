@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from .interface import AttentionBackend, BandMask, VarlenRows, accumulator_dtype
+from .interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, BandMask, VarlenRows, accumulator_dtype
 from .reference import ReferenceBackend
 
-__all__ = ["AttentionBackend", "BandMask", "VarlenRows", "accumulator_dtype", "ReferenceBackend", "get_backend"]
+__all__ = [
+    "AttentionBackend",
+    "BandMask",
+    "VarlenRows",
+    "accumulator_dtype",
+    "LSE_ACCUMULATOR_DTYPE",
+    "ReferenceBackend",
+    "get_backend",
+]
 
 _BACKENDS: dict[str, type] = {"reference": ReferenceBackend}
 

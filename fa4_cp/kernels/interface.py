@@ -58,17 +58,23 @@ class VarlenRows:
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulators are one step wider than the inputs: fp32 for 16-bit inputs, fp64 for fp32/fp64.
-
-    fp32 inputs get fp64 accumulators so that the reference's error does not grow with the ring.
-    """
+    """out, dq, dk and dv accumulate one step wider than the inputs: fp32 for 16-bit inputs, fp64
+    for fp32/fp64 (so that the reference's error does not grow with the ring either)."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+LSE_ACCUMULATOR_DTYPE = torch.float64
+"""The running LSE is fp64 whatever the inputs: it is one value per row, so the width costs
+nothing, while an fp32 LSE is rounded at every merge and its error grows as sqrt(merges) ulps
+(4x at 72 ranks). The LSE a ring call returns, and its backward reads, is rounded once."""
 
 
 class AttentionBackend(Protocol):
     """Attention with LSE partials over one block pair.
 
-    Rows that see no key have lse = -inf and out = 0. The caller owns every accumulator.
+    Accumulators: out_acc in `accumulator_dtype`, lse_acc in LSE_ACCUMULATOR_DTYPE (fp64); dq,
+    dk, dv in `accumulator_dtype`. Rows that see no key have lse = -inf and out = 0. The caller
+    owns every accumulator.
     """
 
     name: str

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.interface import AttentionBackend, accumulator_dtype
+from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype
 from .rows import rank_rows
 from .schedule import RingSchedule
 from .sharding import Sharding
@@ -78,12 +78,11 @@ def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
 
 
 def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the local q against every rank's KV: (out, lse) in the accumulator dtype."""
+    """Attention of the local q against every rank's KV: (out, lse) in their accumulator dtypes."""
     schedule, rank = ring.schedule, ring.rank
     rows = rank_rows(ring.sharding, schedule, rank, q.device)
-    dtype = accumulator_dtype(q.dtype)
-    out_acc = torch.empty(q.shape, dtype=dtype, device=q.device)
-    lse_acc = torch.empty(_lse_shape(q), dtype=dtype, device=q.device)
+    out_acc = torch.empty(q.shape, dtype=accumulator_dtype(q.dtype), device=q.device)
+    lse_acc = torch.empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE, device=q.device)
     # The first call may overwrite the accumulators if it covers every row (varlen: padding rows
     # are never covered); otherwise they start as "no key seen yet".
     first_calls = schedule.calls[rank][0] if schedule.steps else ()
