@@ -1,0 +1,32 @@
+"""BandMask (top-left, per block) to FlashAttention-4's (causal, window_size_left, window_size_right)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..interface import BandMask
+
+
+@dataclass(frozen=True)
+class Fa4Window:
+    causal: bool
+    local: bool
+    left: int | None
+    right: int | None
+
+
+def fa4_window(mask: BandMask, seqlen_q: int, seqlen_k: int) -> Fa4Window:
+    """FA4 aligns windows bottom-right: key j is visible to query i iff
+    i + (seqlen_k - seqlen_q) - left <= j <= i + (seqlen_k - seqlen_q) + right.
+
+    For varlen blocks pass equal lengths: the ring only masks blocks whose sequences have as many
+    queries as keys, where both alignments agree.
+    """
+    shift = seqlen_k - seqlen_q
+    left = None if mask.lo is None else shift - mask.lo
+    right = None if mask.hi is None else mask.hi - shift
+    if left is None and right is None:
+        return Fa4Window(False, False, None, None)
+    if left is None and right == 0:
+        return Fa4Window(True, False, None, None)
+    return Fa4Window(False, True, left, right)

@@ -1,0 +1,135 @@
+"""FA4 Hopper forward with LSE partials merged in its epilogue, against fp64 (needs sm90 and flash-attn-4)."""
+
+import math
+
+import pytest
+import torch
+
+from fa4_cp.kernels import LSE_ACCUMULATOR_DTYPE, BandMask, ReferenceBackend, VarlenRows
+
+if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+    pytest.skip("needs a Hopper GPU", allow_module_level=True)
+pytest.importorskip("flash_attn.cute")
+from flash_attn.cute import flash_attn_func  # noqa: E402
+
+from fa4_cp.kernels.fa4.forward import forward_partials_sm90  # noqa: E402
+
+REFERENCE = ReferenceBackend()
+
+
+def lse_shape(q):
+    return (*q.shape[:-3], q.shape[-2], q.shape[-3])
+
+
+def truth(q, k, v, mask, scale, varlen=None):
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    lse = torch.full(lse_shape(q), -math.inf, dtype=torch.float64, device=q.device)
+    REFERENCE.forward_step(q.double(), k.double(), v.double(), out, lse, mask=mask, softmax_scale=scale, accumulate=True, varlen=varlen)
+    return out, lse
+
+
+def poisoned(q):
+    return (
+        torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device),
+        torch.full(lse_shape(q), float("nan"), dtype=LSE_ACCUMULATOR_DTYPE, device=q.device),
+    )
+
+
+def rms_error(x, reference):
+    finite = torch.isfinite(reference)
+    return ((x.double()[finite] - reference[finite]) ** 2).mean().sqrt().item()
+
+
+def max_error(x, reference):
+    """Largest |error| on finite reference entries; NaN or a misplaced -inf is an infinite error."""
+    x = x.double()
+    finite = torch.isfinite(reference)
+    if torch.isnan(x).any() or not torch.equal(torch.isinf(x), ~finite):
+        return math.inf
+    return (x[finite] - reference[finite]).abs().max().item()
+
+
+def fresh(batch, seq, heads, kv_heads, dim, seq_k=None):
+    shape_k = (batch, seq_k or seq, kv_heads, dim)
+    return (
+        torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16),
+        torch.randn(*shape_k, device="cuda", dtype=torch.bfloat16),
+        torch.randn(*shape_k, device="cuda", dtype=torch.bfloat16),
+    )
+
+
+CASES = {
+    "causal": (128, 8, 8, 1024, BandMask(hi=0)),
+    "full_gqa4": (128, 8, 2, 1024, BandMask()),
+    "window": (64, 8, 8, 1024, BandMask(lo=-200, hi=0)),
+    "causal_shifted_diagonal": (128, 8, 8, 1024, BandMask(hi=-64)),
+    "causal_mqa_odd_length": (128, 8, 1, 1000, BandMask(hi=0)),
+    "d192_causal": (192, 4, 4, 512, BandMask(hi=0)),
+    "d256_full": (256, 4, 4, 512, BandMask()),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_write_then_split_merge_against_fp64(name):
+    """Splitting the keys into 2..16 merged pieces keeps the error within 1.1x of one call.
+
+    out is compared by RMS error: its max error is set by the kernel's bf16 rounding of P in a
+    few rows and moves by some 10% either way from one split to another.
+    """
+    torch.manual_seed(len(name))
+    dim, heads, kv_heads, seq, mask = CASES[name]
+    q, k, v = fresh(2, seq, heads, kv_heads, dim)
+    scale = dim**-0.5
+    expected_out, expected_lse = truth(q, k, v, mask, scale)
+    out, lse = poisoned(q)
+    forward_partials_sm90(q, k, v, out, lse, mask=mask, softmax_scale=scale, accumulate=False, varlen=None)
+    if mask.lo is None and mask.hi in (None, 0):  # FlashAttention's rule against upstream FA4
+        upstream_out, upstream_lse = flash_attn_func(q, k, v, causal=mask.hi == 0, return_lse=True)
+        assert max_error(out, expected_out) <= 2 * max_error(upstream_out, expected_out) + 1e-4
+        assert max_error(lse, expected_lse) <= 2 * max_error(upstream_lse, expected_lse) + 1e-6
+    whole = {"out": rms_error(out, expected_out), "lse": max_error(lse, expected_lse)}
+    for pieces in (2, 3, 8, 16):
+        out.zero_()
+        lse.fill_(-math.inf)
+        bounds = [round(i * seq / pieces) for i in range(pieces + 1)]
+        for start, stop in zip(bounds, bounds[1:]):
+            piece = BandMask(lo=None if mask.lo is None else mask.lo - start, hi=None if mask.hi is None else mask.hi - start)
+            forward_partials_sm90(
+                q, k[:, start:stop], v[:, start:stop], out, lse, mask=piece, softmax_scale=scale, accumulate=True, varlen=None
+            )
+        split = {"out": rms_error(out, expected_out), "lse": max_error(lse, expected_lse)}
+        for tensor in ("out", "lse"):
+            assert split[tensor] <= 1.1 * whole[tensor], f"{pieces} pieces: {tensor} {split[tensor]:.3e} vs unsplit {whole[tensor]:.3e}"
+
+
+def test_rows_that_see_no_key():
+    torch.manual_seed(0)
+    q, k, v = fresh(1, 256, 4, 4, 128)
+    out, lse = poisoned(q)
+    forward_partials_sm90(q, k, v, out, lse, mask=BandMask(hi=-300), softmax_scale=0.1, accumulate=False, varlen=None)
+    assert (out == 0).all() and (lse == -math.inf).all()
+
+
+def test_varlen_rows_with_shifted_key_starts():
+    torch.manual_seed(1)
+    total = 700
+    q = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+
+    def rows(cu_q, cu_k, used_q, used_k):
+        return VarlenRows(*(torch.tensor(x, dtype=torch.int32, device="cuda") for x in (cu_q, cu_k, used_q, used_k)))
+
+    for mask, block in [
+        (BandMask(), rows([0, 300, 450, total], [150, 350, 500, total], [300, 100, 250], [150, 50, 200])),
+        (BandMask(hi=0), rows([0, 300, 450, total], [0, 300, 450, total], [280, 100, 250], [280, 100, 250])),
+    ]:
+        expected_out, expected_lse = truth(q, k, v, mask, 0.09, block)
+        out = torch.zeros(q.shape, dtype=torch.float32, device="cuda")
+        lse = torch.full((8, total), -math.inf, dtype=LSE_ACCUMULATOR_DTYPE, device="cuda")
+        forward_partials_sm90(q, k, v, out, lse, mask=mask, softmax_scale=0.09, accumulate=True, varlen=block)
+        assert max_error(out, expected_out) < 1e-2 and max_error(lse, expected_lse) < 1e-5
+        unselected = torch.ones(total, dtype=torch.bool, device="cuda")
+        for start, used in zip(block.cu_seqlens_q[:-1].tolist(), block.seqused_q.tolist()):
+            unselected[start : start + used] = False
+        assert (out[unselected] == 0).all() and (lse[:, unselected] == -math.inf).all()
