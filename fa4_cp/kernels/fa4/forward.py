@@ -33,15 +33,15 @@ def forward_partials_sm90(
         window = fa4_window(mask, q.shape[1], k.shape[1])
     else:
         window = fa4_window(mask, 0, 0)
-    head_dim = q.shape[-1]
+    head_dim, qhead_per_kvhead = q.shape[-1], q.shape[-2] // k.shape[-2]
     config = _tile_size_fwd_sm90(head_dim, head_dim, window.causal, window.local)
     key = (
-        str(q.dtype), head_dim, q.shape[-2] // k.shape[-2], window.causal, window.local,
+        str(q.dtype), head_dim, qhead_per_kvhead, window.causal, window.local,
         window.left is not None, window.right is not None, varlen is not None,
         config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate,
     )
     if key not in _compiled:
-        _compiled[key] = _compile(torch2cute_dtype_map[q.dtype], head_dim, q.shape[-2] // k.shape[-2], window, varlen is not None, config, accumulate)
+        _compiled[key] = _compile(torch2cute_dtype_map[q.dtype], head_dim, qhead_per_kvhead, window, varlen is not None, config, accumulate)
     cu_q, cu_k, used_q, used_k = (None,) * 4 if varlen is None else (
         varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.seqused_q, varlen.seqused_k
     )
