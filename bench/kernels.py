@@ -1,11 +1,15 @@
-"""Kernel benchmark on one GPU: fa4_cp's forward with LSE partials against upstream FA4 and cuDNN SDPA.
+"""Kernel benchmark on one GPU: fa4_cp's FA4 backend against upstream FA4 and cuDNN SDPA.
 
-    python bench/kernels.py            (the full grid; about two minutes on an H200)
+    python bench/kernels.py            (the full grid; a few minutes on an H200)
 
-Forward only for now (the backward joins with the FA4 backward). TFLOPs count 4·S²·H·d, halved
-when causal. Times are CUDA-event medians after warm-up. Also measures the first call of a new
-configuration with a cold and a warm on-disk compile cache, each in a fresh process. Writes
-bench/results/kernels_<gpu>_<date>.json and prints a table.
+Forward: ours with the merge fused in the epilogue (accumulating, and first write), ours with
+upstream's forward plus the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA.
+Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as one more
+step of a ring call already under way (kernel, dK/dV added into fp32), upstream's backward,
+cuDNN's (autograd of SDPA). TFLOPs count 4·S²·H·d forward and 2.5x that backward,
+halved when causal. Times are CUDA-event medians after warm-up, the contenders interleaved.
+Also measures the first call of a new configuration with a cold and a warm on-disk compile
+cache, each in a fresh process. Writes bench/results/kernels_<gpu>_<date>.json, prints a table.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fa4_cp.kernels import LSE_ACCUMULATOR_DTYPE, BandMask  # noqa: E402
-from fa4_cp.kernels.fa4.forward import forward_partials_sm90  # noqa: E402
+from fa4_cp.kernels.fa4.backend import FA4Backend  # noqa: E402
 
 GRID = [
     (seq, heads, kv_heads, dim, causal)
@@ -47,53 +51,87 @@ torch.cuda.synchronize(); print(time.perf_counter() - start)
 """
 
 
-def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_ms(fns: dict, warmup: int = 3, iters: int = 15) -> dict[str, float]:
+    """Median CUDA-event time of each function; rounds interleave them so drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run_config(seq: int, heads: int, kv_heads: int, dim: int, causal: bool) -> dict:
     from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.interface import _flash_attn_bwd
 
     q = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
+    dout = torch.randn_like(q)
     out = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
     lse = torch.full((1, heads, seq), -math.inf, device="cuda", dtype=LSE_ACCUMULATOR_DTYPE)
     mask = BandMask(hi=0) if causal else BandMask()
     scale = dim**-0.5
+    fused, unfused = FA4Backend(), FA4Backend(fused_merge=False)
 
-    def ours(accumulate: bool):
-        return lambda: forward_partials_sm90(q, k, v, out, lse, mask=mask, softmax_scale=scale, accumulate=accumulate, varlen=None)
+    def ours(backend, accumulate: bool):
+        return lambda: backend.forward_step(q, k, v, out, lse, mask=mask, softmax_scale=scale, accumulate=accumulate)
 
-    q_t, k_t, v_t = (t.transpose(1, 2) for t in (q, k, v))
+    q_t, k_t, v_t = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
 
-    def cudnn():
+    def cudnn_forward():
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-            torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal, enable_gqa=kv_heads != heads)
+            return torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal, enable_gqa=kv_heads != heads)
 
-    times = {
-        "fa4_cp_fwd_merge": median_ms(ours(True)),
-        "fa4_cp_fwd_first": median_ms(ours(False)),
-        "upstream_fa4_fwd": median_ms(lambda: flash_attn_func(q, k, v, causal=causal)),
-        "cudnn_sdpa_fwd": median_ms(cudnn),
-    }
-    flops = 4 * seq * seq * heads * dim / (2 if causal else 1)
+    forward = median_ms({
+        "fa4_cp_fwd_merge": ours(fused, True),
+        "fa4_cp_fwd_first": ours(fused, False),
+        "fa4_cp_fwd_merge_kernel": ours(unfused, True),
+        "upstream_fa4_fwd": lambda: flash_attn_func(q, k, v, causal=causal),
+        "cudnn_sdpa_fwd": cudnn_forward,
+    })
+
+    up_out, up_lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
+    dk_acc, dv_acc = (torch.zeros(t.shape, device="cuda", dtype=torch.float32) for t in (k, v))
+
+    def ours_backward():
+        grads = fused.backward(q, up_out, up_lse, dout, None, softmax_scale=scale)
+        grads.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
+        grads.dq()
+
+    steady = fused.backward(q, up_out, up_lse, dout, None, softmax_scale=scale)
+
+    def ours_backward_step():
+        steady.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
+
+    cudnn_out = cudnn_forward()
+    cudnn_dout = dout.transpose(1, 2)
+    backward = median_ms({
+        "fa4_cp_bwd": ours_backward,
+        "fa4_cp_bwd_step": ours_backward_step,
+        "upstream_fa4_bwd": lambda: _flash_attn_bwd(q, k, v, up_out, dout, up_lse, softmax_scale=scale, causal=causal),
+        "cudnn_sdpa_bwd": lambda: torch.autograd.grad(cudnn_out, (q_t, k_t, v_t), cudnn_dout, retain_graph=True),
+    })
+    times = forward | backward
+    flops = {name: 4 * seq * seq * heads * dim / (2 if causal else 1) * (2.5 if "bwd" in name else 1) for name in times}
     return {
         "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "causal": causal,
         "ms": times,
-        "tflops": {name: flops / (ms * 1e-3) / 1e12 for name, ms in times.items()},
-        "merge_vs_upstream": times["upstream_fa4_fwd"] / times["fa4_cp_fwd_merge"],
-        "merge_vs_cudnn": times["cudnn_sdpa_fwd"] / times["fa4_cp_fwd_merge"],
+        "tflops": {name: flops[name] / (ms * 1e-3) / 1e12 for name, ms in times.items()},
+        "fwd_vs_upstream": times["upstream_fa4_fwd"] / times["fa4_cp_fwd_merge"],
+        "fwd_vs_cudnn": times["cudnn_sdpa_fwd"] / times["fa4_cp_fwd_merge"],
+        "fused_vs_merge_kernel": times["fa4_cp_fwd_merge_kernel"] / times["fa4_cp_fwd_merge"],
+        "bwd_vs_upstream": times["upstream_fa4_bwd"] / times["fa4_cp_bwd"],
+        "bwd_step_vs_upstream": times["upstream_fa4_bwd"] / times["fa4_cp_bwd_step"],
+        "bwd_vs_cudnn": times["cudnn_sdpa_bwd"] / times["fa4_cp_bwd"],
     }
 
 
@@ -107,20 +145,21 @@ def first_call_seconds(cache_dir: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--quick", action="store_true", help="S = 8K and 32K only")
     args = parser.parse_args()
-    rows = [run_config(*config) for config in GRID]
+    rows = [run_config(*config) for config in GRID if not args.quick or config[0] <= 32768]
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = first_call_seconds(cache_dir)
         warm = first_call_seconds(cache_dir)
     device = torch.cuda.get_device_name(0)
     record = {
-        "benchmark": "kernels_forward",
+        "benchmark": "kernels",
         "date": datetime.date.today().isoformat(),
         "device": device,
         "torch": torch.__version__,
         "dtype": "bfloat16",
         "batch": 1,
-        "statistic": "median of 10 after 3 warm-up, CUDA events",
+        "statistic": "median of 15 interleaved rounds after 3 warm-up calls each, CUDA events",
         "first_call_seconds": {"cold_cache": cold, "warm_cache": warm},
         "rows": rows,
     }
@@ -128,13 +167,14 @@ def main() -> None:
     path = os.path.join(args.out, f"kernels_{device.lower().replace(' ', '_')}_{record['date']}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
-    print(f"{'S':>6} {'H':>6} {'d':>4} {'causal':>6} | {'ours merge':>10} {'ours 1st':>9} {'upstream':>9} {'cuDNN':>7} | {'vs FA4':>6} {'vs cuDNN':>8}  (TFLOPs)")
+    print(f"{'S':>6} {'H':>6} {'d':>4} {'causal':>6} | fwd TFLOPs: {'ours':>5} {'kernel':>6} {'FA4':>5} {'cuDNN':>5} | bwd TFLOPs: {'ours':>5} {'step':>5} {'FA4':>5} {'cuDNN':>5} | ratios fwd/FA4 fwd/cuDNN bwd/FA4 bwd/cuDNN")
     for row in rows:
         t = row["tflops"]
         print(
             f"{row['seq']:>6} {row['heads']:>3}:{row['kv_heads']:<2} {row['head_dim']:>4} {str(row['causal']):>6} | "
-            f"{t['fa4_cp_fwd_merge']:>10.0f} {t['fa4_cp_fwd_first']:>9.0f} {t['upstream_fa4_fwd']:>9.0f} {t['cudnn_sdpa_fwd']:>7.0f} | "
-            f"{row['merge_vs_upstream']:>6.3f} {row['merge_vs_cudnn']:>8.3f}"
+            f"{'':>11} {t['fa4_cp_fwd_merge']:>5.0f} {t['fa4_cp_fwd_merge_kernel']:>6.0f} {t['upstream_fa4_fwd']:>5.0f} {t['cudnn_sdpa_fwd']:>5.0f} | "
+            f"{'':>11} {t['fa4_cp_bwd']:>5.0f} {t['fa4_cp_bwd_step']:>5.0f} {t['upstream_fa4_bwd']:>5.0f} {t['cudnn_sdpa_bwd']:>5.0f} | "
+            f"{row['fwd_vs_upstream']:>14.3f} {row['fwd_vs_cudnn']:>9.3f} {row['bwd_vs_upstream']:>7.3f} {row['bwd_vs_cudnn']:>9.3f}"
         )
     print(f"first call of a new configuration: {cold:.1f} s with a cold compile cache, {warm:.1f} s warm")
     print(f"wrote {path}")

@@ -92,7 +92,7 @@ def _run(
 ) -> Output:
     window = check_mask(causal, window_size, varlen=sharding.varlen)
     scale = check_softmax_scale(softmax_scale, q.shape[-1])
-    kernels = get_backend(backend)
+    kernels = get_backend(backend, q)
     mask = BandMask.from_flags(causal, window)
     signature = (
         "varlen" if sharding.varlen else "dense",

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import torch
-from einops import rearrange
-
-from .kernels import accumulator_dtype
 from .parallel.executor import Ring, ring_backward, ring_forward
 
 
@@ -24,10 +21,5 @@ class RingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        # dS = P * (dP - delta) + P * dlse, so an lse gradient folds into delta, computed once per call.
-        dtype = accumulator_dtype(q.dtype)
-        delta = rearrange((dout.to(dtype) * out.to(dtype)).sum(-1), "... s h -> ... h s")
-        if dlse is not None:
-            delta = delta - dlse
-        dq, dk, dv = ring_backward(ctx.ring, q, k, v, out, lse, dout, delta)
+        dq, dk, dv = ring_backward(ctx.ring, q, k, v, out, lse, dout, dlse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

@@ -30,8 +30,11 @@ class Case:
     batch: int = 2
     head_dim: int = 16
     fixed_seq_len: int | None = None  # the same tokens whatever the ring size
+    chunk: int | None = None  # dense chunk size whatever the ring size
 
     def chunk_size(self, world_size: int) -> int:
+        if self.chunk is not None:
+            return self.chunk
         return 8 if world_size <= 4 else 4 if world_size <= 16 else 2
 
     def window(self, world_size: int) -> tuple[int, int]:

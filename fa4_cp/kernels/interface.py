@@ -69,12 +69,39 @@ nothing, while an fp32 LSE is rounded at every merge and its error grows as sqrt
 (4x at 72 ranks). The LSE a ring call returns, and its backward reads, is rounded once."""
 
 
+class BackwardPass(Protocol):
+    """One ring call's backward on one rank, from its final (out, lse): built once, then one
+    `step` per block call. dq accumulates inside the pass, in whatever layout the backend's
+    kernel accumulates in, and leaves it once through `dq`."""
+
+    def step(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        dk_acc: torch.Tensor,
+        dv_acc: torch.Tensor,
+        *,
+        q_rows: slice,
+        mask: BandMask,
+        varlen: VarlenRows | None = None,
+    ) -> None:
+        """Add the block's dq to the pass and its dk, dv to (dk_acc, dv_acc), which are in
+        `accumulator_dtype` and shaped like k, v. The block's q rows are ``q_rows`` of the pass's
+        q (dense), or the rows ``varlen`` selects (varlen, with ``q_rows`` everything)."""
+        ...
+
+    def dq(self) -> torch.Tensor:
+        """The accumulated dq, shaped like q: in `accumulator_dtype`, or in q's dtype when the
+        backend rounds it once itself."""
+        ...
+
+
 class AttentionBackend(Protocol):
     """Attention with LSE partials over one block pair.
 
-    Accumulators: out_acc in `accumulator_dtype`, lse_acc in LSE_ACCUMULATOR_DTYPE (fp64); dq,
-    dk, dv in `accumulator_dtype`. Rows that see no key have lse = -inf and out = 0. The caller
-    owns every accumulator.
+    Accumulators: out_acc in `accumulator_dtype`, lse_acc in LSE_ACCUMULATOR_DTYPE (fp64); dk, dv
+    in `accumulator_dtype`. Rows that see no key have lse = -inf and out = 0. The caller owns
+    out_acc, lse_acc, dk_acc and dv_acc; the backward pass owns dq.
     """
 
     name: str
@@ -99,26 +126,17 @@ class AttentionBackend(Protocol):
         """
         ...
 
-    def backward_step(
+    def backward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         out: torch.Tensor,
         lse: torch.Tensor,
         dout: torch.Tensor,
-        delta: torch.Tensor,
-        dq_acc: torch.Tensor,
-        dk_acc: torch.Tensor,
-        dv_acc: torch.Tensor,
+        dlse: torch.Tensor | None,
         *,
-        mask: BandMask,
         softmax_scale: float,
-        varlen: VarlenRows | None = None,
-    ) -> None:
-        """Add this block's dq, dk, dv to the accumulators, given the final out and lse.
-
-        ``delta`` is rowsum(dout * out) (minus any upstream lse gradient), laid out like lse and
-        computed once per ring call.
-        """
+    ) -> BackwardPass:
+        """Start the backward of one ring call. ``out`` (q's dtype) and ``lse`` are final;
+        ``dlse`` is the upstream lse gradient, if any. Row statistics such as
+        delta = rowsum(dout * out) - dlse are computed here, once per call, not per step."""
         ...

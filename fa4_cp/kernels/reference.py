@@ -14,7 +14,7 @@ import weakref
 import torch
 from einops import rearrange
 
-from .interface import BandMask, VarlenRows
+from .interface import BandMask, VarlenRows, accumulator_dtype
 from .merge import merge_partials_
 
 
@@ -72,7 +72,7 @@ def _add(acc: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor, alp
         acc.index_add_(-3, index, value.squeeze(0).to(acc.dtype), alpha=alpha)
 
 
-def _gathered(cu_seqlens: torch.Tensor, seqused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def selected_rows(cu_seqlens: torch.Tensor, seqused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row index, sequence id and position in the sequence of every selected varlen row."""
     starts = cu_seqlens[:-1].long()
     used = seqused.long()
@@ -97,8 +97,8 @@ def _rows(q: torch.Tensor, k: torch.Tensor, mask: BandMask, varlen: VarlenRows |
     with _varlen_cache_lock:
         per_mask = _varlen_cache.setdefault(varlen, {})
         if mask not in per_mask:
-            q_index, q_doc, q_pos = _gathered(varlen.cu_seqlens_q, varlen.seqused_q)
-            k_index, k_doc, k_pos = _gathered(varlen.cu_seqlens_k, varlen.seqused_k)
+            q_index, q_doc, q_pos = selected_rows(varlen.cu_seqlens_q, varlen.seqused_q)
+            k_index, k_doc, k_pos = selected_rows(varlen.cu_seqlens_k, varlen.seqused_k)
             per_mask[mask] = _Rows(q_index, k_index, (q_doc[:, None] == k_doc[None, :]) & _band(q_pos, k_pos, mask))
         return per_mask[mask]
 
@@ -170,29 +170,41 @@ class ReferenceBackend:
         rows.write_q(out_acc, out)
         rows.write_q(lse_acc, lse, seq_dim=-1)
 
-    def backward_step(
+    def backward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         out: torch.Tensor,
         lse: torch.Tensor,
         dout: torch.Tensor,
-        delta: torch.Tensor,
-        dq_acc: torch.Tensor,
-        dk_acc: torch.Tensor,
-        dv_acc: torch.Tensor,
+        dlse: torch.Tensor | None,
         *,
-        mask: BandMask,
         softmax_scale: float,
-        varlen: VarlenRows | None = None,
-    ) -> None:
-        del out  # delta already carries rowsum(dout * out)
+    ) -> ReferenceBackwardPass:
+        return ReferenceBackwardPass(q, out, lse, dout, dlse, softmax_scale)
+
+
+class ReferenceBackwardPass:
+    """Backward of one ring call (see `BackwardPass`); dq accumulates in q's layout."""
+
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float):
+        math = accumulator_dtype(q.dtype)
+        # dS = P * (dP - delta) + P * dlse: an lse gradient folds into delta.
+        delta = rearrange((dout.to(math) * out.to(math)).sum(-1), "... s h -> ... h s")
+        self.delta = delta if dlse is None else delta - dlse
+        self.q, self.lse, self.dout, self.softmax_scale = q, lse, dout, softmax_scale
+        self.dq_acc = torch.zeros(q.shape, dtype=math, device=q.device)
+
+    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
+        q, dout = self.q[..., q_rows, :, :], self.dout[..., q_rows, :, :]
+        lse, delta = self.lse[..., q_rows], self.delta[..., q_rows]
         rows = _rows(q, k, mask, varlen)
-        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, softmax_scale)
+        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale)
         probs = block.probabilities(rows.q(lse, seq_dim=-1))
         dout_g = block.grouped(rows.q(dout))
         dscores = probs * (dout_g @ block.v.transpose(-1, -2) - block.grouped_rows(rows.q(delta, seq_dim=-1)))
-        rows.add_q(dq_acc, block.ungrouped(dscores @ block.k), alpha=softmax_scale)
-        rows.add_k(dk_acc, rearrange(dscores.transpose(-1, -2) @ block.q, "b h s d -> b s h d"), alpha=softmax_scale)
+        rows.add_q(self.dq_acc[..., q_rows, :, :], block.ungrouped(dscores @ block.k), alpha=self.softmax_scale)
+        rows.add_k(dk_acc, rearrange(dscores.transpose(-1, -2) @ block.q, "b h s d -> b s h d"), alpha=self.softmax_scale)
         rows.add_k(dv_acc, rearrange(probs.transpose(-1, -2) @ dout_g, "b h s d -> b s h d"))
+
+    def dq(self) -> torch.Tensor:
+        return self.dq_acc

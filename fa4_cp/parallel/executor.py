@@ -122,17 +122,17 @@ def ring_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     dout: torch.Tensor,
-    delta: torch.Tensor,
+    dlse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of the local shard, in the accumulator dtype; `delta` as for `backward_step`."""
+    """dq, dk, dv of the local shard, in the accumulator dtype, from the final (out, lse)."""
     schedule, rank = ring.schedule, ring.rank
     rows = rank_rows(ring.sharding, schedule, rank, q.device)
+    grads = ring.backend.backward(q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale)
     dtype = accumulator_dtype(q.dtype)
-    dq_acc = torch.zeros(q.shape, dtype=dtype, device=q.device)
     free = [torch.empty((2, *k.shape), dtype=dtype, device=k.device) for _ in range(3)]
     dkv = free.pop()
     if not schedule.steps:
-        return dq_acc, *dkv.zero_()
+        return grads.dq(), *dkv.zero_()
     in_flight: tuple[PendingShift, torch.Tensor, torch.Tensor] | None = None
 
     kv = _TravellingKV(ring, k, v)
@@ -144,19 +144,13 @@ def ring_backward(
         dkv.zero_()
         for call in schedule.calls[rank][index]:
             block = rows[(step, call)]
-            ring.backend.backward_step(
-                q[..., block.q, :, :],
+            grads.step(
                 kv.held[0][..., block.kv, :, :],
                 kv.held[1][..., block.kv, :, :],
-                out[..., block.q, :, :],
-                lse[..., block.q],
-                dout[..., block.q, :, :],
-                delta[..., block.q],
-                dq_acc[..., block.q, :, :],
                 dkv[0][..., block.kv, :, :],
                 dkv[1][..., block.kv, :, :],
+                q_rows=block.q,
                 mask=call.mask,
-                softmax_scale=ring.softmax_scale,
                 varlen=block.varlen,
             )
         if in_flight is not None:
@@ -166,11 +160,11 @@ def ring_backward(
             free += [sent, received]
         offset = ring.home_offset(step) if last else schedule.steps[index + 1] - step
         if offset == 0:
-            return dq_acc, dkv[0], dkv[1]
+            return grads.dq(), dkv[0], dkv[1]
         target = free.pop()
         in_flight = (ring.transport.shift(dkv, target, offset, DKV_CHANNEL), dkv, target)
         dkv = free.pop()
         kv.arrive()
     pending, _, received = in_flight
     pending.wait()
-    return dq_acc, received[0], received[1]
+    return grads.dq(), received[0], received[1]

@@ -36,15 +36,22 @@ class RankRows:
                 call = key[1]
                 self._rows[key] = BlockRows(sharding.lane_slice(call.q_lanes), sharding.lane_slice(call.kv_lanes), None)
             return
+        # One tensor per distinct side, so calls over the same q lanes share their VarlenRows
+        # tensors: a backend may key per-call-state (e.g. a dq accumulator) on them.
+        side_keys: dict[tuple, int] = {}
         sides = []
         for step, call in keys:
-            sides.append(sharding.lane_rows(rank, call.q_lanes))
-            sides.append(sharding.lane_rows(schedule.source_rank(rank, step), call.kv_lanes))
+            for side in (("q", rank, call.q_lanes), ("kv", schedule.source_rank(rank, step), call.kv_lanes)):
+                if side not in side_keys:
+                    side_keys[side] = len(sides)
+                    sides.append(sharding.lane_rows(side[1], side[2]))
         docs = len(sharding.doc_lengths)
-        table = torch.tensor([[*cu, *used] for cu, used in sides], dtype=torch.int32).to(device).view(len(keys), 2, 2 * docs + 1)
+        table = torch.tensor([[*cu, *used] for cu, used in sides], dtype=torch.int32).to(device)
         everything = slice(None)
-        for key, (q_side, kv_side) in zip(keys, table):
-            self._rows[key] = BlockRows(
+        for step, call in keys:
+            q_side = table[side_keys[("q", rank, call.q_lanes)]]
+            kv_side = table[side_keys[("kv", schedule.source_rank(rank, step), call.kv_lanes)]]
+            self._rows[(step, call)] = BlockRows(
                 everything,
                 everything,
                 VarlenRows(q_side[: docs + 1], kv_side[: docs + 1], q_side[docs + 1 :], kv_side[docs + 1 :]),

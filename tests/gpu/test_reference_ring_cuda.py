@@ -25,7 +25,7 @@ def test_ring_on_cuda_matches_fp64_reference(case, world_size, dtype_name):
     truth = reference_results(case, world_size, inputs, torch.float64)
     baseline = errors_against(truth, reference_results(case, world_size, inputs, dtype))
     gpu_inputs = on_cuda(inputs)
-    per_rank = SimulatedRing(world_size).run(lambda group: ring_results_for_rank(case, world_size, gpu_inputs, group, group.rank))
+    per_rank = SimulatedRing(world_size).run(lambda group: ring_results_for_rank(case, world_size, gpu_inputs, group, group.rank, backend="reference"))
     assert all(t.is_cuda for result in per_rank for t in result.values())
     sharding = case.sharding(world_size)
     seq_dim = 0 if case.documents else 1
@@ -42,7 +42,7 @@ def test_72_ranks_on_one_gpu():
     truth = reference_results(case, 72, inputs, torch.float64)
     baseline = errors_against(truth, reference_results(case, 72, inputs, torch.bfloat16))
     gpu_inputs = on_cuda(inputs)
-    per_rank = SimulatedRing(72).run(lambda group: ring_results_for_rank(case, 72, gpu_inputs, group, group.rank))
+    per_rank = SimulatedRing(72).run(lambda group: ring_results_for_rank(case, 72, gpu_inputs, group, group.rank, backend="reference"))
     sharding = case.sharding(72)
     results = {name: sharding.unshard([r[name].cpu() for r in per_rank], seq_dim=-1 if name == "lse" else 1) for name in truth}
     assert_flash_rule(errors_against(truth, results), baseline, torch.bfloat16, "cuda W=72")

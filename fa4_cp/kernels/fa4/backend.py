@@ -1,0 +1,70 @@
+"""The FA4 backend: the kernel interface on NVIDIA Hopper (sm90) and Blackwell (sm100) GPUs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..interface import BandMask, VarlenRows
+from .backward import Sm90BackwardPass
+from .blackwell import UpstreamBackwardPass, forward_then_merge
+from .forward import forward_partials_sm90
+from .merge_kernel import merge_partials_cuda
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+FORWARD_HEAD_DIMS = (64, 96, 128, 192, 256)
+BACKWARD_HEAD_DIMS = (64, 96, 128)
+
+
+def fa4_arch(device: torch.device) -> int | None:
+    """9 for Hopper, 10 for Blackwell datacenter parts, None where this backend cannot run."""
+    if device.type != "cuda":
+        return None
+    major = torch.cuda.get_device_capability(device)[0]
+    return major if major in (9, 10) else None
+
+
+def check_inputs(q: torch.Tensor, *, backward: bool = False) -> None:
+    """ValueError naming what the FA4 kernels cannot take."""
+    if fa4_arch(q.device) is None:
+        raise ValueError(f"backend 'fa4': expected q on an sm90 or sm100 CUDA device, got {q.device}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"backend 'fa4': expected bfloat16 or float16 q, k, v, got {q.dtype}")
+    dims = BACKWARD_HEAD_DIMS if backward else FORWARD_HEAD_DIMS
+    if q.shape[-1] not in dims:
+        raise ValueError(f"backend 'fa4': head_dim must be one of {dims}{' for the backward' if backward else ''}, got {q.shape[-1]}")
+
+
+class FA4Backend:
+    """FlashAttention-4 kernels with LSE partials (see `AttentionBackend`).
+
+    Hopper: the forward merges each tile into the accumulators in its epilogue (no extra pass,
+    no 16-bit rounding per step), or with `fused_merge=False` runs upstream's forward and the
+    stand-alone merge kernel (the baseline). The backward accumulates dq in FA4's own layout
+    across the steps of a call. Blackwell: see blackwell.py (untested here).
+    """
+
+    name = "fa4"
+
+    def __init__(self, fused_merge: bool = True):
+        self.fused_merge = fused_merge
+
+    def forward_step(
+        self, q, k, v, out_acc, lse_acc, *, mask: BandMask, softmax_scale: float, accumulate: bool,
+        varlen: VarlenRows | None = None,
+    ) -> None:
+        check_inputs(q)
+        if q.shape[-3] == 0 or k.shape[-3] == 0:
+            return
+        if fa4_arch(q.device) == 9 and self.fused_merge:
+            forward_partials_sm90(q, k, v, out_acc, lse_acc, mask=mask, softmax_scale=softmax_scale, accumulate=accumulate, varlen=varlen)
+        else:
+            forward_then_merge(q, k, v, out_acc, lse_acc, mask=mask, softmax_scale=softmax_scale, accumulate=accumulate, varlen=varlen)
+
+    def backward(self, q, out, lse, dout, dlse, *, softmax_scale: float):
+        check_inputs(q, backward=True)
+        if fa4_arch(q.device) == 9:
+            return Sm90BackwardPass(q, out, lse, dout, dlse, softmax_scale)
+        return UpstreamBackwardPass(q, out, lse, dout, dlse, softmax_scale)
+
+
+__all__ = ["FA4Backend", "check_inputs", "fa4_arch", "merge_partials_cuda"]

@@ -1,0 +1,176 @@
+"""One ring call's backward on Hopper (see `BackwardPass`), around FA4's backward kernel.
+
+Once per call and per distinct set of q rows the steps use (a "q side": the whole shard, or
+one lane run), FA4's preprocess computes delta = rowsum(dout * out) - dlse and lse * log2(e) in
+the padded layout the kernel reads. Every step's kernel then adds its dq into the q side's fp32
+tiled accumulator; dense q sides that start on a tile boundary share one accumulator for the
+whole shard. `dq` reads the accumulators back once: with upstream's postprocess (rounded once
+to q's dtype) when one accumulator holds all of dq, else in fp32 and summed. dK/dV are per step: added into the
+ring's fp32 buffers (16-bit kernel output without GQA, fp32 tiles with GQA).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess, torch2cute_dtype_map
+
+from ..interface import BandMask, VarlenRows
+from ..reference import selected_rows
+from .backward_sm90 import BackwardTiles, backward_block_sm90
+from .masks import fa4_window
+from .tiled_accumulator import TileGeometry, tile_order
+
+SM90 = 90
+
+
+@dataclass
+class _QSide:
+    rows: slice  # dense rows of q, or everything for varlen
+    lse_log2: torch.Tensor
+    dpsum: torch.Tensor
+    dq_accum: torch.Tensor
+    owns_accum: bool
+    varlen_rows: tuple[torch.Tensor, torch.Tensor] | None  # (row index, padded row) of varlen rows
+
+
+class Sm90BackwardPass:
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float):
+        self.q, self.out, self.dout, self.softmax_scale = q, out, dout, softmax_scale
+        self.lse = lse.float()
+        self.dlse = None if dlse is None else dlse.float()
+        head_dim = q.shape[-1]
+        self.tiles = tiles = BackwardTiles.for_head_dim(head_dim)
+        config = tiles.config
+        common = dict(head_dim=head_dim, head_dim_rounded=tiles.head_dim_rounded, hdim_multiple_of=tiles.hdim_multiple_of)
+        self.dq_tiles = TileGeometry(
+            tiles.tile_m, num_threads=128 if config.dQ_single_wg else config.num_wg * 128,
+            atom_layout=config.AtomLayoutMdQ, swap_ab=config.dQ_swapAB, **common,
+        )
+        self.dkv_tiles = TileGeometry(
+            tiles.tile_n, num_threads=config.num_wg * 128, atom_layout=config.AtomLayoutNdKV,
+            swap_ab=config.dKV_swapAB, **common,
+        )
+        self.sides: dict[tuple, _QSide] = {}
+        self.whole_dq: torch.Tensor | None = None
+
+    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
+        side = self._side(q_rows, varlen)
+        q, dout = self.q[..., side.rows, :, :], self.dout[..., side.rows, :, :]
+        if q.shape[-3] == 0 or k.shape[-3] == 0:
+            return
+        window = fa4_window(mask, 0, 0) if varlen else fa4_window(mask, q.shape[1], k.shape[1])
+        if q.shape[-2] == k.shape[-2]:
+            dk, dv = (torch.zeros_like(t) if varlen else torch.empty_like(t) for t in (k, v))
+        else:
+            padded = self._kv_padded_rows(k, varlen)
+            dk, dv = (torch.zeros(*k.shape[:-3], k.shape[-2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=k.device) for _ in range(2))
+        backward_block_sm90(
+            self.tiles, q, k, v, dout, side.lse_log2, side.dpsum, side.dq_accum, dk, dv,
+            window=window, softmax_scale=self.softmax_scale, varlen=varlen,
+        )
+        if q.shape[-2] == k.shape[-2]:
+            dk_acc += dk
+            dv_acc += dv
+            return
+        order = tile_order(self.dkv_tiles, SM90, k.device)
+        for accum, target, scale in ((dk, dk_acc, self.softmax_scale), (dv, dv_acc, 1.0)):
+            values = self.dkv_tiles.untile(accum, order)
+            if varlen is None:
+                target.add_(rearrange(values[..., : k.shape[1], :], "b h s d -> b s h d"), alpha=scale)
+            else:
+                index, padded_row = _varlen_rows(varlen, "kv", self.dkv_tiles.tile)
+                target.index_add_(0, index, rearrange(values[:, padded_row], "h s d -> s h d"), alpha=scale)
+
+    def dq(self) -> torch.Tensor:
+        owned = [side for side in self.sides.values() if side.owns_accum]
+        if self.whole_dq is not None and not owned:
+            return self._postprocess_whole_dq()
+        order = tile_order(self.dq_tiles, SM90, self.q.device)
+        rows = self.q.shape[-3]
+        if self.whole_dq is not None:
+            dq = rearrange(self.dq_tiles.untile(self.whole_dq, order)[..., :rows, :], "b h s d -> b s h d").contiguous()
+        else:
+            dq = torch.zeros(self.q.shape, dtype=torch.float32, device=self.q.device)
+        for side in owned:
+            values = self.dq_tiles.untile(side.dq_accum, order)
+            if side.varlen_rows is None:
+                dq[:, side.rows] += rearrange(values[..., : dq[:, side.rows].shape[1], :], "b h s d -> b s h d")
+            else:
+                index, padded_row = side.varlen_rows
+                dq.index_add_(0, index, rearrange(values[:, padded_row], "h s d -> s h d"))
+        return dq.mul_(self.softmax_scale)
+
+    def _postprocess_whole_dq(self) -> torch.Tensor:
+        """One accumulator holds all of dq: upstream's postprocess reads it back, scaled and
+        rounded once to q's dtype, as upstream's own backward does."""
+        g = self.dq_tiles
+        dq = torch.empty_like(self.q)
+        _bwd_postprocess_convert(
+            self.whole_dq, dq, self.softmax_scale, None, None, SM90, torch2cute_dtype_map[dq.dtype], g.head_dim,
+            g.tile, g.num_threads, g.atom_layout, g.swap_ab, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of,
+        )
+        return dq
+
+    def _side(self, q_rows: slice, varlen: VarlenRows | None) -> _QSide:
+        key = ("dense", *q_rows.indices(self.q.shape[-3])) if varlen is None else (
+            "varlen", varlen.cu_seqlens_q.data_ptr(), varlen.seqused_q.data_ptr()
+        )
+        if key not in self.sides:
+            self.sides[key] = self._new_side(q_rows, varlen)
+        return self.sides[key]
+
+    def _new_side(self, q_rows: slice, varlen: VarlenRows | None) -> _QSide:
+        q, tile, width = self.q, self.dq_tiles.tile, self.tiles.head_dim_rounded
+        lead = q.shape[:-3]
+        if varlen is None:
+            start, stop, _ = q_rows.indices(q.shape[1])
+            rows, padded = slice(start, stop), self.dq_tiles.padded_rows(stop - start)
+            if start % tile == 0:
+                accum, owned = self._whole_dq()[..., start * width : (start + padded) * width], False
+            else:
+                accum, owned = torch.zeros(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
+            varlen_rows, cu, used = None, None, None
+        else:
+            rows, cu, used = slice(None), varlen.cu_seqlens_q, varlen.seqused_q
+            padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
+            accum, owned = torch.zeros(q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
+            varlen_rows = _varlen_rows(varlen, "q", tile)
+        lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
+        _bwd_preprocess(
+            self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
+            cu, used, None if self.dlse is None else self.dlse[..., rows],
+            torch2cute_dtype_map[q.dtype], q.shape[-1], q.shape[-1], tile,
+            fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
+        )
+        return _QSide(rows, lse_log2, dpsum, accum, owned, varlen_rows)
+
+    def _whole_dq(self) -> torch.Tensor:
+        if self.whole_dq is None:
+            q = self.q
+            padded = self.dq_tiles.padded_rows(q.shape[1])
+            self.whole_dq = torch.zeros(q.shape[0], q.shape[2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=q.device)
+        return self.whole_dq
+
+    def _kv_padded_rows(self, k: torch.Tensor, varlen: VarlenRows | None) -> int:
+        if varlen is None:
+            return self.dkv_tiles.padded_rows(k.shape[1])
+        return self.dkv_tiles.varlen_padded_rows(k.shape[0], varlen.seqused_k.shape[0])
+
+
+_varlen_cache: weakref.WeakKeyDictionary[VarlenRows, dict] = weakref.WeakKeyDictionary()
+
+
+def _varlen_rows(varlen: VarlenRows, side: str, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, padded row) of every row a varlen side selects: FA4 starts sequence n of an
+    accumulator at tile boundary (cu_seqlens[n] + n * tile) // tile * tile. Built once per rows."""
+    per_rows = _varlen_cache.setdefault(varlen, {})
+    if (side, tile) not in per_rows:
+        cu, used = (varlen.cu_seqlens_q, varlen.seqused_q) if side == "q" else (varlen.cu_seqlens_k, varlen.seqused_k)
+        index, sequence, position = selected_rows(cu, used)
+        starts = (cu[:-1].long() + torch.arange(len(used), device=cu.device) * tile) // tile * tile
+        per_rows[(side, tile)] = (index, starts[sequence] + position)
+    return per_rows[(side, tile)]

@@ -1,0 +1,71 @@
+"""Blackwell (sm100): upstream FA4's own kernels, with the ring's merge in a kernel of ours.
+
+UNTESTED: this project's machines are Hoppers, so nothing here has run. It sits behind the same
+GPU tests as the Hopper path (they select the FA4 backend on any sm90/sm100 device), which run
+wherever a B200 or GB200 is.
+
+Forward: upstream's plain forward (16-bit out, fp32 lse), then `merge_partials_cuda` folds it
+into the accumulators. Backward: upstream's backward per step from the final (out, lse); its
+dq, dk, dv partials are added in fp32. Delta and the dq layout are upstream's per call here.
+"""
+
+from __future__ import annotations
+
+import torch
+from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+from ..interface import BandMask, VarlenRows
+from .masks import Fa4Window, fa4_window
+from .merge_kernel import merge_partials_cuda
+
+
+def _window(mask: BandMask, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> Fa4Window:
+    return fa4_window(mask, 0, 0) if varlen else fa4_window(mask, q.shape[1], k.shape[1])
+
+
+def _varlen_kwargs(varlen: VarlenRows | None) -> dict:
+    if varlen is None:
+        return {}
+    return dict(
+        cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
+        seqused_q=varlen.seqused_q, seqused_k=varlen.seqused_k,
+    )
+
+
+def forward_then_merge(q, k, v, out_acc, lse_acc, *, mask: BandMask, softmax_scale: float, accumulate: bool, varlen: VarlenRows | None) -> None:
+    window = _window(mask, q, k, varlen)
+    out, lse, *_ = _flash_attn_fwd(
+        q, k, v, softmax_scale=softmax_scale, causal=window.causal,
+        window_size_left=window.left, window_size_right=window.right, return_lse=True, **_varlen_kwargs(varlen),
+    )
+    if accumulate:
+        merge_partials_cuda(out, lse, out_acc, lse_acc)
+    else:
+        out_acc.copy_(out)
+        lse_acc.copy_(lse)
+
+
+class UpstreamBackwardPass:
+    """`BackwardPass` over upstream's backward, one full call per step."""
+
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float):
+        self.q, self.out, self.dout, self.softmax_scale = q, out, dout, softmax_scale
+        self.lse = lse.float()
+        self.dlse = None if dlse is None else dlse.float()
+        self.dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+
+    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
+        q, out, dout = (t[..., q_rows, :, :] for t in (self.q, self.out, self.dout))
+        window = _window(mask, q, k, varlen)
+        dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+        _flash_attn_bwd(
+            q, k, v, out, dout, self.lse[..., q_rows], softmax_scale=self.softmax_scale, causal=window.causal,
+            window_size_left=window.left, window_size_right=window.right, dq=dq, dk=dk, dv=dv,
+            dlse=None if self.dlse is None else self.dlse[..., q_rows], **_varlen_kwargs(varlen),
+        )
+        self.dq_acc[..., q_rows, :, :] += dq
+        dk_acc += dk
+        dv_acc += dv
+
+    def dq(self) -> torch.Tensor:
+        return self.dq_acc

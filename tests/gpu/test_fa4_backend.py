@@ -1,0 +1,128 @@
+"""The FA4 backend on one device: backward per mask kind and the stand-alone merge kernel, against fp64."""
+
+import math
+
+import pytest
+import torch
+
+from fa4_cp.kernels import BandMask, get_backend
+from fa4_cp.kernels.merge import merge_partials_
+from fa4_cp.kernels.reference import band_visibility
+
+if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)):
+    pytest.skip("needs a Hopper or Blackwell GPU", allow_module_level=True)
+pytest.importorskip("flash_attn.cute")
+from flash_attn.cute import flash_attn_func  # noqa: E402
+
+from fa4_cp.kernels.fa4.backend import FA4Backend  # noqa: E402
+from fa4_cp.kernels.fa4.masks import fa4_window  # noqa: E402
+from fa4_cp.kernels.fa4.merge_kernel import merge_partials_cuda  # noqa: E402
+
+MASKS = {
+    "full": BandMask(),
+    "causal": BandMask(hi=0),
+    "causal_shifted_diagonal": BandMask(hi=-64),
+    "causal_shifted_right": BandMask(hi=100),
+    "window": BandMask(lo=-200, hi=0),
+    "window_both_sides": BandMask(lo=-150, hi=90),
+}
+
+
+def fp64_attention(q, k, v, mask, scale):
+    """out, lse and grads by autograd in fp64 on explicit scores; GQA by repeating k, v."""
+    group = q.shape[2] // k.shape[2]
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    kr, vr = (t.repeat_interleave(group, dim=2) for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    scores = scores.masked_fill(~band_visibility(q.shape[1], k.shape[1], mask, q.device), -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, vr), lse, (q, k, v)
+
+
+def max_error(x, reference):
+    """Largest |error| on finite reference entries; NaN or a misplaced -inf is an infinite error."""
+    x, reference = x.double(), reference.double()
+    finite = torch.isfinite(reference)
+    if torch.isnan(x).any() or not torch.equal(torch.isinf(x), ~finite):
+        return math.inf
+    return (x[finite] - reference[finite]).abs().max().item()
+
+
+def grads_of(out, lse, leaves, dout, dlse):
+    finite = torch.isfinite(lse)
+    loss = (out * dout.to(out.dtype)).sum() + (lse.where(finite, 0) * dlse.to(lse.dtype)).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dim,heads,kv_heads", [(64, 8, 8), (128, 8, 8), (128, 8, 2), (64, 8, 1)])
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_backward_against_fp64(mask_name, dim, heads, kv_heads, dtype):
+    """One block's forward and backward through the backend, against fp64, by the 2x rule
+    relative to upstream FA4 with the same mask. Two q halves in two steps share the pass."""
+    torch.manual_seed(dim + heads + kv_heads)
+    mask, seq, scale = MASKS[mask_name], 1000, dim**-0.5
+    q = torch.randn(2, seq, heads, dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, seq, kv_heads, dim, device="cuda", dtype=dtype) for _ in range(2))
+    dout, dlse = torch.randn_like(q), torch.randn(2, heads, seq, device="cuda")
+    out64, lse64, leaves = fp64_attention(q, k, v, mask, scale)
+    truth = {"out": out64, "lse": lse64, **dict(zip(("dq", "dk", "dv"), grads_of(out64, lse64, leaves, dout, dlse)))}
+
+    window = fa4_window(mask, seq, seq)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    up_out, up_lse = flash_attn_func(*leaves, softmax_scale=scale, causal=window.causal, window_size=(window.left, window.right), return_lse=True)
+    upstream = {"out": up_out, "lse": up_lse, **dict(zip(("dq", "dk", "dv"), grads_of(up_out.float(), up_lse, leaves, dout, dlse)))}
+
+    backend = get_backend("fa4", q)
+    out = torch.full(q.shape, math.nan, dtype=torch.float32, device="cuda")
+    lse = torch.full((2, heads, seq), math.nan, dtype=torch.float64, device="cuda")
+    backend.forward_step(q, k, v, out, lse, mask=mask, softmax_scale=scale, accumulate=False)
+    out16 = out.to(dtype)
+    grads = backend.backward(q, out16, lse, dout, dlse, softmax_scale=scale)
+    dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
+    half = 448  # a tile boundary for 64-row tiles, not for 128-row ones
+    for rows in (slice(0, half), slice(half, seq)):
+        shifted = BandMask(None if mask.lo is None else mask.lo + rows.start, None if mask.hi is None else mask.hi + rows.start)
+        grads.step(k, v, dk, dv, q_rows=rows, mask=shifted)
+    ours = {"out": out, "lse": lse, "dq": grads.dq(), "dk": dk, "dv": dv}
+    atol = {"out": 1e-3, "lse": 1e-5, "dq": 1e-3, "dk": 1e-3, "dv": 1e-3}
+    for name in ours:
+        bound = 2 * max_error(upstream[name], truth[name]) + atol[name]
+        assert max_error(ours[name], truth[name]) <= bound, f"{name}: {max_error(ours[name], truth[name]):.3e} > {bound:.3e}"
+
+
+def test_rows_with_no_visible_key_backward():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 256, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    backend = FA4Backend()
+    out = torch.full(q.shape, math.nan, dtype=torch.float32, device="cuda")
+    lse = torch.full((1, 4, 256), math.nan, dtype=torch.float64, device="cuda")
+    backend.forward_step(q, k, v, out, lse, mask=BandMask(hi=-300), softmax_scale=0.1, accumulate=False)
+    assert (out == 0).all() and (lse == -math.inf).all()
+    grads = backend.backward(q, out.to(q.dtype), lse, torch.randn_like(q), None, softmax_scale=0.1)
+    dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
+    grads.step(k, v, dk, dv, q_rows=slice(None), mask=BandMask(hi=-300))
+    for grad in (grads.dq(), dk, dv):
+        assert not grad.isnan().any() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_merge_kernel_matches_reference_merge(dim):
+    """The stand-alone kernel against the PyTorch merge, fp64, including -inf rows on either side."""
+    torch.manual_seed(dim)
+    shape = (2, 333, 6, dim)
+    out_acc = torch.randn(shape, device="cuda")
+    lse_acc = torch.randn(2, 6, 333, device="cuda", dtype=torch.float64) * 5
+    out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    lse = torch.randn(2, 6, 333, device="cuda") * 5
+    lse_acc[:, :, :10] = -math.inf
+    out_acc[:, :10] = 0
+    lse[:, :, 5:20] = -math.inf
+    expected_out, expected_lse = out_acc.double(), lse_acc.clone()
+    merge_partials_(expected_out, expected_lse.transpose(-1, -2), out.double(), lse.double().transpose(-1, -2))
+    merge_partials_cuda(out, lse, out_acc, lse_acc)
+    assert torch.equal(torch.isinf(lse_acc), torch.isinf(expected_lse)) and not out_acc.isnan().any()
+    assert max_error(out_acc, expected_out) < 1e-5
+    finite = torch.isfinite(expected_lse)
+    assert max_error(lse_acc[finite], expected_lse[finite]) < 1e-12

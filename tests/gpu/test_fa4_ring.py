@@ -1,0 +1,82 @@
+"""The core's ring tests with the FA4 backend, in the simulated transport on one GPU (W = 2, 8, 72).
+
+Every ring result (out, lse, dq, dk, dv) is held to FlashAttention's rule against fp64: its error
+is at most twice the error of upstream FA4 on the full sequence on one device, plus a small atol.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from fa4_cp import SimulatedRing
+from oracle import CASES, CASES_BY_NAME, assert_flash_rule, errors_against, make_inputs, reference_results, ring_results_for_rank, visibility
+
+if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)):
+    pytest.skip("needs a Hopper or Blackwell GPU", allow_module_level=True)
+pytest.importorskip("flash_attn.cute")
+from flash_attn.cute import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+
+FA4_CASES = [dataclasses.replace(case, head_dim=64) for case in CASES]
+# 128-token chunks: q slices start on a tile boundary and share one dq accumulator.
+FA4_CASES.append(dataclasses.replace(CASES_BY_NAME["causal_zigzag"], name="causal_zigzag_tile_aligned", head_dim=128, chunk=128, batch=1))
+FA4_CASES.append(dataclasses.replace(CASES_BY_NAME["gqa_half_kv_heads"], name="gqa_tile_aligned", head_dim=128, chunk=128, batch=1, causal=False))
+
+
+def on_cuda(inputs):
+    return dataclasses.replace(inputs, **{f.name: getattr(inputs, f.name).cuda() for f in dataclasses.fields(inputs) if getattr(inputs, f.name) is not None})
+
+
+def upstream_results(case, world_size, inputs, dtype):
+    """Upstream FA4 on the full sequence, one device, with autograd."""
+    q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+    window = tuple(None if w < 0 else w for w in case.window(world_size))
+    if case.documents:
+        cu = inputs.cu_seqlens.cuda()
+        longest = int((cu[1:] - cu[:-1]).max())
+        out, lse = flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+            causal=case.causal, window_size=window, return_lse=True,
+        )
+    else:
+        out, lse = flash_attn_func(q, k, v, causal=case.causal, window_size=window, return_lse=True)
+    finite = torch.isfinite(lse)
+    loss = (out.float() * inputs.dout.cuda().float()).sum() + (lse.where(finite, 0) * inputs.dlse.cuda().to(lse.dtype)).sum()
+    loss.backward()
+    return {name: t.detach().cpu() for name, t in {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}.items()}
+
+
+def check_ring(case, world_size, dtype=torch.bfloat16, seed=0):
+    inputs = make_inputs(case, world_size, dtype, seed=seed)
+    truth = reference_results(case, world_size, inputs, torch.float64)
+    assert visibility(case, world_size).any()
+    baseline = errors_against(truth, upstream_results(case, world_size, inputs, dtype))
+    gpu_inputs = on_cuda(inputs)
+    per_rank = SimulatedRing(world_size).run(
+        lambda group: ring_results_for_rank(case, world_size, gpu_inputs, group, group.rank, backend="fa4")
+    )
+    sharding = case.sharding(world_size)
+    seq_dim = 0 if case.documents else 1
+    results = {
+        name: sharding.unshard([r[name].cpu() for r in per_rank], seq_dim=-1 if name == "lse" else seq_dim)
+        for name in truth
+    }
+    errors = errors_against(truth, results)
+    assert_flash_rule(errors, baseline, dtype, f"fa4 {case.name} W={world_size}")
+    return errors, baseline
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+@pytest.mark.parametrize("case", FA4_CASES, ids=lambda case: case.name)
+def test_fa4_ring_matches_fp64(case, world_size):
+    check_ring(case, world_size, seed=world_size)
+
+
+def test_fa4_ring_fp16():
+    check_ring(FA4_CASES[0], 4, dtype=torch.float16)
+
+
+def test_fa4_ring_72_ranks_on_one_gpu():
+    case = dataclasses.replace(CASES_BY_NAME["causal_zigzag"], head_dim=64, chunk=16, batch=1)
+    errors, baseline = check_ring(case, 72, seed=7)
+    print("W=72 errors", errors, "single-device FA4", baseline)
