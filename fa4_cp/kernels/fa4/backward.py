@@ -21,7 +21,7 @@ from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess,
 from ..interface import BandMask, VarlenRows
 from ..reference import selected_rows
 from .backward_sm90 import BackwardTiles, backward_block_sm90
-from .masks import fa4_window
+from .masks import block_window
 from .tiled_accumulator import TileGeometry, tile_order
 
 SM90 = 90
@@ -62,7 +62,6 @@ class Sm90BackwardPass:
         q, dout = self.q[..., side.rows, :, :], self.dout[..., side.rows, :, :]
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
-        window = fa4_window(mask, 0, 0) if varlen else fa4_window(mask, q.shape[1], k.shape[1])
         if q.shape[-2] == k.shape[-2]:
             dk, dv = (torch.zeros_like(t) if varlen else torch.empty_like(t) for t in (k, v))
         else:
@@ -70,7 +69,7 @@ class Sm90BackwardPass:
             dk, dv = (torch.zeros(*k.shape[:-3], k.shape[-2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=k.device) for _ in range(2))
         backward_block_sm90(
             self.tiles, q, k, v, dout, side.lse_log2, side.dpsum, side.dq_accum, dk, dv,
-            window=window, softmax_scale=self.softmax_scale, varlen=varlen,
+            window=block_window(mask, q, k, varlen), softmax_scale=self.softmax_scale, varlen=varlen,
         )
         if q.shape[-2] == k.shape[-2]:
             dk_acc += dk

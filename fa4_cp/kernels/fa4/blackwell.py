@@ -15,12 +15,8 @@ import torch
 from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
 from ..interface import BandMask, VarlenRows
-from .masks import Fa4Window, fa4_window
+from .masks import block_window
 from .merge_kernel import merge_partials_cuda
-
-
-def _window(mask: BandMask, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> Fa4Window:
-    return fa4_window(mask, 0, 0) if varlen else fa4_window(mask, q.shape[1], k.shape[1])
 
 
 def _varlen_kwargs(varlen: VarlenRows | None) -> dict:
@@ -33,7 +29,7 @@ def _varlen_kwargs(varlen: VarlenRows | None) -> dict:
 
 
 def forward_then_merge(q, k, v, out_acc, lse_acc, *, mask: BandMask, softmax_scale: float, accumulate: bool, varlen: VarlenRows | None) -> None:
-    window = _window(mask, q, k, varlen)
+    window = block_window(mask, q, k, varlen)
     out, lse, *_ = _flash_attn_fwd(
         q, k, v, softmax_scale=softmax_scale, causal=window.causal,
         window_size_left=window.left, window_size_right=window.right, return_lse=True, **_varlen_kwargs(varlen),
@@ -56,7 +52,7 @@ class UpstreamBackwardPass:
 
     def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
         q, out, dout = (t[..., q_rows, :, :] for t in (self.q, self.out, self.dout))
-        window = _window(mask, q, k, varlen)
+        window = block_window(mask, q, k, varlen)
         dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
         _flash_attn_bwd(
             q, k, v, out, dout, self.lse[..., q_rows], softmax_scale=self.softmax_scale, causal=window.causal,

@@ -12,7 +12,7 @@ from quack.compile_utils import make_fake_tensor
 from ..interface import BandMask, VarlenRows
 from .compile_cache import kernel_cache
 from .forward_sm90 import PartialsForwardSm90
-from .masks import Fa4Window, fa4_window
+from .masks import Fa4Window, block_window
 
 _compiled = kernel_cache("forward_sm90")
 
@@ -29,10 +29,7 @@ def forward_partials_sm90(
     accumulate: bool,
     varlen: VarlenRows | None,
 ) -> None:
-    if varlen is None:
-        window = fa4_window(mask, q.shape[1], k.shape[1])
-    else:
-        window = fa4_window(mask, 0, 0)
+    window = block_window(mask, q, k, varlen)
     head_dim, qhead_per_kvhead = q.shape[-1], q.shape[-2] // k.shape[-2]
     config = _tile_size_fwd_sm90(head_dim, head_dim, window.causal, window.local)
     key = (

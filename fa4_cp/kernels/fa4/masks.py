@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..interface import BandMask
+import torch
+
+from ..interface import BandMask, VarlenRows
 
 
 @dataclass(frozen=True)
@@ -30,3 +32,9 @@ def fa4_window(mask: BandMask, seqlen_q: int, seqlen_k: int) -> Fa4Window:
     if left is None and right == 0:
         return Fa4Window(True, False, None, None)
     return Fa4Window(False, True, left, right)
+
+
+def block_window(mask: BandMask, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> Fa4Window:
+    """The FA4 window of one block: dense blocks align on their own lengths, varlen blocks on
+    equal per-sequence lengths."""
+    return fa4_window(mask, 0, 0) if varlen is not None else fa4_window(mask, q.shape[1], k.shape[1])
