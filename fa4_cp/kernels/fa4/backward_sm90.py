@@ -21,6 +21,7 @@ from quack.compile_utils import make_fake_tensor
 
 from ..interface import VarlenRows
 from .compile_cache import kernel_cache
+from .fake_tensors import FakeBlockRows
 from .masks import Fa4Window
 
 _compiled = kernel_cache("backward_sm90")
@@ -118,15 +119,8 @@ def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Wind
     )
     sym = cute.sym_int
     heads, kv_heads, head_dim = sym(), sym(), tiles.head_dim
-    if varlen:
-        rows_q, rows_k, lead = (sym(),), (sym(),), ()
-        sequences, bounds = sym(), sym()  # bounds = sequences + 1
-        cu_q, cu_k = (make_fake_tensor(Int32, (bounds,)) for _ in range(2))
-        used_q, used_k = (make_fake_tensor(Int32, (sequences,)) for _ in range(2))
-    else:
-        batch = sym()
-        rows_q, rows_k, lead = (batch, sym()), (batch, sym()), (batch,)
-        cu_q = cu_k = used_q = used_k = None
+    block = FakeBlockRows.make(varlen)
+    rows_q, rows_k, lead = block.rows_q, block.rows_k, block.lead
     vector = 128 // dtype.width
     q = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
     dout = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
@@ -141,7 +135,7 @@ def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Wind
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(
-        kernel, q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, Float32(1.0), cu_q, cu_k, used_q, used_k,
+        kernel, q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, Float32(1.0), *block.varlen_tensors,
         window_left, window_right, None, None, None, AuxData(None, None), None, None,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",

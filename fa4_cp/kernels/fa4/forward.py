@@ -11,6 +11,7 @@ from quack.compile_utils import make_fake_tensor
 
 from ..interface import BandMask, VarlenRows
 from .compile_cache import kernel_cache
+from .fake_tensors import FakeBlockRows
 from .forward_sm90 import PartialsForwardSm90
 from .masks import Fa4Window, block_window
 
@@ -65,26 +66,18 @@ def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, var
         mma_pv_is_rs=config.mma_pv_is_rs,
         accumulate=accumulate,
     )
-    sym = cute.sym_int
-    heads, kv_heads = sym(), sym()
-    if varlen:
-        rows_q, rows_k, lse_lead = (sym(),), (sym(),), ()
-        sequences, bounds = sym(), sym()  # bounds = sequences + 1
-        cu_q, cu_k = (make_fake_tensor(Int32, (bounds,)) for _ in range(2))
-        used_q, used_k = (make_fake_tensor(Int32, (sequences,)) for _ in range(2))
-    else:
-        batch = sym()
-        rows_q, rows_k, lse_lead = (batch, sym()), (batch, sym()), (batch,)
-        cu_q = cu_k = used_q = used_k = None
+    heads, kv_heads = cute.sym_int(), cute.sym_int()
+    block = FakeBlockRows.make(varlen)
+    rows_q, rows_k = block.rows_q, block.rows_k
     vector = 128 // dtype.width
     q = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
     k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, head_dim), divisibility=vector) for _ in range(2))
     out = make_fake_tensor(Float32, (*rows_q, heads, head_dim), divisibility=4)
-    lse = make_fake_tensor(Float64, (*lse_lead, heads, rows_q[-1]))
+    lse = make_fake_tensor(Float64, (*block.lead, heads, rows_q[-1]))
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(
-        kernel, q, k, v, out, lse, Float32(1.0), cu_q, cu_k, used_q, used_k, None,
+        kernel, q, k, v, out, lse, Float32(1.0), *block.varlen_tensors, None,
         window_left, window_right, None, None, AuxData(None, None), None, None,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
