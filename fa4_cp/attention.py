@@ -17,6 +17,7 @@ from .validation import check_cu_seqlens, check_local_seq_len, check_mask, check
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
+@torch.compiler.disable
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -29,6 +30,7 @@ def ring_attention(
     layout: str = "zigzag",
     return_lse: bool = False,
     backend: str | AttentionBackend | None = None,
+    transport: str | None = None,
 ) -> Output:
     """Attention of this rank's shard of q against the whole sequence's k and v, around a ring.
 
@@ -36,15 +38,18 @@ def ring_attention(
     them out (zigzag: chunks r and 2W-1-r of 2W). Returns out (b, s_local, h, d) and, with
     `return_lse`, lse (b, h, s_local) in fp32. `group`: None (the default process group), a
     ProcessGroup, a 1-D DeviceMesh or a SimulatedGroup. `window_size` is (left, right), -1 unbounded.
+    `transport` ("auto", "nccl", "copy_engine"; default FA4_CP_TRANSPORT or "auto") picks how
+    KV moves between GPUs. Under torch.compile this function is a graph break: the ring runs eagerly.
     """
     check_qkv(q, k, v, varlen=False)
-    transport = resolve_transport(group)
+    ring_transport = resolve_transport(group, transport, q.device)
     layout_ = get_layout(layout)
-    check_local_seq_len(q.shape[1], layout_, transport.world_size)
-    sharding = Sharding.dense(q.shape[1] * transport.world_size, transport.world_size, layout_)
-    return _run(q, k, v, sharding, transport, causal, window_size, softmax_scale, return_lse, backend)
+    check_local_seq_len(q.shape[1], layout_, ring_transport.world_size)
+    sharding = Sharding.dense(q.shape[1] * ring_transport.world_size, ring_transport.world_size, layout_)
+    return _run(q, k, v, sharding, ring_transport, causal, window_size, softmax_scale, return_lse, backend)
 
 
+@torch.compiler.disable
 def ring_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,6 +63,7 @@ def ring_attention_varlen(
     layout: str = "zigzag",
     return_lse: bool = False,
     backend: str | AttentionBackend | None = None,
+    transport: str | None = None,
 ) -> Output:
     """Ring attention over packed documents, each sharded on its own (see `shard_documents`).
 
@@ -68,14 +74,14 @@ def ring_attention_varlen(
     """
     check_qkv(q, k, v, varlen=True)
     doc_lengths = check_cu_seqlens(cu_seqlens)
-    transport = resolve_transport(group)
-    sharding = Sharding.documents(doc_lengths, transport.world_size, get_layout(layout))
+    ring_transport = resolve_transport(group, transport, q.device)
+    sharding = Sharding.documents(doc_lengths, ring_transport.world_size, get_layout(layout))
     if q.shape[0] != sharding.local_len:
         raise ValueError(
             f"cu_seqlens: its documents ({sum(doc_lengths)} tokens) take {sharding.local_len} local rows per rank "
-            f"under the {layout} layout over {transport.world_size} ranks, but q has {q.shape[0]}"
+            f"under the {layout} layout over {ring_transport.world_size} ranks, but q has {q.shape[0]}"
         )
-    return _run(q, k, v, sharding, transport, causal, window_size, softmax_scale, return_lse, backend)
+    return _run(q, k, v, sharding, ring_transport, causal, window_size, softmax_scale, return_lse, backend)
 
 
 def _run(
@@ -97,7 +103,7 @@ def _run(
     signature = (
         "varlen" if sharding.varlen else "dense",
         tuple(q.shape), tuple(k.shape), str(q.dtype), sharding.layout.name, sharding.world_size,
-        hash(sharding.doc_lengths) if sharding.varlen else None, mask, scale, kernels.name,
+        hash(sharding.doc_lengths) if sharding.varlen else None, mask, scale, kernels.name, type(transport).__name__,
     )
     check_consistency(transport, signature, q.device)
     ring = Ring(sharding, build_schedule(sharding, mask), transport, kernels, scale)

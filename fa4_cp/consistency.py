@@ -38,7 +38,12 @@ def check_consistency(transport: Transport, signature: tuple, device: torch.devi
     if not _enabled or transport.world_size == 1:
         return
     mine = torch.tensor([signature_hash(signature)], dtype=torch.int64, device=device)
-    hashes = torch.cat(transport.all_gather(mine)).tolist()
+    gathered = torch.cat(transport.all_gather(mine))
+    if transport.watchdog is not None:  # a GIL-free wait with the ring's timeout, not a blind sync
+        done = torch.cuda.Event()
+        done.record()
+        transport.watchdog.wait(done, "the cross-rank check of the call's arguments")
+    hashes = gathered.tolist()
     differing = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
     if differing:
         raise ValueError(

@@ -124,3 +124,9 @@ def test_group_must_be_a_known_kind():
     q, k, v = qkv()
     with raises("group", "expected None, a ProcessGroup"):
         fa4_cp.ring_attention(q, k, v, group="cp")
+
+
+def test_unknown_transport_is_refused_before_any_communication():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"transport: expected one of \('auto', 'nccl', 'copy_engine'\), got 'shm'"):
+        fa4_cp.ring_attention(q, q, q, transport="shm")

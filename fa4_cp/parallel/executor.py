@@ -6,6 +6,8 @@ Backward: KV travels ahead as in the forward; each step's dK/dV go into a zeroed
 the partial sums arriving from the previous rank are added once that compute is done, and the
 total moves on while the next step computes (three dKV buffers). After the last active step
 each partial dK/dV jumps home to its owner in one hop.
+The KV and dKV buffers belong to the transport and are reused by every step and call; on GPU,
+hops run on the comm stream (see streams.py), so the loop never blocks the host.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumul
 from .rows import rank_rows
 from .schedule import RingSchedule
 from .sharding import Sharding
-from .transport import PendingShift, Transport
+from .streams import Arrival, post_hop
+from .transport import Transport
 
 KV_CHANNEL = 0
 DKV_CHANNEL = 1
@@ -42,27 +45,47 @@ class Ring:
         """The hop that brings the KV held at `step` back to its owner."""
         return -step % self.sharding.world_size
 
+    def end_of_call(self) -> None:
+        if self.transport.watchdog is not None:
+            self.transport.watchdog.end_of_call()
+
+    def describe_hop(self, what: str, step: int, offset: int) -> str:
+        world_size = self.sharding.world_size
+        return (
+            f"the {what} hop from ring step {step} to {step + offset} (rank {(self.rank - offset) % world_size} "
+            f"-> rank {self.rank} -> rank {(self.rank + offset) % world_size})"
+        )
+
 
 class _TravellingKV:
-    """Local K and V packed into one buffer, then moved step to step through two buffers."""
+    """Local K and V packed into the first of two persistent buffers, then moved step to step."""
 
     def __init__(self, ring: Ring, k: torch.Tensor, v: torch.Tensor):
         self.ring = ring
-        self.buffers = [torch.stack((k, v)), torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)]
         self.current = 0
-        self.pending: PendingShift | None = None
+        self.step = 0
+        self.pending: Arrival | None = None
+        if ring.sharding.world_size == 1:  # nothing travels: read the caller's K and V in place
+            self.buffers = [(k, v)]
+            return
+        self.buffers = ring.transport.buffers(KV_CHANNEL, 2, (2, *k.shape), k.dtype, k.device)
+        self.buffers[0][0].copy_(k)
+        self.buffers[0][1].copy_(v)
 
     @property
-    def held(self) -> torch.Tensor:
+    def held(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) held now, indexable as [0] and [1]."""
         return self.buffers[self.current]
 
     def post(self, offset: int) -> None:
         """Start moving the held KV `offset` ranks on; it is not read until `arrive`."""
-        self.pending = self.ring.transport.shift(self.held, self.buffers[1 - self.current], offset, KV_CHANNEL)
+        hop = self.ring.describe_hop("KV", self.step, offset)
+        self.pending = post_hop(self.ring.transport, self.held, self.buffers[1 - self.current], offset, KV_CHANNEL, hop)
+        self.step += offset
 
     def arrive(self) -> None:
         if self.pending is not None:
-            self.pending.wait()
+            self.pending.arrive()
             self.pending = None
             self.current = 1 - self.current
 
@@ -111,6 +134,7 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
                 varlen=block.varlen,
             )
         kv.arrive()
+    ring.end_of_call()
     return out_acc, lse_acc
 
 
@@ -124,16 +148,16 @@ def ring_backward(
     dout: torch.Tensor,
     dlse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of the local shard, in the accumulator dtype, from the final (out, lse)."""
+    """dq (accumulator dtype or q's), dk and dv (new tensors in k's dtype) of the local shard."""
     schedule, rank = ring.schedule, ring.rank
     rows = rank_rows(ring.sharding, schedule, rank, q.device)
     grads = ring.backend.backward(q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale)
-    dtype = accumulator_dtype(q.dtype)
-    free = [torch.empty((2, *k.shape), dtype=dtype, device=k.device) for _ in range(3)]
-    dkv = free.pop()
     if not schedule.steps:
-        return grads.dq(), *dkv.zero_()
-    in_flight: tuple[PendingShift, torch.Tensor, torch.Tensor] | None = None
+        return grads.dq(), torch.zeros_like(k), torch.zeros_like(v)
+    count = 1 if ring.sharding.world_size == 1 else 3
+    free = ring.transport.buffers(DKV_CHANNEL, count, (2, *k.shape), accumulator_dtype(q.dtype), k.device)
+    dkv = free.pop()
+    in_flight: tuple[Arrival, torch.Tensor, torch.Tensor] | None = None
 
     kv = _TravellingKV(ring, k, v)
     kv.start_at(schedule.steps[0])
@@ -155,16 +179,19 @@ def ring_backward(
             )
         if in_flight is not None:
             pending, sent, received = in_flight
-            pending.wait()
+            pending.arrive()
             dkv += received
             free += [sent, received]
         offset = ring.home_offset(step) if last else schedule.steps[index + 1] - step
         if offset == 0:
-            return grads.dq(), dkv[0], dkv[1]
+            ring.end_of_call()
+            return grads.dq(), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
         target = free.pop()
-        in_flight = (ring.transport.shift(dkv, target, offset, DKV_CHANNEL), dkv, target)
+        hop = ring.describe_hop("dKV", step, offset)
+        in_flight = (post_hop(ring.transport, dkv, target, offset, DKV_CHANNEL, hop), dkv, target)
         dkv = free.pop()
         kv.arrive()
     pending, _, received = in_flight
-    pending.wait()
-    return grads.dq(), received[0], received[1]
+    pending.arrive()
+    ring.end_of_call()
+    return grads.dq(), received[0].to(k.dtype, copy=True), received[1].to(v.dtype, copy=True)

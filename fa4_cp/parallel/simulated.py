@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .buffers import BufferPool
+
 
 class RingAborted(RuntimeError):
     """Another virtual rank failed, or a peer did not answer within the ring's timeout."""
@@ -120,6 +122,7 @@ class SimulatedGroup:
         self.ring = ring
         self.rank = rank
         self.world_size = ring.world_size
+        self.transport: SimulatedTransport | None = None  # made at first use, kept with its buffers
 
 
 class _SimulatedShift:
@@ -133,10 +136,17 @@ class _SimulatedShift:
 
 
 class SimulatedTransport:
+    stream_ordered = False
+    watchdog = None
+
     def __init__(self, group: SimulatedGroup):
         self.group = group
         self.rank = group.rank
         self.world_size = group.world_size
+        self._pool = BufferPool()
+
+    def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        return self._pool.slots(channel, count, shape, dtype, device)
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> _SimulatedShift:
         return _SimulatedShift(self.group, send, recv, offset, channel)

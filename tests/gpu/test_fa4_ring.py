@@ -15,35 +15,12 @@ from oracle import CASES, CASES_BY_NAME, assert_flash_rule, errors_against, make
 if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)):
     pytest.skip("needs a Hopper or Blackwell GPU", allow_module_level=True)
 pytest.importorskip("flash_attn.cute")
-from flash_attn.cute import flash_attn_func, flash_attn_varlen_func  # noqa: E402
+from fa4_baseline import on_cuda, upstream_results  # noqa: E402
 
 FA4_CASES = [dataclasses.replace(case, head_dim=64) for case in CASES]
 # 128-token chunks: q slices start on a tile boundary and share one dq accumulator.
 FA4_CASES.append(dataclasses.replace(CASES_BY_NAME["causal_zigzag"], name="causal_zigzag_tile_aligned", head_dim=128, chunk=128, batch=1))
 FA4_CASES.append(dataclasses.replace(CASES_BY_NAME["gqa_half_kv_heads"], name="gqa_tile_aligned", head_dim=128, chunk=128, batch=1, causal=False))
-
-
-def on_cuda(inputs):
-    return dataclasses.replace(inputs, **{f.name: getattr(inputs, f.name).cuda() for f in dataclasses.fields(inputs) if getattr(inputs, f.name) is not None})
-
-
-def upstream_results(case, world_size, inputs, dtype):
-    """Upstream FA4 on the full sequence, one device, with autograd."""
-    q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
-    window = tuple(None if w < 0 else w for w in case.window(world_size))
-    if case.documents:
-        cu = inputs.cu_seqlens.cuda()
-        longest = int((cu[1:] - cu[:-1]).max())
-        out, lse = flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
-            causal=case.causal, window_size=window, return_lse=True,
-        )
-    else:
-        out, lse = flash_attn_func(q, k, v, causal=case.causal, window_size=window, return_lse=True)
-    finite = torch.isfinite(lse)
-    loss = (out.float() * inputs.dout.cuda().float()).sum() + (lse.where(finite, 0) * inputs.dlse.cuda().to(lse.dtype)).sum()
-    loss.backward()
-    return {name: t.detach().cpu() for name, t in {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}.items()}
 
 
 def check_ring(case, world_size, dtype=torch.bfloat16, seed=0):

@@ -1,0 +1,52 @@
+"""How the executor posts a hop and waits for it.
+
+On a stream-ordered (GPU) transport, a hop runs on a dedicated comm stream: the comm stream first
+waits for the compute stream's work so far (the send buffer is written, the receive buffer no
+longer read), the transfer is enqueued, and an event marks its completion. `arrive` makes the
+compute stream wait on that event: the host never blocks inside the ring loop. Elsewhere (gloo,
+the simulated ring) the host waits at `arrive`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .transport import PendingShift, Transport
+
+
+class Arrival:
+    def __init__(self, pending: PendingShift):
+        self._pending = pending
+
+    def arrive(self) -> None:
+        self._pending.wait()
+
+
+class _StreamArrival(Arrival):
+    def __init__(self, done: torch.cuda.Event):
+        self._done = done
+
+    def arrive(self) -> None:
+        torch.cuda.current_stream().wait_event(self._done)
+
+
+@functools.cache
+def comm_stream(device: torch.device) -> torch.cuda.Stream:
+    # High priority: a hop's few tiny operations should not queue behind attention blocks.
+    return torch.cuda.Stream(device=device, priority=-1)
+
+
+def post_hop(transport: Transport, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int, hop: str) -> Arrival:
+    """Start moving `send` `offset` ranks on into the peer's `recv`; `hop` names it in errors."""
+    if not transport.stream_ordered:
+        return Arrival(transport.shift(send, recv, offset, channel))
+    comm = comm_stream(send.device)
+    comm.wait_stream(torch.cuda.current_stream(send.device))
+    with torch.cuda.stream(comm):
+        transport.shift(send, recv, offset, channel).wait()
+        done = torch.cuda.Event()
+        done.record(comm)
+    transport.watchdog.track(done, hop)
+    return _StreamArrival(done)
