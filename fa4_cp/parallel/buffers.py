@@ -28,6 +28,9 @@ class BufferPool:
         self._allocate = allocate
         self._arenas: dict[int, torch.Tensor] = {}
 
+    def nbytes(self) -> int:
+        return sum(arena.numel() for arena in self._arenas.values())
+
     def has(self, channel: int) -> bool:
         return channel in self._arenas
 

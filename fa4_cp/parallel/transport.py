@@ -159,6 +159,17 @@ def resolve_transport(group: object, kind: str | None = None, device: torch.devi
     return _cached((kind, str(device)), group, lambda: ProcessGroupTransport(group, device))
 
 
+def release_transports() -> None:
+    """Drop every cached transport and its persistent ring buffers, e.g. between benchmark
+    contenders. Call it on every rank, with no ring call in flight."""
+    _cache.clear()
+
+
+def ring_buffer_bytes(transport: Transport) -> int:
+    """Bytes held by `transport`'s persistent KV/dKV buffers."""
+    return transport._pool.nbytes()
+
+
 def _auto_kind(group: dist.ProcessGroup, device: torch.device) -> str:
     from .copy_engine import node_has_peer_access
 
