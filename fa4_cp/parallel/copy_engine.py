@@ -36,7 +36,6 @@ def _symmetric(nbytes: int, device: torch.device, group: dist.ProcessGroup):
     import torch.distributed._symmetric_memory as symm_mem
 
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    symm_mem.enable_symm_mem_for_group(group.group_name)
     tensor = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
     return tensor, symm_mem.rendezvous(tensor, group.group_name)
 
