@@ -1,0 +1,144 @@
+"""Training configuration: presets, command-line overrides, and the checks that run before any
+heavy allocation."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256  # byte-level
+    d_model: int = 2048
+    n_layers: int = 16
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    ffn_hidden: int = 8192
+    rope_theta: float = 500_000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    seq_len: int
+    steps: int
+    stop_at: int | None = None  # end this run after this step (a time-limited job); the schedule spans `steps`
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dp_shard: int = 1
+    cp: int = 1
+    device: str = "cuda"
+    compute_dtype: str = "bfloat16"  # FSDP2 parameter dtype; master weights and optimizer stay fp32
+    data: str = "python-sources"  # or "synthetic"
+    corpus_path: str | None = None
+    seed: int = 0
+    activation_checkpointing: bool = True
+    offload_activations: bool = False
+    loss_chunk: int = 8192  # tokens per cross-entropy chunk
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    metrics_path: str | None = None
+    attention_backend: str | None = None  # fa4_cp backend: None picks FA4 on Hopper/Blackwell
+    transport: str | None = None
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must share with the run that resumes it."""
+        return {
+            "model": dataclasses.asdict(self.model),
+            "seq_len": self.seq_len,
+            "dp_shard": self.dp_shard,
+            "data": self.data,
+            "seed": self.seed,
+        }
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # CPU tests: a few seconds per step on gloo.
+    "tiny": TrainConfig(
+        model=ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128),
+        seq_len=256, steps=4, warmup_steps=1, device="cpu", compute_dtype="float32", data="synthetic", loss_chunk=96,
+    ),
+    # A quick GPU run (about 180M parameters): head_dim 128 as FA4 prefers.
+    "small": TrainConfig(
+        model=ModelConfig(d_model=1024, n_layers=12, n_heads=8, n_kv_heads=2, ffn_hidden=4096), seq_len=131072, steps=50,
+    ),
+    # About 1.0B parameters (Llama-3.2-1B shape with a byte vocabulary).
+    "1b": TrainConfig(model=ModelConfig(), seq_len=1 << 20, steps=10),
+}
+
+_OVERRIDES = {
+    "seq_len": int, "steps": int, "stop_at": int, "lr": float, "warmup_steps": int, "dp_shard": int, "cp": int, "device": str,
+    "compute_dtype": str, "data": str, "corpus_path": str, "seed": int, "loss_chunk": int, "checkpoint_dir": str,
+    "checkpoint_every": int, "metrics_path": str, "attention_backend": str, "transport": str, "weight_decay": float,
+    "grad_clip": float, "min_lr_ratio": float,
+}
+_MODEL_OVERRIDES = {"d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "ffn_hidden": int}
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description="Train a Llama-style decoder with fa4_cp ring attention (torchrun).")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    for name, kind in {**_OVERRIDES, **_MODEL_OVERRIDES}.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    parser.add_argument("--no-activation-checkpointing", action="store_true")
+    parser.add_argument("--offload-activations", action="store_true", help="keep checkpointed layer inputs in pinned CPU memory")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    model = dataclasses.replace(preset.model, **{k: v for k in _MODEL_OVERRIDES if (v := getattr(args, k)) is not None})
+    changes = {k: v for k in _OVERRIDES if (v := getattr(args, k)) is not None}
+    config = dataclasses.replace(
+        preset, model=model, resume=args.resume or preset.resume,
+        activation_checkpointing=preset.activation_checkpointing and not args.no_activation_checkpointing,
+        offload_activations=args.offload_activations or preset.offload_activations, **changes,
+    )
+    check_config(config)
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Errors that need no process group: shapes and choices."""
+    model = config.model
+    if model.d_model % model.n_heads:
+        raise ValueError(f"d_model: {model.d_model} must be a multiple of n_heads ({model.n_heads})")
+    if model.n_heads % model.n_kv_heads:
+        raise ValueError(f"n_kv_heads: {model.n_kv_heads} must divide n_heads ({model.n_heads})")
+    if config.cp < 1 or config.dp_shard < 1:
+        raise ValueError(f"cp and dp_shard: expected positive sizes, got cp={config.cp}, dp_shard={config.dp_shard}")
+    if config.seq_len % (2 * config.cp):
+        raise ValueError(
+            f"seq_len: {config.seq_len} is not divisible by 2 * cp = {2 * config.cp} (the zigzag layout cuts the "
+            "sequence into 2 * cp chunks)"
+        )
+    if config.device not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected 'cuda' or 'cpu', got {config.device!r}")
+    if config.compute_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"compute_dtype: expected 'bfloat16' or 'float32', got {config.compute_dtype!r}")
+    if config.data not in ("python-sources", "synthetic"):
+        raise ValueError(f"data: expected 'python-sources' or 'synthetic', got {config.data!r}")
+    if config.resume and not config.checkpoint_dir:
+        raise ValueError("resume: needs --checkpoint-dir")
+    if config.loss_chunk < 1:
+        raise ValueError(f"loss_chunk: expected a positive token count, got {config.loss_chunk}")
+
+
+def check_world(config: TrainConfig, world_size: int, cuda_available: bool) -> None:
+    """Errors that depend on the launch: checked before the process group starts."""
+    if config.dp_shard * config.cp != world_size:
+        raise ValueError(
+            f"dp_shard x cp = {config.dp_shard} x {config.cp} = {config.dp_shard * config.cp} does not match the "
+            f"world size {world_size} (torchrun --nproc-per-node x nodes)"
+        )
+    if config.device == "cuda" and not cuda_available:
+        raise ValueError("device: 'cuda' was asked for but this machine has no CUDA GPU (use --device cpu)")

@@ -1,0 +1,110 @@
+"""A Llama-style decoder: RMSNorm, RoPE on global token positions, SwiGLU, GQA; attention is
+fa4_cp ring attention over the context-parallel group.
+
+Each rank holds its zigzag shard of the sequence; RoPE reads the tokens' global positions, so the
+model computes exactly what the unsharded model computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import fa4_cp
+from config import ModelConfig
+from loss import chunked_cross_entropy_sum
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.register_buffer("inv_freq", theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (b, s, h, d) rotated by the angles of `positions` (b, s); computed in fp32."""
+        angles = positions.float()[..., None] * self.inv_freq  # (b, s, d/2)
+        cos, sin = (rearrange(f(angles), "b s d -> b s 1 d") for f in (torch.cos, torch.sin))
+        first, second = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+        return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ring: dict) -> torch.Tensor:
+        q = rearrange(self.q_proj(x), "b s (h d) -> b s h d", d=self.head_dim)
+        k, v = rearrange(self.kv_proj(x), "b s (two h d) -> two b s h d", two=2, d=self.head_dim)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        out = fa4_cp.ring_attention(q, k, v.contiguous(), causal=True, **ring)
+        return self.o_proj(rearrange(out, "b s h d -> b s (h d)"))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=False)
+        self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ring: dict) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), positions, ring)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Decoder(nn.Module):
+    """`forward` returns the sum of the local tokens' losses: the output projection runs inside
+    the chunked loss (loss.py), within the root module's forward so FSDP has its weight gathered,
+    and [S, V] logits never exist."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.ring: dict = {}  # ring_attention's group/backend/transport, set by the trainer
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_chunk: int) -> torch.Tensor:
+        x = self.embedding(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.ring)
+        return chunked_cross_entropy_sum(self.norm(x), self.output.weight, labels, loss_chunk)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init (same on every rank, before sharding): N(0, 0.02), output
+        projections of each residual branch scaled by 1 / sqrt(2 * n_layers)."""
+        generator = torch.Generator().manual_seed(seed)
+        residual_std = 0.02 / (2 * self.config.n_layers) ** 0.5
+        for name, parameter in self.named_parameters():
+            if parameter.ndim == 1:
+                parameter.fill_(1.0)  # RMSNorm weights
+                continue
+            std = residual_std if name.endswith(("o_proj.weight", "down.weight")) else 0.02
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+    def parameter_count(self, include_embedding: bool = True) -> int:
+        count = sum(p.numel() for p in self.parameters())
+        return count if include_embedding else count - self.embedding.weight.numel()

@@ -1,0 +1,30 @@
+"""The device mesh (dp_shard, cp), FSDP2 over dp_shard x cp with bf16 compute and fp32 master
+weights, and per-layer activation checkpointing (optionally offloading saved inputs to CPU)."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from config import TrainConfig
+from model import Decoder
+
+
+def build_mesh(config: TrainConfig) -> DeviceMesh:
+    return init_device_mesh(config.device, (config.dp_shard, config.cp), mesh_dim_names=("dp_shard", "cp"))
+
+
+def shard_model(model: Decoder, mesh: DeviceMesh, config: TrainConfig) -> Decoder:
+    """Wrap each layer (checkpointed if asked) and the root in fully_shard over dp_shard x cp.
+    FSDP averages gradients over those ranks (the trainer scales its loss to match)."""
+    fsdp_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, config.compute_dtype), reduce_dtype=torch.float32)
+    for index, layer in enumerate(model.layers):
+        if config.activation_checkpointing:
+            layer = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            model.layers[index] = layer
+        fully_shard(layer, mesh=fsdp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=policy)
+    return model
