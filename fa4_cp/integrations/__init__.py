@@ -1,0 +1,1 @@
+"""Hugging Face integrations: a transformers attention entry and batch sharding for accelerate."""

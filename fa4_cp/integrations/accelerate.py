@@ -1,0 +1,58 @@
+"""accelerate plugin: fa4_cp ring attention on the "cp" dim of accelerate's device mesh.
+
+    accelerator = Accelerator(parallelism_config=ParallelismConfig(cp_size=4, dp_shard_size=2))
+    ring = RingAttentionPlugin(accelerator)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ring.attn_implementation)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for batch in ring.shard_batches(dataloader):     # zigzag shards, packed documents included
+        accelerator.backward(model(**batch).loss)
+
+accelerate's own context parallelism (`maybe_context_parallel`) drives only SDPA; do not enter it
+with this plugin. Each rank's loss is its share of its sequence's mean scaled by cp_size, so the
+mean over ranks that accelerate reports is the true loss and the gradients that FSDP/DDP average
+over all ranks are the unsharded gradients. accelerate refuses ParallelismConfig on CPU processes;
+there `cp_size=` builds the (dp, cp) mesh over the accelerator's processes instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .batches import shard_batch
+from .transformers import register_ring_attention
+
+
+class RingAttentionPlugin:
+    def __init__(self, accelerator, *, cp_size: int | None = None, backend: str | None = None, transport: str | None = None):
+        self.accelerator = accelerator
+        self.cp_mesh = self._cp_mesh(accelerator, cp_size)
+        self.cp_size = self.cp_mesh.size()
+        self.attn_implementation = register_ring_attention(self.cp_mesh, backend=backend, transport=transport)
+
+    @staticmethod
+    def _cp_mesh(accelerator, cp_size: int | None) -> DeviceMesh:
+        mesh = getattr(accelerator, "torch_device_mesh", None)
+        if mesh is not None and "cp" in (mesh.mesh_dim_names or ()):
+            if cp_size is not None and cp_size != mesh["cp"].size():
+                raise ValueError(f"cp_size: {cp_size} differs from the ParallelismConfig's cp_size {mesh['cp'].size()}")
+            return mesh["cp"]
+        if cp_size is None:
+            raise ValueError("cp_size: the Accelerator has no 'cp' mesh dim; pass ParallelismConfig(cp_size=N) or cp_size=N")
+        processes = accelerator.num_processes
+        if cp_size < 1 or processes % cp_size:
+            raise ValueError(f"cp_size: {cp_size} must divide the number of processes ({processes})")
+        return init_device_mesh(accelerator.device.type, (processes // cp_size, cp_size), mesh_dim_names=("dp", "cp"))["cp"]
+
+    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's model inputs from a full batch (every cp rank passes the same batch)."""
+        local = shard_batch({key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}, group=self.cp_mesh)
+        local["num_items_in_batch"] = local["num_items_in_batch"] / self.cp_size
+        device = self.accelerator.device
+        return {key: value.to(device) if torch.is_tensor(value) and not key.startswith("cu_seq_lens") else value for key, value in local.items()}
+
+    def shard_batches(self, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in batches:
+            yield self.shard(batch)

@@ -1,0 +1,54 @@
+"""Sharding a Hugging Face causal-LM batch for the ring: zigzag shards of input_ids, global
+position_ids and pre-shifted labels, with packed documents detected from position_ids.
+
+transformers' causal-LM loss shifts labels itself, which would cross shard boundaries; the
+sharded batch carries `shift_labels` (shifted before sharding) and `num_items_in_batch` (the
+global count of predicted tokens), so every rank's loss is its share of the global mean, and
+summing gradients over the ring gives the unsharded gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..shard import shard_inputs, shift_labels
+
+IGNORE_INDEX = -100
+
+
+def documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Global int32 cu_seqlens of packed documents (positions restart at 0), or None if the row is
+    one sequence."""
+    if position_ids.shape[0] != 1:
+        raise ValueError(f"position_ids: packed documents need batch size 1, got shape {tuple(position_ids.shape)}")
+    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
+    if starts == [0]:
+        return None
+    if not starts or starts[0] != 0:
+        raise ValueError("position_ids: the first token must have position 0")
+    return torch.tensor([*starts, position_ids.shape[1]], dtype=torch.int32)
+
+
+def shard_batch(batch: dict[str, torch.Tensor], group: object = None, layout: str = "zigzag") -> dict[str, torch.Tensor]:
+    """This rank's model inputs from a full causal-LM batch (input_ids, optional labels,
+    position_ids and an all-ones attention_mask)."""
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("attention_mask: padding is not supported under ring attention; pack documents instead")
+    positions = batch.get("position_ids")
+    cu_seqlens = documents_from_positions(positions) if positions is not None else None
+    labels = batch.get("labels", input_ids)
+    shifted = shift_labels(labels, cu_seqlens, ignore_index=IGNORE_INDEX)
+    local = shard_inputs(input_ids, shifted, group=group, layout=layout, cu_seqlens=cu_seqlens, ignore_index=IGNORE_INDEX)
+    sharded = {
+        "input_ids": local["input_ids"],
+        "position_ids": local["position_ids"],
+        "labels": local["labels"],
+        "shift_labels": local["labels"],
+        "num_items_in_batch": (shifted != IGNORE_INDEX).sum(),
+    }
+    if cu_seqlens is not None:
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        sharded.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
+    return sharded

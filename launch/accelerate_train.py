@@ -1,0 +1,86 @@
+"""Train a stock transformers LlamaForCausalLM through accelerate with fa4_cp ring attention.
+
+GPU (FSDP2 + ParallelismConfig from the config file; the ring runs on its "cp" dim):
+    accelerate launch --config_file launch/accelerate_fsdp2_cp4.yaml launch/accelerate_train.py --seq-len 131072
+The same run with accelerate's own context parallelism (torch, SDPA) for comparison:
+    accelerate launch --config_file launch/accelerate_fsdp2_cp4.yaml launch/accelerate_train.py --seq-len 131072 --attention sdpa
+CPU (accelerate refuses ParallelismConfig there; the plugin builds the cp mesh):
+    torchrun --nproc-per-node 2 launch/accelerate_train.py --cpu --cp-size 2 --seq-len 512 --steps 2 --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import TokenStream  # noqa: E402
+
+from fa4_cp.integrations.accelerate import RingAttentionPlugin  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attention", choices=["fa4_cp", "sdpa"], default="fa4_cp", help="sdpa: accelerate's own CP (torch)")
+    parser.add_argument("--seq-len", type=int, default=131072)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--data", choices=["python-sources", "synthetic"], default="synthetic")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model for CPU smoke runs")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--cp-size", type=int, help="CPU only: the ring size (on GPU it comes from ParallelismConfig)")
+    return parser.parse_args()
+
+
+def model_config(tiny: bool, attn_implementation: str) -> LlamaConfig:
+    """A small Llama (about 180M parameters; head_dim 128) with a byte vocabulary."""
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2) if tiny else dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2
+    )
+    return LlamaConfig(vocab_size=256, max_position_embeddings=1 << 21, rope_theta=500_000.0, attn_implementation=attn_implementation, **size)
+
+
+def main() -> None:
+    args = parse_args()
+    accelerator = Accelerator(cpu=args.cpu)
+    ring = RingAttentionPlugin(accelerator, cp_size=args.cp_size, backend="reference" if args.cpu else None) if args.attention == "fa4_cp" else None
+    cp_size = ring.cp_size if ring else accelerator.parallelism_config.cp_size
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(args.tiny, ring.attn_implementation if ring else "sdpa"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    data = TokenStream(args.data, args.seq_len, seed=0, corpus_path=Path.home() / ".cache" / "fa4_cp" / "python_sources.bin")
+    dp_rank, dp_size = accelerator.process_index // cp_size, accelerator.num_processes // cp_size  # cp is the inner mesh dim
+    for step in range(args.steps):
+        began = time.perf_counter()
+        input_ids = data.batch(step * dp_size + dp_rank)[0][None]
+        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+        if ring is not None:
+            loss = model(**ring.shard(batch)).loss
+            accelerator.backward(loss)
+        else:
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            batch["position_ids"] = torch.arange(args.seq_len, device=accelerator.device)[None]
+            buffers = [batch["input_ids"], batch["labels"], batch["position_ids"]]
+            with accelerator.maybe_context_parallel(buffers=buffers, buffer_seq_dims=[1, 1, 1], no_restore_buffers=set(buffers)):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+        seconds = time.perf_counter() - began
+        accelerator.print(
+            f"step {step + 1}/{args.steps} loss {mean_loss:.4f} {seconds * 1e3:.0f} ms "
+            f"tokens/s per GPU {args.seq_len * dp_size / seconds / accelerator.num_processes:.0f}"
+        )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""A stock LlamaForCausalLM (built from a config, no download) with attn_implementation
+"fa4_cp_ring" on a ring of 2 gloo ranks gives the loss and gradients of the unsharded model with
+transformers' own SDPA attention, for one sequence and for packed documents."""
+
+import pytest
+import torch
+
+from gloo import run_gloo
+
+transformers = pytest.importorskip("transformers")
+
+from fa4_cp.integrations.batches import documents_from_positions, shard_batch  # noqa: E402
+from fa4_cp.integrations.transformers import ATTENTION_NAME, register_ring_attention, ring_attention_forward  # noqa: E402
+
+SEQ = 128
+DOCUMENTS = [37, 64, 27]
+
+
+def tiny_llama(attn_implementation: str):
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).float()
+
+
+def full_batch(packed: bool) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 96, (1, SEQ), generator=generator)
+    labels = input_ids.clone()
+    labels[0, 5:9] = -100  # some tokens are not predicted
+    batch = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in DOCUMENTS])[None]
+        # As DataCollatorWithFlattening does: no document predicts the next one's first token.
+        labels[0, batch["position_ids"][0] == 0] = -100
+    return batch
+
+
+def gradients(model) -> dict:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def unsharded(packed: bool):
+    """transformers' SDPA on one device; packed documents run one by one (its SDPA path does not
+    separate documents from position_ids alone), their token losses summed."""
+    model = tiny_llama("sdpa")
+    batch = full_batch(packed)
+    if not packed:
+        loss = model(**batch).loss
+    else:
+        ends = torch.tensor(DOCUMENTS).cumsum(0).tolist()
+        pieces = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends)]
+        counts = [int((batch["labels"][0, piece][1:] != -100).sum()) for piece in pieces]
+        loss = sum(
+            model(input_ids=batch["input_ids"][:, piece], labels=batch["labels"][:, piece]).loss * count
+            for piece, count in zip(pieces, counts)
+        ) / sum(counts)
+    loss.backward()
+    return loss.detach(), gradients(model)
+
+
+def ring_rank(rank, world_size, packed):
+    import torch.distributed as dist
+
+    register_ring_attention(group=None, backend="reference")
+    model = tiny_llama(ATTENTION_NAME)
+    loss = model(**shard_batch(full_batch(packed))).loss
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = gradients(model)
+    for grad in grads.values():
+        dist.all_reduce(grad)
+    # numpy: tensors sent through the result queue would vanish with this process
+    return total.numpy(), {name: grad.numpy() for name, grad in grads.items()}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one_sequence", "packed_documents"])
+def test_ring_of_two_matches_the_unsharded_model(packed, tmp_path):
+    loss, grads = unsharded(packed)
+    outcomes = run_gloo(ring_rank, 2, tmp_path, packed)
+    assert all(status == "ok" for status, _ in outcomes), outcomes
+    ring_loss, ring_grads = outcomes[0][1]
+    torch.testing.assert_close(torch.from_numpy(ring_loss), loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(torch.from_numpy(ring_grads[name]), grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_packing_matters():
+    """The packed reference differs from the one-sequence one, so the packed test checks documents."""
+    assert not torch.allclose(unsharded(True)[0], unsharded(False)[0])
+    cu = documents_from_positions(full_batch(True)["position_ids"])
+    assert cu.tolist() == [0, 37, 101, 128]
+
+
+class _Layer(torch.nn.Module):
+    is_causal = True
+
+    def __init__(self, sliding_window=None):
+        super().__init__()
+        self.sliding_window = sliding_window
+
+
+def _qkv():
+    return (torch.randn(1, 4, 16, 8) for _ in range(3))
+
+
+def test_refuses_dropout():
+    with pytest.raises(ValueError, match="fa4_cp_ring: dropout must be 0, got 0.1"):
+        ring_attention_forward(_Layer(), *_qkv(), None, dropout=0.1)
+
+
+def test_refuses_an_explicit_mask():
+    with pytest.raises(ValueError, match=r"fa4_cp_ring: an explicit attention mask of shape \(1, 1, 16, 16\) is not supported"):
+        ring_attention_forward(_Layer(), *_qkv(), torch.ones(1, 1, 16, 16, dtype=torch.bool))
+
+
+def test_refuses_sliding_window_layers():
+    with pytest.raises(ValueError, match=r"sliding-window layers \(sliding_window=8\) are not supported"):
+        ring_attention_forward(_Layer(sliding_window=8), *_qkv(), None)
+
+
+def test_refuses_padding():
+    batch = full_batch(False)
+    batch["attention_mask"] = torch.ones(1, SEQ, dtype=torch.long)
+    batch["attention_mask"][0, -3:] = 0
+    with pytest.raises(ValueError, match="attention_mask: padding is not supported under ring attention"):
+        shard_batch(batch)
+
+
+def test_name_is_not_taken_for_flash_attention():
+    from transformers.utils.generic import is_flash_attention_requested
+
+    assert not is_flash_attention_requested(requested_attention_implementation=ATTENTION_NAME)

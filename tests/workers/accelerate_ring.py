@@ -1,0 +1,27 @@
+"""torchrun worker: a tiny Llama through Accelerator (gloo CPU processes) with the ring plugin;
+writes rank 0's loss and averaged gradients to the path in argv[1]."""
+
+import sys
+
+import numpy as np
+from accelerate import Accelerator
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from fa4_cp.integrations.accelerate import RingAttentionPlugin  # noqa: E402
+from test_transformers_integration import full_batch, tiny_llama  # noqa: E402
+
+accelerator = Accelerator(cpu=True)
+ring = RingAttentionPlugin(accelerator, cp_size=2, backend="reference")
+model = accelerator.prepare(tiny_llama(ring.attn_implementation))
+results = {}
+for packed in (False, True):
+    model.zero_grad()
+    (batch,) = ring.shard_batches([full_batch(packed)])
+    loss = model(**batch).loss
+    accelerator.backward(loss)
+    mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
+    results[f"loss_{packed}"] = mean_loss.numpy()
+    for name, p in accelerator.unwrap_model(model).named_parameters():
+        results[f"{packed}:{name}"] = p.grad.numpy().copy()
+if accelerator.is_main_process:
+    np.savez(sys.argv[1], **results)
