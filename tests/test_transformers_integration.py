@@ -38,15 +38,20 @@ def full_batch(packed: bool) -> dict:
     return batch
 
 
+def flipped(batch: dict) -> dict:
+    """Another batch with the same documents: the tokens in reverse order."""
+    return {**batch, "input_ids": batch["input_ids"].flip(-1), "labels": batch["labels"].flip(-1)}
+
+
 def gradients(model) -> dict:
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def unsharded(packed: bool):
+def unsharded(packed: bool, batch: dict | None = None):
     """transformers' SDPA on one device; packed documents run one by one (its SDPA path does not
     separate documents from position_ids alone), their token losses summed."""
     model = tiny_llama("sdpa")
-    batch = full_batch(packed)
+    batch = batch or full_batch(packed)
     if not packed:
         loss = model(**batch).loss
     else:

@@ -25,17 +25,23 @@ from .batches import shard_batch
 from .transformers import register_ring_attention
 
 
+def _has_cp_dim(accelerator) -> bool:
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    return mesh is not None and "cp" in (mesh.mesh_dim_names or ())
+
+
 class RingAttentionPlugin:
     def __init__(self, accelerator, *, cp_size: int | None = None, backend: str | None = None, transport: str | None = None):
         self.accelerator = accelerator
+        self.owns_mesh = not _has_cp_dim(accelerator)  # True: accelerate does not know the cp groups
         self.cp_mesh = self._cp_mesh(accelerator, cp_size)
         self.cp_size = self.cp_mesh.size()
         self.attn_implementation = register_ring_attention(self.cp_mesh, backend=backend, transport=transport)
 
     @staticmethod
     def _cp_mesh(accelerator, cp_size: int | None) -> DeviceMesh:
-        mesh = getattr(accelerator, "torch_device_mesh", None)
-        if mesh is not None and "cp" in (mesh.mesh_dim_names or ()):
+        if _has_cp_dim(accelerator):
+            mesh = accelerator.torch_device_mesh
             if cp_size is not None and cp_size != mesh["cp"].size():
                 raise ValueError(f"cp_size: {cp_size} differs from the ParallelismConfig's cp_size {mesh['cp'].size()}")
             return mesh["cp"]

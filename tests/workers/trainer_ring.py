@@ -1,0 +1,30 @@
+"""torchrun worker: one SGD step of a tiny Llama through RingAttentionTrainer on 2 CPU processes
+(cp = 2) over a dataset of two batches; rank 0 writes the updated parameters, the logged loss
+and the index of the batch trained on to argv[1]."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from transformers import TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fa4_cp.integrations.trainer import RingAttentionTrainer  # noqa: E402
+from fa4_cp.integrations.transformers import ATTENTION_NAME, register_ring_attention  # noqa: E402
+from test_transformers_integration import flipped, full_batch, tiny_llama  # noqa: E402
+
+packed = sys.argv[2] == "packed"
+register_ring_attention()
+model = tiny_llama(ATTENTION_NAME)
+dataset = [{key: value[0] for key, value in batch.items()} for batch in (full_batch(packed), flipped(full_batch(packed)))]
+args = TrainingArguments(
+    output_dir=sys.argv[3], per_device_train_batch_size=1, max_steps=1, learning_rate=0.1, lr_scheduler_type="constant",
+    optim="sgd", weight_decay=0.0, max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+)
+# Two samples, one cp group: both ranks must train on the same one.
+trainer = RingAttentionTrainer(model=model, args=args, train_dataset=dataset, cp_size=2, ring_backend="reference")
+trainer.train()
+if trainer.accelerator.is_main_process:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    first = next(iter(trainer.get_train_dataloader().sampler))
+    np.savez(sys.argv[1], loss=np.array(losses), first=np.array(first), **{name: p.detach().numpy() for name, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()})
