@@ -88,3 +88,22 @@ def test_cuda_asked_for_without_a_gpu():
 def test_resume_without_checkpoint_dir():
     with pytest.raises(ValueError, match="resume: needs --checkpoint-dir"):
         parse_config(["--preset", "tiny", "--resume"])
+
+
+def test_rope_depends_only_on_the_distance_even_a_million_tokens_in():
+    """<rot(q, m), rot(k, n)> must equal <rot(q, m + D), rot(k, n + D)>; fp32 angles break this
+    near 1e6 (their spacing there is 0.06 rad)."""
+    from model import RotaryEmbedding, rotate
+
+    rotary = RotaryEmbedding(head_dim=64, theta=500_000.0)
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 1, 64, generator=generator) for _ in range(2))
+
+    def score(m, n):
+        positions = torch.tensor([[m, n]])
+        cos, sin = rotary(positions)
+        return float((rotate(q, cos[:, :1], sin[:, :1]) * rotate(k, cos[:, 1:], sin[:, 1:])).sum())
+
+    near = score(3, 10)
+    assert abs(score(1_048_003, 1_048_010) - near) < 1e-4 * max(1.0, abs(near))
+    assert abs(score(3, 10) - score(3, 11)) > 1e-3  # the score does depend on the distance
