@@ -19,12 +19,18 @@ from test_transformers_integration import unsharded  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_accelerate_ring_of_two_matches_the_unsharded_model(tmp_path):
-    out = tmp_path / "results.npz"
+def torchrun_two_cpu_processes(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `script` (relative to the repository) on 2 CPU processes; fail the test if it fails."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "tests/workers/accelerate_ring.py"), str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / script), *args]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
+    return finished
+
+
+def test_accelerate_ring_of_two_matches_the_unsharded_model(tmp_path):
+    out = tmp_path / "results.npz"
+    torchrun_two_cpu_processes("tests/workers/accelerate_ring.py", str(out))
     results = np.load(out)
     for packed in (False, True):
         loss, grads = unsharded(packed)
@@ -47,13 +53,9 @@ def test_plugin_needs_a_cp_dim_or_cp_size():
 
 
 def test_accelerate_example_trains_on_two_cpu_processes():
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "launch/accelerate_train.py"),
-        "--cpu", "--cp-size", "2", "--seq-len", "256", "--steps", "2", "--tiny",
-    ]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-4000:]
+    finished = torchrun_two_cpu_processes(
+        "launch/accelerate_train.py", "--cpu", "--cp-size", "2", "--seq-len", "256", "--steps", "2", "--tiny"
+    )
     losses = [float(line.split("loss ")[1].split()[0]) for line in finished.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 2 and 5.0 < losses[0] < 6.0  # a byte model starts near ln 256 = 5.55
 
@@ -65,13 +67,7 @@ def test_trainer_step_matches_the_unsharded_gradient(packed, tmp_path):
     from test_transformers_integration import tiny_llama
 
     out = tmp_path / "trainer.npz"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "tests/workers/trainer_ring.py"), str(out), "packed" if packed else "one", str(tmp_path / "trainer_output"),
-    ]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-4000:]
+    torchrun_two_cpu_processes("tests/workers/trainer_ring.py", str(out), "packed" if packed else "one", str(tmp_path / "trainer_output"))
     results = np.load(out)
     from test_transformers_integration import flipped, full_batch
 
