@@ -11,6 +11,9 @@ CPU (accelerate refuses ParallelismConfig there; the plugin builds the cp mesh):
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model for CPU smoke runs")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--cp-size", type=int, help="CPU only: the ring size (on GPU it comes from ParallelismConfig)")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing summary")
+    parser.add_argument("--out", type=Path, help="write the per-step log and a timing summary here (JSON)")
     return parser.parse_args()
 
 
@@ -57,6 +62,7 @@ def main() -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
     data = TokenStream(args.data, args.seq_len, seed=0, corpus_path=Path.home() / ".cache" / "fa4_cp" / "python_sources.bin")
     dp_rank, dp_size = accelerator.process_index // cp_size, accelerator.num_processes // cp_size  # cp is the inner mesh dim
+    records = []
     for step in range(args.steps):
         began = time.perf_counter()
         input_ids = data.batch(step * dp_size + dp_rank)[0][None]
@@ -74,12 +80,34 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
         mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-        seconds = time.perf_counter() - began
+        seconds = time.perf_counter() - began  # .item() above waited for the step's GPU work
+        tokens_per_s = args.seq_len * dp_size / seconds
+        records.append({"step": step + 1, "loss": mean_loss, "step_seconds": seconds, "tokens_per_s": tokens_per_s})
         accelerator.print(
             f"step {step + 1}/{args.steps} loss {mean_loss:.4f} {seconds * 1e3:.0f} ms "
-            f"tokens/s per GPU {args.seq_len * dp_size / seconds / accelerator.num_processes:.0f}"
+            f"tokens/s {tokens_per_s:.0f} per GPU {tokens_per_s / accelerator.num_processes:.0f}"
         )
+    if args.out is not None and accelerator.is_main_process:
+        write_summary(args, accelerator, cp_size, records)
     accelerator.end_training()
+
+
+def write_summary(args: argparse.Namespace, accelerator: Accelerator, cp_size: int, records: list[dict]) -> None:
+    """The run's steps and the median over the steps after warm-up (rank 0's wall clock per step)."""
+    timed = [record["step_seconds"] for record in records[args.warmup_steps:]]
+    median = statistics.median(timed) if timed else None
+    tokens_per_s = args.seq_len * (accelerator.num_processes // cp_size) / median if median else None
+    on_gpu = accelerator.device.type == "cuda"
+    summary = {
+        "benchmark": "launch/accelerate_train.py", "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(accelerator.device) if on_gpu else "cpu", "torch": torch.__version__,
+        "attention": args.attention, "seq_len": args.seq_len, "processes": accelerator.num_processes, "cp_size": cp_size,
+        "steps": args.steps, "warmup_steps": args.warmup_steps, "median_step_seconds": median, "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_gpu": tokens_per_s / accelerator.num_processes if tokens_per_s else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(accelerator.device) / 2**30 if on_gpu else None,
+        "steps_log": records,
+    }
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,14 @@ model computes exactly what the unsharded model computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import fa4_cp
 from config import ModelConfig
@@ -47,12 +51,11 @@ class Attention(nn.Module):
         self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ring: dict) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """x (b, s, d_model) -> rotated q, rotated k, v, each (b, s, h, head_dim)."""
         q = rearrange(self.q_proj(x), "b s (h d) -> b s h d", d=self.head_dim)
         k, v = rearrange(self.kv_proj(x), "b s (two h d) -> two b s h d", two=2, d=self.head_dim)
-        q, k = rotate(q, *rope), rotate(k, *rope)
-        out = fa4_cp.ring_attention(q, k, v.contiguous(), causal=True, **ring)
-        return self.o_proj(rearrange(out, "b s h d -> b s (h d)"))
+        return rotate(q, *rope), rotate(k, *rope), v.contiguous()
 
 
 class FeedForward(nn.Module):
@@ -67,15 +70,33 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer. With `recompute_around_attention` set, everything but ring attention
+    runs under activation checkpointing: backward recomputes the projections, norms and FFN
+    but keeps the attention's saved q, k, v and output, so attention runs forward only once."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.ffn = FeedForward(config)
+        self.recompute_around_attention = False
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ring: dict) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, ring)
+        q, k, v = self._run(self._attention_inputs, x, rope)
+        out = fa4_cp.ring_attention(q, k, v, causal=True, **ring)
+        return self._run(self._after_attention, x, out)
+
+    def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        if self.recompute_around_attention:
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    def _attention_inputs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return self.attention.project(self.attention_norm(x), rope)
+
+    def _after_attention(self, x: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention.o_proj(rearrange(attention_out, "b s h d -> b s (h d)"))
         return x + self.ffn(self.ffn_norm(x))
 
 

@@ -1,5 +1,5 @@
 """The device mesh (dp_shard, cp), FSDP2 over dp_shard x cp with bf16 compute and fp32 master
-weights, and per-layer activation checkpointing (optionally offloading saved inputs to CPU)."""
+weights, and activation checkpointing per layer or around ring attention."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ def build_mesh(config: TrainConfig) -> DeviceMesh:
 
 
 def shard_model(model: Decoder, mesh: DeviceMesh, config: TrainConfig) -> Decoder:
-    """Wrap each layer (checkpointed if asked) and the root in fully_shard over dp_shard x cp.
-    FSDP averages gradients over those ranks (the trainer scales its loss to match)."""
+    """Checkpoint each layer as config.activation_checkpointing asks, then wrap each layer and the
+    root in fully_shard over dp_shard x cp. FSDP averages gradients over those ranks (the
+    trainer scales its loss to match)."""
     fsdp_mesh = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
     policy = MixedPrecisionPolicy(param_dtype=getattr(torch, config.compute_dtype), reduce_dtype=torch.float32)
     for index, layer in enumerate(model.layers):
-        if config.activation_checkpointing:
+        layer.recompute_around_attention = config.activation_checkpointing == "except-attention"
+        if config.activation_checkpointing == "layer":
             layer = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             model.layers[index] = layer
         fully_shard(layer, mesh=fsdp_mesh, mp_policy=policy)

@@ -125,7 +125,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
         (loss_sum * (world_size / valid)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         if on_step is not None:
-            on_step(step, model, float(loss_sum))
+            on_step(step, model, float(loss_sum.detach()))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

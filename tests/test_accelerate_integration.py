@@ -2,6 +2,7 @@
 ParallelismConfig on CPU, so the plugin builds the cp mesh itself): the loss accelerate reports
 and the gradients DDP averages equal the unsharded model's, with and without packed documents."""
 
+import json
 import os
 import subprocess
 import sys
@@ -52,12 +53,20 @@ def test_plugin_needs_a_cp_dim_or_cp_size():
         RingAttentionPlugin(NoMesh(), cp_size=2)
 
 
-def test_accelerate_example_trains_on_two_cpu_processes():
+def test_accelerate_example_trains_on_two_cpu_processes(tmp_path):
+    out = tmp_path / "summary.json"
     finished = torchrun_two_cpu_processes(
-        "launch/accelerate_train.py", "--cpu", "--cp-size", "2", "--seq-len", "256", "--steps", "2", "--tiny"
+        "launch/accelerate_train.py", "--cpu", "--cp-size", "2", "--seq-len", "256", "--steps", "3", "--tiny",
+        "--warmup-steps", "1", "--out", str(out),
     )
     losses = [float(line.split("loss ")[1].split()[0]) for line in finished.stdout.splitlines() if line.startswith("step ")]
-    assert len(losses) == 2 and 5.0 < losses[0] < 6.0  # a byte model starts near ln 256 = 5.55
+    assert len(losses) == 3 and 5.0 < losses[0] < 6.0  # a byte model starts near ln 256 = 5.55
+    summary = json.loads(out.read_text())
+    assert [record["loss"] for record in summary["steps_log"]] == pytest.approx(losses, abs=1e-4)
+    median = sorted(record["step_seconds"] for record in summary["steps_log"][1:])[0:2]
+    assert summary["median_step_seconds"] == pytest.approx(sum(median) / 2)
+    assert summary["tokens_per_s"] == pytest.approx(256 / summary["median_step_seconds"])
+    assert (summary["attention"], summary["processes"], summary["cp_size"]) == ("fa4_cp", 2, 2)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["one_sequence", "packed_documents"])

@@ -45,6 +45,63 @@ def test_cp2_matches_one_rank_in_loss_and_gradients(tmp_path):
             )
 
 
+def train_each_checkpointing_mode(rank, world_size, argv):
+    """Per activation-checkpointing mode: losses, final gradients, ring-attention forward calls,
+    and the bytes that autograd keeps outside checkpointed regions."""
+    import numpy as np
+
+    import fa4_cp
+    from config import ACTIVATION_CHECKPOINTING, parse_config
+    from train import train
+
+    ring_attention, calls = fa4_cp.ring_attention, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return ring_attention(*args, **kwargs)
+
+    fa4_cp.ring_attention = counted
+    outcome = {}
+    for mode in ACTIVATION_CHECKPOINTING:
+        calls.clear()
+        grads = {}
+
+        def keep_grads(step, model, loss_sum):
+            unwrapped = ((name.replace("_checkpoint_wrapped_module.", ""), p) for name, p in model.named_parameters())
+            grads.update({name: np.array(p.grad.full_tensor()) for name, p in unwrapped})
+
+        saved_bytes = []
+
+        def count(tensor):
+            saved_bytes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            losses = train(parse_config(argv + ["--activation-checkpointing", mode]), on_step=keep_grads)
+        outcome[mode] = (losses, grads, len(calls), sum(saved_bytes))
+    return outcome
+
+
+def test_checkpointing_modes_agree_and_except_attention_runs_attention_once(tmp_path):
+    steps, layers = 2, PRESETS["tiny"].model.n_layers
+    outcomes = run_gloo(train_each_checkpointing_mode, 2, tmp_path, ["--preset", "tiny", "--cp", "2", "--steps", str(steps)])
+    assert all(status == "ok" for status, _ in outcomes), outcomes
+    by_mode = outcomes[0][1]
+    assert by_mode["none"][2] == by_mode["except-attention"][2] == steps * layers
+    assert by_mode["layer"][2] == 2 * steps * layers  # backward re-runs each layer's attention forward
+    assert by_mode["none"][3] > by_mode["except-attention"][3] > by_mode["layer"][3]
+    losses, grads, _, _ = by_mode["none"]
+    for mode in ("layer", "except-attention"):
+        torch.testing.assert_close(torch.tensor(by_mode[mode][0]), torch.tensor(losses), rtol=0, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(torch.from_numpy(by_mode[mode][1][name]), torch.from_numpy(grad), rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_checkpointing_mode():
+    with pytest.raises(ValueError, match=r"activation_checkpointing: expected one of layer, except-attention, none, got 'all'"):
+        parse_config(["--preset", "tiny", "--activation-checkpointing", "all"])
+
+
 def fresh_dir(tmp_path, name):
     """A rendezvous directory per launch: gloo's init file may not be reused."""
     path = tmp_path / name
