@@ -48,7 +48,11 @@ def model_config(tiny: bool, attn_implementation: str) -> LlamaConfig:
     size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2) if tiny else dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=2
     )
-    return LlamaConfig(vocab_size=256, max_position_embeddings=1 << 21, rope_theta=500_000.0, attn_implementation=attn_implementation, **size)
+    return LlamaConfig(
+        vocab_size=256, max_position_embeddings=1 << 21, rope_theta=500_000.0, attn_implementation=attn_implementation,
+        use_cache=False,  # training: a KV cache would also double the keys in checkpointing's recompute
+        **size,
+    )
 
 
 def main() -> None:

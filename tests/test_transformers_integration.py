@@ -122,6 +122,12 @@ def test_refuses_an_explicit_mask():
         ring_attention_forward(_Layer(), *_qkv(), torch.ones(1, 1, 16, 16, dtype=torch.bool))
 
 
+def test_refuses_a_kv_cache():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"fa4_cp_ring: 32 keys for 16 queries; .* pass use_cache=False"):
+        ring_attention_forward(_Layer(), q, torch.cat([k, k], dim=2), torch.cat([v, v], dim=2), None)
+
+
 def test_refuses_sliding_window_layers():
     with pytest.raises(ValueError, match=r"sliding-window layers \(sliding_window=8\) are not supported"):
         ring_attention_forward(_Layer(sliding_window=8), *_qkv(), None)

@@ -55,7 +55,7 @@ def ring_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q, k, v (b, h, s, d) -> (out (b, s, h, d), None)."""
-    _refuse_unsupported(module, attention_mask, dropout)
+    _refuse_unsupported(module, query, key, attention_mask, dropout)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
     options = dict(
         group=_setup.group, causal=getattr(module, "is_causal", True), softmax_scale=scaling,
@@ -72,7 +72,15 @@ def ring_attention_forward(
     return out[None], None
 
 
-def _refuse_unsupported(module: torch.nn.Module, attention_mask: torch.Tensor | None, dropout: float) -> None:
+def _refuse_unsupported(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
+) -> None:
+    if key.shape[2] != query.shape[2]:
+        # A KV cache prepends earlier keys; under checkpointing its recompute appends them twice.
+        raise ValueError(
+            f"{ATTENTION_NAME}: {key.shape[2]} keys for {query.shape[2]} queries; ring attention trains on whole "
+            "sequences without a KV cache: pass use_cache=False (or set it in the model config)"
+        )
     if dropout:
         raise ValueError(f"{ATTENTION_NAME}: dropout must be 0, got {dropout} (set the model config's attention_dropout to 0)")
     if attention_mask is not None:
