@@ -125,12 +125,10 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Deterministic init (same on every rank, before sharding), as torchtitan's Llama: token
-        embeddings N(0, 1), so the residual stream starts at unit scale; the output projection
-        N(0, 1/d_model); other matrices N(0, 0.02), the output projections of each residual branch
-        scaled by 1 / sqrt(2 * n_layers). With embeddings at 0.02 instead, the attention branch
-        (near-uniform at init, so nearly the same vector for every token) dominates the stream,
-        and Adam's first steps move every token's logits together: the loss jumped from 5.8 to
-        7.2 after one step at lr 3e-5 in a 2-layer d_model 2048 probe."""
+        embeddings N(0, 1), output projection N(0, 1/d_model), other matrices N(0, 0.02), the last
+        projection of each residual branch scaled by 1 / sqrt(2 * n_layers). Embeddings at 0.02
+        let the attention branch (near-uniform at init: about the same vector for every token)
+        dominate the residual stream, and the loss rose over Adam's first steps at d_model 2048."""
         generator = torch.Generator().manual_seed(seed)
         residual_std = 0.02 / (2 * self.config.n_layers) ** 0.5
         for name, parameter in self.named_parameters():
