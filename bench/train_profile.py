@@ -27,7 +27,7 @@ from train import train  # noqa: E402
 # Lower-case name fragments, first match wins.
 KERNEL_GROUPS = (
     ("communication", ("nccl", "memcpy", "memset")),
-    ("attention", ("flash", "fmha", "attention", "softmax_lse", "lse")),
+    ("attention", ("flash", "fa4", "fmha", "attention", "lse")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma")),
 )
 
