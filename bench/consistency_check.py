@@ -2,17 +2,15 @@
 
 CPU/gloo: python bench/consistency_check.py            (2 processes)
 GPU/NCCL: python bench/consistency_check.py --device cuda --world-size 2
-Writes bench/results/consistency_check_<device>_<date>.json and prints a table (medians).
+Writes bench/results/consistency_check_<device>_<date>.json (or --out) and prints a table (medians).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -20,9 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import fa4_cp
-from fa4_cp.consistency import check_consistency
-from fa4_cp.parallel.transport import resolve_transport
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fa4_cp  # noqa: E402
+from common import RESULTS, record, today, write  # noqa: E402
+from fa4_cp.call import dense_call  # noqa: E402
+from fa4_cp.comm.group import resolve_group  # noqa: E402
+from fa4_cp.consistency import check_consistency  # noqa: E402
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -46,17 +47,20 @@ def worker(rank: int, args: argparse.Namespace, init_file: str, results) -> None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=args.world_size)
-    transport = resolve_transport(None)
+    group = resolve_group(None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(1, args.seq_local, 8, 64, device=device, dtype=dtype) for _ in range(3))
-    signature = ("dense", tuple(q.shape), tuple(k.shape), str(q.dtype), "zigzag", args.world_size, None, "causal", 0.125, "reference")
-    check = timed(lambda: check_consistency(transport, signature, device), args.repeats, device)
-    call = {}
+    call, _ = dense_call(
+        q, k, v, group.world_size, causal=True, window_size=(-1, -1), softmax_scale=None, layout="zigzag",
+        return_lse=False, backend=None, transport=None,
+    )
+    check = timed(lambda: check_consistency(group, call, device), args.repeats, device)
+    ring_call = {}
     for enabled in (True, False):
         fa4_cp.set_consistency_check(enabled)
-        call[enabled] = timed(lambda: fa4_cp.ring_attention(q, k, v, causal=True), args.repeats // 10, device)
+        ring_call[enabled] = timed(lambda: fa4_cp.ring_attention(q, k, v, causal=True), args.repeats // 10, device)
     if rank == 0:
-        results.put({"check_s": check, "ring_call_with_check_s": call[True], "ring_call_without_check_s": call[False]})
+        results.put({"check_s": check, "ring_call_with_check_s": ring_call[True], "ring_call_without_check_s": ring_call[False]})
     dist.destroy_process_group()
 
 
@@ -66,36 +70,24 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seq-local", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1000)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out")
     args = parser.parse_args()
     context = mp.get_context("spawn")
     results = context.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(worker, args=(args, os.path.join(tmp, "init"), results), nprocs=args.world_size, start_method="spawn")
     figures = results.get()
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    record = {
-        "benchmark": "consistency_check",
-        "date": datetime.date.today().isoformat(),
-        "device": device_name,
-        "backend": "nccl" if args.device == "cuda" else "gloo",
-        "world_size": args.world_size,
-        "torch": torch.__version__,
-        "seq_local": args.seq_local,
-        "statistic": "median",
-        **figures,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"consistency_check_{args.device}_{record['date']}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+    result = record(
+        "consistency_check", args.device, backend="nccl" if args.device == "cuda" else "gloo", world_size=args.world_size,
+        seq_local=args.seq_local, statistic="median", **figures,
+    )
+    write(result, args.out or RESULTS / f"consistency_check_{args.device}_{today()}.json")
     overhead = figures["ring_call_with_check_s"] - figures["ring_call_without_check_s"]
     print(f"{'device':<28}{'check (us)':>12}{'call on (us)':>14}{'call off (us)':>15}{'overhead':>10}")
     print(
-        f"{device_name[:27]:<28}{figures['check_s'] * 1e6:>12.1f}{figures['ring_call_with_check_s'] * 1e6:>14.1f}"
+        f"{result['device'][:27]:<28}{figures['check_s'] * 1e6:>12.1f}{figures['ring_call_with_check_s'] * 1e6:>14.1f}"
         f"{figures['ring_call_without_check_s'] * 1e6:>15.1f}{overhead / figures['ring_call_without_check_s']:>9.1%}"
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

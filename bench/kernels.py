@@ -3,7 +3,8 @@
     python bench/kernels.py            (the full grid; a few minutes on an H200)
 
 Forward: ours with the merge fused in the epilogue (accumulating, and first write), ours with
-upstream's forward plus the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA.
+upstream's forward plus the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA; ours
+is one step of a forward pass made once, as in a ring call.
 Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as one more
 step of a ring call already under way (kernel, dK/dV added into fp32), upstream's backward,
 cuDNN's (autograd of SDPA). TFLOPs count 4·S²·H·d forward and 2.5x that backward,
@@ -15,8 +16,6 @@ cache, each in a fresh process. Writes bench/results/kernels_<gpu>_<date>.json, 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import statistics
@@ -27,6 +26,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import record, today, write  # noqa: E402
 from fa4_cp.kernels import LSE_ACCUMULATOR_DTYPE, BandMask  # noqa: E402
 from fa4_cp.kernels.fa4.backend import FA4Backend  # noqa: E402
 
@@ -83,7 +83,8 @@ def run_config(seq: int, heads: int, kv_heads: int, dim: int, causal: bool) -> d
     fused, unfused = FA4Backend(), FA4Backend(fused_merge=False)
 
     def ours(backend, accumulate: bool):
-        return lambda: backend.forward_step(q, k, v, out, lse, mask=mask, softmax_scale=scale, accumulate=accumulate)
+        forward = backend.forward(q, k, softmax_scale=scale)
+        return lambda: forward.step(q, k, v, out, lse, mask=mask, accumulate=accumulate)
 
     q_t, k_t, v_t = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
 
@@ -151,22 +152,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = first_call_seconds(cache_dir)
         warm = first_call_seconds(cache_dir)
-    device = torch.cuda.get_device_name(0)
-    record = {
-        "benchmark": "kernels",
-        "date": datetime.date.today().isoformat(),
-        "device": device,
-        "torch": torch.__version__,
-        "dtype": "bfloat16",
-        "batch": 1,
-        "statistic": "median of 15 interleaved rounds after 3 warm-up calls each, CUDA events",
-        "first_call_seconds": {"cold_cache": cold, "warm_cache": warm},
-        "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"kernels_{device.lower().replace(' ', '_')}_{record['date']}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+    result = record(
+        "kernels", "cuda", dtype="bfloat16", batch=1, quick=args.quick,
+        statistic="median of 15 interleaved rounds after 3 warm-up calls each, CUDA events",
+        first_call_seconds={"cold_cache": cold, "warm_cache": warm}, rows=rows,
+    )
+    device = result["device"].lower().replace(" ", "_")
+    write(result, os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}.json"))
     print(f"{'S':>6} {'H':>6} {'d':>4} {'causal':>6} | fwd TFLOPs: {'ours':>5} {'kernel':>6} {'FA4':>5} {'cuDNN':>5} | bwd TFLOPs: {'ours':>5} {'step':>5} {'FA4':>5} {'cuDNN':>5} | ratios fwd/FA4 fwd/cuDNN bwd/FA4 bwd/cuDNN")
     for row in rows:
         t = row["tflops"]
@@ -177,7 +169,6 @@ def main() -> None:
             f"{row['fwd_vs_upstream']:>14.3f} {row['fwd_vs_cudnn']:>9.3f} {row['bwd_vs_upstream']:>7.3f} {row['bwd_vs_cudnn']:>9.3f}"
         )
     print(f"first call of a new configuration: {cold:.1f} s with a cold compile cache, {warm:.1f} s warm")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

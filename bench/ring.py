@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fa4_cp  # noqa: E402
-from fa4_cp.parallel.transport import resolve_transport, ring_buffer_bytes  # noqa: E402
+from fa4_cp.comm.group import resolve_group  # noqa: E402
+from fa4_cp.comm.transport import ring_buffer_bytes  # noqa: E402
 from ring_baseline import torch_context_parallel  # noqa: E402
 from ring_profile import profile_calls  # noqa: E402
 from ring_timing import attempt, measure  # noqa: E402
@@ -104,7 +105,7 @@ def time_ours(shape: tuple[int, ...], backward: bool, group, transport: str | No
     q, k, v, dout = ring_inputs(shape, backward, device)
     call = ring_call(q, k, v, dout, group=group, transport=transport, backend=backend)
     result = measure(call, warmup=iters[0], iters=iters[1], device=device, group=group)
-    result["ring_buffer_bytes"] = ring_buffer_bytes(resolve_transport(group, transport, device))
+    result["ring_buffer_bytes"] = ring_buffer_bytes(resolve_group(group).transport(transport or "auto", device))
     result["input_bytes"] = sum(t.nbytes for t in (q, k, v)) + (dout.nbytes if backward else 0)
     result["output_bytes"] = q.nbytes + (q.nbytes + k.nbytes + v.nbytes if backward else 0)
     return result

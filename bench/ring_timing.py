@@ -68,7 +68,7 @@ def measure(call: Callable[[], None], *, warmup: int, iters: int, device: torch.
 def release_memory(device: torch.device) -> None:
     """Drop fa4_cp's cached transports, whose KV/dKV buffers persist across calls, so each
     contender starts from the same free memory."""
-    from fa4_cp.parallel.transport import release_transports
+    from fa4_cp.comm.group import release_transports
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -18,8 +18,9 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from fa4_cp.parallel.streams import post_hop
-from fa4_cp.parallel.transport import release_transports, resolve_transport
+from fa4_cp.comm.group import release_transports, resolve_group
+from fa4_cp.comm.streams import post_hop
+from fa4_cp.comm.watchdog import Hop
 
 SIZES_MIB = (16, 64, 256)
 
@@ -30,7 +31,7 @@ def hop_ms(transport, send: torch.Tensor, recv: torch.Tensor, warmup: int, iters
         dist.barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        post_hop(transport, send, recv, 1, 0, "bandwidth hop").arrive()
+        post_hop(transport, send, recv, 1, 0, Hop("bandwidth", 0, 1, transport.rank, transport.world_size)).arrive()
         end.record()
         end.synchronize()
         if index >= warmup:
@@ -49,7 +50,7 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=device)
     results = []
     for kind in ("copy_engine", "nccl"):
-        transport = resolve_transport(None, kind, device)
+        transport = resolve_group(None).transport(kind, device)
         for mib in SIZES_MIB:
             send = torch.randn(mib << 19, dtype=torch.bfloat16, device=device)
             (recv,) = transport.buffers(0, 1, tuple(send.shape), send.dtype, device)

@@ -2,8 +2,8 @@
 
 from .attention import ring_attention, ring_attention_varlen
 from .consistency import set_consistency_check
-from .parallel.sharding import Sharding
-from .parallel.simulated import SimulatedRing
+from .comm.simulated import SimulatedRing
+from .plan.sharding import Sharding
 from .shard import shard, shard_inputs, shift_labels, unshard
 
 __all__ = [

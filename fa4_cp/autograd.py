@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from .parallel.executor import Ring, ring_backward, ring_forward
 
 

@@ -1,52 +1,78 @@
 """Cross-rank consistency check: a mismatched ring call raises on every rank instead of hanging.
 
-Before the ring starts, the ranks all-gather a 63-bit hash of everything that must agree (local
-shapes, dtype, mask, layout, documents, scale, backend). It is on by default: a mismatch otherwise
-deadlocks or silently corrupts the result. It costs one tiny all-gather per forward call (see
-the README for measured figures); turn it off with `set_consistency_check(False)` or
-FA4_CP_CHECK_CONSISTENCY=0 once a training setup is known to be good.
+Before the ring starts, the ranks all-gather their RingCall's 63-bit digest (call.py: shapes,
+dtype, mask, layout, documents, scale, backend, transport). If any differs, they all-gather the
+calls' fields (every rank sees the same digests, so every rank takes part) and each raises a
+ValueError naming the fields that differ and every rank's value. A rank whose peer never joins
+fails within FA4_CP_RING_TIMEOUT. On by default: a mismatch otherwise deadlocks or silently
+corrupts the result. It costs one tiny all-gather per forward call (see the README for measured
+figures); turn it off with `set_consistency_check(False)` or FA4_CP_CHECK_CONSISTENCY=0 once a
+training setup is known to be good.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
 
-from .parallel.transport import Transport
+from .call import RingCall
+from .comm.group import RingGroup
+from .comm.watchdog import timeout_message, wait_for
 
-_enabled = os.environ.get("FA4_CP_CHECK_CONSISTENCY", "1") != "0"
+_override: bool | None = None
 
 
-def set_consistency_check(enabled: bool) -> None:
-    """Turn the cross-rank check of ring_attention calls on or off (every rank alike)."""
-    global _enabled
-    _enabled = bool(enabled)
+def set_consistency_check(enabled: bool | None) -> None:
+    """Turn the cross-rank check of ring attention calls on or off (every rank alike); None goes
+    back to FA4_CP_CHECK_CONSISTENCY (on unless it is "0")."""
+    global _override
+    _override = None if enabled is None else bool(enabled)
 
 
 def consistency_check_enabled() -> bool:
-    return _enabled
+    if _override is not None:
+        return _override
+    return os.environ.get("FA4_CP_CHECK_CONSISTENCY", "1") != "0"
 
 
-def signature_hash(signature: tuple) -> int:
-    digest = hashlib.blake2b(repr(signature).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def check_consistency(transport: Transport, signature: tuple, device: torch.device) -> None:
-    if not _enabled or transport.world_size == 1:
+def check_consistency(group: RingGroup, call: RingCall, device: torch.device) -> None:
+    if group.world_size == 1 or not consistency_check_enabled():
         return
-    mine = torch.tensor([signature_hash(signature)], dtype=torch.int64, device=device)
-    gathered = torch.cat(transport.all_gather(mine))
-    if transport.watchdog is not None:  # a GIL-free wait with the ring's timeout, not a blind sync
+    what = "the cross-rank check of the call"
+    gathered = torch.cat(group.all_gather(torch.tensor([call.digest], dtype=torch.int64, device=device), what))
+    if device.type == "cuda":  # a GIL-free wait with the ring's timeout, not a blind sync
         done = torch.cuda.Event()
         done.record()
-        transport.watchdog.wait(done, "the cross-rank check of the call's arguments")
-    hashes = gathered.tolist()
-    differing = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
-    if differing:
-        raise ValueError(
-            f"ring attention call differs across the ranks of the group: ranks {differing} disagree with rank 0 on "
-            f"shapes, dtype, mask, layout, documents, scale or backend. This rank ({transport.rank}) called with {signature}"
-        )
+        seconds = group.timeout()
+        wait_for(done, seconds, lambda: timeout_message(group.rank, group.world_size, what, seconds))
+    digests = gathered.tolist()
+    if any(digest != digests[0] for digest in digests):
+        raise ValueError(mismatch_message(group.all_gather_object(call.describe()), group.rank))
+
+
+def mismatch_message(calls: list[dict[str, str]], rank: int) -> str:
+    """Which fields differ, with each rank's value (ranks that agree are grouped)."""
+    differing = []
+    for field in calls[0]:
+        values: dict[str, list[int]] = {}
+        for other, described in enumerate(calls):
+            values.setdefault(described[field], []).append(other)
+        if len(values) > 1:
+            per_value = "; ".join(f"ranks {_ranges(ranks)}: {value}" for value, ranks in values.items())
+            differing.append(f"{field} ({per_value})")
+    return (
+        f"ring attention call differs across the ranks of the group (seen on rank {rank}): "
+        + ", ".join(differing) + ". Every rank must call with the same shapes, mask, layout, documents, scale and backend."
+    )
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and runs[-1][1] == rank - 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)

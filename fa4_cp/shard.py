@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .parallel.sharding import Sharding
-from .parallel.transport import resolve_transport
+from .comm.group import resolve_group
+from .plan.sharding import Sharding
 from .validation import check_cu_seqlens
 
 
@@ -37,9 +37,9 @@ def shard(
     With `cu_seqlens` (global int32 document boundaries), each document is cut on its own and
     padded at its end to a multiple of the chunk count; padding slots hold `pad_value`.
     """
-    transport = resolve_transport(group)
-    sharding = sharding_for(x.shape[seq_dim], transport.world_size, layout, cu_seqlens)
-    return sharding.shard(x, transport.rank, seq_dim, pad_value)
+    ring = resolve_group(group)
+    sharding = sharding_for(x.shape[seq_dim], ring.world_size, layout, cu_seqlens)
+    return sharding.shard(x, ring.rank, seq_dim, pad_value)
 
 
 def unshard(
@@ -51,15 +51,15 @@ def unshard(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full tensor from every rank's rows (an all-gather over `group`), padding dropped."""
-    transport = resolve_transport(group)
-    world = transport.world_size
+    ring = resolve_group(group)
+    world = ring.world_size
     if cu_seqlens is None:
         sharding = sharding_for(x_local.shape[seq_dim] * world, world, layout)
     else:
         sharding = Sharding.documents(check_cu_seqlens(cu_seqlens), world, layout)
         if x_local.shape[seq_dim] != sharding.local_len:
             raise ValueError(f"x_local: expected {sharding.local_len} rows along dim {seq_dim}, got shape {tuple(x_local.shape)}")
-    return sharding.unshard(transport.all_gather(x_local), seq_dim)
+    return sharding.unshard(ring.all_gather(x_local), seq_dim)
 
 
 def shift_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
@@ -93,9 +93,9 @@ def shard_inputs(
     """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-    transport = resolve_transport(group)
-    sharding = sharding_for(input_ids.shape[-1], transport.world_size, layout, cu_seqlens)
-    rank, seq_dim = transport.rank, input_ids.ndim - 1
+    ring = resolve_group(group)
+    sharding = sharding_for(input_ids.shape[-1], ring.world_size, layout, cu_seqlens)
+    rank, seq_dim = ring.rank, input_ids.ndim - 1
     if position_ids is None:
         local_positions = sharding.positions(rank).to(input_ids.device).expand(*input_ids.shape[:-1], -1)
     else:

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .parallel.layout import Layout
+from .comm.transport import TRANSPORTS, TransportKind
+from .plan.layout import Layout
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -46,9 +47,19 @@ def check_local_seq_len(seq_local: int, layout: Layout, world_size: int) -> None
         )
 
 
+def check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected a bool, got {value!r}")
+
+
+def check_transport(kind: str) -> TransportKind:
+    if kind not in TRANSPORTS:
+        raise ValueError(f"transport: expected one of {TRANSPORTS} (or FA4_CP_TRANSPORT set to one), got {kind!r}")
+    return kind
+
+
 def check_mask(causal: bool, window_size: tuple[int, int], *, varlen: bool) -> tuple[int, int]:
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    check_flag("causal", causal)
     if (
         not isinstance(window_size, (tuple, list))
         or len(window_size) != 2

@@ -57,6 +57,11 @@ def model_config(tiny: bool, attn_implementation: str) -> LlamaConfig:
 
 def main() -> None:
     args = parse_args()
+    if args.attention == "sdpa" and args.cpu:
+        sys.exit(
+            "accelerate_train.py: --attention sdpa runs accelerate's own context parallelism, which needs "
+            "ParallelismConfig, and accelerate refuses that on CPU processes; on CPU use --attention fa4_cp"
+        )
     accelerator = Accelerator(cpu=args.cpu)
     ring = RingAttentionPlugin(accelerator, cp_size=args.cp_size, backend="reference" if args.cpu else None) if args.attention == "fa4_cp" else None
     cp_size = ring.cp_size if ring else accelerator.parallelism_config.cp_size
@@ -87,9 +92,10 @@ def main() -> None:
         seconds = time.perf_counter() - began  # .item() above waited for the step's GPU work
         tokens_per_s = args.seq_len * dp_size / seconds
         records.append({"step": step + 1, "loss": mean_loss, "step_seconds": seconds, "tokens_per_s": tokens_per_s})
+        per = "GPU" if accelerator.device.type == "cuda" else "process"
         accelerator.print(
             f"step {step + 1}/{args.steps} loss {mean_loss:.4f} {seconds * 1e3:.0f} ms "
-            f"tokens/s {tokens_per_s:.0f} per GPU {tokens_per_s / accelerator.num_processes:.0f}"
+            f"tokens/s {tokens_per_s:.0f} per {per} {tokens_per_s / accelerator.num_processes:.0f}"
         )
     if args.out is not None and accelerator.is_main_process:
         write_summary(args, accelerator, cp_size, records)

@@ -1,11 +1,20 @@
 """Checkpoints with torch.distributed.checkpoint: the sharded model and optimizer (DCP, any rank
 count can read them back), plus the step, LR scheduler, data position, configuration fingerprint
-(meta.pt, written last so that a checkpoint without it is incomplete) and every rank's RNG."""
+(meta.json, written last so that a checkpoint without it is incomplete) and every rank's RNG.
+
+Nothing arbitrary is unpickled on resume, so a checkpoint directory from elsewhere cannot run
+code: the meta is JSON, RNG states are plain tensors read with torch.load(weights_only=True)
+(Python's own RNG state goes into JSON as numbers), and DCP's own `.metadata` file, which DCP
+reads with plain pickle, is first checked to hold only DCP's metadata classes.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,21 +24,25 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from config import TrainConfig
 
-META = "meta.pt"
+META = "meta.json"
 
 
 def step_dir(root: str, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
+def complete_steps(root: str) -> list[int]:
+    """Steps with a complete checkpoint under `root`, oldest first."""
+    return sorted(int(p.name.removeprefix("step_")) for p in Path(root).glob("step_*") if (p / META).exists())
+
+
 def latest_step(root: str) -> int | None:
     """The last step with a complete checkpoint under `root`."""
-    steps = [int(p.name.removeprefix("step_")) for p in Path(root).glob("step_*") if (p / META).exists()]
-    return max(steps, default=None)
+    return max(complete_steps(root), default=None)
 
 
 def read_meta(root: str, step: int) -> dict:
-    return torch.load(step_dir(root, step) / META, weights_only=False)
+    return json.loads((step_dir(root, step) / META).read_text())
 
 
 def check_resumable(config: TrainConfig, world_size: int, meta: dict, root: str) -> None:
@@ -41,43 +54,97 @@ def check_resumable(config: TrainConfig, world_size: int, meta: dict, root: str)
         raise ValueError(f"checkpoint_dir: the checkpoint in {root} is from another configuration ({details})")
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def schedule_changes(config: TrainConfig, meta: dict) -> list[str]:
+    """How this run's LR schedule differs from the checkpoint's (allowed: the run says so)."""
+    theirs = meta.get("schedule", {})
+    return [f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}" for key, value in config.schedule().items() if theirs.get(key) != value]
+
+
+_DCP_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _DcpMetadataOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module, name) in _DCP_METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """Refuse a checkpoint whose DCP `.metadata` pickle holds anything but DCP's metadata."""
+    try:
+        with open(path / ".metadata", "rb") as metadata:
+            _DcpMetadataOnly(metadata).load()
+    except (pickle.UnpicklingError, EOFError, OSError) as error:
+        raise ValueError(f"checkpoint_dir: refusing {path / '.metadata'}: {error}") from error
+
+
+def read_rng(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], tuple]:
+    """This rank's torch/CUDA RNG tensors and Python RNG state; nothing but tensors is unpickled."""
+    try:
+        tensors = torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"checkpoint_dir: refusing {path / f'rng_rank{rank}.pt'}: {error}") from error
+    version, internal, gauss = json.loads((path / f"python_rng_rank{rank}.json").read_text())
+    return tensors, (version, tuple(internal), gauss)
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
 def save(root: str, step: int, model, optimizer, scheduler, data_state: dict, config: TrainConfig) -> None:
-    """Collective. `step` is the number of completed steps."""
+    """Collective. `step` is the number of completed steps. With `config.keep_checkpoints`, older
+    complete checkpoints beyond that many are removed afterwards."""
     path = step_dir(root, step)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
+    torch.save(_rng_tensors(), path / f"rng_rank{rank}.pt")
+    (path / f"python_rng_rank{rank}.json").write_text(json.dumps(_python_rng_to_json(random.getstate())))
     dist.barrier()
     if rank == 0:
         meta = {
-            "step": step, "scheduler": scheduler.state_dict(), "data": data_state,
+            "step": step, "scheduler": scheduler.state_dict(), "data": data_state, "schedule": config.schedule(),
             "config": {**config.fingerprint(), "world_size": world_size},
         }
-        torch.save(meta, path / f"{META}.tmp")
+        (path / f"{META}.tmp").write_text(json.dumps(meta, indent=1))
         os.replace(path / f"{META}.tmp", path / META)
+        if config.keep_checkpoints:
+            for old in complete_steps(root)[: -config.keep_checkpoints]:
+                shutil.rmtree(step_dir(root, old))
     dist.barrier()
 
 
 def load(root: str, step: int, model, optimizer, scheduler) -> dict:
     """Collective: restores model, optimizer, scheduler and this rank's RNG; returns the meta."""
     path = step_dir(root, step)
+    check_dcp_metadata(path)
+    rng, python_rng = read_rng(path, dist.get_rank())
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     meta = read_meta(root, step)
     scheduler.load_state_dict(meta["scheduler"])
-    rng = torch.load(path / f"rng_rank{dist.get_rank()}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate(python_rng)
     return meta

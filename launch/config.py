@@ -7,6 +7,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from fa4_cp.comm.transport import TRANSPORTS
+from fa4_cp.kernels import BACKEND_NAMES
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -50,10 +53,15 @@ class TrainConfig:
     loss_chunk: int = 8192  # tokens per cross-entropy chunk
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    keep_checkpoints: int | None = None  # None keeps every checkpoint
     resume: bool = False
     metrics_path: str | None = None
     attention_backend: str | None = None  # fa4_cp backend: None picks FA4 on Hopper/Blackwell
     transport: str | None = None
+
+    def schedule(self) -> dict:
+        """The LR schedule, which a resumed run may change (it says so)."""
+        return {"steps": self.steps, "lr": self.lr, "warmup_steps": self.warmup_steps, "min_lr_ratio": self.min_lr_ratio}
 
     def fingerprint(self) -> dict:
         """What a checkpoint must share with the run that resumes it."""
@@ -83,21 +91,58 @@ PRESETS: dict[str, TrainConfig] = {
     "1b": TrainConfig(model=ModelConfig(), seq_len=1 << 20, steps=10, activation_checkpointing="except-attention"),
 }
 
-_OVERRIDES = {
-    "seq_len": int, "steps": int, "stop_at": int, "lr": float, "warmup_steps": int, "dp_shard": int, "cp": int, "device": str,
-    "compute_dtype": str, "data": str, "corpus_path": str, "seed": int, "loss_chunk": int, "checkpoint_dir": str,
-    "checkpoint_every": int, "metrics_path": str, "attention_backend": str, "transport": str, "weight_decay": float,
-    "grad_clip": float, "min_lr_ratio": float, "activation_checkpointing": str,
+# Every flag: (type, help). A flag left out keeps the preset's value (shown in --help).
+_OVERRIDES: dict[str, tuple[type, str]] = {
+    "seq_len": (int, "tokens per training sequence (one sequence per dp_shard replica per step)"),
+    "steps": (int, "length of the LR schedule, in steps"),
+    "stop_at": (int, "end this run after this step (a time-limited job; the schedule still spans --steps)"),
+    "lr": (float, "peak learning rate"),
+    "warmup_steps": (int, "linear LR warm-up steps"),
+    "min_lr_ratio": (float, "the cosine decay ends at this fraction of --lr"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "grad_clip": (float, "gradient-norm clip"),
+    "dp_shard": (int, "FSDP data-parallel size; dp_shard x cp must equal the world size"),
+    "cp": (int, "context-parallel (ring) size"),
+    "device": (str, "cuda or cpu"),
+    "compute_dtype": (str, "FSDP2 parameter dtype: bfloat16 or float32 (master weights stay fp32)"),
+    "data": (str, "python-sources (the installed packages' Python files, byte-level) or synthetic"),
+    "corpus_path": (str, "where the python-sources corpus is built (default ~/.cache/fa4_cp/python_sources.bin)"),
+    "seed": (int, "model init and data seed"),
+    "activation_checkpointing": (str, "layer, except-attention or none (see the README)"),
+    "loss_chunk": (int, "tokens per cross-entropy chunk"),
+    "checkpoint_dir": (str, "where DCP checkpoints go (and --resume reads them)"),
+    "checkpoint_every": (int, "save every N steps (0: never)"),
+    "keep_checkpoints": (int, "keep only the newest N complete checkpoints (default: keep all)"),
+    "metrics_path": (str, "JSONL metrics log (rank 0)"),
+    "attention_backend": (str, "fa4_cp kernels: auto, fa4 or reference (default auto: FA4 on Hopper/Blackwell)"),
+    "transport": (str, "how KV moves between GPUs: auto, nccl or copy_engine (default auto)"),
 }
-_MODEL_OVERRIDES = {"d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "ffn_hidden": int}
+_MODEL_OVERRIDES: dict[str, tuple[type, str]] = {
+    "d_model": (int, "model width"),
+    "n_layers": (int, "decoder layers"),
+    "n_heads": (int, "query heads"),
+    "n_kv_heads": (int, "key/value heads (GQA; divides n_heads)"),
+    "ffn_hidden": (int, "SwiGLU hidden size"),
+}
+
+
+def _preset_defaults(name: str, of_model: bool) -> str:
+    values = {preset: getattr(config.model if of_model else config, name) for preset, config in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{preset}: {value}" for preset, value in values.items())
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description="Train a Llama-style decoder with fa4_cp ring attention (torchrun).")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    for name, kind in {**_OVERRIDES, **_MODEL_OVERRIDES}.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    parser = argparse.ArgumentParser(
+        description="Train a Llama-style decoder with fa4_cp ring attention (torchrun). Every flag but --preset "
+        "overrides the preset's value; defaults are listed per preset.",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="tiny (CPU tests), small (~180M) or 1b (default: tiny)")
+    for table, of_model in ((_OVERRIDES, False), (_MODEL_OVERRIDES, True)):
+        for name, (kind, text) in table.items():
+            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (default {_preset_defaults(name, of_model)})")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --checkpoint-dir")
     parser.add_argument("--offload-activations", action="store_true", help="keep the tensors saved for backward in pinned CPU memory")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -139,6 +184,14 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.loss_chunk < 1:
         raise ValueError(f"loss_chunk: expected a positive token count, got {config.loss_chunk}")
+    if config.keep_checkpoints is not None and config.keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints: expected a positive count, got {config.keep_checkpoints}")
+    if config.attention_backend not in (None, *BACKEND_NAMES):
+        raise ValueError(f"attention_backend: expected one of {', '.join(BACKEND_NAMES)}, got {config.attention_backend!r}")
+    if config.attention_backend == "fa4" and config.device == "cpu":
+        raise ValueError("attention_backend: 'fa4' needs --device cuda (on CPU use auto or reference)")
+    if config.transport not in (None, *TRANSPORTS):
+        raise ValueError(f"transport: expected one of {', '.join(TRANSPORTS)}, got {config.transport!r}")
 
 
 def check_world(config: TrainConfig, world_size: int, cuda_available: bool) -> None:

@@ -85,7 +85,12 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
     device = init_distributed(config)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if resume_step is not None:  # refuse a foreign checkpoint before building anything heavy
-        checkpoint.check_resumable(config, world_size, checkpoint.read_meta(config.checkpoint_dir, resume_step), config.checkpoint_dir)
+        meta = checkpoint.read_meta(config.checkpoint_dir, resume_step)
+        checkpoint.check_resumable(config, world_size, meta, config.checkpoint_dir)
+        if rank == 0:  # on stderr, with the progress bar
+            print(f"resuming from step {resume_step} of {config.steps} ({checkpoint.step_dir(config.checkpoint_dir, resume_step)})", file=sys.stderr, flush=True)
+            for change in checkpoint.schedule_changes(config, meta):
+                print(f"resume: the LR schedule changes from the checkpoint's, now recomputed from step {resume_step}: {change}", file=sys.stderr, flush=True)
     data = data_stream(config)
 
     mesh = build_mesh(config)

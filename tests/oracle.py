@@ -2,11 +2,13 @@
 
 The reference is written independently of fa4_cp: explicit (S, S) masks, GQA by repeating heads,
 autograd for the gradients. Run in fp64 it is the truth; run in the inputs' dtype it is the
-"same-precision single-device reference" whose error sets the tolerance.
+"same-precision single-device reference" whose error sets the tolerance. One flow checks a ring's
+results whatever ran it (gloo processes, a simulated ring, NCCL ranks): `assert_ring_matches`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ import fa4_cp
 from fa4_cp import Sharding
 
 TENSORS = ("out", "lse", "dq", "dk", "dv")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,21 @@ def make_inputs(case: Case, world_size: int, dtype: torch.dtype, seed: int) -> I
     return Inputs(q, k, v, dout, dlse, case.cu_seqlens(world_size) if case.documents else None)
 
 
+def on_cuda(inputs: Inputs) -> Inputs:
+    return dataclasses.replace(inputs, **{f.name: getattr(inputs, f.name).cuda() for f in dataclasses.fields(inputs) if getattr(inputs, f.name) is not None})
+
+
+def band_matrix(seqlen_q: int, seqlen_k: int, lo: int | None, hi: int | None, device="cpu") -> torch.Tensor:
+    """(seqlen_q, seqlen_k): key j visible to query i iff lo <= j - i <= hi (None: unbounded)."""
+    offset = torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if lo is not None:
+        visible &= offset >= lo
+    if hi is not None:
+        visible &= offset <= hi
+    return visible
+
+
 def visibility(case: Case, world_size: int) -> torch.Tensor:
     """(S, S) boolean mask of the full sequence: documents, causality, window."""
     seq = case.seq_len(world_size)
@@ -176,7 +194,7 @@ def unshard_results(case: Case, world_size: int, per_rank: list[dict[str, torch.
     sharding = case.sharding(world_size)
     seq_dim = 0 if case.documents else 1
     return {
-        name: sharding.unshard([r[name] for r in per_rank], seq_dim=-1 if name == "lse" else seq_dim)
+        name: sharding.unshard([r[name].cpu() for r in per_rank], seq_dim=-1 if name == "lse" else seq_dim)
         for name in TENSORS
     }
 
@@ -187,7 +205,7 @@ def padding_slots(case: Case, world_size: int, rank: int) -> torch.Tensor:
 
 def max_error(result: torch.Tensor, truth: torch.Tensor) -> float:
     """Largest absolute error; NaN anywhere or a mismatched -inf makes it infinite."""
-    result, truth = result.double(), truth.double()
+    result, truth = result.double().cpu(), truth.double().cpu()
     if torch.isnan(result).any():
         return math.inf
     empty = torch.isinf(truth)
@@ -208,3 +226,25 @@ def assert_flash_rule(errors: dict[str, float], baseline: dict[str, float], dtyp
     for name in TENSORS:
         bound = 2 * baseline[name] + ATOL[dtype]
         assert errors[name] <= bound, f"{label}: {name} error {errors[name]:.3e} > {bound:.3e} (reference {baseline[name]:.3e})"
+
+
+def assert_clean_padding(case: Case, world_size: int, per_rank: list[dict[str, torch.Tensor]]) -> None:
+    """Padding slots hold exactly 0 (out, dq, dk, dv) and lse -inf; nothing is NaN."""
+    for rank, local in enumerate(per_rank):
+        padding = padding_slots(case, world_size, rank).to(local["out"].device)
+        for name in ("out", "dq", "dk", "dv"):
+            assert not local[name].isnan().any(), f"rank {rank} {name} has NaN"
+            assert (local[name][..., padding, :, :] == 0).all(), f"rank {rank}: {name} is not exactly 0 on padding"
+        assert (local["lse"][..., padding] == float("-inf")).all(), f"rank {rank}: lse of padding is not -inf"
+
+
+def assert_ring_matches(case: Case, world_size: int, inputs: Inputs, dtype: torch.dtype, per_rank: list[dict], baseline: dict | None = None) -> dict:
+    """Every rank's local results, unsharded, against fp64 by FlashAttention's rule; the baseline
+    is the same-precision reference unless given (e.g. upstream FA4's errors). Returns the errors."""
+    truth = reference_results(case, world_size, inputs, torch.float64)
+    if baseline is None:
+        baseline = errors_against(truth, reference_results(case, world_size, inputs, dtype))
+    errors = errors_against(truth, unshard_results(case, world_size, per_rank))
+    assert_flash_rule(errors, baseline, dtype, f"{case.name} {dtype} W={world_size}")
+    assert_clean_padding(case, world_size, per_rank)
+    return errors

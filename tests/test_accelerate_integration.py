@@ -69,19 +69,24 @@ def test_accelerate_example_trains_on_two_cpu_processes(tmp_path):
     assert (summary["attention"], summary["processes"], summary["cp_size"]) == ("fa4_cp", 2, 2)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["one_sequence", "packed_documents"])
-def test_trainer_step_matches_the_unsharded_gradient(packed, tmp_path):
+@pytest.mark.parametrize(
+    "packed,accumulation", [(False, 1), (True, 1), (False, 2)], ids=["one_sequence", "packed_documents", "accumulate_two"]
+)
+def test_trainer_step_matches_the_unsharded_gradient(packed, accumulation, tmp_path):
     """One SGD step (lr 0.1) of RingAttentionTrainer at cp = 2 moves every parameter by -0.1 x
-    the unsharded model's gradient, and logs the unsharded loss."""
-    from test_transformers_integration import tiny_llama
+    the unsharded model's gradient (the mean over the accumulated micro-batches), and logs the
+    unsharded loss."""
+    from test_transformers_integration import flipped, full_batch, tiny_llama
 
     out = tmp_path / "trainer.npz"
-    torchrun_two_cpu_processes("tests/workers/trainer_ring.py", str(out), "packed" if packed else "one", str(tmp_path / "trainer_output"))
+    worker_args = (str(out), "packed" if packed else "one", str(tmp_path / "trainer_output"), str(accumulation))
+    torchrun_two_cpu_processes("tests/workers/trainer_ring.py", *worker_args)
     results = np.load(out)
-    from test_transformers_integration import flipped, full_batch
-
     batches = [full_batch(packed), flipped(full_batch(packed))]
-    loss, grads = unsharded(packed, batches[int(results["first"])])
+    trained = [batches[int(results["first"])]] if accumulation == 1 else batches
+    losses, gradients = zip(*(unsharded(packed, batch) for batch in trained))
+    loss = sum(losses) / len(trained)
+    grads = {name: sum(g[name] for g in gradients) / len(trained) for name in gradients[0]}
     assert abs(float(results["loss"][0]) - float(loss)) < 1e-4
     start = dict(tiny_llama("sdpa").named_parameters())
     for name, grad in grads.items():

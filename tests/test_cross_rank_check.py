@@ -1,10 +1,15 @@
-"""A call that differs across ranks raises on every rank instead of hanging."""
+"""A call that differs across ranks raises on every rank instead of hanging; a rank whose input is
+bad raises at once, and its peers fail within FA4_CP_RING_TIMEOUT even while it stays alive."""
+
+import time
 
 import pytest
 import torch
 
 import fa4_cp
-from gloo import run_gloo
+from ranks import run_ranks
+
+RING_TIMEOUT = 3
 
 
 def mismatched_call(rank: int, world_size: int, scenario: str) -> str:
@@ -14,21 +19,51 @@ def mismatched_call(rank: int, world_size: int, scenario: str) -> str:
     if scenario == "missing_rank" and rank == 1:
         return "rank 1 never calls"
     q, k, v = (torch.randn(1, seq_local, 2, 8) for _ in range(3))
-    fa4_cp.ring_attention(q, k, v, causal=causal)
+    if scenario == "bad_window" and rank == 1:
+        try:
+            fa4_cp.ring_attention(q, k, v, causal=True, window_size=(4, 2))
+        except ValueError as error:
+            time.sleep(3 * RING_TIMEOUT)  # alive, and past the peers' ring timeout
+            raise ValueError(f"after {time.monotonic()}: {error}") from error
+    started = time.monotonic()
+    try:
+        fa4_cp.ring_attention(q, k, v, causal=causal)
+    except RuntimeError as error:
+        raise RuntimeError(f"after {time.monotonic() - started:.1f} s: {error}") from error
     return "returned"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["causal", "seq_len"])
-def test_mismatched_arguments_raise_on_every_rank(scenario, tmp_path):
-    outcomes = run_gloo(mismatched_call, 2, tmp_path, scenario, timeout=120)
-    for rank, (status, message) in enumerate(outcomes):
-        assert status == "error", f"rank {rank} returned instead of raising"
-        assert "ValueError" in message and "differs across the ranks" in message
+@pytest.mark.parametrize(
+    "scenario,fields",
+    [("causal", ["mask (ranks 0: BandMask(lo=None, hi=0); ranks 1: BandMask(lo=None, hi=None))"]),
+     ("seq_len", ["q shape (ranks 0: (1, 8, 2, 8); ranks 1: (1, 16, 2, 8))", "k/v shape"])],
+)
+def test_mismatched_arguments_raise_on_every_rank_naming_the_fields(scenario, fields, tmp_path):
+    outcomes = run_ranks(mismatched_call, 2, tmp_path, scenario, timeout=120)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome.status == "error", f"rank {rank} {outcome.status} instead of raising"
+        assert "ValueError: ring attention call differs across the ranks of the group" in outcome.value
+        for field in fields:
+            assert field in outcome.value, outcome.value
+        assert "dtype" not in outcome.value.split("differs")[1].split(".")[0]  # fields that agree are not listed
+
+
+@pytest.mark.slow
+def test_a_rank_with_bad_input_raises_at_once_and_its_peer_within_the_ring_timeout(tmp_path):
+    started = time.monotonic()
+    outcomes = run_ranks(mismatched_call, 2, tmp_path, "bad_window", timeout=60, pg_timeout=600, env={"FA4_CP_RING_TIMEOUT": str(RING_TIMEOUT)})
+    assert outcomes[1].status == "error" and "ValueError" in outcomes[1].value and "window_size: a causal mask" in outcomes[1].value
+    peer = outcomes[0]
+    assert peer.status == "error", (peer.status, peer.value)
+    assert f"fa4_cp ring timeout: rank 0 of 2: the cross-rank check of the call did not complete within {RING_TIMEOUT} s" in peer.value
+    waited = float(peer.value.split("after ")[1].split(" s:")[0])
+    assert RING_TIMEOUT <= waited < RING_TIMEOUT + 5, waited
+    assert time.monotonic() - started < 50
 
 
 @pytest.mark.slow
 def test_a_rank_that_never_calls_makes_the_other_raise_within_the_timeout(tmp_path):
-    outcomes = run_gloo(mismatched_call, 2, tmp_path, "missing_rank", timeout=60, pg_timeout=5)
-    assert outcomes[1] == ("ok", "rank 1 never calls")
-    assert outcomes[0][0] == "error"
+    outcomes = run_ranks(mismatched_call, 2, tmp_path, "missing_rank", timeout=60, pg_timeout=600, env={"FA4_CP_RING_TIMEOUT": str(RING_TIMEOUT)})
+    assert (outcomes[1].status, outcomes[1].value) == ("ok", "rank 1 never calls")
+    assert outcomes[0].status == "error" and "fa4_cp ring timeout: rank 0 of 2" in outcomes[0].value

@@ -5,20 +5,18 @@ import torch
 
 from fa4_cp.kernels import BandMask, ReferenceBackend, VarlenRows
 from fa4_cp.kernels.merge import merge_partials_, merged_lse
-from oracle import naive_attention
+from oracle import band_matrix as oracle_band, naive_attention
 
 BACKEND = ReferenceBackend()
 
 
-def band_matrix(seqlen_q: int, seqlen_k: int, mask: BandMask, q_offset: int = 0, k_offset: int = 0) -> torch.Tensor:
-    """Independent (seqlen_q, seqlen_k) visibility of a band, in coordinates shifted by the offsets."""
-    offset = (torch.arange(seqlen_k)[None, :] + k_offset) - (torch.arange(seqlen_q)[:, None] + q_offset)
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
-    if mask.lo is not None:
-        visible &= offset >= mask.lo
-    if mask.hi is not None:
-        visible &= offset <= mask.hi
-    return visible
+def band_matrix(seqlen_q: int, seqlen_k: int, mask: BandMask) -> torch.Tensor:
+    return oracle_band(seqlen_q, seqlen_k, mask.lo, mask.hi)
+
+
+def forward_step(q, k, v, out, lse, *, mask, softmax_scale, accumulate, varlen=None):
+    """One block through a forward pass of its own."""
+    BACKEND.forward(q, k, softmax_scale=softmax_scale).step(q, k, v, out, lse, mask=mask, accumulate=accumulate, varlen=varlen)
 
 
 def fresh(batch=2, seq_q=24, seq_k=24, heads=4, kv_heads=2, dim=8, dtype=torch.float64, seed=0):
@@ -40,7 +38,7 @@ def poisoned_accumulators(q: torch.Tensor):
 def test_first_block_overwrites_poisoned_accumulators(mask, kv_heads):
     q, k, v = fresh(kv_heads=kv_heads)
     out, lse = poisoned_accumulators(q)
-    BACKEND.forward_step(q, k, v, out, lse, mask=mask, softmax_scale=0.3, accumulate=False)
+    forward_step(q, k, v, out, lse, mask=mask, softmax_scale=0.3, accumulate=False)
     expected_out, expected_lse = naive_attention(q, k, v, band_matrix(24, 24, mask), 0.3)
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
@@ -60,13 +58,13 @@ def test_kv_split_into_pieces_and_merged_equals_the_whole(pieces, mask, dtype):
     q, k, v = fresh(seq_k=48, dtype=dtype, seed=pieces)
     whole = shifted(mask, -24)  # the 24 queries sit at global positions 24..47 of the 48 keys
     whole_out, whole_lse = poisoned_accumulators(q)
-    BACKEND.forward_step(q, k, v, whole_out, whole_lse, mask=whole, softmax_scale=0.25, accumulate=False)
+    forward_step(q, k, v, whole_out, whole_lse, mask=whole, softmax_scale=0.25, accumulate=False)
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.full((2, 4, 24), float("-inf"), dtype=torch.float64)
     bounds = torch.linspace(0, 48, pieces + 1).round().long().tolist()
     for start, stop in zip(bounds, bounds[1:]):
         piece = shifted(mask, start - 24)
-        BACKEND.forward_step(q, k[:, start:stop], v[:, start:stop], out, lse, mask=piece, softmax_scale=0.25, accumulate=True)
+        forward_step(q, k[:, start:stop], v[:, start:stop], out, lse, mask=piece, softmax_scale=0.25, accumulate=True)
     truth_out, truth_lse = naive_attention(q.double(), k.double(), v.double(), band_matrix(24, 48, whole), 0.25)
     if dtype == torch.float64:
         torch.testing.assert_close(out, truth_out, rtol=1e-12, atol=1e-12)
@@ -79,12 +77,12 @@ def test_kv_split_into_pieces_and_merged_equals_the_whole(pieces, mask, dtype):
 def test_rows_that_see_no_key_get_zero_output_and_minus_infinite_lse():
     q, k, v = fresh()
     out, lse = poisoned_accumulators(q)
-    BACKEND.forward_step(q, k, v, out, lse, mask=BandMask(hi=-30), softmax_scale=0.3, accumulate=False)
+    forward_step(q, k, v, out, lse, mask=BandMask(hi=-30), softmax_scale=0.3, accumulate=False)
     assert (out == 0).all() and (lse == float("-inf")).all()
     # merging a block that sees nothing leaves earlier partials exactly as they were
-    BACKEND.forward_step(q, k, v, out, lse, mask=BandMask(hi=-10), softmax_scale=0.3, accumulate=True)
+    forward_step(q, k, v, out, lse, mask=BandMask(hi=-10), softmax_scale=0.3, accumulate=True)
     before_out, before_lse = out.clone(), lse.clone()
-    BACKEND.forward_step(q, k, v, out, lse, mask=BandMask(hi=-30), softmax_scale=0.3, accumulate=True)
+    forward_step(q, k, v, out, lse, mask=BandMask(hi=-30), softmax_scale=0.3, accumulate=True)
     assert torch.equal(out, before_out) and torch.equal(lse, before_lse)
     # and the backward of fully masked rows is exactly zero, without NaN
     dk, dv = (torch.zeros(t.shape, dtype=torch.float64) for t in (k, v))
@@ -139,7 +137,7 @@ def test_varlen_block_touches_only_selected_rows():
         seqused_q=torch.tensor([6, 5], dtype=torch.int32),
         seqused_k=torch.tensor([4, 7], dtype=torch.int32),
     )
-    BACKEND.forward_step(q, k, v, out, lse, mask=BandMask(hi=0), softmax_scale=0.35, accumulate=False, varlen=rows)
+    forward_step(q, k, v, out, lse, mask=BandMask(hi=0), softmax_scale=0.35, accumulate=False, varlen=rows)
     for (q0, q1), (k0, k1) in [((0, 6), (10, 14)), ((12, 17), (2, 9))]:
         expected_out, expected_lse = naive_attention(q[q0:q1], k[k0:k1], v[k0:k1], band_matrix(q1 - q0, k1 - k0, BandMask(hi=0)), 0.35)
         torch.testing.assert_close(out[q0:q1], expected_out.nan_to_num(0.0))

@@ -1,13 +1,16 @@
 """launch/train.py on gloo: cp = 2 trains exactly like one rank, a resumed run repeats the losses
 of an uninterrupted one, and bad configurations fail at start with a clear error."""
 
+import json
+import os
+import pickle
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from gloo import run_gloo
+from ranks import run_ranks, values
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 from config import PRESETS, check_world, parse_config  # noqa: E402
@@ -30,10 +33,8 @@ def train_tiny(rank, world_size, argv, collect_grads=False):
 
 def test_cp2_matches_one_rank_in_loss_and_gradients(tmp_path):
     argv = ["--preset", "tiny", "--steps", "3"]
-    ((status_one, (losses_one, grads_one)),) = run_gloo(train_tiny, 1, fresh_dir(tmp_path, "one"), argv + ["--cp", "1"], True)
-    outcomes = run_gloo(train_tiny, 2, fresh_dir(tmp_path, "two"), argv + ["--cp", "2"], True)
-    assert status_one == "ok" and all(status == "ok" for status, _ in outcomes), outcomes
-    losses_two, grads_two = outcomes[0][1]
+    ((losses_one, grads_one),) = values(run_ranks(train_tiny, 1, fresh_dir(tmp_path, "one"), argv + ["--cp", "1"], True))
+    losses_two, grads_two = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "two"), argv + ["--cp", "2"], True))[0]
     assert losses_one[0] > 5.0  # a byte model starts near log(256) = 5.5
     torch.testing.assert_close(torch.tensor(losses_two), torch.tensor(losses_one), rtol=1e-5, atol=1e-6)
     for step in range(3):
@@ -84,9 +85,7 @@ def train_each_checkpointing_mode(rank, world_size, argv):
 
 def test_checkpointing_modes_agree_and_except_attention_runs_attention_once(tmp_path):
     steps, layers = 2, PRESETS["tiny"].model.n_layers
-    outcomes = run_gloo(train_each_checkpointing_mode, 2, tmp_path, ["--preset", "tiny", "--cp", "2", "--steps", str(steps)])
-    assert all(status == "ok" for status, _ in outcomes), outcomes
-    by_mode = outcomes[0][1]
+    by_mode = values(run_ranks(train_each_checkpointing_mode, 2, tmp_path, ["--preset", "tiny", "--cp", "2", "--steps", str(steps)]))[0]
     assert by_mode["none"][2] == by_mode["except-attention"][2] == steps * layers
     assert by_mode["layer"][2] == 2 * steps * layers  # backward re-runs each layer's attention forward
     assert by_mode["none"][3] > by_mode["except-attention"][3] > by_mode["layer"][3]
@@ -111,20 +110,24 @@ def fresh_dir(tmp_path, name):
 
 def test_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     base = ["--preset", "tiny", "--cp", "2", "--steps", "4"]
-    straight = run_gloo(train_tiny, 2, fresh_dir(tmp_path, "straight"), base)
+    straight = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "straight"), base))
     checkpoints = str(tmp_path / "checkpoints")
-    first_half = run_gloo(
+    first_half = values(run_ranks(
         train_tiny, 2, fresh_dir(tmp_path, "first"),
         base + ["--stop-at", "2", "--checkpoint-dir", checkpoints, "--checkpoint-every", "2"],
-    )
-    second_half = run_gloo(train_tiny, 2, fresh_dir(tmp_path, "second"), base + ["--checkpoint-dir", checkpoints, "--resume"])
-    for outcome in (straight, first_half, second_half):
-        assert all(status == "ok" for status, _ in outcome), outcome
-    assert first_half[0][1][0] + second_half[0][1][0] == straight[0][1][0]
+    ))
+    resumed = run_ranks(train_tiny, 2, fresh_dir(tmp_path, "second"), base + ["--checkpoint-dir", checkpoints, "--resume"])
+    second_half = values(resumed)
+    assert first_half[0][0] + second_half[0][0] == straight[0][0]
+    assert "resuming from step 2 of 4" in resumed[0].stderr
 
-    foreign = run_gloo(train_tiny, 2, fresh_dir(tmp_path, "foreign"), base + ["--seq-len", "512", "--checkpoint-dir", checkpoints, "--resume"])
-    assert all(status == "error" for status, _ in foreign)
-    assert "checkpoint_dir: the checkpoint in" in foreign[0][1] and "seq_len: checkpoint 256, this run 512" in foreign[0][1]
+    longer = run_ranks(train_tiny, 2, fresh_dir(tmp_path, "longer"), base[:-1] + ["6", "--checkpoint-dir", checkpoints, "--resume"])
+    assert len(values(longer)[0][0]) == 4  # steps 3 to 6
+    assert "the LR schedule changes from the checkpoint's, now recomputed from step 2: steps: checkpoint 4, this run 6" in longer[0].stderr
+
+    foreign = run_ranks(train_tiny, 2, fresh_dir(tmp_path, "foreign"), base + ["--seq-len", "512", "--checkpoint-dir", checkpoints, "--resume"])
+    assert all(outcome.status == "error" for outcome in foreign)
+    assert "checkpoint_dir: the checkpoint in" in foreign[0].value and "seq_len: checkpoint 256, this run 512" in foreign[0].value
 
 
 def test_seq_len_not_divisible_by_two_cp():
@@ -164,3 +167,88 @@ def test_rope_depends_only_on_the_distance_even_a_million_tokens_in():
     near = score(3, 10)
     assert abs(score(1_048_003, 1_048_010) - near) < 1e-4 * max(1.0, abs(near))
     assert abs(score(3, 10) - score(3, 11)) > 1e-3  # the score does depend on the distance
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
+    """DCP's metadata and the RNG file are checked before anything from them is used."""
+    import torch.distributed.checkpoint as dcp
+
+    import checkpoint
+
+    genuine = tmp_path / "genuine"
+    dcp.save({"x": torch.ones(3)}, checkpoint_id=str(genuine), no_dist=True)
+    checkpoint.check_dcp_metadata(genuine)  # DCP's own metadata passes
+    torch.save({"torch": torch.get_rng_state()}, genuine / "rng_rank0.pt")
+    (genuine / "python_rng_rank0.json").write_text(json.dumps([3, list(range(625)), None]))
+    assert checkpoint.read_rng(genuine, 0)[0]["torch"].dtype == torch.uint8
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(ValueError, match=r"checkpoint_dir: refusing .*\.metadata: posix.system is not part of DCP's metadata"):
+        checkpoint.check_dcp_metadata(evil)
+    torch.save({"torch": _RunsCode()}, evil / "rng_rank0.pt")
+    with pytest.raises(ValueError, match=r"checkpoint_dir: refusing .*rng_rank0.pt"):
+        checkpoint.read_rng(evil, 0)
+    assert not (Path.cwd() / "pwned").exists() and not (evil / "pwned").exists()
+
+
+def test_dp_shard_2_by_cp_2_matches_one_rank_over_both_sequences(tmp_path):
+    """Each dp_shard replica trains on its own sequence; the step's gradient is that of the loss
+    summed over both sequences divided by their total count of predicted tokens (the count is
+    all-reduced over dp_shard), as one rank computes it here."""
+    import fa4_cp
+    from data import TokenStream
+    from loss import IGNORE_INDEX
+    from model import Decoder
+
+    argv = ["--preset", "tiny", "--steps", "1", "--dp-shard", "2", "--cp", "2"]
+    losses, grads = values(run_ranks(train_tiny, 4, fresh_dir(tmp_path, "four"), argv, True, timeout=300))[0]
+    config = parse_config(argv)
+    model = Decoder(config.model)
+    model.init_weights(config.seed)
+    model.ring = {"group": None, "backend": None, "transport": None}
+    data = TokenStream(config.data, config.seq_len, config.seed)
+    total, valid = 0.0, 0
+    for replica in range(2):
+        input_ids, labels = data.batch(replica)
+        local = fa4_cp.shard_inputs(input_ids[None], labels[None])
+        total = total + model(local["input_ids"], local["position_ids"], local["labels"], config.loss_chunk)
+        valid += int((labels != IGNORE_INDEX).sum())
+    (total / valid).backward()
+    assert losses[0] == pytest.approx(float(total / valid), rel=1e-5)
+    trained = {name.replace("_checkpoint_wrapped_module.", ""): grad for name, grad in grads[0].items()}
+    assert trained.keys() == dict(model.named_parameters()).keys()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(torch.from_numpy(trained[name]), parameter.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--attention-backend", "flash"], "attention_backend: expected one of auto, fa4, reference, got 'flash'"),
+        (["--attention-backend", "fa4"], "attention_backend: 'fa4' needs --device cuda"),
+        (["--transport", "shm"], "transport: expected one of auto, nccl, copy_engine, got 'shm'"),
+        (["--keep-checkpoints", "0"], "keep_checkpoints: expected a positive count, got 0"),
+    ],
+)
+def test_bad_ring_settings_fail_at_start(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(["--preset", "tiny", *flags])
+
+
+def test_help_documents_every_flag_with_its_default():
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        parse_config(["--help"])
+    flags = [word for word in text.getvalue().split() if word.startswith("--") and word != "--help"]
+    assert {"--seq-len", "--keep-checkpoints", "--attention-backend", "--transport", "--n-kv-heads"} <= set(flags)
+    assert "(default tiny: 256, small: 131072, 1b: 1048576)" in " ".join(text.getvalue().split())

@@ -3,8 +3,9 @@
 import torch
 
 from fa4_cp import SimulatedRing, ring_attention
-from fa4_cp.parallel.buffers import BufferPool
-from fa4_cp.parallel.transport import LocalTransport, resolve_transport
+from fa4_cp.comm.buffers import BufferPool
+from fa4_cp.comm.group import LocalGroup, resolve_group
+from fa4_cp.comm.transport import LocalTransport
 
 
 def test_pool_reuses_and_grows():
@@ -22,8 +23,10 @@ def test_pool_reuses_and_grows():
 
 
 def test_one_transport_per_group_keeps_its_buffers_across_calls():
-    assert resolve_transport(None) is resolve_transport(None)
-    assert isinstance(resolve_transport(None), LocalTransport)
+    group = resolve_group(None)
+    assert isinstance(group, LocalGroup) and group is resolve_group(None)
+    cpu = torch.device("cpu")
+    assert isinstance(group.transport("auto", cpu), LocalTransport) and group.transport("auto", cpu) is group.transport("nccl", cpu)
 
 
 def test_ring_calls_reuse_the_transports_buffers():
@@ -36,7 +39,7 @@ def test_ring_calls_reuse_the_transports_buffers():
             ring_attention(q, q, q, group=group, causal=True).sum().backward()
             grads.append(q.grad.clone())
             q.grad = None
-            pool = resolve_transport(group)._pool
+            pool = group.transport("auto", q.device)._pool
             pointers.append([pool.arena(channel).data_ptr() for channel in (0, 1)])
         return pointers, grads
 

@@ -3,62 +3,32 @@
 import pytest
 import torch
 
-import fa4_cp
-from gloo import run_gloo
-from oracle import (
-    CASES,
-    TENSORS,
-    assert_flash_rule,
-    errors_against,
-    make_inputs,
-    padding_slots,
-    reference_results,
-    ring_results_for_rank,
-)
+from oracle import CASES, DTYPES, TENSORS, assert_ring_matches, make_inputs, ring_results_for_rank
+from ranks import run_ranks, values
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+def seed_of(case, world_size: int) -> int:
+    return 100 * world_size + len(case.name)
 
 
 def ring_cases(rank: int, world_size: int) -> dict:
-    """Every case and dtype on this rank; rank 0 reports the errors after an all-gather unshard."""
+    """This rank's local results of every case and dtype."""
     torch.use_deterministic_algorithms(True)  # torch.empty is NaN-filled: unwritten outputs show
-    report = {}
-    for case in CASES:
-        for dtype_name, dtype in DTYPES.items():
-            inputs = make_inputs(case, world_size, dtype, seed=100 * world_size + len(case.name))
-            local = ring_results_for_rank(case, world_size, inputs, None, rank)
-            padding = padding_slots(case, world_size, rank)
-            clean_padding = all((local[n][..., padding, :, :] == 0).all() for n in ("out", "dq", "dk", "dv"))
-            clean_padding &= bool((local["lse"][..., padding] == float("-inf")).all())
-            full = {
-                name: fa4_cp.unshard(
-                    local[name],
-                    seq_dim=-1 if name == "lse" else (0 if case.documents else 1),
-                    layout=case.layout,
-                    cu_seqlens=inputs.cu_seqlens,
-                )
-                for name in TENSORS
-            }
-            entry = {"clean_padding": clean_padding}
-            if rank == 0:
-                truth = reference_results(case, world_size, inputs, torch.float64)
-                entry["errors"] = errors_against(truth, full)
-                entry["baseline"] = errors_against(truth, reference_results(case, world_size, inputs, dtype))
-            report[(case.name, dtype_name)] = entry
-    return report
+    return {
+        (case.name, dtype_name): ring_results_for_rank(case, world_size, make_inputs(case, world_size, dtype, seed_of(case, world_size)), None, rank)
+        for case in CASES
+        for dtype_name, dtype in DTYPES.items()
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_ring_on_gloo_matches_fp64_reference(world_size, tmp_path):
-    outcomes = run_gloo(ring_cases, world_size, tmp_path, timeout=300)
-    for rank, (status, value) in enumerate(outcomes):
-        assert status == "ok", f"rank {rank} failed:\n{value}"
-    for (case_name, dtype_name), entry in outcomes[0][1].items():
-        assert_flash_rule(entry["errors"], entry["baseline"], DTYPES[dtype_name], f"{case_name} {dtype_name} W={world_size}")
-    for rank, (_, report) in enumerate(outcomes):
-        dirty = [key for key, entry in report.items() if not entry["clean_padding"]]
-        assert not dirty, f"rank {rank}: padding not exactly 0 (lse -inf) in {dirty}"
+    per_rank = values(run_ranks(ring_cases, world_size, tmp_path, timeout=300))
+    for case in CASES:
+        for dtype_name, dtype in DTYPES.items():
+            inputs = make_inputs(case, world_size, dtype, seed_of(case, world_size))
+            assert_ring_matches(case, world_size, inputs, dtype, [local[(case.name, dtype_name)] for local in per_rank])
 
 
 def mesh_versus_process_group(rank: int, world_size: int) -> bool:
@@ -75,4 +45,4 @@ def mesh_versus_process_group(rank: int, world_size: int) -> bool:
 
 @pytest.mark.slow
 def test_ring_runs_on_a_device_mesh_dimension(tmp_path):
-    assert run_gloo(mesh_versus_process_group, 2, tmp_path, timeout=120) == [("ok", True), ("ok", True)]
+    assert values(run_ranks(mesh_versus_process_group, 2, tmp_path, timeout=120)) == [True, True]

@@ -2,13 +2,15 @@
 the full sequence is computed exactly once and no other pair is; skipped steps hold nothing visible.
 """
 
+import itertools
+
 import pytest
 import torch
 
 from fa4_cp import Sharding
 from fa4_cp.kernels import BandMask
 from fa4_cp.kernels.reference import band_visibility
-from fa4_cp.parallel.schedule import build_schedule
+from fa4_cp.plan.schedule import build_schedule
 
 
 def global_positions(sharding: Sharding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,3 +137,84 @@ def test_hops_outside_a_sliding_window_are_skipped():
     assert zigzag.steps == (0, 1, 7)  # head chunks reach rank - 1; tail chunks reach rank + 1 (step W - 1)
     empty = build_schedule(Sharding.dense(16 * 4, 8, "zigzag"), BandMask(lo=3, hi=1))
     assert empty.steps == ()
+
+
+def band_of(truth_by_offset: dict[int, bool]) -> bool:
+    """Whether one band lo <= j - i <= hi gives these visibilities: the visible offsets form an
+    interval with no hidden offset inside it."""
+    visible = [d for d, seen in truth_by_offset.items() if seen]
+    return bool(visible) and all(truth_by_offset.get(d, True) for d in range(min(visible), max(visible) + 1))
+
+
+def rectangle_is_one_band(q_chunks, kv_chunks, q_lanes: range, kv_lanes: range, mask: BandMask, sizes) -> bool:
+    """Brute force: one band, in the rectangle's local coordinates, computes exactly the pairs it
+    sees, for every chunk size at once."""
+    truth: dict[int, bool] = {}
+    for size in sizes:
+        offsets = torch.arange(size)
+        for a in q_lanes:
+            for b in kv_lanes:
+                i = (a - q_lanes.start) * size + offsets[:, None]  # local coordinates in the rectangle
+                j = (b - kv_lanes.start) * size + offsets[None, :]
+                shift = (kv_chunks[b] - q_chunks[a]) * size + offsets[None, :] - offsets[:, None]  # global key offset
+                seen = torch.ones_like(shift, dtype=torch.bool)
+                if mask.lo is not None:
+                    seen &= shift >= mask.lo
+                if mask.hi is not None:
+                    seen &= shift <= mask.hi
+                for d, s in zip((j - i).flatten().tolist(), seen.flatten().tolist()):
+                    if truth.setdefault(d, s) != s:
+                        return False
+    return band_of(truth)
+
+
+def least_cover(q_chunks, kv_chunks, mask: BandMask, sizes) -> tuple[int, int]:
+    """(calls, lane-pair area) of the best disjoint cover of the visible lane pairs, by brute force."""
+    lanes_q, lanes_kv = range(len(q_chunks)), range(len(kv_chunks))
+    runs = lambda n: [range(s, e) for s in range(n) for e in range(s + 1, n + 1)]  # noqa: E731
+    visible = {
+        (a, b) for a in lanes_q for b in lanes_kv
+        if rectangle_is_one_band(q_chunks, kv_chunks, range(a, a + 1), range(b, b + 1), mask, sizes)
+    }
+    if not visible:
+        return 0, 0
+    options = [
+        {(a, b) for a in q for b in kv}
+        for q in runs(len(q_chunks)) for kv in runs(len(kv_chunks))
+        if rectangle_is_one_band(q_chunks, kv_chunks, q, kv, mask, sizes)
+    ]
+    for count in range(1, len(visible) + 1):
+        areas = [
+            sum(map(len, chosen)) for chosen in itertools.combinations(options, count)
+            if set().union(*chosen) >= visible and sum(map(len, chosen)) == len(set().union(*chosen))
+        ]
+        if areas:
+            return count, min(areas)
+    raise AssertionError("no cover")
+
+
+AREA_RUNS = [(world, layout, name) for world in (1, 2, 3, 4, 5, 8) for layout in ("zigzag", "contiguous") for name in MASKS]
+
+
+@pytest.mark.parametrize(("world_size", "layout", "mask_name"), AREA_RUNS, ids=[f"W{w}-{l}-{m}" for w, l, m in AREA_RUNS])
+def test_schedule_covers_the_least_area(world_size, layout, mask_name):
+    """Per rank and step, as few calls and as little lane-pair area as a brute-force search finds,
+    for the dense chunk sizes and documents of mixed sizes that the tests above use."""
+    mask = MASKS[mask_name]
+    shardings = [Sharding.dense(chunks * size, world_size, layout) for chunks in [2 * world_size if layout == "zigzag" else world_size] for size in (1, 3)]
+    if mask_name in ("full", "causal"):
+        shardings.append(Sharding.documents(document_lengths(world_size), world_size, layout))
+    for sharding in shardings:
+        schedule = build_schedule(sharding, mask)
+        sizes = tuple(sorted({size for size in sharding.chunk_sizes if size > 0}))
+        best: dict[tuple, tuple[int, int]] = {}
+        for rank in range(world_size):
+            calls_at = dict(zip(schedule.steps, schedule.calls[rank]))
+            for step in range(world_size):
+                q_chunks, kv_chunks = sharding.chunks_of(rank), sharding.chunks_of((rank - step) % world_size)
+                key = (q_chunks, kv_chunks)
+                if key not in best:
+                    best[key] = least_cover(q_chunks, kv_chunks, mask, sizes)
+                calls = calls_at.get(step, ())
+                ours = (len(calls), sum(len(c.q_lanes) * len(c.kv_lanes) for c in calls))
+                assert ours == best[key], f"rank {rank} step {step} sizes {sizes}: schedule {ours}, least {best[key]}"

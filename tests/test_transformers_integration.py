@@ -1,11 +1,12 @@
-"""A stock LlamaForCausalLM (built from a config, no download) with attn_implementation
-"fa4_cp_ring" on a ring of 2 gloo ranks gives the loss and gradients of the unsharded model with
-transformers' own SDPA attention, for one sequence and for packed documents."""
+"""Stock transformers models (built from a config, no download) with attn_implementation
+"fa4_cp_ring" on a ring of 2 gloo ranks give the loss and gradients of the unsharded model under
+transformers' eager attention, for one sequence and for packed documents; and the entry refuses
+what it cannot honour, a batch that was not sharded for the ring among it."""
 
 import pytest
 import torch
 
-from gloo import run_gloo
+from ranks import run_ranks, values
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,13 +17,16 @@ SEQ = 128
 DOCUMENTS = [37, 64, 27]
 
 
-def tiny_llama(attn_implementation: str):
-    config = transformers.LlamaConfig(
+def tiny_llama(attn_implementation: str, family: str = "llama"):
+    """A 2-layer model; "granite" scales attention by attention_multiplier = 0.4, not 1/sqrt(16)."""
+    common = dict(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, attn_implementation=attn_implementation,
     )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).float()
+    if family == "granite":
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(attention_multiplier=0.4, **common)).float()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).float()
 
 
 def full_batch(packed: bool) -> dict:
@@ -47,10 +51,10 @@ def gradients(model) -> dict:
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def unsharded(packed: bool, batch: dict | None = None):
-    """transformers' SDPA on one device; packed documents run one by one (its SDPA path does not
-    separate documents from position_ids alone), their token losses summed."""
-    model = tiny_llama("sdpa")
+def unsharded(packed: bool, batch: dict | None = None, family: str = "llama"):
+    """transformers' eager attention on one device; packed documents run one by one (its eager
+    path does not separate documents from position_ids alone), their token losses summed."""
+    model = tiny_llama("eager", family)
     batch = batch or full_batch(packed)
     if not packed:
         loss = model(**batch).loss
@@ -66,11 +70,11 @@ def unsharded(packed: bool, batch: dict | None = None):
     return loss.detach(), gradients(model)
 
 
-def ring_rank(rank, world_size, packed):
+def ring_rank(rank, world_size, packed, family):
     import torch.distributed as dist
 
     register_ring_attention(group=None, backend="reference")
-    model = tiny_llama(ATTENTION_NAME)
+    model = tiny_llama(ATTENTION_NAME, family)
     loss = model(**shard_batch(full_batch(packed))).loss
     loss.backward()
     total = loss.detach().clone()
@@ -82,12 +86,12 @@ def ring_rank(rank, world_size, packed):
     return total.numpy(), {name: grad.numpy() for name, grad in grads.items()}
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["one_sequence", "packed_documents"])
-def test_ring_of_two_matches_the_unsharded_model(packed, tmp_path):
-    loss, grads = unsharded(packed)
-    outcomes = run_gloo(ring_rank, 2, tmp_path, packed)
-    assert all(status == "ok" for status, _ in outcomes), outcomes
-    ring_loss, ring_grads = outcomes[0][1]
+@pytest.mark.parametrize(
+    "family,packed", [("llama", False), ("llama", True), ("granite", False)], ids=["llama", "llama_packed", "granite_scaling"]
+)
+def test_ring_of_two_matches_the_unsharded_model(family, packed, tmp_path):
+    loss, grads = unsharded(packed, family=family)
+    ring_loss, ring_grads = values(run_ranks(ring_rank, 2, tmp_path, packed, family))[0]
     torch.testing.assert_close(torch.from_numpy(ring_loss), loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(torch.from_numpy(ring_grads[name]), grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
@@ -145,3 +149,38 @@ def test_name_is_not_taken_for_flash_attention():
     from transformers.utils.generic import is_flash_attention_requested
 
     assert not is_flash_attention_requested(requested_attention_implementation=ATTENTION_NAME)
+
+
+def test_a_batch_not_sharded_for_the_ring_is_refused():
+    """On a ring of 2, a layer called without shard_batch's marker, or with a marker that does not
+    fit, raises before any communication."""
+    from fa4_cp import SimulatedRing
+    from fa4_cp.integrations.transformers import SHARDS_KEY, RingSetup, RingShards
+
+    ring = SimulatedRing(2)
+    group = ring.group(0)
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"fa4_cp_ring: the model was called on a batch that shard_batch did not shard for this ring of 2"):
+        ring_attention_forward(_Layer(), q, k, v, None, ring_setup=RingSetup(group=group))
+    with pytest.raises(ValueError, match=r"sharded for 2 ranks \(zigzag, 32 local tokens\) but .* the layer got 16 tokens"):
+        ring_attention_forward(_Layer(), q, k, v, None, ring_setup=RingSetup(group=group), **{SHARDS_KEY: RingShards(2, "zigzag", 32)})
+    assert sum(ring.collectives.values()) == 0
+
+
+def test_shard_batch_marks_the_batch_it_shards():
+    from fa4_cp.integrations.transformers import SHARDS_KEY, RingShards
+
+    assert shard_batch(full_batch(False))[SHARDS_KEY] == RingShards(1, "zigzag", SEQ)
+
+
+def test_a_name_is_bound_to_one_ring():
+    from fa4_cp import SimulatedRing
+
+    ring = SimulatedRing(2)
+    one, other = ring.group(0), ring.group(1)
+    first = register_ring_attention(one, name="fa4_cp_ring_test")
+    assert register_ring_attention(one, name="fa4_cp_ring_test") == first  # the same ring again
+    with pytest.raises(ValueError, match="name: 'fa4_cp_ring_test' is already registered for another ring"):
+        register_ring_attention(other, name="fa4_cp_ring_test")
+    unnamed = register_ring_attention(other)
+    assert unnamed.startswith(ATTENTION_NAME) and register_ring_attention(other) == unnamed

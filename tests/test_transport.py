@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from fa4_cp import SimulatedRing
-from fa4_cp.parallel.transport import resolve_transport
-from gloo import run_gloo
+from fa4_cp.comm.group import resolve_group
+from ranks import run_ranks, values
 
 
 def shift_everywhere(rank: int, world_size: int, group=None) -> list[tuple[int, int, int]]:
     """(offset, received from, channel) for every offset, with two channels in flight together."""
-    transport = resolve_transport(group)
+    ring = resolve_group(group)
+    transport = ring.transport("auto", torch.device("cpu"))
     seen = []
     for offset in range(1, 2 * world_size + 1):
         sends = [torch.full((3, 5), float(100 * channel + rank)) for channel in (0, 1)]
@@ -21,7 +22,7 @@ def shift_everywhere(rank: int, world_size: int, group=None) -> list[tuple[int, 
         for c in (0, 1):
             assert (recvs[c] == recvs[c][0, 0]).all()
             seen.append((offset, int(recvs[c][0, 0].item()) - 100 * c, c))
-    gathered = transport.all_gather(torch.tensor([rank * 7]))
+    gathered = ring.all_gather(torch.tensor([rank * 7]))
     assert [int(t) for t in gathered] == [7 * r for r in range(world_size)]
     return seen
 
@@ -39,15 +40,14 @@ def test_simulated_shift(world_size):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_gloo_shift_is_deadlock_free(world_size, tmp_path):
-    outcomes = run_gloo(shift_everywhere, world_size, tmp_path, timeout=120)
-    assert outcomes == [("ok", expected(rank, world_size)) for rank in range(world_size)]
+    assert values(run_ranks(shift_everywhere, world_size, tmp_path, timeout=120)) == [expected(rank, world_size) for rank in range(world_size)]
 
 
 def test_simulated_ring_reports_a_failing_rank_instead_of_hanging():
     def body(group):
         if group.rank == 2:
             raise RuntimeError("rank 2 fails on purpose")
-        transport = resolve_transport(group)
+        transport = group.transport("auto", torch.device("cpu"))
         transport.shift(torch.zeros(2), torch.zeros(2), 1).wait()
 
     with pytest.raises(RuntimeError, match="rank 2 fails on purpose"):
@@ -57,7 +57,7 @@ def test_simulated_ring_reports_a_failing_rank_instead_of_hanging():
 def test_simulated_ring_times_out_a_missing_peer():
     def body(group):
         if group.rank == 0:
-            resolve_transport(group).shift(torch.zeros(2), torch.zeros(2), 1).wait()
+            group.transport("auto", torch.device("cpu"))  # collective: the peer never joins
 
     with pytest.raises(RuntimeError, match="no peer answered"):
         SimulatedRing(2, timeout=1).run(body)

@@ -1,31 +1,17 @@
 """Bad input: a ValueError naming the argument, raised before any communication.
 
-The calls run on a 2-rank simulated ring whose transport fails the test if it is ever used.
+Every call runs on every rank of a 2-rank simulated ring, whose group counts the collectives each
+rank takes part in (all-gathers, shifts, and the transport's set-up, which is collective as it
+is between GPUs); a refused call must leave every count at 0.
 """
+
+import warnings
 
 import pytest
 import torch
 
 import fa4_cp
-from fa4_cp.parallel import transport as transport_module
-from fa4_cp.parallel.simulated import SimulatedGroup, SimulatedRing
-
-
-class NoCommunication:
-    def __init__(self, group):
-        self.rank, self.world_size = group.rank, group.world_size
-
-    def shift(self, *args, **kwargs):
-        raise AssertionError("communication before the arguments were checked")
-
-    all_gather = shift
-
-
-@pytest.fixture
-def group(monkeypatch) -> SimulatedGroup:
-    monkeypatch.setattr("fa4_cp.parallel.simulated.SimulatedTransport", NoCommunication)
-    assert transport_module.resolve_transport(SimulatedRing(2).group(0)).__class__ is NoCommunication
-    return SimulatedRing(2).group(0)
+from fa4_cp import SimulatedRing
 
 
 def qkv(batch=1, seq=8, heads=4, kv_heads=2, dim=16, dtype=torch.float32):
@@ -36,97 +22,121 @@ def qkv(batch=1, seq=8, heads=4, kv_heads=2, dim=16, dtype=torch.float32):
     )
 
 
-def raises(argument: str, expected: str):
-    return pytest.raises(ValueError, match=rf"^{argument}: .*{expected}")
+def refused(call, argument: str, expected: str) -> None:
+    """`call(group)` raises ValueError("<argument>: ...<expected>...") on every rank, before any collective."""
+    ring = SimulatedRing(2)
+    with pytest.raises(ValueError, match=rf"^{argument}: .*{expected}"):
+        ring.run(call)
+    assert sum(ring.collectives.values()) == 0, f"communicated before refusing: {dict(ring.collectives)}"
 
 
-def test_wrong_ndim(group):
+def test_the_counting_group_sees_a_good_call_communicate():
+    """The harness can fail: a call that passes its checks communicates."""
     q, k, v = qkv()
-    with raises("q", "expected 4 dims"):
-        fa4_cp.ring_attention(q[0], k, v, group=group)
-    with raises("k", "expected 3 dims"):
-        fa4_cp.ring_attention_varlen(q[0], k, v[0], torch.tensor([0, 16], dtype=torch.int32), group=group)
+    ring = SimulatedRing(2)
+    ring.run(lambda group: fa4_cp.ring_attention(q, k, v, group=group))
+    assert all(ring.collectives[rank] > 0 for rank in range(2))
 
 
-def test_wrong_shape(group):
+def test_wrong_ndim():
     q, k, v = qkv()
-    with raises("v", "expected the shape of k"):
-        fa4_cp.ring_attention(q, k, v[..., :8], group=group)
-    with raises("k", "expected the leading dims of q"):
-        fa4_cp.ring_attention(q, k[:, :4], v[:, :4], group=group)
-    with raises("k", "expected the head_dim of q"):
-        fa4_cp.ring_attention(q[..., :8], k, v, group=group)
-    with raises("q", "expected no empty dim"):
-        fa4_cp.ring_attention(q[:, :0], k[:, :0], v[:, :0], group=group)
+    refused(lambda g: fa4_cp.ring_attention(q[0], k, v, group=g), "q", "expected 4 dims")
+    refused(lambda g: fa4_cp.ring_attention_varlen(q[0], k, v[0], torch.tensor([0, 16], dtype=torch.int32), group=g), "k", "expected 3 dims")
 
 
-def test_wrong_dtype(group):
+def test_wrong_shape():
     q, k, v = qkv()
-    with raises("k", "expected the dtype of q"):
-        fa4_cp.ring_attention(q, k.double(), v, group=group)
-    with raises("q", "expected dtype in"):
-        fa4_cp.ring_attention(q.int(), k.int(), v.int(), group=group)
+    refused(lambda g: fa4_cp.ring_attention(q, k, v[..., :8], group=g), "v", "expected the shape of k")
+    refused(lambda g: fa4_cp.ring_attention(q, k[:, :4], v[:, :4], group=g), "k", "expected the leading dims of q")
+    refused(lambda g: fa4_cp.ring_attention(q[..., :8], k, v, group=g), "k", "expected the head_dim of q")
+    refused(lambda g: fa4_cp.ring_attention(q[:, :0], k[:, :0], v[:, :0], group=g), "q", "expected no empty dim")
 
 
-def test_wrong_device(group):
+def test_wrong_dtype_and_device():
     q, k, v = qkv()
-    with raises("v", "expected the device of q"):
-        fa4_cp.ring_attention(q, k, v.to("meta"), group=group)
+    refused(lambda g: fa4_cp.ring_attention(q, k.double(), v, group=g), "k", "expected the dtype of q")
+    refused(lambda g: fa4_cp.ring_attention(q.int(), k.int(), v.int(), group=g), "q", "expected dtype in")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v.to("meta"), group=g), "v", "expected the device of q")
+    refused(lambda g: fa4_cp.ring_attention(q, "k", v, group=g), "k", "expected a torch.Tensor")
 
 
-def test_kv_heads_must_divide_q_heads(group):
+def test_kv_heads_must_divide_q_heads():
     q, k, v = qkv(heads=4, kv_heads=3)
-    with raises("k", "head count dividing"):
-        fa4_cp.ring_attention(q, k, v, group=group)
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g), "k", "head count dividing")
 
 
-def test_local_length_must_fit_the_layout(group):
+def test_local_length_must_fit_the_layout():
     q, k, v = qkv(seq=7)
-    with raises("q", "divisible by 4, so a local length divisible by 2; got 7"):
-        fa4_cp.ring_attention(q, k, v, group=group)
-    with raises("layout", "expected one of"):
-        fa4_cp.ring_attention(*qkv(), group=group, layout="striped")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g), "q", "divisible by 4, so a local length divisible by 2; got 7")
+    refused(lambda g: fa4_cp.ring_attention(*qkv(), group=g, layout="striped"), "layout", "expected one of")
 
 
-def test_cu_seqlens_must_be_int32_monotone_and_end_at_the_total(group):
+def test_cu_seqlens_must_be_int32_monotone_and_end_at_the_total():
     q, k, v = (t[0] for t in qkv(seq=16))
-    with raises("cu_seqlens", "1-D int32"):
-        fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 30]), group=group)
-    with raises("cu_seqlens", "non-decreasing"):
-        fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 20, 12, 30], dtype=torch.int32), group=group)
-    with raises("cu_seqlens", r"expected \[0, end of document 1"):
-        fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([3, 30], dtype=torch.int32), group=group)
-    with raises("cu_seqlens", "take 8 local rows per rank .* but q has 16"):
-        fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 16], dtype=torch.int32), group=group)
+    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 30]), group=g), "cu_seqlens", "1-D int32")
+    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 20, 12, 30], dtype=torch.int32), group=g), "cu_seqlens", "non-decreasing")
+    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([3, 30], dtype=torch.int32), group=g), "cu_seqlens", r"expected \[0, end of document 1")
+    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 16], dtype=torch.int32), group=g), "cu_seqlens", "take 8 local rows per rank .* but q has 16")
 
 
-def test_window_on_a_layout_that_cannot_honour_it(group):
+def test_window_on_a_layout_that_cannot_honour_it():
     q, k, v = (t[0] for t in qkv(seq=8))
-    with raises("window_size", "not supported with varlen documents"):
-        fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 16], dtype=torch.int32), group=group, window_size=(4, 0))
+    cu = torch.tensor([0, 16], dtype=torch.int32)
+    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, cu, group=g, window_size=(4, 0)), "window_size", "not supported with varlen documents")
 
 
-def test_malformed_mask_and_scale(group):
+def test_malformed_mask_flags_and_backend():
     q, k, v = qkv()
-    with raises("window_size", r"ints >= -1"):
-        fa4_cp.ring_attention(q, k, v, group=group, window_size=(-3, 0))
-    with raises("window_size", "right must be -1 or 0"):
-        fa4_cp.ring_attention(q, k, v, group=group, causal=True, window_size=(4, 2))
-    with raises("causal", "expected a bool"):
-        fa4_cp.ring_attention(q, k, v, group=group, causal="yes")
-    with raises("softmax_scale", "positive finite"):
-        fa4_cp.ring_attention(q, k, v, group=group, softmax_scale=float("nan"))
-    with raises("backend", "expected one of"):
-        fa4_cp.ring_attention(q, k, v, group=group, backend="cudnn")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, window_size=(-3, 0)), "window_size", r"ints >= -1")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, causal=True, window_size=(4, 2)), "window_size", "right must be -1 or 0")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, causal="yes"), "causal", "expected a bool")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, return_lse=1), "return_lse", "expected a bool")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, backend="cudnn"), "backend", "expected one of")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, transport="shm"), "transport", r"expected one of \('auto', 'nccl', 'copy_engine'\)")
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("-inf"), float("nan"), True, "0.1"], ids=repr)
+def test_softmax_scale_must_be_positive_and_finite(scale):
+    q, k, v = qkv()
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, softmax_scale=scale), "softmax_scale", "positive finite")
+
+
+def test_the_fa4_backend_says_why_it_cannot_run():
+    q, k, v = qkv()
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, backend="fa4"), "backend 'fa4'", "")
 
 
 def test_group_must_be_a_known_kind():
     q, k, v = qkv()
-    with raises("group", "expected None, a ProcessGroup"):
+    with pytest.raises(ValueError, match="group: expected None, a ProcessGroup"):
         fa4_cp.ring_attention(q, k, v, group="cp")
 
 
-def test_unknown_transport_is_refused_before_any_communication():
-    q = torch.randn(1, 8, 2, 16)
-    with pytest.raises(ValueError, match=r"transport: expected one of \('auto', 'nccl', 'copy_engine'\), got 'shm'"):
-        fa4_cp.ring_attention(q, q, q, transport="shm")
+def test_transport_from_the_environment_is_checked_too(monkeypatch):
+    monkeypatch.setenv("FA4_CP_TRANSPORT", "shm")
+    q, k, v = qkv()
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g), "transport", "FA4_CP_TRANSPORT")
+
+
+def test_auto_warns_once_with_the_reason_when_it_cannot_pick_fa4(monkeypatch):
+    """16-bit CUDA inputs (fake tensors: no GPU needed) without the GPU stack fall back to the
+    reference with one warning naming why; the second call is silent."""
+    import sys
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fa4_cp import kernels
+
+    monkeypatch.setitem(sys.modules, "fa4_cp.kernels.fa4.backend", None)  # the import fails
+    monkeypatch.setattr(kernels, "_warned", set())
+    with FakeTensorMode():
+        q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = kernels.get_backend("auto", q)
+        second = kernels.get_backend(None, q)
+    assert first.name == second.name == "reference"
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert "O(S^2) PyTorch reference on 16-bit CUDA inputs: the GPU stack is not importable" in str(caught[0].message)
+    with pytest.raises(ValueError, match="backend 'fa4': the GPU stack is not importable"):
+        kernels.get_backend("fa4", q)

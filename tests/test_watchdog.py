@@ -3,7 +3,7 @@
 import threading
 import time
 
-from fa4_cp.parallel.watchdog import HopWatchdog, timeout_message
+from fa4_cp.comm.watchdog import HopWatchdog, timeout_message
 
 
 class FakeEvent:

@@ -4,14 +4,17 @@ position_ids and pre-shifted labels, with packed documents detected from positio
 transformers' causal-LM loss shifts labels itself, which would cross shard boundaries; the
 sharded batch carries `shift_labels` (shifted before sharding) and `num_items_in_batch` (the
 global count of predicted tokens), so every rank's loss is its share of the global mean, and
-summing gradients over the ring gives the unsharded gradients.
+summing gradients over the ring gives the unsharded gradients. It also carries `fa4_cp_shards`,
+which the attention entry checks, so a model called on an unsharded batch raises.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..comm.group import resolve_group
 from ..shard import shard_inputs, shift_labels
+from .transformers import SHARDS_KEY, RingShards
 
 IGNORE_INDEX = -100
 
@@ -47,6 +50,7 @@ def shard_batch(batch: dict[str, torch.Tensor], group: object = None, layout: st
         "labels": local["labels"],
         "shift_labels": local["labels"],
         "num_items_in_batch": (shifted != IGNORE_INDEX).sum(),
+        SHARDS_KEY: RingShards(resolve_group(group).world_size, layout, local["input_ids"].shape[-1]),
     }
     if cu_seqlens is not None:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

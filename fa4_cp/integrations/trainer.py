@@ -10,6 +10,9 @@ it also gives every rank of a cp group the same batches.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="fa4_cp_ring")
     trainer = RingAttentionTrainer(model=model, args=args, train_dataset=dataset)
 
+The trainer binds the model to a ring on its own cp mesh: when that ring is not the one the model
+was built with, it registers it under a name of its own and switches the model to it.
+
 Gradient accumulation is supported; each micro-batch's loss is its share of that micro-batch's
 mean (scaled for the cp average), divided by the accumulation steps.
 """
@@ -23,12 +26,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import Trainer
 
 from .accelerate import RingAttentionPlugin
+from .transformers import is_ring_attention
 
 
 class RingAttentionTrainer(Trainer):
     def __init__(self, *args, cp_size: int | None = None, ring_backend: str | None = None, ring_transport: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ring = RingAttentionPlugin(self.accelerator, cp_size=cp_size, backend=ring_backend, transport=ring_transport)
+        built_with = self.model.config._attn_implementation
+        if not is_ring_attention(built_with):
+            raise ValueError(
+                f"model: built with attn_implementation={built_with!r}; RingAttentionTrainer trains with fa4_cp ring "
+                "attention: call register_ring_attention() and build the model with attn_implementation='fa4_cp_ring'"
+            )
+        if built_with != self.ring.attn_implementation:
+            self.model.set_attn_implementation(self.ring.attn_implementation)
 
     def _prepare_context_parallel_inputs(self, model: torch.nn.Module, inputs: dict) -> tuple:
         return contextlib.nullcontext, self.ring.shard(inputs)

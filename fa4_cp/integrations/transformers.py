@@ -3,24 +3,32 @@
     from fa4_cp.integrations.transformers import register_ring_attention
     name = register_ring_attention(group=mesh["cp"])           # "fa4_cp_ring"
     model = LlamaForCausalLM.from_pretrained(..., attn_implementation=name)
+    loss = model(**shard_batch(batch, group=mesh["cp"])).loss
 
 The name has no "flash" in it: transformers treats any implementation whose name contains
-"flash" as a FlashAttention variant (padding-free paths, dtype checks), which this is not.
-It registers no mask function, so transformers builds no mask for it; the inputs must come from
+"flash" as a FlashAttention variant (padding-free paths, dtype checks), which this is not. Each
+name is bound to one ring (group, backend, transport); a second ring needs a name of its own.
+It registers no mask function, so transformers builds no mask for it. Its inputs must come from
 `shard_batch` (zigzag shards, global positions, pre-shifted labels, global cu_seq_lens for packed
-documents). It refuses what it cannot honour: dropout, an explicit attention mask, and
-sliding-window layers.
+documents): the sharded batch carries a `fa4_cp_shards` marker that reaches every attention call,
+and a call on more than one rank without it is refused. A model called on the full batch on every
+rank would otherwise attend over W copies of the sequence and give a wrong loss without an error.
+It refuses what it cannot honour: dropout, an explicit attention mask, a KV cache, and
+sliding-window layers, each with a clear error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..attention import ring_attention, ring_attention_varlen
+from ..comm.group import resolve_group
 
 ATTENTION_NAME = "fa4_cp_ring"
+SHARDS_KEY = "fa4_cp_shards"
 
 
 @dataclass(frozen=True)
@@ -31,17 +39,67 @@ class RingSetup:
     transport: str | None = None
 
 
-_setup = RingSetup()
+@dataclass(frozen=True)
+class RingShards:
+    """What `shard_batch` made of a batch: checked by every attention call of the model."""
+
+    world_size: int
+    layout: str
+    local_len: int
 
 
-def register_ring_attention(group: object = None, *, backend: str | None = None, transport: str | None = None) -> str:
-    """Register the attention with transformers and set the ring it runs on; returns its name."""
+_setups: dict[str, RingSetup] = {}
+
+
+def register_ring_attention(
+    group: object = None, *, name: str | None = None, backend: str | None = None, transport: str | None = None
+) -> str:
+    """Register the attention with transformers, bound to this ring; returns its name.
+
+    A name is bound to one ring: registering it again with the same ring is a no-op, with another
+    ring it raises (models built with the name would silently switch rings). Without `name`,
+    "fa4_cp_ring" is used if it is free or already bound to this ring, else "fa4_cp_ring_2", ...
+    """
     from transformers import AttentionInterface
 
-    global _setup
-    _setup = RingSetup(group=group, backend=backend, transport=transport)
-    AttentionInterface.register(ATTENTION_NAME, ring_attention_forward)
-    return ATTENTION_NAME
+    setup = RingSetup(group=group, backend=backend, transport=transport)
+    if name is None:
+        name = next(n for n in _names() if n not in _setups or _same_setup(_setups[n], setup))
+    existing = _setups.get(name)
+    if existing is not None and not _same_setup(existing, setup):
+        raise ValueError(
+            f"name: {name!r} is already registered for another ring ({existing}); register this one under a name of its own"
+        )
+    _setups[name] = setup
+    AttentionInterface.register(name, _entry(setup))
+    return name
+
+
+def is_ring_attention(name: str | None) -> bool:
+    """Whether `name` is an attention implementation registered here."""
+    return name in _setups
+
+
+def _names():
+    yield ATTENTION_NAME
+    number = 2
+    while True:
+        yield f"{ATTENTION_NAME}_{number}"
+        number += 1
+
+
+def _same_setup(a: RingSetup, b: RingSetup) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError):  # groups that cannot be compared are different
+        return False
+
+
+def _entry(setup: RingSetup) -> Callable:
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return ring_attention_forward(module, query, key, value, attention_mask, scaling, dropout, ring_setup=setup, **kwargs)
+
+    return attention
 
 
 def ring_attention_forward(
@@ -52,14 +110,18 @@ def ring_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    *,
+    ring_setup: RingSetup | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q, k, v (b, h, s, d) -> (out (b, s, h, d), None)."""
+    setup = ring_setup or _setups.get(ATTENTION_NAME, RingSetup())
     _refuse_unsupported(module, query, key, attention_mask, dropout)
+    _check_sharded(kwargs.get(SHARDS_KEY), query.shape[2], resolve_group(setup.group).world_size, setup.layout)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
     options = dict(
-        group=_setup.group, causal=getattr(module, "is_causal", True), softmax_scale=scaling,
-        layout=_setup.layout, backend=_setup.backend, transport=_setup.transport,
+        group=setup.group, causal=getattr(module, "is_causal", True), softmax_scale=scaling,
+        layout=setup.layout, backend=setup.backend, transport=setup.transport,
     )
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
@@ -70,6 +132,23 @@ def ring_attention_forward(
         raise ValueError(f"{ATTENTION_NAME}: packed documents (cu_seq_lens_q) need batch size 1, got {q.shape[0]}")
     out = ring_attention_varlen(q[0], k[0], v[0], cu_seqlens.to(device="cpu", dtype=torch.int32), **options)
     return out[None], None
+
+
+def _check_sharded(shards: RingShards | None, seq_len: int, world_size: int, layout: str) -> None:
+    if world_size == 1 and shards is None:
+        return  # a ring of one: the full batch is the shard
+    if shards is None:
+        raise ValueError(
+            f"{ATTENTION_NAME}: the model was called on a batch that shard_batch did not shard for this ring of "
+            f"{world_size} ranks (no {SHARDS_KEY!r} in the model's keyword arguments). Pass batches through "
+            "fa4_cp.integrations.batches.shard_batch (RingAttentionPlugin.shard and RingAttentionTrainer do): on the "
+            f"full batch each rank would attend over {world_size} copies of the sequence"
+        )
+    if (shards.world_size, shards.layout) != (world_size, layout) or shards.local_len != seq_len:
+        raise ValueError(
+            f"{ATTENTION_NAME}: the batch was sharded for {shards.world_size} ranks ({shards.layout}, {shards.local_len} "
+            f"local tokens) but this ring has {world_size} ranks ({layout}) and the layer got {seq_len} tokens"
+        )
 
 
 def _refuse_unsupported(

@@ -69,6 +69,31 @@ nothing, while an fp32 LSE is rounded at every merge and its error grows as sqrt
 (4x at 72 ranks). The LSE a ring call returns, and its backward reads, is rounded once."""
 
 
+class ForwardPass(Protocol):
+    """One ring call's forward on one rank: built once, then one `step` per block call.
+    Everything fixed for the call (dtype, head sizes, GQA ratio, architecture, scale) is bound
+    when the pass is made, so a step only picks its kernel and launches it."""
+
+    def step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out_acc: torch.Tensor,
+        lse_acc: torch.Tensor,
+        *,
+        mask: BandMask,
+        accumulate: bool,
+        varlen: VarlenRows | None = None,
+    ) -> None:
+        """Merge softmax(q k^T) v of this block into (out_acc, lse_acc) in place.
+
+        With ``accumulate=False`` the block's result overwrites the accumulators (first block,
+        covering every row); rows not selected by ``varlen`` are never touched.
+        """
+        ...
+
+
 class BackwardPass(Protocol):
     """One ring call's backward on one rank, from its final (out, lse): built once, then one
     `step` per block call. dq accumulates inside the pass, in whatever layout the backend's
@@ -106,24 +131,8 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def forward_step(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out_acc: torch.Tensor,
-        lse_acc: torch.Tensor,
-        *,
-        mask: BandMask,
-        softmax_scale: float,
-        accumulate: bool,
-        varlen: VarlenRows | None = None,
-    ) -> None:
-        """Merge softmax(q k^T) v of this block into (out_acc, lse_acc) in place.
-
-        With ``accumulate=False`` the block's result overwrites the accumulators (first block,
-        covering every row); rows not selected by ``varlen`` are never touched.
-        """
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float) -> ForwardPass:
+        """Start the forward of one ring call whose blocks take rows of `q` and of `k`-shaped KV."""
         ...
 
     def backward(

@@ -85,7 +85,7 @@ _varlen_cache: weakref.WeakKeyDictionary[VarlenRows, dict[BandMask, _Rows]] = we
 _varlen_cache_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=64)  # block shapes x masks of the calls in use
 def _cached_band(seqlen_q: int, seqlen_k: int, mask: BandMask, device: torch.device) -> torch.Tensor:
     return band_visibility(seqlen_q, seqlen_k, mask, device)
 
@@ -146,29 +146,8 @@ class ReferenceBackend:
 
     name = "reference"
 
-    def forward_step(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out_acc: torch.Tensor,
-        lse_acc: torch.Tensor,
-        *,
-        mask: BandMask,
-        softmax_scale: float,
-        accumulate: bool,
-        varlen: VarlenRows | None = None,
-    ) -> None:
-        rows = _rows(q, k, mask, varlen)
-        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, softmax_scale)
-        probs, lse = block.softmax()
-        out = block.ungrouped(probs @ block.v)
-        if accumulate:
-            out_rows, lse_rows = rows.q(out_acc), rows.q(lse_acc, seq_dim=-1)
-            merge_partials_(out_rows, lse_rows.transpose(-1, -2), out, lse.transpose(-1, -2))
-            out, lse = out_rows, lse_rows
-        rows.write_q(out_acc, out)
-        rows.write_q(lse_acc, lse, seq_dim=-1)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float) -> ReferenceForwardPass:
+        return ReferenceForwardPass(softmax_scale)
 
     def backward(
         self,
@@ -181,6 +160,23 @@ class ReferenceBackend:
         softmax_scale: float,
     ) -> ReferenceBackwardPass:
         return ReferenceBackwardPass(q, out, lse, dout, dlse, softmax_scale)
+
+
+class ReferenceForwardPass:
+    def __init__(self, softmax_scale: float):
+        self.softmax_scale = softmax_scale
+
+    def step(self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None) -> None:
+        rows = _rows(q, k, mask, varlen)
+        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale)
+        probs, lse = block.softmax()
+        out = block.ungrouped(probs @ block.v)
+        if accumulate:
+            out_rows, lse_rows = rows.q(out_acc), rows.q(lse_acc, seq_dim=-1)
+            merge_partials_(out_rows, lse_rows.transpose(-1, -2), out, lse.transpose(-1, -2))
+            out, lse = out_rows, lse_rows
+        rows.write_q(out_acc, out)
+        rows.write_q(lse_acc, lse, seq_dim=-1)
 
 
 class ReferenceBackwardPass:

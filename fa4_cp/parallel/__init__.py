@@ -1,1 +1,1 @@
-"""Ring machinery: layout, sharding, schedule, transport and executor."""
+"""The executor: the one ring loop, and what travels around it."""

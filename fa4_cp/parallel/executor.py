@@ -1,13 +1,12 @@
 """The ring loop, forward and backward: one loop for every layout, mask and transport.
 
-Forward: KV travels; each step merges its blocks into fp32 (out, lse) accumulators. The next
-hop is posted before the step's compute, into the other of two KV buffers.
-Backward: KV travels ahead as in the forward; each step's dK/dV go into a zeroed fp32 buffer,
-the partial sums arriving from the previous rank are added once that compute is done, and the
-total moves on while the next step computes (three dKV buffers). After the last active step
-each partial dK/dV jumps home to its owner in one hop.
-The KV and dKV buffers belong to the transport and are reused by every step and call; on GPU,
-hops run on the comm stream (see streams.py), so the loop never blocks the host.
+Everything fixed for the call is decided before the loop: the rank's plan (steps, blocks, rows,
+first write), the backend's pass, the tensors' views per side. The loop only posts hops and
+launches blocks.
+
+Forward: KV travels (travelling.py); each step merges its blocks into fp32 (out, lse)
+accumulators. Backward: KV travels ahead as in the forward, dK/dV partial sums one step behind.
+On GPU, hops run on the comm stream (comm/streams.py), so the loop never blocks the host.
 """
 
 from __future__ import annotations
@@ -16,83 +15,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ..comm.transport import Transport
 from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype
-from .rows import rank_rows
-from .schedule import RingSchedule
-from .sharding import Sharding
-from .streams import Arrival, post_hop
-from .transport import Transport
-
-KV_CHANNEL = 0
-DKV_CHANNEL = 1
+from ..plan.rows import RankPlan
+from .travelling import TravellingDKV, TravellingKV
 
 
 @dataclass(frozen=True)
 class Ring:
     """Everything a ring call needs besides its tensors."""
 
-    sharding: Sharding
-    schedule: RingSchedule
+    plan: RankPlan
     transport: Transport
     backend: AttentionBackend
     softmax_scale: float
 
-    @property
-    def rank(self) -> int:
-        return self.transport.rank
-
-    def home_offset(self, step: int) -> int:
-        """The hop that brings the KV held at `step` back to its owner."""
-        return -step % self.sharding.world_size
-
     def end_of_call(self) -> None:
         if self.transport.watchdog is not None:
             self.transport.watchdog.end_of_call()
-
-    def describe_hop(self, what: str, step: int, offset: int) -> str:
-        world_size = self.sharding.world_size
-        return (
-            f"the {what} hop from ring step {step} to {step + offset} (rank {(self.rank - offset) % world_size} "
-            f"-> rank {self.rank} -> rank {(self.rank + offset) % world_size})"
-        )
-
-
-class _TravellingKV:
-    """Local K and V packed into the first of two persistent buffers, then moved step to step."""
-
-    def __init__(self, ring: Ring, k: torch.Tensor, v: torch.Tensor):
-        self.ring = ring
-        self.current = 0
-        self.step = 0
-        self.pending: Arrival | None = None
-        if ring.sharding.world_size == 1:  # nothing travels: read the caller's K and V in place
-            self.buffers = [(k, v)]
-            return
-        self.buffers = ring.transport.buffers(KV_CHANNEL, 2, (2, *k.shape), k.dtype, k.device)
-        self.buffers[0][0].copy_(k)
-        self.buffers[0][1].copy_(v)
-
-    @property
-    def held(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) held now, indexable as [0] and [1]."""
-        return self.buffers[self.current]
-
-    def post(self, offset: int) -> None:
-        """Start moving the held KV `offset` ranks on; it is not read until `arrive`."""
-        hop = self.ring.describe_hop("KV", self.step, offset)
-        self.pending = post_hop(self.ring.transport, self.held, self.buffers[1 - self.current], offset, KV_CHANNEL, hop)
-        self.step += offset
-
-    def arrive(self) -> None:
-        if self.pending is not None:
-            self.pending.arrive()
-            self.pending = None
-            self.current = 1 - self.current
-
-    def start_at(self, step: int) -> None:
-        if step:
-            self.post(step)
-            self.arrive()
 
 
 def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
@@ -100,39 +40,31 @@ def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
     return (*q.shape[:-3], q.shape[-2], q.shape[-3])
 
 
+def _rows(t: torch.Tensor, rows: slice | None, seq_dim: int) -> torch.Tensor:
+    if rows is None:
+        return t
+    return t[..., rows, :, :] if seq_dim == -3 else t[..., rows]
+
+
 def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the local q against every rank's KV: (out, lse) in their accumulator dtypes."""
-    schedule, rank = ring.schedule, ring.rank
-    rows = rank_rows(ring.sharding, schedule, rank, q.device)
+    plan = ring.plan
     out_acc = torch.empty(q.shape, dtype=accumulator_dtype(q.dtype), device=q.device)
     lse_acc = torch.empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE, device=q.device)
-    # The first call may overwrite the accumulators if it covers every row (varlen: padding rows
-    # are never covered); otherwise they start as "no key seen yet".
-    first_calls = schedule.calls[rank][0] if schedule.steps else ()
-    first_writes = not ring.sharding.varlen and bool(first_calls) and first_calls[0].q_lanes == range(ring.sharding.lanes)
-    if not first_writes:
+    if not plan.writes_first:
         out_acc.zero_()
         lse_acc.fill_(float("-inf"))
-
-    kv = _TravellingKV(ring, k, v)
-    if schedule.steps:
-        kv.start_at(schedule.steps[0])
-    for index, step in enumerate(schedule.steps):
-        if index + 1 < len(schedule.steps):
-            kv.post(schedule.steps[index + 1] - step)
-        for number, call in enumerate(schedule.calls[rank][index]):
-            block = rows[(step, call)]
-            ring.backend.forward_step(
-                q[..., block.q, :, :],
-                kv.held[0][..., block.kv, :, :],
-                kv.held[1][..., block.kv, :, :],
-                out_acc[..., block.q, :, :],
-                lse_acc[..., block.q],
-                mask=call.mask,
-                softmax_scale=ring.softmax_scale,
-                accumulate=not (first_writes and index == 0 and number == 0),
-                varlen=block.varlen,
-            )
+    q_sides = [(_rows(q, rows, -3), _rows(out_acc, rows, -3), _rows(lse_acc, rows, -1)) for rows in plan.q_sides]
+    kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale)
+    kv = TravellingKV(plan, ring.transport, k, v)
+    kv.start()
+    for step in plan.steps:
+        if step.next_offset:
+            kv.post(step.next_offset)
+        for block in step.blocks:
+            q_rows, out_rows, lse_rows = q_sides[block.q_side]
+            k_rows, v_rows = kv.held(block.kv_side)
+            kernels.step(q_rows, k_rows, v_rows, out_rows, lse_rows, mask=block.mask, accumulate=block.accumulate, varlen=block.varlen)
         kv.arrive()
     ring.end_of_call()
     return out_acc, lse_acc
@@ -149,49 +81,24 @@ def ring_backward(
     dlse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (accumulator dtype or q's), dk and dv (new tensors in k's dtype) of the local shard."""
-    schedule, rank = ring.schedule, ring.rank
-    rows = rank_rows(ring.sharding, schedule, rank, q.device)
+    plan = ring.plan
     grads = ring.backend.backward(q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale)
-    if not schedule.steps:
+    if not plan.steps:
         return grads.dq(), torch.zeros_like(k), torch.zeros_like(v)
-    count = 1 if ring.sharding.world_size == 1 else 3
-    free = ring.transport.buffers(DKV_CHANNEL, count, (2, *k.shape), accumulator_dtype(q.dtype), k.device)
-    dkv = free.pop()
-    in_flight: tuple[Arrival, torch.Tensor, torch.Tensor] | None = None
-
-    kv = _TravellingKV(ring, k, v)
-    kv.start_at(schedule.steps[0])
-    for index, step in enumerate(schedule.steps):
-        last = index + 1 == len(schedule.steps)
-        if not last:
-            kv.post(schedule.steps[index + 1] - step)
-        dkv.zero_()
-        for call in schedule.calls[rank][index]:
-            block = rows[(step, call)]
-            grads.step(
-                kv.held[0][..., block.kv, :, :],
-                kv.held[1][..., block.kv, :, :],
-                dkv[0][..., block.kv, :, :],
-                dkv[1][..., block.kv, :, :],
-                q_rows=block.q,
-                mask=call.mask,
-                varlen=block.varlen,
-            )
-        if in_flight is not None:
-            pending, sent, received = in_flight
-            pending.arrive()
-            dkv += received
-            free += [sent, received]
-        offset = ring.home_offset(step) if last else schedule.steps[index + 1] - step
-        if offset == 0:
-            ring.end_of_call()
-            return grads.dq(), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
-        target = free.pop()
-        hop = ring.describe_hop("dKV", step, offset)
-        in_flight = (post_hop(ring.transport, dkv, target, offset, DKV_CHANNEL, hop), dkv, target)
-        dkv = free.pop()
+    q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
+    kv = TravellingKV(plan, ring.transport, k, v)
+    dkv = TravellingDKV(plan, ring.transport, k, accumulator_dtype(q.dtype))
+    kv.start()
+    for step in plan.steps:
+        if step.next_offset:
+            kv.post(step.next_offset)
+        dkv.begin_step()
+        for block in step.blocks:
+            k_rows, v_rows = kv.held(block.kv_side)
+            dk_rows, dv_rows = dkv.accumulator(block.kv_side)
+            grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=q_rows[block.q_side], mask=block.mask, varlen=block.varlen)
+        dkv.end_step(step.step, step.next_offset or plan.home_offset)
         kv.arrive()
-    pending, _, received = in_flight
-    pending.arrive()
+    home = dkv.at_home()
     ring.end_of_call()
-    return grads.dq(), received[0].to(k.dtype, copy=True), received[1].to(v.dtype, copy=True)
+    return grads.dq(), home[0].to(k.dtype, copy=True), home[1].to(v.dtype, copy=True)

@@ -1,12 +1,6 @@
 """Upstream FA4 on the full sequence on one device: the baseline error of FlashAttention's rule."""
 
-import dataclasses
-
 import torch
-
-
-def on_cuda(inputs):
-    return dataclasses.replace(inputs, **{f.name: getattr(inputs, f.name).cuda() for f in dataclasses.fields(inputs) if getattr(inputs, f.name) is not None})
 
 
 def upstream_results(case, world_size, inputs, dtype):

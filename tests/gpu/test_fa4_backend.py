@@ -7,7 +7,7 @@ import torch
 
 from fa4_cp.kernels import BandMask, get_backend
 from fa4_cp.kernels.merge import merge_partials_
-from fa4_cp.kernels.reference import band_visibility
+from oracle import band_matrix, max_error
 
 if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)):
     pytest.skip("needs a Hopper or Blackwell GPU", allow_module_level=True)
@@ -34,19 +34,10 @@ def fp64_attention(q, k, v, mask, scale):
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     kr, vr = (t.repeat_interleave(group, dim=2) for t in (k, v))
     scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale
-    scores = scores.masked_fill(~band_visibility(q.shape[1], k.shape[1], mask, q.device), -math.inf)
+    scores = scores.masked_fill(~band_matrix(q.shape[1], k.shape[1], mask.lo, mask.hi, q.device), -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     return torch.einsum("bhqk,bkhd->bqhd", probs, vr), lse, (q, k, v)
-
-
-def max_error(x, reference):
-    """Largest |error| on finite reference entries; NaN or a misplaced -inf is an infinite error."""
-    x, reference = x.double(), reference.double()
-    finite = torch.isfinite(reference)
-    if torch.isnan(x).any() or not torch.equal(torch.isinf(x), ~finite):
-        return math.inf
-    return (x[finite] - reference[finite]).abs().max().item()
 
 
 def grads_of(out, lse, leaves, dout, dlse):
@@ -77,7 +68,7 @@ def test_backward_against_fp64(mask_name, dim, heads, kv_heads, dtype):
     backend = get_backend("fa4", q)
     out = torch.full(q.shape, math.nan, dtype=torch.float32, device="cuda")
     lse = torch.full((2, heads, seq), math.nan, dtype=torch.float64, device="cuda")
-    backend.forward_step(q, k, v, out, lse, mask=mask, softmax_scale=scale, accumulate=False)
+    backend.forward(q, k, softmax_scale=scale).step(q, k, v, out, lse, mask=mask, accumulate=False)
     out16 = out.to(dtype)
     grads = backend.backward(q, out16, lse, dout, dlse, softmax_scale=scale)
     dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
@@ -98,7 +89,7 @@ def test_rows_with_no_visible_key_backward():
     backend = FA4Backend()
     out = torch.full(q.shape, math.nan, dtype=torch.float32, device="cuda")
     lse = torch.full((1, 4, 256), math.nan, dtype=torch.float64, device="cuda")
-    backend.forward_step(q, k, v, out, lse, mask=BandMask(hi=-300), softmax_scale=0.1, accumulate=False)
+    backend.forward(q, k, softmax_scale=0.1).step(q, k, v, out, lse, mask=BandMask(hi=-300), accumulate=False)
     assert (out == 0).all() and (lse == -math.inf).all()
     grads = backend.backward(q, out.to(q.dtype), lse, torch.randn_like(q), None, softmax_scale=0.1)
     dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
@@ -126,3 +117,19 @@ def test_merge_kernel_matches_reference_merge(dim):
     assert max_error(out_acc, expected_out) < 1e-5
     finite = torch.isfinite(expected_lse)
     assert max_error(lse_acc[finite], expected_lse[finite]) < 1e-12
+
+
+def test_auto_says_why_it_falls_back_to_the_reference():
+    import warnings
+
+    from fa4_cp import kernels
+
+    q = torch.randn(1, 64, 2, 32, device="cuda", dtype=torch.bfloat16)  # head_dim 32: not an FA4 size
+    kernels._warned.discard("head_dim must be one of (64, 96, 128, 192, 256), got 32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert get_backend("auto", q).name == get_backend(None, q).name == "reference"
+        assert get_backend("auto", q.float()).name == "reference"  # fp32: the reference is expected, no warning
+    assert [str(w.message) for w in caught] == [
+        "fa4_cp: backend 'auto' runs the O(S^2) PyTorch reference on 16-bit CUDA inputs: head_dim must be one of (64, 96, 128, 192, 256), got 32"
+    ]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from fa4_cp import SimulatedRing
-from oracle import CASES, CASES_BY_NAME, assert_flash_rule, errors_against, make_inputs, reference_results, ring_results_for_rank, visibility
+from oracle import CASES, CASES_BY_NAME, assert_ring_matches, errors_against, make_inputs, on_cuda, reference_results, ring_results_for_rank, visibility
 
 if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)):
     pytest.skip("needs a Hopper or Blackwell GPU", allow_module_level=True)
 pytest.importorskip("flash_attn.cute")
-from fa4_baseline import on_cuda, upstream_results  # noqa: E402
+from fa4_baseline import upstream_results  # noqa: E402
 
 FA4_CASES = [dataclasses.replace(case, head_dim=64) for case in CASES]
 # 128-token chunks: q slices start on a tile boundary and share one dq accumulator.
@@ -32,15 +32,7 @@ def check_ring(case, world_size, dtype=torch.bfloat16, seed=0):
     per_rank = SimulatedRing(world_size).run(
         lambda group: ring_results_for_rank(case, world_size, gpu_inputs, group, group.rank, backend="fa4")
     )
-    sharding = case.sharding(world_size)
-    seq_dim = 0 if case.documents else 1
-    results = {
-        name: sharding.unshard([r[name].cpu() for r in per_rank], seq_dim=-1 if name == "lse" else seq_dim)
-        for name in truth
-    }
-    errors = errors_against(truth, results)
-    assert_flash_rule(errors, baseline, dtype, f"fa4 {case.name} W={world_size}")
-    return errors, baseline
+    return assert_ring_matches(case, world_size, inputs, dtype, per_rank, baseline), baseline
 
 
 @pytest.mark.parametrize("world_size", [2, 8])

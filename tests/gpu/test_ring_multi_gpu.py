@@ -18,8 +18,8 @@ if not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and torch.c
     pytest.skip("needs 2 or more Hopper/Blackwell GPUs", allow_module_level=True)
 pytest.importorskip("flash_attn.cute")
 
-from nccl_ranks import run_nccl  # noqa: E402
-from oracle import CASES_BY_NAME, assert_flash_rule, errors_against, make_inputs, reference_results, ring_results_for_rank, unshard_results  # noqa: E402
+from oracle import CASES_BY_NAME, assert_ring_matches, errors_against, make_inputs, on_cuda, reference_results, ring_results_for_rank  # noqa: E402
+from ranks import run_ranks, values  # noqa: E402
 
 TRANSPORTS = ("copy_engine", "nccl")
 CASE_NAMES = ("causal_zigzag", "full_zigzag", "gqa_half_kv_heads", "window_causal", "varlen_causal", "varlen_full_gqa")
@@ -34,7 +34,7 @@ CORRECTNESS_WORLD_SIZES = [w for w in (2, 4) if w <= torch.cuda.device_count()]
 
 def _correctness_rank(rank: int, world_size: int) -> dict:
     """Local results of every case over both transports, and rank 0's upstream baseline."""
-    from fa4_baseline import on_cuda, upstream_results
+    from fa4_baseline import upstream_results
 
     results = {}
     for case in MULTI_GPU_CASES:
@@ -49,22 +49,18 @@ def _correctness_rank(rank: int, world_size: int) -> dict:
 
 @pytest.mark.parametrize("world_size", CORRECTNESS_WORLD_SIZES)
 def test_ring_matches_fp64_on_both_transports(world_size, tmp_path):
-    outcomes = run_nccl(_correctness_rank, world_size, tmp_path)
-    assert all(o.status == "ok" for o in outcomes), [(o.status, o.value, o.stderr[-2000:]) for o in outcomes]
+    per_rank = values(run_ranks(_correctness_rank, world_size, tmp_path, backend="nccl", timeout=600, pg_timeout=120))
     for case in MULTI_GPU_CASES:
         inputs = make_inputs(case, world_size, DTYPE, seed=world_size)
         truth = reference_results(case, world_size, inputs, torch.float64)
-        baseline = errors_against(truth, outcomes[0].value[(case.name, "baseline")])
+        baseline = errors_against(truth, per_rank[0][(case.name, "baseline")])
         for transport in TRANSPORTS:
-            results = unshard_results(case, world_size, [o.value[(case.name, transport)] for o in outcomes])
-            errors = errors_against(truth, results)
-            assert_flash_rule(errors, baseline, DTYPE, f"{case.name} W={world_size} {transport}")
+            assert_ring_matches(case, world_size, inputs, DTYPE, [local[(case.name, transport)] for local in per_rank], baseline)
 
 
 def _many_calls_rank(rank: int, world_size: int, calls: int) -> dict:
     """`calls` forward+backward calls per transport; the last call's output must equal the first's."""
     import fa4_cp
-    from fa4_baseline import on_cuda
 
     case = dataclasses.replace(CASES_BY_NAME["causal_zigzag"], head_dim=128, chunk=128, batch=1, heads=8, kv_heads=2)
     inputs = on_cuda(make_inputs(case, world_size, DTYPE, seed=1))
@@ -88,27 +84,32 @@ def _many_calls_rank(rank: int, world_size: int, calls: int) -> dict:
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_a_thousand_calls_do_not_hang(world_size, tmp_path):
-    outcomes = run_nccl(_many_calls_rank, world_size, tmp_path, 1000, timeout=400)
-    assert all(o.status == "ok" for o in outcomes), [(o.status, o.value, o.stderr[-2000:]) for o in outcomes]
-    print(f"W={world_size}: 1000 fwd+bwd calls took", outcomes[0].value)
+    seconds = values(run_ranks(_many_calls_rank, world_size, tmp_path, 1000, backend="nccl", timeout=400, pg_timeout=120))
+    print(f"W={world_size}: 1000 fwd+bwd calls took", seconds[0])
 
 
 class _FailingFA4:
-    """The FA4 backend, except that it raises in the middle of the ring on one call."""
+    """The FA4 backend, except that it raises in the middle of the ring on one forward step."""
 
-    def __init__(self, fail_on_call: int):
+    def __init__(self, fail_on_step: int):
         from fa4_cp.kernels import get_backend
 
         self._inner = get_backend("fa4")
         self.name = self._inner.name
         self.forward_steps = 0
-        self.fail_at = fail_on_call
+        self.fail_at = fail_on_step
 
-    def forward_step(self, *args, **kwargs):
-        self.forward_steps += 1
-        if self.forward_steps == self.fail_at:
-            raise RuntimeError("deliberate failure in the middle of the ring")
-        return self._inner.forward_step(*args, **kwargs)
+    def forward(self, q, k, *, softmax_scale):
+        inner, backend = self._inner.forward(q, k, softmax_scale=softmax_scale), self
+
+        class Failing:
+            def step(self, *args, **kwargs):
+                backend.forward_steps += 1
+                if backend.forward_steps == backend.fail_at:
+                    raise RuntimeError("deliberate failure in the middle of the ring")
+                return inner.step(*args, **kwargs)
+
+        return Failing()
 
     def backward(self, *args, **kwargs):
         return self._inner.backward(*args, **kwargs)
@@ -118,7 +119,7 @@ def _faulty_rank(rank: int, world_size: int, transport: str, failure: str) -> st
     import fa4_cp
 
     q = torch.randn(1, 4096, 8, 128, device="cuda", dtype=DTYPE)
-    backend = _FailingFA4(fail_on_call=20) if rank == 1 else "fa4"
+    backend = _FailingFA4(fail_on_step=20) if rank == 1 else "fa4"
     try:
         for _ in range(50):
             fa4_cp.ring_attention(q, q[:, :, :2], q[:, :, :2], causal=True, backend=backend, transport=transport)
@@ -132,13 +133,13 @@ def _faulty_rank(rank: int, world_size: int, transport: str, failure: str) -> st
 
 @pytest.mark.parametrize("transport,failure", [("copy_engine", "stays_alive"), ("copy_engine", "exits"), ("nccl", "stays_alive")])
 def test_a_failing_rank_makes_the_others_exit_with_a_clear_error(transport, failure, tmp_path):
-    from fa4_cp.parallel.watchdog import EXIT_CODE
+    from fa4_cp.comm.watchdog import EXIT_CODE
 
     ring_timeout, world_size = 5, 2
     start = time.monotonic()
-    outcomes = run_nccl(
+    outcomes = run_ranks(
         _faulty_rank, world_size, tmp_path, transport, failure,
-        timeout=120, pg_timeout=300, env={"FA4_CP_RING_TIMEOUT": str(ring_timeout)},
+        backend="nccl", timeout=120, pg_timeout=300, env={"FA4_CP_RING_TIMEOUT": str(ring_timeout)},
     )
     elapsed = time.monotonic() - start
     survivor = outcomes[0]

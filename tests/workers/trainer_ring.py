@@ -1,6 +1,7 @@
 """torchrun worker: one SGD step of a tiny Llama through RingAttentionTrainer on 2 CPU processes
-(cp = 2) over a dataset of two batches; rank 0 writes the updated parameters, the logged loss
-and the index of the batch trained on to argv[1]."""
+(cp = 2) over a dataset of two batches, with argv[4] gradient-accumulation steps (1 or 2); rank 0
+writes the updated parameters, the logged loss and the index of the first batch trained on to
+argv[1]."""
 
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ dataset = [{key: value[0] for key, value in batch.items()} for batch in (full_ba
 args = TrainingArguments(
     output_dir=sys.argv[3], per_device_train_batch_size=1, max_steps=1, learning_rate=0.1, lr_scheduler_type="constant",
     optim="sgd", weight_decay=0.0, max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+    gradient_accumulation_steps=int(sys.argv[4]),
 )
 # Two samples, one cp group: both ranks must train on the same one.
 trainer = RingAttentionTrainer(model=model, args=args, train_dataset=dataset, cp_size=2, ring_backend="reference")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ..interface import BandMask, VarlenRows
 from .backward import Sm90BackwardPass
-from .blackwell import UpstreamBackwardPass, forward_then_merge
-from .forward import forward_partials_sm90
+from .blackwell import MergeAfterForwardPass, UpstreamBackwardPass
+from .forward import Sm90ForwardPass
 from .merge_kernel import merge_partials_cuda
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -15,6 +16,7 @@ FORWARD_HEAD_DIMS = (64, 96, 128, 192, 256)
 BACKWARD_HEAD_DIMS = (64, 96, 128)
 
 
+@functools.lru_cache(maxsize=16)
 def fa4_arch(device: torch.device) -> int | None:
     """9 for Hopper, 10 for Blackwell datacenter parts, None where this backend cannot run."""
     if device.type != "cuda":
@@ -40,7 +42,8 @@ class FA4Backend:
     Hopper: the forward merges each tile into the accumulators in its epilogue (no extra pass,
     no 16-bit rounding per step), or with `fused_merge=False` runs upstream's forward and the
     stand-alone merge kernel (the baseline). The backward accumulates dq in FA4's own layout
-    across the steps of a call. Blackwell: see blackwell.py (untested here).
+    across the steps of a call. Blackwell: see blackwell.py (untested here). The inputs and the
+    architecture are checked once per pass, not per step.
     """
 
     name = "fa4"
@@ -48,17 +51,11 @@ class FA4Backend:
     def __init__(self, fused_merge: bool = True):
         self.fused_merge = fused_merge
 
-    def forward_step(
-        self, q, k, v, out_acc, lse_acc, *, mask: BandMask, softmax_scale: float, accumulate: bool,
-        varlen: VarlenRows | None = None,
-    ) -> None:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float):
         check_inputs(q)
-        if q.shape[-3] == 0 or k.shape[-3] == 0:
-            return
         if fa4_arch(q.device) == 9 and self.fused_merge:
-            forward_partials_sm90(q, k, v, out_acc, lse_acc, mask=mask, softmax_scale=softmax_scale, accumulate=accumulate, varlen=varlen)
-        else:
-            forward_then_merge(q, k, v, out_acc, lse_acc, mask=mask, softmax_scale=softmax_scale, accumulate=accumulate, varlen=varlen)
+            return Sm90ForwardPass(q, k, softmax_scale)
+        return MergeAfterForwardPass(softmax_scale)
 
     def backward(self, q, out, lse, dout, dlse, *, softmax_scale: float):
         check_inputs(q, backward=True)
@@ -67,4 +64,10 @@ class FA4Backend:
         return UpstreamBackwardPass(q, out, lse, dout, dlse, softmax_scale)
 
 
-__all__ = ["FA4Backend", "check_inputs", "fa4_arch", "merge_partials_cuda"]
+@functools.cache
+def shared_backend() -> FA4Backend:
+    """The instance "auto" and "fa4" resolve to."""
+    return FA4Backend()
+
+
+__all__ = ["FA4Backend", "check_inputs", "fa4_arch", "merge_partials_cuda", "shared_backend"]

@@ -5,12 +5,15 @@ one lane run), FA4's preprocess computes delta = rowsum(dout * out) - dlse and l
 the padded layout the kernel reads. Every step's kernel then adds its dq into the q side's fp32
 tiled accumulator; dense q sides that start on a tile boundary share one accumulator for the
 whole shard. `dq` reads the accumulators back once: with upstream's postprocess (rounded once
-to q's dtype) when one accumulator holds all of dq, else in fp32 and summed. dK/dV are per step: added into the
-ring's fp32 buffers (16-bit kernel output without GQA, fp32 tiles with GQA).
+to q's dtype) when one accumulator holds all of dq, else in fp32 and summed. dK/dV are per
+step: added into the ring's fp32 buffers (16-bit kernel output without GQA, fp32 tiles with GQA).
+The pass binds the tile configuration, its geometries and tile orders, and each kernel it uses,
+once; a step looks its kernel up by window kind and launches.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -20,7 +23,8 @@ from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess,
 
 from ..interface import BandMask, VarlenRows
 from ..reference import selected_rows
-from .backward_sm90 import BackwardTiles, backward_block_sm90
+from .arguments import NO_AUX, varlen_arguments
+from .backward_sm90 import BackwardTiles, backward_kernel
 from .masks import block_window
 from .tiled_accumulator import TileGeometry, tile_order
 
@@ -30,6 +34,8 @@ SM90 = 90
 @dataclass
 class _QSide:
     rows: slice  # dense rows of q, or everything for varlen
+    q: torch.Tensor  # those rows of q and of dout
+    dout: torch.Tensor
     lse_log2: torch.Tensor
     dpsum: torch.Tensor
     dq_accum: torch.Tensor
@@ -42,42 +48,41 @@ class Sm90BackwardPass:
         self.q, self.out, self.dout, self.softmax_scale = q, out, dout, softmax_scale
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
-        head_dim = q.shape[-1]
-        self.tiles = tiles = BackwardTiles.for_head_dim(head_dim)
-        config = tiles.config
-        common = dict(head_dim=head_dim, head_dim_rounded=tiles.head_dim_rounded, hdim_multiple_of=tiles.hdim_multiple_of)
-        self.dq_tiles = TileGeometry(
-            tiles.tile_m, num_threads=128 if config.dQ_single_wg else config.num_wg * 128,
-            atom_layout=config.AtomLayoutMdQ, swap_ab=config.dQ_swapAB, **common,
-        )
-        self.dkv_tiles = TileGeometry(
-            tiles.tile_n, num_threads=config.num_wg * 128, atom_layout=config.AtomLayoutNdKV,
-            swap_ab=config.dKV_swapAB, **common,
-        )
+        self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1])
+        self.dq_tiles, self.dkv_tiles = _geometries(tiles)
         self.sides: dict[tuple, _QSide] = {}
         self.whole_dq: torch.Tensor | None = None
+        self._kernels: dict[tuple, object] = {}
+        self._dkv_order: torch.Tensor | None = None
 
     def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
         side = self._side(q_rows, varlen)
-        q, dout = self.q[..., side.rows, :, :], self.dout[..., side.rows, :, :]
+        q = side.q
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
-        if q.shape[-2] == k.shape[-2]:
+        gqa = q.shape[-2] != k.shape[-2]
+        if not gqa:
             dk, dv = (torch.zeros_like(t) if varlen else torch.empty_like(t) for t in (k, v))
         else:
             padded = self._kv_padded_rows(k, varlen)
             dk, dv = (torch.zeros(*k.shape[:-3], k.shape[-2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=k.device) for _ in range(2))
-        backward_block_sm90(
-            self.tiles, q, k, v, dout, side.lse_log2, side.dpsum, side.dq_accum, dk, dv,
-            window=block_window(mask, q, k, varlen), softmax_scale=self.softmax_scale, varlen=varlen,
+        window = block_window(mask, q, k, varlen)
+        key = (window.kind, varlen is not None)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = backward_kernel(self.tiles, q.dtype, q.shape[-2] // k.shape[-2], window, varlen is not None)
+        kernel(
+            q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk, dv, self.softmax_scale, *varlen_arguments(varlen),
+            window.left, window.right, None, None, None, NO_AUX, None, None,
         )
-        if q.shape[-2] == k.shape[-2]:
+        if not gqa:
             dk_acc += dk
             dv_acc += dv
             return
-        order = tile_order(self.dkv_tiles, SM90, k.device)
+        if self._dkv_order is None:
+            self._dkv_order = tile_order(self.dkv_tiles, SM90, k.device)
         for accum, target, scale in ((dk, dk_acc, self.softmax_scale), (dv, dv_acc, 1.0)):
-            values = self.dkv_tiles.untile(accum, order)
+            values = self.dkv_tiles.untile(accum, self._dkv_order)
             if varlen is None:
                 target.add_(rearrange(values[..., : k.shape[1], :], "b h s d -> b s h d"), alpha=scale)
             else:
@@ -115,12 +120,11 @@ class Sm90BackwardPass:
         return dq
 
     def _side(self, q_rows: slice, varlen: VarlenRows | None) -> _QSide:
-        key = ("dense", *q_rows.indices(self.q.shape[-3])) if varlen is None else (
-            "varlen", varlen.cu_seqlens_q.data_ptr(), varlen.seqused_q.data_ptr()
-        )
-        if key not in self.sides:
-            self.sides[key] = self._new_side(q_rows, varlen)
-        return self.sides[key]
+        key = (q_rows.start, q_rows.stop) if varlen is None else (varlen.cu_seqlens_q.data_ptr(), varlen.seqused_q.data_ptr())
+        side = self.sides.get(key)
+        if side is None:
+            side = self.sides[key] = self._new_side(q_rows, varlen)
+        return side
 
     def _new_side(self, q_rows: slice, varlen: VarlenRows | None) -> _QSide:
         q, tile, width = self.q, self.dq_tiles.tile, self.tiles.head_dim_rounded
@@ -145,7 +149,7 @@ class Sm90BackwardPass:
             torch2cute_dtype_map[q.dtype], q.shape[-1], q.shape[-1], tile,
             fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
         )
-        return _QSide(rows, lse_log2, dpsum, accum, owned, varlen_rows)
+        return _QSide(rows, q[..., rows, :, :], self.dout[..., rows, :, :], lse_log2, dpsum, accum, owned, varlen_rows)
 
     def _whole_dq(self) -> torch.Tensor:
         if self.whole_dq is None:
@@ -158,6 +162,21 @@ class Sm90BackwardPass:
         if varlen is None:
             return self.dkv_tiles.padded_rows(k.shape[1])
         return self.dkv_tiles.varlen_padded_rows(k.shape[0], varlen.seqused_k.shape[0])
+
+
+@functools.cache
+def _geometries(tiles: BackwardTiles) -> tuple[TileGeometry, TileGeometry]:
+    """How the dq and the (GQA) dK/dV accumulators of a tile configuration are tiled."""
+    config = tiles.config
+    common = dict(head_dim=tiles.head_dim, head_dim_rounded=tiles.head_dim_rounded, hdim_multiple_of=tiles.hdim_multiple_of)
+    dq = TileGeometry(
+        tiles.tile_m, num_threads=128 if config.dQ_single_wg else config.num_wg * 128,
+        atom_layout=config.AtomLayoutMdQ, swap_ab=config.dQ_swapAB, **common,
+    )
+    dkv = TileGeometry(
+        tiles.tile_n, num_threads=config.num_wg * 128, atom_layout=config.AtomLayoutNdKV, swap_ab=config.dKV_swapAB, **common,
+    )
+    return dq, dkv
 
 
 _varlen_cache: weakref.WeakKeyDictionary[VarlenRows, dict] = weakref.WeakKeyDictionary()

@@ -1,4 +1,5 @@
-"""FA4's Hopper backward for one block: compile (once per configuration, cached) and launch.
+"""FA4's Hopper backward for one block: the tile configuration, and the kernel compiled once per
+configuration (cached in memory and on disk).
 
 The kernel is upstream's FlashAttentionBackwardSm90, unchanged. It reads FA4's padded row
 statistics (lse * log2(e), and delta as dpsum) and adds the block's dq into an fp32 dq
@@ -9,6 +10,7 @@ fp32 unscaled in FA4's tiled accumulator layout for GQA.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import astuple, dataclass
 
 import cutlass.cute as cute
@@ -16,10 +18,9 @@ import torch
 from cutlass import Float32, Int32
 from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
 from flash_attn.cute.interface import BwdConfig, _tile_size_bwd_sm90, torch2cute_dtype_map
-from flash_attn.cute.utils import AuxData
 from quack.compile_utils import make_fake_tensor
 
-from ..interface import VarlenRows
+from .arguments import NO_AUX
 from .compile_cache import kernel_cache
 from .fake_tensors import FakeBlockRows
 from .masks import Fa4Window
@@ -37,8 +38,13 @@ class BackwardTiles:
     head_dim: int
 
     @staticmethod
+    @functools.cache
     def for_head_dim(head_dim: int) -> BackwardTiles:
         return BackwardTiles(_tile_size_bwd_sm90(head_dim, head_dim, True, False), head_dim)
+
+    @functools.cached_property
+    def compile_key(self) -> tuple:
+        return (self.head_dim, *astuple(self.config))
 
     @property
     def tile_m(self) -> int:
@@ -62,36 +68,12 @@ class BackwardTiles:
         return (self.config.num_wg + 1) * 128
 
 
-def backward_block_sm90(
-    tiles: BackwardTiles,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dout: torch.Tensor,
-    lse_log2: torch.Tensor,
-    dpsum: torch.Tensor,
-    dq_accum: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    *,
-    window: Fa4Window,
-    softmax_scale: float,
-    varlen: VarlenRows | None,
-) -> None:
-    qhead_per_kvhead = q.shape[-2] // k.shape[-2]
-    key = (
-        str(q.dtype), tiles.head_dim, *astuple(tiles.config), qhead_per_kvhead, window.causal, window.local,
-        window.left is not None, window.right is not None, varlen is not None,
-    )
+def backward_kernel(tiles: BackwardTiles, dtype: torch.dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool):
+    """The compiled backward of one configuration (compiled at first use, then from the cache)."""
+    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen)
     if key not in _compiled:
-        _compiled[key] = _compile(tiles, torch2cute_dtype_map[q.dtype], qhead_per_kvhead, window, varlen is not None)
-    cu_q, cu_k, used_q, used_k = (None,) * 4 if varlen is None else (
-        varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.seqused_q, varlen.seqused_k
-    )
-    _compiled[key](
-        q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, softmax_scale, cu_q, cu_k, used_q, used_k,
-        window.left, window.right, None, None, None, AuxData(None, None), None, None,
-    )
+        _compiled[key] = _compile(tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen)
+    return _compiled[key]
 
 
 def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool):
@@ -136,7 +118,7 @@ def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Wind
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(
         kernel, q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, Float32(1.0), *block.varlen_tensors,
-        window_left, window_right, None, None, None, AuxData(None, None), None, None,
+        window_left, window_right, None, None, None, NO_AUX, None, None,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
     )

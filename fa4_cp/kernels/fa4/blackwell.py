@@ -28,17 +28,26 @@ def _varlen_kwargs(varlen: VarlenRows | None) -> dict:
     )
 
 
-def forward_then_merge(q, k, v, out_acc, lse_acc, *, mask: BandMask, softmax_scale: float, accumulate: bool, varlen: VarlenRows | None) -> None:
-    window = block_window(mask, q, k, varlen)
-    out, lse, *_ = _flash_attn_fwd(
-        q, k, v, softmax_scale=softmax_scale, causal=window.causal,
-        window_size_left=window.left, window_size_right=window.right, return_lse=True, **_varlen_kwargs(varlen),
-    )
-    if accumulate:
-        merge_partials_cuda(out, lse, out_acc, lse_acc)
-    else:
-        out_acc.copy_(out)
-        lse_acc.copy_(lse)
+class MergeAfterForwardPass:
+    """`ForwardPass` over upstream's forward, each step's result merged by our merge kernel (the
+    Blackwell path, and the Hopper baseline for the fused epilogue)."""
+
+    def __init__(self, softmax_scale: float):
+        self.softmax_scale = softmax_scale
+
+    def step(self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None) -> None:
+        if q.shape[-3] == 0 or k.shape[-3] == 0:
+            return
+        window = block_window(mask, q, k, varlen)
+        out, lse, *_ = _flash_attn_fwd(
+            q, k, v, softmax_scale=self.softmax_scale, causal=window.causal,
+            window_size_left=window.left, window_size_right=window.right, return_lse=True, **_varlen_kwargs(varlen),
+        )
+        if accumulate:
+            merge_partials_cuda(out, lse, out_acc, lse_acc)
+        else:
+            out_acc.copy_(out)
+            lse_acc.copy_(lse)
 
 
 class UpstreamBackwardPass:

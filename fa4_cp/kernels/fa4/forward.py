@@ -1,4 +1,5 @@
-"""Forward with LSE partials on Hopper: compile (once per configuration, cached) and launch."""
+"""Forward with LSE partials on Hopper: one pass per ring call, kernels compiled once per
+configuration (cached in memory and on disk) and bound to the pass."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import cutlass.cute as cute
 import torch
 from cutlass import Float32, Float64, Int32
 from flash_attn.cute.interface import _tile_size_fwd_sm90, torch2cute_dtype_map
-from flash_attn.cute.utils import AuxData
 from quack.compile_utils import make_fake_tensor
 
 from ..interface import BandMask, VarlenRows
+from .arguments import NO_AUX, varlen_arguments
 from .compile_cache import kernel_cache
 from .fake_tensors import FakeBlockRows
 from .forward_sm90 import PartialsForwardSm90
@@ -18,35 +19,47 @@ from .masks import Fa4Window, block_window
 _compiled = kernel_cache("forward_sm90")
 
 
-def forward_partials_sm90(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out_acc: torch.Tensor,
-    lse_acc: torch.Tensor,
-    *,
-    mask: BandMask,
-    softmax_scale: float,
-    accumulate: bool,
-    varlen: VarlenRows | None,
-) -> None:
-    window = block_window(mask, q, k, varlen)
-    head_dim, qhead_per_kvhead = q.shape[-1], q.shape[-2] // k.shape[-2]
+class Sm90ForwardPass:
+    """`ForwardPass` on Hopper. The pass fixes dtype, head size, GQA ratio and scale; a step
+    looks its kernel up by the block's window kind, varlen and first-write mode, and launches."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float):
+        self.config = (q.dtype, q.shape[-1], q.shape[-2] // k.shape[-2])
+        self.softmax_scale = softmax_scale
+        self._kernels: dict[tuple, object] = {}
+
+    def step(self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None) -> None:
+        if q.shape[-3] == 0 or k.shape[-3] == 0:
+            return
+        window = block_window(mask, q, k, varlen)
+        key = (window.kind, varlen is not None, accumulate)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = forward_kernel(*self.config, window, varlen is not None, accumulate)
+        kernel(
+            q, k, v, out_acc, lse_acc, self.softmax_scale, *varlen_arguments(varlen), None,
+            window.left, window.right, None, None, NO_AUX, None, None,
+        )
+
+
+def forward_kernel(dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, accumulate: bool):
+    """The compiled forward of one configuration (compiled at first use, then from the cache)."""
     config = _tile_size_fwd_sm90(head_dim, head_dim, window.causal, window.local)
     key = (
-        str(q.dtype), head_dim, qhead_per_kvhead, window.causal, window.local,
-        window.left is not None, window.right is not None, varlen is not None,
+        str(dtype), head_dim, qhead_per_kvhead, *window.kind, varlen,
         config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate,
     )
     if key not in _compiled:
-        _compiled[key] = _compile(torch2cute_dtype_map[q.dtype], head_dim, qhead_per_kvhead, window, varlen is not None, config, accumulate)
-    cu_q, cu_k, used_q, used_k = (None,) * 4 if varlen is None else (
-        varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.seqused_q, varlen.seqused_k
-    )
-    _compiled[key](
-        q, k, v, out_acc, lse_acc, softmax_scale, cu_q, cu_k, used_q, used_k, None,
-        window.left, window.right, None, None, AuxData(None, None), None, None,
-    )
+        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, config, accumulate)
+    return _compiled[key]
+
+
+def forward_partials_sm90(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_acc: torch.Tensor, lse_acc: torch.Tensor, *,
+    mask: BandMask, softmax_scale: float, accumulate: bool, varlen: VarlenRows | None,
+) -> None:
+    """One block outside a ring call (tests, benchmarks): a pass of one step."""
+    Sm90ForwardPass(q, k, softmax_scale).step(q, k, v, out_acc, lse_acc, mask=mask, accumulate=accumulate, varlen=varlen)
 
 
 def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, config, accumulate: bool):
@@ -78,8 +91,7 @@ def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, var
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(
         kernel, q, k, v, out, lse, Float32(1.0), *block.varlen_tensors, None,
-        window_left, window_right, None, None, AuxData(None, None), None, None,
+        window_left, window_right, None, None, NO_AUX, None, None,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
     )
-

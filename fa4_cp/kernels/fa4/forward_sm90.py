@@ -11,11 +11,11 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Float64, const_expr
-from cutlass.cutlass_dsl import max as dsl_max
-from cutlass.cutlass_dsl import min as dsl_min
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.named_barrier import NamedBarrierFwd
 from quack import layout_utils
+
+from .lse_merge import merged_lse_and_weights
 
 
 class PartialsForwardSm90(FlashAttentionForwardSm90):
@@ -83,16 +83,7 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         for m in cutlass.range(num_rows, unroll_full=True):
             row = tOcO[m, 0][0]
             if row < rows_in_tile:
-                lse_tile = Float64(lse[m])
-                high = dsl_max(lse_prior[m], lse_tile)
-                lse_new = high
-                weight_prior = Float32(0.0)
-                weight_tile = Float32(0.0)
-                if high != -Float64.inf:
-                    low = dsl_min(lse_prior[m], lse_tile)
-                    lse_new = high + cute.math.log1p(cute.math.exp(low - high))
-                    weight_prior = Float32(cute.math.exp(lse_prior[m] - lse_new))
-                    weight_tile = Float32(cute.math.exp(lse_tile - lse_new))
+                lse_new, weight_prior, weight_tile = merged_lse_and_weights(lse_prior[m], Float64(lse[m]))
                 for n in cutlass.range(num_cols, unroll_full=True):
                     if const_expr(self.accumulate):
                         tOgO[m, n] = tOgO[m, n] * weight_prior + tOrO[m, n] * weight_tile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,13 +17,20 @@ class Fa4Window:
     left: int | None
     right: int | None
 
+    @functools.cached_property
+    def kind(self) -> tuple[bool, bool, bool, bool]:
+        """What a compiled kernel fixes: causal, local, and which window sides are bounded (the
+        sides' sizes are launch arguments)."""
+        return self.causal, self.local, self.left is not None, self.right is not None
 
+
+@functools.lru_cache(maxsize=256)
 def fa4_window(mask: BandMask, seqlen_q: int, seqlen_k: int) -> Fa4Window:
     """FA4 aligns windows bottom-right: key j is visible to query i iff
     i + (seqlen_k - seqlen_q) - left <= j <= i + (seqlen_k - seqlen_q) + right.
 
     For varlen blocks pass equal lengths: the ring only masks blocks whose sequences have as many
-    queries as keys, where both alignments agree.
+    queries as keys, where both alignments agree. Cached: a ring call meets few (mask, shape) pairs.
     """
     shift = seqlen_k - seqlen_q
     left = None if mask.lo is None else shift - mask.lo
@@ -38,3 +46,4 @@ def block_window(mask: BandMask, q: torch.Tensor, k: torch.Tensor, varlen: Varle
     """The FA4 window of one block: dense blocks align on their own lengths, varlen blocks on
     equal per-sequence lengths."""
     return fa4_window(mask, 0, 0) if varlen is not None else fa4_window(mask, q.shape[1], k.shape[1])
+

@@ -13,12 +13,11 @@ import cutlass
 import cutlass.cute as cute
 import torch
 from cutlass import Float32, Float64
-from cutlass.cutlass_dsl import max as dsl_max
-from cutlass.cutlass_dsl import min as dsl_min
 from flash_attn.cute.interface import torch2cute_dtype_map
 from quack.compile_utils import make_fake_tensor
 
 from .compile_cache import kernel_cache
+from .lse_merge import merged_lse_and_weights
 
 WARPS_PER_CTA = 4
 _compiled = kernel_cache("merge")
@@ -51,12 +50,7 @@ class MergePartials:
             batch = row // (heads * seqlen)
             lse_step = Float64(mLse[batch, head, token])
             if lse_step != -Float64.inf:
-                lse_prior = mLseAcc[batch, head, token]
-                high = dsl_max(lse_prior, lse_step)
-                low = dsl_min(lse_prior, lse_step)
-                lse_new = high + cute.math.log1p(cute.math.exp(low - high))
-                weight_prior = Float32(cute.math.exp(lse_prior - lse_new))
-                weight_step = Float32(cute.math.exp(lse_step - lse_new))
+                lse_new, weight_prior, weight_step = merged_lse_and_weights(mLseAcc[batch, head, token], lse_step)
                 for i in cutlass.range_constexpr(self.head_dim // 32):
                     col = lane + 32 * i
                     mOutAcc[batch, token, head, col] = (

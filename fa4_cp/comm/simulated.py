@@ -1,9 +1,11 @@
 """A simulated ring: W virtual ranks as threads of one process, for tests (W up to 72 and beyond).
 
-Each virtual rank runs the real API, schedule and executor; only the transport is simulated.
-A shift posts a copy of the send buffer to a per-(source, destination, channel) queue, so the
-sender may reuse its buffer at once; `wait` takes the incoming copy. A rank that fails aborts
-the ring: every other rank raises instead of hanging.
+Each virtual rank runs the real API, schedule and executor; only the group and its transport are
+simulated. A shift posts a copy of the send buffer to a per-(source, destination, channel) queue,
+so the sender may reuse its buffer at once; `wait` takes the incoming copy. Making a rank's
+transport is a collective (every rank joins), as it is between GPUs. A rank that fails aborts the
+ring: every other rank raises instead of hanging. The ring counts each rank's collectives (all-
+gathers, shifts, transport set-up), so tests can see what a call communicated.
 
 Virtual ranks take turns: one holds the ring's run token while it computes and hands it on
 only when it waits for a peer, so threads do not fight over the GIL at every tensor op.
@@ -11,6 +13,7 @@ only when it waits for a peer, so threads do not fight over the GIL at every ten
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from .buffers import BufferPool
+from .transport import TransportKind
 
 
 class RingAborted(RuntimeError):
@@ -38,6 +42,8 @@ class SimulatedRing:
         self._lock = threading.Lock()
         self._aborted = threading.Event()
         self._run_token = threading.Lock()
+        self.collectives: collections.Counter[int] = collections.Counter()
+        """Collectives each rank took part in: all-gathers, shifts, transport set-up."""
 
     def group(self, rank: int) -> SimulatedGroup:
         return SimulatedGroup(self, rank)
@@ -94,8 +100,8 @@ class SimulatedRing:
         finally:
             self._run_token.acquire()
 
-    def post(self, src: int, dst: int, channel: int, tensor: torch.Tensor) -> None:
-        self._queue(src, dst, channel).put(tensor.clone())
+    def post(self, src: int, dst: int, channel: int, message: Any) -> None:
+        self._queue(src, dst, channel).put(message.clone() if isinstance(message, torch.Tensor) else message)
 
     def take(self, src: int, dst: int, channel: int) -> torch.Tensor:
         inbox = self._queue(src, dst, channel)
@@ -110,25 +116,42 @@ class SimulatedRing:
 
     def gather(self, rank: int, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order (a collective of all ranks)."""
+        self.collectives[rank] += 1
         for dst in range(self.world_size):
             self.post(rank, dst, -1, value)
         return [self.take(src, rank, -1) for src in range(self.world_size)]
 
 
 class SimulatedGroup:
-    """One virtual rank's handle on a `SimulatedRing`; pass it as `group=`."""
+    """One virtual rank's handle on a `SimulatedRing`; pass it as `group=` (a RingGroup)."""
 
     def __init__(self, ring: SimulatedRing, rank: int):
         self.ring = ring
         self.rank = rank
         self.world_size = ring.world_size
-        self.transport: SimulatedTransport | None = None  # made at first use, kept with its buffers
+        self._transport: SimulatedTransport | None = None  # made at first use, kept with its buffers
+
+    def all_gather(self, tensor: torch.Tensor, what: str = "") -> list[torch.Tensor]:
+        return self.ring.gather(self.rank, tensor)
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return self.ring.gather(self.rank, value)
+
+    def transport(self, kind: TransportKind, device: torch.device) -> SimulatedTransport:
+        if self._transport is None:
+            self.ring.gather(self.rank, "transport set-up")
+            self._transport = SimulatedTransport(self)
+        return self._transport
+
+    def timeout(self) -> float:
+        return self.ring.timeout
 
 
 class _SimulatedShift:
     def __init__(self, group: SimulatedGroup, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int):
         self.group, self.recv, self.channel = group, recv, channel
         self.src = (group.rank - offset) % group.world_size
+        group.ring.collectives[group.rank] += 1
         group.ring.post(group.rank, (group.rank + offset) % group.world_size, channel, send)
 
     def wait(self) -> None:
@@ -150,6 +173,3 @@ class SimulatedTransport:
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> _SimulatedShift:
         return _SimulatedShift(self.group, send, recv, offset, channel)
-
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return self.group.ring.gather(self.rank, tensor)

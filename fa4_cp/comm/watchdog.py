@@ -18,6 +18,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -27,11 +29,33 @@ POLL_SECONDS = 0.05
 logger = logging.getLogger("fa4_cp")
 
 
-def timeout_message(rank: int, world_size: int, hop: str, seconds: float) -> str:
+class RingTimeoutError(RuntimeError):
+    """A peer did not answer within the ring timeout (raised where the wait can be abandoned)."""
+
+
+class Hop(NamedTuple):
+    """A hop as the watchdog names it; formatted only if it times out."""
+
+    what: str
+    step: int
+    offset: int
+    rank: int
+    world_size: int
+
+    def __str__(self) -> str:
+        source, target = (self.rank - self.offset) % self.world_size, (self.rank + self.offset) % self.world_size
+        return (
+            f"the {self.what} hop from ring step {self.step} to {self.step + self.offset} "
+            f"(rank {source} -> rank {self.rank} -> rank {target})"
+        )
+
+
+def timeout_message(rank: int, world_size: int, what: object, seconds: float, exits: bool = True) -> str:
+    ending = f" Exiting with code {EXIT_CODE}." if exits else ""
     return (
-        f"fa4_cp ring timeout: rank {rank} of {world_size}: {hop} did not complete within {seconds:g} s. "
+        f"fa4_cp ring timeout: rank {rank} of {world_size}: {what} did not complete within {seconds:g} s. "
         "A peer rank died, raised, or stopped calling ring attention with the same arguments. "
-        f"Set FA4_CP_RING_TIMEOUT (seconds) to change the limit. Exiting with code {EXIT_CODE}."
+        f"Set FA4_CP_RING_TIMEOUT (seconds) to change the limit.{ending}"
     )
 
 
@@ -39,11 +63,11 @@ class HopWatchdog:
     def __init__(self, rank: int, world_size: int, timeout: float, on_timeout=None):
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
         self._on_timeout = on_timeout or _exit_process
-        self._hops: collections.deque[tuple[torch.cuda.Event, float, str]] = collections.deque()
+        self._hops: collections.deque[tuple[torch.cuda.Event, float, object]] = collections.deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._calls: collections.deque[tuple[torch.cuda.Event, str]] = collections.deque()
-        self._last: tuple[torch.cuda.Event, str] | None = None
+        self._calls: collections.deque[tuple[torch.cuda.Event, object]] = collections.deque()
+        self._last: tuple[torch.cuda.Event, object] | None = None
 
     def end_of_call(self) -> None:
         """The host may run at most CALLS_AHEAD ring calls ahead of the GPU, so a stuck hop stops
@@ -56,11 +80,11 @@ class HopWatchdog:
         if len(self._calls) > CALLS_AHEAD:
             self.wait(*self._calls.popleft())
 
-    def wait(self, done: torch.cuda.Event, what: str) -> None:
-        """Block the host until `done`; past the timeout, fail naming `what`."""
-        wait_for(done, self.timeout, timeout_message(self.rank, self.world_size, what, self.timeout), self._on_timeout)
+    def wait(self, done: torch.cuda.Event, what: object) -> None:
+        """Block the host until `done`; past the timeout, fail naming `what` (str() of it)."""
+        wait_for(done, self.timeout, lambda: timeout_message(self.rank, self.world_size, what, self.timeout), self._on_timeout)
 
-    def track(self, done: torch.cuda.Event, hop: str) -> None:
+    def track(self, done: torch.cuda.Event, hop: object) -> None:
         self._last = (done, hop)
         with self._lock:
             self._hops.append((done, time.monotonic(), hop))
@@ -85,14 +109,15 @@ class HopWatchdog:
                 return
 
 
-def wait_for(event: torch.cuda.Event, timeout: float, message: str, on_timeout=None) -> None:
+def wait_for(event: torch.cuda.Event, timeout: float, message: Callable[[], str], on_timeout=None) -> None:
     """Block the host until `event` completes, polling with the GIL released between polls (a
-    thread blocked inside CUDA with the GIL held would also stall the watchdog thread)."""
+    thread blocked inside CUDA with the GIL held would also stall the watchdog thread).
+    `message` is called only if the wait times out."""
     deadline = time.monotonic() + timeout
     pause = 1e-5
     while not event.query():
         if time.monotonic() > deadline:
-            (on_timeout or _exit_process)(message)
+            (on_timeout or _exit_process)(message())
             return
         time.sleep(pause)
         pause = min(2 * pause, 1e-3)
@@ -102,13 +127,3 @@ def _exit_process(message: str) -> None:
     logger.critical(message)
     print(message, file=sys.stderr, flush=True)
     os._exit(EXIT_CODE)
-
-
-def ring_timeout(group: object) -> float:
-    """FA4_CP_RING_TIMEOUT if set, else the process group's own timeout, else NCCL's default (600 s)."""
-    if "FA4_CP_RING_TIMEOUT" in os.environ:
-        return float(os.environ["FA4_CP_RING_TIMEOUT"])
-    try:
-        return group._get_backend(torch.device("cuda")).options._timeout.total_seconds()
-    except (AttributeError, RuntimeError):
-        return 600.0

@@ -43,6 +43,10 @@ class RingSchedule:
     """Active ring steps, increasing; every other step is skipped with its transfer."""
     calls: tuple[tuple[tuple[BlockCall, ...], ...], ...]
     """calls[rank][i]: what rank computes at steps[i]; a call covering every q row comes first."""
+    writes_first: tuple[bool, ...]
+    """writes_first[rank]: rank's first call covers every local row, so it may overwrite the
+    forward's accumulators instead of merging into "no key seen yet" (never with varlen
+    documents, whose padding rows no call covers)."""
 
     def source_rank(self, rank: int, step: int) -> int:
         """Whose KV rank holds at ring step `step`."""
@@ -60,11 +64,11 @@ def build_schedule(sharding: Sharding, mask: BandMask) -> RingSchedule:
     """
     sizes = tuple(sorted({size for size in sharding.chunk_sizes if size > 0})) or (1,)
     with _build_lock:
-        return _build_schedule(sharding.layout, sharding.world_size, sizes, mask)
+        return _build_schedule(sharding.layout, sharding.world_size, sizes, mask, sharding.varlen)
 
 
 @functools.lru_cache(maxsize=64)
-def _build_schedule(layout: Layout, world: int, sizes: tuple[int, ...], mask: BandMask) -> RingSchedule:
+def _build_schedule(layout: Layout, world: int, sizes: tuple[int, ...], mask: BandMask, varlen: bool) -> RingSchedule:
     band = (-math.inf if mask.lo is None else mask.lo, math.inf if mask.hi is None else mask.hi)
     per_rank = [
         [_plan_pair(layout.chunks_of(rank, world), layout.chunks_of((rank - step) % world, world), band, sizes) for step in range(world)]
@@ -72,7 +76,9 @@ def _build_schedule(layout: Layout, world: int, sizes: tuple[int, ...], mask: Ba
     ]
     active = tuple(step for step in range(world) if any(per_rank[rank][step] for rank in range(world)))
     calls = tuple(tuple(per_rank[rank][step] for step in active) for rank in range(world))
-    return RingSchedule(world, active, calls)
+    lanes = range(len(layout.chunks_of(0, world)))
+    writes_first = tuple(not varlen and bool(active) and bool(mine[0]) and mine[0][0].q_lanes == lanes for mine in calls)
+    return RingSchedule(world, active, calls, writes_first)
 
 
 def _plan_pair(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], band: Interval, sizes: tuple[int, ...]) -> tuple[BlockCall, ...]:

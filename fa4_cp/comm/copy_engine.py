@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from . import stream_memops
 from .buffers import BufferPool
-from .watchdog import HopWatchdog, ring_timeout
+from .transport import Done
+from .watchdog import HopWatchdog
 
 CHANNELS = 2
 FREE, DATA = 0, 1
@@ -40,20 +41,15 @@ def _symmetric(nbytes: int, device: torch.device, group: dist.ProcessGroup):
     return tensor, symm_mem.rendezvous(tensor, group.group_name)
 
 
-class _Done:
-    def wait(self) -> None:
-        pass
-
-
 class CopyEngineTransport:
     stream_ordered = True
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device):
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout: float):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = device
-        self.watchdog = HopWatchdog(self.rank, self.world_size, ring_timeout(group))
+        self.watchdog = HopWatchdog(self.rank, self.world_size, timeout)
         flags_bytes = 4 * 2 * CHANNELS * self.world_size
         self._flags, self._flags_handle = _symmetric(flags_bytes, device, group)
         self._flags.zero_()
@@ -96,11 +92,11 @@ class CopyEngineTransport:
         self._awaited[key] += 1
         stream_memops.wait_value(stream, self._flag_address(self.rank, kind, channel, peer), self._awaited[key])
 
-    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> _Done:
+    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> Done:
         stream = torch.cuda.current_stream(self.device)
         if offset % self.world_size == 0:
             recv.copy_(send)
-            return _Done()
+            return Done()
         dst = (self.rank + offset) % self.world_size
         src = (self.rank - offset) % self.world_size
         arena = self._pool.arena(channel)
@@ -113,12 +109,7 @@ class CopyEngineTransport:
         stream_memops.copy(stream, peer_recv, send.data_ptr(), send.numel() * send.element_size())
         self._signal(stream, DATA, channel, dst)
         self._await(stream, DATA, channel, src)
-        return _Done()
-
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        everyone = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(everyone, tensor.contiguous(), group=self.group)
-        return everyone
+        return Done()
 
 
 def node_has_peer_access(group: dist.ProcessGroup, device: torch.device) -> bool:

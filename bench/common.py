@@ -1,0 +1,65 @@
+"""What every benchmark result records, and where it is written.
+
+Each JSON carries the benchmark's name, the UTC date, the device, the git commit (FA4_CP_GIT_COMMIT
+where the tree has no .git, as on a device machine that got a copy of it), the exact command line,
+and the torch version, so that a quoted figure can be traced to the run that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    if os.environ.get("FA4_CP_GIT_COMMIT"):
+        return os.environ["FA4_CP_GIT_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}{' (with uncommitted changes)' if dirty else ''}"
+
+
+def device_name(device: torch.device | str = "cuda") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+
+def record(benchmark: str, device: torch.device | str, **fields) -> dict:
+    """A result with its provenance first."""
+    return {
+        "benchmark": benchmark,
+        "date": today(),
+        "device": device_name(device),
+        "git_commit": git_commit(),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__,
+        **fields,
+    }
+
+
+def write(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

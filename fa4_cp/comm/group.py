@@ -1,0 +1,175 @@
+"""The ring's group: rank, world size and all-gather, from whatever the caller passes as `group=`.
+
+`resolve_group` accepts None (the default process group, or a ring of one without
+torch.distributed), a ProcessGroup, a 1-D DeviceMesh, or an object that already is a `RingGroup`
+(a simulated ring's group is one). It never communicates, so `shard` and `unshard`, which need no
+transport, and the argument checks of a ring call all run before any collective.
+
+`RingGroup.transport(kind, device)` gives the transport of the ring loop: made once per group
+and device and cached, because its buffers outlive a call. Making it may be collective (the
+copy engine's symmetric memory, the peer-access check of "auto").
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+
+from .transport import LocalTransport, ProcessGroupTransport, Transport, TransportKind
+from .watchdog import RingTimeoutError, timeout_message
+
+
+@runtime_checkable
+class RingGroup(Protocol):
+    rank: int
+    world_size: int
+
+    def all_gather(self, tensor: torch.Tensor, what: str = "an all-gather of the ring group") -> list[torch.Tensor]:
+        """Every rank's `tensor` (same shape on all), in rank order. On a GPU the result is
+        stream-ordered; elsewhere a peer that does not join within `timeout()` raises, naming `what`."""
+        ...
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every rank's picklable `value`, in rank order."""
+        ...
+
+    def transport(self, kind: TransportKind, device: torch.device) -> Transport:
+        """The ring loop's transport for `device` (cached; making it may be collective)."""
+        ...
+
+    def timeout(self) -> float:
+        """Seconds a rank waits for its peers before it fails (FA4_CP_RING_TIMEOUT)."""
+        ...
+
+
+class LocalGroup:
+    """A ring of one rank, without torch.distributed."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self):
+        self._transport = LocalTransport()
+
+    def all_gather(self, tensor: torch.Tensor, what: str = "") -> list[torch.Tensor]:
+        return [tensor]
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return [value]
+
+    def transport(self, kind: TransportKind, device: torch.device) -> Transport:
+        return self._transport
+
+    def timeout(self) -> float:
+        return ring_timeout(None)
+
+
+class ProcessGroupRing:
+    """A torch.distributed process group as a ring."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._transports: dict[tuple[str, str], Transport] = {}
+        self._auto: dict[str, TransportKind] = {}
+
+    def all_gather(self, tensor: torch.Tensor, what: str = "an all-gather of the ring group") -> list[torch.Tensor]:
+        everyone = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        work = dist.all_gather(everyone, tensor.contiguous(), group=self.group, async_op=True)
+        if tensor.device.type == "cuda":
+            work.wait()  # stream-ordered; the caller waits for the host values under the watchdog
+        else:
+            wait_within(work, self.timeout(), self.rank, self.world_size, what)
+        return everyone
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, value, group=self.group)
+        return everyone
+
+    def transport(self, kind: TransportKind, device: torch.device) -> Transport:
+        between_gpus = device.type == "cuda" and self.world_size > 1
+        if between_gpus and kind == "auto":
+            kind = self._auto_kind(device)
+        key = (kind if between_gpus else "point_to_point", str(device))
+        if key not in self._transports:
+            if key[0] == "copy_engine":
+                from .copy_engine import CopyEngineTransport
+
+                self._transports[key] = CopyEngineTransport(self.group, device, self.timeout())
+            else:  # NCCL between GPUs; the group's own backend (gloo) elsewhere
+                self._transports[key] = ProcessGroupTransport(self.group, device, self.timeout())
+        return self._transports[key]
+
+    def _auto_kind(self, device: torch.device) -> TransportKind:
+        from .copy_engine import node_has_peer_access
+
+        if str(device) not in self._auto:
+            self._auto[str(device)] = "copy_engine" if node_has_peer_access(self.group, device) else "nccl"
+        return self._auto[str(device)]
+
+    def timeout(self) -> float:
+        return ring_timeout(self.group)
+
+
+def wait_within(work, seconds: float, rank: int, world_size: int, what: str) -> None:
+    """Wait for a torch.distributed request on the host; past `seconds`, raise naming `what`."""
+    import datetime
+
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=seconds))
+    except RuntimeError as error:
+        raise RingTimeoutError(timeout_message(rank, world_size, what, seconds, exits=False)) from error
+
+
+_groups: dict[str, ProcessGroupRing] = {}
+_local: LocalGroup | None = None
+
+
+def resolve_group(group: object = None) -> RingGroup:
+    """The RingGroup of `group=`; no communication. A new process group under an old name
+    (after destroy_process_group) gets a new RingGroup."""
+    global _local
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            _local = _local or LocalGroup()
+            return _local
+        group = dist.group.WORLD
+    elif isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"group: expected a 1-D DeviceMesh (the context-parallel dim, e.g. mesh['cp']), got {group.ndim}-D")
+        group = group.get_group()
+    elif not isinstance(group, dist.ProcessGroup):
+        if isinstance(group, RingGroup):
+            return group
+        raise ValueError(f"group: expected None, a ProcessGroup, a 1-D DeviceMesh or a RingGroup, got {type(group).__name__}")
+    ring = _groups.get(group.group_name)
+    if ring is None or ring.group is not group:
+        ring = _groups[group.group_name] = ProcessGroupRing(group)
+    return ring
+
+
+def release_transports() -> None:
+    """Drop every cached transport and its persistent ring buffers, e.g. between benchmark
+    contenders. Call it on every rank, with no ring call in flight."""
+    global _local
+    _groups.clear()
+    _local = None
+
+
+def ring_timeout(group: dist.ProcessGroup | None) -> float:
+    """FA4_CP_RING_TIMEOUT if set, else the process group's own timeout, else 600 s."""
+    if "FA4_CP_RING_TIMEOUT" in os.environ:
+        return float(os.environ["FA4_CP_RING_TIMEOUT"])
+    for device in ("cuda", "cpu"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except (AttributeError, RuntimeError):
+            continue
+    return 600.0

@@ -1,0 +1,131 @@
+"""Transports: how a buffer moves between the ranks of a ring.
+
+`shift(send, recv, offset)` sends `send` to rank (r + offset) mod W and receives into `recv` from
+rank (r - offset) mod W, both posted together, so every rank can call it at once for any W.
+Receive buffers come from the transport's `buffers`, kept across calls. A stream-ordered (GPU)
+transport enqueues on the current CUDA stream and its `wait` makes the current stream wait;
+the others block the host, at most the ring timeout. A transport knows nothing of attention:
+it only moves tensors. Transports are made by their group (group.py), once per group and device.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+import torch.distributed as dist
+
+from .buffers import BufferPool
+from .watchdog import HopWatchdog
+
+TransportKind = Literal["auto", "nccl", "copy_engine"]
+TRANSPORTS: tuple[TransportKind, ...] = ("auto", "nccl", "copy_engine")
+
+
+class PendingShift(Protocol):
+    def wait(self) -> None:
+        """Until `recv` holds the data and `send` may be reused: the host blocks, or on a
+        stream-ordered transport the current stream waits."""
+
+
+class Transport(Protocol):
+    rank: int
+    world_size: int
+    stream_ordered: bool
+    watchdog: HopWatchdog | None
+
+    def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        """`count` receive-capable buffers for `channel`, reused across calls. Every rank must ask
+        for the same shapes in the same order."""
+        ...
+
+    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> PendingShift:
+        """Start moving `send` `offset` ranks forward. Shifts on one channel complete in order."""
+        ...
+
+
+class Done:
+    """A shift that completed when it was posted."""
+
+    def wait(self) -> None:
+        pass
+
+
+class LocalTransport:
+    """The ring of one rank: nothing moves."""
+
+    rank = 0
+    world_size = 1
+    stream_ordered = False
+    watchdog = None
+
+    def __init__(self):
+        self._pool = BufferPool()
+
+    def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        return self._pool.slots(channel, count, shape, dtype, device)
+
+    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> PendingShift:
+        recv.copy_(send)
+        return Done()
+
+
+class _StreamOrderedRequests:
+    """NCCL requests: `wait` makes the current stream wait; the hop watchdog bounds the time."""
+
+    def __init__(self, requests: list):
+        self.requests = requests
+
+    def wait(self) -> None:
+        for request in self.requests:
+            request.wait()
+
+
+class _HostRequests:
+    """gloo requests: `wait` blocks the host, at most the ring timeout."""
+
+    def __init__(self, requests: list, timeout: float, rank: int, world_size: int, offset: int):
+        self.requests, self.timeout, self.rank, self.world_size, self.offset = requests, timeout, rank, world_size, offset
+
+    def wait(self) -> None:
+        from .group import wait_within
+
+        for request in self.requests:
+            wait_within(request, self.timeout, self.rank, self.world_size, f"a shift of {self.offset} rank(s)")
+
+
+class ProcessGroupTransport:
+    """torch.distributed point-to-point: gloo on CPU; NCCL on GPU, each send grouped with its
+    receive (one batch_isend_irecv), stream-ordered behind the comm stream."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout: float):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.timeout = timeout
+        self.stream_ordered = device.type == "cuda"
+        self.watchdog = HopWatchdog(self.rank, self.world_size, timeout) if self.stream_ordered else None
+        self._pool = BufferPool()
+
+    def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        return self._pool.slots(channel, count, shape, dtype, device)
+
+    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> PendingShift:
+        if offset % self.world_size == 0:
+            recv.copy_(send)
+            return Done()
+        dst = dist.get_global_rank(self.group, (self.rank + offset) % self.world_size)
+        src = dist.get_global_rank(self.group, (self.rank - offset) % self.world_size)
+        ops = [
+            dist.P2POp(dist.isend, send, dst, self.group, tag=channel),
+            dist.P2POp(dist.irecv, recv, src, self.group, tag=channel),
+        ]
+        requests = dist.batch_isend_irecv(ops)
+        if self.stream_ordered:
+            return _StreamOrderedRequests(requests)
+        return _HostRequests(requests, self.timeout, self.rank, self.world_size, offset)
+
+
+def ring_buffer_bytes(transport: Transport) -> int:
+    """Bytes held by `transport`'s persistent KV/dKV buffers."""
+    return transport._pool.nbytes()

@@ -1,0 +1,130 @@
+"""One rank's plan of a ring call: its steps, and each block call's rows, ready for the loop.
+
+Everything one rank needs for a whole ring is decided here, once per call signature (cached):
+the active steps and the hop to the next one, each block's mask and whether it overwrites the
+accumulators, and the block's rows. Rows are "sides": a q side is a run of q lanes, a kv side a
+run of kv lanes, so the executor slices each tensor once per call, not once per step. Dense
+sides are row slices (None: every row); varlen blocks select rows through FA4-style
+cu_seqlens/seqused tensors, built on the host and copied to the device in one go.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.interface import BandMask, VarlenRows
+from .schedule import RingSchedule, build_schedule
+from .sharding import Sharding
+
+
+@dataclass(frozen=True)
+class PlannedBlock:
+    q_side: int
+    """Index into RankPlan.q_sides."""
+    kv_side: int
+    """Index into RankPlan.kv_sides."""
+    mask: BandMask
+    accumulate: bool
+    """False for a first call that overwrites the forward's accumulators."""
+    varlen: VarlenRows | None
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    step: int
+    blocks: tuple[PlannedBlock, ...]
+    next_offset: int
+    """The hop to the next active step; 0 after the last one."""
+
+
+@dataclass(frozen=True, eq=False)
+class RankPlan:
+    world_size: int
+    rank: int
+    q_sides: tuple[slice | None, ...]
+    kv_sides: tuple[slice | None, ...]
+    steps: tuple[PlannedStep, ...]
+    writes_first: bool
+    """The first block overwrites the forward's accumulators, which may start unfilled."""
+
+    @property
+    def first_offset(self) -> int:
+        """The hop from the local KV to the first active step."""
+        return self.steps[0].step if self.steps else 0
+
+    @property
+    def home_offset(self) -> int:
+        """The hop that brings what is held at the last active step back to its owner."""
+        return -self.steps[-1].step % self.world_size if self.steps else 0
+
+
+@functools.lru_cache(maxsize=256)
+def rank_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
+    """The plan of `rank` (cached: a training run calls the same signature every layer)."""
+    schedule = build_schedule(sharding, mask)
+    q_sides: dict[range, int] = {}
+    kv_sides: dict[range, int] = {}
+    planned = []
+    varlen_rows = _VarlenTable(sharding, schedule, rank, device) if sharding.varlen else None
+    first = True
+    for index, (step, calls) in enumerate(zip(schedule.steps, schedule.calls[rank])):
+        blocks = []
+        for call in calls:
+            blocks.append(
+                PlannedBlock(
+                    q_side=q_sides.setdefault(call.q_lanes, len(q_sides)),
+                    kv_side=kv_sides.setdefault(call.kv_lanes, len(kv_sides)),
+                    mask=call.mask,
+                    accumulate=not (first and schedule.writes_first[rank]),
+                    varlen=None if varlen_rows is None else varlen_rows.rows(step, call),
+                )
+            )
+            first = False
+        following = schedule.steps[index + 1] - step if index + 1 < len(schedule.steps) else 0
+        planned.append(PlannedStep(step, tuple(blocks), following))
+    return RankPlan(
+        sharding.world_size,
+        rank,
+        tuple(_dense_rows(sharding, lanes) for lanes in q_sides),
+        tuple(_dense_rows(sharding, lanes) for lanes in kv_sides),
+        tuple(planned),
+        schedule.writes_first[rank],
+    )
+
+
+def _dense_rows(sharding: Sharding, lanes: range) -> slice | None:
+    """The rows of a run of lanes; None for every row (varlen blocks select rows themselves)."""
+    if sharding.varlen or lanes == range(sharding.lanes):
+        return None
+    return sharding.lane_slice(lanes)
+
+
+class _VarlenTable:
+    """VarlenRows of every block call, one device tensor per distinct side, so that calls over
+    the same lanes share their tensors: a backend may key per-call state (a dq accumulator) on
+    them."""
+
+    def __init__(self, sharding: Sharding, schedule: RingSchedule, rank: int, device: torch.device):
+        self.rank, self.schedule = rank, schedule
+        self.docs = len(sharding.doc_lengths)
+        self.index: dict[tuple, int] = {}
+        sides = []
+        for step, calls in zip(schedule.steps, schedule.calls[rank]):
+            for call in calls:
+                for side in self._sides(step, call):
+                    if side not in self.index:
+                        self.index[side] = len(sides)
+                        sides.append(sharding.lane_rows(side[1], side[2]))
+        self.table = torch.tensor([[*cu, *used] for cu, used in sides], dtype=torch.int32).to(device) if sides else None
+
+    def _sides(self, step: int, call) -> tuple[tuple, tuple]:
+        return ("q", self.rank, call.q_lanes), ("kv", self.schedule.source_rank(self.rank, step), call.kv_lanes)
+
+    def rows(self, step: int, call) -> VarlenRows:
+        q_key, kv_key = self._sides(step, call)
+        q_side, kv_side = self.table[self.index[q_key]], self.table[self.index[kv_key]]
+        bounds = self.docs + 1
+        return VarlenRows(q_side[:bounds], kv_side[:bounds], q_side[bounds:], kv_side[bounds:])
