@@ -13,7 +13,7 @@ baseline=${3:-}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 mkdir -p "$out"
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest tests/gpu -q -rs -n "${GPU_TEST_WORKERS:-8}" 2>&1 | tee "$out/tests_gpu.log"
+  python3 -m pytest tests/gpu -q -rs -p no:warnings -n "${GPU_TEST_WORKERS:-8}" 2>&1 | tee "$out/tests_gpu.log"
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 bench/step_overhead.py --device cuda --out "$out/step_overhead_cuda.json"
