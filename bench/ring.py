@@ -16,10 +16,8 @@ On CPU: gloo and the reference backend, no baseline, no profile, no memory figur
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib.metadata
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -31,6 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fa4_cp  # noqa: E402
 from fa4_cp.comm.group import resolve_group  # noqa: E402
 from fa4_cp.comm.transport import ring_buffer_bytes  # noqa: E402
+from common import RESULTS, record, today, write  # noqa: E402
+from common import device_name as device_label  # noqa: E402
 from ring_baseline import torch_context_parallel  # noqa: E402
 from ring_profile import profile_calls  # noqa: E402
 from ring_timing import attempt, measure  # noqa: E402
@@ -203,26 +203,20 @@ def main() -> None:
     device = init(args.device)
     fa4_cp.set_consistency_check(not args.no_consistency_check)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out_path = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"ring_{device_name.lower().replace(' ', '_')}_{date}_w{world_size}.json"
-    )
+    device_name = device_label(device)
+    out_path = args.out or os.path.join(RESULTS, f"ring_{device_name.lower().replace(' ', '_')}_{today()}_w{world_size}.json")
     single_group, _ = dist.new_subgroups(group_size=1)  # collective: a ring of one per rank
     mesh = None
     if device.type == "cuda":
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cuda", (world_size,), mesh_dim_names=("cp",))
-    record = {
-        "benchmark": "ring",
-        "device": device_name,
-        "gpus": world_size,
-        "date": date,
-        "torch": torch.__version__,
-        "flash_attn_4": package_version("flash-attn-4"),
-        "env": {name: os.environ.get(name) for name in REQUIRED_ENV},
-        "settings": {
+    result = record(
+        "ring", device,
+        gpus=world_size,
+        flash_attn_4=package_version("flash-attn-4"),
+        env={name: os.environ.get(name) for name in REQUIRED_ENV},
+        settings={
             "causal": True, "batch": 1, "dtype": "bfloat16", "head_dim": args.head_dim, "heads": [f"{h}:{kv}" for h, kv in args.heads],
             "seq_per_gpu": args.seq_per_gpu, "modes": args.modes, "transports": args.transports, "quick": args.quick,
             "backend": "fa4" if device.type == "cuda" else "reference (cpu; transport ignored, gloo)",
@@ -234,27 +228,20 @@ def main() -> None:
             "symmetric memory, in before only where torch allocates it through its caching allocator); torch_cp's before includes the full-sequence "
             "q/k/v storages that context_parallel shrinks in place (resize_ keeps the storage)",
         },
-        "results": [],
-    }
+        results=[],
+    )
     for heads in args.heads:
         for seq_local in args.seq_per_gpu:
             for mode in args.modes:
-                record["results"].append(run_config(args, heads, seq_local, mode, single_group, mesh, device))
+                result["results"].append(run_config(args, heads, seq_local, mode, single_group, mesh, device))
                 if rank == 0:
-                    write_json(record, out_path)
+                    write(result, out_path)
     if args.profile:
-        record["profile"] = profile(args, out_path, device) if device.type == "cuda" else "skipped: cpu"
+        result["profile"] = profile(args, out_path, device) if device.type == "cuda" else "skipped: cpu"
     if rank == 0:
-        write_json(record, out_path)
-        print_table(record["results"], args.transports)
-        print(f"wrote {out_path}")
+        write(result, out_path)
+        print_table(result["results"], args.transports)
     dist.destroy_process_group()
-
-
-def write_json(record: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ heaviest kernels with their summed GPU time.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -58,20 +56,20 @@ def main() -> None:
     for event in kernels:
         groups[kernel_group(event.key)] = groups.get(kernel_group(event.key), 0.0) + event.self_device_time_total / 1e6
     heaviest = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[: args.top]
-    record = {
-        "benchmark": "bench/train_profile.py", "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "train_args": train_argv, "losses": losses,
-        "kernel_seconds": total_us / 1e6, "group_seconds": groups,
-        "kernels": [
+    from common import record, write  # here: the tests load this file by path, without bench/ on sys.path
+
+    result = record(
+        "train_profile", "cuda", train_args=train_argv, losses=losses, kernel_seconds=total_us / 1e6, group_seconds=groups,
+        kernels=[
             {"name": e.key, "group": kernel_group(e.key), "seconds": e.self_device_time_total / 1e6, "calls": e.count}
             for e in heaviest
         ],
-    }
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    )
+    write(result, args.out)
     print(f"kernel time in the window: {total_us / 1e6:.2f} s")
     for group, seconds in sorted(groups.items(), key=lambda item: -item[1]):
         print(f"  {group:14s} {seconds:8.2f} s  {seconds / (total_us / 1e6):6.1%}")
-    for entry in record["kernels"][:12]:
+    for entry in result["kernels"][:12]:
         print(f"  {entry['seconds']:8.3f} s  {entry['calls']:6d}  {entry['group']:13s} {entry['name'][:90]}")
 
 

@@ -10,13 +10,12 @@ torchrun --nproc-per-node 2 bench/transport_bandwidth.py --out bench/results/<na
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 
 import torch
 import torch.distributed as dist
+from common import record, write
 
 from fa4_cp.comm.group import release_transports, resolve_group
 from fa4_cp.comm.streams import post_hop
@@ -65,14 +64,11 @@ def main() -> None:
         torch.cuda.synchronize()
         release_transports()
     if dist.get_rank() == 0:
-        record = {
-            "benchmark": "transport_bandwidth", "device": torch.cuda.get_device_name(device), "gpus": dist.get_world_size(),
-            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(), "torch": torch.__version__,
-            "statistic": "median of 20 hops after 5 warm-up, slowest rank, CUDA events", "results": results,
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=2)
+        result = record(
+            "transport_bandwidth", device, gpus=dist.get_world_size(),
+            statistic="median of 20 hops after 5 warm-up, slowest rank, CUDA events", results=results,
+        )
+        write(result, args.out)
         for r in results:
             print(f"{r['transport']:>12} {r['mib']:>5} MiB {r['ms']:8.3f} ms {r['gib_per_s']:7.1f} GiB/s data_ok={r['data_ok']}")
     dist.destroy_process_group()
