@@ -65,12 +65,16 @@ def ring_attention_varlen(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     softmax_scale: float | None = None,
-    layout: str = "zigzag",
+    layout: str = "balanced",
     return_lse: bool = False,
     backend: str | AttentionBackend | None = None,
     transport: str | None = None,
 ) -> Output:
-    """Ring attention over packed documents, each sharded on its own (see `shard`).
+    """Ring attention over packed documents, laid out by `shard(..., cu_seqlens=...)`.
+
+    `layout` "balanced" (default) keeps each document whole on one rank or splits it across the
+    ring, balancing attention work (plan/placement.py); "zigzag" and "contiguous" cut every
+    document on its own.
 
     `cu_seqlens` is the global int32 boundaries of the unsharded documents, the same on every rank
     (a CPU tensor avoids a device sync). q (total_local, h, d), k and v (total_local, h_kv, d) hold

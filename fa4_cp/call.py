@@ -94,7 +94,7 @@ def varlen_call(
     """The RingCall of `ring_attention_varlen`, and its backend; raises ValueError naming a bad argument."""
     check_qkv(q, k, v, varlen=True)
     doc_lengths = check_cu_seqlens(cu_seqlens)
-    sharding = Sharding.documents(doc_lengths, world_size, get_layout(layout))
+    sharding = Sharding.documents(doc_lengths, world_size, layout)
     if q.shape[0] != sharding.local_len:
         raise ValueError(
             f"cu_seqlens: its documents ({sum(doc_lengths)} tokens) take {sharding.local_len} local rows per rank "

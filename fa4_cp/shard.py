@@ -13,14 +13,15 @@ from .plan.sharding import Sharding
 from .validation import check_cu_seqlens
 
 
-def sharding_for(total_len: int, world_size: int, layout: str = "zigzag", cu_seqlens: torch.Tensor | None = None) -> Sharding:
-    """The dense sharding of `total_len` tokens, or the per-document one of `cu_seqlens`."""
+def sharding_for(total_len: int, world_size: int, layout: str | None = None, cu_seqlens: torch.Tensor | None = None):
+    """The dense sharding of `total_len` tokens (layout default "zigzag"), or the document
+    sharding of `cu_seqlens` (default "balanced")."""
     if cu_seqlens is None:
-        return Sharding.dense(total_len, world_size, layout)
+        return Sharding.dense(total_len, world_size, layout or "zigzag")
     doc_lengths = check_cu_seqlens(cu_seqlens)
     if sum(doc_lengths) != total_len:
         raise ValueError(f"cu_seqlens: expected to end at the {total_len} tokens of the tensor, got {sum(doc_lengths)}")
-    return Sharding.documents(doc_lengths, world_size, layout)
+    return Sharding.documents(doc_lengths, world_size, layout or "balanced")
 
 
 def shard(
@@ -28,14 +29,17 @@ def shard(
     *,
     group: object = None,
     seq_dim: int = 1,
-    layout: str = "zigzag",
+    layout: str | None = None,
     cu_seqlens: torch.Tensor | None = None,
     pad_value: float = 0,
 ) -> torch.Tensor:
     """This rank's rows of the full tensor `x` along `seq_dim`.
 
-    With `cu_seqlens` (global int32 document boundaries), each document is cut on its own and
-    padded at its end to a multiple of the chunk count; padding slots hold `pad_value`.
+    Without `cu_seqlens`, the sequence is cut into chunks (`layout` "zigzag" by default, or
+    "contiguous"). With `cu_seqlens` (global int32 document boundaries), `layout` "balanced"
+    (default) keeps each document whole on one rank or splits it across the ring, "zigzag" and
+    "contiguous" cut every document on its own; ranks are padded to equal rows, and padding slots
+    hold `pad_value`.
     """
     ring = resolve_group(group)
     sharding = sharding_for(x.shape[seq_dim], ring.world_size, layout, cu_seqlens)
@@ -47,7 +51,7 @@ def unshard(
     *,
     group: object = None,
     seq_dim: int = 1,
-    layout: str = "zigzag",
+    layout: str | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full tensor from every rank's rows (an all-gather over `group`), padding dropped."""
@@ -56,7 +60,7 @@ def unshard(
     if cu_seqlens is None:
         sharding = sharding_for(x_local.shape[seq_dim] * world, world, layout)
     else:
-        sharding = Sharding.documents(check_cu_seqlens(cu_seqlens), world, layout)
+        sharding = Sharding.documents(check_cu_seqlens(cu_seqlens), world, layout or "balanced")
         if x_local.shape[seq_dim] != sharding.local_len:
             raise ValueError(f"x_local: expected {sharding.local_len} rows along dim {seq_dim}, got shape {tuple(x_local.shape)}")
     return sharding.unshard(ring.all_gather(x_local), seq_dim)
@@ -81,11 +85,12 @@ def shard_inputs(
     position_ids: torch.Tensor | None = None,
     *,
     group: object = None,
-    layout: str = "zigzag",
+    layout: str | None = None,
     cu_seqlens: torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> dict[str, torch.Tensor]:
-    """This rank's input_ids, pre-shifted labels and position_ids, all (batch, s_local).
+    """This rank's input_ids, pre-shifted labels and position_ids, all (batch, s_local), and the
+    `layout` used (see `shard`).
 
     position_ids default to each token's global position (in its document, with `cu_seqlens`),
     as RoPE needs. Padding slots get input id 0, label `ignore_index` and position 0. With
@@ -104,8 +109,9 @@ def shard_inputs(
         "input_ids": sharding.shard(input_ids, rank, seq_dim),
         "labels": sharding.shard(labels, rank, seq_dim, pad_value=ignore_index),
         "position_ids": local_positions,
+        "layout": sharding.layout.name,
     }
     if cu_seqlens is not None:
-        local["local_cu_seqlens"] = sharding.local_cu_seqlens()
+        local["local_cu_seqlens"] = sharding.local_cu_seqlens(rank)
         local["local_seqused"] = sharding.local_seqused(rank)
     return local

@@ -34,6 +34,7 @@ class Case:
     head_dim: int = 16
     fixed_seq_len: int | None = None  # the same tokens whatever the ring size
     chunk: int | None = None  # dense chunk size whatever the ring size
+    doc_mix: str = "mixed"  # packed documents: see doc_lengths
 
     def chunk_size(self, world_size: int) -> int:
         if self.chunk is not None:
@@ -47,9 +48,18 @@ class Case:
         return tuple(-1 if w < 0 else int(w * chunk) for w in self.window_in_chunks)
 
     def doc_lengths(self, world_size: int) -> list[int]:
-        """Odd lengths, documents shorter than 2W and a one-token document (all-padding chunks)."""
+        """mixed: odd lengths, documents shorter than 2W and a one-token document (all-padding
+        chunks); short: all of a few tokens; huge: one document longer than a rank's share (the
+        balanced layout splits it) among tiny ones; empty_and_single: 0- and 1-token documents;
+        all_whole: one document per rank (the balanced layout keeps them all whole)."""
         two_w = 2 * world_size
-        return [3 * two_w + 1, world_size, 1, two_w + 5, 7, 2 * two_w]
+        return {
+            "mixed": [3 * two_w + 1, world_size, 1, two_w + 5, 7, 2 * two_w],
+            "short": [1, 2, 3, 5, 8, 13, 4, 6, 2, 9, 11, 1, 7],
+            "huge": [3, 300 + 4 * world_size, 1, 6, 0, 17],
+            "empty_and_single": [0, 1, 0, two_w + 3, 1, 9, 0],
+            "all_whole": [12] * world_size,
+        }[self.doc_mix]
 
     def seq_len(self, world_size: int) -> int:
         if self.fixed_seq_len is not None:
@@ -80,6 +90,11 @@ CASES = [
     Case("varlen_causal", documents=True),
     Case("varlen_full_gqa", causal=False, documents=True, kv_heads=2),
     Case("varlen_causal_contiguous", layout="contiguous", documents=True),
+    Case("balanced_causal", layout="balanced", documents=True),
+    Case("balanced_huge_gqa", layout="balanced", documents=True, doc_mix="huge", kv_heads=2),
+    Case("balanced_short", layout="balanced", documents=True, doc_mix="short"),
+    Case("balanced_empty_and_single", layout="balanced", documents=True, doc_mix="empty_and_single"),
+    Case("balanced_all_whole_full", causal=False, layout="balanced", documents=True, doc_mix="all_whole"),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 

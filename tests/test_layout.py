@@ -46,9 +46,10 @@ def test_document_shard_then_unshard_is_identity_and_pads_each_document(world_si
     x = torch.randn(sum(lengths), 3)
     shards = [sharding.shard(x, rank, seq_dim=0, pad_value=-5) for rank in range(world_size)]
     assert torch.equal(sharding.unshard(shards, seq_dim=0), x)
-    cu = sharding.local_cu_seqlens()
+    cu = sharding.local_cu_seqlens(0)
     assert cu.dtype == torch.int32 and int(cu[-1]) == sharding.local_len
     for rank, local in enumerate(shards):
+        assert torch.equal(sharding.local_cu_seqlens(rank), cu)  # the same on every rank
         used = sharding.local_seqused(rank)
         assert int(used.sum()) == int((sharding.token_index(rank) >= 0).sum())
         for doc, (start, stop) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
@@ -91,7 +92,7 @@ def test_packed_training_inputs_restart_positions_per_document_and_mask_padding(
     input_ids = torch.arange(1, 14).unsqueeze(0)
     labels = fa4_cp.shift_labels(input_ids, cu_seqlens)
     assert labels[0, [4, 5, 12]].tolist() == [-100, -100, -100]
-    per_rank = SimulatedRing(2).run(lambda group: fa4_cp.shard_inputs(input_ids, labels, group=group, cu_seqlens=cu_seqlens))
+    per_rank = SimulatedRing(2).run(lambda group: fa4_cp.shard_inputs(input_ids, labels, group=group, cu_seqlens=cu_seqlens, layout="zigzag"))
     sharding = Sharding.documents([5, 1, 7], 2, "zigzag")
     doc_start = torch.tensor([0] * 5 + [5] + [6] * 7)
     for rank, local in enumerate(per_rank):
@@ -108,3 +109,85 @@ def test_distributed_unshard_restores_the_full_tensor():
     shards = SimulatedRing(world_size).run(lambda group: fa4_cp.shard(x, group=group))
     restored = SimulatedRing(world_size).run(lambda group: fa4_cp.unshard(shards[group.rank], group=group))
     assert all(torch.equal(full, x) for full in restored)
+
+
+BALANCED_MIXES = {
+    "mixed": [700, 3, 0, 1, 250, 64, 129, 2000, 17],
+    "short": [1, 2, 3, 5, 8, 13, 4, 6, 2, 9, 11, 1, 7],
+    "one_huge": [5000, 2, 1],
+    "only_empty_and_single": [0, 1, 0, 1, 1],
+}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8, 72])
+@pytest.mark.parametrize("mix", BALANCED_MIXES)
+def test_balanced_shard_then_unshard_is_identity_with_equal_rows(world_size, mix):
+    lengths = BALANCED_MIXES[mix]
+    sharding = Sharding.documents(lengths, world_size)
+    assert sharding.layout.name == "balanced"
+    assert all(ranks >= 1 if length else ranks == 0 for length, (_, ranks) in zip(lengths, sharding.spans))
+    x = torch.randn(sum(lengths), 3)
+    shards = [sharding.shard(x, rank, seq_dim=0, pad_value=-5) for rank in range(world_size)]
+    assert all(local.shape == (sharding.local_len, 3) for local in shards)
+    assert torch.equal(sharding.unshard(shards, seq_dim=0), x)
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    for rank, local in enumerate(shards):
+        index, positions = sharding.token_index(rank), sharding.positions(rank)
+        valid = index >= 0
+        assert (local[~valid] == -5).all()
+        doc = torch.searchsorted(starts, index[valid], right=True) - 1
+        assert torch.equal(positions[valid], index[valid] - starts[doc])  # positions restart in every document
+        cu, used = sharding.local_cu_seqlens(rank), sharding.local_seqused(rank)
+        assert cu.dtype == used.dtype == torch.int32 and int(cu[-1]) == sharding.local_len and len(cu) == len(used) + 1
+        for start, count in zip(cu[:-1].tolist(), used.tolist()):
+            assert valid[start : start + count].all()  # each local sequence's valid slots form a prefix
+        assert int(used.sum()) == int(valid.sum())
+
+
+def test_balanced_placement_keeps_short_documents_whole_and_spreads_what_cannot_fit():
+    short = Sharding.documents(BALANCED_MIXES["short"], 4)
+    assert all(ranks == 1 for _, ranks in short.spans) and short.buffer_len == 0
+    huge = Sharding.documents(BALANCED_MIXES["one_huge"], 8)
+    assert huge.spans[0][1] > 1 and [ranks for _, ranks in huge.spans[1:]] == [1, 1]
+    empty = Sharding.documents(BALANCED_MIXES["only_empty_and_single"], 2)
+    assert [ranks for _, ranks in empty.spans] == [0, 1, 0, 1, 1]  # 0-token documents take no rows
+
+
+def lognormal_mix(world_size: int, seed: int, tokens_per_rank: int = 8192) -> list[int]:
+    """A pretraining-like mix: log-normal lengths, median about 1K, up to 64K."""
+    import math
+    import random
+
+    generator, lengths = random.Random(seed), []
+    while sum(lengths) < tokens_per_rank * world_size:
+        lengths.append(max(1, min(65536, int(generator.lognormvariate(math.log(1000), 1.3)))))
+    lengths[-1] -= sum(lengths) - tokens_per_rank * world_size
+    return lengths
+
+
+@pytest.mark.parametrize("world_size", [8, 16, 64])
+def test_balanced_placement_beats_cutting_every_document_and_is_deterministic(world_size):
+    """On the log-normal mix at 8K tokens per rank, the modelled cost of the most loaded rank is
+    under the per-document zigzag's (by more as the ring grows: 0.69, 0.57 and 0.17 of it at W = 8,
+    16 and 64 when written), within 20% of a perfect split of one device's work, padding under 2%,
+    and a second computation gives the same placement."""
+    from fa4_cp.plan.placement import balanced_sharding, span_cost
+
+    lengths = lognormal_mix(world_size, seed=world_size)
+    sharding = Sharding.documents(lengths, world_size)
+    load = [0] * world_size
+    for length, (first, ranks) in zip(lengths, sharding.spans):
+        for offset in range(ranks):
+            load[(first + offset) % world_size] += span_cost(length, ranks)
+    one_device = sum(span_cost(length, 1) for length in lengths if length)
+    every_rank = sum(span_cost(length, world_size) for length in lengths if length)
+    assert max(load) < {8: 0.75, 16: 0.65, 64: 0.25}[world_size] * every_rank
+    assert one_device / (world_size * max(load)) > 0.8
+    assert 1 - sharding.total_len / (world_size * sharding.local_len) < 0.02
+    balanced_sharding.cache_clear()
+    assert Sharding.documents(lengths, world_size) == sharding
+
+
+def test_unknown_document_layout_is_refused():
+    with pytest.raises(ValueError, match=r"layout: expected one of \['balanced', 'zigzag', 'contiguous'\] for packed documents, got 'striped'"):
+        Sharding.documents([3, 4], 2, "striped")

@@ -13,7 +13,7 @@ from fa4_cp.kernels.reference import band_visibility
 from fa4_cp.plan.schedule import build_schedule
 
 
-def global_positions(sharding: Sharding) -> tuple[torch.Tensor, torch.Tensor]:
+def global_positions(sharding) -> tuple[torch.Tensor, torch.Tensor]:
     """Per global token: its document and its position in it."""
     lengths = torch.tensor(sharding.doc_lengths)
     doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
@@ -21,7 +21,7 @@ def global_positions(sharding: Sharding) -> tuple[torch.Tensor, torch.Tensor]:
     return doc, torch.arange(int(lengths.sum())) - starts[doc]
 
 
-def true_visibility(sharding: Sharding, mask: BandMask) -> torch.Tensor:
+def true_visibility(sharding, mask: BandMask) -> torch.Tensor:
     doc, position = global_positions(sharding)
     offset = position[None, :] - position[:, None]
     visible = doc[:, None] == doc[None, :]
@@ -218,3 +218,44 @@ def test_schedule_covers_the_least_area(world_size, layout, mask_name):
                 calls = calls_at.get(step, ())
                 ours = (len(calls), sum(len(c.q_lanes) * len(c.kv_lanes) for c in calls))
                 assert ours == best[key], f"rank {rank} step {step} sizes {sizes}: schedule {ours}, least {best[key]}"
+
+
+def planned_pairs(sharding, mask: BandMask) -> torch.Tensor:
+    """How many times the ranks' plans compute each (query, key) pair; also checks that no block
+    writes a row twice (sequences of one launch must not overlap)."""
+    from fa4_cp.plan.rows import rank_plan
+
+    total = sharding.total_len
+    count = torch.zeros(total, total, dtype=torch.long)
+    for rank in range(sharding.world_size):
+        plan = rank_plan(sharding, mask, rank, torch.device("cpu"))
+        for step in plan.steps:
+            source = rank if step.step == 0 else (rank - step.step) % sharding.world_size
+            for block in step.blocks:
+                rows = block.varlen
+                q_taken, kv_taken = set(), set()
+                for n in range(len(rows.seqused_q)):
+                    q0, nq = int(rows.cu_seqlens_q[n]), int(rows.seqused_q[n])
+                    k0, nk = int(rows.cu_seqlens_k[n]), int(rows.seqused_k[n])
+                    if not (nq and nk):
+                        continue
+                    assert not (q_taken & set(range(q0, q0 + nq))) and not (kv_taken & set(range(k0, k0 + nk))), "overlapping sequences"
+                    q_taken |= set(range(q0, q0 + nq))
+                    kv_taken |= set(range(k0, k0 + nk))
+                    queries = sharding.token_index(rank)[q0 : q0 + nq]
+                    keys = sharding.token_index(source)[k0 : k0 + nk]
+                    assert (queries >= 0).all() and (keys >= 0).all(), "a block selected a padding slot"
+                    qi, ki = band_visibility(nq, nk, block.mask, torch.device("cpu")).nonzero(as_tuple=True)
+                    count.index_put_((queries[qi], keys[ki]), torch.ones_like(qi), accumulate=True)
+    return count
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("mask_name", ["full", "causal", "window_left", "window_wide"])
+@pytest.mark.parametrize("lengths", [
+    [700, 3, 0, 1, 250, 64, 129, 2000, 17], [5000, 2, 1], [1, 2, 3, 5, 8, 13], [300, 300, 301, 299],
+], ids=["mixed", "one_huge", "short", "equal"])
+def test_balanced_plans_compute_each_visible_pair_once(world_size, mask_name, lengths):
+    sharding = Sharding.documents(lengths, world_size, "balanced")
+    count = planned_pairs(sharding, MASKS[mask_name])
+    assert torch.equal(count, true_visibility(sharding, MASKS[mask_name]).long())

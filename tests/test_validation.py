@@ -76,11 +76,13 @@ def test_cu_seqlens_must_be_int32_monotone_and_end_at_the_total():
     refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 30]), group=g), "cu_seqlens", "1-D int32")
     refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 20, 12, 30], dtype=torch.int32), group=g), "cu_seqlens", "non-decreasing")
     refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([3, 30], dtype=torch.int32), group=g), "cu_seqlens", r"expected \[0, end of document 1")
-    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 16], dtype=torch.int32), group=g), "cu_seqlens", "take 8 local rows per rank .* but q has 16")
+    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 16], dtype=torch.int32), group=g, layout="zigzag"), "cu_seqlens", "take 8 local rows per rank under the zigzag layout .* but q has 16")
+    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 9, 30], dtype=torch.int32), group=g), "cu_seqlens", "take 21 local rows per rank under the balanced layout .* but q has 16")
+    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 16], dtype=torch.int32), group=g, layout="striped"), "layout", "for packed documents")
 
 
 def test_window_on_a_layout_that_cannot_honour_it():
-    q, k, v = (t[0] for t in qkv(seq=8))
+    q, k, v = (t[0] for t in qkv(seq=16))
     cu = torch.tensor([0, 16], dtype=torch.int32)
     refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, cu, group=g, window_size=(4, 0)), "window_size", "not supported with varlen documents")
 

@@ -32,9 +32,10 @@ def documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     return torch.tensor([*starts, position_ids.shape[1]], dtype=torch.int32)
 
 
-def shard_batch(batch: dict[str, torch.Tensor], group: object = None, layout: str = "zigzag") -> dict[str, torch.Tensor]:
+def shard_batch(batch: dict[str, torch.Tensor], group: object = None, layout: str | None = None) -> dict[str, torch.Tensor]:
     """This rank's model inputs from a full causal-LM batch (input_ids, optional labels,
-    position_ids and an all-ones attention_mask)."""
+    position_ids and an all-ones attention_mask). `layout`: None for the defaults ("zigzag" for
+    one sequence, "balanced" for packed documents), or one `shard` takes."""
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     if mask is not None and not bool(mask.all()):
@@ -50,7 +51,7 @@ def shard_batch(batch: dict[str, torch.Tensor], group: object = None, layout: st
         "labels": local["labels"],
         "shift_labels": local["labels"],
         "num_items_in_batch": (shifted != IGNORE_INDEX).sum(),
-        SHARDS_KEY: RingShards(resolve_group(group).world_size, layout, local["input_ids"].shape[-1]),
+        SHARDS_KEY: RingShards(resolve_group(group).world_size, local["layout"], local["input_ids"].shape[-1]),
     }
     if cu_seqlens is not None:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -34,7 +34,7 @@ SHARDS_KEY = "fa4_cp_shards"
 @dataclass(frozen=True)
 class RingSetup:
     group: object = None
-    layout: str = "zigzag"
+    layout: str | None = None  # None: "zigzag" for one sequence, "balanced" for packed documents
     backend: str | None = None
     transport: str | None = None
 
@@ -117,13 +117,14 @@ def ring_attention_forward(
     """transformers' attention signature: q, k, v (b, h, s, d) -> (out (b, s, h, d), None)."""
     setup = ring_setup or _setups.get(ATTENTION_NAME, RingSetup())
     _refuse_unsupported(module, query, key, attention_mask, dropout)
-    _check_sharded(kwargs.get(SHARDS_KEY), query.shape[2], resolve_group(setup.group).world_size, setup.layout)
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    layout = setup.layout or ("zigzag" if cu_seqlens is None else "balanced")
+    _check_sharded(kwargs.get(SHARDS_KEY), query.shape[2], resolve_group(setup.group).world_size, layout)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
     options = dict(
         group=setup.group, causal=getattr(module, "is_causal", True), softmax_scale=scaling,
-        layout=setup.layout, backend=setup.backend, transport=setup.transport,
+        layout=layout, backend=setup.backend, transport=setup.transport,
     )
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
         return ring_attention(q, k, v, **options), None
     if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"].cpu(), cu_seqlens.cpu()):

@@ -62,8 +62,10 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         if step.next_offset:
             kv.post(step.next_offset)
         for block in step.blocks:
-            q_rows, out_rows, lse_rows = q_sides[block.q_side]
-            k_rows, v_rows = kv.held(block.kv_side)
+            if block.local:
+                q_rows, out_rows, lse_rows, k_rows, v_rows = q, out_acc, lse_acc, k, v
+            else:
+                (q_rows, out_rows, lse_rows), (k_rows, v_rows) = q_sides[block.q_side], kv.held(block.kv_side)
             kernels.step(q_rows, k_rows, v_rows, out_rows, lse_rows, mask=block.mask, accumulate=block.accumulate, varlen=block.varlen)
         kv.arrive()
     ring.end_of_call()
@@ -88,17 +90,25 @@ def ring_backward(
     q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
     kv = TravellingKV(plan, ring.transport, k, v)
     dkv = TravellingDKV(plan, ring.transport, k, accumulator_dtype(q.dtype))
+    # dK/dV that local blocks add: they never travel
+    local_dkv = torch.zeros((2, *k.shape), dtype=accumulator_dtype(q.dtype), device=k.device) if plan.has_local_blocks else None
     kv.start()
     for step in plan.steps:
         if step.next_offset:
             kv.post(step.next_offset)
         dkv.begin_step()
         for block in step.blocks:
-            k_rows, v_rows = kv.held(block.kv_side)
-            dk_rows, dv_rows = dkv.accumulator(block.kv_side)
-            grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=q_rows[block.q_side], mask=block.mask, varlen=block.varlen)
+            if block.local:
+                rows, (k_rows, v_rows), (dk_rows, dv_rows) = slice(None), (k, v), (local_dkv[0], local_dkv[1])
+            else:
+                rows, (k_rows, v_rows), (dk_rows, dv_rows) = q_rows[block.q_side], kv.held(block.kv_side), dkv.accumulator(block.kv_side)
+            grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen)
         dkv.end_step(step.step, step.next_offset or plan.home_offset)
         kv.arrive()
     home = dkv.at_home()
     ring.end_of_call()
+    if plan.travel_len is not None:  # the travelling rows' sums join the local ones
+        local_dkv = torch.zeros((2, *k.shape), dtype=home.dtype, device=k.device) if local_dkv is None else local_dkv
+        local_dkv.narrow(-3, 0, plan.travel_len).add_(home)
+        home = local_dkv
     return grads.dq(), home[0].to(k.dtype, copy=True), home[1].to(v.dtype, copy=True)

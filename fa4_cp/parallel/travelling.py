@@ -23,6 +23,23 @@ def _sides(pair: torch.Tensor | tuple[torch.Tensor, torch.Tensor], plan: RankPla
     return [(pair[0], pair[1]) if rows is None else (pair[0][..., rows, :, :], pair[1][..., rows, :, :]) for rows in plan.kv_sides]
 
 
+def travelling_rows(t: torch.Tensor, plan: RankPlan) -> torch.Tensor:
+    """The rows of a k-shaped tensor that travel (the first `plan.travel_len`, or all)."""
+    return t if plan.travel_len is None else t.narrow(-3, 0, plan.travel_len)
+
+
+def buffer_shape(like: torch.Tensor, plan: RankPlan) -> tuple[int, ...]:
+    """(2, rows, ...) of a travelling buffer pair for k-shaped `like`: the same on every rank."""
+    rows = like.shape[-3] if plan.buffer_len is None else plan.buffer_len
+    return (2, *like.shape[:-3], rows, *like.shape[-2:])
+
+
+def moves(plan: RankPlan) -> bool:
+    """Whether anything leaves this rank in the call (not on a ring of one, nor when every
+    document is kept whole)."""
+    return plan.world_size > 1 and (plan.first_offset > 0 or any(step.next_offset for step in plan.steps))
+
+
 class TravellingKV:
     """Local K and V copied into the first of two buffers, then moved from step to step: the
     next hop is posted before a step's compute, into the other buffer."""
@@ -31,12 +48,12 @@ class TravellingKV:
         self.plan, self.transport = plan, transport
         self.current, self.step = 0, 0
         self.pending: Arrival | None = None
-        if plan.world_size == 1:  # nothing travels: read the caller's K and V in place
-            self.sides = [_sides((k, v), plan)]
+        if not moves(plan):  # read the caller's K and V in place
+            self.sides = [_sides((travelling_rows(k, plan), travelling_rows(v, plan)), plan)]
             return
-        self.buffers = transport.buffers(KV_CHANNEL, 2, (2, *k.shape), k.dtype, k.device)
-        self.buffers[0][0].copy_(k)
-        self.buffers[0][1].copy_(v)
+        self.buffers = transport.buffers(KV_CHANNEL, 2, buffer_shape(k, plan), k.dtype, k.device)
+        for held, own in zip(self.buffers[0], (k, v)):
+            travelling_rows(held, plan).copy_(travelling_rows(own, plan))
         self.sides = [_sides(buffer, plan) for buffer in self.buffers]
 
     def held(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +90,8 @@ class TravellingDKV:
 
     def __init__(self, plan: RankPlan, transport: Transport, like: torch.Tensor, dtype: torch.dtype):
         self.plan, self.transport = plan, transport
-        count = 1 if plan.world_size == 1 else 3
-        self.free = transport.buffers(DKV_CHANNEL, count, (2, *like.shape), dtype, like.device)
+        count = 3 if moves(plan) else 1
+        self.free = transport.buffers(DKV_CHANNEL, count, buffer_shape(like, plan), dtype, like.device)
         self.sides = {buffer.data_ptr(): _sides(buffer, plan) for buffer in self.free}
         self.computing = self.free.pop()
         self.in_flight: tuple[Arrival, torch.Tensor, torch.Tensor] | None = None
@@ -102,9 +119,10 @@ class TravellingDKV:
         self.computing = self.free.pop()
 
     def at_home(self) -> torch.Tensor:
-        """(2, *k.shape) dK and dV of this rank's own KV, once the last hop has arrived."""
+        """(2, ...) dK and dV of this rank's own travelling rows, once the last hop has arrived."""
         if self.in_flight is None:
-            return self.computing
-        pending, _, received = self.in_flight
-        pending.arrive()
-        return received
+            home = self.computing
+        else:
+            pending, _, home = self.in_flight
+            pending.arrive()
+        return home if self.plan.travel_len is None else home.narrow(-3, 0, self.plan.travel_len)

@@ -52,9 +52,17 @@ class Contiguous(Layout):
 
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (Zigzag(), Contiguous())}
+DOCUMENT_LAYOUTS = ("balanced", *LAYOUTS)
+"""Packed documents: kept whole or split ("balanced", placement.py), or each cut on its own."""
 
 
 def get_layout(name: str) -> Layout:
     if name not in LAYOUTS:
         raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {name!r}")
     return LAYOUTS[name]
+
+
+def check_document_layout(name: str) -> str:
+    if name not in DOCUMENT_LAYOUTS:
+        raise ValueError(f"layout: expected one of {list(DOCUMENT_LAYOUTS)} for packed documents, got {name!r}")
+    return name

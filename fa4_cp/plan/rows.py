@@ -5,7 +5,8 @@ the active steps and the hop to the next one, each block's mask and whether it o
 accumulators, and the block's rows. Rows are "sides": a q side is a run of q lanes, a kv side a
 run of kv lanes, so the executor slices each tensor once per call, not once per step. Dense
 sides are row slices (None: every row); varlen blocks select rows through FA4-style
-cu_seqlens/seqused tensors, built on the host and copied to the device in one go.
+cu_seqlens/seqused tensors, built on the host and copied to the device in one go. The balanced
+document layout has a planner of its own (span_rows.py) that fills the same RankPlan.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class PlannedBlock:
     accumulate: bool
     """False for a first call that overwrites the forward's accumulators."""
     varlen: VarlenRows | None
+    local: bool = False
+    """Against the rank's own K and V (every row), not the travelling copy."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,14 @@ class RankPlan:
     steps: tuple[PlannedStep, ...]
     writes_first: bool
     """The first block overwrites the forward's accumulators, which may start unfilled."""
+    travel_len: int | None = None
+    """This rank's local rows that travel, from the first; None: every row."""
+    buffer_len: int | None = None
+    """Rows of the travelling buffers, the same on every rank; None: every local row."""
+
+    @functools.cached_property
+    def has_local_blocks(self) -> bool:
+        return any(block.local for step in self.steps for block in step.blocks)
 
     @property
     def first_offset(self) -> int:
@@ -62,8 +73,12 @@ class RankPlan:
 
 
 @functools.lru_cache(maxsize=256)
-def rank_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
+def rank_plan(sharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
     """The plan of `rank` (cached: a training run calls the same signature every layer)."""
+    if not isinstance(sharding, Sharding):
+        from .span_rows import span_plan
+
+        return span_plan(sharding, mask, rank, device)
     schedule = build_schedule(sharding, mask)
     q_sides: dict[range, int] = {}
     kv_sides: dict[range, int] = {}

@@ -69,9 +69,9 @@ def build_schedule(sharding: Sharding, mask: BandMask) -> RingSchedule:
 
 @functools.lru_cache(maxsize=64)
 def _build_schedule(layout: Layout, world: int, sizes: tuple[int, ...], mask: BandMask, varlen: bool) -> RingSchedule:
-    band = (-math.inf if mask.lo is None else mask.lo, math.inf if mask.hi is None else mask.hi)
+    band = band_interval(mask)
     per_rank = [
-        [_plan_pair(layout.chunks_of(rank, world), layout.chunks_of((rank - step) % world, world), band, sizes) for step in range(world)]
+        [chunk_pair_calls(layout.chunks_of(rank, world), layout.chunks_of((rank - step) % world, world), band, sizes) for step in range(world)]
         for rank in range(world)
     ]
     active = tuple(step for step in range(world) if any(per_rank[rank][step] for rank in range(world)))
@@ -81,8 +81,15 @@ def _build_schedule(layout: Layout, world: int, sizes: tuple[int, ...], mask: Ba
     return RingSchedule(world, active, calls, writes_first)
 
 
-def _plan_pair(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], band: Interval, sizes: tuple[int, ...]) -> tuple[BlockCall, ...]:
-    """The calls of one (q rank, kv rank) pair, from what each lane pair sees."""
+def band_interval(mask: BandMask) -> Interval:
+    """The key offsets j - i a mask lets through, as a closed interval (infinite where unbounded)."""
+    return (-math.inf if mask.lo is None else mask.lo, math.inf if mask.hi is None else mask.hi)
+
+
+@functools.lru_cache(maxsize=4096)
+def chunk_pair_calls(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], band: Interval, sizes: tuple[int, ...]) -> tuple[BlockCall, ...]:
+    """The calls between the lanes of q chunks `q_chunks` and kv chunks `kv_chunks` of a sequence
+    cut into chunks of each of `sizes` slots, from what each lane pair sees."""
     seen = tuple(
         tuple(_seen(band, (kv_chunks[b] - q_chunks[a]) * size, size) for size in sizes)
         for a, b in _cells(range(len(q_chunks)), range(len(kv_chunks)))

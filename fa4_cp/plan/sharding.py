@@ -1,25 +1,67 @@
 """Sharding: which global tokens each rank's local rows hold, for a sequence or packed documents.
 
 Dense: a batch of sequences of length S, each cut into `num_chunks` equal chunks; S must divide.
-Varlen: packed documents, each cut into `num_chunks` chunks of ceil(L / num_chunks) slots. The
-slots past a document's end are padding: they sit at the end of the document's last chunks, so
-within every lane, and within every run of a rank's lanes, the valid slots form a prefix.
+Varlen ("zigzag" or "contiguous" per document): packed documents, each cut into `num_chunks`
+chunks of ceil(L / num_chunks) slots. The slots past a document's end are padding: they sit at
+the end of the document's last chunks, so within every lane, and within every run of a rank's
+lanes, the valid slots form a prefix. The "balanced" document layout (placement.py) places each
+document on a span of ranks of its own instead.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .layout import Layout, get_layout
+from .layout import Layout, check_document_layout, get_layout
+
+
+class ShardingRows(ABC):
+    """shard / unshard through `token_index` (-1 on padding), for every kind of sharding."""
+
+    world_size: int
+    varlen: bool
+
+    @abstractmethod
+    def token_index(self, rank: int) -> torch.Tensor:
+        """Per local slot, the token's index in the unsharded sequence; -1 on padding."""
+
+    @property
+    @abstractmethod
+    def total_len(self) -> int: ...
+
+    def shard(self, x: torch.Tensor, rank: int, seq_dim: int = 1, pad_value: float = 0) -> torch.Tensor:
+        """Rank's local rows of the unsharded `x`, padding slots filled with `pad_value`."""
+        index = self.token_index(rank).to(x.device)
+        if x.shape[seq_dim] != self.total_len:
+            raise ValueError(f"x: expected {self.total_len} tokens along dim {seq_dim}, got shape {tuple(x.shape)}")
+        if not self.varlen:
+            return x.index_select(seq_dim, index)
+        local = x.index_select(seq_dim, index.clamp(min=0))
+        pad = (index < 0).view([-1 if d == seq_dim % x.ndim else 1 for d in range(x.ndim)])
+        return local.masked_fill(pad, pad_value)
+
+    def unshard(self, shards: Sequence[torch.Tensor], seq_dim: int = 1) -> torch.Tensor:
+        """The unsharded tensor from every rank's local rows, in rank order; padding is dropped."""
+        if len(shards) != self.world_size:
+            raise ValueError(f"shards: expected {self.world_size} tensors, one per rank, got {len(shards)}")
+        shape = list(shards[0].shape)
+        shape[seq_dim] = self.total_len
+        full = shards[0].new_empty(shape)
+        for rank, local in enumerate(shards):
+            index = self.token_index(rank).to(local.device)
+            keep = (index >= 0).nonzero().squeeze(-1)
+            full.index_copy_(seq_dim, index[keep], local.index_select(seq_dim, keep))
+        return full
 
 
 @dataclass(frozen=True)
-class Sharding:
+class Sharding(ShardingRows):
     layout: Layout
     world_size: int
     doc_lengths: tuple[int, ...]
@@ -37,7 +79,13 @@ class Sharding:
         return cls(layout, world_size, (seq_len,), varlen=False)
 
     @classmethod
-    def documents(cls, doc_lengths: Sequence[int], world_size: int, layout: str | Layout = "zigzag") -> Sharding:
+    def documents(cls, doc_lengths: Sequence[int], world_size: int, layout: str | Layout = "balanced"):
+        """Packed documents: "balanced" (the default: each document on a span of ranks of its own,
+        see placement.py), or "zigzag" / "contiguous", every document cut over all ranks."""
+        if isinstance(layout, str) and check_document_layout(layout) == "balanced":
+            from .placement import balanced_sharding
+
+            return balanced_sharding(tuple(int(n) for n in doc_lengths), world_size)
         layout = get_layout(layout) if isinstance(layout, str) else layout
         return cls(layout, world_size, tuple(int(n) for n in doc_lengths), varlen=True)
 
@@ -85,8 +133,9 @@ class Sharding:
         """Per local slot, the token's position in its document (the sequence, if dense); 0 on padding."""
         return _positions(self, rank)
 
-    def local_cu_seqlens(self) -> torch.Tensor:
-        """int32 boundaries of the documents in every rank's local rows, padding slots included."""
+    def local_cu_seqlens(self, rank: int) -> torch.Tensor:
+        """int32 boundaries of the documents in `rank`'s local rows, padding slots included (the
+        same on every rank for this sharding)."""
         return torch.tensor(self.local_doc_starts, dtype=torch.int32)
 
     def local_seqused(self, rank: int) -> torch.Tensor:
@@ -103,30 +152,6 @@ class Sharding:
         """Dense rows of a run of lanes."""
         size = self.chunk_sizes[0]
         return slice(lanes.start * size, lanes.stop * size)
-
-    def shard(self, x: torch.Tensor, rank: int, seq_dim: int = 1, pad_value: float = 0) -> torch.Tensor:
-        """Rank's local rows of the unsharded `x`, padding slots filled with `pad_value`."""
-        index = self.token_index(rank).to(x.device)
-        if x.shape[seq_dim] != self.total_len:
-            raise ValueError(f"x: expected {self.total_len} tokens along dim {seq_dim}, got shape {tuple(x.shape)}")
-        if not self.varlen:
-            return x.index_select(seq_dim, index)
-        local = x.index_select(seq_dim, index.clamp(min=0))
-        pad = (index < 0).view([-1 if d == seq_dim % x.ndim else 1 for d in range(x.ndim)])
-        return local.masked_fill(pad, pad_value)
-
-    def unshard(self, shards: Sequence[torch.Tensor], seq_dim: int = 1) -> torch.Tensor:
-        """The unsharded tensor from every rank's local rows, in rank order; padding is dropped."""
-        if len(shards) != self.world_size:
-            raise ValueError(f"shards: expected {self.world_size} tensors, one per rank, got {len(shards)}")
-        shape = list(shards[0].shape)
-        shape[seq_dim] = self.total_len
-        full = shards[0].new_empty(shape)
-        for rank, local in enumerate(shards):
-            index = self.token_index(rank).to(local.device)
-            keep = (index >= 0).nonzero().squeeze(-1)
-            full.index_copy_(seq_dim, index[keep], local.index_select(seq_dim, keep))
-        return full
 
 
 @functools.lru_cache(maxsize=256)

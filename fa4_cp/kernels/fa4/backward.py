@@ -120,7 +120,8 @@ class Sm90BackwardPass:
         return dq
 
     def _side(self, q_rows: slice, varlen: VarlenRows | None) -> _QSide:
-        key = (q_rows.start, q_rows.stop) if varlen is None else (varlen.cu_seqlens_q.data_ptr(), varlen.seqused_q.data_ptr())
+        # Varlen blocks over one cu_seqlens_q share a side whatever rows each computes.
+        key = (q_rows.start, q_rows.stop) if varlen is None else varlen.cu_seqlens_q.data_ptr()
         side = self.sides.get(key)
         if side is None:
             side = self.sides[key] = self._new_side(q_rows, varlen)
@@ -137,11 +138,11 @@ class Sm90BackwardPass:
             else:
                 accum, owned = torch.zeros(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
             varlen_rows, cu, used = None, None, None
-        else:
-            rows, cu, used = slice(None), varlen.cu_seqlens_q, varlen.seqused_q
-            padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
+        else:  # statistics and read-back over every row of each sequence (padding rows are 0)
+            rows, cu, used = slice(None), varlen.cu_seqlens_q, None
+            padded = self.dq_tiles.varlen_padded_rows(q.shape[0], cu.shape[0] - 1)
             accum, owned = torch.zeros(q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
-            varlen_rows = _varlen_rows(varlen, "q", tile)
+            varlen_rows = _sequence_rows(cu, cu[1:] - cu[:-1], tile)
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
         _bwd_preprocess(
             self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
@@ -183,12 +184,17 @@ _varlen_cache: weakref.WeakKeyDictionary[VarlenRows, dict] = weakref.WeakKeyDict
 
 
 def _varlen_rows(varlen: VarlenRows, side: str, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, padded row) of every row a varlen side selects: FA4 starts sequence n of an
-    accumulator at tile boundary (cu_seqlens[n] + n * tile) // tile * tile. Built once per rows."""
+    """(row index, padded row) of every row a varlen side selects. Built once per rows."""
     per_rows = _varlen_cache.setdefault(varlen, {})
     if (side, tile) not in per_rows:
         cu, used = (varlen.cu_seqlens_q, varlen.seqused_q) if side == "q" else (varlen.cu_seqlens_k, varlen.seqused_k)
-        index, sequence, position = selected_rows(cu, used)
-        starts = (cu[:-1].long() + torch.arange(len(used), device=cu.device) * tile) // tile * tile
-        per_rows[(side, tile)] = (index, starts[sequence] + position)
+        per_rows[(side, tile)] = _sequence_rows(cu, used, tile)
     return per_rows[(side, tile)]
+
+
+def _sequence_rows(cu: torch.Tensor, used: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, padded row) of the first `used` rows of each sequence: FA4 starts sequence n of
+    an accumulator at tile boundary (cu_seqlens[n] + n * tile) // tile * tile."""
+    index, sequence, position = selected_rows(cu, used)
+    starts = (cu[:-1].long() + torch.arange(len(used), device=cu.device) * tile) // tile * tile
+    return index, starts[sequence] + position
