@@ -43,6 +43,7 @@ class TrainConfig:
     device: str = "cuda"
     compute_dtype: str = "bfloat16"  # FSDP2 parameter dtype; master weights and optimizer stay fp32
     data: str = "python-sources"  # or "synthetic"
+    packing: str = "none"  # or "documents": the corpus's files as packed documents
     corpus_path: str | None = None
     seed: int = 0
     # "layer": recompute each layer in backward; "except-attention": recompute all of it but ring
@@ -70,6 +71,7 @@ class TrainConfig:
             "seq_len": self.seq_len,
             "dp_shard": self.dp_shard,
             "data": self.data,
+            "packing": self.packing,
             "seed": self.seed,
         }
 
@@ -106,6 +108,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "device": (str, "cuda or cpu"),
     "compute_dtype": (str, "FSDP2 parameter dtype: bfloat16 or float32 (master weights stay fp32)"),
     "data": (str, "python-sources (the installed packages' Python files, byte-level) or synthetic"),
+    "packing": (str, "none (one sequence per step) or documents (the corpus's files, packed; attention stays within each)"),
     "corpus_path": (str, "where the python-sources corpus is built (default ~/.cache/fa4_cp/python_sources.bin)"),
     "seed": (int, "model init and data seed"),
     "activation_checkpointing": (str, "layer, except-attention or none (see the README)"),
@@ -165,7 +168,7 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"n_kv_heads: {model.n_kv_heads} must divide n_heads ({model.n_heads})")
     if config.cp < 1 or config.dp_shard < 1:
         raise ValueError(f"cp and dp_shard: expected positive sizes, got cp={config.cp}, dp_shard={config.dp_shard}")
-    if config.seq_len % (2 * config.cp):
+    if config.packing == "none" and config.seq_len % (2 * config.cp):
         raise ValueError(
             f"seq_len: {config.seq_len} is not divisible by 2 * cp = {2 * config.cp} (the zigzag layout cuts the "
             "sequence into 2 * cp chunks)"
@@ -176,6 +179,10 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"compute_dtype: expected 'bfloat16' or 'float32', got {config.compute_dtype!r}")
     if config.data not in ("python-sources", "synthetic"):
         raise ValueError(f"data: expected 'python-sources' or 'synthetic', got {config.data!r}")
+    if config.packing not in ("none", "documents"):
+        raise ValueError(f"packing: expected 'none' or 'documents', got {config.packing!r}")
+    if config.packing == "documents" and config.data != "python-sources":
+        raise ValueError("packing: 'documents' packs the python-sources corpus's files; --data synthetic has none")
     if config.resume and not config.checkpoint_dir:
         raise ValueError("resume: needs --checkpoint-dir")
     if config.activation_checkpointing not in ACTIVATION_CHECKPOINTING:

@@ -16,6 +16,11 @@ Sources:
 Step i reads the corpus window that starts at (offset(seed) + i * seq_len) mod corpus size, so
 consecutive steps walk through the corpus contiguously and the data position of a resumed run is
 just its step number. `state_dict` / `check_state` make sure a resumed run reads the same data.
+
+Packing "documents": each source file is a document (its "\n" separator ends it), and a window
+packs the files it holds (cut at the window's edges). `documents(step)` gives the window's global
+cu_seqlens, and no token is trained to predict the first token of the next document. The file
+boundaries are kept next to the corpus (`<corpus>.starts.npy`, written with it).
 """
 
 import hashlib
@@ -26,11 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loss import IGNORE_INDEX
+
 VOCAB_SIZE = 256
 SOURCES = ("python-sources", "synthetic")
+PACKINGS = ("none", "documents")
 
 # Bytes hashed at each end of the corpus: cheap, and other installs change the size or an end.
 _FINGERPRINT_SPAN = 1 << 20
+
+
+def starts_path(corpus: Path) -> Path:
+    """Where the first byte of every file of a corpus is recorded."""
+    return Path(corpus).with_name(Path(corpus).name + ".starts.npy")
 
 
 def build_corpus(path: Path, root: Path | None = None) -> Path:
@@ -39,7 +52,8 @@ def build_corpus(path: Path, root: Path | None = None) -> Path:
     `root` defaults to the site-packages directory that holds torch. Files are taken in sorted
     relative-path order and separated by b"\\n". The file is written under a temporary name and
     renamed into place, so a reader never sees it half-written, and processes that build it at
-    the same time each rename an identical file.
+    the same time each rename an identical file. Each file's first byte goes to
+    `starts_path(path)` (before the corpus itself, so a corpus never lacks it).
     """
     path = Path(path)
     if path.exists():
@@ -49,6 +63,9 @@ def build_corpus(path: Path, root: Path | None = None) -> Path:
     if not sources:
         raise ValueError(f"build_corpus: no *.py files under {root}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    sizes = [(root / relative).stat().st_size for relative in sources]
+    starts = np.cumsum([0, *(size + 1 for size in sizes[:-1])], dtype=np.int64)
+    _write_atomically(starts_path(path), lambda out: np.save(out, starts))
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
     os.fchmod(descriptor, 0o644)  # mkstemp makes it private; a shared cache should be readable
     try:
@@ -62,6 +79,17 @@ def build_corpus(path: Path, root: Path | None = None) -> Path:
         os.unlink(temporary)
         raise
     return path
+
+
+def _write_atomically(path: Path, write) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            write(out)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def _python_files(root: Path) -> list[str]:
@@ -100,12 +128,15 @@ class TokenStream:
     Every rank calling `batch(step)` with the same step gets the same tokens.
     """
 
-    def __init__(self, source: str, seq_len: int, seed: int, corpus_path: Path | None = None) -> None:
+    def __init__(self, source: str, seq_len: int, seed: int, corpus_path: Path | None = None, packing: str = "none") -> None:
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-        self.source, self.seq_len, self.seed = source, seq_len, seed
+        if packing not in PACKINGS or (packing == "documents" and source != "python-sources"):
+            raise ValueError(f"packing: expected one of {PACKINGS} ('documents' needs the python-sources corpus), got {packing!r}")
+        self.source, self.seq_len, self.seed, self.packing = source, seq_len, seed, packing
+        self._starts = None
         self._corpus = None
         self._corpus_size = None
         self._fingerprint = None
@@ -117,6 +148,10 @@ class TokenStream:
             self._corpus_size = len(self._corpus)
             self._fingerprint = corpus_fingerprint(corpus_path)
             self._start = _derive(seed, "start") % self._corpus_size
+            if packing == "documents":
+                if not starts_path(corpus_path).exists():
+                    raise ValueError(f"packing: {starts_path(corpus_path)} is missing: rebuild the corpus (delete {corpus_path})")
+                self._starts = np.load(starts_path(corpus_path))
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids and labels, int64 of shape (seq_len,); labels[t] is the token after input_ids[t]."""
@@ -134,7 +169,22 @@ class TokenStream:
                 window = self._corpus[np.arange(start, start + length) % self._corpus_size]
             tokens = torch.from_numpy(np.array(window, dtype=np.int64))
         # labels get their own storage, so the trainer may mask them in place without touching inputs
-        return tokens[:-1], tokens[1:].clone()
+        labels = tokens[1:].clone()
+        if self._starts is not None:  # a document's last token does not predict the next document
+            labels[self._file_starts(step, end=self.seq_len + 1) - 1] = IGNORE_INDEX
+        return tokens[:-1], labels
+
+    def _file_starts(self, step: int, end: int) -> np.ndarray:
+        """Offsets in (0, end) from step's window start at which a file starts, sorted."""
+        start = (self._start + step * self.seq_len) % self._corpus_size
+        offsets = (self._starts - start) % self._corpus_size
+        return np.sort(offsets[(offsets > 0) & (offsets < end)])
+
+    def documents(self, step: int) -> torch.Tensor | None:
+        """int32 cu_seqlens of the documents packed into step's window (None without packing)."""
+        if self._starts is None:
+            return None
+        return torch.tensor([0, *self._file_starts(step, end=self.seq_len).tolist(), self.seq_len], dtype=torch.int32)
 
     def state_dict(self) -> dict:
         """What a checkpoint records about the data; the position is the step number itself."""
@@ -144,6 +194,7 @@ class TokenStream:
             "seed": self.seed,
             "corpus_size": self._corpus_size,
             "corpus_fingerprint": self._fingerprint,
+            "packing": self.packing,
         }
 
     def check_state(self, state: dict) -> None:

@@ -41,6 +41,17 @@ def model_flops_per_token(
     return 6.0 * n_params_non_embedding + attention
 
 
+def document_flops_per_token(
+    n_params_non_embedding: int, n_layers: int, n_heads: int, head_dim: int, doc_lengths: list[int]
+) -> float:
+    """`model_flops_per_token` for packed documents, counted on the document mask: a token
+    attends within its own document only, so the attention term averages each document's causal
+    FLOPs over the step's tokens: 12 * n_layers * n_heads * head_dim * sum(L^2 / 2) / sum(L)."""
+    tokens = sum(doc_lengths)
+    attention = 12 * n_layers * n_heads * head_dim * sum(length * length * 0.5 for length in doc_lengths) / tokens
+    return 6.0 * n_params_non_embedding + attention
+
+
 def mfu(tokens_per_second_per_gpu: float, flops_per_token: float, peak_flops_per_gpu: float) -> float:
     """Model FLOPs utilization: the fraction of one GPU's peak that the model's FLOPs use."""
     if peak_flops_per_gpu <= 0:

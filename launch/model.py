@@ -82,9 +82,12 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
         self.recompute_around_attention = False
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ring: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ring: dict, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self._run(self._attention_inputs, x, rope)
-        out = fa4_cp.ring_attention(q, k, v, causal=True, **ring)
+        if cu_seqlens is None:
+            out = fa4_cp.ring_attention(q, k, v, causal=True, **ring)
+        else:  # packed documents, batch 1: attention stays within each
+            out = fa4_cp.ring_attention_varlen(q[0], k[0], v[0], cu_seqlens, causal=True, **ring)[None]
         return self._run(self._after_attention, x, out)
 
     def _run(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -115,11 +118,15 @@ class Decoder(nn.Module):
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.ring: dict = {}  # ring_attention's group/backend/transport, set by the trainer
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_chunk: int) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_chunk: int,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`cu_seqlens`: the global int32 boundaries of packed documents (batch 1), as sharded."""
         x = self.embedding(input_ids)
         rope = self.rotary(positions)
         for layer in self.layers:
-            x = layer(x, rope, self.ring)
+            x = layer(x, rope, self.ring, cu_seqlens)
         return chunked_cross_entropy_sum(self.norm(x), self.output.weight, labels, loss_chunk)
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ import checkpoint  # noqa: E402
 from config import TrainConfig, check_world, parse_config  # noqa: E402
 from data import TokenStream, build_corpus  # noqa: E402
 from loss import IGNORE_INDEX  # noqa: E402
-from metrics import MetricsLog, Progress, mfu, model_flops_per_token, peak_bf16_flops  # noqa: E402
+from metrics import MetricsLog, Progress, document_flops_per_token, mfu, model_flops_per_token, peak_bf16_flops  # noqa: E402
 from model import Decoder  # noqa: E402
 from parallel import build_mesh, shard_model  # noqa: E402
 
@@ -66,7 +66,7 @@ def data_stream(config: TrainConfig) -> TokenStream:
         if dist.get_rank() == 0:
             build_corpus(corpus)
         dist.barrier()
-    stream = TokenStream(config.data, config.seq_len, config.seed, corpus)
+    stream = TokenStream(config.data, config.seq_len, config.seed, corpus, config.packing)
     # Each node builds its corpus from its own installed packages: they must agree.
     fingerprints: list = [None] * dist.get_world_size()
     dist.all_gather_object(fingerprints, stream.state_dict())
@@ -107,10 +107,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
         start = meta["step"]
 
     dp_rank = mesh["dp_shard"].get_local_rank()
-    flops_per_token = model_flops_per_token(
-        model.parameter_count(include_embedding=False), config.model.n_layers, config.model.n_heads,
-        config.model.head_dim, config.seq_len,
-    )
+    shape = (model.parameter_count(include_embedding=False), config.model.n_layers, config.model.n_heads, config.model.head_dim)
+    dense_flops_per_token = model_flops_per_token(*shape, config.seq_len)
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     log = MetricsLog(Path(config.metrics_path), resume_step=resume_step) if config.metrics_path and rank == 0 else None
     progress = Progress(total=config.steps, initial=start, enabled=rank == 0)
@@ -119,12 +117,14 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
     for step in range(start, min(config.steps, config.stop_at or config.steps)):
         began = time.perf_counter()
         input_ids, labels = data.batch(step * config.dp_shard + dp_rank)
-        local = fa4_cp.shard_inputs(input_ids[None], labels[None], group=mesh["cp"])
+        cu_seqlens = data.documents(step * config.dp_shard + dp_rank)
+        local = fa4_cp.shard_inputs(input_ids[None], labels[None], group=mesh["cp"], cu_seqlens=cu_seqlens)
         valid = torch.tensor(float((labels != IGNORE_INDEX).sum()), device=device)
         if config.dp_shard > 1:
             dist.all_reduce(valid, group=mesh["dp_shard"].get_group())
         with offload:
-            loss_sum = model(*(local[key].to(device) for key in ("input_ids", "position_ids", "labels")), config.loss_chunk)
+            inputs = (local[key].to(device) for key in ("input_ids", "position_ids", "labels"))
+            loss_sum = model(*inputs, config.loss_chunk, cu_seqlens)
         # Each rank's gradient is a partial sum of the true one; FSDP averages over the
         # world, so scale by the world size to sum (gloo has no pre-multiplied sum).
         (loss_sum * (world_size / valid)).backward()
@@ -141,10 +141,14 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
         tokens_per_gpu = config.seq_len * config.dp_shard / world_size / seconds
+        flops_per_token = dense_flops_per_token
+        if cu_seqlens is not None:  # counted on the document mask (this replica's documents)
+            flops_per_token = document_flops_per_token(*shape, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
         metrics = {
             "step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
             "step_seconds": seconds, "tokens_per_s": tokens_per_gpu * world_size, "tokens_per_s_per_gpu": tokens_per_gpu,
             "mfu": mfu(tokens_per_gpu, flops_per_token, peak) if peak else None,
+            "documents": None if cu_seqlens is None else len(cu_seqlens) - 1,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         }
         losses.append(loss)

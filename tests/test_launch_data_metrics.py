@@ -292,3 +292,31 @@ def test_plot_metrics_without_matplotlib_says_how_to_install_it(tmp_path, monkey
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         plot_metrics.main([str(write_log(tmp_path / "metrics.jsonl")), "--out", str(tmp_path / "curves.png")])
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_packed_documents_are_the_corpus_files_cut_at_the_window(tmp_path):
+    files = {f"f{n:02d}.py": bytes([n]) * length for n, length in enumerate([5, 30, 1, 12, 70, 3, 40])}
+    corpus = build_corpus(tmp_path / "corpus.bin", fake_site_packages(tmp_path / "site", files))
+    stream = TokenStream("python-sources", 64, seed=2, corpus_path=corpus, packing="documents")
+    for step in range(6):
+        input_ids, labels = stream.batch(step)
+        cu = stream.documents(step)
+        assert cu.dtype == torch.int32 and int(cu[0]) == 0 and int(cu[-1]) == 64 and (cu[1:] > cu[:-1]).all()
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            piece = input_ids[start:end]
+            # inside a document: one file's bytes, then its b"\n" separator
+            assert len(set(piece[piece != ord("\n")].tolist())) <= 1
+            if end < 64:
+                assert int(labels[end - 1]) == -100  # the last token does not predict the next file
+                assert (labels[start : end - 1] == input_ids[start + 1 : end]).all()
+    with pytest.raises(ValueError, match="packing: expected one of"):
+        TokenStream("synthetic", 64, seed=2, packing="documents")
+
+
+def test_document_flops_count_each_document_causally():
+    from metrics import document_flops_per_token
+
+    dense = model_flops_per_token(1000, 2, 4, 16, seq_len=100)
+    assert document_flops_per_token(1000, 2, 4, 16, [100]) == pytest.approx(dense)
+    # two documents of 50: half the attention FLOPs of one sequence of 100
+    assert document_flops_per_token(1000, 2, 4, 16, [50, 50]) - 6000 == pytest.approx((dense - 6000) / 2)

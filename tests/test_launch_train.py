@@ -252,3 +252,25 @@ def test_help_documents_every_flag_with_its_default():
     flags = [word for word in text.getvalue().split() if word.startswith("--") and word != "--help"]
     assert {"--seq-len", "--keep-checkpoints", "--attention-backend", "--transport", "--n-kv-heads"} <= set(flags)
     assert "(default tiny: 256, small: 131072, 1b: 1048576)" in " ".join(text.getvalue().split())
+
+
+def test_packed_documents_train_at_cp2_like_one_rank_and_resume_exactly(tmp_path):
+    """--packing documents: the corpus's files as documents (the balanced layout), cp = 2 against
+    one rank in loss and gradients, and a resumed run repeats the uninterrupted losses."""
+    from data import build_corpus
+
+    site = tmp_path / "site"
+    for number, length in enumerate([300, 17, 1, 120, 45, 600, 9, 250, 80, 33, 5, 400]):
+        (site / f"m{number:02d}.py").parent.mkdir(parents=True, exist_ok=True)
+        (site / f"m{number:02d}.py").write_bytes(bytes([65 + number % 26]) * length)
+    corpus = build_corpus(tmp_path / "corpus.bin", site)
+    argv = ["--preset", "tiny", "--steps", "2", "--data", "python-sources", "--corpus-path", str(corpus), "--packing", "documents", "--seq-len", "250"]
+    ((losses_one, grads_one),) = values(run_ranks(train_tiny, 1, fresh_dir(tmp_path, "one"), argv + ["--cp", "1"], True))
+    losses_two, grads_two = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "two"), argv + ["--cp", "2"], True))[0]
+    torch.testing.assert_close(torch.tensor(losses_two), torch.tensor(losses_one), rtol=1e-5, atol=1e-6)
+    for name in grads_one[-1]:
+        torch.testing.assert_close(torch.from_numpy(grads_two[-1][name]), torch.from_numpy(grads_one[-1][name]), rtol=1e-4, atol=1e-6)
+    checkpoints = str(tmp_path / "packed_checkpoints")
+    first = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "first"), argv + ["--cp", "2", "--stop-at", "1", "--checkpoint-dir", checkpoints, "--checkpoint-every", "1"]))
+    second = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "second"), argv + ["--cp", "2", "--checkpoint-dir", checkpoints, "--resume"]))
+    assert first[0][0] + second[0][0] == losses_two
