@@ -36,7 +36,8 @@ def test_corpus_is_the_py_files_in_sorted_path_order_joined_by_newlines(tmp_path
     })
     path = build_corpus(tmp_path / "cache" / "corpus.bin", root)
     assert path.read_bytes() == b"a = 3\nb = 2\nz = 1"  # alpha.py < alpha/beta.py < zeta.py
-    assert [p.name for p in path.parent.iterdir()] == ["corpus.bin"]  # no temporary file left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["corpus.bin", "corpus.bin.starts.npy"]  # no temporary file left
+    assert np.load(path.parent / "corpus.bin.starts.npy").tolist() == [0, 6, 12]  # each file's first byte
 
 
 def test_an_existing_corpus_is_not_rebuilt(tmp_path):
