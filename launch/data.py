@@ -92,6 +92,13 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
+def corpus_file_lengths(root: Path | None = None) -> list[int]:
+    """The tokens of each file of the corpus `build_corpus` would write (its separator included),
+    in corpus order, without writing it."""
+    root = Path(torch.__file__).parent.parent if root is None else Path(root)
+    return [(root / relative).stat().st_size + 1 for relative in _python_files(root)]
+
+
 def _python_files(root: Path) -> list[str]:
     """Relative POSIX paths of the `*.py` files under `root`, sorted; symlinked directories are
     not followed, so a link cannot pull in a tree twice or loop. Editable installs' finder

@@ -1,0 +1,122 @@
+"""Replaying one rank's share of a ring call on one GPU: its plan, the real kernels, no transfers.
+
+A rank's GPU work in a ring call is its plan's blocks plus the executor's own kernels (fills,
+adds); the values the KV buffers hold do not change it. So a rank can be replayed alone: the
+executor runs with a transport that moves nothing (every buffer keeps its random contents) and a
+backend that times each block's kernels with CUDA events. Summed over blocks that is the rank's
+attention time, per ring step; around the whole call, all of its kernels. Bytes per hop follow
+from the buffers' shapes. bench/varlen.py and bench/step_overhead.py use it.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from fa4_cp.comm.buffers import BufferPool
+from fa4_cp.parallel.executor import Ring, ring_backward, ring_forward
+from fa4_cp.plan.rows import RankPlan, rank_plan
+
+
+class NullTransport:
+    """Moves nothing: shifts complete at once, buffers come from a plain pool."""
+
+    stream_ordered = False
+    watchdog = None
+
+    def __init__(self, world_size: int):
+        self.rank, self.world_size, self._pool = 0, world_size, BufferPool()
+
+    def buffers(self, channel, count, shape, dtype, device):
+        return self._pool.slots(channel, count, shape, dtype, device)
+
+    def shift(self, send, recv, offset, channel=0):
+        return self
+
+    def wait(self) -> None:
+        pass
+
+
+class _TimedPass:
+    def __init__(self, inner, log: list):
+        self.inner, self.log = inner, log
+
+    def step(self, *args, **kwargs) -> None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.inner.step(*args, **kwargs)
+        end.record()
+        self.log.append((start, end))
+
+    def dq(self) -> torch.Tensor:
+        return self.inner.dq()
+
+
+class TimedBackend:
+    """A backend whose passes record CUDA events around every block step."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+        self.forward_log: list = []
+        self.backward_log: list = []
+
+    def forward(self, q, k, *, softmax_scale):
+        return _TimedPass(self.inner.forward(q, k, softmax_scale=softmax_scale), self.forward_log)
+
+    def backward(self, *args, **kwargs):
+        return _TimedPass(self.inner.backward(*args, **kwargs), self.backward_log)
+
+
+def _per_step_ms(plan: RankPlan, log: list) -> list[float]:
+    """Block times (ms) summed per planned step; blocks run in plan order."""
+    times = iter(start.elapsed_time(end) for start, end in log)
+    return [sum(next(times) for _ in step.blocks) for step in plan.steps]
+
+
+def replay_rank(sharding, mask, rank: int, heads: int, kv_heads: int, head_dim: int, backend, iters: int = 3) -> dict:
+    """Median ms of one rank's forward and backward (all kernels), its attention kernels per
+    ring step, and the bytes of its hops. Inputs are random: the cost does not depend on values."""
+    device = torch.device("cuda")
+    plan = rank_plan(sharding, mask, rank, device)
+    timed = TimedBackend(backend)
+    ring = Ring(plan, NullTransport(sharding.world_size), timed, head_dim**-0.5)
+    rows = (sharding.local_len,) if sharding.varlen else (1, sharding.local_len)
+    q = torch.randn(*rows, heads, head_dim, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(*rows, kv_heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    out, lse = ring_forward(ring, q, k, v)
+    out = out.to(q.dtype)
+    ring_backward(ring, q, k, v, out, lse, dout, None)
+    totals: dict[str, list[float]] = {"forward": [], "backward": []}
+    steps: dict[str, list[list[float]]] = {"forward": [], "backward": []}
+    for _ in range(iters):
+        for name, run, log in (
+            ("forward", lambda: ring_forward(ring, q, k, v), timed.forward_log),
+            ("backward", lambda: ring_backward(ring, q, k, v, out, lse, dout, None), timed.backward_log),
+        ):
+            log.clear()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            totals[name].append(start.elapsed_time(end))
+            steps[name].append(_per_step_ms(plan, log))
+    kv_bytes = 2 * _buffer_rows(sharding, plan) * kv_heads * head_dim * 2
+    return {
+        "rank": rank,
+        "forward_ms": statistics.median(totals["forward"]),
+        "backward_ms": statistics.median(totals["backward"]),
+        "forward_attention_ms": statistics.median(sum(s) for s in steps["forward"]),
+        "backward_attention_ms": statistics.median(sum(s) for s in steps["backward"]),
+        "steps": [step.step for step in plan.steps],
+        "forward_step_attention_ms": [statistics.median(column) for column in zip(*steps["forward"])],
+        "backward_step_attention_ms": [statistics.median(column) for column in zip(*steps["backward"])],
+        "kv_hop_bytes": kv_bytes,
+        "dkv_hop_bytes": 2 * kv_bytes,  # fp32 partial sums of 16-bit K and V
+    }
+
+
+def _buffer_rows(sharding, plan: RankPlan) -> int:
+    return sharding.local_len if plan.buffer_len is None else plan.buffer_len
