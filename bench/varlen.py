@@ -76,7 +76,8 @@ def upstream_ms(lengths: list[int], heads: int, kv_heads: int, iters: int = 3) -
     longest = max(lengths)
 
     def forward():
-        return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, causal=True)
+        result = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, causal=True)
+        return result[0] if isinstance(result, tuple) else result
 
     out = forward()
     dout = torch.randn_like(out)

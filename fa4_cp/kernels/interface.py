@@ -55,6 +55,10 @@ class VarlenRows:
     cu_seqlens_k: torch.Tensor
     seqused_q: torch.Tensor
     seqused_k: torch.Tensor
+    seqused_q_all: torch.Tensor | None = None
+    """Blocks that share this cu_seqlens_q tensor select, of each sequence, either no row or the
+    first `seqused_q_all[n]`: a backend may then keep per-sequence state (a dq accumulator) once
+    for all of them. None: nothing is promised beyond this block."""
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

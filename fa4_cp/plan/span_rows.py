@@ -10,10 +10,11 @@ every block reads the rank's own K and V (a local block; the travelling copy is 
 Active steps: 0, and 1..G-1 and W-G+1..W-1 for the widest span G (the same on every rank); the
 others are skipped with their transfer.
 
-Blocks share their q rows: a block lists every local sequence (its documents, in local order),
-those it does not compute with no rows, so that all blocks whose q rows start at a document's
-first lane use one cu_seqlens_q tensor, and those starting at its second lane another. A backend
-then keeps one dq accumulator per tensor, not one per block.
+Blocks share their q rows: all blocks whose calls take the same run of a document's lanes (both
+lanes, or the second, or the first) use one cu_seqlens_q tensor, which lists that run of every
+local document (and, between runs, the rows in between as sequences no block computes). A block
+selects each sequence whole or not at all, so a backend keeps one dq accumulator per tensor
+(`VarlenRows.seqused_q_all`), not one per block.
 """
 
 from __future__ import annotations
@@ -25,18 +26,18 @@ from .placement import BalancedSharding
 from .rows import PlannedBlock, PlannedStep, RankPlan
 from .schedule import band_interval, chunk_pair_calls
 
-Key = tuple[int, BandMask, int, int]  # step, mask, first q lane, occurrence
+Key = tuple[int, BandMask, range, int]  # step, mask, q lanes, occurrence
+BOTH = range(0, 2)
 
 
 def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
     world, band = sharding.world_size, band_interval(mask)
     local = sharding.rank_rows[rank]
-    q_starts = [[start for _, _, start in local], [start + (sharding.chunk_size(doc) if sharding.spans[doc][1] > 1 else 0) for doc, _, start in local]]
     blocks: dict[Key, dict[int, tuple[int, int, int]]] = {}  # key -> local sequence -> (q used, kv first row, kv used)
     for sequence, (doc, index, start) in enumerate(local):
         first, ranks = sharding.spans[doc]
         if ranks == 1:
-            _add(blocks, (0, mask, 0, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
+            _add(blocks, (0, mask, BOTH, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
             continue
         size, q_chunks = sharding.chunk_size(doc), (index, 2 * ranks - 1 - index)
         for other in range(ranks):
@@ -47,18 +48,18 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
                 kv_used = sum(sharding.valid_slots(doc, kv_chunks[lane]) for lane in call.kv_lanes)
                 if not (q_used and kv_used):
                     continue
-                occurrence = seen.setdefault((call.mask, call.q_lanes.start), 0)
-                seen[(call.mask, call.q_lanes.start)] += 1  # a second call of the same kind: rows of its own
+                occurrence = seen.setdefault((call.mask, call.q_lanes), 0)
+                seen[(call.mask, call.q_lanes)] += 1  # a second call of the same kind: a block of its own
                 kv_first = sharding.starts[source][doc] + call.kv_lanes.start * size
-                _add(blocks, (step, call.mask, call.q_lanes.start, occurrence), sequence, (q_used, kv_first, kv_used))
+                _add(blocks, (step, call.mask, call.q_lanes, occurrence), sequence, (q_used, kv_first, kv_used))
     widest = max((ranks for _, ranks in sharding.spans if ranks > 1), default=0)
     steps = sorted({0, *range(1, widest), *range(world - widest + 1, world)})
-    table = _RowsTable(device, q_starts, sharding.local_len, sharding.buffer_len)
+    table = _RowsTable(sharding, rank, device)
     planned = []
     for index, step in enumerate(steps):
-        keys = sorted((key for key in blocks if key[0] == step), key=lambda key: (str(key[1]), key[2], key[3]))
+        keys = sorted((key for key in blocks if key[0] == step), key=lambda key: (str(key[1]), key[2].start, key[2].stop, key[3]))
         step_blocks = tuple(
-            PlannedBlock(0, 0, key[1], accumulate=True, varlen=table.rows(key[2], blocks[key], len(local), step == 0), local=step == 0)
+            PlannedBlock(0, 0, key[1], accumulate=True, varlen=table.rows(key[2], blocks[key], step == 0), local=step == 0)
             for key in keys
         )
         planned.append(PlannedStep(step, step_blocks, steps[index + 1] - step if index + 1 < len(steps) else 0))
@@ -73,21 +74,50 @@ def _add(blocks: dict, key: Key, sequence: int, rows: tuple[int, int, int]) -> N
 
 
 class _RowsTable:
-    """The blocks' VarlenRows; the two q layouts' cu_seqlens are one tensor each."""
+    """The blocks' VarlenRows; the q rows of each run of lanes are one cu_seqlens_q tensor."""
 
-    def __init__(self, device: torch.device, q_starts: list[list[int]], q_rows: int, kv_rows: int):
-        self.device, self.q_rows, self.kv_rows = device, q_rows, kv_rows
-        self.cu_q = [torch.tensor([*starts, q_rows], dtype=torch.int32).to(device) for starts in q_starts]
+    def __init__(self, sharding: BalancedSharding, rank: int, device: torch.device):
+        self.sharding, self.rank, self.device = sharding, rank, device
+        self.layouts: dict[range, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
 
-    def rows(self, lane: int, sequences: dict[int, tuple[int, int, int]], count: int, local: bool) -> VarlenRows:
-        """A block over `count` local sequences; those not in `sequences` select no rows."""
-        q_used, kv_first, kv_used = [0] * count, [], [0] * count
+    def _layout(self, lanes: range) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """(cu_seqlens_q, seqused_q_all, the same on the host, each local sequence's index in them)
+        of a run of lanes.
+        Both lanes: every document is one sequence. One lane: the lane, then the rows up to the
+        next document's lane as a sequence that no block computes."""
+        if lanes not in self.layouts:
+            sharding, bounds, used, index = self.sharding, [], [], []
+            for doc, span_index, start in sharding.rank_rows[self.rank]:
+                ranks, size = sharding.spans[doc][1], sharding.chunk_size(doc)
+                chunks = (0,) if ranks == 1 else (span_index, 2 * ranks - 1 - span_index)
+                if lanes == BOTH:
+                    index.append(len(bounds))
+                    bounds.append(start)
+                    used.append(sum(sharding.valid_slots(doc, chunk) for chunk in chunks))
+                    continue
+                first, last = (start, start) if ranks == 1 else (start + lanes.start * size, start + lanes.stop * size)
+                index.append(len(bounds))
+                bounds += [first, last]
+                used += [sum(sharding.valid_slots(doc, chunks[lane]) for lane in lanes) if ranks > 1 else 0, 0]
+            cu = torch.tensor([*bounds, sharding.local_len], dtype=torch.int32).to(self.device)
+            self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), used, index)
+        return self.layouts[lanes]
+
+    def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], local: bool) -> VarlenRows:
+        """A block over the run `lanes` of the local sequences in `sequences` (the others select
+        no rows)."""
+        cu_q, used_all, used_host, index = self._layout(lanes)
+        slots = len(used_host)
+        q_used, kv_first, kv_used = [0] * slots, [], [0] * slots
+        by_slot = {index[sequence]: rows for sequence, rows in sequences.items()}
+        if any(rows[0] != used_host[slot] for slot, rows in by_slot.items()):
+            raise AssertionError("a block selects part of a run of lanes: it cannot share the run's rows")
         previous = 0
-        for sequence in range(count):
-            if sequence in sequences:
-                q_used[sequence], previous, kv_used[sequence] = sequences[sequence]
+        for slot in range(slots):
+            if slot in by_slot:
+                q_used[slot], previous, kv_used[slot] = by_slot[slot]
             kv_first.append(previous)  # unused entries repeat the last start: cu_seqlens stays monotone
-        end = self.q_rows if local else self.kv_rows
-        packed = torch.tensor([q_used, kv_used, kv_first], dtype=torch.int32).to(self.device)
+        end = self.sharding.local_len if local else self.sharding.buffer_len
+        packed = torch.tensor([q_used, kv_used, [*kv_first]], dtype=torch.int32).to(self.device)
         cu_k = torch.cat([packed[2], packed.new_tensor([end])])
-        return VarlenRows(self.cu_q[lane], cu_k, packed[0], packed[1])
+        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all)

@@ -120,8 +120,12 @@ class Sm90BackwardPass:
         return dq
 
     def _side(self, q_rows: slice, varlen: VarlenRows | None) -> _QSide:
-        # Varlen blocks over one cu_seqlens_q share a side whatever rows each computes.
-        key = (q_rows.start, q_rows.stop) if varlen is None else varlen.cu_seqlens_q.data_ptr()
+        if varlen is None:
+            key = (q_rows.start, q_rows.stop)
+        elif varlen.seqused_q_all is not None:  # blocks over one cu_seqlens_q share a side
+            key = varlen.cu_seqlens_q.data_ptr()
+        else:
+            key = (varlen.cu_seqlens_q.data_ptr(), varlen.seqused_q.data_ptr())
         side = self.sides.get(key)
         if side is None:
             side = self.sides[key] = self._new_side(q_rows, varlen)
@@ -138,11 +142,12 @@ class Sm90BackwardPass:
             else:
                 accum, owned = torch.zeros(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
             varlen_rows, cu, used = None, None, None
-        else:  # statistics and read-back over every row of each sequence (padding rows are 0)
-            rows, cu, used = slice(None), varlen.cu_seqlens_q, None
-            padded = self.dq_tiles.varlen_padded_rows(q.shape[0], cu.shape[0] - 1)
+        else:  # statistics and read-back over the rows any block of the side selects
+            rows, cu = slice(None), varlen.cu_seqlens_q
+            used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
+            padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
             accum, owned = torch.zeros(q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
-            varlen_rows = _sequence_rows(cu, cu[1:] - cu[:-1], tile)
+            varlen_rows = _sequence_rows(cu, used, tile)
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
         _bwd_preprocess(
             self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
