@@ -1,0 +1,217 @@
+"""The ring's time from measured parts, validated on the committed multi-GPU runs, then predicted.
+
+    python bench/ring_model.py [--replay-dense J] [--replay-packed J] [--out-dir DIR]
+
+One call's time = the cross-rank check's cost + the sum over active ring steps of
+max(the slowest rank's compute at that step, the step's hop: latency + bytes / bandwidth); the
+backward's hops carry KV and dK/dV, and its last dK/dV hop home follows the last step. Parts, all
+measured (bench/results):
+- compute: the one-GPU replay (bench/varlen.py): each rank's attention kernels per step, plus its
+  other kernels spread evenly over its steps. The replay runs the real executor, so its time holds
+  the host's own gaps (lead-in, launches) too; only communication is left out;
+- link: the copy-engine hop of transport_bandwidth_w2.json (16, 64, 256 MiB; two-way signalling
+  included), fitted as latency + bytes / bandwidth;
+- the cross-rank check per forward call: 0.13 ms at W = 2 (consistency_check_cuda_2026-11-21.json,
+  with against without), 0.57 ms at W = 4 (ring_w4.json with it against the profile's run
+  without, ring_w4_8k_nocheck_profile.json), and that at W >= 4 (an all-gather grows slowly).
+Validation: every dense causal row of ring_w2.json, ring_w4.json and ring_w4_128k.json
+(copy-engine transport), predicted against measured. Predictions: W = 8 to 72, dense (8K and
+32K per GPU, 32:8 heads; one GPU over the whole sequence from ring_w4.json's, grown as the
+length squared) and packed (the replayed mixes, against upstream FA4 varlen on one device), on
+H200 and on GB200 NVL72, whose
+figures are ASSUMED (not measured here): compute 989 / 2250 of the H200's (dense bf16 peaks),
+NVLink 5 at twice the H200 hop bandwidth, the same latency and fixed costs. Writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, record, write  # noqa: E402
+
+H200_RUNS = RESULTS / "ring_nvidia_h200_2026-11-21"
+DAY = RESULTS / "nvidia_h200_2026-12-01"
+PREDICT_WORLD_SIZES = (8, 16, 24, 32, 48, 64, 72)
+GB200 = {"compute_scale": 989.4 / 2250.0, "bandwidth_scale": 2.0, "assumed": True}
+
+
+def load(path: Path) -> dict:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def fit_link(transport: dict) -> dict:
+    """Least squares of hop ms against bytes for the copy engine."""
+    points = [(r["mib"] * 2**20, r["ms"]) for r in transport["results"] if r["transport"] == "copy_engine"]
+    mean_x = statistics.mean(x for x, _ in points)
+    mean_y = statistics.mean(y for _, y in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return {"latency_ms": mean_y - slope * mean_x, "ms_per_byte": slope, "gib_per_s": 1e3 / slope / 2**30}
+
+
+def check_costs(two_gpus: dict, profile: dict, with_check: dict) -> dict[int, float]:
+    """ms of the cross-rank check per call, by ring size (W >= 4 takes W = 4's)."""
+    config = profile["profile"]["config"]
+    on = next(r for r in with_check["results"] if (r["heads"], r["kv_heads"], r["seq_per_gpu"], r["mode"]) == (32, 8, config["seq_per_gpu"], "fwdbwd"))
+    w4 = on["ms"]["ours_copy_engine"] - profile["results"][0]["ms"]["ours_copy_engine"]
+    w2 = (two_gpus["ring_call_with_check_s"] - two_gpus["ring_call_without_check_s"]) * 1e3
+    return {2: w2, 4: w4}
+
+
+def check_ms(checks: dict[int, float], world_size: int) -> float:
+    return checks[2] if world_size <= 2 else checks[4]
+
+
+def step_compute(row: dict, direction: str, compute_scale: float = 1.0) -> list[float]:
+    """The slowest rank's compute at each active step (ms)."""
+    ranks = row["ranks"]
+    per_rank = []
+    for rank in ranks:
+        attention = rank[f"{direction}_step_attention_ms"]
+        other = (rank[f"{direction}_ms"] - sum(attention)) / len(attention)
+        per_rank.append([(a + other) * compute_scale for a in attention])
+    return [max(column) for column in zip(*per_rank)]
+
+
+def ring_ms(compute: dict[str, list[float]], hop: dict[str, float], link: dict, check: float, bandwidth_scale: float = 1.0) -> dict:
+    """Forward and forward+backward ms of a call from its per-step compute, hop bytes and the
+    check's cost."""
+
+    def hop_ms(nbytes: float) -> float:
+        return link["latency_ms"] + nbytes * link["ms_per_byte"] / bandwidth_scale if nbytes else 0.0
+
+    forward, steps = check, len(compute["forward"])
+    for index, c in enumerate(compute["forward"]):
+        forward += max(c, hop_ms(hop["kv"]) if index + 1 < steps else 0.0)
+    backward = 0.0
+    for index, c in enumerate(compute["backward"]):
+        following = hop_ms(hop["kv"]) if index + 1 < steps else 0.0
+        backward += max(c, following + hop_ms(hop["dkv"]))
+    backward += hop_ms(hop["dkv"]) if steps > 1 else 0.0  # the last partial sums' hop home
+    return {"fwd": forward, "fwdbwd": forward + backward}
+
+
+def replay_inputs(row: dict, compute_scale: float = 1.0) -> tuple[dict, dict]:
+    compute = {direction: step_compute(row, direction, compute_scale) for direction in ("forward", "backward")}
+    return compute, {"kv": row["kv_hop_bytes"], "dkv": row["dkv_hop_bytes"]}
+
+
+def validate(dense: list[dict], link: dict, checks: dict[int, float]) -> list[dict]:
+    rows = []
+    for path in ("ring_w2.json", "ring_w4.json", "ring_w4_128k.json"):
+        measured = load(H200_RUNS / path)
+        for r in measured["results"]:
+            replay = next((d for d in dense if (d["world_size"], d["heads"], d["kv_heads"], d["seq_per_gpu"]) == (measured["gpus"], r["heads"], r["kv_heads"], r["seq_per_gpu"])), None)
+            ms = r["ms"].get("ours_copy_engine")
+            if replay is None or ms is None:
+                continue
+            check = check_ms(checks, measured["gpus"]) if measured["settings"]["consistency_check"] else 0.0
+            predicted = ring_ms(*replay_inputs(replay["zigzag"]), link, check)[r["mode"]]
+            rows.append({
+                "source": path, "world_size": measured["gpus"], "heads": r["heads"], "kv_heads": r["kv_heads"], "seq_per_gpu": r["seq_per_gpu"],
+                "mode": r["mode"], "measured_ms": ms, "predicted_ms": predicted, "error": predicted / ms - 1,
+            })
+    return rows
+
+
+def dense_at(world_size: int, replay: dict, compute_scale: float) -> tuple[dict, dict]:
+    """A dense zigzag ring of `world_size` from a W = 4 replay: its step 0, then W - 1 steps like
+    its others (every later step's blocks have one shape)."""
+    compute, hop = replay_inputs(replay, compute_scale)
+    return {direction: [steps[0]] + [statistics.mean(steps[1:])] * (world_size - 1) for direction, steps in compute.items()}, hop
+
+
+def predict(dense: list[dict], packed: list[dict], link: dict, checks: dict[int, float], single_gpu_ms: dict[int, float]) -> list[dict]:
+    """`single_gpu_ms`: one GPU over a W = 4 ring's whole sequence, fwd+bwd, by S per GPU."""
+    out = []
+    for machine, scales in (("H200", {"compute_scale": 1.0, "bandwidth_scale": 1.0, "assumed": False}), ("GB200 NVL72", GB200)):
+        for seq in (8192, 32768):
+            replay = next(d for d in dense if (d["world_size"], d["heads"], d["kv_heads"], d["seq_per_gpu"]) == (4, 32, 8, seq))
+            single = single_gpu_ms[seq] * scales["compute_scale"]
+            for world_size in PREDICT_WORLD_SIZES:
+                compute, hop = dense_at(world_size, replay["zigzag"], scales["compute_scale"])
+                ms = ring_ms(compute, hop, link, check_ms(checks, world_size), scales["bandwidth_scale"])
+                # one GPU over the whole sequence: causal attention's time grows as its length squared
+                one_device = single * (world_size / 4) ** 2
+                out.append({
+                    "machine": machine, "assumed": scales["assumed"], "input": f"dense {seq // 1024}K per GPU, 32:8", "world_size": world_size,
+                    "fwdbwd_ms": ms["fwdbwd"], "efficiency_vs_one_device": one_device / (world_size * ms["fwdbwd"]),
+                })
+        for row in packed:
+            for layout in ("balanced", "zigzag"):
+                compute, hop = replay_inputs(row[layout], scales["compute_scale"])
+                ms = ring_ms(compute, hop, link, check_ms(checks, row["world_size"]), scales["bandwidth_scale"])
+                up = (row["upstream_one_device_ms"]["forward"] + row["upstream_one_device_ms"]["backward"]) * scales["compute_scale"]
+                flops = row["mask_flops"]["forward"] + row["mask_flops"]["backward"]
+                out.append({
+                    "machine": machine, "assumed": scales["assumed"], "input": f"packed {row['mix']} {row['heads']}:{row['kv_heads']} {layout}",
+                    "world_size": row["world_size"], "fwdbwd_ms": ms["fwdbwd"],
+                    "efficiency_vs_one_device": up / (row["world_size"] * ms["fwdbwd"]),
+                    "tflops_per_gpu": flops / row["world_size"] / (ms["fwdbwd"] * 1e-3) / 1e12,
+                })
+    return out
+
+
+def plot(predictions: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, machine in zip(axes, ("H200", "GB200 NVL72")):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for p in predictions:
+            if p["machine"] != machine:
+                continue
+            lines.setdefault(p["input"], []).append((p["world_size"], p["efficiency_vs_one_device"]))
+        for label, points in sorted(lines.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", linestyle="--" if "zigzag" in label else "-", label=label)
+        ax.set_title(f"{machine}{' (ASSUMED figures)' if machine != 'H200' else ''}: predicted fwd+bwd efficiency")
+        ax.set_xlabel("ring size W")
+        ax.set_ylabel("efficiency: one device / (W x ring)")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replay-dense", default=DAY / "varlen_dense_replay_2026-12-01.json")
+    parser.add_argument("--replay-packed", default=DAY / "varlen_packed_2026-12-01.json.gz")
+    parser.add_argument("--out-dir", default=DAY)
+    args = parser.parse_args()
+    link = fit_link(load(H200_RUNS / "transport_bandwidth_w2.json"))
+    checks = check_costs(load(RESULTS / "consistency_check_cuda_2026-11-21.json"), load(H200_RUNS / "ring_w4_8k_nocheck_profile.json"), load(H200_RUNS / "ring_w4.json"))
+    dense = load(Path(args.replay_dense))["dense"]
+    packed = load(Path(args.replay_packed))["packed"]
+    validation = validate(dense, link, checks)
+    w4 = load(H200_RUNS / "ring_w4.json")
+    single = {r["seq_per_gpu"]: r["ms"]["single"] for r in w4["results"] if (r["heads"], r["kv_heads"], r["mode"]) == (32, 8, "fwdbwd")}
+    predictions = predict(dense, packed, link, checks, single)
+    result = record(
+        "ring_model", "cpu", link=link, check_ms_by_world_size=checks, gb200_assumptions=GB200,
+        inputs={"replay_dense": str(args.replay_dense), "replay_packed": str(args.replay_packed)},
+        validation=validation, max_abs_error=max(abs(v["error"]) for v in validation), predictions=predictions,
+    )
+    out = Path(args.out_dir)
+    write(result, out / "ring_model_2026-12-01.json")
+    plot(predictions, out / "ring_model_2026-12-01.png")
+    print(f"link {link['gib_per_s']:.0f} GiB/s + {link['latency_ms'] * 1e3:.0f} us; check ms by W {checks}")
+    for v in validation:
+        print(f"{v['source']:18} W={v['world_size']} {v['heads']}:{v['kv_heads']:<2} {v['seq_per_gpu']:>6} {v['mode']:6} measured {v['measured_ms']:8.2f} predicted {v['predicted_ms']:8.2f} ({v['error']:+.1%})")
+
+
+if __name__ == "__main__":
+    main()
