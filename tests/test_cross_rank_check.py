@@ -18,6 +18,11 @@ def mismatched_call(rank: int, world_size: int, scenario: str) -> str:
     causal = scenario != "causal" or rank == 0
     if scenario == "missing_rank" and rank == 1:
         return "rank 1 never calls"
+    if scenario == "documents":  # the same total, other boundaries on rank 1: 8 local rows on both
+        cu = torch.tensor([0, 8, 16] if rank == 0 else [0, 4, 16], dtype=torch.int32)
+        q, k, v = (torch.randn(8, 2, 8) for _ in range(3))
+        fa4_cp.ring_attention_varlen(q, k, v, cu, causal=True, layout="zigzag")
+        return "returned"
     q, k, v = (torch.randn(1, seq_local, 2, 8) for _ in range(3))
     if scenario == "bad_window" and rank == 1:
         try:
@@ -37,7 +42,8 @@ def mismatched_call(rank: int, world_size: int, scenario: str) -> str:
 @pytest.mark.parametrize(
     "scenario,fields",
     [("causal", ["mask (ranks 0: BandMask(lo=None, hi=0); ranks 1: BandMask(lo=None, hi=None))"]),
-     ("seq_len", ["q shape (ranks 0: (1, 8, 2, 8); ranks 1: (1, 16, 2, 8))", "k/v shape"])],
+     ("seq_len", ["q shape (ranks 0: (1, 8, 2, 8); ranks 1: (1, 16, 2, 8))", "k/v shape"]),
+     ("documents", ["documents (ranks 0: 2 documents, 16 tokens, lengths [8, 8]; ranks 1: 2 documents, 16 tokens, lengths [4, 12])"])],
 )
 def test_mismatched_arguments_raise_on_every_rank_naming_the_fields(scenario, fields, tmp_path):
     outcomes = run_ranks(mismatched_call, 2, tmp_path, scenario, timeout=120)
