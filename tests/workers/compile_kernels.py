@@ -1,0 +1,116 @@
+"""Compile every CuTe-DSL kernel the FA4 backend launches for one architecture, without a GPU.
+
+    CUTE_DSL_ARCH=sm_90a python tests/workers/compile_kernels.py sm_90a
+
+sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
+causal and windowed), FA4's Hopper backward as fa4_cp configures it (GQA and not, varlen), and
+the stand-alone merge kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward
+(as blackwell.py calls them, under torch's FakeTensorMode) and the merge kernel. Prints one JSON
+line: each kernel's name and error (None when it compiled), and the `.target` of the PTX kept.
+Upstream's persistent schedulers ask the driver for the SM count while tracing; here a stand-in
+answers with FLASH_ATTENTION_NUM_SMS (compile check only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import cutlass.utils
+import torch
+from cutlass import BFloat16
+
+SMS = int(os.environ.get("FLASH_ATTENTION_NUM_SMS", "132"))
+
+
+class DriverlessHardwareInfo:
+    """The SM count the target GPU would report, for tracing without a driver."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def get_device_multiprocessor_count(self) -> int:
+        return SMS
+
+    def get_max_active_clusters(self, cluster_size: int = 1) -> int:
+        return SMS // cluster_size
+
+
+def hopper_kernels() -> dict:
+    from flash_attn.cute.interface import _tile_size_fwd_sm90
+
+    from fa4_cp.kernels.fa4 import backward_sm90, forward, merge_kernel
+    from fa4_cp.kernels.fa4.masks import Fa4Window
+
+    causal, window = Fa4Window(True, False, None, None), Fa4Window(False, True, 200, 0)
+
+    def forward_kernel(window_: Fa4Window, varlen: bool, accumulate: bool, qhead_per_kvhead: int):
+        config = _tile_size_fwd_sm90(128, 128, window_.causal, window_.local)
+        return lambda: forward._compile(BFloat16, 128, qhead_per_kvhead, window_, varlen, config, accumulate)
+
+    tiles = backward_sm90.BackwardTiles.for_head_dim(128)
+    return {
+        "forward causal merging": forward_kernel(causal, False, True, 4),
+        "forward causal first write": forward_kernel(causal, False, False, 1),
+        "forward varlen causal merging": forward_kernel(causal, True, True, 4),
+        "forward sliding window merging": forward_kernel(window, False, True, 1),
+        "backward causal gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, causal, False),
+        "backward causal": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False),
+        "backward varlen full gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, Fa4Window(False, False, None, None), True),
+        "merge": lambda: merge_kernel._compile(BFloat16, 128),
+    }
+
+
+def blackwell_kernels() -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fa4_cp.kernels.fa4 import merge_kernel
+
+    def upstream(causal: bool, backward: bool):
+        def compile_() -> None:
+            from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+            with FakeTensorMode():
+                q = torch.empty(1, 512, 8, 128, dtype=torch.bfloat16, device="cuda")
+                k = torch.empty(1, 512, 2, 128, dtype=torch.bfloat16, device="cuda")
+                out, lse, *_ = _flash_attn_fwd(q, k, k, causal=causal, return_lse=True)
+                if backward:
+                    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(k))
+                    _flash_attn_bwd(q, k, k, out, q, lse, causal=causal, dq=grads[0], dk=grads[1], dv=grads[2])
+
+        return compile_
+
+    return {
+        "upstream sm100 forward causal": upstream(True, False),
+        "upstream sm100 forward full": upstream(False, False),
+        "upstream sm100 backward causal": upstream(True, True),
+        "merge": lambda: merge_kernel._compile(BFloat16, 128),
+    }
+
+
+def main() -> None:
+    arch = sys.argv[1]
+    if os.environ.get("CUTE_DSL_ARCH") != arch:
+        sys.exit(f"set CUTE_DSL_ARCH={arch} before the DSL is imported")
+    cutlass.utils.HardwareInfo = DriverlessHardwareInfo
+    import flash_attn.cute.tile_scheduler as tile_scheduler
+
+    tile_scheduler.HardwareInfo = DriverlessHardwareInfo
+    kernels = hopper_kernels() if arch == "sm_90a" else blackwell_kernels()
+    errors = {}
+    for name, compile_ in kernels.items():
+        try:
+            compile_()
+            errors[name] = None
+        except Exception as error:  # noqa: BLE001 - reported per kernel
+            errors[name] = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=-3)}"[:3000]
+    kept = list(Path.cwd().glob("*.ptx"))  # kernels of one class share a file name: fewer files than kernels
+    targets = sorted({line.split()[1] for ptx in kept for line in ptx.read_text().splitlines() if line.startswith(".target")})
+    print(json.dumps({"arch": arch, "errors": errors, "ptx_targets": targets, "ptx_files": len(kept)}))
+
+
+if __name__ == "__main__":
+    main()
