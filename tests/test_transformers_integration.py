@@ -184,3 +184,17 @@ def test_a_name_is_bound_to_one_ring():
         register_ring_attention(other, name="fa4_cp_ring_test")
     unnamed = register_ring_attention(other)
     assert unnamed.startswith(ATTENTION_NAME) and register_ring_attention(other) == unnamed
+
+
+@pytest.mark.parametrize(
+    "argument,value,message",
+    [
+        ("sliding_window", 4096, r"sliding_window=4096 \(a sliding-window layer\) is not supported yet"),
+        ("s_aux", torch.zeros(4), r"attention sinks \(s_aux\) are not supported yet"),
+        ("softcap", 50.0, r"softcap=50.0 \(attention logit softcapping\) is not supported yet"),
+        ("output_attentions", True, r"call arguments \['output_attentions'\] are not understood"),
+    ],
+)
+def test_call_arguments_it_cannot_honour_are_refused(argument, value, message):
+    with pytest.raises(ValueError, match=message):
+        ring_attention_forward(_Layer(), *_qkv(), None, **{argument: value})

@@ -29,6 +29,12 @@ from ..comm.group import resolve_group
 
 ATTENTION_NAME = "fa4_cp_ring"
 SHARDS_KEY = "fa4_cp_shards"
+# Call arguments that reach an attention function in a training forward and that the entry
+# honours, or that belong to other layers (the loss's, the RoPE's); any other is refused.
+UNDERSTOOD = {
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", SHARDS_KEY,
+    "position_ids", "use_cache", "num_items_in_batch", "shift_labels",
+}
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def ring_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q, k, v (b, h, s, d) -> (out (b, s, h, d), None)."""
     setup = ring_setup or _setups.get(ATTENTION_NAME, RingSetup())
-    _refuse_unsupported(module, query, key, attention_mask, dropout)
+    _refuse_unsupported(module, query, key, attention_mask, dropout, kwargs)
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     layout = setup.layout or ("zigzag" if cu_seqlens is None else "balanced")
     _check_sharded(kwargs.get(SHARDS_KEY), query.shape[2], resolve_group(setup.group).world_size, layout)
@@ -153,8 +159,18 @@ def _check_sharded(shards: RingShards | None, seq_len: int, world_size: int, lay
 
 
 def _refuse_unsupported(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
+    kwargs: dict,
 ) -> None:
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(f"{ATTENTION_NAME}: sliding_window={kwargs['sliding_window']} (a sliding-window layer) is not supported yet")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"{ATTENTION_NAME}: attention sinks (s_aux) are not supported yet")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{ATTENTION_NAME}: softcap={kwargs['softcap']} (attention logit softcapping) is not supported yet")
+    unknown = sorted(set(kwargs) - UNDERSTOOD - {"sliding_window", "s_aux", "softcap"})
+    if unknown:
+        raise ValueError(f"{ATTENTION_NAME}: call arguments {unknown} are not understood; refusing them rather than dropping them")
     if key.shape[2] != query.shape[2]:
         # A KV cache prepends earlier keys; under checkpointing its recompute appends them twice.
         raise ValueError(
