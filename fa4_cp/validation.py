@@ -58,7 +58,7 @@ def check_transport(kind: str) -> TransportKind:
     return kind
 
 
-def check_mask(causal: bool, window_size: tuple[int, int], *, varlen: bool) -> tuple[int, int]:
+def check_mask(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
     check_flag("causal", causal)
     if (
         not isinstance(window_size, (tuple, list))
@@ -69,11 +69,6 @@ def check_mask(causal: bool, window_size: tuple[int, int], *, varlen: bool) -> t
     left, right = window_size
     if causal and right > 0:
         raise ValueError(f"window_size: a causal mask sees no key right of the query, so right must be -1 or 0; got {right}")
-    if varlen and (left, right) != (-1, -1):
-        raise ValueError(
-            "window_size: not supported with varlen documents: each document is cut into chunks of its own "
-            f"size, so a window's offset between two chunks differs per document; got {tuple(window_size)}"
-        )
     return left, right
 
 
@@ -85,6 +80,30 @@ def check_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
     ):
         raise ValueError(f"softmax_scale: expected a positive finite float or None, got {softmax_scale!r}")
     return float(softmax_scale)
+
+
+def check_softcap(softcap: float | None) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected a positive finite float (scores become softcap * tanh(score / softcap)) or None, got {softcap!r}")
+    return float(softcap)
+
+
+def check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> tuple[int, ...] | None:
+    """The shape of per-head sink logits (h,), for the cross-rank signature."""
+    if sinks is None:
+        return None
+    heads = q.shape[-2]
+    if not isinstance(sinks, torch.Tensor):
+        raise ValueError(f"sinks: expected a tensor of {heads} per-head logits, got {type(sinks).__name__}")
+    if sinks.shape != (heads,):
+        raise ValueError(f"sinks: expected shape ({heads},), one logit per q head, got {tuple(sinks.shape)}")
+    if sinks.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"sinks: expected dtype in {[str(d) for d in SUPPORTED_DTYPES]}, got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks: expected the device of q ({q.device}), got {sinks.device}")
+    return tuple(sinks.shape)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor) -> tuple[int, ...]:

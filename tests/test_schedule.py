@@ -10,6 +10,7 @@ import torch
 from fa4_cp import Sharding
 from fa4_cp.kernels import BandMask
 from fa4_cp.kernels.reference import band_visibility
+from fa4_cp.plan.rows import rank_plan
 from fa4_cp.plan.schedule import build_schedule
 
 
@@ -107,10 +108,31 @@ def test_documents_of_one_chunk_size_take_any_window():
     assert torch.equal(count, true_visibility(sharding, BandMask(lo=-5, hi=2)).long())
 
 
-def test_window_over_documents_of_different_chunk_sizes_is_refused():
+def test_one_schedule_cannot_window_documents_of_different_chunk_sizes():
+    """The plan then follows one schedule per chunk size (test_document_plans_window_...)."""
     sharding = Sharding.documents([48, 12], 2, "zigzag")
     with pytest.raises(ValueError, match="chunk offsets differ between documents"):
         build_schedule(sharding, BandMask(lo=-5, hi=0))
+
+
+WINDOW_DOCUMENTS = [48, 12, 1, 6, 5, 7, 130, 1, 0, 33]  # shorter than, equal to and longer than the windows
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("mask_name", ["window_left", "window_tiny", "window_wide", "causal_diagonal_shifted"])
+def test_document_plans_window_documents_of_every_chunk_size(world_size, layout, mask_name):
+    sharding = Sharding.documents(WINDOW_DOCUMENTS, world_size, layout)
+    count = planned_pairs(sharding, MASKS[mask_name])
+    assert torch.equal(count, true_visibility(sharding, MASKS[mask_name]).long())
+
+
+def test_balanced_plans_skip_steps_outside_every_window():
+    sharding = Sharding.documents([4096, 4096, 64], 8, "balanced")
+    window = BandMask(lo=-100, hi=0)
+    steps = [step.step for step in rank_plan(sharding, window, 0, torch.device("cpu")).steps]
+    assert steps == [0, 1, 7]  # a 4096-token document spread over 8 ranks: 256-slot chunks
+    assert torch.equal(planned_pairs(sharding, window), true_visibility(sharding, window).long())
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 8, 72])
@@ -222,9 +244,8 @@ def test_schedule_covers_the_least_area(world_size, layout, mask_name):
 
 def planned_pairs(sharding, mask: BandMask) -> torch.Tensor:
     """How many times the ranks' plans compute each (query, key) pair; also checks that no block
-    writes a row twice (sequences of one launch must not overlap)."""
-    from fa4_cp.plan.rows import rank_plan
-
+    writes a row twice (sequences of one launch must not overlap), and that a masked block's
+    sequences share one kv shift."""
     total = sharding.total_len
     count = torch.zeros(total, total, dtype=torch.long)
     for rank in range(sharding.world_size):
@@ -239,6 +260,7 @@ def planned_pairs(sharding, mask: BandMask) -> torch.Tensor:
                     k0, nk = int(rows.cu_seqlens_k[n]), int(rows.seqused_k[n])
                     if not (nq and nk):
                         continue
+                    assert block.mask.is_full or nk - nq == rows.kv_shift, f"kv shift {rows.kv_shift}, sequence {nk} - {nq}"
                     assert not (q_taken & set(range(q0, q0 + nq))) and not (kv_taken & set(range(k0, k0 + nk))), "overlapping sequences"
                     q_taken |= set(range(q0, q0 + nq))
                     kv_taken |= set(range(k0, k0 + nk))

@@ -59,6 +59,10 @@ class VarlenRows:
     """Blocks that share this cu_seqlens_q tensor select, of each sequence, either no row or the
     first `seqused_q_all[n]`: a backend may then keep per-sequence state (a dq accumulator) once
     for all of them. None: nothing is promised beyond this block."""
+    kv_shift: int = 0
+    """seqused_k[n] - seqused_q[n], the same for every sequence the block computes when its mask
+    is not full (planners split blocks to make it so): the block's mask is top-left in every
+    sequence, and a backend whose masks align bottom-right (FA4) moves its window by this."""
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,8 +139,9 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float) -> ForwardPass:
-        """Start the forward of one ring call whose blocks take rows of `q` and of `k`-shaped KV."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float, softcap: float | None = None) -> ForwardPass:
+        """Start the forward of one ring call whose blocks take rows of `q` and of `k`-shaped KV.
+        With `softcap`, scores are capped as softcap * tanh(score / softcap) (score = scale q.k)."""
         ...
 
     def backward(
@@ -148,6 +153,7 @@ class AttentionBackend(Protocol):
         dlse: torch.Tensor | None,
         *,
         softmax_scale: float,
+        softcap: float | None = None,
     ) -> BackwardPass:
         """Start the backward of one ring call. ``out`` (q's dtype) and ``lse`` are final;
         ``dlse`` is the upstream lse gradient, if any. Row statistics such as

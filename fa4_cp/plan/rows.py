@@ -4,9 +4,9 @@ Everything one rank needs for a whole ring is decided here, once per call signat
 the active steps and the hop to the next one, each block's mask and whether it overwrites the
 accumulators, and the block's rows. Rows are "sides": a q side is a run of q lanes, a kv side a
 run of kv lanes, so the executor slices each tensor once per call, not once per step. Dense
-sides are row slices (None: every row); varlen blocks select rows through FA4-style
-cu_seqlens/seqused tensors, built on the host and copied to the device in one go. The balanced
-document layout has a planner of its own (span_rows.py) that fills the same RankPlan.
+sides are row slices (None: every row). Packed documents have planners of their own that fill
+the same RankPlan, their blocks selecting rows through FA4-style cu_seqlens/seqused tensors:
+document_rows.py (every document cut over all ranks) and span_rows.py (the balanced layout).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
-from .schedule import RingSchedule, build_schedule
+from .schedule import build_schedule
 from .sharding import Sharding
 
 
@@ -79,11 +79,14 @@ def rank_plan(sharding, mask: BandMask, rank: int, device: torch.device) -> Rank
         from .span_rows import span_plan
 
         return span_plan(sharding, mask, rank, device)
+    if sharding.varlen:
+        from .document_rows import document_plan
+
+        return document_plan(sharding, mask, rank, device)
     schedule = build_schedule(sharding, mask)
     q_sides: dict[range, int] = {}
     kv_sides: dict[range, int] = {}
     planned = []
-    varlen_rows = _VarlenTable(sharding, schedule, rank, device) if sharding.varlen else None
     first = True
     for index, (step, calls) in enumerate(zip(schedule.steps, schedule.calls[rank])):
         blocks = []
@@ -94,7 +97,7 @@ def rank_plan(sharding, mask: BandMask, rank: int, device: torch.device) -> Rank
                     kv_side=kv_sides.setdefault(call.kv_lanes, len(kv_sides)),
                     mask=call.mask,
                     accumulate=not (first and schedule.writes_first[rank]),
-                    varlen=None if varlen_rows is None else varlen_rows.rows(step, call),
+                    varlen=None,
                 )
             )
             first = False
@@ -111,35 +114,7 @@ def rank_plan(sharding, mask: BandMask, rank: int, device: torch.device) -> Rank
 
 
 def _dense_rows(sharding: Sharding, lanes: range) -> slice | None:
-    """The rows of a run of lanes; None for every row (varlen blocks select rows themselves)."""
-    if sharding.varlen or lanes == range(sharding.lanes):
+    """The rows of a run of lanes; None for every row."""
+    if lanes == range(sharding.lanes):
         return None
     return sharding.lane_slice(lanes)
-
-
-class _VarlenTable:
-    """VarlenRows of every block call, one device tensor per distinct side, so that calls over
-    the same lanes share their tensors: a backend may key per-call state (a dq accumulator) on
-    them."""
-
-    def __init__(self, sharding: Sharding, schedule: RingSchedule, rank: int, device: torch.device):
-        self.rank, self.schedule = rank, schedule
-        self.docs = len(sharding.doc_lengths)
-        self.index: dict[tuple, int] = {}
-        sides = []
-        for step, calls in zip(schedule.steps, schedule.calls[rank]):
-            for call in calls:
-                for side in self._sides(step, call):
-                    if side not in self.index:
-                        self.index[side] = len(sides)
-                        sides.append(sharding.lane_rows(side[1], side[2]))
-        self.table = torch.tensor([[*cu, *used] for cu, used in sides], dtype=torch.int32).to(device) if sides else None
-
-    def _sides(self, step: int, call) -> tuple[tuple, tuple]:
-        return ("q", self.rank, call.q_lanes), ("kv", self.schedule.source_rank(self.rank, step), call.kv_lanes)
-
-    def rows(self, step: int, call) -> VarlenRows:
-        q_key, kv_key = self._sides(step, call)
-        q_side, kv_side = self.table[self.index[q_key]], self.table[self.index[kv_key]]
-        bounds = self.docs + 1
-        return VarlenRows(q_side[:bounds], kv_side[:bounds], q_side[bounds:], kv_side[bounds:])

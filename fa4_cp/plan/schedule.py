@@ -56,13 +56,15 @@ class RingSchedule:
 _build_lock = threading.Lock()
 
 
-def build_schedule(sharding: Sharding, mask: BandMask) -> RingSchedule:
+def build_schedule(sharding: Sharding, mask: BandMask, sizes: tuple[int, ...] | None = None) -> RingSchedule:
     """The schedule of every rank (cached); ranks sharing a process build it once.
 
-    It depends on the documents only through their distinct chunk sizes, so a training run whose
-    packing changes every batch reuses it.
+    It depends on the documents only through their distinct chunk sizes (or `sizes`: the
+    schedule of those documents only), so a training run whose packing changes every batch
+    reuses it.
     """
-    sizes = tuple(sorted({size for size in sharding.chunk_sizes if size > 0})) or (1,)
+    if sizes is None:
+        sizes = tuple(sorted({size for size in sharding.chunk_sizes if size > 0})) or (1,)
     with _build_lock:
         return _build_schedule(sharding.layout, sharding.world_size, sizes, mask, sharding.varlen)
 

@@ -7,26 +7,30 @@ ranks, the pair (r, r - s), both in its span, is the pair (i, j) of the span's z
 between their lanes come from the generic chunk-pair planner (schedule.py), so every mask that
 the dense ring takes works here too. A kept document meets only itself, at step 0. At step 0
 every block reads the rank's own K and V (a local block; the travelling copy is the same rows).
-Active steps: 0, and 1..G-1 and W-G+1..W-1 for the widest span G (the same on every rank); the
+Active steps: 0, and every step at which some document's span pair sees anything (the same on
+every rank: 1..G-1 and W-G+1..W-1 for the widest span G, fewer under a sliding window); the
 others are skipped with their transfer.
 
 Blocks share their q rows: all blocks whose calls take the same run of a document's lanes (both
 lanes, or the second, or the first) use one cu_seqlens_q tensor, which lists that run of every
 local document (and, between runs, the rows in between as sequences no block computes). A block
 selects each sequence whole or not at all, so a backend keeps one dq accumulator per tensor
-(`VarlenRows.seqused_q_all`), not one per block.
+(`VarlenRows.seqused_q_all`), not one per block. A masked block's sequences all have as many
+more keys than queries (`VarlenRows.kv_shift`): a call's documents are split by that difference.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
 from .placement import BalancedSharding
 from .rows import PlannedBlock, PlannedStep, RankPlan
-from .schedule import band_interval, chunk_pair_calls
+from .schedule import Interval, band_interval, chunk_pair_calls
 
-Key = tuple[int, BandMask, range, int]  # step, mask, q lanes, occurrence
+Key = tuple[int, BandMask, range, int, int]  # step, mask, q lanes, occurrence, kv shift
 BOTH = range(0, 2)
 
 
@@ -37,7 +41,7 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
     for sequence, (doc, index, start) in enumerate(local):
         first, ranks = sharding.spans[doc]
         if ranks == 1:
-            _add(blocks, (0, mask, BOTH, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
+            _add(blocks, (0, mask, BOTH, 0, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
             continue
         size, q_chunks = sharding.chunk_size(doc), (index, 2 * ranks - 1 - index)
         for other in range(ranks):
@@ -51,15 +55,15 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
                 occurrence = seen.setdefault((call.mask, call.q_lanes), 0)
                 seen[(call.mask, call.q_lanes)] += 1  # a second call of the same kind: a block of its own
                 kv_first = sharding.starts[source][doc] + call.kv_lanes.start * size
-                _add(blocks, (step, call.mask, call.q_lanes, occurrence), sequence, (q_used, kv_first, kv_used))
-    widest = max((ranks for _, ranks in sharding.spans if ranks > 1), default=0)
-    steps = sorted({0, *range(1, widest), *range(world - widest + 1, world)})
+                shift = 0 if call.mask.is_full else kv_used - q_used
+                _add(blocks, (step, call.mask, call.q_lanes, occurrence, shift), sequence, (q_used, kv_first, kv_used))
+    steps = active_steps(sharding, band)
     table = _RowsTable(sharding, rank, device)
     planned = []
     for index, step in enumerate(steps):
-        keys = sorted((key for key in blocks if key[0] == step), key=lambda key: (str(key[1]), key[2].start, key[2].stop, key[3]))
+        keys = sorted((key for key in blocks if key[0] == step), key=lambda key: (str(key[1]), key[2].start, key[2].stop, key[3], key[4]))
         step_blocks = tuple(
-            PlannedBlock(0, 0, key[1], accumulate=True, varlen=table.rows(key[2], blocks[key], step == 0), local=step == 0)
+            PlannedBlock(0, 0, key[1], accumulate=True, varlen=table.rows(key[2], blocks[key], step == 0, key[4]), local=step == 0)
             for key in keys
         )
         planned.append(PlannedStep(step, step_blocks, steps[index + 1] - step if index + 1 < len(steps) else 0))
@@ -71,6 +75,42 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
 
 def _add(blocks: dict, key: Key, sequence: int, rows: tuple[int, int, int]) -> None:
     blocks.setdefault(key, {})[sequence] = rows
+
+
+@functools.lru_cache(maxsize=64)
+def active_steps(sharding: BalancedSharding, band: Interval) -> tuple[int, ...]:
+    """Ring steps at which some rank computes: 0, and the steps between the two ranks of a span
+    pair whose valid chunks hold a (query, key) pair with j - i inside the band. The same on
+    every rank: it reads only the sharding."""
+    world, steps = sharding.world_size, {0}
+    for doc, (_, ranks) in enumerate(sharding.spans):
+        if ranks < 2:
+            continue
+        chunks = [_valid_positions(sharding, doc, chunk) for chunk in range(2 * ranks)]
+        for i in range(ranks):
+            for j in range(ranks):
+                step = (i - j) % world
+                if step in steps:
+                    continue
+                q_sides = (chunks[i], chunks[2 * ranks - 1 - i])
+                kv_sides = (chunks[j], chunks[2 * ranks - 1 - j])
+                if any(_sees(q, kv, band) for q in q_sides for kv in kv_sides):
+                    steps.add(step)
+    return tuple(sorted(steps))
+
+
+def _valid_positions(sharding: BalancedSharding, doc: int, chunk: int) -> tuple[int, int] | None:
+    """First and last document position of a chunk's valid slots; None if it holds none."""
+    valid = sharding.valid_slots(doc, chunk)
+    first = chunk * sharding.chunk_size(doc)
+    return (first, first + valid - 1) if valid else None
+
+
+def _sees(q: tuple[int, int] | None, kv: tuple[int, int] | None, band: Interval) -> bool:
+    """Whether some key position of `kv` minus some query position of `q` lies in the band."""
+    if q is None or kv is None:
+        return False
+    return max(kv[0] - q[1], band[0]) <= min(kv[1] - q[0], band[1])
 
 
 class _RowsTable:
@@ -103,7 +143,7 @@ class _RowsTable:
             self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), used, index)
         return self.layouts[lanes]
 
-    def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], local: bool) -> VarlenRows:
+    def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], local: bool, kv_shift: int) -> VarlenRows:
         """A block over the run `lanes` of the local sequences in `sequences` (the others select
         no rows)."""
         cu_q, used_all, used_host, index = self._layout(lanes)
@@ -120,4 +160,4 @@ class _RowsTable:
         end = self.sharding.local_len if local else self.sharding.buffer_len
         packed = torch.tensor([q_used, kv_used, [*kv_first]], dtype=torch.int32).to(self.device)
         cu_k = torch.cat([packed[2], packed.new_tensor([end])])
-        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all)
+        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift)

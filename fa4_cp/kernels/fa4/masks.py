@@ -28,10 +28,7 @@ class Fa4Window:
 def fa4_window(mask: BandMask, seqlen_q: int, seqlen_k: int) -> Fa4Window:
     """FA4 aligns windows bottom-right: key j is visible to query i iff
     i + (seqlen_k - seqlen_q) - left <= j <= i + (seqlen_k - seqlen_q) + right.
-
-    For varlen blocks pass equal lengths: the ring only masks blocks whose sequences have as many
-    queries as keys, where both alignments agree. Cached: a ring call meets few (mask, shape) pairs.
-    """
+    Cached: a ring call meets few (mask, shape) pairs."""
     shift = seqlen_k - seqlen_q
     left = None if mask.lo is None else shift - mask.lo
     right = None if mask.hi is None else mask.hi - shift
@@ -43,7 +40,6 @@ def fa4_window(mask: BandMask, seqlen_q: int, seqlen_k: int) -> Fa4Window:
 
 
 def block_window(mask: BandMask, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> Fa4Window:
-    """The FA4 window of one block: dense blocks align on their own lengths, varlen blocks on
-    equal per-sequence lengths."""
-    return fa4_window(mask, 0, 0) if varlen is not None else fa4_window(mask, q.shape[1], k.shape[1])
-
+    """The FA4 window of one block: dense blocks align on their own lengths, varlen blocks on the
+    per-sequence length difference that all their sequences share (`VarlenRows.kv_shift`)."""
+    return fa4_window(mask, 0, varlen.kv_shift) if varlen is not None else fa4_window(mask, q.shape[1], k.shape[1])
