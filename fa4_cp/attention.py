@@ -31,6 +31,8 @@ def ring_attention(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     softmax_scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     layout: str = "zigzag",
     return_lse: bool = False,
     backend: str | AttentionBackend | None = None,
@@ -43,15 +45,20 @@ def ring_attention(
     `return_lse`, lse (b, h, s_local): fp32, or fp64 for fp64 inputs. `group`: None (the default
     process group; without torch.distributed, a ring of one rank), a ProcessGroup, a 1-D
     DeviceMesh or a RingGroup such as a SimulatedRing's. `window_size` is (left, right), -1
-    unbounded. `transport` ("auto", "nccl", "copy_engine"; default FA4_CP_TRANSPORT or "auto")
-    picks how KV moves between GPUs. Under torch.compile this function is a graph break.
+    unbounded. `softcap` caps every score s = scale * q.k as softcap * tanh(s / softcap) (Gemma 2).
+    `sinks` (h,) are per-head logits that join every row's softmax denominator with a zero value
+    (gpt-oss); they are differentiable, and every rank must pass the same values (each rank's
+    gradient covers its own rows, summed across the ring like any replicated weight's).
+    The lse returned includes them. `transport` ("auto", "nccl", "copy_engine"; default
+    FA4_CP_TRANSPORT or "auto") picks how KV moves between GPUs. Under torch.compile this
+    function is a graph break.
     """
     ring_group = resolve_group(group)
     call, kernels = dense_call(
         q, k, v, ring_group.world_size, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
-        layout=layout, return_lse=return_lse, backend=backend, transport=transport,
+        softcap=softcap, sinks=sinks, layout=layout, return_lse=return_lse, backend=backend, transport=transport,
     )
-    return run_call(call, kernels, ring_group, q, k, v, return_lse)
+    return run_call(call, kernels, ring_group, q, k, v, sinks, return_lse)
 
 
 @torch.compiler.disable
@@ -65,6 +72,8 @@ def ring_attention_varlen(
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
     softmax_scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     layout: str = "balanced",
     return_lse: bool = False,
     backend: str | AttentionBackend | None = None,
@@ -74,7 +83,8 @@ def ring_attention_varlen(
 
     `layout` "balanced" (default) keeps each document whole on one rank or splits it across the
     ring, balancing attention work (plan/placement.py); "zigzag" and "contiguous" cut every
-    document on its own.
+    document on its own. Every document sees the same `window_size` in token offsets, whatever
+    its chunk size. `softcap` and `sinks` as for `ring_attention`.
 
     `cu_seqlens` is the global int32 boundaries of the unsharded documents, the same on every rank
     (a CPU tensor avoids a device sync). q (total_local, h, d), k and v (total_local, h_kv, d) hold
@@ -84,20 +94,22 @@ def ring_attention_varlen(
     ring_group = resolve_group(group)
     call, kernels = varlen_call(
         q, k, v, cu_seqlens, ring_group.world_size, causal=causal, window_size=window_size,
-        softmax_scale=softmax_scale, layout=layout, return_lse=return_lse, backend=backend, transport=transport,
+        softmax_scale=softmax_scale, softcap=softcap, sinks=sinks, layout=layout, return_lse=return_lse,
+        backend=backend, transport=transport,
     )
-    return run_call(call, kernels, ring_group, q, k, v, return_lse)
+    return run_call(call, kernels, ring_group, q, k, v, sinks, return_lse)
 
 
 def run_call(
     call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    return_lse: bool,
+    sinks: torch.Tensor | None, return_lse: bool,
 ) -> Output:
     """Run a validated call: transport, cross-rank check, plan, ring."""
     transport = group.transport(call.transport, q.device)
     check_consistency(group, call, q.device)
-    ring = Ring(rank_plan(call.sharding, call.mask, group.rank, q.device), transport, kernels, call.softmax_scale)
-    out, lse = RingAttentionFunction.apply(q, k, v, ring)
+    plan = rank_plan(call.sharding, call.mask, group.rank, q.device)
+    ring = Ring(plan, transport, kernels, call.softmax_scale, call.softcap)
+    out, lse = RingAttentionFunction.apply(q, k, v, sinks, ring)
     if not return_lse:
         return out
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

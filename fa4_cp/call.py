@@ -26,6 +26,8 @@ from .validation import (
     check_local_seq_len,
     check_mask,
     check_qkv,
+    check_sinks,
+    check_softcap,
     check_softmax_scale,
     check_transport,
 )
@@ -41,6 +43,10 @@ class RingCall:
     """Layout, ring size and documents: who holds which tokens."""
     mask: BandMask
     softmax_scale: float
+    softcap: float | None
+    sinks: tuple[int, ...] | None
+    """The sinks' shape: their values need not match in the check, but every rank must pass the
+    same ones (a model's parameter is)."""
     backend: str
     transport: TransportKind
     """As asked ("auto" is resolved by the group, the same way on every rank)."""
@@ -66,8 +72,10 @@ class RingCall:
             "layout": sharding.layout.name,
             "world size": str(sharding.world_size),
             "documents": str(documents),
-            "mask": str(self.mask),
+            "mask (causal, window_size)": str(self.mask),
             "softmax_scale": repr(self.softmax_scale),
+            "softcap": repr(self.softcap),
+            "sinks": "None" if self.sinks is None else f"shape {self.sinks}",
             "backend": self.backend,
             "transport": self.transport,
         }
@@ -75,21 +83,21 @@ class RingCall:
 
 def dense_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, *, causal: bool, window_size: tuple[int, int],
-    softmax_scale: float | None, layout: str, return_lse: bool, backend: str | AttentionBackend | None,
-    transport: str | None,
+    softmax_scale: float | None, softcap: float | None, sinks: torch.Tensor | None, layout: str, return_lse: bool,
+    backend: str | AttentionBackend | None, transport: str | None,
 ) -> tuple[RingCall, AttentionBackend]:
     """The RingCall of `ring_attention`, and its backend; raises ValueError naming a bad argument."""
     check_qkv(q, k, v, varlen=False)
     layout_ = get_layout(layout)
     check_local_seq_len(q.shape[1], layout_, world_size)
     sharding = Sharding.dense(q.shape[1] * world_size, world_size, layout_)
-    return _call(q, k, sharding, causal, window_size, softmax_scale, return_lse, backend, transport)
+    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport)
 
 
 def varlen_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, world_size: int, *, causal: bool,
-    window_size: tuple[int, int], softmax_scale: float | None, layout: str, return_lse: bool,
-    backend: str | AttentionBackend | None, transport: str | None,
+    window_size: tuple[int, int], softmax_scale: float | None, softcap: float | None, sinks: torch.Tensor | None,
+    layout: str, return_lse: bool, backend: str | AttentionBackend | None, transport: str | None,
 ) -> tuple[RingCall, AttentionBackend]:
     """The RingCall of `ring_attention_varlen`, and its backend; raises ValueError naming a bad argument."""
     check_qkv(q, k, v, varlen=True)
@@ -100,11 +108,11 @@ def varlen_call(
             f"cu_seqlens: its documents ({sum(doc_lengths)} tokens) take {sharding.local_len} local rows per rank "
             f"under the {layout} layout over {world_size} ranks, but q has {q.shape[0]}"
         )
-    return _call(q, k, sharding, causal, window_size, softmax_scale, return_lse, backend, transport)
+    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport)
 
 
-def _call(q, k, sharding, causal, window_size, softmax_scale, return_lse, backend, transport) -> tuple[RingCall, AttentionBackend]:
-    window = check_mask(causal, window_size, varlen=sharding.varlen)
+def _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport) -> tuple[RingCall, AttentionBackend]:
+    window = check_mask(causal, window_size)
     check_flag("return_lse", return_lse)
     kind = check_transport(transport if transport is not None else os.environ.get("FA4_CP_TRANSPORT", "auto"))
     kernels = get_backend(backend, q)
@@ -116,6 +124,8 @@ def _call(q, k, sharding, causal, window_size, softmax_scale, return_lse, backen
         sharding=sharding,
         mask=BandMask.from_flags(causal, window),
         softmax_scale=check_softmax_scale(softmax_scale, q.shape[-1]),
+        softcap=check_softcap(softcap),
+        sinks=check_sinks(sinks, q),
         backend=kernels.name,
         transport=kind,
     )

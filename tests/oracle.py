@@ -18,6 +18,7 @@ import fa4_cp
 from fa4_cp import Sharding
 
 TENSORS = ("out", "lse", "dq", "dk", "dv")
+SINK_TENSORS = (*TENSORS, "ds")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -35,6 +36,12 @@ class Case:
     fixed_seq_len: int | None = None  # the same tokens whatever the ring size
     chunk: int | None = None  # dense chunk size whatever the ring size
     doc_mix: str = "mixed"  # packed documents: see doc_lengths
+    softcap: float | None = None
+    sinks: bool = False  # per-head sink logits, checked with their gradient ds
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return SINK_TENSORS if self.sinks else TENSORS
 
     def chunk_size(self, world_size: int) -> int:
         if self.chunk is not None:
@@ -59,6 +66,7 @@ class Case:
             "huge": [3, 300 + 4 * world_size, 1, 6, 0, 17],
             "empty_and_single": [0, 1, 0, two_w + 3, 1, 9, 0],
             "all_whole": [12] * world_size,
+            "around_window": [1, 5, 6, 7, 1, 40 + 4 * world_size, 2, 6, 13, 1],  # around the windows (6 tokens at W <= 4): shorter, equal, longer, 1-token
         }[self.doc_mix]
 
     def seq_len(self, world_size: int) -> int:
@@ -95,6 +103,14 @@ CASES = [
     Case("balanced_short", layout="balanced", documents=True, doc_mix="short"),
     Case("balanced_empty_and_single", layout="balanced", documents=True, doc_mix="empty_and_single"),
     Case("balanced_all_whole_full", causal=False, layout="balanced", documents=True, doc_mix="all_whole"),
+    Case("balanced_window", layout="balanced", documents=True, doc_mix="around_window", window_in_chunks=(0.75, 0)),
+    Case("varlen_window_zigzag_gqa", documents=True, doc_mix="around_window", window_in_chunks=(0.75, 0), kv_heads=2),
+    Case("varlen_window_both_sides_contiguous", causal=False, layout="contiguous", documents=True, doc_mix="around_window", window_in_chunks=(0.75, 0.5)),
+    Case("sinks_causal_gqa", kv_heads=2, sinks=True),
+    Case("sinks_window", window_in_chunks=(1.5, 0), sinks=True),
+    Case("sinks_balanced_window", layout="balanced", documents=True, doc_mix="around_window", window_in_chunks=(0.75, 0), sinks=True),
+    Case("softcap_causal", softcap=0.5),
+    Case("softcap_sinks_balanced_gqa", layout="balanced", documents=True, kv_heads=2, softcap=0.5, sinks=True),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -107,6 +123,7 @@ class Inputs:
     dout: torch.Tensor
     dlse: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
 
 
 def make_inputs(case: Case, world_size: int, dtype: torch.dtype, seed: int) -> Inputs:
@@ -123,7 +140,8 @@ def make_inputs(case: Case, world_size: int, dtype: torch.dtype, seed: int) -> I
     v = randn(*lead, case.kv_heads, case.head_dim)
     dout = randn(*lead, case.heads, case.head_dim)
     dlse = randn(*lead[:-1], case.heads, seq).float() * 0.1
-    return Inputs(q, k, v, dout, dlse, case.cu_seqlens(world_size) if case.documents else None)
+    sinks = randn(case.heads) if case.sinks else None
+    return Inputs(q, k, v, dout, dlse, case.cu_seqlens(world_size) if case.documents else None, sinks)
 
 
 def on_cuda(inputs: Inputs) -> Inputs:
@@ -165,26 +183,38 @@ def visibility(case: Case, world_size: int) -> torch.Tensor:
     return visible
 
 
-def naive_attention(q, k, v, visible: torch.Tensor, scale: float):
-    """(out, lse) of explicit masked softmax attention; q (..., S, H, D); lse (..., H, S)."""
+def naive_attention(q, k, v, visible: torch.Tensor, scale: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
+    """(out, lse) of explicit masked softmax attention; q (..., S, H, D); lse (..., H, S). A softcap
+    caps the scaled scores with tanh; sinks (H,) are one more key per head, of value zero."""
     group = q.shape[-2] // k.shape[-2]
     k = k.repeat_interleave(group, dim=-2)
     v = v.repeat_interleave(group, dim=-2)
     scores = torch.einsum("...qhd,...khd->...hqk", q, k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink_column = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+    if sinks is not None:
+        probs = probs[..., :-1]
     return torch.einsum("...hqk,...khd->...qhd", probs, v), lse
 
 
 def reference_results(case: Case, world_size: int, inputs: Inputs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """out, lse, dq, dk, dv of the full sequence on one device, computed in `dtype`."""
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
-    out, lse = naive_attention(q, k, v, visibility(case, world_size), case.head_dim**-0.5)
+    sinks = None if inputs.sinks is None else inputs.sinks.detach().to(dtype).requires_grad_()
+    out, lse = naive_attention(q, k, v, visibility(case, world_size), case.head_dim**-0.5, case.softcap, sinks)
     finite = torch.isfinite(lse)
     loss = (out * inputs.dout.to(dtype)).sum() + (lse.where(finite, 0) * inputs.dlse.to(lse.dtype)).sum()
     loss.backward()
-    return {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    results = {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if sinks is not None:
+        results["ds"] = sinks.grad
+    return results
 
 
 def ring_results_for_rank(case: Case, world_size: int, inputs: Inputs, group, rank: int, **kwargs) -> dict[str, torch.Tensor]:
@@ -194,7 +224,11 @@ def ring_results_for_rank(case: Case, world_size: int, inputs: Inputs, group, ra
     q, k, v, dout = (sharding.shard(t, rank, seq_dim) for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
     dlse = sharding.shard(inputs.dlse, rank, seq_dim=-1)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    options = dict(group=group, causal=case.causal, window_size=case.window(world_size), layout=case.layout, return_lse=True, **kwargs)
+    sinks = None if inputs.sinks is None else inputs.sinks.clone().requires_grad_()
+    options = dict(
+        group=group, causal=case.causal, window_size=case.window(world_size), layout=case.layout, return_lse=True,
+        softcap=case.softcap, sinks=sinks, **kwargs,
+    )
     if case.documents:
         out, lse = fa4_cp.ring_attention_varlen(q, k, v, inputs.cu_seqlens, **options)
     else:
@@ -202,16 +236,23 @@ def ring_results_for_rank(case: Case, world_size: int, inputs: Inputs, group, ra
     finite = torch.isfinite(lse)
     loss = (out * dout).sum() + (lse.where(finite, 0) * dlse).sum()
     loss.backward()
-    return {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    results = {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if sinks is not None:
+        results["ds"] = sinks.grad
+    return results
 
 
 def unshard_results(case: Case, world_size: int, per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The full-sequence results; ds, a replicated weight's gradient, is the sum of the ranks'."""
     sharding = case.sharding(world_size)
     seq_dim = 0 if case.documents else 1
-    return {
+    results = {
         name: sharding.unshard([r[name].cpu() for r in per_rank], seq_dim=-1 if name == "lse" else seq_dim)
         for name in TENSORS
     }
+    if case.sinks:
+        results["ds"] = torch.stack([r["ds"].cpu().double() for r in per_rank]).sum(0)
+    return results
 
 
 def padding_slots(case: Case, world_size: int, rank: int) -> torch.Tensor:
@@ -230,7 +271,7 @@ def max_error(result: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def errors_against(truth: dict, results: dict) -> dict[str, float]:
-    return {name: max_error(results[name], truth[name]) for name in TENSORS}
+    return {name: max_error(results[name], truth[name]) for name in truth}
 
 
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-12}
@@ -238,7 +279,7 @@ ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.fl
 
 def assert_flash_rule(errors: dict[str, float], baseline: dict[str, float], dtype: torch.dtype, label: str) -> None:
     """FlashAttention's rule: error <= 2 x (same-precision reference's error) + a small atol."""
-    for name in TENSORS:
+    for name in errors:
         bound = 2 * baseline[name] + ATOL[dtype]
         assert errors[name] <= bound, f"{label}: {name} error {errors[name]:.3e} > {bound:.3e} (reference {baseline[name]:.3e})"
 

@@ -24,6 +24,12 @@ def mismatched_call(rank: int, world_size: int, scenario: str) -> str:
         fa4_cp.ring_attention_varlen(q, k, v, cu, causal=True, layout="zigzag")
         return "returned"
     q, k, v = (torch.randn(1, seq_local, 2, 8) for _ in range(3))
+    if scenario == "window":  # a per-layer window one rank reads wrongly
+        fa4_cp.ring_attention(q, k, v, causal=True, window_size=(4, 0) if rank == 0 else (-1, 0))
+        return "returned"
+    if scenario == "sinks":
+        fa4_cp.ring_attention(q, k, v, causal=True, sinks=torch.zeros(2) if rank == 0 else None)
+        return "returned"
     if scenario == "bad_window" and rank == 1:
         try:
             fa4_cp.ring_attention(q, k, v, causal=True, window_size=(4, 2))
@@ -41,8 +47,10 @@ def mismatched_call(rank: int, world_size: int, scenario: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "scenario,fields",
-    [("causal", ["mask (ranks 0: BandMask(lo=None, hi=0); ranks 1: BandMask(lo=None, hi=None))"]),
+    [("causal", ["mask (causal, window_size) (ranks 0: BandMask(lo=None, hi=0); ranks 1: BandMask(lo=None, hi=None))"]),
      ("seq_len", ["q shape (ranks 0: (1, 8, 2, 8); ranks 1: (1, 16, 2, 8))", "k/v shape"]),
+     ("window", ["mask (causal, window_size) (ranks 0: BandMask(lo=-4, hi=0); ranks 1: BandMask(lo=None, hi=0))"]),
+     ("sinks", ["sinks (ranks 0: shape (2,); ranks 1: None)"]),
      ("documents", ["documents (ranks 0: 2 documents, 16 tokens, lengths [8, 8]; ranks 1: 2 documents, 16 tokens, lengths [4, 12])"])],
 )
 def test_mismatched_arguments_raise_on_every_rank_naming_the_fields(scenario, fields, tmp_path):

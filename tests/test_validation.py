@@ -81,10 +81,22 @@ def test_cu_seqlens_must_be_int32_monotone_and_end_at_the_total():
     refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, torch.tensor([0, 16], dtype=torch.int32), group=g, layout="striped"), "layout", "for packed documents")
 
 
-def test_window_on_a_layout_that_cannot_honour_it():
-    q, k, v = (t[0] for t in qkv(seq=16))
+@pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf"), float("nan"), True, "30"], ids=repr)
+def test_softcap_must_be_positive_and_finite(softcap):
+    q, k, v = qkv()
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, softcap=softcap), "softcap", "positive finite")
+
+
+def test_sinks_need_one_logit_per_q_head_of_a_float_dtype_on_q_device():
+    q, k, v = qkv(heads=4)
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, sinks=torch.zeros(2)), "sinks", r"expected shape \(4,\), one logit per q head, got \(2,\)")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, sinks=torch.zeros(1, 4)), "sinks", r"expected shape \(4,\)")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, sinks=torch.zeros(4, dtype=torch.int64)), "sinks", "expected dtype in")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, sinks=torch.zeros(4, device="meta")), "sinks", "expected the device of q")
+    refused(lambda g: fa4_cp.ring_attention(q, k, v, group=g, sinks=[0.0] * 4), "sinks", "expected a tensor")
+    varlen = [t[0] for t in (q, k, v)]
     cu = torch.tensor([0, 16], dtype=torch.int32)
-    refused(lambda g: fa4_cp.ring_attention_varlen(q, k, v, cu, group=g, window_size=(4, 0)), "window_size", "not supported with varlen documents")
+    refused(lambda g: fa4_cp.ring_attention_varlen(*varlen, cu, group=g, layout="zigzag", sinks=torch.zeros(3)), "sinks", r"expected shape \(4,\)")
 
 
 def test_malformed_mask_flags_and_backend():

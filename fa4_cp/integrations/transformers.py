@@ -13,8 +13,11 @@ It registers no mask function, so transformers builds no mask for it. Its inputs
 documents): the sharded batch carries a `fa4_cp_shards` marker that reaches every attention call,
 and a call on more than one rank without it is refused. A model called on the full batch on every
 rank would otherwise attend over W copies of the sequence and give a wrong loss without an error.
-It refuses what it cannot honour: dropout, an explicit attention mask, a KV cache, and
-sliding-window layers, each with a clear error.
+Each layer's own settings go to the ring: its sliding window (from the `sliding_window` call
+argument, `module.sliding_window`, or the layer type, as the model's eager mask applies it),
+attention sinks (`s_aux`, gpt-oss) and logit softcapping (`softcap`, Gemma 2). It refuses what it
+cannot honour, each with a clear error: dropout, an explicit attention mask, a KV cache, a
+bidirectional or chunked window, and any call argument it does not understand.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ SHARDS_KEY = "fa4_cp_shards"
 # honours, or that belong to other layers (the loss's, the RoPE's); any other is refused.
 UNDERSTOOD = {
     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", SHARDS_KEY,
-    "position_ids", "use_cache", "num_items_in_batch", "shift_labels",
+    "position_ids", "use_cache", "num_items_in_batch", "shift_labels", "output_router_logits",
+    "sliding_window", "s_aux", "softcap",
 }
 
 
@@ -126,9 +130,11 @@ def ring_attention_forward(
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     layout = setup.layout or ("zigzag" if cu_seqlens is None else "balanced")
     _check_sharded(kwargs.get(SHARDS_KEY), query.shape[2], resolve_group(setup.group).world_size, layout)
+    causal = getattr(module, "is_causal", True)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
     options = dict(
-        group=setup.group, causal=getattr(module, "is_causal", True), softmax_scale=scaling,
+        group=setup.group, causal=causal, window_size=_window_size(module, kwargs.get("sliding_window"), causal),
+        softmax_scale=scaling, softcap=kwargs.get("softcap"), sinks=_sinks(module, kwargs.get("s_aux")),
         layout=layout, backend=setup.backend, transport=setup.transport,
     )
     if cu_seqlens is None:
@@ -158,17 +164,47 @@ def _check_sharded(shards: RingShards | None, seq_len: int, world_size: int, lay
         )
 
 
+def _window_size(module: torch.nn.Module, passed: int | None, causal: bool) -> tuple[int, int]:
+    """The layer's window as the model's eager mask applies it. transformers' sliding window W
+    lets a query see itself and the W - 1 tokens before it: window_size (W - 1, 0)."""
+    own = getattr(module, "sliding_window", None)
+    if passed is not None and own is not None and passed != own:
+        raise ValueError(f"{ATTENTION_NAME}: the call passed sliding_window={passed} but the layer has sliding_window={own}")
+    window = passed if passed is not None else own
+    config = getattr(module, "config", None)
+    if window is None and (getattr(module, "layer_type", None) == "sliding_attention" or getattr(module, "is_sliding", False)):
+        window = getattr(config, "sliding_window", None)
+        if window is None:
+            raise ValueError(f"{ATTENTION_NAME}: a sliding-attention layer whose config has no sliding_window")
+    if window is None and getattr(config, "sliding_window", None) is not None and not getattr(config, "layer_types", None):
+        raise ValueError(
+            f"{ATTENTION_NAME}: the config sets sliding_window={config.sliding_window} but the layer says neither that "
+            "it slides nor that it does not; refusing rather than guessing its mask"
+        )
+    if getattr(config, "attention_chunk_size", None):
+        raise ValueError(f"{ATTENTION_NAME}: chunked attention (attention_chunk_size={config.attention_chunk_size}) is not supported")
+    if window is None:
+        return (-1, -1)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{ATTENTION_NAME}: sliding_window must be a positive int, got {window!r}")
+    if not causal:
+        raise ValueError(f"{ATTENTION_NAME}: a bidirectional sliding window (sliding_window={window}, is_causal=False) is not supported")
+    return (window - 1, 0)
+
+
+def _sinks(module: torch.nn.Module, passed: torch.Tensor | None) -> torch.Tensor | None:
+    """gpt-oss passes its sinks as s_aux; its eager attention reads module.sinks, the same tensor."""
+    own = getattr(module, "sinks", None)
+    if passed is not None and isinstance(own, torch.Tensor) and passed is not own:
+        raise ValueError(f"{ATTENTION_NAME}: the call passed s_aux but the layer has other sinks (module.sinks)")
+    return passed if passed is not None else own if isinstance(own, torch.Tensor) else None
+
+
 def _refuse_unsupported(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
     kwargs: dict,
 ) -> None:
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError(f"{ATTENTION_NAME}: sliding_window={kwargs['sliding_window']} (a sliding-window layer) is not supported yet")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"{ATTENTION_NAME}: attention sinks (s_aux) are not supported yet")
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"{ATTENTION_NAME}: softcap={kwargs['softcap']} (attention logit softcapping) is not supported yet")
-    unknown = sorted(set(kwargs) - UNDERSTOOD - {"sliding_window", "s_aux", "softcap"})
+    unknown = sorted(set(kwargs) - UNDERSTOOD)
     if unknown:
         raise ValueError(f"{ATTENTION_NAME}: call arguments {unknown} are not understood; refusing them rather than dropping them")
     if key.shape[2] != query.shape[2]:
@@ -184,5 +220,3 @@ def _refuse_unsupported(
             f"{ATTENTION_NAME}: an explicit attention mask of shape {tuple(attention_mask.shape)} is not supported; "
             "pack documents instead of padding (shard_batch turns position_ids into cu_seq_lens)"
         )
-    if getattr(module, "sliding_window", None):
-        raise ValueError(f"{ATTENTION_NAME}: sliding-window layers (sliding_window={module.sliding_window}) are not supported yet")

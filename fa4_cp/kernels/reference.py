@@ -105,16 +105,22 @@ def _rows(q: torch.Tensor, k: torch.Tensor, mask: BandMask, varlen: VarlenRows |
 
 class _Scores:
     """Masked logits of one dense block in math precision; the q heads of each kv head are
-    stacked along the rows: (b, h_kv, group * s_q, s_k)."""
+    stacked along the rows: (b, h_kv, group * s_q, s_k). With a softcap, logits are
+    softcap * tanh(scale q.k / softcap), and `capped_slope` their derivative's factor."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, softmax_scale: float):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, softmax_scale: float, softcap: float | None = None):
         self.math = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.group = q.shape[2] // k.shape[2]
         self.q = self.grouped(q)
         self.k = rearrange(k.to(self.math), "b s h d -> b h s d")
         self.v = rearrange(v.to(self.math), "b s h d -> b h s d")
         hidden = ~visible.repeat(self.group, 1)
-        self.logits = (self.q @ self.k.transpose(-1, -2) * softmax_scale).masked_fill_(hidden, float("-inf"))
+        logits = self.q @ self.k.transpose(-1, -2) * softmax_scale
+        self.capped_slope = None
+        if softcap is not None:
+            tanh = torch.tanh(logits / softcap)
+            logits, self.capped_slope = softcap * tanh, 1 - tanh * tanh
+        self.logits = logits.masked_fill_(hidden, float("-inf"))
 
     def grouped(self, rows: torch.Tensor) -> torch.Tensor:
         """(b, s, h, d) q-side rows to (b, h_kv, group * s, d) in math precision."""
@@ -146,8 +152,8 @@ class ReferenceBackend:
 
     name = "reference"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float) -> ReferenceForwardPass:
-        return ReferenceForwardPass(softmax_scale)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float, softcap: float | None = None) -> ReferenceForwardPass:
+        return ReferenceForwardPass(softmax_scale, softcap)
 
     def backward(
         self,
@@ -158,17 +164,18 @@ class ReferenceBackend:
         dlse: torch.Tensor | None,
         *,
         softmax_scale: float,
+        softcap: float | None = None,
     ) -> ReferenceBackwardPass:
-        return ReferenceBackwardPass(q, out, lse, dout, dlse, softmax_scale)
+        return ReferenceBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
 
 
 class ReferenceForwardPass:
-    def __init__(self, softmax_scale: float):
-        self.softmax_scale = softmax_scale
+    def __init__(self, softmax_scale: float, softcap: float | None = None):
+        self.softmax_scale, self.softcap = softmax_scale, softcap
 
     def step(self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None) -> None:
         rows = _rows(q, k, mask, varlen)
-        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale)
+        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs, lse = block.softmax()
         out = block.ungrouped(probs @ block.v)
         if accumulate:
@@ -182,22 +189,24 @@ class ReferenceForwardPass:
 class ReferenceBackwardPass:
     """Backward of one ring call (see `BackwardPass`); dq accumulates in q's layout."""
 
-    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float):
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
         math = accumulator_dtype(q.dtype)
         # dS = P * (dP - delta) + P * dlse: an lse gradient folds into delta.
         delta = rearrange((dout.to(math) * out.to(math)).sum(-1), "... s h -> ... h s")
         self.delta = delta if dlse is None else delta - dlse
-        self.q, self.lse, self.dout, self.softmax_scale = q, lse, dout, softmax_scale
+        self.q, self.lse, self.dout, self.softmax_scale, self.softcap = q, lse, dout, softmax_scale, softcap
         self.dq_acc = torch.zeros(q.shape, dtype=math, device=q.device)
 
     def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
         q, dout = self.q[..., q_rows, :, :], self.dout[..., q_rows, :, :]
         lse, delta = self.lse[..., q_rows], self.delta[..., q_rows]
         rows = _rows(q, k, mask, varlen)
-        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale)
+        block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs = block.probabilities(rows.q(lse, seq_dim=-1))
         dout_g = block.grouped(rows.q(dout))
         dscores = probs * (dout_g @ block.v.transpose(-1, -2) - block.grouped_rows(rows.q(delta, seq_dim=-1)))
+        if block.capped_slope is not None:  # through the cap, back to scale * q.k
+            dscores = dscores * block.capped_slope
         rows.add_q(self.dq_acc[..., q_rows, :, :], block.ungrouped(dscores @ block.k), alpha=self.softmax_scale)
         rows.add_k(dk_acc, rearrange(dscores.transpose(-1, -2) @ block.q, "b h s d -> b s h d"), alpha=self.softmax_scale)
         rows.add_k(dv_acc, rearrange(probs.transpose(-1, -2) @ dout_g, "b h s d -> b s h d"))

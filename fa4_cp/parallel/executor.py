@@ -29,6 +29,7 @@ class Ring:
     transport: Transport
     backend: AttentionBackend
     softmax_scale: float
+    softcap: float | None = None
 
     def end_of_call(self) -> None:
         if self.transport.watchdog is not None:
@@ -55,7 +56,7 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         out_acc.zero_()
         lse_acc.fill_(float("-inf"))
     q_sides = [(_rows(q, rows, -3), _rows(out_acc, rows, -3), _rows(lse_acc, rows, -1)) for rows in plan.q_sides]
-    kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale)
+    kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
     kv = TravellingKV(plan, ring.transport, k, v)
     kv.start()
     for step in plan.steps:
@@ -84,7 +85,7 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (accumulator dtype or q's), dk and dv (new tensors in k's dtype) of the local shard."""
     plan = ring.plan
-    grads = ring.backend.backward(q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale)
+    grads = ring.backend.backward(q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
     if not plan.steps:
         return grads.dq(), torch.zeros_like(k), torch.zeros_like(v)
     q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]

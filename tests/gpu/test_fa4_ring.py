@@ -1,6 +1,6 @@
 """The core's ring tests with the FA4 backend, in the simulated transport on one GPU (W = 2, 8, 72).
 
-Every ring result (out, lse, dq, dk, dv) is held to FlashAttention's rule against fp64: its error
+Every ring result (out, lse, dq, dk, dv, and ds for sinks) is held to FlashAttention's rule against fp64: its error
 is at most twice the error of upstream FA4 on the full sequence on one device, plus a small atol.
 """
 
@@ -45,7 +45,8 @@ def test_fa4_ring_fp16():
     check_ring(FA4_CASES[0], 4, dtype=torch.float16)
 
 
-def test_fa4_ring_72_ranks_on_one_gpu():
-    case = dataclasses.replace(CASES_BY_NAME["causal_zigzag"], head_dim=64, chunk=16, batch=1)
+@pytest.mark.parametrize("name", ["causal_zigzag", "sinks_window", "sinks_balanced_window", "softcap_sinks_balanced_gqa", "varlen_window_zigzag_gqa"])
+def test_fa4_ring_72_ranks_on_one_gpu(name):
+    case = dataclasses.replace(CASES_BY_NAME[name], head_dim=64, batch=1, **({} if CASES_BY_NAME[name].documents else {"chunk": 16}))
     errors, baseline = check_ring(case, 72, seed=7)
-    print("W=72 errors", errors, "single-device FA4", baseline)
+    print(f"{name} W=72 errors", errors, "single-device FA4", baseline)

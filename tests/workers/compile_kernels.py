@@ -3,7 +3,7 @@
     CUTE_DSL_ARCH=sm_90a python tests/workers/compile_kernels.py sm_90a
 
 sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
-causal and windowed), FA4's Hopper backward as fa4_cp configures it (GQA and not, varlen), and
+causal and windowed, softcapped), FA4's Hopper backward as fa4_cp configures it (GQA and not, varlen), and
 the stand-alone merge kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward
 (as blackwell.py calls them, under torch's FakeTensorMode) and the merge kernel. Prints one JSON
 line: each kernel's name and error (None when it compiled), and the `.target` of the PTX kept.
@@ -47,9 +47,9 @@ def hopper_kernels() -> dict:
 
     causal, window = Fa4Window(True, False, None, None), Fa4Window(False, True, 200, 0)
 
-    def forward_kernel(window_: Fa4Window, varlen: bool, accumulate: bool, qhead_per_kvhead: int):
+    def forward_kernel(window_: Fa4Window, varlen: bool, accumulate: bool, qhead_per_kvhead: int, softcap: float | None = None):
         config = _tile_size_fwd_sm90(128, 128, window_.causal, window_.local)
-        return lambda: forward._compile(BFloat16, 128, qhead_per_kvhead, window_, varlen, config, accumulate)
+        return lambda: forward._compile(BFloat16, 128, qhead_per_kvhead, window_, varlen, config, accumulate, softcap)
 
     tiles = backward_sm90.BackwardTiles.for_head_dim(128)
     return {
@@ -57,9 +57,11 @@ def hopper_kernels() -> dict:
         "forward causal first write": forward_kernel(causal, False, False, 1),
         "forward varlen causal merging": forward_kernel(causal, True, True, 4),
         "forward sliding window merging": forward_kernel(window, False, True, 1),
-        "backward causal gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, causal, False),
-        "backward causal": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False),
-        "backward varlen full gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, Fa4Window(False, False, None, None), True),
+        "forward varlen window softcap merging": forward_kernel(window, True, True, 2, 30.0),
+        "backward causal gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, causal, False, None),
+        "backward causal": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None),
+        "backward varlen full gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, Fa4Window(False, False, None, None), True, None),
+        "backward varlen window softcap gqa": lambda: backward_sm90._compile(tiles, BFloat16, 2, window, True, 30.0),
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
     }
 

@@ -51,17 +51,17 @@ class FA4Backend:
     def __init__(self, fused_merge: bool = True):
         self.fused_merge = fused_merge
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float, softcap: float | None = None):
         check_inputs(q)
         if fa4_arch(q.device) == 9 and self.fused_merge:
-            return Sm90ForwardPass(q, k, softmax_scale)
-        return MergeAfterForwardPass(softmax_scale)
+            return Sm90ForwardPass(q, k, softmax_scale, softcap)
+        return MergeAfterForwardPass(softmax_scale, softcap)
 
-    def backward(self, q, out, lse, dout, dlse, *, softmax_scale: float):
+    def backward(self, q, out, lse, dout, dlse, *, softmax_scale: float, softcap: float | None = None):
         check_inputs(q, backward=True)
         if fa4_arch(q.device) == 9:
-            return Sm90BackwardPass(q, out, lse, dout, dlse, softmax_scale)
-        return UpstreamBackwardPass(q, out, lse, dout, dlse, softmax_scale)
+            return Sm90BackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
+        return UpstreamBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
 
 
 @functools.cache

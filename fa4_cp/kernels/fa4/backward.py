@@ -44,8 +44,8 @@ class _QSide:
 
 
 class Sm90BackwardPass:
-    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float):
-        self.q, self.out, self.dout, self.softmax_scale = q, out, dout, softmax_scale
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
+        self.q, self.out, self.dout, self.softmax_scale, self.softcap = q, out, dout, softmax_scale, softcap
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
         self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1])
@@ -70,7 +70,7 @@ class Sm90BackwardPass:
         key = (window.kind, varlen is not None)
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = backward_kernel(self.tiles, q.dtype, q.shape[-2] // k.shape[-2], window, varlen is not None)
+            kernel = self._kernels[key] = backward_kernel(self.tiles, q.dtype, q.shape[-2] // k.shape[-2], window, varlen is not None, self.softcap)
         kernel(
             q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk, dv, self.softmax_scale, *varlen_arguments(varlen),
             window.left, window.right, None, None, None, NO_AUX, None, None,

@@ -18,6 +18,7 @@ import torch
 from cutlass import Float32, Int32
 from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
 from flash_attn.cute.interface import BwdConfig, _tile_size_bwd_sm90, torch2cute_dtype_map
+from flash_attn.cute.utils import create_softcap_scoremod, create_softcap_scoremod_bwd
 from quack.compile_utils import make_fake_tensor
 
 from .arguments import NO_AUX
@@ -68,16 +69,22 @@ class BackwardTiles:
         return (self.config.num_wg + 1) * 128
 
 
-def backward_kernel(tiles: BackwardTiles, dtype: torch.dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool):
-    """The compiled backward of one configuration (compiled at first use, then from the cache)."""
-    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen)
+def backward_kernel(
+    tiles: BackwardTiles, dtype: torch.dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None = None,
+):
+    """The compiled backward of one configuration (compiled at first use, then from the cache).
+    A softcap is a constant of the kernel: upstream's score mod and its derivative."""
+    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap)
     if key not in _compiled:
-        _compiled[key] = _compile(tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen)
+        _compiled[key] = _compile(tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen, softcap)
     return _compiled[key]
 
 
-def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool):
+def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None):
     config = tiles.config
+    score_mods = {} if softcap is None else dict(
+        score_mod=create_softcap_scoremod(softcap), score_mod_bwd=create_softcap_scoremod_bwd(softcap),
+    )
     kernel = FlashAttentionBackwardSm90(
         dtype,
         tiles.head_dim,
@@ -98,6 +105,7 @@ def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Wind
         AtomLayoutMdQ=config.AtomLayoutMdQ,
         num_threads=tiles.num_threads,
         dQ_single_wg=config.dQ_single_wg,
+        **score_mods,
     )
     sym = cute.sym_int
     heads, kv_heads, head_dim = sym(), sym(), tiles.head_dim

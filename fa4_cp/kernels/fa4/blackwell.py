@@ -32,15 +32,15 @@ class MergeAfterForwardPass:
     """`ForwardPass` over upstream's forward, each step's result merged by our merge kernel (the
     Blackwell path, and the Hopper baseline for the fused epilogue)."""
 
-    def __init__(self, softmax_scale: float):
-        self.softmax_scale = softmax_scale
+    def __init__(self, softmax_scale: float, softcap: float | None = None):
+        self.softmax_scale, self.softcap = softmax_scale, softcap
 
     def step(self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None) -> None:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
         window = block_window(mask, q, k, varlen)
         out, lse, *_ = _flash_attn_fwd(
-            q, k, v, softmax_scale=self.softmax_scale, causal=window.causal,
+            q, k, v, softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
             window_size_left=window.left, window_size_right=window.right, return_lse=True, **_varlen_kwargs(varlen),
         )
         if accumulate:
@@ -53,8 +53,9 @@ class MergeAfterForwardPass:
 class UpstreamBackwardPass:
     """`BackwardPass` over upstream's backward, one full call per step."""
 
-    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float):
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
         self.q, self.out, self.dout, self.softmax_scale = q, out, dout, softmax_scale
+        self.softcap = 0.0 if softcap is None else softcap  # upstream's backward: 0.0 is no cap
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
         self.dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -64,7 +65,7 @@ class UpstreamBackwardPass:
         window = block_window(mask, q, k, varlen)
         dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
         _flash_attn_bwd(
-            q, k, v, out, dout, self.lse[..., q_rows], softmax_scale=self.softmax_scale, causal=window.causal,
+            q, k, v, out, dout, self.lse[..., q_rows], softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
             window_size_left=window.left, window_size_right=window.right, dq=dq, dk=dk, dv=dv,
             dlse=None if self.dlse is None else self.dlse[..., q_rows], **_varlen_kwargs(varlen),
         )

@@ -7,6 +7,7 @@ import cutlass.cute as cute
 import torch
 from cutlass import Float32, Float64, Int32
 from flash_attn.cute.interface import _tile_size_fwd_sm90, torch2cute_dtype_map
+from flash_attn.cute.utils import create_softcap_scoremod
 from quack.compile_utils import make_fake_tensor
 
 from ..interface import BandMask, VarlenRows
@@ -20,11 +21,11 @@ _compiled = kernel_cache("forward_sm90")
 
 
 class Sm90ForwardPass:
-    """`ForwardPass` on Hopper. The pass fixes dtype, head size, GQA ratio and scale; a step
-    looks its kernel up by the block's window kind, varlen and first-write mode, and launches."""
+    """`ForwardPass` on Hopper. The pass fixes dtype, head size, GQA ratio, scale and softcap; a
+    step looks its kernel up by the block's window kind, varlen and first-write mode, and launches."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float):
-        self.config = (q.dtype, q.shape[-1], q.shape[-2] // k.shape[-2])
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float, softcap: float | None = None):
+        self.config = (q.dtype, q.shape[-1], q.shape[-2] // k.shape[-2], softcap)
         self.softmax_scale = softmax_scale
         self._kernels: dict[tuple, object] = {}
 
@@ -35,34 +36,38 @@ class Sm90ForwardPass:
         key = (window.kind, varlen is not None, accumulate)
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = forward_kernel(*self.config, window, varlen is not None, accumulate)
+            kernel = self._kernels[key] = forward_kernel(*self.config, window=window, varlen=varlen is not None, accumulate=accumulate)
         kernel(
             q, k, v, out_acc, lse_acc, self.softmax_scale, *varlen_arguments(varlen), None,
             window.left, window.right, None, None, NO_AUX, None, None,
         )
 
 
-def forward_kernel(dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, accumulate: bool):
-    """The compiled forward of one configuration (compiled at first use, then from the cache)."""
+def forward_kernel(
+    dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, softcap: float | None, *, window: Fa4Window, varlen: bool,
+    accumulate: bool,
+):
+    """The compiled forward of one configuration (compiled at first use, then from the cache).
+    The softcap is a constant of the kernel, as upstream compiles it."""
     config = _tile_size_fwd_sm90(head_dim, head_dim, window.causal, window.local)
     key = (
         str(dtype), head_dim, qhead_per_kvhead, *window.kind, varlen,
-        config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate,
+        config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate, softcap,
     )
     if key not in _compiled:
-        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, config, accumulate)
+        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, config, accumulate, softcap)
     return _compiled[key]
 
 
 def forward_partials_sm90(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_acc: torch.Tensor, lse_acc: torch.Tensor, *,
-    mask: BandMask, softmax_scale: float, accumulate: bool, varlen: VarlenRows | None,
+    mask: BandMask, softmax_scale: float, accumulate: bool, varlen: VarlenRows | None, softcap: float | None = None,
 ) -> None:
     """One block outside a ring call (tests, benchmarks): a pass of one step."""
-    Sm90ForwardPass(q, k, softmax_scale).step(q, k, v, out_acc, lse_acc, mask=mask, accumulate=accumulate, varlen=varlen)
+    Sm90ForwardPass(q, k, softmax_scale, softcap).step(q, k, v, out_acc, lse_acc, mask=mask, accumulate=accumulate, varlen=varlen)
 
 
-def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, config, accumulate: bool):
+def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, config, accumulate: bool, softcap: float | None):
     kernel = PartialsForwardSm90(
         dtype,
         head_dim,
@@ -77,6 +82,7 @@ def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, var
         Q_in_regs=False,
         intra_wg_overlap=config.intra_wg_overlap,
         mma_pv_is_rs=config.mma_pv_is_rs,
+        score_mod=None if softcap is None else create_softcap_scoremod(softcap),
         accumulate=accumulate,
     )
     heads, kv_heads = cute.sym_int(), cute.sym_int()

@@ -1,0 +1,52 @@
+"""Attention sinks (gpt-oss): a per-head logit s_h in every row's softmax, with a zero value.
+
+A sink adds exp(s_h) to a row's denominator and nothing to its numerator, so it enters once, on
+the ring's final result, not at each step: the row's LSE L becomes L' = log(exp(L) + exp(s_h))
+and its output is scaled by exp(L - L'). Per step it would have to join exactly one of the W
+partial LSEs, and in a kernel it would tie the kernels to the ring's last step; here every
+backend gets it for free, at one elementwise pass per call.
+
+The ring's backward from (out', L') is then already the backward with sinks: its probabilities
+exp(S - L') are the sink-normalised ones, and delta = rowsum(dO * O') - dL' is still their
+dP-weighted sum, since the sink's dP is zero. The sink's own gradient follows from the same
+delta: dL/ds_h = sum_i P_i,sink * (0 - delta_i) = -sum_i exp(s_h - L'_i) * delta_i.
+
+Rows that see no key (varlen padding) keep L = -inf and out = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _per_row(sinks: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(h,) sinks against lse (b, h, s) or (h, total), in lse's dtype."""
+    return sinks.to(lse.dtype).view(-1, 1)
+
+
+def _out_layout(row_values: torch.Tensor) -> torch.Tensor:
+    """Per-row values (..., h, s) broadcast against out (..., s, h, d)."""
+    return row_values.transpose(-1, -2).unsqueeze(-1)
+
+
+def add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Join the sinks into the final (out, lse) in place; returns lse'."""
+    seen = lse > float("-inf")
+    with_sinks = torch.where(seen, torch.logaddexp(lse, _per_row(sinks, lse)), lse)
+    scale = torch.where(seen, torch.exp(lse - with_sinks), 0.0)
+    out.mul_(_out_layout(scale).to(out.dtype))
+    lse.copy_(with_sinks)
+    return lse
+
+
+def sinks_grad(
+    out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, sinks: torch.Tensor
+) -> torch.Tensor:
+    """dL/ds of this rank's rows, from the final (out', L') and their gradients."""
+    math = lse.dtype
+    delta = (dout.to(math) * out.to(math)).sum(-1).transpose(-1, -2)  # (..., h, s)
+    if dlse is not None:
+        delta = delta - dlse.to(math)
+    sink_probability = torch.where(lse > float("-inf"), torch.exp(_per_row(sinks, lse) - lse), 0.0)
+    per_head = -(sink_probability * delta)
+    return per_head.sum(dim=-1).reshape(-1, per_head.shape[-2]).sum(0).to(sinks.dtype)
