@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
-from test_transformers_integration import unsharded  # noqa: E402
+from hf_models import unsharded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_accelerate_ring_of_two_matches_the_unsharded_model(tmp_path):
     torchrun_two_cpu_processes("tests/workers/accelerate_ring.py", str(out))
     results = np.load(out)
     for packed in (False, True):
-        loss, grads = unsharded(packed)
+        loss, grads = unsharded("llama", packed)
         torch.testing.assert_close(torch.from_numpy(results[f"loss_{packed}"]), loss, rtol=1e-5, atol=1e-6)
         for name, grad in grads.items():
             torch.testing.assert_close(torch.from_numpy(results[f"{packed}:{name}"]), grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
@@ -76,7 +76,7 @@ def test_trainer_step_matches_the_unsharded_gradient(packed, accumulation, tmp_p
     """One SGD step (lr 0.1) of RingAttentionTrainer at cp = 2 moves every parameter by -0.1 x
     the unsharded model's gradient (the mean over the accumulated micro-batches), and logs the
     unsharded loss."""
-    from test_transformers_integration import flipped, full_batch, tiny_llama
+    from hf_models import flipped, full_batch, tiny_model
 
     out = tmp_path / "trainer.npz"
     worker_args = (str(out), "packed" if packed else "one", str(tmp_path / "trainer_output"), str(accumulation))
@@ -84,11 +84,11 @@ def test_trainer_step_matches_the_unsharded_gradient(packed, accumulation, tmp_p
     results = np.load(out)
     batches = [full_batch(packed), flipped(full_batch(packed))]
     trained = [batches[int(results["first"])]] if accumulation == 1 else batches
-    losses, gradients = zip(*(unsharded(packed, batch) for batch in trained))
+    losses, gradients = zip(*(unsharded("llama", packed, batch) for batch in trained))
     loss = sum(losses) / len(trained)
     grads = {name: sum(g[name] for g in gradients) / len(trained) for name in gradients[0]}
     assert abs(float(results["loss"][0]) - float(loss)) < 1e-4
-    start = dict(tiny_llama("sdpa").named_parameters())
+    start = dict(tiny_model("llama", "sdpa").named_parameters())
     for name, grad in grads.items():
         expected = start[name].detach() - 0.1 * grad
         torch.testing.assert_close(torch.from_numpy(results[name]), expected, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -12,94 +12,35 @@ transformers = pytest.importorskip("transformers")
 
 from fa4_cp.integrations.batches import documents_from_positions, shard_batch  # noqa: E402
 from fa4_cp.integrations.transformers import ATTENTION_NAME, register_ring_attention, ring_attention_forward  # noqa: E402
+from hf_models import FAMILIES, SEQ, full_batch, ring_losses_and_gradients, unsharded  # noqa: E402
 
-SEQ = 128
-DOCUMENTS = [37, 64, 27]
-
-
-def tiny_llama(attn_implementation: str, family: str = "llama"):
-    """A 2-layer model; "granite" scales attention by attention_multiplier = 0.4, not 1/sqrt(16)."""
-    common = dict(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation=attn_implementation,
-    )
-    torch.manual_seed(0)
-    if family == "granite":
-        return transformers.GraniteForCausalLM(transformers.GraniteConfig(attention_multiplier=0.4, **common)).float()
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).float()
+FAMILY_CASES = [(family, packed) for family in FAMILIES for packed in (False, True) if family != "granite" or not packed]
 
 
-def full_batch(packed: bool) -> dict:
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, 96, (1, SEQ), generator=generator)
-    labels = input_ids.clone()
-    labels[0, 5:9] = -100  # some tokens are not predicted
-    batch = {"input_ids": input_ids, "labels": labels}
-    if packed:
-        batch["position_ids"] = torch.cat([torch.arange(n) for n in DOCUMENTS])[None]
-        # As DataCollatorWithFlattening does: no document predicts the next one's first token.
-        labels[0, batch["position_ids"][0] == 0] = -100
-    return batch
+@pytest.fixture(scope="module")
+def ring_results(tmp_path_factory):
+    """Every family's ring results, from one pair of gloo ranks (a spawn per model would cost more
+    than the models)."""
+    return values(run_ranks(ring_losses_and_gradients, 2, tmp_path_factory.mktemp("ring"), FAMILY_CASES, timeout=600))[0]
 
 
-def flipped(batch: dict) -> dict:
-    """Another batch with the same documents: the tokens in reverse order."""
-    return {**batch, "input_ids": batch["input_ids"].flip(-1), "labels": batch["labels"].flip(-1)}
-
-
-def gradients(model) -> dict:
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-def unsharded(packed: bool, batch: dict | None = None, family: str = "llama"):
-    """transformers' eager attention on one device; packed documents run one by one (its eager
-    path does not separate documents from position_ids alone), their token losses summed."""
-    model = tiny_llama("eager", family)
-    batch = batch or full_batch(packed)
-    if not packed:
-        loss = model(**batch).loss
-    else:
-        ends = torch.tensor(DOCUMENTS).cumsum(0).tolist()
-        pieces = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends)]
-        counts = [int((batch["labels"][0, piece][1:] != -100).sum()) for piece in pieces]
-        loss = sum(
-            model(input_ids=batch["input_ids"][:, piece], labels=batch["labels"][:, piece]).loss * count
-            for piece, count in zip(pieces, counts)
-        ) / sum(counts)
-    loss.backward()
-    return loss.detach(), gradients(model)
-
-
-def ring_rank(rank, world_size, packed, family):
-    import torch.distributed as dist
-
-    register_ring_attention(group=None, backend="reference")
-    model = tiny_llama(ATTENTION_NAME, family)
-    loss = model(**shard_batch(full_batch(packed))).loss
-    loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    grads = gradients(model)
-    for grad in grads.values():
-        dist.all_reduce(grad)
-    # numpy: tensors sent through the result queue would vanish with this process
-    return total.numpy(), {name: grad.numpy() for name, grad in grads.items()}
-
-
-@pytest.mark.parametrize(
-    "family,packed", [("llama", False), ("llama", True), ("granite", False)], ids=["llama", "llama_packed", "granite_scaling"]
-)
-def test_ring_of_two_matches_the_unsharded_model(family, packed, tmp_path):
-    loss, grads = unsharded(packed, family=family)
-    ring_loss, ring_grads = values(run_ranks(ring_rank, 2, tmp_path, packed, family))[0]
+@pytest.mark.parametrize(("family", "packed"), FAMILY_CASES, ids=[f"{f}{'_packed' if p else ''}" for f, p in FAMILY_CASES])
+def test_ring_of_two_matches_the_unsharded_model(family, packed, ring_results):
+    """Llama; Granite's attention_multiplier scaling; Mistral, Phi3 and Starcoder2 windows on
+    every layer; Qwen2's use_sliding_window above max_window_layers; Gemma 2 (alternating
+    windows, softcapping), Gemma 3 (alternating windows) and gpt-oss (alternating windows,
+    learnable sinks, whose gradient is compared too)."""
+    loss, grads = unsharded(family, packed)
+    ring_loss, ring_grads = ring_results[(family, packed)]
     torch.testing.assert_close(torch.from_numpy(ring_loss), loss, rtol=1e-5, atol=1e-6)
+    assert set(ring_grads) == set(grads), f"parameters with a gradient differ: {set(grads) ^ set(ring_grads)}"
     for name, grad in grads.items():
         torch.testing.assert_close(torch.from_numpy(ring_grads[name]), grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_packing_matters():
     """The packed reference differs from the one-sequence one, so the packed test checks documents."""
-    assert not torch.allclose(unsharded(True)[0], unsharded(False)[0])
+    assert not torch.allclose(unsharded("llama", True)[0], unsharded("llama", False)[0])
     cu = documents_from_positions(full_batch(True)["position_ids"])
     assert cu.tolist() == [0, 37, 101, 128]
 
@@ -132,9 +73,19 @@ def test_refuses_a_kv_cache():
         ring_attention_forward(_Layer(), q, torch.cat([k, k], dim=2), torch.cat([v, v], dim=2), None)
 
 
-def test_refuses_sliding_window_layers():
-    with pytest.raises(ValueError, match=r"sliding-window layers \(sliding_window=8\) are not supported"):
-        ring_attention_forward(_Layer(sliding_window=8), *_qkv(), None)
+def test_refuses_windows_it_cannot_read():
+    with pytest.raises(ValueError, match=r"the call passed sliding_window=8 but the layer has sliding_window=4"):
+        ring_attention_forward(_Layer(sliding_window=4), *_qkv(), None, sliding_window=8)
+    bidirectional = _Layer(sliding_window=8)
+    bidirectional.is_causal = False
+    with pytest.raises(ValueError, match=r"a bidirectional sliding window \(sliding_window=8, is_causal=False\) is not supported"):
+        ring_attention_forward(bidirectional, *_qkv(), None)
+    unsaid = _Layer()
+    unsaid.config = transformers.MistralConfig(sliding_window=32)
+    with pytest.raises(ValueError, match=r"the config sets sliding_window=32 but the layer says neither"):
+        ring_attention_forward(unsaid, *_qkv(), None)
+    with pytest.raises(ValueError, match=r"sliding_window must be a positive int, got 0"):
+        ring_attention_forward(_Layer(), *_qkv(), None, sliding_window=0)
 
 
 def test_refuses_padding():
@@ -186,15 +137,15 @@ def test_a_name_is_bound_to_one_ring():
     assert unnamed.startswith(ATTENTION_NAME) and register_ring_attention(other) == unnamed
 
 
-@pytest.mark.parametrize(
-    "argument,value,message",
-    [
-        ("sliding_window", 4096, r"sliding_window=4096 \(a sliding-window layer\) is not supported yet"),
-        ("s_aux", torch.zeros(4), r"attention sinks \(s_aux\) are not supported yet"),
-        ("softcap", 50.0, r"softcap=50.0 \(attention logit softcapping\) is not supported yet"),
-        ("output_attentions", True, r"call arguments \['output_attentions'\] are not understood"),
-    ],
-)
-def test_call_arguments_it_cannot_honour_are_refused(argument, value, message):
-    with pytest.raises(ValueError, match=message):
-        ring_attention_forward(_Layer(), *_qkv(), None, **{argument: value})
+def test_call_arguments_it_does_not_understand_are_refused():
+    with pytest.raises(ValueError, match=r"call arguments \['output_attentions'\] are not understood"):
+        ring_attention_forward(_Layer(), *_qkv(), None, output_attentions=True)
+
+
+def test_a_bad_softcap_or_sinks_is_refused_naming_the_argument():
+    from fa4_cp.integrations.transformers import RingSetup
+
+    with pytest.raises(ValueError, match=r"^softcap: expected a positive finite float"):
+        ring_attention_forward(_Layer(), *_qkv(), None, ring_setup=RingSetup(), softcap=-1.0)
+    with pytest.raises(ValueError, match=r"^sinks: expected shape \(4,\)"):
+        ring_attention_forward(_Layer(), *_qkv(), None, ring_setup=RingSetup(), s_aux=torch.zeros(3))

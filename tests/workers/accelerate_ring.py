@@ -8,11 +8,11 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from fa4_cp.integrations.accelerate import RingAttentionPlugin  # noqa: E402
-from test_transformers_integration import full_batch, tiny_llama  # noqa: E402
+from hf_models import full_batch, tiny_model  # noqa: E402
 
 accelerator = Accelerator(cpu=True)
 ring = RingAttentionPlugin(accelerator, cp_size=2, backend="reference")
-model = accelerator.prepare(tiny_llama(ring.attn_implementation))
+model = accelerator.prepare(tiny_model("llama", ring.attn_implementation))
 results = {}
 for packed in (False, True):
     model.zero_grad()

@@ -12,11 +12,11 @@ from transformers import TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fa4_cp.integrations.trainer import RingAttentionTrainer  # noqa: E402
 from fa4_cp.integrations.transformers import ATTENTION_NAME, register_ring_attention  # noqa: E402
-from test_transformers_integration import flipped, full_batch, tiny_llama  # noqa: E402
+from hf_models import flipped, full_batch, tiny_model  # noqa: E402
 
 packed = sys.argv[2] == "packed"
 register_ring_attention()
-model = tiny_llama(ATTENTION_NAME)
+model = tiny_model("llama", ATTENTION_NAME)
 dataset = [{key: value[0] for key, value in batch.items()} for batch in (full_batch(packed), flipped(full_batch(packed)))]
 args = TrainingArguments(
     output_dir=sys.argv[3], per_device_train_batch_size=1, max_steps=1, learning_rate=0.1, lr_scheduler_type="constant",
