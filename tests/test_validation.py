@@ -141,7 +141,10 @@ def test_auto_warns_once_with_the_reason_when_it_cannot_pick_fa4(monkeypatch):
 
     from fa4_cp import kernels
 
-    monkeypatch.setitem(sys.modules, "fa4_cp.kernels.fa4.backend", None)  # the import fails
+    import fa4_cp.kernels.fa4 as fa4_package
+
+    monkeypatch.setitem(sys.modules, "fa4_cp.kernels.fa4.backend", None)  # the import fails,
+    monkeypatch.delattr(fa4_package, "backend", raising=False)  # even where an earlier test imported it
     monkeypatch.setattr(kernels, "_warned", set())
     with FakeTensorMode():
         q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
