@@ -52,7 +52,7 @@ def worker(rank: int, args: argparse.Namespace, init_file: str, results) -> None
     q, k, v = (torch.randn(1, args.seq_local, 8, 64, device=device, dtype=dtype) for _ in range(3))
     call, _ = dense_call(
         q, k, v, group.world_size, causal=True, window_size=(-1, -1), softmax_scale=None, softcap=None, sinks=None, layout="zigzag",
-        return_lse=False, backend=None, transport=None,
+        return_lse=False, backend=None, transport=None, backward=False,
     )
     check = timed(lambda: check_consistency(group, call, device), args.repeats, device)
     ring_call = {}

@@ -3,12 +3,15 @@
 from .attention import ring_attention, ring_attention_varlen
 from .consistency import set_consistency_check
 from .comm.simulated import SimulatedRing
+from .context_parallel import context_parallel, context_parallel_unshard
 from .plan.sharding import Sharding
 from .shard import shard, shard_inputs, shift_labels, unshard
 
 __all__ = [
     "ring_attention",
     "ring_attention_varlen",
+    "context_parallel",
+    "context_parallel_unshard",
     "shard",
     "unshard",
     "shard_inputs",

@@ -3,25 +3,23 @@
 A call runs in this order: every argument is checked (call.py) against the group's size, which
 needs no communication; then the group's transport is made or reused (possibly collective), the
 ranks check that they make the same call (consistency.py), the rank's cached plan is looked up,
-and the ring runs (parallel/executor.py) under autograd.
+and the ring runs (parallel/executor.py). All of it happens inside the custom op `ops.py`
+registers, so torch.compile sees one op and no graph break; here only the arguments the op's
+schema would reject with a TypeError are checked first, for a ValueError naming them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .autograd import RingAttentionFunction
-from .call import RingCall, dense_call, varlen_call
-from .comm.group import RingGroup, resolve_group
-from .consistency import check_consistency
+from .comm.group import group_name
 from .kernels import AttentionBackend
-from .parallel.executor import Ring
-from .plan.rows import rank_plan
+from .ops import backend_key, ring_attention_op
+from .validation import check_flag, check_mask, check_qkv, check_sinks, check_softcap, check_softmax_scale
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-@torch.compiler.disable
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -50,18 +48,12 @@ def ring_attention(
     (gpt-oss); they are differentiable, and every rank must pass the same values (each rank's
     gradient covers its own rows, summed across the ring like any replicated weight's).
     The lse returned includes them. `transport` ("auto", "nccl", "copy_engine"; default
-    FA4_CP_TRANSPORT or "auto") picks how KV moves between GPUs. Under torch.compile this
-    function is a graph break.
+    FA4_CP_TRANSPORT or "auto") picks how KV moves between GPUs. torch.compile traces it
+    (fullgraph=True included) as one custom op.
     """
-    ring_group = resolve_group(group)
-    call, kernels = dense_call(
-        q, k, v, ring_group.world_size, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
-        softcap=softcap, sinks=sinks, layout=layout, return_lse=return_lse, backend=backend, transport=transport,
-    )
-    return run_call(call, kernels, ring_group, q, k, v, sinks, return_lse)
+    return _run(q, k, v, None, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport)
 
 
-@torch.compiler.disable
 def ring_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,25 +83,26 @@ def ring_attention_varlen(
     this rank's slots, padding included. Returns out (total_local, h, d) and, with `return_lse`,
     lse (h, total_local); padding rows get out = 0 and lse = -inf.
     """
-    ring_group = resolve_group(group)
-    call, kernels = varlen_call(
-        q, k, v, cu_seqlens, ring_group.world_size, causal=causal, window_size=window_size,
-        softmax_scale=softmax_scale, softcap=softcap, sinks=sinks, layout=layout, return_lse=return_lse,
-        backend=backend, transport=transport,
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor, got {cu_seqlens!r}")
+    return _run(q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport)
+
+
+def _run(q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport) -> Output:
+    check_qkv(q, k, v, varlen=cu_seqlens is not None)  # tensors of other devices would reach the op's fake
+    check_sinks(sinks, q)
+    check_flag("causal", causal)
+    window = check_mask(causal, window_size)
+    check_flag("return_lse", return_lse)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    for name, value in (("layout", layout), ("transport", transport)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
+    out, lse = ring_attention_op(
+        q, k, v, cu_seqlens, sinks, group_name(group), causal, list(window), scale, check_softcap(softcap), layout,
+        backend_key(backend), transport, grad,
     )
-    return run_call(call, kernels, ring_group, q, k, v, sinks, return_lse)
-
-
-def run_call(
-    call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    sinks: torch.Tensor | None, return_lse: bool,
-) -> Output:
-    """Run a validated call: transport, cross-rank check, plan, ring."""
-    transport = group.transport(call.transport, q.device)
-    check_consistency(group, call, q.device)
-    plan = rank_plan(call.sharding, call.mask, group.rank, q.device)
-    ring = Ring(plan, transport, kernels, call.softmax_scale, call.softcap)
-    out, lse = RingAttentionFunction.apply(q, k, v, sinks, ring)
     if not return_lse:
         return out
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

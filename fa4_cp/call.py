@@ -84,20 +84,20 @@ class RingCall:
 def dense_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, *, causal: bool, window_size: tuple[int, int],
     softmax_scale: float | None, softcap: float | None, sinks: torch.Tensor | None, layout: str, return_lse: bool,
-    backend: str | AttentionBackend | None, transport: str | None,
+    backend: str | AttentionBackend | None, transport: str | None, backward: bool,
 ) -> tuple[RingCall, AttentionBackend]:
     """The RingCall of `ring_attention`, and its backend; raises ValueError naming a bad argument."""
     check_qkv(q, k, v, varlen=False)
     layout_ = get_layout(layout)
     check_local_seq_len(q.shape[1], layout_, world_size)
     sharding = Sharding.dense(q.shape[1] * world_size, world_size, layout_)
-    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport)
+    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward)
 
 
 def varlen_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, world_size: int, *, causal: bool,
     window_size: tuple[int, int], softmax_scale: float | None, softcap: float | None, sinks: torch.Tensor | None,
-    layout: str, return_lse: bool, backend: str | AttentionBackend | None, transport: str | None,
+    layout: str, return_lse: bool, backend: str | AttentionBackend | None, transport: str | None, backward: bool,
 ) -> tuple[RingCall, AttentionBackend]:
     """The RingCall of `ring_attention_varlen`, and its backend; raises ValueError naming a bad argument."""
     check_qkv(q, k, v, varlen=True)
@@ -108,14 +108,14 @@ def varlen_call(
             f"cu_seqlens: its documents ({sum(doc_lengths)} tokens) take {sharding.local_len} local rows per rank "
             f"under the {layout} layout over {world_size} ranks, but q has {q.shape[0]}"
         )
-    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport)
+    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward)
 
 
-def _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport) -> tuple[RingCall, AttentionBackend]:
+def _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward) -> tuple[RingCall, AttentionBackend]:
     window = check_mask(causal, window_size)
     check_flag("return_lse", return_lse)
     kind = check_transport(transport if transport is not None else os.environ.get("FA4_CP_TRANSPORT", "auto"))
-    kernels = get_backend(backend, q)
+    kernels = get_backend(backend, q, backward=backward)
     call = RingCall(
         varlen=sharding.varlen,
         q_shape=tuple(q.shape),

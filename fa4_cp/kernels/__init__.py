@@ -25,13 +25,16 @@ FAST_DTYPES = (torch.bfloat16, torch.float16)
 _warned: set[str] = set()
 
 
-def get_backend(name: str | AttentionBackend | None = None, q: torch.Tensor | None = None) -> AttentionBackend:
+def get_backend(
+    name: str | AttentionBackend | None = None, q: torch.Tensor | None = None, *, backward: bool | None = None
+) -> AttentionBackend:
     """The backend called `name` (one shared instance each, so its compiled kernels and bound
     configurations persist across calls), or a backend object passed through.
 
     "auto" (the default) is FA4 where it can take `q` (a 16-bit q on a Hopper or Blackwell GPU,
     flash-attn-4 installed), else the reference; on 16-bit CUDA inputs it warns once, with the
-    reason, when it falls back. "fa4" checks `q` and says why it cannot.
+    reason, when it falls back. "fa4" checks `q` and says why it cannot, for a backward too when
+    `backward` (default: whether q requires grad).
     """
     if name is not None and not isinstance(name, str):
         return name
@@ -46,7 +49,7 @@ def get_backend(name: str | AttentionBackend | None = None, q: torch.Tensor | No
         return _fall_back(name, q, f"the GPU stack is not importable: pip install 'fa4-cp[fa4]' ({error})")
     if q is not None:
         try:
-            fa4.check_inputs(q, backward=q.requires_grad)
+            fa4.check_inputs(q, backward=q.requires_grad if backward is None else backward)
         except ValueError as error:
             return _fall_back(name, q, str(error).removeprefix("backend 'fa4': "))
     return fa4.shared_backend()

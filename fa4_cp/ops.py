@@ -1,0 +1,134 @@
+"""The ring as torch custom ops: torch.compile traces a model that calls ring attention without a
+graph break, eager runs the same ops.
+
+`fa4_cp::ring_attention` runs a call in full (checks, transport, cross-rank check, plan, ring,
+sinks) and returns out and the fp64 LSE the backward reads; `fa4_cp::ring_attention_backward`
+runs the ring again from them. What the schema cannot carry travels as names: the group as
+`group_name` (a process group's own name), a backend object under a registered name. Their fake
+implementations give the outputs' shapes from the inputs', so new sequence lengths are symbolic,
+as for SDPA.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .call import RingCall, dense_call, varlen_call
+from .comm.group import RingGroup, group_by_name
+from .consistency import check_consistency
+from .kernels import AttentionBackend
+from .kernels.interface import LSE_ACCUMULATOR_DTYPE
+from .parallel.executor import Ring, ring_backward, ring_forward
+from .plan.rows import rank_plan
+from .sinks import add_sinks, sinks_grad
+
+_backends: weakref.WeakValueDictionary[str, AttentionBackend] = weakref.WeakValueDictionary()
+
+
+@torch.compiler.assume_constant_result
+def backend_key(backend: str | AttentionBackend | None) -> str | None:
+    """A backend name as is; a backend object under a name registered for it."""
+    if backend is None or isinstance(backend, str):
+        return backend
+    if not (hasattr(backend, "forward") and hasattr(backend, "backward")):
+        raise ValueError(f"backend: expected a backend name or a backend object, got {backend!r}")
+    key = f"fa4_cp:backend:{getattr(backend, 'name', type(backend).__name__)}:{id(backend)}"
+    _backends[key] = backend
+    return key
+
+
+def _prepared(
+    q, k, v, cu_seqlens, sinks, group: str, causal: bool, window: list[int], softmax_scale, softcap, layout: str,
+    backend, transport, grad: bool,
+) -> tuple[RingCall, AttentionBackend, RingGroup]:
+    """The validated call (ValueError naming a bad argument, before any communication), its
+    backend and its group."""
+    ring_group = group_by_name(group)
+    options = dict(
+        causal=causal, window_size=tuple(window), softmax_scale=softmax_scale, softcap=softcap, sinks=sinks,
+        layout=layout, return_lse=True, backend=_backends.get(backend, backend), transport=transport, backward=grad,
+    )
+    if cu_seqlens is None:
+        call, kernels = dense_call(q, k, v, ring_group.world_size, **options)
+    else:
+        call, kernels = varlen_call(q, k, v, cu_seqlens, ring_group.world_size, **options)
+    return call, kernels, ring_group
+
+
+def _ring(call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor) -> Ring:
+    transport = group.transport(call.transport, q.device)
+    return Ring(rank_plan(call.sharding, call.mask, group.rank, q.device), transport, kernels, call.softmax_scale, call.softcap)
+
+
+def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
+    """(b, h, s) for dense q (b, s, h, d); (h, total) for varlen q (total, h, d)."""
+    return (*q.shape[:-3], q.shape[-2], q.shape[-3])
+
+
+@torch.library.custom_op("fa4_cp::ring_attention", mutates_args=())
+def ring_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
+    group: str, causal: bool, window: list[int], softmax_scale: float | None, softcap: float | None, layout: str,
+    backend: str | None, transport: str | None, grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (q's shape and dtype) and the final LSE in fp64, sinks included."""
+    call, kernels, ring_group = _prepared(q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, grad)
+    ring = _ring(call, kernels, ring_group, q)
+    check_consistency(ring_group, call, q.device)
+    out_acc, lse = ring_forward(ring, q, k, v)
+    if sinks is not None:
+        lse = add_sinks(out_acc, lse, sinks)
+    return out_acc.to(q.dtype), lse
+
+
+@ring_attention_op.register_fake
+def _(q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, grad):
+    return torch.empty_like(q), q.new_empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE)
+
+
+@torch.library.custom_op("fa4_cp::ring_attention_backward", mutates_args=())
+def ring_attention_backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+    dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, group: str, causal: bool,
+    window: list[int], softmax_scale: float | None, softcap: float | None, layout: str, backend: str | None,
+    transport: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and the sinks' gradient of this rank's rows (empty without sinks)."""
+    call, kernels, ring_group = _prepared(q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, True)
+    ring = _ring(call, kernels, ring_group, q)
+    dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
+    dlse = None if dlse is None else dlse.contiguous()
+    dq, dk, dv = ring_backward(ring, q, k, v, out, lse, dout, dlse)
+    dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks)
+    return dq.to(q.dtype), dk, dv, dsinks
+
+
+@ring_attention_backward_op.register_fake
+def _(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport):
+    dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
+
+
+_SETTINGS = ("group", "causal", "window", "softmax_scale", "softcap", "layout", "backend", "transport")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, sinks, *settings, _grad = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sinks)
+    ctx.settings = settings
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
+    q, k, v, out, lse, cu_seqlens, sinks = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv, dsinks = ring_attention_backward_op(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, *ctx.settings)
+    return dq, dk, dv, None, None if sinks is None else dsinks, *(None,) * (len(_SETTINGS) + 1)
+
+
+torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
+
+__all__ = ["backend_key", "ring_attention_op", "ring_attention_backward_op"]
