@@ -1,0 +1,128 @@
+"""torchtitan's Llama 3 and Qwen 3 (debug flavors, built from their registries) with fa4_cp ring
+attention installed by RingAttentionConverter, on 2 gloo ranks: the loss and every gradient
+against the same model unsharded under torchtitan's own SDPA attention, by FlashAttention's rule
+against fp64 (error <= 2 x the fp32 unsharded model's error + a small atol), for dense sequences
+and packed documents. torchtitan's trainer needs CUDA; it runs in the GPU issues."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ranks import run_ranks, values
+
+pytest.importorskip("torchtitan")
+
+from torchtitan.models import llama3, qwen3  # noqa: E402
+from torchtitan.models.common.attention import ScaledDotProductAttention  # noqa: E402
+
+from fa4_cp.integrations.torchtitan import IGNORE_INDEX, RingAttentionConverter, shard_batch  # noqa: E402
+
+FAMILIES = {"llama3": llama3, "qwen3": qwen3}
+BATCH, SEQ, VOCAB = 2, 64, 2048
+DOCUMENTS = [20, 1, 43]  # per sample: packed documents, one a single token
+ATOL = 1e-6
+
+
+def build(family: str, ring: bool, dtype=torch.float32):
+    """The family's debug model, the same weights whichever attention it has."""
+    spec = FAMILIES[family].model_registry("debugmodel", converters=[RingAttentionConverter.Config()] if ring else None)
+    if not ring:
+        for layer in spec.model.layers:
+            layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    torch.manual_seed(0)
+    model = spec.model.build()
+    model.init_states(buffer_device=torch.device("cpu"))
+    if dtype == torch.float64:  # the RoPE cache is complex: widen it, never cast it to real
+        for module in model.modules():
+            for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is not None:
+                    tensor.data = tensor.data.to(torch.complex128 if tensor.is_complex() else torch.float64)
+    return model
+
+
+def batch(packed: bool):
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    labels[:, 5:8] = IGNORE_INDEX
+    positions = torch.cat([torch.arange(n) for n in DOCUMENTS]).expand(BATCH, -1) if packed else None
+    return tokens, labels, positions
+
+
+def summed_loss(logits, labels):
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def unsharded(family: str, packed: bool, dtype):
+    """The model on the full batch; packed documents run one by one (SDPA sees one sequence)."""
+    model = build(family, ring=False, dtype=dtype)
+    tokens, labels, positions = batch(packed)
+    pieces = [(tokens, labels)]
+    if packed:
+        ends = torch.tensor(DOCUMENTS).cumsum(0).tolist()
+        pieces = [(tokens[:, a:b], labels[:, a:b]) for a, b in zip([0, *ends[:-1]], ends)]
+    loss = sum(summed_loss(model(t), lab) for t, lab in pieces) / int((labels != IGNORE_INDEX).sum())
+    loss.backward()
+    return loss.detach().double(), {name: p.grad.double() for name, p in model.named_parameters()}
+
+
+def on_ring(rank, world_size):
+    import torch.distributed as dist
+
+    results = {}
+    for family in FAMILIES:
+        for packed in (False, True):
+            model = build(family, ring=True)
+            local = shard_batch(*batch(packed))
+            loss = summed_loss(model(local.tokens, local.positions, local.attention_masks), local.labels) / local.num_tokens
+            loss.backward()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            grads = {name: p.grad for name, p in model.named_parameters()}
+            for grad in grads.values():
+                dist.all_reduce(grad)
+            results[(family, packed)] = (total, grads)
+    return results
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory):
+    return values(run_ranks(on_ring, 2, tmp_path_factory.mktemp("titan"), timeout=600))[0]
+
+
+def _error(result, truth) -> float:
+    return (result.double() - truth).abs().max().item()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_ring_of_two_matches_the_unsharded_model(family, packed, ring):
+    truth_loss, truth_grads = unsharded(family, packed, torch.float64)
+    fp32_loss, fp32_grads = unsharded(family, packed, torch.float32)
+    ring_loss, ring_grads = ring[(family, packed)]
+    assert _error(ring_loss, truth_loss) <= 2 * _error(fp32_loss, truth_loss) + ATOL
+    assert set(ring_grads) == set(truth_grads)
+    for name, truth in truth_grads.items():
+        assert not ring_grads[name].isnan().any(), name
+        bound = 2 * _error(fp32_grads[name], truth) + ATOL
+        assert _error(ring_grads[name], truth) <= bound, f"{name}: {_error(ring_grads[name], truth):.3e} > {bound:.3e}"
+
+
+def test_a_batch_it_did_not_shard_is_refused_and_unknown_attention_too():
+    from torchtitan.models.common.attention import create_varlen_metadata_for_document
+
+    from fa4_cp.integrations.torchtitan import RingAttention, RingMasks
+
+    layer = RingAttention(RingAttention.Config())
+    q = torch.randn(1, 8, 2, 16)
+    titans_own = create_varlen_metadata_for_document(torch.arange(8)[None])  # local documents: wrong on a ring
+    with pytest.raises(ValueError, match="attention_masks that fa4_cp.integrations.torchtitan.shard_batch did not make"):
+        layer(q, q, q, attention_masks=titans_own)
+    with pytest.raises(ValueError, match="sharded into 16 local tokens, the layer got 8"):
+        layer(q, q, q, attention_masks=RingMasks(None, 2, 16, None, "zigzag"))
+    with pytest.raises(ValueError, match=r"arguments \['out_transform'\] are not supported"):
+        layer(q, q, q, out_transform=lambda out, lse: out)
+    spec = llama3.model_registry("debugmodel")
+    spec.model.layers[0].attention.inner_attention = object()
+    with pytest.raises(ValueError, match=r"layers\[0\]: inner attention object cannot be put on the ring"):
+        RingAttentionConverter(RingAttentionConverter.Config()).convert(spec.model)
