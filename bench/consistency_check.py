@@ -2,6 +2,7 @@
 
 CPU/gloo: python bench/consistency_check.py            (2 processes)
 GPU/NCCL: python bench/consistency_check.py --device cuda --world-size 2
+GPU, check on the CPU: ... --device cuda --process-group-backend cpu:gloo,cuda:nccl
 Writes bench/results/consistency_check_<device>_<date>.json (or --out) and prints a table (medians).
 """
 
@@ -46,7 +47,7 @@ def worker(rank: int, args: argparse.Namespace, init_file: str, results) -> None
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=args.world_size)
+    dist.init_process_group(backend_of(args), init_method=f"file://{init_file}", rank=rank, world_size=args.world_size)
     group = resolve_group(None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(1, args.seq_local, 8, 64, device=device, dtype=dtype) for _ in range(3))
@@ -64,12 +65,17 @@ def worker(rank: int, args: argparse.Namespace, init_file: str, results) -> None
     dist.destroy_process_group()
 
 
+def backend_of(args: argparse.Namespace) -> str:
+    return args.process_group_backend or ("nccl" if args.device == "cuda" else "gloo")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seq-local", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1000)
+    parser.add_argument("--process-group-backend", help="init_process_group's backend (default: nccl on cuda, gloo on cpu)")
     parser.add_argument("--out")
     args = parser.parse_args()
     context = mp.get_context("spawn")
@@ -78,7 +84,7 @@ def main() -> None:
         mp.start_processes(worker, args=(args, os.path.join(tmp, "init"), results), nprocs=args.world_size, start_method="spawn")
     figures = results.get()
     result = record(
-        "consistency_check", args.device, backend="nccl" if args.device == "cuda" else "gloo", world_size=args.world_size,
+        "consistency_check", args.device, backend=backend_of(args), world_size=args.world_size,
         seq_local=args.seq_local, statistic="median", **figures,
     )
     write(result, args.out or RESULTS / f"consistency_check_{args.device}_{today()}.json")

@@ -4,7 +4,9 @@ Before the ring starts, the ranks all-gather their RingCall's 63-bit digest (cal
 dtype, mask, layout, documents, scale, backend, transport). If any differs, they all-gather the
 calls' fields (every rank sees the same digests, so every rank takes part) and each raises a
 ValueError naming the fields that differ and every rank's value. A rank whose peer never joins
-fails within FA4_CP_RING_TIMEOUT. On by default: a mismatch otherwise deadlocks or silently
+fails within FA4_CP_RING_TIMEOUT. The all-gather runs on the CPU where the group can (a gloo
+backend beside NCCL, `init_process_group("cpu:gloo,cuda:nccl")`): the host then waits for its
+peers only, never for the GPU's queued work. On by default: a mismatch otherwise deadlocks or silently
 corrupts the result. It costs one tiny all-gather per forward call (see the README for measured
 figures); turn it off with `set_consistency_check(False)` or FA4_CP_CHECK_CONSISTENCY=0 once a
 training setup is known to be good.
@@ -40,6 +42,7 @@ def check_consistency(group: RingGroup, call: RingCall, device: torch.device) ->
     if group.world_size == 1 or not consistency_check_enabled():
         return
     what = "the cross-rank check of the call"
+    device = group.check_device(device)
     gathered = torch.cat(group.all_gather(torch.tensor([call.digest], dtype=torch.int64, device=device), what))
     if device.type == "cuda":  # a GIL-free wait with the ring's timeout, not a blind sync
         done = torch.cuda.Event()

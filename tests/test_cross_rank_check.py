@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fa4_cp
-from ranks import run_ranks
+from ranks import run_ranks, values
 
 RING_TIMEOUT = 3
 
@@ -81,3 +81,16 @@ def test_a_rank_that_never_calls_makes_the_other_raise_within_the_timeout(tmp_pa
     outcomes = run_ranks(mismatched_call, 2, tmp_path, "missing_rank", timeout=60, pg_timeout=600, env={"FA4_CP_RING_TIMEOUT": str(RING_TIMEOUT)})
     assert (outcomes[1].status, outcomes[1].value) == ("ok", "rank 1 never calls")
     assert outcomes[0].status == "error" and "fa4_cp ring timeout: rank 0 of 2" in outcomes[0].value
+
+
+def check_devices(rank: int, world_size: int) -> list[str]:
+    from fa4_cp.comm.group import resolve_group
+
+    ring = resolve_group(None)
+    return [str(ring.check_device(torch.device(kind))) for kind in ("cuda", "cpu")]
+
+
+def test_the_check_all_gathers_on_the_cpu_where_the_group_can(tmp_path):
+    """A gloo group (alone, or beside NCCL as "cpu:gloo,cuda:nccl") checks on the host: the check
+    never waits for the GPU's queued work."""
+    assert values(run_ranks(check_devices, 2, tmp_path)) == [["cpu", "cpu"]] * 2

@@ -12,6 +12,7 @@ copy engine's symmetric memory, the peer-access check of "auto").
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Any, Protocol, runtime_checkable
@@ -45,6 +46,11 @@ class RingGroup(Protocol):
         """Seconds a rank waits for its peers before it fails (FA4_CP_RING_TIMEOUT)."""
         ...
 
+    def check_device(self, device: torch.device) -> torch.device:
+        """Where the cross-rank check of a call on `device` all-gathers: the CPU wherever the
+        group can, so that the check never waits for the GPU."""
+        ...
+
 
 class LocalGroup:
     """A ring of one rank, without torch.distributed."""
@@ -66,6 +72,9 @@ class LocalGroup:
 
     def timeout(self) -> float:
         return ring_timeout(None)
+
+    def check_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")
 
 
 class ProcessGroupRing:
@@ -115,6 +124,19 @@ class ProcessGroupRing:
 
     def timeout(self) -> float:
         return ring_timeout(self.group)
+
+    def check_device(self, device: torch.device) -> torch.device:
+        """The CPU when the group has a CPU backend too (gloo, as after
+        init_process_group("cpu:gloo,cuda:nccl")), else `device`."""
+        return torch.device("cpu") if self._runs_on_cpu else device
+
+    @functools.cached_property
+    def _runs_on_cpu(self) -> bool:
+        try:
+            self.group._get_backend(torch.device("cpu"))
+        except RuntimeError:
+            return False
+        return True
 
 
 def wait_within(work, seconds: float, rank: int, world_size: int, what: str) -> None:

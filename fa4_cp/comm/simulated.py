@@ -146,6 +146,9 @@ class SimulatedGroup:
     def timeout(self) -> float:
         return self.ring.timeout
 
+    def check_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")  # in-process: the host has every rank's values
+
 
 class _SimulatedShift:
     def __init__(self, group: SimulatedGroup, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int):
