@@ -2,8 +2,9 @@
 
 from .attention import ring_attention, ring_attention_varlen
 from .consistency import set_consistency_check
-from .comm.simulated import SimulatedRing
+from .comm.simulated import SimulatedMesh, SimulatedRing
 from .context_parallel import context_parallel, context_parallel_unshard
+from .plan.mesh_split import plan_mesh
 from .plan.sharding import Sharding
 from .shard import shard, shard_inputs, shift_labels, unshard
 
@@ -18,5 +19,7 @@ __all__ = [
     "shift_labels",
     "Sharding",
     "SimulatedRing",
+    "SimulatedMesh",
+    "plan_mesh",
     "set_consistency_check",
 ]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from .comm.group import group_name
+from .comm.mesh import resolve_mesh
 from .kernels import AttentionBackend
+from .mesh_attention import mesh_attention
 from .ops import backend_key, ring_attention_op
 from .validation import check_flag, check_mask, check_qkv, check_sinks, check_softcap, check_softmax_scale
 
@@ -99,10 +101,17 @@ def _run(q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, 
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name}: expected a string, got {value!r}")
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
-    out, lse = ring_attention_op(
-        q, k, v, cu_seqlens, sinks, group_name(group), causal, list(window), scale, check_softcap(softcap), layout,
-        backend_key(backend), transport, grad,
-    )
+    mesh = resolve_mesh(group)
+    if mesh is not None:
+        out, lse = mesh_attention(
+            q, k, v, cu_seqlens, sinks, mesh, causal=causal, window=window, softmax_scale=scale, softcap=check_softcap(softcap),
+            layout=layout, backend=backend, transport=transport, grad=grad,
+        )
+    else:
+        out, lse = ring_attention_op(
+            q, k, v, cu_seqlens, sinks, group_name(group), causal, list(window), scale, check_softcap(softcap), layout,
+            backend_key(backend), transport, grad,
+        )
     if not return_lse:
         return out
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

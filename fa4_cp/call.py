@@ -50,6 +50,8 @@ class RingCall:
     backend: str
     transport: TransportKind
     """As asked ("auto" is resolved by the group, the same way on every rank)."""
+    ulysses: int = 1
+    """Ranks of the Ulysses head all-to-all around the ring (a 2-D mesh); 1 for a plain ring."""
 
     @functools.cached_property
     def digest(self) -> int:
@@ -78,6 +80,7 @@ class RingCall:
             "sinks": "None" if self.sinks is None else f"shape {self.sinks}",
             "backend": self.backend,
             "transport": self.transport,
+            "ulysses": str(self.ulysses),
         }
 
 

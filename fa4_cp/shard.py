@@ -1,7 +1,8 @@
 """Sharding tensors and training inputs over a ring's ranks (the inverse: `unshard`).
 
 Every rank passes the same full tensor to `shard` and keeps its own rows; no data moves.
-`unshard` all-gathers the local rows and restores the global order.
+`unshard` all-gathers the local rows and restores the global order. `group` is what ring
+attention takes: a ring, or a 2-D Ulysses x ring mesh (plan/mesh_sharding.py lays tokens out for it).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from .comm.group import resolve_group
-from .plan.sharding import Sharding
+from .comm.mesh import resolve_mesh
+from .plan.mesh_sharding import mesh_sharding
+from .plan.sharding import Sharding, ShardingRows
 from .validation import check_cu_seqlens
 
 
@@ -22,6 +25,16 @@ def sharding_for(total_len: int, world_size: int, layout: str | None = None, cu_
     if sum(doc_lengths) != total_len:
         raise ValueError(f"cu_seqlens: expected to end at the {total_len} tokens of the tensor, got {sum(doc_lengths)}")
     return Sharding.documents(doc_lengths, world_size, layout or "balanced")
+
+
+def _placed(group: object, total_len: int, layout: str | None, cu_seqlens: torch.Tensor | None) -> tuple[ShardingRows, int, object]:
+    """(sharding, this rank's index in it, the group that gathers every rank's rows)."""
+    mesh = resolve_mesh(group)
+    if mesh is None:
+        ring = resolve_group(group)
+        return sharding_for(total_len, ring.world_size, layout, cu_seqlens), ring.rank, ring
+    ring_sharding = sharding_for(total_len, mesh.ring.world_size, layout, cu_seqlens)
+    return mesh_sharding(ring_sharding, mesh.ulysses.world_size), mesh.rank, mesh
 
 
 def shard(
@@ -41,9 +54,8 @@ def shard(
     "contiguous" cut every document on its own; ranks are padded to equal rows, and padding slots
     hold `pad_value`.
     """
-    ring = resolve_group(group)
-    sharding = sharding_for(x.shape[seq_dim], ring.world_size, layout, cu_seqlens)
-    return sharding.shard(x, ring.rank, seq_dim, pad_value)
+    sharding, rank, _ = _placed(group, x.shape[seq_dim], layout, cu_seqlens)
+    return sharding.shard(x, rank, seq_dim, pad_value)
 
 
 def unshard(
@@ -55,15 +67,13 @@ def unshard(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full tensor from every rank's rows (an all-gather over `group`), padding dropped."""
-    ring = resolve_group(group)
-    world = ring.world_size
-    if cu_seqlens is None:
-        sharding = sharding_for(x_local.shape[seq_dim] * world, world, layout)
-    else:
-        sharding = Sharding.documents(check_cu_seqlens(cu_seqlens), world, layout or "balanced")
-        if x_local.shape[seq_dim] != sharding.local_len:
-            raise ValueError(f"x_local: expected {sharding.local_len} rows along dim {seq_dim}, got shape {tuple(x_local.shape)}")
-    return sharding.unshard(ring.all_gather(x_local), seq_dim)
+    mesh = resolve_mesh(group)
+    world = resolve_group(group).world_size if mesh is None else mesh.world_size
+    total = x_local.shape[seq_dim] * world if cu_seqlens is None else sum(check_cu_seqlens(cu_seqlens))
+    sharding, _, gatherer = _placed(group, total, layout, cu_seqlens)
+    if x_local.shape[seq_dim] != sharding.local_len:
+        raise ValueError(f"x_local: expected {sharding.local_len} rows along dim {seq_dim}, got shape {tuple(x_local.shape)}")
+    return sharding.unshard(gatherer.all_gather(x_local), seq_dim)
 
 
 def shift_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
@@ -98,9 +108,8 @@ def shard_inputs(
     """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-    ring = resolve_group(group)
-    sharding = sharding_for(input_ids.shape[-1], ring.world_size, layout, cu_seqlens)
-    rank, seq_dim = ring.rank, input_ids.ndim - 1
+    sharding, rank, _ = _placed(group, input_ids.shape[-1], layout, cu_seqlens)
+    seq_dim = input_ids.ndim - 1
     if position_ids is None:
         local_positions = sharding.positions(rank).to(input_ids.device).expand(*input_ids.shape[:-1], -1)
     else:
@@ -111,7 +120,7 @@ def shard_inputs(
         "position_ids": local_positions,
         "layout": sharding.layout.name,
     }
-    if cu_seqlens is not None:
+    if cu_seqlens is not None and hasattr(sharding, "local_cu_seqlens"):  # a ring rank's documents (not on a 2-D mesh)
         local["local_cu_seqlens"] = sharding.local_cu_seqlens(rank)
         local["local_seqused"] = sharding.local_seqused(rank)
     return local

@@ -16,6 +16,7 @@ import torch
 
 import fa4_cp
 from fa4_cp import Sharding
+from fa4_cp.plan.mesh_sharding import MeshSharding
 
 TENSORS = ("out", "lse", "dq", "dk", "dv")
 SINK_TENSORS = (*TENSORS, "ds")
@@ -38,6 +39,7 @@ class Case:
     doc_mix: str = "mixed"  # packed documents: see doc_lengths
     softcap: float | None = None
     sinks: bool = False  # per-head sink logits, checked with their gradient ds
+    ulysses: int = 1  # a 2-D mesh of ulysses x (W / ulysses) ring ranks
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -77,10 +79,13 @@ class Case:
         chunks = 2 * world_size if self.layout == "zigzag" else world_size
         return chunks * self.chunk_size(world_size) * (2 if self.layout == "contiguous" else 1)
 
-    def sharding(self, world_size: int) -> Sharding:
+    def sharding(self, world_size: int):
+        ring = world_size // self.ulysses
         if self.documents:
-            return Sharding.documents(self.doc_lengths(world_size), world_size, self.layout)
-        return Sharding.dense(self.seq_len(world_size), world_size, self.layout)
+            sharding = Sharding.documents(self.doc_lengths(world_size), ring, self.layout)
+        else:
+            sharding = Sharding.dense(self.seq_len(world_size), ring, self.layout)
+        return sharding if self.ulysses == 1 else MeshSharding(sharding, self.ulysses)
 
     def cu_seqlens(self, world_size: int) -> torch.Tensor:
         lengths = torch.tensor([0, *self.doc_lengths(world_size)])

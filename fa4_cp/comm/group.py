@@ -38,6 +38,11 @@ class RingGroup(Protocol):
         """Every rank's picklable `value`, in rank order."""
         ...
 
+    def all_to_all(self, tensors: list[torch.Tensor], what: str = "an all-to-all of the ring group") -> list[torch.Tensor]:
+        """`tensors[j]` (one per rank, all of one shape) to rank j; what each rank sent here, in
+        rank order. Stream-ordered on a GPU, as `all_gather`."""
+        ...
+
     def transport(self, kind: TransportKind, device: torch.device) -> Transport:
         """The ring loop's transport for `device` (cached; making it may be collective)."""
         ...
@@ -66,6 +71,9 @@ class LocalGroup:
 
     def all_gather_object(self, value: Any) -> list[Any]:
         return [value]
+
+    def all_to_all(self, tensors: list[torch.Tensor], what: str = "") -> list[torch.Tensor]:
+        return list(tensors)
 
     def transport(self, kind: TransportKind, device: torch.device) -> Transport:
         return self._transport
@@ -100,6 +108,16 @@ class ProcessGroupRing:
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, value, group=self.group)
         return everyone
+
+    def all_to_all(self, tensors: list[torch.Tensor], what: str = "an all-to-all of the ring group") -> list[torch.Tensor]:
+        send = torch.stack([t.contiguous() for t in tensors])
+        received = torch.empty_like(send)
+        work = dist.all_to_all_single(received, send, group=self.group, async_op=True)
+        if send.device.type == "cuda":
+            work.wait()
+        else:
+            wait_within(work, self.timeout(), self.rank, self.world_size, what)
+        return list(received.unbind(0))
 
     def transport(self, kind: TransportKind, device: torch.device) -> Transport:
         between_gpus = device.type == "cuda" and self.world_size > 1
@@ -166,7 +184,10 @@ def resolve_group(group: object = None) -> RingGroup:
         group = dist.group.WORLD
     elif isinstance(group, DeviceMesh):
         if group.ndim != 1:
-            raise ValueError(f"group: expected a 1-D DeviceMesh (the context-parallel dim, e.g. mesh['cp']), got {group.ndim}-D")
+            raise ValueError(
+                f"group: expected a 1-D DeviceMesh (the context-parallel dim, e.g. mesh['cp']), got {group.ndim}-D "
+                "(ring attention itself also takes a 2-D mesh with dims 'ulysses' and 'ring')"
+            )
         group = group.get_group()
     elif not isinstance(group, dist.ProcessGroup):
         if isinstance(group, RingGroup):

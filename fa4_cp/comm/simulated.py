@@ -114,32 +114,46 @@ class SimulatedRing:
 
         return self._until(next_message, f"rank {dst} waited for rank {src}")
 
-    def gather(self, rank: int, value: Any) -> list[Any]:
-        """Every rank's `value`, in rank order (a collective of all ranks)."""
-        self.collectives[rank] += 1
-        for dst in range(self.world_size):
-            self.post(rank, dst, -1, value)
-        return [self.take(src, rank, -1) for src in range(self.world_size)]
 
 
 class SimulatedGroup:
-    """One virtual rank's handle on a `SimulatedRing`; pass it as `group=` (a RingGroup)."""
+    """One virtual rank's handle on a `SimulatedRing`, or on a subgroup of its ranks (`members`,
+    in group-rank order; messages kept apart by `namespace`); pass it as `group=` (a RingGroup)."""
 
-    def __init__(self, ring: SimulatedRing, rank: int):
+    def __init__(self, ring: SimulatedRing, rank: int, members: tuple[int, ...] | None = None, namespace: str = ""):
         self.ring = ring
-        self.rank = rank
-        self.world_size = ring.world_size
+        self.members = tuple(range(ring.world_size)) if members is None else tuple(members)
+        self.global_rank = rank
+        self.rank = self.members.index(rank)
+        self.world_size = len(self.members)
+        self.namespace = namespace
         self._transport: SimulatedTransport | None = None  # made at first use, kept with its buffers
 
+    def post(self, dst: int, channel: object, message: Any) -> None:
+        self.ring.post(self.global_rank, self.members[dst], (self.namespace, channel), message)
+
+    def take(self, src: int, channel: object) -> Any:
+        return self.ring.take(self.members[src], self.global_rank, (self.namespace, channel))
+
+    def _exchange(self, channel: str, outgoing: list[Any]) -> list[Any]:
+        """outgoing[dst] to every group rank; what each sent here, in rank order (a collective)."""
+        self.ring.collectives[self.global_rank] += 1
+        for dst, message in enumerate(outgoing):
+            self.post(dst, channel, message)
+        return [self.take(src, channel) for src in range(self.world_size)]
+
     def all_gather(self, tensor: torch.Tensor, what: str = "") -> list[torch.Tensor]:
-        return self.ring.gather(self.rank, tensor)
+        return self._exchange("gather", [tensor] * self.world_size)
 
     def all_gather_object(self, value: Any) -> list[Any]:
-        return self.ring.gather(self.rank, value)
+        return self._exchange("gather", [value] * self.world_size)
+
+    def all_to_all(self, tensors: list[torch.Tensor], what: str = "") -> list[torch.Tensor]:
+        return self._exchange("all_to_all", tensors)
 
     def transport(self, kind: TransportKind, device: torch.device) -> SimulatedTransport:
         if self._transport is None:
-            self.ring.gather(self.rank, "transport set-up")
+            self._exchange("gather", ["transport set-up"] * self.world_size)
             self._transport = SimulatedTransport(self)
         return self._transport
 
@@ -154,11 +168,11 @@ class _SimulatedShift:
     def __init__(self, group: SimulatedGroup, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int):
         self.group, self.recv, self.channel = group, recv, channel
         self.src = (group.rank - offset) % group.world_size
-        group.ring.collectives[group.rank] += 1
-        group.ring.post(group.rank, (group.rank + offset) % group.world_size, channel, send)
+        group.ring.collectives[group.global_rank] += 1
+        group.post((group.rank + offset) % group.world_size, channel, send)
 
     def wait(self) -> None:
-        self.recv.copy_(self.group.ring.take(self.src, self.group.rank, self.channel))
+        self.recv.copy_(self.group.take(self.src, self.channel))
 
 
 class SimulatedTransport:
@@ -176,3 +190,31 @@ class SimulatedTransport:
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> _SimulatedShift:
         return _SimulatedShift(self.group, send, recv, offset, channel)
+
+
+class SimulatedMesh:
+    """u x r virtual ranks as a 2-D Ulysses x ring mesh (W = u * r threads of one process). Rank
+    j * u + i is ring rank j and ulysses rank i; `run(fn)` calls `fn(mesh_group)` on every rank,
+    with a `UlyssesRing` to pass as `group=`."""
+
+    def __init__(self, ulysses: int, ring: int, timeout: float = 120.0):
+        if ulysses < 1 or ring < 1:
+            raise ValueError(f"ulysses, ring: expected positive rank counts, got {ulysses} x {ring}")
+        self.ulysses, self.ring = ulysses, ring
+        self.ranks = SimulatedRing(ulysses * ring, timeout)
+
+    @property
+    def collectives(self) -> collections.Counter[int]:
+        return self.ranks.collectives
+
+    def group(self, rank: int):
+        from .mesh import UlyssesRing
+
+        ring_rank, ulysses_rank = divmod(rank, self.ulysses)
+        within = tuple(ring_rank * self.ulysses + i for i in range(self.ulysses))
+        across = tuple(j * self.ulysses + ulysses_rank for j in range(self.ring))
+        return UlyssesRing(SimulatedGroup(self.ranks, rank, within, "ulysses"), SimulatedGroup(self.ranks, rank, across, "ring"))
+
+    def run(self, fn: Callable[[Any], Any]) -> list[Any]:
+        return self.ranks.run(lambda group: fn(self.group(group.global_rank)))
+

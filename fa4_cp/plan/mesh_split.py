@@ -1,0 +1,129 @@
+"""Which Ulysses x ring split of W ranks to use: `plan_mesh` predicts one layer call (forward and
+backward) for every split and returns the fastest, with its reason.
+
+The model is the ring model of bench/ring_model.py reduced to closed form:
+- a ring of r ranks makes r steps; each step costs max(its compute, its KV hop) plus a fixed
+  overhead (launches, merges, the dK/dV adds), forward and backward (whose hop also carries the
+  fp32 dK/dV);
+- compute is the call's attention FLOPs per GPU at a sustained rate, whatever the split (the
+  FLOPs are the same; Ulysses only makes the blocks u times larger);
+- the Ulysses all-to-alls move q, k, v and out forward, dout, dq, dk and dv backward, (u - 1) / u of
+  each rank's share, KV heads repeated to u where fewer;
+- packed documents change the FLOPs (the sum of the documents' squares), the bytes that travel
+  (documents shorter than a ring rank's share stay home in the balanced layout) and the steps
+  (those beyond the widest document's span are skipped).
+Machine figures: H200's from this project's runs (named in `measured`); GB200 NVL72's ASSUMED.
+The all-to-all figures are assumed on both, and no 2-D prediction has been checked against a
+multi-GPU run yet (the multi-GPU issue measures 2 x 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+BYTES_16BIT = 2
+BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    attention_tflops: float
+    """Sustained attention kernels, forward and backward together (TFLOP/s per GPU)."""
+    step_overhead_ms: float
+    """Fixed cost of one ring step, forward and backward together."""
+    hop_latency_ms: float
+    hop_gib_per_s: float
+    all_to_all_latency_ms: float
+    all_to_all_gib_per_s: float
+    measured: dict[str, str] = field(default_factory=dict)
+    """Where each figure comes from; a figure not named here is assumed."""
+
+
+H200 = Machine(
+    "H200", attention_tflops=480.0, step_overhead_ms=0.19, hop_latency_ms=0.073, hop_gib_per_s=354.0,
+    all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0,
+    measured={
+        "attention_tflops": "bench/results/nvidia_h200_2026-12-01/kernels_nvidia_h200_2026-12-01_quick.json (fa4_cp fwd and bwd step, d 128, 8K)",
+        "step_overhead_ms": "bench/results/ring_nvidia_h200_2026-11-21/ring_w4_8k_nocheck_profile.json (1.5 ms of non-attention kernels and gaps over 8 steps)",
+        "hop_latency_ms": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json (copy-engine hop fit)",
+        "hop_gib_per_s": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json (copy-engine hop fit)",
+    },
+)
+GB200_NVL72 = Machine(
+    "GB200 NVL72 (assumed)", attention_tflops=480.0 * 2250.0 / 989.4, step_overhead_ms=0.19, hop_latency_ms=0.073,
+    hop_gib_per_s=2 * 354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=600.0,
+)
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    ulysses: int
+    ring: int
+    predicted_ms: float
+    efficiency: float
+    """The attention compute alone over the predicted time."""
+    reason: str
+    candidates: tuple[dict, ...]
+    """Every split considered, with its prediction."""
+
+
+def plan_mesh(
+    world_size: int, heads: int, kv_heads: int, seq_len: int, *, head_dim: int = 128, causal: bool = True,
+    documents: list[int] | None = None, machine: Machine = H200,
+) -> MeshPlan:
+    """The fastest (ulysses, ring) split of `world_size` ranks for a layer of `heads` / `kv_heads`
+    heads over `seq_len` tokens (packed `documents`, if given), on `machine`."""
+    if world_size < 1 or heads < 1 or kv_heads < 1 or heads % kv_heads or seq_len < 1:
+        raise ValueError(f"world_size, heads, kv_heads, seq_len: expected positive counts with kv_heads dividing heads, got {(world_size, heads, kv_heads, seq_len)}")
+    splits = [u for u in range(1, world_size + 1) if world_size % u == 0 and heads % u == 0 and (kv_heads % u == 0 or u % kv_heads == 0)]
+    candidates = tuple(_predict(u, world_size // u, heads, kv_heads, seq_len, head_dim, causal, documents, machine) for u in splits)
+    best = min(candidates, key=lambda c: c["ms"])
+    ring = next(c for c in candidates if c["ulysses"] == 1)
+    reason = (
+        f"{best['ulysses']} x {best['ring']} on {machine.name}: {best['ms']:.3f} ms per layer call (fwd+bwd), "
+        f"{best['efficiency']:.0%} of the attention compute alone; the plain ring (1 x {world_size}) {ring['ms']:.3f} ms, "
+        f"{ring['efficiency']:.0%}. Its ring steps are {best['bound']}-bound"
+        + (f"; the all-to-alls take {best['all_to_all_ms']:.3f} ms." if best["ulysses"] > 1 else ".")
+    )
+    return MeshPlan(best["ulysses"], best["ring"], best["ms"], best["efficiency"], reason, candidates)
+
+
+def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machine: Machine) -> dict:
+    lengths = documents or [seq_len]
+    pair_fraction = 0.5 if causal else 1.0
+    forward_flops = sum(4 * n * n * pair_fraction * heads * head_dim for n in lengths)
+    compute_ms = forward_flops * (1 + BACKWARD_FLOPS_RATIO) / (u * r) / (machine.attention_tflops * 1e12) * 1e3
+    share = seq_len / r  # tokens of one ring rank
+    travelling = sum(n for n in lengths if n > share) / seq_len if documents else 1.0
+    kv_heads_local = max(kv_heads // u, 1)
+    kv_bytes = 2 * share * kv_heads_local * head_dim * BYTES_16BIT * travelling
+    dkv_bytes = 2 * kv_bytes  # fp32
+    steps = r
+    if documents:  # the balanced layout skips the steps no document's span reaches
+        widest = min(r, math.ceil(max(lengths) / share))
+        steps = 1 + min(r - 1, 2 * (widest - 1))
+    step_fwd = compute_ms / (1 + BACKWARD_FLOPS_RATIO) / steps
+    step_bwd = step_fwd * BACKWARD_FLOPS_RATIO
+    hops = steps - 1
+    hop_fwd, hop_bwd = _hop_ms(kv_bytes, machine), _hop_ms(kv_bytes + dkv_bytes, machine)
+    ring_ms = step_fwd + step_bwd + hops * (max(step_fwd, hop_fwd) + max(step_bwd, hop_bwd)) + steps * machine.step_overhead_ms
+    bound = "hop" if hops and (hop_fwd > step_fwd or hop_bwd > step_bwd) else "compute"
+    if machine.step_overhead_ms * steps > compute_ms / 2:
+        bound = "overhead"
+    all_to_all_ms = 0.0
+    if u > 1:
+        local = seq_len / (u * r)
+        per_head_bytes = local * head_dim * BYTES_16BIT * (u - 1) / u
+        moved = per_head_bytes * (4 * heads + 4 * max(kv_heads, u))  # q, out, dout, dq; k, v, dk, dv
+        all_to_all_ms = 8 * machine.all_to_all_latency_ms + moved / (machine.all_to_all_gib_per_s * 2**30) * 1e3
+    total = ring_ms + all_to_all_ms
+    return {
+        "ulysses": u, "ring": r, "active_steps": steps, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms, "compute_ms": compute_ms,
+        "efficiency": compute_ms / total, "bound": bound,
+    }
+
+
+def _hop_ms(nbytes: float, machine: Machine) -> float:
+    return machine.hop_latency_ms + nbytes / (machine.hop_gib_per_s * 2**30) * 1e3

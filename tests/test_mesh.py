@@ -1,0 +1,149 @@
+"""2-D context parallelism, Ulysses x ring, against the fp64 full-sequence reference by
+FlashAttention's rule, forward and backward: simulated meshes up to 8 x 9 = 72 ranks (odd sizes
+too), gloo processes at W = 4 as 2 x 2, 4 x 1 and 1 x 4 on a named 2-D DeviceMesh. A 1 x W mesh is
+today's ring bit for bit; bad input raises a ValueError naming the argument before any
+communication."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import fa4_cp
+from fa4_cp import SimulatedRing
+from fa4_cp.comm.simulated import SimulatedMesh
+from oracle import CASES_BY_NAME, DTYPES, TENSORS, assert_ring_matches, make_inputs, ring_results_for_rank
+from ranks import run_ranks, values
+
+
+def mesh_case(name: str, ulysses: int, heads: int, kv_heads: int):
+    return dataclasses.replace(CASES_BY_NAME[name], ulysses=ulysses, heads=heads, kv_heads=kv_heads, name=f"{name}_u{ulysses}_kv{kv_heads}")
+
+
+# (u, r): cases; heads are a multiple of u, KV heads fewer than u and at least u.
+MESHES = {
+    (2, 2): [("causal_zigzag", 4, 1), ("full_zigzag", 4, 2), ("window_causal", 4, 4), ("varlen_causal", 4, 2), ("balanced_causal", 4, 1), ("sinks_balanced_window", 4, 2)],
+    (3, 5): [("causal_zigzag", 6, 3), ("gqa_one_kv_head", 6, 1), ("balanced_window", 6, 3), ("window_both_sides", 3, 3)],
+    (2, 36): [("causal_zigzag", 2, 1), ("balanced_huge_gqa", 4, 2)],
+    (8, 9): [("causal_zigzag", 8, 2), ("full_contiguous", 8, 8), ("balanced_short", 8, 4), ("varlen_window_zigzag_gqa", 8, 2)],
+}
+RUNS = [(u, r, name, heads, kv) for (u, r), cases in MESHES.items() for name, heads, kv in cases]
+
+
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize(("ulysses", "ring", "name", "heads", "kv_heads"), RUNS, ids=[f"{u}x{r}-{n}-h{h}kv{k}" for u, r, n, h, k in RUNS])
+def test_simulated_mesh_matches_fp64_reference(ulysses, ring, name, heads, kv_heads):
+    case = mesh_case(name, ulysses, heads, kv_heads)
+    world = ulysses * ring
+    for dtype_name in DTYPES if world <= 16 else ["fp32"]:
+        dtype = DTYPES[dtype_name]
+        inputs = make_inputs(case, world, dtype, seed=world + heads)
+        per_rank = SimulatedMesh(ulysses, ring).run(lambda group: ring_results_for_rank(case, world, inputs, group, group.rank))
+        assert_ring_matches(case, world, inputs, dtype, per_rank)
+
+
+@pytest.mark.parametrize("name", ["causal_zigzag", "balanced_window"])
+def test_one_by_w_is_the_ring_bit_for_bit(name):
+    case = CASES_BY_NAME[name]
+    inputs = make_inputs(case, 8, torch.float32, seed=5)
+    ring = SimulatedRing(8).run(lambda group: ring_results_for_rank(case, 8, inputs, group, group.rank))
+    mesh = SimulatedMesh(1, 8).run(lambda group: ring_results_for_rank(case, 8, inputs, group, group.rank))
+    for ours, theirs in zip(mesh, ring):
+        assert all(torch.equal(ours[tensor], theirs[tensor]) for tensor in TENSORS)
+
+
+def gloo_mesh(rank: int, world_size: int, ulysses: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size // ulysses, ulysses), mesh_dim_names=("ring", "ulysses"))
+    results = {}
+    for name, heads, kv in [("causal_zigzag", 4, 1), ("varlen_causal", 4, 4), ("window_causal", 4, 2)]:
+        case = mesh_case(name, ulysses, heads, kv)
+        inputs = make_inputs(case, world_size, torch.float32, seed=ulysses)
+        group = fa4_cp.comm.mesh.resolve_mesh(mesh)
+        assert group.rank == rank, "the mesh's ring-major rank is the process rank"
+        results[case.name] = ring_results_for_rank(case, world_size, inputs, mesh, rank)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ulysses", [2, 4, 1], ids=["2x2", "4x1", "1x4"])
+def test_gloo_mesh_matches_fp64_reference(ulysses, tmp_path):
+    per_rank = values(run_ranks(gloo_mesh, 4, tmp_path, ulysses, timeout=300))
+    for name, heads, kv in [("causal_zigzag", 4, 1), ("varlen_causal", 4, 4), ("window_causal", 4, 2)]:
+        case = mesh_case(name, ulysses, heads, kv)
+        inputs = make_inputs(case, 4, torch.float32, seed=ulysses)
+        assert_ring_matches(case, 4, inputs, torch.float32, [local[case.name] for local in per_rank])
+
+
+def refused_on_mesh(call, argument: str, expected: str) -> None:
+    mesh = SimulatedMesh(2, 2)
+    with pytest.raises(ValueError, match=rf"^{argument}: .*{expected}"):
+        mesh.run(call)
+    assert sum(mesh.collectives.values()) == 0, f"communicated before refusing: {dict(mesh.collectives)}"
+
+
+def test_bad_input_on_a_mesh_is_refused_before_any_communication():
+    q, k = torch.randn(1, 8, 3, 8), torch.randn(1, 8, 3, 8)
+    refused_on_mesh(lambda g: fa4_cp.ring_attention(q, k, k, group=g), "q", "its 3 heads do not split over 2 ulysses ranks")
+    q4, k3 = torch.randn(1, 8, 6, 8), torch.randn(1, 8, 3, 8)
+    refused_on_mesh(lambda g: fa4_cp.ring_attention(q4[:, :, :4], k3, k3, group=g), "k", "head count dividing")
+    q4, k3 = torch.randn(1, 8, 12, 8), torch.randn(1, 8, 3, 8)
+    refused_on_mesh(lambda g: fa4_cp.ring_attention(q4, k3, k3, group=g), "k", "3 KV heads over 2 ulysses ranks")
+    q, k = torch.randn(9, 4, 8), torch.randn(9, 2, 8)
+    cu = torch.tensor([0, 30, 40], dtype=torch.int32)
+    refused_on_mesh(lambda g: fa4_cp.ring_attention_varlen(q, k, k, cu, group=g), "q", r"the balanced layout over 2 x 2 ranks gives each rank \d+ rows, got 9")
+
+
+def named_wrongly(rank: int, world_size: int) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    q = torch.randn(1, 8, 4, 8)
+    try:
+        fa4_cp.ring_attention(q, q, q, group=mesh)
+    except ValueError as error:
+        return str(error)
+    return "returned"
+
+
+@pytest.mark.slow
+def test_a_mesh_without_the_dim_names_is_refused(tmp_path):
+    for message in values(run_ranks(named_wrongly, 4, tmp_path)):
+        assert message.startswith("group: a 2-D DeviceMesh needs dims named 'ulysses' and 'ring', got ('dp', 'cp')")
+
+
+def test_a_layout_that_disagrees_across_ranks_raises_naming_it():
+    q, k = torch.randn(1, 8, 4, 8), torch.randn(1, 8, 2, 8)
+
+    def call(group):
+        fa4_cp.ring_attention(q, k, k, group=group, layout="zigzag" if group.rank != 3 else "contiguous")
+
+    with pytest.raises(ValueError, match=r"ring attention call differs across the ranks of the group .*layout"):
+        SimulatedMesh(2, 2).run(call)
+
+
+def test_shard_and_unshard_on_a_mesh_round_trip():
+    x = torch.randn(2, 48, 3)
+    cu = torch.tensor([0, 5, 30, 48], dtype=torch.int32)
+    for documents in (None, cu):
+        flat = x[0] if documents is not None else x
+        dim = 0 if documents is not None else 1
+
+        def round_trip(group):
+            local = fa4_cp.shard(flat, group=group, seq_dim=dim, cu_seqlens=documents)
+            return fa4_cp.unshard(local, group=group, seq_dim=dim, cu_seqlens=documents)
+
+        for full in SimulatedMesh(2, 3).run(round_trip):
+            assert torch.equal(full, flat)
+
+
+def test_plan_mesh_picks_a_valid_split_and_says_why():
+    short = fa4_cp.plan_mesh(72, 32, 8, 72 * 2048)
+    assert (short.ulysses, short.ring) != (1, 72), "short shards: fewer, larger ring steps win"
+    assert 72 % short.ulysses == 0 and 32 % short.ulysses == 0 and short.ulysses * short.ring == 72
+    assert "plain ring (1 x 72)" in short.reason and short.efficiency > next(c for c in short.candidates if c["ulysses"] == 1)["efficiency"]
+    prime_heads = fa4_cp.plan_mesh(8, 7, 7, 8 * 8192)
+    assert prime_heads.ulysses == 1, "7 heads split over no ulysses group of 8 ranks"
+    with pytest.raises(ValueError, match="kv_heads dividing heads"):
+        fa4_cp.plan_mesh(8, 32, 5, 8192)
