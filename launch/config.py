@@ -40,6 +40,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dp_shard: int = 1
     cp: int = 1
+    ulysses: int = 1  # Ulysses ranks inside each cp group: a ulysses x (cp / ulysses) mesh
     device: str = "cuda"
     compute_dtype: str = "bfloat16"  # FSDP2 parameter dtype; master weights and optimizer stay fp32
     data: str = "python-sources"  # or "synthetic"
@@ -104,7 +105,8 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "weight_decay": (float, "AdamW weight decay"),
     "grad_clip": (float, "gradient-norm clip"),
     "dp_shard": (int, "FSDP data-parallel size; dp_shard x cp must equal the world size"),
-    "cp": (int, "context-parallel (ring) size"),
+    "cp": (int, "context-parallel size (ranks per sequence)"),
+    "ulysses": (int, "Ulysses head all-to-all ranks inside each cp group; the ring spans cp / ulysses (default 1: a plain ring)"),
     "device": (str, "cuda or cpu"),
     "compute_dtype": (str, "FSDP2 parameter dtype: bfloat16 or float32 (master weights stay fp32)"),
     "data": (str, "python-sources (the installed packages' Python files, byte-level) or synthetic"),
@@ -168,6 +170,13 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"n_kv_heads: {model.n_kv_heads} must divide n_heads ({model.n_heads})")
     if config.cp < 1 or config.dp_shard < 1:
         raise ValueError(f"cp and dp_shard: expected positive sizes, got cp={config.cp}, dp_shard={config.dp_shard}")
+    if config.ulysses < 1 or config.cp % config.ulysses:
+        raise ValueError(f"ulysses: expected a positive divisor of cp ({config.cp}), got {config.ulysses}")
+    if model.n_heads % config.ulysses or (model.n_kv_heads % config.ulysses and config.ulysses % model.n_kv_heads):
+        raise ValueError(
+            f"ulysses: {config.ulysses} must divide n_heads ({model.n_heads}), and n_kv_heads ({model.n_kv_heads}) must be "
+            "a multiple or a divisor of it"
+        )
     if config.packing == "none" and config.seq_len % (2 * config.cp):
         raise ValueError(
             f"seq_len: {config.seq_len} is not divisible by 2 * cp = {2 * config.cp} (the zigzag layout cuts the "

@@ -32,7 +32,7 @@ from data import TokenStream, build_corpus  # noqa: E402
 from loss import IGNORE_INDEX  # noqa: E402
 from metrics import MetricsLog, Progress, document_flops_per_token, mfu, model_flops_per_token, peak_bf16_flops  # noqa: E402
 from model import Decoder  # noqa: E402
-from parallel import build_mesh, shard_model  # noqa: E402
+from parallel import build_mesh, context_parallel_group, shard_model  # noqa: E402
 
 StepHook = Callable[[int, Decoder, float], None]
 
@@ -96,7 +96,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
     mesh = build_mesh(config)
     model = Decoder(config.model)
     model.init_weights(config.seed)
-    model.ring = {"group": mesh["cp"], "backend": config.attention_backend, "transport": config.transport}
+    context = context_parallel_group(mesh)
+    model.ring = {"group": context, "backend": config.attention_backend, "transport": config.transport}
     model = shard_model(model.to(device), mesh, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(config, step))
@@ -118,7 +119,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
         began = time.perf_counter()
         input_ids, labels = data.batch(step * config.dp_shard + dp_rank)
         cu_seqlens = data.documents(step * config.dp_shard + dp_rank)
-        local = fa4_cp.shard_inputs(input_ids[None], labels[None], group=mesh["cp"], cu_seqlens=cu_seqlens)
+        local = fa4_cp.shard_inputs(input_ids[None], labels[None], group=context, cu_seqlens=cu_seqlens)
         valid = torch.tensor(float((labels != IGNORE_INDEX).sum()), device=device)
         if config.dp_shard > 1:
             dist.all_reduce(valid, group=mesh["dp_shard"].get_group())

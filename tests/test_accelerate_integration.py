@@ -33,11 +33,14 @@ def test_accelerate_ring_of_two_matches_the_unsharded_model(tmp_path):
     out = tmp_path / "results.npz"
     torchrun_two_cpu_processes("tests/workers/accelerate_ring.py", str(out))
     results = np.load(out)
-    for packed in (False, True):
-        loss, grads = unsharded("llama", packed)
-        torch.testing.assert_close(torch.from_numpy(results[f"loss_{packed}"]), loss, rtol=1e-5, atol=1e-6)
-        for name, grad in grads.items():
-            torch.testing.assert_close(torch.from_numpy(results[f"{packed}:{name}"]), grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    for ulysses in (1, 2):
+        assert int(results[f"u{ulysses}:mesh_dims"]) == (2 if ulysses > 1 else 1), "ulysses=2 runs on a 2-D mesh"
+        for packed in (False, True):
+            loss, grads = unsharded("llama", packed)
+            torch.testing.assert_close(torch.from_numpy(results[f"u{ulysses}:loss_{packed}"]), loss, rtol=1e-5, atol=1e-6)
+            for name, grad in grads.items():
+                got = torch.from_numpy(results[f"u{ulysses}:{packed}:{name}"])
+                torch.testing.assert_close(got, grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"ulysses {ulysses} {name}: {m}")
 
 
 def test_plugin_needs_a_cp_dim_or_cp_size():

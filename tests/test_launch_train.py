@@ -46,6 +46,16 @@ def test_cp2_matches_one_rank_in_loss_and_gradients(tmp_path):
             )
 
 
+def test_ulysses_2_by_ring_2_matches_one_rank(tmp_path):
+    """--ulysses 2 at cp 4: a 2 x 2 Ulysses x ring mesh trains like one rank."""
+    argv = ["--preset", "tiny", "--steps", "2"]
+    ((losses_one, grads_one),) = values(run_ranks(train_tiny, 1, fresh_dir(tmp_path, "one"), argv + ["--cp", "1"], True))
+    losses_mesh, grads_mesh = values(run_ranks(train_tiny, 4, fresh_dir(tmp_path, "mesh"), argv + ["--cp", "4", "--ulysses", "2"], True))[0]
+    torch.testing.assert_close(torch.tensor(losses_mesh), torch.tensor(losses_one), rtol=1e-5, atol=1e-6)
+    for name in grads_one[-1]:
+        torch.testing.assert_close(torch.from_numpy(grads_mesh[-1][name]), torch.from_numpy(grads_one[-1][name]), rtol=1e-4, atol=1e-6)
+
+
 def train_each_checkpointing_mode(rank, world_size, argv):
     """Per activation-checkpointing mode: losses, final gradients, ring-attention forward calls,
     and the bytes that autograd keeps outside checkpointed regions."""
@@ -235,6 +245,8 @@ def test_dp_shard_2_by_cp_2_matches_one_rank_over_both_sequences(tmp_path):
         (["--attention-backend", "fa4"], "attention_backend: 'fa4' needs --device cuda"),
         (["--transport", "shm"], "transport: expected one of auto, nccl, copy_engine, got 'shm'"),
         (["--keep-checkpoints", "0"], "keep_checkpoints: expected a positive count, got 0"),
+        (["--cp", "4", "--ulysses", "3"], r"ulysses: expected a positive divisor of cp \(4\), got 3"),
+        (["--cp", "8", "--ulysses", "8"], r"ulysses: 8 must divide n_heads \(4\)"),
     ],
 )
 def test_bad_ring_settings_fail_at_start(flags, message):

@@ -48,3 +48,10 @@ def resolve_mesh(group: object) -> UlyssesRing | None:
             raise ValueError(f"group: a 2-D DeviceMesh needs dims named 'ulysses' and 'ring', got {names}")
         return UlyssesRing(resolve_group(group["ulysses"]), resolve_group(group["ring"]))
     return None
+
+
+def world_size_of(group: object) -> int:
+    """Ranks of `group=`, a ring or a 2-D mesh."""
+    mesh = resolve_mesh(group)
+    return resolve_group(group).world_size if mesh is None else mesh.world_size
+

@@ -12,6 +12,11 @@ with this plugin. Each rank's loss is its share of its sequence's mean scaled by
 mean over ranks that accelerate reports is the true loss and the gradients that FSDP/DDP average
 over all ranks are the unsharded gradients. accelerate refuses ParallelismConfig on CPU processes;
 there `cp_size=` builds the (dp, cp) mesh over the accelerator's processes instead.
+
+`ulysses=u` splits the cp dim into a 2-D Ulysses x ring mesh (u ulysses ranks, innermost, inside
+a ring of cp_size / u). accelerate's own `sp_size` is DeepSpeed's Ulysses, which accelerate
+forbids beside cp_size > 1, so it does not map here: a ParallelismConfig with sp_size > 1 is
+refused; use cp_size with `ulysses=` instead.
 """
 
 from __future__ import annotations
@@ -31,12 +36,18 @@ def _has_cp_dim(accelerator) -> bool:
 
 
 class RingAttentionPlugin:
-    def __init__(self, accelerator, *, cp_size: int | None = None, backend: str | None = None, transport: str | None = None):
+    def __init__(
+        self, accelerator, *, cp_size: int | None = None, ulysses: int = 1, backend: str | None = None, transport: str | None = None,
+    ):
         self.accelerator = accelerator
+        sp_size = getattr(getattr(accelerator, "parallelism_config", None), "sp_size", 1) or 1
+        if sp_size > 1:
+            raise ValueError(f"sp_size: {sp_size} is DeepSpeed's Ulysses; with this plugin set cp_size and ulysses= instead")
         self.owns_mesh = not _has_cp_dim(accelerator)  # True: accelerate does not know the cp groups
         self.cp_mesh = self._cp_mesh(accelerator, cp_size)
         self.cp_size = self.cp_mesh.size()
-        self.attn_implementation = register_ring_attention(self.cp_mesh, backend=backend, transport=transport)
+        self.ring_group = self.cp_mesh if ulysses == 1 else self._split(accelerator, ulysses)
+        self.attn_implementation = register_ring_attention(self.ring_group, backend=backend, transport=transport)
 
     @staticmethod
     def _cp_mesh(accelerator, cp_size: int | None) -> DeviceMesh:
@@ -52,9 +63,21 @@ class RingAttentionPlugin:
             raise ValueError(f"cp_size: {cp_size} must divide the number of processes ({processes})")
         return init_device_mesh(accelerator.device.type, (processes // cp_size, cp_size), mesh_dim_names=("dp", "cp"))["cp"]
 
+    def _split(self, accelerator, ulysses: int) -> DeviceMesh:
+        """The cp dim as a (ring, ulysses) mesh over the same ranks (collective: every rank makes it)."""
+        if ulysses < 1 or self.cp_size % ulysses:
+            raise ValueError(f"ulysses: {ulysses} must divide cp_size {self.cp_size}")
+        root = self.cp_mesh._get_root_mesh() if hasattr(self.cp_mesh, "_get_root_mesh") else accelerator.torch_device_mesh
+        names = list(root.mesh_dim_names)
+        cp = names.index("cp")
+        shape = list(root.mesh.shape)
+        ranks = root.mesh.reshape(*shape[:cp], self.cp_size // ulysses, ulysses, *shape[cp + 1 :])
+        names[cp : cp + 1] = ["ring", "ulysses"]
+        return DeviceMesh(root.device_type, ranks, mesh_dim_names=tuple(names))["ring", "ulysses"]
+
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's model inputs from a full batch (every cp rank passes the same batch)."""
-        local = shard_batch({key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}, group=self.cp_mesh)
+        local = shard_batch({key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}, group=self.ring_group)
         local["num_items_in_batch"] = local["num_items_in_batch"] / self.cp_size
         device = self.accelerator.device
         return {key: value.to(device) if torch.is_tensor(value) and not key.startswith("cu_seq_lens") else value for key, value in local.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..comm.group import resolve_group
+from ..comm.mesh import world_size_of
 from ..shard import shard_inputs, shift_labels
 from .transformers import SHARDS_KEY, RingShards
 
@@ -51,7 +51,7 @@ def shard_batch(batch: dict[str, torch.Tensor], group: object = None, layout: st
         "labels": local["labels"],
         "shift_labels": local["labels"],
         "num_items_in_batch": (shifted != IGNORE_INDEX).sum(),
-        SHARDS_KEY: RingShards(resolve_group(group).world_size, local["layout"], local["input_ids"].shape[-1]),
+        SHARDS_KEY: RingShards(world_size_of(group), local["layout"], local["input_ids"].shape[-1]),
     }
     if cu_seqlens is not None:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import ring_attention, ring_attention_varlen
-from ..comm.group import resolve_group
+from ..comm.mesh import world_size_of
 
 ATTENTION_NAME = "fa4_cp_ring"
 SHARDS_KEY = "fa4_cp_shards"
@@ -129,7 +129,7 @@ def ring_attention_forward(
     _refuse_unsupported(module, query, key, attention_mask, dropout, kwargs)
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     layout = setup.layout or ("zigzag" if cu_seqlens is None else "balanced")
-    _check_sharded(kwargs.get(SHARDS_KEY), query.shape[2], resolve_group(setup.group).world_size, layout)
+    _check_sharded(kwargs.get(SHARDS_KEY), query.shape[2], world_size_of(setup.group), layout)
     causal = getattr(module, "is_causal", True)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
     options = dict(

@@ -50,3 +50,17 @@ def test_fa4_ring_72_ranks_on_one_gpu(name):
     case = dataclasses.replace(CASES_BY_NAME[name], head_dim=64, batch=1, **({} if CASES_BY_NAME[name].documents else {"chunk": 16}))
     errors, baseline = check_ring(case, 72, seed=7)
     print(f"{name} W=72 errors", errors, "single-device FA4", baseline)
+
+
+@pytest.mark.parametrize(("ulysses", "ring", "name", "kv_heads"), [(2, 4, "causal_zigzag", 1), (4, 2, "balanced_window", 4), (8, 9, "causal_zigzag", 2)])
+def test_fa4_on_a_simulated_ulysses_by_ring_mesh(ulysses, ring, name, kv_heads):
+    from fa4_cp import SimulatedMesh
+
+    case = dataclasses.replace(CASES_BY_NAME[name], head_dim=64, heads=8, kv_heads=kv_heads, ulysses=ulysses, batch=1)
+    world = ulysses * ring
+    inputs = make_inputs(case, world, torch.bfloat16, seed=world)
+    truth = reference_results(case, world, inputs, torch.float64)
+    baseline = errors_against(truth, upstream_results(case, world, inputs, torch.bfloat16))
+    gpu_inputs = on_cuda(inputs)
+    per_rank = SimulatedMesh(ulysses, ring).run(lambda group: ring_results_for_rank(case, world, gpu_inputs, group, group.rank, backend="fa4"))
+    assert_ring_matches(case, world, inputs, torch.bfloat16, per_rank, baseline)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,3 +31,5 @@ if trainer.accelerator.is_main_process:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     first = next(iter(trainer.get_train_dataloader().sampler))
     np.savez(sys.argv[1], loss=np.array(losses), first=np.array(first), **{name: p.detach().numpy() for name, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()})
+# An undestroyed gloo group can abort the process at interpreter exit.
+dist.destroy_process_group()
