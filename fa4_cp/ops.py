@@ -101,7 +101,7 @@ def ring_attention_backward_op(
     dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
     dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = ring_backward(ring, q, k, v, out, lse, dout, dlse)
-    dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks)
+    dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks, ring_group)
     return dq.to(q.dtype), dk, dv, dsinks
 
 

@@ -47,3 +47,20 @@ def test_error_does_not_grow_with_ring_size(dtype, record_property):
     for name in TENSORS:
         record_property(f"{name}_ratio_w72_over_w1", errors[72][name] / errors[1][name])
         assert errors[72][name] <= 1.1 * errors[1][name], f"{name}: W=72 error {errors[72][name]:.3e} vs W=1 {errors[1][name]:.3e}"
+
+
+@pytest.mark.parametrize("world_size", [2, 8, 72])
+def test_sinks_gradient_is_rounded_once_whatever_the_ring_size(world_size):
+    """fp32 attention with bf16 sinks: the ranks' shares of ds cancel, so rounding each share to
+    bf16 would cost up to W half-ulps of the shares. The ranks' ds sum to the fp64 truth within
+    one bf16 rounding of the total, and every rank returns the same 1/W of it."""
+    case = dataclasses.replace(CASES_BY_NAME["sinks_causal_gqa"], heads=8, fixed_seq_len=4 * 144)
+    inputs = make_inputs(case, world_size, torch.float32, seed=world_size)
+    inputs = dataclasses.replace(inputs, sinks=inputs.sinks.to(torch.bfloat16))
+    truth = reference_results(case, world_size, inputs, torch.float64)["ds"]
+    per_rank = run_simulated(case, world_size, inputs)
+    assert all(torch.equal(r["ds"], per_rank[0]["ds"]) for r in per_rank), "every rank returns the same share"
+    summed = torch.stack([r["ds"].double() for r in per_rank]).sum(0)
+    one_rounding = (truth.to(torch.bfloat16).double() - truth).abs()
+    half_ulp = truth.abs().to(torch.bfloat16).double() * 2.0**-8
+    assert ((summed - truth).abs() <= torch.maximum(one_rounding, half_ulp) * 1.01 + 1e-5).all(), (summed - truth).abs()
