@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One lease's run on one GPU, most wanted part first, each under its own time limit (seconds) so
+# that the logs of the parts that finished come back:
+#
+#   bench/gpu_session.sh OUT_DIR [PART[:SECONDS] ...]      (default: features rest other)
+#
+#   features       tests/gpu/test_fa4_ring.py: the 2-D mesh, sinks, softcap, window and W = 72 cases
+#   sinks          tests/gpu/test_fa4_ring.py: the sinks cases
+#   rest           the other cases of tests/gpu/test_fa4_ring.py
+#   other          the other tests/gpu files
+#   compile_block  bench/compile_block.py (JSON)
+set -uo pipefail
+out=$1
+shift
+parts=("$@")
+[[ $# -eq 0 ]] && parts=(features rest other)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+workers=${GPU_TEST_WORKERS:-14}
+features="ulysses or sinks or softcap or window or 72"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+for package in torch flash-attn-4 nvidia-cutlass-dsl quack-kernels; do
+  python3 -c "import sys, importlib.metadata as m; print(sys.argv[1], m.version(sys.argv[1]))" "$package" 2>&1 | tail -1
+done | tee -a "$out/device.txt"
+tests() {  # tests LOG SECONDS pytest-args...
+  local log=$1 seconds=$2; shift 2
+  timeout "$seconds" python3 -m pytest -v -rs -p no:warnings -n "$workers" --durations=10 "$@" > "$out/$log" 2>&1
+  echo "exit $? after ${SECONDS}s: $log" | tee -a "$out/device.txt"
+  tail -4 "$out/$log"
+}
+for part in "${parts[@]}"; do
+  name=${part%%:*}
+  seconds=${part#*:}
+  [[ $seconds == "$part" ]] && seconds=200
+  case $name in
+    features) tests tests_gpu_features.log "$seconds" tests/gpu/test_fa4_ring.py -k "$features" ;;
+    sinks) tests tests_gpu_sinks.log "$seconds" tests/gpu/test_fa4_ring.py -k sinks ;;
+    rest) tests tests_gpu_ring_rest.log "$seconds" tests/gpu/test_fa4_ring.py -k "not ($features)" ;;
+    other) tests tests_gpu_other.log "$seconds" tests/gpu --ignore=tests/gpu/test_fa4_ring.py ;;
+    compile_block)
+      timeout "$seconds" python3 bench/compile_block.py --out "$out/compile_block.json" > "$out/compile_block.log" 2>&1
+      echo "exit $? after ${SECONDS}s: compile_block" | tee -a "$out/device.txt"
+      tail -8 "$out/compile_block.log" ;;
+    *) echo "unknown part: $name" >&2; exit 2 ;;
+  esac
+done
