@@ -9,6 +9,7 @@
 #   rest           the other cases of tests/gpu/test_fa4_ring.py
 #   other          the other tests/gpu files
 #   compile_block  bench/compile_block.py (JSON)
+#   mesh_replay    bench/mesh_replay.py (JSON)
 set -uo pipefail
 out=$1
 shift
@@ -41,6 +42,10 @@ for part in "${parts[@]}"; do
       timeout "$seconds" python3 bench/compile_block.py --out "$out/compile_block.json" > "$out/compile_block.log" 2>&1
       echo "exit $? after ${SECONDS}s: compile_block" | tee -a "$out/device.txt"
       tail -8 "$out/compile_block.log" ;;
+    mesh_replay)
+      timeout "$seconds" python3 bench/mesh_replay.py --world-sizes 8 16 32 72 --out "$out/mesh_replay.json" > "$out/mesh_replay.log" 2>&1
+      echo "exit $? after ${SECONDS}s: mesh_replay" | tee -a "$out/device.txt"
+      tail -40 "$out/mesh_replay.log" ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;
   esac
 done
