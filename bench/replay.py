@@ -61,8 +61,8 @@ class TimedBackend:
         self.forward_log: list = []
         self.backward_log: list = []
 
-    def forward(self, q, k, *, softmax_scale):
-        return _TimedPass(self.inner.forward(q, k, softmax_scale=softmax_scale), self.forward_log)
+    def forward(self, q, k, **options):
+        return _TimedPass(self.inner.forward(q, k, **options), self.forward_log)
 
     def backward(self, *args, **kwargs):
         return _TimedPass(self.inner.backward(*args, **kwargs), self.backward_log)
