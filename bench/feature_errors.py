@@ -1,6 +1,7 @@
 """Errors against fp64 of the ring's sinks, softcap and varlen-window cases, and of the
 same-precision single-device reference that sets the 2x rule's bound: one JSON row per case,
-ring size and dtype (the oracle of tests/, a simulated ring of W virtual ranks).
+ring size and dtype (the oracle of tests/, a simulated ring of W virtual ranks). With the FA4
+backend that reference is upstream FA4 on the full sequence (as in tests/gpu), else the oracle's.
 
     python bench/feature_errors.py --out bench/results/cpu_2026-12-01/feature_errors.json
     python bench/feature_errors.py --device cuda --backend fa4 --out ...   # FA4 on one GPU
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "gpu"))
 from common import record, write  # noqa: E402
 from oracle import CASES_BY_NAME, DTYPES, errors_against, make_inputs, on_cuda, reference_results, ring_results_for_rank, unshard_results  # noqa: E402
 
@@ -36,6 +38,10 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
+    if args.backend == "fa4":
+        from fa4_baseline import upstream_results as single_device
+    else:
+        single_device = reference_results
     for name in CASE_NAMES:
         case = CASES_BY_NAME[name]
         if args.backend == "fa4":
@@ -45,7 +51,7 @@ def main() -> None:
                 dtype = DTYPES[dtype_name]
                 inputs = make_inputs(case, world, dtype, seed=world)
                 truth = reference_results(case, world, inputs, torch.float64)
-                single = errors_against(truth, reference_results(case, world, inputs, dtype))
+                single = errors_against(truth, single_device(case, world, inputs, dtype))
                 device_inputs = on_cuda(inputs) if args.device == "cuda" else inputs
                 per_rank = SimulatedRing(world).run(
                     lambda group: ring_results_for_rank(case, world, device_inputs, group, group.rank, backend=args.backend)
@@ -54,7 +60,8 @@ def main() -> None:
                 ratio = {t: ring[t] / single[t] if single[t] else None for t in ring}
                 rows.append({"case": name, "world_size": world, "dtype": dtype_name, "ring_error": ring, "single_device_error": single, "ratio": ratio})
                 print(f"{name:38s} W={world:<3d} {dtype_name:5s} " + " ".join(f"{t}={ring[t]:.2e}/{single[t]:.2e}" for t in ring))
-    result = record("feature_errors", args.device, backend=args.backend, rule="ring error <= 2 x single-device error + atol", rows=rows)
+    single_name = "upstream FA4" if args.backend == "fa4" else "the oracle's reference"
+    result = record("feature_errors", args.device, backend=args.backend, single_device=single_name, rule="ring error <= 2 x single-device error + atol", rows=rows)
     if args.out:
         write(result, args.out)
 

@@ -10,6 +10,7 @@
 #   other          the other tests/gpu files
 #   compile_block  bench/compile_block.py (JSON)
 #   mesh_replay    bench/mesh_replay.py (JSON)
+#   feature_errors bench/feature_errors.py with FA4, bf16, W = 2, 8, 72 (JSON)
 set -uo pipefail
 out=$1
 shift
@@ -46,6 +47,11 @@ for part in "${parts[@]}"; do
       timeout "$seconds" python3 bench/mesh_replay.py --world-sizes 8 16 32 72 --out "$out/mesh_replay.json" > "$out/mesh_replay.log" 2>&1
       echo "exit $? after ${SECONDS}s: mesh_replay" | tee -a "$out/device.txt"
       tail -40 "$out/mesh_replay.log" ;;
+    feature_errors)
+      timeout "$seconds" python3 bench/feature_errors.py --device cuda --backend fa4 --dtypes bf16 --world-sizes 2 8 72 \
+        --out "$out/feature_errors_fa4.json" > "$out/feature_errors_fa4.log" 2>&1
+      echo "exit $? after ${SECONDS}s: feature_errors" | tee -a "$out/device.txt"
+      tail -30 "$out/feature_errors_fa4.log" ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;
   esac
 done
