@@ -17,6 +17,8 @@ if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (
 pytest.importorskip("flash_attn.cute")
 from fa4_baseline import upstream_results  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("poisoned_memory")
+
 FA4_CASES = [dataclasses.replace(case, head_dim=64) for case in CASES]
 # 128-token chunks: q slices start on a tile boundary and share one dq accumulator.
 FA4_CASES.append(dataclasses.replace(CASES_BY_NAME["causal_zigzag"], name="causal_zigzag_tile_aligned", head_dim=128, chunk=128, batch=1))
@@ -45,7 +47,7 @@ def test_fa4_ring_fp16():
     check_ring(FA4_CASES[0], 4, dtype=torch.float16)
 
 
-@pytest.mark.parametrize("name", ["causal_zigzag", "sinks_window", "sinks_balanced_window", "softcap_sinks_balanced_gqa", "varlen_window_zigzag_gqa"])
+@pytest.mark.parametrize("name", ["causal_zigzag", "balanced_causal", "sinks_window", "sinks_balanced_window", "softcap_sinks_balanced_gqa", "varlen_window_zigzag_gqa"])
 def test_fa4_ring_72_ranks_on_one_gpu(name):
     case = dataclasses.replace(CASES_BY_NAME[name], head_dim=64, batch=1, **({} if CASES_BY_NAME[name].documents else {"chunk": 16}))
     errors, baseline = check_ring(case, 72, seed=7)

@@ -1,0 +1,48 @@
+"""What the ring hands the kernels. A kernel loads whole tiles of K and V and masks the scores it
+must not use, so every K/V row it is handed must be finite: a masked zero times a NaN is NaN. The
+reference backend reads only the rows it needs, so it is wrapped here to check what FA4 would load."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from fa4_cp import SimulatedRing
+from fa4_cp.kernels import reference
+from oracle import CASES_BY_NAME, make_inputs, ring_results_for_rank
+
+
+class NonFiniteRows(list):
+    def check(self, where: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            self.append((where, tuple(k.shape), int((~torch.isfinite(v)).any(-1).any(-1).sum())))
+
+
+@pytest.fixture
+def kernel_inputs(monkeypatch) -> NonFiniteRows:
+    found = NonFiniteRows()
+    forward_step, backward_step = reference.ReferenceForwardPass.step, reference.ReferenceBackwardPass.step
+
+    def checked_forward(self, q, k, v, *args, **kwargs):
+        found.check("forward", k, v)
+        return forward_step(self, q, k, v, *args, **kwargs)
+
+    def checked_backward(self, k, v, *args, **kwargs):
+        found.check("backward", k, v)
+        return backward_step(self, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(reference.ReferenceForwardPass, "step", checked_forward)
+    monkeypatch.setattr(reference.ReferenceBackwardPass, "step", checked_backward)
+    return found
+
+
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize("world_size", [8, 72])
+@pytest.mark.parametrize("name", ["balanced_causal", "balanced_huge_gqa", "softcap_sinks_balanced_gqa", "varlen_causal"])
+def test_kernels_are_handed_finite_kv_rows(name, world_size, kernel_inputs):
+    """Under poisoned memory (every torch.empty NaN), with the travelling buffers longer than some
+    ranks' travelling rows (spread documents of unequal spans)."""
+    case = dataclasses.replace(CASES_BY_NAME[name], head_dim=16)
+    inputs = make_inputs(case, world_size, torch.bfloat16, seed=world_size)
+    SimulatedRing(world_size).run(lambda group: ring_results_for_rank(case, world_size, inputs, group, group.rank, backend="reference"))
+    assert not kernel_inputs, f"{len(kernel_inputs)} block steps got non-finite K/V rows, e.g. {kernel_inputs[:3]}"
