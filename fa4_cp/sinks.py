@@ -12,9 +12,10 @@ dP-weighted sum, since the sink's dP is zero. The sink's own gradient follows fr
 delta: dL/ds_h = sum_i P_i,sink * (0 - delta_i) = -sum_i exp(s_h - L'_i) * delta_i.
 
 A rank's share of that sum can be far larger than the total (the shares cancel), so rounding
-each share to the sinks' 16-bit dtype would cost up to W half-ulps of the shares. The shares are
-therefore summed over the ring in fp32 and every rank returns total / W: the ranks' gradients
-still sum to dL/ds, as a replicated weight's must, with one rounding, whatever W.
+each share to the sinks' 16-bit dtype would cost up to W half-ulps of the shares; so would W
+copies of a rounded total / W, for W not a power of two. The shares are therefore summed over the
+ring in fp32; ring rank 0 returns the total and the others zero. The ranks' gradients still sum
+to dL/ds, as a replicated weight's must, with one rounding, as on one device, whatever W.
 
 Rows that see no key (varlen padding) keep L = -inf and out = 0.
 """
@@ -49,7 +50,8 @@ def add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torc
 def sinks_grad(
     out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, sinks: torch.Tensor, group: RingGroup
 ) -> torch.Tensor:
-    """1/W of dL/ds over the ring's rows, from each rank's final (out', L') and their gradients."""
+    """dL/ds over the ring's rows on ring rank 0, zeros elsewhere, from each rank's final (out', L')
+    and their gradients."""
     math = lse.dtype
     delta = (dout.to(math) * out.to(math)).sum(-1).transpose(-1, -2)  # (..., h, s)
     if dlse is not None:
@@ -57,5 +59,5 @@ def sinks_grad(
     sink_probability = torch.where(lse > float("-inf"), torch.exp(_per_row(sinks, lse) - lse), 0.0)
     per_head = -(sink_probability * delta)
     share = per_head.sum(dim=-1).reshape(-1, per_head.shape[-2]).sum(0)
-    total = torch.stack(group.all_gather(share, "the all-gather of the sinks' gradient")).sum(0)  # one order on every rank
-    return (total / group.world_size).to(sinks.dtype)
+    total = torch.stack(group.all_gather(share, "the all-gather of the sinks' gradient")).sum(0)
+    return total.to(sinks.dtype) if group.rank == 0 else torch.zeros_like(sinks)

@@ -53,13 +53,13 @@ def test_error_does_not_grow_with_ring_size(dtype, record_property):
 def test_sinks_gradient_is_rounded_once_whatever_the_ring_size(world_size):
     """fp32 attention with bf16 sinks: the ranks' shares of ds cancel, so rounding each share to
     bf16 would cost up to W half-ulps of the shares. The ranks' ds sum to the fp64 truth within
-    one bf16 rounding of the total, and every rank returns the same 1/W of it."""
+    one bf16 rounding of the total: rank 0 holds it, the others zero."""
     case = dataclasses.replace(CASES_BY_NAME["sinks_causal_gqa"], heads=8, fixed_seq_len=4 * 144)
     inputs = make_inputs(case, world_size, torch.float32, seed=world_size)
     inputs = dataclasses.replace(inputs, sinks=inputs.sinks.to(torch.bfloat16))
     truth = reference_results(case, world_size, inputs, torch.float64)["ds"]
     per_rank = run_simulated(case, world_size, inputs)
-    assert all(torch.equal(r["ds"], per_rank[0]["ds"]) for r in per_rank), "every rank returns the same share"
+    assert all(not r["ds"].any() for r in per_rank[1:]), "ranks past 0 return zeros"
     summed = torch.stack([r["ds"].double() for r in per_rank]).sum(0)
     one_rounding = (truth.to(torch.bfloat16).double() - truth).abs()
     half_ulp = truth.abs().to(torch.bfloat16).double() * 2.0**-8
