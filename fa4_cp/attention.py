@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .comm.group import group_name
-from .comm.mesh import resolve_mesh
+from .comm.mesh import ring_and_ulysses_names
 from .kernels import AttentionBackend
-from .mesh_attention import mesh_attention
+from .mesh_ops import mesh_attention_op
 from .ops import backend_key, ring_attention_op
 from .validation import check_flag, check_mask, check_qkv, check_sinks, check_softcap, check_softmax_scale
 
@@ -44,11 +43,13 @@ def ring_attention(
     them out (zigzag: chunks r and 2W-1-r of 2W). Returns out (b, s_local, h, d) and, with
     `return_lse`, lse (b, h, s_local): fp32, or fp64 for fp64 inputs. `group`: None (the default
     process group; without torch.distributed, a ring of one rank), a ProcessGroup, a 1-D
-    DeviceMesh or a RingGroup such as a SimulatedRing's. `window_size` is (left, right), -1
+    DeviceMesh, a RingGroup such as a SimulatedRing's, or a 2-D DeviceMesh with dims "ulysses"
+    and "ring" (or a SimulatedMesh's group): Ulysses x ring. `window_size` is (left, right), -1
     unbounded. `softcap` caps every score s = scale * q.k as softcap * tanh(s / softcap) (Gemma 2).
     `sinks` (h,) are per-head logits that join every row's softmax denominator with a zero value
-    (gpt-oss); they are differentiable, and every rank must pass the same values (each rank's
-    gradient covers its own rows, summed across the ring like any replicated weight's).
+    (gpt-oss); they are differentiable, and every rank must pass the same values (their gradient
+    is summed over the ring and rounded once: ring rank 0 returns it, the others zeros, so the
+    sum over ranks that FSDP/DDP make is the whole gradient, like any replicated weight's).
     The lse returned includes them. `transport` ("auto", "nccl", "copy_engine"; default
     FA4_CP_TRANSPORT or "auto") picks how KV moves between GPUs. torch.compile traces it
     (fullgraph=True included) as one custom op.
@@ -101,16 +102,16 @@ def _run(q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, 
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name}: expected a string, got {value!r}")
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
-    mesh = resolve_mesh(group)
-    if mesh is not None:
-        out, lse = mesh_attention(
-            q, k, v, cu_seqlens, sinks, mesh, causal=causal, window=window, softmax_scale=scale, softcap=check_softcap(softcap),
-            layout=layout, backend=backend, transport=transport, grad=grad,
+    ring, ulysses = ring_and_ulysses_names(group)
+    if ulysses is not None:
+        out, lse, *_for_backward = mesh_attention_op(
+            q, k, v, cu_seqlens, sinks, ulysses, ring, causal, list(window), scale, check_softcap(softcap), layout,
+            backend_key(backend), transport, grad,
         )
     else:
         out, lse = ring_attention_op(
-            q, k, v, cu_seqlens, sinks, group_name(group), causal, list(window), scale, check_softcap(softcap), layout,
-            backend_key(backend), transport, grad,
+            q, k, v, cu_seqlens, sinks, ring, causal, list(window), scale, check_softcap(softcap), layout, backend_key(backend),
+            transport, grad,
         )
     if not return_lse:
         return out

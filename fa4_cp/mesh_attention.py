@@ -9,6 +9,11 @@ backward mirrors both (parallel/ulysses.py). r steps of u-times larger blocks re
 The whole call is checked before the first all-to-all: the arguments (against stand-ins of the
 ring's shapes that hold no memory), the heads' split, and the cross-rank agreement over both mesh
 dims. KV heads fewer than u are repeated to u (one per rank), never to h.
+
+`mesh_forward` and `mesh_backward` are the two halves that mesh_ops.py registers as custom ops.
+The forward returns, besides out and lse, the head-sharded tensors the backward reads, padded to
+u x the local rows so that their shapes follow from q's (the ring's own rows depend on the
+documents' lengths).
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import dataclasses
 import torch
 
 from .call import dense_call, varlen_call
-from .comm.group import group_name
+from .comm.group import RingGroup, group_by_name
 from .comm.mesh import UlyssesRing
 from .consistency import check_consistency
-from .ops import backend_key, ring_attention_op
-from .parallel.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, sequence_to_heads
+from .ops import backend_of, ring_attention_backward_op, ring_attention_op
+from .parallel.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, lse_sequence_to_heads, sequence_to_heads
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
 from .plan.sharding import Sharding
 from .validation import check_cu_seqlens
@@ -55,22 +60,42 @@ def _stand_in(like: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
     return torch.empty_strided(shape, (0,) * len(shape), dtype=like.dtype, device=like.device)
 
 
-def mesh_attention(
+def _mesh(ulysses: str, ring: str) -> UlyssesRing:
+    return UlyssesRing(group_by_name(ulysses), group_by_name(ring))
+
+
+def _pad_rows(t: torch.Tensor, rows: int, seq_dim: int, value: float = 0.0) -> torch.Tensor:
+    """`t` with rows appended along `seq_dim` up to `rows` (the last ulysses piece's padding)."""
+    missing = rows - t.shape[seq_dim]
+    if not missing:
+        return t
+    shape = list(t.shape)
+    shape[seq_dim] = missing
+    return torch.cat([t, t.new_full(shape, value)], dim=seq_dim)
+
+
+def _ring_sinks(sinks: torch.Tensor | None, group: RingGroup, head_group: int) -> torch.Tensor | None:
+    return None if sinks is None else sinks[group.rank * head_group : (group.rank + 1) * head_group]
+
+
+def mesh_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
-    mesh: UlyssesRing, *, causal: bool, window: tuple[int, int], softmax_scale: float, softcap: float | None, layout: str,
-    backend, transport: str | None, grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (q's shape) and lse (fp64) of this rank's rows."""
-    u, ulysses_rank = mesh.ulysses.world_size, mesh.ulysses.rank
+    ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
+    backend: str | None, transport: str | None, grad: bool,
+) -> tuple[torch.Tensor, ...]:
+    """out (q's shape) and lse of this rank's rows; then, for the backward, the head-sharded q,
+    k, v, out and lse of its ring rank's rows, padded to u x the local rows."""
+    mesh = _mesh(ulysses, ring)
+    u = mesh.ulysses.world_size
     heads, kv_heads = q.shape[-2], k.shape[-2]
     check_heads(heads, kv_heads, u)
     sharding = _sharding(q, cu_seqlens, mesh, layout)
     rows, head_group = sharding.ring_rows, heads // u
-    ring_sinks = None if sinks is None else sinks[ulysses_rank * head_group : (ulysses_rank + 1) * head_group]
+    ring_sinks = _ring_sinks(sinks, mesh.ulysses, head_group)
     ring_q, ring_kv = _stand_in(q, rows, head_group), _stand_in(k, rows, max(kv_heads // u, 1))
     options = dict(
-        causal=causal, window_size=window, softmax_scale=softmax_scale, softcap=softcap, sinks=ring_sinks, layout=layout,
-        return_lse=True, backend=backend, transport=transport, backward=grad,
+        causal=causal, window_size=tuple(window), softmax_scale=softmax_scale, softcap=softcap, sinks=ring_sinks, layout=layout,
+        return_lse=True, backend=backend_of(backend), transport=transport, backward=grad,
     )
     if cu_seqlens is None:
         call, _ = dense_call(ring_q, ring_kv, ring_kv, mesh.ring.world_size, **options)
@@ -82,13 +107,40 @@ def mesh_attention(
 
     if (repeat := kv_heads_for(kv_heads, u)) is not None:
         k, v = (t.index_select(-2, repeat.to(t.device)) for t in (k, v))
-    q, k, v = (sequence_to_heads(t, mesh.ulysses)[..., :rows, :, :] for t in (q, k, v))
+    heads_q, heads_k, heads_v = (sequence_to_heads(t, mesh.ulysses) for t in (q, k, v))
     out, lse = ring_attention_op(
-        q, k, v, cu_seqlens, ring_sinks, group_name(mesh.ring), causal, list(window), softmax_scale, softcap, layout,
-        backend_key(backend), transport, grad,
+        heads_q[..., :rows, :, :], heads_k[..., :rows, :, :], heads_v[..., :rows, :, :], cu_seqlens, ring_sinks, ring, causal,
+        list(window), softmax_scale, softcap, layout, backend, transport, grad,
     )
-    padding = sharding.padded_ring_rows - rows
-    if padding:  # the last ulysses piece's padding rows: out 0, lse -inf
-        out = torch.cat([out, out.new_zeros((padding, *out.shape[1:]))], dim=-3)
-        lse = torch.cat([lse, lse.new_full((*lse.shape[:-1], padding), float("-inf"))], dim=-1)
-    return heads_to_sequence(out, mesh.ulysses), lse_heads_to_sequence(lse, mesh.ulysses)
+    out = _pad_rows(out, sharding.padded_ring_rows, -3)  # padding rows: out 0, lse -inf
+    lse = _pad_rows(lse, sharding.padded_ring_rows, -1, float("-inf"))
+    return heads_to_sequence(out, mesh.ulysses), lse_heads_to_sequence(lse, mesh.ulysses), heads_q, heads_k, heads_v, out, lse
+
+
+def mesh_backward(
+    heads_q: torch.Tensor, heads_k: torch.Tensor, heads_v: torch.Tensor, heads_out: torch.Tensor, heads_lse: torch.Tensor,
+    dout: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, kv_heads: int,
+    ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
+    backend: str | None, transport: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of this rank's rows and the sinks' gradient (empty without sinks): the
+    all-to-alls of the forward in reverse around the ring's backward."""
+    mesh = _mesh(ulysses, ring)
+    u = mesh.ulysses.world_size
+    sharding = _sharding(dout, cu_seqlens, mesh, layout)
+    rows, head_group = sharding.ring_rows, heads_q.shape[-2]
+    ring_sinks = _ring_sinks(sinks, mesh.ulysses, head_group)
+    heads_dout = sequence_to_heads(dout.contiguous(), mesh.ulysses)
+    heads_dlse = None if dlse is None else lse_sequence_to_heads(dlse.contiguous(), mesh.ulysses)[..., :rows].contiguous()
+    dq, dk, dv, ring_dsinks = ring_attention_backward_op(
+        *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v, heads_out)), heads_lse[..., :rows], heads_dout[..., :rows, :, :], heads_dlse,
+        cu_seqlens, ring_sinks, ring, causal, list(window), softmax_scale, softcap, layout, backend, transport,
+    )
+    dq, dk, dv = (heads_to_sequence(_pad_rows(t.to(heads_q.dtype), sharding.padded_ring_rows, -3), mesh.ulysses) for t in (dq, dk, dv))
+    if (repeat := kv_heads_for(kv_heads, u)) is not None:  # the repeated heads' gradients add up
+        dk, dv = (t.new_zeros((*t.shape[:-2], kv_heads, t.shape[-1])).index_add_(-2, repeat.to(t.device), t) for t in (dk, dv))
+    dsinks = dout.new_empty(0)
+    if sinks is not None:
+        dsinks = torch.zeros_like(sinks)
+        dsinks[mesh.ulysses.rank * head_group : (mesh.ulysses.rank + 1) * head_group] = ring_dsinks
+    return dq, dk, dv, dsinks

@@ -39,6 +39,11 @@ def backend_key(backend: str | AttentionBackend | None) -> str | None:
     return key
 
 
+def backend_of(key: str | None) -> str | AttentionBackend | None:
+    """The backend a `backend_key` names."""
+    return _backends.get(key, key) if key is not None else None
+
+
 def _prepared(
     q, k, v, cu_seqlens, sinks, group: str, causal: bool, window: list[int], softmax_scale, softcap, layout: str,
     backend, transport, grad: bool,
@@ -48,7 +53,7 @@ def _prepared(
     ring_group = group_by_name(group)
     options = dict(
         causal=causal, window_size=tuple(window), softmax_scale=softmax_scale, softcap=softcap, sinks=sinks,
-        layout=layout, return_lse=True, backend=_backends.get(backend, backend), transport=transport, backward=grad,
+        layout=layout, return_lse=True, backend=backend_of(backend), transport=transport, backward=grad,
     )
     if cu_seqlens is None:
         call, kernels = dense_call(q, k, v, ring_group.world_size, **options)
@@ -131,4 +136,4 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
 
 torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
 
-__all__ = ["backend_key", "ring_attention_op", "ring_attention_backward_op"]
+__all__ = ["backend_key", "backend_of", "ring_attention_op", "ring_attention_backward_op"]

@@ -1,12 +1,14 @@
 """torch.compile traces ring attention as one custom op: no graph break (fullgraph=True holds),
 compiled results and gradients equal eager's, and a new sequence length recompiles no more than
-SDPA does. On 2 gloo ranks, with AOTAutograd (the ops' fake implementations and their autograd)."""
+SDPA does. On 2 gloo ranks, and on 4 as a 2 x 2 Ulysses x ring mesh (its own custom ops), with
+AOTAutograd (the ops' fake implementations and their autograd)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fa4_cp
+from fa4_cp.plan.mesh_sharding import mesh_sharding
 from ranks import run_ranks, values
 
 VARIANTS = {  # name -> (varlen, causal, window_size, softcap, sinks)
@@ -22,8 +24,9 @@ DOCUMENTS = [9, 23, 1, 31]
 class Block(torch.nn.Module):
     """Projections, ring attention, an output scale: what a compiled transformer block holds."""
 
-    def __init__(self, variant: str):
+    def __init__(self, variant: str, group=None):
         super().__init__()
+        self.group = group
         self.varlen, self.causal, self.window, self.softcap, sinks = VARIANTS[variant]
         self.proj = torch.nn.Linear(16, 4 * 8 + 2 * 2 * 8)
         self.sinks = torch.nn.Parameter(torch.randn(4)) if sinks else None
@@ -32,7 +35,7 @@ class Block(torch.nn.Module):
         q, kv = self.proj(x).split([32, 32], dim=-1)
         q = q.unflatten(-1, (4, 8))
         k, v = kv.unflatten(-1, (2, 2, 8)).unbind(-3)
-        options = dict(causal=self.causal, window_size=self.window, softcap=self.softcap, sinks=self.sinks)
+        options = dict(group=self.group, causal=self.causal, window_size=self.window, softcap=self.softcap, sinks=self.sinks)
         if self.varlen:
             out = fa4_cp.ring_attention_varlen(q[0], k[0], v[0], cu_seqlens, layout="zigzag", **options)[None]
         else:
@@ -40,11 +43,11 @@ class Block(torch.nn.Module):
         return out.flatten(-2).sigmoid() * 2
 
 
-def _inputs(variant: str, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _inputs(variant: str, rank: int, world_size: int, ulysses: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     generator = torch.Generator().manual_seed(10 + rank)
     if not VARIANTS[variant][0]:
         return torch.randn(1, 16, 16, generator=generator, requires_grad=True), None
-    sharding = fa4_cp.Sharding.documents(DOCUMENTS, world_size, "zigzag")
+    sharding = mesh_sharding(fa4_cp.Sharding.documents(DOCUMENTS, world_size // ulysses, "zigzag"), ulysses)
     cu = torch.tensor([0, *DOCUMENTS]).cumsum(0).to(torch.int32)
     return torch.randn(1, sharding.local_len, 16, generator=generator, requires_grad=True), cu
 
@@ -55,20 +58,30 @@ def _results(block: Block, x: torch.Tensor, cu: torch.Tensor | None) -> list[tor
     return [out.detach(), *torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), parameters)]
 
 
+def _compiled_against_eager(variant: str, rank: int, world_size: int, group=None, ulysses: int = 1) -> tuple[int, float]:
+    """Graph breaks, and the largest difference of compiled from eager results and gradients."""
+    torch.manual_seed(0)
+    block = Block(variant, group)
+    x, cu = _inputs(variant, rank, world_size, ulysses)
+    eager = _results(block, x, cu)
+    torch._dynamo.reset()
+    breaks = torch._dynamo.explain(block)(x, cu).graph_break_count
+    torch._dynamo.reset()
+    compiled = _results(torch.compile(block, backend="aot_eager", fullgraph=True), x, cu)
+    return breaks, max((a - b).abs().max().item() for a, b in zip(compiled, eager))
+
+
 def compiled_versus_eager(rank: int, world_size: int) -> dict:
-    report = {}
-    for variant in VARIANTS:
-        torch.manual_seed(0)
-        block = Block(variant)
-        x, cu = _inputs(variant, rank, world_size)
-        eager = _results(block, x, cu)
-        torch._dynamo.reset()
-        breaks = torch._dynamo.explain(block)(x, cu).graph_break_count
-        torch._dynamo.reset()
-        compiled = _results(torch.compile(block, backend="aot_eager", fullgraph=True), x, cu)
-        report[variant] = (breaks, max((a - b).abs().max().item() for a, b in zip(compiled, eager)))
+    report = {variant: _compiled_against_eager(variant, rank, world_size) for variant in VARIANTS}
     report["recompiles"] = {kind: _graphs_over_lengths(kind) for kind in ("ring", "sdpa")}
     return report
+
+
+def compiled_versus_eager_on_a_mesh(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size // 2, 2), mesh_dim_names=("ring", "ulysses"))
+    return {variant: _compiled_against_eager(variant, rank, world_size, mesh, ulysses=2) for variant in VARIANTS}
 
 
 def _graphs_over_lengths(kind: str) -> int:
@@ -109,3 +122,16 @@ def test_compiled_ring_has_no_graph_break_and_matches_eager(variant, reports):
 def test_new_sequence_lengths_recompile_no_more_than_sdpa(reports):
     for report in reports:
         assert report["recompiles"]["ring"] <= report["recompiles"]["sdpa"], report["recompiles"]
+
+
+@pytest.fixture(scope="module")
+def mesh_reports(tmp_path_factory):
+    return values(run_ranks(compiled_versus_eager_on_a_mesh, 4, tmp_path_factory.mktemp("compile_mesh"), timeout=600))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_2d_mesh_has_no_graph_break_and_matches_eager(variant, mesh_reports):
+    for rank, report in enumerate(mesh_reports):
+        breaks, difference = report[variant]
+        assert breaks == 0, f"rank {rank}: {breaks} graph breaks"
+        assert difference == 0.0, f"rank {rank}: compiled differs from eager by {difference:.3e}"

@@ -3,7 +3,8 @@
 Rank i of u holds rows piece i of its ring rank's rows, all heads. Before the ring, every rank
 sends head group j of its piece to rank j and stacks the pieces it receives in rank order: it then
 holds all of the ring rank's rows for head group i. After the ring, the reverse exchange brings
-each rank its own rows of every head group. The backward of one exchange is the other.
+each rank its own rows of every head group. The backward of one exchange is the other
+(mesh_attention.py runs them; mesh_ops.py makes the pair differentiable).
 """
 
 from __future__ import annotations
@@ -14,34 +15,30 @@ from ..comm.group import RingGroup
 
 
 def _exchange(x: torch.Tensor, group: RingGroup, split_dim: int, cat_dim: int) -> torch.Tensor:
+    if group.world_size == 1:
+        return x
     pieces = [piece.contiguous() for piece in x.chunk(group.world_size, dim=split_dim)]
     return torch.cat(group.all_to_all(pieces, "the Ulysses all-to-all"), dim=cat_dim)
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: RingGroup, split_dim: int, cat_dim: int) -> torch.Tensor:
-        ctx.group, ctx.split_dim, ctx.cat_dim = group, split_dim, cat_dim
-        return _exchange(x, group, split_dim, cat_dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _exchange(grad.contiguous(), ctx.group, ctx.cat_dim, ctx.split_dim), None, None, None
-
-
 def sequence_to_heads(x: torch.Tensor, group: RingGroup) -> torch.Tensor:
     """(..., s/u, h, d) of every head -> (..., s, h/u, d) of this rank's head group."""
-    return x if group.world_size == 1 else _AllToAll.apply(x, group, -2, -3)
+    return _exchange(x, group, -2, -3)
 
 
 def heads_to_sequence(x: torch.Tensor, group: RingGroup) -> torch.Tensor:
     """The inverse of `sequence_to_heads`."""
-    return x if group.world_size == 1 else _AllToAll.apply(x, group, -3, -2)
+    return _exchange(x, group, -3, -2)
 
 
 def lse_heads_to_sequence(lse: torch.Tensor, group: RingGroup) -> torch.Tensor:
     """lse (..., h/u, s) of this rank's head group -> (..., h, s/u) of its own rows."""
-    return lse if group.world_size == 1 else _AllToAll.apply(lse, group, -1, -2)
+    return _exchange(lse, group, -1, -2)
+
+
+def lse_sequence_to_heads(lse: torch.Tensor, group: RingGroup) -> torch.Tensor:
+    """The inverse of `lse_heads_to_sequence`."""
+    return _exchange(lse, group, -2, -1)
 
 
 def kv_heads_for(kv_heads: int, ulysses: int) -> torch.Tensor | None:
