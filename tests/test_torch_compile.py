@@ -111,12 +111,16 @@ def reports(tmp_path_factory):
     return values(run_ranks(compiled_versus_eager, 2, tmp_path_factory.mktemp("compile"), timeout=600))
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compiled_ring_has_no_graph_break_and_matches_eager(variant, reports):
+def assert_no_break_and_equal(reports: list[dict], variant: str) -> None:
     for rank, report in enumerate(reports):
         breaks, difference = report[variant]
         assert breaks == 0, f"rank {rank}: {breaks} graph breaks"
         assert difference == 0.0, f"rank {rank}: compiled differs from eager by {difference:.3e}"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_ring_has_no_graph_break_and_matches_eager(variant, reports):
+    assert_no_break_and_equal(reports, variant)
 
 
 def test_new_sequence_lengths_recompile_no_more_than_sdpa(reports):
@@ -131,7 +135,4 @@ def mesh_reports(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_compiled_2d_mesh_has_no_graph_break_and_matches_eager(variant, mesh_reports):
-    for rank, report in enumerate(mesh_reports):
-        breaks, difference = report[variant]
-        assert breaks == 0, f"rank {rank}: {breaks} graph breaks"
-        assert difference == 0.0, f"rank {rank}: compiled differs from eager by {difference:.3e}"
+    assert_no_break_and_equal(mesh_reports, variant)
