@@ -27,7 +27,7 @@ def sharding_for(total_len: int, world_size: int, layout: str | None = None, cu_
     return Sharding.documents(doc_lengths, world_size, layout or "balanced")
 
 
-def _placed(group: object, total_len: int, layout: str | None, cu_seqlens: torch.Tensor | None) -> tuple[ShardingRows, int, object]:
+def placement(group: object, total_len: int, layout: str | None, cu_seqlens: torch.Tensor | None) -> tuple[ShardingRows, int, object]:
     """(sharding, this rank's index in it, the group that gathers every rank's rows)."""
     mesh = resolve_mesh(group)
     if mesh is None:
@@ -54,7 +54,7 @@ def shard(
     "contiguous" cut every document on its own; ranks are padded to equal rows, and padding slots
     hold `pad_value`.
     """
-    sharding, rank, _ = _placed(group, x.shape[seq_dim], layout, cu_seqlens)
+    sharding, rank, _ = placement(group, x.shape[seq_dim], layout, cu_seqlens)
     return sharding.shard(x, rank, seq_dim, pad_value)
 
 
@@ -70,7 +70,7 @@ def unshard(
     mesh = resolve_mesh(group)
     world = resolve_group(group).world_size if mesh is None else mesh.world_size
     total = x_local.shape[seq_dim] * world if cu_seqlens is None else sum(check_cu_seqlens(cu_seqlens))
-    sharding, _, gatherer = _placed(group, total, layout, cu_seqlens)
+    sharding, _, gatherer = placement(group, total, layout, cu_seqlens)
     if x_local.shape[seq_dim] != sharding.local_len:
         raise ValueError(f"x_local: expected {sharding.local_len} rows along dim {seq_dim}, got shape {tuple(x_local.shape)}")
     return sharding.unshard(gatherer.all_gather(x_local), seq_dim)
@@ -108,7 +108,7 @@ def shard_inputs(
     """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-    sharding, rank, _ = _placed(group, input_ids.shape[-1], layout, cu_seqlens)
+    sharding, rank, _ = placement(group, input_ids.shape[-1], layout, cu_seqlens)
     seq_dim = input_ids.ndim - 1
     if position_ids is None:
         local_positions = sharding.positions(rank).to(input_ids.device).expand(*input_ids.shape[:-1], -1)

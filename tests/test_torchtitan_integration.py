@@ -1,5 +1,6 @@
 """torchtitan's Llama 3 and Qwen 3 (debug flavors, built from their registries) with fa4_cp ring
-attention installed by RingAttentionConverter, on 2 gloo ranks: the loss and every gradient
+attention installed by RingAttentionConverter, on 2 gloo ranks as a ring and as a 2 x 1
+Ulysses x ring mesh: the loss and every gradient
 against the same model unsharded under torchtitan's own SDPA attention, by FlashAttention's rule
 against fp64 (error <= 2 x the fp32 unsharded model's error + a small atol), for dense sequences
 and packed documents. torchtitan's trainer needs CUDA; it runs in the GPU issues."""
@@ -68,20 +69,23 @@ def unsharded(family: str, packed: bool, dtype):
 
 def on_ring(rank, world_size):
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
+    groups = {"ring": None, "mesh": init_device_mesh("cpu", (1, world_size), mesh_dim_names=("ring", "ulysses"))}
     results = {}
-    for family in FAMILIES:
-        for packed in (False, True):
-            model = build(family, ring=True)
-            local = shard_batch(*batch(packed))
-            loss = summed_loss(model(local.tokens, local.positions, local.attention_masks), local.labels) / local.num_tokens
-            loss.backward()
-            total = loss.detach().clone()
-            dist.all_reduce(total)
-            grads = {name: p.grad for name, p in model.named_parameters()}
-            for grad in grads.values():
-                dist.all_reduce(grad)
-            results[(family, packed)] = (total, grads)
+    for kind, group in groups.items():
+        for family in FAMILIES:
+            for packed in (False, True):
+                model = build(family, ring=True)
+                local = shard_batch(*batch(packed), group=group)
+                loss = summed_loss(model(local.tokens, local.positions, local.attention_masks), local.labels) / local.num_tokens
+                loss.backward()
+                total = loss.detach().clone()
+                dist.all_reduce(total)
+                grads = {name: p.grad for name, p in model.named_parameters()}
+                for grad in grads.values():
+                    dist.all_reduce(grad)
+                results[(kind, family, packed)] = (total, grads)
     return results
 
 
@@ -94,12 +98,13 @@ def _error(result, truth) -> float:
     return (result.double() - truth).abs().max().item()
 
 
+@pytest.mark.parametrize("kind", ["ring", "mesh"], ids=["ring", "2x1_mesh"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_ring_of_two_matches_the_unsharded_model(family, packed, ring):
+def test_two_ranks_match_the_unsharded_model(family, packed, kind, ring):
     truth_loss, truth_grads = unsharded(family, packed, torch.float64)
     fp32_loss, fp32_grads = unsharded(family, packed, torch.float32)
-    ring_loss, ring_grads = ring[(family, packed)]
+    ring_loss, ring_grads = ring[(kind, family, packed)]
     assert _error(ring_loss, truth_loss) <= 2 * _error(fp32_loss, truth_loss) + ATOL
     assert set(ring_grads) == set(truth_grads)
     for name, truth in truth_grads.items():

@@ -6,7 +6,7 @@ converter that installs it, and the batch sharding it reads.
 
     spec = llama3.model_registry("8B", converters=[RingAttentionConverter.Config()])
     model = spec.model.build()
-    local = shard_batch(tokens, labels, positions, group=mesh["cp"])    # positions: per document
+    local = shard_batch(tokens, labels, positions, group=mesh["cp"])    # positions: per document; or a 2-D mesh
     logits = model(local.tokens, local.positions, local.attention_masks)
 
 torchtitan's own context parallelism refuses varlen attention and packed documents; here each
@@ -30,7 +30,8 @@ from torchtitan.protocols.module import Module
 
 from ..attention import ring_attention, ring_attention_varlen
 from ..comm.group import resolve_group
-from ..plan.sharding import Sharding
+from ..comm.mesh import world_size_of
+from ..shard import placement
 
 IGNORE_INDEX = -100  # torchtitan's cross-entropy ignores it
 BLOCK_CAUSAL_FLEX_MODELS = ("Llama3Model.Config", "Qwen3Model.Config")
@@ -65,13 +66,12 @@ def shard_batch(
     as torchtitan's dataloaders give them). `positions` restarting at 0 mark packed documents:
     the batch is then packed into one row of documents (balanced layout by default), padding
     slots labelled IGNORE_INDEX. Without them each sequence is cut zigzag. Positions are global."""
-    ring = resolve_group(group)
     if tokens.shape != labels.shape or tokens.ndim != 2:
         raise ValueError(f"labels: expected the (batch, seq) shape of tokens {tuple(tokens.shape)}, got {tuple(labels.shape)}")
     num_tokens = int((labels != IGNORE_INDEX).sum())
     if positions is None:
-        sharding = Sharding.dense(tokens.shape[1], ring.world_size, layout or "zigzag")
-        local_positions = sharding.positions(ring.rank).to(tokens.device).expand(tokens.shape[0], -1)
+        sharding, rank, _ = placement(group, tokens.shape[1], layout or "zigzag", None)
+        local_positions = sharding.positions(rank).to(tokens.device).expand(tokens.shape[0], -1)
         cu_seqlens = None
     else:
         if positions.shape != tokens.shape:
@@ -81,11 +81,11 @@ def shard_batch(
         starts[:, 0] = True  # every sample starts a document
         bounds = [*torch.nonzero(starts.reshape(-1)).flatten().tolist(), tokens.shape[1]]
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
-        sharding = Sharding.documents([b - a for a, b in zip(bounds, bounds[1:])], ring.world_size, layout or "balanced")
-        local_positions = sharding.positions(ring.rank).to(tokens.device)[None]
-    local_tokens = sharding.shard(tokens, ring.rank, seq_dim=1)
-    local_labels = sharding.shard(labels, ring.rank, seq_dim=1, pad_value=IGNORE_INDEX)
-    masks = RingMasks(group, ring.world_size, local_tokens.shape[1], cu_seqlens, sharding.layout.name)
+        sharding, rank, _ = placement(group, tokens.shape[1], layout or "balanced", cu_seqlens)
+        local_positions = sharding.positions(rank).to(tokens.device)[None]
+    local_tokens = sharding.shard(tokens, rank, seq_dim=1)
+    local_labels = sharding.shard(labels, rank, seq_dim=1, pad_value=IGNORE_INDEX)
+    masks = RingMasks(group, world_size_of(group), local_tokens.shape[1], cu_seqlens, sharding.layout.name)
     return RingBatch(local_tokens, local_labels, local_positions, masks, num_tokens)
 
 
