@@ -26,6 +26,7 @@ MESHES = {
     (3, 5): [("causal_zigzag", 6, 3), ("gqa_one_kv_head", 6, 1), ("balanced_window", 6, 3), ("window_both_sides", 3, 3)],
     (2, 36): [("causal_zigzag", 2, 1), ("balanced_huge_gqa", 4, 2)],
     (8, 9): [("causal_zigzag", 8, 2), ("full_contiguous", 8, 8), ("balanced_short", 8, 4), ("varlen_window_zigzag_gqa", 8, 2)],
+    (4, 18): [("balanced_causal", 4, 2), ("window_causal", 8, 4)],
 }
 RUNS = [(u, r, name, heads, kv) for (u, r), cases in MESHES.items() for name, heads, kv in cases]
 
