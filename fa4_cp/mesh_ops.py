@@ -15,6 +15,7 @@ import torch
 from .comm.group import group_by_name
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
 from .mesh_attention import mesh_backward, mesh_forward
+from .ops import hold_backend
 
 
 @torch.library.custom_op("fa4_cp::mesh_attention", mutates_args=())
@@ -71,6 +72,7 @@ def _setup_context(ctx, inputs, output) -> None:
     _out, _lse, *saved = output
     ctx.save_for_backward(*saved, cu_seqlens, sinks)
     ctx.q_shape, ctx.kv_heads, ctx.settings = q.shape, k.shape[-2], settings
+    hold_backend(ctx, settings[_SETTINGS.index("backend")])
     ctx.set_materialize_grads(False)
 
 

@@ -44,6 +44,12 @@ def backend_of(key: str | None) -> str | AttentionBackend | None:
     return _backends.get(key, key) if key is not None else None
 
 
+def hold_backend(ctx, key: str | None) -> None:
+    """Keep a backend object alive on the autograd context: the registry holds it weakly, and
+    the backward finds it by its key (an object made inline in the call is gone by then)."""
+    ctx.backend = backend_of(key)
+
+
 def _prepared(
     q, k, v, cu_seqlens, sinks, group: str, causal: bool, window: list[int], softmax_scale, softcap, layout: str,
     backend, transport, grad: bool,
@@ -124,6 +130,7 @@ def _setup_context(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sinks)
     ctx.settings = settings
+    hold_backend(ctx, settings[_SETTINGS.index("backend")])
     ctx.set_materialize_grads(False)
 
 
@@ -136,4 +143,4 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
 
 torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
 
-__all__ = ["backend_key", "backend_of", "ring_attention_op", "ring_attention_backward_op"]
+__all__ = ["backend_key", "backend_of", "hold_backend", "ring_attention_op", "ring_attention_backward_op"]

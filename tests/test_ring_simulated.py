@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+import fa4_cp
 from fa4_cp import SimulatedRing
 from oracle import (
     CASES,
@@ -64,3 +65,22 @@ def test_sinks_gradient_is_rounded_once_whatever_the_ring_size(world_size):
     one_rounding = (truth.to(torch.bfloat16).double() - truth).abs()
     half_ulp = truth.abs().to(torch.bfloat16).double() * 2.0**-8
     assert ((summed - truth).abs() <= torch.maximum(one_rounding, half_ulp) * 1.01 + 1e-5).all(), (summed - truth).abs()
+
+
+@pytest.mark.parametrize("mesh", [(1, 2), (2, 2)], ids=["ring", "2x2_mesh"])
+def test_a_backend_object_made_in_the_call_lives_until_the_backward(mesh):
+    """fa4_cp's registry holds backend objects weakly; the autograd context must keep one alive."""
+    import gc
+
+    from fa4_cp import SimulatedMesh
+    from fa4_cp.kernels import ReferenceBackend
+
+    q, k, v = (torch.randn(1, 8, 4, 8, requires_grad=True) for _ in range(3))
+
+    def grads(group, backend):
+        out = fa4_cp.ring_attention(q, k, v, group=group, causal=True, backend=backend())
+        gc.collect()
+        return torch.autograd.grad(out.sum(), (q, k, v))
+
+    for named, made in zip(*(SimulatedMesh(*mesh).run(lambda g, b=b: grads(g, b)) for b in (lambda: "reference", ReferenceBackend))):
+        assert all(torch.equal(a, b) for a, b in zip(named, made))
