@@ -5,7 +5,7 @@ adds); the values the KV buffers hold do not change it. So a rank can be replaye
 executor runs with a transport that moves nothing (every buffer keeps its random contents) and a
 backend that times each block's kernels with CUDA events. Summed over blocks that is the rank's
 attention time, per ring step; around the whole call, all of its kernels. Bytes per hop follow
-from the buffers' shapes. bench/varlen.py and bench/step_overhead.py use it.
+from the buffers' shapes. bench/varlen.py and bench/mesh_replay.py use it.
 """
 
 from __future__ import annotations
@@ -17,25 +17,7 @@ import torch
 from fa4_cp.comm.buffers import BufferPool
 from fa4_cp.parallel.executor import Ring, ring_backward, ring_forward
 from fa4_cp.plan.rows import RankPlan, rank_plan
-
-
-class NullTransport:
-    """Moves nothing: shifts complete at once, buffers come from a plain pool."""
-
-    stream_ordered = False
-    watchdog = None
-
-    def __init__(self, world_size: int):
-        self.rank, self.world_size, self._pool = 0, world_size, BufferPool()
-
-    def buffers(self, channel, count, shape, dtype, device):
-        return self._pool.slots(channel, count, shape, dtype, device)
-
-    def shift(self, send, recv, offset, channel=0):
-        return self
-
-    def wait(self) -> None:
-        pass
+from step_overhead import NullTransport
 
 
 class _TimedPass:
@@ -80,7 +62,7 @@ def replay_rank(sharding, mask, rank: int, heads: int, kv_heads: int, head_dim: 
     device = torch.device("cuda")
     plan = rank_plan(sharding, mask, rank, device)
     timed = TimedBackend(backend)
-    ring = Ring(plan, NullTransport(sharding.world_size), timed, head_dim**-0.5)
+    ring = Ring(plan, NullTransport(sharding.world_size, BufferPool()), timed, head_dim**-0.5)
     rows = (sharding.local_len,) if sharding.varlen else (1, sharding.local_len)
     q = torch.randn(*rows, heads, head_dim, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(*rows, kv_heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))

@@ -31,6 +31,9 @@ ROUNDS = 7
 
 
 class NullTransport:
+    """Moves nothing: shifts complete at once, buffers come from `pool` (a BufferPool of the tree
+    measured)."""
+
     stream_ordered = False
     watchdog = None
 
@@ -64,13 +67,13 @@ class _NullPass:
 class NullBackend:
     name = "null"
 
-    def forward(self, q, k, *, softmax_scale):
+    def forward(self, q, k, **options):
         return _NullPass()
 
     def forward_step(self, *args, **kwargs) -> None:  # the interface before the consolidation
         pass
 
-    def backward(self, q, out, lse, dout, dlse, *, softmax_scale):
+    def backward(self, q, out, lse, dout, dlse, **options):
         return _NullPass(q)
 
 
