@@ -82,7 +82,7 @@ def mesh_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
     ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
     backend: str | None, transport: str | None, grad: bool,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (q's shape) and lse of this rank's rows; then, for the backward, the head-sharded q,
     k, v, out and lse of its ring rank's rows, padded to u x the local rows."""
     mesh = _mesh(ulysses, ring)

@@ -18,14 +18,7 @@ from .mesh_attention import mesh_backward, mesh_forward
 from .ops import hold_backend
 
 
-@torch.library.custom_op("fa4_cp::mesh_attention", mutates_args=())
-def mesh_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
-    ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
-    backend: str | None, transport: str | None, grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out, lse; then the head-sharded q, k, v, out and lse that the backward reads."""
-    return tuple(t.contiguous() for t in mesh_forward(q, k, v, cu_seqlens, sinks, ulysses, ring, causal, window, softmax_scale, softcap, layout, backend, transport, grad))
+mesh_attention_op = torch.library.custom_op("fa4_cp::mesh_attention", mutates_args=())(mesh_forward)
 
 
 def _heads_shape(x: torch.Tensor, u: int, heads: int) -> tuple[int, ...]:
@@ -43,18 +36,7 @@ def _(q, k, v, cu_seqlens, sinks, ulysses, ring, causal, window, softmax_scale, 
     return torch.empty_like(q), lse, heads_q, *heads_kv, torch.empty_like(heads_q), heads_lse
 
 
-@torch.library.custom_op("fa4_cp::mesh_attention_backward", mutates_args=())
-def mesh_attention_backward_op(
-    heads_q: torch.Tensor, heads_k: torch.Tensor, heads_v: torch.Tensor, heads_out: torch.Tensor, heads_lse: torch.Tensor,
-    dout: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, kv_heads: int,
-    ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
-    backend: str | None, transport: str | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of this rank's rows and the sinks' gradient (empty without sinks)."""
-    return mesh_backward(
-        heads_q, heads_k, heads_v, heads_out, heads_lse, dout, dlse, cu_seqlens, sinks, kv_heads, ulysses, ring, causal, window,
-        softmax_scale, softcap, layout, backend, transport,
-    )
+mesh_attention_backward_op = torch.library.custom_op("fa4_cp::mesh_attention_backward", mutates_args=())(mesh_backward)
 
 
 @mesh_attention_backward_op.register_fake
