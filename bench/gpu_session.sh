@@ -11,6 +11,10 @@
 #   compile_block  bench/compile_block.py (JSON)
 #   mesh_replay    bench/mesh_replay.py (JSON)
 #   feature_errors bench/feature_errors.py with FA4, bf16, W = 2, 8, 72 (JSON)
+#   step_overhead  bench/step_overhead.py on the GPU, and on BASELINE_TREE (an older checkout) if set (JSON)
+#   kernels        bench/kernels.py --quick (JSON)
+#
+# Set FA4_CP_GIT_COMMIT where the tree has no .git (a device machine's copy of it).
 set -uo pipefail
 out=$1
 shift
@@ -24,11 +28,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for package in torch flash-attn-4 nvidia-cutlass-dsl quack-kernels; do
   python3 -c "import sys, importlib.metadata as m; print(sys.argv[1], m.version(sys.argv[1]))" "$package" 2>&1 | tail -1
 done | tee -a "$out/device.txt"
+run() {  # run LOG SECONDS command...: its output in OUT_DIR/LOG, its exit and time in device.txt
+  local log=$1 seconds=$2; shift 2
+  timeout "$seconds" "$@" > "$out/$log" 2>&1
+  echo "exit $? after ${SECONDS}s: $log" | tee -a "$out/device.txt"
+  tail -30 "$out/$log"
+}
 tests() {  # tests LOG SECONDS pytest-args...
   local log=$1 seconds=$2; shift 2
-  timeout "$seconds" python3 -m pytest -v -rs -p no:warnings -n "$workers" --durations=10 "$@" > "$out/$log" 2>&1
-  echo "exit $? after ${SECONDS}s: $log" | tee -a "$out/device.txt"
-  tail -4 "$out/$log"
+  run "$log" "$seconds" python3 -m pytest -v -rs -p no:warnings -n "$workers" --durations=10 "$@"
 }
 for part in "${parts[@]}"; do
   name=${part%%:*}
@@ -39,19 +47,18 @@ for part in "${parts[@]}"; do
     sinks) tests tests_gpu_sinks.log "$seconds" tests/gpu/test_fa4_ring.py -k sinks ;;
     rest) tests tests_gpu_ring_rest.log "$seconds" tests/gpu/test_fa4_ring.py -k "not ($features)" ;;
     other) tests tests_gpu_other.log "$seconds" tests/gpu --ignore=tests/gpu/test_fa4_ring.py ;;
-    compile_block)
-      timeout "$seconds" python3 bench/compile_block.py --out "$out/compile_block.json" > "$out/compile_block.log" 2>&1
-      echo "exit $? after ${SECONDS}s: compile_block" | tee -a "$out/device.txt"
-      tail -8 "$out/compile_block.log" ;;
-    mesh_replay)
-      timeout "$seconds" python3 bench/mesh_replay.py --world-sizes 8 16 32 72 --out "$out/mesh_replay.json" > "$out/mesh_replay.log" 2>&1
-      echo "exit $? after ${SECONDS}s: mesh_replay" | tee -a "$out/device.txt"
-      tail -40 "$out/mesh_replay.log" ;;
+    compile_block) run compile_block.log "$seconds" python3 bench/compile_block.py --out "$out/compile_block.json" ;;
+    mesh_replay) run mesh_replay.log "$seconds" python3 bench/mesh_replay.py --world-sizes 8 16 32 72 --out "$out/mesh_replay.json" ;;
     feature_errors)
-      timeout "$seconds" python3 bench/feature_errors.py --device cuda --backend fa4 --dtypes bf16 --world-sizes 2 8 72 \
-        --out "$out/feature_errors_fa4.json" > "$out/feature_errors_fa4.log" 2>&1
-      echo "exit $? after ${SECONDS}s: feature_errors" | tee -a "$out/device.txt"
-      tail -30 "$out/feature_errors_fa4.log" ;;
+      run feature_errors_fa4.log "$seconds" python3 bench/feature_errors.py --device cuda --backend fa4 --dtypes bf16 \
+        --world-sizes 2 8 72 --out "$out/feature_errors_fa4.json" ;;
+    step_overhead)
+      run step_overhead.log "$seconds" python3 bench/step_overhead.py --device cuda --out "$out/step_overhead_cuda.json"
+      if [[ -n ${BASELINE_TREE:-} ]]; then
+        run step_overhead_baseline.log "$seconds" python3 bench/step_overhead.py --device cuda --tree "$BASELINE_TREE" \
+          --out "$out/step_overhead_cuda_baseline.json"
+      fi ;;
+    kernels) run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;
   esac
 done
