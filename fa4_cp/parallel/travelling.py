@@ -53,11 +53,11 @@ class TravellingKV:
             return
         self.buffers = transport.buffers(KV_CHANNEL, 2, buffer_shape(k, plan), k.dtype, k.device)
         for held, own in zip(self.buffers[0], (k, v)):
-            sent = travelling_rows(own, plan).shape[-3]
-            held.narrow(-3, 0, sent).copy_(travelling_rows(own, plan))
+            sent = travelling_rows(own, plan)
+            held.narrow(-3, 0, sent.shape[-3]).copy_(sent)
             # Rows past this rank's own travel with it and fall inside the kernels' tiles, masked:
             # a masked score's zero times a NaN left in the buffer is NaN, so they must be finite.
-            held.narrow(-3, sent, held.shape[-3] - sent).zero_()
+            held.narrow(-3, sent.shape[-3], held.shape[-3] - sent.shape[-3]).zero_()
         self.sides = [_sides(buffer, plan) for buffer in self.buffers]
 
     def held(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
