@@ -115,7 +115,6 @@ class SimulatedRing:
         return self._until(next_message, f"rank {dst} waited for rank {src}")
 
 
-
 class SimulatedGroup:
     """One virtual rank's handle on a `SimulatedRing`, or on a subgroup of its ranks (`members`,
     in group-rank order; messages kept apart by `namespace`); pass it as `group=` (a RingGroup)."""
