@@ -12,6 +12,7 @@ copy engine's symmetric memory, the peer-access check of "auto").
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import weakref
@@ -169,6 +170,18 @@ def wait_within(work, seconds: float, rank: int, world_size: int, what: str) -> 
 
 _groups: dict[str, ProcessGroupRing] = {}
 _local: LocalGroup | None = None
+# A cached ring keeps its process group, and so gloo's threads, alive past destroy_process_group;
+# if they are still running when the interpreter tears down, the process aborts. Release them
+# while the interpreter is whole.
+atexit.register(_groups.clear)
+
+
+def _is_registered(group: dist.ProcessGroup) -> bool:
+    try:
+        dist.get_rank(group)
+    except ValueError:  # destroyed with destroy_process_group
+        return False
+    return True
 
 
 def resolve_group(group: object = None) -> RingGroup:
@@ -195,6 +208,8 @@ def resolve_group(group: object = None) -> RingGroup:
         raise ValueError(f"group: expected None, a ProcessGroup, a 1-D DeviceMesh or a RingGroup, got {type(group).__name__}")
     ring = _groups.get(group.group_name)
     if ring is None or ring.group is not group:
+        for name in [name for name, cached in _groups.items() if not _is_registered(cached.group)]:
+            del _groups[name]  # their buffers and groups go with them
         ring = _groups[group.group_name] = ProcessGroupRing(group)
     return ring
 

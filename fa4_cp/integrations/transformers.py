@@ -22,6 +22,7 @@ bidirectional or chunked window, and any call argument it does not understand.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class RingShards:
 
 
 _setups: dict[str, RingSetup] = {}
+atexit.register(_setups.clear)  # a process group bound here must not outlive the interpreter (see comm/group.py)
 
 
 def register_ring_attention(
@@ -81,7 +83,7 @@ def register_ring_attention(
             f"name: {name!r} is already registered for another ring ({existing}); register this one under a name of its own"
         )
     _setups[name] = setup
-    AttentionInterface.register(name, _entry(setup))
+    AttentionInterface.register(name, _entry(name))
     return name
 
 
@@ -105,9 +107,10 @@ def _same_setup(a: RingSetup, b: RingSetup) -> bool:
         return False
 
 
-def _entry(setup: RingSetup) -> Callable:
+def _entry(name: str) -> Callable:
+    # Looks its ring up per call rather than holding it, so transformers' registry keeps no group alive.
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        return ring_attention_forward(module, query, key, value, attention_mask, scaling, dropout, ring_setup=setup, **kwargs)
+        return ring_attention_forward(module, query, key, value, attention_mask, scaling, dropout, ring_setup=_setups[name], **kwargs)
 
     return attention
 
