@@ -1,8 +1,8 @@
 """2-D context parallelism, Ulysses x ring, against the fp64 full-sequence reference by
 FlashAttention's rule, forward and backward: simulated meshes up to 8 x 9 = 72 ranks (odd sizes
-too), gloo processes at W = 4 as 2 x 2, 4 x 1 and 1 x 4 on a named 2-D DeviceMesh. A 1 x W mesh is
-today's ring bit for bit; bad input raises a ValueError naming the argument before any
-communication."""
+too), gloo processes at W = 4 as 2 x 2, 4 x 1 and 1 x 4 on a named 2-D DeviceMesh (and refused on
+one named otherwise). A 1 x W mesh is today's ring bit for bit; bad input raises a ValueError
+naming the argument before any communication."""
 
 import dataclasses
 
@@ -64,7 +64,20 @@ def gloo_mesh(rank: int, world_size: int, ulysses: int) -> dict:
         group = fa4_cp.comm.mesh.resolve_mesh(mesh)
         assert group.rank == rank, "the mesh's ring-major rank is the process rank"
         results[case.name] = ring_results_for_rank(case, world_size, inputs, mesh, rank)
+    results["named_wrongly"] = refusal_on_a_mesh_named_wrongly(world_size // ulysses, ulysses)
     return results
+
+
+def refusal_on_a_mesh_named_wrongly(*shape: int) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "cp"))
+    q = torch.randn(1, 8, 4, 8)
+    try:
+        fa4_cp.ring_attention(q, q, q, group=mesh)
+    except ValueError as error:
+        return str(error)
+    return "returned"
 
 
 @pytest.mark.slow
@@ -75,6 +88,8 @@ def test_gloo_mesh_matches_fp64_reference(ulysses, tmp_path):
         case = mesh_case(name, ulysses, heads, kv)
         inputs = make_inputs(case, 4, torch.float32, seed=ulysses)
         assert_ring_matches(case, 4, inputs, torch.float32, [local[case.name] for local in per_rank])
+    for local in per_rank:  # also here, where the processes already run: a 2-D mesh without the dim names
+        assert local["named_wrongly"].startswith("group: a 2-D DeviceMesh needs dims named 'ulysses' and 'ring', got ('dp', 'cp')")
 
 
 def refused_on_mesh(call, argument: str, expected: str) -> None:
@@ -94,24 +109,6 @@ def test_bad_input_on_a_mesh_is_refused_before_any_communication():
     q, k = torch.randn(9, 4, 8), torch.randn(9, 2, 8)
     cu = torch.tensor([0, 30, 40], dtype=torch.int32)
     refused_on_mesh(lambda g: fa4_cp.ring_attention_varlen(q, k, k, cu, group=g), "q", r"the balanced layout over 2 x 2 ranks gives each rank \d+ rows, got 9")
-
-
-def named_wrongly(rank: int, world_size: int) -> str:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
-    q = torch.randn(1, 8, 4, 8)
-    try:
-        fa4_cp.ring_attention(q, q, q, group=mesh)
-    except ValueError as error:
-        return str(error)
-    return "returned"
-
-
-@pytest.mark.slow
-def test_a_mesh_without_the_dim_names_is_refused(tmp_path):
-    for message in values(run_ranks(named_wrongly, 4, tmp_path)):
-        assert message.startswith("group: a 2-D DeviceMesh needs dims named 'ulysses' and 'ring', got ('dp', 'cp')")
 
 
 def test_a_layout_that_disagrees_across_ranks_raises_naming_it():
