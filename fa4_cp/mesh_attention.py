@@ -29,6 +29,7 @@ from .consistency import check_consistency
 from .ops import backend_of, ring_attention_backward_op, ring_attention_op
 from .parallel.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, lse_sequence_to_heads, sequence_to_heads
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
+from .plan.mesh_split import heads_split
 from .plan.sharding import Sharding
 from .validation import check_cu_seqlens
 
@@ -36,7 +37,7 @@ from .validation import check_cu_seqlens
 def check_heads(heads: int, kv_heads: int, ulysses: int) -> None:
     if heads % ulysses:
         raise ValueError(f"q: its {heads} heads do not split over {ulysses} ulysses ranks")
-    if kv_heads % ulysses and ulysses % kv_heads:
+    if not heads_split(heads, kv_heads, ulysses):
         raise ValueError(f"k: {kv_heads} KV heads over {ulysses} ulysses ranks: expected a multiple or a divisor of {ulysses}")
 
 
@@ -74,8 +75,13 @@ def _pad_rows(t: torch.Tensor, rows: int, seq_dim: int, value: float = 0.0) -> t
     return torch.cat([t, t.new_full(shape, value)], dim=seq_dim)
 
 
+def _own_heads(group: RingGroup, head_group: int) -> slice:
+    """The heads a ulysses rank runs the ring on."""
+    return slice(group.rank * head_group, (group.rank + 1) * head_group)
+
+
 def _ring_sinks(sinks: torch.Tensor | None, group: RingGroup, head_group: int) -> torch.Tensor | None:
-    return None if sinks is None else sinks[group.rank * head_group : (group.rank + 1) * head_group]
+    return None if sinks is None else sinks[_own_heads(group, head_group)]
 
 
 def mesh_forward(
@@ -142,5 +148,5 @@ def mesh_backward(
     dsinks = dout.new_empty(0)
     if sinks is not None:
         dsinks = torch.zeros_like(sinks)
-        dsinks[mesh.ulysses.rank * head_group : (mesh.ulysses.rank + 1) * head_group] = ring_dsinks
+        dsinks[_own_heads(mesh.ulysses, head_group)] = ring_dsinks
     return dq, dk, dv, dsinks

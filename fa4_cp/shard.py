@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .comm.group import resolve_group
-from .comm.mesh import resolve_mesh
+from .comm.mesh import resolve_mesh, world_size_of
 from .plan.mesh_sharding import mesh_sharding
 from .plan.sharding import Sharding, ShardingRows
 from .validation import check_cu_seqlens
@@ -67,9 +67,7 @@ def unshard(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full tensor from every rank's rows (an all-gather over `group`), padding dropped."""
-    mesh = resolve_mesh(group)
-    world = resolve_group(group).world_size if mesh is None else mesh.world_size
-    total = x_local.shape[seq_dim] * world if cu_seqlens is None else sum(check_cu_seqlens(cu_seqlens))
+    total = x_local.shape[seq_dim] * world_size_of(group) if cu_seqlens is None else sum(check_cu_seqlens(cu_seqlens))
     sharding, _, gatherer = placement(group, total, layout, cu_seqlens)
     if x_local.shape[seq_dim] != sharding.local_len:
         raise ValueError(f"x_local: expected {sharding.local_len} rows along dim {seq_dim}, got shape {tuple(x_local.shape)}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from fa4_cp.comm.transport import TRANSPORTS
 from fa4_cp.kernels import BACKEND_NAMES
+from fa4_cp.plan.mesh_split import heads_split
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"cp and dp_shard: expected positive sizes, got cp={config.cp}, dp_shard={config.dp_shard}")
     if config.ulysses < 1 or config.cp % config.ulysses:
         raise ValueError(f"ulysses: expected a positive divisor of cp ({config.cp}), got {config.ulysses}")
-    if model.n_heads % config.ulysses or (model.n_kv_heads % config.ulysses and config.ulysses % model.n_kv_heads):
+    if not heads_split(model.n_heads, model.n_kv_heads, config.ulysses):
         raise ValueError(
             f"ulysses: {config.ulysses} must divide n_heads ({model.n_heads}), and n_kv_heads ({model.n_kv_heads}) must be "
             "a multiple or a divisor of it"

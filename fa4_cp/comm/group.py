@@ -98,11 +98,7 @@ class ProcessGroupRing:
 
     def all_gather(self, tensor: torch.Tensor, what: str = "an all-gather of the ring group") -> list[torch.Tensor]:
         everyone = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        work = dist.all_gather(everyone, tensor.contiguous(), group=self.group, async_op=True)
-        if tensor.device.type == "cuda":
-            work.wait()  # stream-ordered; the caller waits for the host values under the watchdog
-        else:
-            wait_within(work, self.timeout(), self.rank, self.world_size, what)
+        self._finish(dist.all_gather(everyone, tensor.contiguous(), group=self.group, async_op=True), tensor.device, what)
         return everyone
 
     def all_gather_object(self, value: Any) -> list[Any]:
@@ -113,12 +109,14 @@ class ProcessGroupRing:
     def all_to_all(self, tensors: list[torch.Tensor], what: str = "an all-to-all of the ring group") -> list[torch.Tensor]:
         send = torch.stack([t.contiguous() for t in tensors])
         received = torch.empty_like(send)
-        work = dist.all_to_all_single(received, send, group=self.group, async_op=True)
-        if send.device.type == "cuda":
-            work.wait()
+        self._finish(dist.all_to_all_single(received, send, group=self.group, async_op=True), send.device, what)
+        return list(received.unbind(0))
+
+    def _finish(self, work, device: torch.device, what: str) -> None:
+        if device.type == "cuda":
+            work.wait()  # stream-ordered; the caller waits for the host values under the watchdog
         else:
             wait_within(work, self.timeout(), self.rank, self.world_size, what)
-        return list(received.unbind(0))
 
     def transport(self, kind: TransportKind, device: torch.device) -> Transport:
         between_gpus = device.type == "cuda" and self.world_size > 1

@@ -69,6 +69,12 @@ class MeshPlan:
     """Every split considered, with its prediction."""
 
 
+def heads_split(heads: int, kv_heads: int, ulysses: int) -> bool:
+    """Whether `ulysses` ranks can share a layer's heads: the q heads evenly, the KV heads evenly
+    or, when fewer, repeated (kv_heads a multiple or a divisor of `ulysses`)."""
+    return heads % ulysses == 0 and (kv_heads % ulysses == 0 or ulysses % kv_heads == 0)
+
+
 def plan_mesh(
     world_size: int, heads: int, kv_heads: int, seq_len: int, *, head_dim: int = 128, causal: bool = True,
     documents: list[int] | None = None, machine: Machine = H200,
@@ -77,7 +83,7 @@ def plan_mesh(
     heads over `seq_len` tokens (packed `documents`, if given), on `machine`."""
     if world_size < 1 or heads < 1 or kv_heads < 1 or heads % kv_heads or seq_len < 1:
         raise ValueError(f"world_size, heads, kv_heads, seq_len: expected positive counts with kv_heads dividing heads, got {(world_size, heads, kv_heads, seq_len)}")
-    splits = [u for u in range(1, world_size + 1) if world_size % u == 0 and heads % u == 0 and (kv_heads % u == 0 or u % kv_heads == 0)]
+    splits = [u for u in range(1, world_size + 1) if world_size % u == 0 and heads_split(heads, kv_heads, u)]
     candidates = tuple(_predict(u, world_size // u, heads, kv_heads, seq_len, head_dim, causal, documents, machine) for u in splits)
     best = min(candidates, key=lambda c: c["ms"])
     ring = next(c for c in candidates if c["ulysses"] == 1)
