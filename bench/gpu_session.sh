@@ -13,6 +13,11 @@
 #   feature_errors bench/feature_errors.py with FA4, bf16, W = 2, 8, 72 (JSON)
 #   step_overhead  bench/step_overhead.py on the GPU, and on BASELINE_TREE (an older checkout) if set (JSON)
 #   kernels        bench/kernels.py --quick (JSON)
+#   backend        tests/gpu/test_fa4_backend.py, bf16 (the backward kernel per mask, GQA and not)
+#   deterministic  tests/gpu/test_fa4_deterministic.py
+#   ring_core      tests/gpu/test_fa4_ring.py at W = 2 and 8 (no W = 72, no mesh)
+#   gpu_work       bench/gpu_work.py (JSON), and on BASELINE_TREE if set
+#   ring_overhead  bench/ring_overhead.py (JSON)
 #
 # Set FA4_CP_GIT_COMMIT where the tree has no .git (a device machine's copy of it).
 set -uo pipefail
@@ -59,6 +64,15 @@ for part in "${parts[@]}"; do
           --out "$out/step_overhead_cuda_baseline.json"
       fi ;;
     kernels) run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" ;;
+    backend) tests tests_gpu_backend.log "$seconds" tests/gpu/test_fa4_backend.py -k "not float16" ;;
+    deterministic) tests tests_gpu_deterministic.log "$seconds" -s tests/gpu/test_fa4_deterministic.py ;;
+    ring_core) tests tests_gpu_ring_core.log "$seconds" tests/gpu/test_fa4_ring.py -k "not (72 or ulysses or fp16)" ;;
+    gpu_work)
+      run gpu_work.log "$seconds" python3 bench/gpu_work.py --out "$out/gpu_work.json"
+      if [[ -n ${BASELINE_TREE:-} ]]; then
+        run gpu_work_baseline.log "$seconds" python3 bench/gpu_work.py --tree "$BASELINE_TREE" --out "$out/gpu_work_baseline.json"
+      fi ;;
+    ring_overhead) run ring_overhead.log "$seconds" python3 bench/ring_overhead.py --out "$out/ring_overhead.json" ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;
   esac
 done

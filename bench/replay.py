@@ -34,6 +34,10 @@ class _TimedPass:
     def dq(self) -> torch.Tensor:
         return self.inner.dq()
 
+    @property
+    def dk_scale(self) -> float:
+        return self.inner.dk_scale
+
 
 class TimedBackend:
     """A backend whose passes record CUDA events around every block step."""

@@ -54,6 +54,8 @@ class NullTransport:
 
 
 class _NullPass:
+    dk_scale = 1.0
+
     def __init__(self, q=None):
         self.q = q
 

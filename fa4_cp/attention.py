@@ -36,6 +36,7 @@ def ring_attention(
     return_lse: bool = False,
     backend: str | AttentionBackend | None = None,
     transport: str | None = None,
+    deterministic: bool = False,
 ) -> Output:
     """Attention of this rank's shard of q against the whole sequence's k and v, around a ring.
 
@@ -51,10 +52,15 @@ def ring_attention(
     is summed over the ring and rounded once: ring rank 0 returns it, the others zeros, so the
     sum over ranks that FSDP/DDP make is the whole gradient, like any replicated weight's).
     The lse returned includes them. `transport` ("auto", "nccl", "copy_engine"; default
-    FA4_CP_TRANSPORT or "auto") picks how KV moves between GPUs. torch.compile traces it
-    (fullgraph=True included) as one custom op.
+    FA4_CP_TRANSPORT or "auto") picks how KV moves between GPUs. `deterministic` sums every
+    gradient in a fixed order, so that the same inputs give bitwise the same gradients on every
+    run, whatever the timing (FlashAttention's flag, kept around the ring; slower: the default
+    lets the kernels' atomic adds land in any order). torch.compile traces it (fullgraph=True
+    included) as one custom op.
     """
-    return _run(q, k, v, None, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport)
+    return _run(
+        q, k, v, None, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
+    )
 
 
 def ring_attention_varlen(
@@ -73,13 +79,14 @@ def ring_attention_varlen(
     return_lse: bool = False,
     backend: str | AttentionBackend | None = None,
     transport: str | None = None,
+    deterministic: bool = False,
 ) -> Output:
     """Ring attention over packed documents, laid out by `shard(..., cu_seqlens=...)`.
 
     `layout` "balanced" (default) keeps each document whole on one rank or splits it across the
     ring, balancing attention work (plan/placement.py); "zigzag" and "contiguous" cut every
     document on its own. Every document sees the same `window_size` in token offsets, whatever
-    its chunk size. `softcap` and `sinks` as for `ring_attention`.
+    its chunk size. `softcap`, `sinks` and `deterministic` as for `ring_attention`.
 
     `cu_seqlens` is the global int32 boundaries of the unsharded documents, the same on every rank
     (a CPU tensor avoids a device sync). q (total_local, h, d), k and v (total_local, h_kv, d) hold
@@ -88,15 +95,20 @@ def ring_attention_varlen(
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor, got {cu_seqlens!r}")
-    return _run(q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport)
+    return _run(
+        q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
+    )
 
 
-def _run(q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport) -> Output:
+def _run(
+    q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
+) -> Output:
     check_qkv(q, k, v, varlen=cu_seqlens is not None)  # tensors of other devices would reach the op's fake
     check_sinks(sinks, q)
     check_flag("causal", causal)
     window = check_mask(causal, window_size)
     check_flag("return_lse", return_lse)
+    check_flag("deterministic", deterministic)
     scale = check_softmax_scale(softmax_scale, q.shape[-1])
     for name, value in (("layout", layout), ("transport", transport)):
         if value is not None and not isinstance(value, str):
@@ -106,12 +118,12 @@ def _run(q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, 
     if ulysses is not None:
         out, lse, *_for_backward = mesh_attention_op(
             q, k, v, cu_seqlens, sinks, ulysses, ring, causal, list(window), scale, check_softcap(softcap), layout,
-            backend_key(backend), transport, grad,
+            backend_key(backend), transport, deterministic, grad,
         )
     else:
         out, lse = ring_attention_op(
             q, k, v, cu_seqlens, sinks, ring, causal, list(window), scale, check_softcap(softcap), layout, backend_key(backend),
-            transport, grad,
+            transport, deterministic, grad,
         )
     if not return_lse:
         return out

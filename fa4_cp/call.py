@@ -52,6 +52,8 @@ class RingCall:
     """As asked ("auto" is resolved by the group, the same way on every rank)."""
     ulysses: int = 1
     """Ranks of the Ulysses head all-to-all around the ring (a 2-D mesh); 1 for a plain ring."""
+    deterministic: bool = False
+    """Gradients summed in a fixed order, bitwise reproducible."""
 
     @functools.cached_property
     def digest(self) -> int:
@@ -81,26 +83,28 @@ class RingCall:
             "backend": self.backend,
             "transport": self.transport,
             "ulysses": str(self.ulysses),
+            "deterministic": str(self.deterministic),
         }
 
 
 def dense_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int, *, causal: bool, window_size: tuple[int, int],
     softmax_scale: float | None, softcap: float | None, sinks: torch.Tensor | None, layout: str, return_lse: bool,
-    backend: str | AttentionBackend | None, transport: str | None, backward: bool,
+    backend: str | AttentionBackend | None, transport: str | None, backward: bool, deterministic: bool = False,
 ) -> tuple[RingCall, AttentionBackend]:
     """The RingCall of `ring_attention`, and its backend; raises ValueError naming a bad argument."""
     check_qkv(q, k, v, varlen=False)
     layout_ = get_layout(layout)
     check_local_seq_len(q.shape[1], layout_, world_size)
     sharding = Sharding.dense(q.shape[1] * world_size, world_size, layout_)
-    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward)
+    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward, deterministic)
 
 
 def varlen_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, world_size: int, *, causal: bool,
     window_size: tuple[int, int], softmax_scale: float | None, softcap: float | None, sinks: torch.Tensor | None,
     layout: str, return_lse: bool, backend: str | AttentionBackend | None, transport: str | None, backward: bool,
+    deterministic: bool = False,
 ) -> tuple[RingCall, AttentionBackend]:
     """The RingCall of `ring_attention_varlen`, and its backend; raises ValueError naming a bad argument."""
     check_qkv(q, k, v, varlen=True)
@@ -111,12 +115,15 @@ def varlen_call(
             f"cu_seqlens: its documents ({sum(doc_lengths)} tokens) take {sharding.local_len} local rows per rank "
             f"under the {layout} layout over {world_size} ranks, but q has {q.shape[0]}"
         )
-    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward)
+    return _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward, deterministic)
 
 
-def _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward) -> tuple[RingCall, AttentionBackend]:
+def _call(
+    q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, return_lse, backend, transport, backward, deterministic,
+) -> tuple[RingCall, AttentionBackend]:
     window = check_mask(causal, window_size)
     check_flag("return_lse", return_lse)
+    check_flag("deterministic", deterministic)
     kind = check_transport(transport if transport is not None else os.environ.get("FA4_CP_TRANSPORT", "auto"))
     kernels = get_backend(backend, q, backward=backward)
     call = RingCall(
@@ -131,5 +138,6 @@ def _call(q, k, sharding, causal, window_size, softmax_scale, softcap, sinks, re
         sinks=check_sinks(sinks, q),
         backend=kernels.name,
         transport=kind,
+        deterministic=deterministic,
     )
     return call, kernels

@@ -87,7 +87,7 @@ def _ring_sinks(sinks: torch.Tensor | None, group: RingGroup, head_group: int) -
 def mesh_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
     ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
-    backend: str | None, transport: str | None, grad: bool,
+    backend: str | None, transport: str | None, deterministic: bool, grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (q's shape) and lse of this rank's rows; then, for the backward, the head-sharded q,
     k, v, out and lse of its ring rank's rows, padded to u x the local rows."""
@@ -101,7 +101,7 @@ def mesh_forward(
     ring_q, ring_kv = _stand_in(q, rows, head_group), _stand_in(k, rows, max(kv_heads // u, 1))
     options = dict(
         causal=causal, window_size=tuple(window), softmax_scale=softmax_scale, softcap=softcap, sinks=ring_sinks, layout=layout,
-        return_lse=True, backend=backend_of(backend), transport=transport, backward=grad,
+        return_lse=True, backend=backend_of(backend), transport=transport, backward=grad, deterministic=deterministic,
     )
     if cu_seqlens is None:
         call, _ = dense_call(ring_q, ring_kv, ring_kv, mesh.ring.world_size, **options)
@@ -116,7 +116,7 @@ def mesh_forward(
     heads_q, heads_k, heads_v = (sequence_to_heads(t, mesh.ulysses) for t in (q, k, v))
     out, lse = ring_attention_op(
         heads_q[..., :rows, :, :], heads_k[..., :rows, :, :], heads_v[..., :rows, :, :], cu_seqlens, ring_sinks, ring, causal,
-        list(window), softmax_scale, softcap, layout, backend, transport, grad,
+        list(window), softmax_scale, softcap, layout, backend, transport, deterministic, grad,
     )
     out = _pad_rows(out, sharding.padded_ring_rows, -3)  # padding rows: out 0, lse -inf
     lse = _pad_rows(lse, sharding.padded_ring_rows, -1, float("-inf"))
@@ -127,7 +127,7 @@ def mesh_backward(
     heads_q: torch.Tensor, heads_k: torch.Tensor, heads_v: torch.Tensor, heads_out: torch.Tensor, heads_lse: torch.Tensor,
     dout: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, kv_heads: int,
     ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
-    backend: str | None, transport: str | None,
+    backend: str | None, transport: str | None, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of this rank's rows and the sinks' gradient (empty without sinks): the
     all-to-alls of the forward in reverse around the ring's backward."""
@@ -140,11 +140,11 @@ def mesh_backward(
     heads_dlse = None if dlse is None else lse_sequence_to_heads(dlse.contiguous(), mesh.ulysses)[..., :rows].contiguous()
     dq, dk, dv, ring_dsinks = ring_attention_backward_op(
         *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v, heads_out)), heads_lse[..., :rows], heads_dout[..., :rows, :, :], heads_dlse,
-        cu_seqlens, ring_sinks, ring, causal, list(window), softmax_scale, softcap, layout, backend, transport,
+        cu_seqlens, ring_sinks, ring, causal, list(window), softmax_scale, softcap, layout, backend, transport, deterministic,
     )
     dq, dk, dv = (heads_to_sequence(_pad_rows(t.to(heads_q.dtype), sharding.padded_ring_rows, -3), mesh.ulysses) for t in (dq, dk, dv))
-    if (repeat := kv_heads_for(kv_heads, u)) is not None:  # the repeated heads' gradients add up
-        dk, dv = (t.new_zeros((*t.shape[:-2], kv_heads, t.shape[-1])).index_add_(-2, repeat.to(t.device), t) for t in (dk, dv))
+    if kv_heads_for(kv_heads, u) is not None:  # the repeated heads' gradients add up, in head order
+        dk, dv = (t.unflatten(-2, (kv_heads, u // kv_heads)).sum(-2) for t in (dk, dv))
     dsinks = dout.new_empty(0)
     if sinks is not None:
         dsinks = torch.zeros_like(sinks)

@@ -26,7 +26,7 @@ def _heads_shape(x: torch.Tensor, u: int, heads: int) -> tuple[int, ...]:
 
 
 @mesh_attention_op.register_fake
-def _(q, k, v, cu_seqlens, sinks, ulysses, ring, causal, window, softmax_scale, softcap, layout, backend, transport, grad):
+def _(q, k, v, cu_seqlens, sinks, ulysses, ring, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, grad):
     u = group_by_name(ulysses).world_size
     heads, kv_local = q.shape[-2] // u, max(k.shape[-2] // u, 1)
     heads_q = q.new_empty(_heads_shape(q, u, heads))
@@ -40,13 +40,16 @@ mesh_attention_backward_op = torch.library.custom_op("fa4_cp::mesh_attention_bac
 
 
 @mesh_attention_backward_op.register_fake
-def _(heads_q, heads_k, heads_v, heads_out, heads_lse, dout, dlse, cu_seqlens, sinks, kv_heads, ulysses, ring, causal, window, softmax_scale, softcap, layout, backend, transport):
+def _(
+    heads_q, heads_k, heads_v, heads_out, heads_lse, dout, dlse, cu_seqlens, sinks, kv_heads, ulysses, ring, causal, window, softmax_scale,
+    softcap, layout, backend, transport, deterministic,
+):
     kv_shape = (*dout.shape[:-2], kv_heads, dout.shape[-1])
     dsinks = dout.new_empty(0) if sinks is None else torch.empty_like(sinks)
     return torch.empty_like(dout), heads_k.new_empty(kv_shape), heads_v.new_empty(kv_shape), dsinks
 
 
-_SETTINGS = ("ulysses", "ring", "causal", "window", "softmax_scale", "softcap", "layout", "backend", "transport")
+_SETTINGS = ("ulysses", "ring", "causal", "window", "softmax_scale", "softcap", "layout", "backend", "transport", "deterministic")
 
 
 def _setup_context(ctx, inputs, output) -> None:

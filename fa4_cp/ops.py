@@ -52,14 +52,14 @@ def hold_backend(ctx, key: str | None) -> None:
 
 def _prepared(
     q, k, v, cu_seqlens, sinks, group: str, causal: bool, window: list[int], softmax_scale, softcap, layout: str,
-    backend, transport, grad: bool,
+    backend, transport, deterministic: bool, grad: bool,
 ) -> tuple[RingCall, AttentionBackend, RingGroup]:
     """The validated call (ValueError naming a bad argument, before any communication), its
     backend and its group."""
     ring_group = group_by_name(group)
     options = dict(
         causal=causal, window_size=tuple(window), softmax_scale=softmax_scale, softcap=softcap, sinks=sinks,
-        layout=layout, return_lse=True, backend=backend_of(backend), transport=transport, backward=grad,
+        layout=layout, return_lse=True, backend=backend_of(backend), transport=transport, backward=grad, deterministic=deterministic,
     )
     if cu_seqlens is None:
         call, kernels = dense_call(q, k, v, ring_group.world_size, **options)
@@ -70,7 +70,8 @@ def _prepared(
 
 def _ring(call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor) -> Ring:
     transport = group.transport(call.transport, q.device)
-    return Ring(rank_plan(call.sharding, call.mask, group.rank, q.device), transport, kernels, call.softmax_scale, call.softcap)
+    plan = rank_plan(call.sharding, call.mask, group.rank, q.device)
+    return Ring(plan, transport, kernels, call.softmax_scale, call.softcap, call.deterministic)
 
 
 def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
@@ -82,10 +83,12 @@ def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
 def ring_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
     group: str, causal: bool, window: list[int], softmax_scale: float | None, softcap: float | None, layout: str,
-    backend: str | None, transport: str | None, grad: bool,
+    backend: str | None, transport: str | None, deterministic: bool, grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape and dtype) and the final LSE in fp64, sinks included."""
-    call, kernels, ring_group = _prepared(q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, grad)
+    call, kernels, ring_group = _prepared(
+        q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, grad,
+    )
     ring = _ring(call, kernels, ring_group, q)
     check_consistency(ring_group, call, q.device)
     out_acc, lse = ring_forward(ring, q, k, v)
@@ -95,7 +98,7 @@ def ring_attention_op(
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, grad):
+def _(q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, grad):
     return torch.empty_like(q), q.new_empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE)
 
 
@@ -104,10 +107,12 @@ def ring_attention_backward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
     dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, group: str, causal: bool,
     window: list[int], softmax_scale: float | None, softcap: float | None, layout: str, backend: str | None,
-    transport: str | None,
+    transport: str | None, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the sinks' gradient of this rank's rows (empty without sinks)."""
-    call, kernels, ring_group = _prepared(q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, True)
+    call, kernels, ring_group = _prepared(
+        q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, True,
+    )
     ring = _ring(call, kernels, ring_group, q)
     dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
     dlse = None if dlse is None else dlse.contiguous()
@@ -117,12 +122,12 @@ def ring_attention_backward_op(
 
 
 @ring_attention_backward_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport):
+def _(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic):
     dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
-_SETTINGS = ("group", "causal", "window", "softmax_scale", "softcap", "layout", "backend", "transport")
+_SETTINGS = ("group", "causal", "window", "softmax_scale", "softcap", "layout", "backend", "transport", "deterministic")
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -105,7 +105,10 @@ class ForwardPass(Protocol):
 class BackwardPass(Protocol):
     """One ring call's backward on one rank, from its final (out, lse): built once, then one
     `step` per block call. dq accumulates inside the pass, in whatever layout the backend's
-    kernel accumulates in, and leaves it once through `dq`."""
+    kernel accumulates in, and leaves it once through `dq`. dK accumulates in units of
+    `dk_scale`: whoever reads a finished sum multiplies it by `dk_scale` once."""
+
+    dk_scale: float
 
     def step(
         self,
@@ -118,9 +121,10 @@ class BackwardPass(Protocol):
         mask: BandMask,
         varlen: VarlenRows | None = None,
     ) -> None:
-        """Add the block's dq to the pass and its dk, dv to (dk_acc, dv_acc), which are in
-        `accumulator_dtype` and shaped like k, v. The block's q rows are ``q_rows`` of the pass's
-        q (dense), or the rows ``varlen`` selects (varlen, with ``q_rows`` everything)."""
+        """Add the block's dq to the pass and its dk / dk_scale, dv to (dk_acc, dv_acc), which are
+        in `accumulator_dtype`, shaped like k, v, with unit stride along head_dim. The block's q
+        rows are ``q_rows`` of the pass's q (dense), or the rows ``varlen`` selects (varlen, with
+        ``q_rows`` everything). Varlen sequences may select overlapping kv rows: their dK/dV sum."""
         ...
 
     def dq(self) -> torch.Tensor:
@@ -154,8 +158,11 @@ class AttentionBackend(Protocol):
         *,
         softmax_scale: float,
         softcap: float | None = None,
+        deterministic: bool = False,
     ) -> BackwardPass:
         """Start the backward of one ring call. ``out`` (q's dtype) and ``lse`` are final;
         ``dlse`` is the upstream lse gradient, if any. Row statistics such as
-        delta = rowsum(dout * out) - dlse are computed here, once per call, not per step."""
+        delta = rowsum(dout * out) - dlse are computed here, once per call, not per step.
+        With ``deterministic``, every gradient is summed in a fixed order: bitwise the same on
+        every run with the same inputs."""
         ...

@@ -165,7 +165,10 @@ class ReferenceBackend:
         *,
         softmax_scale: float,
         softcap: float | None = None,
+        deterministic: bool = False,
     ) -> ReferenceBackwardPass:
+        # Deterministic as it is: one thread's sums on CPU; on GPU, a block's index_add selects
+        # each row once (overlapping varlen kv rows excepted).
         return ReferenceBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
 
 
@@ -188,6 +191,8 @@ class ReferenceForwardPass:
 
 class ReferenceBackwardPass:
     """Backward of one ring call (see `BackwardPass`); dq accumulates in q's layout."""
+
+    dk_scale = 1.0
 
     def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
         math = accumulator_dtype(q.dtype)

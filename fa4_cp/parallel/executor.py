@@ -5,7 +5,8 @@ first write), the backend's pass, the tensors' views per side. The loop only pos
 launches blocks.
 
 Forward: KV travels (travelling.py); each step merges its blocks into fp32 (out, lse)
-accumulators. Backward: KV travels ahead as in the forward, dK/dV partial sums one step behind.
+accumulators. Backward: KV travels ahead as in the forward; the kernels add dK/dV into partial
+sums that follow two steps behind, so a step launches its kernels and nothing else.
 On GPU, hops run on the comm stream (comm/streams.py), so the loop never blocks the host.
 """
 
@@ -18,7 +19,7 @@ import torch
 from ..comm.transport import Transport
 from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype
 from ..plan.rows import RankPlan
-from .travelling import TravellingDKV, TravellingKV
+from .travelling import TravellingDKV, TravellingKV, travelling_rows
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Ring:
     backend: AttentionBackend
     softmax_scale: float
     softcap: float | None = None
+    deterministic: bool = False
+    """Gradients summed in a fixed order (the backend's kernels; the ring's order is fixed)."""
 
     def end_of_call(self) -> None:
         if self.transport.watchdog is not None:
@@ -85,31 +88,45 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (accumulator dtype or q's), dk and dv (new tensors in k's dtype) of the local shard."""
     plan = ring.plan
-    grads = ring.backend.backward(q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
+    grads = ring.backend.backward(
+        q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap, deterministic=ring.deterministic,
+    )
     if not plan.steps:
         return grads.dq(), torch.zeros_like(k), torch.zeros_like(v)
     q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
     kv = TravellingKV(plan, ring.transport, k, v)
     dkv = TravellingDKV(plan, ring.transport, k, accumulator_dtype(q.dtype))
+    travelling = frozenset(dkv.order)
     # dK/dV that local blocks add: they never travel
     local_dkv = torch.zeros((2, *k.shape), dtype=accumulator_dtype(q.dtype), device=k.device) if plan.has_local_blocks else None
     kv.start()
-    for step in plan.steps:
+    for index, step in enumerate(plan.steps):
         if step.next_offset:
             kv.post(step.next_offset)
-        dkv.begin_step()
+        if index in travelling:
+            dkv.begin_step(index)
         for block in step.blocks:
             if block.local:
                 rows, (k_rows, v_rows), (dk_rows, dv_rows) = slice(None), (k, v), (local_dkv[0], local_dkv[1])
             else:
                 rows, (k_rows, v_rows), (dk_rows, dv_rows) = q_rows[block.q_side], kv.held(block.kv_side), dkv.accumulator(block.kv_side)
             grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen)
-        dkv.end_step(step.step, step.next_offset or plan.home_offset)
+        if index in travelling:
+            dkv.end_step()
         kv.arrive()
     home = dkv.at_home()
     ring.end_of_call()
-    if plan.travel_len is not None:  # the travelling rows' sums join the local ones
-        local_dkv = torch.zeros((2, *k.shape), dtype=home.dtype, device=k.device) if local_dkv is None else local_dkv
-        local_dkv.narrow(-3, 0, plan.travel_len).add_(home)
+    if local_dkv is None and (home is None or plan.travel_len is not None):
+        local_dkv = torch.zeros((2, *k.shape), dtype=accumulator_dtype(q.dtype), device=k.device)
+    if local_dkv is not None:  # the travelling rows' sums join the local ones
+        if home is not None:
+            travelling_rows(local_dkv, plan).add_(home)
         home = local_dkv
-    return grads.dq(), home[0].to(k.dtype, copy=True), home[1].to(v.dtype, copy=True)
+    return grads.dq(), _finished(home[0], grads.dk_scale, k.dtype), _finished(home[1], 1.0, v.dtype)
+
+
+def _finished(total: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor of `dtype` holding total * scale, rounded once."""
+    if scale == 1.0:
+        return total.to(dtype, copy=True)
+    return torch.mul(total, scale, out=torch.empty(total.shape, dtype=dtype, device=total.device))

@@ -84,49 +84,77 @@ class TravellingKV:
 
 
 class TravellingDKV:
-    """dK/dV partial sums, in the accumulator dtype, moving one step behind the KV.
+    """dK/dV partial sums in the accumulator dtype, added to by the kernels in place, two active
+    steps behind the KV they belong to.
 
-    Each step computes into a zeroed buffer; once that compute is done the partial sums arriving
-    from the previous rank are added, and the total leaves for the next step's rank while that
-    step computes (three buffers: one computing, one sent, one received). After the last active
-    step each partial sum jumps home to its owner in one hop.
+    The steps that compute against travelling KV take turns between two chains. A chain's buffer
+    starts zeroed at its first step; each later step's kernels add into the buffer that arrived
+    from the rank that held the same KV two steps earlier, and the buffer then leaves for the rank
+    that will hold that KV two steps on (home after the last two). So a hop has a whole step of
+    compute to land, and a step launches only its kernels: no zeroing, no adds. The rank's own
+    sum is the two chains' last buffers, added once per call. Four buffers rotate (one computing,
+    one received for the next step, one sent, one receiving), in the same order on every rank.
     """
+
+    SLOTS = 4
 
     def __init__(self, plan: RankPlan, transport: Transport, like: torch.Tensor, dtype: torch.dtype):
         self.plan, self.transport = plan, transport
-        count = 3 if moves(plan) else 1
-        self.free = transport.buffers(DKV_CHANNEL, count, buffer_shape(like, plan), dtype, like.device)
-        self.sides = {buffer.data_ptr(): _sides(buffer, plan) for buffer in self.free}
-        self.computing = self.free.pop()
-        self.in_flight: tuple[Arrival, torch.Tensor, torch.Tensor] | None = None
+        self.order = travelling_steps(plan)
+        self.hops = _chain_hops(plan, self.order)
+        count = self.SLOTS if any(self.hops) else 2
+        self.slots = transport.buffers(DKV_CHANNEL, count, buffer_shape(like, plan), dtype, like.device)
+        self.sides = [_sides(slot, plan) for slot in self.slots]
+        self.position = -1  # index into self.order of the step computing now
+        self.pending: dict[int, Arrival] = {}  # slot -> the hop that fills it
+        self.finals: list[torch.Tensor] = []  # the chains' last buffers kept here: own KV, no hop home
 
-    def begin_step(self) -> None:
-        self.computing.zero_()
+    def begin_step(self, index: int) -> None:
+        """Before the kernels of plan step `index` (a step in `self.order`)."""
+        self.position += 1
+        slot = self.position % len(self.slots)
+        if self.position < 2:
+            self.slots[slot].zero_()
+        else:
+            self.pending.pop(slot).arrive()
 
     def accumulator(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dK, dV) rows of a kv side that this step adds into."""
-        return self.sides[self.computing.data_ptr()][side]
+        """(dK, dV) rows of a kv side that this step's kernels add into."""
+        return self.sides[self.position % len(self.slots)][side]
 
-    def end_step(self, step: int, offset: int) -> None:
-        """Fold in the partials that arrived, then send the sum `offset` ranks on (0: keep it)."""
-        if self.in_flight is not None:
-            pending, sent, received = self.in_flight
-            pending.arrive()
-            self.computing += received
-            self.free += [sent, received]
-            self.in_flight = None
+    def end_step(self) -> None:
+        """After the step's kernels: the buffer leaves for its next holder, or home."""
+        offset, slot = self.hops[self.position], self.position % len(self.slots)
         if offset == 0:
+            self.finals.append(self.slots[slot])
             return
-        target = self.free.pop()
-        hop = Hop("dKV", step, offset, self.plan.rank, self.plan.world_size)
-        self.in_flight = (post_hop(self.transport, self.computing, target, offset, DKV_CHANNEL, hop), self.computing, target)
-        self.computing = self.free.pop()
+        landing = (self.position + 2) % len(self.slots)
+        hop = Hop("dKV", self.plan.steps[self.order[self.position]].step, offset, self.plan.rank, self.plan.world_size)
+        self.pending[landing] = post_hop(self.transport, self.slots[slot], self.slots[landing], offset, DKV_CHANNEL, hop)
 
-    def at_home(self) -> torch.Tensor:
-        """(2, ...) dK and dV of this rank's own travelling rows, once the last hop has arrived."""
-        if self.in_flight is None:
-            home = self.computing
-        else:
-            pending, _, home = self.in_flight
-            pending.arrive()
+    def at_home(self) -> torch.Tensor | None:
+        """(2, ...) dK and dV sums of this rank's own travelling rows (a transport buffer, or a
+        new tensor), once the last hops have landed; None when nothing travelled."""
+        for arrival in self.pending.values():
+            arrival.arrive()
+        parts = self.finals + [self.slots[slot] for slot in self.pending]
+        self.pending = {}
+        if not parts:
+            return None
+        home = parts[0] if len(parts) == 1 else torch.add(parts[0], parts[1])
         return home if self.plan.travel_len is None else home.narrow(-3, 0, self.plan.travel_len)
+
+
+def travelling_steps(plan: RankPlan) -> tuple[int, ...]:
+    """Indices of the plan's steps whose kernels may read travelling KV, the same on every rank."""
+    return tuple(range(1 if plan.local_first_step else 0, len(plan.steps)))
+
+
+def _chain_hops(plan: RankPlan, order: tuple[int, ...]) -> list[int]:
+    """Per travelling step, how far its dK/dV buffer moves: to the rank holding the same KV two
+    travelling steps later, or home; 0 when it is home already (the rank's own KV)."""
+    steps = [plan.steps[index].step for index in order]
+    return [
+        (steps[position + 2] - step if position + 2 < len(steps) else -step) % plan.world_size
+        for position, step in enumerate(steps)
+    ]

@@ -56,6 +56,8 @@ class RankPlan:
     """This rank's local rows that travel, from the first; None: every row."""
     buffer_len: int | None = None
     """Rows of the travelling buffers, the same on every rank; None: every local row."""
+    local_first_step: bool = False
+    """On every rank, the first step is step 0 and all its blocks are local: nothing travels there."""
 
     @functools.cached_property
     def has_local_blocks(self) -> bool:

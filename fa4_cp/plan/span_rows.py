@@ -69,7 +69,7 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
         planned.append(PlannedStep(step, step_blocks, steps[index + 1] - step if index + 1 < len(steps) else 0))
     return RankPlan(
         world, rank, (None,), (None,), tuple(planned), writes_first=False,
-        travel_len=sharding.travel_len(rank), buffer_len=sharding.buffer_len,
+        travel_len=sharding.travel_len(rank), buffer_len=sharding.buffer_len, local_first_step=True,
     )
 
 

@@ -3,8 +3,8 @@
     CUTE_DSL_ARCH=sm_90a python tests/workers/compile_kernels.py sm_90a
 
 sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
-causal and windowed, softcapped), FA4's Hopper backward as fa4_cp configures it (GQA and not, varlen), and
-the stand-alone merge kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward
+causal and windowed, softcapped), its Hopper backward accumulating dK/dV (GQA and not, varlen,
+first-write, deterministic), and the stand-alone merge kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward
 (as blackwell.py calls them, under torch's FakeTensorMode) and the merge kernel. Prints one JSON
 line: each kernel's name and error (None when it compiled), and the `.target` of the PTX kept.
 Upstream's persistent schedulers ask the driver for the SM count while tracing; here a stand-in
@@ -60,8 +60,13 @@ def hopper_kernels() -> dict:
         "forward varlen window softcap merging": forward_kernel(window, True, True, 2, 30.0),
         "backward causal gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, causal, False, None),
         "backward causal": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None),
+        "backward causal first write": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None, write_first=True),
         "backward varlen full gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, Fa4Window(False, False, None, None), True, None),
         "backward varlen window softcap gqa": lambda: backward_sm90._compile(tiles, BFloat16, 2, window, True, 30.0),
+        "backward deterministic causal gqa first write": lambda: backward_sm90._compile(
+            tiles, BFloat16, 4, causal, False, None, write_first=True, deterministic=True,
+        ),
+        "backward deterministic varlen window": lambda: backward_sm90._compile(tiles, BFloat16, 1, window, True, None, deterministic=True),
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
     }
 

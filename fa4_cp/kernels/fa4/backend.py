@@ -42,7 +42,7 @@ class FA4Backend:
     Hopper: the forward merges each tile into the accumulators in its epilogue (no extra pass,
     no 16-bit rounding per step), or with `fused_merge=False` runs upstream's forward and the
     stand-alone merge kernel (the baseline). The backward accumulates dq in FA4's own layout
-    across the steps of a call. Blackwell: see blackwell.py (untested here). The inputs and the
+    across the steps of a call, and dK/dV in the ring's fp32 buffers from inside the kernel. Blackwell: see blackwell.py (untested here). The inputs and the
     architecture are checked once per pass, not per step.
     """
 
@@ -57,11 +57,11 @@ class FA4Backend:
             return Sm90ForwardPass(q, k, softmax_scale, softcap)
         return MergeAfterForwardPass(softmax_scale, softcap)
 
-    def backward(self, q, out, lse, dout, dlse, *, softmax_scale: float, softcap: float | None = None):
+    def backward(self, q, out, lse, dout, dlse, *, softmax_scale: float, softcap: float | None = None, deterministic: bool = False):
         check_inputs(q, backward=True)
         if fa4_arch(q.device) == 9:
-            return Sm90BackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
-        return UpstreamBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
+            return Sm90BackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap, deterministic)
+        return UpstreamBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap, deterministic)
 
 
 @functools.cache

@@ -5,16 +5,15 @@ one lane run), FA4's preprocess computes delta = rowsum(dout * out) - dlse and l
 the padded layout the kernel reads. Every step's kernel then adds its dq into the q side's fp32
 tiled accumulator; dense q sides that start on a tile boundary share one accumulator for the
 whole shard. `dq` reads the accumulators back once: with upstream's postprocess (rounded once
-to q's dtype) when one accumulator holds all of dq, else in fp32 and summed. dK/dV are per
-step: added into the ring's fp32 buffers (16-bit kernel output without GQA, fp32 tiles with GQA).
-The pass binds the tile configuration, its geometries and tile orders, and each kernel it uses,
-once; a step looks its kernel up by window kind and launches.
+to q's dtype) when one accumulator holds all of dq, else in fp32 and summed. dK/dV go straight
+from the kernel into the caller's fp32 buffers (backward_sm90.py), unscaled: a step launches one
+kernel and nothing else. The pass binds the tile configuration and each kernel it uses once; a
+step looks its kernel up by window kind and launches.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,50 +43,46 @@ class _QSide:
 
 
 class Sm90BackwardPass:
-    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False):
         self.q, self.out, self.dout, self.softmax_scale, self.softcap = q, out, dout, softmax_scale, softcap
+        self.deterministic = deterministic
+        self.dk_scale = softmax_scale  # the kernel adds dK unscaled
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
         self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1])
-        self.dq_tiles, self.dkv_tiles = _geometries(tiles)
+        self.dq_tiles = _dq_geometry(tiles)
         self.sides: dict[tuple, _QSide] = {}
         self.whole_dq: torch.Tensor | None = None
         self._kernels: dict[tuple, object] = {}
-        self._dkv_order: torch.Tensor | None = None
 
     def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
         side = self._side(q_rows, varlen)
         q = side.q
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
-        gqa = q.shape[-2] != k.shape[-2]
-        if not gqa:
-            dk, dv = (torch.zeros_like(t) if varlen else torch.empty_like(t) for t in (k, v))
-        else:
-            padded = self._kv_padded_rows(k, varlen)
-            dk, dv = (torch.zeros(*k.shape[:-3], k.shape[-2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=k.device) for _ in range(2))
         window = block_window(mask, q, k, varlen)
         key = (window.kind, varlen is not None)
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = backward_kernel(self.tiles, q.dtype, q.shape[-2] // k.shape[-2], window, varlen is not None, self.softcap)
+            kernel = self._kernels[key] = backward_kernel(
+                self.tiles, q.dtype, q.shape[-2] // k.shape[-2], window, varlen is not None, self.softcap, deterministic=self.deterministic,
+            )
         kernel(
-            q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk, dv, self.softmax_scale, *varlen_arguments(varlen),
-            window.left, window.right, None, None, None, NO_AUX, None, None,
+            q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale, *varlen_arguments(varlen),
+            window.left, window.right, *self._semaphores(q, k, varlen), NO_AUX, None, None,
         )
-        if not gqa:
-            dk_acc += dk
-            dv_acc += dv
-            return
-        if self._dkv_order is None:
-            self._dkv_order = tile_order(self.dkv_tiles, SM90, k.device)
-        for accum, target, scale in ((dk, dk_acc, self.softmax_scale), (dv, dv_acc, 1.0)):
-            values = self.dkv_tiles.untile(accum, self._dkv_order)
-            if varlen is None:
-                target.add_(rearrange(values[..., : k.shape[1], :], "b h s d -> b s h d"), alpha=scale)
-            else:
-                index, padded_row = _varlen_rows(varlen, "kv", self.dkv_tiles.tile)
-                target.index_add_(0, index, rearrange(values[:, padded_row], "h s d -> s h d"), alpha=scale)
+
+    def _semaphores(self, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> tuple:
+        """Deterministic mode: upstream's turn counters, zeroed for each launch. dq: (b, h, m blocks,
+        1); dK/dV: (b, h_kv, n blocks, 2). For varlen, b is the sequences, and the blocks bound the
+        longest sequence by the total rows."""
+        if not self.deterministic:
+            return (None, None, None)
+        lead = (len(varlen.seqused_q),) if varlen is not None else q.shape[:1]
+        m_blocks = -(-q.shape[-3] // self.tiles.tile_m)
+        n_blocks = -(-k.shape[-3] // self.tiles.tile_n)
+        zeros = functools.partial(torch.zeros, dtype=torch.int32, device=q.device)
+        return zeros(*lead, q.shape[-2], m_blocks, 1), zeros(*lead, k.shape[-2], n_blocks, 2), zeros(*lead, k.shape[-2], n_blocks, 2)
 
     def dq(self) -> torch.Tensor:
         owned = [side for side in self.sides.values() if side.owns_accum]
@@ -164,37 +159,16 @@ class Sm90BackwardPass:
             self.whole_dq = torch.zeros(q.shape[0], q.shape[2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=q.device)
         return self.whole_dq
 
-    def _kv_padded_rows(self, k: torch.Tensor, varlen: VarlenRows | None) -> int:
-        if varlen is None:
-            return self.dkv_tiles.padded_rows(k.shape[1])
-        return self.dkv_tiles.varlen_padded_rows(k.shape[0], varlen.seqused_k.shape[0])
-
 
 @functools.cache
-def _geometries(tiles: BackwardTiles) -> tuple[TileGeometry, TileGeometry]:
-    """How the dq and the (GQA) dK/dV accumulators of a tile configuration are tiled."""
+def _dq_geometry(tiles: BackwardTiles) -> TileGeometry:
+    """How the dq accumulator of a tile configuration is tiled."""
     config = tiles.config
-    common = dict(head_dim=tiles.head_dim, head_dim_rounded=tiles.head_dim_rounded, hdim_multiple_of=tiles.hdim_multiple_of)
-    dq = TileGeometry(
-        tiles.tile_m, num_threads=128 if config.dQ_single_wg else config.num_wg * 128,
-        atom_layout=config.AtomLayoutMdQ, swap_ab=config.dQ_swapAB, **common,
+    return TileGeometry(
+        tiles.tile_m, num_threads=128 if config.dQ_single_wg else config.num_wg * 128, atom_layout=config.AtomLayoutMdQ,
+        swap_ab=config.dQ_swapAB, head_dim=tiles.head_dim, head_dim_rounded=tiles.head_dim_rounded,
+        hdim_multiple_of=tiles.hdim_multiple_of,
     )
-    dkv = TileGeometry(
-        tiles.tile_n, num_threads=config.num_wg * 128, atom_layout=config.AtomLayoutNdKV, swap_ab=config.dKV_swapAB, **common,
-    )
-    return dq, dkv
-
-
-_varlen_cache: weakref.WeakKeyDictionary[VarlenRows, dict] = weakref.WeakKeyDictionary()
-
-
-def _varlen_rows(varlen: VarlenRows, side: str, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, padded row) of every row a varlen side selects. Built once per rows."""
-    per_rows = _varlen_cache.setdefault(varlen, {})
-    if (side, tile) not in per_rows:
-        cu, used = (varlen.cu_seqlens_q, varlen.seqused_q) if side == "q" else (varlen.cu_seqlens_k, varlen.seqused_k)
-        per_rows[(side, tile)] = _sequence_rows(cu, used, tile)
-    return per_rows[(side, tile)]
 
 
 def _sequence_rows(cu: torch.Tensor, used: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,30 +1,46 @@
-"""FA4's Hopper backward for one block: the tile configuration, and the kernel compiled once per
-configuration (cached in memory and on disk).
+"""FA4's Hopper backward for one block, with dK/dV accumulated by the kernel itself.
 
-The kernel is upstream's FlashAttentionBackwardSm90, unchanged. It reads FA4's padded row
-statistics (lse * log2(e), and delta as dpsum) and adds the block's dq into an fp32 dq
-accumulator in FA4's tiled layout, so dq accumulates across ring steps with no pass of its own.
-dK/dV of a kv block come out per call: 16-bit and scaled when each kv head serves one q head,
-fp32 unscaled in FA4's tiled accumulator layout for GQA.
+`AccumulatingBackwardSm90` is upstream's FlashAttentionBackwardSm90 with one part replaced: the
+dK/dV epilogue. Upstream writes dK/dV as 16-bit tensors (one q head per kv head) or reduces them
+into fp32 accumulators in its own tiled layout (GQA), to be post-processed. Here the epilogue adds
+each tile's dK and dV straight into the caller's fp32 buffers, shaped like K and V (any row and
+head strides), at the rows the block addresses: the q heads of a kv head meet there through
+atomic adds, so GQA is reduced inside the kernel, and varlen entries whose KV ranges overlap sum.
+dK is left unscaled (the caller scales the sum once). In `write_first` mode the tile overwrites
+its rows instead (one q head per kv head, or deterministic GQA, where the first head writes).
+With `deterministic`, upstream's semaphores order dq's accumulation, and the q heads of a kv head
+take turns on dK/dV in head order, so every sum is added in a fixed order.
+
+Everything else, main loop, dq accumulation and schedulers, is upstream's, compiled once per
+configuration (cached in memory and on disk). dq accumulates across ring steps in FA4's fp32
+tiled layout, read back once per call.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import astuple, dataclass
+from typing import Optional
 
+import cuda.bindings.driver as cuda
+import cutlass
 import cutlass.cute as cute
 import torch
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, const_expr
+from flash_attn.cute import barrier
 from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
 from flash_attn.cute.interface import BwdConfig, _tile_size_bwd_sm90, torch2cute_dtype_map
-from flash_attn.cute.utils import create_softcap_scoremod, create_softcap_scoremod_bwd
+from flash_attn.cute.block_sparsity import BlockSparseTensors
+from flash_attn.cute.named_barrier import NamedBarrierBwd
+from flash_attn.cute.utils import AuxData, create_softcap_scoremod, create_softcap_scoremod_bwd, elem_pointer
+from quack import layout_utils
 from quack.compile_utils import make_fake_tensor
 
 from .arguments import NO_AUX
 from .compile_cache import kernel_cache
 from .fake_tensors import FakeBlockRows
 from .masks import Fa4Window
+from .vector_memory import add_pair, store_pair
 
 _compiled = kernel_cache("backward_sm90")
 
@@ -69,29 +85,182 @@ class BackwardTiles:
         return (self.config.num_wg + 1) * 128
 
 
+class _OneHeadAsGroup(int):
+    """A GQA ratio of 1 that upstream's set-up reads as a group. Upstream routes on
+    `qhead_per_kvhead == 1` (16-bit dK/dV through TMA) against `> 1` (fp32 accumulators, a kv head
+    index divided by the ratio, dK left unscaled); this kernel always takes the second route, so
+    its ratio of 1 answers as a group there, while its value (the divisor, the `%` of the dK/dV
+    turn) stays 1."""
+
+    def __eq__(self, other):
+        return False if other == 1 else int.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __gt__(self, other):
+        return True if other == 1 else int.__gt__(self, other)
+
+    __hash__ = int.__hash__
+
+
+class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
+    """Upstream's Hopper backward whose epilogue accumulates dK/dV into fp32 row buffers (see the
+    module's docstring). dK and dV are (b, s, h_kv, d) or varlen (total, h_kv, d) fp32 tensors with
+    unit stride along d."""
+
+    def __init__(self, *args, qhead_per_kvhead: int, write_first: bool, **kwargs):
+        super().__init__(*args, qhead_per_kvhead=qhead_per_kvhead, **kwargs)
+        if qhead_per_kvhead == 1:
+            self.qhead_per_kvhead = _OneHeadAsGroup(1)
+        if write_first and qhead_per_kvhead > 1 and not self.deterministic:
+            raise ValueError("write_first with GQA needs deterministic: the q heads of a kv head race otherwise")
+        if self.dKV_swapAB:
+            raise ValueError("AccumulatingBackwardSm90 needs dKV_swapAB=False (rows of dK/dV across each thread's pairs)")
+        self.write_first = write_first
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        mdO: cute.Tensor,
+        mLSE: cute.Tensor,
+        mdPsum: cute.Tensor,
+        mdQaccum: cute.Tensor,
+        mdK: cute.Tensor,
+        mdV: cute.Tensor,
+        softmax_scale: Float32,
+        mCuSeqlensQ: Optional[cute.Tensor] = None,
+        mCuSeqlensK: Optional[cute.Tensor] = None,
+        mSeqUsedQ: Optional[cute.Tensor] = None,
+        mSeqUsedK: Optional[cute.Tensor] = None,
+        window_size_left: Int32 | int | None = None,
+        window_size_right: Int32 | int | None = None,
+        mdQ_semaphore: Optional[cute.Tensor] = None,
+        mdK_semaphore: Optional[cute.Tensor] = None,
+        mdV_semaphore: Optional[cute.Tensor] = None,
+        aux_data: AuxData = AuxData(),
+        blocksparse_tensors: Optional[BlockSparseTensors] = None,
+        mCuTotalMBlocks: Optional[cute.Tensor] = None,
+        stream: cuda.CUstream = None,
+    ):
+        # Upstream's set-up permutes fp32 accumulators as (b, h_kv, rows) or (h_kv, rows); the
+        # rows mode carries (s, d) whole to the epilogue.
+        super().__call__(
+            mQ, mK, mV, mdO, mLSE, mdPsum, mdQaccum, _rows_carrier(mdK), _rows_carrier(mdV), softmax_scale,
+            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, window_size_left, window_size_right,
+            mdQ_semaphore, mdK_semaphore, mdV_semaphore, aux_data, blocksparse_tensors, mCuTotalMBlocks, stream,
+        )
+
+    @cute.jit
+    def epilogue_dKV(
+        self,
+        acc_dV: cute.Tensor,
+        mdV: cute.Tensor,
+        sV: cute.Tensor,
+        acc_dK: cute.Tensor,
+        mdK: cute.Tensor,
+        sK: cute.Tensor,
+        seqlen,
+        tma_atom_dK,
+        tma_atom_dV,
+        tiled_mma_dK: cute.TiledMma,
+        tiled_mma_dV: cute.TiledMma,
+        tidx: Int32,
+        n_block: Int32,
+        head_idx: Int32,
+        batch_idx: Int32,
+        qhead_per_kvhead_divmod=None,
+        mdK_semaphore=None,
+        mdV_semaphore=None,
+    ):
+        head_kv = head_idx // qhead_per_kvhead_divmod
+        rows_in_tile = seqlen.seqlen_k - n_block * self.tile_n
+        epilogue_threads = cutlass.pipeline.NamedBarrier(barrier_id=int(NamedBarrierBwd.Epilogue), num_threads=self.num_mma_threads)
+        writes = const_expr(self.write_first)
+        if const_expr(self.deterministic):
+            turn = head_idx % self.qhead_per_kvhead
+            writes = turn == 0 if const_expr(self.write_first) else False
+            lock = mdK_semaphore[n_block, None, head_kv, batch_idx].iterator
+            barrier.wait_eq(lock, tidx, 0, turn)
+            epilogue_threads.arrive_and_wait()
+        for acc, mX, tiled_mma in ((acc_dK, mdK, tiled_mma_dK), (acc_dV, mdV, tiled_mma_dV)):
+            rows = _block_rows(mX, seqlen, head_kv, batch_idx)
+            gX = cute.local_tile(rows, (self.tile_n, self.tile_hdim), (n_block, 0))
+            thr_mma = tiled_mma.get_slice(tidx)
+            tXcX = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_n, self.tile_hdim))))
+            tXrX = layout_utils.reshape_acc_to_mn(acc)
+            for m in cutlass.range(cute.size(tXrX, mode=[0]), unroll_full=True):
+                if tXcX[m, 0][0] < rows_in_tile:
+                    for pair in cutlass.range(cute.size(tXrX, mode=[1]) // 2, unroll_full=True):
+                        n = 2 * pair
+                        pointer = elem_pointer(gX, tXcX[m, n])
+                        if writes:
+                            store_pair(tXrX[m, n], tXrX[m, n + 1], pointer)
+                        else:
+                            add_pair(tXrX[m, n], tXrX[m, n + 1], pointer)
+        if const_expr(self.deterministic):
+            # Every thread's adds land before the next head's turn starts.
+            cute.arch.fence_acq_rel_gpu()
+            epilogue_threads.arrive_and_wait()
+            barrier.arrive_inc(lock, tidx, 0, 1)
+
+
+@cute.jit
+def _rows_carrier(rows: cute.Tensor) -> cute.Tensor:
+    """(b, s, h, d) -> (b, h, (s, d)); varlen (total, h, d) -> (h, (total, d))."""
+    if const_expr(cute.rank(rows) == 4):
+        shape = (rows.shape[0], rows.shape[2], (rows.shape[1], rows.shape[3]))
+        stride = (rows.stride[0], rows.stride[2], (rows.stride[1], rows.stride[3]))
+    else:
+        shape = (rows.shape[1], (rows.shape[0], rows.shape[2]))
+        stride = (rows.stride[1], (rows.stride[0], rows.stride[2]))
+    return cute.make_tensor(rows.iterator, cute.make_layout(shape, stride=stride))
+
+
+@cute.jit
+def _block_rows(carried: cute.Tensor, seqlen, head_kv: Int32, batch_idx: Int32) -> cute.Tensor:
+    """The (rows, d) buffer of one kv head and batch (dense) or sequence (varlen), from the
+    carrier as upstream's set-up permuted it: ((s, d), h, b) or ((total, d), h)."""
+    if const_expr(cute.rank(carried) == 3):
+        per_head = carried[None, head_kv, batch_idx]
+    else:
+        per_head = carried[None, head_kv]
+    rows = cute.make_tensor(per_head.iterator, cute.make_layout(per_head.shape[0], stride=per_head.stride[0]))
+    if const_expr(seqlen.has_cu_seqlens_k):
+        rows = cute.domain_offset((seqlen.offset_k, 0), rows)
+    return rows
+
+
 def backward_kernel(
     tiles: BackwardTiles, dtype: torch.dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None = None,
+    *, write_first: bool = False, deterministic: bool = False,
 ):
     """The compiled backward of one configuration (compiled at first use, then from the cache).
     A softcap is a constant of the kernel: upstream's score mod and its derivative."""
-    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap)
+    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap, write_first, deterministic)
     if key not in _compiled:
-        _compiled[key] = _compile(tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen, softcap)
+        _compiled[key] = _compile(tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen, softcap, write_first, deterministic)
     return _compiled[key]
 
 
-def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None):
+def _compile(
+    tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None,
+    write_first: bool = False, deterministic: bool = False,
+):
     config = tiles.config
     score_mods = {} if softcap is None else dict(
         score_mod=create_softcap_scoremod(softcap), score_mod_bwd=create_softcap_scoremod_bwd(softcap),
     )
-    kernel = FlashAttentionBackwardSm90(
+    kernel = AccumulatingBackwardSm90(
         dtype,
         tiles.head_dim,
         tiles.head_dim,
-        qhead_per_kvhead,
-        window.causal,
+        is_causal=window.causal,
         is_local=window.local,
+        deterministic=deterministic,
         tile_m=config.m_block_size,
         tile_n=config.n_block_size,
         Q_stage=config.num_stages_Q,
@@ -105,6 +274,8 @@ def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Wind
         AtomLayoutMdQ=config.AtomLayoutMdQ,
         num_threads=tiles.num_threads,
         dQ_single_wg=config.dQ_single_wg,
+        qhead_per_kvhead=qhead_per_kvhead,
+        write_first=write_first,
         **score_mods,
     )
     sym = cute.sym_int
@@ -118,15 +289,18 @@ def _compile(tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Wind
     rows_padded = sym()
     lse_log2, dpsum = (make_fake_tensor(Float32, (*lead, heads, rows_padded), divisibility=4) for _ in range(2))
     dq_accum = make_fake_tensor(Float32, (*lead, heads, sym()), divisibility=4)
-    if qhead_per_kvhead == 1:
-        dk, dv = (make_fake_tensor(dtype, (*rows_k, kv_heads, head_dim), divisibility=vector) for _ in range(2))
-    else:
-        dk, dv = (make_fake_tensor(Float32, (*lead, kv_heads, sym()), divisibility=4) for _ in range(2))
+    dk, dv = (make_fake_tensor(Float32, (*rows_k, kv_heads, head_dim), divisibility=4) for _ in range(2))
+    semaphores = (None, None, None)
+    if deterministic:  # dq: (b, h, m blocks, 1); dK, dV: (b, h_kv, n blocks, 2), as upstream's
+        semaphores = (
+            make_fake_tensor(Int32, (*lead, heads, sym(), 1) if lead else (sym(), heads, sym(), 1)),
+            *(make_fake_tensor(Int32, (*lead, kv_heads, sym(), 2) if lead else (sym(), kv_heads, sym(), 2)) for _ in range(2)),
+        )
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(
         kernel, q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, Float32(1.0), *block.varlen_tensors,
-        window_left, window_right, None, None, None, NO_AUX, None, None,
+        window_left, window_right, *semaphores, NO_AUX, None, None,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
     )

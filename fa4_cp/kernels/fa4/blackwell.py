@@ -53,8 +53,10 @@ class MergeAfterForwardPass:
 class UpstreamBackwardPass:
     """`BackwardPass` over upstream's backward, one full call per step."""
 
-    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
-        self.q, self.out, self.dout, self.softmax_scale = q, out, dout, softmax_scale
+    dk_scale = 1.0
+
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False):
+        self.q, self.out, self.dout, self.softmax_scale, self.deterministic = q, out, dout, softmax_scale, deterministic
         self.softcap = 0.0 if softcap is None else softcap  # upstream's backward: 0.0 is no cap
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
@@ -67,7 +69,7 @@ class UpstreamBackwardPass:
         _flash_attn_bwd(
             q, k, v, out, dout, self.lse[..., q_rows], softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
             window_size_left=window.left, window_size_right=window.right, dq=dq, dk=dk, dv=dv,
-            dlse=None if self.dlse is None else self.dlse[..., q_rows], **_varlen_kwargs(varlen),
+            dlse=None if self.dlse is None else self.dlse[..., q_rows], deterministic=self.deterministic, **_varlen_kwargs(varlen),
         )
         self.dq_acc[..., q_rows, :, :] += dq
         dk_acc += dk

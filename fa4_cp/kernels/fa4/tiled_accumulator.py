@@ -1,9 +1,9 @@
-"""Reading FA4's tiled fp32 gradient accumulators back into (rows, head_dim) order, in fp32.
+"""Reading FA4's tiled fp32 dq accumulator back into (rows, head_dim) order, in fp32.
 
-FA4's backward adds dq (and, for GQA, dk/dv) into fp32 buffers of whole tiles: tile t of a
+FA4's backward adds dq into fp32 buffers of whole tiles: tile t of a
 sequence holds rows [t * tile, (t + 1) * tile) as tile * head_dim values in the order the MMA
 registers hold them. Upstream's postprocess reorders a tile while rounding it to 16 bits; the
-ring needs the fp32 values (several accumulators are summed, and dK/dV keep travelling). The
+ring needs the fp32 values (several accumulators are summed). The
 order is a fixed permutation per configuration: it is read off once by running upstream's
 postprocess on tiles whose values are the digits (base 256, exact in bf16) of their own index.
 """

@@ -1,0 +1,271 @@
+"""The ring's GPU work against one device's: every kernel that W simulated ranks launch for one
+causal fwd+bwd call, summed (torch.profiler), against upstream FA4 on the whole input on one GPU.
+
+    python bench/gpu_work.py [--cases dense_w8 pretrain_w8 finetune_w8 finetune_w16 pretrain_mesh_8x8]
+                             [--tree PATH] [--out PATH]
+
+Each case runs the real API on a SimulatedRing (or SimulatedMesh) of W virtual ranks, FA4 backend,
+bf16, head_dim 128. Kernels are sorted three ways:
+- transport: the simulated transport's own copies (they stand for NVLink transfers; run on a stream
+  of their own here, so that they are told apart by stream), reported apart and left out of the ratio;
+- attention: the CuTe-DSL kernels (FA4's and fa4_cp's: forward, backward, pre/post-processing);
+- other: everything else (torch's copies, fills, adds, index kernels).
+Ratios are one device's time over the ring's (1.0: no work beyond one device's): attention kernels
+against one device's attention kernels, and all kernels but the transport's against all of one
+device's. Per rank, the non-attention kernels are listed with their launches per call, so that a
+kernel launched per ring step shows (launches near the step count).
+
+The mixes: document lengths log-normal until the total is filled (the last one cut):
+pretraining-like median 1,200 tokens, sigma 1.4, capped at 64K; fine-tuning-like median 500,
+sigma 0.9, capped at 16K. `--tree` runs another checkout's fa4_cp (a baseline) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HEAD_DIM = 128
+CUTE_PREFIX = "kernel_cutlass"
+
+
+@dataclass(frozen=True)
+class Case:
+    world: int
+    heads: tuple[int, int]
+    tokens: int
+    mix: str | None = None  # None: one dense sequence, zigzag; else packed documents, balanced layout
+    ulysses: int = 1
+
+
+CASES = {
+    "dense_w8": Case(8, (32, 8), 8 * 8192),
+    "pretrain_w8": Case(8, (32, 8), 131072, "pretrain"),
+    "finetune_w8": Case(8, (32, 8), 131072, "finetune"),
+    "finetune_w16": Case(16, (32, 8), 131072, "finetune"),
+    "pretrain_mesh_8x8": Case(64, (32, 8), 524288, "pretrain", ulysses=8),
+}
+MIXES = {"pretrain": (1200, 1.4, 65536), "finetune": (500, 0.9, 16384)}
+
+
+def lognormal_lengths(total: int, mix: str, seed: int = 0) -> list[int]:
+    median, sigma, cap = MIXES[mix]
+    generator, lengths = random.Random(seed), []
+    while sum(lengths) < total:
+        lengths.append(max(1, min(cap, int(generator.lognormvariate(math.log(median), sigma)))))
+    lengths[-1] -= sum(lengths) - total
+    return lengths
+
+
+class TransportStream:
+    """The simulated transport's copies on a stream of their own (ordered both ways with the
+    calling thread's stream), so that the profile tells them apart."""
+
+    def __init__(self, simulated):
+        self.simulated, self.stream = simulated, torch.cuda.Stream()
+
+    def __enter__(self):
+        ring, shift = self.simulated.SimulatedRing, self.simulated._SimulatedShift
+        self.saved = ring.post, shift.wait
+        stream = self.stream
+
+        def on_stream(fn):
+            def wrapped(*args, **kwargs):
+                caller = torch.cuda.current_stream()
+                stream.wait_stream(caller)
+                with torch.cuda.stream(stream):
+                    result = fn(*args, **kwargs)
+                caller.wait_stream(stream)
+                return result
+
+            return wrapped
+
+        ring.post, shift.wait = on_stream(ring.post), on_stream(shift.wait)
+        return self
+
+    def __exit__(self, *exc):
+        self.simulated.SimulatedRing.post, self.simulated._SimulatedShift.wait = self.saved
+
+
+def kernel_events(prof):
+    from torch.autograd import DeviceType
+
+    return [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
+def sort_kernels(events, transport_stream: int | None) -> dict:
+    ms = collections.Counter()
+    other: collections.Counter = collections.Counter()
+    launches: collections.Counter = collections.Counter()
+    for e in events:
+        us = e.time_range.elapsed_us()
+        if transport_stream is not None and getattr(e, "device_resource_id", None) == transport_stream:
+            kind = "transport"
+        elif CUTE_PREFIX in e.name or "flash" in e.name.lower():
+            kind = "attention"
+        else:
+            kind = "other"
+            other[e.name] += us
+            launches[e.name] += 1
+        ms[kind] += us / 1e3
+    return {"ms": dict(ms), "other": other, "launches": launches}
+
+
+def profiled(fn, warmup: int = 1):
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof
+
+
+def make_inputs(case: Case, seed: int = 0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    heads, kv_heads = case.heads
+    lead = () if case.mix else (1,)
+    shape = lambda h: (*lead, case.tokens, h, HEAD_DIM)  # noqa: E731
+    q = torch.randn(shape(heads), device="cuda", dtype=torch.bfloat16, generator=generator)
+    k, v = (torch.randn(shape(kv_heads), device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(2))
+    dout = torch.randn(shape(heads), device="cuda", dtype=torch.bfloat16, generator=generator)
+    lengths = lognormal_lengths(case.tokens, case.mix) if case.mix else None
+    return q, k, v, dout, lengths
+
+
+def one_device(case: Case, inputs) -> dict:
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+    q, k, v, dout, lengths = inputs
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if lengths is None:
+        call = lambda: flash_attn_func(*leaves, causal=True)  # noqa: E731
+    else:
+        cu = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
+        longest = max(lengths)
+        call = lambda: flash_attn_varlen_func(*leaves, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, causal=True)  # noqa: E731
+
+    def step():
+        out = call()
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.backward(out, dout)
+
+    return sort_kernels(kernel_events(profiled(step)), None)
+
+
+def ring(case: Case, inputs, fa4_cp) -> dict:
+    from fa4_cp.comm import simulated
+
+    q, k, v, dout, lengths = inputs
+    world = case.world
+    if lengths is None:
+        sharding = fa4_cp.Sharding.dense(case.tokens, world, "zigzag")
+        seq_dim = 1
+    else:
+        sharding = fa4_cp.Sharding.documents(lengths, world // case.ulysses, "balanced")
+        cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        seq_dim = 0
+    if case.ulysses > 1:
+        from fa4_cp.plan.mesh_sharding import mesh_sharding
+
+        sharding = mesh_sharding(sharding, case.ulysses)
+    shards = [[sharding.shard(t, rank, seq_dim).contiguous() for t in (q, k, v, dout)] for rank in range(world)]
+
+    def rank_call(group):
+        rank = group.rank
+        q_, k_, v_, dout_ = shards[rank]
+        leaves = [t.clone().requires_grad_() for t in (q_, k_, v_)]
+        options = dict(group=group, causal=True, backend="fa4")
+        out = fa4_cp.ring_attention(*leaves, **options) if lengths is None else fa4_cp.ring_attention_varlen(*leaves, cu_seqlens, **options)
+        torch.autograd.backward(out, dout_)
+
+    ranks = simulated.SimulatedMesh(case.ulysses, world // case.ulysses) if case.ulysses > 1 else simulated.SimulatedRing(world)
+    with TransportStream(simulated) as transport:
+        prof = profiled(lambda: ranks.run(rank_call))
+    result = sort_kernels(kernel_events(prof), profiler_stream_id(transport.stream))
+    result["ring_steps"] = len(rank_plan_of(fa4_cp, sharding, case).steps)
+    return result
+
+
+def profiler_stream_id(stream: torch.cuda.Stream) -> int:
+    """The id the profiler gives `stream`: read off a copy run on it alone."""
+    x = torch.zeros(1024, device="cuda")
+    with torch.cuda.stream(stream):
+        prof = profiled(lambda: x.clone(), warmup=0)
+    (stream_id,) = {getattr(e, "device_resource_id", None) for e in kernel_events(prof)}
+    return stream_id
+
+
+def rank_plan_of(fa4_cp, sharding, case: Case):
+    """Rank 0's plan of the ring the call runs (the ring dim's, on a mesh)."""
+    from fa4_cp.kernels import BandMask
+    from fa4_cp.plan.rows import rank_plan
+
+    ring_sharding = sharding.ring if case.ulysses > 1 else sharding
+    return rank_plan(ring_sharding, BandMask(hi=0), 0, torch.device("cuda"))
+
+
+def summarize(case: Case, one: dict, ring_: dict) -> dict:
+    attention, other, transport = (ring_["ms"].get(kind, 0.0) for kind in ("attention", "other", "transport"))
+    one_attention, one_all = one["ms"].get("attention", 0.0), sum(one["ms"].values())
+    per_rank = max(case.world, 1)
+    return {
+        "world_size": case.world, "ulysses": case.ulysses, "heads": list(case.heads), "tokens": case.tokens, "mix": case.mix,
+        "ring_steps": ring_["ring_steps"],
+        "one_device_ms": one["ms"],
+        "ring_ms": {"attention": attention, "other": other, "transport_copies": transport},
+        "attention_vs_one_device": one_attention / attention,
+        "all_kernels_vs_one_device": one_all / (attention + other),
+        "non_attention_over_attention": other / attention,
+        "other_kernels": [
+            {"name": name[:160], "ms": us / 1e3, "launches_per_rank": ring_["launches"][name] / per_rank}
+            for name, us in ring_["other"].most_common(15)
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--tree", help="run the fa4_cp of this checkout (a baseline)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.tree:
+        sys.path.insert(0, str(Path(args.tree).resolve()))
+    sys.path.insert(1, str(Path(__file__).resolve().parent))
+    import fa4_cp
+    from common import record, write
+
+    result = record(
+        "gpu_work", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
+        method="one profiled fwd+bwd call after one warm-up; kernel times summed over every simulated rank", cases={},
+    )
+    for name in args.cases:
+        case = CASES[name]
+        began = time.monotonic()
+        inputs = make_inputs(case)
+        row = summarize(case, one_device(case, inputs), ring(case, inputs, fa4_cp))
+        row["seconds"] = time.monotonic() - began
+        result["cases"][name] = row
+        write(result, args.out)
+        print(
+            f"{name:18} W={case.world:<3} attention {row['attention_vs_one_device']:.3f}  all kernels {row['all_kernels_vs_one_device']:.3f}  "
+            f"non-attention/attention {row['ring_ms']['other']:.1f}/{row['ring_ms']['attention']:.1f} ms  "
+            f"transport {row['ring_ms']['transport_copies']:.1f} ms  ({row['seconds']:.0f} s)", flush=True,
+        )
+        del inputs
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

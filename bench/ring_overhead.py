@@ -1,0 +1,121 @@
+"""What the ring costs on top of the kernels: one ring call on a 1-rank group against upstream FA4.
+
+    python bench/ring_overhead.py [--seqs 8192 32768] [--heads 32:8 32:32] [--tree PATH] --out PATH
+
+Per configuration (bf16, head_dim 128, causal, batch 1): fa4_cp.ring_attention fwd+bwd through
+autograd (the cross-rank check on, group=None: a ring of one rank) against upstream
+flash_attn_func fwd+bwd on the same inputs; CUDA-event medians of interleaved rounds after warm-up,
+ratio = upstream / ring. And the host path: from the Python call to the first kernel launch
+(torch.profiler's launch API events), for the ring's forward and for upstream's, medians of
+several calls made with the GPU idle. `--tree` runs another checkout's fa4_cp (a baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+HEAD_DIM = 128
+CALL_RANGE = "ring_overhead_call"
+
+
+def timed_ms(fns: dict, warmup: int = 3, iters: int = 20) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def host_path_us(fn, calls: int = 7) -> float:
+    """Median µs from entering `fn` to its first kernel launch, the GPU idle each time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    samples = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with record_function(CALL_RANGE):
+                fn()
+            torch.cuda.synchronize()
+        events = prof.events()
+        (call,) = [e for e in events if e.name == CALL_RANGE and e.device_type == torch.autograd.DeviceType.CPU]
+        launches = [e.time_range.start for e in events if "launch" in e.name.lower() and e.time_range.start >= call.time_range.start]
+        samples.append(min(launches) - call.time_range.start)
+    return statistics.median(samples)
+
+
+def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
+    from flash_attn.cute import flash_attn_func
+
+    q = torch.randn(1, seq, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, seq, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def ring_fwd():
+        return fa4_cp.ring_attention(q, k, v, causal=True, backend="fa4")
+
+    def upstream_fwd():
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+
+    def both(forward):
+        def call():
+            torch.autograd.backward(forward(), dout)
+        return call
+
+    ms = timed_ms({"ring": both(ring_fwd), "upstream": both(upstream_fwd)})
+    with torch.no_grad():
+        host = {"ring_forward": host_path_us(ring_fwd), "upstream_forward": host_path_us(upstream_fwd)}
+    return {
+        "seq": seq, "heads": heads, "kv_heads": kv_heads, "ms": ms, "upstream_over_ring": ms["upstream"] / ms["ring"],
+        "host_path_to_first_kernel_us": host,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--heads", nargs="+", default=["32:8", "32:32"])
+    parser.add_argument("--tree", help="run the fa4_cp of this checkout (a baseline)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.tree:
+        sys.path.insert(0, str(Path(args.tree).resolve()))
+    sys.path.insert(1, str(Path(__file__).resolve().parent))
+    import fa4_cp
+    from common import record, write
+
+    result = record(
+        "ring_overhead", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
+        statistic="median of 20 interleaved rounds after 3 warm-up calls, CUDA events; host path: median of 7 profiled calls",
+        rows=[],
+    )
+    for seq in args.seqs:
+        for pair in args.heads:
+            heads, kv_heads = (int(n) for n in pair.split(":"))
+            row = run_config(fa4_cp, seq, heads, kv_heads)
+            result["rows"].append(row)
+            write(result, args.out)
+            print(
+                f"S={seq:<6} {heads}:{kv_heads:<3} ring {row['ms']['ring']:.3f} ms  upstream {row['ms']['upstream']:.3f} ms  "
+                f"upstream/ring {row['upstream_over_ring']:.3f}  host path ring {row['host_path_to_first_kernel_us']['ring_forward']:.0f} us "
+                f"upstream {row['host_path_to_first_kernel_us']['upstream_forward']:.0f} us", flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
