@@ -64,13 +64,14 @@ for part in "${parts[@]}"; do
           --out "$out/step_overhead_cuda_baseline.json"
       fi ;;
     kernels) run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" ;;
-    backend) tests tests_gpu_backend.log "$seconds" tests/gpu/test_fa4_backend.py -k "not float16" ;;
-    deterministic) tests tests_gpu_deterministic.log "$seconds" -s tests/gpu/test_fa4_deterministic.py ;;
+    backend) tests tests_gpu_backend.log "$seconds" tests/gpu/test_fa4_backend.py -k "not torch.float16" ;;
+    deterministic) tests tests_gpu_deterministic.log "$seconds" -rA tests/gpu/test_fa4_deterministic.py ;;
     ring_core) tests tests_gpu_ring_core.log "$seconds" tests/gpu/test_fa4_ring.py -k "not (72 or ulysses or fp16)" ;;
     gpu_work)
       run gpu_work.log "$seconds" python3 bench/gpu_work.py --out "$out/gpu_work.json"
       if [[ -n ${BASELINE_TREE:-} ]]; then
-        run gpu_work_baseline.log "$seconds" python3 bench/gpu_work.py --tree "$BASELINE_TREE" --out "$out/gpu_work_baseline.json"
+        run gpu_work_baseline.log "$seconds" python3 bench/gpu_work.py --tree "$BASELINE_TREE" --out "$out/gpu_work_baseline.json" \
+          --cases ${BASELINE_CASES:-dense_w8 pretrain_w8 finetune_w8}
       fi ;;
     ring_overhead) run ring_overhead.log "$seconds" python3 bench/ring_overhead.py --out "$out/ring_overhead.json" ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;

@@ -10,7 +10,7 @@ bf16, head_dim 128. Kernels are sorted three ways:
   of their own here, so that they are told apart by stream), reported apart and left out of the ratio;
 - attention: the CuTe-DSL kernels (FA4's and fa4_cp's: forward, backward, pre/post-processing);
 - other: everything else (torch's copies, fills, adds, index kernels).
-Ratios are one device's time over the ring's (1.0: no work beyond one device's): attention kernels
+Each figure is the median of 3 profiled calls. Ratios are one device's time over the ring's (1.0: no work beyond one device's): attention kernels
 against one device's attention kernels, and all kernels but the transport's against all of one
 device's. Per rank, the non-attention kernels are listed with their launches per call, so that a
 kernel launched per ring step shows (launches near the step count).
@@ -26,6 +26,7 @@ import argparse
 import collections
 import math
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import torch
 
 HEAD_DIM = 128
 CUTE_PREFIX = "kernel_cutlass"
+REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,17 @@ def profiled(fn, warmup: int = 1):
     return prof
 
 
+def median_sorted(fn, transport_stream: int | None, repeats: int) -> dict:
+    """`sort_kernels` of `repeats` profiled calls (after one warm-up): the median ms of each kind;
+    the kernel lists of the median call by total."""
+    runs = [sort_kernels(kernel_events(profiled(fn, warmup=1 if index == 0 else 0)), transport_stream) for index in range(repeats)]
+    runs.sort(key=lambda run: sum(run["ms"].values()))
+    middle = runs[len(runs) // 2]
+    kinds = {kind for run in runs for kind in run["ms"]}
+    middle["ms"] = {kind: statistics.median(run["ms"].get(kind, 0.0) for run in runs) for kind in kinds}
+    return middle
+
+
 def make_inputs(case: Case, seed: int = 0):
     generator = torch.Generator(device="cuda").manual_seed(seed)
     heads, kv_heads = case.heads
@@ -160,7 +173,7 @@ def one_device(case: Case, inputs) -> dict:
         out = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(out, dout)
 
-    return sort_kernels(kernel_events(profiled(step)), None)
+    return median_sorted(step, None, REPEATS)
 
 
 def ring(case: Case, inputs, fa4_cp) -> dict:
@@ -191,8 +204,7 @@ def ring(case: Case, inputs, fa4_cp) -> dict:
 
     ranks = simulated.SimulatedMesh(case.ulysses, world // case.ulysses) if case.ulysses > 1 else simulated.SimulatedRing(world)
     with TransportStream(simulated) as transport:
-        prof = profiled(lambda: ranks.run(rank_call))
-    result = sort_kernels(kernel_events(prof), profiler_stream_id(transport.stream))
+        result = median_sorted(lambda: ranks.run(rank_call), profiler_stream_id(transport.stream), REPEATS)
     result["ring_steps"] = len(rank_plan_of(fa4_cp, sharding, case).steps)
     return result
 
@@ -248,7 +260,8 @@ def main() -> None:
 
     result = record(
         "gpu_work", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
-        method="one profiled fwd+bwd call after one warm-up; kernel times summed over every simulated rank", cases={},
+        method=f"kernel times of one fwd+bwd call summed over every simulated rank; median of {REPEATS} profiled calls after one warm-up",
+        cases={},
     )
     for name in args.cases:
         case = CASES[name]

@@ -38,6 +38,9 @@ class _TimedPass:
     def dk_scale(self) -> float:
         return self.inner.dk_scale
 
+    def can_write_first(self, k) -> bool:
+        return self.inner.can_write_first(k)
+
 
 class TimedBackend:
     """A backend whose passes record CUDA events around every block step."""

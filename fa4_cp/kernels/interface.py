@@ -120,11 +120,18 @@ class BackwardPass(Protocol):
         q_rows: slice,
         mask: BandMask,
         varlen: VarlenRows | None = None,
+        write_first: bool = False,
     ) -> None:
         """Add the block's dq to the pass and its dk / dk_scale, dv to (dk_acc, dv_acc), which are
         in `accumulator_dtype`, shaped like k, v, with unit stride along head_dim. The block's q
         rows are ``q_rows`` of the pass's q (dense), or the rows ``varlen`` selects (varlen, with
-        ``q_rows`` everything). Varlen sequences may select overlapping kv rows: their dK/dV sum."""
+        ``q_rows`` everything). Varlen sequences may select overlapping kv rows: their dK/dV sum.
+        With ``write_first`` (only where `can_write_first`), a dense block overwrites every row of
+        (dk_acc, dv_acc) instead, so that they need not start zeroed."""
+        ...
+
+    def can_write_first(self, k: torch.Tensor) -> bool:
+        """Whether `step` takes ``write_first`` for blocks against kv heads like `k`'s."""
         ...
 
     def dq(self) -> torch.Tensor:

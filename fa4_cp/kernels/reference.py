@@ -202,7 +202,12 @@ class ReferenceBackwardPass:
         self.q, self.lse, self.dout, self.softmax_scale, self.softcap = q, lse, dout, softmax_scale, softcap
         self.dq_acc = torch.zeros(q.shape, dtype=math, device=q.device)
 
-    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
+    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False) -> None:
+        if write_first:
+            if varlen is not None:
+                raise ValueError("write_first: dense blocks only")
+            dk_acc.zero_()
+            dv_acc.zero_()
         q, dout = self.q[..., q_rows, :, :], self.dout[..., q_rows, :, :]
         lse, delta = self.lse[..., q_rows], self.delta[..., q_rows]
         rows = _rows(q, k, mask, varlen)
@@ -215,6 +220,9 @@ class ReferenceBackwardPass:
         rows.add_q(self.dq_acc[..., q_rows, :, :], block.ungrouped(dscores @ block.k), alpha=self.softmax_scale)
         rows.add_k(dk_acc, rearrange(dscores.transpose(-1, -2) @ block.q, "b h s d -> b s h d"), alpha=self.softmax_scale)
         rows.add_k(dv_acc, rearrange(probs.transpose(-1, -2) @ dout_g, "b h s d -> b s h d"))
+
+    def can_write_first(self, k: torch.Tensor) -> bool:
+        return True
 
     def dq(self) -> torch.Tensor:
         return self.dq_acc

@@ -103,14 +103,17 @@ def ring_backward(
     for index, step in enumerate(plan.steps):
         if step.next_offset:
             kv.post(step.next_offset)
+        first_write = None
         if index in travelling:
-            dkv.begin_step(index)
+            if dkv.starts_chain and step.blocks and _writes_whole_buffer(step.blocks[0], plan, grads, k):
+                first_write = step.blocks[0]
+            dkv.begin_step(first_write is not None)
         for block in step.blocks:
             if block.local:
                 rows, (k_rows, v_rows), (dk_rows, dv_rows) = slice(None), (k, v), (local_dkv[0], local_dkv[1])
             else:
                 rows, (k_rows, v_rows), (dk_rows, dv_rows) = q_rows[block.q_side], kv.held(block.kv_side), dkv.accumulator(block.kv_side)
-            grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen)
+            grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen, write_first=block is first_write)
         if index in travelling:
             dkv.end_step()
         kv.arrive()
@@ -123,6 +126,12 @@ def ring_backward(
             travelling_rows(local_dkv, plan).add_(home)
         home = local_dkv
     return grads.dq(), _finished(home[0], grads.dk_scale, k.dtype), _finished(home[1], 1.0, v.dtype)
+
+
+def _writes_whole_buffer(block, plan: RankPlan, grads, k: torch.Tensor) -> bool:
+    """Whether `block`, first of a chain's first step, can write its dK/dV buffer whole: a dense
+    block against every travelling row, with a backend that writes first for these heads."""
+    return not block.local and block.varlen is None and plan.kv_sides[block.kv_side] is None and plan.buffer_len is None and grads.can_write_first(k)
 
 
 def _finished(total: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

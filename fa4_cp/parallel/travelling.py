@@ -88,7 +88,8 @@ class TravellingDKV:
     steps behind the KV they belong to.
 
     The steps that compute against travelling KV take turns between two chains. A chain's buffer
-    starts zeroed at its first step; each later step's kernels add into the buffer that arrived
+    starts at its first step, written by the first block where that block covers it (else
+    zeroed); each later step's kernels add into the buffer that arrived
     from the rank that held the same KV two steps earlier, and the buffer then leaves for the rank
     that will hold that KV two steps on (home after the last two). So a hop has a whole step of
     compute to land, and a step launches only its kernels: no zeroing, no adds. The rank's own
@@ -109,14 +110,20 @@ class TravellingDKV:
         self.pending: dict[int, Arrival] = {}  # slot -> the hop that fills it
         self.finals: list[torch.Tensor] = []  # the chains' last buffers kept here: own KV, no hop home
 
-    def begin_step(self, index: int) -> None:
-        """Before the kernels of plan step `index` (a step in `self.order`)."""
+    def begin_step(self, first_block_writes: bool) -> None:
+        """Before the kernels of the next travelling step. A chain's first buffer is zeroed
+        unless the step's first block writes all of it."""
         self.position += 1
         slot = self.position % len(self.slots)
-        if self.position < 2:
-            self.slots[slot].zero_()
-        else:
+        if self.position >= 2:
             self.pending.pop(slot).arrive()
+        elif not first_block_writes:
+            self.slots[slot].zero_()
+
+    @property
+    def starts_chain(self) -> bool:
+        """Whether the step about to begin is a chain's first (its buffer holds nothing yet)."""
+        return self.position + 1 < 2
 
     def accumulator(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(dK, dV) rows of a kv side that this step's kernels add into."""

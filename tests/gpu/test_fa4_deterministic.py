@@ -28,7 +28,7 @@ CASES = {
     # (case, world size, ulysses): 512 rows per rank at W = 8, GQA 8:2
     "dense_gqa_w8": (dataclasses.replace(CASES_BY_NAME["gqa_half_kv_heads"], head_dim=128, heads=8, chunk=256, batch=1), 8, 1),
     "balanced_gqa_w8": (dataclasses.replace(CASES_BY_NAME["balanced_huge_gqa"], head_dim=128, heads=8, batch=1), 8, 1),
-    "dense_gqa_w72": (dataclasses.replace(CASES_BY_NAME["gqa_half_kv_heads"], head_dim=64, heads=8, chunk=64, batch=1), 72, 1),
+    "dense_gqa_w72": (dataclasses.replace(CASES_BY_NAME["gqa_half_kv_heads"], head_dim=64, heads=8, chunk=16, batch=1), 72, 1),
     "mesh_4x2_gqa": (dataclasses.replace(CASES_BY_NAME["causal_zigzag"], head_dim=128, heads=8, kv_heads=4, chunk=128, batch=1, ulysses=4), 8, 4),
 }
 

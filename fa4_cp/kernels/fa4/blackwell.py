@@ -62,7 +62,7 @@ class UpstreamBackwardPass:
         self.dlse = None if dlse is None else dlse.float()
         self.dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
-    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None) -> None:
+    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False) -> None:
         q, out, dout = (t[..., q_rows, :, :] for t in (self.q, self.out, self.dout))
         window = block_window(mask, q, k, varlen)
         dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
@@ -72,8 +72,15 @@ class UpstreamBackwardPass:
             dlse=None if self.dlse is None else self.dlse[..., q_rows], deterministic=self.deterministic, **_varlen_kwargs(varlen),
         )
         self.dq_acc[..., q_rows, :, :] += dq
-        dk_acc += dk
-        dv_acc += dv
+        if write_first:
+            dk_acc.copy_(dk)
+            dv_acc.copy_(dv)
+        else:
+            dk_acc += dk
+            dv_acc += dv
+
+    def can_write_first(self, k: torch.Tensor) -> bool:
+        return True
 
     def dq(self) -> torch.Tensor:
         return self.dq_acc
