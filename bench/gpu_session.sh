@@ -63,9 +63,9 @@ for part in "${parts[@]}"; do
         run step_overhead_baseline.log "$seconds" python3 bench/step_overhead.py --device cuda --tree "$BASELINE_TREE" \
           --out "$out/step_overhead_cuda_baseline.json"
       fi ;;
-    kernels) run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" ;;
+    kernels) run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" --head-dims ${KERNEL_HEAD_DIMS:-64 128} ;;
     backend) tests tests_gpu_backend.log "$seconds" tests/gpu/test_fa4_backend.py -k "not torch.float16" ;;
-    deterministic) tests tests_gpu_deterministic.log "$seconds" -rA tests/gpu/test_fa4_deterministic.py ;;
+    deterministic) tests tests_gpu_deterministic.log "$seconds" -rA tests/gpu/test_fa4_deterministic.py -k "${DETERMINISTIC_CASES:-w}" ;;
     ring_core) tests tests_gpu_ring_core.log "$seconds" tests/gpu/test_fa4_ring.py -k "not (72 or ulysses or fp16)" ;;
     gpu_work)
       run gpu_work.log "$seconds" python3 bench/gpu_work.py --out "$out/gpu_work.json"

@@ -147,13 +147,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--quick", action="store_true", help="S = 8K and 32K only")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     args = parser.parse_args()
-    rows = [run_config(*config) for config in GRID if not args.quick or config[0] <= 32768]
+    rows = [run_config(*config) for config in GRID if (not args.quick or config[0] <= 32768) and config[3] in args.head_dims]
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = first_call_seconds(cache_dir)
         warm = first_call_seconds(cache_dir)
     result = record(
-        "kernels", "cuda", dtype="bfloat16", batch=1, quick=args.quick,
+        "kernels", "cuda", dtype="bfloat16", batch=1, quick=args.quick, head_dims=args.head_dims,
         statistic="median of 15 interleaved rounds after 3 warm-up calls each, CUDA events",
         first_call_seconds={"cold_cache": cold, "warm_cache": warm}, rows=rows,
     )
