@@ -35,9 +35,10 @@ def context_parallel(
     no_restore_buffers: set[torch.Tensor] | None = None,
     backend: str | None = None,
     transport: str | None = None,
+    deterministic: bool = False,
 ) -> Iterator[None]:
     """torch's `context_parallel(mesh, buffers=, buffer_seq_dims=, no_restore_buffers=)` on
-    fa4_cp's ring (`backend` and `transport` as for `ring_attention`)."""
+    fa4_cp's ring (`backend`, `transport` and `deterministic` as for `ring_attention`)."""
     _check_mesh(mesh)
     buffers, seq_dims = list(buffers or ()), list(buffer_seq_dims or ())
     if len(buffers) != len(seq_dims):
@@ -48,7 +49,7 @@ def context_parallel(
     for buffer, shard in zip(buffers, shards):
         _replace(buffer, shard)
     try:
-        with _SdpaOnTheRing(mesh, backend, transport):
+        with _SdpaOnTheRing(mesh, backend, transport, deterministic):
             yield
     finally:
         for buffer, original in zip(buffers, originals):
@@ -94,9 +95,9 @@ def _replace(buffer: torch.Tensor, values: torch.Tensor) -> None:
 
 
 class _SdpaOnTheRing(TorchFunctionMode):
-    def __init__(self, mesh: DeviceMesh, backend: str | None, transport: str | None):
+    def __init__(self, mesh: DeviceMesh, backend: str | None, transport: str | None, deterministic: bool = False):
         super().__init__()
-        self.mesh, self.backend, self.transport = mesh, backend, transport
+        self.mesh, self.backend, self.transport, self.deterministic = mesh, backend, transport, deterministic
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -115,5 +116,8 @@ class _SdpaOnTheRing(TorchFunctionMode):
         if key.shape[1] != query.shape[1] and not enable_gqa:
             raise ValueError(f"key: {key.shape[1]} heads for {query.shape[1]} query heads needs enable_gqa=True, as SDPA does")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = ring_attention(q, k, v, group=self.mesh, causal=is_causal, softmax_scale=scale, backend=self.backend, transport=self.transport)
+        out = ring_attention(
+            q, k, v, group=self.mesh, causal=is_causal, softmax_scale=scale, backend=self.backend, transport=self.transport,
+            deterministic=self.deterministic,
+        )
         return out.transpose(1, 2)

@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cp-size", type=int, help="CPU only: the ring size (on GPU it comes from ParallelismConfig)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing summary")
     parser.add_argument("--out", type=Path, help="write the per-step log and a timing summary here (JSON)")
+    parser.add_argument("--deterministic", action="store_true", help="fa4_cp: bitwise-reproducible ring attention gradients")
     return parser.parse_args()
 
 
@@ -62,8 +63,12 @@ def main() -> None:
             "accelerate_train.py: --attention sdpa runs accelerate's own context parallelism, which needs "
             "ParallelismConfig, and accelerate refuses that on CPU processes; on CPU use --attention fa4_cp"
         )
+    if args.deterministic and args.attention != "fa4_cp":
+        sys.exit("accelerate_train.py: --deterministic is fa4_cp's flag; it needs --attention fa4_cp")
     accelerator = Accelerator(cpu=args.cpu)
-    ring = RingAttentionPlugin(accelerator, cp_size=args.cp_size, backend="reference" if args.cpu else None) if args.attention == "fa4_cp" else None
+    ring = None
+    if args.attention == "fa4_cp":
+        ring = RingAttentionPlugin(accelerator, cp_size=args.cp_size, backend="reference" if args.cpu else None, deterministic=args.deterministic)
     cp_size = ring.cp_size if ring else accelerator.parallelism_config.cp_size
     torch.manual_seed(0)
     model = LlamaForCausalLM(model_config(args.tiny, ring.attn_implementation if ring else "sdpa"))

@@ -61,6 +61,7 @@ class TrainConfig:
     metrics_path: str | None = None
     attention_backend: str | None = None  # fa4_cp backend: None picks FA4 on Hopper/Blackwell
     transport: str | None = None
+    deterministic: bool = False  # ring attention's gradients summed in a fixed order
 
     def schedule(self) -> dict:
         """The LR schedule, which a resumed run may change (it says so)."""
@@ -150,13 +151,15 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (default {_preset_defaults(name, of_model)})")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --checkpoint-dir")
     parser.add_argument("--offload-activations", action="store_true", help="keep the tensors saved for backward in pinned CPU memory")
+    parser.add_argument("--deterministic", action="store_true", help="bitwise-reproducible ring attention gradients (slower)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     model = dataclasses.replace(preset.model, **{k: v for k in _MODEL_OVERRIDES if (v := getattr(args, k)) is not None})
     changes = {k: v for k in _OVERRIDES if (v := getattr(args, k)) is not None}
     config = dataclasses.replace(
         preset, model=model, resume=args.resume or preset.resume,
-        offload_activations=args.offload_activations or preset.offload_activations, **changes,
+        offload_activations=args.offload_activations or preset.offload_activations,
+        deterministic=args.deterministic or preset.deterministic, **changes,
     )
     check_config(config)
     return config

@@ -116,7 +116,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.ring: dict = {}  # ring_attention's group/backend/transport, set by the trainer
+        self.ring: dict = {}  # ring_attention's group/backend/transport/deterministic, set by the trainer
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, loss_chunk: int,

@@ -97,7 +97,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
     model = Decoder(config.model)
     model.init_weights(config.seed)
     context = context_parallel_group(mesh)
-    model.ring = {"group": context, "backend": config.attention_backend, "transport": config.transport}
+    model.ring = {"group": context, "backend": config.attention_backend, "transport": config.transport, "deterministic": config.deterministic}
     model = shard_model(model.to(device), mesh, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(config, step))

@@ -38,6 +38,7 @@ def _has_cp_dim(accelerator) -> bool:
 class RingAttentionPlugin:
     def __init__(
         self, accelerator, *, cp_size: int | None = None, ulysses: int = 1, backend: str | None = None, transport: str | None = None,
+        deterministic: bool = False,
     ):
         self.accelerator = accelerator
         sp_size = getattr(getattr(accelerator, "parallelism_config", None), "sp_size", 1) or 1
@@ -47,7 +48,7 @@ class RingAttentionPlugin:
         self.cp_mesh = self._cp_mesh(accelerator, cp_size)
         self.cp_size = self.cp_mesh.size()
         self.ring_group = self.cp_mesh if ulysses == 1 else self._split(accelerator, ulysses)
-        self.attn_implementation = register_ring_attention(self.ring_group, backend=backend, transport=transport)
+        self.attn_implementation = register_ring_attention(self.ring_group, backend=backend, transport=transport, deterministic=deterministic)
 
     @staticmethod
     def _cp_mesh(accelerator, cp_size: int | None) -> DeviceMesh:

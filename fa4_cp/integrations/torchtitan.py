@@ -98,10 +98,13 @@ class RingAttention(Module):
         """(left, right) tokens around each query, -1 unbounded; (-1, 0) is causal."""
         backend: str | None = None
         transport: str | None = None
+        deterministic: bool = False
+        """Bitwise-reproducible gradients (set it with torchtitan's debug.deterministic)."""
 
     def __init__(self, config: Config):
         super().__init__()
         self.window_size, self.backend, self.transport = tuple(config.window_size), config.backend, config.transport
+        self.deterministic = config.deterministic
 
     def forward(
         self, q_BLNH: torch.Tensor, k_BLNH: torch.Tensor, v_BLNH: torch.Tensor, *, attention_masks: RingMasks | None = None,
@@ -113,7 +116,7 @@ class RingAttention(Module):
         left, right = self.window_size
         options = dict(
             group=masks.group, causal=right == 0, window_size=(left, right), softmax_scale=scale,
-            layout=masks.layout, backend=self.backend, transport=self.transport,
+            layout=masks.layout, backend=self.backend, transport=self.transport, deterministic=self.deterministic,
         )
         if masks.cu_seqlens is None:
             return ring_attention(q_BLNH, k_BLNH, v_BLNH, **options)
@@ -145,9 +148,10 @@ class RingAttentionConverter(ModelConfigConverter):
     class Config(ModelConfigConverter.Config):
         backend: str | None = None
         transport: str | None = None
+        deterministic: bool = False
 
     def __init__(self, config: Config):
-        self.backend, self.transport = config.backend, config.transport
+        self.backend, self.transport, self.deterministic = config.backend, config.transport, config.deterministic
 
     def convert(self, model_config: Module.Config) -> Module.Config:
         block_causal_flex = type(model_config).__qualname__ in BLOCK_CAUSAL_FLEX_MODELS
@@ -160,5 +164,7 @@ class RingAttentionConverter(ModelConfigConverter):
                 window = (-1, 0)
             else:
                 raise ValueError(f"layers[{index}]: inner attention {type(inner).__qualname__} cannot be put on the ring")
-            attention.inner_attention = RingAttention.Config(window_size=window, backend=self.backend, transport=self.transport)
+            attention.inner_attention = RingAttention.Config(
+                window_size=window, backend=self.backend, transport=self.transport, deterministic=self.deterministic,
+            )
         return model_config

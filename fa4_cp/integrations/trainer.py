@@ -30,9 +30,16 @@ from .transformers import is_ring_attention
 
 
 class RingAttentionTrainer(Trainer):
-    def __init__(self, *args, cp_size: int | None = None, ring_backend: str | None = None, ring_transport: str | None = None, **kwargs):
+    def __init__(
+        self, *args, cp_size: int | None = None, ring_backend: str | None = None, ring_transport: str | None = None,
+        ring_deterministic: bool | None = None, **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.ring = RingAttentionPlugin(self.accelerator, cp_size=cp_size, backend=ring_backend, transport=ring_transport)
+        # TrainingArguments(full_determinism=True) asks for reproducible gradients: the ring's too
+        deterministic = self.args.full_determinism if ring_deterministic is None else ring_deterministic
+        self.ring = RingAttentionPlugin(
+            self.accelerator, cp_size=cp_size, backend=ring_backend, transport=ring_transport, deterministic=deterministic,
+        )
         built_with = self.model.config._attn_implementation
         if not is_ring_attention(built_with):
             raise ValueError(

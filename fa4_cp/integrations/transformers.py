@@ -30,6 +30,7 @@ import torch
 
 from ..attention import ring_attention, ring_attention_varlen
 from ..comm.mesh import world_size_of
+from ..validation import check_flag
 
 ATTENTION_NAME = "fa4_cp_ring"
 SHARDS_KEY = "fa4_cp_shards"
@@ -48,6 +49,7 @@ class RingSetup:
     layout: str | None = None  # None: "zigzag" for one sequence, "balanced" for packed documents
     backend: str | None = None
     transport: str | None = None
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,11 @@ atexit.register(_setups.clear)  # a process group bound here must not outlive th
 
 
 def register_ring_attention(
-    group: object = None, *, name: str | None = None, backend: str | None = None, transport: str | None = None
+    group: object = None, *, name: str | None = None, backend: str | None = None, transport: str | None = None,
+    deterministic: bool = False,
 ) -> str:
     """Register the attention with transformers, bound to this ring; returns its name.
+    `deterministic` as for `ring_attention`: bitwise-reproducible gradients.
 
     A name is bound to one ring: registering it again with the same ring is a no-op, with another
     ring it raises (models built with the name would silently switch rings). Without `name`,
@@ -74,7 +78,8 @@ def register_ring_attention(
     """
     from transformers import AttentionInterface
 
-    setup = RingSetup(group=group, backend=backend, transport=transport)
+    check_flag("deterministic", deterministic)
+    setup = RingSetup(group=group, backend=backend, transport=transport, deterministic=deterministic)
     if name is None:
         name = next(n for n in _names() if n not in _setups or _same_setup(_setups[n], setup))
     existing = _setups.get(name)
@@ -138,7 +143,7 @@ def ring_attention_forward(
     options = dict(
         group=setup.group, causal=causal, window_size=_window_size(module, kwargs.get("sliding_window"), causal),
         softmax_scale=scaling, softcap=kwargs.get("softcap"), sinks=_sinks(module, kwargs.get("s_aux")),
-        layout=layout, backend=setup.backend, transport=setup.transport,
+        layout=layout, backend=setup.backend, transport=setup.transport, deterministic=setup.deterministic,
     )
     if cu_seqlens is None:
         return ring_attention(q, k, v, **options), None
