@@ -4,14 +4,19 @@ count can read them back), plus the step, LR scheduler, data position, configura
 
 Nothing arbitrary is unpickled on resume, so a checkpoint directory from elsewhere cannot run
 code: the meta is JSON, RNG states are plain tensors read with torch.load(weights_only=True)
-(Python's own RNG state goes into JSON as numbers), and DCP's own `.metadata` file, which DCP
-reads with plain pickle, is first checked to hold only DCP's metadata classes.
+(Python's own RNG state goes into JSON as numbers), and DCP's own `.metadata` pickle is read by
+a storage reader of ours (`TrustedMetadataReader`), whose unpickler resolves only an exact list
+of names: DCP's metadata classes, torch.Size, dtypes, layouts and paths. Anything else, a dotted
+name included, is refused before it is called, and the object checked is the object DCP uses.
+(torch's weights_only unpickler would be the natural choice, but it cannot read the protocol-4
+pickle DCP writes: it stops at the first FRAME opcode.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import pickle
 import random
 import shutil
@@ -20,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from config import TrainConfig
@@ -60,31 +67,59 @@ def schedule_changes(config: TrainConfig, meta: dict) -> list[str]:
     return [f"{key}: checkpoint {theirs.get(key)!r}, this run {value!r}" for key, value in config.schedule().items() if theirs.get(key) != value]
 
 
-_DCP_METADATA_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-}
-
-
-class _DcpMetadataOnly(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        allowed = (
-            module == "torch.distributed.checkpoint.metadata"
-            or (module, name) in _DCP_METADATA_GLOBALS
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+_TRUSTED_NAMES: dict[tuple[str, str], object] = {
+    **{
+        (dcp_metadata.__name__, name): getattr(dcp_metadata, name)
+        for name in (
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+            "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
         )
-        if not allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
-        return super().find_class(module, name)
+    },
+    (dcp_filesystem.__name__, "_StorageInfo"): dcp_filesystem._StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    **{("pathlib", name): getattr(pathlib, name) for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")},
+    **{("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+}
+"""Every name DCP's metadata pickle refers to, and nothing else: classes whose instances only
+hold data, and constructors of sizes, enums, layouts and paths."""
 
 
-def check_dcp_metadata(path: Path) -> None:
-    """Refuse a checkpoint whose DCP `.metadata` pickle holds anything but DCP's metadata."""
+class _TrustedNames(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _TRUSTED_NAMES[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata") from None
+
+
+def load_dcp_metadata(path: Path) -> dcp_metadata.Metadata:
+    """DCP's metadata pickle at `path`, unpickled through `_TrustedNames`; ValueError naming the
+    file for anything else."""
     try:
-        with open(path / ".metadata", "rb") as metadata:
-            _DcpMetadataOnly(metadata).load()
-    except (pickle.UnpicklingError, EOFError, OSError) as error:
-        raise ValueError(f"checkpoint_dir: refusing {path / '.metadata'}: {error}") from error
+        with open(path, "rb") as stream:
+            metadata = _TrustedNames(stream).load()
+    except (pickle.UnpicklingError, EOFError, OSError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"checkpoint_dir: refusing {path}: {error}") from error
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise ValueError(f"checkpoint_dir: refusing {path}: it holds a {type(metadata).__name__}, not DCP's Metadata")
+    return metadata
+
+
+class TrustedMetadataReader(dcp.FileSystemReader):
+    """DCP's file-system reader whose metadata comes through `load_dcp_metadata`, read when the
+    reader is made (a refusal is a ValueError naming the file, before DCP starts) and handed to
+    DCP as it was checked."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.metadata = load_dcp_metadata(Path(self._get_metadata_path()))
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        if self.metadata.storage_meta is None:
+            self.metadata.storage_meta = dcp_metadata.StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
 
 
 def read_rng(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], tuple]:
@@ -135,11 +170,10 @@ def save(root: str, step: int, model, optimizer, scheduler, data_state: dict, co
 def load(root: str, step: int, model, optimizer, scheduler) -> dict:
     """Collective: restores model, optimizer, scheduler and this rank's RNG; returns the meta."""
     path = step_dir(root, step)
-    check_dcp_metadata(path)
     rng, python_rng = read_rng(path, dist.get_rank())
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=TrustedMetadataReader(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     meta = read_meta(root, step)
     scheduler.load_state_dict(meta["scheduler"])

@@ -1,6 +1,7 @@
 """launch/train.py on gloo: cp = 2 trains exactly like one rank, a resumed run repeats the losses
 of an uninterrupted one, and bad configurations fail at start with a clear error."""
 
+import argparse
 import json
 import os
 import pickle
@@ -180,32 +181,58 @@ def test_rope_depends_only_on_the_distance_even_a_million_tokens_in():
 
 
 class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch pwned",))
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _text(value: str) -> bytes:  # pickle protocol 4's SHORT_BINUNICODE
+    data = value.encode()
+    return b"\x8c" + bytes([len(data)]) + data
+
+
+def _planted(marker: Path) -> dict[str, bytes]:
+    """Pickles that try to run `touch marker` while loading, or hold a class DCP's metadata has not."""
+    return {
+        # os.system reached through an allowed module's own imports: a dotted name, resolved by protocol 4
+        "dotted name": b"\x80\x04" + _text("torch.distributed.checkpoint.metadata") + _text("os.system") + b"\x93"
+        + _text(f"touch {marker}") + b"\x85R.",
+        "reduce of a callable": pickle.dumps(_RunsCode(marker)),
+        "class outside the list": pickle.dumps(argparse.Namespace(storage_data=None)),
+    }
 
 
 def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
-    """DCP's metadata and the RNG file are checked before anything from them is used."""
+    """DCP's metadata, through the storage reader that resume uses, and the RNG file: nothing is
+    resolved outside the list, so nothing runs; the file is named."""
     import torch.distributed.checkpoint as dcp
 
     import checkpoint
 
     genuine = tmp_path / "genuine"
-    dcp.save({"x": torch.ones(3)}, checkpoint_id=str(genuine), no_dist=True)
-    checkpoint.check_dcp_metadata(genuine)  # DCP's own metadata passes
+    state = {"x": torch.randn(3), "y": torch.ones(2, dtype=torch.bfloat16)}
+    dcp.save(state, checkpoint_id=str(genuine), no_dist=True)
+    loaded = {"x": torch.zeros(3), "y": torch.zeros(2, dtype=torch.bfloat16)}
+    dcp.load(loaded, storage_reader=checkpoint.TrustedMetadataReader(genuine), no_dist=True)
+    assert all(torch.equal(loaded[key], state[key]) for key in state)  # DCP's own metadata passes
     torch.save({"torch": torch.get_rng_state()}, genuine / "rng_rank0.pt")
     (genuine / "python_rng_rank0.json").write_text(json.dumps([3, list(range(625)), None]))
     assert checkpoint.read_rng(genuine, 0)[0]["torch"].dtype == torch.uint8
 
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    (evil / ".metadata").write_bytes(pickle.dumps(_RunsCode()))
-    with pytest.raises(ValueError, match=r"checkpoint_dir: refusing .*\.metadata: posix.system is not part of DCP's metadata"):
-        checkpoint.check_dcp_metadata(evil)
-    torch.save({"torch": _RunsCode()}, evil / "rng_rank0.pt")
+    marker = tmp_path / "code_ran"
+    for name, payload in _planted(marker).items():
+        evil = tmp_path / name.replace(" ", "_")
+        evil.mkdir()
+        (evil / ".metadata").write_bytes(payload)
+        with pytest.raises(ValueError, match=r"checkpoint_dir: refusing .*\.metadata: .* is not part of DCP's metadata"):
+            checkpoint.TrustedMetadataReader(evil)
+        assert not marker.exists(), name
+    torch.save({"torch": _RunsCode(marker)}, evil / "rng_rank0.pt")
     with pytest.raises(ValueError, match=r"checkpoint_dir: refusing .*rng_rank0.pt"):
         checkpoint.read_rng(evil, 0)
-    assert not (Path.cwd() / "pwned").exists() and not (evil / "pwned").exists()
+    assert not marker.exists()
 
 
 def test_dp_shard_2_by_cp_2_matches_one_rank_over_both_sequences(tmp_path):
