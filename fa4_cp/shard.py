@@ -54,6 +54,7 @@ def shard(
     "contiguous" cut every document on its own; ranks are padded to equal rows, and padding slots
     hold `pad_value`.
     """
+    _check_seq_dim(x, seq_dim, "x")
     sharding, rank, _ = placement(group, x.shape[seq_dim], layout, cu_seqlens)
     return sharding.shard(x, rank, seq_dim, pad_value)
 
@@ -67,11 +68,19 @@ def unshard(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full tensor from every rank's rows (an all-gather over `group`), padding dropped."""
+    _check_seq_dim(x_local, seq_dim, "x_local")
     total = x_local.shape[seq_dim] * world_size_of(group) if cu_seqlens is None else sum(check_cu_seqlens(cu_seqlens))
     sharding, _, gatherer = placement(group, total, layout, cu_seqlens)
     if x_local.shape[seq_dim] != sharding.local_len:
         raise ValueError(f"x_local: expected {sharding.local_len} rows along dim {seq_dim}, got shape {tuple(x_local.shape)}")
     return sharding.unshard(gatherer.all_gather(x_local), seq_dim)
+
+
+def _check_seq_dim(x: object, seq_dim: object, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or not -x.ndim <= seq_dim < x.ndim:
+        raise ValueError(f"seq_dim: expected a dim of {name}'s {x.ndim} (from {-x.ndim} to {x.ndim - 1}), got {seq_dim!r}")
 
 
 def shift_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:

@@ -191,3 +191,30 @@ def test_balanced_placement_beats_cutting_every_document_and_is_deterministic(wo
 def test_unknown_document_layout_is_refused():
     with pytest.raises(ValueError, match=r"layout: expected one of \['balanced', 'zigzag', 'contiguous'\] for packed documents, got 'striped'"):
         Sharding.documents([3, 4], 2, "striped")
+
+
+@pytest.mark.parametrize("seq_dim", [5, -6, 1.0, True])
+def test_shard_and_unshard_name_a_bad_seq_dim(seq_dim):
+    x = torch.arange(48.0).reshape(2, 8, 3)
+    with pytest.raises(ValueError, match=rf"seq_dim: expected a dim of x's 3 \(from -3 to 2\), got {seq_dim!r}"):
+        fa4_cp.shard(x, seq_dim=seq_dim)
+    with pytest.raises(ValueError, match=r"seq_dim: expected a dim of x_local's 3"):
+        fa4_cp.unshard(x, seq_dim=seq_dim)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shift_labels_matches_a_loop_over_documents(seed):
+    """Random lengths, 0- and 1-token documents included (a 1-token first document among them)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [int(n) for n in torch.randint(0, 5, (8,), generator=generator)]
+    lengths[0] = 1 if seed % 2 else lengths[0]
+    lengths.append(1)
+    total = sum(lengths)
+    input_ids = torch.randint(0, 1000, (total,), generator=generator)
+    expected, start = torch.full((total,), -100), 0
+    for length in lengths:
+        if length:
+            expected[start : start + length - 1] = input_ids[start + 1 : start + length]
+        start += length
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    assert torch.equal(fa4_cp.shift_labels(input_ids, cu_seqlens), expected)
