@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from .comm.group import group_by_name
 from .comm.mesh import ring_and_ulysses_names
+from .consistency import count_call
 from .kernels import AttentionBackend
 from .mesh_ops import mesh_attention_op
 from .ops import backend_key, ring_attention_op
@@ -103,18 +105,23 @@ def ring_attention_varlen(
 def _run(
     q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
 ) -> Output:
-    check_qkv(q, k, v, varlen=cu_seqlens is not None)  # tensors of other devices would reach the op's fake
-    check_sinks(sinks, q)
-    check_flag("causal", causal)
-    window = check_mask(causal, window_size)
-    check_flag("return_lse", return_lse)
-    check_flag("deterministic", deterministic)
-    scale = check_softmax_scale(softmax_scale, q.shape[-1])
-    for name, value in (("layout", layout), ("transport", transport)):
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name}: expected a string, got {value!r}")
-    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
     ring, ulysses = ring_and_ulysses_names(group)
+    try:
+        check_qkv(q, k, v, varlen=cu_seqlens is not None)  # tensors of other devices would reach the op's fake
+        check_sinks(sinks, q)
+        check_flag("causal", causal)
+        window = check_mask(causal, window_size)
+        check_flag("return_lse", return_lse)
+        check_flag("deterministic", deterministic)
+        scale = check_softmax_scale(softmax_scale, q.shape[-1])
+        for name, value in (("layout", layout), ("transport", transport)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}: expected a string, got {value!r}")
+    except ValueError:  # a refused call counts, as the op counts its own (consistency.py)
+        for name in (ring, ulysses) if ulysses is not None else (ring,):
+            count_call(group_by_name(name))
+        raise
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
     if ulysses is not None:
         out, lse, *_for_backward = mesh_attention_op(
             q, k, v, cu_seqlens, sinks, ulysses, ring, causal, list(window), scale, check_softcap(softcap), layout,

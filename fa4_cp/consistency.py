@@ -1,7 +1,9 @@
 """Cross-rank consistency check: a mismatched ring call raises on every rank instead of hanging.
 
 Before the ring starts, the ranks all-gather their RingCall's 63-bit digest (call.py: shapes,
-dtype, mask, layout, documents, scale, backend, transport). If any differs, they all-gather the
+dtype, mask, layout, documents, scale, backend, transport) and the call's number on the group:
+every call counts, a refused one too, so a rank that caught its own error and carried on does
+not pair its next call with its peers' previous one. If any differs, they all-gather the
 calls' fields (every rank sees the same digests, so every rank takes part) and each raises a
 ValueError naming the fields that differ and every rank's value. A rank whose peer never joins
 fails within FA4_CP_RING_TIMEOUT. The all-gather runs on the CPU where the group can (a gloo
@@ -15,6 +17,7 @@ training setup is known to be good.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -23,6 +26,14 @@ from .comm.group import RingGroup
 from .comm.watchdog import timeout_message, wait_for
 
 _override: bool | None = None
+_calls: weakref.WeakKeyDictionary[RingGroup, int] = weakref.WeakKeyDictionary()
+
+
+def count_call(group: RingGroup) -> int:
+    """This call's number on `group` (1, 2, ...): counted when the call starts, before anything
+    is checked, so that the ranks' numbers agree exactly when they made the same calls."""
+    _calls[group] = number = _calls.get(group, 0) + 1
+    return number
 
 
 def set_consistency_check(enabled: bool | None) -> None:
@@ -38,20 +49,22 @@ def consistency_check_enabled() -> bool:
     return os.environ.get("FA4_CP_CHECK_CONSISTENCY", "1") != "0"
 
 
-def check_consistency(group: RingGroup, call: RingCall, device: torch.device) -> None:
+def check_consistency(group: RingGroup, call: RingCall, device: torch.device, number: int) -> None:
+    """`number`: the call's `count_call` on `group`."""
     if group.world_size == 1 or not consistency_check_enabled():
         return
     what = "the cross-rank check of the call"
     device = group.check_device(device)
-    gathered = torch.cat(group.all_gather(torch.tensor([call.digest], dtype=torch.int64, device=device), what))
+    gathered = torch.stack(group.all_gather(torch.tensor([call.digest, number], dtype=torch.int64, device=device), what))
     if device.type == "cuda":  # a GIL-free wait with the ring's timeout, not a blind sync
         done = torch.cuda.Event()
         done.record()
         seconds = group.timeout()
         wait_for(done, seconds, lambda: timeout_message(group.rank, group.world_size, what, seconds))
-    digests = gathered.tolist()
-    if any(digest != digests[0] for digest in digests):
-        raise ValueError(mismatch_message(group.all_gather_object(call.describe()), group.rank))
+    signatures = gathered.tolist()
+    if any(signature != signatures[0] for signature in signatures):
+        described = {**call.describe(), "call number on this group": str(number)}
+        raise ValueError(mismatch_message(group.all_gather_object(described), group.rank))
 
 
 def mismatch_message(calls: list[dict[str, str]], rank: int) -> str:
@@ -66,7 +79,8 @@ def mismatch_message(calls: list[dict[str, str]], rank: int) -> str:
             differing.append(f"{field} ({per_value})")
     return (
         f"ring attention call differs across the ranks of the group (seen on rank {rank}): "
-        + ", ".join(differing) + ". Every rank must call with the same shapes, mask, layout, documents, scale and backend."
+        + ", ".join(differing) + ". Every rank must make the same calls, with the same shapes, mask, layout, documents, scale "
+        "and backend."
     )
 
 

@@ -25,7 +25,7 @@ import torch
 from .call import dense_call, varlen_call
 from .comm.group import RingGroup, group_by_name
 from .comm.mesh import UlyssesRing
-from .consistency import check_consistency
+from .consistency import check_consistency, count_call
 from .ops import backend_of, ring_attention_backward_op, ring_attention_op
 from .parallel.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, lse_sequence_to_heads, sequence_to_heads
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
@@ -92,6 +92,7 @@ def mesh_forward(
     """out (q's shape) and lse of this rank's rows; then, for the backward, the head-sharded q,
     k, v, out and lse of its ring rank's rows, padded to u x the local rows."""
     mesh = _mesh(ulysses, ring)
+    numbers = [count_call(group) for group in (mesh.ulysses, mesh.ring)]
     u = mesh.ulysses.world_size
     heads, kv_heads = q.shape[-2], k.shape[-2]
     check_heads(heads, kv_heads, u)
@@ -108,8 +109,8 @@ def mesh_forward(
     else:
         call, _ = varlen_call(ring_q, ring_kv, ring_kv, cu_seqlens, mesh.ring.world_size, **options)
     call = dataclasses.replace(call, ulysses=u, q_shape=tuple(q.shape), kv_shape=tuple(k.shape))
-    for group in (mesh.ulysses, mesh.ring):  # both dims agree: every rank of the mesh does
-        check_consistency(group, call, q.device)
+    for group, number in zip((mesh.ulysses, mesh.ring), numbers):  # both dims agree: every rank of the mesh does
+        check_consistency(group, call, q.device, number)
 
     if (repeat := kv_heads_for(kv_heads, u)) is not None:
         k, v = (t.index_select(-2, repeat.to(t.device)) for t in (k, v))

@@ -17,7 +17,7 @@ import torch
 
 from .call import RingCall, dense_call, varlen_call
 from .comm.group import RingGroup, group_by_name
-from .consistency import check_consistency
+from .consistency import check_consistency, count_call
 from .kernels import AttentionBackend
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
 from .parallel.executor import Ring, ring_backward, ring_forward
@@ -86,11 +86,12 @@ def ring_attention_op(
     backend: str | None, transport: str | None, deterministic: bool, grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape and dtype) and the final LSE in fp64, sinks included."""
+    number = count_call(group_by_name(group))
     call, kernels, ring_group = _prepared(
         q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, grad,
     )
     ring = _ring(call, kernels, ring_group, q)
-    check_consistency(ring_group, call, q.device)
+    check_consistency(ring_group, call, q.device, number)
     out_acc, lse = ring_forward(ring, q, k, v)
     if sinks is not None:
         lse = add_sinks(out_acc, lse, sinks)

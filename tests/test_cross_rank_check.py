@@ -77,10 +77,12 @@ def test_a_rank_with_bad_input_raises_at_once_and_its_peer_within_the_ring_timeo
 
 
 @pytest.mark.slow
-def test_a_rank_that_never_calls_makes_the_other_raise_within_the_timeout(tmp_path):
+def test_a_rank_that_never_calls_and_exits_is_reported_as_exited(tmp_path):
     outcomes = run_ranks(mismatched_call, 2, tmp_path, "missing_rank", timeout=60, pg_timeout=600, env={"FA4_CP_RING_TIMEOUT": str(RING_TIMEOUT)})
     assert (outcomes[1].status, outcomes[1].value) == ("ok", "rank 1 never calls")
-    assert outcomes[0].status == "error" and "fa4_cp ring timeout: rank 0 of 2" in outcomes[0].value
+    assert outcomes[0].status == "error", outcomes[0]
+    assert "fa4_cp ring: rank 0 of 2: the cross-rank check of the call failed after" in outcomes[0].value, outcomes[0].value
+    assert f"before the {RING_TIMEOUT} s timeout: a peer rank exited or closed its connection" in outcomes[0].value
 
 
 def check_devices(rank: int, world_size: int) -> list[str]:

@@ -125,9 +125,55 @@ def test_a_batch_it_did_not_shard_is_refused_and_unknown_attention_too():
         layer(q, q, q, attention_masks=titans_own)
     with pytest.raises(ValueError, match="sharded into 16 local tokens, the layer got 8"):
         layer(q, q, q, attention_masks=RingMasks(None, 2, 16, None, "zigzag"))
-    with pytest.raises(ValueError, match=r"arguments \['out_transform'\] are not supported"):
-        layer(q, q, q, out_transform=lambda out, lse: out)
+    with pytest.raises(ValueError, match=r"arguments \['return_lse'\] are not supported"):
+        layer(q, q, q, return_lse=True)
     spec = llama3.model_registry("debugmodel")
     spec.model.layers[0].attention.inner_attention = object()
     with pytest.raises(ValueError, match=r"layers\[0\]: inner attention object cannot be put on the ring"):
         RingAttentionConverter(RingAttentionConverter.Config()).convert(spec.model)
+
+
+@pytest.mark.parametrize("attn_backend", ["varlen", "sdpa"])
+def test_the_converter_keeps_each_layers_window_on_the_varlen_and_sdpa_backends(attn_backend):
+    """gpt-oss alternates sliding-window (127, 0) and causal layers on torchtitan's varlen backend;
+    Llama 3 on SDPA is causal. The converter's flags reach every layer."""
+    from torchtitan.models import gpt_oss
+
+    from fa4_cp.integrations.torchtitan import RingAttention
+
+    expected = {}
+    if attn_backend == "varlen":
+        spec = gpt_oss.model_registry("debugmodel", attn_backend="varlen", converters=[RingAttentionConverter.Config()])
+        expected = {index: (127, 0) if index % 2 == 0 else (-1, 0) for index in range(len(spec.model.layers))}
+    else:  # torchtitan 0.3.0 builds language models with flex or varlen; SDPA is set by hand
+        spec = llama3.model_registry("debugmodel")
+        for layer in spec.model.layers:
+            layer.attention.inner_attention = ScaledDotProductAttention.Config()
+        RingAttentionConverter(RingAttentionConverter.Config(deterministic=True)).convert(spec.model)
+        expected = {index: (-1, 0) for index in range(len(spec.model.layers))}
+    for index, layer in enumerate(spec.model.layers):
+        inner = layer.attention.inner_attention
+        assert isinstance(inner, RingAttention.Config) and tuple(inner.window_size) == expected[index], (index, inner)
+        assert inner.deterministic == (attn_backend == "sdpa")
+
+
+def test_out_transform_takes_the_rings_out_and_lse_as_gpt_oss_sinks_need():
+    """gpt-oss rescales out by sigmoid(lse - sinks) through out_transform: on the ring that equals
+    the ring's own sinks (which are held to fp64 elsewhere), dense and packed."""
+    from torchtitan.models.gpt_oss.model import apply_attention_sink_rescale
+
+    import fa4_cp
+    from fa4_cp.integrations.torchtitan import RingAttention, RingMasks
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 24, 4, 16, dtype=torch.float64) for _ in range(3))
+    sinks = torch.randn(4, dtype=torch.float64)
+    layer = RingAttention(RingAttention.Config(window_size=(5, 0)))
+    transform = lambda out, lse: apply_attention_sink_rescale(out, lse, sinks)  # noqa: E731
+    dense = layer(q, k, v, out_transform=transform)
+    expected = fa4_cp.ring_attention(q, k, v, causal=True, window_size=(5, 0), sinks=sinks)
+    assert (dense - expected).abs().max() < 1e-12
+    cu = torch.tensor([0, 7, 24], dtype=torch.int32)
+    packed = layer(q, k, v, attention_masks=RingMasks(None, 1, 24, cu, "balanced"), out_transform=transform)
+    expected = fa4_cp.ring_attention_varlen(q[0], k[0], v[0], cu, causal=True, window_size=(5, 0), sinks=sinks)[None]
+    assert (packed - expected).abs().max() < 1e-12

@@ -157,3 +157,22 @@ def test_auto_warns_once_with_the_reason_when_it_cannot_pick_fa4(monkeypatch):
     assert "O(S^2) PyTorch reference on 16-bit CUDA inputs: the GPU stack is not importable" in str(caught[0].message)
     with pytest.raises(ValueError, match="backend 'fa4': the GPU stack is not importable"):
         kernels.get_backend("fa4", q)
+
+
+def test_a_rank_that_caught_its_own_error_and_carried_on_is_caught_at_its_next_call():
+    """Rank 1's bad call is refused before any communication; it catches the error and calls again,
+    while rank 0 makes its first call: without call numbers the two would pair."""
+    q, k, v = qkv()
+
+    def call(group):
+        if group.rank == 1:
+            with pytest.raises(ValueError, match="window_size"):
+                fa4_cp.ring_attention(q, k, v, group=group, causal=True, window_size=(4, 2))
+        try:
+            fa4_cp.ring_attention(q, k, v, group=group, causal=True)
+        except ValueError as error:
+            return str(error)
+        return "returned"
+
+    for message in SimulatedRing(2).run(call):
+        assert "differs across the ranks" in message and "call number on this group (ranks 0: 1; ranks 1: 2)" in message, message

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import time
 import weakref
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .transport import LocalTransport, ProcessGroupTransport, Transport, TransportKind
-from .watchdog import RingTimeoutError, timeout_message
+from .watchdog import RingPeerLostError, RingTimeoutError, peer_lost_message, timeout_message
 
 
 @runtime_checkable
@@ -157,12 +158,17 @@ class ProcessGroupRing:
 
 
 def wait_within(work, seconds: float, rank: int, world_size: int, what: str) -> None:
-    """Wait for a torch.distributed request on the host; past `seconds`, raise naming `what`."""
+    """Wait for a torch.distributed request on the host; past `seconds`, raise naming `what`. A
+    wait that fails sooner is a broken connection, reported as such."""
     import datetime
 
+    started = time.monotonic()
     try:
         work.wait(timeout=datetime.timedelta(seconds=seconds))
     except RuntimeError as error:
+        elapsed = time.monotonic() - started
+        if elapsed < 0.9 * seconds:
+            raise RingPeerLostError(peer_lost_message(rank, world_size, what, elapsed, seconds, error)) from error
         raise RingTimeoutError(timeout_message(rank, world_size, what, seconds, exits=False)) from error
 
 

@@ -33,6 +33,18 @@ class RingTimeoutError(RuntimeError):
     """A peer did not answer within the ring timeout (raised where the wait can be abandoned)."""
 
 
+class RingPeerLostError(RuntimeError):
+    """A wait failed before the ring timeout: the connection to a peer broke (it exited or crashed)."""
+
+
+def peer_lost_message(rank: int, world_size: int, what: object, elapsed: float, seconds: float, error: BaseException) -> str:
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"fa4_cp ring: rank {rank} of {world_size}: {what} failed after {elapsed:.1f} s, before the {seconds:g} s timeout: "
+        f"a peer rank exited or closed its connection ({cause})"
+    )
+
+
 class Hop(NamedTuple):
     """A hop as the watchdog names it; formatted only if it times out."""
 

@@ -13,7 +13,8 @@ torchtitan's own context parallelism refuses varlen attention and packed documen
 layer's attention runs on fa4_cp's ring over the cp group, dense sequences (zigzag) and packed
 documents (balanced layout) alike. The converter is torchtitan's extension point for model
 configs (as its LoRA and quantization converters are): it swaps every layer's inner attention,
-keeping a varlen layer's window, and refuses attention it does not know. `shard_batch` puts the
+keeping a varlen layer's window, and refuses attention it does not know. A layer's
+`out_transform(out, lse)` (gpt-oss applies its sinks so) gets the ring's out and lse. `shard_batch` puts the
 ring's facts (group, global documents, layout) into `attention_masks`, which torchtitan passes to
 every inner attention unchanged; a layer called on a batch it did not shard, on a ring of more
 than one rank, raises.
@@ -21,6 +22,7 @@ than one rank, raises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,8 +110,11 @@ class RingAttention(Module):
 
     def forward(
         self, q_BLNH: torch.Tensor, k_BLNH: torch.Tensor, v_BLNH: torch.Tensor, *, attention_masks: RingMasks | None = None,
-        scale: float | None = None, enable_gqa: bool = False, **kwargs,
+        scale: float | None = None, enable_gqa: bool = False,
+        out_transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, **kwargs,
     ) -> torch.Tensor:
+        """`out_transform(out_BLNH, lse_BLN)`, as torchtitan's varlen and flex attentions take it
+        (gpt-oss applies its sinks so), is applied to the ring's out and lse: both are per row."""
         if kwargs:
             raise ValueError(f"fa4_cp RingAttention: arguments {sorted(kwargs)} are not supported; refusing rather than dropping them")
         masks = self._masks(attention_masks, q_BLNH.shape[1])
@@ -117,12 +122,19 @@ class RingAttention(Module):
         options = dict(
             group=masks.group, causal=right == 0, window_size=(left, right), softmax_scale=scale,
             layout=masks.layout, backend=self.backend, transport=self.transport, deterministic=self.deterministic,
+            return_lse=out_transform is not None,
         )
         if masks.cu_seqlens is None:
-            return ring_attention(q_BLNH, k_BLNH, v_BLNH, **options)
-        if q_BLNH.shape[0] != 1:
-            raise ValueError(f"fa4_cp RingAttention: packed documents take one row, got batch {q_BLNH.shape[0]}")
-        return ring_attention_varlen(q_BLNH[0], k_BLNH[0], v_BLNH[0], masks.cu_seqlens, **options)[None]
+            result = ring_attention(q_BLNH, k_BLNH, v_BLNH, **options)
+        else:
+            if q_BLNH.shape[0] != 1:
+                raise ValueError(f"fa4_cp RingAttention: packed documents take one row, got batch {q_BLNH.shape[0]}")
+            result = ring_attention_varlen(q_BLNH[0], k_BLNH[0], v_BLNH[0], masks.cu_seqlens, **options)
+            result = tuple(t[None] for t in result) if out_transform is not None else result[None]
+        if out_transform is None:
+            return result
+        out, lse = result
+        return out_transform(out, lse.transpose(-1, -2))
 
     @staticmethod
     def _masks(masks: RingMasks | None, seq_len: int) -> RingMasks:
