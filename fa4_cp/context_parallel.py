@@ -9,7 +9,8 @@ As torch's does, it shards the buffers in place along their sequence dims (zigza
 head-tail load balancer), restores them on exit (except `no_restore_buffers`), and sends each
 `F.scaled_dot_product_attention` call inside it to the ring: causal or not, `scale`, GQA through
 `enable_gqa` (KV is never repeated). What SDPA takes and the ring cannot (an explicit attn_mask,
-dropout) raises. `context_parallel_unshard` gathers sharded tensors back, as torch's does.
+dropout) raises, and so do flex_attention and nn.MultiheadAttention's attention, which would
+otherwise see the local shard alone. `context_parallel_unshard` gathers sharded tensors back, as torch's does.
 """
 
 from __future__ import annotations
@@ -94,6 +95,14 @@ def _replace(buffer: torch.Tensor, values: torch.Tensor) -> None:
     buffer.copy_(values)
 
 
+def _is_flex_attention(func) -> bool:
+    """flex_attention reaches torch function modes as its higher-order operator (inside a
+    torch.compile of its own, even in eager)."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_operator
+
+    return func is flex_attention_operator
+
+
 class _SdpaOnTheRing(TorchFunctionMode):
     def __init__(self, mesh: DeviceMesh, backend: str | None, transport: str | None, deterministic: bool = False):
         super().__init__()
@@ -101,6 +110,12 @@ class _SdpaOnTheRing(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward or _is_flex_attention(func):
+            raise ValueError(
+                f"{'flex_attention' if _is_flex_attention(func) else func.__name__}: under fa4_cp.context_parallel only "
+                "F.scaled_dot_product_attention runs on the ring; this attention would see the local shard alone. "
+                "Use SDPA, or fa4_cp.ring_attention directly"
+            )
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         return self.attention(*args, **kwargs)

@@ -112,3 +112,20 @@ def test_what_sdpa_takes_and_the_ring_cannot_is_refused():
     with pytest.raises(ValueError, match="mesh: expected a 1-D DeviceMesh"):
         with fa4_cp.context_parallel("cp", buffers=[q], buffer_seq_dims=[2]):
             pass
+
+
+def test_attention_that_would_see_the_local_shard_alone_is_refused():
+    """flex_attention and nn.MultiheadAttention inside the context would silently attend over this
+    rank's shard only. (Eager flex_attention runs its operator inside a torch.compile of its own,
+    whose error wraps the ValueError and its message.)"""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from fa4_cp.context_parallel import _SdpaOnTheRing
+
+    q = torch.randn(1, 2, 8, 4)
+    with _SdpaOnTheRing(DeviceMesh.__new__(DeviceMesh), None, None):
+        with pytest.raises((ValueError, RuntimeError), match="flex_attention: under fa4_cp.context_parallel only F.scaled_dot_product"):
+            flex_attention(q, q, q)
+        with pytest.raises(ValueError, match="multi_head_attention_forward: under fa4_cp.context_parallel"):
+            torch.nn.MultiheadAttention(4, 1, batch_first=True)(q[0], q[0], q[0])
