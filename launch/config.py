@@ -133,6 +133,18 @@ _MODEL_OVERRIDES: dict[str, tuple[type, str]] = {
 }
 
 
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("cuda", "cpu"),
+    "compute_dtype": ("bfloat16", "float32"),
+    "data": ("python-sources", "synthetic"),
+    "packing": ("none", "documents"),
+    "activation_checkpointing": ACTIVATION_CHECKPOINTING,
+    "attention_backend": BACKEND_NAMES,
+    "transport": TRANSPORTS,
+}
+"""Flags that take one of a few words: argparse refuses anything else, naming the flag."""
+
+
 def _preset_defaults(name: str, of_model: bool) -> str:
     values = {preset: getattr(config.model if of_model else config, name) for preset, config in PRESETS.items()}
     if len(set(values.values())) == 1:
@@ -148,7 +160,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="tiny (CPU tests), small (~180M) or 1b (default: tiny)")
     for table, of_model in ((_OVERRIDES, False), (_MODEL_OVERRIDES, True)):
         for name, (kind, text) in table.items():
-            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (default {_preset_defaults(name, of_model)})")
+            parser.add_argument(
+                f"--{name.replace('_', '-')}", type=kind, default=None, choices=_CHOICES.get(name),
+                help=f"{text} (default {_preset_defaults(name, of_model)})",
+            )
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --checkpoint-dir")
     parser.add_argument("--offload-activations", action="store_true", help="keep the tensors saved for backward in pinned CPU memory")
     parser.add_argument("--deterministic", action="store_true", help="bitwise-reproducible ring attention gradients (slower)")
@@ -172,6 +187,17 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"d_model: {model.d_model} must be a multiple of n_heads ({model.n_heads})")
     if model.n_heads % model.n_kv_heads:
         raise ValueError(f"n_kv_heads: {model.n_kv_heads} must divide n_heads ({model.n_heads})")
+    for name in ("seq_len", "steps"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}: expected a positive count, got {getattr(config, name)}")
+    if config.stop_at is not None and not 1 <= config.stop_at <= config.steps:
+        raise ValueError(f"stop_at: expected a step from 1 to --steps ({config.steps}), got {config.stop_at}")
+    if config.warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected a count of 0 or more, got {config.warmup_steps}")
+    if config.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every: expected a step count (0: never), got {config.checkpoint_every}")
+    if config.checkpoint_every and not config.checkpoint_dir:
+        raise ValueError(f"checkpoint_every: saving every {config.checkpoint_every} steps needs --checkpoint-dir")
     if config.cp < 1 or config.dp_shard < 1:
         raise ValueError(f"cp and dp_shard: expected positive sizes, got cp={config.cp}, dp_shard={config.dp_shard}")
     if config.ulysses < 1 or config.cp % config.ulysses:

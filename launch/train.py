@@ -165,7 +165,13 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv)
+    try:
+        config = parse_config(argv)
+        check_world(config, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available())
+    except ValueError as error:  # a bad flag: its cause once per launch, not a traceback per rank
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
     train(config)
     dist.destroy_process_group()
 

@@ -268,10 +268,11 @@ def test_dp_shard_2_by_cp_2_matches_one_rank_over_both_sequences(tmp_path):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--attention-backend", "flash"], "attention_backend: expected one of auto, fa4, reference, got 'flash'"),
         (["--attention-backend", "fa4"], "attention_backend: 'fa4' needs --device cuda"),
-        (["--transport", "shm"], "transport: expected one of auto, nccl, copy_engine, got 'shm'"),
         (["--keep-checkpoints", "0"], "keep_checkpoints: expected a positive count, got 0"),
+        (["--seq-len", "0"], "seq_len: expected a positive count, got 0"),
+        (["--stop-at", "9"], r"stop_at: expected a step from 1 to --steps \(4\), got 9"),
+        (["--checkpoint-every", "2"], "checkpoint_every: saving every 2 steps needs --checkpoint-dir"),
         (["--cp", "4", "--ulysses", "3"], r"ulysses: expected a positive divisor of cp \(4\), got 3"),
         (["--cp", "8", "--ulysses", "8"], r"ulysses: 8 must divide n_heads \(4\)"),
     ],
@@ -279,6 +280,34 @@ def test_dp_shard_2_by_cp_2_matches_one_rank_over_both_sequences(tmp_path):
 def test_bad_ring_settings_fail_at_start(flags, message):
     with pytest.raises(ValueError, match=message):
         parse_config(["--preset", "tiny", *flags])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--attention-backend", "flash"], "argument --attention-backend: invalid choice: 'flash'"),
+        (["--transport", "shm"], "argument --transport: invalid choice: 'shm'"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--packing", "docs"], "argument --packing: invalid choice: 'docs'"),
+    ],
+)
+def test_enumerated_flags_take_only_their_choices(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--preset", "tiny", *flags])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_bad_flag_prints_its_cause_once_per_launch(rank, capsys, monkeypatch):
+    """No traceback per rank: rank 0 prints one line, every rank exits with status 2."""
+    import train
+
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--preset", "tiny", "--seq-len", "0"])
+    assert exit_.value.code == 2
+    expected = "train.py: error: seq_len: expected a positive count, got 0\n" if rank == "0" else ""
+    assert capsys.readouterr().err == expected
 
 
 def test_help_documents_every_flag_with_its_default():
