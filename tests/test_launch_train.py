@@ -342,3 +342,28 @@ def test_packed_documents_train_at_cp2_like_one_rank_and_resume_exactly(tmp_path
     first = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "first"), argv + ["--cp", "2", "--stop-at", "1", "--checkpoint-dir", checkpoints, "--checkpoint-every", "1"]))
     second = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "second"), argv + ["--cp", "2", "--checkpoint-dir", checkpoints, "--resume"]))
     assert first[0][0] + second[0][0] == losses_two
+
+
+def _rng_after_resume(rank, world_size, root):
+    """Draws after a save, against the same draws after a load of that save."""
+    import random
+
+    import checkpoint
+    from config import PRESETS
+
+    torch.manual_seed(1)
+    random.seed(2)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint.save(root, 1, model, optimizer, scheduler, {"step": 1}, PRESETS["tiny"])
+    straight = (torch.rand(4).tolist(), random.random())
+    torch.rand(100), random.random()  # the interrupted run drew more before it stopped
+    checkpoint.load(root, 1, model, optimizer, scheduler)
+    resumed = (torch.rand(4).tolist(), random.random())
+    return straight, resumed
+
+
+def test_the_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    straight, resumed = values(run_ranks(_rng_after_resume, 1, fresh_dir(tmp_path, "rng"), str(tmp_path / "checkpoints")))[0]
+    assert straight == resumed
