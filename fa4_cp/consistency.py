@@ -1,9 +1,12 @@
 """Cross-rank consistency check: a mismatched ring call raises on every rank instead of hanging.
 
 Before the ring starts, the ranks all-gather their RingCall's 63-bit digest (call.py: shapes,
-dtype, mask, layout, documents, scale, backend, transport) and the call's number on the group:
-every call counts, a refused one too, so a rank that caught its own error and carried on does
-not pair its next call with its peers' previous one. If any differs, they all-gather the
+dtype, mask, layout, documents, scale, backend, transport), the call's number on the group
+(every call counts, a refused one too, so a rank that caught its own error and carried on does
+not pair its next call with its peers' previous one) and a fingerprint of the sinks' values
+(every rank must pass the same; reading them from a GPU when the check runs on the CPU waits for
+the GPU's queued work, one more reason to turn the check off once a setup is known good). If any
+differs, they all-gather the
 calls' fields (every rank sees the same digests, so every rank takes part) and each raises a
 ValueError naming the fields that differ and every rank's value. A rank whose peer never joins
 fails within FA4_CP_RING_TIMEOUT. The all-gather runs on the CPU where the group can (a gloo
@@ -49,13 +52,23 @@ def consistency_check_enabled() -> bool:
     return os.environ.get("FA4_CP_CHECK_CONSISTENCY", "1") != "0"
 
 
-def check_consistency(group: RingGroup, call: RingCall, device: torch.device, number: int) -> None:
-    """`number`: the call's `count_call` on `group`."""
+def _sinks_fingerprint(sinks: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Two int64 words (the fp64 bits of two weighted sums) that differ when the values do."""
+    if sinks is None:
+        return torch.zeros(2, dtype=torch.int64, device=device)
+    values = sinks.detach().to(device=device, dtype=torch.float64).flatten()
+    weights = torch.arange(1, values.numel() + 1, dtype=torch.float64, device=device)
+    return torch.stack([(values * weights).sum(), (values * values).sum()]).view(torch.int64)
+
+
+def check_consistency(group: RingGroup, call: RingCall, device: torch.device, number: int, sinks: torch.Tensor | None = None) -> None:
+    """`number`: the call's `count_call` on `group`; `sinks`: the call's sinks, if any."""
     if group.world_size == 1 or not consistency_check_enabled():
         return
     what = "the cross-rank check of the call"
     device = group.check_device(device)
-    gathered = torch.stack(group.all_gather(torch.tensor([call.digest, number], dtype=torch.int64, device=device), what))
+    signature = torch.cat([torch.tensor([call.digest, number], dtype=torch.int64, device=device), _sinks_fingerprint(sinks, device)])
+    gathered = torch.stack(group.all_gather(signature, what))
     if device.type == "cuda":  # a GIL-free wait with the ring's timeout, not a blind sync
         done = torch.cuda.Event()
         done.record()
@@ -63,7 +76,11 @@ def check_consistency(group: RingGroup, call: RingCall, device: torch.device, nu
         wait_for(done, seconds, lambda: timeout_message(group.rank, group.world_size, what, seconds))
     signatures = gathered.tolist()
     if any(signature != signatures[0] for signature in signatures):
-        described = {**call.describe(), "call number on this group": str(number)}
+        values = "None"
+        if sinks is not None:
+            listed = sinks.detach().flatten().tolist()
+            values = f"{listed[:4]}{' ...' if len(listed) > 4 else ''} (fingerprint {signature[2:].tolist()})"
+        described = {**call.describe(), "call number on this group": str(number), "sinks values": values}
         raise ValueError(mismatch_message(group.all_gather_object(described), group.rank))
 
 

@@ -110,7 +110,7 @@ def mesh_forward(
         call, _ = varlen_call(ring_q, ring_kv, ring_kv, cu_seqlens, mesh.ring.world_size, **options)
     call = dataclasses.replace(call, ulysses=u, q_shape=tuple(q.shape), kv_shape=tuple(k.shape))
     for group, number in zip((mesh.ulysses, mesh.ring), numbers):  # both dims agree: every rank of the mesh does
-        check_consistency(group, call, q.device, number)
+        check_consistency(group, call, q.device, number, sinks)
 
     if (repeat := kv_heads_for(kv_heads, u)) is not None:
         k, v = (t.index_select(-2, repeat.to(t.device)) for t in (k, v))

@@ -91,7 +91,7 @@ def ring_attention_op(
         q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, grad,
     )
     ring = _ring(call, kernels, ring_group, q)
-    check_consistency(ring_group, call, q.device, number)
+    check_consistency(ring_group, call, q.device, number, sinks)
     out_acc, lse = ring_forward(ring, q, k, v)
     if sinks is not None:
         lse = add_sinks(out_acc, lse, sinks)

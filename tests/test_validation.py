@@ -176,3 +176,19 @@ def test_a_rank_that_caught_its_own_error_and_carried_on_is_caught_at_its_next_c
 
     for message in SimulatedRing(2).run(call):
         assert "differs across the ranks" in message and "call number on this group (ranks 0: 1; ranks 1: 2)" in message, message
+
+
+def test_ranks_whose_sinks_values_differ_raise_on_every_rank():
+    q, k, v = qkv()
+
+    def call(group):
+        try:
+            fa4_cp.ring_attention(q, k, v, group=group, causal=True, sinks=torch.full((4,), float(group.rank)))
+        except ValueError as error:
+            return str(error)
+        return "returned"
+
+    for message in SimulatedRing(2).run(call):
+        assert "differs across the ranks" in message and "sinks values (ranks 0: [0.0, 0.0, 0.0, 0.0]" in message, message
+    same = SimulatedRing(2).run(lambda group: fa4_cp.ring_attention(q, k, v, group=group, causal=True, sinks=torch.ones(4)))
+    assert all(out.shape == q.shape for out in same)  # equal sinks pass
