@@ -16,9 +16,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import statistics
+
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fa4_cp_from(tree: str | None):
+    """fa4_cp, from another checkout's tree when `tree` is given (a baseline), else this one."""
+    if tree:
+        sys.path.insert(0, str(Path(tree).resolve()))
+    import fa4_cp
+
+    return fa4_cp
+
+
+def median_ms(fns: dict, warmup: int = 3, iters: int = 15) -> dict[str, float]:
+    """Median CUDA-event time of each function; rounds interleave them so drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def git_commit() -> str:

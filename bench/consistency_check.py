@@ -55,7 +55,7 @@ def worker(rank: int, args: argparse.Namespace, init_file: str, results) -> None
         q, k, v, group.world_size, causal=True, window_size=(-1, -1), softmax_scale=None, softcap=None, sinks=None, layout="zigzag",
         return_lse=False, backend=None, transport=None, backward=False,
     )
-    check = timed(lambda: check_consistency(group, call, device), args.repeats, device)
+    check = timed(lambda: check_consistency(group, call, device, 1), args.repeats, device)
     ring_call = {}
     for enabled in (True, False):
         fa4_cp.set_consistency_check(enabled)

@@ -18,6 +18,7 @@
 #   ring_core      tests/gpu/test_fa4_ring.py at W = 2 and 8 (no W = 72, no mesh)
 #   gpu_work       bench/gpu_work.py (JSON), and on BASELINE_TREE if set
 #   ring_overhead  bench/ring_overhead.py (JSON)
+#   gpu_work_deterministic  bench/gpu_work.py --deterministic (JSON), dense_w8 and pretrain_w8
 #
 # Set FA4_CP_GIT_COMMIT where the tree has no .git (a device machine's copy of it).
 set -uo pipefail
@@ -74,6 +75,9 @@ for part in "${parts[@]}"; do
           --cases ${BASELINE_CASES:-dense_w8 pretrain_w8 finetune_w8}
       fi ;;
     ring_overhead) run ring_overhead.log "$seconds" python3 bench/ring_overhead.py --out "$out/ring_overhead.json" ;;
+    gpu_work_deterministic)
+      run gpu_work_deterministic.log "$seconds" python3 bench/gpu_work.py --deterministic --out "$out/gpu_work_deterministic.json" \
+        --cases ${DETERMINISTIC_BENCH_CASES:-dense_w8 pretrain_w8} ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;
   esac
 done

@@ -17,7 +17,8 @@ kernel launched per ring step shows (launches near the step count).
 
 The mixes: document lengths log-normal until the total is filled (the last one cut):
 pretraining-like median 1,200 tokens, sigma 1.4, capped at 64K; fine-tuning-like median 500,
-sigma 0.9, capped at 16K. `--tree` runs another checkout's fa4_cp (a baseline) instead.
+sigma 0.9, capped at 16K. `--tree` runs another checkout's fa4_cp (a baseline) instead;
+`--deterministic` makes the ring's calls with deterministic=True.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import collections
 import math
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import fa4_cp_from, record, write
 
 HEAD_DIM = 128
 CUTE_PREFIX = "kernel_cutlass"
@@ -176,7 +177,7 @@ def one_device(case: Case, inputs) -> dict:
     return median_sorted(step, None, REPEATS)
 
 
-def ring(case: Case, inputs, fa4_cp) -> dict:
+def ring(case: Case, inputs, fa4_cp, deterministic: bool = False) -> dict:
     from fa4_cp.comm import simulated
 
     q, k, v, dout, lengths = inputs
@@ -198,7 +199,7 @@ def ring(case: Case, inputs, fa4_cp) -> dict:
         rank = group.rank
         q_, k_, v_, dout_ = shards[rank]
         leaves = [t.clone().requires_grad_() for t in (q_, k_, v_)]
-        options = dict(group=group, causal=True, backend="fa4")
+        options = dict(group=group, causal=True, backend="fa4", **({"deterministic": True} if deterministic else {}))
         out = fa4_cp.ring_attention(*leaves, **options) if lengths is None else fa4_cp.ring_attention_varlen(*leaves, cu_seqlens, **options)
         torch.autograd.backward(out, dout_)
 
@@ -250,24 +251,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--tree", help="run the fa4_cp of this checkout (a baseline)")
+    parser.add_argument("--deterministic", action="store_true", help="the ring calls with deterministic=True")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    if args.tree:
-        sys.path.insert(0, str(Path(args.tree).resolve()))
-    sys.path.insert(1, str(Path(__file__).resolve().parent))
-    import fa4_cp
-    from common import record, write
+    fa4_cp = fa4_cp_from(args.tree)
 
     result = record(
         "gpu_work", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
         method=f"kernel times of one fwd+bwd call summed over every simulated rank; median of {REPEATS} profiled calls after one warm-up",
-        cases={},
+        deterministic=args.deterministic, cases={},
     )
     for name in args.cases:
         case = CASES[name]
         began = time.monotonic()
         inputs = make_inputs(case)
-        row = summarize(case, one_device(case, inputs), ring(case, inputs, fa4_cp))
+        row = summarize(case, one_device(case, inputs), ring(case, inputs, fa4_cp, args.deterministic))
         row["seconds"] = time.monotonic() - began
         result["cases"][name] = row
         write(result, args.out)

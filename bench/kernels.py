@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from common import record, today, write  # noqa: E402
+from common import median_ms, record, today, write  # noqa: E402
 from fa4_cp.kernels import LSE_ACCUMULATOR_DTYPE, BandMask  # noqa: E402
 from fa4_cp.kernels.fa4.backend import FA4Backend  # noqa: E402
 
@@ -49,23 +48,6 @@ torch.cuda.synchronize(); start = time.perf_counter()
 forward_partials_sm90(q, k, v, out, lse, mask=BandMask(hi=0), softmax_scale=0.1, accumulate=True, varlen=None)
 torch.cuda.synchronize(); print(time.perf_counter() - start)
 """
-
-
-def median_ms(fns: dict, warmup: int = 3, iters: int = 15) -> dict[str, float]:
-    """Median CUDA-event time of each function; rounds interleave them so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times[name].append(start.elapsed_time(end))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run_config(seq: int, heads: int, kv_heads: int, dim: int, causal: bool) -> dict:

@@ -14,30 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from common import fa4_cp_from, median_ms, record, write
 
 HEAD_DIM = 128
 CALL_RANGE = "ring_overhead_call"
-
-
-def timed_ms(fns: dict, warmup: int = 3, iters: int = 20) -> dict[str, float]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times[name].append(start.elapsed_time(end))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def host_path_us(fn, calls: int = 7) -> float:
@@ -77,7 +60,7 @@ def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
             torch.autograd.backward(forward(), dout)
         return call
 
-    ms = timed_ms({"ring": both(ring_fwd), "upstream": both(upstream_fwd)})
+    ms = median_ms({"ring": both(ring_fwd), "upstream": both(upstream_fwd)}, iters=20)
     with torch.no_grad():
         host = {"ring_forward": host_path_us(ring_fwd), "upstream_forward": host_path_us(upstream_fwd)}
     return {
@@ -93,11 +76,7 @@ def main() -> None:
     parser.add_argument("--tree", help="run the fa4_cp of this checkout (a baseline)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    if args.tree:
-        sys.path.insert(0, str(Path(args.tree).resolve()))
-    sys.path.insert(1, str(Path(__file__).resolve().parent))
-    import fa4_cp
-    from common import record, write
+    fa4_cp = fa4_cp_from(args.tree)
 
     result = record(
         "ring_overhead", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
