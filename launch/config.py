@@ -162,7 +162,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         for name, (kind, text) in table.items():
             parser.add_argument(
                 f"--{name.replace('_', '-')}", type=kind, default=None, choices=_CHOICES.get(name),
-                help=f"{text} (default {_preset_defaults(name, of_model)})",
+                help=text if "(default" in text else f"{text} (default {_preset_defaults(name, of_model)})",
             )
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --checkpoint-dir")
     parser.add_argument("--offload-activations", action="store_true", help="keep the tensors saved for backward in pinned CPU memory")

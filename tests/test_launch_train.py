@@ -320,6 +320,8 @@ def test_help_documents_every_flag_with_its_default():
     flags = [word for word in text.getvalue().split() if word.startswith("--") and word != "--help"]
     assert {"--seq-len", "--keep-checkpoints", "--attention-backend", "--transport", "--n-kv-heads"} <= set(flags)
     assert "(default tiny: 256, small: 131072, 1b: 1048576)" in " ".join(text.getvalue().split())
+    per_flag = " ".join(text.getvalue().split()).split(" --")[1:]
+    assert all(entry.count("(default") <= 1 for entry in per_flag), [entry for entry in per_flag if entry.count("(default") > 1]
 
 
 def test_packed_documents_train_at_cp2_like_one_rank_and_resume_exactly(tmp_path):
