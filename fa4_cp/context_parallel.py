@@ -10,7 +10,8 @@ head-tail load balancer), restores them on exit (except `no_restore_buffers`), a
 `F.scaled_dot_product_attention` call inside it to the ring: causal or not, `scale`, GQA through
 `enable_gqa` (KV is never repeated). What SDPA takes and the ring cannot (an explicit attn_mask,
 dropout) raises, and so do flex_attention and nn.MultiheadAttention's attention, which would
-otherwise see the local shard alone. `context_parallel_unshard` gathers sharded tensors back, as torch's does.
+otherwise see the local shard alone. `context_parallel_unshard` gathers sharded tensors back,
+as torch's does.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ layer's attention runs on fa4_cp's ring over the cp group, dense sequences (zigz
 documents (balanced layout) alike. The converter is torchtitan's extension point for model
 configs (as its LoRA and quantization converters are): it swaps every layer's inner attention,
 keeping a varlen layer's window, and refuses attention it does not know. A layer's
-`out_transform(out, lse)` (gpt-oss applies its sinks so) gets the ring's out and lse. `shard_batch` puts the
-ring's facts (group, global documents, layout) into `attention_masks`, which torchtitan passes to
-every inner attention unchanged; a layer called on a batch it did not shard, on a ring of more
-than one rank, raises.
+`out_transform(out, lse)` (gpt-oss applies its sinks so) gets the ring's out and lse.
+`shard_batch` puts the ring's facts (group, global documents, layout) into `attention_masks`,
+which torchtitan passes to every inner attention unchanged; a layer called on a batch it did not
+shard, on a ring of more than one rank, raises.
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ class FA4Backend:
     Hopper: the forward merges each tile into the accumulators in its epilogue (no extra pass,
     no 16-bit rounding per step), or with `fused_merge=False` runs upstream's forward and the
     stand-alone merge kernel (the baseline). The backward accumulates dq in FA4's own layout
-    across the steps of a call, and dK/dV in the ring's fp32 buffers from inside the kernel. Blackwell: see blackwell.py (untested here). The inputs and the
-    architecture are checked once per pass, not per step.
+    across the steps of a call, and dK/dV in the ring's fp32 buffers from inside the kernel.
+    Blackwell: see blackwell.py (untested here). The inputs and the architecture are checked
+    once per pass, not per step.
     """
 
     name = "fa4"
