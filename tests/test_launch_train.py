@@ -107,9 +107,16 @@ def test_checkpointing_modes_agree_and_except_attention_runs_attention_once(tmp_
             torch.testing.assert_close(torch.from_numpy(by_mode[mode][1][name]), torch.from_numpy(grad), rtol=1e-6, atol=1e-7)
 
 
-def test_unknown_checkpointing_mode():
+def test_unknown_checkpointing_mode(capsys):
+    import dataclasses
+
+    from config import check_config
+
     with pytest.raises(ValueError, match=r"activation_checkpointing: expected one of layer, except-attention, none, got 'all'"):
+        check_config(dataclasses.replace(PRESETS["tiny"], activation_checkpointing="all"))
+    with pytest.raises(SystemExit):
         parse_config(["--preset", "tiny", "--activation-checkpointing", "all"])
+    assert "argument --activation-checkpointing: invalid choice: 'all'" in capsys.readouterr().err
 
 
 def fresh_dir(tmp_path, name):
