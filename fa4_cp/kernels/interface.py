@@ -125,8 +125,9 @@ class BackwardPass(Protocol):
         """Add the block's dq to the pass and its dk / dk_scale, dv to (dk_acc, dv_acc), which are
         in `accumulator_dtype`, shaped like k, v, with unit stride along head_dim. The block's q
         rows are ``q_rows`` of the pass's q (dense), or the rows ``varlen`` selects (varlen, with
-        ``q_rows`` everything). Varlen sequences may select overlapping kv rows: their dK/dV sum.
-        With ``write_first`` (only where `can_write_first`), a dense block overwrites every row of
+        ``q_rows`` everything). Varlen sequences whose kv rows overlap sum their dK/dV in the
+        reference; FA4's varlen grid covers the kv tensor's rows once, so there the selected kv
+        rows must not exceed them in total (the planners' blocks never do). With ``write_first`` (only where `can_write_first`), a dense block overwrites every row of
         (dk_acc, dv_acc) instead, so that they need not start zeroed."""
         ...
 

@@ -5,7 +5,8 @@ dK/dV epilogue. Upstream writes dK/dV as 16-bit tensors (one q head per kv head)
 into fp32 accumulators in its own tiled layout (GQA), to be post-processed. Here the epilogue adds
 each tile's dK and dV straight into the caller's fp32 buffers, shaped like K and V (any row and
 head strides), at the rows the block addresses: the q heads of a kv head meet there through
-atomic adds, so GQA is reduced inside the kernel, and varlen entries whose KV ranges overlap sum.
+atomic adds, so GQA is reduced inside the kernel, and varlen entries whose KV ranges overlap sum
+(as far as upstream's grid reaches: it covers the kv tensor's rows once).
 dK is left unscaled (the caller scales the sum once). In `write_first` mode the tile overwrites
 its rows instead (one q head per kv head, or deterministic GQA, where the first head writes).
 With `deterministic`, upstream's semaphores order dq's accumulation, and the q heads of a kv head

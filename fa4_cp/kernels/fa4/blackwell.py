@@ -63,6 +63,8 @@ class UpstreamBackwardPass:
         self.dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
     def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False) -> None:
+        if write_first and varlen is not None:
+            raise ValueError("write_first: dense blocks only")
         q, out, dout = (t[..., q_rows, :, :] for t in (self.q, self.out, self.dout))
         window = block_window(mask, q, k, varlen)
         dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
