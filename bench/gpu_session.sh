@@ -19,6 +19,8 @@
 #   gpu_work       bench/gpu_work.py (JSON), and on BASELINE_TREE if set
 #   ring_overhead  bench/ring_overhead.py (JSON)
 #   gpu_work_deterministic  bench/gpu_work.py --deterministic (JSON), dense_w8 and pretrain_w8
+#   error_growth   bench/ring_error_growth.py with FA4: the same tokens at W = 1, 2, 8, 72 (JSON)
+#   host_profile   bench/host_profile.py: cProfile of the ring's host path at W = 1 (text)
 #
 # Set FA4_CP_GIT_COMMIT where the tree has no .git (a device machine's copy of it).
 set -uo pipefail
@@ -78,6 +80,8 @@ for part in "${parts[@]}"; do
     gpu_work_deterministic)
       run gpu_work_deterministic.log "$seconds" python3 bench/gpu_work.py --deterministic --out "$out/gpu_work_deterministic.json" \
         --cases ${DETERMINISTIC_BENCH_CASES:-dense_w8 pretrain_w8} ;;
+    error_growth) run ring_error_growth.log "$seconds" python3 bench/ring_error_growth.py --backend fa4 --out "$out/ring_error_growth_fa4.json" ;;
+    host_profile) run host_profile.log "$seconds" python3 bench/host_profile.py --out "$out/host_profile.txt" ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;
   esac
 done

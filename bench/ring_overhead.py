@@ -5,40 +5,39 @@
 Per configuration (bf16, head_dim 128, causal, batch 1): fa4_cp.ring_attention fwd+bwd through
 autograd (the cross-rank check on, group=None: a ring of one rank) against upstream
 flash_attn_func fwd+bwd on the same inputs; CUDA-event medians of interleaved rounds after warm-up,
-ratio = upstream / ring. And the host path: from the Python call to the first kernel launch
-(torch.profiler's launch API events), for the ring's forward and for upstream's, medians of
-several calls made with the GPU idle. `--tree` runs another checkout's fa4_cp (a baseline).
+ratio = upstream / ring. And the host time of a call (forward, and fwd+bwd) with the GPU kept
+busy, for the ring and for upstream: the host path the ring adds, every launch included.
+`--tree` runs another checkout's fa4_cp (a baseline).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 import torch
 from common import fa4_cp_from, median_ms, record, write
 
 HEAD_DIM = 128
-CALL_RANGE = "ring_overhead_call"
+GPU_BUSY_CYCLES = 100_000_000  # ~50 ms at the H200's clock: far longer than any call's host path
 
 
-def host_path_us(fn, calls: int = 7) -> float:
-    """Median µs from entering `fn` to its first kernel launch, the GPU idle each time."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
+def host_us(fn, calls: int = 25) -> float:
+    """Median host µs of one call of `fn` with the GPU kept busy (a sleep kernel queued first), so
+    that no launch waits for the GPU: the Python path of the call, every launch included. An
+    upper bound of the path from the call to its first kernel."""
+    fn()
+    torch.cuda.synchronize()
     samples = []
     for _ in range(calls):
+        torch.cuda._sleep(GPU_BUSY_CYCLES)
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            with record_function(CALL_RANGE):
-                fn()
-            torch.cuda.synchronize()
-        events = prof.events()
-        (call,) = [e for e in events if e.name == CALL_RANGE and e.device_type == torch.autograd.DeviceType.CPU]
-        launches = [e.time_range.start for e in events if "launch" in e.name.lower() and e.time_range.start >= call.time_range.start]
-        samples.append(min(launches) - call.time_range.start)
-    return statistics.median(samples)
+    return statistics.median(samples) * 1e6
 
 
 def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
@@ -62,10 +61,12 @@ def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
 
     ms = median_ms({"ring": both(ring_fwd), "upstream": both(upstream_fwd)}, iters=20)
     with torch.no_grad():
-        host = {"ring_forward": host_path_us(ring_fwd), "upstream_forward": host_path_us(upstream_fwd)}
+        host = {"ring_forward": host_us(ring_fwd), "upstream_forward": host_us(upstream_fwd)}
+    host["ring_forward_backward"] = host_us(both(ring_fwd))
+    host["upstream_forward_backward"] = host_us(both(upstream_fwd))
     return {
         "seq": seq, "heads": heads, "kv_heads": kv_heads, "ms": ms, "upstream_over_ring": ms["upstream"] / ms["ring"],
-        "host_path_to_first_kernel_us": host,
+        "host_us_gpu_busy": host,
     }
 
 
@@ -80,7 +81,7 @@ def main() -> None:
 
     result = record(
         "ring_overhead", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
-        statistic="median of 20 interleaved rounds after 3 warm-up calls, CUDA events; host path: median of 7 profiled calls",
+        statistic="median of 20 interleaved rounds after 3 warm-up calls, CUDA events; host: median of 25 calls behind a sleep kernel",
         rows=[],
     )
     for seq in args.seqs:
@@ -91,8 +92,9 @@ def main() -> None:
             write(result, args.out)
             print(
                 f"S={seq:<6} {heads}:{kv_heads:<3} ring {row['ms']['ring']:.3f} ms  upstream {row['ms']['upstream']:.3f} ms  "
-                f"upstream/ring {row['upstream_over_ring']:.3f}  host path ring {row['host_path_to_first_kernel_us']['ring_forward']:.0f} us "
-                f"upstream {row['host_path_to_first_kernel_us']['upstream_forward']:.0f} us", flush=True,
+                f"upstream/ring {row['upstream_over_ring']:.3f}  host us (fwd, fwd+bwd): ring {row['host_us_gpu_busy']['ring_forward']:.0f}, "
+                f"{row['host_us_gpu_busy']['ring_forward_backward']:.0f}  upstream {row['host_us_gpu_busy']['upstream_forward']:.0f}, "
+                f"{row['host_us_gpu_busy']['upstream_forward_backward']:.0f}", flush=True,
             )
 
 

@@ -119,6 +119,39 @@ def test_merge_kernel_matches_reference_merge(dim):
     assert max_error(lse_acc[finite], expected_lse[finite]) < 1e-12
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("sides", [1, 3])
+def test_varlen_dq_read_back_matches_untiled_sum(dim, sides):
+    """The one-pass read-back against un-tiling each side in torch and summing in fp64: sides whose
+    sequences start mid-tile and overlap, rows no side selects (zeros), a NaN-poisoned output."""
+    from fa4_cp.kernels.fa4.backward import SM90, _dq_geometry, _row_map
+    from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles
+    from fa4_cp.kernels.fa4.dq_readback import read_back_dq
+    from fa4_cp.kernels.fa4.tiled_accumulator import tile_order
+
+    torch.manual_seed(dim + sides)
+    geometry, total, heads = _dq_geometry(BackwardTiles.for_head_dim(dim)), 1000, 6
+    order = tile_order(geometry, SM90, torch.device("cuda"))
+    layouts = [([0, 300, 1000], [280, 700]), ([0, 50, 300, 517, 1000], [40, 0, 200, 483]), ([0, 300, 700, 1000], [0, 390, 250])]
+    accumulators, row_maps = [], []
+    expected = torch.zeros(total, heads, dim, dtype=torch.float64, device="cuda")
+    for bounds, used in layouts[:sides]:
+        cu, used = (torch.tensor(x, dtype=torch.int32, device="cuda") for x in (bounds, used))
+        padded = geometry.varlen_padded_rows(total, len(used))
+        accum = torch.randn(heads, padded * geometry.head_dim_rounded, device="cuda")
+        row_map = _row_map(cu, used, geometry.tile, total)
+        selected = (row_map >= 0).nonzero().squeeze(1)
+        values = geometry.untile(accum, order)[:, row_map[selected].long()]
+        expected[selected] += values.transpose(0, 1).double()
+        accumulators.append(accum)
+        row_maps.append(row_map)
+    dq = torch.full((total, heads, dim), math.nan, dtype=torch.bfloat16, device="cuda")
+    read_back_dq(accumulators, torch.stack(row_maps), order.to(torch.int32), geometry, 0.125, dq)
+    assert not dq.isnan().any()
+    assert max_error(dq, expected * 0.125) <= 2**-8 * 0.125 * float(expected.abs().max())  # one bf16 rounding
+    assert (dq[(torch.stack(row_maps) < 0).all(0)] == 0).all()
+
+
 def test_auto_says_why_it_falls_back_to_the_reference():
     import warnings
 

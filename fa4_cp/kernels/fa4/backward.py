@@ -4,8 +4,9 @@ Once per call and per distinct set of q rows the steps use (a "q side": the whol
 one lane run), FA4's preprocess computes delta = rowsum(dout * out) - dlse and lse * log2(e) in
 the padded layout the kernel reads. Every step's kernel then adds its dq into the q side's fp32
 tiled accumulator; dense q sides that start on a tile boundary share one accumulator for the
-whole shard. `dq` reads the accumulators back once: with upstream's postprocess (rounded once
-to q's dtype) when one accumulator holds all of dq, else in fp32 and summed. dK/dV go straight
+whole shard. `dq` reads the accumulators back once, rounded once to q's dtype: with upstream's
+postprocess when one accumulator holds all of dq, with one pass over the varlen sides'
+accumulators (dq_readback.py) for packed documents, else in fp32 and summed. dK/dV go straight
 from the kernel into the caller's fp32 buffers (backward_sm90.py), unscaled: a step launches one
 kernel and nothing else. The pass binds the tile configuration and each kernel it uses once; a
 step looks its kernel up by window kind and launches.
@@ -24,6 +25,7 @@ from ..interface import BandMask, VarlenRows
 from ..reference import selected_rows
 from .arguments import NO_AUX, varlen_arguments
 from .backward_sm90 import BackwardTiles, backward_kernel
+from .dq_readback import MAX_SIDES, read_back_dq
 from .masks import block_window
 from .tiled_accumulator import TileGeometry, tile_order
 
@@ -39,7 +41,7 @@ class _QSide:
     dpsum: torch.Tensor
     dq_accum: torch.Tensor
     owns_accum: bool
-    varlen_rows: tuple[torch.Tensor, torch.Tensor] | None  # (row index, padded row) of varlen rows
+    row_map: torch.Tensor | None  # varlen: each row's padded row in the accumulator, -1 where unselected
 
 
 class Sm90BackwardPass:
@@ -98,6 +100,8 @@ class Sm90BackwardPass:
         owned = [side for side in self.sides.values() if side.owns_accum]
         if self.whole_dq is not None and not owned:
             return self._postprocess_whole_dq()
+        if self.whole_dq is None and 0 < len(owned) <= MAX_SIDES and all(side.row_map is not None for side in owned):
+            return self._read_back_varlen(owned)
         order = tile_order(self.dq_tiles, SM90, self.q.device)
         rows = self.q.shape[-3]
         if self.whole_dq is not None:
@@ -106,12 +110,20 @@ class Sm90BackwardPass:
             dq = torch.zeros(self.q.shape, dtype=torch.float32, device=self.q.device)
         for side in owned:
             values = self.dq_tiles.untile(side.dq_accum, order)
-            if side.varlen_rows is None:
+            if side.row_map is None:
                 dq[:, side.rows] += rearrange(values[..., : dq[:, side.rows].shape[1], :], "b h s d -> b s h d")
             else:
-                index, padded_row = side.varlen_rows
-                dq.index_add_(0, index, rearrange(values[:, padded_row], "h s d -> s h d"))
+                index = (side.row_map >= 0).nonzero().squeeze(1)
+                dq.index_add_(0, index, rearrange(values[:, side.row_map[index].long()], "h s d -> s h d"))
         return dq.mul_(self.softmax_scale)
+
+    def _read_back_varlen(self, sides: list[_QSide]) -> torch.Tensor:
+        """The varlen sides' accumulators in one pass (dq_readback.py), scaled and rounded once."""
+        dq = torch.empty_like(self.q)
+        row_maps = torch.stack([side.row_map for side in sides])
+        order = tile_order(self.dq_tiles, SM90, self.q.device).to(torch.int32)
+        read_back_dq([side.dq_accum for side in sides], row_maps, order, self.dq_tiles, self.softmax_scale, dq)
+        return dq
 
     def _postprocess_whole_dq(self) -> torch.Tensor:
         """One accumulator holds all of dq: upstream's postprocess reads it back, scaled and
@@ -146,13 +158,13 @@ class Sm90BackwardPass:
                 accum, owned = self._whole_dq()[..., start * width : (start + padded) * width], False
             else:
                 accum, owned = torch.zeros(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
-            varlen_rows, cu, used = None, None, None
+            row_map, cu, used = None, None, None
         else:  # statistics and read-back over the rows any block of the side selects
             rows, cu = slice(None), varlen.cu_seqlens_q
             used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
             padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
             accum, owned = torch.zeros(q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
-            varlen_rows = _sequence_rows(cu, used, tile)
+            row_map = _row_map(cu, used, tile, q.shape[0])
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
         _bwd_preprocess(
             self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
@@ -160,7 +172,7 @@ class Sm90BackwardPass:
             torch2cute_dtype_map[q.dtype], q.shape[-1], q.shape[-1], tile,
             fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
         )
-        return _QSide(rows, q[..., rows, :, :], self.dout[..., rows, :, :], lse_log2, dpsum, accum, owned, varlen_rows)
+        return _QSide(rows, q[..., rows, :, :], self.dout[..., rows, :, :], lse_log2, dpsum, accum, owned, row_map)
 
     def _whole_dq(self) -> torch.Tensor:
         if self.whole_dq is None:
@@ -181,9 +193,10 @@ def _dq_geometry(tiles: BackwardTiles) -> TileGeometry:
     )
 
 
-def _sequence_rows(cu: torch.Tensor, used: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, padded row) of the first `used` rows of each sequence: FA4 starts sequence n of
-    an accumulator at tile boundary (cu_seqlens[n] + n * tile) // tile * tile."""
+def _row_map(cu: torch.Tensor, used: torch.Tensor, tile: int, total: int) -> torch.Tensor:
+    """Each row's padded row in a varlen accumulator (int32), -1 for rows beyond the first `used`
+    of their sequence: FA4 starts sequence n at tile boundary (cu_seqlens[n] + n * tile) // tile * tile."""
     index, sequence, position = selected_rows(cu, used)
     starts = (cu[:-1].long() + torch.arange(len(used), device=cu.device) * tile) // tile * tile
-    return index, starts[sequence] + position
+    row_map = torch.full((total,), -1, dtype=torch.int32, device=cu.device)
+    return row_map.index_put_((index,), (starts[sequence] + position).to(torch.int32))
