@@ -140,6 +140,12 @@ class BackwardPass(Protocol):
         backend rounds it once itself."""
         ...
 
+    def finish_dkv(self, local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's dK and dV, new tensors of k's dtype rounded once: ``local`` (2, *k.shape),
+        if any, plus each (2, ..., rows, h, d) sum of ``travelled`` over k's first rows, dK
+        multiplied by `dk_scale`. Both are in `accumulator_dtype`; the pass may overwrite them."""
+        ...
+
 
 class AttentionBackend(Protocol):
     """Attention with LSE partials over one block pair.

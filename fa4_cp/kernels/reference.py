@@ -14,6 +14,7 @@ import weakref
 import torch
 from einops import rearrange
 
+from .dkv_sum import finished_dkv
 from .interface import BandMask, VarlenRows, accumulator_dtype
 from .merge import merge_partials_
 
@@ -226,3 +227,6 @@ class ReferenceBackwardPass:
 
     def dq(self) -> torch.Tensor:
         return self.dq_acc
+
+    def finish_dkv(self, local, travelled, k):
+        return finished_dkv(local, travelled, k, self.dk_scale)

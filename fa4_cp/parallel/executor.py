@@ -19,7 +19,7 @@ import torch
 from ..comm.transport import Transport
 from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype
 from ..plan.rows import RankPlan
-from .travelling import TravellingDKV, TravellingKV, travelling_rows
+from .travelling import TravellingDKV, TravellingKV
 
 
 @dataclass(frozen=True)
@@ -117,25 +117,12 @@ def ring_backward(
         if index in travelling:
             dkv.end_step()
         kv.arrive()
-    home = dkv.at_home()
+    travelled = dkv.at_home()
     ring.end_of_call()
-    if local_dkv is None and (home is None or plan.travel_len is not None):
-        local_dkv = torch.zeros((2, *k.shape), dtype=accumulator_dtype(q.dtype), device=k.device)
-    if local_dkv is not None:  # the travelling rows' sums join the local ones
-        if home is not None:
-            travelling_rows(local_dkv, plan).add_(home)
-        home = local_dkv
-    return grads.dq(), _finished(home[0], grads.dk_scale, k.dtype), _finished(home[1], 1.0, v.dtype)
+    return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k))
 
 
 def _writes_whole_buffer(block, plan: RankPlan, grads, k: torch.Tensor) -> bool:
     """Whether `block`, first of a chain's first step, can write its dK/dV buffer whole: a dense
     block against every travelling row, with a backend that writes first for these heads."""
     return not block.local and block.varlen is None and plan.kv_sides[block.kv_side] is None and plan.buffer_len is None and grads.can_write_first(k)
-
-
-def _finished(total: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """A new tensor of `dtype` holding total * scale, rounded once."""
-    if scale == 1.0:
-        return total.to(dtype, copy=True)
-    return torch.mul(total, scale, out=torch.empty(total.shape, dtype=dtype, device=total.device))

@@ -93,7 +93,8 @@ class TravellingDKV:
     from the rank that held the same KV two steps earlier, and the buffer then leaves for the rank
     that will hold that KV two steps on (home after the last two). So a hop has a whole step of
     compute to land, and a step launches only its kernels: no zeroing, no adds. The rank's own
-    sum is the two chains' last buffers, added once per call. Four buffers rotate (one computing,
+    sum is the two chains' last buffers, added once per call (with the local sums, in the
+    backward pass's `finish_dkv`). Four buffers rotate (one computing,
     one received for the next step, one sent, one receiving), in the same order on every rank.
     """
 
@@ -139,17 +140,15 @@ class TravellingDKV:
         hop = Hop("dKV", self.plan.steps[self.order[self.position]].step, offset, self.plan.rank, self.plan.world_size)
         self.pending[landing] = post_hop(self.transport, self.slots[slot], self.slots[landing], offset, DKV_CHANNEL, hop)
 
-    def at_home(self) -> torch.Tensor | None:
-        """(2, ...) dK and dV sums of this rank's own travelling rows (a transport buffer, or a
-        new tensor), once the last hops have landed; None when nothing travelled."""
+    def at_home(self) -> list[torch.Tensor]:
+        """The (2, ...) dK and dV partial sums of this rank's own travelling rows (its first rows),
+        once the last hops have landed: the chains' last buffers (transport buffers), none when
+        nothing travelled. The backward pass adds them into its finished dK and dV."""
         for arrival in self.pending.values():
             arrival.arrive()
         parts = self.finals + [self.slots[slot] for slot in self.pending]
         self.pending = {}
-        if not parts:
-            return None
-        home = parts[0] if len(parts) == 1 else torch.add(parts[0], parts[1])
-        return home if self.plan.travel_len is None else home.narrow(-3, 0, self.plan.travel_len)
+        return [travelling_rows(part, self.plan) for part in parts]
 
 
 def travelling_steps(plan: RankPlan) -> tuple[int, ...]:

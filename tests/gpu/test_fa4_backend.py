@@ -152,6 +152,32 @@ def test_varlen_dq_read_back_matches_untiled_sum(dim, sides):
     assert (dq[(torch.stack(row_maps) < 0).all(0)] == 0).all()
 
 
+@pytest.mark.parametrize("shape", [(2, 300, 3, 128), (517, 2, 64)], ids=["dense", "varlen"])
+@pytest.mark.parametrize("has_local,travelled", [(True, 2), (True, 1), (True, 0), (False, 2), (False, 1)])
+def test_dkv_finish_matches_torch(shape, has_local, travelled):
+    """The one-pass dK/dV finish against the torch one in fp64: chains over the first rows only
+    (the rest local or zero), chains in wider buffers (strided rows), a NaN-poisoned buffer row
+    past the travelled ones that must not be read."""
+    from fa4_cp.kernels.fa4.dkv_finish import finish_dkv_cuda
+
+    torch.manual_seed(len(shape) + 3 * travelled + has_local)
+    k = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    rows = shape[-3]
+    travel = rows if not has_local and travelled == 1 else rows - 37
+    local = torch.randn(2, *shape, device="cuda") if has_local else None
+    buffers = [torch.randn(2, *shape[:-3], rows + 11, *shape[-2:], device="cuda") for _ in range(travelled)]
+    for buffer in buffers:
+        buffer.narrow(-3, travel, 11 + rows - travel).fill_(math.nan)
+    parts = [buffer.narrow(-3, 0, travel) for buffer in buffers]
+    expected = torch.zeros(2, *shape, dtype=torch.float64, device="cuda") if local is None else local.double()
+    for part in parts:
+        expected.narrow(-3, 0, travel).add_(part.double())
+    dk, dv = finish_dkv_cuda(local, parts, k, 0.125)
+    assert dk.dtype == dv.dtype == torch.bfloat16 and dk.shape == dv.shape == k.shape
+    assert max_error(dk, expected[0] * 0.125) <= 2**-8 * 0.125 * float(expected[0].abs().max())
+    assert max_error(dv, expected[1]) <= 2**-8 * float(expected[1].abs().max())
+
+
 def test_auto_says_why_it_falls_back_to_the_reference():
     import warnings
 

@@ -4,10 +4,10 @@
 
 sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
 causal and windowed, softcapped), its Hopper backward accumulating dK/dV (GQA and not, varlen,
-first-write, deterministic), the varlen dq read-back and the stand-alone merge kernel. sm_100a:
-the Blackwell path, upstream's sm100 forward and backward (as blackwell.py calls them, under
-torch's FakeTensorMode) and the merge kernel. Prints one JSON
-line: each kernel's name and error (None when it compiled), and the `.target` of the PTX kept.
+first-write, deterministic), the varlen dq read-back, the dK/dV finish and the stand-alone merge
+kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as blackwell.py calls
+them, under torch's FakeTensorMode) and the merge kernel. Prints one JSON line: each kernel's
+name and error (None when it compiled), and the `.target` of the PTX kept.
 Upstream's persistent schedulers ask the driver for the SM count while tracing; here a stand-in
 answers with FLASH_ATTENTION_NUM_SMS (compile check only).
 """
@@ -43,7 +43,7 @@ class DriverlessHardwareInfo:
 def hopper_kernels() -> dict:
     from flash_attn.cute.interface import _tile_size_fwd_sm90
 
-    from fa4_cp.kernels.fa4 import backward, backward_sm90, dq_readback, forward, merge_kernel
+    from fa4_cp.kernels.fa4 import backward, backward_sm90, dkv_finish, dq_readback, forward, merge_kernel
     from fa4_cp.kernels.fa4.masks import Fa4Window
 
     causal, window = Fa4Window(True, False, None, None), Fa4Window(False, True, 200, 0)
@@ -70,6 +70,8 @@ def hopper_kernels() -> dict:
         "backward deterministic varlen window": lambda: backward_sm90._compile(tiles, BFloat16, 1, window, True, None, deterministic=True),
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
         "varlen dq read-back, three sides": lambda: dq_readback._compile(BFloat16, backward._dq_geometry(tiles), 3),
+        "dK/dV finish, local and two chains": lambda: dkv_finish._compile(BFloat16, True, 2),
+        "dK/dV finish, one chain": lambda: dkv_finish._compile(BFloat16, False, 1),
     }
 
 

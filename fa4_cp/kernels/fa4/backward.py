@@ -8,7 +8,7 @@ whole shard. `dq` reads the accumulators back once, rounded once to q's dtype: w
 postprocess when one accumulator holds all of dq, with one pass over the varlen sides'
 accumulators (dq_readback.py) for packed documents, else in fp32 and summed. dK/dV go straight
 from the kernel into the caller's fp32 buffers (backward_sm90.py), unscaled: a step launches one
-kernel and nothing else. The pass binds the tile configuration and each kernel it uses once; a
+kernel and nothing else; `finish_dkv` sums, scales and rounds them in one pass (dkv_finish.py). The pass binds the tile configuration and each kernel it uses once; a
 step looks its kernel up by window kind and launches.
 """
 
@@ -25,6 +25,7 @@ from ..interface import BandMask, VarlenRows
 from ..reference import selected_rows
 from .arguments import NO_AUX, varlen_arguments
 from .backward_sm90 import BackwardTiles, backward_kernel
+from .dkv_finish import finish_dkv_cuda
 from .dq_readback import MAX_SIDES, read_back_dq
 from .masks import block_window
 from .tiled_accumulator import TileGeometry, tile_order
@@ -116,6 +117,9 @@ class Sm90BackwardPass:
                 index = (side.row_map >= 0).nonzero().squeeze(1)
                 dq.index_add_(0, index, rearrange(values[:, side.row_map[index].long()], "h s d -> s h d"))
         return dq.mul_(self.softmax_scale)
+
+    def finish_dkv(self, local, travelled, k):
+        return finish_dkv_cuda(local, travelled, k, self.dk_scale)
 
     def _read_back_varlen(self, sides: list[_QSide]) -> torch.Tensor:
         """The varlen sides' accumulators in one pass (dq_readback.py), scaled and rounded once."""

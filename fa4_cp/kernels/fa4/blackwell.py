@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
+from ..dkv_sum import finished_dkv
 from ..interface import BandMask, VarlenRows
 from .masks import block_window
 from .merge_kernel import merge_partials_cuda
@@ -86,3 +87,6 @@ class UpstreamBackwardPass:
 
     def dq(self) -> torch.Tensor:
         return self.dq_acc
+
+    def finish_dkv(self, local, travelled, k):
+        return finished_dkv(local, travelled, k, self.dk_scale)

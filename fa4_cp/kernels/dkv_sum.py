@@ -1,0 +1,22 @@
+"""A ring call's dK and dV, finished in PyTorch: the local sums plus the partial sums that
+travelled home, dK scaled into its units, each rounded once to k's dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from .interface import accumulator_dtype
+
+
+def finished_dkv(local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, dk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """local: (2, *k.shape) or None; travelled: (2, ..., rows, h, d) sums over k's first rows."""
+    if local is None and travelled and travelled[0].shape[-3] == k.shape[-3]:
+        total, travelled = travelled[0], travelled[1:]
+    elif local is None:
+        total = torch.zeros((2, *k.shape), dtype=accumulator_dtype(k.dtype), device=k.device)
+    else:
+        total = local
+    for part in travelled:
+        total.narrow(-3, 0, part.shape[-3]).add_(part)
+    dk = torch.mul(total[0], dk_scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
+    return dk, total[1].to(k.dtype, copy=True)
