@@ -1,6 +1,6 @@
 """dK and dV of a ring call finished in one CuTe-DSL pass: the local sums plus the partial sums
 that travelled home (one or two chains, over k's first rows), dK scaled into its units, both
-rounded once to k's dtype.
+rounded once to k's dtype, into two new tensors.
 
 In torch this is up to four passes over fp32 buffers (the chains' sum, its add into the local
 sums, the scale, the conversions). One CTA per (row, batch, dK or dV) walks the row's heads x
@@ -28,21 +28,21 @@ class FinishDkv:
         self.has_local, self.travelled = has_local, travelled
 
     @cute.jit
-    def __call__(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mOut: cute.Tensor, dk_scale: Float32, stream):
-        # all (2, batch, rows, width); the parts' rows are the travelled ones, the first of mOut's
-        self.kernel(mLocal, mPart0, mPart1, mOut, dk_scale).launch(
-            grid=[mOut.shape[2], mOut.shape[1], 2], block=[THREADS, 1, 1], stream=stream
+    def __call__(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mDk: cute.Tensor, mDv: cute.Tensor,
+                 dk_scale: Float32, stream):
+        # sums (2, batch, rows, width), the parts' rows the travelled ones (the first); mDk, mDv
+        # (batch, rows, width): two tensors, as autograd wants outputs that share no storage
+        self.kernel(mLocal, mPart0, mPart1, mDk, mDv, dk_scale).launch(
+            grid=[mDk.shape[1], mDk.shape[0], 2], block=[THREADS, 1, 1], stream=stream
         )
 
     @cute.kernel
-    def kernel(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mOut: cute.Tensor, dk_scale: Float32):
+    def kernel(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mDk: cute.Tensor, mDv: cute.Tensor,
+               dk_scale: Float32):
         tidx, _, _ = cute.arch.thread_idx()
         row, batch, which = cute.arch.block_idx()
-        scale = Float32(1.0)
-        if which == 0:
-            scale = dk_scale
         travelled = row < mPart0.shape[2]
-        for col in cutlass.range(tidx, mOut.shape[3], THREADS):
+        for col in cutlass.range(tidx, mDk.shape[2], THREADS):
             value = Float32(0.0)
             if cutlass.const_expr(self.has_local):
                 value = mLocal[which, batch, row, col]
@@ -51,15 +51,18 @@ class FinishDkv:
                     value = value + mPart0[which, batch, row, col]
                     if cutlass.const_expr(self.travelled > 1):
                         value = value + mPart1[which, batch, row, col]
-            mOut[which, batch, row, col] = (value * scale).to(mOut.element_type)
+            if which == 0:
+                mDk[batch, row, col] = (value * dk_scale).to(mDk.element_type)
+            else:
+                mDv[batch, row, col] = value.to(mDv.element_type)
 
 
 def finish_dkv_cuda(local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, dk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """local: (2, *k.shape) fp32 or None; travelled: (2, ..., rows, h, d) fp32 sums over k's first
     rows. Returns (dK * dk_scale, dV) as new tensors of k's dtype."""
-    out = torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(k)
     if local is None and not travelled:
-        return out[0].zero_(), out[1].zero_()
+        return dk.zero_(), dv.zero_()
     if len(travelled) > MAX_TRAVELLED:
         raise ValueError(f"dK/dV finish: at most {MAX_TRAVELLED} travelled sums, got {len(travelled)}")
     key = (str(k.dtype), local is not None, len(travelled))
@@ -68,8 +71,8 @@ def finish_dkv_cuda(local: torch.Tensor | None, travelled: list[torch.Tensor], k
     views = [_rows_view(t) for t in travelled]
     local_view = _rows_view(local) if local is not None else views[0]  # unread without local sums
     parts = views + [local_view] * (MAX_TRAVELLED - len(views))  # placeholders the kernel never reads
-    _compiled[key](local_view, *parts, _rows_view(out), dk_scale)
-    return out[0], out[1]
+    _compiled[key](local_view, *parts, _rows_view(dk[None])[0], _rows_view(dv[None])[0], dk_scale)
+    return dk, dv
 
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
@@ -82,11 +85,11 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
 def _compile(dtype, has_local: bool, travelled: int):
     sym = cute.sym_int
     batch, rows, width = sym(), sym(), sym()
-    local = make_fake_tensor(Float32, (2, batch, rows, width))
+    local = make_fake_tensor(Float32, (2, batch, sym(), width))  # dK's rows; a placeholder's differ
     parts = [make_fake_tensor(Float32, (2, batch, sym(), width)) for _ in range(MAX_TRAVELLED)]
-    out = make_fake_tensor(dtype, (2, batch, rows, width))
+    dk, dv = (make_fake_tensor(dtype, (batch, rows, width)) for _ in range(2))
     return cute.compile(
-        FinishDkv(has_local, travelled), local, *parts, out, Float32(1.0),
+        FinishDkv(has_local, travelled), local, *parts, dk, dv, Float32(1.0),
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
     )
