@@ -8,8 +8,10 @@ Each case runs the real API on a SimulatedRing (or SimulatedMesh) of W virtual r
 bf16, head_dim 128. Kernels are sorted three ways:
 - transport: the simulated transport's own copies (they stand for NVLink transfers; run on a stream
   of their own here, so that they are told apart by stream), reported apart and left out of the ratio;
-- attention: the CuTe-DSL kernels (FA4's and fa4_cp's: forward, backward, pre/post-processing);
-- other: everything else (torch's copies, fills, adds, index kernels).
+- attention: the CuTe-DSL kernels of attention (FA4's and fa4_cp's: forward, backward, FA4's
+  pre/post-processing);
+- other: everything else: torch's copies, fills, adds, index kernels, and fa4_cp's own read-back and
+  finishing kernels (`RING_HELPER_KERNELS`), which stand where torch kernels stood.
 Each figure is the median of 3 profiled calls. Ratios are one device's time over the ring's (1.0: no work beyond one device's): attention kernels
 against one device's attention kernels, and all kernels but the transport's against all of one
 device's. Per rank, the non-attention kernels are listed with their launches per call, so that a
@@ -37,6 +39,7 @@ from common import fa4_cp_from, record, write
 
 HEAD_DIM = 128
 CUTE_PREFIX = "kernel_cutlass"
+RING_HELPER_KERNELS = ("DqReadback", "FinishDkv")  # fa4_cp's CuTe-DSL kernels that are not attention
 REPEATS = 3
 
 
@@ -112,7 +115,7 @@ def sort_kernels(events, transport_stream: int | None) -> dict:
         us = e.time_range.elapsed_us()
         if transport_stream is not None and getattr(e, "device_resource_id", None) == transport_stream:
             kind = "transport"
-        elif CUTE_PREFIX in e.name or "flash" in e.name.lower():
+        elif (CUTE_PREFIX in e.name or "flash" in e.name.lower()) and not any(name in e.name for name in RING_HELPER_KERNELS):
             kind = "attention"
         else:
             kind = "other"

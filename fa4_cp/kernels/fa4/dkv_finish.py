@@ -3,8 +3,9 @@ that travelled home (one or two chains, over k's first rows), dK scaled into its
 rounded once to k's dtype, into two new tensors.
 
 In torch this is up to four passes over fp32 buffers (the chains' sum, its add into the local
-sums, the scale, the conversions). One CTA per (row, batch, dK or dV) walks the row's heads x
-head_dim values; the caller's tensors are viewed as (2, batch, rows, heads * head_dim).
+sums, the scale, the conversions). The caller's tensors are viewed as (2, batch, rows, heads *
+head_dim); each thread takes `PER_THREAD` values of one (batch, dK or dV), a CTA's threads
+neighbours, so that rows of any width read coalesced and a CTA has work however narrow the row.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from quack.compile_utils import make_fake_tensor
 from .compile_cache import kernel_cache
 
 THREADS = 128
+PER_THREAD = 8
 MAX_TRAVELLED = 2  # the two chains of partial sums (parallel/travelling.py)
 _compiled = kernel_cache("dkv_finish")
 
@@ -33,28 +35,33 @@ class FinishDkv:
         # sums (2, batch, rows, width), the parts' rows the travelled ones (the first); mDk, mDv
         # (batch, rows, width): two tensors, as autograd wants outputs that share no storage
         self.kernel(mLocal, mPart0, mPart1, mDk, mDv, dk_scale).launch(
-            grid=[mDk.shape[1], mDk.shape[0], 2], block=[THREADS, 1, 1], stream=stream
+            grid=[cute.ceil_div(mDk.shape[1] * mDk.shape[2], THREADS * PER_THREAD), mDk.shape[0], 2],
+            block=[THREADS, 1, 1], stream=stream,
         )
 
     @cute.kernel
     def kernel(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mDk: cute.Tensor, mDv: cute.Tensor,
                dk_scale: Float32):
         tidx, _, _ = cute.arch.thread_idx()
-        row, batch, which = cute.arch.block_idx()
-        travelled = row < mPart0.shape[2]
-        for col in cutlass.range(tidx, mDk.shape[2], THREADS):
-            value = Float32(0.0)
-            if cutlass.const_expr(self.has_local):
-                value = mLocal[which, batch, row, col]
-            if cutlass.const_expr(self.travelled > 0):
-                if travelled:
-                    value = value + mPart0[which, batch, row, col]
-                    if cutlass.const_expr(self.travelled > 1):
-                        value = value + mPart1[which, batch, row, col]
-            if which == 0:
-                mDk[batch, row, col] = (value * dk_scale).to(mDk.element_type)
-            else:
-                mDv[batch, row, col] = value.to(mDv.element_type)
+        block, batch, which = cute.arch.block_idx()
+        rows, width = mDk.shape[1], mDk.shape[2]
+        for i in cutlass.range_constexpr(PER_THREAD):
+            index = (block * PER_THREAD + i) * THREADS + tidx
+            if index < rows * width:
+                row = index // width
+                col = index % width
+                value = Float32(0.0)
+                if cutlass.const_expr(self.has_local):
+                    value = mLocal[which, batch, row, col]
+                if cutlass.const_expr(self.travelled > 0):
+                    if row < mPart0.shape[2]:
+                        value = value + mPart0[which, batch, row, col]
+                        if cutlass.const_expr(self.travelled > 1):
+                            value = value + mPart1[which, batch, row, col]
+                if which == 0:
+                    mDk[batch, row, col] = (value * dk_scale).to(mDk.element_type)
+                else:
+                    mDv[batch, row, col] = value.to(mDv.element_type)
 
 
 def finish_dkv_cuda(local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, dk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +70,8 @@ def finish_dkv_cuda(local: torch.Tensor | None, travelled: list[torch.Tensor], k
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     if local is None and not travelled:
         return dk.zero_(), dv.zero_()
+    if k[0].numel() >= 2**31:
+        raise ValueError(f"dK/dV finish: a batch entry of k holds {k[0].numel()} values, the kernel indexes below 2**31")
     if len(travelled) > MAX_TRAVELLED:
         raise ValueError(f"dK/dV finish: at most {MAX_TRAVELLED} travelled sums, got {len(travelled)}")
     key = (str(k.dtype), local is not None, len(travelled))
