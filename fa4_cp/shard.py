@@ -12,7 +12,8 @@ import torch
 from .comm.group import resolve_group
 from .comm.mesh import resolve_mesh, world_size_of
 from .plan.mesh_sharding import mesh_sharding
-from .plan.sharding import Sharding, ShardingRows
+from .plan.sharding import Sharding
+from .plan.sharding_rows import ShardingRows
 from .validation import check_cu_seqlens
 
 

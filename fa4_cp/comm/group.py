@@ -5,9 +5,9 @@ torch.distributed), a ProcessGroup, a 1-D DeviceMesh, or an object that already 
 (a simulated ring's group is one). It never communicates, so `shard` and `unshard`, which need no
 transport, and the argument checks of a ring call all run before any collective.
 
-`RingGroup.transport(kind, device)` gives the transport of the ring loop: made once per group
-and device and cached, because its buffers outlive a call. Making it may be collective (the
-copy engine's symmetric memory, the peer-access check of "auto").
+`RingGroup.transport(kind, device)` gives the transport of the ring loop (transports.py makes
+it): made once per group and device and cached, because its buffers outlive a call. Making it may
+be collective (the copy engine's symmetric memory, the peer-access check of "auto").
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import time
 import weakref
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
-from .transport import LocalTransport, ProcessGroupTransport, Transport, TransportKind
-from .watchdog import RingPeerLostError, RingTimeoutError, peer_lost_message, timeout_message
+from .transport import LocalTransport, Transport, TransportKind
+from .transports import make_transport, resolve_kind
+from .watchdog import wait_within
 
 
 @runtime_checkable
@@ -120,25 +120,10 @@ class ProcessGroupRing:
             wait_within(work, self.timeout(), self.rank, self.world_size, what)
 
     def transport(self, kind: TransportKind, device: torch.device) -> Transport:
-        between_gpus = device.type == "cuda" and self.world_size > 1
-        if between_gpus and kind == "auto":
-            kind = self._auto_kind(device)
-        key = (kind if between_gpus else "point_to_point", str(device))
-        if key not in self._transports:
-            if key[0] == "copy_engine":
-                from .copy_engine import CopyEngineTransport
-
-                self._transports[key] = CopyEngineTransport(self.group, device, self.timeout())
-            else:  # NCCL between GPUs; the group's own backend (gloo) elsewhere
-                self._transports[key] = ProcessGroupTransport(self.group, device, self.timeout())
-        return self._transports[key]
-
-    def _auto_kind(self, device: torch.device) -> TransportKind:
-        from .copy_engine import node_has_peer_access
-
-        if str(device) not in self._auto:
-            self._auto[str(device)] = "copy_engine" if node_has_peer_access(self.group, device) else "nccl"
-        return self._auto[str(device)]
+        kind = resolve_kind(kind, self.group, device, self._auto)
+        if (kind, str(device)) not in self._transports:
+            self._transports[(kind, str(device))] = make_transport(kind, self.group, device, self.timeout())
+        return self._transports[(kind, str(device))]
 
     def timeout(self) -> float:
         return ring_timeout(self.group)
@@ -155,21 +140,6 @@ class ProcessGroupRing:
         except RuntimeError:
             return False
         return True
-
-
-def wait_within(work, seconds: float, rank: int, world_size: int, what: str) -> None:
-    """Wait for a torch.distributed request on the host; past `seconds`, raise naming `what`. A
-    wait that fails sooner is a broken connection, reported as such."""
-    import datetime
-
-    started = time.monotonic()
-    try:
-        work.wait(timeout=datetime.timedelta(seconds=seconds))
-    except RuntimeError as error:
-        elapsed = time.monotonic() - started
-        if elapsed < 0.9 * seconds:
-            raise RingPeerLostError(peer_lost_message(rank, world_size, what, elapsed, seconds, error)) from error
-        raise RingTimeoutError(timeout_message(rank, world_size, what, seconds, exits=False)) from error
 
 
 _groups: dict[str, ProcessGroupRing] = {}

@@ -5,7 +5,8 @@ rank (r - offset) mod W, both posted together, so every rank can call it at once
 Receive buffers come from the transport's `buffers`, kept across calls. A stream-ordered (GPU)
 transport enqueues on the current CUDA stream and its `wait` makes the current stream wait;
 the others block the host, at most the ring timeout. A transport knows nothing of attention:
-it only moves tensors. Transports are made by their group (group.py), once per group and device.
+it only moves tensors. transports.py makes them, for their group (group.py), once per group and
+device.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .buffers import BufferPool
-from .watchdog import HopWatchdog
+from .watchdog import HopWatchdog, wait_within
 
 TransportKind = Literal["auto", "nccl", "copy_engine"]
 TRANSPORTS: tuple[TransportKind, ...] = ("auto", "nccl", "copy_engine")
@@ -88,8 +89,6 @@ class _HostRequests:
         self.requests, self.timeout, self.rank, self.world_size, self.offset = requests, timeout, rank, world_size, offset
 
     def wait(self) -> None:
-        from .group import wait_within
-
         for request in self.requests:
             wait_within(request, self.timeout, self.rank, self.world_size, f"a shift of {self.offset} rank(s)")
 

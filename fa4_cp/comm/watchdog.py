@@ -8,11 +8,14 @@ be at most CALLS_AHEAD calls ahead of its GPU, waiting in a GIL-free poll, so a 
 leaves the main thread blocked inside CUDA with the GIL held (which would starve the thread).
 Like NCCL's own watchdog, neither can cancel a transfer the GPU is stuck in, so they log the
 error and exit the process (exit code `EXIT_CODE`); torchrun then stops the job.
+
+Host-side waits (gloo, the CPU cross-rank check) go through `wait_within`, which raises instead.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
 import logging
 import os
 import sys
@@ -139,3 +142,16 @@ def _exit_process(message: str) -> None:
     logger.critical(message)
     print(message, file=sys.stderr, flush=True)
     os._exit(EXIT_CODE)
+
+
+def wait_within(work, seconds: float, rank: int, world_size: int, what: str) -> None:
+    """Wait for a torch.distributed request on the host; past `seconds`, raise naming `what`. A
+    wait that fails sooner is a broken connection, reported as such."""
+    started = time.monotonic()
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=seconds))
+    except RuntimeError as error:
+        elapsed = time.monotonic() - started
+        if elapsed < 0.9 * seconds:
+            raise RingPeerLostError(peer_lost_message(rank, world_size, what, elapsed, seconds, error)) from error
+        raise RingTimeoutError(timeout_message(rank, world_size, what, seconds, exits=False)) from error

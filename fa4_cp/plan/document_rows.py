@@ -15,12 +15,16 @@ the device in one go.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
 from .rows import PlannedBlock, PlannedStep, RankPlan
 from .schedule import BlockCall, RingSchedule, build_schedule
-from .sharding import Sharding
+
+if TYPE_CHECKING:
+    from .sharding import Sharding
 
 
 def document_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:

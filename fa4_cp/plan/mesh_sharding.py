@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sharding import ShardingRows
+from .sharding_rows import ShardingRows
 
 
 @dataclass(frozen=True)

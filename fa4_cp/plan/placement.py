@@ -39,7 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .sharding import ShardingRows
+from ..kernels.interface import BandMask
+from .rows import RankPlan
+from .sharding_rows import ShardingRows
+from .span_rows import span_plan
 
 TILE = 128
 SLACK = 1.03
@@ -66,6 +69,10 @@ class BalancedSharding(ShardingRows):
     @property
     def total_len(self) -> int:
         return sum(self.doc_lengths)
+
+    def rank_plan(self, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
+        """The ring plan of `rank` (uncached: see rows.rank_plan)."""
+        return span_plan(self, mask, rank, device)
 
     def chunk_size(self, doc: int) -> int:
         """Slots per chunk of a document spread over its span (its length if kept whole)."""

@@ -5,7 +5,8 @@ the active steps and the hop to the next one, each block's mask and whether it o
 accumulators, and the block's rows. Rows are "sides": a q side is a run of q lanes, a kv side a
 run of kv lanes, so the executor slices each tensor once per call, not once per step. Dense
 sides are row slices (None: every row). Packed documents have planners of their own that fill
-the same RankPlan, their blocks selecting rows through FA4-style cu_seqlens/seqused tensors:
+the same RankPlan, their blocks selecting rows through FA4-style cu_seqlens/seqused tensors.
+Each sharding kind plans through its own planner: dense_rows.py (a dense sequence),
 document_rows.py (every document cut over all ranks) and span_rows.py (the balanced layout).
 """
 
@@ -17,8 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
-from .schedule import build_schedule
-from .sharding import Sharding
 
 
 @dataclass(frozen=True)
@@ -76,47 +75,6 @@ class RankPlan:
 
 @functools.lru_cache(maxsize=256)
 def rank_plan(sharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
-    """The plan of `rank` (cached: a training run calls the same signature every layer)."""
-    if not isinstance(sharding, Sharding):
-        from .span_rows import span_plan
-
-        return span_plan(sharding, mask, rank, device)
-    if sharding.varlen:
-        from .document_rows import document_plan
-
-        return document_plan(sharding, mask, rank, device)
-    schedule = build_schedule(sharding, mask)
-    q_sides: dict[range, int] = {}
-    kv_sides: dict[range, int] = {}
-    planned = []
-    first = True
-    for index, (step, calls) in enumerate(zip(schedule.steps, schedule.calls[rank])):
-        blocks = []
-        for call in calls:
-            blocks.append(
-                PlannedBlock(
-                    q_side=q_sides.setdefault(call.q_lanes, len(q_sides)),
-                    kv_side=kv_sides.setdefault(call.kv_lanes, len(kv_sides)),
-                    mask=call.mask,
-                    accumulate=not (first and schedule.writes_first[rank]),
-                    varlen=None,
-                )
-            )
-            first = False
-        following = schedule.steps[index + 1] - step if index + 1 < len(schedule.steps) else 0
-        planned.append(PlannedStep(step, tuple(blocks), following))
-    return RankPlan(
-        sharding.world_size,
-        rank,
-        tuple(_dense_rows(sharding, lanes) for lanes in q_sides),
-        tuple(_dense_rows(sharding, lanes) for lanes in kv_sides),
-        tuple(planned),
-        schedule.writes_first[rank],
-    )
-
-
-def _dense_rows(sharding: Sharding, lanes: range) -> slice | None:
-    """The rows of a run of lanes; None for every row."""
-    if lanes == range(sharding.lanes):
-        return None
-    return sharding.lane_slice(lanes)
+    """The plan of `rank` under any sharding that plans (cached: a training run calls the same
+    signature every layer)."""
+    return sharding.rank_plan(mask, rank, device)

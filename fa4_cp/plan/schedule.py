@@ -19,10 +19,13 @@ import functools
 import math
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..kernels.interface import BandMask
 from .layout import Layout
-from .sharding import Sharding
+
+if TYPE_CHECKING:
+    from .sharding import Sharding
 
 Interval = tuple[float, float]  # closed integer interval of key offsets j - i; empty when lo > hi
 

@@ -12,52 +12,18 @@ from __future__ import annotations
 
 import functools
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..kernels.interface import BandMask
+from .dense_rows import dense_plan
+from .document_rows import document_plan
 from .layout import Layout, check_document_layout, get_layout
-
-
-class ShardingRows(ABC):
-    """shard / unshard through `token_index` (-1 on padding), for every kind of sharding."""
-
-    world_size: int
-    varlen: bool
-
-    @abstractmethod
-    def token_index(self, rank: int) -> torch.Tensor:
-        """Per local slot, the token's index in the unsharded sequence; -1 on padding."""
-
-    @property
-    @abstractmethod
-    def total_len(self) -> int: ...
-
-    def shard(self, x: torch.Tensor, rank: int, seq_dim: int = 1, pad_value: float = 0) -> torch.Tensor:
-        """Rank's local rows of the unsharded `x`, padding slots filled with `pad_value`."""
-        index = self.token_index(rank).to(x.device)
-        if x.shape[seq_dim] != self.total_len:
-            raise ValueError(f"x: expected {self.total_len} tokens along dim {seq_dim}, got shape {tuple(x.shape)}")
-        if not self.varlen:
-            return x.index_select(seq_dim, index)
-        local = x.index_select(seq_dim, index.clamp(min=0))
-        pad = (index < 0).view([-1 if d == seq_dim % x.ndim else 1 for d in range(x.ndim)])
-        return local.masked_fill(pad, pad_value)
-
-    def unshard(self, shards: Sequence[torch.Tensor], seq_dim: int = 1) -> torch.Tensor:
-        """The unsharded tensor from every rank's local rows, in rank order; padding is dropped."""
-        if len(shards) != self.world_size:
-            raise ValueError(f"shards: expected {self.world_size} tensors, one per rank, got {len(shards)}")
-        shape = list(shards[0].shape)
-        shape[seq_dim] = self.total_len
-        full = shards[0].new_empty(shape)
-        for rank, local in enumerate(shards):
-            index = self.token_index(rank).to(local.device)
-            keep = (index >= 0).nonzero().squeeze(-1)
-            full.index_copy_(seq_dim, index[keep], local.index_select(seq_dim, keep))
-        return full
+from .placement import balanced_sharding
+from .rows import RankPlan
+from .sharding_rows import ShardingRows
 
 
 @dataclass(frozen=True)
@@ -83,11 +49,13 @@ class Sharding(ShardingRows):
         """Packed documents: "balanced" (the default: each document on a span of ranks of its own,
         see placement.py), or "zigzag" / "contiguous", every document cut over all ranks."""
         if isinstance(layout, str) and check_document_layout(layout) == "balanced":
-            from .placement import balanced_sharding
-
             return balanced_sharding(tuple(int(n) for n in doc_lengths), world_size)
         layout = get_layout(layout) if isinstance(layout, str) else layout
         return cls(layout, world_size, tuple(int(n) for n in doc_lengths), varlen=True)
+
+    def rank_plan(self, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
+        """The ring plan of `rank` (uncached: see rows.rank_plan)."""
+        return document_plan(self, mask, rank, device) if self.varlen else dense_plan(self, mask, rank, device)
 
     @property
     def num_chunks(self) -> int:

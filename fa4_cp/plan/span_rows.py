@@ -22,13 +22,16 @@ more keys than queries (`VarlenRows.kv_shift`): a call's documents are split by 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
-from .placement import BalancedSharding
 from .rows import PlannedBlock, PlannedStep, RankPlan
 from .schedule import Interval, band_interval, chunk_pair_calls
+
+if TYPE_CHECKING:
+    from .placement import BalancedSharding
 
 Key = tuple[int, BandMask, range, int, int]  # step, mask, q lanes, occurrence, kv shift
 BOTH = range(0, 2)
