@@ -1,11 +1,12 @@
 """Public entry points: ring attention over dense sequences and over packed (varlen) documents.
 
-A call runs in this order: every argument is checked (call.py) against the group's size, which
-needs no communication; then the group's transport is made or reused (possibly collective), the
-ranks check that they make the same call (consistency.py), the rank's cached plan is looked up,
-and the ring runs (parallel/executor.py). All of it happens inside the custom op `ops.py`
-registers, so torch.compile sees one op and no graph break; here only the arguments the op's
-schema would reject with a TypeError are checked first, for a ValueError naming them.
+A call runs in this order: the scalar options are checked here, once (the op's schema would
+reject some with a TypeError; a ValueError names them); inside the custom op `ops.py` registers,
+the tensors, documents, layout, backend and transport are checked against the group's size,
+which needs no communication (call.py, once per call signature: the backward reuses it); then
+the group's transport is made or reused (possibly collective), the ranks check that they make
+the same call (consistency.py), the rank's cached plan is looked up, and the ring runs
+(parallel/executor.py). torch.compile sees one op and no graph break.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .consistency import count_call
 from .kernels import AttentionBackend
 from .mesh_ops import mesh_attention_op
 from .ops import backend_key, ring_attention_op
-from .validation import check_flag, check_mask, check_qkv, check_sinks, check_softcap, check_softmax_scale
+from .validation import check_devices, check_flag, check_mask, check_softcap, check_softmax_scale
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -106,14 +107,14 @@ def _run(
     q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
 ) -> Output:
     ring, ulysses = ring_and_ulysses_names(group)
-    try:
-        check_qkv(q, k, v, varlen=cu_seqlens is not None)  # tensors of other devices would reach the op's fake
-        check_sinks(sinks, q)
+    try:  # the scalar options, once; the tensors and documents in the op (call.py)
+        check_devices(q, k, v, sinks)  # tensors of other devices would reach the op's fake
         check_flag("causal", causal)
         window = check_mask(causal, window_size)
         check_flag("return_lse", return_lse)
         check_flag("deterministic", deterministic)
-        scale = check_softmax_scale(softmax_scale, q.shape[-1])
+        scale = check_softmax_scale(softmax_scale)
+        softcap = check_softcap(softcap)
         for name, value in (("layout", layout), ("transport", transport)):
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name}: expected a string, got {value!r}")
@@ -124,12 +125,12 @@ def _run(
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
     if ulysses is not None:
         out, lse, *_for_backward = mesh_attention_op(
-            q, k, v, cu_seqlens, sinks, ulysses, ring, causal, list(window), scale, check_softcap(softcap), layout,
+            q, k, v, cu_seqlens, sinks, ulysses, ring, causal, list(window), scale, softcap, layout,
             backend_key(backend), transport, deterministic, grad,
         )
     else:
         out, lse = ring_attention_op(
-            q, k, v, cu_seqlens, sinks, ring, causal, list(window), scale, check_softcap(softcap), layout, backend_key(backend),
+            q, k, v, cu_seqlens, sinks, ring, causal, list(window), scale, softcap, layout, backend_key(backend),
             transport, deterministic, grad,
         )
     if not return_lse:

@@ -12,7 +12,7 @@ ValueError naming the fields that differ and every rank's value. A rank whose pe
 fails within FA4_CP_RING_TIMEOUT. The all-gather runs on the CPU where the group can (a gloo
 backend beside NCCL, `init_process_group("cpu:gloo,cuda:nccl")`): the host then waits for its
 peers only, never for the GPU's queued work. On by default: a mismatch otherwise deadlocks or silently
-corrupts the result. It costs one tiny all-gather per forward call (see the README for measured
+corrupts the result. It costs one tiny all-gather per forward call (see docs/design.md for measured
 figures); turn it off with `set_consistency_check(False)` or FA4_CP_CHECK_CONSISTENCY=0 once a
 training setup is known to be good.
 """

@@ -8,7 +8,9 @@ backward mirrors both (parallel/ulysses.py). r steps of u-times larger blocks re
 
 The whole call is checked before the first all-to-all: the arguments (against stand-ins of the
 ring's shapes that hold no memory), the heads' split, and the cross-rank agreement over both mesh
-dims. KV heads fewer than u are repeated to u (one per rank), never to h.
+dims; the ring inside then runs that call (ops.run_forward), unchecked. q, k and v are checked
+on the real tensors, once per call; the ring's call, on stand-ins, once per signature. KV heads fewer than u are
+repeated to u (one per rank), never to h.
 
 `mesh_forward` and `mesh_backward` are the two halves that mesh_ops.py registers as custom ops.
 The forward returns, besides out and lse, the head-sharded tensors the backward reads, padded to
@@ -22,16 +24,16 @@ import dataclasses
 
 import torch
 
-from .call import dense_call, varlen_call
+from .call import validated_call
 from .comm.group import RingGroup, group_by_name
 from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
-from .ops import backend_of, ring_attention_backward_op, ring_attention_op
+from .ops import backend_of, run_backward, run_forward
 from .parallel.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, lse_sequence_to_heads, sequence_to_heads
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
 from .plan.mesh_split import heads_split
 from .plan.sharding import Sharding
-from .validation import check_cu_seqlens
+from .validation import check_cu_seqlens, check_qkv
 
 
 def check_heads(heads: int, kv_heads: int, ulysses: int) -> None:
@@ -53,6 +55,16 @@ def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, mesh: UlyssesRin
     if q.shape[-3] != sharding.local_len:
         raise ValueError(f"q: the {layout} layout over {u} x {r} ranks gives each rank {sharding.local_len} rows, got {q.shape[-3]}")
     return sharding
+
+
+def _ring_call(ring_q, ring_k, ring_v, cu_seqlens, ring_sinks, mesh: UlyssesRing, causal, window, softmax_scale, softcap, layout,
+               backend, transport, grad: bool, deterministic: bool):
+    """The inner ring's validated call (cached: the backward reuses the forward's) and backend."""
+    return validated_call(
+        ring_q, ring_k, ring_v, cu_seqlens, ring_sinks, mesh.ring.world_size, causal=causal, window=tuple(window),
+        softmax_scale=softmax_scale, softcap=softcap, layout=layout, backend=backend_of(backend), transport=transport, backward=grad,
+        deterministic=deterministic, tensors_checked=True,
+    )
 
 
 def _stand_in(like: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
@@ -86,7 +98,7 @@ def _ring_sinks(sinks: torch.Tensor | None, group: RingGroup, head_group: int) -
 
 def mesh_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
-    ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
+    ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float | None, softcap: float | None, layout: str,
     backend: str | None, transport: str | None, deterministic: bool, grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (q's shape) and lse of this rank's rows; then, for the backward, the head-sharded q,
@@ -94,30 +106,26 @@ def mesh_forward(
     mesh = _mesh(ulysses, ring)
     numbers = [count_call(group) for group in (mesh.ulysses, mesh.ring)]
     u = mesh.ulysses.world_size
+    check_qkv(q, k, v, varlen=cu_seqlens is not None)  # the real tensors; the ring's call is made on stand-ins
     heads, kv_heads = q.shape[-2], k.shape[-2]
     check_heads(heads, kv_heads, u)
     sharding = _sharding(q, cu_seqlens, mesh, layout)
     rows, head_group = sharding.ring_rows, heads // u
     ring_sinks = _ring_sinks(sinks, mesh.ulysses, head_group)
-    ring_q, ring_kv = _stand_in(q, rows, head_group), _stand_in(k, rows, max(kv_heads // u, 1))
-    options = dict(
-        causal=causal, window_size=tuple(window), softmax_scale=softmax_scale, softcap=softcap, sinks=ring_sinks, layout=layout,
-        return_lse=True, backend=backend_of(backend), transport=transport, backward=grad, deterministic=deterministic,
+    ring_q, ring_k, ring_v = (_stand_in(t, rows, h) for t, h in ((q, head_group), (k, max(kv_heads // u, 1)), (v, max(kv_heads // u, 1))))
+    ring_call, kernels = _ring_call(
+        ring_q, ring_k, ring_v, cu_seqlens, ring_sinks, mesh, causal, window, softmax_scale, softcap, layout, backend, transport, grad,
+        deterministic,
     )
-    if cu_seqlens is None:
-        call, _ = dense_call(ring_q, ring_kv, ring_kv, mesh.ring.world_size, **options)
-    else:
-        call, _ = varlen_call(ring_q, ring_kv, ring_kv, cu_seqlens, mesh.ring.world_size, **options)
-    call = dataclasses.replace(call, ulysses=u, q_shape=tuple(q.shape), kv_shape=tuple(k.shape))
+    call = dataclasses.replace(ring_call, ulysses=u, q_shape=tuple(q.shape), kv_shape=tuple(k.shape))
     for group, number in zip((mesh.ulysses, mesh.ring), numbers):  # both dims agree: every rank of the mesh does
         check_consistency(group, call, q.device, number, sinks)
 
     if (repeat := kv_heads_for(kv_heads, u)) is not None:
         k, v = (t.index_select(-2, repeat.to(t.device)) for t in (k, v))
     heads_q, heads_k, heads_v = (sequence_to_heads(t, mesh.ulysses) for t in (q, k, v))
-    out, lse = ring_attention_op(
-        heads_q[..., :rows, :, :], heads_k[..., :rows, :, :], heads_v[..., :rows, :, :], cu_seqlens, ring_sinks, ring, causal,
-        list(window), softmax_scale, softcap, layout, backend, transport, deterministic, grad,
+    out, lse = run_forward(
+        ring_call, kernels, mesh.ring, heads_q[..., :rows, :, :], heads_k[..., :rows, :, :], heads_v[..., :rows, :, :], ring_sinks,
     )
     out = _pad_rows(out, sharding.padded_ring_rows, -3)  # padding rows: out 0, lse -inf
     lse = _pad_rows(lse, sharding.padded_ring_rows, -1, float("-inf"))
@@ -127,7 +135,7 @@ def mesh_forward(
 def mesh_backward(
     heads_q: torch.Tensor, heads_k: torch.Tensor, heads_v: torch.Tensor, heads_out: torch.Tensor, heads_lse: torch.Tensor,
     dout: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, kv_heads: int,
-    ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float, softcap: float | None, layout: str,
+    ulysses: str, ring: str, causal: bool, window: list[int], softmax_scale: float | None, softcap: float | None, layout: str,
     backend: str | None, transport: str | None, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of this rank's rows and the sinks' gradient (empty without sinks): the
@@ -139,9 +147,14 @@ def mesh_backward(
     ring_sinks = _ring_sinks(sinks, mesh.ulysses, head_group)
     heads_dout = sequence_to_heads(dout.contiguous(), mesh.ulysses)
     heads_dlse = None if dlse is None else lse_sequence_to_heads(dlse.contiguous(), mesh.ulysses)[..., :rows].contiguous()
-    dq, dk, dv, ring_dsinks = ring_attention_backward_op(
-        *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v, heads_out)), heads_lse[..., :rows], heads_dout[..., :rows, :, :], heads_dlse,
-        cu_seqlens, ring_sinks, ring, causal, list(window), softmax_scale, softcap, layout, backend, transport, deterministic,
+    ring_q, ring_k, ring_v = (_stand_in(t, rows, t.shape[-2]) for t in (heads_q, heads_k, heads_v))
+    ring_call, kernels = _ring_call(
+        ring_q, ring_k, ring_v, cu_seqlens, ring_sinks, mesh, causal, window, softmax_scale, softcap, layout, backend, transport, True,
+        deterministic,
+    )
+    dq, dk, dv, ring_dsinks = run_backward(
+        ring_call, kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v, heads_out)), heads_lse[..., :rows],
+        heads_dout[..., :rows, :, :], heads_dlse, ring_sinks,
     )
     dq, dk, dv = (heads_to_sequence(_pad_rows(t.to(heads_q.dtype), sharding.padded_ring_rows, -3), mesh.ulysses) for t in (dq, dk, dv))
     if kv_heads_for(kv_heads, u) is not None:  # the repeated heads' gradients add up, in head order

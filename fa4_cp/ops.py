@@ -3,7 +3,9 @@ graph break, eager runs the same ops.
 
 `fa4_cp::ring_attention` runs a call in full (checks, transport, cross-rank check, plan, ring,
 sinks) and returns out and the fp64 LSE the backward reads; `fa4_cp::ring_attention_backward`
-runs the ring again from them. What the schema cannot carry travels as names: the group as
+runs the ring again from them, with the call the forward validated (call.py caches it).
+`run_forward` / `run_backward` are the ring of a call already validated and agreed on, which
+the 2-D call (mesh_attention.py) runs inside its own ops. What the schema cannot carry travels as names: the group as
 `group_name` (a process group's own name), a backend object under a registered name. Their fake
 implementations give the outputs' shapes from the inputs', so new sequence lengths are symbolic,
 as for SDPA.
@@ -15,7 +17,7 @@ import weakref
 
 import torch
 
-from .call import RingCall, dense_call, varlen_call
+from .call import RingCall, validated_call
 from .comm.group import RingGroup, group_by_name
 from .consistency import check_consistency, count_call
 from .kernels import AttentionBackend
@@ -50,22 +52,35 @@ def hold_backend(ctx, key: str | None) -> None:
     ctx.backend = backend_of(key)
 
 
-def _prepared(
-    q, k, v, cu_seqlens, sinks, group: str, causal: bool, window: list[int], softmax_scale, softcap, layout: str,
+def prepared(
+    q, k, v, cu_seqlens, sinks, group: str, causal: bool, window: list[int], softmax_scale: float | None, softcap, layout: str,
     backend, transport, deterministic: bool, grad: bool,
 ) -> tuple[RingCall, AttentionBackend, RingGroup]:
-    """The validated call (ValueError naming a bad argument, before any communication), its
-    backend and its group."""
+    """The validated call (call.py, cached: ValueError naming a bad argument, before any
+    communication), its backend and its group."""
     ring_group = group_by_name(group)
-    options = dict(
-        causal=causal, window_size=tuple(window), softmax_scale=softmax_scale, softcap=softcap, sinks=sinks,
-        layout=layout, return_lse=True, backend=backend_of(backend), transport=transport, backward=grad, deterministic=deterministic,
+    call, kernels = validated_call(
+        q, k, v, cu_seqlens, sinks, ring_group.world_size, causal=causal, window=tuple(window), softmax_scale=softmax_scale,
+        softcap=softcap, layout=layout, backend=backend_of(backend), transport=transport, backward=grad, deterministic=deterministic,
     )
-    if cu_seqlens is None:
-        call, kernels = dense_call(q, k, v, ring_group.world_size, **options)
-    else:
-        call, kernels = varlen_call(q, k, v, cu_seqlens, ring_group.world_size, **options)
     return call, kernels, ring_group
+
+
+def run_forward(call: RingCall, kernels: AttentionBackend, group: RingGroup, q, k, v, sinks) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (q's dtype) and the fp64 LSE of a validated call that the ranks agreed on."""
+    out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v)
+    if sinks is not None:
+        lse = add_sinks(out_acc, lse, sinks)
+    return out_acc.to(q.dtype), lse
+
+
+def run_backward(call: RingCall, kernels: AttentionBackend, group: RingGroup, q, k, v, out, lse, dout, dlse, sinks) -> tuple:
+    """dq, dk, dv (q's, k's dtype) and the sinks' gradient (empty without sinks) of a validated call."""
+    dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
+    dlse = None if dlse is None else dlse.contiguous()
+    dq, dk, dv = ring_backward(_ring(call, kernels, group, q), q, k, v, out, lse, dout, dlse)
+    dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks, group)
+    return dq.to(q.dtype), dk, dv, dsinks
 
 
 def _ring(call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor) -> Ring:
@@ -87,15 +102,11 @@ def ring_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape and dtype) and the final LSE in fp64, sinks included."""
     number = count_call(group_by_name(group))
-    call, kernels, ring_group = _prepared(
+    call, kernels, ring_group = prepared(
         q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, grad,
     )
-    ring = _ring(call, kernels, ring_group, q)
     check_consistency(ring_group, call, q.device, number, sinks)
-    out_acc, lse = ring_forward(ring, q, k, v)
-    if sinks is not None:
-        lse = add_sinks(out_acc, lse, sinks)
-    return out_acc.to(q.dtype), lse
+    return run_forward(call, kernels, ring_group, q, k, v, sinks)
 
 
 @ring_attention_op.register_fake
@@ -111,15 +122,10 @@ def ring_attention_backward_op(
     transport: str | None, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the sinks' gradient of this rank's rows (empty without sinks)."""
-    call, kernels, ring_group = _prepared(
+    call, kernels, ring_group = prepared(
         q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, True,
     )
-    ring = _ring(call, kernels, ring_group, q)
-    dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
-    dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = ring_backward(ring, q, k, v, out, lse, dout, dlse)
-    dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks, ring_group)
-    return dq.to(q.dtype), dk, dv, dsinks
+    return run_backward(call, kernels, ring_group, q, k, v, out, lse, dout, dlse, sinks)
 
 
 @ring_attention_backward_op.register_fake
@@ -149,4 +155,4 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
 
 torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
 
-__all__ = ["backend_key", "backend_of", "hold_backend", "ring_attention_op", "ring_attention_backward_op"]
+__all__ = ["backend_key", "backend_of", "hold_backend", "prepared", "ring_attention_op", "ring_attention_backward_op", "run_backward", "run_forward"]

@@ -12,6 +12,20 @@ from .plan.layout import Layout
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
+def check_devices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None) -> None:
+    """What the custom ops' dispatch needs before the full checks (check_qkv, check_sinks, in the
+    op): tensors, on one device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected the device of q ({q.device}), got {t.device}")
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        raise ValueError(f"sinks: expected a tensor of per-head logits, got {type(sinks).__name__}")
+    if sinks is not None and sinks.device != q.device:
+        raise ValueError(f"sinks: expected the device of q ({q.device}), got {sinks.device}")
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, varlen: bool) -> None:
     names = "(total, heads, head_dim)" if varlen else "(batch, seq, heads, head_dim)"
     ndim = 3 if varlen else 4
@@ -72,9 +86,10 @@ def check_mask(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
     return left, right
 
 
-def check_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
+def check_softmax_scale(softmax_scale: float | None) -> float | None:
+    """A positive finite scale as a float; None stays None (the call's default, head_dim**-0.5)."""
     if softmax_scale is None:
-        return head_dim**-0.5
+        return None
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not (
         math.isfinite(softmax_scale) and softmax_scale > 0
     ):

@@ -115,7 +115,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "packing": (str, "none (one sequence per step) or documents (the corpus's files, packed; attention stays within each)"),
     "corpus_path": (str, "where the python-sources corpus is built (default ~/.cache/fa4_cp/python_sources.bin)"),
     "seed": (int, "model init and data seed"),
-    "activation_checkpointing": (str, "layer, except-attention or none (see the README)"),
+    "activation_checkpointing": (str, "layer, except-attention or none (see docs/training.md)"),
     "loss_chunk": (int, "tokens per cross-entropy chunk"),
     "checkpoint_dir": (str, "where DCP checkpoints go (and --resume reads them)"),
     "checkpoint_every": (int, "save every N steps (0: never)"),

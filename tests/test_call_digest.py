@@ -5,16 +5,16 @@ import dataclasses
 
 import torch
 
-from fa4_cp.call import RingCall, dense_call
+from fa4_cp.call import RingCall, validated_call
 from fa4_cp.kernels import BandMask
 from fa4_cp.plan.sharding import Sharding
 
 
 def base_call() -> RingCall:
     q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
-    call, _ = dense_call(
-        q, k, k, 2, causal=True, window_size=(-1, -1), softmax_scale=None, softcap=None, sinks=None, layout="zigzag",
-        return_lse=False, backend="reference", transport=None, backward=True,
+    call, _ = validated_call(
+        q, k, k, None, None, 2, causal=True, window=(-1, -1), softmax_scale=None, softcap=None, layout="zigzag",
+        backend="reference", transport=None, backward=True, deterministic=False,
     )
     return call
 
