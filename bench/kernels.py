@@ -41,7 +41,7 @@ FIRST_CALL = """
 import time, torch, sys
 sys.path.insert(0, {root!r})
 from fa4_cp.kernels import BandMask
-from fa4_cp.kernels.fa4.forward import forward_partials_sm90
+from fa4_cp.kernels.fa4.forward_pass_sm90 import forward_partials_sm90
 q = torch.randn(1, 4096, 16, 128, device="cuda", dtype=torch.bfloat16); k = torch.randn_like(q); v = torch.randn_like(q)
 out = torch.zeros(q.shape, device="cuda"); lse = torch.full((1, 16, 4096), -float("inf"), device="cuda", dtype=torch.float64)
 torch.cuda.synchronize(); start = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common import record, write
 
-from fa4_cp.plan.mesh_split import GB200_NVL72, H200, plan_mesh
+from fa4_cp.tuning.mesh_model import GB200_NVL72, H200, plan_mesh
 
 WORLD_SIZES = (8, 16, 24, 32, 48, 64, 72)
 PER_GPU = (8192, 2048)

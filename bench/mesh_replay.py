@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import record, write  # noqa: E402
 from fa4_cp import Sharding, plan_mesh  # noqa: E402
 from fa4_cp.kernels import BandMask, get_backend  # noqa: E402
-from fa4_cp.plan.mesh_split import H200  # noqa: E402
+from fa4_cp.tuning.mesh_model import H200  # noqa: E402
 from replay import replay_rank  # noqa: E402
 
 CAUSAL = BandMask(hi=0)

@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from fa4_cp.comm.buffers import BufferPool
-from fa4_cp.parallel.executor import Ring, ring_backward, ring_forward
+from fa4_cp.runtime.executor import Ring, ring_backward, ring_forward
 from fa4_cp.plan.rows import RankPlan, rank_plan
 from step_overhead import NullTransport
 

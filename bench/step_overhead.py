@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import statistics
 import sys
 import time
@@ -98,7 +99,8 @@ def median_seconds(fn, repeats: int) -> float:
 
 def make_ring(fa4_cp, world_size: int, shape: tuple[int, ...]):
     """A rank-0 Ring of `world_size` on the null transport and backend."""
-    executor = importlib.import_module(f"{fa4_cp.__name__}.parallel.executor")
+    loop_package = "runtime" if importlib.util.find_spec(f"{fa4_cp.__name__}.runtime") else "parallel"  # renamed 2026-12-04
+    executor = importlib.import_module(f"{fa4_cp.__name__}.{loop_package}.executor")
     mask = fa4_cp.kernels.BandMask(hi=0)
     sharding = fa4_cp.Sharding.dense(shape[1] * world_size, world_size, "zigzag")
     fields = {field.name for field in dataclasses.fields(executor.Ring)}

@@ -4,7 +4,7 @@ from .attention import ring_attention, ring_attention_varlen
 from .consistency import set_consistency_check
 from .comm.simulated import SimulatedMesh, SimulatedRing
 from .context_parallel import context_parallel, context_parallel_unshard
-from .plan.mesh_split import plan_mesh
+from .tuning.mesh_model import plan_mesh
 from .plan.sharding import Sharding
 from .shard import shard, shard_inputs, shift_labels, unshard
 

@@ -6,7 +6,7 @@ the tensors, documents, layout, backend and transport are checked against the gr
 which needs no communication (call.py, once per call signature: the backward reuses it); then
 the group's transport is made or reused (possibly collective), the ranks check that they make
 the same call (consistency.py), the rank's cached plan is looked up, and the ring runs
-(parallel/executor.py). torch.compile sees one op and no graph break.
+(runtime/executor.py). torch.compile sees one op and no graph break.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from .comm.transport import TransportKind
 from .kernels import AttentionBackend, BandMask, get_backend
 from .plan.layout import get_layout
 from .plan.sharding import Sharding
-from .validation import check_cu_seqlens, check_local_seq_len, check_qkv, check_sinks, check_transport
+from .validation import check_cu_seqlens, check_qkv, check_sinks, check_transport
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def _validate(
         check_qkv(q, k, v, varlen=cu_seqlens is not None)
     if cu_seqlens is None:
         layout_ = get_layout(layout)
-        check_local_seq_len(q.shape[1], layout_, world_size)
+        layout_.check_length(q.shape[1] * world_size, world_size, "q", local_len=q.shape[1])
         sharding = Sharding.dense(q.shape[1] * world_size, world_size, layout_)
     else:
         doc_lengths = check_cu_seqlens(cu_seqlens)

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
 from .attention import ring_attention
+from .plan.layout import get_layout
 from .plan.sharding import Sharding
 
 
@@ -85,10 +86,9 @@ def _shard(buffer: torch.Tensor, dim: int, mesh: DeviceMesh, index: int) -> torc
         raise ValueError(f"buffers[{index}]: expected a tensor, got {type(buffer).__name__}")
     if buffer.requires_grad:
         raise ValueError(f"buffers[{index}]: a tensor that requires grad cannot be sharded in place; shard its source instead")
-    world, seq = mesh.size(), buffer.shape[dim]
-    if seq % (2 * world):
-        raise ValueError(f"buffers[{index}]: the zigzag layout over {world} ranks needs a length along dim {dim} divisible by {2 * world}, got {seq}")
-    return Sharding.dense(seq, world, "zigzag").shard(buffer, mesh.get_local_rank(), seq_dim=dim)
+    world, seq, zigzag = mesh.size(), buffer.shape[dim], get_layout("zigzag")
+    zigzag.check_length(seq, world, f"buffers[{index}] (dim {dim})")
+    return Sharding.dense(seq, world, zigzag).shard(buffer, mesh.get_local_rank(), seq_dim=dim)
 
 
 def _replace(buffer: torch.Tensor, values: torch.Tensor) -> None:

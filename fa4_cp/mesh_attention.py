@@ -4,7 +4,7 @@ q, k and v arrive sequence-sharded over the mesh (plan/mesh_sharding.py). An all
 u ulysses ranks makes them head-sharded: each rank then holds all of its ring rank's rows for h/u
 heads, and the ring loop runs over the r ring ranks exactly as a 1-D ring of those rows, with
 every mask, layout and document feature. A second all-to-all brings out and lse back; the
-backward mirrors both (parallel/ulysses.py). r steps of u-times larger blocks replace W steps.
+backward mirrors both (runtime/ulysses.py). r steps of u-times larger blocks replace W steps.
 
 The whole call is checked before the first all-to-all: the arguments (against stand-ins of the
 ring's shapes that hold no memory), the heads' split, and the cross-rank agreement over both mesh
@@ -29,27 +29,19 @@ from .comm.group import RingGroup, group_by_name
 from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
 from .ops import backend_of, run_backward, run_forward
-from .parallel.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, lse_sequence_to_heads, sequence_to_heads
+from .runtime.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, lse_sequence_to_heads, sequence_to_heads
+from .plan.layout import get_layout
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
-from .plan.mesh_split import heads_split
 from .plan.sharding import Sharding
-from .validation import check_cu_seqlens, check_qkv
-
-
-def check_heads(heads: int, kv_heads: int, ulysses: int) -> None:
-    if heads % ulysses:
-        raise ValueError(f"q: its {heads} heads do not split over {ulysses} ulysses ranks")
-    if not heads_split(heads, kv_heads, ulysses):
-        raise ValueError(f"k: {kv_heads} KV heads over {ulysses} ulysses ranks: expected a multiple or a divisor of {ulysses}")
+from .validation import check_cu_seqlens, check_heads, check_qkv
 
 
 def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, mesh: UlyssesRing, layout: str) -> MeshSharding:
     u, r = mesh.ulysses.world_size, mesh.ring.world_size
     if cu_seqlens is None:
-        seq_len = q.shape[-3] * u * r
-        if seq_len % (2 * r if layout == "zigzag" else r):
-            raise ValueError(f"q: the {layout} layout over {r} ring ranks cannot cut {seq_len} tokens ({q.shape[-3]} per rank)")
-        sharding = mesh_sharding(Sharding.dense(seq_len, r, layout), u)
+        seq_len, layout_ = q.shape[-3] * u * r, get_layout(layout)
+        layout_.check_length(seq_len, r, "q")
+        sharding = mesh_sharding(Sharding.dense(seq_len, r, layout_), u)
     else:
         sharding = mesh_sharding(Sharding.documents(check_cu_seqlens(cu_seqlens), r, layout), u)
     if q.shape[-3] != sharding.local_len:

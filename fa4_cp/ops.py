@@ -22,7 +22,7 @@ from .comm.group import RingGroup, group_by_name
 from .consistency import check_consistency, count_call
 from .kernels import AttentionBackend
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
-from .parallel.executor import Ring, ring_backward, ring_forward
+from .runtime.executor import Ring, ring_backward, ring_forward
 from .plan.rows import rank_plan
 from .sinks import add_sinks, sinks_grad
 

@@ -7,7 +7,6 @@ import math
 import torch
 
 from .comm.transport import TRANSPORTS, TransportKind
-from .plan.layout import Layout
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -50,15 +49,6 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, varlen: bool
         raise ValueError(f"k: expected the head_dim of q ({q.shape[-1]}), got {k.shape[-1]}")
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(f"k: expected a head count dividing q's {q.shape[-2]} (GQA), got {k.shape[-2]}")
-
-
-def check_local_seq_len(seq_local: int, layout: Layout, world_size: int) -> None:
-    per_rank = layout.num_chunks(world_size) // world_size
-    if seq_local % per_rank:
-        raise ValueError(
-            f"q: the {layout.name} layout over {world_size} ranks needs a global sequence length divisible by "
-            f"{layout.num_chunks(world_size)}, so a local length divisible by {per_rank}; got {seq_local}"
-        )
 
 
 def check_flag(name: str, value: bool) -> None:
@@ -133,3 +123,17 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
     if any(n < 0 for n in lengths):
         raise ValueError(f"cu_seqlens: expected non-decreasing boundaries, got {bounds[:8]}{'...' if len(bounds) > 8 else ''}")
     return lengths
+
+
+def heads_split(heads: int, kv_heads: int, ulysses: int) -> bool:
+    """Whether `ulysses` ranks can share a layer's heads: the q heads evenly, the KV heads evenly
+    or, when fewer, repeated (kv_heads a multiple or a divisor of `ulysses`)."""
+    return heads % ulysses == 0 and (kv_heads % ulysses == 0 or ulysses % kv_heads == 0)
+
+
+def check_heads(heads: int, kv_heads: int, ulysses: int) -> None:
+    """The heads' split over a 2-D mesh's ulysses ranks."""
+    if heads % ulysses:
+        raise ValueError(f"q: its {heads} heads do not split over {ulysses} ulysses ranks")
+    if not heads_split(heads, kv_heads, ulysses):
+        raise ValueError(f"k: {kv_heads} KV heads over {ulysses} ulysses ranks: expected a multiple or a divisor of {ulysses}")

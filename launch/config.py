@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fa4_cp.comm.transport import TRANSPORTS
 from fa4_cp.kernels import BACKEND_NAMES
-from fa4_cp.plan.mesh_split import heads_split
+from fa4_cp.validation import heads_split
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ pytest.importorskip("torchtitan")
 from torchtitan.models import llama3, qwen3  # noqa: E402
 from torchtitan.models.common.attention import ScaledDotProductAttention  # noqa: E402
 
-from fa4_cp.integrations.torchtitan import IGNORE_INDEX, RingAttentionConverter, shard_batch  # noqa: E402
+from fa4_cp.integrations.torchtitan import IGNORE_INDEX, RingAttentionConverter, shard_titan_batch  # noqa: E402
 
 FAMILIES = {"llama3": llama3, "qwen3": qwen3}
 BATCH, SEQ, VOCAB = 2, 64, 2048
@@ -77,7 +77,7 @@ def on_ring(rank, world_size):
         for family in FAMILIES:
             for packed in (False, True):
                 model = build(family, ring=True)
-                local = shard_batch(*batch(packed), group=group)
+                local = shard_titan_batch(*batch(packed), group=group)
                 loss = summed_loss(model(local.tokens, local.positions, local.attention_masks), local.labels) / local.num_tokens
                 loss.backward()
                 total = loss.detach().clone()
@@ -121,7 +121,7 @@ def test_a_batch_it_did_not_shard_is_refused_and_unknown_attention_too():
     layer = RingAttention(RingAttention.Config())
     q = torch.randn(1, 8, 2, 16)
     titans_own = create_varlen_metadata_for_document(torch.arange(8)[None])  # local documents: wrong on a ring
-    with pytest.raises(ValueError, match="attention_masks that fa4_cp.integrations.torchtitan.shard_batch did not make"):
+    with pytest.raises(ValueError, match="attention_masks that fa4_cp.integrations.torchtitan.shard_titan_batch did not make"):
         layer(q, q, q, attention_masks=titans_own)
     with pytest.raises(ValueError, match="sharded into 16 local tokens, the layer got 8"):
         layer(q, q, q, attention_masks=RingMasks(None, 2, 16, None, "zigzag"))

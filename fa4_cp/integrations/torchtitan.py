@@ -2,11 +2,11 @@
 converter that installs it, and the batch sharding it reads.
 
     from torchtitan.models import llama3
-    from fa4_cp.integrations.torchtitan import RingAttentionConverter, shard_batch
+    from fa4_cp.integrations.torchtitan import RingAttentionConverter, shard_titan_batch
 
     spec = llama3.model_registry("8B", converters=[RingAttentionConverter.Config()])
     model = spec.model.build()
-    local = shard_batch(tokens, labels, positions, group=mesh["cp"])    # positions: per document; or a 2-D mesh
+    local = shard_titan_batch(tokens, labels, positions, group=mesh["cp"])    # positions: per document; or a 2-D mesh
     logits = model(local.tokens, local.positions, local.attention_masks)
 
 torchtitan's own context parallelism refuses varlen attention and packed documents; here each
@@ -15,7 +15,7 @@ documents (balanced layout) alike. The converter is torchtitan's extension point
 configs (as its LoRA and quantization converters are): it swaps every layer's inner attention,
 keeping a varlen layer's window, and refuses attention it does not know. A layer's
 `out_transform(out, lse)` (gpt-oss applies its sinks so) gets the ring's out and lse.
-`shard_batch` puts the ring's facts (group, global documents, layout) into `attention_masks`,
+`shard_titan_batch` puts the ring's facts (group, global documents, layout) into `attention_masks`,
 which torchtitan passes to every inner attention unchanged; a layer called on a batch it did not
 shard, on a ring of more than one rank, raises.
 """
@@ -41,7 +41,7 @@ BLOCK_CAUSAL_FLEX_MODELS = ("Llama3Model.Config", "Qwen3Model.Config")
 
 @dataclass(frozen=True)
 class RingMasks:
-    """What `shard_batch` made of a batch, as the `attention_masks` of torchtitan's model."""
+    """What `shard_titan_batch` made of a batch, as the `attention_masks` of torchtitan's model."""
 
     group: object
     world_size: int
@@ -60,7 +60,7 @@ class RingBatch:
     """Predicted tokens of the whole batch, over every rank: divide the summed loss by it."""
 
 
-def shard_batch(
+def shard_titan_batch(
     tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None, *, group: object = None,
     layout: str | None = None,
 ) -> RingBatch:
@@ -142,7 +142,7 @@ class RingAttention(Module):
             return RingMasks(None, 1, seq_len, None, "zigzag")  # a ring of one: the batch is its own shard
         if not isinstance(masks, RingMasks):
             raise ValueError(
-                "fa4_cp RingAttention: the model got attention_masks that fa4_cp.integrations.torchtitan.shard_batch "
+                "fa4_cp RingAttention: the model got attention_masks that fa4_cp.integrations.torchtitan.shard_titan_batch "
                 f"did not make ({type(masks).__name__}); shard each batch with it and pass its attention_masks"
             )
         if masks.local_len != seq_len:

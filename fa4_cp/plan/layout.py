@@ -21,6 +21,23 @@ class Layout(ABC):
     def chunks_of(self, rank: int, world_size: int) -> tuple[int, ...]:
         """The chunk indices rank holds, increasing, so local order follows global order."""
 
+    def check_length(self, seq_len: int, world_size: int, argument: str, *, local_len: int | None = None) -> None:
+        """The one length rule of a dense sequence: a positive multiple of the chunk count.
+        ValueError naming `argument`; with `local_len`, the message speaks of the caller's local
+        length (a rank holds `local_len` = seq_len / world_size)."""
+        chunks = self.num_chunks(world_size)
+        if seq_len > 0 and seq_len % chunks == 0:
+            return
+        if local_len is None:
+            raise ValueError(
+                f"{argument}: the {self.name} layout over {world_size} ranks cuts the sequence into {chunks} chunks, "
+                f"so the global length must be a positive multiple of {chunks}; got {seq_len}"
+            )
+        raise ValueError(
+            f"{argument}: the {self.name} layout over {world_size} ranks needs a global sequence length divisible by "
+            f"{chunks}, so a local length divisible by {chunks // world_size}; got {local_len}"
+        )
+
 
 @dataclass(frozen=True)
 class Zigzag(Layout):

@@ -36,12 +36,7 @@ class Sharding(ShardingRows):
     @classmethod
     def dense(cls, seq_len: int, world_size: int, layout: str | Layout = "zigzag") -> Sharding:
         layout = get_layout(layout) if isinstance(layout, str) else layout
-        chunks = layout.num_chunks(world_size)
-        if seq_len <= 0 or seq_len % chunks:
-            raise ValueError(
-                f"seq_len: the {layout.name} layout over {world_size} ranks cuts the sequence into {chunks} "
-                f"chunks, so the global length must be a positive multiple of {chunks}; got {seq_len}"
-            )
+        layout.check_length(seq_len, world_size, "seq_len")
         return cls(layout, world_size, (seq_len,), varlen=False)
 
     @classmethod

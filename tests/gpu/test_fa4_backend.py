@@ -124,7 +124,7 @@ def test_merge_kernel_matches_reference_merge(dim):
 def test_varlen_dq_read_back_matches_untiled_sum(dim, sides):
     """The one-pass read-back against un-tiling each side in torch and summing in fp64: sides whose
     sequences start mid-tile and overlap, rows no side selects (zeros), a NaN-poisoned output."""
-    from fa4_cp.kernels.fa4.backward import SM90, _dq_geometry, _row_map
+    from fa4_cp.kernels.fa4.backward_pass_sm90 import SM90, _dq_geometry, _row_map
     from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles
     from fa4_cp.kernels.fa4.dq_readback import read_back_dq
     from fa4_cp.kernels.fa4.tiled_accumulator import tile_order

@@ -12,7 +12,7 @@ if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 pytest.importorskip("flash_attn.cute")
 from flash_attn.cute import flash_attn_func  # noqa: E402
 
-from fa4_cp.kernels.fa4.forward import forward_partials_sm90  # noqa: E402
+from fa4_cp.kernels.fa4.forward_pass_sm90 import forward_partials_sm90  # noqa: E402
 from oracle import max_error  # noqa: E402
 
 REFERENCE = ReferenceBackend()

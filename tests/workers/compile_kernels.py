@@ -5,7 +5,7 @@
 sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
 causal and windowed, softcapped), its Hopper backward accumulating dK/dV (GQA and not, varlen,
 first-write, deterministic), the varlen dq read-back, the dK/dV finish and the stand-alone merge
-kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as blackwell.py calls
+kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
 them, under torch's FakeTensorMode) and the merge kernel. Prints one JSON line: each kernel's
 name and error (None when it compiled), and the `.target` of the PTX kept.
 Upstream's persistent schedulers ask the driver for the SM count while tracing; here a stand-in
@@ -43,14 +43,14 @@ class DriverlessHardwareInfo:
 def hopper_kernels() -> dict:
     from flash_attn.cute.interface import _tile_size_fwd_sm90
 
-    from fa4_cp.kernels.fa4 import backward, backward_sm90, dkv_finish, dq_readback, forward, merge_kernel
+    from fa4_cp.kernels.fa4 import backward_pass_sm90, backward_sm90, dkv_finish, dq_readback, forward_pass_sm90, merge_kernel
     from fa4_cp.kernels.fa4.masks import Fa4Window
 
     causal, window = Fa4Window(True, False, None, None), Fa4Window(False, True, 200, 0)
 
     def forward_kernel(window_: Fa4Window, varlen: bool, accumulate: bool, qhead_per_kvhead: int, softcap: float | None = None):
         config = _tile_size_fwd_sm90(128, 128, window_.causal, window_.local)
-        return lambda: forward._compile(BFloat16, 128, qhead_per_kvhead, window_, varlen, config, accumulate, softcap)
+        return lambda: forward_pass_sm90._compile(BFloat16, 128, qhead_per_kvhead, window_, varlen, config, accumulate, softcap)
 
     tiles = backward_sm90.BackwardTiles.for_head_dim(128)
     return {
@@ -69,7 +69,7 @@ def hopper_kernels() -> dict:
         ),
         "backward deterministic varlen window": lambda: backward_sm90._compile(tiles, BFloat16, 1, window, True, None, deterministic=True),
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
-        "varlen dq read-back, three sides": lambda: dq_readback._compile(BFloat16, backward._dq_geometry(tiles), 3),
+        "varlen dq read-back, three sides": lambda: dq_readback._compile(BFloat16, backward_pass_sm90._dq_geometry(tiles), 3),
         "dK/dV finish, local and two chains": lambda: dkv_finish._compile(BFloat16, True, 2),
         "dK/dV finish, one chain": lambda: dkv_finish._compile(BFloat16, False, 1),
     }

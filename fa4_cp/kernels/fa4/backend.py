@@ -6,9 +6,9 @@ import functools
 
 import torch
 
-from .backward import Sm90BackwardPass
-from .blackwell import MergeAfterForwardPass, UpstreamBackwardPass
-from .forward import Sm90ForwardPass
+from .backward_pass_sm90 import Sm90BackwardPass
+from .passes_sm100 import MergeAfterForwardPass, UpstreamBackwardPass
+from .forward_pass_sm90 import Sm90ForwardPass
 from .merge_kernel import merge_partials_cuda
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -43,7 +43,7 @@ class FA4Backend:
     no 16-bit rounding per step), or with `fused_merge=False` runs upstream's forward and the
     stand-alone merge kernel (the baseline). The backward accumulates dq in FA4's own layout
     across the steps of a call, and dK/dV in the ring's fp32 buffers from inside the kernel.
-    Blackwell: see blackwell.py (untested here). The inputs and the architecture are checked
+    Blackwell: see passes_sm100.py (untested here). The inputs and the architecture are checked
     once per pass, not per step.
     """
 

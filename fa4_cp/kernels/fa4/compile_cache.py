@@ -22,8 +22,9 @@ from flash_attn.cute.cache_utils import JITCache, JITPersistentCache, _compute_s
 @functools.lru_cache(maxsize=1)
 def _fingerprint() -> str:
     digest = hashlib.sha256(_compute_source_fingerprint().encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.name.encode())
+    here = Path(__file__).parent
+    for source in sorted(here.rglob("*.py")):  # every kernel source, sub-folders included
+        digest.update(str(source.relative_to(here)).encode())
         digest.update(source.read_bytes())
     return digest.hexdigest()[:32]
 

@@ -21,7 +21,7 @@ from .compile_cache import kernel_cache
 
 THREADS = 128
 PER_THREAD = 8
-MAX_TRAVELLED = 2  # the two chains of partial sums (parallel/travelling.py)
+MAX_TRAVELLED = 2  # the two chains of partial sums (runtime/travelling.py)
 _compiled = kernel_cache("dkv_finish")
 
 

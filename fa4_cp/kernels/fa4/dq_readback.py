@@ -1,7 +1,7 @@
 """Varlen dq read-back in one pass: the tiled fp32 accumulators of up to three q sides, summed,
 scaled and rounded once into dq (total, h, d) of q's dtype.
 
-A packed-document call keeps one FA4 dq accumulator per run of q lanes (backward.py). Reading them
+A packed-document call keeps one FA4 dq accumulator per run of q lanes (backward_pass_sm90.py). Reading them
 back with torch (un-tile, gather the selected rows, index_add, scale, round) passes over every
 accumulator five times; this kernel reads each once. One warp per (head, row), rows fastest so
 that neighbouring warps gather from the same accumulator tiles: for each side whose row map

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..validation import heads_split
+
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
 
@@ -67,12 +69,6 @@ class MeshPlan:
     reason: str
     candidates: tuple[dict, ...]
     """Every split considered, with its prediction."""
-
-
-def heads_split(heads: int, kv_heads: int, ulysses: int) -> bool:
-    """Whether `ulysses` ranks can share a layer's heads: the q heads evenly, the KV heads evenly
-    or, when fewer, repeated (kv_heads a multiple or a divisor of `ulysses`)."""
-    return heads % ulysses == 0 and (kv_heads % ulysses == 0 or ulysses % kv_heads == 0)
 
 
 def plan_mesh(
