@@ -14,22 +14,20 @@ import torch
 
 from ..comm.mesh import world_size_of
 from ..shard import shard_inputs, shift_labels
+from ._documents import IGNORE_INDEX, document_bounds
 from .transformers import SHARDS_KEY, RingShards
-
-IGNORE_INDEX = -100
-
 
 def documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Global int32 cu_seqlens of packed documents (positions restart at 0), or None if the row is
     one sequence."""
     if position_ids.shape[0] != 1:
         raise ValueError(f"position_ids: packed documents need batch size 1, got shape {tuple(position_ids.shape)}")
-    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
-    if starts == [0]:
+    bounds = document_bounds(position_ids, rows_start_documents=False)
+    if len(bounds) == 2 and int(bounds[0]) == 0:
         return None
-    if not starts or starts[0] != 0:
+    if len(bounds) == 1 or int(bounds[0]) != 0:
         raise ValueError("position_ids: the first token must have position 0")
-    return torch.tensor([*starts, position_ids.shape[1]], dtype=torch.int32)
+    return bounds
 
 
 def shard_batch(batch: dict[str, torch.Tensor], group: object = None, layout: str | None = None) -> dict[str, torch.Tensor]:

@@ -34,8 +34,8 @@ from ..attention import ring_attention, ring_attention_varlen
 from ..comm.group import resolve_group
 from ..comm.mesh import world_size_of
 from ..shard import placement
+from ._documents import IGNORE_INDEX, document_bounds
 
-IGNORE_INDEX = -100  # torchtitan's cross-entropy ignores it
 BLOCK_CAUSAL_FLEX_MODELS = ("Llama3Model.Config", "Qwen3Model.Config")
 
 
@@ -79,10 +79,7 @@ def shard_titan_batch(
         if positions.shape != tokens.shape:
             raise ValueError(f"positions: expected the shape of tokens {tuple(tokens.shape)}, got {tuple(positions.shape)}")
         tokens, labels = tokens.reshape(1, -1), labels.reshape(1, -1)  # the batch's documents, packed
-        starts = positions == 0
-        starts[:, 0] = True  # every sample starts a document
-        bounds = [*torch.nonzero(starts.reshape(-1)).flatten().tolist(), tokens.shape[1]]
-        cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+        cu_seqlens = document_bounds(positions, rows_start_documents=True)  # every sample starts a document
         sharding, rank, _ = placement(group, tokens.shape[1], layout or "balanced", cu_seqlens)
         local_positions = sharding.positions(rank).to(tokens.device)[None]
     local_tokens = sharding.shard(tokens, rank, seq_dim=1)

@@ -1,5 +1,6 @@
 """A ring call's dK and dV, finished in PyTorch: the local sums plus the partial sums that
-travelled home, dK scaled into its units, each rounded once to k's dtype."""
+travelled home, dK scaled into its units, each rounded once to k's dtype; and what the backward
+passes that keep dq in q's layout share."""
 
 from __future__ import annotations
 
@@ -20,3 +21,20 @@ def finished_dkv(local: torch.Tensor | None, travelled: list[torch.Tensor], k: t
         total.narrow(-3, 0, part.shape[-3]).add_(part)
     dk = torch.mul(total[0], dk_scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
     return dk, total[1].to(k.dtype, copy=True)
+
+
+class TorchFinishedGradients:
+    """For a backward pass whose dq accumulates in `dq_acc` (q's layout), whose dK is in true units
+    and whose steps may write any block first."""
+
+    dk_scale = 1.0
+    dq_acc: torch.Tensor
+
+    def can_write_first(self, k: torch.Tensor) -> bool:
+        return True
+
+    def dq(self) -> torch.Tensor:
+        return self.dq_acc
+
+    def finish_dkv(self, local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return finished_dkv(local, travelled, k, self.dk_scale)

@@ -14,7 +14,7 @@ import weakref
 import torch
 from einops import rearrange
 
-from .dkv_sum import finished_dkv
+from .dkv_sum import TorchFinishedGradients
 from .interface import BandMask, VarlenRows, accumulator_dtype
 from .merge import merge_partials_
 
@@ -190,10 +190,8 @@ class ReferenceForwardPass:
         rows.write_q(lse_acc, lse, seq_dim=-1)
 
 
-class ReferenceBackwardPass:
+class ReferenceBackwardPass(TorchFinishedGradients):
     """Backward of one ring call (see `BackwardPass`); dq accumulates in q's layout."""
-
-    dk_scale = 1.0
 
     def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
         math = accumulator_dtype(q.dtype)
@@ -221,12 +219,3 @@ class ReferenceBackwardPass:
         rows.add_q(self.dq_acc[..., q_rows, :, :], block.ungrouped(dscores @ block.k), alpha=self.softmax_scale)
         rows.add_k(dk_acc, rearrange(dscores.transpose(-1, -2) @ block.q, "b h s d -> b s h d"), alpha=self.softmax_scale)
         rows.add_k(dv_acc, rearrange(probs.transpose(-1, -2) @ dout_g, "b h s d -> b s h d"))
-
-    def can_write_first(self, k: torch.Tensor) -> bool:
-        return True
-
-    def dq(self) -> torch.Tensor:
-        return self.dq_acc
-
-    def finish_dkv(self, local, travelled, k):
-        return finished_dkv(local, travelled, k, self.dk_scale)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
-from ..dkv_sum import finished_dkv
+from ..dkv_sum import TorchFinishedGradients
 from ..interface import BandMask, VarlenRows
 from .masks import block_window
 from .merge_kernel import merge_partials_cuda
@@ -51,10 +51,8 @@ class MergeAfterForwardPass:
             lse_acc.copy_(lse)
 
 
-class UpstreamBackwardPass:
+class UpstreamBackwardPass(TorchFinishedGradients):
     """`BackwardPass` over upstream's backward, one full call per step."""
-
-    dk_scale = 1.0
 
     def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False):
         self.q, self.out, self.dout, self.softmax_scale, self.deterministic = q, out, dout, softmax_scale, deterministic
@@ -81,12 +79,3 @@ class UpstreamBackwardPass:
         else:
             dk_acc += dk
             dv_acc += dv
-
-    def can_write_first(self, k: torch.Tensor) -> bool:
-        return True
-
-    def dq(self) -> torch.Tensor:
-        return self.dq_acc
-
-    def finish_dkv(self, local, travelled, k):
-        return finished_dkv(local, travelled, k, self.dk_scale)
