@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from .comm.group import group_by_name
-from .comm.mesh import ring_and_ulysses_names
 from .consistency import count_call
+from .handles import backend_key, group_by_name, ring_and_ulysses_names
 from .kernels import AttentionBackend
 from .mesh_ops import mesh_attention_op
-from .ops import backend_key, ring_attention_op
+from .ops import ring_attention_op
 from .validation import check_devices, check_flag, check_mask, check_softcap, check_softmax_scale
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]

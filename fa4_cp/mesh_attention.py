@@ -25,14 +25,15 @@ import dataclasses
 import torch
 
 from .call import validated_call
-from .comm.group import RingGroup, group_by_name
+from .comm.group import RingGroup
 from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
-from .ops import backend_of, run_backward, run_forward
-from .runtime.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, lse_sequence_to_heads, sequence_to_heads
+from .handles import backend_of, group_by_name
+from .ops import run_backward, run_forward
 from .plan.layout import get_layout
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
 from .plan.sharding import Sharding
+from .runtime.ulysses import heads_to_sequence, kv_heads_for, lse_heads_to_sequence, lse_sequence_to_heads, sequence_to_heads
 from .validation import check_cu_seqlens, check_heads, check_qkv
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .comm.group import group_by_name
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
 from .mesh_attention import mesh_backward, mesh_forward
-from .ops import hold_backend
+from .handles import group_by_name, hold_backend
 
 
 mesh_attention_op = torch.library.custom_op("fa4_cp::mesh_attention", mutates_args=())(mesh_forward)

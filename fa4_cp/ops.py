@@ -4,6 +4,7 @@ graph break, eager runs the same ops.
 `fa4_cp::ring_attention` runs a call in full (checks, transport, cross-rank check, plan, ring,
 sinks) and returns out and the fp64 LSE the backward reads; `fa4_cp::ring_attention_backward`
 runs the ring again from them, with the call the forward validated (call.py caches it).
+What the schema cannot carry travels as string handles (handles.py).
 `run_forward` / `run_backward` are the ring of a call already validated and agreed on, which
 the 2-D call (mesh_attention.py) runs inside its own ops. What the schema cannot carry travels as names: the group as
 `group_name` (a process group's own name), a backend object under a registered name. Their fake
@@ -13,44 +14,17 @@ as for SDPA.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .call import RingCall, validated_call
-from .comm.group import RingGroup, group_by_name
+from .comm.group import RingGroup
 from .consistency import check_consistency, count_call
+from .handles import backend_of, group_by_name, hold_backend
 from .kernels import AttentionBackend
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
 from .runtime.executor import Ring, ring_backward, ring_forward
 from .plan.rows import rank_plan
 from .sinks import add_sinks, sinks_grad
-
-_backends: weakref.WeakValueDictionary[str, AttentionBackend] = weakref.WeakValueDictionary()
-
-
-@torch.compiler.assume_constant_result
-def backend_key(backend: str | AttentionBackend | None) -> str | None:
-    """A backend name as is; a backend object under a name registered for it."""
-    if backend is None or isinstance(backend, str):
-        return backend
-    if not (hasattr(backend, "forward") and hasattr(backend, "backward")):
-        raise ValueError(f"backend: expected a backend name or a backend object, got {backend!r}")
-    key = f"fa4_cp:backend:{getattr(backend, 'name', type(backend).__name__)}:{id(backend)}"
-    _backends[key] = backend
-    return key
-
-
-def backend_of(key: str | None) -> str | AttentionBackend | None:
-    """The backend a `backend_key` names."""
-    return _backends.get(key, key) if key is not None else None
-
-
-def hold_backend(ctx, key: str | None) -> None:
-    """Keep a backend object alive on the autograd context: the registry holds it weakly, and
-    the backward finds it by its key (an object made inline in the call is gone by then)."""
-    ctx.backend = backend_of(key)
-
 
 def prepared(
     q, k, v, cu_seqlens, sinks, group: str, causal: bool, window: list[int], softmax_scale: float | None, softcap, layout: str,
@@ -155,4 +129,4 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
 
 torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
 
-__all__ = ["backend_key", "backend_of", "hold_backend", "prepared", "ring_attention_op", "ring_attention_backward_op", "run_backward", "run_forward"]
+__all__ = ["prepared", "ring_attention_op", "ring_attention_backward_op", "run_backward", "run_forward"]

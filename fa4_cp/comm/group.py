@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import weakref
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -186,42 +185,6 @@ def resolve_group(group: object = None) -> RingGroup:
             del _groups[name]  # their buffers and groups go with them
         ring = _groups[group.group_name] = ProcessGroupRing(group)
     return ring
-
-
-LOCAL_NAME = "fa4_cp:local"
-_named: weakref.WeakValueDictionary[str, RingGroup] = weakref.WeakValueDictionary()
-_names: weakref.WeakKeyDictionary[RingGroup, str] = weakref.WeakKeyDictionary()
-
-
-@torch.compiler.assume_constant_result
-def group_name(group: object = None) -> str:
-    """A name for `group=` that the ring's custom ops can carry (their schema takes no objects):
-    a process group's own name (as torch's functional collectives use), or a name registered here
-    for a RingGroup object. No communication. Under torch.compile, a constant of the graph."""
-    from torch.distributed.device_mesh import DeviceMesh
-
-    if group is None:
-        return dist.group.WORLD.group_name if dist.is_available() and dist.is_initialized() else LOCAL_NAME
-    if isinstance(group, (DeviceMesh, dist.ProcessGroup)):
-        ring = resolve_group(group)
-        return ring.group.group_name
-    if isinstance(group, RingGroup):
-        if group not in _names:
-            name = f"fa4_cp:ring_group:{len(_names)}:{id(group)}"
-            _names[group], _named[name] = name, group
-        return _names[group]
-    return resolve_group(group).group.group_name  # raises the ValueError naming what group= takes
-
-
-def group_by_name(name: str) -> RingGroup:
-    """The RingGroup of a `group_name`."""
-    if name == LOCAL_NAME:
-        return resolve_group(None)
-    if name in _named:
-        return _named[name]
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return resolve_group(_resolve_process_group(name))
 
 
 def release_transports() -> None:

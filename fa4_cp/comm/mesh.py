@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .group import RingGroup, group_name, resolve_group
+from .group import RingGroup, resolve_group
 
 MESH_DIMS = ("ulysses", "ring")
 
@@ -48,16 +48,6 @@ def resolve_mesh(group: object) -> UlyssesRing | None:
             raise ValueError(f"group: a 2-D DeviceMesh needs dims named 'ulysses' and 'ring', got {names}")
         return UlyssesRing(resolve_group(group["ulysses"]), resolve_group(group["ring"]))
     return None
-
-
-@torch.compiler.assume_constant_result
-def ring_and_ulysses_names(group: object) -> tuple[str, str | None]:
-    """The ring's group name and the ulysses dim's, None for a 1-D group or a 1 x W mesh (the
-    plain ring). Under torch.compile, a constant of the graph."""
-    mesh = resolve_mesh(group)
-    if mesh is None:
-        return group_name(group), None
-    return group_name(mesh.ring), None if mesh.ulysses.world_size == 1 else group_name(mesh.ulysses)
 
 
 def world_size_of(group: object) -> int:

@@ -1,0 +1,88 @@
+"""String handles: how what a custom op's schema cannot carry (a group, a 2-D mesh's two dims, a
+backend object) reaches the ring's ops, and back. A process group travels as its own name, as
+torch's functional collectives do; a RingGroup or a backend object under a name registered here
+(held weakly: the objects' owners keep them alive). Under torch.compile the names are constants
+of the graph. No communication.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from .comm.group import RingGroup, resolve_group
+from .comm.mesh import resolve_mesh
+from .kernels import AttentionBackend
+
+LOCAL_NAME = "fa4_cp:local"
+_named: weakref.WeakValueDictionary[str, RingGroup] = weakref.WeakValueDictionary()
+_names: weakref.WeakKeyDictionary[RingGroup, str] = weakref.WeakKeyDictionary()
+
+
+@torch.compiler.assume_constant_result
+def group_name(group: object = None) -> str:
+    """A name for `group=` that the ring's custom ops can carry (their schema takes no objects):
+    a process group's own name (as torch's functional collectives use), or a name registered here
+    for a RingGroup object. No communication. Under torch.compile, a constant of the graph."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if group is None:
+        return dist.group.WORLD.group_name if dist.is_available() and dist.is_initialized() else LOCAL_NAME
+    if isinstance(group, (DeviceMesh, dist.ProcessGroup)):
+        ring = resolve_group(group)
+        return ring.group.group_name
+    if isinstance(group, RingGroup):
+        if group not in _names:
+            name = f"fa4_cp:ring_group:{len(_names)}:{id(group)}"
+            _names[group], _named[name] = name, group
+        return _names[group]
+    return resolve_group(group).group.group_name  # raises the ValueError naming what group= takes
+
+
+def group_by_name(name: str) -> RingGroup:
+    """The RingGroup of a `group_name`."""
+    if name == LOCAL_NAME:
+        return resolve_group(None)
+    if name in _named:
+        return _named[name]
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return resolve_group(_resolve_process_group(name))
+
+
+@torch.compiler.assume_constant_result
+def ring_and_ulysses_names(group: object) -> tuple[str, str | None]:
+    """The ring's group name and the ulysses dim's, None for a 1-D group or a 1 x W mesh (the
+    plain ring). Under torch.compile, a constant of the graph."""
+    mesh = resolve_mesh(group)
+    if mesh is None:
+        return group_name(group), None
+    return group_name(mesh.ring), None if mesh.ulysses.world_size == 1 else group_name(mesh.ulysses)
+
+
+_backends: weakref.WeakValueDictionary[str, AttentionBackend] = weakref.WeakValueDictionary()
+
+
+@torch.compiler.assume_constant_result
+def backend_key(backend: str | AttentionBackend | None) -> str | None:
+    """A backend name as is; a backend object under a name registered for it."""
+    if backend is None or isinstance(backend, str):
+        return backend
+    if not (hasattr(backend, "forward") and hasattr(backend, "backward")):
+        raise ValueError(f"backend: expected a backend name or a backend object, got {backend!r}")
+    key = f"fa4_cp:backend:{getattr(backend, 'name', type(backend).__name__)}:{id(backend)}"
+    _backends[key] = backend
+    return key
+
+
+def backend_of(key: str | None) -> str | AttentionBackend | None:
+    """The backend a `backend_key` names."""
+    return _backends.get(key, key) if key is not None else None
+
+
+def hold_backend(ctx, key: str | None) -> None:
+    """Keep a backend object alive on the autograd context: the registry holds it weakly, and
+    the backward finds it by its key (an object made inline in the call is gone by then)."""
+    ctx.backend = backend_of(key)
