@@ -128,7 +128,7 @@ def shard_inputs(
         "position_ids": local_positions,
         "layout": sharding.layout.name,
     }
-    if cu_seqlens is not None and hasattr(sharding, "local_cu_seqlens"):  # a ring rank's documents (not on a 2-D mesh)
-        local["local_cu_seqlens"] = sharding.local_cu_seqlens(rank)
-        local["local_seqused"] = sharding.local_seqused(rank)
+    documents = sharding.local_documents(rank)  # a ring rank's documents (not on a 2-D mesh)
+    if cu_seqlens is not None and documents is not None:
+        local["local_cu_seqlens"], local["local_seqused"] = documents
     return local

@@ -15,7 +15,7 @@ the device in one go.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 def document_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
     groups = _schedules(sharding, mask)
     steps = sorted({step for _, schedule in groups for step in schedule.steps})
-    rows = _RowsTable(sharding, rank)
-    pending: list[list[tuple[BandMask, int, int, int, int, int]]] = []  # per step: (mask, q side, kv side, q used, kv used, shift)
+    rows = _LaneRowsTable(sharding, rank)
+    pending: list[list[PendingBlock]] = []  # per step
     for step in steps:
         blocks = []
         for size, schedule in groups:
@@ -45,8 +45,11 @@ def document_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.d
     planned = []
     for index, (step, blocks) in enumerate(zip(steps, pending)):
         step_blocks = tuple(
-            PlannedBlock(0, 0, mask, accumulate=True, varlen=table.block(q_side, kv_side, q_used, kv_used, shift))
-            for mask, q_side, kv_side, q_used, kv_used, shift in blocks
+            PlannedBlock(
+                0, 0, block.mask, accumulate=True,
+                varlen=table.block(block.q_side, block.kv_side, block.q_used, block.kv_used, block.kv_shift),
+            )
+            for block in blocks
         )
         following = steps[index + 1] - step if index + 1 < len(steps) else 0
         planned.append(PlannedStep(step, step_blocks, following))
@@ -63,7 +66,18 @@ def _schedules(sharding: Sharding, mask: BandMask) -> list[tuple[int | None, Rin
         return [(size, build_schedule(sharding, mask, (size,))) for size in sizes]
 
 
-def _split(rows: _RowsTable, call: BlockCall, source: int, size: int | None) -> list[tuple]:
+class PendingBlock(NamedTuple):
+    """A block before its tensors exist: entries of the rows table (sides: (cu_seqlens, seqused))."""
+
+    mask: BandMask
+    q_side: tuple[int, int]
+    kv_side: tuple[int, int]
+    q_used: int
+    kv_used: int
+    kv_shift: int
+
+
+def _split(rows: _LaneRowsTable, call: BlockCall, source: int, size: int | None) -> list[PendingBlock]:
     """The blocks of one call: its documents (of chunk size `size`, or all), split by kv shift
     when the call is masked."""
     q_side, q_used = rows.side(rows.rank, call.q_lanes)
@@ -76,11 +90,11 @@ def _split(rows: _RowsTable, call: BlockCall, source: int, size: int | None) -> 
     for shift, docs in sorted(by_shift.items()):
         chosen = set(docs)
         pick = lambda used: [n if doc in chosen else 0 for doc, n in enumerate(used)]  # noqa: E731 - two uses, one line
-        blocks.append((call.mask, q_side, kv_side, rows.used(pick(q_used)), rows.used(pick(kv_used)), shift))
+        blocks.append(PendingBlock(call.mask, q_side, kv_side, rows.used(pick(q_used)), rows.used(pick(kv_used)), shift))
     return blocks
 
 
-class _RowsTable:
+class _LaneRowsTable:
     """Host rows of the plan's sides (cu_seqlens and seqused of a rank's run of lanes) and of its
     blocks' seqused, then one device tensor. Each side has tensors of its own, so that a backend
     keying per-side state on the cu_seqlens_q tensor never mixes two runs that start alike."""

@@ -79,7 +79,8 @@ class BalancedSharding(ShardingRows):
         length, (_, ranks) = self.doc_lengths[doc], self.spans[doc]
         return length if ranks == 1 else math.ceil(length / (2 * ranks))
 
-    def valid_slots(self, doc: int, chunk: int) -> int:
+    def chunk_slots(self, doc: int, chunk: int) -> int:
+        """Valid (non-padding) slots of chunk `chunk` of document `doc`."""
         size = self.chunk_size(doc)
         return min(max(self.doc_lengths[doc] - chunk * size, 0), size)
 
@@ -129,7 +130,7 @@ class BalancedSharding(ShardingRows):
             if ranks == 1:
                 sequences.append((start, self.doc_lengths[doc], self.doc_lengths[doc]))
             else:
-                used = self.valid_slots(doc, index) + self.valid_slots(doc, 2 * ranks - 1 - index)
+                used = self.chunk_slots(doc, index) + self.chunk_slots(doc, 2 * ranks - 1 - index)
                 sequences.append((start, used, 2 * self.chunk_size(doc)))
         return sequences
 
@@ -148,6 +149,9 @@ class BalancedSharding(ShardingRows):
         """int32 count of valid slots of each of `rank`'s local sequences."""
         return torch.tensor([used for _, used, _ in self.local_sequences(rank)], dtype=torch.int32)
 
+    def local_documents(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.local_cu_seqlens(rank), self.local_seqused(rank)
+
 
 @functools.lru_cache(maxsize=256)
 def _local_tokens(sharding: BalancedSharding, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +164,7 @@ def _local_tokens(sharding: BalancedSharding, rank: int) -> tuple[torch.Tensor, 
         ranks, size = sharding.spans[doc][1], sharding.chunk_size(doc)
         chunks = (0,) if ranks == 1 else (span_index, 2 * ranks - 1 - span_index)
         for lane, chunk in enumerate(chunks):
-            valid = sharding.valid_slots(doc, chunk)
+            valid = sharding.chunk_slots(doc, chunk)
             rows = slice(start + lane * size, start + lane * size + valid)
             positions[rows] = torch.arange(chunk * size, chunk * size + valid)
             index[rows] = positions[rows] + document_starts[doc]

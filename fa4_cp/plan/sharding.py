@@ -84,7 +84,8 @@ class Sharding(ShardingRows):
     def total_len(self) -> int:
         return sum(self.doc_lengths)
 
-    def valid_slots(self, rank: int, lane: int, doc: int) -> int:
+    def lane_slots(self, rank: int, lane: int, doc: int) -> int:
+        """Valid (non-padding) slots of document `doc` in `rank`'s lane `lane`."""
         size = self.chunk_sizes[doc]
         return min(max(self.doc_lengths[doc] - self.chunks_of(rank)[lane] * size, 0), size)
 
@@ -105,10 +106,13 @@ class Sharding(ShardingRows):
         """int32 count of valid (non-padding) local slots of each document on `rank`."""
         return torch.tensor(self.lane_rows(rank, range(self.lanes))[1], dtype=torch.int32)
 
+    def local_documents(self, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.local_cu_seqlens(rank), self.local_seqused(rank)) if self.varlen else None
+
     def lane_rows(self, rank: int, lanes: range) -> tuple[list[int], list[int]]:
         """Varlen rows of a run of lanes: per document the start slot (plus the end), and the valid count."""
         starts = [doc_start + lanes.start * size for doc_start, size in zip(self.local_doc_starts, self.chunk_sizes)]
-        used = [sum(self.valid_slots(rank, lane, doc) for lane in lanes) for doc in range(len(self.doc_lengths))]
+        used = [sum(self.lane_slots(rank, lane, doc) for lane in lanes) for doc in range(len(self.doc_lengths))]
         return starts + [self.local_len], used
 
     def lane_slice(self, lanes: range) -> slice:

@@ -25,6 +25,15 @@ class ShardingRows(ABC):
     @abstractmethod
     def total_len(self) -> int: ...
 
+    @abstractmethod
+    def positions(self, rank: int) -> torch.Tensor:
+        """Per local slot, the token's position in its document (the sequence, if dense); 0 on padding."""
+
+    def local_documents(self, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cu_seqlens, seqused) int32 of the documents in `rank`'s local rows, as a varlen kernel
+        takes them; None where the rows are not one ring rank's documents."""
+        return None
+
     def shard(self, x: torch.Tensor, rank: int, seq_dim: int = 1, pad_value: float = 0) -> torch.Tensor:
         """Rank's local rows of the unsharded `x`, padding slots filled with `pad_value`."""
         index = self.token_index(rank).to(x.device)

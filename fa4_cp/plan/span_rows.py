@@ -22,7 +22,7 @@ more keys than queries (`VarlenRows.kv_shift`): a call's documents are split by 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -33,40 +33,55 @@ from .schedule import Interval, band_interval, chunk_pair_calls
 if TYPE_CHECKING:
     from .placement import BalancedSharding
 
-Key = tuple[int, BandMask, range, int, int]  # step, mask, q lanes, occurrence, kv shift
+
+
+class BlockKey(NamedTuple):
+    """What makes calls one block: the same step, mask, run of q lanes, kv shift, and the same
+    occurrence of that kind (a second call of a kind is a block of its own)."""
+
+    step: int
+    mask: BandMask
+    q_lanes: range
+    occurrence: int
+    kv_shift: int
+
+
 BOTH = range(0, 2)
 
 
 def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
     world, band = sharding.world_size, band_interval(mask)
     local = sharding.rank_rows[rank]
-    blocks: dict[Key, dict[int, tuple[int, int, int]]] = {}  # key -> local sequence -> (q used, kv first row, kv used)
+    blocks: dict[BlockKey, dict[int, tuple[int, int, int]]] = {}  # key -> local sequence -> (q used, kv first row, kv used)
     for sequence, (doc, index, start) in enumerate(local):
         first, ranks = sharding.spans[doc]
         if ranks == 1:
-            _add(blocks, (0, mask, BOTH, 0, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
+            _add(blocks, BlockKey(0, mask, BOTH, 0, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
             continue
         size, q_chunks = sharding.chunk_size(doc), (index, 2 * ranks - 1 - index)
         for other in range(ranks):
             source, kv_chunks = (first + other) % world, (other, 2 * ranks - 1 - other)
             step, seen = (rank - source) % world, {}
             for call in chunk_pair_calls(q_chunks, kv_chunks, band, (size,)):
-                q_used = sum(sharding.valid_slots(doc, q_chunks[lane]) for lane in call.q_lanes)
-                kv_used = sum(sharding.valid_slots(doc, kv_chunks[lane]) for lane in call.kv_lanes)
+                q_used = sum(sharding.chunk_slots(doc, q_chunks[lane]) for lane in call.q_lanes)
+                kv_used = sum(sharding.chunk_slots(doc, kv_chunks[lane]) for lane in call.kv_lanes)
                 if not (q_used and kv_used):
                     continue
                 occurrence = seen.setdefault((call.mask, call.q_lanes), 0)
                 seen[(call.mask, call.q_lanes)] += 1  # a second call of the same kind: a block of its own
                 kv_first = sharding.starts[source][doc] + call.kv_lanes.start * size
                 shift = 0 if call.mask.is_full else kv_used - q_used
-                _add(blocks, (step, call.mask, call.q_lanes, occurrence, shift), sequence, (q_used, kv_first, kv_used))
+                _add(blocks, BlockKey(step, call.mask, call.q_lanes, occurrence, shift), sequence, (q_used, kv_first, kv_used))
     steps = active_steps(sharding, band)
-    table = _RowsTable(sharding, rank, device)
+    table = _SpanRowsTable(sharding, rank, device)
     planned = []
     for index, step in enumerate(steps):
-        keys = sorted((key for key in blocks if key[0] == step), key=lambda key: (str(key[1]), key[2].start, key[2].stop, key[3], key[4]))
+        keys = sorted(
+            (key for key in blocks if key.step == step),
+            key=lambda key: (str(key.mask), key.q_lanes.start, key.q_lanes.stop, key.occurrence, key.kv_shift),
+        )
         step_blocks = tuple(
-            PlannedBlock(0, 0, key[1], accumulate=True, varlen=table.rows(key[2], blocks[key], step == 0, key[4]), local=step == 0)
+            PlannedBlock(0, 0, key.mask, accumulate=True, varlen=table.rows(key.q_lanes, blocks[key], step == 0, key.kv_shift), local=step == 0)
             for key in keys
         )
         planned.append(PlannedStep(step, step_blocks, steps[index + 1] - step if index + 1 < len(steps) else 0))
@@ -76,7 +91,7 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
     )
 
 
-def _add(blocks: dict, key: Key, sequence: int, rows: tuple[int, int, int]) -> None:
+def _add(blocks: dict, key: BlockKey, sequence: int, rows: tuple[int, int, int]) -> None:
     blocks.setdefault(key, {})[sequence] = rows
 
 
@@ -104,7 +119,7 @@ def active_steps(sharding: BalancedSharding, band: Interval) -> tuple[int, ...]:
 
 def _valid_positions(sharding: BalancedSharding, doc: int, chunk: int) -> tuple[int, int] | None:
     """First and last document position of a chunk's valid slots; None if it holds none."""
-    valid = sharding.valid_slots(doc, chunk)
+    valid = sharding.chunk_slots(doc, chunk)
     first = chunk * sharding.chunk_size(doc)
     return (first, first + valid - 1) if valid else None
 
@@ -116,7 +131,7 @@ def _sees(q: tuple[int, int] | None, kv: tuple[int, int] | None, band: Interval)
     return max(kv[0] - q[1], band[0]) <= min(kv[1] - q[0], band[1])
 
 
-class _RowsTable:
+class _SpanRowsTable:
     """The blocks' VarlenRows; the q rows of each run of lanes are one cu_seqlens_q tensor."""
 
     def __init__(self, sharding: BalancedSharding, rank: int, device: torch.device):
@@ -136,12 +151,12 @@ class _RowsTable:
                 if lanes == BOTH:
                     index.append(len(bounds))
                     bounds.append(start)
-                    used.append(sum(sharding.valid_slots(doc, chunk) for chunk in chunks))
+                    used.append(sum(sharding.chunk_slots(doc, chunk) for chunk in chunks))
                     continue
                 first, last = (start, start) if ranks == 1 else (start + lanes.start * size, start + lanes.stop * size)
                 index.append(len(bounds))
                 bounds += [first, last]
-                used += [sum(sharding.valid_slots(doc, chunks[lane]) for lane in lanes) if ranks > 1 else 0, 0]
+                used += [sum(sharding.chunk_slots(doc, chunks[lane]) for lane in lanes) if ranks > 1 else 0, 0]
             cu = torch.tensor([*bounds, sharding.local_len], dtype=torch.int32).to(self.device)
             self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), used, index)
         return self.layouts[lanes]
