@@ -10,6 +10,8 @@ local rows, whatever the documents.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
@@ -48,15 +50,27 @@ def _(
     return torch.empty_like(dout), heads_k.new_empty(kv_shape), heads_v.new_empty(kv_shape), dsinks
 
 
-_SETTINGS = ("ulysses", "ring", "causal", "window", "softmax_scale", "softcap", "layout", "backend", "transport", "deterministic")
+class MeshSettings(NamedTuple):
+    """The op's arguments after the tensors: what the backward replays, by name."""
+
+    ulysses: str
+    ring: str
+    causal: bool
+    window: list[int]
+    softmax_scale: float | None
+    softcap: float | None
+    layout: str
+    backend: str | None
+    transport: str | None
+    deterministic: bool
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_seqlens, sinks, *settings, _grad = inputs
     _out, _lse, *saved = output
     ctx.save_for_backward(*saved, cu_seqlens, sinks)
-    ctx.q_shape, ctx.kv_heads, ctx.settings = q.shape, k.shape[-2], settings
-    hold_backend(ctx, settings[_SETTINGS.index("backend")])
+    ctx.q_shape, ctx.kv_heads, ctx.settings = q.shape, k.shape[-2], MeshSettings(*settings)
+    hold_backend(ctx, ctx.settings.backend)
     ctx.set_materialize_grads(False)
 
 
@@ -64,7 +78,7 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, *_saved
     *saved, cu_seqlens, sinks = ctx.saved_tensors
     dout = saved[0].new_zeros(ctx.q_shape) if dout is None else dout
     dq, dk, dv, dsinks = mesh_attention_backward_op(*saved, dout, dlse, cu_seqlens, sinks, ctx.kv_heads, *ctx.settings)
-    return dq, dk, dv, None, None if sinks is None else dsinks, *(None,) * (len(_SETTINGS) + 1)
+    return dq, dk, dv, None, None if sinks is None else dsinks, *(None,) * (len(MeshSettings._fields) + 1)
 
 
 torch.library.register_autograd("fa4_cp::mesh_attention", _backward, setup_context=_setup_context)

@@ -14,6 +14,8 @@ as for SDPA.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .call import RingCall, validated_call
@@ -108,15 +110,26 @@ def _(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, group, causal, window, s
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
-_SETTINGS = ("group", "causal", "window", "softmax_scale", "softcap", "layout", "backend", "transport", "deterministic")
+class RingSettings(NamedTuple):
+    """The op's arguments after the tensors: what the backward replays, by name."""
+
+    group: str
+    causal: bool
+    window: list[int]
+    softmax_scale: float | None
+    softcap: float | None
+    layout: str
+    backend: str | None
+    transport: str | None
+    deterministic: bool
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_seqlens, sinks, *settings, _grad = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sinks)
-    ctx.settings = settings
-    hold_backend(ctx, settings[_SETTINGS.index("backend")])
+    ctx.settings = RingSettings(*settings)
+    hold_backend(ctx, ctx.settings.backend)
     ctx.set_materialize_grads(False)
 
 
@@ -124,7 +137,7 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
     q, k, v, out, lse, cu_seqlens, sinks = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv, dsinks = ring_attention_backward_op(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, *ctx.settings)
-    return dq, dk, dv, None, None if sinks is None else dsinks, *(None,) * (len(_SETTINGS) + 1)
+    return dq, dk, dv, None, None if sinks is None else dsinks, *(None,) * (len(RingSettings._fields) + 1)
 
 
 torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
