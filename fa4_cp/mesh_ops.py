@@ -10,13 +10,12 @@ local rows, whatever the documents.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
+from .handles import group_by_name, hold_backend
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
 from .mesh_attention import mesh_backward, mesh_forward
-from .handles import group_by_name, hold_backend
+from .ops import RingSettings
 
 
 mesh_attention_op = torch.library.custom_op("fa4_cp::mesh_attention", mutates_args=())(mesh_forward)
@@ -50,26 +49,12 @@ def _(
     return torch.empty_like(dout), heads_k.new_empty(kv_shape), heads_v.new_empty(kv_shape), dsinks
 
 
-class MeshSettings(NamedTuple):
-    """The op's arguments after the tensors: what the backward replays, by name."""
-
-    ulysses: str
-    ring: str
-    causal: bool
-    window: list[int]
-    softmax_scale: float | None
-    softcap: float | None
-    layout: str
-    backend: str | None
-    transport: str | None
-    deterministic: bool
-
-
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_seqlens, sinks, *settings, _grad = inputs
     _out, _lse, *saved = output
     ctx.save_for_backward(*saved, cu_seqlens, sinks)
-    ctx.q_shape, ctx.kv_heads, ctx.settings = q.shape, k.shape[-2], MeshSettings(*settings)
+    ulysses, *ring_settings = settings  # the ring dim's name, then the 1-D op's settings
+    ctx.q_shape, ctx.kv_heads, ctx.ulysses, ctx.settings = q.shape, k.shape[-2], ulysses, RingSettings(*ring_settings)
     hold_backend(ctx, ctx.settings.backend)
     ctx.set_materialize_grads(False)
 
@@ -77,8 +62,8 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, *_saved_grads):
     *saved, cu_seqlens, sinks = ctx.saved_tensors
     dout = saved[0].new_zeros(ctx.q_shape) if dout is None else dout
-    dq, dk, dv, dsinks = mesh_attention_backward_op(*saved, dout, dlse, cu_seqlens, sinks, ctx.kv_heads, *ctx.settings)
-    return dq, dk, dv, None, None if sinks is None else dsinks, *(None,) * (len(MeshSettings._fields) + 1)
+    dq, dk, dv, dsinks = mesh_attention_backward_op(*saved, dout, dlse, cu_seqlens, sinks, ctx.kv_heads, ctx.ulysses, *ctx.settings)
+    return dq, dk, dv, None, None if sinks is None else dsinks, *(None,) * (len(RingSettings._fields) + 2)
 
 
 torch.library.register_autograd("fa4_cp::mesh_attention", _backward, setup_context=_setup_context)
