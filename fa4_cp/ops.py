@@ -4,12 +4,11 @@ graph break, eager runs the same ops.
 `fa4_cp::ring_attention` runs a call in full (checks, transport, cross-rank check, plan, ring,
 sinks) and returns out and the fp64 LSE the backward reads; `fa4_cp::ring_attention_backward`
 runs the ring again from them, with the call the forward validated (call.py caches it).
-What the schema cannot carry travels as string handles (handles.py).
 `run_forward` / `run_backward` are the ring of a call already validated and agreed on, which
-the 2-D call (mesh_attention.py) runs inside its own ops. What the schema cannot carry travels as names: the group as
-`group_name` (a process group's own name), a backend object under a registered name. Their fake
-implementations give the outputs' shapes from the inputs', so new sequence lengths are symbolic,
-as for SDPA.
+the 2-D call (mesh_attention.py) runs inside its own ops. What the schema cannot carry travels
+as string handles (handles.py): the group as its process group's own name, a backend object
+under a registered name. The fake implementations give the outputs' shapes from the inputs',
+so new sequence lengths are symbolic, as for SDPA.
 """
 
 from __future__ import annotations

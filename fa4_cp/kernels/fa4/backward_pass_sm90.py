@@ -125,7 +125,7 @@ class Sm90BackwardPass:
         """The varlen sides' accumulators in one pass (dq_readback.py), scaled and rounded once."""
         dq = torch.empty_like(self.q)
         row_maps = torch.stack([side.row_map for side in sides])
-        order = tile_order(self.dq_tiles, SM90, self.q.device).to(torch.int32)
+        order = _int32_tile_order(self.dq_tiles, self.q.device)
         read_back_dq([side.dq_accum for side in sides], row_maps, order, self.dq_tiles, self.softmax_scale, dq)
         return dq
 
@@ -195,6 +195,12 @@ def _dq_geometry(tiles: BackwardTiles) -> TileGeometry:
         swap_ab=config.dQ_swapAB, head_dim=tiles.head_dim, head_dim_rounded=tiles.head_dim_rounded,
         hdim_multiple_of=tiles.hdim_multiple_of,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _int32_tile_order(geometry: TileGeometry, device: torch.device) -> torch.Tensor:
+    """The tile order as the read-back kernel takes it, converted once, not once per call."""
+    return tile_order(geometry, SM90, device).to(torch.int32)
 
 
 def _row_map(cu: torch.Tensor, used: torch.Tensor, tile: int, total: int) -> torch.Tensor:
