@@ -128,7 +128,7 @@ def shard_inputs(
         "position_ids": local_positions,
         "layout": sharding.layout.name,
     }
-    documents = sharding.local_documents(rank)  # a ring rank's documents (not on a 2-D mesh)
-    if cu_seqlens is not None and documents is not None:
+    documents = None if cu_seqlens is None else sharding.local_documents(rank)  # a ring rank's (not on a 2-D mesh)
+    if documents is not None:
         local["local_cu_seqlens"], local["local_seqused"] = documents
     return local
