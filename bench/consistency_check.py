@@ -22,9 +22,11 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fa4_cp  # noqa: E402
 from common import RESULTS, record, today, write  # noqa: E402
-from fa4_cp.call import validated_call  # noqa: E402
+from fa4_cp.call import prepared_call  # noqa: E402
 from fa4_cp.comm.group import resolve_group  # noqa: E402
 from fa4_cp.consistency import check_consistency  # noqa: E402
+from fa4_cp.handles import options_handle, options_of  # noqa: E402
+from fa4_cp.options import checked_options  # noqa: E402
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -51,10 +53,11 @@ def worker(rank: int, args: argparse.Namespace, init_file: str, results) -> None
     group = resolve_group(None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(1, args.seq_local, 8, 64, device=device, dtype=dtype) for _ in range(3))
-    call, _ = validated_call(
-        q, k, v, None, None, group.world_size, causal=True, window=(-1, -1), softmax_scale=None, softcap=None, layout="zigzag",
-        backend=None, transport=None, backward=False, deterministic=False,
-    )
+    options = options_of(options_handle(*checked_options(
+        documents=False, causal=True, window_size=(-1, -1), softmax_scale=None, softcap=None, layout="zigzag", backend=None,
+        transport=None, deterministic=False,
+    )))
+    call = prepared_call(q, k, v, None, None, options, ring_size=group.world_size, backward=False).call
     check = timed(lambda: check_consistency(group, call, device, 1), args.repeats, device)
     ring_call = {}
     for enabled in (True, False):

@@ -1,12 +1,13 @@
 """Public entry points: ring attention over dense sequences and over packed (varlen) documents.
 
-A call runs in this order: the scalar options are checked here, once (the op's schema would
-reject some with a TypeError; a ValueError names them); inside the custom op `ops.py` registers,
-the tensors, documents, layout, backend and transport are checked against the group's size,
-which needs no communication (call.py, once per call signature: the backward reuses it); then
-the group's transport is made or reused (possibly collective), the ranks check that they make
-the same call (consistency.py), the rank's cached plan is looked up, and the ring runs
-(runtime/executor.py). torch.compile sees one op and no graph break.
+A call descends once: api -> options -> op -> [Ulysses stage] -> cross-rank check -> plan ->
+executor. Here the call's RingOptions are checked, once, and travel to the op as a handle
+(options.py, handles.py; the op's schema would reject some with a TypeError, a ValueError names
+them); inside the one custom op pair of ops.py, the tensors and documents are checked against the
+groups' sizes, which needs no communication (call.py, once per call signature: the backward
+reuses it); then the ranks check that they make the same call (consistency.py) and the ring runs
+on the rank's cached plan (runtime/), between the Ulysses all-to-alls on a 2-D mesh.
+torch.compile sees one op and no graph break.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from .consistency import count_call
-from .handles import backend_key, group_by_name, ring_and_ulysses_names
+from .handles import backend_key, group_by_name, options_handle, ring_and_ulysses_names
 from .kernels import AttentionBackend
-from .mesh_ops import mesh_attention_op
 from .ops import ring_attention_op
-from .validation import check_devices, check_flag, check_mask, check_softcap, check_softmax_scale
+from .options import checked_options
+from .validation import check_devices, check_flag
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -106,32 +107,19 @@ def _run(
     q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
 ) -> Output:
     ring, ulysses = ring_and_ulysses_names(group)
-    try:  # the scalar options, once; the tensors and documents in the op (call.py)
+    try:  # the options, once; the tensors and documents in the op (call.py)
         check_devices(q, k, v, sinks)  # tensors of other devices would reach the op's fake
-        check_flag("causal", causal)
-        window = check_mask(causal, window_size)
         check_flag("return_lse", return_lse)
-        check_flag("deterministic", deterministic)
-        scale = check_softmax_scale(softmax_scale)
-        softcap = check_softcap(softcap)
-        for name, value in (("layout", layout), ("transport", transport)):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name}: expected a string, got {value!r}")
+        options = options_handle(*checked_options(
+            documents=cu_seqlens is not None, causal=causal, window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
+            layout=layout, backend=backend_key(backend), transport=transport, deterministic=deterministic,
+        ))
     except ValueError:  # a refused call counts, as the op counts its own (consistency.py)
         for name in (ring, ulysses) if ulysses is not None else (ring,):
             count_call(group_by_name(name))
         raise
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
-    if ulysses is not None:
-        out, lse, *_for_backward = mesh_attention_op(
-            q, k, v, cu_seqlens, sinks, ulysses, ring, causal, list(window), scale, softcap, layout,
-            backend_key(backend), transport, deterministic, grad,
-        )
-    else:
-        out, lse = ring_attention_op(
-            q, k, v, cu_seqlens, sinks, ring, causal, list(window), scale, softcap, layout, backend_key(backend),
-            transport, deterministic, grad,
-        )
+    out, lse, *_for_backward = ring_attention_op(q, k, v, cu_seqlens, sinks, ring, ulysses, options, grad)
     if not return_lse:
         return out
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

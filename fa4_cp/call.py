@@ -1,11 +1,12 @@
-"""RingCall: the validated arguments of one ring attention call.
+"""RingCall: the validated arguments of one ring attention call; PreparedCall: what a call runs.
 
-A call is checked in full before anything communicates: the scalar options at the entry point
-(attention.py), then here the tensors, layout, documents, backend and transport, against the
-group's world size (which needs no communication), once per call signature (`validated_call`).
-The frozen RingCall that comes out holds everything every rank must agree on, so it is also the
-cross-rank signature (`digest`) and, with the rank, the key of the rank's cached plan. What may
-differ between ranks (the tensors' values) is not in it.
+A call is checked in full before anything communicates: its RingOptions at the entry point
+(options.py), then here the tensors and documents against the options and the group's sizes
+(which needs no communication), once per call signature (`prepared_call`, cached: the backward
+and every later step of the same shapes reuse what the first forward decided). The frozen
+RingCall that comes out holds everything every rank must agree on, so it is also the cross-rank
+signature (`digest`) and, with the rank, the key of the rank's cached plan. What may differ
+between ranks (the tensors' values) is not in it.
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import os
+import dataclasses
+import logging
 import threading
 from dataclasses import dataclass
 
 import torch
 
 from .comm.transport import TransportKind
+from .handles import backend_of
 from .kernels import AttentionBackend, BandMask, get_backend
+from .options import RingOptions
 from .plan.layout import get_layout
+from .plan.mesh_sharding import MeshSharding, mesh_sharding
 from .plan.sharding import Sharding
-from .validation import check_cu_seqlens, check_qkv, check_sinks, check_transport
+from .tuning.mesh_model import plan_mesh
+from .validation import check_cu_seqlens, check_heads, check_qkv, check_sinks
+
+logger = logging.getLogger("fa4_cp")
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class RingCall:
             "q shape": str(self.q_shape),
             "k/v shape": str(self.kv_shape),
             "dtype": str(self.dtype),
-            "layout": sharding.layout.name,
+            "layout": sharding.layout_name,
             "world size": str(sharding.world_size),
             "documents": str(documents),
             "mask (causal, window_size)": str(self.mask),
@@ -80,47 +88,46 @@ class RingCall:
         }
 
 
+@dataclass(frozen=True)
+class PreparedCall:
+    """A validated call as it runs: the same object for the forward and its backward."""
+
+    call: RingCall
+    """The whole call: what every rank (of both dims of a 2-D mesh) must agree on."""
+    ring: RingCall
+    """The ring loop's own call: `call` itself on a 1-D group; on a 2-D mesh, the ring over the
+    head-sharded rows of this rank's ring rank."""
+    kernels: AttentionBackend
+    mesh: MeshSharding | None
+    """The tokens' split over a 2-D mesh; None on a 1-D group."""
+
+
 CACHED_CALLS = 256  # distinct call signatures a process keeps validated (a model meets a few)
-_validated: collections.OrderedDict[tuple, tuple[RingCall, AttentionBackend]] = collections.OrderedDict()
-_validated_lock = threading.Lock()
+_prepared: collections.OrderedDict[tuple, PreparedCall] = collections.OrderedDict()
+_prepared_lock = threading.Lock()
 
 
-def validated_call(
+def prepared_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
-    world_size: int, *, causal: bool, window: tuple[int, int], softmax_scale: float | None, softcap: float | None, layout: str,
-    backend: str | AttentionBackend | None, transport: str | None, backward: bool, deterministic: bool, tensors_checked: bool = False,
-) -> tuple[RingCall, AttentionBackend]:
-    """The RingCall of one ring call and its backend; raises ValueError naming a bad argument.
-
-    The scalar options (`causal`, `window`, `softmax_scale`, None for head_dim**-0.5, `softcap`,
-    `deterministic`) come checked and normalized by the entry point (attention.py); the tensors, the documents, the
-    layout, the backend and the transport are checked here. Cached by everything the checks
-    read, so that a call signature is validated once per process: the backward, and every
-    later step of the same shapes, reuse what the first forward decided. `tensors_checked`: q, k
-    and v stand for tensors the caller checked itself (the 2-D call's ring, on stand-ins)."""
-    transport = transport if transport is not None else os.environ.get("FA4_CP_TRANSPORT", "auto")
+    options: RingOptions, *, ring_size: int, ulysses_size: int = 1, backward: bool,
+) -> PreparedCall:
+    """The PreparedCall of one call over `ulysses_size` x `ring_size` ranks; raises ValueError
+    naming a bad argument. Cached by everything the checks read (the tensors' shapes, dtype and
+    device, the documents by value), so that a signature is validated once per process; the
+    ranks of a simulated ring are threads, and one validates for all."""
     key = (
         _tensor_key(q), _tensor_key(k), _tensor_key(v), _documents_key(cu_seqlens), None if sinks is None else _tensor_key(sinks),
-        world_size, causal, tuple(window), softmax_scale, softcap, layout, _backend_key(backend), transport, backward, deterministic,
-        tensors_checked,
+        options, ring_size, ulysses_size, backward,
     )
-    with _validated_lock:  # the ranks of a simulated ring are threads: one validates, the others reuse
-        hit = _validated.get(key)
+    with _prepared_lock:
+        hit = _prepared.get(key)
         if hit is None:
-            hit = _validated[key] = _validate(
-                q, k, v, cu_seqlens, sinks, world_size, causal, window, softmax_scale, softcap, layout, backend, transport, backward,
-                deterministic, tensors_checked,
-            )
-            if len(_validated) > CACHED_CALLS:
-                _validated.popitem(last=False)
+            hit = _prepared[key] = _prepare(q, k, v, cu_seqlens, sinks, options, ring_size, ulysses_size, backward)
+            if len(_prepared) > CACHED_CALLS:
+                _prepared.popitem(last=False)
         else:
-            _validated.move_to_end(key)
+            _prepared.move_to_end(key)
     return hit
-
-
-def _backend_key(backend: object) -> object:
-    """A name as is; an object by identity (the cached entry holds it, so the id stays its)."""
-    return backend if backend is None or isinstance(backend, str) else ("object", id(backend))
 
 
 def _tensor_key(t: object) -> tuple:
@@ -139,37 +146,99 @@ def _documents_key(cu_seqlens: object) -> tuple | None:
     return tuple(cu_seqlens.tolist())
 
 
-def _validate(
-    q, k, v, cu_seqlens, sinks, world_size, causal, window, softmax_scale, softcap, layout, backend, transport, backward, deterministic,
-    tensors_checked,
-) -> tuple[RingCall, AttentionBackend]:
-    if not tensors_checked:
-        check_qkv(q, k, v, varlen=cu_seqlens is not None)
+def _prepare(q, k, v, cu_seqlens, sinks, options: RingOptions, ring_size: int, ulysses_size: int, backward: bool) -> PreparedCall:
+    check_qkv(q, k, v, varlen=cu_seqlens is not None)
+    if ulysses_size == 1:
+        ring, kernels = _ring_call(q, k, check_sinks(sinks, q), options, _sharding(q, cu_seqlens, options, ring_size), backward)
+        if ring.varlen and options.causal:
+            _suggest_a_2d_split(ring.sharding.doc_lengths, ring_size, q.shape[-2], k.shape[-2], q.shape[-1])
+        return PreparedCall(ring, ring, kernels, None)
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    check_heads(heads, kv_heads, ulysses_size)
+    sinks_shape = check_sinks(sinks, q)
+    mesh = _mesh_sharding(q, cu_seqlens, options, ring_size, ulysses_size)
+    head_group, kv_group = heads // ulysses_size, max(kv_heads // ulysses_size, 1)
+    ring_q, ring_k = (_stand_in(t, mesh.ring_rows, h) for t, h in ((q, head_group), (k, kv_group)))
+    ring_sinks = None if sinks is None else (head_group,)  # each ulysses rank's heads' sinks
+    ring, kernels = _ring_call(ring_q, ring_k, ring_sinks, options, mesh.ring, backward)
+    call = dataclasses.replace(ring, ulysses=ulysses_size, q_shape=tuple(q.shape), kv_shape=tuple(k.shape), sinks=sinks_shape)
+    return PreparedCall(call, ring, kernels, mesh)
+
+
+def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOptions, ring_size: int) -> Sharding:
+    """Who holds which tokens of a 1-D ring; the rows of q must be this rank's."""
+    local_len = q.shape[-3]
     if cu_seqlens is None:
-        layout_ = get_layout(layout)
-        layout_.check_length(q.shape[1] * world_size, world_size, "q", local_len=q.shape[1])
-        sharding = Sharding.dense(q.shape[1] * world_size, world_size, layout_)
+        layout = get_layout(options.layout)
+        layout.check_length(local_len * ring_size, ring_size, "q", local_len=local_len)
+        return Sharding.dense(local_len * ring_size, ring_size, layout)
+    doc_lengths = check_cu_seqlens(cu_seqlens)
+    sharding = Sharding.documents(doc_lengths, ring_size, options.layout)
+    if local_len != sharding.local_len:
+        raise ValueError(
+            f"cu_seqlens: its documents ({sum(doc_lengths)} tokens) take {sharding.local_len} local rows per rank "
+            f"under the {options.layout} layout over {ring_size} ranks, but q has {local_len}"
+        )
+    return sharding
+
+
+def _mesh_sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOptions, r: int, u: int) -> MeshSharding:
+    """Who holds which tokens of a u x r mesh; the rows of q must be this rank's."""
+    if cu_seqlens is None:
+        seq_len, layout = q.shape[-3] * u * r, get_layout(options.layout)
+        layout.check_length(seq_len, r, "q")
+        sharding = mesh_sharding(Sharding.dense(seq_len, r, layout), u)
     else:
-        doc_lengths = check_cu_seqlens(cu_seqlens)
-        sharding = Sharding.documents(doc_lengths, world_size, layout)
-        if q.shape[0] != sharding.local_len:
-            raise ValueError(
-                f"cu_seqlens: its documents ({sum(doc_lengths)} tokens) take {sharding.local_len} local rows per rank "
-                f"under the {layout} layout over {world_size} ranks, but q has {q.shape[0]}"
-            )
-    kernels = get_backend(backend, q, backward=backward)
+        sharding = mesh_sharding(Sharding.documents(check_cu_seqlens(cu_seqlens), r, options.layout), u)
+    if q.shape[-3] != sharding.local_len:
+        raise ValueError(f"q: the {options.layout} layout over {u} x {r} ranks gives each rank {sharding.local_len} rows, got {q.shape[-3]}")
+    return sharding
+
+
+def _stand_in(like: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
+    """A tensor of the ring's shape for its call, holding no memory."""
+    shape = (*like.shape[:-3], rows, heads, like.shape[-1])
+    return torch.empty_strided(shape, (0,) * len(shape), dtype=like.dtype, device=like.device)
+
+
+def _ring_call(
+    q: torch.Tensor, k: torch.Tensor, sinks: tuple[int, ...] | None, options: RingOptions, sharding: Sharding, backward: bool,
+) -> tuple[RingCall, AttentionBackend]:
+    kernels = get_backend(backend_of(options.backend), q, backward=backward)
     call = RingCall(
         varlen=sharding.varlen,
         q_shape=tuple(q.shape),
         kv_shape=tuple(k.shape),
         dtype=q.dtype,
         sharding=sharding,
-        mask=BandMask.from_flags(causal, window),
-        softmax_scale=q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale,
-        softcap=softcap,
-        sinks=check_sinks(sinks, q),
+        mask=options.mask,
+        softmax_scale=q.shape[-1] ** -0.5 if options.softmax_scale is None else options.softmax_scale,
+        softcap=options.softcap,
+        sinks=sinks,
         backend=kernels.name,
-        transport=check_transport(transport),
-        deterministic=deterministic,
+        transport=options.transport,
+        deterministic=options.deterministic,
     )
     return call, kernels
+
+
+_suggested = False
+
+
+def _suggest_a_2d_split(doc_lengths: tuple[int, ...], ring_size: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Once per process: what a 2-D split of a 1-D ring's ranks would predict for its packed
+    documents, and how to ask for it (a warning from 1.2x up)."""
+    global _suggested
+    if _suggested or ring_size < 4:
+        return
+    _suggested = True
+    plan = plan_mesh(ring_size, heads, kv_heads, sum(doc_lengths), head_dim=head_dim, documents=list(doc_lengths))
+    ring = next(c for c in plan.candidates if c["ulysses"] == 1)
+    if plan.ulysses == 1:
+        return
+    speedup = ring["ms"] / plan.predicted_ms
+    (logger.warning if speedup >= 1.2 else logger.info)(
+        "packed documents on a ring of %d ranks: a %d x %d Ulysses x ring split is predicted %.2fx faster for these "
+        "documents (fa4_cp.plan_mesh, a model: %s). Ask for it with group= a 2-D DeviceMesh with dims ('ring', 'ulysses'), "
+        "or --ulysses auto in launch/train.py.", ring_size, plan.ulysses, plan.ring, speedup, plan.reason,
+    )

@@ -1,12 +1,14 @@
 """String handles: how what a custom op's schema cannot carry (a group, a 2-D mesh's two dims, a
-backend object) reaches the ring's ops, and back. A process group travels as its own name, as
-torch's functional collectives do; a RingGroup or a backend object under a name registered here
-(held weakly: the objects' owners keep them alive). Under torch.compile the names are constants
-of the graph. No communication.
+backend object, the call's RingOptions) reaches the ring's ops, and back. A process group travels
+as its own name, as torch's functional collectives do; a RingGroup or a backend object under a
+name registered here (held weakly: the objects' owners keep them alive); RingOptions under a name
+made from their values (held for the process: a model has a few). Under torch.compile the names
+are constants of the graph. No communication.
 """
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 
 import torch
@@ -15,6 +17,7 @@ import torch.distributed as dist
 from .comm.group import RingGroup, resolve_group
 from .comm.mesh import resolve_mesh
 from .kernels import AttentionBackend
+from .options import RingOptions
 
 LOCAL_NAME = "fa4_cp:local"
 _named: weakref.WeakValueDictionary[str, RingGroup] = weakref.WeakValueDictionary()
@@ -82,7 +85,21 @@ def backend_of(key: str | None) -> str | AttentionBackend | None:
     return _backends.get(key, key) if key is not None else None
 
 
-def hold_backend(ctx, key: str | None) -> None:
-    """Keep a backend object alive on the autograd context: the registry holds it weakly, and
-    the backward finds it by its key (an object made inline in the call is gone by then)."""
-    ctx.backend = backend_of(key)
+_options: dict[str, RingOptions] = {}
+
+
+@torch.compiler.assume_constant_result
+def options_handle(*fields) -> str:
+    """The handle of the RingOptions with these fields (options.checked_options' values): the same
+    name for the same values, on every rank and in every process."""
+    options = RingOptions(*fields)
+    name = f"fa4_cp:options:{hashlib.blake2b(repr(options).encode(), digest_size=8).hexdigest()}"
+    _options.setdefault(name, options)
+    return name
+
+
+def options_of(handle: str) -> RingOptions:
+    """The RingOptions an `options_handle` names."""
+    if handle not in _options:
+        raise ValueError(f"options: {handle!r} names no RingOptions of this process (make it with handles.options_handle)")
+    return _options[handle]

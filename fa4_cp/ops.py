@@ -1,144 +1,120 @@
-"""The ring as torch custom ops: torch.compile traces a model that calls ring attention without a
-graph break, eager runs the same ops.
+"""Ring attention as one pair of torch custom ops, for a 1-D ring and a 2-D Ulysses x ring mesh
+alike: torch.compile traces a model that calls it without a graph break, eager runs the same ops.
 
-`fa4_cp::ring_attention` runs a call in full (checks, transport, cross-rank check, plan, ring,
-sinks) and returns out and the fp64 LSE the backward reads; `fa4_cp::ring_attention_backward`
-runs the ring again from them, with the call the forward validated (call.py caches it).
-`run_forward` / `run_backward` are the ring of a call already validated and agreed on, which
-the 2-D call (mesh_attention.py) runs inside its own ops. What the schema cannot carry travels
-as string handles (handles.py): the group as its process group's own name, a backend object
-under a registered name. The fake implementations give the outputs' shapes from the inputs',
-so new sequence lengths are symbolic, as for SDPA.
+`fa4_cp::ring_attention` runs a call in full: it counts the call on its groups, prepares it
+(call.py, cached: ValueError naming a bad argument, before any communication), has the ranks
+check that they make the same call (consistency.py), then runs the ring (runtime/ring_run.py),
+inside the Ulysses stage on a 2-D mesh (runtime/ulysses.py). It returns out, the fp64 LSE and,
+on a 2-D mesh, the head-sharded tensors the backward reads (empty on a 1-D ring, whose backward
+reads the inputs). `fa4_cp::ring_attention_backward` finds the forward's PreparedCall in the
+cache and runs the ring backward. What the schema cannot carry travels as string handles
+(handles.py): the groups, the RingOptions. The fake implementations give every shape from the
+inputs', so new sequence lengths are symbolic, as for SDPA.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from .call import RingCall, validated_call
-from .comm.group import RingGroup
+from .call import PreparedCall, prepared_call
+from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
-from .handles import backend_of, group_by_name, hold_backend
-from .kernels import AttentionBackend
+from .handles import backend_of, group_by_name, options_of
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
-from .runtime.executor import Ring, ring_backward, ring_forward
-from .plan.rows import rank_plan
-from .sinks import add_sinks, sinks_grad
+from .runtime.ring_run import ring_run_backward, ring_run_forward
+from .runtime.ulysses import ulysses_backward, ulysses_forward
 
-def prepared(
-    q, k, v, cu_seqlens, sinks, group: str, causal: bool, window: list[int], softmax_scale: float | None, softcap, layout: str,
-    backend, transport, deterministic: bool, grad: bool,
-) -> tuple[RingCall, AttentionBackend, RingGroup]:
-    """The validated call (call.py, cached: ValueError naming a bad argument, before any
-    communication), its backend and its group."""
-    ring_group = group_by_name(group)
-    call, kernels = validated_call(
-        q, k, v, cu_seqlens, sinks, ring_group.world_size, causal=causal, window=tuple(window), softmax_scale=softmax_scale,
-        softcap=softcap, layout=layout, backend=backend_of(backend), transport=transport, backward=grad, deterministic=deterministic,
+SAVED_ON_A_MESH = 5  # the head-sharded q, k, v, out and lse
+
+
+def _prepared(q, k, v, cu_seqlens, sinks, ring: str, ulysses: str | None, options: str, backward: bool) -> PreparedCall:
+    ulysses_size = 1 if ulysses is None else group_by_name(ulysses).world_size
+    return prepared_call(
+        q, k, v, cu_seqlens, sinks, options_of(options), ring_size=group_by_name(ring).world_size, ulysses_size=ulysses_size,
+        backward=backward,
     )
-    return call, kernels, ring_group
-
-
-def run_forward(call: RingCall, kernels: AttentionBackend, group: RingGroup, q, k, v, sinks) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (q's dtype) and the fp64 LSE of a validated call that the ranks agreed on."""
-    out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v)
-    if sinks is not None:
-        lse = add_sinks(out_acc, lse, sinks)
-    return out_acc.to(q.dtype), lse
-
-
-def run_backward(call: RingCall, kernels: AttentionBackend, group: RingGroup, q, k, v, out, lse, dout, dlse, sinks) -> tuple:
-    """dq, dk, dv (q's, k's dtype) and the sinks' gradient (empty without sinks) of a validated call."""
-    dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
-    dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = ring_backward(_ring(call, kernels, group, q), q, k, v, out, lse, dout, dlse)
-    dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks, group)
-    return dq.to(q.dtype), dk, dv, dsinks
-
-
-def _ring(call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor) -> Ring:
-    transport = group.transport(call.transport, q.device)
-    plan = rank_plan(call.sharding, call.mask, group.rank, q.device)
-    return Ring(plan, transport, kernels, call.softmax_scale, call.softcap, call.deterministic)
-
-
-def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
-    """(b, h, s) for dense q (b, s, h, d); (h, total) for varlen q (total, h, d)."""
-    return (*q.shape[:-3], q.shape[-2], q.shape[-3])
 
 
 @torch.library.custom_op("fa4_cp::ring_attention", mutates_args=())
 def ring_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
-    group: str, causal: bool, window: list[int], softmax_scale: float | None, softcap: float | None, layout: str,
-    backend: str | None, transport: str | None, deterministic: bool, grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (q's shape and dtype) and the final LSE in fp64, sinks included."""
-    number = count_call(group_by_name(group))
-    call, kernels, ring_group = prepared(
-        q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, grad,
-    )
-    check_consistency(ring_group, call, q.device, number, sinks)
-    return run_forward(call, kernels, ring_group, q, k, v, sinks)
+    ring: str, ulysses: str | None, options: str, grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out (q's shape and dtype), the final LSE in fp64 (sinks included), then what a 2-D call's
+    backward reads (empty tensors on a 1-D ring)."""
+    groups = [group_by_name(name) for name in (ring, ulysses) if name is not None]
+    numbers = [count_call(group) for group in groups]  # before any check: a refused call counts
+    prepared = _prepared(q, k, v, cu_seqlens, sinks, ring, ulysses, options, grad)
+    for group, number in zip(groups, numbers):  # on a mesh both dims agree, so every rank of it does
+        check_consistency(group, prepared.call, q.device, number, sinks)
+    if ulysses is None:
+        out, lse = ring_run_forward(prepared.ring, prepared.kernels, groups[0], q, k, v, sinks)
+        return out, lse, *(q.new_empty(0) for _ in range(SAVED_ON_A_MESH))
+    return ulysses_forward(prepared, UlyssesRing(groups[1], groups[0]), q, k, v, sinks)
+
+
+def _heads_shape(x: torch.Tensor, u: int, heads: int) -> tuple[int, ...]:
+    return (*x.shape[:-3], x.shape[-3] * u, heads, x.shape[-1])
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, grad):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE)
+def _(q, k, v, cu_seqlens, sinks, ring, ulysses, options, grad):
+    out, lse = torch.empty_like(q), q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3]), dtype=LSE_ACCUMULATOR_DTYPE)
+    if ulysses is None:
+        return out, lse, *(q.new_empty(0) for _ in range(SAVED_ON_A_MESH))
+    u = group_by_name(ulysses).world_size
+    heads, kv_local = q.shape[-2] // u, max(k.shape[-2] // u, 1)
+    heads_q = q.new_empty(_heads_shape(q, u, heads))
+    heads_kv = [k.new_empty(_heads_shape(k, u, kv_local)) for _ in range(2)]
+    heads_lse = q.new_empty((*q.shape[:-3], heads, q.shape[-3] * u), dtype=LSE_ACCUMULATOR_DTYPE)
+    return out, lse, heads_q, *heads_kv, torch.empty_like(heads_q), heads_lse
 
 
 @torch.library.custom_op("fa4_cp::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-    dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, group: str, causal: bool,
-    window: list[int], softmax_scale: float | None, softcap: float | None, layout: str, backend: str | None,
-    transport: str | None, deterministic: bool,
+    dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, ring: str, ulysses: str | None,
+    options: str, kv_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv and the sinks' gradient of this rank's rows (empty without sinks)."""
-    call, kernels, ring_group = prepared(
-        q, k, v, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic, True,
-    )
-    return run_backward(call, kernels, ring_group, q, k, v, out, lse, dout, dlse, sinks)
+    """dq, dk, dv and the sinks' gradient of this rank's rows (empty without sinks). q ... lse are
+    the forward's inputs and outputs on a 1-D ring, its head-sharded tensors on a 2-D mesh."""
+    kv_like = _stand_in(dout, kv_heads)  # the forward's k and v, as the cache keys them
+    prepared = _prepared(dout, kv_like, kv_like, cu_seqlens, sinks, ring, ulysses, options, True)
+    if ulysses is None:
+        return ring_run_backward(prepared.ring, prepared.kernels, group_by_name(ring), q, k, v, out, lse, dout, dlse, sinks)
+    mesh = UlyssesRing(group_by_name(ulysses), group_by_name(ring))
+    return ulysses_backward(prepared, mesh, q, k, v, out, lse, dout, dlse, sinks, kv_heads)
+
+
+def _stand_in(like: torch.Tensor, heads: int) -> torch.Tensor:
+    shape = (*like.shape[:-2], heads, like.shape[-1])
+    return torch.empty_strided(shape, (0,) * len(shape), dtype=like.dtype, device=like.device)
 
 
 @ring_attention_backward_op.register_fake
-def _(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, group, causal, window, softmax_scale, softcap, layout, backend, transport, deterministic):
-    dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
-
-
-class RingSettings(NamedTuple):
-    """The op's arguments after the tensors: what the backward replays, by name."""
-
-    group: str
-    causal: bool
-    window: list[int]
-    softmax_scale: float | None
-    softcap: float | None
-    layout: str
-    backend: str | None
-    transport: str | None
-    deterministic: bool
+def _(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, ring, ulysses, options, kv_heads):
+    kv_shape = (*dout.shape[:-2], kv_heads, dout.shape[-1])
+    dsinks = dout.new_empty(0) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(dout), k.new_empty(kv_shape), v.new_empty(kv_shape), dsinks
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, sinks, *settings, _grad = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sinks)
-    ctx.settings = RingSettings(*settings)
-    hold_backend(ctx, ctx.settings.backend)
+    q, k, v, cu_seqlens, sinks, ring, ulysses, options, _grad = inputs
+    out, lse, *heads_saved = output
+    saved = (q, k, v, out, lse) if ulysses is None else heads_saved
+    ctx.save_for_backward(*saved, cu_seqlens, sinks)
+    ctx.q_shape, ctx.kv_heads, ctx.groups, ctx.options = q.shape, k.shape[-2], (ring, ulysses), options
+    ctx.backend = backend_of(options_of(options).backend)  # a backend object made inline must outlive the forward
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
-    q, k, v, out, lse, cu_seqlens, sinks = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout
-    dq, dk, dv, dsinks = ring_attention_backward_op(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, *ctx.settings)
-    return dq, dk, dv, None, None if sinks is None else dsinks, *(None,) * (len(RingSettings._fields) + 1)
+def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, *_saved_grads):
+    *saved, cu_seqlens, sinks = ctx.saved_tensors
+    dout = saved[0].new_zeros(ctx.q_shape) if dout is None else dout
+    dq, dk, dv, dsinks = ring_attention_backward_op(*saved, dout, dlse, cu_seqlens, sinks, *ctx.groups, ctx.options, ctx.kv_heads)
+    return dq, dk, dv, None, None if sinks is None else dsinks, None, None, None, None
 
 
 torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
 
-__all__ = ["prepared", "ring_attention_op", "ring_attention_backward_op", "run_backward", "run_forward"]
+__all__ = ["ring_attention_op", "ring_attention_backward_op"]

@@ -126,7 +126,7 @@ def shard_inputs(
         "input_ids": sharding.shard(input_ids, rank, seq_dim),
         "labels": sharding.shard(labels, rank, seq_dim, pad_value=ignore_index),
         "position_ids": local_positions,
-        "layout": sharding.layout.name,
+        "layout": sharding.layout_name,
     }
     documents = None if cu_seqlens is None else sharding.local_documents(rank)  # a ring rank's (not on a 2-D mesh)
     if documents is not None:

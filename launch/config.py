@@ -41,7 +41,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     dp_shard: int = 1
     cp: int = 1
-    ulysses: int = 1  # Ulysses ranks inside each cp group: a ulysses x (cp / ulysses) mesh
+    # Ulysses ranks inside each cp group: a ulysses x (cp / ulysses) mesh; "auto": the split
+    # fa4_cp.plan_mesh predicts fastest, per batch (its documents); None: "auto" with --packing
+    # documents, else 1 (a plain ring)
+    ulysses: int | str | None = None
     device: str = "cuda"
     compute_dtype: str = "bfloat16"  # FSDP2 parameter dtype; master weights and optimizer stay fp32
     data: str = "python-sources"  # or "synthetic"
@@ -97,6 +100,15 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 # Every flag: (type, help). A flag left out keeps the preset's value (shown in --help).
+def _ulysses_flag(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {value!r}") from None
+
+
 _OVERRIDES: dict[str, tuple[type, str]] = {
     "seq_len": (int, "tokens per training sequence (one sequence per dp_shard replica per step)"),
     "steps": (int, "length of the LR schedule, in steps"),
@@ -108,7 +120,10 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "grad_clip": (float, "gradient-norm clip"),
     "dp_shard": (int, "FSDP data-parallel size; dp_shard x cp must equal the world size"),
     "cp": (int, "context-parallel size (ranks per sequence)"),
-    "ulysses": (int, "Ulysses head all-to-all ranks inside each cp group; the ring spans cp / ulysses (default 1: a plain ring)"),
+    "ulysses": (
+        _ulysses_flag, "Ulysses head all-to-all ranks inside each cp group, the ring spanning cp / ulysses; auto: the split "
+        "fa4_cp.plan_mesh predicts fastest for each batch's documents (default auto with --packing documents, else 1)",
+    ),
     "device": (str, "cuda or cpu"),
     "compute_dtype": (str, "FSDP2 parameter dtype: bfloat16 or float32 (master weights stay fp32)"),
     "data": (str, "python-sources (the installed packages' Python files, byte-level) or synthetic"),
@@ -180,6 +195,13 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return config
 
 
+def ulysses_of(config: TrainConfig) -> int | str:
+    """--ulysses as the run uses it: a count, or "auto" (chosen per batch)."""
+    if config.ulysses is None:
+        return "auto" if config.packing == "documents" else 1
+    return config.ulysses
+
+
 def check_config(config: TrainConfig) -> None:
     """Errors that need no process group: shapes and choices."""
     model = config.model
@@ -200,9 +222,10 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"checkpoint_every: saving every {config.checkpoint_every} steps needs --checkpoint-dir")
     if config.cp < 1 or config.dp_shard < 1:
         raise ValueError(f"cp and dp_shard: expected positive sizes, got cp={config.cp}, dp_shard={config.dp_shard}")
-    if config.ulysses < 1 or config.cp % config.ulysses:
-        raise ValueError(f"ulysses: expected a positive divisor of cp ({config.cp}), got {config.ulysses}")
-    if not heads_split(model.n_heads, model.n_kv_heads, config.ulysses):
+    ulysses = ulysses_of(config)
+    if ulysses != "auto" and (ulysses < 1 or config.cp % ulysses):
+        raise ValueError(f"ulysses: expected a positive divisor of cp ({config.cp}) or 'auto', got {ulysses}")
+    if ulysses != "auto" and not heads_split(model.n_heads, model.n_kv_heads, ulysses):
         raise ValueError(
             f"ulysses: {config.ulysses} must divide n_heads ({model.n_heads}), and n_kv_heads ({model.n_kv_heads}) must be "
             "a multiple or a divisor of it"

@@ -5,18 +5,16 @@ import dataclasses
 
 import torch
 
-from fa4_cp.call import RingCall, validated_call
+from fa4_cp.call import RingCall, prepared_call
+from fa4_cp.handles import options_handle, options_of
 from fa4_cp.kernels import BandMask
 from fa4_cp.plan.sharding import Sharding
 
 
 def base_call() -> RingCall:
     q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
-    call, _ = validated_call(
-        q, k, k, None, None, 2, causal=True, window=(-1, -1), softmax_scale=None, softcap=None, layout="zigzag",
-        backend="reference", transport=None, backward=True, deterministic=False,
-    )
-    return call
+    options = options_of(options_handle(True, (-1, -1), None, None, "zigzag", "reference", "auto", False))
+    return prepared_call(q, k, k, None, None, options, ring_size=2, backward=True).call
 
 
 CHANGED = {

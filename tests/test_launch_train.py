@@ -280,7 +280,7 @@ def test_dp_shard_2_by_cp_2_matches_one_rank_over_both_sequences(tmp_path):
         (["--seq-len", "0"], "seq_len: expected a positive count, got 0"),
         (["--stop-at", "9"], r"stop_at: expected a step from 1 to --steps \(4\), got 9"),
         (["--checkpoint-every", "2"], "checkpoint_every: saving every 2 steps needs --checkpoint-dir"),
-        (["--cp", "4", "--ulysses", "3"], r"ulysses: expected a positive divisor of cp \(4\), got 3"),
+        (["--cp", "4", "--ulysses", "3"], r"ulysses: expected a positive divisor of cp \(4\) or .auto., got 3"),
         (["--cp", "8", "--ulysses", "8"], r"ulysses: 8 must divide n_heads \(4\)"),
     ],
 )
@@ -351,6 +351,43 @@ def test_packed_documents_train_at_cp2_like_one_rank_and_resume_exactly(tmp_path
     first = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "first"), argv + ["--cp", "2", "--stop-at", "1", "--checkpoint-dir", checkpoints, "--checkpoint-every", "1"]))
     second = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "second"), argv + ["--cp", "2", "--checkpoint-dir", checkpoints, "--resume"]))
     assert first[0][0] + second[0][0] == losses_two
+
+
+def train_recording_splits(rank, world_size, argv):
+    """Losses, final gradients and each step's context-parallel mesh shape."""
+    import numpy as np
+
+    from config import parse_config
+    from train import train
+
+    shapes, grads = [], {}
+
+    def record(step, model, loss_sum):
+        shapes.append(tuple(model.ring["group"].mesh.shape))
+        grads.update({name: np.array(p.grad.full_tensor()) for name, p in model.named_parameters()})
+
+    return train(parse_config(argv), on_step=record), grads, shapes
+
+
+def test_ulysses_auto_picks_a_split_per_batch_and_trains_like_one_rank(tmp_path):
+    """--packing documents defaults to --ulysses auto: at cp 4 each batch runs on the split that
+    fa4_cp.plan_mesh predicts fastest for its documents (every split the heads allow is built at
+    start), and the run matches one rank in loss and gradients."""
+    from data import build_corpus
+
+    site = tmp_path / "site"
+    site.mkdir()
+    for number, length in enumerate([900, 17, 1, 120, 45, 600, 9, 250, 80, 33, 5, 400, 700, 60]):
+        (site / f"m{number:02d}.py").write_bytes(bytes([65 + number % 26]) * length)
+    corpus = build_corpus(tmp_path / "corpus.bin", site)
+    argv = ["--preset", "tiny", "--steps", "3", "--data", "python-sources", "--corpus-path", str(corpus), "--packing", "documents", "--seq-len", "512"]
+    ((losses_one, grads_one, _),) = values(run_ranks(train_recording_splits, 1, fresh_dir(tmp_path, "one"), argv + ["--cp", "1"]))
+    losses_auto, grads_auto, shapes = values(run_ranks(train_recording_splits, 4, fresh_dir(tmp_path, "auto"), argv + ["--cp", "4"]))[0]
+    assert all(shape in {(4,), (2, 2), (1, 4)} for shape in shapes) and len(shapes) == 3, shapes
+    assert shapes != [(4,)] * 3, "short documents on 4 heads: a 2-D split is predicted faster (1 x 4 when written)"
+    torch.testing.assert_close(torch.tensor(losses_auto), torch.tensor(losses_one), rtol=1e-5, atol=1e-6)
+    for name in grads_one:
+        torch.testing.assert_close(torch.from_numpy(grads_auto[name]), torch.from_numpy(grads_one[name]), rtol=1e-4, atol=1e-6)
 
 
 def _rng_after_resume(rank, world_size, root):

@@ -124,7 +124,7 @@ BALANCED_MIXES = {
 def test_balanced_shard_then_unshard_is_identity_with_equal_rows(world_size, mix):
     lengths = BALANCED_MIXES[mix]
     sharding = Sharding.documents(lengths, world_size)
-    assert sharding.layout.name == "balanced"
+    assert sharding.layout_name == "balanced"
     assert all(ranks >= 1 if length else ranks == 0 for length, (_, ranks) in zip(lengths, sharding.spans))
     x = torch.randn(sum(lengths), 3)
     shards = [sharding.shard(x, rank, seq_dim=0, pad_value=-5) for rank in range(world_size)]
@@ -167,9 +167,11 @@ def lognormal_mix(world_size: int, seed: int, tokens_per_rank: int = 8192) -> li
 
 @pytest.mark.parametrize("world_size", [8, 16, 64])
 def test_balanced_placement_beats_cutting_every_document_and_is_deterministic(world_size):
-    """On the log-normal mix at 8K tokens per rank, the modelled cost of the most loaded rank is
-    under the per-document zigzag's (by more as the ring grows: 0.69, 0.57 and 0.17 of it at W = 8,
-    16 and 64 when written), within 20% of a perfect split of one device's work, padding under 2%,
+    """On the log-normal mix at 8K tokens per rank, the modelled cost of the most loaded rank
+    (tuning/kernel_cost.py: FA4's time, calibrated on one H200) is under the per-document
+    zigzag's (by more as the ring grows: 0.51, 0.38 and 0.10 of it at W = 8, 16 and 64 when
+    written), within 10-25% of a perfect split of one device's work (0.92, 0.90, 0.79 when written:
+    cutting long documents finely costs the backward's fixed cost per KV tile), padding under 2%,
     and a second computation gives the same placement."""
     from fa4_cp.plan.placement import balanced_sharding, span_cost
 
@@ -181,8 +183,8 @@ def test_balanced_placement_beats_cutting_every_document_and_is_deterministic(wo
             load[(first + offset) % world_size] += span_cost(length, ranks)
     one_device = sum(span_cost(length, 1) for length in lengths if length)
     every_rank = sum(span_cost(length, world_size) for length in lengths if length)
-    assert max(load) < {8: 0.75, 16: 0.65, 64: 0.25}[world_size] * every_rank
-    assert one_device / (world_size * max(load)) > 0.8
+    assert max(load) < {8: 0.6, 16: 0.45, 64: 0.12}[world_size] * every_rank
+    assert one_device / (world_size * max(load)) > {8: 0.9, 16: 0.87, 64: 0.75}[world_size]
     assert 1 - sharding.total_len / (world_size * sharding.local_len) < 0.02
     balanced_sharding.cache_clear()
     assert Sharding.documents(lengths, world_size) == sharding

@@ -145,3 +145,40 @@ def test_plan_mesh_picks_a_valid_split_and_says_why():
     assert prime_heads.ulysses == 1, "7 heads split over no ulysses group of 8 ranks"
     with pytest.raises(ValueError, match="kv_heads dividing heads"):
         fa4_cp.plan_mesh(8, 32, 5, 8192)
+
+
+def test_plan_mesh_chooses_the_split_for_the_batch_documents():
+    """Packed documents: each split places them over its ring ranks as the balanced layout does
+    and costs each ring rank with the calibrated kernel model. At W = 64 on a pretraining-like mix
+    more ulysses ranks keep more documents whole: the plain ring is predicted several times
+    slower, and every split's hop carries only the placement's travelling rows."""
+    from test_layout import lognormal_mix
+
+    documents = lognormal_mix(64, seed=1)
+    plan = fa4_cp.plan_mesh(64, 32, 8, sum(documents), documents=documents)
+    ring = next(c for c in plan.candidates if c["ulysses"] == 1)
+    assert plan.ulysses >= 8 and ring["ms"] > 3 * plan.predicted_ms, plan.reason
+    full_buffer = {c["ulysses"]: 2 * (sum(documents) / c["ring"] + 128) * max(8 // c["ulysses"], 1) * 128 * 2 for c in plan.candidates}
+    travelling = {c["ulysses"]: c["hop_bytes"] / full_buffer[c["ulysses"]] for c in plan.candidates}
+    assert travelling[1] <= 1 and travelling[8] < 0.5 * travelling[1], travelling
+    whole = fa4_cp.plan_mesh(8, 32, 8, 8 * 8192, documents=[300] * (8 * 8192 // 300) + [8 * 8192 % 300])
+    assert all(c["active_steps"] == 1 for c in whole.candidates if c["ulysses"] > 1), "documents that fit stay home: no step travels"
+
+
+def test_a_1d_ring_over_packed_documents_says_once_what_a_2d_split_predicts(caplog, monkeypatch):
+    from fa4_cp import call
+
+    monkeypatch.setattr(call, "_suggested", False)
+    documents = [4096, 2048, 1024, 512, 256, 128, 64, 64] * 2
+    cu_seqlens = torch.tensor([0, *documents]).cumsum(0).to(torch.int32)
+    sharding = fa4_cp.Sharding.documents(documents, 8)
+
+    def rank_call(group):
+        q = torch.randn(sharding.local_len, 8, 16)
+        fa4_cp.ring_attention_varlen(q, q[:, :2], q[:, :2], cu_seqlens, group=group, causal=True, backend="reference")
+
+    with caplog.at_level("INFO", logger="fa4_cp"):
+        fa4_cp.SimulatedRing(8).run(rank_call)
+        fa4_cp.SimulatedRing(8).run(rank_call)
+    said = [record.getMessage() for record in caplog.records if "Ulysses x ring split" in record.getMessage()]
+    assert len(said) == 1 and "--ulysses auto" in said[0] and "2-D DeviceMesh" in said[0], said

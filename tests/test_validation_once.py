@@ -1,6 +1,6 @@
 """A call descends once: each argument check runs once for a forward and its backward; a later
-call of the same signature checks only its scalar options at the entry point (call.py caches
-the validated call: tensors, documents, layout, backend, transport)."""
+call of the same signature checks only its RingOptions at the entry point (call.py caches the
+prepared call: tensors, documents, the backend's fit, the 2-D split)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def counts(monkeypatch) -> collections.Counter:
         for module_name, module in list(sys.modules.items()):
             if module_name.startswith("fa4_cp") and getattr(module, name, None) is original:
                 monkeypatch.setattr(module, name, counting)
-    monkeypatch.setattr(call, "_validated", collections.OrderedDict())
+    monkeypatch.setattr(call, "_prepared", collections.OrderedDict())
     return counted
 
 
@@ -69,8 +69,9 @@ def test_each_check_runs_once_for_a_forward_and_its_backward(counts, varlen):
 
 def test_the_2d_call_checks_once_and_its_backward_nothing(counts):
     """Before, a 2-D call checked q, k, v four times per rank: at the entry point, on the ring's
-    stand-ins, in the ring's op, and again in the backward. Now the real tensors once per rank,
-    the ring's call once for the process (its ranks share the cache), the backward nothing."""
+    stand-ins, in the ring's op, and again in the backward. Now each rank checks its options at
+    the entry point, and the call (the real tensors, then the ring's) is prepared once for the
+    process (its ranks share the cache); the backward checks nothing."""
     q, k, v = _leaves(1, 16)
     shards = [tuple(t.detach()[:, 8 * rank : 8 * rank + 8].clone().requires_grad_() for t in (q, k, v)) for rank in range(2)]
 
@@ -79,5 +80,5 @@ def test_the_2d_call_checks_once_and_its_backward_nothing(counts):
         fa4_cp.ring_attention(q_, k_, v_, group=group, causal=True, layout="contiguous", backend="reference").sum().backward()
 
     fa4_cp.SimulatedMesh(2, 1).run(rank_call)
-    per_rank = {"check_devices", "check_mask", "check_softmax_scale", "check_softcap", "check_qkv"}
-    assert dict(counts) == {**{name: 2 for name in per_rank}, "check_sinks": 1}
+    per_rank = {"check_devices", "check_mask", "check_softmax_scale", "check_softcap"}
+    assert dict(counts) == {**{name: 2 for name in per_rank}, "check_qkv": 1, "check_sinks": 1}

@@ -84,7 +84,7 @@ def shard_titan_batch(
         local_positions = sharding.positions(rank).to(tokens.device)[None]
     local_tokens = sharding.shard(tokens, rank, seq_dim=1)
     local_labels = sharding.shard(labels, rank, seq_dim=1, pad_value=IGNORE_INDEX)
-    masks = RingMasks(group, world_size_of(group), local_tokens.shape[1], cu_seqlens, sharding.layout.name)
+    masks = RingMasks(group, world_size_of(group), local_tokens.shape[1], cu_seqlens, sharding.layout_name)
     return RingBatch(local_tokens, local_labels, local_positions, masks, num_tokens)
 
 

@@ -41,8 +41,8 @@ class MeshSharding(ShardingRows):
         return self.ring.varlen
 
     @property
-    def layout(self):
-        return self.ring.layout
+    def layout_name(self) -> str:
+        return self.ring.layout_name
 
     @property
     def total_len(self) -> int:

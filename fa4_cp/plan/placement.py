@@ -19,13 +19,12 @@ the cross-rank check compare shapes; bench/varlen.py reports the padding fractio
 is a deterministic function of the document lengths and W, the same on every rank, with no
 communication.
 
-Cost model, in FA4 tile pairs (128 x 128) of causal attention: a kept document costs its rank
-tri(ceil(L / 128)); one spread over g ranks costs each of them (g - 1) ceil(2c / 128) ceil(c / 128)
-+ tri(ceil(2c / 128)), c = ceil(L / 2g) (each rank's two chunks against one earlier chunk pair per
-other rank, and their own diagonal). Documents are placed longest first, as longest-processing-
+Cost model: FA4's forward + backward time of each rank's blocks, as tuning/kernel_cost.py models
+it from one-GPU runs (tile pairs, and a fixed cost per KV tile of the backward, which makes a
+short piece of a long document dearer per FLOP than a whole short one). Documents are placed longest first, as longest-processing-
 time scheduling does: each takes the smallest span g in 1, 2, 4, ... W, and the window of g
 ranks with room for its rows (up to ceil(S / W) + 128 per rank), that keeps every rank within 3%
-of the mean cost; if none does, the (span, window) that leaves the most loaded rank least loaded.
+of the mean cost (the cost placed so far plus what is left, counted whole); if none does, the (span, window) that leaves the most loaded rank least loaded.
 So the threshold between whole and cut, and how widely to cut, come from the cost model and the
 mix, not from constants.
 """
@@ -41,18 +40,11 @@ import torch
 
 from ..kernels.interface import BandMask
 from .rows import RankPlan
+from ..tuning.kernel_cost import TILE, span_us
 from .sharding_rows import ShardingRows
 from .span_rows import span_plan
 
-TILE = 128
 SLACK = 1.03
-
-
-@dataclass(frozen=True)
-class Balanced:
-    """The layout's name, as a sharding reports it."""
-
-    name: str = "balanced"
 
 
 @dataclass(frozen=True)
@@ -63,7 +55,7 @@ class BalancedSharding(ShardingRows):
     """Per document: (first rank, number of ranks); (0, 0) for an empty document."""
     local_len: int
 
-    layout = Balanced()
+    layout_name = "balanced"
     varlen = True
 
     @property
@@ -171,25 +163,15 @@ def _local_tokens(sharding: BalancedSharding, rank: int) -> tuple[torch.Tensor, 
     return index, positions
 
 
-def _tiles(rows: int) -> int:
-    return -(-rows // TILE)
-
-
-def _triangle(tiles: int) -> int:
-    return tiles * (tiles + 1) // 2
-
-
 def span_rows(length: int, ranks: int) -> int:
     """Local rows a document takes on each rank of a span of `ranks`."""
     return length if ranks == 1 else 2 * math.ceil(length / (2 * ranks))
 
 
-def span_cost(length: int, ranks: int) -> int:
-    """Tile pairs of a document's causal attention on each rank of a span of `ranks`."""
-    if ranks == 1:
-        return _triangle(_tiles(length))
-    chunk = math.ceil(length / (2 * ranks))
-    return (ranks - 1) * _tiles(2 * chunk) * _tiles(chunk) + _triangle(_tiles(2 * chunk))
+def span_cost(length: int, ranks: int) -> float:
+    """Modelled FA4 forward + backward time (us, 64 heads) of a document on each rank of a span of
+    `ranks` (tuning/kernel_cost.py, fitted on one-GPU runs)."""
+    return sum(span_us(length, ranks))
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,12 +182,16 @@ def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> Balanced
         spans = [(0, 1 if length else 0) for length in doc_lengths]
         return BalancedSharding(1, doc_lengths, tuple(spans), sum(doc_lengths))
     capacity = math.ceil(sum(doc_lengths) / world_size) + TILE
-    target = SLACK * sum(span_cost(length, 1) for length in doc_lengths if length) / world_size
     widths = sorted({*(2**k for k in range(world_size.bit_length()) if 2**k < world_size), world_size})
-    cost, rows = [0] * world_size, [0] * world_size
+    cost, rows = [0.0] * world_size, [0] * world_size
     order = sorted((doc for doc, length in enumerate(doc_lengths) if length), key=lambda doc: (-doc_lengths[doc], doc))
+    whole = sum(span_cost(length, 1) for length in doc_lengths if length)  # of the documents not yet placed, kept whole
     for doc in order:
         length, best = doc_lengths[doc], None
+        # the mean load if every document left stays whole: spreading the long ones first costs
+        # work that a fixed one-device target would count as imbalance
+        target = SLACK * (sum(cost) + whole) / world_size
+        whole -= span_cost(length, 1)
         for ranks in widths:
             window = _least_loaded_window(cost, rows, ranks, span_rows(length, ranks), capacity)
             if window is None:

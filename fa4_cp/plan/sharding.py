@@ -53,6 +53,10 @@ class Sharding(ShardingRows):
         return document_plan(self, mask, rank, device) if self.varlen else dense_plan(self, mask, rank, device)
 
     @property
+    def layout_name(self) -> str:
+        return self.layout.name
+
+    @property
     def num_chunks(self) -> int:
         return self.layout.num_chunks(self.world_size)
 

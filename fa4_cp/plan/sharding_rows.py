@@ -17,6 +17,11 @@ class ShardingRows(ABC):
     world_size: int
     varlen: bool
 
+    @property
+    @abstractmethod
+    def layout_name(self) -> str:
+        """The layout the tokens follow, as a user names it ("zigzag", "balanced", ...)."""
+
     @abstractmethod
     def token_index(self, rank: int) -> torch.Tensor:
         """Per local slot, the token's index in the unsharded sequence; -1 on padding."""

@@ -3,15 +3,23 @@
 Rank i of u holds rows piece i of its ring rank's rows, all heads. Before the ring, every rank
 sends head group j of its piece to rank j and stacks the pieces it receives in rank order: it then
 holds all of the ring rank's rows for head group i. After the ring, the reverse exchange brings
-each rank its own rows of every head group. The backward of one exchange is the other
-(mesh_attention.py runs them; mesh_ops.py makes the pair differentiable).
+each rank its own rows of every head group. The backward of one exchange is the other.
+
+`ulysses_forward` and `ulysses_backward` are the stage a 2-D call runs around its ring: r steps
+of u-times larger blocks replace W steps, with every mask, layout and document feature of the
+ring. KV heads fewer than u are repeated to u (one per rank), never to h. The forward returns,
+besides out and lse, the head-sharded tensors its backward reads, padded to u x the local rows so
+that their shapes follow from q's (the ring's own rows depend on the documents' lengths).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..call import PreparedCall
 from ..comm.group import RingGroup
+from ..comm.mesh import UlyssesRing
+from .ring_run import ring_run_backward, ring_run_forward
 
 
 def _exchange(x: torch.Tensor, group: RingGroup, split_dim: int, cat_dim: int) -> torch.Tensor:
@@ -48,3 +56,66 @@ def kv_heads_for(kv_heads: int, ulysses: int) -> torch.Tensor | None:
     if kv_heads >= ulysses:
         return None
     return torch.tensor([i * kv_heads // ulysses for i in range(ulysses)])
+
+
+def ulysses_forward(
+    prepared: PreparedCall, mesh: UlyssesRing, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """out (q's shape) and lse of this rank's rows; then the head-sharded q, k, v, out and lse of
+    its ring rank's rows, padded to u x the local rows, for the backward."""
+    u, rows, padded_rows = mesh.ulysses.world_size, prepared.mesh.ring_rows, prepared.mesh.padded_ring_rows
+    head_group = q.shape[-2] // u
+    if (repeat := kv_heads_for(k.shape[-2], u)) is not None:
+        k, v = (t.index_select(-2, repeat.to(t.device)) for t in (k, v))
+    heads_q, heads_k, heads_v = (sequence_to_heads(t, mesh.ulysses) for t in (q, k, v))
+    out, lse = ring_run_forward(
+        prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v)),
+        _own_sinks(sinks, mesh.ulysses, head_group),
+    )
+    out = _pad_rows(out, padded_rows, -3)  # padding rows: out 0, lse -inf
+    lse = _pad_rows(lse, padded_rows, -1, float("-inf"))
+    return heads_to_sequence(out, mesh.ulysses), lse_heads_to_sequence(lse, mesh.ulysses), heads_q, heads_k, heads_v, out, lse
+
+
+def ulysses_backward(
+    prepared: PreparedCall, mesh: UlyssesRing, heads_q: torch.Tensor, heads_k: torch.Tensor, heads_v: torch.Tensor,
+    heads_out: torch.Tensor, heads_lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, sinks: torch.Tensor | None,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of this rank's rows and the sinks' gradient (empty without sinks): the
+    forward's all-to-alls in reverse around the ring's backward."""
+    u, rows, padded_rows = mesh.ulysses.world_size, prepared.mesh.ring_rows, prepared.mesh.padded_ring_rows
+    head_group = heads_q.shape[-2]
+    heads_dout = sequence_to_heads(dout.contiguous(), mesh.ulysses)
+    heads_dlse = None if dlse is None else lse_sequence_to_heads(dlse.contiguous(), mesh.ulysses)[..., :rows].contiguous()
+    dq, dk, dv, ring_dsinks = ring_run_backward(
+        prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v, heads_out)),
+        heads_lse[..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _own_sinks(sinks, mesh.ulysses, head_group),
+    )
+    dq, dk, dv = (heads_to_sequence(_pad_rows(t.to(heads_q.dtype), padded_rows, -3), mesh.ulysses) for t in (dq, dk, dv))
+    if kv_heads_for(kv_heads, u) is not None:  # the repeated heads' gradients add up, in head order
+        dk, dv = (t.unflatten(-2, (kv_heads, u // kv_heads)).sum(-2) for t in (dk, dv))
+    dsinks = dout.new_empty(0)
+    if sinks is not None:
+        dsinks = torch.zeros_like(sinks)
+        dsinks[_own_heads(mesh.ulysses, head_group)] = ring_dsinks
+    return dq, dk, dv, dsinks
+
+
+def _pad_rows(t: torch.Tensor, rows: int, seq_dim: int, value: float = 0.0) -> torch.Tensor:
+    """`t` with rows appended along `seq_dim` up to `rows` (the last ulysses piece's padding)."""
+    missing = rows - t.shape[seq_dim]
+    if not missing:
+        return t
+    shape = list(t.shape)
+    shape[seq_dim] = missing
+    return torch.cat([t, t.new_full(shape, value)], dim=seq_dim)
+
+
+def _own_heads(group: RingGroup, head_group: int) -> slice:
+    """The heads a ulysses rank runs the ring on."""
+    return slice(group.rank * head_group, (group.rank + 1) * head_group)
+
+
+def _own_sinks(sinks: torch.Tensor | None, group: RingGroup, head_group: int) -> torch.Tensor | None:
+    return None if sinks is None else sinks[_own_heads(group, head_group)]

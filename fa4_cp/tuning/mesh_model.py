@@ -9,9 +9,11 @@ The model is the ring model of bench/ring_model.py reduced to closed form:
   FLOPs are the same; Ulysses only makes the blocks u times larger);
 - the Ulysses all-to-alls move q, k, v and out forward, dout, dq, dk and dv backward, (u - 1) / u of
   each rank's share, KV heads repeated to u where fewer;
-- packed documents change the FLOPs (the sum of the documents' squares), the bytes that travel
-  (documents shorter than a ring rank's share stay home in the balanced layout) and the steps
-  (those beyond the widest document's span are skipped).
+- packed causal documents are placed over the r ring ranks as the balanced layout places them
+  (plan/placement.py), and each ring rank's compute is FA4's modelled time for its h/u heads
+  (kernel_cost.py, fitted on one-GPU runs), the slowest rank setting the step; a hop carries the
+  placement's travelling rows, and the steps beyond the widest document's span are skipped. So
+  the split is chosen for the batch's documents: more ulysses ranks keep more documents whole.
 Machine figures: H200's from this project's runs (named in `measured`); GB200 NVL72's ASSUMED.
 The all-to-all figures are assumed on both, and no 2-D prediction has been checked against a
 multi-GPU run yet (the multi-GPU issue measures 2 x 2).
@@ -22,7 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..plan.placement import balanced_sharding
 from ..validation import heads_split
+from .kernel_cost import span_us
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
@@ -93,21 +97,25 @@ def plan_mesh(
 
 
 def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machine: Machine) -> dict:
-    lengths = documents or [seq_len]
-    pair_fraction = 0.5 if causal else 1.0
-    forward_flops = sum(4 * n * n * pair_fraction * heads * head_dim for n in lengths)
-    compute_ms = forward_flops * (1 + BACKWARD_FLOPS_RATIO) / (u * r) / (machine.attention_tflops * 1e12) * 1e3
-    share = seq_len / r  # tokens of one ring rank
-    travelling = sum(n for n in lengths if n > share) / seq_len if documents else 1.0
     kv_heads_local = max(kv_heads // u, 1)
-    kv_bytes = 2 * share * kv_heads_local * head_dim * BYTES_16BIT * travelling
+    if documents and causal:
+        forward_ms, backward_ms, ideal_ms, steps, travelling_rows = _documents_compute(documents, u, r, heads, head_dim)
+        compute_ms = forward_ms + backward_ms
+    else:
+        lengths = documents or [seq_len]
+        pair_fraction = 0.5 if causal else 1.0
+        forward_flops = sum(4 * n * n * pair_fraction * heads * head_dim for n in lengths)
+        compute_ms = ideal_ms = forward_flops * (1 + BACKWARD_FLOPS_RATIO) / (u * r) / (machine.attention_tflops * 1e12) * 1e3
+        forward_ms = compute_ms / (1 + BACKWARD_FLOPS_RATIO)
+        backward_ms = compute_ms - forward_ms
+        steps, travelling_rows = r, seq_len / r
+        if documents:  # the balanced layout skips the steps no document's span reaches
+            share = seq_len / r
+            travelling_rows = sum(n for n in lengths if n > share) / r
+            steps = 1 + min(r - 1, 2 * (min(r, math.ceil(max(lengths) / share)) - 1))
+    kv_bytes = 2 * travelling_rows * kv_heads_local * head_dim * BYTES_16BIT
     dkv_bytes = 2 * kv_bytes  # fp32
-    steps = r
-    if documents:  # the balanced layout skips the steps no document's span reaches
-        widest = min(r, math.ceil(max(lengths) / share))
-        steps = 1 + min(r - 1, 2 * (widest - 1))
-    step_fwd = compute_ms / (1 + BACKWARD_FLOPS_RATIO) / steps
-    step_bwd = step_fwd * BACKWARD_FLOPS_RATIO
+    step_fwd, step_bwd = forward_ms / steps, backward_ms / steps
     hops = steps - 1
     hop_fwd, hop_bwd = _hop_ms(kv_bytes, machine), _hop_ms(kv_bytes + dkv_bytes, machine)
     ring_ms = step_fwd + step_bwd + hops * (max(step_fwd, hop_fwd) + max(step_bwd, hop_bwd)) + steps * machine.step_overhead_ms
@@ -122,9 +130,26 @@ def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machin
         all_to_all_ms = 8 * machine.all_to_all_latency_ms + moved / (machine.all_to_all_gib_per_s * 2**30) * 1e3
     total = ring_ms + all_to_all_ms
     return {
-        "ulysses": u, "ring": r, "active_steps": steps, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms, "compute_ms": compute_ms,
-        "efficiency": compute_ms / total, "bound": bound,
+        "ulysses": u, "ring": r, "active_steps": steps, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms,
+        "compute_ms": compute_ms, "efficiency": ideal_ms / total, "bound": bound, "hop_bytes": kv_bytes,
     }
+
+
+def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_dim: int) -> tuple[float, float, float, int, float]:
+    """Packed causal documents on a u x r mesh, placed over the r ring ranks as the balanced layout
+    places them: the slowest ring rank's forward and backward ms (its h/u heads), one device's
+    work over the u x r ranks, the active ring steps, and the rows each hop carries."""
+    sharding = balanced_sharding(tuple(int(n) for n in documents), r)
+    forward, backward = [0.0] * r, [0.0] * r
+    for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
+        step_forward, step_backward = span_us(length, ranks, heads // u, head_dim)
+        for offset in range(ranks):
+            forward[(first + offset) % r] += step_forward
+            backward[(first + offset) % r] += step_backward
+    ideal = sum(sum(span_us(n, 1, heads, head_dim)) for n in documents if n) / (u * r)
+    widest = max((ranks for _, ranks in sharding.spans), default=1)
+    steps = 1 + min(r - 1, 2 * (widest - 1))
+    return max(forward) / 1e3, max(backward) / 1e3, ideal / 1e3, steps, float(sharding.buffer_len)
 
 
 def _hop_ms(nbytes: float, machine: Machine) -> float:

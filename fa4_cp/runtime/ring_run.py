@@ -1,0 +1,43 @@
+"""The ring of a call already validated and agreed on: the rank's cached plan, the group's
+transport, the executor, then the sinks. A 1-D call runs it as is; a 2-D call runs it between
+the Ulysses all-to-alls (ulysses.py), on the head-sharded rows."""
+
+from __future__ import annotations
+
+import torch
+
+from ..call import RingCall
+from ..comm.group import RingGroup
+from ..kernels import AttentionBackend
+from ..plan.rows import rank_plan
+from ..sinks import add_sinks, sinks_grad
+from .executor import Ring, ring_backward, ring_forward
+
+
+def ring_run_forward(
+    call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (q's dtype) and the fp64 LSE, sinks included."""
+    out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v)
+    if sinks is not None:
+        lse = add_sinks(out_acc, lse, sinks)
+    return out_acc.to(q.dtype), lse
+
+
+def ring_run_backward(
+    call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq (q's dtype), dk, dv and the sinks' gradient (empty without sinks)."""
+    dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
+    dlse = None if dlse is None else dlse.contiguous()
+    dq, dk, dv = ring_backward(_ring(call, kernels, group, q), q, k, v, out, lse, dout, dlse)
+    dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks, group)
+    return dq.to(q.dtype), dk, dv, dsinks
+
+
+def _ring(call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor) -> Ring:
+    transport = group.transport(call.transport, q.device)
+    plan = rank_plan(call.sharding, call.mask, group.rank, q.device)
+    return Ring(plan, transport, kernels, call.softmax_scale, call.softcap, call.deterministic)
