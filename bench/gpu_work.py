@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
-import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import torch
 from common import fa4_cp_from, record, write
+from mixes import lognormal_lengths
 
 HEAD_DIM = 128
 CUTE_PREFIX = "kernel_cutlass"
@@ -59,18 +58,6 @@ CASES = {
     "finetune_w16": Case(16, (32, 8), 131072, "finetune"),
     "pretrain_mesh_8x8": Case(64, (32, 8), 524288, "pretrain", ulysses=8),
 }
-MIXES = {"pretrain": (1200, 1.4, 65536), "finetune": (500, 0.9, 16384)}
-
-
-def lognormal_lengths(total: int, mix: str, seed: int = 0) -> list[int]:
-    median, sigma, cap = MIXES[mix]
-    generator, lengths = random.Random(seed), []
-    while sum(lengths) < total:
-        lengths.append(max(1, min(cap, int(generator.lognormvariate(math.log(median), sigma)))))
-    lengths[-1] -= sum(lengths) - total
-    return lengths
-
-
 class TransportStream:
     """The simulated transport's copies on a stream of their own (ordered both ways with the
     calling thread's stream), so that the profile tells them apart."""
