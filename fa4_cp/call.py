@@ -39,6 +39,8 @@ class RingCall:
     varlen: bool
     q_shape: tuple[int, ...]
     kv_shape: tuple[int, ...]
+    v_head_dim: int
+    """v's head_dim, which may differ from k's (MLA)."""
     dtype: torch.dtype
     sharding: Sharding
     """Layout, ring size and documents: who holds which tokens."""
@@ -73,6 +75,7 @@ class RingCall:
             "kind": "varlen" if self.varlen else "dense",
             "q shape": str(self.q_shape),
             "k/v shape": str(self.kv_shape),
+            "v head_dim": str(self.v_head_dim),
             "dtype": str(self.dtype),
             "layout": sharding.layout_name,
             "world size": str(sharding.world_size),
@@ -149,7 +152,7 @@ def _documents_key(cu_seqlens: object) -> tuple | None:
 def _prepare(q, k, v, cu_seqlens, sinks, options: RingOptions, ring_size: int, ulysses_size: int, backward: bool) -> PreparedCall:
     check_qkv(q, k, v, varlen=cu_seqlens is not None)
     if ulysses_size == 1:
-        ring, kernels = _ring_call(q, k, check_sinks(sinks, q), options, _sharding(q, cu_seqlens, options, ring_size), backward)
+        ring, kernels = _ring_call(q, k, v, check_sinks(sinks, q), options, _sharding(q, cu_seqlens, options, ring_size), backward)
         if ring.varlen and options.causal:
             _suggest_a_2d_split(ring.sharding.doc_lengths, ring_size, q.shape[-2], k.shape[-2], q.shape[-1])
         return PreparedCall(ring, ring, kernels, None)
@@ -158,9 +161,9 @@ def _prepare(q, k, v, cu_seqlens, sinks, options: RingOptions, ring_size: int, u
     sinks_shape = check_sinks(sinks, q)
     mesh = _mesh_sharding(q, cu_seqlens, options, ring_size, ulysses_size)
     head_group, kv_group = heads // ulysses_size, max(kv_heads // ulysses_size, 1)
-    ring_q, ring_k = (_stand_in(t, mesh.ring_rows, h) for t, h in ((q, head_group), (k, kv_group)))
+    ring_q, ring_k, ring_v = (_stand_in(t, mesh.ring_rows, h) for t, h in ((q, head_group), (k, kv_group), (v, kv_group)))
     ring_sinks = None if sinks is None else (head_group,)  # each ulysses rank's heads' sinks
-    ring, kernels = _ring_call(ring_q, ring_k, ring_sinks, options, mesh.ring, backward)
+    ring, kernels = _ring_call(ring_q, ring_k, ring_v, ring_sinks, options, mesh.ring, backward)
     call = dataclasses.replace(ring, ulysses=ulysses_size, q_shape=tuple(q.shape), kv_shape=tuple(k.shape), sinks=sinks_shape)
     return PreparedCall(call, ring, kernels, mesh)
 
@@ -202,13 +205,15 @@ def _stand_in(like: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
 
 
 def _ring_call(
-    q: torch.Tensor, k: torch.Tensor, sinks: tuple[int, ...] | None, options: RingOptions, sharding: Sharding, backward: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tuple[int, ...] | None, options: RingOptions, sharding: Sharding,
+    backward: bool,
 ) -> tuple[RingCall, AttentionBackend]:
-    kernels = get_backend(backend_of(options.backend), q, backward=backward)
+    kernels = get_backend(backend_of(options.backend), q, backward=backward, v_head_dim=v.shape[-1])
     call = RingCall(
         varlen=sharding.varlen,
         q_shape=tuple(q.shape),
         kv_shape=tuple(k.shape),
+        v_head_dim=v.shape[-1],
         dtype=q.dtype,
         sharding=sharding,
         mask=options.mask,

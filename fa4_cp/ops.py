@@ -59,15 +59,16 @@ def _heads_shape(x: torch.Tensor, u: int, heads: int) -> tuple[int, ...]:
 
 @ring_attention_op.register_fake
 def _(q, k, v, cu_seqlens, sinks, ring, ulysses, options, grad):
-    out, lse = torch.empty_like(q), q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3]), dtype=LSE_ACCUMULATOR_DTYPE)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3]), dtype=LSE_ACCUMULATOR_DTYPE)
     if ulysses is None:
         return out, lse, *(q.new_empty(0) for _ in range(SAVED_ON_A_MESH))
     u = group_by_name(ulysses).world_size
     heads, kv_local = q.shape[-2] // u, max(k.shape[-2] // u, 1)
-    heads_q = q.new_empty(_heads_shape(q, u, heads))
-    heads_kv = [k.new_empty(_heads_shape(k, u, kv_local)) for _ in range(2)]
+    heads_q, heads_out = q.new_empty(_heads_shape(q, u, heads)), q.new_empty(_heads_shape(out, u, heads))
+    heads_k, heads_v = k.new_empty(_heads_shape(k, u, kv_local)), v.new_empty(_heads_shape(v, u, kv_local))
     heads_lse = q.new_empty((*q.shape[:-3], heads, q.shape[-3] * u), dtype=LSE_ACCUMULATOR_DTYPE)
-    return out, lse, heads_q, *heads_kv, torch.empty_like(heads_q), heads_lse
+    return out, lse, heads_q, heads_k, heads_v, heads_out, heads_lse
 
 
 @torch.library.custom_op("fa4_cp::ring_attention_backward", mutates_args=())
@@ -78,24 +79,28 @@ def ring_attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the sinks' gradient of this rank's rows (empty without sinks). q ... lse are
     the forward's inputs and outputs on a 1-D ring, its head-sharded tensors on a 2-D mesh."""
-    kv_like = _stand_in(dout, kv_heads)  # the forward's k and v, as the cache keys them
-    prepared = _prepared(dout, kv_like, kv_like, cu_seqlens, sinks, ring, ulysses, options, True)
+    # the forward's q, k and v as the cache keys them: dout has q's rows and heads and v's head_dim
+    q_like, k_like, v_like = (_stand_in(dout, heads, dim) for heads, dim in (
+        (dout.shape[-2], q.shape[-1]), (kv_heads, k.shape[-1]), (kv_heads, v.shape[-1])
+    ))
+    prepared = _prepared(q_like, k_like, v_like, cu_seqlens, sinks, ring, ulysses, options, True)
     if ulysses is None:
         return ring_run_backward(prepared.ring, prepared.kernels, group_by_name(ring), q, k, v, out, lse, dout, dlse, sinks)
     mesh = UlyssesRing(group_by_name(ulysses), group_by_name(ring))
     return ulysses_backward(prepared, mesh, q, k, v, out, lse, dout, dlse, sinks, kv_heads)
 
 
-def _stand_in(like: torch.Tensor, heads: int) -> torch.Tensor:
-    shape = (*like.shape[:-2], heads, like.shape[-1])
+def _stand_in(like: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    shape = (*like.shape[:-2], heads, head_dim)
     return torch.empty_strided(shape, (0,) * len(shape), dtype=like.dtype, device=like.device)
 
 
 @ring_attention_backward_op.register_fake
 def _(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, ring, ulysses, options, kv_heads):
-    kv_shape = (*dout.shape[:-2], kv_heads, dout.shape[-1])
     dsinks = dout.new_empty(0) if sinks is None else torch.empty_like(sinks)
-    return torch.empty_like(dout), k.new_empty(kv_shape), v.new_empty(kv_shape), dsinks
+    dq = q.new_empty((*dout.shape[:-1], q.shape[-1]))
+    dk, dv = (t.new_empty((*dout.shape[:-2], kv_heads, t.shape[-1])) for t in (k, v))
+    return dq, dk, dv, dsinks
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -103,14 +108,14 @@ def _setup_context(ctx, inputs, output) -> None:
     out, lse, *heads_saved = output
     saved = (q, k, v, out, lse) if ulysses is None else heads_saved
     ctx.save_for_backward(*saved, cu_seqlens, sinks)
-    ctx.q_shape, ctx.kv_heads, ctx.groups, ctx.options = q.shape, k.shape[-2], (ring, ulysses), options
+    ctx.out_shape, ctx.kv_heads, ctx.groups, ctx.options = out.shape, k.shape[-2], (ring, ulysses), options
     ctx.backend = backend_of(options_of(options).backend)  # a backend object made inline must outlive the forward
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, *_saved_grads):
     *saved, cu_seqlens, sinks = ctx.saved_tensors
-    dout = saved[0].new_zeros(ctx.q_shape) if dout is None else dout
+    dout = saved[0].new_zeros(ctx.out_shape) if dout is None else dout
     dq, dk, dv, dsinks = ring_attention_backward_op(*saved, dout, dlse, cu_seqlens, sinks, *ctx.groups, ctx.options, ctx.kv_heads)
     return dq, dk, dv, None, None if sinks is None else dsinks, None, None, None, None
 

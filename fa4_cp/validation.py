@@ -41,8 +41,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, varlen: bool
             raise ValueError(f"{name}: expected the device of q ({q.device}), got {t.device}")
         if 0 in t.shape:
             raise ValueError(f"{name}: expected no empty dim, got shape {tuple(t.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:  # its head_dim may differ (MLA: q/k 192, v 128)
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape[:-1])} but for its head_dim, got {tuple(v.shape)}")
     if k.shape[:-2] != q.shape[:-2]:
         raise ValueError(f"k: expected the leading dims of q {tuple(q.shape[:-2])}, got shape {tuple(k.shape)}")
     if k.shape[-1] != q.shape[-1]:

@@ -22,10 +22,22 @@ class ModelConfig:
     ffn_hidden: int = 8192
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
+    qk_head_dim: int | None = None  # q's and k's head_dim; None: d_model / n_heads
+    v_head_dim: int | None = None  # v's (MLA-like layers: 192 / 128); None: the q/k head_dim
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """q's and k's."""
+        return self.d_model // self.n_heads if self.qk_head_dim is None else self.qk_head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
+
+    @property
+    def attention_head_dim(self) -> float:
+        """The head_dim whose square attention's FLOPs follow: QK^T reads q/k's, PV v's."""
+        return (self.head_dim + self.value_head_dim) / 2
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,8 @@ _MODEL_OVERRIDES: dict[str, tuple[type, str]] = {
     "n_heads": (int, "query heads"),
     "n_kv_heads": (int, "key/value heads (GQA; divides n_heads)"),
     "ffn_hidden": (int, "SwiGLU hidden size"),
+    "qk_head_dim": (int, "q and k head_dim (default d_model / n_heads); with --v-head-dim, an MLA-like layer (DeepSeek-V3: 192 / 128)"),
+    "v_head_dim": (int, "v head_dim (default: the q/k head_dim)"),
 }
 
 
@@ -205,8 +219,12 @@ def ulysses_of(config: TrainConfig) -> int | str:
 def check_config(config: TrainConfig) -> None:
     """Errors that need no process group: shapes and choices."""
     model = config.model
-    if model.d_model % model.n_heads:
-        raise ValueError(f"d_model: {model.d_model} must be a multiple of n_heads ({model.n_heads})")
+    if model.qk_head_dim is None and model.d_model % model.n_heads:
+        raise ValueError(f"d_model: {model.d_model} must be a multiple of n_heads ({model.n_heads}), or set --qk-head-dim")
+    for name in ("qk_head_dim", "v_head_dim"):
+        value = getattr(model, name)
+        if value is not None and (value < 2 or value % 2):
+            raise ValueError(f"{name}: expected an even head_dim of 2 or more (RoPE rotates pairs), got {value}")
     if model.n_heads % model.n_kv_heads:
         raise ValueError(f"n_kv_heads: {model.n_kv_heads} must divide n_heads ({model.n_heads})")
     for name in ("seq_len", "steps"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def model_flops_per_token(
-    n_params_non_embedding: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int, causal: bool = True
+    n_params_non_embedding: int, n_layers: int, n_heads: int, head_dim: float, seq_len: int, causal: bool = True
 ) -> float:
     """Model FLOPs of one training step (forward and backward) per token:
 
@@ -42,7 +42,7 @@ def model_flops_per_token(
 
 
 def document_flops_per_token(
-    n_params_non_embedding: int, n_layers: int, n_heads: int, head_dim: int, doc_lengths: list[int]
+    n_params_non_embedding: int, n_layers: int, n_heads: int, head_dim: float, doc_lengths: list[int]
 ) -> float:
     """`model_flops_per_token` for packed documents, counted on the document mask: a token
     attends within its own document only, so the attention term averages each document's causal

@@ -44,17 +44,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
+    """GQA; v's head_dim may be narrower than q's and k's (an MLA-like layer's shapes)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.head_dim, self.v_head_dim = config.head_dim, config.value_head_dim
+        self.kv_split = [config.n_kv_heads * self.head_dim, config.n_kv_heads * self.v_head_dim]
         self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(config.d_model, 2 * config.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        self.kv_proj = nn.Linear(config.d_model, sum(self.kv_split), bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.v_head_dim, config.d_model, bias=False)
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """x (b, s, d_model) -> rotated q, rotated k, v, each (b, s, h, head_dim)."""
+        """x (b, s, d_model) -> rotated q, rotated k (b, s, h, head_dim) and v (b, s, h_kv, v_head_dim)."""
         q = rearrange(self.q_proj(x), "b s (h d) -> b s h d", d=self.head_dim)
-        k, v = rearrange(self.kv_proj(x), "b s (two h d) -> two b s h d", two=2, d=self.head_dim)
+        k, v = (rearrange(t, "b s (h d) -> b s h d", d=d) for t, d in zip(self.kv_proj(x).split(self.kv_split, -1), (self.head_dim, self.v_head_dim)))
         return rotate(q, *rope), rotate(k, *rope), v.contiguous()
 
 

@@ -108,7 +108,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
         start = meta["step"]
 
     dp_rank = mesh["dp_shard"].get_local_rank()
-    shape = (model.parameter_count(include_embedding=False), config.model.n_layers, config.model.n_heads, config.model.head_dim)
+    shape = (model.parameter_count(include_embedding=False), config.model.n_layers, config.model.n_heads, config.model.attention_head_dim)
     dense_flops_per_token = model_flops_per_token(*shape, config.seq_len)
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     log = MetricsLog(Path(config.metrics_path), resume_step=resume_step) if config.metrics_path and rank == 0 else None

@@ -32,13 +32,20 @@ FAMILIES = {
     "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", dict(
         sliding_window=WINDOW, layer_types=ALTERNATING, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
     )),
+    # At their real head sizes: Gemma 3's 256; DeepSeek-V3's MLA (q and k 128 + 64 rope = 192, v 128),
+    # one KV head per q head after the latent's expansion, a dense first layer then MoE.
+    "gemma3_hd256": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(sliding_window=WINDOW, layer_types=ALTERNATING, head_dim=256)),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32, n_group=1, topk_group=1,
+    )),
 }
 
 
 def tiny_model(family: str, attn_implementation: str):
     """A 2-layer model of the family, the same weights for every attention implementation."""
     model_class, config_class, settings = FAMILIES[family]
-    config = getattr(transformers, config_class)(**COMMON, **settings, attn_implementation=attn_implementation)
+    config = getattr(transformers, config_class)(**{**COMMON, **settings}, attn_implementation=attn_implementation)
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config).float()
     with torch.no_grad():

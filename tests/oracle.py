@@ -34,12 +34,17 @@ class Case:
     documents: bool = False
     batch: int = 2
     head_dim: int = 16
+    head_dim_v: int | None = None  # v's own head_dim (MLA: narrower than q's and k's); None: head_dim
     fixed_seq_len: int | None = None  # the same tokens whatever the ring size
     chunk: int | None = None  # dense chunk size whatever the ring size
     doc_mix: str = "mixed"  # packed documents: see doc_lengths
     softcap: float | None = None
     sinks: bool = False  # per-head sink logits, checked with their gradient ds
     ulysses: int = 1  # a 2-D mesh of ulysses x (W / ulysses) ring ranks
+
+    @property
+    def v_dim(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -116,6 +121,8 @@ CASES = [
     Case("sinks_balanced_window", layout="balanced", documents=True, doc_mix="around_window", window_in_chunks=(0.75, 0), sinks=True),
     Case("softcap_causal", softcap=0.5),
     Case("softcap_sinks_balanced_gqa", layout="balanced", documents=True, kv_heads=2, softcap=0.5, sinks=True),
+    Case("mla_causal_gqa", kv_heads=2, head_dim=24, head_dim_v=16),  # DeepSeek-V3's 192 / 128, scaled down
+    Case("mla_balanced_window_sinks", layout="balanced", documents=True, doc_mix="around_window", window_in_chunks=(0.75, 0), head_dim=24, head_dim_v=16, sinks=True),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -142,8 +149,8 @@ def make_inputs(case: Case, world_size: int, dtype: torch.dtype, seed: int) -> I
 
     q = randn(*lead, case.heads, case.head_dim)
     k = randn(*lead, case.kv_heads, case.head_dim)
-    v = randn(*lead, case.kv_heads, case.head_dim)
-    dout = randn(*lead, case.heads, case.head_dim)
+    v = randn(*lead, case.kv_heads, case.v_dim)
+    dout = randn(*lead, case.heads, case.v_dim)
     dlse = randn(*lead[:-1], case.heads, seq).float() * 0.1
     sinks = randn(case.heads) if case.sinks else None
     return Inputs(q, k, v, dout, dlse, case.cu_seqlens(world_size) if case.documents else None, sinks)

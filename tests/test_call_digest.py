@@ -21,6 +21,7 @@ CHANGED = {
     "varlen": True,
     "q_shape": (1, 8, 8, 16),
     "kv_shape": (1, 8, 4, 16),
+    "v_head_dim": 8,
     "dtype": torch.bfloat16,
     "sharding": Sharding.dense(16, 2, "contiguous"),
     "mask": BandMask(lo=-4, hi=0),

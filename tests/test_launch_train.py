@@ -57,6 +57,18 @@ def test_ulysses_2_by_ring_2_matches_one_rank(tmp_path):
         torch.testing.assert_close(torch.from_numpy(grads_mesh[-1][name]), torch.from_numpy(grads_one[-1][name]), rtol=1e-4, atol=1e-6)
 
 
+def test_an_mla_like_layer_trains_at_cp2_like_one_rank(tmp_path):
+    """--qk-head-dim / --v-head-dim: q and k wider than v, as DeepSeek-V3's MLA (192 / 128),
+    scaled down; cp 2 matches one rank in loss and gradients."""
+    argv = ["--preset", "tiny", "--steps", "2", "--qk-head-dim", "24", "--v-head-dim", "16"]
+    ((losses_one, grads_one),) = values(run_ranks(train_tiny, 1, fresh_dir(tmp_path, "one"), argv + ["--cp", "1"], True))
+    losses_two, grads_two = values(run_ranks(train_tiny, 2, fresh_dir(tmp_path, "two"), argv + ["--cp", "2"], True))[0]
+    assert next(g for name, g in grads_one[-1].items() if name.endswith("o_proj.weight")).shape == (64, 4 * 16)
+    torch.testing.assert_close(torch.tensor(losses_two), torch.tensor(losses_one), rtol=1e-5, atol=1e-6)
+    for name in grads_one[-1]:
+        torch.testing.assert_close(torch.from_numpy(grads_two[-1][name]), torch.from_numpy(grads_one[-1][name]), rtol=1e-4, atol=1e-6)
+
+
 def train_each_checkpointing_mode(rank, world_size, argv):
     """Per activation-checkpointing mode: losses, final gradients, ring-attention forward calls,
     and the bytes that autograd keeps outside checkpointed regions."""
@@ -280,6 +292,7 @@ def test_dp_shard_2_by_cp_2_matches_one_rank_over_both_sequences(tmp_path):
         (["--seq-len", "0"], "seq_len: expected a positive count, got 0"),
         (["--stop-at", "9"], r"stop_at: expected a step from 1 to --steps \(4\), got 9"),
         (["--checkpoint-every", "2"], "checkpoint_every: saving every 2 steps needs --checkpoint-dir"),
+        (["--qk-head-dim", "23"], r"qk_head_dim: expected an even head_dim of 2 or more \(RoPE rotates pairs\), got 23"),
         (["--cp", "4", "--ulysses", "3"], r"ulysses: expected a positive divisor of cp \(4\) or .auto., got 3"),
         (["--cp", "8", "--ulysses", "8"], r"ulysses: 8 must divide n_heads \(4\)"),
     ],

@@ -22,7 +22,10 @@ def mesh_case(name: str, ulysses: int, heads: int, kv_heads: int):
 
 # (u, r): cases; heads are a multiple of u, KV heads fewer than u and at least u.
 MESHES = {
-    (2, 2): [("causal_zigzag", 4, 1), ("full_zigzag", 4, 2), ("window_causal", 4, 4), ("varlen_causal", 4, 2), ("balanced_causal", 4, 1), ("sinks_balanced_window", 4, 2)],
+    (2, 2): [
+        ("causal_zigzag", 4, 1), ("full_zigzag", 4, 2), ("window_causal", 4, 4), ("varlen_causal", 4, 2), ("balanced_causal", 4, 1),
+        ("sinks_balanced_window", 4, 2), ("mla_causal_gqa", 4, 2), ("mla_balanced_window_sinks", 4, 1),
+    ],
     (3, 5): [("causal_zigzag", 6, 3), ("gqa_one_kv_head", 6, 1), ("balanced_window", 6, 3), ("window_both_sides", 3, 3)],
     (2, 36): [("causal_zigzag", 2, 1), ("balanced_huge_gqa", 4, 2)],
     (8, 9): [("causal_zigzag", 8, 2), ("full_contiguous", 8, 8), ("balanced_short", 8, 4), ("varlen_window_zigzag_gqa", 8, 2)],

@@ -11,12 +11,13 @@ import fa4_cp
 from fa4_cp.plan.mesh_sharding import mesh_sharding
 from ranks import run_ranks, values
 
-VARIANTS = {  # name -> (varlen, causal, window_size, softcap, sinks)
-    "dense_causal": (False, True, (-1, -1), None, False),
-    "dense_window_sinks": (False, True, (5, 0), None, True),
-    "dense_full_softcap": (False, False, (-1, -1), 2.0, False),
-    "varlen_causal": (True, True, (-1, -1), None, False),
-    "varlen_window_softcap_sinks": (True, True, (3, 0), 2.0, True),
+VARIANTS = {  # name -> (varlen, causal, window_size, softcap, sinks, v's head_dim)
+    "dense_causal": (False, True, (-1, -1), None, False, 8),
+    "dense_window_sinks": (False, True, (5, 0), None, True, 8),
+    "dense_full_softcap": (False, False, (-1, -1), 2.0, False, 8),
+    "varlen_causal": (True, True, (-1, -1), None, False, 8),
+    "varlen_window_softcap_sinks": (True, True, (3, 0), 2.0, True, 8),
+    "mla_varlen_causal": (True, True, (-1, -1), None, False, 4),  # v narrower than q and k, as MLA's
 }
 DOCUMENTS = [9, 23, 1, 31]
 
@@ -27,14 +28,13 @@ class Block(torch.nn.Module):
     def __init__(self, variant: str, group=None):
         super().__init__()
         self.group = group
-        self.varlen, self.causal, self.window, self.softcap, sinks = VARIANTS[variant]
-        self.proj = torch.nn.Linear(16, 4 * 8 + 2 * 2 * 8)
+        self.varlen, self.causal, self.window, self.softcap, sinks, self.v_dim = VARIANTS[variant]
+        self.proj = torch.nn.Linear(16, 4 * 8 + 2 * 8 + 2 * self.v_dim)
         self.sinks = torch.nn.Parameter(torch.randn(4)) if sinks else None
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        q, kv = self.proj(x).split([32, 32], dim=-1)
-        q = q.unflatten(-1, (4, 8))
-        k, v = kv.unflatten(-1, (2, 2, 8)).unbind(-3)
+        q, k, v = self.proj(x).split([32, 16, 2 * self.v_dim], dim=-1)
+        q, k, v = q.unflatten(-1, (4, 8)), k.unflatten(-1, (2, 8)), v.unflatten(-1, (2, self.v_dim))
         options = dict(group=self.group, causal=self.causal, window_size=self.window, softcap=self.softcap, sinks=self.sinks)
         if self.varlen:
             out = fa4_cp.ring_attention_varlen(q[0], k[0], v[0], cu_seqlens, layout="zigzag", **options)[None]

@@ -13,12 +13,13 @@ from ranks import run_ranks, values
 
 pytest.importorskip("torchtitan")
 
-from torchtitan.models import llama3, qwen3  # noqa: E402
+from torchtitan.models import deepseek_v3, llama3, qwen3  # noqa: E402
 from torchtitan.models.common.attention import ScaledDotProductAttention  # noqa: E402
 
 from fa4_cp.integrations.torchtitan import IGNORE_INDEX, RingAttentionConverter, shard_titan_batch  # noqa: E402
 
-FAMILIES = {"llama3": llama3, "qwen3": qwen3}
+FAMILIES = {"llama3": llama3, "qwen3": qwen3, "deepseek_v3": deepseek_v3}  # DeepSeek-V3: MLA, q and k 192, v 128
+REGISTRY_OPTIONS = {"deepseek_v3": dict(attn_backend="varlen")}  # the converter reads a varlen layer's window
 BATCH, SEQ, VOCAB = 2, 64, 2048
 DOCUMENTS = [20, 1, 43]  # per sample: packed documents, one a single token
 ATOL = 1e-6
@@ -26,7 +27,9 @@ ATOL = 1e-6
 
 def build(family: str, ring: bool, dtype=torch.float32):
     """The family's debug model, the same weights whichever attention it has."""
-    spec = FAMILIES[family].model_registry("debugmodel", converters=[RingAttentionConverter.Config()] if ring else None)
+    spec = FAMILIES[family].model_registry(
+        "debugmodel", converters=[RingAttentionConverter.Config()] if ring else None, **REGISTRY_OPTIONS.get(family, {}),
+    )
     if not ring:
         for layer in spec.model.layers:
             layer.attention.inner_attention = ScaledDotProductAttention.Config()

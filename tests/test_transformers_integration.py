@@ -28,8 +28,9 @@ def ring_results(tmp_path_factory):
 def test_ring_of_two_matches_the_unsharded_model(family, packed, ring_results):
     """Llama; Granite's attention_multiplier scaling; Mistral, Phi3 and Starcoder2 windows on
     every layer; Qwen2's use_sliding_window above max_window_layers; Gemma 2 (alternating
-    windows, softcapping), Gemma 3 (alternating windows) and gpt-oss (alternating windows,
-    learnable sinks, whose gradient is compared too)."""
+    windows, softcapping), Gemma 3 (alternating windows; head_dim 16 and its real 256) and gpt-oss
+    (alternating windows, learnable sinks, whose gradient is compared too); DeepSeek-V3's MLA at its
+    real head sizes (q and k 192, v 128)."""
     loss, grads = unsharded(family, packed)
     ring_loss, ring_grads = ring_results[(family, packed)]
     torch.testing.assert_close(torch.from_numpy(ring_loss), loss, rtol=1e-5, atol=1e-6)

@@ -26,7 +26,8 @@ _warned: set[str] = set()
 
 
 def get_backend(
-    name: str | AttentionBackend | None = None, q: torch.Tensor | None = None, *, backward: bool | None = None
+    name: str | AttentionBackend | None = None, q: torch.Tensor | None = None, *, backward: bool | None = None,
+    v_head_dim: int | None = None,
 ) -> AttentionBackend:
     """The backend called `name` (one shared instance each, so its compiled kernels and bound
     configurations persist across calls), or a backend object passed through.
@@ -49,7 +50,7 @@ def get_backend(
         return _fall_back(name, q, f"the GPU stack is not importable: pip install 'fa4-cp[fa4]' ({error})")
     if q is not None:
         try:
-            fa4.check_inputs(q, backward=q.requires_grad if backward is None else backward)
+            fa4.check_inputs(q, backward=q.requires_grad if backward is None else backward, v_head_dim=v_head_dim)
         except ValueError as error:
             return _fall_back(name, q, str(error).removeprefix("backend 'fa4': "))
     return fa4.shared_backend()

@@ -9,18 +9,22 @@ import torch
 from .interface import accumulator_dtype
 
 
-def finished_dkv(local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, dk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """local: (2, *k.shape) or None; travelled: (2, ..., rows, h, d) sums over k's first rows."""
+def finished_dkv(
+    local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, dk_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """local: (2, ..., s, h, width) or None; travelled: (2, ..., rows, h, width) sums over k's first
+    rows; width the wider of k's and v's head_dims, each the first columns of its half."""
     if local is None and travelled and travelled[0].shape[-3] == k.shape[-3]:
         total, travelled = travelled[0], travelled[1:]
     elif local is None:
-        total = torch.zeros((2, *k.shape), dtype=accumulator_dtype(k.dtype), device=k.device)
+        width = max(k.shape[-1], v.shape[-1])
+        total = torch.zeros((2, *k.shape[:-1], width), dtype=accumulator_dtype(k.dtype), device=k.device)
     else:
         total = local
     for part in travelled:
         total.narrow(-3, 0, part.shape[-3]).add_(part)
-    dk = torch.mul(total[0], dk_scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
-    return dk, total[1].to(k.dtype, copy=True)
+    dk = torch.mul(total[0][..., : k.shape[-1]], dk_scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
+    return dk, total[1][..., : v.shape[-1]].to(v.dtype, copy=True)
 
 
 class TorchFinishedGradients:
@@ -36,5 +40,7 @@ class TorchFinishedGradients:
     def dq(self) -> torch.Tensor:
         return self.dq_acc
 
-    def finish_dkv(self, local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return finished_dkv(local, travelled, k, self.dk_scale)
+    def finish_dkv(
+        self, local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return finished_dkv(local, travelled, k, v, self.dk_scale)

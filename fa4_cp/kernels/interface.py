@@ -140,10 +140,14 @@ class BackwardPass(Protocol):
         backend rounds it once itself."""
         ...
 
-    def finish_dkv(self, local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The call's dK and dV, new tensors of k's dtype rounded once: ``local`` (2, *k.shape),
-        if any, plus each (2, ..., rows, h, d) sum of ``travelled`` over k's first rows, dK
-        multiplied by `dk_scale`. Both are in `accumulator_dtype`; the pass may overwrite them."""
+    def finish_dkv(
+        self, local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's dK and dV, new tensors of k's and v's shapes and dtype rounded once:
+        ``local`` (2, ..., s, h_kv, width), if any, plus each (2, ..., rows, h_kv, width) sum of
+        ``travelled`` over k's first rows, dK multiplied by `dk_scale`; width is the wider of k's
+        and v's head_dims, dK and dV the first columns of their halves. Both are in
+        `accumulator_dtype`; the pass may overwrite them."""
         ...
 
 

@@ -19,7 +19,7 @@ import torch
 from ..comm.transport import Transport
 from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype
 from ..plan.rows import RankPlan
-from .travelling import TravellingDKV, TravellingKV
+from .travelling import TravellingDKV, TravellingKV, pair_shape, pair_views
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _rows(t: torch.Tensor, rows: slice | None, seq_dim: int) -> torch.Tensor:
 def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the local q against every rank's KV: (out, lse) in their accumulator dtypes."""
     plan = ring.plan
-    out_acc = torch.empty(q.shape, dtype=accumulator_dtype(q.dtype), device=q.device)
+    out_acc = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=accumulator_dtype(q.dtype), device=q.device)
     lse_acc = torch.empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE, device=q.device)
     if not plan.writes_first:
         out_acc.zero_()
@@ -93,12 +93,14 @@ def ring_backward(
     )
     if not plan.steps:
         return grads.dq(), torch.zeros_like(k), torch.zeros_like(v)
+    dtype = accumulator_dtype(q.dtype)
     q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
     kv = TravellingKV(plan, ring.transport, k, v)
-    dkv = TravellingDKV(plan, ring.transport, k, accumulator_dtype(q.dtype))
+    dkv = TravellingDKV(plan, ring.transport, k, v, dtype)
     travelling = frozenset(dkv.order)
     # dK/dV that local blocks add: they never travel
-    local_dkv = torch.zeros((2, *k.shape), dtype=accumulator_dtype(q.dtype), device=k.device) if plan.has_local_blocks else None
+    local_dkv = torch.zeros(pair_shape(k, v), dtype=dtype, device=k.device) if plan.has_local_blocks else None
+    local_sums = None if local_dkv is None else pair_views(local_dkv, k.shape[-1], v.shape[-1])
     kv.start()
     for index, step in enumerate(plan.steps):
         if step.next_offset:
@@ -110,7 +112,7 @@ def ring_backward(
             dkv.begin_step(first_write is not None)
         for block in step.blocks:
             if block.local:
-                rows, (k_rows, v_rows), (dk_rows, dv_rows) = slice(None), (k, v), (local_dkv[0], local_dkv[1])
+                rows, (k_rows, v_rows), (dk_rows, dv_rows) = slice(None), (k, v), local_sums
             else:
                 rows, (k_rows, v_rows), (dk_rows, dv_rows) = q_rows[block.q_side], kv.held(block.kv_side), dkv.accumulator(block.kv_side)
             grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen, write_first=block is first_write)
@@ -119,7 +121,7 @@ def ring_backward(
         kv.arrive()
     travelled = dkv.at_home()
     ring.end_of_call()
-    return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k))
+    return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k, v))
 
 
 def _writes_whole_buffer(block, plan: RankPlan, grads, k: torch.Tensor) -> bool:

@@ -2,7 +2,9 @@
 
 Both live in the transport's persistent buffers (reused by every step and call) and move by one
 hop at a time on the transport's channels. Each object slices its buffers once per call into
-the plan's kv sides, so a step only indexes.
+the plan's kv sides, so a step only indexes. A buffer holds K and V (or dK and dV) stacked, each
+as wide as the wider of the two head dims: where v's head_dim is narrower (MLA's 192 / 128), V's
+rows are the first columns of its half.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ KV_CHANNEL = 0
 DKV_CHANNEL = 1
 
 
-def _sides(pair: torch.Tensor | tuple[torch.Tensor, torch.Tensor], plan: RankPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def pair_views(pair: torch.Tensor, k_head_dim: int, v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) of a stacked (2, ..., width) pair, each its own head_dim's first columns."""
+    if k_head_dim == v_head_dim == pair.shape[-1]:
+        return pair[0], pair[1]
+    return pair[0][..., :k_head_dim], pair[1][..., :v_head_dim]
+
+
+def _sides(pair: tuple[torch.Tensor, torch.Tensor], plan: RankPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(K, V) or (dK, dV) rows of every kv side of the plan."""
     return [(pair[0], pair[1]) if rows is None else (pair[0][..., rows, :, :], pair[1][..., rows, :, :]) for rows in plan.kv_sides]
 
@@ -28,10 +37,14 @@ def travelling_rows(t: torch.Tensor, plan: RankPlan) -> torch.Tensor:
     return t if plan.travel_len is None else t.narrow(-3, 0, plan.travel_len)
 
 
-def buffer_shape(like: torch.Tensor, plan: RankPlan) -> tuple[int, ...]:
-    """(2, rows, ...) of a travelling buffer pair for k-shaped `like`: the same on every rank."""
-    rows = like.shape[-3] if plan.buffer_len is None else plan.buffer_len
-    return (2, *like.shape[:-3], rows, *like.shape[-2:])
+def pair_shape(k: torch.Tensor, v: torch.Tensor, rows: int | None = None) -> tuple[int, ...]:
+    """(2, ..., rows, h_kv, width) of a K/V or dK/dV pair, width the wider head_dim."""
+    return (2, *k.shape[:-3], k.shape[-3] if rows is None else rows, k.shape[-2], max(k.shape[-1], v.shape[-1]))
+
+
+def buffer_shape(k: torch.Tensor, v: torch.Tensor, plan: RankPlan) -> tuple[int, ...]:
+    """The shape of a travelling buffer pair: the same on every rank."""
+    return pair_shape(k, v, plan.buffer_len)
 
 
 def moves(plan: RankPlan) -> bool:
@@ -51,14 +64,15 @@ class TravellingKV:
         if not moves(plan):  # read the caller's K and V in place
             self.sides = [_sides((travelling_rows(k, plan), travelling_rows(v, plan)), plan)]
             return
-        self.buffers = transport.buffers(KV_CHANNEL, 2, buffer_shape(k, plan), k.dtype, k.device)
-        for held, own in zip(self.buffers[0], (k, v)):
+        buffers = transport.buffers(KV_CHANNEL, 2, buffer_shape(k, v, plan), k.dtype, k.device)
+        self.buffers, pairs = buffers, [pair_views(buffer, k.shape[-1], v.shape[-1]) for buffer in buffers]
+        for held, own in zip(pairs[0], (k, v)):
             sent = travelling_rows(own, plan)
             held.narrow(-3, 0, sent.shape[-3]).copy_(sent)
             # Rows past this rank's own travel with it and fall inside the kernels' tiles, masked:
             # a masked score's zero times a NaN left in the buffer is NaN, so they must be finite.
             held.narrow(-3, sent.shape[-3], held.shape[-3] - sent.shape[-3]).zero_()
-        self.sides = [_sides(buffer, plan) for buffer in self.buffers]
+        self.sides = [_sides(pair, plan) for pair in pairs]
 
     def held(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) rows of a kv side, as held now."""
@@ -100,13 +114,13 @@ class TravellingDKV:
 
     SLOTS = 4
 
-    def __init__(self, plan: RankPlan, transport: Transport, like: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
         self.plan, self.transport = plan, transport
         self.order = travelling_steps(plan)
         self.hops = _chain_hops(plan, self.order)
         count = self.SLOTS if any(self.hops) else 2
-        self.slots = transport.buffers(DKV_CHANNEL, count, buffer_shape(like, plan), dtype, like.device)
-        self.sides = [_sides(slot, plan) for slot in self.slots]
+        self.slots = transport.buffers(DKV_CHANNEL, count, buffer_shape(k, v, plan), dtype, k.device)
+        self.sides = [_sides(pair_views(slot, k.shape[-1], v.shape[-1]), plan) for slot in self.slots]
         self.position = -1  # index into self.order of the step computing now
         self.pending: dict[int, Arrival] = {}  # slot -> the hop that fills it
         self.finals: list[torch.Tensor] = []  # the chains' last buffers kept here: own KV, no hop home

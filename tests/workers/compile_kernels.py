@@ -68,6 +68,10 @@ def hopper_kernels() -> dict:
             tiles, BFloat16, 4, causal, False, None, write_first=True, deterministic=True,
         ),
         "backward deterministic varlen window": lambda: backward_sm90._compile(tiles, BFloat16, 1, window, True, None, deterministic=True),
+        **{
+            f"backward causal gqa head_dim {dim}": (lambda dim=dim: backward_sm90._compile(backward_sm90.BackwardTiles.for_head_dim(dim), BFloat16, 4, causal, False, None))
+            for dim in (192, 256)
+        },
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
         "varlen dq read-back, three sides": lambda: dq_readback._compile(BFloat16, backward_pass_sm90._dq_geometry(tiles), 3),
         "dK/dV finish, local and two chains": lambda: dkv_finish._compile(BFloat16, True, 2),

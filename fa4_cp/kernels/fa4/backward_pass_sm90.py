@@ -118,8 +118,8 @@ class Sm90BackwardPass:
                 dq.index_add_(0, index, rearrange(values[:, side.row_map[index].long()], "h s d -> s h d"))
         return dq.mul_(self.softmax_scale)
 
-    def finish_dkv(self, local, travelled, k):
-        return finish_dkv_cuda(local, travelled, k, self.dk_scale)
+    def finish_dkv(self, local, travelled, k, v):
+        return finish_dkv_cuda(local, travelled, k, self.dk_scale)  # v has k's head_dim here (backend.check_inputs)
 
     def _read_back_varlen(self, sides: list[_QSide]) -> torch.Tensor:
         """The varlen sides' accumulators in one pass (dq_readback.py), scaled and rounded once."""
