@@ -32,7 +32,7 @@ from data import TokenStream, build_corpus  # noqa: E402
 from loss import IGNORE_INDEX  # noqa: E402
 from metrics import MetricsLog, Progress, document_flops_per_token, mfu, model_flops_per_token, peak_bf16_flops  # noqa: E402
 from model import Decoder  # noqa: E402
-from parallel import ContextSplits, build_mesh, shard_model  # noqa: E402
+from parallel import build_mesh, context_splits, shard_model  # noqa: E402
 
 StepHook = Callable[[int, Decoder, float], None]
 
@@ -96,7 +96,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
     mesh = build_mesh(config)
     model = Decoder(config.model)
     model.init_weights(config.seed)
-    splits = ContextSplits(config, mesh)
+    splits = context_splits(config, mesh)
     model.ring = {"group": None, "backend": config.attention_backend, "transport": config.transport, "deterministic": config.deterministic}
     model = shard_model(model.to(device), mesh, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
@@ -119,8 +119,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
         began = time.perf_counter()
         input_ids, labels = data.batch(step * config.dp_shard + dp_rank)
         cu_seqlens = data.documents(step * config.dp_shard + dp_rank)
-        ulysses = splits.choose(cu_seqlens)
-        model.ring["group"] = context = splits.groups[ulysses]
+        ulysses, context = splits.choose(cu_seqlens, config.seq_len)
+        model.ring["group"] = context
         local = fa4_cp.shard_inputs(input_ids[None], labels[None], group=context, cu_seqlens=cu_seqlens)
         valid = torch.tensor(float((labels != IGNORE_INDEX).sum()), device=device)
         if config.dp_shard > 1:

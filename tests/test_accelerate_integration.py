@@ -33,8 +33,10 @@ def test_accelerate_ring_of_two_matches_the_unsharded_model(tmp_path):
     out = tmp_path / "results.npz"
     torchrun_two_cpu_processes("tests/workers/accelerate_ring.py", str(out))
     results = np.load(out)
-    for ulysses in (1, 2):
-        assert int(results[f"u{ulysses}:mesh_dims"]) == (2 if ulysses > 1 else 1), "ulysses=2 runs on a 2-D mesh"
+    assert {int(results[f"uauto:{packed}:ring_dims"]) for packed in (False, True)} <= {1, 2}, "auto: the cp dim or its 2-D split"
+    for ulysses in (1, 2, "auto"):
+        if ulysses != "auto":
+            assert int(results[f"u{ulysses}:mesh_dims"]) == (2 if ulysses > 1 else 1), "ulysses=2 runs on a 2-D mesh"
         for packed in (False, True):
             loss, grads = unsharded("llama", packed)
             torch.testing.assert_close(torch.from_numpy(results[f"u{ulysses}:loss_{packed}"]), loss, rtol=1e-5, atol=1e-6)

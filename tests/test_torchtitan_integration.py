@@ -74,11 +74,17 @@ def on_ring(rank, world_size):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    groups = {"ring": None, "mesh": init_device_mesh("cpu", (1, world_size), mesh_dim_names=("ring", "ulysses"))}
+    from fa4_cp.integrations.splits import ContextSplits
+
+    cp = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    groups = {
+        "ring": None, "mesh": init_device_mesh("cpu", (1, world_size), mesh_dim_names=("ring", "ulysses")),
+        "auto": ContextSplits(cp["cp"], heads=16, kv_heads=8, head_dim=128),  # the split per batch; the debug models have 16 q heads
+    }
     results = {}
     for kind, group in groups.items():
         for family in FAMILIES:
-            for packed in (False, True):
+            for packed in (True,) if kind == "auto" else (False, True):  # the split is chosen for documents
                 model = build(family, ring=True)
                 local = shard_titan_batch(*batch(packed), group=group)
                 loss = summed_loss(model(local.tokens, local.positions, local.attention_masks), local.labels) / local.num_tokens
@@ -101,9 +107,10 @@ def _error(result, truth) -> float:
     return (result.double() - truth).abs().max().item()
 
 
-@pytest.mark.parametrize("kind", ["ring", "mesh"], ids=["ring", "2x1_mesh"])
-@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+RUNS = [(family, packed, kind) for kind in ("ring", "mesh", "auto") for family in FAMILIES for packed in (False, True) if kind != "auto" or packed]
+
+
+@pytest.mark.parametrize(("family", "packed", "kind"), RUNS, ids=[f"{f}-{'packed' if p else 'dense'}-{k}" for f, p, k in RUNS])
 def test_two_ranks_match_the_unsharded_model(family, packed, kind, ring):
     truth_loss, truth_grads = unsharded(family, packed, torch.float64)
     fp32_loss, fp32_grads = unsharded(family, packed, torch.float32)

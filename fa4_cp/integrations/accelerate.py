@@ -14,9 +14,11 @@ over all ranks are the unsharded gradients. accelerate refuses ParallelismConfig
 there `cp_size=` builds the (dp, cp) mesh over the accelerator's processes instead.
 
 `ulysses=u` splits the cp dim into a 2-D Ulysses x ring mesh (u ulysses ranks, innermost, inside
-a ring of cp_size / u). accelerate's own `sp_size` is DeepSpeed's Ulysses, which accelerate
-forbids beside cp_size > 1, so it does not map here: a ParallelismConfig with sp_size > 1 is
-refused; use cp_size with `ulysses=` instead.
+a ring of cp_size / u); `ulysses="auto"` with `model_config=` (the model's transformers config,
+for its heads) makes every split the heads allow and runs each batch on the one fa4_cp.plan_mesh
+predicts fastest for its documents (integrations/splits.py). accelerate's own `sp_size` is
+DeepSpeed's Ulysses, which accelerate forbids beside cp_size > 1, so it does not map here: a
+ParallelismConfig with sp_size > 1 is refused; use cp_size with `ulysses=` instead.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .batches import shard_batch
-from .transformers import register_ring_attention
+from .batches import documents_from_positions, shard_batch
+from .splits import ContextSplits, split_cp_dim
+from .transformers import rebind_ring, register_ring_attention
 
 
 def _has_cp_dim(accelerator) -> bool:
@@ -37,8 +40,8 @@ def _has_cp_dim(accelerator) -> bool:
 
 class RingAttentionPlugin:
     def __init__(
-        self, accelerator, *, cp_size: int | None = None, ulysses: int = 1, backend: str | None = None, transport: str | None = None,
-        deterministic: bool = False,
+        self, accelerator, *, cp_size: int | None = None, ulysses: int | str = 1, model_config=None, backend: str | None = None,
+        transport: str | None = None, deterministic: bool = False,
     ):
         self.accelerator = accelerator
         sp_size = getattr(getattr(accelerator, "parallelism_config", None), "sp_size", 1) or 1
@@ -47,8 +50,21 @@ class RingAttentionPlugin:
         self.owns_mesh = not _has_cp_dim(accelerator)  # True: accelerate does not know the cp groups
         self.cp_mesh = self._cp_mesh(accelerator, cp_size)
         self.cp_size = self.cp_mesh.size()
-        self.ring_group = self.cp_mesh if ulysses == 1 else self._split(accelerator, ulysses)
+        self.splits = None
+        if ulysses == "auto":
+            self.splits = self._auto_splits(model_config)
+            self.ring_group = self.splits.groups[1]
+        else:
+            self.ring_group = self.cp_mesh if ulysses == 1 else split_cp_dim(self.cp_mesh, ulysses)
         self.attn_implementation = register_ring_attention(self.ring_group, backend=backend, transport=transport, deterministic=deterministic)
+
+    def _auto_splits(self, model_config) -> ContextSplits:
+        if model_config is None:
+            raise ValueError("model_config: ulysses='auto' needs the model's config (its heads) to choose a split per batch")
+        heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        return ContextSplits(self.cp_mesh, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
 
     @staticmethod
     def _cp_mesh(accelerator, cp_size: int | None) -> DeviceMesh:
@@ -64,21 +80,17 @@ class RingAttentionPlugin:
             raise ValueError(f"cp_size: {cp_size} must divide the number of processes ({processes})")
         return init_device_mesh(accelerator.device.type, (processes // cp_size, cp_size), mesh_dim_names=("dp", "cp"))["cp"]
 
-    def _split(self, accelerator, ulysses: int) -> DeviceMesh:
-        """The cp dim as a (ring, ulysses) mesh over the same ranks (collective: every rank makes it)."""
-        if ulysses < 1 or self.cp_size % ulysses:
-            raise ValueError(f"ulysses: {ulysses} must divide cp_size {self.cp_size}")
-        root = self.cp_mesh._get_root_mesh() if hasattr(self.cp_mesh, "_get_root_mesh") else accelerator.torch_device_mesh
-        names = list(root.mesh_dim_names)
-        cp = names.index("cp")
-        shape = list(root.mesh.shape)
-        ranks = root.mesh.reshape(*shape[:cp], self.cp_size // ulysses, ulysses, *shape[cp + 1 :])
-        names[cp : cp + 1] = ["ring", "ulysses"]
-        return DeviceMesh(root.device_type, ranks, mesh_dim_names=tuple(names))["ring", "ulysses"]
-
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's model inputs from a full batch (every cp rank passes the same batch)."""
-        local = shard_batch({key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}, group=self.ring_group)
+        """This rank's model inputs from a full batch (every cp rank passes the same batch); with
+        ulysses="auto", on the split chosen for its documents."""
+        batch = {key: value.cpu() if torch.is_tensor(value) else value for key, value in batch.items()}
+        if self.splits is not None:
+            positions = batch.get("position_ids")
+            documents = None if positions is None else documents_from_positions(positions)
+            _, group = self.splits.choose(documents, batch["input_ids"].shape[-1])
+            if group is not self.ring_group:
+                self.ring_group = rebind_ring(self.attn_implementation, group)
+        local = shard_batch(batch, group=self.ring_group)
         local["num_items_in_batch"] = local["num_items_in_batch"] / self.cp_size
         device = self.accelerator.device
         return {key: value.to(device) if torch.is_tensor(value) and not key.startswith("cu_seq_lens") else value for key, value in local.items()}

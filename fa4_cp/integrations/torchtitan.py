@@ -35,6 +35,7 @@ from ..comm.group import resolve_group
 from ..comm.mesh import world_size_of
 from ..shard import placement
 from ._documents import IGNORE_INDEX, document_bounds
+from .splits import ContextSplits
 
 BLOCK_CAUSAL_FLEX_MODELS = ("Llama3Model.Config", "Qwen3Model.Config")
 
@@ -67,17 +68,22 @@ def shard_titan_batch(
     """This rank's share of a torchtitan batch (tokens and labels (b, s), labels already shifted,
     as torchtitan's dataloaders give them). `positions` restarting at 0 mark packed documents:
     the batch is then packed into one row of documents (balanced layout by default), padding
-    slots labelled IGNORE_INDEX. Without them each sequence is cut zigzag. Positions are global."""
+    slots labelled IGNORE_INDEX. Without them each sequence is cut zigzag. Positions are global.
+    `group` may be a ContextSplits (integrations/splits.py): the batch then runs on the split
+    predicted fastest for its documents, which the layers read from `attention_masks`."""
     if tokens.shape != labels.shape or tokens.ndim != 2:
         raise ValueError(f"labels: expected the (batch, seq) shape of tokens {tuple(tokens.shape)}, got {tuple(labels.shape)}")
+    if positions is not None and positions.shape != tokens.shape:
+        raise ValueError(f"positions: expected the shape of tokens {tuple(tokens.shape)}, got {tuple(positions.shape)}")
     num_tokens = int((labels != IGNORE_INDEX).sum())
+    if isinstance(group, ContextSplits):
+        documents = None if positions is None else document_bounds(positions, rows_start_documents=True)
+        _, group = group.choose(documents, tokens.shape[1] if positions is None else tokens.numel())
     if positions is None:
         sharding, rank, _ = placement(group, tokens.shape[1], layout or "zigzag", None)
         local_positions = sharding.positions(rank).to(tokens.device).expand(tokens.shape[0], -1)
         cu_seqlens = None
     else:
-        if positions.shape != tokens.shape:
-            raise ValueError(f"positions: expected the shape of tokens {tuple(tokens.shape)}, got {tuple(positions.shape)}")
         tokens, labels = tokens.reshape(1, -1), labels.reshape(1, -1)  # the batch's documents, packed
         cu_seqlens = document_bounds(positions, rows_start_documents=True)  # every sample starts a document
         sharding, rank, _ = placement(group, tokens.shape[1], layout or "balanced", cu_seqlens)

@@ -23,6 +23,7 @@ bidirectional or chunked window, and any call argument it does not understand.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,6 +91,13 @@ def register_ring_attention(
     _setups[name] = setup
     AttentionInterface.register(name, _entry(name))
     return name
+
+
+def rebind_ring(name: str, group: object) -> object:
+    """Move a registered attention to another group of the same ranks (the accelerate plugin's
+    split chosen per batch): the models built with the name follow it. Returns the group."""
+    _setups[name] = dataclasses.replace(_setups[name], group=group)
+    return group
 
 
 def is_ring_attention(name: str | None) -> bool:

@@ -90,6 +90,35 @@ def test_backward_against_fp64(mask_name, dim, heads, kv_heads, dtype):
         assert max_error(ours[name], truth[name]) <= bound, f"{name}: {max_error(ours[name], truth[name]):.3e} > {bound:.3e}"
 
 
+@pytest.mark.parametrize("mask_name", ["causal", "window"])
+def test_mla_forward_against_fp64(mask_name):
+    """q and k of head_dim 192, v of 128 (DeepSeek-V3's MLA) through the Hopper forward pass, two
+    steps merging in its epilogue, against fp64 by the 2x rule relative to upstream FA4. The
+    backend refuses v of another head_dim until this passes."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Hopper forward pass")
+    from fa4_cp.kernels.fa4.forward_pass_sm90 import Sm90ForwardPass
+
+    torch.manual_seed(5)
+    mask, seq, scale = MASKS[mask_name], 1000, 192**-0.5
+    q = torch.randn(2, seq, 8, 192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, seq, 8, 192, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, seq, 8, 128, device="cuda", dtype=torch.bfloat16)
+    out64, lse64, _ = fp64_attention(q, k, v, mask, scale)
+    window = fa4_window(mask, seq, seq)
+    up_out, up_lse = flash_attn_func(q, k, v, softmax_scale=scale, causal=window.causal, window_size=(window.left, window.right), return_lse=True)
+    out = torch.full((2, seq, 8, 128), math.nan, dtype=torch.float32, device="cuda")
+    lse = torch.full((2, 8, seq), math.nan, dtype=torch.float64, device="cuda")
+    forward = Sm90ForwardPass(q, k, scale)
+    half = 512  # two kv halves, the second merged into the first's partials
+    for first, kv in ((True, slice(0, half)), (False, slice(half, seq))):
+        shifted = BandMask(None if mask.lo is None else mask.lo + kv.start, None if mask.hi is None else mask.hi + kv.start)
+        forward.step(q, k[:, kv], v[:, kv], out, lse, mask=shifted, accumulate=not first)
+    for name, ours, upstream, truth in (("out", out, up_out, out64), ("lse", lse, up_lse, lse64)):
+        bound = 2 * max_error(upstream, truth) + 1e-3
+        assert max_error(ours, truth) <= bound, f"{name}: {max_error(ours, truth):.3e} > {bound:.3e}"
+
+
 def test_rows_with_no_visible_key_backward():
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 256, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))

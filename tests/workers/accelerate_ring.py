@@ -1,26 +1,29 @@
 """torchrun worker: a tiny Llama through Accelerator (gloo CPU processes) with the ring plugin, on
-a ring of 2 and on a 2 x 1 Ulysses x ring mesh; writes rank 0's losses and averaged gradients to
-the path in argv[1]."""
+a ring of 2, on a 2 x 1 Ulysses x ring mesh, and with ulysses="auto" (the split chosen per batch);
+writes rank 0's losses, averaged gradients and meshes to the path in argv[1]."""
 
 import sys
 
 import numpy as np
 import torch.distributed as dist
+import transformers
 from accelerate import Accelerator
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from fa4_cp.integrations.accelerate import RingAttentionPlugin  # noqa: E402
-from hf_models import full_batch, tiny_model  # noqa: E402
+from hf_models import COMMON, full_batch, tiny_model  # noqa: E402
 
 accelerator = Accelerator(cpu=True)
 results = {}
-for ulysses in (1, 2):  # the ring over cp, then cp as a 2 x 1 Ulysses x ring mesh
-    ring = RingAttentionPlugin(accelerator, cp_size=2, ulysses=ulysses, backend="reference")
+for ulysses in (1, 2, "auto"):  # the ring over cp, cp as a 2 x 1 Ulysses x ring mesh, the split per batch
+    config = transformers.LlamaConfig(**COMMON) if ulysses == "auto" else None
+    ring = RingAttentionPlugin(accelerator, cp_size=2, ulysses=ulysses, model_config=config, backend="reference")
     model = accelerator.prepare(tiny_model("llama", ring.attn_implementation))
     results[f"u{ulysses}:mesh_dims"] = np.array(ring.ring_group.ndim)
     for packed in (False, True):
         model.zero_grad()
         (batch,) = ring.shard_batches([full_batch(packed)])
+        results[f"u{ulysses}:{packed}:ring_dims"] = np.array(ring.ring_group.ndim)
         loss = model(**batch).loss
         accelerator.backward(loss)
         mean_loss = accelerator.reduce(loss.detach(), reduction="mean")

@@ -3,8 +3,8 @@
     CUTE_DSL_ARCH=sm_90a python tests/workers/compile_kernels.py sm_90a
 
 sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
-causal and windowed, softcapped), its Hopper backward accumulating dK/dV (GQA and not, varlen,
-first-write, deterministic), the varlen dq read-back, the dK/dV finish and the stand-alone merge
+causal and windowed, softcapped; head dims 128, 256 and MLA's 192 / 128), its Hopper backward
+accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 128, 192, 256), the varlen dq read-back, the dK/dV finish and the stand-alone merge
 kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
 them, under torch's FakeTensorMode) and the merge kernel. Prints one JSON line: each kernel's
 name and error (None when it compiled), and the `.target` of the PTX kept.
@@ -48,9 +48,11 @@ def hopper_kernels() -> dict:
 
     causal, window = Fa4Window(True, False, None, None), Fa4Window(False, True, 200, 0)
 
-    def forward_kernel(window_: Fa4Window, varlen: bool, accumulate: bool, qhead_per_kvhead: int, softcap: float | None = None):
-        config = _tile_size_fwd_sm90(128, 128, window_.causal, window_.local)
-        return lambda: forward_pass_sm90._compile(BFloat16, 128, qhead_per_kvhead, window_, varlen, config, accumulate, softcap)
+    def forward_kernel(
+        window_: Fa4Window, varlen: bool, accumulate: bool, qhead_per_kvhead: int, softcap: float | None = None, dims: tuple[int, int] = (128, 128),
+    ):
+        config = _tile_size_fwd_sm90(*dims, window_.causal, window_.local)
+        return lambda: forward_pass_sm90._compile(BFloat16, dims[0], qhead_per_kvhead, window_, varlen, config, accumulate, softcap, dims[1])
 
     tiles = backward_sm90.BackwardTiles.for_head_dim(128)
     return {
@@ -59,6 +61,8 @@ def hopper_kernels() -> dict:
         "forward varlen causal merging": forward_kernel(causal, True, True, 4),
         "forward sliding window merging": forward_kernel(window, False, True, 1),
         "forward varlen window softcap merging": forward_kernel(window, True, True, 2, 30.0),
+        "forward causal merging head_dim 192 / v 128 (MLA)": forward_kernel(causal, False, True, 1, dims=(192, 128)),
+        "forward varlen causal merging head_dim 256": forward_kernel(causal, True, True, 2, dims=(256, 256)),
         "backward causal gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, causal, False, None),
         "backward causal": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None),
         "backward causal first write": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None, write_first=True),

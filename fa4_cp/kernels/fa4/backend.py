@@ -39,7 +39,10 @@ def check_inputs(q: torch.Tensor, *, backward: bool = False, v_head_dim: int | N
         staged = f" ({STAGED_BACKWARD_HEAD_DIMS} are compiled, not yet verified on a GPU)" if backward else ""
         raise ValueError(f"backend 'fa4': head_dim must be one of {dims}{' for the backward' if backward else ''}{staged}, got {q.shape[-1]}")
     if v_head_dim is not None and v_head_dim != q.shape[-1]:
-        raise ValueError(f"backend 'fa4': v's head_dim must equal q's and k's ({q.shape[-1]}) in this backend, got {v_head_dim}")
+        raise ValueError(
+            f"backend 'fa4': v's head_dim must equal q's and k's ({q.shape[-1]}) in this backend, got {v_head_dim} "
+            "(the 192 / 128 forward is compiled, not yet verified on a GPU)"
+        )
 
 
 class FA4Backend:

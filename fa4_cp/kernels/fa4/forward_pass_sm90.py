@@ -33,10 +33,12 @@ class Sm90ForwardPass:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
         window = block_window(mask, q, k, varlen)
-        key = (window.kind, varlen is not None, accumulate)
+        key = (window.kind, varlen is not None, accumulate, v.shape[-1])
         kernel = self._kernels.get(key)
         if kernel is None:
-            kernel = self._kernels[key] = forward_kernel(*self.config, window=window, varlen=varlen is not None, accumulate=accumulate)
+            kernel = self._kernels[key] = forward_kernel(
+                *self.config, window=window, varlen=varlen is not None, accumulate=accumulate, head_dim_v=v.shape[-1],
+            )
         kernel(
             q, k, v, out_acc, lse_acc, self.softmax_scale, *varlen_arguments(varlen), None,
             window.left, window.right, None, None, NO_AUX, None, None,
@@ -45,17 +47,21 @@ class Sm90ForwardPass:
 
 def forward_kernel(
     dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, softcap: float | None, *, window: Fa4Window, varlen: bool,
-    accumulate: bool,
+    accumulate: bool, head_dim_v: int | None = None,
 ):
     """The compiled forward of one configuration (compiled at first use, then from the cache).
-    The softcap is a constant of the kernel, as upstream compiles it."""
-    config = _tile_size_fwd_sm90(head_dim, head_dim, window.causal, window.local)
+    The softcap is a constant of the kernel, as upstream compiles it. `head_dim_v`: v's, when it
+    differs from q's and k's (MLA)."""
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    config = _tile_size_fwd_sm90(head_dim, head_dim_v, window.causal, window.local)
     key = (
-        str(dtype), head_dim, qhead_per_kvhead, *window.kind, varlen,
+        str(dtype), head_dim, head_dim_v, qhead_per_kvhead, *window.kind, varlen,
         config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate, softcap,
     )
     if key not in _compiled:
-        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, config, accumulate, softcap)
+        _compiled[key] = _compile(
+            torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, config, accumulate, softcap, head_dim_v,
+        )
     return _compiled[key]
 
 
@@ -67,11 +73,15 @@ def forward_partials_sm90(
     Sm90ForwardPass(q, k, softmax_scale, softcap).step(q, k, v, out_acc, lse_acc, mask=mask, accumulate=accumulate, varlen=varlen)
 
 
-def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, config, accumulate: bool, softcap: float | None):
+def _compile(
+    dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, config, accumulate: bool, softcap: float | None,
+    head_dim_v: int | None = None,
+):
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
     kernel = PartialsForwardSm90(
         dtype,
         head_dim,
-        head_dim,
+        head_dim_v,
         qhead_per_kvhead,
         is_causal=window.causal,
         is_local=window.local,
@@ -90,8 +100,8 @@ def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, var
     rows_q, rows_k = block.rows_q, block.rows_k
     vector = 128 // dtype.width
     q = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
-    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, head_dim), divisibility=vector) for _ in range(2))
-    out = make_fake_tensor(Float32, (*rows_q, heads, head_dim), divisibility=4)
+    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, dim), divisibility=vector) for dim in (head_dim, head_dim_v))
+    out = make_fake_tensor(Float32, (*rows_q, heads, head_dim_v), divisibility=4)
     lse = make_fake_tensor(Float64, (*block.lead, heads, rows_q[-1]))
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None

@@ -1,0 +1,66 @@
+"""The Ulysses x ring splits of one context-parallel group, one chosen per batch.
+
+    splits = ContextSplits(mesh["cp"], heads=32, kv_heads=8, head_dim=128)        # ulysses="auto"
+    ulysses, group = splits.choose(cu_seqlens, seq_len)                           # per batch
+    local = fa4_cp.shard_inputs(input_ids, labels, group=group, cu_seqlens=cu_seqlens)
+
+Every split of the cp ranks that the heads allow is made at construction: a 2-D mesh with dims
+"ring" and "ulysses" (ulysses innermost, the nearest ranks) over the cp dim of the cp mesh's root
+mesh, which every rank of the root makes together (collective, like any DeviceMesh); u = 1 is the
+cp dim itself. `choose` is fa4_cp.plan_mesh's fastest split for the batch's documents (a model,
+tuning/mesh_model.py), or the one fixed split; the ranks of a cp group see the same batch, so
+they choose the same split without a word. launch/train.py, the accelerate plugin and the
+torchtitan batch sharding take one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..tuning.mesh_model import plan_mesh
+from ..validation import heads_split
+
+
+def split_cp_dim(cp_mesh: DeviceMesh, ulysses: int) -> DeviceMesh:
+    """The ranks of a 1-D cp mesh as a (ring, ulysses) mesh, u ulysses ranks innermost; the
+    other dims of its root mesh stay as they are (collective: every rank of the root makes it)."""
+    cp_size = cp_mesh.size()
+    if ulysses < 1 or cp_size % ulysses:
+        raise ValueError(f"ulysses: {ulysses} must divide the cp size {cp_size}")
+    root = cp_mesh._get_root_mesh() if hasattr(cp_mesh, "_get_root_mesh") else cp_mesh
+    names = list(root.mesh_dim_names or ())
+    cp_name = (cp_mesh.mesh_dim_names or (None,))[0]
+    if cp_name not in names:
+        raise ValueError(f"cp_mesh: expected a named dim of a DeviceMesh, got dims {cp_mesh.mesh_dim_names}")
+    cp = names.index(cp_name)
+    shape = list(root.mesh.shape)
+    ranks = root.mesh.reshape(*shape[:cp], cp_size // ulysses, ulysses, *shape[cp + 1 :])
+    names[cp : cp + 1] = ["ring", "ulysses"]
+    return DeviceMesh(root.device_type, ranks, mesh_dim_names=tuple(names))["ring", "ulysses"]
+
+
+class ContextSplits:
+    """The groups of one cp mesh's Ulysses x ring splits: `groups[u]`, every u the heads allow
+    (`ulysses="auto"`) or the one asked for."""
+
+    def __init__(self, cp_mesh: DeviceMesh, *, heads: int, kv_heads: int, head_dim: int, ulysses: int | str = "auto"):
+        self.cp_size, self.heads, self.kv_heads, self.head_dim = cp_mesh.size(), heads, kv_heads, head_dim
+        self.auto = ulysses == "auto"
+        if not self.auto and (isinstance(ulysses, bool) or not isinstance(ulysses, int)):
+            raise ValueError(f"ulysses: expected a count or 'auto', got {ulysses!r}")
+        wanted = [u for u in range(1, self.cp_size + 1) if self.cp_size % u == 0] if self.auto else [ulysses]
+        for u in wanted:
+            if not self.auto and not heads_split(heads, kv_heads, u):
+                raise ValueError(f"ulysses: {u} ranks cannot share {heads} q heads and {kv_heads} KV heads")
+        self.groups: dict[int, DeviceMesh] = {
+            u: cp_mesh if u == 1 else split_cp_dim(cp_mesh, u) for u in wanted if heads_split(heads, kv_heads, u)
+        }
+
+    def choose(self, cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, DeviceMesh]:
+        """(ulysses, its group) for a batch of `seq_len` tokens, packed `cu_seqlens` if any."""
+        if len(self.groups) == 1:
+            return next(iter(self.groups.items()))
+        documents = None if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        plan = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=documents)
+        return plan.ulysses, self.groups[plan.ulysses]
