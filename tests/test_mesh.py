@@ -172,16 +172,16 @@ def test_a_1d_ring_over_packed_documents_says_once_what_a_2d_split_predicts(capl
     from fa4_cp import call
 
     monkeypatch.setattr(call, "_suggested", False)
-    documents = [4096, 2048, 1024, 512, 256, 128, 64, 64] * 2
+    documents = [700, 300, 200, 100, 60, 40]
     cu_seqlens = torch.tensor([0, *documents]).cumsum(0).to(torch.int32)
-    sharding = fa4_cp.Sharding.documents(documents, 8)
+    sharding = fa4_cp.Sharding.documents(documents, 4)
 
     def rank_call(group):
-        q = torch.randn(sharding.local_len, 8, 16)
+        q = torch.randn(sharding.local_len, 4, 8)
         fa4_cp.ring_attention_varlen(q, q[:, :2], q[:, :2], cu_seqlens, group=group, causal=True, backend="reference")
 
     with caplog.at_level("INFO", logger="fa4_cp"):
-        fa4_cp.SimulatedRing(8).run(rank_call)
-        fa4_cp.SimulatedRing(8).run(rank_call)
+        for _ in range(2):
+            fa4_cp.SimulatedRing(4).run(rank_call)
     said = [record.getMessage() for record in caplog.records if "Ulysses x ring split" in record.getMessage()]
     assert len(said) == 1 and "--ulysses auto" in said[0] and "2-D DeviceMesh" in said[0], said
