@@ -86,15 +86,19 @@ def backend_of(key: str | None) -> str | AttentionBackend | None:
 
 
 _options: dict[str, RingOptions] = {}
+_handles: dict[tuple, str] = {}  # fields -> handle: a call's options are made and hashed once
 
 
 @torch.compiler.assume_constant_result
 def options_handle(*fields) -> str:
     """The handle of the RingOptions with these fields (options.checked_options' values): the same
     name for the same values, on every rank and in every process."""
-    options = RingOptions(*fields)
-    name = f"fa4_cp:options:{hashlib.blake2b(repr(options).encode(), digest_size=8).hexdigest()}"
-    _options.setdefault(name, options)
+    name = _handles.get(fields)
+    if name is None:
+        options = RingOptions(*fields)
+        name = f"fa4_cp:options:{hashlib.blake2b(repr(options).encode(), digest_size=8).hexdigest()}"
+        _options.setdefault(name, options)
+        _handles[fields] = name
     return name
 
 

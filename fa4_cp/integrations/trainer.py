@@ -10,7 +10,8 @@ it also gives every rank of a cp group the same batches.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="fa4_cp_ring")
     trainer = RingAttentionTrainer(model=model, args=args, train_dataset=dataset)
 
-The trainer binds the model to a ring on its own cp mesh: when that ring is not the one the model
+`ulysses=` as the plugin's: a count, or "auto" for the split chosen per batch (the model's config
+gives its heads). The trainer binds the model to a ring on its own cp mesh: when that ring is not the one the model
 was built with, it registers it under a name of its own and switches the model to it.
 
 Gradient accumulation is supported; each micro-batch's loss is its share of that micro-batch's
@@ -31,14 +32,15 @@ from .transformers import is_ring_attention
 
 class RingAttentionTrainer(Trainer):
     def __init__(
-        self, *args, cp_size: int | None = None, ring_backend: str | None = None, ring_transport: str | None = None,
-        ring_deterministic: bool | None = None, **kwargs,
+        self, *args, cp_size: int | None = None, ulysses: int | str = 1, ring_backend: str | None = None,
+        ring_transport: str | None = None, ring_deterministic: bool | None = None, **kwargs,
     ):
         super().__init__(*args, **kwargs)
         # TrainingArguments(full_determinism=True) asks for reproducible gradients: the ring's too
         deterministic = self.args.full_determinism if ring_deterministic is None else ring_deterministic
         self.ring = RingAttentionPlugin(
-            self.accelerator, cp_size=cp_size, backend=ring_backend, transport=ring_transport, deterministic=deterministic,
+            self.accelerator, cp_size=cp_size, ulysses=ulysses, model_config=self.model.config, backend=ring_backend,
+            transport=ring_transport, deterministic=deterministic,
         )
         built_with = self.model.config._attn_implementation
         if not is_ring_attention(built_with):

@@ -6,7 +6,7 @@ sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dens
 causal and windowed, softcapped; head dims 128, 256 and MLA's 192 / 128), its Hopper backward
 accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 128, 192, 256), the varlen dq read-back, the dK/dV finish and the stand-alone merge
 kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
-them, under torch's FakeTensorMode) and the merge kernel. Prints one JSON line: each kernel's
+them, under torch's FakeTensorMode; head dims 128, MLA's 192 / 128 and 256) and the merge kernel. Prints one JSON line: each kernel's
 name and error (None when it compiled), and the `.target` of the PTX kept.
 Upstream's persistent schedulers ask the driver for the SM count while tracing; here a stand-in
 answers with FLASH_ATTENTION_NUM_SMS (compile check only).
@@ -88,17 +88,18 @@ def blackwell_kernels() -> dict:
 
     from fa4_cp.kernels.fa4 import merge_kernel
 
-    def upstream(causal: bool, backward: bool):
+    def upstream(causal: bool, backward: bool, dims: tuple[int, int] = (128, 128)):
         def compile_() -> None:
             from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
             with FakeTensorMode():
-                q = torch.empty(1, 512, 8, 128, dtype=torch.bfloat16, device="cuda")
-                k = torch.empty(1, 512, 2, 128, dtype=torch.bfloat16, device="cuda")
-                out, lse, *_ = _flash_attn_fwd(q, k, k, causal=causal, return_lse=True)
+                q = torch.empty(1, 512, 8, dims[0], dtype=torch.bfloat16, device="cuda")
+                k = torch.empty(1, 512, 2, dims[0], dtype=torch.bfloat16, device="cuda")
+                v = torch.empty(1, 512, 2, dims[1], dtype=torch.bfloat16, device="cuda")
+                out, lse, *_ = _flash_attn_fwd(q, k, v, causal=causal, return_lse=True)
                 if backward:
-                    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(k))
-                    _flash_attn_bwd(q, k, k, out, q, lse, causal=causal, dq=grads[0], dk=grads[1], dv=grads[2])
+                    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+                    _flash_attn_bwd(q, k, v, out, out, lse, causal=causal, dq=grads[0], dk=grads[1], dv=grads[2])
 
         return compile_
 
@@ -106,6 +107,8 @@ def blackwell_kernels() -> dict:
         "upstream sm100 forward causal": upstream(True, False),
         "upstream sm100 forward full": upstream(False, False),
         "upstream sm100 backward causal": upstream(True, True),
+        "upstream sm100 forward and backward causal, MLA 192 / 128": upstream(True, True, (192, 128)),
+        "upstream sm100 forward and backward causal, head_dim 256": upstream(True, True, (256, 256)),
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
     }
 

@@ -25,7 +25,9 @@ args = TrainingArguments(
     gradient_accumulation_steps=int(sys.argv[4]),
 )
 # Two samples, one cp group: both ranks must train on the same one.
-trainer = RingAttentionTrainer(model=model, args=args, train_dataset=dataset, cp_size=2, ring_backend="reference")
+trainer = RingAttentionTrainer(  # packed documents: the Ulysses x ring split chosen per batch
+    model=model, args=args, train_dataset=dataset, cp_size=2, ulysses="auto" if packed else 1, ring_backend="reference",
+)
 trainer.train()
 if trainer.accelerator.is_main_process:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
