@@ -66,8 +66,8 @@ class _NullPass:
     def dq(self) -> torch.Tensor:
         return torch.zeros_like(self.q)
 
-    def finish_dkv(self, local, travelled, k):
-        return torch.zeros_like(k), torch.zeros_like(k)
+    def finish_dkv(self, local, travelled, k, v):
+        return torch.zeros_like(k), torch.zeros_like(v)
 
     def can_write_first(self, k) -> bool:
         return True

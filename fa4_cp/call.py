@@ -28,6 +28,7 @@ from .options import RingOptions
 from .plan.layout import get_layout
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
 from .plan.sharding import Sharding
+from .plan.sharding_rows import ShardingRows
 from .tuning.mesh_model import plan_mesh
 from .validation import check_cu_seqlens, check_heads, check_qkv, check_sinks
 
@@ -42,7 +43,7 @@ class RingCall:
     v_head_dim: int
     """v's head_dim, which may differ from k's (MLA)."""
     dtype: torch.dtype
-    sharding: Sharding
+    sharding: ShardingRows
     """Layout, ring size and documents: who holds which tokens."""
     mask: BandMask
     softmax_scale: float
@@ -168,7 +169,7 @@ def _prepare(q, k, v, cu_seqlens, sinks, options: RingOptions, ring_size: int, u
     return PreparedCall(call, ring, kernels, mesh)
 
 
-def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOptions, ring_size: int) -> Sharding:
+def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOptions, ring_size: int) -> ShardingRows:
     """Who holds which tokens of a 1-D ring; the rows of q must be this rank's."""
     local_len = q.shape[-3]
     if cu_seqlens is None:
@@ -205,7 +206,7 @@ def _stand_in(like: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
 
 
 def _ring_call(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tuple[int, ...] | None, options: RingOptions, sharding: Sharding,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tuple[int, ...] | None, options: RingOptions, sharding: ShardingRows,
     backward: bool,
 ) -> tuple[RingCall, AttentionBackend]:
     kernels = get_backend(backend_of(options.backend), q, backward=backward, v_head_dim=v.shape[-1])

@@ -40,8 +40,8 @@ def ring_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
     ring: str, ulysses: str | None, options: str, grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out (q's shape and dtype), the final LSE in fp64 (sinks included), then what a 2-D call's
-    backward reads (empty tensors on a 1-D ring)."""
+    """out (q's shape with v's head_dim, q's dtype), the final LSE in fp64 (sinks included), then
+    what a 2-D call's backward reads (empty tensors on a 1-D ring)."""
     groups = [group_by_name(name) for name in (ring, ulysses) if name is not None]
     numbers = [count_call(group) for group in groups]  # before any check: a refused call counts
     prepared = _prepared(q, k, v, cu_seqlens, sinks, ring, ulysses, options, grad)

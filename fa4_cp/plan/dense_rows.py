@@ -12,10 +12,10 @@ from .rows import PlannedBlock, PlannedStep, RankPlan
 from .schedule import build_schedule
 
 if TYPE_CHECKING:
-    from .sharding import Sharding
+    from .chunked_sharding import ChunkedSharding
 
 
-def dense_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
+def dense_plan(sharding: ChunkedSharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
     """Dense sides are row slices of the rank's lanes; no tensor is built (`device` unused)."""
     schedule = build_schedule(sharding, mask)
     q_sides: dict[range, int] = {}
@@ -47,7 +47,7 @@ def dense_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.devi
     )
 
 
-def _dense_rows(sharding: Sharding, lanes: range) -> slice | None:
+def _dense_rows(sharding: ChunkedSharding, lanes: range) -> slice | None:
     """The rows of a run of lanes; None for every row."""
     if lanes == range(sharding.lanes):
         return None

@@ -24,10 +24,10 @@ from .rows import PlannedBlock, PlannedStep, RankPlan
 from .schedule import BlockCall, RingSchedule, build_schedule
 
 if TYPE_CHECKING:
-    from .sharding import Sharding
+    from .chunked_sharding import ChunkedSharding
 
 
-def document_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
+def document_plan(sharding: ChunkedSharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
     groups = _schedules(sharding, mask)
     steps = sorted({step for _, schedule in groups for step in schedule.steps})
     rows = _LaneRowsTable(sharding, rank)
@@ -56,7 +56,7 @@ def document_plan(sharding: Sharding, mask: BandMask, rank: int, device: torch.d
     return RankPlan(sharding.world_size, rank, (None,), (None,), tuple(planned), writes_first=False)
 
 
-def _schedules(sharding: Sharding, mask: BandMask) -> list[tuple[int | None, RingSchedule]]:
+def _schedules(sharding: ChunkedSharding, mask: BandMask) -> list[tuple[int | None, RingSchedule]]:
     """(chunk size, its schedule) per group of documents; one group (None) when one band per call
     serves every size."""
     try:
@@ -99,7 +99,7 @@ class _LaneRowsTable:
     blocks' seqused, then one device tensor. Each side has tensors of its own, so that a backend
     keying per-side state on the cu_seqlens_q tensor never mixes two runs that start alike."""
 
-    def __init__(self, sharding: Sharding, rank: int):
+    def __init__(self, sharding: ChunkedSharding, rank: int):
         self.sharding, self.rank = sharding, rank
         self.index: dict[tuple, int] = {}
         self.entries: list[list[int]] = []

@@ -25,7 +25,7 @@ from ..kernels.interface import BandMask
 from .layout import Layout
 
 if TYPE_CHECKING:
-    from .sharding import Sharding
+    from .chunked_sharding import ChunkedSharding
 
 Interval = tuple[float, float]  # closed integer interval of key offsets j - i; empty when lo > hi
 
@@ -59,7 +59,7 @@ class RingSchedule:
 _build_lock = threading.Lock()
 
 
-def build_schedule(sharding: Sharding, mask: BandMask, sizes: tuple[int, ...] | None = None) -> RingSchedule:
+def build_schedule(sharding: ChunkedSharding, mask: BandMask, sizes: tuple[int, ...] | None = None) -> RingSchedule:
     """The schedule of every rank (cached); ranks sharing a process build it once.
 
     It depends on the documents only through their distinct chunk sizes (or `sizes`: the

@@ -1,7 +1,7 @@
 """What every kind of sharding shares: which global token each local row holds (`token_index`),
-and shard / unshard through it. The kinds: dense and per-document chunks (sharding.py), balanced
-document spans (placement.py), and the 2-D mesh's (mesh_sharding.py); the first two also plan a
-rank's ring (`rank_plan`)."""
+and shard / unshard through it. The kinds, a file each: dense and per-document chunks
+(dense_sharding.py, document_sharding.py), balanced document spans (placement.py), each of which
+plans a rank's ring (`rank_plan`), and the 2-D mesh's (mesh_sharding.py). sharding.py makes them."""
 
 from __future__ import annotations
 
