@@ -7,8 +7,11 @@ upstream's forward plus the stand-alone merge kernel, upstream flash_attn_func, 
 is one step of a forward pass made once, as in a ring call.
 Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as one more
 step of a ring call already under way (kernel, dK/dV added into fp32), upstream's backward,
-cuDNN's (autograd of SDPA). TFLOPs count 4·S²·H·d forward and 2.5x that backward,
-halved when causal. Times are CUDA-event medians after warm-up, the contenders interleaved.
+cuDNN's (autograd of SDPA). TFLOPs count 2·S²·H·(d + d_v) forward (4·S²·H·d when v has q's
+head_dim) and 2.5x that backward, halved when causal. `--head-dims 256 192/128` adds today's
+models' shapes: the backend's forward takes them; its backward at 192 and 256 is staged (compiled,
+refused by the backend until tests/gpu passes it), so the bench runs that Hopper pass directly;
+no backward row for v narrower than k (not yet built), nor cuDNN where it refuses the shape. Times are CUDA-event medians after warm-up, the contenders interleaved.
 Also measures the first call of a new configuration with a cold and a warm on-disk compile
 cache, each in a fresh process. Writes bench/results/kernels_<gpu>_<date>.json, prints a table.
 """
@@ -27,15 +30,22 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import median_ms, record, today, write  # noqa: E402
 from fa4_cp.kernels import LSE_ACCUMULATOR_DTYPE, BandMask  # noqa: E402
-from fa4_cp.kernels.fa4.backend import FA4Backend  # noqa: E402
+from fa4_cp.kernels.fa4.backend import BACKWARD_HEAD_DIMS, FA4Backend  # noqa: E402
+from fa4_cp.kernels.fa4.backward_pass_sm90 import Sm90BackwardPass  # noqa: E402
 
+DIMS = ("64", "128", "256", "192/128")  # head_dim, or q/k head_dim / v head_dim
 GRID = [
-    (seq, heads, kv_heads, dim, causal)
+    (seq, heads, kv_heads, dims, causal)
     for seq in (8192, 32768, 65536)
     for heads, kv_heads in ((32, 32), (32, 8))
-    for dim in (64, 128)
+    for dims in DIMS
     for causal in (True, False)
 ]
+
+
+def head_dims(spec: str) -> tuple[int, int]:
+    dim, _, dim_v = spec.partition("/")
+    return int(dim), int(dim_v or dim)
 
 FIRST_CALL = """
 import time, torch, sys
@@ -50,15 +60,16 @@ torch.cuda.synchronize(); print(time.perf_counter() - start)
 """
 
 
-def run_config(seq: int, heads: int, kv_heads: int, dim: int, causal: bool) -> dict:
+def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> dict:
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.interface import _flash_attn_bwd
 
+    dim, dim_v = head_dims(dims)
     q = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    dout = torch.randn_like(q)
-    out = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+    v = torch.randn(1, seq, kv_heads, dim_v, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(1, seq, heads, dim_v, device="cuda", dtype=torch.bfloat16)
+    out = torch.zeros(dout.shape, device="cuda", dtype=torch.float32)
     lse = torch.full((1, heads, seq), -math.inf, device="cuda", dtype=LSE_ACCUMULATOR_DTYPE)
     mask = BandMask(hi=0) if causal else BandMask()
     scale = dim**-0.5
@@ -74,48 +85,68 @@ def run_config(seq: int, heads: int, kv_heads: int, dim: int, causal: bool) -> d
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal, enable_gqa=kv_heads != heads)
 
-    forward = median_ms({
+    contenders = {
         "fa4_cp_fwd_merge": ours(fused, True),
         "fa4_cp_fwd_first": ours(fused, False),
         "fa4_cp_fwd_merge_kernel": ours(unfused, True),
         "upstream_fa4_fwd": lambda: flash_attn_func(q, k, v, causal=causal),
         "cudnn_sdpa_fwd": cudnn_forward,
-    })
+    }
+    if dim != dim_v:
+        del contenders["fa4_cp_fwd_merge_kernel"]  # the stand-alone merge is not built for v narrower than k
+    if not _runs(cudnn_forward):
+        del contenders["cudnn_sdpa_fwd"]
+    forward = median_ms(contenders)
 
     up_out, up_lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
     dk_acc, dv_acc = (torch.zeros(t.shape, device="cuda", dtype=torch.float32) for t in (k, v))
 
+    def backward_pass():  # the backend's, or the staged Hopper pass it does not yet hand out
+        if dim in BACKWARD_HEAD_DIMS:
+            return fused.backward(q, up_out, up_lse, dout, None, softmax_scale=scale)
+        return Sm90BackwardPass(q, up_out, up_lse, dout, None, scale)
+
     def ours_backward():
-        grads = fused.backward(q, up_out, up_lse, dout, None, softmax_scale=scale)
+        grads = backward_pass()
         grads.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
         grads.dq()
 
-    steady = fused.backward(q, up_out, up_lse, dout, None, softmax_scale=scale)
+    contenders = {"upstream_fa4_bwd": lambda: _flash_attn_bwd(q, k, v, up_out, dout, up_lse, softmax_scale=scale, causal=causal)}
+    if dim == dim_v:
+        steady = backward_pass()
+        contenders |= {
+            "fa4_cp_bwd": ours_backward,
+            "fa4_cp_bwd_step": lambda: steady.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask),
+        }
+    if "cudnn_sdpa_fwd" in forward:
+        cudnn_out, cudnn_dout = cudnn_forward(), dout.transpose(1, 2)
+        contenders["cudnn_sdpa_bwd"] = lambda: torch.autograd.grad(cudnn_out, (q_t, k_t, v_t), cudnn_dout, retain_graph=True)
+    times = forward | median_ms(contenders)
+    flops = {name: 2 * seq * seq * heads * (dim + dim_v) / (2 if causal else 1) * (2.5 if "bwd" in name else 1) for name in times}
 
-    def ours_backward_step():
-        steady.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
+    def ratio(slower: str, ours_: str) -> float | None:
+        return times[slower] / times[ours_] if slower in times and ours_ in times else None
 
-    cudnn_out = cudnn_forward()
-    cudnn_dout = dout.transpose(1, 2)
-    backward = median_ms({
-        "fa4_cp_bwd": ours_backward,
-        "fa4_cp_bwd_step": ours_backward_step,
-        "upstream_fa4_bwd": lambda: _flash_attn_bwd(q, k, v, up_out, dout, up_lse, softmax_scale=scale, causal=causal),
-        "cudnn_sdpa_bwd": lambda: torch.autograd.grad(cudnn_out, (q_t, k_t, v_t), cudnn_dout, retain_graph=True),
-    })
-    times = forward | backward
-    flops = {name: 4 * seq * seq * heads * dim / (2 if causal else 1) * (2.5 if "bwd" in name else 1) for name in times}
     return {
-        "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "causal": causal,
+        "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "head_dim_v": dim_v, "causal": causal,
         "ms": times,
         "tflops": {name: flops[name] / (ms * 1e-3) / 1e12 for name, ms in times.items()},
-        "fwd_vs_upstream": times["upstream_fa4_fwd"] / times["fa4_cp_fwd_merge"],
-        "fwd_vs_cudnn": times["cudnn_sdpa_fwd"] / times["fa4_cp_fwd_merge"],
-        "fused_vs_merge_kernel": times["fa4_cp_fwd_merge_kernel"] / times["fa4_cp_fwd_merge"],
-        "bwd_vs_upstream": times["upstream_fa4_bwd"] / times["fa4_cp_bwd"],
-        "bwd_step_vs_upstream": times["upstream_fa4_bwd"] / times["fa4_cp_bwd_step"],
-        "bwd_vs_cudnn": times["cudnn_sdpa_bwd"] / times["fa4_cp_bwd"],
+        "fwd_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_merge"),
+        "fwd_vs_cudnn": ratio("cudnn_sdpa_fwd", "fa4_cp_fwd_merge"),
+        "fused_vs_merge_kernel": ratio("fa4_cp_fwd_merge_kernel", "fa4_cp_fwd_merge"),
+        "bwd_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd"),
+        "bwd_step_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_step"),
+        "bwd_vs_cudnn": ratio("cudnn_sdpa_bwd", "fa4_cp_bwd"),
     }
+
+
+def _runs(fn) -> bool:
+    """Whether a contender takes the shape (cuDNN refuses some head dims)."""
+    try:
+        fn()
+        return True
+    except RuntimeError:
+        return False
 
 
 def first_call_seconds(cache_dir: str) -> float:
@@ -129,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--quick", action="store_true", help="S = 8K and 32K only")
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--head-dims", nargs="+", default=["64", "128"], choices=DIMS, help="head_dim, or q/k / v head dims")
     args = parser.parse_args()
     rows = [run_config(*config) for config in GRID if (not args.quick or config[0] <= 32768) and config[3] in args.head_dims]
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -143,13 +174,18 @@ def main() -> None:
     device = result["device"].lower().replace(" ", "_")
     write(result, os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}.json"))
     print(f"{'S':>6} {'H':>6} {'d':>4} {'causal':>6} | fwd TFLOPs: {'ours':>5} {'kernel':>6} {'FA4':>5} {'cuDNN':>5} | bwd TFLOPs: {'ours':>5} {'step':>5} {'FA4':>5} {'cuDNN':>5} | ratios fwd/FA4 fwd/cuDNN bwd/FA4 bwd/cuDNN")
+    def cell(value: float | None, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
     for row in rows:
         t = row["tflops"]
+        dims = f"{row['head_dim']}" if row["head_dim"] == row["head_dim_v"] else f"{row['head_dim']}/{row['head_dim_v']}"
         print(
-            f"{row['seq']:>6} {row['heads']:>3}:{row['kv_heads']:<2} {row['head_dim']:>4} {str(row['causal']):>6} | "
-            f"{'':>11} {t['fa4_cp_fwd_merge']:>5.0f} {t['fa4_cp_fwd_merge_kernel']:>6.0f} {t['upstream_fa4_fwd']:>5.0f} {t['cudnn_sdpa_fwd']:>5.0f} | "
-            f"{'':>11} {t['fa4_cp_bwd']:>5.0f} {t['fa4_cp_bwd_step']:>5.0f} {t['upstream_fa4_bwd']:>5.0f} {t['cudnn_sdpa_bwd']:>5.0f} | "
-            f"{row['fwd_vs_upstream']:>14.3f} {row['fwd_vs_cudnn']:>9.3f} {row['bwd_vs_upstream']:>7.3f} {row['bwd_vs_cudnn']:>9.3f}"
+            f"{row['seq']:>6} {row['heads']:>3}:{row['kv_heads']:<2} {dims:>7} {str(row['causal']):>6} | {'':>11} "
+            + " ".join(cell(t.get(name), 5, 0) for name in ("fa4_cp_fwd_merge", "fa4_cp_fwd_merge_kernel", "upstream_fa4_fwd", "cudnn_sdpa_fwd"))
+            + f" | {'':>11} "
+            + " ".join(cell(t.get(name), 5, 0) for name in ("fa4_cp_bwd", "fa4_cp_bwd_step", "upstream_fa4_bwd", "cudnn_sdpa_bwd"))
+            + " | " + " ".join(cell(row[name], 9, 3) for name in ("fwd_vs_upstream", "fwd_vs_cudnn", "bwd_vs_upstream", "bwd_vs_cudnn"))
         )
     print(f"first call of a new configuration: {cold:.1f} s with a cold compile cache, {warm:.1f} s warm")
 
