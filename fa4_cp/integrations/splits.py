@@ -49,10 +49,11 @@ class ContextSplits:
         self.auto = ulysses == "auto"
         if not self.auto and (isinstance(ulysses, bool) or not isinstance(ulysses, int)):
             raise ValueError(f"ulysses: expected a count or 'auto', got {ulysses!r}")
+        if not self.auto and (ulysses < 1 or self.cp_size % ulysses):
+            raise ValueError(f"ulysses: {ulysses} must divide the cp size {self.cp_size}")
+        if not self.auto and not heads_split(heads, kv_heads, ulysses):
+            raise ValueError(f"ulysses: {ulysses} ranks cannot share {heads} q heads and {kv_heads} KV heads")
         wanted = [u for u in range(1, self.cp_size + 1) if self.cp_size % u == 0] if self.auto else [ulysses]
-        for u in wanted:
-            if not self.auto and not heads_split(heads, kv_heads, u):
-                raise ValueError(f"ulysses: {u} ranks cannot share {heads} q heads and {kv_heads} KV heads")
         self.groups: dict[int, DeviceMesh] = {
             u: cp_mesh if u == 1 else split_cp_dim(cp_mesh, u) for u in wanted if heads_split(heads, kv_heads, u)
         }
