@@ -195,7 +195,7 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "cp"))
     auto = ContextSplits(mesh["cp"], heads=6, kv_heads=2, head_dim=16)
     refusals = []
-    for ulysses, heads in ((3, 6), (4, 4), (2, 3)):  # 3 does not divide 4 ranks; 4 heads over 1 KV head split; 3 do not
+    for ulysses, heads in ((3, 6), (2, 4), (2, 3)):  # 3 does not divide 2 ranks; 4 heads over 1 KV head split; 3 do not
         try:
             ContextSplits(mesh["cp"], heads=heads, kv_heads=1 if heads == 4 else 3 if heads == 3 else 2, head_dim=16, ulysses=ulysses)
             refusals.append(None)
@@ -211,11 +211,11 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
 
 
 def test_context_splits_make_every_split_the_heads_allow_and_refuse_the_others(tmp_path):
-    """6 q heads over 2 KV heads on 4 ranks: u = 1 and 2 split them (4 does not divide 6). A
-    fixed u that does not divide the ranks, or that the heads cannot share, is refused."""
-    report = values(run_ranks(_splits_of_a_cp_group, 4, tmp_path))[0]
-    assert report["auto"] == [1, 2] and report["shapes"] == {1: (4,), 2: (2, 2)}, report
-    assert "must divide the cp size 4" in report["refusals"][0]
-    assert report["refusals"][1] is None, "4 ranks share 4 q heads over 1 KV head (repeated)"
+    """6 q heads over 2 KV heads on 2 ranks: u = 1 and 2 split them. A fixed u that does not
+    divide the ranks, or that the heads cannot share, is refused."""
+    report = values(run_ranks(_splits_of_a_cp_group, 2, tmp_path))[0]
+    assert report["auto"] == [1, 2] and report["shapes"] == {1: (2,), 2: (1, 2)}, report
+    assert "must divide the cp size 2" in report["refusals"][0]
+    assert report["refusals"][1] is None, "2 ranks share 4 q heads over 1 KV head (repeated)"
     assert "cannot share 3 q heads and 3 KV heads" in report["refusals"][2]
     assert report["choice"] in report["auto"]

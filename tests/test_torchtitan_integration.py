@@ -70,6 +70,13 @@ def unsharded(family: str, packed: bool, dtype):
     return loss.detach().double(), {name: p.grad.double() for name, p in model.named_parameters()}
 
 
+# the split per batch chooses for documents; DeepSeek-V3 on a 2-D mesh: test_mesh.py's MLA cases
+RUNS = [
+    (family, packed, kind) for kind in ("ring", "mesh", "auto") for family in FAMILIES for packed in (False, True)
+    if (kind != "auto" or packed) and (kind, family) != ("mesh", "deepseek_v3")
+]
+
+
 def on_ring(rank, world_size):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -84,7 +91,9 @@ def on_ring(rank, world_size):
     results = {}
     for kind, group in groups.items():
         for family in FAMILIES:
-            for packed in (True,) if kind == "auto" else (False, True):  # the split is chosen for documents
+            for packed in (False, True):
+                if (family, packed, kind) not in RUNS:
+                    continue
                 model = build(family, ring=True)
                 local = shard_titan_batch(*batch(packed), group=group)
                 loss = summed_loss(model(local.tokens, local.positions, local.attention_masks), local.labels) / local.num_tokens
@@ -106,8 +115,6 @@ def ring(tmp_path_factory):
 def _error(result, truth) -> float:
     return (result.double() - truth).abs().max().item()
 
-
-RUNS = [(family, packed, kind) for kind in ("ring", "mesh", "auto") for family in FAMILIES for packed in (False, True) if kind != "auto" or packed]
 
 
 @pytest.mark.parametrize(("family", "packed", "kind"), RUNS, ids=[f"{f}-{'packed' if p else 'dense'}-{k}" for f, p, k in RUNS])
