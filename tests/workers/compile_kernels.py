@@ -4,7 +4,7 @@
 
 sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
 causal and windowed, softcapped; head dims 128, 256 and MLA's 192 / 128), its Hopper backward
-accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 128, 192, 256), the varlen dq read-back, the dK/dV finish and the stand-alone merge
+accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 128, 192, 256, MLA's 192 / 128), the varlen dq read-back, the dK/dV finish and the stand-alone merge
 kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
 them, under torch's FakeTensorMode; head dims 128, MLA's 192 / 128 and 256) and the merge kernel. Prints one JSON line: each kernel's
 name and error (None when it compiled), and the `.target` of the PTX kept.
@@ -76,8 +76,20 @@ def hopper_kernels() -> dict:
             f"backward causal gqa head_dim {dim}": (lambda dim=dim: backward_sm90._compile(backward_sm90.BackwardTiles.for_head_dim(dim), BFloat16, 4, causal, False, None))
             for dim in (192, 256)
         },
+        "backward causal gqa MLA 192 / 128": lambda: backward_sm90._compile(
+            backward_sm90.BackwardTiles.for_head_dim(192, 128), BFloat16, 1, causal, False, None,
+        ),
+        "backward varlen causal MLA 192 / 128": lambda: backward_sm90._compile(
+            backward_sm90.BackwardTiles.for_head_dim(192, 128), BFloat16, 1, causal, True, None,
+        ),
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
         "varlen dq read-back, three sides": lambda: dq_readback._compile(BFloat16, backward_pass_sm90._dq_geometry(tiles), 3),
+        **{
+            f"varlen dq read-back, head_dim {dims[0]}": (
+                lambda dims=dims: dq_readback._compile(BFloat16, backward_pass_sm90._dq_geometry(backward_sm90.BackwardTiles.for_head_dim(*dims)), 3)
+            )
+            for dims in ((192, 128), (256, 256))
+        },
         "dK/dV finish, local and two chains": lambda: dkv_finish._compile(BFloat16, True, 2),
         "dK/dV finish, one chain": lambda: dkv_finish._compile(BFloat16, False, 1),
     }

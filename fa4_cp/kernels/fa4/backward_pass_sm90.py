@@ -21,6 +21,7 @@ import torch
 from einops import rearrange
 from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess, torch2cute_dtype_map
 
+from ..dkv_sum import finished_dkv
 from ..interface import BandMask, VarlenRows
 from ..reference import selected_rows
 from .arguments import NO_AUX, varlen_arguments
@@ -52,7 +53,7 @@ class Sm90BackwardPass:
         self.dk_scale = softmax_scale  # the kernel adds dK unscaled
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
-        self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1])
+        self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1], dout.shape[-1])
         self.dq_tiles = _dq_geometry(tiles)
         self.sides: dict[tuple, _QSide] = {}
         self.whole_dq: torch.Tensor | None = None
@@ -119,7 +120,9 @@ class Sm90BackwardPass:
         return dq.mul_(self.softmax_scale)
 
     def finish_dkv(self, local, travelled, k, v):
-        return finish_dkv_cuda(local, travelled, k, self.dk_scale)  # v has k's head_dim here (backend.check_inputs)
+        if k.shape[-1] != v.shape[-1]:  # the one-pass finish takes one width; MLA's two go through torch
+            return finished_dkv(local, travelled, k, v, self.dk_scale)
+        return finish_dkv_cuda(local, travelled, k, self.dk_scale)
 
     def _read_back_varlen(self, sides: list[_QSide]) -> torch.Tensor:
         """The varlen sides' accumulators in one pass (dq_readback.py), scaled and rounded once."""
@@ -173,7 +176,7 @@ class Sm90BackwardPass:
         _bwd_preprocess(
             self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
             cu, used, None if self.dlse is None else self.dlse[..., rows],
-            torch2cute_dtype_map[q.dtype], q.shape[-1], q.shape[-1], tile,
+            torch2cute_dtype_map[q.dtype], q.shape[-1], self.dout.shape[-1], tile,
             fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
         )
         return _QSide(rows, q[..., rows, :, :], self.dout[..., rows, :, :], lse_log2, dpsum, accum, owned, row_map)

@@ -54,22 +54,25 @@ class BackwardTiles:
 
     config: BwdConfig
     head_dim: int
+    head_dim_v: int
+    """v's (and dout's); narrower than q's and k's in MLA (192 / 128)."""
 
     @staticmethod
     @functools.cache
-    def for_head_dim(head_dim: int) -> BackwardTiles:
-        config = _tile_size_bwd_sm90(head_dim, head_dim, True, False)
+    def for_head_dim(head_dim: int, head_dim_v: int | None = None) -> BackwardTiles:
+        head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        config = _tile_size_bwd_sm90(head_dim, head_dim_v, True, False)
         if config.dKV_swapAB:
             # Upstream swaps the dK/dV MMAs' operands at head_dim 192 and 256 (48- and 96-row KV
             # tiles), whose accumulator rows this epilogue cannot address; 64-row KV tiles with
             # unswapped MMAs compile for sm_90a. Not yet run on a GPU: backend.py keeps these
             # head dims off the backward until tests/gpu/test_fa4_backend.py passes them.
             config = replace(config, dKV_swapAB=False, n_block_size=64, AtomLayoutNdKV=1)
-        return BackwardTiles(config, head_dim)
+        return BackwardTiles(config, head_dim, head_dim_v)
 
     @functools.cached_property
     def compile_key(self) -> tuple:
-        return (self.head_dim, *astuple(self.config))
+        return (self.head_dim, self.head_dim_v, *astuple(self.config))
 
     @property
     def tile_m(self) -> int:
@@ -194,11 +197,11 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
             lock = mdK_semaphore[n_block, None, head_kv, batch_idx].iterator
             barrier.wait_eq(lock, tidx, 0, turn)
             epilogue_threads.arrive_and_wait()
-        for acc, mX, tiled_mma in ((acc_dK, mdK, tiled_mma_dK), (acc_dV, mdV, tiled_mma_dV)):
+        for acc, mX, tiled_mma, width in ((acc_dK, mdK, tiled_mma_dK, self.tile_hdim), (acc_dV, mdV, tiled_mma_dV, self.tile_hdimv)):
             rows = _block_rows(mX, seqlen, head_kv, batch_idx)
-            gX = cute.local_tile(rows, (self.tile_n, self.tile_hdim), (n_block, 0))
+            gX = cute.local_tile(rows, (self.tile_n, width), (n_block, 0))
             thr_mma = tiled_mma.get_slice(tidx)
-            tXcX = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_n, self.tile_hdim))))
+            tXcX = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_n, width))))
             tXrX = layout_utils.reshape_acc_to_mn(acc)
             for m in cutlass.range(cute.size(tXrX, mode=[0]), unroll_full=True):
                 if tXcX[m, 0][0] < rows_in_tile:
@@ -265,7 +268,7 @@ def _compile(
     kernel = AccumulatingBackwardSm90(
         dtype,
         tiles.head_dim,
-        tiles.head_dim,
+        tiles.head_dim_v,
         is_causal=window.causal,
         is_local=window.local,
         deterministic=deterministic,
@@ -287,17 +290,17 @@ def _compile(
         **score_mods,
     )
     sym = cute.sym_int
-    heads, kv_heads, head_dim = sym(), sym(), tiles.head_dim
+    heads, kv_heads, head_dim, head_dim_v = sym(), sym(), tiles.head_dim, tiles.head_dim_v
     block = FakeBlockRows.make(varlen)
     rows_q, rows_k, lead = block.rows_q, block.rows_k, block.lead
     vector = 128 // dtype.width
     q = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
-    dout = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
-    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, head_dim), divisibility=vector) for _ in range(2))
+    dout = make_fake_tensor(dtype, (*rows_q, heads, head_dim_v), divisibility=vector)
+    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, dim), divisibility=vector) for dim in (head_dim, head_dim_v))
     rows_padded = sym()
     lse_log2, dpsum = (make_fake_tensor(Float32, (*lead, heads, rows_padded), divisibility=4) for _ in range(2))
     dq_accum = make_fake_tensor(Float32, (*lead, heads, sym()), divisibility=4)
-    dk, dv = (make_fake_tensor(Float32, (*rows_k, kv_heads, head_dim), divisibility=4) for _ in range(2))
+    dk, dv = (make_fake_tensor(Float32, (*rows_k, kv_heads, dim), divisibility=4) for dim in (head_dim, head_dim_v))
     semaphores = (None, None, None)
     if deterministic:  # dq: (b, h, m blocks, 1); dK, dV: (b, h_kv, n blocks, 2), as upstream's
         semaphores = (
