@@ -9,9 +9,9 @@ Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ou
 step of a ring call already under way (kernel, dK/dV added into fp32), upstream's backward,
 cuDNN's (autograd of SDPA). TFLOPs count 2·S²·H·(d + d_v) forward (4·S²·H·d when v has q's
 head_dim) and 2.5x that backward, halved when causal. `--head-dims 256 192/128` adds today's
-models' shapes: the backend's forward takes them; its backward at 192 and 256 is staged (compiled,
-refused by the backend until tests/gpu passes it), so the bench runs that Hopper pass directly;
-no backward row for v narrower than k (not yet built), nor cuDNN where it refuses the shape. Times are CUDA-event medians after warm-up, the contenders interleaved.
+models' shapes: the backend's forward takes them; its backward there is staged (compiled, refused
+by the backend until tests/gpu passes it), so the bench runs that Hopper pass directly; no
+cuDNN row where cuDNN refuses the shape. Times are CUDA-event medians after warm-up, the contenders interleaved.
 Also measures the first call of a new configuration with a cold and a warm on-disk compile
 cache, each in a fresh process. Writes bench/results/kernels_<gpu>_<date>.json, prints a table.
 """
@@ -102,7 +102,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
     dk_acc, dv_acc = (torch.zeros(t.shape, device="cuda", dtype=torch.float32) for t in (k, v))
 
     def backward_pass():  # the backend's, or the staged Hopper pass it does not yet hand out
-        if dim in BACKWARD_HEAD_DIMS:
+        if dim in BACKWARD_HEAD_DIMS and dim == dim_v:
             return fused.backward(q, up_out, up_lse, dout, None, softmax_scale=scale)
         return Sm90BackwardPass(q, up_out, up_lse, dout, None, scale)
 
@@ -111,13 +111,12 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         grads.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
         grads.dq()
 
-    contenders = {"upstream_fa4_bwd": lambda: _flash_attn_bwd(q, k, v, up_out, dout, up_lse, softmax_scale=scale, causal=causal)}
-    if dim == dim_v:
-        steady = backward_pass()
-        contenders |= {
-            "fa4_cp_bwd": ours_backward,
-            "fa4_cp_bwd_step": lambda: steady.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask),
-        }
+    steady = backward_pass()
+    contenders = {
+        "fa4_cp_bwd": ours_backward,
+        "fa4_cp_bwd_step": lambda: steady.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask),
+        "upstream_fa4_bwd": lambda: _flash_attn_bwd(q, k, v, up_out, dout, up_lse, softmax_scale=scale, causal=causal),
+    }
     if "cudnn_sdpa_fwd" in forward:
         cudnn_out, cudnn_dout = cudnn_forward(), dout.transpose(1, 2)
         contenders["cudnn_sdpa_bwd"] = lambda: torch.autograd.grad(cudnn_out, (q_t, k_t, v_t), cudnn_dout, retain_graph=True)
