@@ -41,7 +41,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing summary")
     parser.add_argument("--out", type=Path, help="write the per-step log and a timing summary here (JSON)")
     parser.add_argument("--deterministic", action="store_true", help="fa4_cp: bitwise-reproducible ring attention gradients")
+    parser.add_argument(
+        "--ulysses", type=_ulysses, default=1,
+        help="fa4_cp: Ulysses ranks inside the cp group (a 2-D split), or auto: the split fa4_cp.plan_mesh predicts fastest per batch",
+    )
     return parser.parse_args()
+
+
+def _ulysses(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {value!r}") from None
 
 
 def model_config(tiny: bool, attn_implementation: str) -> LlamaConfig:
@@ -65,10 +78,15 @@ def main() -> None:
         )
     if args.deterministic and args.attention != "fa4_cp":
         sys.exit("accelerate_train.py: --deterministic is fa4_cp's flag; it needs --attention fa4_cp")
+    if args.ulysses != 1 and args.attention != "fa4_cp":
+        sys.exit("accelerate_train.py: --ulysses is fa4_cp's flag; it needs --attention fa4_cp")
     accelerator = Accelerator(cpu=args.cpu)
     ring = None
     if args.attention == "fa4_cp":
-        ring = RingAttentionPlugin(accelerator, cp_size=args.cp_size, backend="reference" if args.cpu else None, deterministic=args.deterministic)
+        ring = RingAttentionPlugin(
+            accelerator, cp_size=args.cp_size, ulysses=args.ulysses, model_config=model_config(args.tiny, "eager"),
+            backend="reference" if args.cpu else None, deterministic=args.deterministic,
+        )
     cp_size = ring.cp_size if ring else accelerator.parallelism_config.cp_size
     torch.manual_seed(0)
     model = LlamaForCausalLM(model_config(args.tiny, ring.attn_implementation if ring else "sdpa"))

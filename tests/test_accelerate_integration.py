@@ -62,7 +62,7 @@ def test_accelerate_example_trains_on_two_cpu_processes(tmp_path):
     out = tmp_path / "summary.json"
     finished = torchrun_two_cpu_processes(
         "launch/accelerate_train.py", "--cpu", "--cp-size", "2", "--seq-len", "256", "--steps", "3", "--tiny",
-        "--warmup-steps", "1", "--out", str(out),
+        "--warmup-steps", "1", "--out", str(out), "--ulysses", "auto",
     )
     losses = [float(line.split("loss ")[1].split()[0]) for line in finished.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 3 and 5.0 < losses[0] < 6.0  # a byte model starts near ln 256 = 5.55
