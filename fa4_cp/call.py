@@ -25,6 +25,7 @@ from .comm.transport import TransportKind
 from .handles import backend_of
 from .kernels import AttentionBackend, BandMask, get_backend
 from .options import RingOptions
+from .plan.dense_sharding import DenseSharding
 from .plan.layout import get_layout
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
 from .plan.sharding import Sharding
@@ -174,8 +175,8 @@ def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOpt
     local_len = q.shape[-3]
     if cu_seqlens is None:
         layout = get_layout(options.layout)
-        layout.check_length(local_len * ring_size, ring_size, "q", local_len=local_len)
-        return Sharding.dense(local_len * ring_size, ring_size, layout)
+        layout.check_length(local_len * ring_size, ring_size, "q", local_len=local_len)  # the length rule, once
+        return DenseSharding(layout, ring_size, (local_len * ring_size,))
     doc_lengths = check_cu_seqlens(cu_seqlens)
     sharding = Sharding.documents(doc_lengths, ring_size, options.layout)
     if local_len != sharding.local_len:
@@ -191,7 +192,7 @@ def _mesh_sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: Ri
     if cu_seqlens is None:
         seq_len, layout = q.shape[-3] * u * r, get_layout(options.layout)
         layout.check_length(seq_len, r, "q")
-        sharding = mesh_sharding(Sharding.dense(seq_len, r, layout), u)
+        sharding = mesh_sharding(DenseSharding(layout, r, (seq_len,)), u)
     else:
         sharding = mesh_sharding(Sharding.documents(check_cu_seqlens(cu_seqlens), r, options.layout), u)
     if q.shape[-3] != sharding.local_len:
