@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from config import ulysses_flag  # noqa: E402
 from data import TokenStream  # noqa: E402
 
 from fa4_cp.integrations.accelerate import RingAttentionPlugin  # noqa: E402
@@ -42,19 +43,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the per-step log and a timing summary here (JSON)")
     parser.add_argument("--deterministic", action="store_true", help="fa4_cp: bitwise-reproducible ring attention gradients")
     parser.add_argument(
-        "--ulysses", type=_ulysses, default=1,
+        "--ulysses", type=ulysses_flag, default=1,
         help="fa4_cp: Ulysses ranks inside the cp group (a 2-D split), or auto: the split fa4_cp.plan_mesh predicts fastest per batch",
     )
     return parser.parse_args()
-
-
-def _ulysses(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {value!r}") from None
 
 
 def model_config(tiny: bool, attn_implementation: str) -> LlamaConfig:

@@ -112,7 +112,8 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 # Every flag: (type, help). A flag left out keeps the preset's value (shown in --help).
-def _ulysses_flag(value: str) -> int | str:
+def ulysses_flag(value: str) -> int | str:
+    """--ulysses as argparse reads it: a count, or "auto"."""
     if value == "auto":
         return value
     try:
@@ -133,7 +134,7 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "dp_shard": (int, "FSDP data-parallel size; dp_shard x cp must equal the world size"),
     "cp": (int, "context-parallel size (ranks per sequence)"),
     "ulysses": (
-        _ulysses_flag, "Ulysses head all-to-all ranks inside each cp group, the ring spanning cp / ulysses; auto: the split "
+        ulysses_flag, "Ulysses head all-to-all ranks inside each cp group, the ring spanning cp / ulysses; auto: the split "
         "fa4_cp.plan_mesh predicts fastest for each batch's documents (default auto with --packing documents, else 1)",
     ),
     "device": (str, "cuda or cpu"),
