@@ -12,9 +12,9 @@ between ranks (the tensors' values) is not in it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -163,25 +163,34 @@ def _prepare(q, k, v, cu_seqlens, sinks, options: RingOptions, ring_size: int, u
     sinks_shape = check_sinks(sinks, q)
     mesh = _mesh_sharding(q, cu_seqlens, options, ring_size, ulysses_size)
     head_group, kv_group = heads // ulysses_size, max(kv_heads // ulysses_size, 1)
-    ring_q, ring_k, ring_v = (_stand_in(t, mesh.ring_rows, h) for t, h in ((q, head_group), (k, kv_group), (v, kv_group)))
+    ring_q, ring_k, ring_v = (
+        stand_in(t, (*t.shape[:-3], mesh.ring_rows, h, t.shape[-1])) for t, h in ((q, head_group), (k, kv_group), (v, kv_group))
+    )
     ring_sinks = None if sinks is None else (head_group,)  # each ulysses rank's heads' sinks
     ring, kernels = _ring_call(ring_q, ring_k, ring_v, ring_sinks, options, mesh.ring, backward)
     call = dataclasses.replace(ring, ulysses=ulysses_size, q_shape=tuple(q.shape), kv_shape=tuple(k.shape), sinks=sinks_shape)
     return PreparedCall(call, ring, kernels, mesh)
 
 
+def _ring_sharding(
+    seq_len: int, cu_seqlens: torch.Tensor | None, options: RingOptions, ring_size: int, local_len: int | None = None,
+) -> ShardingRows:
+    """Who holds which tokens of a ring of `ring_size` ranks: a sequence of `seq_len` tokens (the
+    layout's length rule, checked once here) or the documents of `cu_seqlens`."""
+    if cu_seqlens is None:
+        layout = get_layout(options.layout)
+        layout.check_length(seq_len, ring_size, "q", local_len=local_len)
+        return DenseSharding(layout, ring_size, (seq_len,))
+    return Sharding.documents(check_cu_seqlens(cu_seqlens), ring_size, options.layout)
+
+
 def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOptions, ring_size: int) -> ShardingRows:
     """Who holds which tokens of a 1-D ring; the rows of q must be this rank's."""
     local_len = q.shape[-3]
-    if cu_seqlens is None:
-        layout = get_layout(options.layout)
-        layout.check_length(local_len * ring_size, ring_size, "q", local_len=local_len)  # the length rule, once
-        return DenseSharding(layout, ring_size, (local_len * ring_size,))
-    doc_lengths = check_cu_seqlens(cu_seqlens)
-    sharding = Sharding.documents(doc_lengths, ring_size, options.layout)
+    sharding = _ring_sharding(local_len * ring_size, cu_seqlens, options, ring_size, local_len)
     if local_len != sharding.local_len:
         raise ValueError(
-            f"cu_seqlens: its documents ({sum(doc_lengths)} tokens) take {sharding.local_len} local rows per rank "
+            f"cu_seqlens: its documents ({sharding.total_len} tokens) take {sharding.local_len} local rows per rank "
             f"under the {options.layout} layout over {ring_size} ranks, but q has {local_len}"
         )
     return sharding
@@ -189,20 +198,15 @@ def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOpt
 
 def _mesh_sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOptions, r: int, u: int) -> MeshSharding:
     """Who holds which tokens of a u x r mesh; the rows of q must be this rank's."""
-    if cu_seqlens is None:
-        seq_len, layout = q.shape[-3] * u * r, get_layout(options.layout)
-        layout.check_length(seq_len, r, "q")
-        sharding = mesh_sharding(DenseSharding(layout, r, (seq_len,)), u)
-    else:
-        sharding = mesh_sharding(Sharding.documents(check_cu_seqlens(cu_seqlens), r, options.layout), u)
+    sharding = mesh_sharding(_ring_sharding(q.shape[-3] * u * r, cu_seqlens, options, r), u)
     if q.shape[-3] != sharding.local_len:
         raise ValueError(f"q: the {options.layout} layout over {u} x {r} ranks gives each rank {sharding.local_len} rows, got {q.shape[-3]}")
     return sharding
 
 
-def _stand_in(like: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
-    """A tensor of the ring's shape for its call, holding no memory."""
-    shape = (*like.shape[:-3], rows, heads, like.shape[-1])
+def stand_in(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of `shape` with `like`'s dtype and device, holding no memory: what a call is
+    validated and cached on where its real tensors are not at hand."""
     return torch.empty_strided(shape, (0,) * len(shape), dtype=like.dtype, device=like.device)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .call import PreparedCall, prepared_call
+from .call import PreparedCall, prepared_call, stand_in
 from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
 from .handles import backend_of, group_by_name, options_of
@@ -80,7 +80,7 @@ def ring_attention_backward_op(
     """dq, dk, dv and the sinks' gradient of this rank's rows (empty without sinks). q ... lse are
     the forward's inputs and outputs on a 1-D ring, its head-sharded tensors on a 2-D mesh."""
     # the forward's q, k and v as the cache keys them: dout has q's rows and heads and v's head_dim
-    q_like, k_like, v_like = (_stand_in(dout, heads, dim) for heads, dim in (
+    q_like, k_like, v_like = (stand_in(dout, (*dout.shape[:-2], heads, dim)) for heads, dim in (
         (dout.shape[-2], q.shape[-1]), (kv_heads, k.shape[-1]), (kv_heads, v.shape[-1])
     ))
     prepared = _prepared(q_like, k_like, v_like, cu_seqlens, sinks, ring, ulysses, options, True)
@@ -88,11 +88,6 @@ def ring_attention_backward_op(
         return ring_run_backward(prepared.ring, prepared.kernels, group_by_name(ring), q, k, v, out, lse, dout, dlse, sinks)
     mesh = UlyssesRing(group_by_name(ulysses), group_by_name(ring))
     return ulysses_backward(prepared, mesh, q, k, v, out, lse, dout, dlse, sinks, kv_heads)
-
-
-def _stand_in(like: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    shape = (*like.shape[:-2], heads, head_dim)
-    return torch.empty_strided(shape, (0,) * len(shape), dtype=like.dtype, device=like.device)
 
 
 @ring_attention_backward_op.register_fake
