@@ -76,16 +76,15 @@ def shard_titan_batch(
     if positions is not None and positions.shape != tokens.shape:
         raise ValueError(f"positions: expected the shape of tokens {tuple(tokens.shape)}, got {tuple(positions.shape)}")
     num_tokens = int((labels != IGNORE_INDEX).sum())
+    # packed: the batch's documents in one row, every sample starting one
+    cu_seqlens = None if positions is None else document_bounds(positions, rows_start_documents=True)
     if isinstance(group, ContextSplits):
-        documents = None if positions is None else document_bounds(positions, rows_start_documents=True)
-        _, group = group.choose(documents, tokens.shape[1] if positions is None else tokens.numel())
+        _, group = group.choose(cu_seqlens, tokens.shape[1] if positions is None else tokens.numel())
     if positions is None:
         sharding, rank, _ = placement(group, tokens.shape[1], layout or "zigzag", None)
         local_positions = sharding.positions(rank).to(tokens.device).expand(tokens.shape[0], -1)
-        cu_seqlens = None
     else:
-        tokens, labels = tokens.reshape(1, -1), labels.reshape(1, -1)  # the batch's documents, packed
-        cu_seqlens = document_bounds(positions, rows_start_documents=True)  # every sample starts a document
+        tokens, labels = tokens.reshape(1, -1), labels.reshape(1, -1)
         sharding, rank, _ = placement(group, tokens.shape[1], layout or "balanced", cu_seqlens)
         local_positions = sharding.positions(rank).to(tokens.device)[None]
     local_tokens = sharding.shard(tokens, rank, seq_dim=1)
