@@ -57,7 +57,8 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """x (b, s, d_model) -> rotated q, rotated k (b, s, h, head_dim) and v (b, s, h_kv, v_head_dim)."""
         q = rearrange(self.q_proj(x), "b s (h d) -> b s h d", d=self.head_dim)
-        k, v = (rearrange(t, "b s (h d) -> b s h d", d=d) for t, d in zip(self.kv_proj(x).split(self.kv_split, -1), (self.head_dim, self.v_head_dim)))
+        k, v = self.kv_proj(x).split(self.kv_split, -1)
+        k, v = rearrange(k, "b s (h d) -> b s h d", d=self.head_dim), rearrange(v, "b s (h d) -> b s h d", d=self.v_head_dim)
         return rotate(q, *rope), rotate(k, *rope), v.contiguous()
 
 

@@ -195,9 +195,9 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "cp"))
     auto = ContextSplits(mesh["cp"], heads=6, kv_heads=2, head_dim=16)
     refusals = []
-    for ulysses, heads in ((3, 6), (2, 4), (2, 3)):  # 3 does not divide 2 ranks; 4 heads over 1 KV head split; 3 do not
+    for ulysses, heads, kv_heads in ((3, 6, 2), (2, 4, 1), (2, 3, 3)):  # 3 does not divide 2 ranks; 4 over 1 KV head split; 3 do not
         try:
-            ContextSplits(mesh["cp"], heads=heads, kv_heads=1 if heads == 4 else 3 if heads == 3 else 2, head_dim=16, ulysses=ulysses)
+            ContextSplits(mesh["cp"], heads=heads, kv_heads=kv_heads, head_dim=16, ulysses=ulysses)
             refusals.append(None)
         except ValueError as error:
             refusals.append(str(error))
