@@ -95,7 +95,8 @@ def replay_rank(sharding, mask, rank: int, heads: int, kv_heads: int, head_dim: 
             torch.cuda.synchronize()
             totals[name].append(start.elapsed_time(end))
             steps[name].append(_per_step_ms(plan, log))
-    kv_bytes = 2 * _buffer_rows(sharding, plan) * kv_heads * head_dim * 2
+    received_rows, hops = _received_rows(plan, sharding.local_len)
+    kv_bytes = 2 * received_rows // max(hops, 1) * kv_heads * head_dim * 2
     return {
         "rank": rank,
         "forward_ms": statistics.median(totals["forward"]),
@@ -105,10 +106,17 @@ def replay_rank(sharding, mask, rank: int, heads: int, kv_heads: int, head_dim: 
         "steps": [step.step for step in plan.steps],
         "forward_step_attention_ms": [statistics.median(column) for column in zip(*steps["forward"])],
         "backward_step_attention_ms": [statistics.median(column) for column in zip(*steps["backward"])],
-        "kv_hop_bytes": kv_bytes,
-        "dkv_hop_bytes": 2 * kv_bytes,  # fp32 partial sums of 16-bit K and V
+        "kv_hop_bytes": kv_bytes,  # on average over the rank's hops
+        "dkv_hop_bytes": 2 * kv_bytes,  # fp32 partial sums of 16-bit K and V (a chain may carry more)
     }
 
 
-def _buffer_rows(sharding, plan: RankPlan) -> int:
-    return sharding.local_len if plan.buffer_len is None else plan.buffer_len
+def _received_rows(plan: RankPlan, local_len: int) -> tuple[int, int]:
+    """KV rows the rank receives in a pass over all its streams' hops, and how many hops."""
+    rows = hops = 0
+    for stream in plan.streams:
+        for position, step in enumerate(stream.steps):
+            if step % plan.world_size:
+                held = stream.rows(stream.origin(plan.rank, plan.world_size, position), position)
+                rows, hops = rows + (local_len if held is None else held), hops + 1
+    return rows, hops

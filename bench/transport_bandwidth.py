@@ -30,7 +30,7 @@ def hop_ms(transport, send: torch.Tensor, recv: torch.Tensor, warmup: int, iters
         dist.barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        post_hop(transport, send, recv, 1, 0, Hop("bandwidth", 0, 1, transport.rank, transport.world_size)).arrive()
+        post_hop(transport, [send], [recv], 1, 0, Hop("bandwidth", 0, 1, transport.rank, transport.world_size)).arrive()
         end.record()
         end.synchronize()
         if index >= warmup:

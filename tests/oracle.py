@@ -110,6 +110,7 @@ CASES = [
     Case("varlen_causal_contiguous", layout="contiguous", documents=True),
     Case("balanced_causal", layout="balanced", documents=True),
     Case("balanced_huge_gqa", layout="balanced", documents=True, doc_mix="huge", kv_heads=2),
+    Case("balanced_huge_full", causal=False, layout="balanced", documents=True, doc_mix="huge"),  # both streams carry both chunks
     Case("balanced_short", layout="balanced", documents=True, doc_mix="short"),
     Case("balanced_empty_and_single", layout="balanced", documents=True, doc_mix="empty_and_single"),
     Case("balanced_all_whole_full", causal=False, layout="balanced", documents=True, doc_mix="all_whole"),

@@ -6,6 +6,8 @@ from torch.distributed.tensor.experimental._context_parallel._load_balancer impo
 
 import fa4_cp
 from fa4_cp import Sharding, SimulatedRing
+from fa4_cp.kernels import BandMask
+from fa4_cp.plan.rows import rank_plan
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8, 72])
@@ -146,7 +148,8 @@ def test_balanced_shard_then_unshard_is_identity_with_equal_rows(world_size, mix
 
 def test_balanced_placement_keeps_short_documents_whole_and_spreads_what_cannot_fit():
     short = Sharding.documents(BALANCED_MIXES["short"], 4)
-    assert all(ranks == 1 for _, ranks in short.spans) and short.buffer_len == 0
+    assert all(ranks == 1 for _, ranks in short.spans)
+    assert not any(stream.steps for stream in rank_plan(short, BandMask(hi=0), 0, torch.device("cpu")).streams), "nothing travels"
     huge = Sharding.documents(BALANCED_MIXES["one_huge"], 8)
     assert huge.spans[0][1] > 1 and [ranks for _, ranks in huge.spans[1:]] == [1, 1]
     empty = Sharding.documents(BALANCED_MIXES["only_empty_and_single"], 2)

@@ -153,17 +153,18 @@ def test_plan_mesh_picks_a_valid_split_and_says_why():
 def test_plan_mesh_chooses_the_split_for_the_batch_documents():
     """Packed documents: each split places them over its ring ranks as the balanced layout does
     and costs each ring rank with the calibrated kernel model. At W = 64 on a pretraining-like mix
-    more ulysses ranks keep more documents whole: the plain ring is predicted several times
-    slower, and every split's hop carries only the placement's travelling rows."""
+    more ulysses ranks keep more documents whole: the plain ring, whose hops carry only what its
+    spans read but whose ranks hold short pieces of long documents, is predicted well slower, and
+    every split's hop carries only the placement's travelling rows."""
     from test_layout import lognormal_mix
 
     documents = lognormal_mix(64, seed=1)
     plan = fa4_cp.plan_mesh(64, 32, 8, sum(documents), documents=documents)
     ring = next(c for c in plan.candidates if c["ulysses"] == 1)
-    assert plan.ulysses >= 8 and ring["ms"] > 3 * plan.predicted_ms, plan.reason
+    assert plan.ulysses >= 8 and ring["ms"] > 1.5 * plan.predicted_ms, plan.reason
     full_buffer = {c["ulysses"]: 2 * (sum(documents) / c["ring"] + 128) * max(8 // c["ulysses"], 1) * 128 * 2 for c in plan.candidates}
     travelling = {c["ulysses"]: c["hop_bytes"] / full_buffer[c["ulysses"]] for c in plan.candidates}
-    assert travelling[1] <= 1 and travelling[8] < 0.5 * travelling[1], travelling
+    assert all(fraction < 0.5 for fraction in travelling.values()), travelling  # only what the spans read
     whole = fa4_cp.plan_mesh(8, 32, 8, 8 * 8192, documents=[300] * (8 * 8192 // 300) + [8 * 8192 % 300])
     assert all(c["active_steps"] == 1 for c in whole.candidates if c["ulysses"] > 1), "documents that fit stay home: no step travels"
 

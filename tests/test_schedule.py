@@ -11,7 +11,8 @@ from fa4_cp import Sharding
 from fa4_cp.kernels import BandMask
 from fa4_cp.kernels.reference import band_visibility
 from fa4_cp.plan.rows import rank_plan
-from fa4_cp.plan.schedule import build_schedule
+from fa4_cp.plan.schedule import band_interval, build_schedule
+from fa4_cp.plan.span_rows import span_streams
 
 
 def global_positions(sharding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +132,9 @@ def test_balanced_plans_skip_steps_outside_every_window():
     sharding = Sharding.documents([4096, 4096, 64], 8, "balanced")
     window = BandMask(lo=-100, hi=0)
     steps = [step.step for step in rank_plan(sharding, window, 0, torch.device("cpu")).steps]
-    assert steps == [0, 1, 7]  # a 4096-token document spread over 8 ranks: 256-slot chunks
+    # a 4096-token document spread over 8 ranks, 256-slot chunks: head chunks reach the previous
+    # span rank (the forward stream), tail chunks the next one (the backward stream), both at step 1
+    assert steps == [0, 1]
     assert torch.equal(planned_pairs(sharding, window), true_visibility(sharding, window).long())
 
 
@@ -251,8 +254,13 @@ def planned_pairs(sharding, mask: BandMask) -> torch.Tensor:
     for rank in range(sharding.world_size):
         plan = rank_plan(sharding, mask, rank, torch.device("cpu"))
         for step in plan.steps:
-            source = rank if step.step == 0 else (rank - step.step) % sharding.world_size
             for block in step.blocks:
+                # a stream's rows are the rows its origin put in it, in the origin's stream order
+                stream = plan.streams[block.stream]
+                source = rank if block.local else stream.origin(rank, sharding.world_size, stream.steps.index(step.step))
+                key_tokens = sharding.token_index(source)
+                if not block.local and stream.own_rows is not None:
+                    key_tokens = key_tokens[rank_plan(sharding, mask, source, torch.device("cpu")).streams[block.stream].own_rows]
                 rows = block.varlen
                 q_taken, kv_taken = set(), set()
                 for n in range(len(rows.seqused_q)):
@@ -265,7 +273,7 @@ def planned_pairs(sharding, mask: BandMask) -> torch.Tensor:
                     q_taken |= set(range(q0, q0 + nq))
                     kv_taken |= set(range(k0, k0 + nk))
                     queries = sharding.token_index(rank)[q0 : q0 + nq]
-                    keys = sharding.token_index(source)[k0 : k0 + nk]
+                    keys = key_tokens[k0 : k0 + nk]
                     assert (queries >= 0).all() and (keys >= 0).all(), "a block selected a padding slot"
                     qi, ki = band_visibility(nq, nk, block.mask, torch.device("cpu")).nonzero(as_tuple=True)
                     count.index_put_((queries[qi], keys[ki]), torch.ones_like(qi), accumulate=True)
@@ -281,3 +289,49 @@ def test_balanced_plans_compute_each_visible_pair_once(world_size, mask_name, le
     sharding = Sharding.documents(lengths, world_size, "balanced")
     count = planned_pairs(sharding, MASKS[mask_name])
     assert torch.equal(count, true_visibility(sharding, MASKS[mask_name]).long())
+
+
+def lognormal_lengths(total: int, seed: int) -> list[int]:
+    import math
+    import random
+
+    generator, lengths = random.Random(seed), []
+    while sum(lengths) < total:
+        lengths.append(max(1, min(total // 2, int(generator.lognormvariate(math.log(1200), 1.4)))))
+    lengths[-1] -= sum(lengths) - total
+    return lengths
+
+
+@pytest.mark.parametrize("world_size", [2, 8, 16])
+@pytest.mark.parametrize("mask_name", ["causal", "full", "window_left"])
+def test_balanced_kv_goes_only_to_the_ranks_of_its_span_in_shrinking_hops(world_size, mask_name):
+    """Every hop of a balanced plan carries only documents whose span holds the rank it goes to,
+    each stream's hops shrink as it goes, a span of g ranks takes steps 1..g-1, and, causal, a
+    rank receives no more than its mask needs."""
+    sharding = Sharding.documents(lognormal_lengths(2048 * world_size, world_size), world_size, "balanced")
+    mask, cpu = MASKS[mask_name], torch.device("cpu")
+    doc_of_token, _ = global_positions(sharding)
+    plans = [rank_plan(sharding, mask, rank, cpu) for rank in range(world_size)]
+    widest = max(ranks for _, ranks in sharding.spans)
+    if mask_name != "window_left":
+        assert [step.step for step in plans[0].steps] == list(range(widest))
+    for plan in plans:
+        for stream in plan.streams:
+            tokens = sharding.token_index(plan.rank)[stream.own_rows]
+            for position, step in enumerate(stream.steps):
+                rows = stream.held_rows[plan.rank][position]
+                assert position == 0 or rows <= stream.held_rows[plan.rank][position - 1], "a stream's hops shrink"
+                receiver = (plan.rank + stream.direction * step) % world_size
+                carried = tokens[:rows]
+                for doc in doc_of_token[carried[carried >= 0]].unique().tolist():
+                    first, ranks = sharding.spans[doc]
+                    assert (receiver - first) % world_size < ranks, f"document {doc} went to rank {receiver}, outside its span"
+    if mask_name == "causal":
+        streams = span_streams(sharding, band_interval(mask))
+        for rank in range(world_size):
+            needed = 0
+            for doc, (first, ranks) in enumerate(sharding.spans):
+                member = (rank - first) % world_size
+                if ranks > 1 and member < ranks:  # one chunk of every earlier member, both chunks of every later one
+                    needed += sharding.chunk_size(doc) * (member + 2 * (ranks - 1 - member))
+            assert streams.received_rows(rank) <= needed

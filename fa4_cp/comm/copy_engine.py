@@ -100,15 +100,21 @@ class CopyEngineTransport:
         dst = (self.rank + offset) % self.world_size
         src = (self.rank - offset) % self.world_size
         arena = self._pool.arena(channel)
-        where = recv.data_ptr() - arena.data_ptr()
+        # The peer's receive buffer sits where mine does in its arena: every rank's slots and
+        # pieces start at the same offsets (only their lengths differ).
+        # (from the storage: an empty view's data_ptr() is 0)
+        where = recv.untyped_storage().data_ptr() + recv.storage_offset() * recv.element_size() - arena.data_ptr()
         if not (send.is_contiguous() and recv.is_contiguous() and 0 <= where < arena.numel()):
             raise ValueError("copy-engine shift: recv must be a contiguous buffer from buffers(); send contiguous")
-        peer_recv = self._arenas[arena.data_ptr()][1][dst] + where
-        self._signal(stream, FREE, channel, src)
-        self._await(stream, FREE, channel, dst)
-        stream_memops.copy(stream, peer_recv, send.data_ptr(), send.numel() * send.element_size())
-        self._signal(stream, DATA, channel, dst)
-        self._await(stream, DATA, channel, src)
+        if recv.numel():
+            self._signal(stream, FREE, channel, src)
+        if send.numel():
+            self._await(stream, FREE, channel, dst)
+            peer_recv = self._arenas[arena.data_ptr()][1][dst] + where
+            stream_memops.copy(stream, peer_recv, send.data_ptr(), send.numel() * send.element_size())
+            self._signal(stream, DATA, channel, dst)
+        if recv.numel():
+            self._await(stream, DATA, channel, src)
         return Done()
 
 

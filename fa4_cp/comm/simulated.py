@@ -164,14 +164,23 @@ class SimulatedGroup:
 
 
 class _SimulatedShift:
-    def __init__(self, group: SimulatedGroup, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int):
-        self.group, self.recv, self.channel = group, recv, channel
+    """Matches its peer's send by posting order, as NCCL and gloo do: the n-th receive posted from
+    a rank on a channel takes that rank's n-th send, whatever order the receives are waited in."""
+
+    def __init__(self, transport: SimulatedTransport, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int):
+        group = transport.group
+        self.transport, self.recv, self.channel = transport, recv, channel
         self.src = (group.rank - offset) % group.world_size
         group.ring.collectives[group.global_rank] += 1
-        group.post((group.rank + offset) % group.world_size, channel, send)
+        if send.numel():
+            dst = (group.rank + offset) % group.world_size
+            group.post(dst, channel, (transport.count(transport.sent, dst, channel), send.clone()))
+        if recv.numel():
+            self.number = transport.count(transport.posted, self.src, channel)
 
     def wait(self) -> None:
-        self.recv.copy_(self.group.take(self.src, self.channel))
+        if self.recv.numel():
+            self.recv.copy_(self.transport.take(self.src, self.channel, self.number))
 
 
 class SimulatedTransport:
@@ -183,12 +192,27 @@ class SimulatedTransport:
         self.rank = group.rank
         self.world_size = group.world_size
         self._pool = BufferPool()
+        self.sent: collections.Counter = collections.Counter()  # (peer, channel) -> sends posted
+        self.posted: collections.Counter = collections.Counter()  # (peer, channel) -> receives posted
+        self._early: dict[tuple[int, int, int], torch.Tensor] = {}  # (peer, channel, number) -> taken before its turn
+
+    @staticmethod
+    def count(counter: collections.Counter, peer: int, channel: int) -> int:
+        counter[(peer, channel)] += 1
+        return counter[(peer, channel)]
+
+    def take(self, src: int, channel: int, number: int) -> torch.Tensor:
+        """src's `number`-th send on `channel`, keeping any earlier-posted ones for their receives."""
+        while (src, channel, number) not in self._early:
+            sent_number, tensor = self.group.take(src, channel)
+            self._early[(src, channel, sent_number)] = tensor
+        return self._early.pop((src, channel, number))
 
     def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
         return self._pool.slots(channel, count, shape, dtype, device)
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> _SimulatedShift:
-        return _SimulatedShift(self.group, send, recv, offset, channel)
+        return _SimulatedShift(self, send, recv, offset, channel)
 
 
 class SimulatedMesh:

@@ -14,14 +14,16 @@ import functools
 import torch
 
 from .transport import PendingShift, Transport
+from .watchdog import Hop
 
 
 class Arrival:
-    def __init__(self, pending: PendingShift):
+    def __init__(self, pending: list[PendingShift]):
         self._pending = pending
 
     def arrive(self) -> None:
-        self._pending.wait()
+        for shift in self._pending:
+            shift.wait()
 
 
 class _StreamArrival(Arrival):
@@ -38,14 +40,17 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=-1)
 
 
-def post_hop(transport: Transport, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int, hop: str) -> Arrival:
-    """Start moving `send` `offset` ranks on into the peer's `recv`; `hop` names it in errors."""
+def post_hop(transport: Transport, sends: list[torch.Tensor], recvs: list[torch.Tensor], offset: int, channel: int, hop: Hop) -> Arrival:
+    """Start moving each of `sends` `offset` ranks on into the peer's matching `recvs` (a hop's
+    pieces, e.g. the K and V rows it carries); `hop` names it in errors."""
     if not transport.stream_ordered:
-        return Arrival(transport.shift(send, recv, offset, channel))
-    comm = comm_stream(send.device)
-    comm.wait_stream(torch.cuda.current_stream(send.device))
+        return Arrival([transport.shift(send, recv, offset, channel) for send, recv in zip(sends, recvs, strict=True)])
+    device = sends[0].device
+    comm = comm_stream(device)
+    comm.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(comm):
-        transport.shift(send, recv, offset, channel).wait()
+        for send, recv in zip(sends, recvs, strict=True):
+            transport.shift(send, recv, offset, channel).wait()
         done = torch.cuda.Event()
         done.record(comm)
     transport.watchdog.track(done, hop)

@@ -2,6 +2,8 @@
 
 `shift(send, recv, offset)` sends `send` to rank (r + offset) mod W and receives into `recv` from
 rank (r - offset) mod W, both posted together, so every rank can call it at once for any W.
+Sizes may differ between ranks (a send matches its peer's recv); an empty send or recv is skipped,
+by both ends alike. Shifts between two ranks on a channel match in the order they are posted.
 Receive buffers come from the transport's `buffers`, kept across calls. A stream-ordered (GPU)
 transport enqueues on the current CUDA stream and its `wait` makes the current stream wait;
 the others block the host, at most the ring timeout. A transport knows nothing of attention:
@@ -116,9 +118,12 @@ class ProcessGroupTransport:
         dst = dist.get_global_rank(self.group, (self.rank + offset) % self.world_size)
         src = dist.get_global_rank(self.group, (self.rank - offset) % self.world_size)
         ops = [
-            dist.P2POp(dist.isend, send, dst, self.group, tag=channel),
-            dist.P2POp(dist.irecv, recv, src, self.group, tag=channel),
+            dist.P2POp(operation, tensor, peer, self.group, tag=channel)
+            for operation, tensor, peer in ((dist.isend, send, dst), (dist.irecv, recv, src))
+            if tensor.numel()
         ]
+        if not ops:
+            return Done()
         requests = dist.batch_isend_irecv(ops)
         if self.stream_ordered:
             return _StreamOrderedRequests(requests)

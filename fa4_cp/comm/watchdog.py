@@ -60,7 +60,7 @@ class Hop(NamedTuple):
     def __str__(self) -> str:
         source, target = (self.rank - self.offset) % self.world_size, (self.rank + self.offset) % self.world_size
         return (
-            f"the {self.what} hop from ring step {self.step} to {self.step + self.offset} "
+            f"the {self.what} hop after ring step {self.step}, {self.offset:+d} rank(s) "
             f"(rank {source} -> rank {self.rank} -> rank {target})"
         )
 

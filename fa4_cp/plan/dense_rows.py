@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels.interface import BandMask
-from .rows import PlannedBlock, PlannedStep, RankPlan
+from .rows import PlannedBlock, PlannedStep, RankPlan, ring_stream
 from .schedule import build_schedule
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ def dense_plan(sharding: ChunkedSharding, mask: BandMask, rank: int, device: tor
     kv_sides: dict[range, int] = {}
     planned = []
     first = True
-    for index, (step, calls) in enumerate(zip(schedule.steps, schedule.calls[rank])):
+    for step, calls in zip(schedule.steps, schedule.calls[rank]):
         blocks = []
         for call in calls:
             blocks.append(
@@ -35,8 +35,7 @@ def dense_plan(sharding: ChunkedSharding, mask: BandMask, rank: int, device: tor
                 )
             )
             first = False
-        following = schedule.steps[index + 1] - step if index + 1 < len(schedule.steps) else 0
-        planned.append(PlannedStep(step, tuple(blocks), following))
+        planned.append(PlannedStep(step, tuple(blocks)))
     return RankPlan(
         sharding.world_size,
         rank,
@@ -44,6 +43,7 @@ def dense_plan(sharding: ChunkedSharding, mask: BandMask, rank: int, device: tor
         tuple(_dense_rows(sharding, lanes) for lanes in kv_sides),
         tuple(planned),
         schedule.writes_first[rank],
+        ring_stream(schedule.steps),
     )
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
-from .rows import PlannedBlock, PlannedStep, RankPlan
+from .rows import PlannedBlock, PlannedStep, RankPlan, ring_stream
 from .schedule import BlockCall, RingSchedule, build_schedule
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def document_plan(sharding: ChunkedSharding, mask: BandMask, rank: int, device: 
         pending.append(blocks)
     table = rows.to_device(device)
     planned = []
-    for index, (step, blocks) in enumerate(zip(steps, pending)):
+    for step, blocks in zip(steps, pending):
         step_blocks = tuple(
             PlannedBlock(
                 0, 0, block.mask, accumulate=True,
@@ -51,9 +51,8 @@ def document_plan(sharding: ChunkedSharding, mask: BandMask, rank: int, device: 
             )
             for block in blocks
         )
-        following = steps[index + 1] - step if index + 1 < len(steps) else 0
-        planned.append(PlannedStep(step, step_blocks, following))
-    return RankPlan(sharding.world_size, rank, (None,), (None,), tuple(planned), writes_first=False)
+        planned.append(PlannedStep(step, step_blocks))
+    return RankPlan(sharding.world_size, rank, (None,), (None,), tuple(planned), writes_first=False, streams=ring_stream(tuple(steps)))
 
 
 def _schedules(sharding: ChunkedSharding, mask: BandMask) -> list[tuple[int | None, RingSchedule]]:

@@ -9,10 +9,10 @@ of L tokens has a span of g ranks, first..first + g - 1 (mod W):
 - g = 1: kept whole on that rank; its attention runs at ring step 0 against the rank's own KV,
   which never travels;
 - g > 1: cut into 2g chunks of ceil(L / 2g) slots, zigzag over the span (the span's i-th rank
-  holds chunks i and 2g - 1 - i); its chunks travel, and meet at the steps where both ranks are
-  in the span (steps 1..g-1 and W-g+1..W-1).
+  holds chunks i and 2g - 1 - i); its chunks travel both ways round the span, each only to the
+  span's ranks that read them (span_rows.py), at steps 1..g-1.
 Every rank's local rows are [its spans' chunks, in document order | its kept documents |
-padding]; only the first part travels (each rank's is padded to the longest one for the hop).
+padding].
 Ranks are padded to equal local rows: equal shapes keep the non-attention layers' work, FSDP's
 collectives and compiled graphs the same on every rank (the slowest rank sets the step), and let
 the cross-rank check compare shapes; bench/varlen.py reports the padding fraction. The placement
@@ -103,15 +103,6 @@ class BalancedSharding(ShardingRows):
     def starts(self) -> tuple[dict[int, int], ...]:
         """Per rank, each of its documents' first local row."""
         return tuple({doc: start for doc, _, start in rows} for rows in self.rank_rows)
-
-    def travel_len(self, rank: int) -> int:
-        """Local rows of `rank` that travel: its spread documents' chunks."""
-        return sum(2 * self.chunk_size(doc) for doc, _, _ in self.rank_rows[rank] if self.spans[doc][1] > 1)
-
-    @functools.cached_property
-    def buffer_len(self) -> int:
-        """Rows of the travelling KV buffer, the same on every rank."""
-        return max(self.travel_len(rank) for rank in range(self.world_size))
 
     def local_sequences(self, rank: int) -> list[tuple[int, int, int]]:
         """(first row, valid rows, rows) of each of rank's local sequences: a spread document's two

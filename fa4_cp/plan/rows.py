@@ -1,7 +1,7 @@
 """One rank's plan of a ring call: its steps, and each block call's rows, ready for the loop.
 
 Everything one rank needs for a whole ring is decided here, once per call signature (cached):
-the active steps and the hop to the next one, each block's mask and whether it overwrites the
+the active steps and the KV streams that travel between them, each block's mask and whether it overwrites the
 accumulators, and the block's rows. Rows are "sides": a q side is a run of q lanes, a kv side a
 run of kv lanes, so the executor slices each tensor once per call, not once per step. Dense
 sides are row slices (None: every row). Packed documents have planners of their own that fill
@@ -32,14 +32,51 @@ class PlannedBlock:
     varlen: VarlenRows | None
     local: bool = False
     """Against the rank's own K and V (every row), not the travelling copy."""
+    stream: int = 0
+    """Index into RankPlan.streams: which travelling KV the block reads (unless local)."""
 
 
 @dataclass(frozen=True)
 class PlannedStep:
     step: int
     blocks: tuple[PlannedBlock, ...]
-    next_offset: int
-    """The hop to the next active step; 0 after the last one."""
+
+
+@dataclass(frozen=True, eq=False)
+class KVStream:
+    """KV that moves one way round the ring, read at `steps`: at step s a rank holds the stream of
+    rank - s (direction +1) or rank + s (direction -1). Between two of its steps it hops straight
+    from one holder to the next, so steps where nothing is read move nothing.
+
+    By default a stream is the rank's whole K and V, every hop carrying all of it. A planner that
+    knows which rows each step reads gives `own_rows` and `held_rows`: a rank puts only the rows
+    some peer reads into its stream, ordered by the last step that reads them, so that each hop
+    carries a prefix that shrinks as the stream goes."""
+
+    direction: int
+    steps: tuple[int, ...]
+    """Ring steps at which the stream is read, increasing; the same on every rank."""
+    capacity: int | None = None
+    """Rows of the stream's buffers, the same on every rank; None: k's rows."""
+    own_rows: torch.Tensor | None = None
+    """The rank's local rows that make its stream, in stream order (int64, on the plan's device);
+    None: every local row, in order."""
+    held_rows: tuple[tuple[int, ...], ...] | None = None
+    """held_rows[origin][i]: the first rows of rank origin's stream that the hop into steps[i]
+    carries (all that steps[i] and later read); None: the whole buffer."""
+
+    def origin(self, rank: int, world_size: int, position: int) -> int:
+        """Whose stream `rank` holds at steps[position] (its own at position -1)."""
+        return rank if position < 0 else (rank - self.direction * self.steps[position]) % world_size
+
+    def rows(self, origin: int, position: int) -> int | None:
+        """Rows of origin's stream held at steps[position]; None: the whole buffer."""
+        return None if self.held_rows is None else self.held_rows[origin][position]
+
+
+def ring_stream(steps: tuple[int, ...]) -> tuple[KVStream, ...]:
+    """The plain ring's one stream: every row of K and V, read at every active step."""
+    return (KVStream(1, steps),)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,26 +88,12 @@ class RankPlan:
     steps: tuple[PlannedStep, ...]
     writes_first: bool
     """The first block overwrites the forward's accumulators, which may start unfilled."""
-    travel_len: int | None = None
-    """This rank's local rows that travel, from the first; None: every row."""
-    buffer_len: int | None = None
-    """Rows of the travelling buffers, the same on every rank; None: every local row."""
-    local_first_step: bool = False
-    """On every rank, the first step is step 0 and all its blocks are local: nothing travels there."""
+    streams: tuple[KVStream, ...]
+    """What travels; blocks name theirs (PlannedBlock.stream)."""
 
     @functools.cached_property
     def has_local_blocks(self) -> bool:
         return any(block.local for step in self.steps for block in step.blocks)
-
-    @property
-    def first_offset(self) -> int:
-        """The hop from the local KV to the first active step."""
-        return self.steps[0].step if self.steps else 0
-
-    @property
-    def home_offset(self) -> int:
-        """The hop that brings what is held at the last active step back to its owner."""
-        return -self.steps[-1].step % self.world_size if self.steps else 0
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,15 +1,18 @@
 """One rank's plan for the balanced document layout (placement.py): every document's span is its
-own small zigzag ring, and each ring step gathers the sequences of all documents that meet there
-into a few varlen blocks.
+own small zigzag ring whose KV goes both ways round it, and each step gathers the sequences of all
+documents that meet there into a few varlen blocks.
 
-At ring step s rank r holds the travelling chunks of rank r - s. For a document spread over g
-ranks, the pair (r, r - s), both in its span, is the pair (i, j) of the span's zigzag; the calls
-between their lanes come from the generic chunk-pair planner (schedule.py), so every mask that
-the dense ring takes works here too. A kept document meets only itself, at step 0. At step 0
-every block reads the rank's own K and V (a local block; the travelling copy is the same rows).
-Active steps: 0, and every step at which some document's span pair sees anything (the same on
-every rank: 1..G-1 and W-G+1..W-1 for the widest span G, fewer under a sliding window); the
-others are skipped with their transfer.
+A document spread over g ranks has members 0..g-1 (ranks first..first + g - 1, mod W); member i
+holds chunks i and 2g - 1 - i. Member i reads member j's chunks at step |i - j|: from the forward
+stream (direction +1, rank - step's KV) when j < i, from the backward stream (-1, rank + step's)
+when j > i. So a span of g takes steps 1..g-1, where a one-way ring takes 1..g-1 and
+W-g+1..W-1, and a document's KV goes only to the members of its span. Each stream carries, of
+each document, the lanes that some member reads from it (causal: a member's first chunk forward,
+both chunks backward), ordered by the last step that reads them: every hop carries a prefix of
+the stream that shrinks as it goes, and a step that no span reaches is skipped with its hop
+(rows.KVStream). The calls between two members' lanes come from the generic chunk-pair planner
+(schedule.py), so every mask that the dense ring takes works here too. A kept document meets only
+itself, at step 0, where every block reads the rank's own K and V (a local block).
 
 Blocks share their q rows: all blocks whose calls take the same run of a document's lanes (both
 lanes, or the second, or the first) use one cu_seqlens_q tensor, which lists that run of every
@@ -22,24 +25,28 @@ more keys than queries (`VarlenRows.kv_shift`): a call's documents are split by 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
-from .rows import PlannedBlock, PlannedStep, RankPlan
-from .schedule import Interval, band_interval, chunk_pair_calls
+from .rows import KVStream, PlannedBlock, PlannedStep, RankPlan
+from .schedule import BlockCall, Interval, band_interval, chunk_pair_calls
 
 if TYPE_CHECKING:
     from .placement import BalancedSharding
 
+LOCAL, FORWARD, BACKWARD = -1, 0, 1
+DIRECTIONS = (1, -1)  # of the FORWARD and BACKWARD streams
 
 
 class BlockKey(NamedTuple):
-    """What makes calls one block: the same step, mask, run of q lanes, kv shift, and the same
-    occurrence of that kind (a second call of a kind is a block of its own)."""
+    """What makes calls one block: the same step, stream, mask, run of q lanes, kv shift, and the
+    same occurrence of that kind (a second call of a kind is a block of its own)."""
 
     step: int
+    stream: int
     mask: BandMask
     q_lanes: range
     occurrence: int
@@ -51,84 +58,176 @@ BOTH = range(0, 2)
 
 def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
     world, band = sharding.world_size, band_interval(mask)
-    local = sharding.rank_rows[rank]
+    streams = span_streams(sharding, band)
     blocks: dict[BlockKey, dict[int, tuple[int, int, int]]] = {}  # key -> local sequence -> (q used, kv first row, kv used)
-    for sequence, (doc, index, start) in enumerate(local):
+    for sequence, (doc, index, start) in enumerate(sharding.rank_rows[rank]):
         first, ranks = sharding.spans[doc]
         if ranks == 1:
-            _add(blocks, BlockKey(0, mask, BOTH, 0, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
+            _add(blocks, BlockKey(0, LOCAL, mask, BOTH, 0, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
             continue
-        size, q_chunks = sharding.chunk_size(doc), (index, 2 * ranks - 1 - index)
         for other in range(ranks):
-            source, kv_chunks = (first + other) % world, (other, 2 * ranks - 1 - other)
-            step, seen = (rank - source) % world, {}
-            for call in chunk_pair_calls(q_chunks, kv_chunks, band, (size,)):
-                q_used = sum(sharding.chunk_slots(doc, q_chunks[lane]) for lane in call.q_lanes)
-                kv_used = sum(sharding.chunk_slots(doc, kv_chunks[lane]) for lane in call.kv_lanes)
-                if not (q_used and kv_used):
-                    continue
+            source = (first + other) % world
+            stream, step = _direction(index, other)
+            seen: dict = {}
+            for call, q_used, kv_used in _reads(sharding, doc, index, other, band):
                 occurrence = seen.setdefault((call.mask, call.q_lanes), 0)
                 seen[(call.mask, call.q_lanes)] += 1  # a second call of the same kind: a block of its own
-                kv_first = sharding.starts[source][doc] + call.kv_lanes.start * size
+                if stream == LOCAL:
+                    kv_first = sharding.starts[source][doc] + call.kv_lanes.start * sharding.chunk_size(doc)
+                else:
+                    kv_first = streams.kv_row(stream, source, doc, call.kv_lanes.start)
                 shift = 0 if call.mask.is_full else kv_used - q_used
-                _add(blocks, BlockKey(step, call.mask, call.q_lanes, occurrence, shift), sequence, (q_used, kv_first, kv_used))
-    steps = active_steps(sharding, band)
+                _add(blocks, BlockKey(step, stream, call.mask, call.q_lanes, occurrence, shift), sequence, (q_used, kv_first, kv_used))
     table = _SpanRowsTable(sharding, rank, device)
     planned = []
-    for index, step in enumerate(steps):
+    for step in streams.plan_steps:
         keys = sorted(
             (key for key in blocks if key.step == step),
-            key=lambda key: (str(key.mask), key.q_lanes.start, key.q_lanes.stop, key.occurrence, key.kv_shift),
+            key=lambda key: (key.stream, str(key.mask), key.q_lanes.start, key.q_lanes.stop, key.occurrence, key.kv_shift),
         )
         step_blocks = tuple(
-            PlannedBlock(0, 0, key.mask, accumulate=True, varlen=table.rows(key.q_lanes, blocks[key], step == 0, key.kv_shift), local=step == 0)
+            PlannedBlock(
+                0, 0, key.mask, accumulate=True,
+                varlen=table.rows(key.q_lanes, blocks[key], sharding.local_len if key.stream == LOCAL else streams.capacity, key.kv_shift),
+                local=key.stream == LOCAL, stream=max(key.stream, 0),
+            )
             for key in keys
         )
-        planned.append(PlannedStep(step, step_blocks, steps[index + 1] - step if index + 1 < len(steps) else 0))
-    return RankPlan(
-        world, rank, (None,), (None,), tuple(planned), writes_first=False,
-        travel_len=sharding.travel_len(rank), buffer_len=sharding.buffer_len, local_first_step=True,
-    )
+        planned.append(PlannedStep(step, step_blocks))
+    return RankPlan(world, rank, (None,), (None,), tuple(planned), writes_first=False, streams=streams.kv_streams(rank, device))
 
 
 def _add(blocks: dict, key: BlockKey, sequence: int, rows: tuple[int, int, int]) -> None:
     blocks.setdefault(key, {})[sequence] = rows
 
 
+def _direction(member: int, other: int) -> tuple[int, int]:
+    """(stream, step) at which span member `member` reads member `other`'s KV."""
+    if other == member:
+        return LOCAL, 0
+    return (FORWARD, member - other) if other < member else (BACKWARD, other - member)
+
+
+def _reads(sharding: BalancedSharding, doc: int, member: int, other: int, band: Interval) -> list[tuple[BlockCall, int, int]]:
+    """(call, q rows used, kv rows used) of each call by which span member `member` of `doc` reads
+    member `other`'s chunks and computes something."""
+    ranks, size = sharding.spans[doc][1], sharding.chunk_size(doc)
+    q_chunks, kv_chunks = (member, 2 * ranks - 1 - member), (other, 2 * ranks - 1 - other)
+    reads = []
+    for call in chunk_pair_calls(q_chunks, kv_chunks, band, (size,)):
+        q_used = sum(sharding.chunk_slots(doc, q_chunks[lane]) for lane in call.q_lanes)
+        kv_used = sum(sharding.chunk_slots(doc, kv_chunks[lane]) for lane in call.kv_lanes)
+        if q_used and kv_used:
+            reads.append((call, q_used, kv_used))
+    return reads
+
+
+@dataclass(frozen=True, eq=False)
+class SpanStreams:
+    """The two streams of a balanced sharding under one mask, the same on every rank."""
+
+    sharding: BalancedSharding
+    steps: tuple[tuple[int, ...], tuple[int, ...]]
+    """Per stream, the steps at which some rank reads it."""
+    units: tuple[tuple[dict[int, tuple[int, int, int]], ...], ...]
+    """units[stream][origin][doc]: (first stream row, first lane, lanes) of the document's lanes
+    that origin's stream carries."""
+    capacity: int
+    held_rows: tuple[tuple[tuple[int, ...], ...], ...]
+    """held_rows[stream][origin][i]: rows of origin's stream that the hop into steps[stream][i] carries."""
+
+    @property
+    def plan_steps(self) -> tuple[int, ...]:
+        """Step 0 (the local blocks), then every step some stream is read at."""
+        return (0, *sorted(set(self.steps[FORWARD]) | set(self.steps[BACKWARD])))
+
+    def kv_row(self, stream: int, origin: int, doc: int, lane: int) -> int:
+        """The row of origin's stream at which lane `lane` of `doc` starts."""
+        row, first_lane, _ = self.units[stream][origin][doc]
+        return row + (lane - first_lane) * self.sharding.chunk_size(doc)
+
+    def own_rows(self, stream: int, rank: int) -> list[int]:
+        """The local rows of `rank` that make its stream, in stream order."""
+        rows = []
+        for doc, (_, first_lane, lanes) in self.units[stream][rank].items():
+            size = self.sharding.chunk_size(doc)
+            begin = self.sharding.starts[rank][doc] + first_lane * size
+            rows += range(begin, begin + lanes * size)
+        return rows
+
+    def received_rows(self, rank: int) -> int:
+        """KV rows that `rank` receives in one pass, over both streams."""
+        world = self.sharding.world_size
+        return sum(
+            self.held_rows[stream][(rank - direction * step) % world][position]
+            for stream, direction in enumerate(DIRECTIONS)
+            for position, step in enumerate(self.steps[stream])
+        )
+
+    def received_dkv_rows(self, rank: int) -> int:
+        """dK/dV rows that `rank` receives in one backward: the chains' buffers for its later
+        steps (each as long as its chain's first step's KV), and its own chains coming home."""
+        world, total = self.sharding.world_size, 0
+        for stream, direction in enumerate(DIRECTIONS):
+            steps, held = self.steps[stream], self.held_rows[stream]
+            total += sum(held[(rank - direction * steps[position]) % world][position % 2] for position in range(2, len(steps)))
+            total += sum(held[rank][chain] for chain in range(min(2, len(steps))))
+        return total
+
+    def kv_streams(self, rank: int, device: torch.device) -> tuple[KVStream, ...]:
+        return tuple(
+            KVStream(
+                direction, self.steps[stream], self.capacity,
+                own_rows=torch.tensor(self.own_rows(stream, rank), dtype=torch.long).to(device),
+                held_rows=self.held_rows[stream],
+            )
+            for stream, direction in enumerate(DIRECTIONS)
+        )
+
+
 @functools.lru_cache(maxsize=64)
-def active_steps(sharding: BalancedSharding, band: Interval) -> tuple[int, ...]:
-    """Ring steps at which some rank computes: 0, and the steps between the two ranks of a span
-    pair whose valid chunks hold a (query, key) pair with j - i inside the band. The same on
-    every rank: it reads only the sharding."""
-    world, steps = sharding.world_size, {0}
-    for doc, (_, ranks) in enumerate(sharding.spans):
-        if ranks < 2:
-            continue
-        chunks = [_valid_positions(sharding, doc, chunk) for chunk in range(2 * ranks)]
-        for i in range(ranks):
-            for j in range(ranks):
-                step = (i - j) % world
-                if step in steps:
+def span_streams(sharding: BalancedSharding, band: Interval) -> SpanStreams:
+    """Which lanes of which documents each rank's streams carry, in the order they leave them."""
+    world = sharding.world_size
+    # per stream, per origin rank: doc -> [first lane, last lane, last step that reads it]
+    reads: list[list[dict[int, list[int]]]] = [[{} for _ in range(world)] for _ in DIRECTIONS]
+    steps: list[set[int]] = [set() for _ in DIRECTIONS]
+    for doc, (first, ranks) in enumerate(sharding.spans):
+        for member in range(ranks if ranks > 1 else 0):
+            for other in range(ranks):
+                lanes = [lane for call, _, _ in _reads(sharding, doc, member, other, band) for lane in call.kv_lanes]
+                stream, step = _direction(member, other)
+                if stream == LOCAL or not lanes:
                     continue
-                q_sides = (chunks[i], chunks[2 * ranks - 1 - i])
-                kv_sides = (chunks[j], chunks[2 * ranks - 1 - j])
-                if any(_sees(q, kv, band) for q in q_sides for kv in kv_sides):
-                    steps.add(step)
-    return tuple(sorted(steps))
+                steps[stream].add(step)
+                entry = reads[stream][(first + other) % world].setdefault(doc, [min(lanes), max(lanes), step])
+                entry[:] = [min(entry[0], *lanes), max(entry[1], *lanes), max(entry[2], step)]
+    units: list[list[dict[int, tuple[int, int, int]]]] = [[{} for _ in range(world)] for _ in DIRECTIONS]
+    ends: list[list[list[tuple[int, int]]]] = [[[] for _ in range(world)] for _ in DIRECTIONS]  # (last step, end row) in stream order
+    for stream in range(len(DIRECTIONS)):
+        for origin in range(world):
+            row = 0
+            for doc, (first_lane, last_lane, last_step) in sorted(reads[stream][origin].items(), key=lambda item: (-item[1][2], item[0])):
+                lanes = last_lane - first_lane + 1
+                units[stream][origin][doc] = (row, first_lane, lanes)
+                row += lanes * sharding.chunk_size(doc)
+                ends[stream][origin].append((last_step, row))
+    capacity = max((origin_ends[-1][1] for per_stream in ends for origin_ends in per_stream if origin_ends), default=0)
+    held_rows = tuple(
+        tuple(
+            tuple(_hop_rows(ends[stream][origin], step) for step in sorted(steps[stream]))
+            for origin in range(world)
+        )
+        for stream in range(len(DIRECTIONS))
+    )
+    frozen_units = tuple(tuple(per_stream) for per_stream in units)
+    return SpanStreams(sharding, tuple(tuple(sorted(s)) for s in steps), frozen_units, capacity, held_rows)
 
 
-def _valid_positions(sharding: BalancedSharding, doc: int, chunk: int) -> tuple[int, int] | None:
-    """First and last document position of a chunk's valid slots; None if it holds none."""
-    valid = sharding.chunk_slots(doc, chunk)
-    first = chunk * sharding.chunk_size(doc)
-    return (first, first + valid - 1) if valid else None
-
-
-def _sees(q: tuple[int, int] | None, kv: tuple[int, int] | None, band: Interval) -> bool:
-    """Whether some key position of `kv` minus some query position of `q` lies in the band."""
-    if q is None or kv is None:
-        return False
-    return max(kv[0] - q[1], band[0]) <= min(kv[1] - q[0], band[1])
+def _hop_rows(ends: list[tuple[int, int]], step: int) -> int:
+    """Rows that the hop into `step` carries: the units still read at `step` or later (a prefix:
+    units go by last step, latest first)."""
+    return max((end for last_step, end in ends if last_step >= step), default=0)
 
 
 class _SpanRowsTable:
@@ -161,9 +260,9 @@ class _SpanRowsTable:
             self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), used, index)
         return self.layouts[lanes]
 
-    def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], local: bool, kv_shift: int) -> VarlenRows:
+    def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], end: int, kv_shift: int) -> VarlenRows:
         """A block over the run `lanes` of the local sequences in `sequences` (the others select
-        no rows)."""
+        no rows), against KV of `end` rows."""
         cu_q, used_all, used_host, index = self._layout(lanes)
         slots = len(used_host)
         q_used, kv_first, kv_used = [0] * slots, [], [0] * slots
@@ -175,7 +274,6 @@ class _SpanRowsTable:
             if slot in by_slot:
                 q_used[slot], previous, kv_used[slot] = by_slot[slot]
             kv_first.append(previous)  # unused entries repeat the last start: cu_seqlens stays monotone
-        end = self.sharding.local_len if local else self.sharding.buffer_len
         packed = torch.tensor([q_used, kv_used, [*kv_first]], dtype=torch.int32).to(self.device)
         cu_k = torch.cat([packed[2], packed.new_tensor([end])])
         return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift)

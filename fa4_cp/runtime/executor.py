@@ -4,9 +4,9 @@ Everything fixed for the call is decided before the loop: the rank's plan (steps
 first write), the backend's pass, the tensors' views per side. The loop only posts hops and
 launches blocks.
 
-Forward: KV travels (travelling.py); each step merges its blocks into fp32 (out, lse)
-accumulators. Backward: KV travels ahead as in the forward; the kernels add dK/dV into partial
-sums that follow two steps behind, so a step launches its kernels and nothing else.
+Forward: KV travels (travelling.py), in one or more streams; each step merges its blocks into
+fp32 (out, lse) accumulators. Backward: KV travels ahead as in the forward; the kernels add dK/dV
+into partial sums that follow two steps behind, so a step launches its kernels and nothing else.
 On GPU, hops run on the comm stream (comm/streams.py), so the loop never blocks the host.
 """
 
@@ -61,17 +61,15 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     q_sides = [(_rows(q, rows, -3), _rows(out_acc, rows, -3), _rows(lse_acc, rows, -1)) for rows in plan.q_sides]
     kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
     kv = TravellingKV(plan, ring.transport, k, v)
-    kv.start()
     for step in plan.steps:
-        if step.next_offset:
-            kv.post(step.next_offset)
+        kv.before_step(step.step)
         for block in step.blocks:
             if block.local:
                 q_rows, out_rows, lse_rows, k_rows, v_rows = q, out_acc, lse_acc, k, v
             else:
-                (q_rows, out_rows, lse_rows), (k_rows, v_rows) = q_sides[block.q_side], kv.held(block.kv_side)
+                (q_rows, out_rows, lse_rows), (k_rows, v_rows) = q_sides[block.q_side], kv.held(block.stream, block.kv_side)
             kernels.step(q_rows, k_rows, v_rows, out_rows, lse_rows, mask=block.mask, accumulate=block.accumulate, varlen=block.varlen)
-        kv.arrive()
+        kv.after_step()
     ring.end_of_call()
     return out_acc, lse_acc
 
@@ -97,34 +95,34 @@ def ring_backward(
     q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
     kv = TravellingKV(plan, ring.transport, k, v)
     dkv = TravellingDKV(plan, ring.transport, k, v, dtype)
-    travelling = frozenset(dkv.order)
     # dK/dV that local blocks add: they never travel
     local_dkv = torch.zeros(pair_shape(k, v), dtype=dtype, device=k.device) if plan.has_local_blocks else None
     local_sums = None if local_dkv is None else pair_views(local_dkv, k.shape[-1], v.shape[-1])
-    kv.start()
-    for index, step in enumerate(plan.steps):
-        if step.next_offset:
-            kv.post(step.next_offset)
-        first_write = None
-        if index in travelling:
-            if dkv.starts_chain and step.blocks and _writes_whole_buffer(step.blocks[0], plan, grads, k):
-                first_write = step.blocks[0]
-            dkv.begin_step(first_write is not None)
+    for step in plan.steps:
+        kv.before_step(step.step)
+        first = step.blocks[0] if step.blocks else None
+        writes_whole = first is not None and dkv.starts_chain(first.stream, step.step) and _writes_whole_buffer(first, plan, grads, k)
+        reading = dkv.begin_step(step.step, first.stream if writes_whole else None)
         for block in step.blocks:
             if block.local:
                 rows, (k_rows, v_rows), (dk_rows, dv_rows) = slice(None), (k, v), local_sums
             else:
-                rows, (k_rows, v_rows), (dk_rows, dv_rows) = q_rows[block.q_side], kv.held(block.kv_side), dkv.accumulator(block.kv_side)
-            grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen, write_first=block is first_write)
-        if index in travelling:
-            dkv.end_step()
-        kv.arrive()
-    travelled = dkv.at_home()
+                rows, (k_rows, v_rows) = q_rows[block.q_side], kv.held(block.stream, block.kv_side)
+                dk_rows, dv_rows = dkv.accumulator(block.stream, block.kv_side)
+            grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen, write_first=writes_whole and block is first)
+        dkv.end_step(reading)
+        kv.after_step()
+    local_dkv, travelled = dkv.at_home(local_dkv, k, v, dtype)
     ring.end_of_call()
     return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k, v))
 
 
 def _writes_whole_buffer(block, plan: RankPlan, grads, k: torch.Tensor) -> bool:
     """Whether `block`, first of a chain's first step, can write its dK/dV buffer whole: a dense
-    block against every travelling row, with a backend that writes first for these heads."""
-    return not block.local and block.varlen is None and plan.kv_sides[block.kv_side] is None and plan.buffer_len is None and grads.can_write_first(k)
+    block against every row of a stream of all of K and V, with a backend that writes first for
+    these heads."""
+    stream = plan.streams[block.stream]
+    return (
+        not block.local and block.varlen is None and plan.kv_sides[block.kv_side] is None
+        and stream.capacity is None and stream.own_rows is None and grads.can_write_first(k)
+    )

@@ -1,10 +1,13 @@
 """What travels around the ring: KV ahead of the compute, and the dK/dV partial sums behind it.
 
-Both live in the transport's persistent buffers (reused by every step and call) and move by one
-hop at a time on the transport's channels. Each object slices its buffers once per call into
-the plan's kv sides, so a step only indexes. A buffer holds K and V (or dK and dV) stacked, each
-as wide as the wider of the two head dims: where v's head_dim is narrower (MLA's 192 / 128), V's
-rows are the first columns of its half.
+A plan's KV streams (rows.KVStream) move each on its own: the dense ring has one, the whole of K
+and V; the balanced document layout has one each way, each carrying only the rows that some rank
+still reads, a shrinking prefix. Everything lives in the transport's persistent buffers (reused by
+every step and call), which each object slices once per call into the plan's kv sides, so a step
+only indexes. A buffer holds K and V (or dK and dV) stacked, each as wide as the wider of the two
+head dims: where v's head_dim is narrower (MLA's 192 / 128), V's rows are the first columns of its
+half. A hop that carries part of a buffer moves its K rows and its V rows as two pieces, which
+start at the same offsets on every rank.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from ..comm.streams import Arrival, post_hop
 from ..comm.transport import Transport
 from ..comm.watchdog import Hop
-from ..plan.rows import RankPlan
+from ..plan.rows import KVStream, RankPlan
 
 KV_CHANNEL = 0
 DKV_CHANNEL = 1
@@ -32,149 +35,247 @@ def _sides(pair: tuple[torch.Tensor, torch.Tensor], plan: RankPlan) -> list[tupl
     return [(pair[0], pair[1]) if rows is None else (pair[0][..., rows, :, :], pair[1][..., rows, :, :]) for rows in plan.kv_sides]
 
 
-def travelling_rows(t: torch.Tensor, plan: RankPlan) -> torch.Tensor:
-    """The rows of a k-shaped tensor that travel (the first `plan.travel_len`, or all)."""
-    return t if plan.travel_len is None else t.narrow(-3, 0, plan.travel_len)
-
-
 def pair_shape(k: torch.Tensor, v: torch.Tensor, rows: int | None = None) -> tuple[int, ...]:
     """(2, ..., rows, h_kv, width) of a K/V or dK/dV pair, width the wider head_dim."""
     return (2, *k.shape[:-3], k.shape[-3] if rows is None else rows, k.shape[-2], max(k.shape[-1], v.shape[-1]))
 
 
-def buffer_shape(k: torch.Tensor, v: torch.Tensor, plan: RankPlan) -> tuple[int, ...]:
-    """The shape of a travelling buffer pair: the same on every rank."""
-    return pair_shape(k, v, plan.buffer_len)
+def _buffer_shape(plan: RankPlan, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    """The shape of every stream's buffers: the same on every rank."""
+    capacities = [k.shape[-3] if stream.capacity is None else stream.capacity for stream in plan.streams]
+    return pair_shape(k, v, max(capacities))
 
 
-def moves(plan: RankPlan) -> bool:
-    """Whether anything leaves this rank in the call (not on a ring of one, nor when every
-    document is kept whole)."""
-    return plan.world_size > 1 and (plan.first_offset > 0 or any(step.next_offset for step in plan.steps))
+def _pieces(pair: torch.Tensor, rows: int | None) -> list[torch.Tensor]:
+    """What a hop moves of a stacked pair: all of it, or the first `rows` of each half."""
+    return [pair] if rows is None else [half.narrow(-3, 0, rows) for half in pair]
 
 
-class TravellingKV:
-    """Local K and V copied into the first of two buffers, then moved from step to step: the
-    next hop is posted before a step's compute, into the other buffer."""
+def _moves(plan: RankPlan, stream: KVStream) -> bool:
+    """Whether the stream ever leaves its rank (not on a ring of one, nor when it is read at
+    step 0 only)."""
+    return plan.world_size > 1 and any(step % plan.world_size for step in stream.steps)
 
-    def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor):
-        self.plan, self.transport = plan, transport
-        self.current, self.step = 0, 0
-        self.pending: Arrival | None = None
-        if not moves(plan):  # read the caller's K and V in place
-            self.sides = [_sides((travelling_rows(k, plan), travelling_rows(v, plan)), plan)]
+
+def _own_rows(t: torch.Tensor, stream: KVStream) -> torch.Tensor:
+    return t if stream.own_rows is None else t.index_select(-3, stream.own_rows)
+
+
+class _StreamKV:
+    """One stream's KV: the rank's own rows copied into the first of two buffers, then moved from
+    one of the stream's steps to the next; a hop is posted while the step before it computes."""
+
+    def __init__(self, plan: RankPlan, stream: KVStream, transport: Transport, slots: list[torch.Tensor] | None, k, v):
+        self.plan, self.stream, self.transport = plan, stream, transport
+        self.position = 0 if stream.steps and stream.steps[0] == 0 else -1  # index into steps of what is held; -1: own KV, unread
+        self.current, self.pending = 0, None
+        if slots is None:  # read the caller's K and V in place
+            self.sides = [_sides((k, v), plan)]
             return
-        buffers = transport.buffers(KV_CHANNEL, 2, buffer_shape(k, v, plan), k.dtype, k.device)
-        self.buffers, pairs = buffers, [pair_views(buffer, k.shape[-1], v.shape[-1]) for buffer in buffers]
+        self.slots = slots
+        pairs = [pair_views(slot, k.shape[-1], v.shape[-1]) for slot in slots]
         for held, own in zip(pairs[0], (k, v)):
-            sent = travelling_rows(own, plan)
+            sent = _own_rows(own, stream)
             held.narrow(-3, 0, sent.shape[-3]).copy_(sent)
-            # Rows past this rank's own travel with it and fall inside the kernels' tiles, masked:
-            # a masked score's zero times a NaN left in the buffer is NaN, so they must be finite.
+            # Rows past the stream's own fall inside the kernels' tiles, masked: a masked score's
+            # zero times a NaN left in the buffer is NaN, so they must be finite.
             held.narrow(-3, sent.shape[-3], held.shape[-3] - sent.shape[-3]).zero_()
+        if stream.held_rows is not None:
+            # A hop fills a prefix of the other buffer; past it, rows of an earlier hop or zeros
+            slots[1].zero_()
         self.sides = [_sides(pair, plan) for pair in pairs]
 
     def held(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) rows of a kv side, as held now."""
         return self.sides[self.current][side]
 
-    def post(self, offset: int) -> None:
-        """Start moving the held KV `offset` ranks on; it is not read until `arrive`."""
-        hop = Hop("KV", self.step, offset, self.plan.rank, self.plan.world_size)
-        self.pending = post_hop(self.transport, self.buffers[self.current], self.buffers[1 - self.current], offset, KV_CHANNEL, hop)
-        self.step += offset
+    def before_step(self, step: int) -> None:
+        """At the start of plan step `step`: the stream's KV for this step is held (a hop that no
+        earlier step could hide waits here), and the hop after it is posted."""
+        steps, following = self.stream.steps, self.position + 1
+        if following < len(steps) and steps[following] == step:
+            if self.pending is None:
+                self._post(following)
+            self.after_step()
+        held_step = 0 if self.position < 0 else steps[self.position]
+        if self.pending is None and self.position + 1 < len(steps) and held_step <= step:
+            self._post(self.position + 1)
 
-    def arrive(self) -> None:
+    def _post(self, position: int) -> None:
+        stream, plan = self.stream, self.plan
+        rank, world = plan.rank, plan.world_size
+        here = 0 if self.position < 0 else stream.steps[self.position]
+        offset = stream.direction * (stream.steps[position] - here)
+        sent = stream.rows(stream.origin(rank, world, self.position), position)
+        received = stream.rows(stream.origin(rank, world, position), position)
+        hop = Hop("KV", here, offset, rank, world)
+        self.pending = post_hop(
+            self.transport, _pieces(self.slots[self.current], sent), _pieces(self.slots[1 - self.current], received),
+            offset, KV_CHANNEL, hop,
+        )
+
+    def after_step(self) -> None:
         if self.pending is not None:
             self.pending.arrive()
             self.pending = None
-            self.current = 1 - self.current
-
-    def start(self) -> None:
-        """Move the local KV to the plan's first active step."""
-        if self.plan.first_offset:
-            self.post(self.plan.first_offset)
-            self.arrive()
+            self.current, self.position = 1 - self.current, self.position + 1
 
 
-class TravellingDKV:
-    """dK/dV partial sums in the accumulator dtype, added to by the kernels in place, two active
-    steps behind the KV they belong to.
+class TravellingKV:
+    """Every stream of the plan: `held(stream, side)` is what a block reads."""
 
-    The steps that compute against travelling KV take turns between two chains. A chain's buffer
-    starts at its first step, written by the first block where that block covers it (else
-    zeroed); each later step's kernels add into the buffer that arrived
-    from the rank that held the same KV two steps earlier, and the buffer then leaves for the rank
-    that will hold that KV two steps on (home after the last two). So a hop has a whole step of
-    compute to land, and a step launches only its kernels: no zeroing, no adds. The rank's own
-    sum is the two chains' last buffers, added once per call (with the local sums, in the
-    backward pass's `finish_dkv`). Four buffers rotate (one computing,
-    one received for the next step, one sent, one receiving), in the same order on every rank.
+    def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor):
+        moving = [_moves(plan, stream) for stream in plan.streams]
+        slots = transport.buffers(KV_CHANNEL, 2 * sum(moving), _buffer_shape(plan, k, v), k.dtype, k.device) if any(moving) else []
+        self.streams = []
+        for stream, moves in zip(plan.streams, moving):
+            self.streams.append(_StreamKV(plan, stream, transport, slots[:2] if moves else None, k, v))
+            slots = slots[2:] if moves else slots
+
+    def held(self, stream: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.streams[stream].held(side)
+
+    def before_step(self, step: int) -> None:
+        for stream in self.streams:
+            stream.before_step(step)
+
+    def after_step(self) -> None:
+        for stream in self.streams:
+            stream.after_step()
+
+
+class _StreamDKV:
+    """One stream's dK/dV partial sums in the accumulator dtype, added to by the kernels in place,
+    two of the stream's steps behind the KV they belong to.
+
+    The stream's steps take turns between two chains. A chain's buffer starts at its first step,
+    written by the first block where that block covers it (else its rows zeroed); each later step's
+    kernels add into the buffer that arrived from the rank that held the same KV two steps
+    earlier, and the buffer then leaves for the rank that will hold that KV two steps on (home
+    after the last two). So a hop has a whole step of compute to land, and a step launches only
+    its kernels: no zeroing, no adds. A chain carries the rows of its first step's KV (later steps
+    read a prefix of them). Four buffers rotate (one computing, one received for the next step,
+    one sent, one receiving), in the same order on every rank.
     """
 
     SLOTS = 4
 
-    def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
-        self.plan, self.transport = plan, transport
-        self.order = travelling_steps(plan)
-        self.hops = _chain_hops(plan, self.order)
-        count = self.SLOTS if any(self.hops) else 2
-        self.slots = transport.buffers(DKV_CHANNEL, count, buffer_shape(k, v, plan), dtype, k.device)
-        self.sides = [_sides(pair_views(slot, k.shape[-1], v.shape[-1]), plan) for slot in self.slots]
-        self.position = -1  # index into self.order of the step computing now
+    def __init__(self, plan: RankPlan, stream: KVStream, transport: Transport, slots: list[torch.Tensor], k, v):
+        self.plan, self.stream, self.transport = plan, stream, transport
+        self.hops = _chain_hops(plan, stream)
+        self.slots = slots
+        self.sides = [_sides(pair_views(slot, k.shape[-1], v.shape[-1]), plan) for slot in slots]
+        self.position = -1  # index into stream.steps of the step computing now
         self.pending: dict[int, Arrival] = {}  # slot -> the hop that fills it
-        self.finals: list[torch.Tensor] = []  # the chains' last buffers kept here: own KV, no hop home
+        self.home: list[tuple[torch.Tensor, int | None]] = []  # (buffer, rows) of each chain's sums of the rank's own KV
+
+    def _rows(self, position: int) -> int | None:
+        """Rows of the chain buffer computing at `position`: its chain's first step's KV."""
+        origin = self.stream.origin(self.plan.rank, self.plan.world_size, position)
+        return self.stream.rows(origin, position % 2)
+
+    def reads_at(self, step: int) -> bool:
+        following = self.position + 1
+        return following < len(self.stream.steps) and self.stream.steps[following] == step
+
+    def starts_chain(self) -> bool:
+        """Whether the step about to begin is a chain's first (its buffer holds nothing yet)."""
+        return self.position + 1 < 2
 
     def begin_step(self, first_block_writes: bool) -> None:
-        """Before the kernels of the next travelling step. A chain's first buffer is zeroed
-        unless the step's first block writes all of it."""
+        """Before the kernels of the stream's next step. A chain's first buffer is zeroed unless
+        the step's first block writes all of it."""
         self.position += 1
         slot = self.position % len(self.slots)
         if self.position >= 2:
             self.pending.pop(slot).arrive()
         elif not first_block_writes:
-            self.slots[slot].zero_()
-
-    @property
-    def starts_chain(self) -> bool:
-        """Whether the step about to begin is a chain's first (its buffer holds nothing yet)."""
-        return self.position + 1 < 2
+            for piece in _pieces(self.slots[slot], self._rows(self.position)):
+                piece.zero_()
 
     def accumulator(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dK, dV) rows of a kv side that this step's kernels add into."""
         return self.sides[self.position % len(self.slots)][side]
 
     def end_step(self) -> None:
         """After the step's kernels: the buffer leaves for its next holder, or home."""
-        offset, slot = self.hops[self.position], self.position % len(self.slots)
-        if offset == 0:
-            self.finals.append(self.slots[slot])
+        offset, slot, rows = self.hops[self.position], self.position % len(self.slots), self._rows(self.position)
+        if offset == 0:  # the rank's own KV: the chain ends at home
+            self.home.append((self.slots[slot], rows))
             return
         landing = (self.position + 2) % len(self.slots)
-        hop = Hop("dKV", self.plan.steps[self.order[self.position]].step, offset, self.plan.rank, self.plan.world_size)
-        self.pending[landing] = post_hop(self.transport, self.slots[slot], self.slots[landing], offset, DKV_CHANNEL, hop)
+        rank, world = self.plan.rank, self.plan.world_size
+        last = self.position + 2 >= len(self.stream.steps)
+        arriving = self.stream.rows(rank, self.position % 2) if last else self._rows(self.position + 2)
+        hop = Hop("dKV", self.stream.steps[self.position], offset, rank, world)
+        self.pending[landing] = post_hop(self.transport, _pieces(self.slots[slot], rows), _pieces(self.slots[landing], arriving), offset, DKV_CHANNEL, hop)
+        if last:
+            self.home.append((self.slots[landing], arriving))
 
-    def at_home(self) -> list[torch.Tensor]:
-        """The (2, ...) dK and dV partial sums of this rank's own travelling rows (its first rows),
-        once the last hops have landed: the chains' last buffers (transport buffers), none when
-        nothing travelled. The backward pass adds them into its finished dK and dV."""
+    def at_home(self) -> list[tuple[torch.Tensor, int | None]]:
+        """(buffer, rows) of the dK and dV partial sums of this rank's own stream, once the last
+        hops have landed: the chains' last buffers."""
         for arrival in self.pending.values():
             arrival.arrive()
-        parts = self.finals + [self.slots[slot] for slot in self.pending]
         self.pending = {}
-        return [travelling_rows(part, self.plan) for part in parts]
+        return self.home
 
 
-def travelling_steps(plan: RankPlan) -> tuple[int, ...]:
-    """Indices of the plan's steps whose kernels may read travelling KV, the same on every rank."""
-    return tuple(range(1 if plan.local_first_step else 0, len(plan.steps)))
+class TravellingDKV:
+    """Every stream's dK/dV chains. What comes home is added into the local sums: into k's first
+    rows where a stream is the rank's whole K and V, at its own rows where it carries some."""
+
+    def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
+        reading = [stream for stream in plan.streams if stream.steps]
+        counts = [_StreamDKV.SLOTS if any(_chain_hops(plan, stream)) else 2 for stream in reading]
+        slots = transport.buffers(DKV_CHANNEL, sum(counts), _buffer_shape(plan, k, v), dtype, k.device) if reading else []
+        self.plan = plan
+        self.streams: dict[int, _StreamDKV] = {}
+        for index, stream in enumerate(plan.streams):
+            if stream.steps:
+                count = counts[len(self.streams)]
+                self.streams[index] = _StreamDKV(plan, stream, transport, slots[:count], k, v)
+                slots = slots[count:]
+
+    def begin_step(self, step: int, first_write: int | None) -> list[int]:
+        """Before a step's kernels: the streams it reads, each chain started or arrived (`first_write`:
+        the stream whose first block writes its chain's buffer whole)."""
+        reading = [index for index, stream in self.streams.items() if stream.reads_at(step)]
+        for index in reading:
+            self.streams[index].begin_step(first_write == index)
+        return reading
+
+    def starts_chain(self, stream: int, step: int) -> bool:
+        return stream in self.streams and self.streams[stream].reads_at(step) and self.streams[stream].starts_chain()
+
+    def accumulator(self, stream: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.streams[stream].accumulator(side)
+
+    def end_step(self, reading: list[int]) -> None:
+        for index in reading:
+            self.streams[index].end_step()
+
+    def at_home(self, local: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(local sums, partial sums over k's first rows) once every stream is home. A stream of
+        some rows is added into the local sums at those rows (made, zeroed, if there were none)."""
+        travelled = []
+        for stream in self.streams.values():
+            for buffer, rows in stream.at_home():
+                own = stream.stream.own_rows
+                if own is None:
+                    travelled.append(buffer if rows is None else buffer.narrow(-3, 0, rows))
+                    continue
+                rows = min(own.numel(), buffer.shape[-3] if rows is None else rows)
+                if rows:
+                    if local is None:
+                        local = torch.zeros(pair_shape(k, v), dtype=dtype, device=k.device)
+                    local.index_add_(local.dim() - 3, own[:rows], buffer.narrow(-3, 0, rows))
+        return local, travelled
 
 
-def _chain_hops(plan: RankPlan, order: tuple[int, ...]) -> list[int]:
-    """Per travelling step, how far its dK/dV buffer moves: to the rank holding the same KV two
-    travelling steps later, or home; 0 when it is home already (the rank's own KV)."""
-    steps = [plan.steps[index].step for index in order]
+def _chain_hops(plan: RankPlan, stream: KVStream) -> list[int]:
+    """Per step of the stream, how far its dK/dV buffer moves: to the rank holding the same KV two
+    of the stream's steps later, or home; 0 when it is home already (the rank's own KV)."""
+    steps = stream.steps
     return [
-        (steps[position + 2] - step if position + 2 < len(steps) else -step) % plan.world_size
+        stream.direction * ((steps[position + 2] if position + 2 < len(steps) else 0) - step) % plan.world_size
         for position, step in enumerate(steps)
     ]

@@ -25,11 +25,15 @@ import math
 from dataclasses import dataclass, field
 
 from ..plan.placement import balanced_sharding
+from ..kernels.interface import BandMask
+from ..plan.schedule import band_interval
+from ..plan.span_rows import span_streams
 from ..validation import heads_split
 from .kernel_cost import span_us
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
+CAUSAL_BAND = band_interval(BandMask(hi=0))
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machin
 def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_dim: int) -> tuple[float, float, float, int, float]:
     """Packed causal documents on a u x r mesh, placed over the r ring ranks as the balanced layout
     places them: the slowest ring rank's forward and backward ms (its h/u heads), one device's
-    work over the u x r ranks, the active ring steps, and the rows each hop carries."""
+    work over the u x r ranks, the active ring steps, and the KV rows a step's hops bring the
+    slowest-fed rank (both streams, on average over its steps)."""
     sharding = balanced_sharding(tuple(int(n) for n in documents), r)
     forward, backward = [0.0] * r, [0.0] * r
     for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
@@ -147,9 +152,10 @@ def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_di
             forward[(first + offset) % r] += step_forward
             backward[(first + offset) % r] += step_backward
     ideal = sum(sum(span_us(n, 1, heads, head_dim)) for n in documents if n) / (u * r)
-    widest = max((ranks for _, ranks in sharding.spans), default=1)
-    steps = 1 + min(r - 1, 2 * (widest - 1))
-    return max(forward) / 1e3, max(backward) / 1e3, ideal / 1e3, steps, float(sharding.buffer_len)
+    streams = span_streams(sharding, CAUSAL_BAND)
+    steps = len(streams.plan_steps)
+    received = max(streams.received_rows(rank) for rank in range(r))
+    return max(forward) / 1e3, max(backward) / 1e3, ideal / 1e3, steps, received / max(steps - 1, 1)
 
 
 def _hop_ms(nbytes: float, machine: Machine) -> float:

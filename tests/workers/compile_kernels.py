@@ -92,6 +92,7 @@ def hopper_kernels() -> dict:
         },
         "dK/dV finish, local and two chains": lambda: dkv_finish._compile(BFloat16, True, 2),
         "dK/dV finish, one chain": lambda: dkv_finish._compile(BFloat16, False, 1),
+        "dK/dV finish, local sums only (streams come home into them)": lambda: dkv_finish._compile(BFloat16, True, 0),
     }
 
 
