@@ -44,7 +44,7 @@ def kv_row_bytes(kv_heads: int, backward: bool) -> int:
 
 def ring_backward_bytes(lengths: list[int], ranks: int, kv_heads: int) -> int:
     """Bytes the ring as it runs brings the slowest rank in a backward: K/V again, and the dK/dV
-    chains, counted from its plan (a chain carries its first step's rows on every hop)."""
+    chains, counted from its plan (a chain shrinks with its KV; what leaves it goes home)."""
     streams = span_streams(balanced_sharding(tuple(lengths), ranks), band_interval(BandMask(hi=0)))
     per_kv, per_dkv = kv_row_bytes(kv_heads, False), kv_row_bytes(kv_heads, True) - kv_row_bytes(kv_heads, False)
     return max(streams.received_rows(rank) * per_kv + streams.received_dkv_rows(rank) * per_dkv for rank in range(ranks))

@@ -92,7 +92,9 @@ class CopyEngineTransport:
         self._awaited[key] += 1
         stream_memops.wait_value(stream, self._flag_address(self.rank, kind, channel, peer), self._awaited[key])
 
-    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> Done:
+    def shift(
+        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+    ) -> Done:
         stream = torch.cuda.current_stream(self.device)
         if offset % self.world_size == 0:
             recv.copy_(send)
@@ -100,12 +102,11 @@ class CopyEngineTransport:
         dst = (self.rank + offset) % self.world_size
         src = (self.rank - offset) % self.world_size
         arena = self._pool.arena(channel)
-        # The peer's receive buffer sits where mine does in its arena: every rank's slots and
-        # pieces start at the same offsets (only their lengths differ).
-        # (from the storage: an empty view's data_ptr() is 0)
-        where = recv.untyped_storage().data_ptr() + recv.storage_offset() * recv.element_size() - arena.data_ptr()
+        # The peer's receive buffer sits where mine (or `lands_at`) does in my arena: every rank's
+        # slots have one layout.
+        where = _arena_offset(recv if lands_at is None else lands_at, arena)
         if not (send.is_contiguous() and recv.is_contiguous() and 0 <= where < arena.numel()):
-            raise ValueError("copy-engine shift: recv must be a contiguous buffer from buffers(); send contiguous")
+            raise ValueError("copy-engine shift: recv (and lands_at) must be contiguous views of buffers(); send contiguous")
         if recv.numel():
             self._signal(stream, FREE, channel, src)
         if send.numel():
@@ -116,6 +117,11 @@ class CopyEngineTransport:
         if recv.numel():
             self._await(stream, DATA, channel, src)
         return Done()
+
+
+def _arena_offset(view: torch.Tensor, arena: torch.Tensor) -> int:
+    """Byte offset of `view` in `arena`, from its storage (an empty view's data_ptr() is 0)."""
+    return view.untyped_storage().data_ptr() + view.storage_offset() * view.element_size() - arena.data_ptr()
 
 
 def node_has_peer_access(group: dist.ProcessGroup, device: torch.device) -> bool:

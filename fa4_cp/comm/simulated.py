@@ -211,7 +211,9 @@ class SimulatedTransport:
     def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
         return self._pool.slots(channel, count, shape, dtype, device)
 
-    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> _SimulatedShift:
+    def shift(
+        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+    ) -> _SimulatedShift:
         return _SimulatedShift(self, send, recv, offset, channel)
 
 

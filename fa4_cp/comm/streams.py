@@ -40,17 +40,23 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=-1)
 
 
-def post_hop(transport: Transport, sends: list[torch.Tensor], recvs: list[torch.Tensor], offset: int, channel: int, hop: Hop) -> Arrival:
+def post_hop(
+    transport: Transport, sends: list[torch.Tensor], recvs: list[torch.Tensor], offset: int, channel: int, hop: Hop,
+    lands_at: list[torch.Tensor] | None = None,
+) -> Arrival:
     """Start moving each of `sends` `offset` ranks on into the peer's matching `recvs` (a hop's
-    pieces, e.g. the K and V rows it carries); `hop` names it in errors."""
+    pieces, e.g. the K and V rows it carries), each landing where its `lands_at` view is, if
+    given (Transport.shift); `hop` names it in errors."""
+    places = [None] * len(sends) if lands_at is None else lands_at
+    pieces = list(zip(sends, recvs, places, strict=True))
     if not transport.stream_ordered:
-        return Arrival([transport.shift(send, recv, offset, channel) for send, recv in zip(sends, recvs, strict=True)])
+        return Arrival([transport.shift(send, recv, offset, channel, place) for send, recv, place in pieces])
     device = sends[0].device
     comm = comm_stream(device)
     comm.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(comm):
-        for send, recv in zip(sends, recvs, strict=True):
-            transport.shift(send, recv, offset, channel).wait()
+        for send, recv, place in pieces:
+            transport.shift(send, recv, offset, channel, place).wait()
         done = torch.cuda.Event()
         done.record(comm)
     transport.watchdog.track(done, hop)

@@ -4,6 +4,9 @@
 rank (r - offset) mod W, both posted together, so every rank can call it at once for any W.
 Sizes may differ between ranks (a send matches its peer's recv); an empty send or recv is skipped,
 by both ends alike. Shifts between two ranks on a channel match in the order they are posted.
+Every rank's buffers have one layout; a send lands where `recv` is on this rank, or, given
+`lands_at` (a view of this rank's buffers), where that view is, for a piece whose place depends
+on the receiver's plan, not the sender's.
 Receive buffers come from the transport's `buffers`, kept across calls. A stream-ordered (GPU)
 transport enqueues on the current CUDA stream and its `wait` makes the current stream wait;
 the others block the host, at most the ring timeout. A transport knows nothing of attention:
@@ -42,7 +45,9 @@ class Transport(Protocol):
         for the same shapes in the same order."""
         ...
 
-    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> PendingShift:
+    def shift(
+        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+    ) -> PendingShift:
         """Start moving `send` `offset` ranks forward. Shifts on one channel complete in order."""
         ...
 
@@ -68,7 +73,9 @@ class LocalTransport:
     def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
         return self._pool.slots(channel, count, shape, dtype, device)
 
-    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> PendingShift:
+    def shift(
+        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+    ) -> PendingShift:
         recv.copy_(send)
         return Done()
 
@@ -111,7 +118,9 @@ class ProcessGroupTransport:
     def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
         return self._pool.slots(channel, count, shape, dtype, device)
 
-    def shift(self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0) -> PendingShift:
+    def shift(
+        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+    ) -> PendingShift:
         if offset % self.world_size == 0:
             recv.copy_(send)
             return Done()

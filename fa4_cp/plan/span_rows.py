@@ -166,11 +166,11 @@ class SpanStreams:
 
     def received_dkv_rows(self, rank: int) -> int:
         """dK/dV rows that `rank` receives in one backward: the chains' buffers for its later
-        steps (each as long as its chain's first step's KV), and its own chains coming home."""
+        steps (each as long as that step's KV), and its own chains coming home, each row once."""
         world, total = self.sharding.world_size, 0
         for stream, direction in enumerate(DIRECTIONS):
             steps, held = self.steps[stream], self.held_rows[stream]
-            total += sum(held[(rank - direction * steps[position]) % world][position % 2] for position in range(2, len(steps)))
+            total += sum(held[(rank - direction * steps[position]) % world][position] for position in range(2, len(steps)))
             total += sum(held[rank][chain] for chain in range(min(2, len(steps))))
         return total
 

@@ -152,9 +152,13 @@ class _StreamDKV:
     kernels add into the buffer that arrived from the rank that held the same KV two steps
     earlier, and the buffer then leaves for the rank that will hold that KV two steps on (home
     after the last two). So a hop has a whole step of compute to land, and a step launches only
-    its kernels: no zeroing, no adds. A chain carries the rows of its first step's KV (later steps
-    read a prefix of them). Four buffers rotate (one computing, one received for the next step,
-    one sent, one receiving), in the same order on every rank.
+    its kernels: no zeroing, no adds. Four buffers rotate (one computing, one received for the
+    next step, one sent, one receiving), in the same order on every rank.
+
+    A stream of some rows, whose KV hops shrink, has its chains shrink with them: of a chain's
+    rows, those that the KV of its next step still holds go on, and the rest, which no later step
+    touches, go home at once, into the owner's home buffer for that chain (two more buffers), where
+    a chain's pieces fill disjoint rows: nothing is added.
     """
 
     SLOTS = 4
@@ -162,16 +166,25 @@ class _StreamDKV:
     def __init__(self, plan: RankPlan, stream: KVStream, transport: Transport, slots: list[torch.Tensor], k, v):
         self.plan, self.stream, self.transport = plan, stream, transport
         self.hops = _chain_hops(plan, stream)
-        self.slots = slots
-        self.sides = [_sides(pair_views(slot, k.shape[-1], v.shape[-1]), plan) for slot in slots]
+        self.shrinks = stream.held_rows is not None
+        self.slots, self.homes = (slots[: self.SLOTS], slots[self.SLOTS :]) if self.shrinks else (slots, [])
+        self.sides = [_sides(pair_views(slot, k.shape[-1], v.shape[-1]), plan) for slot in self.slots]
         self.position = -1  # index into stream.steps of the step computing now
         self.pending: dict[int, Arrival] = {}  # slot -> the hop that fills it
+        self.homeward: list[Arrival] = []  # hops into the home buffers
         self.home: list[tuple[torch.Tensor, int | None]] = []  # (buffer, rows) of each chain's sums of the rank's own KV
 
-    def _rows(self, position: int) -> int | None:
-        """Rows of the chain buffer computing at `position`: its chain's first step's KV."""
-        origin = self.stream.origin(self.plan.rank, self.plan.world_size, position)
-        return self.stream.rows(origin, position % 2)
+    @classmethod
+    def slot_count(cls, plan: RankPlan, stream: KVStream) -> int:
+        if stream.held_rows is not None:
+            return cls.SLOTS + 2
+        return cls.SLOTS if any(_chain_hops(plan, stream)) else 2
+
+    def _held(self, origin: int, position: int) -> int | None:
+        return self.stream.rows(origin, position)
+
+    def _origin(self, position: int) -> int:
+        return self.stream.origin(self.plan.rank, self.plan.world_size, position)
 
     def reads_at(self, step: int) -> bool:
         following = self.position + 1
@@ -189,7 +202,7 @@ class _StreamDKV:
         if self.position >= 2:
             self.pending.pop(slot).arrive()
         elif not first_block_writes:
-            for piece in _pieces(self.slots[slot], self._rows(self.position)):
+            for piece in _pieces(self.slots[slot], self._held(self._origin(self.position), self.position)):
                 piece.zero_()
 
     def accumulator(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,26 +210,49 @@ class _StreamDKV:
 
     def end_step(self) -> None:
         """After the step's kernels: the buffer leaves for its next holder, or home."""
-        offset, slot, rows = self.hops[self.position], self.position % len(self.slots), self._rows(self.position)
+        position, rank, world = self.position, self.plan.rank, self.plan.world_size
+        buffer, origin, offset = self.slots[position % len(self.slots)], self._origin(position), self.hops[position]
+        rows = self._held(origin, position)
         if offset == 0:  # the rank's own KV: the chain ends at home
-            self.home.append((self.slots[slot], rows))
+            self.home.append((buffer, rows))
             return
-        landing = (self.position + 2) % len(self.slots)
-        rank, world = self.plan.rank, self.plan.world_size
-        last = self.position + 2 >= len(self.stream.steps)
-        arriving = self.stream.rows(rank, self.position % 2) if last else self._rows(self.position + 2)
-        hop = Hop("dKV", self.stream.steps[self.position], offset, rank, world)
-        self.pending[landing] = post_hop(self.transport, _pieces(self.slots[slot], rows), _pieces(self.slots[landing], arriving), offset, DKV_CHANNEL, hop)
+        hop = Hop("dKV", self.stream.steps[position], offset, rank, world)
+        last = position + 2 >= len(self.stream.steps)
+        if not self.shrinks:
+            landing = (position + 2) % len(self.slots)
+            arriving = self._held(rank, position % 2) if last else self._held(self._origin(position + 2), position + 2)
+            self.pending[landing] = post_hop(self.transport, _pieces(buffer, rows), _pieces(self.slots[landing], arriving), offset, DKV_CHANNEL, hop)
+            if last:
+                self.home.append((self.slots[landing], arriving))
+            return
+        home, home_offset = self.homes[position % 2], -self.stream.direction * self.stream.steps[position] % world
+        kept = 0 if last else self._held(origin, position + 2)
+        mine = (0 if last else self._held(rank, position + 2), self._held(rank, position))
+        if not last:
+            landing = (position + 2) % len(self.slots)
+            arriving = self._held(self._origin(position + 2), position + 2)
+            self.pending[landing] = post_hop(self.transport, _pieces(buffer, kept), _pieces(self.slots[landing], arriving), offset, DKV_CHANNEL, hop)
+        # The rows no later step touches go home; this rank's own come back from whoever holds
+        # its KV at this step. Both land at their rows of the chain's home buffer.
+        self.homeward.append(post_hop(
+            self.transport, _row_pieces(buffer, kept, rows), _row_pieces(home, *mine), home_offset, DKV_CHANNEL,
+            Hop("dKV home", self.stream.steps[position], home_offset, rank, world), lands_at=_row_pieces(home, kept, rows),
+        ))
         if last:
-            self.home.append((self.slots[landing], arriving))
+            self.home.append((home, self._held(rank, position % 2)))
 
     def at_home(self) -> list[tuple[torch.Tensor, int | None]]:
         """(buffer, rows) of the dK and dV partial sums of this rank's own stream, once the last
-        hops have landed: the chains' last buffers."""
-        for arrival in self.pending.values():
+        hops have landed: one per chain."""
+        for arrival in [*self.pending.values(), *self.homeward]:
             arrival.arrive()
-        self.pending = {}
+        self.pending, self.homeward = {}, []
         return self.home
+
+
+def _row_pieces(pair: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+    """Rows start..stop of each half of a stacked pair."""
+    return [half.narrow(-3, start, stop - start) for half in pair]
 
 
 class TravellingDKV:
@@ -225,7 +261,7 @@ class TravellingDKV:
 
     def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
         reading = [stream for stream in plan.streams if stream.steps]
-        counts = [_StreamDKV.SLOTS if any(_chain_hops(plan, stream)) else 2 for stream in reading]
+        counts = [_StreamDKV.slot_count(plan, stream) for stream in reading]
         slots = transport.buffers(DKV_CHANNEL, sum(counts), _buffer_shape(plan, k, v), dtype, k.device) if reading else []
         self.plan = plan
         self.streams: dict[int, _StreamDKV] = {}
