@@ -147,6 +147,8 @@ def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_di
     sharding = balanced_sharding(tuple(int(n) for n in documents), r)
     forward, backward = [0.0] * r, [0.0] * r
     for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
+        if not ranks:  # an empty document
+            continue
         step_forward, step_backward = span_us(length, ranks, heads // u, head_dim)
         for offset in range(ranks):
             forward[(first + offset) % r] += step_forward
