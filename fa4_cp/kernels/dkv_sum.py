@@ -11,9 +11,11 @@ from .interface import accumulator_dtype
 
 def finished_dkv(
     local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, dk_scale: float,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """local: (2, ..., s, h, width) or None; travelled: (2, ..., rows, h, width) sums over k's first
-    rows; width the wider of k's and v's head_dims, each the first columns of its half."""
+    rows; width the wider of k's and v's head_dims, each the first columns of its half. dK and dV
+    come in `dtype` (default: k's and v's)."""
     if local is None and travelled and travelled[0].shape[-3] == k.shape[-3]:
         total, travelled = travelled[0], travelled[1:]
     elif local is None:
@@ -23,8 +25,8 @@ def finished_dkv(
         total = local
     for part in travelled:
         total.narrow(-3, 0, part.shape[-3]).add_(part)
-    dk = torch.mul(total[0][..., : k.shape[-1]], dk_scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
-    return dk, total[1][..., : v.shape[-1]].to(v.dtype, copy=True)
+    dk = torch.mul(total[0][..., : k.shape[-1]], dk_scale, out=torch.empty(k.shape, dtype=dtype or k.dtype, device=k.device))
+    return dk, total[1][..., : v.shape[-1]].to(dtype or v.dtype, copy=True)
 
 
 class TorchFinishedGradients:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comm.transport import Transport
+from ..kernels.dkv_sum import finished_dkv
 from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype
 from ..plan.rows import RankPlan
 from .travelling import TravellingDKV, TravellingKV, pair_shape, pair_views
@@ -83,14 +84,16 @@ def ring_backward(
     lse: torch.Tensor,
     dout: torch.Tensor,
     dlse: torch.Tensor | None,
+    dkv_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq (accumulator dtype or q's), dk and dv (new tensors in k's dtype) of the local shard."""
+    """dq (accumulator dtype or q's), dk and dv (new tensors in k's dtype, or `dkv_dtype` for a
+    caller that adds them to other ranks' before rounding) of the local shard."""
     plan = ring.plan
     grads = ring.backend.backward(
         q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap, deterministic=ring.deterministic,
     )
     if not plan.steps:
-        return grads.dq(), torch.zeros_like(k), torch.zeros_like(v)
+        return grads.dq(), torch.zeros_like(k, dtype=dkv_dtype), torch.zeros_like(v, dtype=dkv_dtype)
     dtype = accumulator_dtype(q.dtype)
     q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
     kv = TravellingKV(plan, ring.transport, k, v)
@@ -114,6 +117,8 @@ def ring_backward(
         kv.after_step()
     local_dkv, travelled = dkv.at_home(local_dkv, k, v, dtype)
     ring.end_of_call()
+    if dkv_dtype is not None:
+        return (grads.dq(), *finished_dkv(local_dkv, travelled, k, v, grads.dk_scale, dkv_dtype))
     return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k, v))
 
 

@@ -28,11 +28,12 @@ def ring_run_forward(
 def ring_run_backward(
     call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, sinks: torch.Tensor | None,
+    dkv_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq (q's dtype), dk, dv and the sinks' gradient (empty without sinks)."""
+    """dq (q's dtype), dk, dv (k's dtype, or `dkv_dtype`) and the sinks' gradient (empty without sinks)."""
     dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = ring_backward(_ring(call, kernels, group, q), q, k, v, out, lse, dout, dlse)
+    dq, dk, dv = ring_backward(_ring(call, kernels, group, q), q, k, v, out, lse, dout, dlse, dkv_dtype)
     dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks, group)
     return dq.to(q.dtype), dk, dv, dsinks
 

@@ -19,6 +19,7 @@ import torch
 from ..call import PreparedCall
 from ..comm.group import RingGroup
 from ..comm.mesh import UlyssesRing
+from ..kernels.interface import accumulator_dtype
 from .ring_run import ring_run_backward, ring_run_forward
 
 
@@ -88,13 +89,18 @@ def ulysses_backward(
     head_group = heads_q.shape[-2]
     heads_dout = sequence_to_heads(dout.contiguous(), mesh.ulysses)
     heads_dlse = None if dlse is None else lse_sequence_to_heads(dlse.contiguous(), mesh.ulysses)[..., :rows].contiguous()
+    # A KV head repeated over ranks gets one partial dK/dV from each: they travel unrounded and
+    # are added, in head order, before the one rounding (16-bit partials reached ~1.9x the error).
+    repeated = kv_heads_for(kv_heads, u) is not None
     dq, dk, dv, ring_dsinks = ring_run_backward(
         prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v, heads_out)),
         heads_lse[..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _own_sinks(sinks, mesh.ulysses, head_group),
+        dkv_dtype=accumulator_dtype(heads_k.dtype) if repeated else None,
     )
-    dq, dk, dv = (heads_to_sequence(_pad_rows(t.to(heads_q.dtype), padded_rows, -3), mesh.ulysses) for t in (dq, dk, dv))
-    if kv_heads_for(kv_heads, u) is not None:  # the repeated heads' gradients add up, in head order
-        dk, dv = (t.unflatten(-2, (kv_heads, u // kv_heads)).sum(-2) for t in (dk, dv))
+    dq = heads_to_sequence(_pad_rows(dq, padded_rows, -3), mesh.ulysses)
+    dk, dv = (heads_to_sequence(_pad_rows(t, padded_rows, -3), mesh.ulysses) for t in (dk, dv))
+    if repeated:
+        dk, dv = (t.unflatten(-2, (kv_heads, u // kv_heads)).sum(-2).to(heads_k.dtype) for t in (dk, dv))
     dsinks = dout.new_empty(0)
     if sinks is not None:
         dsinks = torch.zeros_like(sinks)
