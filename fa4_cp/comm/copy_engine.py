@@ -29,7 +29,7 @@ from .buffers import BufferPool
 from .transport import Done
 from .watchdog import HopWatchdog
 
-CHANNELS = 2
+CHANNELS = 3  # KV, dK/dV, the Ulysses all-to-all
 FREE, DATA = 0, 1
 
 
@@ -43,6 +43,7 @@ def _symmetric(nbytes: int, device: torch.device, group: dist.ProcessGroup):
 
 class CopyEngineTransport:
     stream_ordered = True
+    copies_into_peers = True
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout: float):
         self.group = group

@@ -185,6 +185,7 @@ class _SimulatedShift:
 
 class SimulatedTransport:
     stream_ordered = False
+    copies_into_peers = True  # stands for the copy engine: the all-to-all runs as shifts
     watchdog = None
 
     def __init__(self, group: SimulatedGroup):

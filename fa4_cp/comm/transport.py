@@ -38,6 +38,9 @@ class Transport(Protocol):
     rank: int
     world_size: int
     stream_ordered: bool
+    copies_into_peers: bool
+    """Whether a shift copies into the peer's buffer itself (no collective library): an
+    all-to-all then runs best as shifts (comm/all_to_all.py)."""
     watchdog: HopWatchdog | None
 
     def buffers(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -65,6 +68,7 @@ class LocalTransport:
     rank = 0
     world_size = 1
     stream_ordered = False
+    copies_into_peers = False
     watchdog = None
 
     def __init__(self):
@@ -112,6 +116,7 @@ class ProcessGroupTransport:
         self.world_size = dist.get_world_size(group)
         self.timeout = timeout
         self.stream_ordered = device.type == "cuda"
+        self.copies_into_peers = False
         self.watchdog = HopWatchdog(self.rank, self.world_size, timeout) if self.stream_ordered else None
         self._pool = BufferPool()
 

@@ -3,7 +3,9 @@
 Rank i of u holds rows piece i of its ring rank's rows, all heads. Before the ring, every rank
 sends head group j of its piece to rank j and stacks the pieces it receives in rank order: it then
 holds all of the ring rank's rows for head group i. After the ring, the reverse exchange brings
-each rank its own rows of every head group. The backward of one exchange is the other.
+each rank its own rows of every head group. The backward of one exchange is the other. The
+exchanges go through the call's transport where it copies into peers (comm/all_to_all.py: the
+copy engine's take no SM), else through the group's all_to_all_single.
 
 `ulysses_forward` and `ulysses_backward` are the stage a 2-D call runs around its ring: r steps
 of u-times larger blocks replace W steps, with every mask, layout and document feature of the
@@ -17,37 +19,43 @@ from __future__ import annotations
 import torch
 
 from ..call import PreparedCall
+from ..comm.all_to_all import all_to_all
 from ..comm.group import RingGroup
 from ..comm.mesh import UlyssesRing
+from ..comm.transport import TransportKind
 from ..kernels.interface import accumulator_dtype
 from .ring_run import ring_run_backward, ring_run_forward
 
 
-def _exchange(x: torch.Tensor, group: RingGroup, split_dim: int, cat_dim: int) -> torch.Tensor:
-    if group.world_size == 1:
-        return x
-    pieces = [piece.contiguous() for piece in x.chunk(group.world_size, dim=split_dim)]
-    return torch.cat(group.all_to_all(pieces, "the Ulysses all-to-all"), dim=cat_dim)
+class Exchange:
+    """The all-to-alls of one call over the ulysses group: through the ring call's transport kind
+    when it copies into its peers (the copy engine, no SM), else the group's collective."""
 
+    def __init__(self, group: RingGroup, transport: TransportKind, device: torch.device):
+        self.group = group
+        self.transport = group.transport(transport, device) if group.world_size > 1 else None
 
-def sequence_to_heads(x: torch.Tensor, group: RingGroup) -> torch.Tensor:
-    """(..., s/u, h, d) of every head -> (..., s, h/u, d) of this rank's head group."""
-    return _exchange(x, group, -2, -3)
+    def _run(self, x: torch.Tensor, split_dim: int, cat_dim: int) -> torch.Tensor:
+        if self.transport is None:
+            return x
+        pieces = [piece.contiguous() for piece in x.chunk(self.group.world_size, dim=split_dim)]
+        return torch.cat(all_to_all(self.group, self.transport, pieces, "the Ulysses all-to-all"), dim=cat_dim)
 
+    def sequence_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., s/u, h, d) of every head -> (..., s, h/u, d) of this rank's head group."""
+        return self._run(x, -2, -3)
 
-def heads_to_sequence(x: torch.Tensor, group: RingGroup) -> torch.Tensor:
-    """The inverse of `sequence_to_heads`."""
-    return _exchange(x, group, -3, -2)
+    def heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `sequence_to_heads`."""
+        return self._run(x, -3, -2)
 
+    def lse_heads_to_sequence(self, lse: torch.Tensor) -> torch.Tensor:
+        """lse (..., h/u, s) of this rank's head group -> (..., h, s/u) of its own rows."""
+        return self._run(lse, -1, -2)
 
-def lse_heads_to_sequence(lse: torch.Tensor, group: RingGroup) -> torch.Tensor:
-    """lse (..., h/u, s) of this rank's head group -> (..., h, s/u) of its own rows."""
-    return _exchange(lse, group, -1, -2)
-
-
-def lse_sequence_to_heads(lse: torch.Tensor, group: RingGroup) -> torch.Tensor:
-    """The inverse of `lse_heads_to_sequence`."""
-    return _exchange(lse, group, -2, -1)
+    def lse_sequence_to_heads(self, lse: torch.Tensor) -> torch.Tensor:
+        """The inverse of `lse_heads_to_sequence`."""
+        return self._run(lse, -2, -1)
 
 
 def kv_heads_for(kv_heads: int, ulysses: int) -> torch.Tensor | None:
@@ -68,14 +76,15 @@ def ulysses_forward(
     head_group = q.shape[-2] // u
     if (repeat := kv_heads_for(k.shape[-2], u)) is not None:
         k, v = (t.index_select(-2, repeat.to(t.device)) for t in (k, v))
-    heads_q, heads_k, heads_v = (sequence_to_heads(t, mesh.ulysses) for t in (q, k, v))
+    exchange = Exchange(mesh.ulysses, prepared.ring.transport, q.device)
+    heads_q, heads_k, heads_v = (exchange.sequence_to_heads(t) for t in (q, k, v))
     out, lse = ring_run_forward(
         prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v)),
         _own_sinks(sinks, mesh.ulysses, head_group),
     )
     out = _pad_rows(out, padded_rows, -3)  # padding rows: out 0, lse -inf
     lse = _pad_rows(lse, padded_rows, -1, float("-inf"))
-    return heads_to_sequence(out, mesh.ulysses), lse_heads_to_sequence(lse, mesh.ulysses), heads_q, heads_k, heads_v, out, lse
+    return exchange.heads_to_sequence(out), exchange.lse_heads_to_sequence(lse), heads_q, heads_k, heads_v, out, lse
 
 
 def ulysses_backward(
@@ -87,8 +96,9 @@ def ulysses_backward(
     forward's all-to-alls in reverse around the ring's backward."""
     u, rows, padded_rows = mesh.ulysses.world_size, prepared.mesh.ring_rows, prepared.mesh.padded_ring_rows
     head_group = heads_q.shape[-2]
-    heads_dout = sequence_to_heads(dout.contiguous(), mesh.ulysses)
-    heads_dlse = None if dlse is None else lse_sequence_to_heads(dlse.contiguous(), mesh.ulysses)[..., :rows].contiguous()
+    exchange = Exchange(mesh.ulysses, prepared.ring.transport, dout.device)
+    heads_dout = exchange.sequence_to_heads(dout.contiguous())
+    heads_dlse = None if dlse is None else exchange.lse_sequence_to_heads(dlse.contiguous())[..., :rows].contiguous()
     # A KV head repeated over ranks gets one partial dK/dV from each: they travel unrounded and
     # are added, in head order, before the one rounding (16-bit partials reached ~1.9x the error).
     repeated = kv_heads_for(kv_heads, u) is not None
@@ -97,8 +107,8 @@ def ulysses_backward(
         heads_lse[..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _own_sinks(sinks, mesh.ulysses, head_group),
         dkv_dtype=accumulator_dtype(heads_k.dtype) if repeated else None,
     )
-    dq = heads_to_sequence(_pad_rows(dq, padded_rows, -3), mesh.ulysses)
-    dk, dv = (heads_to_sequence(_pad_rows(t, padded_rows, -3), mesh.ulysses) for t in (dk, dv))
+    dq = exchange.heads_to_sequence(_pad_rows(dq, padded_rows, -3))
+    dk, dv = (exchange.heads_to_sequence(_pad_rows(t, padded_rows, -3)) for t in (dk, dv))
     if repeated:
         dk, dv = (t.unflatten(-2, (kv_heads, u // kv_heads)).sum(-2).to(heads_k.dtype) for t in (dk, dv))
     dsinks = dout.new_empty(0)
