@@ -32,5 +32,7 @@ for ulysses in (1, 2, "auto"):  # the ring over cp, cp as a 2 x 1 Ulysses x ring
             results[f"u{ulysses}:{packed}:{name}"] = p.grad.numpy().copy()
 if accelerator.is_main_process:
     np.savez(sys.argv[1], **results)
-# An undestroyed gloo group can abort the process at interpreter exit.
+# An undestroyed gloo group can abort the process at interpreter exit; so can destroying it on a
+# rank whose peer is still at work (rank 0 saving): both finish first.
+dist.barrier()
 dist.destroy_process_group()

@@ -33,5 +33,7 @@ if trainer.accelerator.is_main_process:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     first = next(iter(trainer.get_train_dataloader().sampler))
     np.savez(sys.argv[1], loss=np.array(losses), first=np.array(first), **{name: p.detach().numpy() for name, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()})
-# An undestroyed gloo group can abort the process at interpreter exit.
+# An undestroyed gloo group can abort the process at interpreter exit; so can destroying it on a
+# rank whose peer is still at work (rank 0 saving): both finish first.
+dist.barrier()
 dist.destroy_process_group()
