@@ -23,8 +23,12 @@ from oracle import (
 )
 
 WORLD_SIZES = [1, 2, 4, 8, 16, 72]
-# W = 72 runs every case in fp32 (the tight tolerance); bf16 at W = 72 is the growth test below.
+# W = 72 runs in fp32 (the tight tolerance); bf16 at W = 72 is the growth test below. It leaves
+# out the cases whose feature does not meet the ring size (GQA, softcap and the full mask also
+# run at W = 72 inside other cases: sinks_causal_gqa, softcap_sinks_balanced_gqa, varlen_full_gqa).
 RUNS = [(world, name) for world in WORLD_SIZES for name in DTYPES if world < 72 or name == "fp32"]
+NOT_AT_72 = {"full_zigzag", "full_contiguous", "gqa_one_kv_head", "gqa_half_kv_heads", "softcap_causal"}
+CASE_RUNS = [(case, world, name) for case in CASES for world, name in RUNS if world < 72 or case.name not in NOT_AT_72]
 
 
 def run_simulated(case, world_size, inputs, **kwargs):
@@ -32,8 +36,7 @@ def run_simulated(case, world_size, inputs, **kwargs):
 
 
 @pytest.mark.usefixtures("poisoned_memory")
-@pytest.mark.parametrize(("world_size", "dtype_name"), RUNS, ids=[f"W{w}-{d}" for w, d in RUNS])
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize(("case", "world_size", "dtype_name"), CASE_RUNS, ids=[f"{c.name}-W{w}-{d}" for c, w, d in CASE_RUNS])
 def test_ring_matches_fp64_reference(case, world_size, dtype_name):
     dtype = DTYPES[dtype_name]
     inputs = make_inputs(case, world_size, dtype, seed=1000 * world_size + len(case.name))
