@@ -63,11 +63,13 @@ class BackwardTiles:
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         config = _tile_size_bwd_sm90(head_dim, head_dim_v, True, False)
         if config.dKV_swapAB:
-            # Upstream swaps the dK/dV MMAs' operands at head_dim 192 and 256 (48- and 96-row KV
+            # Upstream swaps the dK/dV MMAs' operands at head_dim 192 and 256 (96- and 48-row KV
             # tiles), whose accumulator rows this epilogue cannot address; 64-row KV tiles with
-            # unswapped MMAs compile for sm_90a. Not yet run on a GPU: backend.py keeps these
-            # head dims off the backward until tests/gpu/test_fa4_backend.py passes them.
-            config = replace(config, dKV_swapAB=False, n_block_size=64, AtomLayoutNdKV=1)
+            # unswapped MMAs instead (192 passed tests/gpu/test_fa4_backend.py on an H200).
+            # At 256 (upstream's 48-row tiles) 64-row KV tiles leave no shared memory for a second
+            # Q stage: 246784 of 232448 bytes on an H200 with two.
+            stages_q = 1 if config.n_block_size < 64 else config.num_stages_Q
+            config = replace(config, dKV_swapAB=False, n_block_size=64, AtomLayoutNdKV=1, num_stages_Q=stages_q)
         return BackwardTiles(config, head_dim, head_dim_v)
 
     @functools.cached_property
