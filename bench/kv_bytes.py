@@ -57,17 +57,12 @@ def ring_rows(lengths: list[int], ranks: int) -> tuple[int, int, int]:
     streams = span_streams(sharding, band_interval(BandMask(hi=0)))
     widest = max(span for _, span in sharding.spans)
     hops = min(ranks - 1, 2 * (widest - 1))
-    needed, travelling = [0] * ranks, [0] * ranks
+    travelling = [0] * ranks
     for doc, (first, span) in enumerate(sharding.spans):
-        if span < 2:
-            continue
-        chunk = sharding.chunk_size(doc)
-        for index in range(span):
-            earlier, later = index, span - 1 - index  # span ranks before and after it
-            needed[(first + index) % ranks] += chunk * earlier + 2 * chunk * later
-            travelling[(first + index) % ranks] += 2 * chunk
+        for index in range(span if span > 1 else 0):
+            travelling[(first + index) % ranks] += 2 * sharding.chunk_size(doc)
     received = max(streams.received_rows(rank) for rank in range(ranks))
-    return received, hops * max(travelling), max(needed)
+    return received, hops * max(travelling), max(sharding.causal_kv_rows)
 
 
 def row(lengths: list[int], world_size: int) -> dict:

@@ -104,6 +104,17 @@ class BalancedSharding(ShardingRows):
         """Per rank, each of its documents' first local row."""
         return tuple({doc: start for doc, _, start in rows} for rows in self.rank_rows)
 
+    @functools.cached_property
+    def causal_kv_rows(self) -> tuple[int, ...]:
+        """Per rank, the KV rows that a causal mask needs from its spans' other ranks: one chunk
+        of each earlier span rank, both chunks of each later one. What the balanced ring's
+        streams carry under a causal mask (no more: tests/test_schedule.py), in closed form."""
+        rows = [0] * self.world_size
+        for doc, (first, ranks) in enumerate(self.spans):
+            for member in range(ranks if ranks > 1 else 0):
+                rows[(first + member) % self.world_size] += self.chunk_size(doc) * (member + 2 * (ranks - 1 - member))
+        return tuple(rows)
+
     def local_sequences(self, rank: int) -> list[tuple[int, int, int]]:
         """(first row, valid rows, rows) of each of rank's local sequences: a spread document's two
         chunks (valid slots first), a kept document."""
