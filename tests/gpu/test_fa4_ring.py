@@ -56,33 +56,30 @@ def test_fa4_ring_72_ranks_on_one_gpu(name):
     print(f"{name} W=72 errors", errors, "single-device FA4", baseline)
 
 
-@pytest.mark.parametrize(("ulysses", "ring", "name", "kv_heads"), [(2, 4, "causal_zigzag", 1), (4, 2, "balanced_window", 4), (8, 9, "causal_zigzag", 2)])
-def test_fa4_on_a_simulated_ulysses_by_ring_mesh(ulysses, ring, name, kv_heads):
+def check_mesh(case, ring):
+    """A case on a simulated case.ulysses x ring mesh with FA4, by the 2x rule against upstream;
+    (errors, upstream's errors)."""
     from fa4_cp import SimulatedMesh
 
-    case = dataclasses.replace(CASES_BY_NAME[name], head_dim=64, heads=8, kv_heads=kv_heads, ulysses=ulysses, batch=1)
-    world = ulysses * ring
+    world = case.ulysses * ring
     inputs = make_inputs(case, world, torch.bfloat16, seed=world)
     truth = reference_results(case, world, inputs, torch.float64)
     baseline = errors_against(truth, upstream_results(case, world, inputs, torch.bfloat16))
     gpu_inputs = on_cuda(inputs)
-    per_rank = SimulatedMesh(ulysses, ring).run(lambda group: ring_results_for_rank(case, world, gpu_inputs, group, group.rank, backend="fa4"))
-    assert_ring_matches(case, world, inputs, torch.bfloat16, per_rank, baseline)
+    per_rank = SimulatedMesh(case.ulysses, ring).run(lambda group: ring_results_for_rank(case, world, gpu_inputs, group, group.rank, backend="fa4"))
+    return assert_ring_matches(case, world, inputs, torch.bfloat16, per_rank, baseline), baseline
+
+
+@pytest.mark.parametrize(("ulysses", "ring", "name", "kv_heads"), [(2, 4, "causal_zigzag", 1), (4, 2, "balanced_window", 4), (8, 9, "causal_zigzag", 2)])
+def test_fa4_on_a_simulated_ulysses_by_ring_mesh(ulysses, ring, name, kv_heads):
+    check_mesh(dataclasses.replace(CASES_BY_NAME[name], head_dim=64, heads=8, kv_heads=kv_heads, ulysses=ulysses, batch=1), ring)
 
 
 @pytest.mark.parametrize(("ulysses", "ring"), [(8, 1), (8, 2), (4, 3)])
 def test_fa4_ulysses_repeated_kv_head_gradients_within_1_2x_upstream(ulysses, ring):
     """One KV head repeated over u ulysses ranks: dk and dv, summed unrounded before one rounding,
     within 1.2x upstream FA4's error on one device (rounded per rank they reached 1.8-1.9x)."""
-    from fa4_cp import SimulatedMesh
-
     case = dataclasses.replace(CASES_BY_NAME["causal_zigzag"], head_dim=128, heads=ulysses, kv_heads=1, ulysses=ulysses, batch=1)
-    world = ulysses * ring
-    inputs = make_inputs(case, world, torch.bfloat16, seed=world)
-    truth = reference_results(case, world, inputs, torch.float64)
-    baseline = errors_against(truth, upstream_results(case, world, inputs, torch.bfloat16))
-    gpu_inputs = on_cuda(inputs)
-    per_rank = SimulatedMesh(ulysses, ring).run(lambda group: ring_results_for_rank(case, world, gpu_inputs, group, group.rank, backend="fa4"))
-    errors = assert_ring_matches(case, world, inputs, torch.bfloat16, per_rank, baseline)
+    errors, baseline = check_mesh(case, ring)
     for tensor in ("dk", "dv"):
         assert errors[tensor] <= 1.2 * baseline[tensor], f"{tensor}: {errors[tensor]:.3e} vs upstream {baseline[tensor]:.3e}"
