@@ -180,9 +180,6 @@ class _StreamDKV:
             return cls.SLOTS + 2
         return cls.SLOTS if any(_chain_hops(plan, stream)) else 2
 
-    def _held(self, origin: int, position: int) -> int | None:
-        return self.stream.rows(origin, position)
-
     def _origin(self, position: int) -> int:
         return self.stream.origin(self.plan.rank, self.plan.world_size, position)
 
@@ -202,7 +199,7 @@ class _StreamDKV:
         if self.position >= 2:
             self.pending.pop(slot).arrive()
         elif not first_block_writes:
-            for piece in _pieces(self.slots[slot], self._held(self._origin(self.position), self.position)):
+            for piece in _pieces(self.slots[slot], self.stream.rows(self._origin(self.position), self.position)):
                 piece.zero_()
 
     def accumulator(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,34 +209,32 @@ class _StreamDKV:
         """After the step's kernels: the buffer leaves for its next holder, or home."""
         position, rank, world = self.position, self.plan.rank, self.plan.world_size
         buffer, origin, offset = self.slots[position % len(self.slots)], self._origin(position), self.hops[position]
-        rows = self._held(origin, position)
+        rows = self.stream.rows(origin, position)
         if offset == 0:  # the rank's own KV: the chain ends at home
             self.home.append((buffer, rows))
             return
         hop = Hop("dKV", self.stream.steps[position], offset, rank, world)
         last = position + 2 >= len(self.stream.steps)
-        if not self.shrinks:
+        # What goes on: the whole buffer, or, shrinking, the rows the next step's KV holds (home
+        # itself after the last step, below).
+        onward = rows if not self.shrinks else 0 if last else self.stream.rows(origin, position + 2)
+        if not (self.shrinks and last):
             landing = (position + 2) % len(self.slots)
-            arriving = self._held(rank, position % 2) if last else self._held(self._origin(position + 2), position + 2)
-            self.pending[landing] = post_hop(self.transport, _pieces(buffer, rows), _pieces(self.slots[landing], arriving), offset, DKV_CHANNEL, hop)
+            arriving = self.stream.rows(rank, position % 2) if last else self.stream.rows(self._origin(position + 2), position + 2)
+            self.pending[landing] = post_hop(self.transport, _pieces(buffer, onward), _pieces(self.slots[landing], arriving), offset, DKV_CHANNEL, hop)
             if last:
                 self.home.append((self.slots[landing], arriving))
-            return
-        home, home_offset = self.homes[position % 2], -self.stream.direction * self.stream.steps[position] % world
-        kept = 0 if last else self._held(origin, position + 2)
-        mine = (0 if last else self._held(rank, position + 2), self._held(rank, position))
-        if not last:
-            landing = (position + 2) % len(self.slots)
-            arriving = self._held(self._origin(position + 2), position + 2)
-            self.pending[landing] = post_hop(self.transport, _pieces(buffer, kept), _pieces(self.slots[landing], arriving), offset, DKV_CHANNEL, hop)
-        # The rows no later step touches go home; this rank's own come back from whoever holds
-        # its KV at this step. Both land at their rows of the chain's home buffer.
-        self.homeward.append(post_hop(
-            self.transport, _row_pieces(buffer, kept, rows), _row_pieces(home, *mine), home_offset, DKV_CHANNEL,
-            Hop("dKV home", self.stream.steps[position], home_offset, rank, world), lands_at=_row_pieces(home, kept, rows),
-        ))
-        if last:
-            self.home.append((home, self._held(rank, position % 2)))
+        if self.shrinks:
+            # The rows no later step touches go home; this rank's own come back from whoever holds
+            # its KV at this step. Both land at their rows of the chain's home buffer.
+            home, home_offset = self.homes[position % 2], -self.stream.direction * self.stream.steps[position] % world
+            mine = (0 if last else self.stream.rows(rank, position + 2), self.stream.rows(rank, position))
+            self.homeward.append(post_hop(
+                self.transport, _row_pieces(buffer, onward, rows), _row_pieces(home, *mine), home_offset, DKV_CHANNEL,
+                Hop("dKV home", self.stream.steps[position], home_offset, rank, world), lands_at=_row_pieces(home, onward, rows),
+            ))
+            if last:
+                self.home.append((home, self.stream.rows(rank, position % 2)))
 
     def at_home(self) -> list[tuple[torch.Tensor, int | None]]:
         """(buffer, rows) of the dK and dV partial sums of this rank's own stream, once the last
@@ -263,7 +258,6 @@ class TravellingDKV:
         reading = [stream for stream in plan.streams if stream.steps]
         counts = [_StreamDKV.slot_count(plan, stream) for stream in reading]
         slots = transport.buffers(DKV_CHANNEL, sum(counts), _buffer_shape(plan, k, v), dtype, k.device) if reading else []
-        self.plan = plan
         self.streams: dict[int, _StreamDKV] = {}
         for index, stream in enumerate(plan.streams):
             if stream.steps:
@@ -299,8 +293,7 @@ class TravellingDKV:
                 if own is None:
                     travelled.append(buffer if rows is None else buffer.narrow(-3, 0, rows))
                     continue
-                rows = min(own.numel(), buffer.shape[-3] if rows is None else rows)
-                if rows:
+                if rows:  # a stream of some rows has held_rows: at most its own rows come home
                     if local is None:
                         local = torch.zeros(pair_shape(k, v), dtype=dtype, device=k.device)
                     local.index_add_(local.dim() - 3, own[:rows], buffer.narrow(-3, 0, rows))
