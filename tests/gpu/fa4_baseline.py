@@ -9,19 +9,25 @@ def upstream_results(case, world_size, inputs, dtype):
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
     q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+    # Upstream's GQA backward asserts v's head_dim equals k's on sm90: with MLA's narrower v the
+    # baseline repeats the KV heads and sums their gradients in fp32 (one rounding per head, so a
+    # slightly looser baseline than a GQA kernel's).
+    repeat = q.shape[-2] // k.shape[-2] if v.shape[-1] != k.shape[-1] else 1
+    k_in, v_in = (t.detach().repeat_interleave(repeat, dim=-2).requires_grad_() if repeat > 1 else t for t in (k, v))
     sinks = None if inputs.sinks is None else inputs.sinks.detach().cuda().to(dtype).requires_grad_()
     window = tuple(None if w < 0 else w for w in case.window(world_size))
     options = dict(causal=case.causal, window_size=window, softcap=case.softcap or 0.0, learnable_sink=sinks, return_lse=True)
     if case.documents:
         cu = inputs.cu_seqlens.cuda()
         longest = int((cu[1:] - cu[:-1]).max())
-        out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, **options)
+        out, lse = flash_attn_varlen_func(q, k_in, v_in, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, **options)
     else:
-        out, lse = flash_attn_func(q, k, v, **options)
+        out, lse = flash_attn_func(q, k_in, v_in, **options)
     finite = torch.isfinite(lse)
     loss = (out.float() * inputs.dout.cuda().float()).sum() + (lse.where(finite, 0) * inputs.dlse.cuda().to(lse.dtype)).sum()
     loss.backward()
-    results = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    dk, dv = (t.grad if repeat == 1 else t.grad.float().unflatten(-2, (-1, repeat)).sum(-2) for t in (k_in, v_in))
+    results = {"out": out, "lse": lse, "dq": q.grad, "dk": dk, "dv": dv}
     if sinks is not None:
         results["ds"] = sinks.grad
     return {name: t.detach().cpu() for name, t in results.items()}

@@ -19,9 +19,8 @@ from fa4_baseline import upstream_results  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poisoned_memory")
 
-# v narrower than k is refused by the FA4 backend until its forward passes (and upstream's GQA
-# backward, the baseline, does not take it on sm90).
-FA4_CASES = [dataclasses.replace(case, head_dim=64) for case in CASES if case.head_dim_v is None]
+# MLA's cases at its real head dims (192 / 128), the others at 64.
+FA4_CASES = [dataclasses.replace(case, **({"head_dim": 64} if case.head_dim_v is None else {"head_dim": 192, "head_dim_v": 128})) for case in CASES]
 # 128-token chunks: q slices start on a tile boundary and share one dq accumulator.
 FA4_CASES.append(dataclasses.replace(CASES_BY_NAME["causal_zigzag"], name="causal_zigzag_tile_aligned", head_dim=128, chunk=128, batch=1))
 FA4_CASES.append(dataclasses.replace(CASES_BY_NAME["gqa_half_kv_heads"], name="gqa_tile_aligned", head_dim=128, chunk=128, batch=1, causal=False))
