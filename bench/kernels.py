@@ -159,18 +159,26 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--quick", action="store_true", help="S = 8K and 32K only")
     parser.add_argument("--head-dims", nargs="+", default=["64", "128"], choices=DIMS, help="head_dim, or q/k / v head dims")
+    parser.add_argument("--seqs", nargs="+", type=int, help="only these sequence lengths")
+    parser.add_argument("--no-first-call", action="store_true", help="skip timing the first call's compile")
     args = parser.parse_args()
-    rows = [run_config(*config) for config in GRID if (not args.quick or config[0] <= 32768) and config[3] in args.head_dims]
-    with tempfile.TemporaryDirectory() as cache_dir:
-        cold = first_call_seconds(cache_dir)
-        warm = first_call_seconds(cache_dir)
     result = record(
         "kernels", "cuda", dtype="bfloat16", batch=1, quick=args.quick, head_dims=args.head_dims,
-        statistic="median of 15 interleaved rounds after 3 warm-up calls each, CUDA events",
-        first_call_seconds={"cold_cache": cold, "warm_cache": warm}, rows=rows,
+        statistic="median of 15 interleaved rounds after 3 warm-up calls each, CUDA events", rows=[],
     )
     device = result["device"].lower().replace(" ", "_")
-    write(result, os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}.json"))
+    path = os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}.json")
+    rows = result["rows"]
+    for config in GRID:
+        if (not args.quick or config[0] <= 32768) and config[3] in args.head_dims and (not args.seqs or config[0] in args.seqs):
+            rows.append(run_config(*config))
+            write(result, path)  # each row as it lands, so a run cut short keeps what it measured
+    if not args.no_first_call:
+        with tempfile.TemporaryDirectory() as cache_dir:
+            cold = first_call_seconds(cache_dir)
+            warm = first_call_seconds(cache_dir)
+        result["first_call_seconds"] = {"cold_cache": cold, "warm_cache": warm}
+        write(result, path)
     print(f"{'S':>6} {'H':>6} {'d':>4} {'causal':>6} | fwd TFLOPs: {'ours':>5} {'kernel':>6} {'FA4':>5} {'cuDNN':>5} | bwd TFLOPs: {'ours':>5} {'step':>5} {'FA4':>5} {'cuDNN':>5} | ratios fwd/FA4 fwd/cuDNN bwd/FA4 bwd/cuDNN")
     def cell(value: float | None, width: int, digits: int) -> str:
         return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
