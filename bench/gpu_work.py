@@ -8,6 +8,9 @@ Each case runs the real API on a SimulatedRing (or SimulatedMesh) of W virtual r
 bf16, head_dim 128. Kernels are sorted three ways:
 - transport: the simulated transport's own copies (they stand for NVLink transfers; run on a stream
   of their own here, so that they are told apart by stream), reported apart and left out of the ratio;
+- all_to_all_layout (2-D meshes): the Ulysses exchange's packing of head groups and concatenation of
+  what arrives, on a stream of their own; reported apart, and the all-kernels ratio given with and
+  without them (they are SM work on real GPUs too);
 - attention: the CuTe-DSL kernels of attention (FA4's and fa4_cp's: forward, backward, FA4's
   pre/post-processing);
 - other: everything else: torch's copies, fills, adds, index kernels, and fa4_cp's own read-back and
@@ -59,18 +62,19 @@ CASES = {
     "pretrain_mesh_8x8": Case(64, (32, 8), 524288, "pretrain", ulysses=8),
 }
 class TransportStream:
-    """The simulated transport's copies on a stream of their own (ordered both ways with the
-    calling thread's stream), so that the profile tells them apart."""
+    """The simulated transport's copies on a stream of their own, and the Ulysses exchange's
+    layout work (packing head groups, concatenating what arrives) on another (each ordered both
+    ways with the calling thread's stream), so that the profile tells them apart."""
 
-    def __init__(self, simulated):
-        self.simulated, self.stream = simulated, torch.cuda.Stream()
+    def __init__(self, simulated, exchange):
+        self.simulated, self.exchange = simulated, exchange  # exchange: None in a tree without runtime.ulysses.Exchange
+        self.stream, self.exchange_stream = torch.cuda.Stream(), torch.cuda.Stream()
 
     def __enter__(self):
-        ring, shift = self.simulated.SimulatedRing, self.simulated._SimulatedShift
-        self.saved = ring.post, shift.wait
-        stream = self.stream
+        ring, shift, exchange = self.simulated.SimulatedRing, self.simulated._SimulatedShift, self.exchange
+        self.saved = ring.post, shift.__init__, shift.wait, exchange and exchange._run
 
-        def on_stream(fn):
+        def on_stream(fn, stream):
             def wrapped(*args, **kwargs):
                 caller = torch.cuda.current_stream()
                 stream.wait_stream(caller)
@@ -81,11 +85,17 @@ class TransportStream:
 
             return wrapped
 
-        ring.post, shift.wait = on_stream(ring.post), on_stream(shift.wait)
+        # a shift copies what it sends when it is posted, and lands it when waited on
+        ring.post, shift.__init__, shift.wait = (on_stream(fn, self.stream) for fn in self.saved[:3])
+        if exchange:
+            exchange._run = on_stream(exchange._run, self.exchange_stream)
         return self
 
     def __exit__(self, *exc):
-        self.simulated.SimulatedRing.post, self.simulated._SimulatedShift.wait = self.saved
+        ring, shift = self.simulated.SimulatedRing, self.simulated._SimulatedShift
+        ring.post, shift.__init__, shift.wait = self.saved[:3]
+        if self.exchange:
+            self.exchange._run = self.saved[3]
 
 
 def kernel_events(prof):
@@ -94,14 +104,15 @@ def kernel_events(prof):
     return [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
-def sort_kernels(events, transport_stream: int | None) -> dict:
+def sort_kernels(events, streams: dict[int, str]) -> dict:
+    """Kernels by kind: a kind of their own where `streams` names their stream (stream id -> kind)."""
     ms = collections.Counter()
     other: collections.Counter = collections.Counter()
     launches: collections.Counter = collections.Counter()
     for e in events:
         us = e.time_range.elapsed_us()
-        if transport_stream is not None and getattr(e, "device_resource_id", None) == transport_stream:
-            kind = "transport"
+        if getattr(e, "device_resource_id", None) in streams:
+            kind = streams[e.device_resource_id]
         elif (CUTE_PREFIX in e.name or "flash" in e.name.lower()) and not any(name in e.name for name in RING_HELPER_KERNELS):
             kind = "attention"
         else:
@@ -124,10 +135,10 @@ def profiled(fn, warmup: int = 1):
     return prof
 
 
-def median_sorted(fn, transport_stream: int | None, repeats: int) -> dict:
+def median_sorted(fn, streams: dict[int, str], repeats: int) -> dict:
     """`sort_kernels` of `repeats` profiled calls (after one warm-up): the median ms of each kind;
     the kernel lists of the median call by total."""
-    runs = [sort_kernels(kernel_events(profiled(fn, warmup=1 if index == 0 else 0)), transport_stream) for index in range(repeats)]
+    runs = [sort_kernels(kernel_events(profiled(fn, warmup=1 if index == 0 else 0)), streams) for index in range(repeats)]
     runs.sort(key=lambda run: sum(run["ms"].values()))
     middle = runs[len(runs) // 2]
     kinds = {kind for run in runs for kind in run["ms"]}
@@ -164,11 +175,18 @@ def one_device(case: Case, inputs) -> dict:
         out = out[0] if isinstance(out, tuple) else out
         torch.autograd.backward(out, dout)
 
-    return median_sorted(step, None, REPEATS)
+    return median_sorted(step, {}, REPEATS)
 
 
 def ring(case: Case, inputs, fa4_cp, deterministic: bool = False) -> dict:
+    import importlib
+
     from fa4_cp.comm import simulated
+
+    try:
+        exchange = importlib.import_module("fa4_cp.runtime.ulysses").Exchange
+    except (ImportError, AttributeError):
+        exchange = None
 
     q, k, v, dout, lengths = inputs
     world = case.world
@@ -194,8 +212,9 @@ def ring(case: Case, inputs, fa4_cp, deterministic: bool = False) -> dict:
         torch.autograd.backward(out, dout_)
 
     ranks = simulated.SimulatedMesh(case.ulysses, world // case.ulysses) if case.ulysses > 1 else simulated.SimulatedRing(world)
-    with TransportStream(simulated) as transport:
-        result = median_sorted(lambda: ranks.run(rank_call), profiler_stream_id(transport.stream), REPEATS)
+    with TransportStream(simulated, exchange) as streams:
+        kinds = {profiler_stream_id(streams.stream): "transport", profiler_stream_id(streams.exchange_stream): "all_to_all_layout"}
+        result = median_sorted(lambda: ranks.run(rank_call), kinds, REPEATS)
     result["ring_steps"] = len(rank_plan_of(fa4_cp, sharding, case).steps)
     return result
 
@@ -219,16 +238,17 @@ def rank_plan_of(fa4_cp, sharding, case: Case):
 
 
 def summarize(case: Case, one: dict, ring_: dict) -> dict:
-    attention, other, transport = (ring_["ms"].get(kind, 0.0) for kind in ("attention", "other", "transport"))
+    attention, other, transport, layout = (ring_["ms"].get(kind, 0.0) for kind in ("attention", "other", "transport", "all_to_all_layout"))
     one_attention, one_all = one["ms"].get("attention", 0.0), sum(one["ms"].values())
     per_rank = max(case.world, 1)
     return {
         "world_size": case.world, "ulysses": case.ulysses, "heads": list(case.heads), "tokens": case.tokens, "mix": case.mix,
         "ring_steps": ring_["ring_steps"],
         "one_device_ms": one["ms"],
-        "ring_ms": {"attention": attention, "other": other, "transport_copies": transport},
+        "ring_ms": {"attention": attention, "other": other, "transport_copies": transport, "all_to_all_layout": layout},
         "attention_vs_one_device": one_attention / attention,
         "all_kernels_vs_one_device": one_all / (attention + other),
+        "all_kernels_with_all_to_all_layout_vs_one_device": one_all / (attention + other + layout),
         "non_attention_over_attention": other / attention,
         "other_kernels": [
             {"name": name[:160], "ms": us / 1e3, "launches_per_rank": ring_["launches"][name] / per_rank}
@@ -262,7 +282,8 @@ def main() -> None:
         print(
             f"{name:18} W={case.world:<3} attention {row['attention_vs_one_device']:.3f}  all kernels {row['all_kernels_vs_one_device']:.3f}  "
             f"non-attention/attention {row['ring_ms']['other']:.1f}/{row['ring_ms']['attention']:.1f} ms  "
-            f"transport {row['ring_ms']['transport_copies']:.1f} ms  ({row['seconds']:.0f} s)", flush=True,
+            f"transport {row['ring_ms']['transport_copies']:.1f} ms  all-to-all layout {row['ring_ms']['all_to_all_layout']:.1f} ms  "
+            f"({row['seconds']:.0f} s)", flush=True,
         )
         del inputs
         torch.cuda.empty_cache()
