@@ -54,6 +54,23 @@ def grads_of(out, lse, leaves, dout, dlse):
 def test_backward_against_fp64(mask_name, dim, dim_v, heads, kv_heads, dtype):
     """One block's forward and backward through the backend, against fp64, by the 2x rule
     relative to upstream FA4 with the same mask. Two q halves in two steps share the pass."""
+    check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dim,dim_v,heads,kv_heads", [(192, 192, 8, 2), (256, 256, 8, 8), (256, 256, 8, 2), (192, 128, 8, 8), (192, 128, 8, 2)])
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_backward_with_upstreams_swapped_tiles_against_fp64(mask_name, dim, dim_v, heads, kv_heads, dtype):
+    """The Hopper backward on upstream's own tiles at 192 and 256 (dK/dV MMAs with swapped
+    operands, BackwardTiles.for_head_dim(swapped_dkv=True)), before the pass takes them by default."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Hopper backward's tiles")
+    from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles
+
+    check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, BackwardTiles.for_head_dim(dim, dim_v, swapped_dkv=True))
+
+
+def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, tiles=None):
     torch.manual_seed(dim + dim_v + heads + kv_heads)
     mask, seq, scale = MASKS[mask_name], 1000, dim**-0.5
     q = torch.randn(2, seq, heads, dim, device="cuda", dtype=dtype)
@@ -78,7 +95,12 @@ def test_backward_against_fp64(mask_name, dim, dim_v, heads, kv_heads, dtype):
     lse = torch.full((2, heads, seq), math.nan, dtype=torch.float64, device="cuda")
     backend.forward(q, k, softmax_scale=scale).step(q, k, v, out, lse, mask=mask, accumulate=False)
     out16 = out.to(dtype)
-    grads = backend.backward(q, out16, lse, dout, dlse, softmax_scale=scale)
+    if tiles is None:
+        grads = backend.backward(q, out16, lse, dout, dlse, softmax_scale=scale)
+    else:
+        from fa4_cp.kernels.fa4.backward_pass_sm90 import Sm90BackwardPass
+
+        grads = Sm90BackwardPass(q, out16, lse, dout, dlse, scale, tiles=tiles)
     dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
     half = 448  # a tile boundary for 64-row tiles, not for 128-row ones
     for rows in (slice(0, half), slice(half, seq)):

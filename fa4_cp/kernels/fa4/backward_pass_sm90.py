@@ -47,13 +47,16 @@ class _QSide:
 
 
 class Sm90BackwardPass:
-    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False):
+    def __init__(
+        self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False,
+        tiles: BackwardTiles | None = None,
+    ):
         self.q, self.out, self.dout, self.softmax_scale, self.softcap = q, out, dout, softmax_scale, softcap
         self.deterministic = deterministic
         self.dk_scale = softmax_scale  # the kernel adds dK unscaled
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
-        self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1], dout.shape[-1])
+        self.tiles = tiles = tiles or BackwardTiles.for_head_dim(q.shape[-1], dout.shape[-1])
         self.dq_tiles = _dq_geometry(tiles)
         self.sides: dict[tuple, _QSide] = {}
         self.whole_dq: torch.Tensor | None = None

@@ -41,7 +41,7 @@ from .arguments import NO_AUX
 from .compile_cache import kernel_cache
 from .fake_tensors import FakeBlockRows
 from .masks import Fa4Window
-from .vector_memory import add_pair, store_pair
+from .vector_memory import add_one, add_pair, store_one, store_pair
 
 _compiled = kernel_cache("backward_sm90")
 
@@ -59,15 +59,15 @@ class BackwardTiles:
 
     @staticmethod
     @functools.cache
-    def for_head_dim(head_dim: int, head_dim_v: int | None = None) -> BackwardTiles:
+    def for_head_dim(head_dim: int, head_dim_v: int | None = None, *, swapped_dkv: bool = False) -> BackwardTiles:
+        """Upstream's causal tiles. At head_dim 192 and 256 upstream swaps the dK/dV MMAs'
+        operands (96- and 48-row KV tiles); by default these take 64-row KV tiles with unswapped
+        MMAs instead (passed on an H200; at 256 one Q stage, as two overflow shared memory), at
+        0.77-0.86x upstream's speed. `swapped_dkv` keeps upstream's tiles, the epilogue adding
+        one float at a time: compiled, to become the default once it passes on a GPU."""
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         config = _tile_size_bwd_sm90(head_dim, head_dim_v, True, False)
-        if config.dKV_swapAB:
-            # Upstream swaps the dK/dV MMAs' operands at head_dim 192 and 256 (96- and 48-row KV
-            # tiles), whose accumulator rows this epilogue cannot address; 64-row KV tiles with
-            # unswapped MMAs instead (192 passed tests/gpu/test_fa4_backend.py on an H200).
-            # At 256 (upstream's 48-row tiles) 64-row KV tiles leave no shared memory for a second
-            # Q stage: 246784 of 232448 bytes on an H200 with two.
+        if config.dKV_swapAB and not swapped_dkv:
             stages_q = 1 if config.n_block_size < 64 else config.num_stages_Q
             config = replace(config, dKV_swapAB=False, n_block_size=64, AtomLayoutNdKV=1, num_stages_Q=stages_q)
         return BackwardTiles(config, head_dim, head_dim_v)
@@ -129,8 +129,6 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
         self.qhead_per_kvhead = _OneHeadAsGroup(1) if qhead_per_kvhead == 1 else qhead_per_kvhead
         if write_first and qhead_per_kvhead > 1 and not self.deterministic:
             raise ValueError("write_first with GQA needs deterministic: the q heads of a kv head race otherwise")
-        if self.dKV_swapAB:
-            raise ValueError("AccumulatingBackwardSm90 needs dKV_swapAB=False (rows of dK/dV across each thread's pairs)")
         self.write_first = write_first
 
     @cute.jit
@@ -204,17 +202,32 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
             rows = _block_rows(mX, seqlen, head_kv, batch_idx)
             gX = cute.local_tile(rows, (self.tile_n, width), (n_block, 0))
             thr_mma = tiled_mma.get_slice(tidx)
-            tXcX = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_n, width))))
             tXrX = layout_utils.reshape_acc_to_mn(acc)
-            for m in cutlass.range(cute.size(tXrX, mode=[0]), unroll_full=True):
-                if tXcX[m, 0][0] < rows_in_tile:
-                    for pair in cutlass.range(cute.size(tXrX, mode=[1]) // 2, unroll_full=True):
-                        n = 2 * pair
-                        pointer = elem_pointer(gX, tXcX[m, n])
-                        if writes:
-                            store_pair(tXrX[m, n], tXrX[m, n + 1], pointer)
-                        else:
-                            add_pair(tXrX[m, n], tXrX[m, n + 1], pointer)
+            if const_expr(not self.dKV_swapAB):
+                # (kv row, column) accumulators: each thread's pairs are adjacent columns of a row
+                tXcX = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_n, width))))
+                for m in cutlass.range(cute.size(tXrX, mode=[0]), unroll_full=True):
+                    if tXcX[m, 0][0] < rows_in_tile:
+                        for pair in cutlass.range(cute.size(tXrX, mode=[1]) // 2, unroll_full=True):
+                            n = 2 * pair
+                            pointer = elem_pointer(gX, tXcX[m, n])
+                            if writes:
+                                store_pair(tXrX[m, n], tXrX[m, n + 1], pointer)
+                            else:
+                                add_pair(tXrX[m, n], tXrX[m, n + 1], pointer)
+            else:
+                # swapped operands: (column, kv row) accumulators, pairs in adjacent rows; once
+                # per tile, so one float at a time costs little next to the main loop
+                tXcX = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((width, self.tile_n))))
+                for m in cutlass.range(cute.size(tXrX, mode=[0]), unroll_full=True):
+                    for n in cutlass.range(cute.size(tXrX, mode=[1]), unroll_full=True):
+                        column_and_row = tXcX[m, n]
+                        if column_and_row[1] < rows_in_tile:
+                            pointer = elem_pointer(gX, (column_and_row[1], column_and_row[0]))
+                            if writes:
+                                store_one(tXrX[m, n], pointer)
+                            else:
+                                add_one(tXrX[m, n], pointer)
         if const_expr(self.deterministic):
             # Every thread's adds land before the next head's turn starts.
             cute.arch.fence_acq_rel_gpu()
