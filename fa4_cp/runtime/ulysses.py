@@ -35,19 +35,19 @@ class Exchange:
         self.group = group
         self.transport = group.transport(transport, device) if group.world_size > 1 else None
 
-    def _run(self, x: torch.Tensor, split_dim: int, cat_dim: int) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, split_dim: int, cat_dim: int, padded: int | None = None) -> torch.Tensor:
         if self.transport is None:
-            return x
-        pieces = [piece.contiguous() for piece in x.chunk(self.group.world_size, dim=split_dim)]
+            return x if padded is None else _pad_rows(x, padded, split_dim)
+        pieces = _pieces(x, self.group.world_size, split_dim, x.shape[split_dim] if padded is None else padded)
         return torch.cat(all_to_all(self.group, self.transport, pieces, "the Ulysses all-to-all"), dim=cat_dim)
 
     def sequence_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(..., s/u, h, d) of every head -> (..., s, h/u, d) of this rank's head group."""
         return self._run(x, -2, -3)
 
-    def heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse of `sequence_to_heads`."""
-        return self._run(x, -3, -2)
+    def heads_to_sequence(self, x: torch.Tensor, padded_rows: int | None = None) -> torch.Tensor:
+        """The inverse of `sequence_to_heads`; x's rows taken as zero-padded to `padded_rows`."""
+        return self._run(x, -3, -2, padded_rows)
 
     def lse_heads_to_sequence(self, lse: torch.Tensor) -> torch.Tensor:
         """lse (..., h/u, s) of this rank's head group -> (..., h, s/u) of its own rows."""
@@ -107,8 +107,7 @@ def ulysses_backward(
         heads_lse[..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _own_sinks(sinks, mesh.ulysses, head_group),
         dkv_dtype=accumulator_dtype(heads_k.dtype) if repeated else None,
     )
-    dq = exchange.heads_to_sequence(_pad_rows(dq, padded_rows, -3))
-    dk, dv = (exchange.heads_to_sequence(_pad_rows(t, padded_rows, -3)) for t in (dk, dv))
+    dq, dk, dv = (exchange.heads_to_sequence(t, padded_rows) for t in (dq, dk, dv))
     if repeated:
         dk, dv = (t.unflatten(-2, (kv_heads, u // kv_heads)).sum(-2).to(heads_k.dtype) for t in (dk, dv))
     dsinks = dout.new_empty(0)
@@ -116,6 +115,14 @@ def ulysses_backward(
         dsinks = torch.zeros_like(sinks)
         dsinks[_own_heads(mesh.ulysses, head_group)] = ring_dsinks
     return dq, dk, dv, dsinks
+
+
+def _pieces(x: torch.Tensor, count: int, dim: int, length: int) -> list[torch.Tensor]:
+    """`count` equal contiguous pieces of x along `dim`, x taken as zero-padded to `length` there:
+    only a piece that reaches past x's end is copied with its padding, not the whole of x."""
+    size, rows = length // count, x.shape[dim]
+    starts = [min(index * size, rows) for index in range(count)]
+    return [_pad_rows(x.narrow(dim, start, min(size, rows - start)), size, dim).contiguous() for start in starts]
 
 
 def _pad_rows(t: torch.Tensor, rows: int, seq_dim: int, value: float = 0.0) -> torch.Tensor:
