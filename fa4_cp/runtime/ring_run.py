@@ -16,13 +16,20 @@ from .executor import Ring, ring_backward, ring_forward
 
 def ring_run_forward(
     call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    sinks: torch.Tensor | None,
+    sinks: torch.Tensor | None, padded_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (q's dtype) and the fp64 LSE, sinks included."""
+    """out (q's dtype; with zero rows appended up to `padded_rows`, in the same copy that rounds
+    it) and the fp64 LSE, sinks included."""
     out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v)
     if sinks is not None:
         lse = add_sinks(out_acc, lse, sinks)
-    return out_acc.to(q.dtype), lse
+    rows = out_acc.shape[-3]
+    if padded_rows is None or padded_rows == rows:
+        return out_acc.to(q.dtype), lse
+    out = q.new_empty((*out_acc.shape[:-3], padded_rows, *out_acc.shape[-2:]))
+    out.narrow(-3, 0, rows).copy_(out_acc)
+    out.narrow(-3, rows, padded_rows - rows).zero_()
+    return out, lse
 
 
 def ring_run_backward(

@@ -80,10 +80,9 @@ def ulysses_forward(
     heads_q, heads_k, heads_v = (exchange.sequence_to_heads(t) for t in (q, k, v))
     out, lse = ring_run_forward(
         prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v)),
-        _own_sinks(sinks, mesh.ulysses, head_group),
+        _own_sinks(sinks, mesh.ulysses, head_group), padded_rows,
     )
-    out = _pad_rows(out, padded_rows, -3)  # padding rows: out 0, lse -inf
-    lse = _pad_rows(lse, padded_rows, -1, float("-inf"))
+    lse = _pad_rows(lse, padded_rows, -1, float("-inf"))  # padding rows: out 0, lse -inf
     return exchange.heads_to_sequence(out), exchange.lse_heads_to_sequence(lse), heads_q, heads_k, heads_v, out, lse
 
 
