@@ -118,8 +118,13 @@ def ulysses_backward(
 
 def _pieces(x: torch.Tensor, count: int, dim: int, length: int) -> list[torch.Tensor]:
     """`count` equal contiguous pieces of x along `dim`, x taken as zero-padded to `length` there:
-    only a piece that reaches past x's end is copied with its padding, not the whole of x."""
+    contiguous pieces stay views, and only a piece that reaches past x's end is copied, with its
+    padding, not the whole of x."""
     size, rows = length // count, x.shape[dim]
+    if rows == length and size and not x.narrow(dim, 0, size).is_contiguous():
+        # strided pieces (a head group, or rows of a batch): one copy lays them all out, not one each
+        axis = dim % x.dim()
+        return list(x.unflatten(axis, (count, size)).movedim(axis, 0).contiguous().unbind(0))
     starts = [min(index * size, rows) for index in range(count)]
     return [_pad_rows(x.narrow(dim, start, min(size, rows - start)), size, dim).contiguous() for start in starts]
 
