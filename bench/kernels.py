@@ -118,8 +118,9 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         "fa4_cp_bwd_step": lambda: steady.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask),
         "upstream_fa4_bwd": lambda: _flash_attn_bwd(q, k, v, up_out, dout, up_lse, softmax_scale=scale, causal=causal),
     }
-    if dim in (192, 256):  # upstream's own tiles there (swapped dK/dV MMAs), not yet the pass's default
-        swapped = Sm90BackwardPass(q, up_out, up_lse, dout, None, scale, tiles=BackwardTiles.for_head_dim(dim, dim_v, swapped_dkv=True))
+    swapped_tiles = BackwardTiles.for_head_dim(dim, dim_v, swapped_dkv=True)
+    if swapped_tiles.config.dKV_swapAB:  # upstream's own tiles at 192 and 256, not yet the pass's default
+        swapped = Sm90BackwardPass(q, up_out, up_lse, dout, None, scale, tiles=swapped_tiles)
         contenders["fa4_cp_bwd_step_swapped_tiles"] = lambda: swapped.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
     if "cudnn_sdpa_fwd" in forward:
         cudnn_out, cudnn_dout = cudnn_forward(), dout.transpose(1, 2)

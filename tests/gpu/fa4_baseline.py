@@ -3,17 +3,25 @@
 import torch
 
 
+def upstream_kv(q, k, v):
+    """k and v (leaves) as upstream FA4 takes them, and the map from their gradients to k's and
+    v's. Upstream's GQA backward asserts v's head_dim equals k's on sm90: with MLA's narrower v
+    the KV heads are repeated and their gradients summed in fp32 (one rounding per head, so a
+    slightly looser baseline than a GQA kernel's)."""
+    repeat = q.shape[-2] // k.shape[-2] if v.shape[-1] != k.shape[-1] else 1
+    if repeat == 1:
+        return k, v, lambda grad: grad
+    k_in, v_in = (t.detach().repeat_interleave(repeat, dim=-2).requires_grad_() for t in (k, v))
+    return k_in, v_in, lambda grad: grad.float().unflatten(-2, (-1, repeat)).sum(-2)
+
+
 def upstream_results(case, world_size, inputs, dtype):
     """Upstream FA4 on the full sequence, one device, with autograd (its softcap and learnable
     sinks, with their gradient, where the case has them)."""
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
     q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
-    # Upstream's GQA backward asserts v's head_dim equals k's on sm90: with MLA's narrower v the
-    # baseline repeats the KV heads and sums their gradients in fp32 (one rounding per head, so a
-    # slightly looser baseline than a GQA kernel's).
-    repeat = q.shape[-2] // k.shape[-2] if v.shape[-1] != k.shape[-1] else 1
-    k_in, v_in = (t.detach().repeat_interleave(repeat, dim=-2).requires_grad_() if repeat > 1 else t for t in (k, v))
+    k_in, v_in, kv_grad = upstream_kv(q, k, v)
     sinks = None if inputs.sinks is None else inputs.sinks.detach().cuda().to(dtype).requires_grad_()
     window = tuple(None if w < 0 else w for w in case.window(world_size))
     options = dict(causal=case.causal, window_size=window, softcap=case.softcap or 0.0, learnable_sink=sinks, return_lse=True)
@@ -26,8 +34,7 @@ def upstream_results(case, world_size, inputs, dtype):
     finite = torch.isfinite(lse)
     loss = (out.float() * inputs.dout.cuda().float()).sum() + (lse.where(finite, 0) * inputs.dlse.cuda().to(lse.dtype)).sum()
     loss.backward()
-    dk, dv = (t.grad if repeat == 1 else t.grad.float().unflatten(-2, (-1, repeat)).sum(-2) for t in (k_in, v_in))
-    results = {"out": out, "lse": lse, "dq": q.grad, "dk": dk, "dv": dv}
+    results = {"out": out, "lse": lse, "dq": q.grad, "dk": kv_grad(k_in.grad), "dv": kv_grad(v_in.grad)}
     if sinks is not None:
         results["ds"] = sinks.grad
     return {name: t.detach().cpu() for name, t in results.items()}

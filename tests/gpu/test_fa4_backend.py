@@ -7,6 +7,7 @@ import torch
 
 from fa4_cp.kernels import BandMask, get_backend
 from fa4_cp.kernels.merge import merge_partials_
+from fa4_baseline import upstream_kv
 from oracle import band_matrix, max_error
 
 if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10)):
@@ -81,14 +82,12 @@ def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, tiles=None):
     truth = {"out": out64, "lse": lse64, **dict(zip(("dq", "dk", "dv"), grads_of(out64, lse64, leaves, dout, dlse)))}
 
     window = fa4_window(mask, seq, seq)
-    # Upstream's GQA backward takes v of k's head_dim only: for MLA with GQA the baseline repeats
-    # the KV heads and sums their gradients in fp32.
-    repeat = heads // kv_heads if dim_v != dim else 1
-    leaves = [q.clone().requires_grad_(), *(t.repeat_interleave(repeat, dim=2).requires_grad_() for t in (k, v))]
+    up_q, up_k, up_v = (t.clone().requires_grad_() for t in (q, k, v))
+    up_k, up_v, kv_grad = upstream_kv(up_q, up_k, up_v)
+    leaves = [up_q, up_k, up_v]
     up_out, up_lse = flash_attn_func(*leaves, softmax_scale=scale, causal=window.causal, window_size=(window.left, window.right), return_lse=True)
     up_dq, up_dk, up_dv = grads_of(up_out.float(), up_lse, leaves, dout, dlse)
-    up_dk, up_dv = (g.float().unflatten(2, (kv_heads, repeat)).sum(3) for g in (up_dk, up_dv))
-    upstream = {"out": up_out, "lse": up_lse, "dq": up_dq, "dk": up_dk, "dv": up_dv}
+    upstream = {"out": up_out, "lse": up_lse, "dq": up_dq, "dk": kv_grad(up_dk), "dv": kv_grad(up_dv)}
 
     backend = FA4Backend()
     out = torch.full(dout.shape, math.nan, dtype=torch.float32, device="cuda")
