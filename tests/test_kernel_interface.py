@@ -54,12 +54,13 @@ def shifted(mask: BandMask, shift: int) -> BandMask:
 @pytest.mark.parametrize("pieces", [2, 3, 5, 16])
 @pytest.mark.parametrize("mask", [BandMask(), BandMask(hi=0), BandMask(lo=-9, hi=0)], ids=str)
 def test_kv_split_into_pieces_and_merged_equals_the_whole(pieces, mask, dtype):
-    """fp64: the merge is exact to rounding. bf16: the returned (rounded) output is as accurate split as whole."""
+    """fp64: the merge is exact to rounding. bf16: the returned (rounded) output is as accurate split as whole.
+    The first piece merges into an unset out (NaN) whose lse is -inf: a backend must not read it."""
     q, k, v = fresh(seq_k=48, dtype=dtype, seed=pieces)
     whole = shifted(mask, -24)  # the 24 queries sit at global positions 24..47 of the 48 keys
     whole_out, whole_lse = poisoned_accumulators(q)
     forward_step(q, k, v, whole_out, whole_lse, mask=whole, softmax_scale=0.25, accumulate=False)
-    out = torch.zeros(q.shape, dtype=torch.float64)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float64)
     lse = torch.full((2, 4, 24), float("-inf"), dtype=torch.float64)
     bounds = torch.linspace(0, 48, pieces + 1).round().long().tolist()
     for start, stop in zip(bounds, bounds[1:]):

@@ -156,6 +156,25 @@ def test_balanced_placement_keeps_short_documents_whole_and_spreads_what_cannot_
     assert [ranks for _, ranks in empty.spans] == [0, 1, 0, 1, 1]  # 0-token documents take no rows
 
 
+@pytest.mark.parametrize("layout", ["balanced", "zigzag"])
+@pytest.mark.parametrize("mask", [BandMask(hi=0), BandMask(), BandMask(lo=-40, hi=0), BandMask(hi=-3000)], ids=["causal", "full", "window", "no_key"])
+def test_the_forward_zeroes_only_the_rows_that_no_block_selects(layout, mask):
+    """Packed plans accumulate from their first block, which writes a row whose lse is still -inf
+    without reading its out: out starts zeroed only at the rows that no block selects, read back here
+    from the blocks' varlen tensors. With any key visible, those are the padding rows."""
+    from fa4_cp.kernels.reference import selected_rows
+
+    sharding = Sharding.documents(BALANCED_MIXES["mixed"], 4, layout)
+    for rank in range(4):
+        plan = rank_plan(sharding, mask, rank, torch.device("cpu"))
+        selected = torch.zeros(sharding.local_len, dtype=torch.bool)
+        for block in (block for step in plan.steps for block in step.blocks):
+            selected[selected_rows(block.varlen.cu_seqlens_q, block.varlen.seqused_q)[0]] = True
+        assert not plan.writes_first and torch.equal(plan.unselected_rows, (~selected).nonzero().flatten())
+        if mask != BandMask(hi=-3000):
+            assert (sharding.token_index(rank)[plan.unselected_rows] < 0).all(), "a document row is zeroed"
+
+
 def lognormal_mix(world_size: int, seed: int, tokens_per_rank: int = 8192) -> list[int]:
     """A pretraining-like mix: log-normal lengths, median about 1K, up to 64K."""
     import math

@@ -97,7 +97,9 @@ class ForwardPass(Protocol):
         """Merge softmax(q k^T) v of this block into (out_acc, lse_acc) in place.
 
         With ``accumulate=False`` the block's result overwrites the accumulators (first block,
-        covering every row); rows not selected by ``varlen`` are never touched.
+        covering every row); rows not selected by ``varlen`` are never touched. With
+        ``accumulate=True``, a selected row whose lse_acc is -inf takes the block's result without
+        reading its out_acc (which may be unset), out 0 where the block shows it no key.
         """
         ...
 

@@ -23,11 +23,13 @@ def merge_partials_(
     """Fold a partial (out_part, lse_part) into (out_acc, lse_acc) in place.
 
     Each lse has the shape of its out without the last dim, in the same order (..., s, h); the
-    caller passes lse views transposed to match.
+    caller passes lse views transposed to match. A row whose lse_acc is -inf has seen no key yet:
+    its out_acc is not read (it may be unset), the partial replaces it.
     """
     lse_new = merged_lse(lse_acc, lse_part)
     empty = lse_new == float("-inf")
     weight_acc = torch.where(empty, 0.0, torch.exp(lse_acc - lse_new)).unsqueeze(-1)
     weight_part = torch.where(empty, 0.0, torch.exp(lse_part - lse_new)).unsqueeze(-1)
-    out_acc.mul_(weight_acc).add_(out_part.to(out_acc.dtype) * weight_part)
+    prior = torch.where((lse_acc == float("-inf")).unsqueeze(-1), 0.0, out_acc * weight_acc)
+    out_acc.copy_(prior.add_(out_part.to(out_acc.dtype) * weight_part))
     lse_acc.copy_(lse_new)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
-from .rows import PlannedBlock, PlannedStep, RankPlan, ring_stream
+from .rows import PlannedBlock, PlannedStep, RankPlan, ring_stream, unselected_rows
 from .schedule import BlockCall, RingSchedule, build_schedule
 
 if TYPE_CHECKING:
@@ -52,7 +52,10 @@ def document_plan(sharding: ChunkedSharding, mask: BandMask, rank: int, device: 
             for block in blocks
         )
         planned.append(PlannedStep(step, step_blocks))
-    return RankPlan(sharding.world_size, rank, (None,), (None,), tuple(planned), writes_first=False, streams=ring_stream(tuple(steps)))
+    return RankPlan(
+        sharding.world_size, rank, (None,), (None,), tuple(planned), writes_first=False, streams=ring_stream(tuple(steps)),
+        unselected_rows=unselected_rows(rows.selected, sharding.local_len, device),
+    )
 
 
 def _schedules(sharding: ChunkedSharding, mask: BandMask) -> list[tuple[int | None, RingSchedule]]:
@@ -79,8 +82,8 @@ class PendingBlock(NamedTuple):
 def _split(rows: _LaneRowsTable, call: BlockCall, source: int, size: int | None) -> list[PendingBlock]:
     """The blocks of one call: its documents (of chunk size `size`, or all), split by kv shift
     when the call is masked."""
-    q_side, q_used = rows.side(rows.rank, call.q_lanes)
-    kv_side, kv_used = rows.side(source, call.kv_lanes)
+    q_side, q_starts, q_used = rows.side(rows.rank, call.q_lanes)
+    kv_side, _, kv_used = rows.side(source, call.kv_lanes)
     by_shift: dict[int, list[int]] = {}
     for doc, (nq, nk) in enumerate(zip(q_used, kv_used)):
         if nq and nk and (size is None or rows.sharding.chunk_sizes[doc] == size):
@@ -88,6 +91,7 @@ def _split(rows: _LaneRowsTable, call: BlockCall, source: int, size: int | None)
     blocks = []
     for shift, docs in sorted(by_shift.items()):
         chosen = set(docs)
+        rows.selected += [(q_starts[doc], q_starts[doc] + q_used[doc]) for doc in docs]
         pick = lambda used: [n if doc in chosen else 0 for doc, n in enumerate(used)]  # noqa: E731 - two uses, one line
         blocks.append(PendingBlock(call.mask, q_side, kv_side, rows.used(pick(q_used)), rows.used(pick(kv_used)), shift))
     return blocks
@@ -102,6 +106,8 @@ class _LaneRowsTable:
         self.sharding, self.rank = sharding, rank
         self.index: dict[tuple, int] = {}
         self.entries: list[list[int]] = []
+        self.selected: list[tuple[int, int]] = []
+        """(start, stop) of the local q rows of every document some block selects."""
 
     def _entry(self, key: tuple, values: list[int]) -> int:
         if key not in self.index:
@@ -109,11 +115,11 @@ class _LaneRowsTable:
             self.entries.append(values)
         return self.index[key]
 
-    def side(self, rank: int, lanes: range) -> tuple[tuple[int, int], list[int]]:
-        """((cu_seqlens entry, seqused entry), host seqused) of a rank's run of lanes."""
+    def side(self, rank: int, lanes: range) -> tuple[tuple[int, int], list[int], list[int]]:
+        """((cu_seqlens entry, seqused entry), host cu_seqlens, host seqused) of a rank's run of lanes."""
         cu, used = self.sharding.lane_rows(rank, lanes)
         key = (rank, lanes.start, lanes.stop)
-        return (self._entry(("cu", *key), cu), self._entry(("used", *key), used)), used
+        return (self._entry(("cu", *key), cu), self._entry(("used", *key), used)), cu, used
 
     def used(self, used: list[int]) -> int:
         """The entry of a block's seqused (blocks with equal ones share it)."""

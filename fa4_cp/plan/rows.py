@@ -90,10 +90,22 @@ class RankPlan:
     """The first block overwrites the forward's accumulators, which may start unfilled."""
     streams: tuple[KVStream, ...]
     """What travels; blocks name theirs (PlannedBlock.stream)."""
+    unselected_rows: torch.Tensor | None = None
+    """Without `writes_first`: the local q rows that no block selects (int64, on the plan's
+    device), the only rows of the forward's out accumulator to zero (a block writes a row whose
+    lse is still -inf without reading its out). None: every row."""
 
     @functools.cached_property
     def has_local_blocks(self) -> bool:
         return any(block.local for step in self.steps for block in step.blocks)
+
+
+def unselected_rows(selected: list[tuple[int, int]], rows: int, device: torch.device) -> torch.Tensor:
+    """The rows of [0, rows) outside every (start, stop) run of `selected`, as an index on `device`."""
+    outside = torch.ones(rows, dtype=torch.bool)
+    for start, stop in selected:
+        outside[start:stop] = False
+    return outside.nonzero().flatten().to(device)
 
 
 @functools.lru_cache(maxsize=256)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ..kernels.interface import BandMask, VarlenRows
-from .rows import KVStream, PlannedBlock, PlannedStep, RankPlan
+from .rows import KVStream, PlannedBlock, PlannedStep, RankPlan, unselected_rows
 from .schedule import BlockCall, Interval, band_interval, chunk_pair_calls
 
 if TYPE_CHECKING:
@@ -94,7 +94,10 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
             for key in keys
         )
         planned.append(PlannedStep(step, step_blocks))
-    return RankPlan(world, rank, (None,), (None,), tuple(planned), writes_first=False, streams=streams.kv_streams(rank, device))
+    return RankPlan(
+        world, rank, (None,), (None,), tuple(planned), writes_first=False, streams=streams.kv_streams(rank, device),
+        unselected_rows=unselected_rows(table.selected, sharding.local_len, device),
+    )
 
 
 def _add(blocks: dict, key: BlockKey, sequence: int, rows: tuple[int, int, int]) -> None:
@@ -235,10 +238,12 @@ class _SpanRowsTable:
 
     def __init__(self, sharding: BalancedSharding, rank: int, device: torch.device):
         self.sharding, self.rank, self.device = sharding, rank, device
-        self.layouts: dict[range, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
+        self.layouts: dict[range, tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int]]] = {}
+        self.selected: list[tuple[int, int]] = []
+        """(start, stop) of the local q rows of every sequence some block selects."""
 
-    def _layout(self, lanes: range) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-        """(cu_seqlens_q, seqused_q_all, the same on the host, each local sequence's index in them)
+    def _layout(self, lanes: range) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int]]:
+        """(cu_seqlens_q, seqused_q_all, the two on the host, each local sequence's index in them)
         of a run of lanes.
         Both lanes: every document is one sequence. One lane: the lane, then the rows up to the
         next document's lane as a sequence that no block computes."""
@@ -257,18 +262,19 @@ class _SpanRowsTable:
                 bounds += [first, last]
                 used += [sum(sharding.chunk_slots(doc, chunks[lane]) for lane in lanes) if ranks > 1 else 0, 0]
             cu = torch.tensor([*bounds, sharding.local_len], dtype=torch.int32).to(self.device)
-            self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), used, index)
+            self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), bounds, used, index)
         return self.layouts[lanes]
 
     def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], end: int, kv_shift: int) -> VarlenRows:
         """A block over the run `lanes` of the local sequences in `sequences` (the others select
         no rows), against KV of `end` rows."""
-        cu_q, used_all, used_host, index = self._layout(lanes)
+        cu_q, used_all, starts_host, used_host, index = self._layout(lanes)
         slots = len(used_host)
         q_used, kv_first, kv_used = [0] * slots, [], [0] * slots
         by_slot = {index[sequence]: rows for sequence, rows in sequences.items()}
         if any(rows[0] != used_host[slot] for slot, rows in by_slot.items()):
             raise AssertionError("a block selects part of a run of lanes: it cannot share the run's rows")
+        self.selected += [(starts_host[slot], starts_host[slot] + rows[0]) for slot, rows in by_slot.items()]
         previous = 0
         for slot in range(slots):
             if slot in by_slot:

@@ -57,8 +57,11 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     out_acc = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=accumulator_dtype(q.dtype), device=q.device)
     lse_acc = torch.empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE, device=q.device)
     if not plan.writes_first:
-        out_acc.zero_()
         lse_acc.fill_(float("-inf"))
+        if plan.unselected_rows is None:
+            out_acc.zero_()
+        elif plan.unselected_rows.numel():
+            out_acc.index_fill_(-3, plan.unselected_rows, 0.0)
     q_sides = [(_rows(q, rows, -3), _rows(out_acc, rows, -3), _rows(lse_acc, rows, -1)) for rows in plan.q_sides]
     kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
     kv = TravellingKV(plan, ring.transport, k, v)

@@ -158,7 +158,8 @@ def test_rows_with_no_visible_key_backward():
 
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_merge_kernel_matches_reference_merge(dim):
-    """The stand-alone kernel against the PyTorch merge, fp64, including -inf rows on either side."""
+    """The stand-alone kernel against the PyTorch merge, fp64, including -inf rows on either side;
+    an accumulator row whose lse is -inf holds no out yet (NaN here) and is not read."""
     torch.manual_seed(dim)
     shape = (2, 333, 6, dim)
     out_acc = torch.randn(shape, device="cuda")
@@ -166,7 +167,7 @@ def test_merge_kernel_matches_reference_merge(dim):
     out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     lse = torch.randn(2, 6, 333, device="cuda") * 5
     lse_acc[:, :, :10] = -math.inf
-    out_acc[:, :10] = 0
+    out_acc[:, :10] = float("nan")
     lse[:, :, 5:20] = -math.inf
     expected_out, expected_lse = out_acc.double(), lse_acc.clone()
     merge_partials_(expected_out, expected_lse.transpose(-1, -2), out.double(), lse.double().transpose(-1, -2))

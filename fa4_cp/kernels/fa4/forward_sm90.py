@@ -2,8 +2,9 @@
 
 The O and LSE tensors the kernel receives are the ring's accumulators: out in fp32, lse in fp64.
 With `accumulate`, the epilogue reads the prior (out, lse) of its rows, merges the tile's
-normalized output and LSE into them in registers (the LSE in fp64), and writes them back;
-without, it writes the tile's result. Every other part of the kernel is upstream's.
+normalized output and LSE into them in registers (the LSE in fp64), and writes them back; a row
+whose prior lse is -inf takes the tile's result without reading out, so out need not start
+zeroed. Without `accumulate`, it writes the tile's result. Every other part of the kernel is upstream's.
 """
 
 from __future__ import annotations
@@ -84,10 +85,16 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
             row = tOcO[m, 0][0]
             if row < rows_in_tile:
                 lse_new, weight_prior, weight_tile = merged_lse_and_weights(lse_prior[m], Float64(lse[m]))
-                for n in cutlass.range(num_cols, unroll_full=True):
-                    if const_expr(self.accumulate):
-                        tOgO[m, n] = tOgO[m, n] * weight_prior + tOrO[m, n] * weight_tile
+                if const_expr(self.accumulate):
+                    if lse_prior[m] == -Float64.inf:
+                        # No key merged into this row yet: its out is not read, so it may be unset.
+                        for n in cutlass.range(num_cols, unroll_full=True):
+                            tOgO[m, n] = tOrO[m, n] * weight_tile
                     else:
+                        for n in cutlass.range(num_cols, unroll_full=True):
+                            tOgO[m, n] = tOgO[m, n] * weight_prior + tOrO[m, n] * weight_tile
+                else:
+                    for n in cutlass.range(num_cols, unroll_full=True):
                         tOgO[m, n] = tOrO[m, n] * weight_tile
                 if tOcO[m, 0][1] == 0:
                     gLSE[row] = lse_new

@@ -4,7 +4,9 @@ The fallback and baseline for the merge fused into the Hopper forward's epilogue
 of the Blackwell path, whose forward is upstream's plain kernel. One warp per (row, head): it
 reads the step's lse and the running lse (fp64), merges them, rescales and adds the step's
 16-bit output into the fp32 accumulator, and one lane writes the new lse. Rows whose step lse
-is -inf (no visible key, or not selected by a varlen call) are left exactly as they were.
+is -inf (no visible key, or not selected by a varlen call) keep their (out, lse), out set to 0
+where no key has been merged yet: the accumulator's out is never read while its lse is -inf, so
+it need not start zeroed.
 """
 
 from __future__ import annotations
@@ -49,18 +51,28 @@ class MergePartials:
             token = (row // heads) % seqlen
             batch = row // (heads * seqlen)
             lse_step = Float64(mLse[batch, head, token])
+            lse_prior = Float64(mLseAcc[batch, head, token])
             if lse_step != -Float64.inf:
-                lse_new, weight_prior, weight_step = merged_lse_and_weights(mLseAcc[batch, head, token], lse_step)
-                for i in cutlass.range_constexpr(self.head_dim // 32):
-                    col = lane + 32 * i
-                    mOutAcc[batch, token, head, col] = (
-                        mOutAcc[batch, token, head, col] * weight_prior
-                        + Float32(mOut[batch, token, head, col]) * weight_step
-                    )
+                lse_new, weight_prior, weight_step = merged_lse_and_weights(lse_prior, lse_step)
+                if lse_prior == -Float64.inf:  # nothing merged yet: the accumulator is not read
+                    for i in cutlass.range_constexpr(self.head_dim // 32):
+                        col = lane + 32 * i
+                        mOutAcc[batch, token, head, col] = Float32(mOut[batch, token, head, col]) * weight_step
+                else:
+                    for i in cutlass.range_constexpr(self.head_dim // 32):
+                        col = lane + 32 * i
+                        mOutAcc[batch, token, head, col] = (
+                            mOutAcc[batch, token, head, col] * weight_prior
+                            + Float32(mOut[batch, token, head, col]) * weight_step
+                        )
                 # Every lane has read the prior lse before lane 0 replaces it.
                 cute.arch.sync_warp()
                 if lane == 0:
                     mLseAcc[batch, head, token] = lse_new
+            else:
+                if lse_prior == -Float64.inf:  # a row that has seen no key so far holds out = 0
+                    for i in cutlass.range_constexpr(self.head_dim // 32):
+                        mOutAcc[batch, token, head, lane + 32 * i] = Float32(0.0)
 
 
 def merge_partials_cuda(out: torch.Tensor, lse: torch.Tensor, out_acc: torch.Tensor, lse_acc: torch.Tensor) -> None:

@@ -40,9 +40,12 @@ class MergeAfterForwardPass:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
         window = block_window(mask, q, k, varlen)
+        # Upstream leaves the lse of rows outside a varlen call's sequences unset; the merge reads
+        # -inf there as "no key".
+        lse = None if varlen is None else torch.full((q.shape[-2], q.shape[-3]), float("-inf"), dtype=torch.float32, device=q.device)
         out, lse, *_ = _flash_attn_fwd(
             q, k, v, softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
-            window_size_left=window.left, window_size_right=window.right, return_lse=True, **_varlen_kwargs(varlen),
+            window_size_left=window.left, window_size_right=window.right, return_lse=True, lse=lse, **_varlen_kwargs(varlen),
         )
         if accumulate:
             merge_partials_cuda(out, lse, out_acc, lse_acc)
