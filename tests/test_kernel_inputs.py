@@ -1,6 +1,8 @@
 """What the ring hands the kernels. A kernel loads whole tiles of K and V and masks the scores it
-must not use, so every K/V row it is handed must be finite: a masked zero times a NaN is NaN. The
-reference backend reads only the rows it needs, so it is wrapped here to check what FA4 would load."""
+must not use, so every K/V row it may load must be finite: a masked zero times a NaN is NaN. That
+is every row of a dense block, and of a varlen block the rows up to its last sequence's end plus
+one tile. The reference backend reads only the rows it needs, so it is wrapped here to check what
+FA4 would load."""
 
 import dataclasses
 
@@ -12,8 +14,15 @@ from fa4_cp.kernels import reference
 from oracle import CASES_BY_NAME, make_inputs, ring_results_for_rank
 
 
+LARGEST_KV_TILE = 144
+"""FA4's K/V tiles: at most 144 rows (the sm90 forward at head_dim 96, no mask), 128 in the backward."""
+
+
 class NonFiniteRows(list):
-    def check(self, where: str, k: torch.Tensor, v: torch.Tensor) -> None:
+    def check(self, where: str, k: torch.Tensor, v: torch.Tensor, varlen) -> None:
+        if varlen is not None:
+            last = int((varlen.cu_seqlens_k[:-1] + varlen.seqused_k).max())
+            k, v = (t.narrow(-3, 0, min(t.shape[-3], last + LARGEST_KV_TILE)) for t in (k, v))
         if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
             self.append((where, tuple(k.shape), int((~torch.isfinite(v)).any(-1).any(-1).sum())))
 
@@ -24,11 +33,11 @@ def kernel_inputs(monkeypatch) -> NonFiniteRows:
     forward_step, backward_step = reference.ReferenceForwardPass.step, reference.ReferenceBackwardPass.step
 
     def checked_forward(self, q, k, v, *args, **kwargs):
-        found.check("forward", k, v)
+        found.check("forward", k, v, kwargs.get("varlen"))
         return forward_step(self, q, k, v, *args, **kwargs)
 
     def checked_backward(self, k, v, *args, **kwargs):
-        found.check("backward", k, v)
+        found.check("backward", k, v, kwargs.get("varlen"))
         return backward_step(self, k, v, *args, **kwargs)
 
     monkeypatch.setattr(reference.ReferenceForwardPass, "step", checked_forward)

@@ -21,6 +21,11 @@ from ..plan.rows import KVStream, RankPlan
 
 KV_CHANNEL = 0
 DKV_CHANNEL = 1
+KV_TILE_OVERHANG = 256
+"""Rows past a block's last K/V row that a kernel may load: it loads whole tiles of K and V and
+masks the scores past the block, and FA4's tiles hold at most 144 K/V rows. A masked score's zero
+times a NaN is NaN, so the rows a prefix of a travelling buffer leaves this far past its end must
+be finite."""
 
 
 def pair_views(pair: torch.Tensor, k_head_dim: int, v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +62,14 @@ def _moves(plan: RankPlan, stream: KVStream) -> bool:
     return plan.world_size > 1 and any(step % plan.world_size for step in stream.steps)
 
 
-def _own_rows(t: torch.Tensor, stream: KVStream) -> torch.Tensor:
-    return t if stream.own_rows is None else t.index_select(-3, stream.own_rows)
+def _copy_own_rows(held: torch.Tensor, own: torch.Tensor, stream: KVStream) -> int:
+    """The rank's K or V rows of the stream, at the start of `held`; how many."""
+    if stream.own_rows is None:
+        held.narrow(-3, 0, own.shape[-3]).copy_(own)
+        return own.shape[-3]
+    rows = stream.own_rows.numel()
+    torch.index_select(own, own.dim() - 3, stream.own_rows, out=held.narrow(-3, 0, rows))  # gathered in place
+    return rows
 
 
 class _StreamKV:
@@ -75,14 +86,10 @@ class _StreamKV:
         self.slots = slots
         pairs = [pair_views(slot, k.shape[-1], v.shape[-1]) for slot in slots]
         for held, own in zip(pairs[0], (k, v)):
-            sent = _own_rows(own, stream)
-            held.narrow(-3, 0, sent.shape[-3]).copy_(sent)
-            # Rows past the stream's own fall inside the kernels' tiles, masked: a masked score's
-            # zero times a NaN left in the buffer is NaN, so they must be finite.
-            held.narrow(-3, sent.shape[-3], held.shape[-3] - sent.shape[-3]).zero_()
-        if stream.held_rows is not None:
-            # A hop fills a prefix of the other buffer; past it, rows of an earlier hop or zeros
-            slots[1].zero_()
+            sent = _copy_own_rows(held, own, stream)
+        # A hop of the whole buffer carries every row past the own ones; a prefix leaves only the
+        # kernels' overhang to be made finite (and each landing its own, in _post).
+        _zero_past(slots[0], sent, None if stream.held_rows is None else KV_TILE_OVERHANG)
         self.sides = [_sides(pair, plan) for pair in pairs]
 
     def held(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +114,8 @@ class _StreamKV:
         offset = stream.direction * (stream.steps[position] - here)
         sent = stream.rows(stream.origin(rank, world, self.position), position)
         received = stream.rows(stream.origin(rank, world, position), position)
+        if received is not None:  # in stream order after the kernels that last read this buffer
+            _zero_past(self.slots[1 - self.current], received, KV_TILE_OVERHANG)
         hop = Hop("KV", here, offset, rank, world)
         self.pending = post_hop(
             self.transport, _pieces(self.slots[self.current], sent), _pieces(self.slots[1 - self.current], received),
@@ -118,6 +127,13 @@ class _StreamKV:
             self.pending.arrive()
             self.pending = None
             self.current, self.position = 1 - self.current, self.position + 1
+
+
+def _zero_past(pair: torch.Tensor, rows: int, count: int | None) -> None:
+    """Zero `count` rows (None: all) of both halves of a stacked pair past its first `rows`: one kernel."""
+    count = pair.shape[-3] - rows if count is None else min(count, pair.shape[-3] - rows)
+    if count > 0:
+        pair.narrow(-3, rows, count).zero_()
 
 
 class TravellingKV:
