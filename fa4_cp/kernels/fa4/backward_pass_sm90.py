@@ -15,6 +15,8 @@ step looks its kernel up by window kind and launches.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +25,6 @@ from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess,
 
 from ..dkv_sum import finished_dkv
 from ..interface import BandMask, VarlenRows
-from ..reference import selected_rows
 from .arguments import NO_AUX, varlen_arguments
 from .backward_sm90 import BackwardTiles, backward_kernel
 from .dkv_finish import finish_dkv_cuda
@@ -174,7 +175,7 @@ class Sm90BackwardPass:
             used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
             padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
             accum, owned = torch.zeros(q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
-            row_map = _row_map(cu, used, tile, q.shape[0])
+            row_map = _row_map(varlen, used, tile, q.shape[0])
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
         _bwd_preprocess(
             self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
@@ -209,10 +210,27 @@ def _int32_tile_order(geometry: TileGeometry, device: torch.device) -> torch.Ten
     return tile_order(geometry, SM90, device).to(torch.int32)
 
 
-def _row_map(cu: torch.Tensor, used: torch.Tensor, tile: int, total: int) -> torch.Tensor:
+def _row_map(varlen: VarlenRows, used: torch.Tensor, tile: int, total: int) -> torch.Tensor:
     """Each row's padded row in a varlen accumulator (int32), -1 for rows beyond the first `used`
-    of their sequence: FA4 starts sequence n at tile boundary (cu_seqlens[n] + n * tile) // tile * tile."""
-    index, sequence, position = selected_rows(cu, used)
-    starts = (cu[:-1].long() + torch.arange(len(used), device=cu.device) * tile) // tile * tile
-    row_map = torch.full((total,), -1, dtype=torch.int32, device=cu.device)
-    return row_map.index_put_((index,), (starts[sequence] + position).to(torch.int32))
+    of their sequence: FA4 starts sequence n at tile boundary (cu_seqlens[n] + n * tile) // tile * tile.
+    Made once per plan's block (a training step's layers share it), without a host sync."""
+    with _row_maps_lock:
+        per_block = _row_maps.setdefault(varlen, {})
+        if (tile, total) not in per_block:
+            per_block[(tile, total)] = _computed_row_map(varlen.cu_seqlens_q.long(), used.long(), tile, total)
+        return per_block[(tile, total)]
+
+
+_row_maps: weakref.WeakKeyDictionary[VarlenRows, dict[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
+_row_maps_lock = threading.Lock()
+
+
+def _computed_row_map(cu: torch.Tensor, used: torch.Tensor, tile: int, total: int) -> torch.Tensor:
+    rows = torch.arange(total, device=cu.device)
+    sequence = torch.searchsorted(cu[1:], rows, right=True)  # the n with cu[n] <= row < cu[n + 1]
+    inside = sequence < used.numel()
+    sequence = sequence.clamp_(max=max(used.numel() - 1, 0))
+    position = rows - cu[sequence]
+    start = (cu[sequence] + sequence * tile) // tile * tile
+    selected = inside & (position < used[sequence]) if used.numel() else inside
+    return torch.where(selected, start + position, -1).to(torch.int32)
