@@ -5,12 +5,15 @@ adds); the values the KV buffers hold do not change it. So a rank can be replaye
 executor runs with a transport that moves nothing (every buffer keeps its random contents) and a
 backend that times each block's kernels with CUDA events. Summed over blocks that is the rank's
 attention time, per ring step; around the whole call, all of its kernels. Bytes per hop follow
-from the buffers' shapes. bench/varlen.py and bench/mesh_replay.py use it.
+from the buffers' shapes. bench/varlen.py, bench/mesh_replay.py and bench/magi_replay.py use it.
+On CPU (a dry run of those benchmarks with the reference backend) the host clock stands in for
+CUDA events.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -20,12 +23,32 @@ from fa4_cp.plan.rows import RankPlan, rank_plan
 from step_overhead import NullTransport
 
 
+class _HostMark:
+    """A CUDA event's two methods on the host clock, for CPU dry runs."""
+
+    def record(self) -> None:
+        self.seconds = time.perf_counter()
+
+    def elapsed_time(self, end: _HostMark) -> float:
+        return (end.seconds - self.seconds) * 1e3
+
+
+def mark(device: torch.device):
+    """A point in the device's time: a CUDA event, or the host clock on CPU."""
+    return torch.cuda.Event(enable_timing=True) if device.type == "cuda" else _HostMark()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _TimedPass:
-    def __init__(self, inner, log: list):
-        self.inner, self.log = inner, log
+    def __init__(self, inner, log: list, device: torch.device):
+        self.inner, self.log, self.device = inner, log, device
 
     def step(self, *args, **kwargs) -> None:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = mark(self.device), mark(self.device)
         start.record()
         self.inner.step(*args, **kwargs)
         end.record()
@@ -54,10 +77,10 @@ class TimedBackend:
         self.backward_log: list = []
 
     def forward(self, q, k, **options):
-        return _TimedPass(self.inner.forward(q, k, **options), self.forward_log)
+        return _TimedPass(self.inner.forward(q, k, **options), self.forward_log, q.device)
 
-    def backward(self, *args, **kwargs):
-        return _TimedPass(self.inner.backward(*args, **kwargs), self.backward_log)
+    def backward(self, q, *args, **kwargs):
+        return _TimedPass(self.inner.backward(q, *args, **kwargs), self.backward_log, q.device)
 
 
 def _per_step_ms(plan: RankPlan, log: list) -> list[float]:
@@ -66,10 +89,12 @@ def _per_step_ms(plan: RankPlan, log: list) -> list[float]:
     return [sum(next(times) for _ in step.blocks) for step in plan.steps]
 
 
-def replay_rank(sharding, mask, rank: int, heads: int, kv_heads: int, head_dim: int, backend, iters: int = 3) -> dict:
+def replay_rank(
+    sharding, mask, rank: int, heads: int, kv_heads: int, head_dim: int, backend, iters: int = 3, device: torch.device | None = None,
+) -> dict:
     """Median ms of one rank's forward and backward (all kernels), its attention kernels per
     ring step, and the bytes of its hops. Inputs are random: the cost does not depend on values."""
-    device = torch.device("cuda")
+    device = device or torch.device("cuda")
     plan = rank_plan(sharding, mask, rank, device)
     timed = TimedBackend(backend)
     ring = Ring(plan, NullTransport(sharding.world_size, BufferPool()), timed, head_dim**-0.5)
@@ -88,11 +113,11 @@ def replay_rank(sharding, mask, rank: int, heads: int, kv_heads: int, head_dim: 
             ("backward", lambda: ring_backward(ring, q, k, v, out, lse, dout, None), timed.backward_log),
         ):
             log.clear()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = mark(device), mark(device)
             start.record()
             run()
             end.record()
-            torch.cuda.synchronize()
+            synchronize(device)
             totals[name].append(start.elapsed_time(end))
             steps[name].append(_per_step_ms(plan, log))
     received_rows, hops = _received_rows(plan, sharding.local_len)

@@ -141,19 +141,30 @@ def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_di
     work over the u x r ranks, the active ring steps, and the KV rows a step's hops bring the
     slowest-fed rank (both streams, on average over its steps)."""
     sharding = balanced_sharding(tuple(int(n) for n in documents), r)
-    forward, backward = [0.0] * r, [0.0] * r
-    for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
-        if not ranks:  # an empty document
-            continue
-        step_forward, step_backward = span_us(length, ranks, heads // u, head_dim)
-        for offset in range(ranks):
-            forward[(first + offset) % r] += step_forward
-            backward[(first + offset) % r] += step_backward
+    costs = rank_costs_ms(sharding, heads // u, head_dim)
     ideal = sum(sum(span_us(n, 1, heads, head_dim)) for n in documents if n) / (u * r)
     # A span of g ranks takes steps 1..g-1 after the local step 0 (span_rows.py); planning the
     # streams per split and batch would cost more host time than the model is worth.
     steps = max(1, *(ranks for _, ranks in sharding.spans))
-    return max(forward) / 1e3, max(backward) / 1e3, ideal / 1e3, steps, max(sharding.causal_kv_rows) / max(steps - 1, 1)
+    return (
+        max(forward for forward, _ in costs), max(backward for _, backward in costs), ideal / 1e3, steps,
+        max(sharding.causal_kv_rows) / max(steps - 1, 1),
+    )
+
+
+def rank_costs_ms(sharding, heads: int, head_dim: int) -> list[tuple[float, float]]:
+    """Each rank's modelled (forward, backward) attention ms under a balanced placement of causal
+    documents: FA4's calibrated cost (kernel_cost.py) of its share of every document's span."""
+    costs = [[0.0, 0.0] for _ in range(sharding.world_size)]
+    for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
+        if not ranks:  # an empty document
+            continue
+        forward, backward = span_us(length, ranks, heads, head_dim)
+        for offset in range(ranks):
+            cost = costs[(first + offset) % sharding.world_size]
+            cost[0] += forward / 1e3
+            cost[1] += backward / 1e3
+    return [(forward, backward) for forward, backward in costs]
 
 
 def _hop_ms(nbytes: float, machine: Machine) -> float:
