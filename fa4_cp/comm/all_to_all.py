@@ -16,12 +16,12 @@ ALL_TO_ALL_CHANNEL = 2
 
 def all_to_all(group: RingGroup, transport: Transport, pieces: list[torch.Tensor], what: str) -> list[torch.Tensor]:
     """`pieces[j]` (contiguous, one shape) to rank j; what each rank sent here, in rank order. On
-    the transport's path the result is the transport's buffers, valid until its next all-to-all."""
+    the transport's path the result is the transport's buffers (and this rank's own piece itself),
+    valid until its next all-to-all."""
     if not transport.copies_into_peers:
         return group.all_to_all(pieces, what)
     ranks, rank = transport.world_size, transport.rank
     slots = transport.buffers(ALL_TO_ALL_CHANNEL, ranks, tuple(pieces[0].shape), pieces[0].dtype, pieces[0].device)
-    slots[rank].copy_(pieces[rank])
     arrivals = [
         post_hop(
             transport, [pieces[(rank + offset) % ranks]], [slots[(rank - offset) % ranks]], offset, ALL_TO_ALL_CHANNEL,
@@ -31,4 +31,4 @@ def all_to_all(group: RingGroup, transport: Transport, pieces: list[torch.Tensor
     ]
     for arrival in arrivals:
         arrival.arrive()
-    return slots
+    return [pieces[rank] if source == rank else slot for source, slot in enumerate(slots)]  # no copy of our own piece
