@@ -61,8 +61,8 @@ class _TimedPass:
     def dk_scale(self) -> float:
         return self.inner.dk_scale
 
-    def finish_dkv(self, local, travelled, k, v):
-        return self.inner.finish_dkv(local, travelled, k, v)
+    def finish_dkv(self, local, travelled, k, v, indexed=()):
+        return self.inner.finish_dkv(local, travelled, k, v, indexed)
 
     def can_write_first(self, k) -> bool:
         return self.inner.can_write_first(k)

@@ -66,7 +66,7 @@ class _NullPass:
     def dq(self) -> torch.Tensor:
         return torch.zeros_like(self.q)
 
-    def finish_dkv(self, local, travelled, k, v):
+    def finish_dkv(self, local, travelled, k, v, indexed=()):
         return torch.zeros_like(k), torch.zeros_like(v)
 
     def can_write_first(self, k) -> bool:

@@ -7,12 +7,13 @@ import warnings
 
 import torch
 
-from .interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, BandMask, VarlenRows, accumulator_dtype
+from .interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, BandMask, IndexedSums, VarlenRows, accumulator_dtype
 from .reference import ReferenceBackend
 
 __all__ = [
     "AttentionBackend",
     "BandMask",
+    "IndexedSums",
     "VarlenRows",
     "accumulator_dtype",
     "LSE_ACCUMULATOR_DTYPE",

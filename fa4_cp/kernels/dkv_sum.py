@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from .interface import accumulator_dtype
+from .interface import IndexedSums, accumulator_dtype
 
 
 def finished_dkv(
     local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, dk_scale: float,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, indexed: tuple[IndexedSums, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """local: (2, ..., s, h, width) or None; travelled: (2, ..., rows, h, width) sums over k's first
-    rows; width the wider of k's and v's head_dims, each the first columns of its half. dK and dV
-    come in `dtype` (default: k's and v's)."""
+    rows; indexed: sums at rows of their own; width the wider of k's and v's head_dims, each the
+    first columns of its half. dK and dV come in `dtype` (default: k's and v's)."""
     if local is None and travelled and travelled[0].shape[-3] == k.shape[-3]:
         total, travelled = travelled[0], travelled[1:]
     elif local is None:
@@ -25,6 +25,8 @@ def finished_dkv(
         total = local
     for part in travelled:
         total.narrow(-3, 0, part.shape[-3]).add_(part)
+    for part in indexed:
+        total.index_add_(total.dim() - 3, part.rows, part.sums)
     dk = torch.mul(total[0][..., : k.shape[-1]], dk_scale, out=torch.empty(k.shape, dtype=dtype or k.dtype, device=k.device))
     return dk, total[1][..., : v.shape[-1]].to(dtype or v.dtype, copy=True)
 
@@ -44,5 +46,6 @@ class TorchFinishedGradients:
 
     def finish_dkv(
         self, local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+        indexed: tuple[IndexedSums, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return finished_dkv(local, travelled, k, v, self.dk_scale)
+        return finished_dkv(local, travelled, k, v, self.dk_scale, indexed=indexed)

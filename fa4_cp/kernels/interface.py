@@ -65,6 +65,17 @@ class VarlenRows:
     sequence, and a backend whose masks align bottom-right (FA4) moves its window by this."""
 
 
+@dataclass(frozen=True, eq=False)  # device tensors: identity is equality
+class IndexedSums:
+    """Partial dK/dV sums over some of k's rows, in an order of their own: row i of `sums`
+    (2, ..., n, h_kv, width) belongs to k's row `rows[i]` (int64, n), and `positions[r]` (int32,
+    one per k row) is i for those rows, -1 or at least n for the others."""
+
+    sums: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """out, dq, dk and dv accumulate one step wider than the inputs: fp32 for 16-bit inputs, fp64
     for fp32/fp64 (so that the reference's error does not grow with the ring either)."""
@@ -144,12 +155,13 @@ class BackwardPass(Protocol):
 
     def finish_dkv(
         self, local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+        indexed: tuple[IndexedSums, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The call's dK and dV, new tensors of k's and v's shapes and dtype rounded once:
         ``local`` (2, ..., s, h_kv, width), if any, plus each (2, ..., rows, h_kv, width) sum of
-        ``travelled`` over k's first rows, dK multiplied by `dk_scale`; width is the wider of k's
-        and v's head_dims, dK and dV the first columns of their halves. Both are in
-        `accumulator_dtype`; the pass may overwrite them."""
+        ``travelled`` over k's first rows, plus each of ``indexed`` at its rows, dK multiplied by
+        `dk_scale`; width is the wider of k's and v's head_dims, dK and dV the first columns of
+        their halves. All are in `accumulator_dtype`; the pass may overwrite them."""
         ...
 
 

@@ -61,6 +61,8 @@ class KVStream:
     own_rows: torch.Tensor | None = None
     """The rank's local rows that make its stream, in stream order (int64, on the plan's device);
     None: every local row, in order."""
+    own_positions: torch.Tensor | None = None
+    """With `own_rows`: each local row's row in the stream, -1 where it is not in it (int32)."""
     held_rows: tuple[tuple[int, ...], ...] | None = None
     """held_rows[origin][i]: the first rows of rank origin's stream that the hop into steps[i]
     carries (all that steps[i] and later read); None: the whole buffer."""

@@ -178,14 +178,16 @@ class SpanStreams:
         return total
 
     def kv_streams(self, rank: int, device: torch.device) -> tuple[KVStream, ...]:
-        return tuple(
-            KVStream(
-                direction, self.steps[stream], self.capacity,
-                own_rows=torch.tensor(self.own_rows(stream, rank), dtype=torch.long).to(device),
+        streams = []
+        for stream, direction in enumerate(DIRECTIONS):
+            own = torch.tensor(self.own_rows(stream, rank), dtype=torch.long)
+            positions = torch.full((self.sharding.local_len,), -1, dtype=torch.int32)
+            positions[own] = torch.arange(len(own), dtype=torch.int32)
+            streams.append(KVStream(
+                direction, self.steps[stream], self.capacity, own_rows=own.to(device), own_positions=positions.to(device),
                 held_rows=self.held_rows[stream],
-            )
-            for stream, direction in enumerate(DIRECTIONS)
-        )
+            ))
+        return tuple(streams)
 
 
 @functools.lru_cache(maxsize=64)

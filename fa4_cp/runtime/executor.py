@@ -118,11 +118,11 @@ def ring_backward(
             grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen, write_first=writes_whole and block is first)
         dkv.end_step(reading)
         kv.after_step()
-    local_dkv, travelled = dkv.at_home(local_dkv, k, v, dtype)
+    travelled, indexed = dkv.at_home()
     ring.end_of_call()
     if dkv_dtype is not None:
-        return (grads.dq(), *finished_dkv(local_dkv, travelled, k, v, grads.dk_scale, dkv_dtype))
-    return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k, v))
+        return (grads.dq(), *finished_dkv(local_dkv, travelled, k, v, grads.dk_scale, dkv_dtype, tuple(indexed)))
+    return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k, v, tuple(indexed)))
 
 
 def _writes_whole_buffer(block, plan: RankPlan, grads, k: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ import torch
 from ..comm.streams import Arrival, post_hop
 from ..comm.transport import Transport
 from ..comm.watchdog import Hop
+from ..kernels.interface import IndexedSums
 from ..plan.rows import KVStream, RankPlan
 
 KV_CHANNEL = 0
@@ -267,8 +268,8 @@ def _row_pieces(pair: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]
 
 
 class TravellingDKV:
-    """Every stream's dK/dV chains. What comes home is added into the local sums: into k's first
-    rows where a stream is the rank's whole K and V, at its own rows where it carries some."""
+    """Every stream's dK/dV chains. What comes home is summed by the backward's finish: over k's
+    first rows where a stream is the rank's whole K and V, at its own rows where it carries some."""
 
     def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
         reading = [stream for stream in plan.streams if stream.steps]
@@ -299,21 +300,18 @@ class TravellingDKV:
         for index in reading:
             self.streams[index].end_step()
 
-    def at_home(self, local: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """(local sums, partial sums over k's first rows) once every stream is home. A stream of
-        some rows is added into the local sums at those rows (made, zeroed, if there were none)."""
-        travelled = []
+    def at_home(self) -> tuple[list[torch.Tensor], list[IndexedSums]]:
+        """Once every stream is home: the partial sums over k's first rows, and those of streams of
+        some rows, at their rows."""
+        travelled, indexed = [], []
         for stream in self.streams.values():
             for buffer, rows in stream.at_home():
                 own = stream.stream.own_rows
                 if own is None:
                     travelled.append(buffer if rows is None else buffer.narrow(-3, 0, rows))
-                    continue
-                if rows:  # a stream of some rows has held_rows: at most its own rows come home
-                    if local is None:
-                        local = torch.zeros(pair_shape(k, v), dtype=dtype, device=k.device)
-                    local.index_add_(local.dim() - 3, own[:rows], buffer.narrow(-3, 0, rows))
-        return local, travelled
+                elif rows:  # a stream of some rows has held_rows: at most its own rows come home
+                    indexed.append(IndexedSums(buffer.narrow(-3, 0, rows), own[:rows], stream.stream.own_positions))
+        return travelled, indexed
 
 
 def _chain_hops(plan: RankPlan, stream: KVStream) -> list[int]:

@@ -237,6 +237,39 @@ def test_dkv_finish_matches_torch(shape, has_local, travelled):
     assert max_error(dv, expected[1]) <= 2**-8 * float(expected[1].abs().max())
 
 
+@pytest.mark.parametrize("has_local", [True, False])
+@pytest.mark.parametrize("chains", [1, 2, 4])
+def test_dkv_finish_with_indexed_chains_matches_torch(has_local, chains):
+    """Chains of streams of some rows (the balanced layout's): each a prefix of its stream, whose
+    rows are some of k's in an order of their own, read through the stream's positions; rows past
+    a chain's prefix hold NaN and must not be read. Against the torch finish (index_add) in fp64."""
+    from fa4_cp.kernels import IndexedSums
+    from fa4_cp.kernels.dkv_sum import finished_dkv
+    from fa4_cp.kernels.fa4.dkv_finish import finish_dkv_cuda
+
+    torch.manual_seed(10 * chains + has_local)
+    rows, shape = 517, (517, 2, 64)
+    k = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    local = torch.randn(2, *shape, device="cuda") if has_local else None
+    indexed = []
+    for chain in range(chains):
+        stream_rows = torch.randperm(rows, device="cuda")[: 300 + 40 * chain]  # a stream's own rows, in its order
+        positions = torch.full((rows,), -1, dtype=torch.int32, device="cuda")
+        positions[stream_rows] = torch.arange(len(stream_rows), dtype=torch.int32, device="cuda")
+        held = len(stream_rows) - 50 * (chain % 2)  # the chain's prefix
+        sums = torch.randn(2, len(stream_rows) + 9, *shape[1:], device="cuda")
+        sums.narrow(1, held, sums.shape[1] - held).fill_(math.nan)
+        indexed.append(IndexedSums(sums.narrow(1, 0, held), stream_rows[:held], positions))
+    expected = finished_dkv(
+        None if local is None else local.double(), [], k.double(), k.double(), 0.125,
+        dtype=torch.float64, indexed=tuple(IndexedSums(p.sums.double(), p.rows, p.positions) for p in indexed),
+    )
+    dk, dv = finish_dkv_cuda(local, [], k, 0.125, tuple(indexed))
+    assert not dk.isnan().any() and not dv.isnan().any()
+    assert max_error(dk, expected[0]) <= 2**-8 * float(expected[0].abs().max())
+    assert max_error(dv, expected[1]) <= 2**-8 * float(expected[1].abs().max())
+
+
 def test_auto_says_why_it_falls_back_to_the_reference():
     import warnings
 

@@ -104,9 +104,10 @@ def hopper_kernels() -> dict:
             )
             for dims in ((192, 128), (256, 256))
         },
-        "dK/dV finish, local and two chains": lambda: dkv_finish._compile(BFloat16, True, 2),
-        "dK/dV finish, one chain": lambda: dkv_finish._compile(BFloat16, False, 1),
-        "dK/dV finish, local sums only (streams come home into them)": lambda: dkv_finish._compile(BFloat16, True, 0),
+        "dK/dV finish, local and two chains": lambda: dkv_finish._compile(BFloat16, True, 2, 0),
+        "dK/dV finish, one chain": lambda: dkv_finish._compile(BFloat16, False, 1, 0),
+        "dK/dV finish, local and four indexed chains (two streams of some rows)": lambda: dkv_finish._compile(BFloat16, True, 0, 4),
+        "dK/dV finish, one indexed chain, no local sums": lambda: dkv_finish._compile(BFloat16, False, 0, 1),
     }
 
 

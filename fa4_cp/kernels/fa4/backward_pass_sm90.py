@@ -123,10 +123,10 @@ class Sm90BackwardPass:
                 dq.index_add_(0, index, rearrange(values[:, side.row_map[index].long()], "h s d -> s h d"))
         return dq.mul_(self.softmax_scale)
 
-    def finish_dkv(self, local, travelled, k, v):
+    def finish_dkv(self, local, travelled, k, v, indexed=()):
         if k.shape[-1] != v.shape[-1]:  # the one-pass finish takes one width; MLA's two go through torch
-            return finished_dkv(local, travelled, k, v, self.dk_scale)
-        return finish_dkv_cuda(local, travelled, k, self.dk_scale)
+            return finished_dkv(local, travelled, k, v, self.dk_scale, indexed=indexed)
+        return finish_dkv_cuda(local, travelled, k, self.dk_scale, indexed)
 
     def _read_back_varlen(self, sides: list[_QSide]) -> torch.Tensor:
         """The varlen sides' accumulators in one pass (dq_readback.py), scaled and rounded once."""

@@ -1,6 +1,7 @@
 """dK and dV of a ring call finished in one CuTe-DSL pass: the local sums plus the partial sums
-that travelled home (one or two chains, over k's first rows), dK scaled into its units, both
-rounded once to k's dtype, into two new tensors.
+that travelled home (one or two chains over k's first rows, and up to four chains of streams of
+some rows, each read through its rows' positions), dK scaled into its units, both rounded once to
+k's dtype, into two new tensors.
 
 In torch this is up to four passes over fp32 buffers (the chains' sum, its add into the local
 sums, the scale, the conversions). The caller's tensors are viewed as (2, batch, rows, heads *
@@ -10,38 +11,59 @@ neighbours, so that rows of any width read coalesced and a CTA has work however 
 
 from __future__ import annotations
 
+import functools
+
 import cutlass
 import cutlass.cute as cute
 import torch
-from cutlass import Float32
+from cutlass import Float32, Int32
 from flash_attn.cute.interface import torch2cute_dtype_map
 from quack.compile_utils import make_fake_tensor
 
+from ..interface import IndexedSums
 from .compile_cache import kernel_cache
 
 THREADS = 128
 PER_THREAD = 8
-MAX_TRAVELLED = 2  # the two chains of partial sums (runtime/travelling.py)
+MAX_TRAVELLED = 2  # the two chains of partial sums of a stream of all rows (runtime/travelling.py)
+MAX_INDEXED = 4  # the two chains of each of the balanced layout's two streams
 _compiled = kernel_cache("dkv_finish")
 
 
+@cute.jit
+def _at_position(sums: cute.Tensor, positions: cute.Tensor, which, batch, row, col) -> Float32:
+    """sums[which, batch, positions[row], col], or 0 where the row is not among the sums'."""
+    value = Float32(0.0)
+    position = positions[row]
+    if position >= 0:
+        if position < sums.shape[2]:
+            value = sums[which, batch, position, col]
+    return value
+
+
 class FinishDkv:
-    def __init__(self, has_local: bool, travelled: int):
-        self.has_local, self.travelled = has_local, travelled
+    def __init__(self, has_local: bool, travelled: int, indexed: int):
+        self.has_local, self.travelled, self.indexed = has_local, travelled, indexed
 
     @cute.jit
-    def __call__(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mDk: cute.Tensor, mDv: cute.Tensor,
-                 dk_scale: Float32, stream):
-        # sums (2, batch, rows, width), the parts' rows the travelled ones (the first); mDk, mDv
-        # (batch, rows, width): two tensors, as autograd wants outputs that share no storage
-        self.kernel(mLocal, mPart0, mPart1, mDk, mDv, dk_scale).launch(
+    def __call__(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mIndexed0: cute.Tensor, mIndexed1: cute.Tensor,
+                 mIndexed2: cute.Tensor, mIndexed3: cute.Tensor, mPositions0: cute.Tensor, mPositions1: cute.Tensor,
+                 mPositions2: cute.Tensor, mPositions3: cute.Tensor, mDk: cute.Tensor, mDv: cute.Tensor, dk_scale: Float32, stream):
+        # sums (2, batch, rows, width), the parts' rows the travelled ones (the first), the indexed
+        # ones' their own, read through positions (rows,); mDk, mDv (batch, rows, width): two
+        # tensors, as autograd wants outputs that share no storage
+        self.kernel(
+            mLocal, mPart0, mPart1, mIndexed0, mIndexed1, mIndexed2, mIndexed3, mPositions0, mPositions1, mPositions2, mPositions3,
+            mDk, mDv, dk_scale,
+        ).launch(
             grid=[cute.ceil_div(mDk.shape[1] * mDk.shape[2], THREADS * PER_THREAD), mDk.shape[0], 2],
             block=[THREADS, 1, 1], stream=stream,
         )
 
     @cute.kernel
-    def kernel(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mDk: cute.Tensor, mDv: cute.Tensor,
-               dk_scale: Float32):
+    def kernel(self, mLocal: cute.Tensor, mPart0: cute.Tensor, mPart1: cute.Tensor, mIndexed0: cute.Tensor, mIndexed1: cute.Tensor,
+               mIndexed2: cute.Tensor, mIndexed3: cute.Tensor, mPositions0: cute.Tensor, mPositions1: cute.Tensor,
+               mPositions2: cute.Tensor, mPositions3: cute.Tensor, mDk: cute.Tensor, mDv: cute.Tensor, dk_scale: Float32):
         tidx, _, _ = cute.arch.thread_idx()
         block, batch, which = cute.arch.block_idx()
         rows, width = mDk.shape[1], mDk.shape[2]
@@ -58,30 +80,54 @@ class FinishDkv:
                         value = value + mPart0[which, batch, row, col]
                         if cutlass.const_expr(self.travelled > 1):
                             value = value + mPart1[which, batch, row, col]
+                if cutlass.const_expr(self.indexed > 0):
+                    value = value + _at_position(mIndexed0, mPositions0, which, batch, row, col)
+                if cutlass.const_expr(self.indexed > 1):
+                    value = value + _at_position(mIndexed1, mPositions1, which, batch, row, col)
+                if cutlass.const_expr(self.indexed > 2):
+                    value = value + _at_position(mIndexed2, mPositions2, which, batch, row, col)
+                if cutlass.const_expr(self.indexed > 3):
+                    value = value + _at_position(mIndexed3, mPositions3, which, batch, row, col)
                 if which == 0:
                     mDk[batch, row, col] = (value * dk_scale).to(mDk.element_type)
                 else:
                     mDv[batch, row, col] = value.to(mDv.element_type)
 
 
-def finish_dkv_cuda(local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, dk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def finish_dkv_cuda(
+    local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, dk_scale: float, indexed: tuple[IndexedSums, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """local: (2, *k.shape) fp32 or None; travelled: (2, ..., rows, h, d) fp32 sums over k's first
-    rows. Returns (dK * dk_scale, dV) as new tensors of k's dtype."""
+    rows; indexed: fp32 sums at rows of their own (varlen k only). Returns (dK * dk_scale, dV) as
+    new tensors of k's dtype."""
     dk, dv = torch.empty_like(k), torch.empty_like(k)
-    if local is None and not travelled:
+    if local is None and not travelled and not indexed:
         return dk.zero_(), dv.zero_()
     if k[0].numel() >= 2**31:
         raise ValueError(f"dK/dV finish: a batch entry of k holds {k[0].numel()} values, the kernel indexes below 2**31")
-    if len(travelled) > MAX_TRAVELLED:
-        raise ValueError(f"dK/dV finish: at most {MAX_TRAVELLED} travelled sums, got {len(travelled)}")
-    key = (str(k.dtype), local is not None, len(travelled))
+    if len(travelled) > MAX_TRAVELLED or len(indexed) > MAX_INDEXED:
+        raise ValueError(f"dK/dV finish: at most {MAX_TRAVELLED} travelled and {MAX_INDEXED} indexed sums, got {len(travelled)} and {len(indexed)}")
+    if indexed and k.dim() != 3:
+        raise ValueError("dK/dV finish: indexed sums need varlen k (rows, heads, head_dim)")
+    key = (str(k.dtype), local is not None, len(travelled), len(indexed))
     if key not in _compiled:
-        _compiled[key] = _compile(torch2cute_dtype_map[k.dtype], local is not None, len(travelled))
+        _compiled[key] = _compile(torch2cute_dtype_map[k.dtype], local is not None, len(travelled), len(indexed))
     views = [_rows_view(t) for t in travelled]
-    local_view = _rows_view(local) if local is not None else views[0]  # unread without local sums
+    indexed_views = [_rows_view(part.sums) for part in indexed]
+    first = (views or indexed_views)[0] if local is None else None
+    local_view = _rows_view(local) if local is not None else first  # unread without local sums
     parts = views + [local_view] * (MAX_TRAVELLED - len(views))  # placeholders the kernel never reads
-    _compiled[key](local_view, *parts, _rows_view(dk[None])[0], _rows_view(dv[None])[0], dk_scale)
+    sums = indexed_views + [local_view] * (MAX_INDEXED - len(indexed))
+    positions = [part.positions for part in indexed]
+    positions += [positions[0] if positions else _no_positions(k.device)] * (MAX_INDEXED - len(positions))
+    _compiled[key](local_view, *parts, *sums, *positions, _rows_view(dk[None])[0], _rows_view(dv[None])[0], dk_scale)
     return dk, dv
+
+
+@functools.lru_cache(maxsize=8)
+def _no_positions(device: torch.device) -> torch.Tensor:
+    """The positions placeholder where no sums are indexed (never read)."""
+    return torch.full((1,), -1, dtype=torch.int32, device=device)
 
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
@@ -91,14 +137,15 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(-2)
 
 
-def _compile(dtype, has_local: bool, travelled: int):
+def _compile(dtype, has_local: bool, travelled: int, indexed: int):
     sym = cute.sym_int
     batch, rows, width = sym(), sym(), sym()
     local = make_fake_tensor(Float32, (2, batch, sym(), width))  # dK's rows; a placeholder's differ
-    parts = [make_fake_tensor(Float32, (2, batch, sym(), width)) for _ in range(MAX_TRAVELLED)]
+    parts = [make_fake_tensor(Float32, (2, batch, sym(), width)) for _ in range(MAX_TRAVELLED + MAX_INDEXED)]
+    positions = [make_fake_tensor(Int32, (sym(),)) for _ in range(MAX_INDEXED)]
     dk, dv = (make_fake_tensor(dtype, (batch, rows, width)) for _ in range(2))
     return cute.compile(
-        FinishDkv(has_local, travelled), local, *parts, dk, dv, Float32(1.0),
+        FinishDkv(has_local, travelled, indexed), local, *parts, *positions, dk, dv, Float32(1.0),
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
     )
