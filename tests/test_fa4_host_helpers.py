@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("flash_attn.cute")
 from fa4_cp.kernels import VarlenRows  # noqa: E402
-from fa4_cp.kernels.fa4.backward_pass_sm90 import _computed_row_map, _row_map  # noqa: E402
+from fa4_cp.kernels.fa4.backward_pass_sm90 import _computed_row_map, _varlen_side, _written_tiles  # noqa: E402
 
 
 def brute_force_row_map(cu: list[int], used: list[int], tile: int, total: int) -> torch.Tensor:
@@ -27,11 +27,34 @@ def test_varlen_row_map_matches_fa4s_layout(seed):
     rng = random.Random(seed)
     for _ in range(50):
         lengths = [rng.choice([0, 0, 1, 5, 64, 128, 130, 300]) for _ in range(rng.randint(1, 12))]
-        cu = [0]
+        cu = [rng.choice([0, 0, 175])]  # a one-lane layout's first sequence starts past row 0
         for length in lengths:
             cu.append(cu[-1] + length)
         used, tile, total = [rng.randint(0, length) for length in lengths], rng.choice([64, 128]), cu[-1] + rng.choice([0, 7])
         cu_tensor, used_tensor = torch.tensor(cu, dtype=torch.int32), torch.tensor(used, dtype=torch.int32)
         assert torch.equal(_computed_row_map(cu_tensor.long(), used_tensor.long(), tile, total), brute_force_row_map(cu, used, tile, total))
     block = VarlenRows(cu_tensor, cu_tensor, used_tensor, used_tensor)
-    assert _row_map(block, used_tensor, tile, total) is _row_map(block, used_tensor, tile, total)
+    assert _varlen_side(block, used_tensor, tile, total, 10**6) is _varlen_side(block, used_tensor, tile, total, 10**6)
+
+
+@pytest.mark.parametrize("layout", ["balanced", "zigzag"])
+def test_only_the_dq_tiles_a_side_writes_start_zeroed(layout):
+    """A side's dq accumulator is zeroed only at the tiles its kernels write: exactly the tiles its
+    selected rows map to, listed from the plan's host rows (no sync); None (one whole fill) where
+    those are most of them."""
+    from fa4_cp import Sharding
+    from fa4_cp.kernels import BandMask
+    from fa4_cp.plan.rows import rank_plan
+
+    sharding, tile, listed = Sharding.documents([700, 3, 0, 1, 250, 64, 129, 2000, 17, 5000], 4, layout), 64, 0
+    for rank in range(4):
+        for block in (block for step in rank_plan(sharding, BandMask(hi=0), rank, torch.device("cpu")).steps for block in step.blocks):
+            varlen = block.varlen
+            used = varlen.seqused_q_all
+            padded = (sharding.local_len + (len(used) + 1) * tile - 1) // tile * tile
+            row_map, written = _varlen_side(varlen, used, tile, sharding.local_len, padded)
+            every = _written_tiles(varlen.q_sequences, tile, 10**9, torch.device("cpu"))
+            assert torch.equal(every, (row_map[row_map >= 0] // tile).unique().long())
+            assert (written is None) == (4 * len(every) >= 3 * (padded // tile))
+            listed += written is not None
+    assert listed, "some side writes few enough tiles to be zeroed alone"

@@ -243,6 +243,7 @@ class _SpanRowsTable:
         self.layouts: dict[range, tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int]]] = {}
         self.selected: list[tuple[int, int]] = []
         """(start, stop) of the local q rows of every sequence some block selects."""
+        self.sequences: dict[range, tuple[tuple[int, int], ...]] = {}
 
     def _layout(self, lanes: range) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int]]:
         """(cu_seqlens_q, seqused_q_all, the two on the host, each local sequence's index in them)
@@ -284,4 +285,13 @@ class _SpanRowsTable:
             kv_first.append(previous)  # unused entries repeat the last start: cu_seqlens stays monotone
         packed = torch.tensor([q_used, kv_used, [*kv_first]], dtype=torch.int32).to(self.device)
         cu_k = torch.cat([packed[2], packed.new_tensor([end])])
-        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift)
+        return VarlenRows(
+            cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift, q_sequences=self._sequences(lanes),
+        )
+
+    def _sequences(self, lanes: range) -> tuple[tuple[int, int], ...]:
+        """(first row, rows) of each sequence of a run of lanes' layout, made once per layout."""
+        if lanes not in self.sequences:
+            _, _, starts, used, _ = self._layout(lanes)
+            self.sequences[lanes] = tuple(zip(starts, used))
+        return self.sequences[lanes]

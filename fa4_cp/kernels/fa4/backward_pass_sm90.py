@@ -174,8 +174,8 @@ class Sm90BackwardPass:
             rows, cu = slice(None), varlen.cu_seqlens_q
             used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
             padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
-            accum, owned = torch.zeros(q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
-            row_map = _row_map(varlen, used, tile, q.shape[0])
+            row_map, written = _varlen_side(varlen, used, tile, q.shape[0], padded)
+            accum, owned = _zeroed_where_written(q.shape[-2], padded, width, tile, written, q.device), True
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
         _bwd_preprocess(
             self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
@@ -210,19 +210,47 @@ def _int32_tile_order(geometry: TileGeometry, device: torch.device) -> torch.Ten
     return tile_order(geometry, SM90, device).to(torch.int32)
 
 
-def _row_map(varlen: VarlenRows, used: torch.Tensor, tile: int, total: int) -> torch.Tensor:
-    """Each row's padded row in a varlen accumulator (int32), -1 for rows beyond the first `used`
-    of their sequence: FA4 starts sequence n at tile boundary (cu_seqlens[n] + n * tile) // tile * tile.
-    Made once per plan's block (a training step's layers share it), without a host sync."""
-    with _row_maps_lock:
-        per_block = _row_maps.setdefault(varlen, {})
+def _varlen_side(varlen: VarlenRows, used: torch.Tensor, tile: int, total: int, padded: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A varlen q side's row map (`_computed_row_map`) and the accumulator tiles its kernels write
+    (`_written_tiles`), made once per plan block (a training step's layers share them), without a
+    host sync."""
+    with _varlen_sides_lock:
+        per_block = _varlen_sides.setdefault(varlen, {})
         if (tile, total) not in per_block:
-            per_block[(tile, total)] = _computed_row_map(varlen.cu_seqlens_q.long(), used.long(), tile, total)
+            row_map = _computed_row_map(varlen.cu_seqlens_q.long(), used.long(), tile, total)
+            per_block[(tile, total)] = (row_map, _written_tiles(varlen.q_sequences, tile, padded, row_map.device))
         return per_block[(tile, total)]
 
 
-_row_maps: weakref.WeakKeyDictionary[VarlenRows, dict[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
-_row_maps_lock = threading.Lock()
+_varlen_sides: weakref.WeakKeyDictionary[VarlenRows, dict[tuple[int, int], tuple]] = weakref.WeakKeyDictionary()
+_varlen_sides_lock = threading.Lock()
+
+
+def _written_tiles(sequences: tuple[tuple[int, int], ...] | None, tile: int, padded: int, device: torch.device) -> torch.Tensor | None:
+    """The tiles of a varlen dq accumulator that a side's kernels write: sequence n's first
+    ceil(rows / tile) from FA4's start, (first + n * tile) // tile. None where the sequences are
+    not known on the host, or where the tiles are most of the accumulator (one fill is as cheap)."""
+    if sequences is None:
+        return None
+    tiles = [
+        start + block
+        for n, (first, rows) in enumerate(sequences)
+        for start in ((first + n * tile) // tile,)
+        for block in range(-(-rows // tile))
+    ]
+    if 4 * len(tiles) >= 3 * (padded // tile):
+        return None
+    return torch.tensor(tiles, dtype=torch.long).to(device)
+
+
+def _zeroed_where_written(heads: int, padded: int, width: int, tile: int, written: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """A varlen dq accumulator (heads, padded * width) whose tiles the kernels write start at zero;
+    the read-back never reads the others."""
+    if written is None:
+        return torch.zeros(heads, padded * width, dtype=torch.float32, device=device)
+    accum = torch.empty(heads, padded * width, dtype=torch.float32, device=device)
+    accum.view(heads, padded // tile, tile * width).index_fill_(1, written, 0.0)
+    return accum
 
 
 def _computed_row_map(cu: torch.Tensor, used: torch.Tensor, tile: int, total: int) -> torch.Tensor:
@@ -232,5 +260,5 @@ def _computed_row_map(cu: torch.Tensor, used: torch.Tensor, tile: int, total: in
     sequence = sequence.clamp_(max=max(used.numel() - 1, 0))
     position = rows - cu[sequence]
     start = (cu[sequence] + sequence * tile) // tile * tile
-    selected = inside & (position < used[sequence]) if used.numel() else inside
+    selected = inside & (position >= 0) & (position < used[sequence]) if used.numel() else inside  # rows before cu[0]: none
     return torch.where(selected, start + position, -1).to(torch.int32)
