@@ -5,7 +5,9 @@
 Forward: ours with the merge fused in the epilogue (accumulating, and first write), ours with
 upstream's forward plus the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA; ours
 is one step of a forward pass made once, as in a ring call.
-Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as one more
+Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as a ring of
+one rank launches it (with one q head per kv head the kernel writes finished 16-bit dK/dV; else
+fp32 sums zeroed first, then the finish), ours as one more
 step of a ring call already under way (kernel, dK/dV added into fp32), upstream's backward,
 cuDNN's (autograd of SDPA). TFLOPs count 2·S²·H·(d + d_v) forward (4·S²·H·d when v has q's
 head_dim) and 2.5x that backward, halved when causal. `--head-dims 256 192/128` adds today's
@@ -112,9 +114,25 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         grads.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
         grads.dq()
 
+    dk16, dv16 = torch.empty_like(k), torch.empty_like(v)
+    pair = torch.zeros((2, *k.shape[:-1], max(dim, dim_v)), device="cuda", dtype=torch.float32)  # the ring's stacked dK/dV
+
+    def ours_ring_of_one():
+        """What a ring call of one rank launches (runtime/executor.py): the sole block writes
+        finished 16-bit dK/dV where it can; else fp32 sums, zeroed first, then the finish."""
+        grads = backward_pass()
+        if grads.can_write_rounded(k):
+            grads.step(k, v, dk16, dv16, q_rows=slice(None), mask=mask, write_rounded=True)
+        else:
+            pair.zero_()
+            grads.step(k, v, pair[0][..., :dim], pair[1][..., :dim_v], q_rows=slice(None), mask=mask)
+            grads.finish_dkv(None, [pair], k, v)
+        grads.dq()
+
     steady = backward_pass()
     contenders = {
         "fa4_cp_bwd": ours_backward,
+        "fa4_cp_bwd_ring_of_one": ours_ring_of_one,
         "fa4_cp_bwd_step": lambda: steady.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask),
         "upstream_fa4_bwd": lambda: _flash_attn_bwd(q, k, v, up_out, dout, up_lse, softmax_scale=scale, causal=causal),
     }
@@ -139,6 +157,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         "fwd_vs_cudnn": ratio("cudnn_sdpa_fwd", "fa4_cp_fwd_merge"),
         "fused_vs_merge_kernel": ratio("fa4_cp_fwd_merge_kernel", "fa4_cp_fwd_merge"),
         "bwd_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd"),
+        "bwd_ring_of_one_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_ring_of_one"),
         "bwd_step_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_step"),
         "bwd_step_swapped_tiles_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_step_swapped_tiles"),
         "bwd_vs_cudnn": ratio("cudnn_sdpa_bwd", "fa4_cp_bwd"),

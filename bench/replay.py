@@ -67,6 +67,9 @@ class _TimedPass:
     def can_write_first(self, k) -> bool:
         return self.inner.can_write_first(k)
 
+    def can_write_rounded(self, k) -> bool:
+        return self.inner.can_write_rounded(k)
+
 
 class TimedBackend:
     """A backend whose passes record CUDA events around every block step."""

@@ -72,6 +72,9 @@ class _NullPass:
     def can_write_first(self, k) -> bool:
         return True
 
+    def can_write_rounded(self, k) -> bool:
+        return False
+
 
 class NullBackend:
     name = "null"

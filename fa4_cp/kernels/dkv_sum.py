@@ -41,6 +41,9 @@ class TorchFinishedGradients:
     def can_write_first(self, k: torch.Tensor) -> bool:
         return True
 
+    def can_write_rounded(self, k: torch.Tensor) -> bool:
+        return False
+
     def dq(self) -> torch.Tensor:
         return self.dq_acc
 

@@ -138,18 +138,27 @@ class BackwardPass(Protocol):
         mask: BandMask,
         varlen: VarlenRows | None = None,
         write_first: bool = False,
+        write_rounded: bool = False,
     ) -> None:
         """Add the block's dq to the pass and its dk / dk_scale, dv to (dk_acc, dv_acc), which are
         in `accumulator_dtype`, shaped like k, v, with unit stride along head_dim. The block's q
         rows are ``q_rows`` of the pass's q (dense), or the rows ``varlen`` selects (varlen, with
         ``q_rows`` everything). Varlen sequences whose kv rows overlap sum their dK/dV in the
         reference; FA4's varlen grid covers the kv tensor's rows once, so there the selected kv
-        rows must not exceed them in total (the planners' blocks never do). With ``write_first`` (only where `can_write_first`), a dense block overwrites every row of
-        (dk_acc, dv_acc) instead, so that they need not start zeroed."""
+        rows must not exceed them in total (the planners' blocks never do). With ``write_first``
+        (only where `can_write_first`), a dense block overwrites every row of (dk_acc, dv_acc)
+        instead, so that they need not start zeroed. With ``write_rounded`` (only where
+        `can_write_rounded`), a dense block that is the only one to add to any row of K and V
+        writes them finished: (dk_acc, dv_acc) are then tensors of k's and v's dtype, and get dK
+        (in true units) and dV."""
         ...
 
     def can_write_first(self, k: torch.Tensor) -> bool:
         """Whether `step` takes ``write_first`` for blocks against kv heads like `k`'s."""
+        ...
+
+    def can_write_rounded(self, k: torch.Tensor) -> bool:
+        """Whether `step` takes ``write_rounded`` for blocks against kv heads like `k`'s."""
         ...
 
     def dq(self) -> torch.Tensor:

@@ -201,10 +201,19 @@ class ReferenceBackwardPass(TorchFinishedGradients):
         self.q, self.lse, self.dout, self.softmax_scale, self.softcap = q, lse, dout, softmax_scale, softcap
         self.dq_acc = torch.zeros(q.shape, dtype=math, device=q.device)
 
-    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False) -> None:
-        if write_first:
-            if varlen is not None:
-                raise ValueError("write_first: dense blocks only")
+    def can_write_rounded(self, k: torch.Tensor) -> bool:
+        return True
+
+    def step(
+        self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False,
+        write_rounded: bool = False,
+    ) -> None:
+        if (write_first or write_rounded) and varlen is not None:
+            raise ValueError("write_first, write_rounded: dense blocks only")
+        if write_rounded:  # sums in the accumulator dtype, rounded once into the caller's tensors
+            finished = dk_acc, dv_acc
+            dk_acc, dv_acc = (torch.zeros(t.shape, dtype=accumulator_dtype(t.dtype), device=t.device) for t in finished)
+        elif write_first:
             dk_acc.zero_()
             dv_acc.zero_()
         q, dout = self.q[..., q_rows, :, :], self.dout[..., q_rows, :, :]
@@ -219,3 +228,6 @@ class ReferenceBackwardPass(TorchFinishedGradients):
         rows.add_q(self.dq_acc[..., q_rows, :, :], block.ungrouped(dscores @ block.k), alpha=self.softmax_scale)
         rows.add_k(dk_acc, rearrange(dscores.transpose(-1, -2) @ block.q, "b h s d -> b s h d"), alpha=self.softmax_scale)
         rows.add_k(dv_acc, rearrange(probs.transpose(-1, -2) @ dout_g, "b h s d -> b s h d"))
+        if write_rounded:
+            for target, total in zip(finished, (dk_acc, dv_acc)):
+                target.copy_(total)

@@ -97,6 +97,14 @@ def ring_backward(
     )
     if not plan.steps:
         return grads.dq(), torch.zeros_like(k, dtype=dkv_dtype), torch.zeros_like(v, dtype=dkv_dtype)
+    if dkv_dtype is None and _sole_block(plan) and grads.can_write_rounded(k):
+        # a ring of one, or a call whose only block is the rank's own: the kernel writes dK/dV finished
+        block = plan.steps[0].blocks[0]
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        rows = slice(None) if plan.q_sides[block.q_side] is None else plan.q_sides[block.q_side]
+        grads.step(k, v, dk, dv, q_rows=rows, mask=block.mask, write_rounded=True)
+        ring.end_of_call()
+        return grads.dq(), dk, dv
     dtype = accumulator_dtype(q.dtype)
     q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
     kv = TravellingKV(plan, ring.transport, k, v)
@@ -123,6 +131,14 @@ def ring_backward(
     if dkv_dtype is not None:
         return (grads.dq(), *finished_dkv(local_dkv, travelled, k, v, grads.dk_scale, dkv_dtype, tuple(indexed)))
     return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k, v, tuple(indexed)))
+
+
+def _sole_block(plan: RankPlan) -> bool:
+    """Whether the plan's only block is dense, at step 0 (the rank's own K and V), over every kv row."""
+    if len(plan.steps) != 1 or len(plan.steps[0].blocks) != 1 or plan.steps[0].step % plan.world_size:
+        return False
+    block = plan.steps[0].blocks[0]
+    return block.varlen is None and plan.kv_sides[block.kv_side] is None
 
 
 def _writes_whole_buffer(block, plan: RankPlan, grads, k: torch.Tensor) -> bool:

@@ -71,7 +71,19 @@ def test_backward_with_upstreams_swapped_tiles_against_fp64(mask_name, dim, dim_
     check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, BackwardTiles.for_head_dim(dim, dim_v, swapped_dkv=True))
 
 
-def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, tiles=None):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dim", [64, 128, 192, 256])
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_sole_block_writes_finished_dkv_against_fp64(mask_name, dim, dtype):
+    """A ring of one, or a call whose only block is the rank's own K and V: upstream's own epilogue
+    writes dK (scaled) and dV in the inputs' dtype (`write_rounded`, one q head per kv head) into
+    NaN-poisoned tensors, against fp64 by the 2x rule relative to upstream."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Hopper backward")
+    check_backward(mask_name, dim, dim, 8, 8, dtype, sole_block=True)
+
+
+def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, tiles=None, sole_block=False):
     torch.manual_seed(dim + dim_v + heads + kv_heads)
     mask, seq, scale = MASKS[mask_name], 1000, dim**-0.5
     q = torch.randn(2, seq, heads, dim, device="cuda", dtype=dtype)
@@ -100,12 +112,18 @@ def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, tiles=None):
         from fa4_cp.kernels.fa4.backward_pass_sm90 import Sm90BackwardPass
 
         grads = Sm90BackwardPass(q, out16, lse, dout, dlse, scale, tiles=tiles)
-    dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
-    half = 448  # a tile boundary for 64-row tiles, not for 128-row ones
-    for rows in (slice(0, half), slice(half, seq)):
-        shifted = BandMask(None if mask.lo is None else mask.lo + rows.start, None if mask.hi is None else mask.hi + rows.start)
-        grads.step(k, v, dk, dv, q_rows=rows, mask=shifted)
-    ours = {"out": out, "lse": lse, "dq": grads.dq(), "dk": dk * grads.dk_scale, "dv": dv}
+    if sole_block:
+        assert grads.can_write_rounded(k)
+        dk, dv = (torch.full(t.shape, math.nan, dtype=dtype, device="cuda") for t in (k, v))
+        grads.step(k, v, dk, dv, q_rows=slice(None), mask=mask, write_rounded=True)
+        ours = {"out": out, "lse": lse, "dq": grads.dq(), "dk": dk, "dv": dv}
+    else:
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
+        half = 448  # a tile boundary for 64-row tiles, not for 128-row ones
+        for rows in (slice(0, half), slice(half, seq)):
+            shifted = BandMask(None if mask.lo is None else mask.lo + rows.start, None if mask.hi is None else mask.hi + rows.start)
+            grads.step(k, v, dk, dv, q_rows=rows, mask=shifted)
+        ours = {"out": out, "lse": lse, "dq": grads.dq(), "dk": dk * grads.dk_scale, "dv": dv}
     atol = {"out": 1e-3, "lse": 1e-5, "dq": 1e-3, "dk": 1e-3, "dv": 1e-3}
     for name in ours:
         bound = 2 * max_error(upstream[name], truth[name]) + atol[name]

@@ -66,6 +66,12 @@ def hopper_kernels() -> dict:
         "backward causal gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, causal, False, None),
         "backward causal": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None),
         "backward causal first write": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None, write_first=True),
+        "backward sole block, upstream's epilogue writing 16-bit dK/dV, causal": lambda: backward_sm90._compile(
+            tiles, BFloat16, 1, causal, False, None, write_rounded=True,
+        ),
+        "backward sole block, 16-bit dK/dV, window softcap deterministic head_dim 256": lambda: backward_sm90._compile(
+            backward_sm90.BackwardTiles.for_head_dim(256), BFloat16, 1, window, False, 30.0, deterministic=True, write_rounded=True,
+        ),
         "backward varlen full gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, Fa4Window(False, False, None, None), True, None),
         "backward varlen window softcap gqa": lambda: backward_sm90._compile(tiles, BFloat16, 2, window, True, 30.0),
         "backward deterministic causal gqa first write": lambda: backward_sm90._compile(

@@ -63,23 +63,28 @@ class Sm90BackwardPass:
         self.whole_dq: torch.Tensor | None = None
         self._kernels: dict[tuple, object] = {}
 
-    def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False) -> None:
+    def step(
+        self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False,
+        write_rounded: bool = False,
+    ) -> None:
         side = self._side(q_rows, varlen)
         q = side.q
         if write_first and (varlen is not None or not self.can_write_first(k)):
             raise ValueError("write_first: dense blocks, and GQA only when deterministic")
+        if write_rounded and (varlen is not None or write_first or not self.can_write_rounded(k)):
+            raise ValueError("write_rounded: a dense block, one q head per kv head, v of k's head_dim")
         if q.shape[-3] == 0 or k.shape[-3] == 0:
-            if write_first:
+            if write_first or write_rounded:
                 dk_acc.zero_()
                 dv_acc.zero_()
             return
         window = block_window(mask, q, k, varlen)
-        key = (window.kind, varlen is not None, write_first)
+        key = (window.kind, varlen is not None, write_first, write_rounded)
         kernel = self._kernels.get(key)
         if kernel is None:
             kernel = self._kernels[key] = backward_kernel(
                 self.tiles, q.dtype, q.shape[-2] // k.shape[-2], window, varlen is not None, self.softcap,
-                write_first=write_first, deterministic=self.deterministic,
+                write_first=write_first, deterministic=self.deterministic, write_rounded=write_rounded,
             )
         kernel(
             q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale, *varlen_arguments(varlen),
@@ -89,6 +94,10 @@ class Sm90BackwardPass:
     def can_write_first(self, k: torch.Tensor) -> bool:
         # the q heads of a kv head race to their rows, unless they take turns
         return self.q.shape[-2] == k.shape[-2] or self.deterministic
+
+    def can_write_rounded(self, k: torch.Tensor) -> bool:
+        # upstream's own epilogue writes 16-bit dK/dV for one q head per kv head
+        return self.q.shape[-2] == k.shape[-2] and self.dout.shape[-1] == self.q.shape[-1]
 
     def _semaphores(self, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> tuple:
         """Deterministic mode: upstream's turn counters, zeroed for each launch. dq: (b, h, m blocks,

@@ -263,25 +263,32 @@ def _block_rows(carried: cute.Tensor, seqlen, head_kv: Int32, batch_idx: Int32) 
 
 def backward_kernel(
     tiles: BackwardTiles, dtype: torch.dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None = None,
-    *, write_first: bool = False, deterministic: bool = False,
+    *, write_first: bool = False, deterministic: bool = False, write_rounded: bool = False,
 ):
     """The compiled backward of one configuration (compiled at first use, then from the cache).
-    A softcap is a constant of the kernel: upstream's score mod and its derivative."""
-    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap, write_first, deterministic)
+    A softcap is a constant of the kernel: upstream's score mod and its derivative. With
+    `write_rounded` (one q head per kv head), upstream's own kernel, whose epilogue writes dK
+    (scaled) and dV in the inputs' dtype: for a block that is its rows' only contributor."""
+    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap, write_first, deterministic, write_rounded)
     if key not in _compiled:
-        _compiled[key] = _compile(tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen, softcap, write_first, deterministic)
+        _compiled[key] = _compile(
+            tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen, softcap, write_first, deterministic, write_rounded,
+        )
     return _compiled[key]
 
 
 def _compile(
     tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None,
-    write_first: bool = False, deterministic: bool = False,
+    write_first: bool = False, deterministic: bool = False, write_rounded: bool = False,
 ):
     config = tiles.config
     score_mods = {} if softcap is None else dict(
         score_mod=create_softcap_scoremod(softcap), score_mod_bwd=create_softcap_scoremod_bwd(softcap),
     )
-    kernel = AccumulatingBackwardSm90(
+    if write_rounded and (qhead_per_kvhead != 1 or write_first):
+        raise ValueError("write_rounded: one q head per kv head, and not with write_first")
+    kernel_class, own = (FlashAttentionBackwardSm90, {}) if write_rounded else (AccumulatingBackwardSm90, dict(write_first=write_first))
+    kernel = kernel_class(
         dtype,
         tiles.head_dim,
         tiles.head_dim_v,
@@ -302,7 +309,7 @@ def _compile(
         num_threads=tiles.num_threads,
         dQ_single_wg=config.dQ_single_wg,
         qhead_per_kvhead=qhead_per_kvhead,
-        write_first=write_first,
+        **own,
         **score_mods,
     )
     sym = cute.sym_int
@@ -316,7 +323,8 @@ def _compile(
     rows_padded = sym()
     lse_log2, dpsum = (make_fake_tensor(Float32, (*lead, heads, rows_padded), divisibility=4) for _ in range(2))
     dq_accum = make_fake_tensor(Float32, (*lead, heads, sym()), divisibility=4)
-    dk, dv = (make_fake_tensor(Float32, (*rows_k, kv_heads, dim), divisibility=4) for dim in (head_dim, head_dim_v))
+    dkv_dtype = dtype if write_rounded else Float32
+    dk, dv = (make_fake_tensor(dkv_dtype, (*rows_k, kv_heads, dim), divisibility=128 // dkv_dtype.width) for dim in (head_dim, head_dim_v))
     semaphores = (None, None, None)
     if deterministic:  # dq: (b, h, m blocks, 1); dK, dV: (b, h_kv, n blocks, 2), as upstream's
         semaphores = (
