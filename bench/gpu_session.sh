@@ -26,8 +26,8 @@
 #   ring_new_dims  tests/gpu/test_fa4_ring.py at head dims 256 and 192/128: W = 2, 8, 72 and a 2 x 4 mesh, bf16 and fp16
 #   kernels_new_dims  bench/kernels.py --quick at head dims 256 and 192/128 (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
-#   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back and the dK/dV finish
-#                  (with indexed chains) tests
+#   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back, the dK/dV finish,
+#                  (with indexed chains) and the sole block writing finished 16-bit dK/dV
 #
 # Set FA4_CP_GIT_COMMIT where the tree has no .git (a device machine's copy of it).
 set -uo pipefail
@@ -96,7 +96,7 @@ for part in "${parts[@]}"; do
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes $(( seconds / 60 - 1 )) --out "$out/magi_replay.json" ;;
     staged_kernels)
       tests tests_gpu_staged_kernels.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_backend.py \
-        -k "merge or split or no_key or varlen_rows or read_back or finish" ;;
+        -k "merge or split or no_key or varlen_rows or read_back or finish or sole_block" ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;
   esac
 done

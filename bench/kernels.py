@@ -2,7 +2,8 @@
 
     python bench/kernels.py            (the full grid; a few minutes on an H200)
 
-Forward: ours with the merge fused in the epilogue (accumulating, and first write), ours with
+Forward: ours with the merge fused in the epilogue (accumulating, and first write), ours as a ring
+of one rank launches it (upstream's own kernel writing 16-bit out, the lse widened), ours with
 upstream's forward plus the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA; ours
 is one step of a forward pass made once, as in a ring call.
 Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as a ring of
@@ -90,9 +91,18 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal, enable_gqa=kv_heads != heads)
 
+    out16, lse32 = torch.empty_like(dout), torch.empty((1, heads, seq), device="cuda", dtype=torch.float32)
+
+    def ours_ring_of_one():
+        """What a ring call of one rank launches (runtime/executor.py): upstream's own kernel
+        writes 16-bit out, and the lse widens to fp64."""
+        fused.forward(q, k, softmax_scale=scale).step(q, k, v, out16, lse32, mask=mask, accumulate=False, write_rounded=True)
+        lse32.to(LSE_ACCUMULATOR_DTYPE)
+
     contenders = {
         "fa4_cp_fwd_merge": ours(fused, True),
         "fa4_cp_fwd_first": ours(fused, False),
+        "fa4_cp_fwd_ring_of_one": ours_ring_of_one,
         "fa4_cp_fwd_merge_kernel": ours(unfused, True),
         "upstream_fa4_fwd": lambda: flash_attn_func(q, k, v, causal=causal),
         "cudnn_sdpa_fwd": cudnn_forward,
@@ -154,6 +164,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         "ms": times,
         "tflops": {name: flops[name] / (ms * 1e-3) / 1e12 for name, ms in times.items()},
         "fwd_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_merge"),
+        "fwd_ring_of_one_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_ring_of_one"),
         "fwd_vs_cudnn": ratio("cudnn_sdpa_fwd", "fa4_cp_fwd_merge"),
         "fused_vs_merge_kernel": ratio("fa4_cp_fwd_merge_kernel", "fa4_cp_fwd_merge"),
         "bwd_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd"),

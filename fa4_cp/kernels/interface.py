@@ -108,13 +108,16 @@ class ForwardPass(Protocol):
         mask: BandMask,
         accumulate: bool,
         varlen: VarlenRows | None = None,
+        write_rounded: bool = False,
     ) -> None:
         """Merge softmax(q k^T) v of this block into (out_acc, lse_acc) in place.
 
         With ``accumulate=False`` the block's result overwrites the accumulators (first block,
         covering every row); rows not selected by ``varlen`` are never touched. With
         ``accumulate=True``, a selected row whose lse_acc is -inf takes the block's result without
-        reading its out_acc (which may be unset), out 0 where the block shows it no key.
+        reading its out_acc (which may be unset), out 0 where the block shows it no key. With
+        ``write_rounded`` (and not ``accumulate``), a dense block that is every row's only one
+        writes out in q's dtype and lse in fp32: (out_acc, lse_acc) are then of those dtypes.
         """
         ...
 

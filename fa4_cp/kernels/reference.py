@@ -177,8 +177,13 @@ class ReferenceForwardPass:
     def __init__(self, softmax_scale: float, softcap: float | None = None):
         self.softmax_scale, self.softcap = softmax_scale, softcap
 
-    def step(self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None) -> None:
-        rows = _rows(q, k, mask, varlen)
+    def step(
+        self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None,
+        write_rounded: bool = False,
+    ) -> None:
+        if write_rounded and (accumulate or varlen is not None):
+            raise ValueError("write_rounded: a dense block that writes its rows")
+        rows = _rows(q, k, mask, varlen)  # written rows take the accumulators' dtypes (q's and fp32 with write_rounded)
         block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs, lse = block.softmax()
         out = block.ungrouped(probs @ block.v)

@@ -51,9 +51,24 @@ def _rows(t: torch.Tensor, rows: slice | None, seq_dim: int) -> torch.Tensor:
     return t[..., rows, :, :] if seq_dim == -3 else t[..., rows]
 
 
-def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the local q against every rank's KV: (out, lse) in their accumulator dtypes."""
+def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the local q against every rank's KV: (out, lse) in their accumulator dtypes;
+    with `rounded` (a caller that adds nothing to out), out may come in q's dtype instead."""
     plan = ring.plan
+    if rounded and _sole_block(plan):
+        # a ring of one, or a call whose only block is the rank's own: the kernel writes out finished
+        block = plan.steps[0].blocks[0]
+        out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
+        rows = plan.q_sides[block.q_side]
+        if rows is not None:  # rows no block selects: out 0, lse -inf
+            out.zero_()
+            lse.fill_(float("-inf"))
+        q_rows, out_rows, lse_rows = _rows(q, rows, -3), _rows(out, rows, -3), _rows(lse, rows, -1)
+        kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
+        kernels.step(q_rows, k, v, out_rows, lse_rows, mask=block.mask, accumulate=False, write_rounded=True)
+        ring.end_of_call()
+        return out, lse.to(LSE_ACCUMULATOR_DTYPE)
     out_acc = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=accumulator_dtype(q.dtype), device=q.device)
     lse_acc = torch.empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE, device=q.device)
     if not plan.writes_first:

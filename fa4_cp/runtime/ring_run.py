@@ -20,12 +20,13 @@ def ring_run_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's dtype; with zero rows appended up to `padded_rows`, in the same copy that rounds
     it) and the fp64 LSE, sinks included."""
-    out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v)
+    rows = q.shape[-3]
+    rounded = sinks is None and padded_rows in (None, rows)  # nothing is added to out: it may come rounded
+    out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v, rounded)
     if sinks is not None:
         lse = add_sinks(out_acc, lse, sinks)
-    rows = out_acc.shape[-3]
     if padded_rows is None or padded_rows == rows:
-        return out_acc.to(q.dtype), lse
+        return out_acc.to(q.dtype), lse  # no copy where it came rounded
     out = q.new_empty((*out_acc.shape[:-3], padded_rows, *out_acc.shape[-2:]))
     out.narrow(-3, 0, rows).copy_(out_acc)
     out.narrow(-3, rows, padded_rows - rows).zero_()

@@ -96,6 +96,32 @@ def test_write_then_split_merge_against_fp64(name):
             assert split[tensor] <= 1.1 * whole[tensor], f"{pieces} pieces: {tensor} {split[tensor]:.3e} vs unsplit {whole[tensor]:.3e}"
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_sole_block_writes_rounded_out_against_fp64(name):
+    """A ring of one, or a call whose only block is the rank's own K and V: upstream's own kernel
+    writes out in q's dtype and lse in fp32 (`write_rounded`) into NaN-poisoned tensors; within the
+    2x rule against fp64 of upstream's flash_attn_func where the mask is one it takes, else of the
+    merging kernel rounded once."""
+    from fa4_cp.kernels.fa4.forward_pass_sm90 import Sm90ForwardPass
+
+    torch.manual_seed(3 * len(name))
+    dim, heads, kv_heads, seq, mask = CASES[name]
+    q, k, v = fresh(2, seq, heads, kv_heads, dim)
+    scale = dim**-0.5
+    expected_out, expected_lse = truth(q, k, v, mask, scale)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device="cuda")
+    lse = torch.full(lse_shape(q), float("nan"), dtype=torch.float32, device="cuda")
+    Sm90ForwardPass(q, k, scale).step(q, k, v, out, lse, mask=mask, accumulate=False, write_rounded=True)
+    if mask.lo is None and mask.hi in (None, 0):
+        baseline_out, baseline_lse = flash_attn_func(q, k, v, causal=mask.hi == 0, return_lse=True)
+    else:
+        baseline_out, baseline_lse = poisoned(q)
+        forward_partials_sm90(q, k, v, baseline_out, baseline_lse, mask=mask, softmax_scale=scale, accumulate=False, varlen=None)
+        baseline_out = baseline_out.to(q.dtype)
+    assert max_error(out, expected_out) <= 2 * max_error(baseline_out, expected_out) + 1e-4
+    assert max_error(lse, expected_lse) <= 2 * max_error(baseline_lse, expected_lse) + 1e-5
+
+
 def test_rows_that_see_no_key():
     torch.manual_seed(0)
     q, k, v = fresh(1, 256, 4, 4, 128)

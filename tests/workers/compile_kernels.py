@@ -58,6 +58,9 @@ def hopper_kernels() -> dict:
     return {
         "forward causal merging": forward_kernel(causal, False, True, 4),
         "forward causal first write": forward_kernel(causal, False, False, 1),
+        "forward sole block, upstream's epilogue writing 16-bit out, window softcap gqa": lambda: forward_pass_sm90._compile(
+            BFloat16, 128, 4, window, False, _tile_size_fwd_sm90(128, 128, False, True), False, 30.0, 128, True,
+        ),
         "forward varlen causal merging": forward_kernel(causal, True, True, 4),
         "forward sliding window merging": forward_kernel(window, False, True, 1),
         "forward varlen window softcap merging": forward_kernel(window, True, True, 2, 30.0),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import cutlass.cute as cute
 import torch
 from cutlass import Float32, Float64, Int32
+from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.interface import _tile_size_fwd_sm90, torch2cute_dtype_map
 from flash_attn.cute.utils import create_softcap_scoremod
 from quack.compile_utils import make_fake_tensor
@@ -22,22 +23,27 @@ _compiled = kernel_cache("forward_sm90")
 
 class Sm90ForwardPass:
     """`ForwardPass` on Hopper. The pass fixes dtype, head size, GQA ratio, scale and softcap; a
-    step looks its kernel up by the block's window kind, varlen and first-write mode, and launches."""
+    step looks its kernel up by the block's window kind, varlen and first-write mode, and launches.
+    A sole block (`write_rounded`) runs upstream's own kernel, whose epilogue writes 16-bit out."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float, softcap: float | None = None):
         self.config = (q.dtype, q.shape[-1], q.shape[-2] // k.shape[-2], softcap)
         self.softmax_scale = softmax_scale
         self._kernels: dict[tuple, object] = {}
 
-    def step(self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None) -> None:
+    def step(
+        self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None,
+        write_rounded: bool = False,
+    ) -> None:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
         window = block_window(mask, q, k, varlen)
-        key = (window.kind, varlen is not None, accumulate, v.shape[-1])
+        key = (window.kind, varlen is not None, accumulate, v.shape[-1], write_rounded)
         kernel = self._kernels.get(key)
         if kernel is None:
             kernel = self._kernels[key] = forward_kernel(
                 *self.config, window=window, varlen=varlen is not None, accumulate=accumulate, head_dim_v=v.shape[-1],
+                write_rounded=write_rounded,
             )
         kernel(
             q, k, v, out_acc, lse_acc, self.softmax_scale, *varlen_arguments(varlen), None,
@@ -47,20 +53,22 @@ class Sm90ForwardPass:
 
 def forward_kernel(
     dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, softcap: float | None, *, window: Fa4Window, varlen: bool,
-    accumulate: bool, head_dim_v: int | None = None,
+    accumulate: bool, head_dim_v: int | None = None, write_rounded: bool = False,
 ):
     """The compiled forward of one configuration (compiled at first use, then from the cache).
     The softcap is a constant of the kernel, as upstream compiles it. `head_dim_v`: v's, when it
-    differs from q's and k's (MLA)."""
+    differs from q's and k's (MLA). `write_rounded`: upstream's own kernel, out in q's dtype and
+    lse in fp32, for a block that is every row's only one."""
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     config = _tile_size_fwd_sm90(head_dim, head_dim_v, window.causal, window.local)
     key = (
         str(dtype), head_dim, head_dim_v, qhead_per_kvhead, *window.kind, varlen,
-        config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate, softcap,
+        config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate, softcap, write_rounded,
     )
     if key not in _compiled:
         _compiled[key] = _compile(
             torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, config, accumulate, softcap, head_dim_v,
+            write_rounded,
         )
     return _compiled[key]
 
@@ -75,10 +83,13 @@ def forward_partials_sm90(
 
 def _compile(
     dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, config, accumulate: bool, softcap: float | None,
-    head_dim_v: int | None = None,
+    head_dim_v: int | None = None, write_rounded: bool = False,
 ):
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    kernel = PartialsForwardSm90(
+    if write_rounded and accumulate:
+        raise ValueError("write_rounded: a block that writes its rows, not one that accumulates")
+    kernel_class, own = (FlashAttentionForwardSm90, {}) if write_rounded else (PartialsForwardSm90, dict(accumulate=accumulate))
+    kernel = kernel_class(
         dtype,
         head_dim,
         head_dim_v,
@@ -93,7 +104,7 @@ def _compile(
         intra_wg_overlap=config.intra_wg_overlap,
         mma_pv_is_rs=config.mma_pv_is_rs,
         score_mod=None if softcap is None else create_softcap_scoremod(softcap),
-        accumulate=accumulate,
+        **own,
     )
     heads, kv_heads = cute.sym_int(), cute.sym_int()
     block = FakeBlockRows.make(varlen)
@@ -101,8 +112,12 @@ def _compile(
     vector = 128 // dtype.width
     q = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
     k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, dim), divisibility=vector) for dim in (head_dim, head_dim_v))
-    out = make_fake_tensor(Float32, (*rows_q, heads, head_dim_v), divisibility=4)
-    lse = make_fake_tensor(Float64, (*block.lead, heads, rows_q[-1]))
+    if write_rounded:
+        out = make_fake_tensor(dtype, (*rows_q, heads, head_dim_v), divisibility=vector)
+        lse = make_fake_tensor(Float32, (*block.lead, heads, rows_q[-1]))
+    else:
+        out = make_fake_tensor(Float32, (*rows_q, heads, head_dim_v), divisibility=4)
+        lse = make_fake_tensor(Float64, (*block.lead, heads, rows_q[-1]))
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(

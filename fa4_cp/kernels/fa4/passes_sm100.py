@@ -36,10 +36,19 @@ class MergeAfterForwardPass:
     def __init__(self, softmax_scale: float, softcap: float | None = None):
         self.softmax_scale, self.softcap = softmax_scale, softcap
 
-    def step(self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None) -> None:
+    def step(
+        self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None,
+        write_rounded: bool = False,
+    ) -> None:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
         window = block_window(mask, q, k, varlen)
+        if write_rounded:  # a sole block: upstream's forward writes the 16-bit out and fp32 lse itself
+            _flash_attn_fwd(
+                q, k, v, softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
+                window_size_left=window.left, window_size_right=window.right, return_lse=True, out=out_acc, lse=lse_acc,
+            )
+            return
         # Upstream leaves the lse of rows outside a varlen call's sequences unset; the merge reads
         # -inf there as "no key".
         lse = None if varlen is None else torch.full((q.shape[-2], q.shape[-3]), float("-inf"), dtype=torch.float32, device=q.device)
