@@ -59,7 +59,7 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         # a ring of one, or a call whose only block is the rank's own: the kernel writes out finished
         block = plan.steps[0].blocks[0]
         out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
-        lse = torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
+        lse = torch.empty(_lse_shape(q), dtype=_rounded_lse_dtype(q.dtype), device=q.device)
         rows = plan.q_sides[block.q_side]
         if rows is not None:  # rows no block selects: out 0, lse -inf
             out.zero_()
@@ -146,6 +146,11 @@ def ring_backward(
     if dkv_dtype is not None:
         return (grads.dq(), *finished_dkv(local_dkv, travelled, k, v, grads.dk_scale, dkv_dtype, tuple(indexed)))
     return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k, v, tuple(indexed)))
+
+
+def _rounded_lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A sole block's lse: fp32 beside 16-bit inputs (as FA4 writes it), else the accumulator's."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else LSE_ACCUMULATOR_DTYPE
 
 
 def _sole_block(plan: RankPlan) -> bool:
