@@ -16,6 +16,8 @@ that their shapes follow from q's (the ring's own rows depend on the documents' 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..call import PreparedCall
@@ -35,27 +37,40 @@ class Exchange:
         self.group = group
         self.transport = group.transport(transport, device) if group.world_size > 1 else None
 
-    def _run(self, x: torch.Tensor, split_dim: int, cat_dim: int, padded: int | None = None) -> torch.Tensor:
+    def _run(self, xs: list[torch.Tensor], split_dim: int, cat_dim: int, padded: int | None = None) -> list[torch.Tensor]:
+        """One all-to-all for all of `xs` (one dtype): what a rank sends a peer of each travels as one piece."""
         if self.transport is None:
-            return x if padded is None else _pad_rows(x, padded, split_dim)
-        pieces = _pieces(x, self.group.world_size, split_dim, x.shape[split_dim] if padded is None else padded)
-        return torch.cat(all_to_all(self.group, self.transport, pieces, "the Ulysses all-to-all"), dim=cat_dim)
+            return [x if padded is None else _pad_rows(x, padded, split_dim) for x in xs]
+        ranks = self.group.world_size
+        if len(xs) == 1:
+            pieces = _pieces(xs[0], ranks, split_dim, xs[0].shape[split_dim] if padded is None else padded)
+            return [torch.cat(all_to_all(self.group, self.transport, pieces, "the Ulysses all-to-all"), dim=cat_dim)]
+        packed = _packed_pieces(xs, ranks, split_dim)  # the pieces for rank j, of every tensor, in row j
+        arrived = all_to_all(self.group, self.transport, list(packed.unbind(0)), "the Ulysses all-to-all")
+        outputs, start = [], 0
+        for x in xs:
+            shape = _piece_shape(x, ranks, split_dim)
+            size = math.prod(shape)
+            outputs.append(torch.cat([piece[start : start + size].view(shape) for piece in arrived], dim=cat_dim))
+            start += size
+        return outputs
 
-    def sequence_to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., s/u, h, d) of every head -> (..., s, h/u, d) of this rank's head group."""
-        return self._run(x, -2, -3)
+    def sequence_to_heads(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """(..., s/u, h, d) of every head -> (..., s, h/u, d) of this rank's head group, for each of
+        `xs` (one dtype) in one exchange."""
+        return self._run(list(xs), -2, -3)
 
     def heads_to_sequence(self, x: torch.Tensor, padded_rows: int | None = None) -> torch.Tensor:
         """The inverse of `sequence_to_heads`; x's rows taken as zero-padded to `padded_rows`."""
-        return self._run(x, -3, -2, padded_rows)
+        return self._run([x], -3, -2, padded_rows)[0]
 
     def lse_heads_to_sequence(self, lse: torch.Tensor) -> torch.Tensor:
         """lse (..., h/u, s) of this rank's head group -> (..., h, s/u) of its own rows."""
-        return self._run(lse, -1, -2)
+        return self._run([lse], -1, -2)[0]
 
     def lse_sequence_to_heads(self, lse: torch.Tensor) -> torch.Tensor:
         """The inverse of `lse_heads_to_sequence`."""
-        return self._run(lse, -2, -1)
+        return self._run([lse], -2, -1)[0]
 
 
 def kv_heads_for(kv_heads: int, ulysses: int) -> torch.Tensor | None:
@@ -77,7 +92,7 @@ def ulysses_forward(
     if (repeat := kv_heads_for(k.shape[-2], u)) is not None:
         k, v = (t.index_select(-2, repeat.to(t.device)) for t in (k, v))
     exchange = Exchange(mesh.ulysses, prepared.ring.transport, q.device)
-    heads_q, heads_k, heads_v = (exchange.sequence_to_heads(t) for t in (q, k, v))
+    heads_q, heads_k, heads_v = exchange.sequence_to_heads(q, k, v)
     out, lse = ring_run_forward(
         prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v)),
         _own_sinks(sinks, mesh.ulysses, head_group), padded_rows,
@@ -96,7 +111,7 @@ def ulysses_backward(
     u, rows, padded_rows = mesh.ulysses.world_size, prepared.mesh.ring_rows, prepared.mesh.padded_ring_rows
     head_group = heads_q.shape[-2]
     exchange = Exchange(mesh.ulysses, prepared.ring.transport, dout.device)
-    heads_dout = exchange.sequence_to_heads(dout.contiguous())
+    heads_dout, = exchange.sequence_to_heads(dout.contiguous())
     heads_dlse = None if dlse is None else exchange.lse_sequence_to_heads(dlse.contiguous())[..., :rows].contiguous()
     # A KV head repeated over ranks gets one partial dK/dV from each: they travel unrounded and
     # are added, in head order, before the one rounding (16-bit partials reached ~1.9x the error).
@@ -127,6 +142,26 @@ def _pieces(x: torch.Tensor, count: int, dim: int, length: int) -> list[torch.Te
         return list(x.unflatten(axis, (count, size)).movedim(axis, 0).contiguous().unbind(0))
     starts = [min(index * size, rows) for index in range(count)]
     return [_pad_rows(x.narrow(dim, start, min(size, rows - start)), size, dim).contiguous() for start in starts]
+
+
+def _piece_shape(x: torch.Tensor, count: int, dim: int) -> tuple[int, ...]:
+    shape = list(x.shape)
+    shape[dim] //= count
+    return tuple(shape)
+
+
+def _packed_pieces(xs: list[torch.Tensor], count: int, dim: int) -> torch.Tensor:
+    """(count, all pieces' elements): row j holds piece j of each of `xs`, one after another, each
+    laid out by one copy."""
+    sizes = [math.prod(_piece_shape(x, count, dim)) for x in xs]
+    packed = xs[0].new_empty(count, sum(sizes))
+    start = 0
+    for x, size in zip(xs, sizes):
+        axis = dim % x.dim()
+        pieces = x.unflatten(axis, (count, x.shape[axis] // count)).movedim(axis, 0)
+        packed[:, start : start + size].view(pieces.shape).copy_(pieces)
+        start += size
+    return packed
 
 
 def _pad_rows(t: torch.Tensor, rows: int, seq_dim: int, value: float = 0.0) -> torch.Tensor:

@@ -7,8 +7,9 @@ The model is the ring model of bench/ring_model.py reduced to closed form:
   fp32 dK/dV);
 - compute is the call's attention FLOPs per GPU at a sustained rate, whatever the split (the
   FLOPs are the same; Ulysses only makes the blocks u times larger);
-- the Ulysses all-to-alls move q, k, v and out forward, dout, dq, dk and dv backward, (u - 1) / u of
-  each rank's share, KV heads repeated to u where fewer;
+- the Ulysses all-to-alls move q, k, v (one exchange), out and lse forward, dout, dq, dk and dv
+  backward, (u - 1) / u of each rank's share, KV heads repeated to u where fewer; each exchange
+  costs a latency;
 - packed causal documents are placed over the r ring ranks as the balanced layout places them
   (plan/placement.py), and each ring rank's compute is FA4's modelled time for its h/u heads
   (kernel_cost.py, fitted on one-GPU runs), the slowest rank setting the step; a hop carries the
@@ -30,6 +31,7 @@ from .kernel_cost import span_us
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
+ALL_TO_ALLS = 7  # runtime/ulysses.py: forward q, k and v in one, out, lse; backward dout, dq, dk, dv
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machin
         local = seq_len / (u * r)
         per_head_bytes = local * head_dim * BYTES_16BIT * (u - 1) / u
         moved = per_head_bytes * (4 * heads + 4 * max(kv_heads, u))  # q, out, dout, dq; k, v, dk, dv
-        all_to_all_ms = 8 * machine.all_to_all_latency_ms + moved / (machine.all_to_all_gib_per_s * 2**30) * 1e3
+        all_to_all_ms = ALL_TO_ALLS * machine.all_to_all_latency_ms + moved / (machine.all_to_all_gib_per_s * 2**30) * 1e3
     total = ring_ms + all_to_all_ms
     return {
         "ulysses": u, "ring": r, "active_steps": steps, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms,
