@@ -68,6 +68,10 @@ def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, back
             "modelled_imbalance": max(model) / statistics.mean(model) if any(model) else 1.0,
             "measured_over_modelled": [m / c if c else None for m, c in zip(measured, model)],
             "tflops_per_gpu": flops[direction] / world / (slowest * 1e-3) / 1e12,
+            # what plan_mesh's per-step overhead stands for: a rank's time beside its attention kernels, per active step
+            "other_ms_per_step": statistics.mean(
+                (rank[f"{direction}_ms"] - rank[f"{direction}_attention_ms"]) / max(len(rank["steps"]), 1) for rank in ranks
+            ),
         }
         if world in MAGI_H100_TFLOPS[direction]:
             result[direction]["over_magi_h100"] = result[direction]["tflops_per_gpu"] / MAGI_H100_TFLOPS[direction][world]
