@@ -69,7 +69,11 @@ def _copy_own_rows(held: torch.Tensor, own: torch.Tensor, stream: KVStream) -> i
         held.narrow(-3, 0, own.shape[-3]).copy_(own)
         return own.shape[-3]
     rows = stream.own_rows.numel()
-    torch.index_select(own, own.dim() - 3, stream.own_rows, out=held.narrow(-3, 0, rows))  # gathered in place
+    target = held.narrow(-3, 0, rows)
+    if target.is_contiguous():
+        torch.index_select(own, own.dim() - 3, stream.own_rows, out=target)  # gathered in place
+    else:  # V narrower than the buffer (MLA): its rows are strided
+        target.copy_(own.index_select(own.dim() - 3, stream.own_rows))
     return rows
 
 
