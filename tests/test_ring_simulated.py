@@ -43,6 +43,23 @@ def test_ring_matches_fp64_reference(case, world_size, dtype_name):
     assert_ring_matches(case, world_size, inputs, dtype, run_simulated(case, world_size, inputs))
 
 
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_a_mask_that_keeps_every_rank_to_itself_runs_one_block_per_rank(dtype_name):
+    """Each token sees itself only (window (0, 0)): at W = 4 every rank's plan is its own block, which
+    writes out, dK and dV finished (the sole-block path a ring of one takes), and matches fp64."""
+    from fa4_cp import Sharding
+    from fa4_cp.kernels import BandMask
+    from fa4_cp.plan.rows import rank_plan
+    from fa4_cp.runtime.executor import _sole_block
+
+    case = dataclasses.replace(CASES_BY_NAME["window_causal"], name="diagonal_only", window_in_chunks=(0, 0))
+    sharding = Sharding.dense(2 * 4 * case.chunk_size(4), 4, case.layout)
+    assert all(_sole_block(rank_plan(sharding, BandMask(lo=0, hi=0), rank, torch.device("cpu"))) for rank in range(4))
+    inputs = make_inputs(case, 4, DTYPES[dtype_name], seed=4)
+    assert_ring_matches(case, 4, inputs, DTYPES[dtype_name], run_simulated(case, 4, inputs))
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_error_does_not_grow_with_ring_size(dtype, record_property):
     """The same tokens on 1 and on 72 ranks: each error within 1.1x of the single-rank error."""
