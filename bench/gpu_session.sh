@@ -27,7 +27,7 @@
 #   kernels_new_dims  bench/kernels.py --quick at head dims 256 and 192/128 (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
 #   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back, the dK/dV finish,
-#                  (with indexed chains) and the sole block writing finished 16-bit dK/dV
+#                  (with indexed chains), the sole block's 16-bit out and dK/dV, and no host sync in a steady-state call
 #
 # Set FA4_CP_GIT_COMMIT where the tree has no .git (a device machine's copy of it).
 set -uo pipefail
@@ -96,7 +96,7 @@ for part in "${parts[@]}"; do
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes $(( seconds / 60 - 1 )) --out "$out/magi_replay.json" ;;
     staged_kernels)
       tests tests_gpu_staged_kernels.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_backend.py \
-        -k "merge or split or no_key or varlen_rows or read_back or finish or sole_block" ;;
+        tests/gpu/test_no_host_sync.py -k "merge or split or no_key or varlen_rows or read_back or finish or sole_block or waits" ;;
     *) echo "unknown part: $name" >&2; exit 2 ;;
   esac
 done
