@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("flash_attn.cute")
 from fa4_cp.kernels import VarlenRows  # noqa: E402
-from fa4_cp.kernels.fa4.backward_pass_sm90 import _computed_row_map, _varlen_side, _written_tiles  # noqa: E402
+from fa4_cp.kernels.fa4.varlen_dq import computed_row_map, varlen_side, written_tiles  # noqa: E402
 
 
 def brute_force_row_map(cu: list[int], used: list[int], tile: int, total: int) -> torch.Tensor:
@@ -32,9 +32,9 @@ def test_varlen_row_map_matches_fa4s_layout(seed):
             cu.append(cu[-1] + length)
         used, tile, total = [rng.randint(0, length) for length in lengths], rng.choice([64, 128]), cu[-1] + rng.choice([0, 7])
         cu_tensor, used_tensor = torch.tensor(cu, dtype=torch.int32), torch.tensor(used, dtype=torch.int32)
-        assert torch.equal(_computed_row_map(cu_tensor.long(), used_tensor.long(), tile, total), brute_force_row_map(cu, used, tile, total))
+        assert torch.equal(computed_row_map(cu_tensor.long(), used_tensor.long(), tile, total), brute_force_row_map(cu, used, tile, total))
     block = VarlenRows(cu_tensor, cu_tensor, used_tensor, used_tensor)
-    assert _varlen_side(block, used_tensor, tile, total, 10**6) is _varlen_side(block, used_tensor, tile, total, 10**6)
+    assert varlen_side(block, used_tensor, tile, total, 10**6) is varlen_side(block, used_tensor, tile, total, 10**6)
 
 
 @pytest.mark.parametrize("layout", ["balanced", "zigzag"])
@@ -52,8 +52,8 @@ def test_only_the_dq_tiles_a_side_writes_start_zeroed(layout):
             varlen = block.varlen
             used = varlen.seqused_q_all
             padded = (sharding.local_len + (len(used) + 1) * tile - 1) // tile * tile
-            row_map, written = _varlen_side(varlen, used, tile, sharding.local_len, padded)
-            every = _written_tiles(varlen.q_sequences, tile, 10**9, torch.device("cpu"))
+            row_map, written = varlen_side(varlen, used, tile, sharding.local_len, padded)
+            every = written_tiles(varlen.q_sequences, tile, 10**9, torch.device("cpu"))
             assert torch.equal(every, (row_map[row_map >= 0] // tile).unique().long())
             assert (written is None) == (4 * len(every) >= 3 * (padded // tile))
             listed += written is not None

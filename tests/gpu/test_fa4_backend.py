@@ -206,7 +206,8 @@ def test_merge_kernel_matches_reference_merge(dim):
 def test_varlen_dq_read_back_matches_untiled_sum(dim, sides):
     """The one-pass read-back against un-tiling each side in torch and summing in fp64: sides whose
     sequences start mid-tile and overlap, rows no side selects (zeros), a NaN-poisoned output."""
-    from fa4_cp.kernels.fa4.backward_pass_sm90 import SM90, _computed_row_map, _dq_geometry
+    from fa4_cp.kernels.fa4.backward_pass_sm90 import SM90, _dq_geometry
+    from fa4_cp.kernels.fa4.varlen_dq import computed_row_map
     from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles
     from fa4_cp.kernels.fa4.dq_readback import read_back_dq
     from fa4_cp.kernels.fa4.tiled_accumulator import tile_order
@@ -221,7 +222,7 @@ def test_varlen_dq_read_back_matches_untiled_sum(dim, sides):
         cu, used = (torch.tensor(x, dtype=torch.int32, device="cuda") for x in (bounds, used))
         padded = geometry.varlen_padded_rows(total, len(used))
         accum = torch.randn(heads, padded * geometry.head_dim_rounded, device="cuda")
-        row_map = _computed_row_map(cu.long(), used.long(), geometry.tile, total)
+        row_map = computed_row_map(cu.long(), used.long(), geometry.tile, total)
         selected = (row_map >= 0).nonzero().squeeze(1)
         values = geometry.untile(accum, order)[:, row_map[selected].long()]
         expected[selected] += values.transpose(0, 1).double()

@@ -4,19 +4,20 @@ Once per call and per distinct set of q rows the steps use (a "q side": the whol
 one lane run), FA4's preprocess computes delta = rowsum(dout * out) - dlse and lse * log2(e) in
 the padded layout the kernel reads. Every step's kernel then adds its dq into the q side's fp32
 tiled accumulator; dense q sides that start on a tile boundary share one accumulator for the
-whole shard. `dq` reads the accumulators back once, rounded once to q's dtype: with upstream's
-postprocess when one accumulator holds all of dq, with one pass over the varlen sides'
-accumulators (dq_readback.py) for packed documents, else in fp32 and summed. dK/dV go straight
-from the kernel into the caller's fp32 buffers (backward_sm90.py), unscaled: a step launches one
-kernel and nothing else; `finish_dkv` sums, scales and rounds them in one pass (dkv_finish.py). The pass binds the tile configuration and each kernel it uses once; a
-step looks its kernel up by window kind and launches.
+whole shard, a varlen side's starts zeroed only where its kernels write (varlen_dq.py). `dq`
+reads the accumulators back once, rounded once to q's dtype: with upstream's postprocess when one
+accumulator holds all of dq, with one pass over the varlen sides' accumulators (dq_readback.py)
+for packed documents, else in fp32 and summed. dK/dV go straight from the kernel into the
+caller's fp32 buffers (backward_sm90.py), unscaled: a step launches one kernel and nothing else;
+`finish_dkv` sums, scales and rounds them in one pass (dkv_finish.py). A sole block with one q
+head per kv head writes them finished instead, through upstream's own kernel (`write_rounded`).
+The pass binds the tile configuration and each kernel it uses once; a step looks its kernel up
+by window kind and launches.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from .dkv_finish import finish_dkv_cuda
 from .dq_readback import MAX_SIDES, read_back_dq
 from .masks import block_window
 from .tiled_accumulator import TileGeometry, tile_order
+from .varlen_dq import varlen_side, zeroed_where_written
 
 SM90 = 90
 
@@ -183,8 +185,8 @@ class Sm90BackwardPass:
             rows, cu = slice(None), varlen.cu_seqlens_q
             used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
             padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
-            row_map, written = _varlen_side(varlen, used, tile, q.shape[0], padded)
-            accum, owned = _zeroed_where_written(q.shape[-2], padded, width, tile, written, q.device), True
+            row_map, written = varlen_side(varlen, used, tile, q.shape[0], padded)
+            accum, owned = zeroed_where_written(q.shape[-2], padded, width, tile, written, q.device), True
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
         _bwd_preprocess(
             self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
@@ -217,57 +219,3 @@ def _dq_geometry(tiles: BackwardTiles) -> TileGeometry:
 def _int32_tile_order(geometry: TileGeometry, device: torch.device) -> torch.Tensor:
     """The tile order as the read-back kernel takes it, converted once, not once per call."""
     return tile_order(geometry, SM90, device).to(torch.int32)
-
-
-def _varlen_side(varlen: VarlenRows, used: torch.Tensor, tile: int, total: int, padded: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A varlen q side's row map (`_computed_row_map`) and the accumulator tiles its kernels write
-    (`_written_tiles`), made once per plan block (a training step's layers share them), without a
-    host sync."""
-    with _varlen_sides_lock:
-        per_block = _varlen_sides.setdefault(varlen, {})
-        if (tile, total) not in per_block:
-            row_map = _computed_row_map(varlen.cu_seqlens_q.long(), used.long(), tile, total)
-            per_block[(tile, total)] = (row_map, _written_tiles(varlen.q_sequences, tile, padded, row_map.device))
-        return per_block[(tile, total)]
-
-
-_varlen_sides: weakref.WeakKeyDictionary[VarlenRows, dict[tuple[int, int], tuple]] = weakref.WeakKeyDictionary()
-_varlen_sides_lock = threading.Lock()
-
-
-def _written_tiles(sequences: tuple[tuple[int, int], ...] | None, tile: int, padded: int, device: torch.device) -> torch.Tensor | None:
-    """The tiles of a varlen dq accumulator that a side's kernels write: sequence n's first
-    ceil(rows / tile) from FA4's start, (first + n * tile) // tile. None where the sequences are
-    not known on the host, or where the tiles are most of the accumulator (one fill is as cheap)."""
-    if sequences is None:
-        return None
-    tiles = [
-        start + block
-        for n, (first, rows) in enumerate(sequences)
-        for start in ((first + n * tile) // tile,)
-        for block in range(-(-rows // tile))
-    ]
-    if 4 * len(tiles) >= 3 * (padded // tile):
-        return None
-    return torch.tensor(tiles, dtype=torch.long).to(device)
-
-
-def _zeroed_where_written(heads: int, padded: int, width: int, tile: int, written: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """A varlen dq accumulator (heads, padded * width) whose tiles the kernels write start at zero;
-    the read-back never reads the others."""
-    if written is None:
-        return torch.zeros(heads, padded * width, dtype=torch.float32, device=device)
-    accum = torch.empty(heads, padded * width, dtype=torch.float32, device=device)
-    accum.view(heads, padded // tile, tile * width).index_fill_(1, written, 0.0)
-    return accum
-
-
-def _computed_row_map(cu: torch.Tensor, used: torch.Tensor, tile: int, total: int) -> torch.Tensor:
-    rows = torch.arange(total, device=cu.device)
-    sequence = torch.searchsorted(cu[1:], rows, right=True)  # the n with cu[n] <= row < cu[n + 1]
-    inside = sequence < used.numel()
-    sequence = sequence.clamp_(max=max(used.numel() - 1, 0))
-    position = rows - cu[sequence]
-    start = (cu[sequence] + sequence * tile) // tile * tile
-    selected = inside & (position >= 0) & (position < used[sequence]) if used.numel() else inside  # rows before cu[0]: none
-    return torch.where(selected, start + position, -1).to(torch.int32)
