@@ -51,11 +51,10 @@ def test_a_mask_that_keeps_every_rank_to_itself_runs_one_block_per_rank(dtype_na
     from fa4_cp import Sharding
     from fa4_cp.kernels import BandMask
     from fa4_cp.plan.rows import rank_plan
-    from fa4_cp.runtime.executor import _sole_block
 
     case = dataclasses.replace(CASES_BY_NAME["window_causal"], name="diagonal_only", window_in_chunks=(0, 0))
     sharding = Sharding.dense(2 * 4 * case.chunk_size(4), 4, case.layout)
-    assert all(_sole_block(rank_plan(sharding, BandMask(lo=0, hi=0), rank, torch.device("cpu"))) for rank in range(4))
+    assert all(rank_plan(sharding, BandMask(lo=0, hi=0), rank, torch.device("cpu")).sole_block for rank in range(4))
     inputs = make_inputs(case, 4, DTYPES[dtype_name], seed=4)
     assert_ring_matches(case, 4, inputs, DTYPES[dtype_name], run_simulated(case, 4, inputs))
 

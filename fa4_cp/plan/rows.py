@@ -101,6 +101,15 @@ class RankPlan:
     def has_local_blocks(self) -> bool:
         return any(block.local for step in self.steps for block in step.blocks)
 
+    @functools.cached_property
+    def sole_block(self) -> PlannedBlock | None:
+        """The plan's only block, where it is dense, at step 0 (the rank's own K and V) and over
+        every kv row: it is then every row's only contributor, forward and backward."""
+        if len(self.steps) != 1 or len(self.steps[0].blocks) != 1 or self.steps[0].step % self.world_size:
+            return None
+        block = self.steps[0].blocks[0]
+        return block if block.varlen is None and self.kv_sides[block.kv_side] is None else None
+
 
 def unselected_rows(selected: list[tuple[int, int]], rows: int, device: torch.device) -> torch.Tensor:
     """The rows of [0, rows) outside every (start, stop) run of `selected`, as an index on `device`."""

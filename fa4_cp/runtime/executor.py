@@ -55,9 +55,9 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Attention of the local q against every rank's KV: (out, lse) in their accumulator dtypes;
     with `rounded` (a caller that adds nothing to out), out may come in q's dtype instead."""
     plan = ring.plan
-    if rounded and _sole_block(plan):
+    if rounded and plan.sole_block is not None:
         # a ring of one, or a call whose only block is the rank's own: the kernel writes out finished
-        block = plan.steps[0].blocks[0]
+        block = plan.sole_block
         out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
         lse = torch.empty(_lse_shape(q), dtype=_rounded_lse_dtype(q.dtype), device=q.device)
         rows = plan.q_sides[block.q_side]
@@ -112,9 +112,9 @@ def ring_backward(
     )
     if not plan.steps:
         return grads.dq(), torch.zeros_like(k, dtype=dkv_dtype), torch.zeros_like(v, dtype=dkv_dtype)
-    if dkv_dtype is None and _sole_block(plan) and grads.can_write_rounded(k):
+    if dkv_dtype is None and plan.sole_block is not None and grads.can_write_rounded(k):
         # a ring of one, or a call whose only block is the rank's own: the kernel writes dK/dV finished
-        block = plan.steps[0].blocks[0]
+        block = plan.sole_block
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         rows = slice(None) if plan.q_sides[block.q_side] is None else plan.q_sides[block.q_side]
         grads.step(k, v, dk, dv, q_rows=rows, mask=block.mask, write_rounded=True)
@@ -151,14 +151,6 @@ def ring_backward(
 def _rounded_lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """A sole block's lse: fp32 beside 16-bit inputs (as FA4 writes it), else the accumulator's."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else LSE_ACCUMULATOR_DTYPE
-
-
-def _sole_block(plan: RankPlan) -> bool:
-    """Whether the plan's only block is dense, at step 0 (the rank's own K and V), over every kv row."""
-    if len(plan.steps) != 1 or len(plan.steps[0].blocks) != 1 or plan.steps[0].step % plan.world_size:
-        return False
-    block = plan.steps[0].blocks[0]
-    return block.varlen is None and plan.kv_sides[block.kv_side] is None
 
 
 def _writes_whole_buffer(block, plan: RankPlan, grads, k: torch.Tensor) -> bool:
