@@ -26,7 +26,9 @@ def finished_dkv(
     for part in travelled:
         total.narrow(-3, 0, part.shape[-3]).add_(part)
     for part in indexed:
-        total.index_add_(total.dim() - 3, part.rows, part.sums)
+        # index_put_ with accumulate has a deterministic CUDA kernel; index_add_ would trip torch's
+        # deterministic mode (its rows are distinct, but torch cannot know)
+        total.movedim(-3, 0).index_put_((part.rows,), part.sums.movedim(-3, 0), accumulate=True)
     dk = torch.mul(total[0][..., : k.shape[-1]], dk_scale, out=torch.empty(k.shape, dtype=dtype or k.dtype, device=k.device))
     return dk, total[1][..., : v.shape[-1]].to(dtype or v.dtype, copy=True)
 
