@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, record, today, write  # noqa: E402
-from mixes import lognormal_lengths  # noqa: E402
+from mixes import add_mix_arguments, batches  # noqa: E402
 
 import fa4_cp  # noqa: E402
 from fa4_cp.kernels import BandMask  # noqa: E402
@@ -90,22 +90,20 @@ def row(lengths: list[int], world_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 72])
-    parser.add_argument("--mixes", nargs="+", choices=["pretrain", "finetune"], default=["pretrain", "finetune"])
+    add_mix_arguments(parser, [8, 16, 32, 64, 72])
     parser.add_argument("--out", default=str(RESULTS / f"cpu_{today()}" / "kv_bytes.json"))
     args = parser.parse_args()
     rows = []
-    for mix in args.mixes:
-        for world_size in args.world_sizes:
-            result = {"mix": mix, **row(lognormal_lengths(TOKENS_PER_RANK * world_size, mix, seed=world_size), world_size)}
-            rows.append(result)
-            f, b = result["forward"], result["backward"]
-            print(
-                f"{mix:8s} W={world_size:3d} {result['split'][0]:2d}x{result['split'][1]:<2d} fwd MiB: ring {f['ring_mib']:7.1f} "
-                f"(whole buffer {f['whole_buffer_ring_mib']:7.1f}) "
-                f"min {f['minimum_mib']:6.1f} 2-D {f['mesh_ring_mib']:6.1f}+{f['mesh_all_to_all_mib']:5.1f} | bwd ring "
-                f"{b['ring_mib']:7.1f} min {b['minimum_mib']:6.1f} 2-D {b['mesh_ring_mib']:6.1f}+{b['mesh_all_to_all_mib']:5.1f}", flush=True,
-            )
+    for mix, world_size, lengths in batches(args.mixes, args.world_sizes, TOKENS_PER_RANK):
+        result = {"mix": mix, **row(lengths, world_size)}
+        rows.append(result)
+        f, b = result["forward"], result["backward"]
+        print(
+            f"{mix:8s} W={world_size:3d} {result['split'][0]:2d}x{result['split'][1]:<2d} fwd MiB: ring {f['ring_mib']:7.1f} "
+            f"(whole buffer {f['whole_buffer_ring_mib']:7.1f}) "
+            f"min {f['minimum_mib']:6.1f} 2-D {f['mesh_ring_mib']:6.1f}+{f['mesh_all_to_all_mib']:5.1f} | bwd ring "
+            f"{b['ring_mib']:7.1f} min {b['minimum_mib']:6.1f} 2-D {b['mesh_ring_mib']:6.1f}+{b['mesh_all_to_all_mib']:5.1f}", flush=True,
+        )
     write(record(
         "kv_bytes", "cpu", heads=[HEADS, KV_HEADS], head_dim=HEAD_DIM, tokens_per_rank=TOKENS_PER_RANK,
         note="counted from the planner (no GPU): received per rank per pass, slowest rank", rows=rows,

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, record, today, write  # noqa: E402
-from mixes import lognormal_lengths  # noqa: E402
+from mixes import add_mix_arguments, batches  # noqa: E402
 
 import fa4_cp  # noqa: E402
 from fa4_cp.kernels import BandMask  # noqa: E402
@@ -48,24 +48,21 @@ def launches(lengths: list[int], ranks: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 72])
-    parser.add_argument("--mixes", nargs="+", choices=["pretrain", "finetune"], default=["pretrain", "finetune"])
+    add_mix_arguments(parser, [8, 16, 32, 64, 72])
     parser.add_argument("--out", default=str(RESULTS / f"cpu_{today()}" / "launches.json"))
     args = parser.parse_args()
     rows = []
-    for mix in args.mixes:
-        for world_size in args.world_sizes:
-            lengths = lognormal_lengths(TOKENS_PER_RANK * world_size, mix, seed=world_size)
-            plan = fa4_cp.plan_mesh(world_size, HEADS, KV_HEADS, sum(lengths), documents=lengths)
-            result = {"mix": mix, "world_size": world_size, "documents": len(lengths), "ring": launches(lengths, world_size)}
-            if plan.ring > 1 and plan.ulysses > 1:
-                result["split"] = {"ulysses": plan.ulysses, **launches(lengths, plan.ring)}
-            rows.append(result)
-            ring = result["ring"]
-            print(
-                f"{mix:8s} W={world_size:3d} ring: {ring['active_steps']:3d} steps, {ring['blocks_per_rank_mean']:6.2f} blocks per rank "
-                f"(max {ring['blocks_per_rank_max']}), merged {ring['one_per_step_and_stream_mean']:6.2f}", flush=True,
-            )
+    for mix, world_size, lengths in batches(args.mixes, args.world_sizes, TOKENS_PER_RANK):
+        plan = fa4_cp.plan_mesh(world_size, HEADS, KV_HEADS, sum(lengths), documents=lengths)
+        result = {"mix": mix, "world_size": world_size, "documents": len(lengths), "ring": launches(lengths, world_size)}
+        if plan.ring > 1 and plan.ulysses > 1:
+            result["split"] = {"ulysses": plan.ulysses, **launches(lengths, plan.ring)}
+        rows.append(result)
+        ring = result["ring"]
+        print(
+            f"{mix:8s} W={world_size:3d} ring: {ring['active_steps']:3d} steps, {ring['blocks_per_rank_mean']:6.2f} blocks per rank "
+            f"(max {ring['blocks_per_rank_max']}), merged {ring['one_per_step_and_stream_mean']:6.2f}", flush=True,
+        )
     write(record("launches", "cpu", heads=[HEADS, KV_HEADS], tokens_per_rank=TOKENS_PER_RANK, note="counted from the planner, per pass", rows=rows), args.out)
 
 

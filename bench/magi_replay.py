@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import record, write  # noqa: E402
-from mixes import lognormal_lengths  # noqa: E402
+from mixes import add_mix_arguments, batches  # noqa: E402
 from replay import replay_rank  # noqa: E402
 
 from fa4_cp import Sharding, plan_mesh  # noqa: E402
@@ -99,8 +99,7 @@ def upstream_one_device_ms(lengths: list[int], shape: dict) -> dict[str, float]:
     return {"forward": times["forward"], "backward": times["backward"]}
 
 
-def run_config(mix: str, world: int, shape: dict, backend, device: torch.device) -> dict:
-    lengths = lognormal_lengths(world * shape["tokens_per_gpu"], mix, seed=world)
+def run_config(mix: str, world: int, lengths: list[int], shape: dict, backend, device: torch.device) -> dict:
     plan = plan_mesh(world, shape["heads"], shape["kv_heads"], sum(lengths), head_dim=shape["head_dim"], documents=lengths)
     row = {
         "mix": mix, "world_size": world, "documents": len(lengths), "median_length": statistics.median(lengths), "longest": max(lengths),
@@ -120,8 +119,7 @@ def run_config(mix: str, world: int, shape: dict, backend, device: torch.device)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--mixes", nargs="+", choices=["pretrain", "finetune"], default=["pretrain", "finetune"])
+    add_mix_arguments(parser, [8, 16, 32, 64])
     parser.add_argument("--dry-run", action="store_true", help="CPU, reference backend, 8:2 heads of 16, 64 tokens per GPU")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no configuration after this")
     parser.add_argument("--out", required=True)
@@ -139,20 +137,19 @@ def main() -> None:
         "all-to-alls; CUDA events, median of 3 after one warm-up; MagiAttention's figures are its published H100 numbers",
         magi_h100_tflops=MAGI_H100_TFLOPS, rows=[],
     )
-    for mix in args.mixes:
-        for world in args.world_sizes:
-            if args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes:
-                result["stopped_early"] = True
-                break
-            row = run_config(mix, world, shape, backend, device)
-            result["rows"].append(row)
-            write(result, args.out)
-            chosen = row["chosen"]
-            print(
-                f"{mix:8} W={world:<3} {chosen['ulysses']} x {chosen['ring']}: fwd {chosen['forward']['tflops_per_gpu']:6.1f} TF/s "
-                f"bwd {chosen['backward']['tflops_per_gpu']:6.1f} TF/s, imbalance bwd {chosen['backward']['imbalance']:.3f} "
-                f"(model {chosen['backward']['modelled_imbalance']:.3f})", flush=True,
-            )
+    for mix, world, lengths in batches(args.mixes, args.world_sizes, shape["tokens_per_gpu"]):
+        if args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes:
+            result["stopped_early"] = True
+            break
+        row = run_config(mix, world, lengths, shape, backend, device)
+        result["rows"].append(row)
+        write(result, args.out)
+        chosen = row["chosen"]
+        print(
+            f"{mix:8} W={world:<3} {chosen['ulysses']} x {chosen['ring']}: fwd {chosen['forward']['tflops_per_gpu']:6.1f} TF/s "
+            f"bwd {chosen['backward']['tflops_per_gpu']:6.1f} TF/s, imbalance bwd {chosen['backward']['imbalance']:.3f} "
+            f"(model {chosen['backward']['modelled_imbalance']:.3f})", flush=True,
+        )
 
 
 if __name__ == "__main__":
