@@ -240,14 +240,13 @@ class _SpanRowsTable:
 
     def __init__(self, sharding: BalancedSharding, rank: int, device: torch.device):
         self.sharding, self.rank, self.device = sharding, rank, device
-        self.layouts: dict[range, tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int]]] = {}
+        self.layouts: dict[range, tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int], ...], list[int]]] = {}
         self.selected: list[tuple[int, int]] = []
         """(start, stop) of the local q rows of every sequence some block selects."""
-        self.sequences: dict[range, tuple[tuple[int, int], ...]] = {}
 
-    def _layout(self, lanes: range) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[int]]:
-        """(cu_seqlens_q, seqused_q_all, the two on the host, each local sequence's index in them)
-        of a run of lanes.
+    def _layout(self, lanes: range) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int], ...], list[int]]:
+        """(cu_seqlens_q, seqused_q_all, the two on the host as (first row, rows) per sequence,
+        each local sequence's index in them) of a run of lanes.
         Both lanes: every document is one sequence. One lane: the lane, then the rows up to the
         next document's lane as a sequence that no block computes."""
         if lanes not in self.layouts:
@@ -265,19 +264,19 @@ class _SpanRowsTable:
                 bounds += [first, last]
                 used += [sum(sharding.chunk_slots(doc, chunks[lane]) for lane in lanes) if ranks > 1 else 0, 0]
             cu = torch.tensor([*bounds, sharding.local_len], dtype=torch.int32).to(self.device)
-            self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), bounds, used, index)
+            self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), tuple(zip(bounds, used)), index)
         return self.layouts[lanes]
 
     def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], end: int, kv_shift: int) -> VarlenRows:
         """A block over the run `lanes` of the local sequences in `sequences` (the others select
         no rows), against KV of `end` rows."""
-        cu_q, used_all, starts_host, used_host, index = self._layout(lanes)
-        slots = len(used_host)
+        cu_q, used_all, host, index = self._layout(lanes)
+        slots = len(host)
         q_used, kv_first, kv_used = [0] * slots, [], [0] * slots
         by_slot = {index[sequence]: rows for sequence, rows in sequences.items()}
-        if any(rows[0] != used_host[slot] for slot, rows in by_slot.items()):
+        if any(rows[0] != host[slot][1] for slot, rows in by_slot.items()):
             raise AssertionError("a block selects part of a run of lanes: it cannot share the run's rows")
-        self.selected += [(starts_host[slot], starts_host[slot] + rows[0]) for slot, rows in by_slot.items()]
+        self.selected += [(host[slot][0], host[slot][0] + rows[0]) for slot, rows in by_slot.items()]
         previous = 0
         for slot in range(slots):
             if slot in by_slot:
@@ -285,13 +284,4 @@ class _SpanRowsTable:
             kv_first.append(previous)  # unused entries repeat the last start: cu_seqlens stays monotone
         packed = torch.tensor([q_used, kv_used, [*kv_first]], dtype=torch.int32).to(self.device)
         cu_k = torch.cat([packed[2], packed.new_tensor([end])])
-        return VarlenRows(
-            cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift, q_sequences=self._sequences(lanes),
-        )
-
-    def _sequences(self, lanes: range) -> tuple[tuple[int, int], ...]:
-        """(first row, rows) of each sequence of a run of lanes' layout, made once per layout."""
-        if lanes not in self.sequences:
-            _, _, starts, used, _ = self._layout(lanes)
-            self.sequences[lanes] = tuple(zip(starts, used))
-        return self.sequences[lanes]
+        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift, q_sequences=host)

@@ -112,16 +112,15 @@ def ring_backward(
     )
     if not plan.steps:
         return grads.dq(), torch.zeros_like(k, dtype=dkv_dtype), torch.zeros_like(v, dtype=dkv_dtype)
+    q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
     if dkv_dtype is None and plan.sole_block is not None and grads.can_write_rounded(k):
         # a ring of one, or a call whose only block is the rank's own: the kernel writes dK/dV finished
         block = plan.sole_block
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        rows = slice(None) if plan.q_sides[block.q_side] is None else plan.q_sides[block.q_side]
-        grads.step(k, v, dk, dv, q_rows=rows, mask=block.mask, write_rounded=True)
+        grads.step(k, v, dk, dv, q_rows=q_rows[block.q_side], mask=block.mask, write_rounded=True)
         ring.end_of_call()
         return grads.dq(), dk, dv
     dtype = accumulator_dtype(q.dtype)
-    q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
     kv = TravellingKV(plan, ring.transport, k, v)
     dkv = TravellingDKV(plan, ring.transport, k, v, dtype)
     # dK/dV that local blocks add: they never travel

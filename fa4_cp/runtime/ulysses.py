@@ -138,10 +138,15 @@ def _pieces(x: torch.Tensor, count: int, dim: int, length: int) -> list[torch.Te
     size, rows = length // count, x.shape[dim]
     if rows == length and size and not x.narrow(dim, 0, size).is_contiguous():
         # strided pieces (a head group, or rows of a batch): one copy lays them all out, not one each
-        axis = dim % x.dim()
-        return list(x.unflatten(axis, (count, size)).movedim(axis, 0).contiguous().unbind(0))
+        return list(_by_destination(x, count, dim).contiguous().unbind(0))
     starts = [min(index * size, rows) for index in range(count)]
     return [_pad_rows(x.narrow(dim, start, min(size, rows - start)), size, dim).contiguous() for start in starts]
+
+
+def _by_destination(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
+    """A view of x as (count, its pieces along `dim`): piece j, for rank j, first."""
+    axis = dim % x.dim()
+    return x.unflatten(axis, (count, x.shape[axis] // count)).movedim(axis, 0)
 
 
 def _piece_shape(x: torch.Tensor, count: int, dim: int) -> tuple[int, ...]:
@@ -157,8 +162,7 @@ def _packed_pieces(xs: list[torch.Tensor], count: int, dim: int) -> torch.Tensor
     packed = xs[0].new_empty(count, sum(sizes))
     start = 0
     for x, size in zip(xs, sizes):
-        axis = dim % x.dim()
-        pieces = x.unflatten(axis, (count, x.shape[axis] // count)).movedim(axis, 0)
+        pieces = _by_destination(x, count, dim)
         packed[:, start : start + size].view(pieces.shape).copy_(pieces)
         start += size
     return packed

@@ -44,18 +44,16 @@ class MergeAfterForwardPass:
             return
         window = block_window(mask, q, k, varlen)
         if write_rounded:  # a sole block: upstream's forward writes the 16-bit out and fp32 lse itself
-            _flash_attn_fwd(
-                q, k, v, softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
-                window_size_left=window.left, window_size_right=window.right, return_lse=True, out=out_acc, lse=lse_acc,
-            )
-            return
-        # Upstream leaves the lse of rows outside a varlen call's sequences unset; the merge reads
-        # -inf there as "no key".
-        lse = None if varlen is None else torch.full((q.shape[-2], q.shape[-3]), float("-inf"), dtype=torch.float32, device=q.device)
+            out, lse = out_acc, lse_acc
+        else:  # upstream leaves the lse of rows outside a varlen call's sequences unset; the merge reads -inf as "no key"
+            unset = None if varlen is None else torch.full((q.shape[-2], q.shape[-3]), float("-inf"), dtype=torch.float32, device=q.device)
+            out, lse = None, unset
         out, lse, *_ = _flash_attn_fwd(
             q, k, v, softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
-            window_size_left=window.left, window_size_right=window.right, return_lse=True, lse=lse, **_varlen_kwargs(varlen),
+            window_size_left=window.left, window_size_right=window.right, return_lse=True, out=out, lse=lse, **_varlen_kwargs(varlen),
         )
+        if write_rounded:
+            return
         if accumulate:
             merge_partials_cuda(out, lse, out_acc, lse_acc)
         else:
