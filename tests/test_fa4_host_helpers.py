@@ -58,3 +58,12 @@ def test_only_the_dq_tiles_a_side_writes_start_zeroed(layout):
             assert (written is None) == (4 * len(every) >= 3 * (padded // tile))
             listed += written is not None
     assert listed, "some side writes few enough tiles to be zeroed alone"
+
+
+def test_rounded_dkv_only_where_upstreams_epilogue_takes_the_tiles():
+    """At head_dim 192 the default 64-row KV tiles fail upstream's 16-bit dK/dV epilogue (an MLIR
+    partition error on an H100), so a sole block there keeps the fp32 sums and the finish."""
+    from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles
+
+    assert [BackwardTiles.for_head_dim(d).writes_rounded_dkv for d in (64, 128, 192, 256)] == [True, True, False, True]
+    assert not BackwardTiles.for_head_dim(192, 128).writes_rounded_dkv

@@ -99,7 +99,8 @@ class Sm90BackwardPass:
 
     def can_write_rounded(self, k: torch.Tensor) -> bool:
         # upstream's own epilogue writes 16-bit dK/dV for one q head per kv head
-        return self.q.shape[-2] == k.shape[-2] and self.dout.shape[-1] == self.q.shape[-1]
+        same_heads = self.q.shape[-2] == k.shape[-2] and self.dout.shape[-1] == self.q.shape[-1]
+        return same_heads and self.tiles.writes_rounded_dkv
 
     def _semaphores(self, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> tuple:
         """Deterministic mode: upstream's turn counters, zeroed for each launch. dq: (b, h, m blocks,

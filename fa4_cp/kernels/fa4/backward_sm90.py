@@ -94,6 +94,13 @@ class BackwardTiles:
         return -(-self.head_dim // step) * step
 
     @property
+    def writes_rounded_dkv(self) -> bool:
+        """Whether upstream's 16-bit dK/dV epilogue (`write_rounded`) takes these tiles: at
+        head_dim 192 on 64-row unswapped KV tiles its tiled copy cannot partition the shared
+        tile (MLIR error on an H100, 2026-12-05); 64, 128 and 256 passed there."""
+        return self.head_dim != 192 or self.config.dKV_swapAB
+
+    @property
     def num_threads(self) -> int:
         return (self.config.num_wg + 1) * 128
 
