@@ -61,6 +61,8 @@ CASES = {
     "finetune_w16": Case(16, (32, 8), 131072, "finetune"),
     "pretrain_mesh_8x8": Case(64, (32, 8), 524288, "pretrain", ulysses=8),
 }
+
+
 class TransportStream:
     """The simulated transport's copies on a stream of their own, and the Ulysses exchange's
     layout work (packing head groups, concatenating what arrives) on another (each ordered both
