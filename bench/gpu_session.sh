@@ -93,7 +93,7 @@ for part in "${parts[@]}"; do
     swapped_tiles) tests tests_gpu_swapped_tiles.log "$seconds" tests/gpu/test_fa4_backend.py -k swapped ;;
     ring_new_dims) tests tests_gpu_ring_new_dims.log "$seconds" tests/gpu/test_fa4_ring.py -k "new_head_dims or mla" ;;
     kernels_new_dims) run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out" --head-dims 256 192/128 ;;
-    magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes $(( seconds / 60 - 1 )) \
+    magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(awk "BEGIN { print ($seconds - 50) / 60 }")" \
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
     staged_kernels)
       tests tests_gpu_staged_kernels.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_backend.py \
