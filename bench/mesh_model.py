@@ -4,22 +4,41 @@ the two packed mixes of bench/mixes.py (pretraining-like, fine-tuning-like; plac
 balanced layout places them, costed by the calibrated kernel model), 8K and 2K tokens per GPU,
 32:8 heads of 128. A model, not a measurement. Writes JSON and a PNG.
 
+Each 2-D row also carries a what-if, not built: the all-to-alls cut into c head chunks, chunk
+i + 1's exchange behind chunk i's ring (`head_chunked`, c = 2, 4, 8). A chunk's ring pays every
+step's fixed cost and hop latency again on h / (u c) heads; only the exchange's bytes and the
+compute shrink with c.
+
     python bench/mesh_model.py --out-dir bench/results/cpu_2026-12-04
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from common import record, write
 from mixes import lognormal_lengths
 
-from fa4_cp.tuning.mesh_model import GB200_NVL72, H200, plan_mesh
+from fa4_cp.tuning.mesh_model import ALL_TO_ALLS, GB200_NVL72, H200, Machine, plan_mesh
 
 WORLD_SIZES = (8, 16, 24, 32, 48, 64, 72)
 PER_GPU = (8192, 2048)
 DATA = ("dense", "pretrain", "finetune")
+HEAD_CHUNKS = (2, 4, 8)
+
+
+def head_chunked_ms(candidate: dict, chunks: int, machine: Machine) -> float:
+    """A u x r split's predicted ms with its all-to-alls pipelined over `chunks` head chunks: the
+    first chunk's exchanges and the last chunk's ring exposed, each other chunk's exchanges and
+    ring overlapped. The ring's fixed costs (step overhead, hop latencies) are paid per chunk."""
+    hops = candidate["active_steps"] - 1
+    ring_fixed = candidate["active_steps"] * machine.step_overhead_ms + 2 * hops * machine.hop_latency_ms
+    exchange_fixed = ALL_TO_ALLS * machine.all_to_all_latency_ms
+    ring = (candidate["ring_ms"] - ring_fixed) / chunks + ring_fixed
+    exchange = (candidate["all_to_all_ms"] - exchange_fixed) / chunks + exchange_fixed
+    return exchange + (chunks - 1) * max(ring, exchange) + ring
 
 
 def main() -> None:
@@ -35,18 +54,43 @@ def main() -> None:
                     lengths = None if data == "dense" else lognormal_lengths(total, data, seed=world)
                     plan = plan_mesh(world, 32, 8, total, documents=lengths, machine=machine)
                     ring = next(c for c in plan.candidates if c["ulysses"] == 1)
+                    chunked = min(
+                        ({"ulysses": c["ulysses"], "ring": c["ring"], "head_chunks": n, "ms": head_chunked_ms(c, n, machine)}
+                         for c in plan.candidates if c["ulysses"] > 1 for n in HEAD_CHUNKS),
+                        key=lambda c: c["ms"], default=None,
+                    )
+                    if chunked:
+                        ideal_ms = plan.predicted_ms * plan.efficiency
+                        chunked["efficiency"] = ideal_ms / chunked["ms"]
                     rows.append({
                         "machine": machine.name, "data": data, "tokens_per_gpu": per_gpu, "world_size": world,
                         "best": {"ulysses": plan.ulysses, "ring": plan.ring, "ms": plan.predicted_ms, "efficiency": plan.efficiency},
                         "plain_ring": {"ms": ring["ms"], "efficiency": ring["efficiency"]}, "reason": plan.reason,
+                        "head_chunked_what_if": chunked,
                     })
     out = Path(args.out_dir)
     write(record("mesh_model", "cpu", heads=32, kv_heads=8, head_dim=128, causal=True,
-                 machines={m.name: {**vars(m)} for m in (H200, GB200_NVL72)}, predictions=rows), out / "mesh_model.json")
+                 machines={m.name: {**vars(m)} for m in (H200, GB200_NVL72)}, predictions=rows,
+                 step_overhead_sensitivity=step_overhead_sensitivity()), out / "mesh_model.json")
     try:
         plot(rows, out / "mesh_model.png")
     except ImportError as error:  # the PNG is a convenience; the JSON holds every figure
         print(f"no PNG: {error}")
+
+
+def step_overhead_sensitivity() -> list[dict]:
+    """H200 at 8K tokens per GPU, W = 16, 64, 72, with the per-step overhead (0.19 ms, measured
+    before the backward's per-step kernels went) at lower values: what a new measurement would change."""
+    rows = []
+    for overhead in (H200.step_overhead_ms, 0.1, 0.05):
+        machine = dataclasses.replace(H200, step_overhead_ms=overhead)
+        for data in DATA[1:]:
+            for world in (16, 64, 72):
+                lengths = lognormal_lengths(world * 8192, data, seed=world)
+                plan = plan_mesh(world, 32, 8, world * 8192, documents=lengths, machine=machine)
+                rows.append({"step_overhead_ms": overhead, "data": data, "world_size": world, "ulysses": plan.ulysses,
+                             "ring": plan.ring, "efficiency": plan.efficiency})
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
