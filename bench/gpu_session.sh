@@ -26,6 +26,8 @@
 #   ring_new_dims  tests/gpu/test_fa4_ring.py at head dims 256 and 192/128: W = 2, 8, 72 and a 2 x 4 mesh, bf16 and fp16
 #   kernels_new_dims  bench/kernels.py --quick at head dims 256 and 192/128 (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
+#   pack_gqa       tests/gpu/test_fa4_forward_partials.py: the forward with q heads packed (staged), against fp64
+#   magi_replay_packed  bench/magi_replay.py --pack-gqa (JSON)
 #   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back, the dK/dV finish,
 #                  (with indexed chains), the sole block's 16-bit out and dK/dV, and no host sync in a steady-state call
 #
@@ -95,6 +97,10 @@ for part in "${parts[@]}"; do
     kernels_new_dims) run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out" --head-dims 256 192/128 ;;
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(awk "BEGIN { print ($seconds - 50) / 60 }")" \
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
+    pack_gqa) tests tests_gpu_pack_gqa.log "$seconds" tests/gpu/test_fa4_forward_partials.py -k "packed" ;;
+    magi_replay_packed) run magi_replay_packed.log "$seconds" python3 bench/magi_replay.py --pack-gqa \
+        --max-minutes "$(awk "BEGIN { print ($seconds - 50) / 60 }")" --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} \
+        --out "$out/magi_replay_packed.json" ;;
     staged_kernels)
       tests tests_gpu_staged_kernels.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_backend.py \
         tests/gpu/test_no_host_sync.py -k "merge or split or no_key or varlen_rows or read_back or finish or sole_block or waits" ;;

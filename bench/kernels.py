@@ -2,8 +2,8 @@
 
     python bench/kernels.py            (the full grid; a few minutes on an H200)
 
-Forward: ours with the merge fused in the epilogue (accumulating, and first write), ours as a ring
-of one rank launches it (upstream's own kernel writing 16-bit out, the lse widened), ours with
+Forward: ours with the merge fused in the epilogue (accumulating, and first write; with GQA also
+with the q heads of a KV head packed into its rows, staged), ours as a ring of one rank launches it (upstream's own kernel writing 16-bit out, the lse widened), ours with
 upstream's forward plus the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA; ours
 is one step of a forward pass made once, as in a ring call.
 Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as a ring of
@@ -36,6 +36,7 @@ from fa4_cp.kernels import LSE_ACCUMULATOR_DTYPE, BandMask  # noqa: E402
 from fa4_cp.kernels.fa4.backend import FA4Backend  # noqa: E402
 from fa4_cp.kernels.fa4.backward_pass_sm90 import Sm90BackwardPass  # noqa: E402
 from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles  # noqa: E402
+from fa4_cp.kernels.fa4.forward_pass_sm90 import Sm90ForwardPass  # noqa: E402
 
 DIMS = ("64", "128", "256", "192/128")  # head_dim, or q/k head_dim / v head_dim
 GRID = [
@@ -107,6 +108,9 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         "upstream_fa4_fwd": lambda: flash_attn_func(q, k, v, causal=causal),
         "cudnn_sdpa_fwd": cudnn_forward,
     }
+    if heads != kv_heads:  # staged: the q heads of a KV head folded into the merging kernel's rows
+        packed = Sm90ForwardPass(q, k, scale, pack_gqa=True)
+        contenders["fa4_cp_fwd_merge_packed_q_heads"] = lambda: packed.step(q, k, v, out, lse, mask=mask, accumulate=True)
     if dim != dim_v:
         del contenders["fa4_cp_fwd_merge_kernel"]  # the stand-alone merge is not built for v narrower than k
     if not _runs(cudnn_forward):
@@ -165,6 +169,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         "tflops": {name: flops[name] / (ms * 1e-3) / 1e12 for name, ms in times.items()},
         "fwd_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_merge"),
         "fwd_ring_of_one_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_ring_of_one"),
+        "fwd_packed_q_heads_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_merge_packed_q_heads"),
         "fwd_vs_cudnn": ratio("cudnn_sdpa_fwd", "fa4_cp_fwd_merge"),
         "fused_vs_merge_kernel": ratio("fa4_cp_fwd_merge_kernel", "fa4_cp_fwd_merge"),
         "bwd_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd"),

@@ -122,9 +122,16 @@ def main() -> None:
     add_mix_arguments(parser, [8, 16, 32, 64])
     parser.add_argument("--dry-run", action="store_true", help="CPU, reference backend, 8:2 heads of 16, 64 tokens per GPU")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no configuration after this")
+    parser.add_argument(
+        "--pack-gqa", action="store_true", help="the forward's merging kernels with q heads packed (staged: forward_pass_sm90.PACK_GQA)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     began = time.monotonic()
+    if args.pack_gqa:
+        from fa4_cp.kernels.fa4 import forward_pass_sm90
+
+        forward_pass_sm90.PACK_GQA = True
     if args.dry_run:
         device, shape = torch.device("cpu"), {"heads": 8, "kv_heads": 2, "head_dim": 16, "tokens_per_gpu": 64}
         backend = get_backend("reference")
@@ -135,7 +142,7 @@ def main() -> None:
         "magi_replay", device.type, **shape, causal=True, dtype="bfloat16",
         method="compute-only replay on one GPU: each ring rank alone with the real kernels (all of them), no transfers and no "
         "all-to-alls; CUDA events, median of 3 after one warm-up; MagiAttention's figures are its published H100 numbers",
-        magi_h100_tflops=MAGI_H100_TFLOPS, rows=[],
+        magi_h100_tflops=MAGI_H100_TFLOPS, forward_pack_gqa=args.pack_gqa, rows=[],
     )
     for mix, world, lengths in batches(args.mixes, args.world_sizes, shape["tokens_per_gpu"]):
         if args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes:

@@ -122,6 +122,45 @@ def test_sole_block_writes_rounded_out_against_fp64(name):
     assert max_error(lse, expected_lse) <= 2 * max_error(baseline_lse, expected_lse) + 1e-5
 
 
+PACKED_CASES = {  # GQA ratios that divide the 128-row tile: dense, windowed, odd lengths, head_dim 64
+    "full_gqa4": CASES["full_gqa4"],
+    "causal_mqa_odd_length": CASES["causal_mqa_odd_length"],
+    "window_gqa2_d64": (64, 8, 4, 1000, BandMask(lo=-200, hi=0)),
+    "causal_shifted_diagonal_gqa8": (128, 16, 2, 1024, BandMask(hi=-64)),
+}
+
+
+@pytest.mark.parametrize("name", PACKED_CASES)
+def test_packed_q_heads_against_fp64(name):
+    """`pack_gqa` (staged, forward_pass_sm90.PACK_GQA): the q heads of a KV head folded into the
+    merging kernel's rows, first write and then three merged key pieces into a NaN out with lse
+    -inf, against fp64: within 1.1x of the unpacked kernel's error on the same inputs, no NaN."""
+    torch.manual_seed(7 * len(name))
+    dim, heads, kv_heads, seq, mask = PACKED_CASES[name]
+    q, k, v = fresh(2, seq, heads, kv_heads, dim)
+    scale = dim**-0.5
+    expected_out, expected_lse = truth(q, k, v, mask, scale)
+    bounds = [0, seq // 3, seq // 2, seq]
+    errors = {}
+    for pack_gqa in (False, True):
+        out, lse = poisoned(q)
+        forward_partials_sm90(q, k, v, out, lse, mask=mask, softmax_scale=scale, accumulate=False, varlen=None, pack_gqa=pack_gqa)
+        whole = (rms_error(out, expected_out), max_error(lse, expected_lse))
+        out.fill_(float("nan"))
+        lse.fill_(-math.inf)
+        for start, stop in zip(bounds, bounds[1:]):
+            piece = BandMask(lo=None if mask.lo is None else mask.lo - start, hi=None if mask.hi is None else mask.hi - start)
+            forward_partials_sm90(
+                q, k[:, start:stop], v[:, start:stop], out, lse, mask=piece, softmax_scale=scale, accumulate=True, varlen=None,
+                pack_gqa=pack_gqa,
+            )
+        finite = torch.isfinite(expected_lse)
+        assert not out.isnan().any() and not lse[finite].isnan().any(), f"pack_gqa={pack_gqa}: NaN left"
+        errors[pack_gqa] = (*whole, rms_error(out, expected_out), max_error(lse, expected_lse))
+    for what, packed, unpacked in zip(("out", "lse", "merged out", "merged lse"), errors[True], errors[False]):
+        assert packed <= 1.1 * unpacked + 1e-6, f"{what}: packed {packed:.3e} vs unpacked {unpacked:.3e}"
+
+
 def test_rows_that_see_no_key():
     torch.manual_seed(0)
     q, k, v = fresh(1, 256, 4, 4, 128)
@@ -134,7 +173,8 @@ def test_rows_that_see_no_key():
     assert (out == 0).all() and (lse == -math.inf).all(), "merging into an unset out"
 
 
-def test_varlen_rows_with_shifted_key_starts():
+@pytest.mark.parametrize("pack_gqa", [False, True], ids=["rows", "packed_q_heads"])
+def test_varlen_rows_with_shifted_key_starts(pack_gqa):
     torch.manual_seed(1)
     total = 700
     q = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16)
@@ -151,7 +191,7 @@ def test_varlen_rows_with_shifted_key_starts():
         expected_out, expected_lse = truth(q, k, v, mask, 0.09, block)
         out = torch.full(q.shape, float("nan"), dtype=torch.float32, device="cuda")  # unset: lse is -inf
         lse = torch.full((8, total), -math.inf, dtype=LSE_ACCUMULATOR_DTYPE, device="cuda")
-        forward_partials_sm90(q, k, v, out, lse, mask=mask, softmax_scale=0.09, accumulate=True, varlen=block)
+        forward_partials_sm90(q, k, v, out, lse, mask=mask, softmax_scale=0.09, accumulate=True, varlen=block, pack_gqa=pack_gqa)
         unselected = torch.ones(total, dtype=torch.bool, device="cuda")
         for start, used in zip(block.cu_seqlens_q[:-1].tolist(), block.seqused_q.tolist()):
             unselected[start : start + used] = False

@@ -64,6 +64,20 @@ def test_fa4_ring_new_head_dims(name, dtype, world_size):
     check_ring(dataclasses.replace(case, name=f"{name}_{world_size}"), world_size, dtype=dtype, seed=world_size)
 
 
+PACKED_Q_HEAD_CASES = [case for case in FA4_CASES if case.kv_heads < case.heads and case.head_dim_v is None]
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+@pytest.mark.parametrize("case", PACKED_Q_HEAD_CASES, ids=lambda case: case.name)
+def test_fa4_ring_with_packed_q_heads_matches_fp64(case, world_size, monkeypatch):
+    """The staged forward with the q heads of a KV head packed into its merging kernels' rows
+    (forward_pass_sm90.PACK_GQA) through the ring: GQA dense, packed documents, windows, softcap, sinks."""
+    from fa4_cp.kernels.fa4 import forward_pass_sm90
+
+    monkeypatch.setattr(forward_pass_sm90, "PACK_GQA", True)
+    check_ring(dataclasses.replace(case, name=f"{case.name}_packed_q_heads"), world_size, seed=world_size)
+
+
 def test_fa4_ring_fp16():
     check_ring(FA4_CASES[0], 4, dtype=torch.float16)
 

@@ -3,7 +3,7 @@
     CUTE_DSL_ARCH=sm_90a python tests/workers/compile_kernels.py sm_90a [SHARD SHARDS]
 
 sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
-causal and windowed, softcapped; head dims 128, 256 and MLA's 192 / 128), its Hopper backward
+causal and windowed, softcapped, q heads packed or not; head dims 128, 256 and MLA's 192 / 128), its Hopper backward
 accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 128, 192, 256, MLA's 192 / 128), the varlen dq read-back, the dK/dV finish and the stand-alone merge
 kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
 them, under torch's FakeTensorMode; head dims 128, MLA's 192 / 128 and 256) and the merge kernel. Prints one JSON line: each kernel's
@@ -50,9 +50,12 @@ def hopper_kernels() -> dict:
 
     def forward_kernel(
         window_: Fa4Window, varlen: bool, accumulate: bool, qhead_per_kvhead: int, softcap: float | None = None, dims: tuple[int, int] = (128, 128),
+        pack_gqa: bool = False,
     ):
         config = _tile_size_fwd_sm90(*dims, window_.causal, window_.local)
-        return lambda: forward_pass_sm90._compile(BFloat16, dims[0], qhead_per_kvhead, window_, varlen, config, accumulate, softcap, dims[1])
+        return lambda: forward_pass_sm90._compile(
+            BFloat16, dims[0], qhead_per_kvhead, window_, varlen, config, accumulate, softcap, dims[1], False, pack_gqa,
+        )
 
     tiles = backward_sm90.BackwardTiles.for_head_dim(128)
     return {
@@ -62,6 +65,9 @@ def hopper_kernels() -> dict:
             BFloat16, 128, 4, window, False, _tile_size_fwd_sm90(128, 128, False, True), False, 30.0, 128, True,
         ),
         "forward varlen causal merging": forward_kernel(causal, True, True, 4),
+        "forward varlen causal merging, q heads packed (8 per KV head)": forward_kernel(causal, True, True, 8, pack_gqa=True),
+        "forward causal first write, q heads packed (4 per KV head)": forward_kernel(causal, False, False, 4, pack_gqa=True),
+        "forward varlen window softcap merging, q heads packed, head_dim 256": forward_kernel(window, True, True, 2, 30.0, (256, 256), True),
         "forward sliding window merging": forward_kernel(window, False, True, 1),
         "forward varlen window softcap merging": forward_kernel(window, True, True, 2, 30.0),
         "forward causal merging head_dim 192 / v 128 (MLA)": forward_kernel(causal, False, True, 1, dims=(192, 128)),

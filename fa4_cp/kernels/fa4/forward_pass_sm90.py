@@ -19,15 +19,26 @@ from .forward_sm90 import PartialsForwardSm90
 from .masks import Fa4Window, block_window
 
 _compiled = kernel_cache("forward_sm90")
+PACK_GQA = False
+"""Fold the q heads of a KV head into a merging tile's rows, as upstream's forward does for GQA
+(one K/V tile load serves them all; a short sequence fills its tiles). Staged: compiled in CI,
+tested and measured by tests/gpu and bench/kernels.py with it forced on; the default once a GPU
+run has passed it."""
 
 
 class Sm90ForwardPass:
     """`ForwardPass` on Hopper. The pass fixes dtype, head size, GQA ratio, scale and softcap; a
     step looks its kernel up by the block's window kind, varlen and first-write mode, and launches.
-    A sole block (`write_rounded`) runs upstream's own kernel, whose epilogue writes 16-bit out."""
+    A sole block (`write_rounded`) runs upstream's own kernel, whose epilogue writes 16-bit out.
+    `pack_gqa`: fold q heads into the merging kernels' rows (None: `PACK_GQA`), where the GQA
+    ratio divides the tile."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float, softcap: float | None = None):
-        self.config = (q.dtype, q.shape[-1], q.shape[-2] // k.shape[-2], softcap)
+    def __init__(
+        self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float, softcap: float | None = None, pack_gqa: bool | None = None,
+    ):
+        qhead_per_kvhead = q.shape[-2] // k.shape[-2]
+        self.config = (q.dtype, q.shape[-1], qhead_per_kvhead, softcap)
+        self.pack_gqa = PACK_GQA if pack_gqa is None else pack_gqa
         self.softmax_scale = softmax_scale
         self._kernels: dict[tuple, object] = {}
 
@@ -43,7 +54,7 @@ class Sm90ForwardPass:
         if kernel is None:
             kernel = self._kernels[key] = forward_kernel(
                 *self.config, window=window, varlen=varlen is not None, accumulate=accumulate, head_dim_v=v.shape[-1],
-                write_rounded=write_rounded,
+                write_rounded=write_rounded, pack_gqa=self.pack_gqa and not write_rounded,
             )
         kernel(
             q, k, v, out_acc, lse_acc, self.softmax_scale, *varlen_arguments(varlen), None,
@@ -53,22 +64,25 @@ class Sm90ForwardPass:
 
 def forward_kernel(
     dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, softcap: float | None, *, window: Fa4Window, varlen: bool,
-    accumulate: bool, head_dim_v: int | None = None, write_rounded: bool = False,
+    accumulate: bool, head_dim_v: int | None = None, write_rounded: bool = False, pack_gqa: bool = False,
 ):
     """The compiled forward of one configuration (compiled at first use, then from the cache).
     The softcap is a constant of the kernel, as upstream compiles it. `head_dim_v`: v's, when it
     differs from q's and k's (MLA). `write_rounded`: upstream's own kernel, out in q's dtype and
-    lse in fp32, for a block that is every row's only one."""
+    lse in fp32, for a block that is every row's only one. `pack_gqa` is taken where there is more
+    than one q head per KV head and their count divides the tile."""
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     config = _tile_size_fwd_sm90(head_dim, head_dim_v, window.causal, window.local)
+    pack_gqa = pack_gqa and qhead_per_kvhead > 1 and config.m_block_size % qhead_per_kvhead == 0
     key = (
         str(dtype), head_dim, head_dim_v, qhead_per_kvhead, *window.kind, varlen,
         config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate, softcap, write_rounded,
+        pack_gqa,
     )
     if key not in _compiled:
         _compiled[key] = _compile(
             torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, config, accumulate, softcap, head_dim_v,
-            write_rounded,
+            write_rounded, pack_gqa,
         )
     return _compiled[key]
 
@@ -76,14 +90,15 @@ def forward_kernel(
 def forward_partials_sm90(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_acc: torch.Tensor, lse_acc: torch.Tensor, *,
     mask: BandMask, softmax_scale: float, accumulate: bool, varlen: VarlenRows | None, softcap: float | None = None,
+    pack_gqa: bool | None = None,
 ) -> None:
     """One block outside a ring call (tests, benchmarks): a pass of one step."""
-    Sm90ForwardPass(q, k, softmax_scale, softcap).step(q, k, v, out_acc, lse_acc, mask=mask, accumulate=accumulate, varlen=varlen)
+    Sm90ForwardPass(q, k, softmax_scale, softcap, pack_gqa).step(q, k, v, out_acc, lse_acc, mask=mask, accumulate=accumulate, varlen=varlen)
 
 
 def _compile(
     dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, config, accumulate: bool, softcap: float | None,
-    head_dim_v: int | None = None, write_rounded: bool = False,
+    head_dim_v: int | None = None, write_rounded: bool = False, pack_gqa: bool = False,
 ):
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     if write_rounded and accumulate:
@@ -96,7 +111,7 @@ def _compile(
         qhead_per_kvhead,
         is_causal=window.causal,
         is_local=window.local,
-        pack_gqa=False,
+        pack_gqa=pack_gqa,
         tile_m=config.m_block_size,
         tile_n=config.n_block_size,
         num_stages=2,

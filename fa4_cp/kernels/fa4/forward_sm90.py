@@ -5,6 +5,10 @@ With `accumulate`, the epilogue reads the prior (out, lse) of its rows, merges t
 normalized output and LSE into them in registers (the LSE in fp64), and writes them back; a row
 whose prior lse is -inf takes the tile's result without reading out, so out need not start
 zeroed. Without `accumulate`, it writes the tile's result. Every other part of the kernel is upstream's.
+
+With `pack_gqa` (upstream's layout: the q heads of a KV head folded into the rows, packed row i
+of a tile being q head i % g of token i // g, g q heads per KV head), a tile's rows are viewed
+through that fold, so the merge reads and writes each row's own (token, head) of the accumulators.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
     def __init__(self, *args, accumulate: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.accumulate = accumulate
-        if self.pack_gqa or self.check_hdim_v_oob:
-            raise ValueError("PartialsForwardSm90 needs pack_gqa=False and a head_dim_v multiple of 16")
+        if self.check_hdim_v_oob:
+            raise ValueError("PartialsForwardSm90 needs a head_dim_v multiple of 16")
+        if self.pack_gqa and self.tile_m % self.qhead_per_kvhead:
+            raise ValueError(f"pack_gqa: {self.qhead_per_kvhead} q heads per KV head do not divide the {self.tile_m}-row tile")
 
     # Upstream stores O through a 16-bit shared-memory tile and TMA; the fp32 accumulator is
     # read and written from registers instead, so the TMA store stays off whatever __call__ sets.
@@ -59,16 +65,19 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         batch_idx: cutlass.Int32,
     ):
         thr_mma = tiled_mma.get_slice(tidx)
-        gO = cute.local_tile(
-            seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx],
-            (self.tile_m, self.tile_hdimv),
-            (m_block, 0),
-        )
-        gLSE = cute.local_tile(seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx], (self.tile_m,), (m_block,))
+        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
+        mLSE_cur = seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx]
+        if const_expr(not self.pack_gqa):
+            gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
+            gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (m_block,))
+            rows_in_tile = seqlen.seqlen_q - m_block * self.tile_m
+        else:  # head_idx is the KV head; the tile's rows are (q head, token) pairs
+            gO = self._packed_tile(mO_cur, m_block, (0,), (self.tile_hdimv,))
+            gLSE = self._packed_tile(mLSE_cur, m_block, (), ())
+            rows_in_tile = seqlen.seqlen_q * self.qhead_per_kvhead - m_block * self.tile_m
         tOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
         tOrO = layout_utils.reshape_acc_to_mn(acc_O)
         tOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_hdimv))))
-        rows_in_tile = seqlen.seqlen_q - m_block * self.tile_m
         num_rows = cute.size(tOrO, mode=[0])
         num_cols = cute.size(tOrO, mode=[1])
 
@@ -98,3 +107,12 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
                         tOgO[m, n] = tOrO[m, n] * weight_tile
                 if tOcO[m, 0][1] == 0:
                     gLSE[row] = lse_new
+
+    @cute.jit
+    def _packed_tile(self, packed: cute.Tensor, m_block: cutlass.Int32, rest_origin: tuple, rest_shape: tuple) -> cute.Tensor:
+        """Tile m_block of a tensor whose first mode is upstream's fold (q heads, tokens): the
+        tile_m rows as (q heads, tile_m / q heads tokens), the other modes of `rest_shape`."""
+        tokens = self.tile_m // self.qhead_per_kvhead
+        origin = cute.domain_offset(((0, m_block * tokens), *rest_origin), packed)
+        layout = cute.make_layout(((self.qhead_per_kvhead, tokens), *rest_shape), stride=origin.stride)
+        return cute.make_tensor(origin.iterator, layout)
