@@ -283,17 +283,31 @@ def max_error(result: torch.Tensor, truth: torch.Tensor) -> float:
     return (result[~empty] - truth[~empty]).abs().max().item() if (~empty).any() else 0.0
 
 
+def _largest(t: torch.Tensor) -> float:
+    finite = t[torch.isfinite(t)]
+    return finite.abs().max().item() if finite.numel() else 0.0
+
+
 def errors_against(truth: dict, results: dict) -> dict[str, float]:
     return {name: max_error(results[name], truth[name]) for name in truth}
 
 
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-12}
+# fp32's atol is relative to the tensor's largest |value| where that exceeds 1: there the 2x rule
+# alone holds fp32 to a few ulps of its largest values, and a reference that happens to round
+# luckily (one dk element of 1.2, 14 ulps off in a block sum, failed on one CPU and passed on another)
+# makes it flaky. The 16-bit rules stay absolute.
+RELATIVE_ATOL = {torch.float32}
 
 
-def assert_flash_rule(errors: dict[str, float], baseline: dict[str, float], dtype: torch.dtype, label: str) -> None:
-    """FlashAttention's rule: error <= 2 x (same-precision reference's error) + a small atol."""
+def assert_flash_rule(
+    errors: dict[str, float], baseline: dict[str, float], dtype: torch.dtype, label: str, scale: dict[str, float] | None = None,
+) -> None:
+    """FlashAttention's rule: error <= 2 x (same-precision reference's error) + a small atol;
+    `scale`: each tensor's largest |truth|, for the dtypes whose atol is relative."""
     for name in errors:
-        bound = 2 * baseline[name] + ATOL[dtype]
+        atol = ATOL[dtype] * (max(1.0, scale[name]) if scale is not None and dtype in RELATIVE_ATOL else 1.0)
+        bound = 2 * baseline[name] + atol
         assert errors[name] <= bound, f"{label}: {name} error {errors[name]:.3e} > {bound:.3e} (reference {baseline[name]:.3e})"
 
 
@@ -314,6 +328,7 @@ def assert_ring_matches(case: Case, world_size: int, inputs: Inputs, dtype: torc
     if baseline is None:
         baseline = errors_against(truth, reference_results(case, world_size, inputs, dtype))
     errors = errors_against(truth, unshard_results(case, world_size, per_rank))
-    assert_flash_rule(errors, baseline, dtype, f"{case.name} {dtype} W={world_size}")
+    scale = {name: _largest(truth[name]) for name in errors}
+    assert_flash_rule(errors, baseline, dtype, f"{case.name} {dtype} W={world_size}", scale)
     assert_clean_padding(case, world_size, per_rank)
     return errors
