@@ -116,9 +116,9 @@ class ForwardPass(Protocol):
         covering every row); rows not selected by ``varlen`` are never touched. With
         ``accumulate=True``, a selected row whose lse_acc is -inf takes the block's result without
         reading its out_acc (which may be unset), out 0 where the block shows it no key. With
-        ``write_rounded`` (and not ``accumulate``), a dense block that is every row's only one
-        writes out in q's dtype and lse in fp32 (fp64 beside fp32 or fp64 inputs): (out_acc,
-        lse_acc) are then of those dtypes.
+        ``write_rounded`` (and not ``accumulate``), a block that is the only one of every row it
+        selects writes out in q's dtype and lse in fp32 (fp64 beside fp32 or fp64 inputs):
+        (out_acc, lse_acc) are then of those dtypes.
         """
         ...
 

@@ -181,8 +181,8 @@ class ReferenceForwardPass:
         self, q, k, v, out_acc, lse_acc, *, mask: BandMask, accumulate: bool, varlen: VarlenRows | None = None,
         write_rounded: bool = False,
     ) -> None:
-        if write_rounded and (accumulate or varlen is not None):
-            raise ValueError("write_rounded: a dense block that writes its rows")
+        if write_rounded and accumulate:
+            raise ValueError("write_rounded: a block that writes its rows, not one that accumulates")
         rows = _rows(q, k, mask, varlen)  # written rows take the accumulators' dtypes (q's and fp32 with write_rounded)
         block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs, lse = block.softmax()

@@ -34,6 +34,9 @@ class PlannedBlock:
     """Against the rank's own K and V (every row), not the travelling copy."""
     stream: int = 0
     """Index into RankPlan.streams: which travelling KV the block reads (unless local)."""
+    final: bool = False
+    """Local, and the only block of every row it selects (RankPlan.final_rows): the forward may
+    write those rows finished, in q's dtype."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class RankPlan:
     """Without `writes_first`: the local q rows that no block selects (int64, on the plan's
     device), the only rows of the forward's out accumulator to zero (a block writes a row whose
     lse is still -inf without reading its out). None: every row."""
+    final_rows: slice | None = None
+    """The trailing local rows that only the `final` block selects (or none: padding); None
+    where no block is final."""
 
     @functools.cached_property
     def has_local_blocks(self) -> bool:

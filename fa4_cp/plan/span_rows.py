@@ -12,7 +12,9 @@ both chunks backward), ordered by the last step that reads them: every hop carri
 the stream that shrinks as it goes, and a step that no span reaches is skipped with its hop
 (rows.KVStream). The calls between two members' lanes come from the generic chunk-pair planner
 (schedule.py), so every mask that the dense ring takes works here too. A kept document meets only
-itself, at step 0, where every block reads the rank's own K and V (a local block).
+itself, at step 0, where every block reads the rank's own K and V (a local block). The kept
+documents are one local block of their own, the only block of their rows (`final`): they follow
+the spread documents' chunks in the rank's rows, so the forward may write that tail finished.
 
 Blocks share their q rows: all blocks whose calls take the same run of a document's lanes (both
 lanes, or the second, or the first) use one cu_seqlens_q tensor, which lists that run of every
@@ -54,6 +56,7 @@ class BlockKey(NamedTuple):
 
 
 BOTH = range(0, 2)
+KEPT = -1  # BlockKey.occurrence of the kept documents' block
 
 
 def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: torch.device) -> RankPlan:
@@ -63,7 +66,7 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
     for sequence, (doc, index, start) in enumerate(sharding.rank_rows[rank]):
         first, ranks = sharding.spans[doc]
         if ranks == 1:
-            _add(blocks, BlockKey(0, LOCAL, mask, BOTH, 0, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
+            _add(blocks, BlockKey(0, LOCAL, mask, BOTH, KEPT, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
             continue
         for other in range(ranks):
             source = (first + other) % world
@@ -89,14 +92,16 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
             PlannedBlock(
                 0, 0, key.mask, accumulate=True,
                 varlen=table.rows(key.q_lanes, blocks[key], sharding.local_len if key.stream == LOCAL else streams.capacity, key.kv_shift),
-                local=key.stream == LOCAL, stream=max(key.stream, 0),
+                local=key.stream == LOCAL, stream=max(key.stream, 0), final=key.occurrence == KEPT,
             )
             for key in keys
         )
         planned.append(PlannedStep(step, step_blocks))
+    kept_starts = [start for doc, _, start in sharding.rank_rows[rank] if sharding.spans[doc][1] == 1]
     return RankPlan(
         world, rank, (None,), (None,), tuple(planned), writes_first=False, streams=streams.kv_streams(rank, device),
         unselected_rows=unselected_rows(table.selected, sharding.local_len, device),
+        final_rows=slice(min(kept_starts), sharding.local_len) if kept_starts else None,
     )
 
 

@@ -77,12 +77,17 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             out_acc.zero_()
         elif plan.unselected_rows.numel():
             out_acc.index_fill_(-3, plan.unselected_rows, 0.0)
+    # rows that only the final block selects are written finished, in q's dtype, not through out_acc
+    finished = _Finished(q, v, plan.final_rows) if rounded and plan.final_rows is not None else None
     q_sides = [(_rows(q, rows, -3), _rows(out_acc, rows, -3), _rows(lse_acc, rows, -1)) for rows in plan.q_sides]
     kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
     kv = TravellingKV(plan, ring.transport, k, v)
     for step in plan.steps:
         kv.before_step(step.step)
         for block in step.blocks:
+            if block.final and finished is not None:
+                kernels.step(q, k, v, finished.out, finished.lse, mask=block.mask, accumulate=False, varlen=block.varlen, write_rounded=True)
+                continue
             if block.local:
                 q_rows, out_rows, lse_rows, k_rows, v_rows = q, out_acc, lse_acc, k, v
             else:
@@ -90,7 +95,31 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             kernels.step(q_rows, k_rows, v_rows, out_rows, lse_rows, mask=block.mask, accumulate=block.accumulate, varlen=block.varlen)
         kv.after_step()
     ring.end_of_call()
+    if finished is not None:
+        return finished.joined(out_acc, lse_acc, plan.unselected_rows)
     return out_acc, lse_acc
+
+
+class _Finished:
+    """The forward's out in q's dtype where the final block writes its rows finished (and lse in
+    fp32 beside 16-bit inputs, as the kernel writes it): `joined` rounds the other rows into it
+    and widens the final rows' lse into the accumulator."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, rows: slice):
+        self.rows = rows
+        self.out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+        self.lse = torch.empty(_lse_shape(q), dtype=_rounded_lse_dtype(q.dtype), device=q.device)
+        # its padding rows are no sequence's: lse -inf (out is zeroed in `joined`)
+        self.lse[..., rows].fill_(float("-inf"))
+
+    def joined(self, out_acc: torch.Tensor, lse_acc: torch.Tensor, unselected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`unselected`: every row no block selects (a plan with final rows lists them)."""
+        others = slice(0, self.rows.start)
+        self.out[..., others, :, :].copy_(out_acc[..., others, :, :])
+        if unselected.numel():
+            self.out.index_fill_(-3, unselected, 0.0)
+        lse_acc[..., self.rows].copy_(self.lse[..., self.rows])
+        return self.out, lse_acc
 
 
 def ring_backward(

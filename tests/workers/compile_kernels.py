@@ -65,6 +65,12 @@ def hopper_kernels() -> dict:
             BFloat16, 128, 4, window, False, _tile_size_fwd_sm90(128, 128, False, True), False, 30.0, 128, True,
         ),
         "forward varlen causal merging": forward_kernel(causal, True, True, 4),
+        "forward varlen causal, upstream's epilogue writing 16-bit out (the kept documents' block)": lambda: forward_pass_sm90._compile(
+            BFloat16, 128, 4, causal, True, _tile_size_fwd_sm90(128, 128, True, False), False, None, 128, True,
+        ),
+        "forward varlen window, upstream's epilogue writing 16-bit out, q heads packed": lambda: forward_pass_sm90._compile(
+            BFloat16, 128, 8, window, True, _tile_size_fwd_sm90(128, 128, False, True), False, None, 128, True, True,
+        ),
         "forward varlen causal merging, q heads packed (8 per KV head)": forward_kernel(causal, True, True, 8, pack_gqa=True),
         "forward causal first write, q heads packed (4 per KV head)": forward_kernel(causal, False, False, 4, pack_gqa=True),
         "forward varlen window softcap merging, q heads packed, head_dim 256": forward_kernel(window, True, True, 2, 30.0, (256, 256), True),

@@ -29,7 +29,8 @@ run has passed it."""
 class Sm90ForwardPass:
     """`ForwardPass` on Hopper. The pass fixes dtype, head size, GQA ratio, scale and softcap; a
     step looks its kernel up by the block's window kind, varlen and first-write mode, and launches.
-    A sole block (`write_rounded`) runs upstream's own kernel, whose epilogue writes 16-bit out.
+    A block that is the only one of its rows (`write_rounded`: a ring of one, the kept documents of
+    the balanced layout) runs upstream's own kernel, whose epilogue writes 16-bit out.
     `pack_gqa`: fold q heads into the merging kernels' rows (None: `PACK_GQA`), where the GQA
     ratio divides the tile."""
 
@@ -54,7 +55,7 @@ class Sm90ForwardPass:
         if kernel is None:
             kernel = self._kernels[key] = forward_kernel(
                 *self.config, window=window, varlen=varlen is not None, accumulate=accumulate, head_dim_v=v.shape[-1],
-                write_rounded=write_rounded, pack_gqa=self.pack_gqa and not write_rounded,
+                write_rounded=write_rounded, pack_gqa=self.pack_gqa,
             )
         kernel(
             q, k, v, out_acc, lse_acc, self.softmax_scale, *varlen_arguments(varlen), None,
@@ -69,7 +70,7 @@ def forward_kernel(
     """The compiled forward of one configuration (compiled at first use, then from the cache).
     The softcap is a constant of the kernel, as upstream compiles it. `head_dim_v`: v's, when it
     differs from q's and k's (MLA). `write_rounded`: upstream's own kernel, out in q's dtype and
-    lse in fp32, for a block that is every row's only one. `pack_gqa` is taken where there is more
+    lse in fp32, for a block that is the only one of every row it selects. `pack_gqa` is taken where there is more
     than one q head per KV head and their count divides the tile."""
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     config = _tile_size_fwd_sm90(head_dim, head_dim_v, window.causal, window.local)

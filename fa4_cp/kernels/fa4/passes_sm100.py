@@ -43,7 +43,7 @@ class MergeAfterForwardPass:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
         window = block_window(mask, q, k, varlen)
-        if write_rounded:  # a sole block: upstream's forward writes the 16-bit out and fp32 lse itself
+        if write_rounded:  # its rows have no other block: upstream's forward writes the 16-bit out and fp32 lse itself
             out, lse = out_acc, lse_acc
         else:  # upstream leaves the lse of rows outside a varlen call's sequences unset; the merge reads -inf as "no key"
             unset = None if varlen is None else torch.full((q.shape[-2], q.shape[-3]), float("-inf"), dtype=torch.float32, device=q.device)
