@@ -26,7 +26,8 @@
 #   ring_new_dims  tests/gpu/test_fa4_ring.py at head dims 256 and 192/128: W = 2, 8, 72 and a 2 x 4 mesh, bf16 and fp16
 #   kernels_new_dims  bench/kernels.py --quick at head dims 256 and 192/128 (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
-#   pack_gqa       tests/gpu/test_fa4_forward_partials.py: the forward with q heads packed (staged), against fp64
+#   staged_forward the staged forwards against fp64: q heads packed (PACK_GQA; alone and through the ring) and
+#                  the kept documents written finished (ROUNDED_VARLEN; through the ring)
 #   magi_replay_packed  bench/magi_replay.py --pack-gqa (JSON)
 #   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back, the dK/dV finish,
 #                  (with indexed chains), the sole block's 16-bit out and dK/dV, and no host sync in a steady-state call
@@ -97,7 +98,8 @@ for part in "${parts[@]}"; do
     kernels_new_dims) run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out" --head-dims 256 192/128 ;;
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(awk "BEGIN { print ($seconds - 50) / 60 }")" \
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
-    pack_gqa) tests tests_gpu_pack_gqa.log "$seconds" tests/gpu/test_fa4_forward_partials.py -k "packed" ;;
+    staged_forward) tests tests_gpu_staged_forward.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py \
+        -k "packed or kept_finished" ;;
     magi_replay_packed) run magi_replay_packed.log "$seconds" python3 bench/magi_replay.py --pack-gqa \
         --max-minutes "$(awk "BEGIN { print ($seconds - 50) / 60 }")" --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} \
         --out "$out/magi_replay_packed.json" ;;

@@ -56,6 +56,7 @@ class NullTransport:
 
 class _NullPass:
     dk_scale = 1.0
+    writes_rounded_varlen = False
 
     def __init__(self, q=None):
         self.q = q

@@ -97,6 +97,10 @@ class ForwardPass(Protocol):
     Everything fixed for the call (dtype, head sizes, GQA ratio, architecture, scale) is bound
     when the pass is made, so a step only picks its kernel and launches it."""
 
+    writes_rounded_varlen: bool
+    """Whether `write_rounded` takes varlen blocks (the balanced layout's kept documents);
+    else only a dense sole block writes rounded."""
+
     def step(
         self,
         q: torch.Tensor,

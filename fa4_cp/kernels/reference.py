@@ -174,6 +174,8 @@ class ReferenceBackend:
 
 
 class ReferenceForwardPass:
+    writes_rounded_varlen = True
+
     def __init__(self, softmax_scale: float, softcap: float | None = None):
         self.softmax_scale, self.softcap = softmax_scale, softcap
 

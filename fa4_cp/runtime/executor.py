@@ -77,10 +77,11 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             out_acc.zero_()
         elif plan.unselected_rows.numel():
             out_acc.index_fill_(-3, plan.unselected_rows, 0.0)
-    # rows that only the final block selects are written finished, in q's dtype, not through out_acc
-    finished = _Finished(q, v, plan.final_rows) if rounded and plan.final_rows is not None else None
     q_sides = [(_rows(q, rows, -3), _rows(out_acc, rows, -3), _rows(lse_acc, rows, -1)) for rows in plan.q_sides]
     kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
+    # rows that only the final block selects are written finished, in q's dtype, not through out_acc
+    writes_final = rounded and plan.final_rows is not None and kernels.writes_rounded_varlen
+    finished = _Finished(q, v, plan.final_rows) if writes_final else None
     kv = TravellingKV(plan, ring.transport, k, v)
     for step in plan.steps:
         kv.before_step(step.step)

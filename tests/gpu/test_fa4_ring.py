@@ -78,6 +78,20 @@ def test_fa4_ring_with_packed_q_heads_matches_fp64(case, world_size, monkeypatch
     check_ring(dataclasses.replace(case, name=f"{case.name}_packed_q_heads"), world_size, seed=world_size)
 
 
+FINAL_ROW_CASES = [case for case in FA4_CASES if case.layout == "balanced" and not case.sinks]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+@pytest.mark.parametrize("case", FINAL_ROW_CASES, ids=lambda case: case.name)
+def test_fa4_ring_with_kept_documents_written_finished_matches_fp64(case, world_size, monkeypatch):
+    """The staged forward that writes the balanced layout's kept documents finished in q's dtype,
+    through upstream's own varlen kernel (forward_pass_sm90.ROUNDED_VARLEN), out and lse poisoned."""
+    from fa4_cp.kernels.fa4 import forward_pass_sm90
+
+    monkeypatch.setattr(forward_pass_sm90, "ROUNDED_VARLEN", True)
+    check_ring(dataclasses.replace(case, name=f"{case.name}_kept_finished"), world_size, seed=world_size)
+
+
 def test_fa4_ring_fp16():
     check_ring(FA4_CASES[0], 4, dtype=torch.float16)
 

@@ -103,6 +103,8 @@ class _FailingFA4:
         inner, backend = self._inner.forward(q, k, softmax_scale=softmax_scale), self
 
         class Failing:
+            writes_rounded_varlen = inner.writes_rounded_varlen
+
             def step(self, *args, **kwargs):
                 backend.forward_steps += 1
                 if backend.forward_steps == backend.fail_at:

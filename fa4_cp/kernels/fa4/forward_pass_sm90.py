@@ -19,6 +19,9 @@ from .forward_sm90 import PartialsForwardSm90
 from .masks import Fa4Window, block_window
 
 _compiled = kernel_cache("forward_sm90")
+ROUNDED_VARLEN = False
+"""`write_rounded` for varlen blocks (the kept documents' finished rows). Staged: compiled in CI,
+tested by tests/gpu with it forced on; the default once a GPU run has passed it."""
 PACK_GQA = False
 """Fold the q heads of a KV head into a merging tile's rows, as upstream's forward does for GQA
 (one K/V tile load serves them all; a short sequence fills its tiles). Staged: compiled in CI,
@@ -40,6 +43,7 @@ class Sm90ForwardPass:
         qhead_per_kvhead = q.shape[-2] // k.shape[-2]
         self.config = (q.dtype, q.shape[-1], qhead_per_kvhead, softcap)
         self.pack_gqa = PACK_GQA if pack_gqa is None else pack_gqa
+        self.writes_rounded_varlen = ROUNDED_VARLEN
         self.softmax_scale = softmax_scale
         self._kernels: dict[tuple, object] = {}
 

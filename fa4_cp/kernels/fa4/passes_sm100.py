@@ -33,6 +33,8 @@ class MergeAfterForwardPass:
     """`ForwardPass` over upstream's forward, each step's result merged by our merge kernel (the
     Blackwell path, and the Hopper baseline for the fused epilogue)."""
 
+    writes_rounded_varlen = False  # upstream's varlen forward writing 16-bit rows: not yet run on a Blackwell GPU
+
     def __init__(self, softmax_scale: float, softcap: float | None = None):
         self.softmax_scale, self.softcap = softmax_scale, softcap
 
