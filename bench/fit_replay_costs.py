@@ -1,0 +1,126 @@
+"""Kernel costs fitted on a one-GPU replay of the ring (bench/magi_replay.py's JSON): each replayed
+rank's plan is rebuilt from the same documents, each active step's blocks counted (tile pairs, q
+tiles, KV tiles, launches), and the step's measured attention time fitted by least squares, forward
+and backward apart, for a few cost forms. What tuning/kernel_cost.py would take from the ring's own
+blocks, in place of upstream's one-device varlen runs.
+
+    python bench/fit_replay_costs.py REPLAY_JSON --tree CHECKOUT_OF_THE_REPLAYS_COMMIT --out PATH
+
+The plan must be the one the replay ran: give `--tree` a checkout of the replay's commit
+(its `git_commit`) when the planner has changed since. Tile counts: 128 x 128 tiles per sequence of
+a block, a causal block's pairs up to its diagonal (shifted by its extra keys); heads as replayed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import numpy as np
+import torch
+from common import fa4_cp_from, record, write
+from mixes import lognormal_lengths
+
+TILE = 128
+FORMS = {  # cost form: the step's counts it is linear in
+    "pairs": ("pairs",),
+    "pairs + launches": ("pairs", "launches"),
+    "pairs + q tiles + launches": ("pairs", "q_tiles", "launches"),
+    "pairs + kv tiles + launches": ("pairs", "kv_tiles", "launches"),
+}
+
+
+def tiles(rows: int) -> int:
+    return -(-rows // TILE)
+
+
+def block_counts(block) -> dict[str, int]:
+    """Tile pairs, q tiles and KV tiles of one planned varlen block."""
+    pairs = q_tiles = kv_tiles = 0
+    for q_rows, kv_rows in zip(block.varlen.seqused_q.tolist(), block.varlen.seqused_k.tolist()):
+        if not q_rows or not kv_rows:
+            continue
+        q_count, kv_count = tiles(q_rows), tiles(kv_rows)
+        if block.mask.hi is None and block.mask.lo is None:
+            pairs += q_count * kv_count
+        else:  # causal-like: each q tile reads the KV tiles up to its last row's diagonal
+            shift = kv_rows - q_rows
+            pairs += sum(min(kv_count, max(0, tiles((i + 1) * TILE + shift))) for i in range(q_count))
+        q_tiles, kv_tiles = q_tiles + q_count, kv_tiles + kv_count
+    return {"pairs": pairs, "q_tiles": q_tiles, "kv_tiles": kv_tiles}
+
+
+def replay_steps(replay: dict, fa4_cp) -> list[dict]:
+    """Per replayed rank and active step: the blocks' counts and the measured attention ms."""
+    from fa4_cp.kernels import BandMask
+    from fa4_cp.plan.rows import rank_plan
+
+    steps = []
+    for row in replay["rows"]:
+        lengths = lognormal_lengths(replay["tokens_per_gpu"] * row["world_size"], row["mix"], seed=row["world_size"])
+        if len(lengths) != row["documents"]:
+            raise ValueError(f"{row['mix']} W={row['world_size']}: the documents differ from the replay's")
+        for split in ("chosen", "plain_ring"):
+            if split not in row:
+                continue
+            ring = row[split]["ring"]
+            sharding = fa4_cp.Sharding.documents(lengths, ring)
+            for rank in row[split]["ranks"]:
+                plan = rank_plan(sharding, BandMask(hi=0), rank["rank"], torch.device("cpu"))
+                for step, forward, backward in zip(plan.steps, rank["forward_step_attention_ms"], rank["backward_step_attention_ms"]):
+                    if not step.blocks:
+                        continue
+                    counts = {"pairs": 0, "q_tiles": 0, "kv_tiles": 0, "launches": len(step.blocks)}
+                    for block in step.blocks:
+                        for name, value in block_counts(block).items():
+                            counts[name] += value
+                    steps.append({
+                        "mix": row["mix"], "world_size": row["world_size"], "split": split, "rank": rank["rank"], "step": step.step,
+                        "heads": row[split]["heads_per_rank"], **counts, "forward_us": forward * 1e3, "backward_us": backward * 1e3,
+                    })
+    return steps
+
+
+def fit(steps: list[dict], direction: str) -> dict:
+    """Least-squares coefficients (us per count, per 64 heads) of each cost form, and its errors."""
+    measured = np.array([s[f"{direction}_us"] for s in steps])
+    fits = {}
+    for name, columns in FORMS.items():
+        # tiles count per 64 heads, as kernel_cost.py counts them; a launch is a launch
+        counts = np.array([[s[c] * s["heads"] / 64 if c != "launches" else s[c] for c in columns] for s in steps], dtype=float)
+        coefficients, *_ = np.linalg.lstsq(counts, measured, rcond=None)
+        relative = np.abs(counts @ coefficients - measured) / measured
+        fits[name] = {
+            "us_per": dict(zip(columns, (float(c) for c in coefficients))),
+            "median_relative_error": float(np.median(relative)), "max_relative_error": float(relative.max()),
+        }
+    return fits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("replay")
+    parser.add_argument("--tree", help="a checkout of the replay's commit, whose planner rebuilds its plans")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    fa4_cp = fa4_cp_from(args.tree)
+    with open(args.replay) as file:
+        replay = json.load(file)
+    steps = replay_steps(replay, fa4_cp)
+    fits = {direction: fit(steps, direction) for direction in ("forward", "backward")}
+    for direction, forms in fits.items():
+        for name, result in forms.items():
+            coefficients = ", ".join(f"{value:.3f} us per {count}" for count, value in result["us_per"].items())
+            print(f"{direction:8} {name:28} {coefficients}; median error {result['median_relative_error']:.3f}, max {result['max_relative_error']:.3f}")
+    write(record(
+        "fit_replay_costs", "cpu", replay=args.replay, replay_device=replay["device"], replay_commit=replay["git_commit"],
+        planner_tree=args.tree, steps=len(steps), median_step_us={d: statistics.median(s[f"{d}_us"] for s in steps) for d in ("forward", "backward")},
+        method="least squares over each replayed rank's active steps: measured attention us of the step against its blocks' counts; "
+        "pairs and tiles per 64 heads, launches as they are",
+        fits=fits, data=steps,
+    ), args.out)
+
+
+if __name__ == "__main__":
+    main()
