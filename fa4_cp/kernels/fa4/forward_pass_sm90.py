@@ -74,8 +74,8 @@ def forward_kernel(
     """The compiled forward of one configuration (compiled at first use, then from the cache).
     The softcap is a constant of the kernel, as upstream compiles it. `head_dim_v`: v's, when it
     differs from q's and k's (MLA). `write_rounded`: upstream's own kernel, out in q's dtype and
-    lse in fp32, for a block that is the only one of every row it selects. `pack_gqa` is taken where there is more
-    than one q head per KV head and their count divides the tile."""
+    lse in fp32, for a block that is the only one of every row it selects. `pack_gqa` is taken
+    where there is more than one q head per KV head and their count divides the tile."""
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     config = _tile_size_fwd_sm90(head_dim, head_dim_v, window.causal, window.local)
     pack_gqa = pack_gqa and qhead_per_kvhead > 1 and config.m_block_size % qhead_per_kvhead == 0
