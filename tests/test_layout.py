@@ -175,6 +175,36 @@ def test_the_forward_zeroes_only_the_rows_that_no_block_selects(layout, mask):
             assert (sharding.token_index(rank)[plan.unselected_rows] < 0).all(), "a document row is zeroed"
 
 
+@pytest.mark.parametrize("world_size", [1, 3, 8])
+@pytest.mark.parametrize("mix", ["mixed", "one_huge", "short", "only_empty_and_single"])
+@pytest.mark.parametrize("mask", [BandMask(hi=0), BandMask(), BandMask(lo=-40, hi=0)], ids=["causal", "full", "window"])
+def test_the_kept_documents_block_is_the_only_block_of_its_rows(world_size, mix, mask):
+    """The forward may write the final block's rows finished: that block is local, at step 0, and
+    selects exactly the kept documents' rows, which no other block selects and which make the
+    rank's rows from RankPlan.final_rows on (with the padding)."""
+    from fa4_cp.kernels.reference import selected_rows
+
+    sharding = Sharding.documents(BALANCED_MIXES[mix], world_size)
+    for rank in range(world_size):
+        plan = rank_plan(sharding, mask, rank, torch.device("cpu"))
+        finals = [(step.step, block) for step in plan.steps for block in step.blocks if block.final]
+        kept = [(start, sharding.doc_lengths[doc]) for doc, _, start in sharding.rank_rows[rank] if sharding.spans[doc][1] == 1]
+        if not kept:
+            assert not finals and plan.final_rows is None
+            continue
+        (step, final), = finals
+        assert step == 0 and final.local and plan.final_rows == slice(min(start for start, _ in kept), sharding.local_len)
+        in_final = torch.zeros(sharding.local_len, dtype=torch.bool)
+        in_final[selected_rows(final.varlen.cu_seqlens_q, final.varlen.seqused_q)[0]] = True
+        expected = torch.zeros(sharding.local_len, dtype=torch.bool)
+        for start, length in kept:
+            expected[start : start + length] = True
+        assert torch.equal(in_final, expected)
+        for other in (block for step in plan.steps for block in step.blocks if not block.final):
+            rows = selected_rows(other.varlen.cu_seqlens_q, other.varlen.seqused_q)[0]
+            assert (rows < plan.final_rows.start).all(), "another block selects a kept document's row"
+
+
 def lognormal_mix(world_size: int, seed: int, tokens_per_rank: int = 8192) -> list[int]:
     """A pretraining-like mix: log-normal lengths, median about 1K, up to 64K."""
     import math
