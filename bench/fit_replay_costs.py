@@ -22,7 +22,6 @@ import torch
 from common import fa4_cp_from, record, write
 from mixes import lognormal_lengths
 
-TILE = 128
 FORMS = {  # cost form: the step's counts it is linear in
     "pairs": ("pairs",),
     "pairs + launches": ("pairs", "launches"),
@@ -31,12 +30,10 @@ FORMS = {  # cost form: the step's counts it is linear in
 }
 
 
-def tiles(rows: int) -> int:
-    return -(-rows // TILE)
-
-
 def block_counts(block) -> dict[str, int]:
     """Tile pairs, q tiles and KV tiles of one planned varlen block."""
+    from fa4_cp.tuning.kernel_cost import TILE, tiles  # after fa4_cp_from: the --tree's, like the planner
+
     pairs = q_tiles = kv_tiles = 0
     for q_rows, kv_rows in zip(block.varlen.seqused_q.tolist(), block.varlen.seqused_k.tolist()):
         if not q_rows or not kv_rows:

@@ -52,6 +52,9 @@ run() {  # run LOG SECONDS command...: its output in OUT_DIR/LOG, its exit and t
   echo "exit $? after ${SECONDS}s: $log" | tee -a "$out/device.txt"
   tail -30 "$out/$log"
 }
+replay_minutes() {  # a replay part of SECONDS starts no configuration in its last 50 s
+  awk "BEGIN { print ($1 - 50) / 60 }"
+}
 tests() {  # tests LOG SECONDS pytest-args...
   local log=$1 seconds=$2; shift 2
   run "$log" "$seconds" python3 -m pytest -v -rs -p no:warnings -n "$workers" --durations=10 "$@"
@@ -96,12 +99,12 @@ for part in "${parts[@]}"; do
     swapped_tiles) tests tests_gpu_swapped_tiles.log "$seconds" tests/gpu/test_fa4_backend.py -k swapped ;;
     ring_new_dims) tests tests_gpu_ring_new_dims.log "$seconds" tests/gpu/test_fa4_ring.py -k "new_head_dims or mla" ;;
     kernels_new_dims) run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out" --head-dims 256 192/128 ;;
-    magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(awk "BEGIN { print ($seconds - 50) / 60 }")" \
+    magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
     staged_forward) tests tests_gpu_staged_forward.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py \
         -k "packed or kept_finished" ;;
     magi_replay_packed) run magi_replay_packed.log "$seconds" python3 bench/magi_replay.py --pack-gqa \
-        --max-minutes "$(awk "BEGIN { print ($seconds - 50) / 60 }")" --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} \
+        --max-minutes "$(replay_minutes "$seconds")" --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} \
         --out "$out/magi_replay_packed.json" ;;
     staged_kernels)
       tests tests_gpu_staged_kernels.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_backend.py \

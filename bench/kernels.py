@@ -3,8 +3,9 @@
     python bench/kernels.py            (the full grid; a few minutes on an H200)
 
 Forward: ours with the merge fused in the epilogue (accumulating, and first write; with GQA also
-with the q heads of a KV head packed into its rows, staged), ours as a ring of one rank launches it (upstream's own kernel writing 16-bit out, the lse widened), ours with
-upstream's forward plus the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA; ours
+with the q heads of a KV head packed into its rows, staged), ours as a ring of one rank launches
+it (upstream's own kernel writing 16-bit out, the lse widened), ours with upstream's forward plus
+the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA; ours
 is one step of a forward pass made once, as in a ring call.
 Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as a ring of
 one rank launches it (with one q head per kv head the kernel writes finished 16-bit dK/dV; else

@@ -63,9 +63,11 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
     world, band = sharding.world_size, band_interval(mask)
     streams = span_streams(sharding, band)
     blocks: dict[BlockKey, dict[int, tuple[int, int, int]]] = {}  # key -> local sequence -> (q used, kv first row, kv used)
+    kept_starts = []
     for sequence, (doc, index, start) in enumerate(sharding.rank_rows[rank]):
         first, ranks = sharding.spans[doc]
         if ranks == 1:
+            kept_starts.append(start)
             _add(blocks, BlockKey(0, LOCAL, mask, BOTH, KEPT, 0), sequence, (sharding.doc_lengths[doc], start, sharding.doc_lengths[doc]))
             continue
         for other in range(ranks):
@@ -97,7 +99,6 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
             for key in keys
         )
         planned.append(PlannedStep(step, step_blocks))
-    kept_starts = [start for doc, _, start in sharding.rank_rows[rank] if sharding.spans[doc][1] == 1]
     return RankPlan(
         world, rank, (None,), (None,), tuple(planned), writes_first=False, streams=streams.kv_streams(rank, device),
         unselected_rows=unselected_rows(table.selected, sharding.local_len, device),
