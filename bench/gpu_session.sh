@@ -28,7 +28,7 @@
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
 #   staged_forward the staged forwards against fp64: q heads packed (PACK_GQA; alone and through the ring) and
 #                  the kept documents written finished (ROUNDED_VARLEN; through the ring)
-#   magi_replay_packed  bench/magi_replay.py --pack-gqa (JSON)
+#   magi_replay_staged  bench/magi_replay.py --pack-gqa --rounded-varlen: the staged forwards on (JSON)
 #   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back, the dK/dV finish,
 #                  (with indexed chains), the sole block's 16-bit out and dK/dV, and no host sync in a steady-state call
 #
@@ -103,9 +103,9 @@ for part in "${parts[@]}"; do
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
     staged_forward) tests tests_gpu_staged_forward.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py \
         -k "packed or kept_finished" ;;
-    magi_replay_packed) run magi_replay_packed.log "$seconds" python3 bench/magi_replay.py --pack-gqa \
+    magi_replay_staged) run magi_replay_staged.log "$seconds" python3 bench/magi_replay.py --pack-gqa --rounded-varlen \
         --max-minutes "$(replay_minutes "$seconds")" --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} \
-        --out "$out/magi_replay_packed.json" ;;
+        --out "$out/magi_replay_staged.json" ;;
     staged_kernels)
       tests tests_gpu_staged_kernels.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_backend.py \
         tests/gpu/test_no_host_sync.py -k "merge or split or no_key or varlen_rows or read_back or finish or sole_block or waits" ;;

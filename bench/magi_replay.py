@@ -125,13 +125,18 @@ def main() -> None:
     parser.add_argument(
         "--pack-gqa", action="store_true", help="the forward's merging kernels with q heads packed (staged: forward_pass_sm90.PACK_GQA)",
     )
+    parser.add_argument(
+        "--rounded-varlen", action="store_true",
+        help="the kept documents written finished by upstream's varlen kernel (staged: forward_pass_sm90.ROUNDED_VARLEN)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     began = time.monotonic()
-    if args.pack_gqa:
+    if args.pack_gqa or args.rounded_varlen:
         from fa4_cp.kernels.fa4 import forward_pass_sm90
 
-        forward_pass_sm90.PACK_GQA = True
+        forward_pass_sm90.PACK_GQA = args.pack_gqa
+        forward_pass_sm90.ROUNDED_VARLEN = args.rounded_varlen
     if args.dry_run:
         device, shape = torch.device("cpu"), {"heads": 8, "kv_heads": 2, "head_dim": 16, "tokens_per_gpu": 64}
         backend = get_backend("reference")
