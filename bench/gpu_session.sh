@@ -102,7 +102,7 @@ for part in "${parts[@]}"; do
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
     staged_forward) tests tests_gpu_staged_forward.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py \
-        -k "packed or kept_finished" ;;
+        -k "packed_q_heads or kept_documents" ;;
     magi_replay_staged) run magi_replay_staged.log "$seconds" python3 bench/magi_replay.py --pack-gqa --rounded-varlen \
         --max-minutes "$(replay_minutes "$seconds")" --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} \
         --out "$out/magi_replay_staged.json" ;;
