@@ -5,6 +5,7 @@ and backward apart, for a few cost forms. What tuning/kernel_cost.py would take 
 blocks, in place of upstream's one-device varlen runs.
 
     python bench/fit_replay_costs.py REPLAY_JSON --tree CHECKOUT_OF_THE_REPLAYS_COMMIT --out PATH
+    python bench/fit_replay_costs.py REPLAY_JSON --steps-of AN_EARLIER_FIT_OF_IT --out PATH
 
 The plan must be the one the replay ran: give `--tree` a checkout of the replay's commit
 (its `git_commit`) when the planner has changed since. Tile counts: 128 x 128 tiles per sequence of
@@ -27,6 +28,14 @@ FORMS = {  # cost form: the step's counts it is linear in
     "pairs + launches": ("pairs", "launches"),
     "pairs + q tiles + launches": ("pairs", "q_tiles", "launches"),
     "pairs + kv tiles + launches": ("pairs", "kv_tiles", "launches"),
+}
+# Forms anchored on one device's upstream costs (kernel_cost.ONE_DEVICE, held fixed): what the ring
+# pays beyond them. A free per-pair cost trades against the per-tile one (the counts move
+# together) and can fall below upstream's, which a model that sets the ring against one device
+# must not do.
+ANCHORED = {
+    "forward": {"one device + q tiles + launches": ({"pairs": "forward_pair"}, ("q_tiles", "launches"))},
+    "backward": {"one device": ({"pairs": "backward_pair", "kv_tiles": "backward_kv_tile"}, ())},
 }
 
 
@@ -81,16 +90,25 @@ def replay_steps(replay: dict, fa4_cp) -> list[dict]:
 
 def fit(steps: list[dict], direction: str) -> dict:
     """Least-squares coefficients (us per count, per 64 heads) of each cost form, and its errors."""
+    from fa4_cp.tuning.kernel_cost import ONE_DEVICE
+
     measured = np.array([s[f"{direction}_us"] for s in steps])
+
+    def counts(columns) -> np.ndarray:  # tiles count per 64 heads, as kernel_cost.py counts them; a launch is a launch
+        return np.array([[s[c] * s["heads"] / 64 if c != "launches" else s[c] for c in columns] for s in steps], dtype=float)
+
+    forms = {name: ({}, columns) for name, columns in FORMS.items()}
+    forms.update({name: ({c: getattr(ONE_DEVICE, field) for c, field in fixed.items()}, free) for name, (fixed, free) in ANCHORED[direction].items()})
     fits = {}
-    for name, columns in FORMS.items():
-        # tiles count per 64 heads, as kernel_cost.py counts them; a launch is a launch
-        counts = np.array([[s[c] * s["heads"] / 64 if c != "launches" else s[c] for c in columns] for s in steps], dtype=float)
-        coefficients, *_ = np.linalg.lstsq(counts, measured, rcond=None)
-        relative = np.abs(counts @ coefficients - measured) / measured
+    for name, (fixed, free) in forms.items():
+        anchored = counts(fixed) @ np.array(list(fixed.values())) if fixed else np.zeros(len(steps))
+        coefficients = np.linalg.lstsq(counts(free), measured - anchored, rcond=None)[0] if free else np.zeros(0)
+        modelled = anchored + (counts(free) @ coefficients if free else 0.0)
+        relative = np.abs(modelled - measured) / measured
         fits[name] = {
-            "us_per": dict(zip(columns, (float(c) for c in coefficients))),
+            "us_per": {**fixed, **dict(zip(free, (float(c) for c in coefficients)))}, "held_fixed": sorted(fixed),
             "median_relative_error": float(np.median(relative)), "max_relative_error": float(relative.max()),
+            "mean_signed_error": float(np.mean((modelled - measured) / measured)),
         }
     return fits
 
@@ -99,12 +117,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("replay")
     parser.add_argument("--tree", help="a checkout of the replay's commit, whose planner rebuilds its plans")
+    parser.add_argument("--steps-of", help="an earlier fit's JSON of this replay: its counted steps, not the plans rebuilt")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     fa4_cp = fa4_cp_from(args.tree)
     with open(args.replay) as file:
         replay = json.load(file)
-    steps = replay_steps(replay, fa4_cp)
+    if args.steps_of:  # an earlier fit's counted steps: their plans need no --tree again
+        with open(args.steps_of) as file:
+            steps = json.load(file)["data"]
+    else:
+        steps = replay_steps(replay, fa4_cp)
     fits = {direction: fit(steps, direction) for direction in ("forward", "backward")}
     for direction, forms in fits.items():
         for name, result in forms.items():
@@ -112,7 +135,7 @@ def main() -> None:
             print(f"{direction:8} {name:28} {coefficients}; median error {result['median_relative_error']:.3f}, max {result['max_relative_error']:.3f}")
     write(record(
         "fit_replay_costs", "cpu", replay=args.replay, replay_device=replay["device"], replay_commit=replay["git_commit"],
-        planner_tree=args.tree, steps=len(steps), median_step_us={d: statistics.median(s[f"{d}_us"] for s in steps) for d in ("forward", "backward")},
+        planner_tree=args.tree, steps_of=args.steps_of, steps=len(steps), median_step_us={d: statistics.median(s[f"{d}_us"] for s in steps) for d in ("forward", "backward")},
         method="least squares over each replayed rank's active steps: measured attention us of the step against its blocks' counts; "
         "pairs and tiles per 64 heads, launches as they are",
         fits=fits, data=steps,
