@@ -195,7 +195,7 @@ def test_a_1d_ring_over_packed_documents_says_once_what_a_2d_split_predicts(capl
     from fa4_cp import call
 
     monkeypatch.setattr(call, "_suggested", False)
-    documents = [700, 300, 0, 200, 100, 60, 40]  # an empty document takes no rank
+    documents = [1400, 300, 0, 200, 100, 60, 40]  # an empty document takes no rank; the first is spread
     cu_seqlens = torch.tensor([0, *documents]).cumsum(0).to(torch.int32)
     sharding = fa4_cp.Sharding.documents(documents, 4)
 

@@ -19,28 +19,40 @@ the cross-rank check compare shapes; bench/varlen.py reports the padding fractio
 is a deterministic function of the document lengths and W, the same on every rank, with no
 communication.
 
-Cost model: FA4's forward + backward time of each rank's blocks, as tuning/kernel_cost.py models
-it from one-GPU runs (tile pairs, and a fixed cost per KV tile of the backward, which makes a
-short piece of a long document dearer per FLOP than a whole short one). Documents are placed longest first, as longest-processing-
-time scheduling does: each takes the smallest span g in 1, 2, 4, ... W, and the window of g
-ranks with room for its rows (up to ceil(S / W) + 128 per rank), that keeps every rank within 3%
-of the mean cost (the cost placed so far plus what is left, counted whole); if none does, the (span, window) that leaves the most loaded rank least loaded.
+Cost model: the ring kernels' forward + backward time of each rank's blocks, as
+tuning/kernel_cost.py fits it on a one-GPU replay of the ring (tile pairs, a fixed cost per q
+tile of the forward and per KV tile of the backward, which make a short piece of a long document
+dearer per FLOP than a whole short one), and the launches of every ring step that the widest
+span adds. Documents are placed longest first, as longest-processing-time scheduling does: each
+takes the smallest span g in 1, 2, 4, ... W, and the window of g ranks with room for its rows (up
+to ceil(S / W) + 128 per rank), that keeps every rank within 3% of the mean load; if none does,
+the (span, window) that leaves the most loaded rank least loaded. The greedy runs a few ways and
+the placement it keeps is the one whose most loaded rank the model finds fastest:
+- by the cost placed so far, the mean counting what is left whole (one device's costs, and the
+  ring's);
+- by projected load: every rank ends near the row limit, so a rank of costly long-document
+  chunks will still take its share of the rest, at what the documents left cost per row. Without
+  it, the last short documents of a fine-tuning-like mix land on whichever ranks still have rows,
+  or are cut over several to find them;
+- the ring's runs again with the mean load their first pass reached as the target's floor
+  (cutting adds work that a mean counted whole misses).
 So the threshold between whole and cut, and how widely to cut, come from the cost model and the
 mix, not from constants.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..kernels.interface import BandMask
 from .rows import RankPlan
-from ..tuning.kernel_cost import TILE, span_us
+from ..tuning.kernel_cost import ONE_DEVICE, RING, TILE, KernelCosts, span_us, step_us
 from .sharding_rows import ShardingRows
 from .span_rows import span_plan
 
@@ -170,67 +182,89 @@ def span_rows(length: int, ranks: int) -> int:
     return length if ranks == 1 else 2 * math.ceil(length / (2 * ranks))
 
 
-def span_cost(length: int, ranks: int) -> float:
+@functools.lru_cache(maxsize=65536)
+def span_cost(length: int, ranks: int, costs: KernelCosts = RING) -> float:
     """Modelled FA4 forward + backward time (us, 64 heads) of a document on each rank of a span of
-    `ranks` (tuning/kernel_cost.py, fitted on one-GPU runs)."""
-    return sum(span_us(length, ranks))
+    `ranks` (tuning/kernel_cost.py)."""
+    return sum(span_us(length, ranks, costs=costs))
 
 
 @functools.lru_cache(maxsize=64)
 def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> BalancedSharding:
-    """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it)."""
-    spans = [(0, 0)] * len(doc_lengths)
+    """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
+    of the greedy placements by cost alone and by projected load, the one whose most loaded rank,
+    with its ring steps' launches, costs least."""
     if world_size == 1:
-        spans = [(0, 1 if length else 0) for length in doc_lengths]
-        return BalancedSharding(1, doc_lengths, tuple(spans), sum(doc_lengths))
+        spans = tuple((0, 1 if length else 0) for length in doc_lengths)
+        return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
+    candidates = []
+    for costs, project in ((ONE_DEVICE, False), (RING, False), (RING, True)):
+        floor = 0.0
+        for _ in range(2 if costs is RING else 1):  # again, with the mean load the first pass reached as the target's floor
+            objective, floor, sharding = _greedy_placement(doc_lengths, world_size, costs, project, floor)
+            candidates.append((objective, sharding))
+    return min(candidates, key=lambda pair: pair[0])[1]
+
+
+def _greedy_placement(
+    doc_lengths: tuple[int, ...], world_size: int, costs: KernelCosts, project: bool, floor: float,
+) -> tuple[float, float, BalancedSharding]:
+    """Longest first, each document's narrowest span (and least loaded window) that keeps every
+    rank within SLACK of the mean load; with `project`, a rank's load counts the rows it will
+    still take at what the documents left cost per row; `floor`, a least mean load for the
+    target. Returns (the most loaded rank's modelled time under the ring's costs, with the ring
+    steps' launches; the mean load under `costs`; the placement)."""
+    spans = [(0, 0)] * len(doc_lengths)
     capacity = math.ceil(sum(doc_lengths) / world_size) + TILE
-    widths = sorted({*(2**k for k in range(world_size.bit_length()) if 2**k < world_size), world_size})
-    cost, rows = [0.0] * world_size, [0] * world_size
+    cost, ring_cost, rows = np.zeros(world_size), np.zeros(world_size), np.zeros(world_size, dtype=np.int64)
     order = sorted((doc for doc, length in enumerate(doc_lengths) if length), key=lambda doc: (-doc_lengths[doc], doc))
-    whole = sum(span_cost(length, 1) for length in doc_lengths if length)  # of the documents not yet placed, kept whole
+    whole = sum(span_cost(length, 1, costs) for length in doc_lengths if length)  # of the documents not yet placed, kept whole
+    rows_left, widest = sum(doc_lengths), 1
+    step = step_us() if costs is RING else 0.0  # the one-device model knows no steps
     for doc in order:
         length, best = doc_lengths[doc], None
+        whole -= span_cost(length, 1, costs)
+        rows_left -= length
+        # Every rank ends near `capacity` rows: a rank of costly long-document chunks is loaded
+        # however few its rows, since it will still take its share of what is left
+        rate = whole / rows_left if project and rows_left else 0.0
+        loads = cost + (capacity - rows) * rate
         # the mean load if every document left stays whole: spreading the long ones first costs
         # work that a fixed one-device target would count as imbalance
-        target = SLACK * (sum(cost) + whole) / world_size
-        whole -= span_cost(length, 1)
-        for ranks in widths:
-            window = _least_loaded_window(cost, rows, ranks, span_rows(length, ranks), capacity)
-            if window is None:
+        target = SLACK * max(floor, (loads.sum() + span_cost(length, 1, costs) + (whole if not project else -length * rate)) / world_size)
+        for ranks, top_loads, top_rows in _window_maxima(loads, rows):
+            more_rows = span_rows(length, ranks)
+            room = np.flatnonzero(top_rows + more_rows <= capacity)
+            if not room.size:
                 continue
-            loaded, first = window
-            score = (loaded + span_cost(length, ranks), ranks * span_cost(length, ranks), ranks)
+            least = int(np.argmin(top_loads[room]))  # the least loaded window, the lowest first rank of equals
+            loaded, first = float(top_loads[room[least]]), int(room[least])
+            # a span wider than any so far adds ring steps, and their launches, to every rank
+            added = span_cost(length, ranks, costs) - more_rows * rate + max(0, ranks - widest) * step
+            score = (loaded + added, ranks * span_cost(length, ranks, costs), ranks)
             if best is None or score < best[0]:
                 best = (score, ranks, first)
             if score[0] <= target:
                 break  # the narrowest span that keeps the ranks balanced
         _, ranks, first = best or (None, world_size, 0)  # nothing has room: spread over every rank
-        for offset in range(ranks):
-            rank = (first + offset) % world_size
-            cost[rank] += span_cost(length, ranks)
-            rows[rank] += span_rows(length, ranks)
+        members = [(first + offset) % world_size for offset in range(ranks)]
+        cost[members] += span_cost(length, ranks, costs)
+        ring_cost[members] += span_cost(length, ranks)
+        rows[members] += span_rows(length, ranks)
         spans[doc] = (first, ranks)
-    return BalancedSharding(world_size, doc_lengths, tuple(spans), max(rows))
+        widest = max(widest, ranks)
+    return float(ring_cost.max()) + widest * step_us(), float(cost.mean()), BalancedSharding(world_size, doc_lengths, tuple(spans), int(rows.max()))
 
 
-def _least_loaded_window(cost: list[int], rows: list[int], ranks: int, more_rows: int, capacity: int) -> tuple[int, int] | None:
-    """(its most loaded rank's cost, first rank) of the window of `ranks` consecutive ranks (mod W)
-    with room for `more_rows` on each whose most loaded rank is least loaded; None if none has room."""
-    world = len(cost)
-    best = None
-    top_cost: collections.deque[int] = collections.deque()  # sliding maxima, as indices
-    top_rows: collections.deque[int] = collections.deque()
-    for end in range(world + ranks - 1):
-        for top, values in ((top_cost, cost), (top_rows, rows)):
-            while top and values[top[-1] % world] <= values[end % world]:
-                top.pop()
-            top.append(end)
-        first = end - ranks + 1
-        if first < 0:
-            continue
-        for top in (top_cost, top_rows):
-            while top[0] < first:
-                top.popleft()
-        if rows[top_rows[0] % world] + more_rows <= capacity and (best is None or cost[top_cost[0] % world] < best[0]):
-            best = (cost[top_cost[0] % world], first)
-    return best
+def _window_maxima(loads: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Per span width, narrowest first (1, 2, 4, ... below W, then W): the width and the maxima of
+    `loads` and of `rows` over the window of that many consecutive ranks (mod W) that each rank
+    begins. Lazily: most documents take the first width."""
+    world, width = len(loads), 1
+    while width < world:
+        yield width, loads, rows
+        if 2 * width >= world:
+            break
+        loads, rows = np.maximum(loads, np.roll(loads, -width)), np.maximum(rows, np.roll(rows, -width))
+        width *= 2
+    yield world, np.full(world, loads.max()), np.full(world, rows.max())

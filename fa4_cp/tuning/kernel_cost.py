@@ -1,28 +1,51 @@
-"""What FA4's attention kernels cost, from one-device runs: the cost that the balanced placement
-and the 2-D split's model use in place of raw tile counts.
-
-Fitted by least squares on upstream FA4 varlen (causal, bf16, 64:8 heads, d 128) on one H200, over
-the four log-normal mixes of bench/results/nvidia_h200_2026-12-01/varlen_packed_2026-12-01.json.gz
-(8K tokens x W = 8, 16, 32, 64; lengths rebuilt by bench/varlen.py):
-- forward: 0.884 us per 128 x 128 tile pair of all 64 heads; 1.08, 1.01, 0.99, 1.00 of the four
-  measured times;
-- backward: 2.383 us per q-tile iteration (one tile pair) plus 3.828 us per KV tile, 1.61
-  iterations: FA4's sm90 backward runs one CTA per (KV tile, head), whose fixed cost a short q
-  piece against it does not amortize; 1.03, 1.01, 1.00, 1.00 of the four.
-So a short piece of a long document costs more per FLOP than a whole short document: this, more
-than padding, is what cutting documents finely costs. Other head counts and head dims scale the
+"""What the ring's attention kernels cost: the cost that the balanced placement and the 2-D split's
+model use in place of raw tile counts, and what one device's upstream FA4 costs, the ideal they
+are held against. Causal, bf16, 64:8 heads, d 128; other head counts and head dims scale every
 cost linearly (heads x head_dim / (64 x 128)), an assumption not yet measured.
+
+One device's upstream FA4 varlen, fitted by least squares on the four log-normal mixes of
+bench/results/nvidia_h200_2026-12-01/varlen_packed_2026-12-01.json.gz (8K tokens x W = 8, 16, 32,
+64, on an H200), per 128 x 128 tile of all 64 heads: forward 0.884 us per tile pair; backward
+2.383 us per tile pair plus 3.828 per KV tile (1.00-1.08 of the measured times). FA4's sm90
+backward runs one CTA per (KV tile, head), whose fixed cost a short q piece does not amortize.
+
+The ring's kernels, anchored on those costs and fitted by bench/fit_replay_costs.py on the
+per-step attention times of a one-GPU replay of the ring (both packed mixes, W = 8, 80 active
+steps, on an H100: bench/results/nvidia_h100_2026-12-05/s11_fit_replay_costs_anchored.json):
+- forward: one device's cost plus 3.03 us per q tile and 23.1 us per launch (median error 5.7%,
+  where one device's alone gives 26%): the merging epilogue reads and writes each q tile's fp32
+  out once per block, so a short piece of q costs more than its pairs;
+- backward: one device's cost (median error 10%, 8% over the measured times on average; a free
+  fit puts the ring's steps under one device's, which a model held against one device must not).
+So a short piece of a long document costs more per FLOP than a whole short document, and every
+ring step that a document's span adds costs each rank its launches. A free fit of the same steps
+(s11_fit_replay_costs.json) has smaller errors (3-3.5%) but trades the per-pair cost against the
+per-tile ones and puts long blocks under upstream's cost.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 TILE = 128
-FORWARD_US_PER_PAIR = 0.884
-BACKWARD_US_PER_PAIR = 2.383
-BACKWARD_US_PER_KV_TILE = 3.828
 CALIBRATED_HEADS, CALIBRATED_HEAD_DIM = 64, 128
+
+
+@dataclass(frozen=True)
+class KernelCosts:
+    """us per unit of all 64 heads at d 128."""
+
+    forward_pair: float
+    forward_q_tile: float
+    backward_pair: float
+    backward_kv_tile: float
+    launch: float = 0.0
+    """Per ring step (the forward's; the backward's is within its fit's error)."""
+
+
+RING = KernelCosts(forward_pair=0.884, forward_q_tile=3.03, backward_pair=2.383, backward_kv_tile=3.828, launch=23.1)
+ONE_DEVICE = KernelCosts(forward_pair=0.884, forward_q_tile=0.0, backward_pair=2.383, backward_kv_tile=3.828)
 
 
 def tiles(rows: int) -> int:
@@ -33,24 +56,52 @@ def triangle(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def block_us(pairs: float, kv_tiles: float, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> tuple[float, float]:
-    """(forward, backward) us of attention blocks of `pairs` tile pairs over `kv_tiles` KV tiles."""
-    scale = heads * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
-    return scale * FORWARD_US_PER_PAIR * pairs, scale * (BACKWARD_US_PER_PAIR * pairs + BACKWARD_US_PER_KV_TILE * kv_tiles)
+def _scale(heads: int, head_dim: int) -> float:
+    return heads * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
 
 
-def span_tiles(length: int, ranks: int) -> tuple[float, float]:
-    """(tile pairs, KV tiles) of a document's causal attention on each rank of a span of `ranks`
-    (placement.py: kept whole when 1; else 2 x ranks zigzag chunks, two per rank). A rank meets
-    each other rank of the span once: its two chunks against one earlier chunk of the peer (c x c
-    pairs twice, or 2c x c), over c or 2c KV rows; and its own two chunks at step 0."""
+def block_us(
+    pairs: float, q_tiles: float, kv_tiles: float, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM,
+    costs: KernelCosts = RING,
+) -> tuple[float, float]:
+    """(forward, backward) us of attention blocks of `pairs` tile pairs over `q_tiles` q and `kv_tiles` KV tiles."""
+    scale = _scale(heads, head_dim)
+    return (
+        scale * (costs.forward_pair * pairs + costs.forward_q_tile * q_tiles),
+        scale * (costs.backward_pair * pairs + costs.backward_kv_tile * kv_tiles),
+    )
+
+
+def step_us(heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> float:
+    """The launches (forward + backward) of one more ring step, on every rank."""
+    return _scale(heads, head_dim) * RING.launch
+
+
+def span_tiles(length: int, ranks: int) -> tuple[float, float, float]:
+    """(tile pairs, q tiles, KV tiles) of a document's causal attention on each rank of a span of
+    `ranks` (placement.py: kept whole when 1; else 2 x ranks zigzag chunks, two per rank). A rank
+    meets each other rank of the span once: its two chunks against an earlier peer's first chunk
+    (2c q rows, c KV rows), or its later chunk against a later peer's two (c q rows, 2c KV rows);
+    and its own two chunks at step 0. Remote steps are counted as their mean over the span."""
     if ranks == 1:
-        return triangle(tiles(length)), tiles(length)
+        return triangle(tiles(length)), tiles(length), tiles(length)
     chunk = math.ceil(length / (2 * ranks))
-    remote_pairs, remote_kv = tiles(2 * chunk) * tiles(chunk), (tiles(chunk) + tiles(2 * chunk)) / 2
-    return (ranks - 1) * remote_pairs + triangle(tiles(2 * chunk)), (ranks - 1) * remote_kv + tiles(2 * chunk)
+    one, two = tiles(chunk), tiles(2 * chunk)
+    remote_pairs, remote_edge = two * one, (one + two) / 2  # a remote step's q tiles, as its KV tiles
+    return (
+        (ranks - 1) * remote_pairs + triangle(two),
+        (ranks - 1) * remote_edge + two,
+        (ranks - 1) * remote_edge + two,
+    )
 
 
-def span_us(length: int, ranks: int, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> tuple[float, float]:
-    """(forward, backward) us of a document on each rank of a span of `ranks`."""
-    return block_us(*span_tiles(length, ranks), heads, head_dim)
+def span_us(
+    length: int, ranks: int, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM, costs: KernelCosts = RING,
+) -> tuple[float, float]:
+    """(forward, backward) us of the ring's kernels on a document, on each rank of a span of `ranks`."""
+    return block_us(*span_tiles(length, ranks), heads, head_dim, costs)
+
+
+def one_device_us(length: int, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> tuple[float, float]:
+    """(forward, backward) us of upstream FA4 on a whole document on one device."""
+    return block_us(*span_tiles(length, 1), heads, head_dim, costs=ONE_DEVICE)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ..plan.placement import balanced_sharding
 from ..validation import heads_split
-from .kernel_cost import span_us
+from .kernel_cost import one_device_us, span_us
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
@@ -144,7 +144,7 @@ def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_di
     slowest-fed rank (both streams, on average over its steps)."""
     sharding = balanced_sharding(tuple(int(n) for n in documents), r)
     costs = rank_costs_ms(sharding, heads // u, head_dim)
-    ideal = sum(sum(span_us(n, 1, heads, head_dim)) for n in documents if n) / (u * r)
+    ideal = sum(sum(one_device_us(n, heads, head_dim)) for n in documents if n) / (u * r)
     # A span of g ranks takes steps 1..g-1 after the local step 0 (span_rows.py); planning the
     # streams per split and batch would cost more host time than the model is worth.
     steps = max(1, *(ranks for _, ranks in sharding.spans))
