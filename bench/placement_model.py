@@ -1,0 +1,73 @@
+"""The balanced placement under the ring's kernel model (tuning/kernel_cost.RING), on CPU: for each
+packed mix of bench/mixes.py and ring size, the modelled time of the most loaded rank's attention
+kernels plus the ring steps' launches, its imbalance (most loaded / mean), the active steps, the
+short documents (under 2K tokens) cut over several ranks and the planning host time; for the
+placement kept and for the greedy by one device's costs alone (the placement before session 12).
+A model, not a measurement: bench/magi_replay.py measures the placements on a GPU.
+
+    python bench/placement_model.py --out bench/results/cpu_<date>/placement_model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import record, write
+from mixes import add_mix_arguments, batches
+
+from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, span_cost
+from fa4_cp.tuning.kernel_cost import ONE_DEVICE, step_us
+
+SHORT = 2048
+
+
+def modelled(lengths: tuple[int, ...], spans, world_size: int) -> dict:
+    load = [0.0] * world_size
+    for length, (first, ranks) in zip(lengths, spans):
+        for offset in range(ranks):
+            load[(first + offset) % world_size] += span_cost(length, ranks)
+    steps = max(ranks for _, ranks in spans)
+    return {
+        "slowest_rank_ms": (max(load) + steps * step_us()) / 1e3, "imbalance": max(load) / (sum(load) / world_size), "active_steps": steps,
+        "short_documents_cut": sum(1 for length, (_, ranks) in zip(lengths, spans) if length < SHORT and ranks > 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_mix_arguments(parser, [8, 16, 32, 64, 72])
+    parser.add_argument("--tokens-per-gpu", type=int, default=8192)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    rows = []
+    for mix, world_size, lengths in batches(args.mixes, args.world_sizes, args.tokens_per_gpu):
+        lengths = tuple(lengths)
+        balanced_sharding.cache_clear()
+        began = time.perf_counter()
+        kept = balanced_sharding(lengths, world_size)
+        planning_ms = (time.perf_counter() - began) * 1e3
+        before = _greedy_placement(lengths, world_size, ONE_DEVICE, False, 0.0)[2]
+        row = {
+            "mix": mix, "world_size": world_size, "documents": len(lengths), "planning_host_ms": planning_ms,
+            "kept": modelled(lengths, kept.spans, world_size), "one_device_greedy": modelled(lengths, before.spans, world_size),
+        }
+        row["kept_over_one_device_greedy"] = row["kept"]["slowest_rank_ms"] / row["one_device_greedy"]["slowest_rank_ms"]
+        rows.append(row)
+        print(
+            f"{mix:9} W={world_size:<3} kept {row['kept']['slowest_rank_ms']:.3f} ms (imbalance {row['kept']['imbalance']:.3f}, "
+            f"{row['kept']['active_steps']} steps, {row['kept']['short_documents_cut']} short cut) | one-device greedy "
+            f"{row['one_device_greedy']['slowest_rank_ms']:.3f} ms ({row['one_device_greedy']['imbalance']:.3f}, "
+            f"{row['one_device_greedy']['active_steps']}, {row['one_device_greedy']['short_documents_cut']}) | "
+            f"{row['kept_over_one_device_greedy']:.3f}; planned in {planning_ms:.0f} ms", flush=True,
+        )
+    write(record(
+        "placement_model", "cpu", tokens_per_gpu=args.tokens_per_gpu, heads=64, head_dim=128, causal=True,
+        method="a model: tuning/kernel_cost.RING costs of every rank's spans, the most loaded rank plus the widest span's steps "
+        "x kernel_cost.step_us; 'one_device_greedy' is the greedy by kernel_cost.ONE_DEVICE alone, the placement before session 12",
+        rows=rows,
+    ), args.out)
+
+
+if __name__ == "__main__":
+    main()
