@@ -1,6 +1,6 @@
 """The balanced placement under the ring's kernel model (tuning/kernel_cost.RING), on CPU: for each
 packed mix of bench/mixes.py and ring size, the modelled time of the most loaded rank's attention
-kernels plus the ring steps' launches, its imbalance (most loaded / mean), the active steps, the
+kernels plus the ring steps' fixed cost, its imbalance (most loaded / mean), the active steps, the
 short documents (under 2K tokens) cut over several ranks and the planning host time; for the
 placement kept and for the greedy by one device's costs alone (the placement before session 12).
 A model, not a measurement: bench/magi_replay.py measures the placements on a GPU.

@@ -249,7 +249,7 @@ def test_balanced_placement_beats_cutting_every_document_and_is_deterministic(wo
 @pytest.mark.parametrize(("mix", "world_size"), [("pretrain", 8), ("pretrain", 72), ("finetune", 16), ("finetune", 32), ("finetune", 64)])
 def test_balanced_placement_is_the_best_of_its_greedy_candidates(mix, world_size):
     """The placement is never modelled slower (the most loaded rank's kernels and the ring steps'
-    launches, under the ring's fitted costs) than the greedy placement by one device's costs that
+    fixed costs, under the ring's fitted costs) than the greedy placement by one device's costs that
     it replaced, and is faster on fine-tuning-like mixes, whose last short documents that greedy
     spread over several ranks to find rows, or piled on the ranks that still had room."""
     from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, span_cost

@@ -22,8 +22,8 @@ communication.
 Cost model: the ring kernels' forward + backward time of each rank's blocks, as
 tuning/kernel_cost.py fits it on a one-GPU replay of the ring (tile pairs, a fixed cost per q
 tile of the forward and per KV tile of the backward, which make a short piece of a long document
-dearer per FLOP than a whole short one), and the launches of every ring step that the widest
-span adds. Documents are placed longest first, as longest-processing-time scheduling does: each
+dearer per FLOP than a whole short one), and the fixed cost (launches, work beside attention)
+of every ring step that the widest span adds. Documents are placed longest first, as longest-processing-time scheduling does: each
 takes the smallest span g in 1, 2, 4, ... W, and the window of g ranks with room for its rows (up
 to ceil(S / W) + 128 per rank), that keeps every rank within 3% of the mean load; if none does,
 the (span, window) that leaves the most loaded rank least loaded. The greedy runs a few ways and
@@ -193,7 +193,7 @@ def span_cost(length: int, ranks: int, costs: KernelCosts = RING) -> float:
 def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> BalancedSharding:
     """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
     of the greedy placements by cost alone and by projected load, the one whose most loaded rank,
-    with its ring steps' launches, costs least."""
+    with its ring steps' fixed cost, costs least."""
     if world_size == 1:
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
@@ -213,7 +213,7 @@ def _greedy_placement(
     rank within SLACK of the mean load; with `project`, a rank's load counts the rows it will
     still take at what the documents left cost per row; `floor`, a least mean load for the
     target. Returns (the most loaded rank's modelled time under the ring's costs, with the ring
-    steps' launches; the mean load under `costs`; the placement)."""
+    steps' fixed cost; the mean load under `costs`; the placement)."""
     spans = [(0, 0)] * len(doc_lengths)
     capacity = math.ceil(sum(doc_lengths) / world_size) + TILE
     cost, ring_cost, rows = np.zeros(world_size), np.zeros(world_size), np.zeros(world_size, dtype=np.int64)
@@ -239,7 +239,7 @@ def _greedy_placement(
                 continue
             least = int(np.argmin(top_loads[room]))  # the least loaded window, the lowest first rank of equals
             loaded, first = float(top_loads[room[least]]), int(room[least])
-            # a span wider than any so far adds ring steps, and their launches, to every rank
+            # a span wider than any so far adds ring steps, and their fixed cost, to every rank
             added = span_cost(length, ranks, costs) - more_rows * rate + max(0, ranks - widest) * step
             score = (loaded + added, ranks * span_cost(length, ranks, costs), ranks)
             if best is None or score < best[0]:

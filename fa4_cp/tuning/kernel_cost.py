@@ -17,8 +17,11 @@ steps, on an H100: bench/results/nvidia_h100_2026-12-05/s11_fit_replay_costs_anc
   out once per block, so a short piece of q costs more than its pairs;
 - backward: one device's cost (median error 10%, 8% over the measured times on average; a free
   fit puts the ring's steps under one device's, which a model held against one device must not).
+- a ring step: besides the launches, 137 us of kernels and gaps beside attention (the same
+  replay's fine-tuning-like steps: 43 forward + 94 backward; its pretraining-like ones, with more
+  rows in flight, took 266).
 So a short piece of a long document costs more per FLOP than a whole short document, and every
-ring step that a document's span adds costs each rank its launches. A free fit of the same steps
+ring step that a document's span adds costs each rank its launches and its fixed work. A free fit of the same steps
 (s11_fit_replay_costs.json) has smaller errors (3-3.5%) but trades the per-pair cost against the
 per-tile ones and puts long blocks under upstream's cost.
 """
@@ -42,9 +45,11 @@ class KernelCosts:
     backward_kv_tile: float
     launch: float = 0.0
     """Per ring step (the forward's; the backward's is within its fit's error)."""
+    step_other: float = 0.0
+    """Per ring step, the kernels and gaps beside attention (forward + backward)."""
 
 
-RING = KernelCosts(forward_pair=0.884, forward_q_tile=3.03, backward_pair=2.383, backward_kv_tile=3.828, launch=23.1)
+RING = KernelCosts(forward_pair=0.884, forward_q_tile=3.03, backward_pair=2.383, backward_kv_tile=3.828, launch=23.1, step_other=43 + 94)
 ONE_DEVICE = KernelCosts(forward_pair=0.884, forward_q_tile=0.0, backward_pair=2.383, backward_kv_tile=3.828)
 
 
@@ -73,8 +78,9 @@ def block_us(
 
 
 def step_us(heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> float:
-    """The launches (forward + backward) of one more ring step, on every rank."""
-    return _scale(heads, head_dim) * RING.launch
+    """What one more ring step costs every rank beside its blocks: the launches, and the work and
+    gaps beside attention."""
+    return _scale(heads, head_dim) * (RING.launch + RING.step_other)
 
 
 def span_tiles(length: int, ranks: int) -> tuple[float, float, float]:
