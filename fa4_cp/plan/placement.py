@@ -219,7 +219,7 @@ def _greedy_placement(
     cost, ring_cost, rows = np.zeros(world_size), np.zeros(world_size), np.zeros(world_size, dtype=np.int64)
     order = sorted((doc for doc, length in enumerate(doc_lengths) if length), key=lambda doc: (-doc_lengths[doc], doc))
     whole = sum(span_cost(length, 1, costs) for length in doc_lengths if length)  # of the documents not yet placed, kept whole
-    rows_left, widest = sum(doc_lengths), 1
+    rows_left, widest, placed_cost, placed_rows = sum(doc_lengths), 1, 0.0, 0
     step = step_us() if costs is RING else 0.0  # the one-device model knows no steps
     for doc in order:
         length, best = doc_lengths[doc], None
@@ -231,14 +231,15 @@ def _greedy_placement(
         loads = cost + (capacity - rows) * rate
         # the mean load if every document left stays whole: spreading the long ones first costs
         # work that a fixed one-device target would count as imbalance
-        target = SLACK * max(floor, (loads.sum() + span_cost(length, 1, costs) + (whole if not project else -length * rate)) / world_size)
+        loads_sum = placed_cost + (capacity * world_size - placed_rows) * rate
+        target = SLACK * max(floor, (loads_sum + span_cost(length, 1, costs) + (whole if not project else -length * rate)) / world_size)
         for ranks, top_loads, top_rows in _window_maxima(loads, rows):
             more_rows = span_rows(length, ranks)
-            room = np.flatnonzero(top_rows + more_rows <= capacity)
-            if not room.size:
+            with_room = np.where(top_rows + more_rows <= capacity, top_loads, np.inf)
+            first = int(with_room.argmin())  # the least loaded window, the lowest first rank of equals
+            loaded = float(with_room[first])
+            if loaded == np.inf:
                 continue
-            least = int(np.argmin(top_loads[room]))  # the least loaded window, the lowest first rank of equals
-            loaded, first = float(top_loads[room[least]]), int(room[least])
             # a span wider than any so far adds ring steps, and their fixed cost, to every rank
             added = span_cost(length, ranks, costs) - more_rows * rate + max(0, ranks - widest) * step
             score = (loaded + added, ranks * span_cost(length, ranks, costs), ranks)
@@ -251,6 +252,7 @@ def _greedy_placement(
         cost[members] += span_cost(length, ranks, costs)
         ring_cost[members] += span_cost(length, ranks)
         rows[members] += span_rows(length, ranks)
+        placed_cost, placed_rows = placed_cost + ranks * span_cost(length, ranks, costs), placed_rows + ranks * span_rows(length, ranks)
         spans[doc] = (first, ranks)
         widest = max(widest, ranks)
     return float(ring_cost.max()) + widest * step_us(), float(cost.mean()), BalancedSharding(world_size, doc_lengths, tuple(spans), int(rows.max()))
@@ -265,6 +267,13 @@ def _window_maxima(loads: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, n
         yield width, loads, rows
         if 2 * width >= world:
             break
-        loads, rows = np.maximum(loads, np.roll(loads, -width)), np.maximum(rows, np.roll(rows, -width))
+        ahead = _shifted(world, width)  # window [i, i + 2w) = [i, i + w) and [i + w, i + 2w)
+        loads, rows = np.maximum(loads, loads.take(ahead)), np.maximum(rows, rows.take(ahead))
         width *= 2
     yield world, np.full(world, loads.max()), np.full(world, rows.max())
+
+
+@functools.lru_cache(maxsize=256)
+def _shifted(world: int, shift: int) -> np.ndarray:
+    """Rank i + shift (mod world) for each rank i."""
+    return (np.arange(world) + shift) % world
