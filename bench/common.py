@@ -8,6 +8,7 @@ and the torch version, so that a quoted figure can be traced to the run that pro
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import os
 import platform
@@ -21,6 +22,13 @@ import statistics
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_result(path: str | Path) -> dict:
+    """A result JSON, gzipped (.json.gz, as bench/results keeps the larger ones) or not."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as file:
+        return json.load(file)
 
 
 def fa4_cp_from(tree: str | None):

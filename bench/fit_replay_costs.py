@@ -15,12 +15,11 @@ a block, a causal block's pairs up to its diagonal (shifted by its extra keys); 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import numpy as np
 import torch
-from common import fa4_cp_from, record, write
+from common import fa4_cp_from, load_result, record, write
 from mixes import lognormal_lengths
 
 FORMS = {  # cost form: the step's counts it is linear in
@@ -121,11 +120,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     fa4_cp = fa4_cp_from(args.tree)
-    with open(args.replay) as file:
-        replay = json.load(file)
+    replay = load_result(args.replay)
     if args.steps_of:  # an earlier fit's counted steps: their plans need no --tree again
-        with open(args.steps_of) as file:
-            steps = json.load(file)["data"]
+        steps = load_result(args.steps_of)["data"]
     else:
         steps = replay_steps(replay, fa4_cp)
     fits = {direction: fit(steps, direction) for direction in ("forward", "backward")}

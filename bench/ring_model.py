@@ -26,25 +26,17 @@ NVLink 5 at twice the H200 hop bandwidth, the same latency and fixed costs. Writ
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, record, write  # noqa: E402
+from common import RESULTS, load_result as load, record, write  # noqa: E402
 
 H200_RUNS = RESULTS / "ring_nvidia_h200_2026-11-21"
 DAY = RESULTS / "nvidia_h200_2026-12-01"
 PREDICT_WORLD_SIZES = (8, 16, 24, 32, 48, 64, 72)
 GB200 = {"compute_scale": 989.4 / 2250.0, "bandwidth_scale": 2.0, "assumed": True}
-
-
-def load(path: Path) -> dict:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return json.load(f)
 
 
 def fit_link(transport: dict) -> dict:

@@ -11,7 +11,7 @@ backward runs one CTA per (KV tile, head), whose fixed cost a short q piece does
 
 The ring's kernels, anchored on those costs and fitted by bench/fit_replay_costs.py on the
 per-step attention times of a one-GPU replay of the ring (both packed mixes, W = 8, 80 active
-steps, on an H100: bench/results/nvidia_h100_2026-12-05/s11_fit_replay_costs_anchored.json):
+steps, on an H100: bench/results/nvidia_h100_2026-12-05/s11_fit_replay_costs_anchored.json.gz):
 - forward: one device's cost plus 3.03 us per q tile and 23.1 us per launch (median error 5.7%,
   where one device's alone gives 26%): the merging epilogue reads and writes each q tile's fp32
   out once per block, so a short piece of q costs more than its pairs;
@@ -22,7 +22,7 @@ steps, on an H100: bench/results/nvidia_h100_2026-12-05/s11_fit_replay_costs_anc
   rows in flight, took 266).
 So a short piece of a long document costs more per FLOP than a whole short document, and every
 ring step that a document's span adds costs each rank its launches and its fixed work. A free fit of the same steps
-(s11_fit_replay_costs.json) has smaller errors (3-3.5%) but trades the per-pair cost against the
+(s11_fit_replay_costs.json.gz) has smaller errors (3-3.5%) but trades the per-pair cost against the
 per-tile ones and puts long blocks under upstream's cost.
 """
 

@@ -53,10 +53,10 @@ H200 = Machine(
     "H200", attention_tflops=480.0, step_overhead_ms=0.19, hop_latency_ms=0.073, hop_gib_per_s=354.0,
     all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0,
     measured={
-        "attention_tflops": "bench/results/nvidia_h200_2026-12-01/kernels_nvidia_h200_2026-12-01_quick.json (fa4_cp fwd and bwd step, d 128, 8K)",
+        "attention_tflops": "bench/results/nvidia_h200_2026-12-01/kernels_nvidia_h200_2026-12-01_quick.json.gz (fa4_cp fwd and bwd step, d 128, 8K)",
         "step_overhead_ms": "bench/results/ring_nvidia_h200_2026-11-21/ring_w4_8k_nocheck_profile.json (1.5 ms of non-attention kernels and gaps over 8 steps)",
-        "hop_latency_ms": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json (copy-engine hop fit)",
-        "hop_gib_per_s": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json (copy-engine hop fit)",
+        "hop_latency_ms": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json.gz (copy-engine hop fit)",
+        "hop_gib_per_s": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json.gz (copy-engine hop fit)",
     },
 )
 GB200_NVL72 = Machine(
