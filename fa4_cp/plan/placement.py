@@ -23,10 +23,11 @@ Cost model: the ring kernels' forward + backward time of each rank's blocks, as
 tuning/kernel_cost.py fits it on a one-GPU replay of the ring (tile pairs, a fixed cost per q
 tile of the forward and per KV tile of the backward, which make a short piece of a long document
 dearer per FLOP than a whole short one), and the fixed cost (launches, work beside attention)
-of every ring step that the widest span adds. Documents are placed longest first, as longest-processing-time scheduling does: each
-takes the smallest span g in 1, 2, 4, ... W, and the window of g ranks with room for its rows (up
-to ceil(S / W) + 128 per rank), that keeps every rank within 3% of the mean load; if none does,
-the (span, window) that leaves the most loaded rank least loaded. The greedy runs a few ways and
+of every ring step that the widest span adds. Documents are placed longest first, as
+longest-processing-time scheduling does: each takes the smallest span g in 1, 2, 4, ... W, and
+the window of g ranks with room for its rows (up to ceil(S / W) + 128 per rank), that keeps every
+rank within 3% of the mean load; if none does, the (span, window) that leaves the most loaded
+rank least loaded. The greedy runs a few ways and
 the placement it keeps is the one whose most loaded rank the model finds fastest:
 - by the cost placed so far, the mean counting what is left whole (one device's costs, and the
   ring's);
@@ -200,7 +201,8 @@ def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> Balanced
     candidates = []
     for costs, project in ((ONE_DEVICE, False), (RING, False), (RING, True)):
         floor = 0.0
-        for _ in range(2 if costs is RING else 1):  # again, with the mean load the first pass reached as the target's floor
+        # the ring's runs again, with the mean load their first pass reached as the target's floor
+        for _ in range(2 if costs is RING else 1):
             objective, floor, sharding = _greedy_placement(doc_lengths, world_size, costs, project, floor)
             candidates.append((objective, sharding))
     return min(candidates, key=lambda pair: pair[0])[1]
@@ -218,7 +220,7 @@ def _greedy_placement(
     capacity = math.ceil(sum(doc_lengths) / world_size) + TILE
     cost, ring_cost, rows = np.zeros(world_size), np.zeros(world_size), np.zeros(world_size, dtype=np.int64)
     order = sorted((doc for doc, length in enumerate(doc_lengths) if length), key=lambda doc: (-doc_lengths[doc], doc))
-    whole = sum(span_cost(length, 1, costs) for length in doc_lengths if length)  # of the documents not yet placed, kept whole
+    whole = sum(span_cost(length, 1, costs) for length in doc_lengths if length)  # the documents not yet placed, kept whole
     rows_left, widest, placed_cost, placed_rows = sum(doc_lengths), 1, 0.0, 0
     step = step_us() if costs is RING else 0.0  # the one-device model knows no steps
     for doc in order:
@@ -232,7 +234,8 @@ def _greedy_placement(
         # the mean load if every document left stays whole: spreading the long ones first costs
         # work that a fixed one-device target would count as imbalance
         loads_sum = placed_cost + (capacity * world_size - placed_rows) * rate
-        target = SLACK * max(floor, (loads_sum + span_cost(length, 1, costs) + (whole if not project else -length * rate)) / world_size)
+        mean = (loads_sum + span_cost(length, 1, costs) + (whole if not project else -length * rate)) / world_size
+        target = SLACK * max(floor, mean)
         for ranks, top_loads, top_rows in _window_maxima(loads, rows):
             more_rows = span_rows(length, ranks)
             with_room = np.where(top_rows + more_rows <= capacity, top_loads, np.inf)
@@ -252,10 +255,12 @@ def _greedy_placement(
         cost[members] += span_cost(length, ranks, costs)
         ring_cost[members] += span_cost(length, ranks)
         rows[members] += span_rows(length, ranks)
-        placed_cost, placed_rows = placed_cost + ranks * span_cost(length, ranks, costs), placed_rows + ranks * span_rows(length, ranks)
+        placed_cost += ranks * span_cost(length, ranks, costs)
+        placed_rows += ranks * span_rows(length, ranks)
         spans[doc] = (first, ranks)
         widest = max(widest, ranks)
-    return float(ring_cost.max()) + widest * step_us(), float(cost.mean()), BalancedSharding(world_size, doc_lengths, tuple(spans), int(rows.max()))
+    sharding = BalancedSharding(world_size, doc_lengths, tuple(spans), int(rows.max()))
+    return float(ring_cost.max()) + widest * step_us(), float(cost.mean()), sharding
 
 
 def _window_maxima(loads: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
