@@ -11,7 +11,7 @@ slowest rank's time, forward and backward apart. A rank of a u x r split runs th
 ranks on h/u heads (KV heads repeated to u where fewer) over its ring rank's rows (u x 8K tokens),
 so each ring rank is replayed alone (bench/replay.py, all its kernels) and stands for its u
 ulysses ranks. Balance: each ring rank's measured time against the calibrated kernel model's
-(tuning/mesh_model.rank_costs_ms over the balanced placement): measured and modelled imbalance
+(plan/placement.rank_costs_ms over the balanced placement): measured and modelled imbalance
 (slowest / mean), and per rank measured / modelled. The plain ring (u = 1) is replayed as well
 when plan_mesh picks another split. Mixes: bench/mixes.py.
 """
@@ -33,7 +33,7 @@ from replay import replay_rank  # noqa: E402
 
 from fa4_cp import Sharding, plan_mesh  # noqa: E402
 from fa4_cp.kernels import BandMask, get_backend  # noqa: E402
-from fa4_cp.tuning.mesh_model import rank_costs_ms  # noqa: E402
+from fa4_cp.plan.placement import rank_costs_ms  # noqa: E402
 
 CAUSAL = BandMask(hi=0)
 MAGI_H100_TFLOPS = {  # MagiAttention's published varlen-causal figures per GPU (H100, 64:8, d 128, 8K per GPU)

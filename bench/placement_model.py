@@ -16,21 +16,18 @@ import time
 from common import record, write
 from mixes import add_mix_arguments, batches
 
-from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, span_cost
-from fa4_cp.tuning.kernel_cost import ONE_DEVICE, step_us
+from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, modelled_ms, rank_costs_ms
+from fa4_cp.tuning.kernel_cost import ONE_DEVICE
 
 SHORT = 2048
 
 
-def modelled(lengths: tuple[int, ...], spans, world_size: int) -> dict:
-    load = [0.0] * world_size
-    for length, (first, ranks) in zip(lengths, spans):
-        for offset in range(ranks):
-            load[(first + offset) % world_size] += span_cost(length, ranks)
-    steps = max(ranks for _, ranks in spans)
+def modelled(sharding) -> dict:
+    load = [forward + backward for forward, backward in rank_costs_ms(sharding)]
     return {
-        "slowest_rank_ms": (max(load) + steps * step_us()) / 1e3, "imbalance": max(load) / (sum(load) / world_size), "active_steps": steps,
-        "short_documents_cut": sum(1 for length, (_, ranks) in zip(lengths, spans) if length < SHORT and ranks > 1),
+        "slowest_rank_ms": modelled_ms(sharding), "imbalance": max(load) / (sum(load) / sharding.world_size),
+        "active_steps": max(ranks for _, ranks in sharding.spans),
+        "short_documents_cut": sum(1 for length, (_, ranks) in zip(sharding.doc_lengths, sharding.spans) if length < SHORT and ranks > 1),
     }
 
 
@@ -50,7 +47,7 @@ def main() -> None:
         before = _greedy_placement(lengths, world_size, ONE_DEVICE, False, 0.0)[2]
         row = {
             "mix": mix, "world_size": world_size, "documents": len(lengths), "planning_host_ms": planning_ms,
-            "kept": modelled(lengths, kept.spans, world_size), "one_device_greedy": modelled(lengths, before.spans, world_size),
+            "kept": modelled(kept), "one_device_greedy": modelled(before),
         }
         row["kept_over_one_device_greedy"] = row["kept"]["slowest_rank_ms"] / row["one_device_greedy"]["slowest_rank_ms"]
         rows.append(row)

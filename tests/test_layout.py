@@ -252,8 +252,8 @@ def test_balanced_placement_is_the_best_of_its_greedy_candidates(mix, world_size
     fixed costs, under the ring's fitted costs) than the greedy placement by one device's costs that
     it replaced, and is faster on fine-tuning-like mixes, whose last short documents that greedy
     spread over several ranks to find rows, or piled on the ranks that still had room."""
-    from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, span_cost
-    from fa4_cp.tuning.kernel_cost import ONE_DEVICE, step_us
+    from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, modelled_ms
+    from fa4_cp.tuning.kernel_cost import ONE_DEVICE
 
     # by path, as tests/test_train_profile.py loads bench/ modules
     spec = importlib.util.spec_from_file_location("mixes", Path(__file__).resolve().parents[1] / "bench" / "mixes.py")
@@ -261,15 +261,8 @@ def test_balanced_placement_is_the_best_of_its_greedy_candidates(mix, world_size
     spec.loader.exec_module(mixes)
     lengths = tuple(mixes.lognormal_lengths(8192 * world_size, mix, seed=world_size))
 
-    def modelled_us(spans) -> float:
-        load = [0.0] * world_size
-        for length, (first, ranks) in zip(lengths, spans):
-            for offset in range(ranks):
-                load[(first + offset) % world_size] += span_cost(length, ranks)
-        return max(load) + max(ranks for _, ranks in spans) * step_us()
-
-    chosen = modelled_us(balanced_sharding(lengths, world_size).spans)
-    replaced = modelled_us(_greedy_placement(lengths, world_size, ONE_DEVICE, False, 0.0)[2].spans)
+    chosen = modelled_ms(balanced_sharding(lengths, world_size))
+    replaced = modelled_ms(_greedy_placement(lengths, world_size, ONE_DEVICE, False, 0.0)[2])
     assert chosen <= replaced * (1 + 1e-9)
     if mix == "finetune" and world_size >= 32:
         assert chosen < 0.92 * replaced

@@ -53,7 +53,7 @@ import torch
 
 from ..kernels.interface import BandMask
 from .rows import RankPlan
-from ..tuning.kernel_cost import ONE_DEVICE, RING, TILE, KernelCosts, span_us, step_us
+from ..tuning.kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, ONE_DEVICE, RING, TILE, KernelCosts, span_us, step_us
 from .sharding_rows import ShardingRows
 from .span_rows import span_plan
 
@@ -190,6 +190,30 @@ def span_cost(length: int, ranks: int, costs: KernelCosts = RING) -> float:
     return sum(span_us(length, ranks, costs=costs))
 
 
+def rank_costs_ms(
+    sharding: BalancedSharding, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM,
+) -> list[tuple[float, float]]:
+    """Each rank's modelled (forward, backward) attention ms under the placement: the ring's
+    kernel costs (kernel_cost.py) of its share of every document's span."""
+    costs = [[0.0, 0.0] for _ in range(sharding.world_size)]
+    for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
+        if not ranks:  # an empty document
+            continue
+        forward, backward = span_us(length, ranks, heads, head_dim)
+        for offset in range(ranks):
+            cost = costs[(first + offset) % sharding.world_size]
+            cost[0] += forward / 1e3
+            cost[1] += backward / 1e3
+    return [(forward, backward) for forward, backward in costs]
+
+
+def modelled_ms(sharding: BalancedSharding) -> float:
+    """The placement's modelled time: its most loaded rank's attention (64 heads of 128) and the
+    fixed cost of every ring step that its widest span takes."""
+    widest = max((ranks for _, ranks in sharding.spans), default=1)
+    return max(sum(cost) for cost in rank_costs_ms(sharding)) + widest * step_us() / 1e3
+
+
 @functools.lru_cache(maxsize=64)
 def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> BalancedSharding:
     """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
@@ -214,14 +238,13 @@ def _greedy_placement(
     """Longest first, each document's narrowest span (and least loaded window) that keeps every
     rank within SLACK of the mean load; with `project`, a rank's load counts the rows it will
     still take at what the documents left cost per row; `floor`, a least mean load for the
-    target. Returns (the most loaded rank's modelled time under the ring's costs, with the ring
-    steps' fixed cost; the mean load under `costs`; the placement)."""
+    target. Returns (the placement's `modelled_ms`, the mean load under `costs`, the placement)."""
     spans = [(0, 0)] * len(doc_lengths)
     capacity = math.ceil(sum(doc_lengths) / world_size) + TILE
-    cost, ring_cost, rows = np.zeros(world_size), np.zeros(world_size), np.zeros(world_size, dtype=np.int64)
+    cost, rows = np.zeros(world_size), np.zeros(world_size, dtype=np.int64)
     order = sorted((doc for doc, length in enumerate(doc_lengths) if length), key=lambda doc: (-doc_lengths[doc], doc))
     whole = sum(span_cost(length, 1, costs) for length in doc_lengths if length)  # the documents not yet placed, kept whole
-    rows_left, widest, placed_cost, placed_rows = sum(doc_lengths), 1, 0.0, 0
+    rows_left, widest = sum(doc_lengths), 1
     step = step_us() if costs is RING else 0.0  # the one-device model knows no steps
     for doc in order:
         length, best = doc_lengths[doc], None
@@ -233,8 +256,7 @@ def _greedy_placement(
         loads = cost + (capacity - rows) * rate
         # the mean load if every document left stays whole: spreading the long ones first costs
         # work that a fixed one-device target would count as imbalance
-        loads_sum = placed_cost + (capacity * world_size - placed_rows) * rate
-        mean = (loads_sum + span_cost(length, 1, costs) + (whole if not project else -length * rate)) / world_size
+        mean = (loads.sum() + span_cost(length, 1, costs) + (whole if not project else -length * rate)) / world_size
         target = SLACK * max(floor, mean)
         for ranks, top_loads, top_rows in _window_maxima(loads, rows):
             more_rows = span_rows(length, ranks)
@@ -253,14 +275,11 @@ def _greedy_placement(
         _, ranks, first = best or (None, world_size, 0)  # nothing has room: spread over every rank
         members = [(first + offset) % world_size for offset in range(ranks)]
         cost[members] += span_cost(length, ranks, costs)
-        ring_cost[members] += span_cost(length, ranks)
         rows[members] += span_rows(length, ranks)
-        placed_cost += ranks * span_cost(length, ranks, costs)
-        placed_rows += ranks * span_rows(length, ranks)
         spans[doc] = (first, ranks)
         widest = max(widest, ranks)
     sharding = BalancedSharding(world_size, doc_lengths, tuple(spans), int(rows.max()))
-    return float(ring_cost.max()) + widest * step_us(), float(cost.mean()), sharding
+    return modelled_ms(sharding), float(cost.mean()), sharding
 
 
 def _window_maxima(loads: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:

@@ -21,9 +21,9 @@ steps, on an H100: bench/results/nvidia_h100_2026-12-05/s11_fit_replay_costs_anc
   replay's fine-tuning-like steps: 43 forward + 94 backward; its pretraining-like ones, with more
   rows in flight, took 266).
 So a short piece of a long document costs more per FLOP than a whole short document, and every
-ring step that a document's span adds costs each rank its launches and its fixed work. A free fit of the same steps
-(s11_fit_replay_costs.json.gz) has smaller errors (3-3.5%) but trades the per-pair cost against the
-per-tile ones and puts long blocks under upstream's cost.
+ring step that a document's span adds costs each rank its launches and its fixed work. A free fit
+of the same steps (s11_fit_replay_costs.json.gz) has smaller errors (3-3.5%) but trades the
+per-pair cost against the per-tile ones and puts long blocks under upstream's cost.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..plan.placement import balanced_sharding
+from ..plan.placement import balanced_sharding, rank_costs_ms
 from ..validation import heads_split
-from .kernel_cost import one_device_us, span_us
+from .kernel_cost import one_device_us
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
@@ -152,21 +152,6 @@ def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_di
         max(forward for forward, _ in costs), max(backward for _, backward in costs), ideal / 1e3, steps,
         max(sharding.causal_kv_rows) / max(steps - 1, 1),
     )
-
-
-def rank_costs_ms(sharding, heads: int, head_dim: int) -> list[tuple[float, float]]:
-    """Each rank's modelled (forward, backward) attention ms under a balanced placement of causal
-    documents: FA4's calibrated cost (kernel_cost.py) of its share of every document's span."""
-    costs = [[0.0, 0.0] for _ in range(sharding.world_size)]
-    for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
-        if not ranks:  # an empty document
-            continue
-        forward, backward = span_us(length, ranks, heads, head_dim)
-        for offset in range(ranks):
-            cost = costs[(first + offset) % sharding.world_size]
-            cost[0] += forward / 1e3
-            cost[1] += backward / 1e3
-    return [(forward, backward) for forward, backward in costs]
 
 
 def _hop_ms(nbytes: float, machine: Machine) -> float:
