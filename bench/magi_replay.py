@@ -147,7 +147,7 @@ def main() -> None:
         "magi_replay", device.type, **shape, causal=True, dtype="bfloat16",
         method="compute-only replay on one GPU: each ring rank alone with the real kernels (all of them), no transfers and no "
         "all-to-alls; CUDA events, median of 3 after one warm-up; MagiAttention's figures are its published H100 numbers",
-        magi_h100_tflops=MAGI_H100_TFLOPS, forward_pack_gqa=args.pack_gqa, rows=[],
+        magi_h100_tflops=MAGI_H100_TFLOPS, forward_pack_gqa=args.pack_gqa, forward_rounded_varlen=args.rounded_varlen, rows=[],
     )
     for mix, world, lengths in batches(args.mixes, args.world_sizes, shape["tokens_per_gpu"]):
         if args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes:
