@@ -40,6 +40,28 @@ def fa4_cp_from(tree: str | None):
     return fa4_cp
 
 
+def add_staged_forward_arguments(parser) -> None:
+    """The forward's staged options (off by default in the library until a replay shows them faster)."""
+    parser.add_argument(
+        "--pack-gqa", action="store_true", help="the forward's merging kernels with q heads packed (staged: forward_pass_sm90.PACK_GQA)",
+    )
+    parser.add_argument(
+        "--rounded-varlen", action="store_true",
+        help="the kept documents written finished by upstream's varlen kernel (staged: forward_pass_sm90.ROUNDED_VARLEN)",
+    )
+
+
+def apply_staged_forward(args) -> dict:
+    """Sets the staged options of `args` on the FA4 forward (of the fa4_cp that `fa4_cp_from` put
+    first on the path); returns them for the result's JSON."""
+    if args.pack_gqa or args.rounded_varlen:
+        from fa4_cp.kernels.fa4 import forward_pass_sm90
+
+        forward_pass_sm90.PACK_GQA = args.pack_gqa
+        forward_pass_sm90.ROUNDED_VARLEN = args.rounded_varlen
+    return {"forward_pack_gqa": args.pack_gqa, "forward_rounded_varlen": args.rounded_varlen}
+
+
 def median_ms(fns: dict, warmup: int = 3, iters: int = 15) -> dict[str, float]:
     """Median CUDA-event time of each function; rounds interleave them so drift hits all alike."""
     for fn in fns.values():
