@@ -19,9 +19,10 @@ from .forward_sm90 import PartialsForwardSm90
 from .masks import Fa4Window, block_window
 
 _compiled = kernel_cache("forward_sm90")
-ROUNDED_VARLEN = False
-"""`write_rounded` for varlen blocks (the kept documents' finished rows). Staged: compiled in CI,
-tested by tests/gpu with it forced on; the default once a GPU run has passed it."""
+ROUNDED_VARLEN = True
+"""`write_rounded` for varlen blocks (the kept documents' finished rows): no fp32 out to fill and
+round for them. On since the H200 run of 2026-12-06 (bench/results/nvidia_h200_2026-12-06:
+gpu_work_staged.json, magi_replay_staged.json, measured with PACK_GQA)."""
 PACK_GQA = False
 """Fold the q heads of a KV head into a merging tile's rows, as upstream's forward does for GQA
 (one K/V tile load serves them all; a short sequence fills its tiles). Staged: compiled in CI,
