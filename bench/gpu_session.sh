@@ -22,7 +22,6 @@
 #   error_growth   bench/ring_error_growth.py with FA4: the same tokens at W = 1, 2, 8, 72 (JSON)
 #   host_profile   bench/host_profile.py: cProfile of the ring's host path at W = 1 (text)
 #   new_dims       tests/gpu/test_fa4_backend.py at head dims 192, 256 and MLA's 192/128: backward and forward
-#   swapped_tiles  tests/gpu/test_fa4_backend.py: the backward on upstream's swapped dK/dV tiles at 192 and 256
 #   ring_new_dims  tests/gpu/test_fa4_ring.py at head dims 256 and 192/128: W = 2, 8, 72 and a 2 x 4 mesh, bf16 and fp16
 #   kernels_new_dims  bench/kernels.py --quick at head dims 256 and 192/128 (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
@@ -97,7 +96,6 @@ for part in "${parts[@]}"; do
     error_growth) run ring_error_growth.log "$seconds" python3 bench/ring_error_growth.py --backend fa4 --out "$out/ring_error_growth_fa4.json" ;;
     host_profile) run host_profile.log "$seconds" python3 bench/host_profile.py --out "$out/host_profile.txt" ;;
     new_dims) tests tests_gpu_new_dims.log "$seconds" tests/gpu/test_fa4_backend.py -k "192 or 256 or mla" ;;
-    swapped_tiles) tests tests_gpu_swapped_tiles.log "$seconds" tests/gpu/test_fa4_backend.py -k swapped ;;
     ring_new_dims) tests tests_gpu_ring_new_dims.log "$seconds" tests/gpu/test_fa4_ring.py -k "new_head_dims or mla" ;;
     kernels_new_dims) run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out" --head-dims 256 192/128 ;;
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \

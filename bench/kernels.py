@@ -35,8 +35,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import median_ms, record, today, write  # noqa: E402
 from fa4_cp.kernels import LSE_ACCUMULATOR_DTYPE, BandMask  # noqa: E402
 from fa4_cp.kernels.fa4.backend import FA4Backend  # noqa: E402
-from fa4_cp.kernels.fa4.backward_pass_sm90 import Sm90BackwardPass  # noqa: E402
-from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles  # noqa: E402
 from fa4_cp.kernels.fa4.forward_pass_sm90 import Sm90ForwardPass  # noqa: E402
 
 DIMS = ("64", "128", "256", "192/128")  # head_dim, or q/k head_dim / v head_dim
@@ -151,10 +149,6 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         "fa4_cp_bwd_step": lambda: steady.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask),
         "upstream_fa4_bwd": lambda: _flash_attn_bwd(q, k, v, up_out, dout, up_lse, softmax_scale=scale, causal=causal),
     }
-    swapped_tiles = BackwardTiles.for_head_dim(dim, dim_v, swapped_dkv=True)
-    if swapped_tiles.config.dKV_swapAB:  # upstream's own tiles at 192 and 256, not yet the pass's default
-        swapped = Sm90BackwardPass(q, up_out, up_lse, dout, None, scale, tiles=swapped_tiles)
-        contenders["fa4_cp_bwd_step_swapped_tiles"] = lambda: swapped.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
     if "cudnn_sdpa_fwd" in forward:
         cudnn_out, cudnn_dout = cudnn_forward(), dout.transpose(1, 2)
         contenders["cudnn_sdpa_bwd"] = lambda: torch.autograd.grad(cudnn_out, (q_t, k_t, v_t), cudnn_dout, retain_graph=True)
@@ -176,7 +170,6 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         "bwd_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd"),
         "bwd_ring_of_one_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_ring_of_one"),
         "bwd_step_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_step"),
-        "bwd_step_swapped_tiles_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_step_swapped_tiles"),
         "bwd_vs_cudnn": ratio("cudnn_sdpa_bwd", "fa4_cp_bwd"),
     }
 

@@ -60,10 +60,13 @@ def test_only_the_dq_tiles_a_side_writes_start_zeroed(layout):
     assert listed, "some side writes few enough tiles to be zeroed alone"
 
 
-def test_rounded_dkv_only_where_upstreams_epilogue_takes_the_tiles():
-    """At head_dim 192 the default 64-row KV tiles fail upstream's 16-bit dK/dV epilogue (an MLIR
-    partition error on an H100), so a sole block there keeps the fp32 sums and the finish."""
+def test_backward_takes_upstreams_causal_tiles_at_every_head_dim():
+    """One tile configuration per head dim, upstream's causal one, swapped dK/dV operands at 192
+    and 256 included (the epilogue adds them one float at a time)."""
+    from flash_attn.cute.interface import _tile_size_bwd_sm90
+
     from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles
 
-    assert [BackwardTiles.for_head_dim(d).writes_rounded_dkv for d in (64, 128, 192, 256)] == [True, True, False, True]
-    assert not BackwardTiles.for_head_dim(192, 128).writes_rounded_dkv
+    for dims in ((64, 64), (128, 128), (192, 192), (192, 128), (256, 256)):
+        assert BackwardTiles.for_head_dim(*dims).config == _tile_size_bwd_sm90(*dims, True, False)
+    assert BackwardTiles.for_head_dim(256).config.dKV_swapAB

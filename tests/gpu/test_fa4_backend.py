@@ -58,19 +58,6 @@ def test_backward_against_fp64(mask_name, dim, dim_v, heads, kv_heads, dtype):
     check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("dim,dim_v,heads,kv_heads", [(192, 192, 8, 2), (256, 256, 8, 8), (256, 256, 8, 2), (192, 128, 8, 8), (192, 128, 8, 2)])
-@pytest.mark.parametrize("mask_name", MASKS)
-def test_backward_with_upstreams_swapped_tiles_against_fp64(mask_name, dim, dim_v, heads, kv_heads, dtype):
-    """The Hopper backward on upstream's own tiles at 192 and 256 (dK/dV MMAs with swapped
-    operands, BackwardTiles.for_head_dim(swapped_dkv=True)), before the pass takes them by default."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Hopper backward's tiles")
-    from fa4_cp.kernels.fa4.backward_sm90 import BackwardTiles
-
-    check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, BackwardTiles.for_head_dim(dim, dim_v, swapped_dkv=True))
-
-
 SOLE_BLOCK_CASES = [
     ("causal", 128, torch.bfloat16), ("full", 128, torch.bfloat16), ("causal_shifted_diagonal", 128, torch.bfloat16),
     ("window_both_sides", 128, torch.bfloat16), ("causal", 128, torch.float16), ("causal", 64, torch.bfloat16),
@@ -88,7 +75,7 @@ def test_sole_block_writes_finished_dkv_against_fp64(mask_name, dim, dtype):
     check_backward(mask_name, dim, dim, 8, 8, dtype, sole_block=True)
 
 
-def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, tiles=None, sole_block=False):
+def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, sole_block=False):
     torch.manual_seed(dim + dim_v + heads + kv_heads)
     mask, seq, scale = MASKS[mask_name], 1000, dim**-0.5
     q = torch.randn(2, seq, heads, dim, device="cuda", dtype=dtype)
@@ -111,12 +98,7 @@ def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, tiles=None, so
     lse = torch.full((2, heads, seq), math.nan, dtype=torch.float64, device="cuda")
     backend.forward(q, k, softmax_scale=scale).step(q, k, v, out, lse, mask=mask, accumulate=False)
     out16 = out.to(dtype)
-    if tiles is None:
-        grads = backend.backward(q, out16, lse, dout, dlse, softmax_scale=scale)
-    else:
-        from fa4_cp.kernels.fa4.backward_pass_sm90 import Sm90BackwardPass
-
-        grads = Sm90BackwardPass(q, out16, lse, dout, dlse, scale, tiles=tiles)
+    grads = backend.backward(q, out16, lse, dout, dlse, softmax_scale=scale)
     if sole_block:
         assert grads.can_write_rounded(k)
         dk, dv = (torch.full(t.shape, math.nan, dtype=dtype, device="cuda") for t in (k, v))

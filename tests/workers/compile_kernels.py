@@ -104,14 +104,13 @@ def hopper_kernels() -> dict:
             backward_sm90.BackwardTiles.for_head_dim(192, 128), BFloat16, 1, causal, True, None,
         ),
         **{
-            f"backward upstream's swapped dK/dV tiles, {name}": (
+            f"backward swapped dK/dV tiles, {name}": (
                 lambda dims=dims, ratio=ratio, varlen=varlen, deterministic=deterministic: backward_sm90._compile(
-                    backward_sm90.BackwardTiles.for_head_dim(*dims, swapped_dkv=True), BFloat16, ratio, causal, varlen, None,
+                    backward_sm90.BackwardTiles.for_head_dim(*dims), BFloat16, ratio, causal, varlen, None,
                     write_first=deterministic, deterministic=deterministic,
                 )
             )
             for name, dims, ratio, varlen, deterministic in (
-                ("causal gqa 192", (192, 192), 4, False, False),
                 ("varlen causal 256", (256, 256), 1, True, False),
                 ("deterministic causal gqa first write 256", (256, 256), 2, False, True),
                 ("varlen causal gqa MLA 192 / 128", (192, 128), 2, True, False),

@@ -52,14 +52,13 @@ class _QSide:
 class Sm90BackwardPass:
     def __init__(
         self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False,
-        tiles: BackwardTiles | None = None,
     ):
         self.q, self.out, self.dout, self.softmax_scale, self.softcap = q, out, dout, softmax_scale, softcap
         self.deterministic = deterministic
         self.dk_scale = softmax_scale  # the kernel adds dK unscaled
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
-        self.tiles = tiles = tiles or BackwardTiles.for_head_dim(q.shape[-1], dout.shape[-1])
+        self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1], dout.shape[-1])
         self.dq_tiles = _dq_geometry(tiles)
         self.sides: dict[tuple, _QSide] = {}
         self.whole_dq: torch.Tensor | None = None
@@ -99,8 +98,7 @@ class Sm90BackwardPass:
 
     def can_write_rounded(self, k: torch.Tensor) -> bool:
         # upstream's own epilogue writes 16-bit dK/dV for one q head per kv head
-        same_heads = self.q.shape[-2] == k.shape[-2] and self.dout.shape[-1] == self.q.shape[-1]
-        return same_heads and self.tiles.writes_rounded_dkv
+        return self.q.shape[-2] == k.shape[-2] and self.dout.shape[-1] == self.q.shape[-1]
 
     def _semaphores(self, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> tuple:
         """Deterministic mode: upstream's turn counters, zeroed for each launch. dq: (b, h, m blocks,

@@ -20,7 +20,7 @@ tiled layout, read back once per call.
 from __future__ import annotations
 
 import functools
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, dataclass
 from typing import Optional
 
 import cuda.bindings.driver as cuda
@@ -59,18 +59,13 @@ class BackwardTiles:
 
     @staticmethod
     @functools.cache
-    def for_head_dim(head_dim: int, head_dim_v: int | None = None, *, swapped_dkv: bool = False) -> BackwardTiles:
-        """Upstream's causal tiles. At head_dim 192 and 256 upstream swaps the dK/dV MMAs'
-        operands (96- and 48-row KV tiles); by default these take 64-row KV tiles with unswapped
-        MMAs instead (passed on an H200; at 256 one Q stage, as two overflow shared memory), at
-        0.77-0.86x upstream's speed. `swapped_dkv` keeps upstream's tiles, the epilogue adding
-        one float at a time: compiled, to become the default once it passes on a GPU."""
+    def for_head_dim(head_dim: int, head_dim_v: int | None = None) -> BackwardTiles:
+        """Upstream's causal tiles. At head_dim 192 and 256 these swap the dK/dV MMAs' operands
+        (96- and 48-row KV tiles), which the epilogue takes one float at a time: 1.02-1.09x
+        upstream's backward on an H200, where 64-row unswapped tiles ran 0.79-0.87x
+        (bench/results/nvidia_h200_2026-12-06/kernels_new_dims_8k.json)."""
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
-        config = _tile_size_bwd_sm90(head_dim, head_dim_v, True, False)
-        if config.dKV_swapAB and not swapped_dkv:
-            stages_q = 1 if config.n_block_size < 64 else config.num_stages_Q
-            config = replace(config, dKV_swapAB=False, n_block_size=64, AtomLayoutNdKV=1, num_stages_Q=stages_q)
-        return BackwardTiles(config, head_dim, head_dim_v)
+        return BackwardTiles(_tile_size_bwd_sm90(head_dim, head_dim_v, True, False), head_dim, head_dim_v)
 
     @functools.cached_property
     def compile_key(self) -> tuple:
@@ -92,13 +87,6 @@ class BackwardTiles:
     def head_dim_rounded(self) -> int:
         step = self.hdim_multiple_of
         return -(-self.head_dim // step) * step
-
-    @property
-    def writes_rounded_dkv(self) -> bool:
-        """Whether upstream's 16-bit dK/dV epilogue (`write_rounded`) takes these tiles: at
-        head_dim 192 on 64-row unswapped KV tiles its tiled copy cannot partition the shared
-        tile (MLIR error on an H100, 2026-12-05); 64, 128 and 256 passed there."""
-        return self.head_dim != 192 or self.config.dKV_swapAB
 
     @property
     def num_threads(self) -> int:
