@@ -26,7 +26,7 @@ gpu_work_staged.json, magi_replay_staged.json, measured with PACK_GQA)."""
 PACK_GQA = True
 """Fold the q heads of a KV head into a merging tile's rows, as upstream's forward does for GQA
 (one K/V tile load serves them all; a short sequence fills its tiles). On since the H200 run of
-2026-12-06 (with ROUNDED_VARLEN: the replays' forward attention 3-20% faster per rank,
+2026-12-06 (with ROUNDED_VARLEN: the replays' forward attention 4-20% faster per rank,
 bench/results/nvidia_h200_2026-12-06/magi_replay_staged.json against magi_replay.json)."""
 
 
