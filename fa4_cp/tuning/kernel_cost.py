@@ -10,16 +10,21 @@ bench/results/nvidia_h200_2026-12-01/varlen_packed_2026-12-01.json.gz (8K tokens
 backward runs one CTA per (KV tile, head), whose fixed cost a short q piece does not amortize.
 
 The ring's kernels, anchored on those costs and fitted by bench/fit_replay_costs.py on the
-per-step attention times of a one-GPU replay of the ring (both packed mixes, W = 8, 80 active
-steps, on an H100: bench/results/nvidia_h100_2026-12-05/s11_fit_replay_costs_anchored.json.gz):
-- forward: one device's cost plus 3.03 us per q tile and 23.1 us per launch (median error 5.7%,
-  where one device's alone gives 26%): the merging epilogue reads and writes each q tile's fp32
-  out once per block, so a short piece of q costs more than its pairs;
-- backward: one device's cost (median error 10%, 8% over the measured times on average; a free
+per-step attention times of a one-GPU replay of the ring (both packed mixes, W = 8, 16, 32 and
+64 in the splits plan_mesh picked, 1927 active steps, on an H200, with the forward's q heads
+packed and the kept documents written finished:
+bench/results/nvidia_h200_2026-12-06/fit_replay_costs_staged.json.gz):
+- forward: one device's cost plus 1.28 us per q tile and 37.8 us per launch (median error 5.8%,
+  where one device's alone gives 19%): the merging epilogue reads and writes each q tile's fp32
+  out once per block, so a short piece of q costs more than its pairs (3.03 us per q tile and
+  23.1 per launch on an H100 before the forward packed q heads: nvidia_h100_2026-12-05/
+  s11_fit_replay_costs_anchored.json.gz);
+- backward: one device's cost (median error 12%, 9% over the measured times on average; a free
   fit puts the ring's steps under one device's, which a model held against one device must not).
-- a ring step: besides the launches, 137 us of kernels and gaps beside attention (the same
-  replay's fine-tuning-like steps: 43 forward + 94 backward; its pretraining-like ones, with more
-  rows in flight, took 266).
+- a ring step: besides the launches, 137 us of kernels and gaps beside attention (an H100
+  replay's fine-tuning-like steps at W = 8: 43 forward + 94 backward; its pretraining-like ones,
+  with more rows in flight, took 266). The H200 replay cannot tell this apart: every rank of a
+  split runs the same number of steps.
 So a short piece of a long document costs more per FLOP than a whole short document, and every
 ring step that a document's span adds costs each rank its launches and its fixed work. A free fit
 of the same steps (s11_fit_replay_costs.json.gz) has smaller errors (3-3.5%) but trades the
@@ -49,7 +54,7 @@ class KernelCosts:
     """Per ring step, the kernels and gaps beside attention (forward + backward)."""
 
 
-RING = KernelCosts(forward_pair=0.884, forward_q_tile=3.03, backward_pair=2.383, backward_kv_tile=3.828, launch=23.1, step_other=43 + 94)
+RING = KernelCosts(forward_pair=0.884, forward_q_tile=1.28, backward_pair=2.383, backward_kv_tile=3.828, launch=37.8, step_other=43 + 94)
 ONE_DEVICE = KernelCosts(forward_pair=0.884, forward_q_tile=0.0, backward_pair=2.383, backward_kv_tile=3.828)
 
 
