@@ -40,26 +40,31 @@ def fa4_cp_from(tree: str | None):
     return fa4_cp
 
 
-def add_staged_forward_arguments(parser) -> None:
-    """The forward's staged options (off by default in the library until a replay shows them faster)."""
+def add_forward_option_arguments(parser) -> None:
+    """The FA4 forward's options that a run may turn off, to measure what they bring."""
     parser.add_argument(
-        "--pack-gqa", action="store_true", help="the forward's merging kernels with q heads packed (staged: forward_pass_sm90.PACK_GQA)",
+        "--no-pack-gqa", action="store_true", help="the forward's merging kernels without q heads packed (forward_pass_sm90.PACK_GQA off)",
     )
     parser.add_argument(
-        "--rounded-varlen", action="store_true",
-        help="the kept documents written finished by upstream's varlen kernel (staged: forward_pass_sm90.ROUNDED_VARLEN)",
+        "--no-rounded-varlen", action="store_true",
+        help="the kept documents merged into fp32 out like the others (forward_pass_sm90.ROUNDED_VARLEN off)",
     )
 
 
-def apply_staged_forward(args) -> dict:
-    """Sets the staged options of `args` on the FA4 forward (of the fa4_cp that `fa4_cp_from` put
-    first on the path); returns them for the result's JSON."""
-    if args.pack_gqa or args.rounded_varlen:
+def apply_forward_options(args) -> dict:
+    """Turns off the options `args` names on the FA4 forward (of the fa4_cp that `fa4_cp_from` put
+    first on the path); returns the options as the run has them, for the result's JSON."""
+    try:
         from fa4_cp.kernels.fa4 import forward_pass_sm90
-
-        forward_pass_sm90.PACK_GQA = args.pack_gqa
-        forward_pass_sm90.ROUNDED_VARLEN = args.rounded_varlen
-    return {"forward_pack_gqa": args.pack_gqa, "forward_rounded_varlen": args.rounded_varlen}
+    except ImportError as error:  # no CuTe DSL here (a CPU dry run): the options do not apply
+        if args.no_pack_gqa or args.no_rounded_varlen:
+            raise SystemExit(f"--no-pack-gqa / --no-rounded-varlen: the FA4 forward does not import here ({error})")
+        return {}
+    if args.no_pack_gqa:
+        forward_pass_sm90.PACK_GQA = False
+    if args.no_rounded_varlen:
+        forward_pass_sm90.ROUNDED_VARLEN = False
+    return {"forward_pack_gqa": forward_pass_sm90.PACK_GQA, "forward_rounded_varlen": forward_pass_sm90.ROUNDED_VARLEN}
 
 
 def median_ms(fns: dict, warmup: int = 3, iters: int = 15) -> dict[str, float]:

@@ -27,8 +27,8 @@
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
 #   staged_forward the staged forwards against fp64: q heads packed (PACK_GQA; alone and through the ring) and
 #                  the kept documents written finished (ROUNDED_VARLEN; through the ring)
-#   magi_replay_staged  bench/magi_replay.py --pack-gqa --rounded-varlen: the staged forwards on (JSON)
-#   gpu_work_staged     bench/gpu_work.py --pack-gqa --rounded-varlen (JSON), the cases of STAGED_CASES
+#   magi_replay_unstaged  bench/magi_replay.py --no-pack-gqa --no-rounded-varlen: the forward as before 2026-12-06 (JSON)
+#   gpu_work_unstaged     bench/gpu_work.py --no-pack-gqa --no-rounded-varlen (JSON), the cases of UNSTAGED_CASES
 #   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back, the dK/dV finish,
 #                  (with indexed chains), the sole block's 16-bit out and dK/dV, and no host sync in a steady-state call
 #
@@ -102,12 +102,12 @@ for part in "${parts[@]}"; do
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
     staged_forward) tests tests_gpu_staged_forward.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py \
         -k "packed_q_heads or kept_documents" ;;
-    magi_replay_staged) run magi_replay_staged.log "$seconds" python3 bench/magi_replay.py --pack-gqa --rounded-varlen \
+    magi_replay_unstaged) run magi_replay_unstaged.log "$seconds" python3 bench/magi_replay.py --no-pack-gqa --no-rounded-varlen \
         --max-minutes "$(replay_minutes "$seconds")" --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} \
-        --out "$out/magi_replay_staged.json" ;;
-    gpu_work_staged)
-      run gpu_work_staged.log "$seconds" python3 bench/gpu_work.py --pack-gqa --rounded-varlen --out "$out/gpu_work_staged.json" \
-        --cases ${STAGED_CASES:-pretrain_w8 finetune_w8 finetune_w16} ;;
+        --out "$out/magi_replay_unstaged.json" ;;
+    gpu_work_unstaged)
+      run gpu_work_unstaged.log "$seconds" python3 bench/gpu_work.py --no-pack-gqa --no-rounded-varlen --out "$out/gpu_work_unstaged.json" \
+        --cases ${UNSTAGED_CASES:-dense_w8 pretrain_w8 finetune_w8 finetune_w16} ;;
     staged_kernels)
       tests tests_gpu_staged_kernels.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_backend.py \
         tests/gpu/test_no_host_sync.py -k "merge or split or no_key or varlen_rows or read_back or finish or sole_block or waits" ;;

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import add_staged_forward_arguments, apply_staged_forward, fa4_cp_from, record, write
+from common import add_forward_option_arguments, apply_forward_options, fa4_cp_from, record, write
 from mixes import lognormal_lengths
 
 HEAD_DIM = 128
@@ -264,16 +264,16 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--tree", help="run the fa4_cp of this checkout (a baseline)")
     parser.add_argument("--deterministic", action="store_true", help="the ring calls with deterministic=True")
-    add_staged_forward_arguments(parser)
+    add_forward_option_arguments(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     fa4_cp = fa4_cp_from(args.tree)
-    staged = apply_staged_forward(args)
+    options = apply_forward_options(args)
 
     result = record(
         "gpu_work", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
         method=f"kernel times of one fwd+bwd call summed over every simulated rank; median of {REPEATS} profiled calls after one warm-up",
-        deterministic=args.deterministic, **staged, cases={},
+        deterministic=args.deterministic, **options, cases={},
     )
     for name in args.cases:
         case = CASES[name]

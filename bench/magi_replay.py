@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import add_staged_forward_arguments, apply_staged_forward, record, write  # noqa: E402
+from common import add_forward_option_arguments, apply_forward_options, record, write  # noqa: E402
 from mixes import add_mix_arguments, batches  # noqa: E402
 from replay import replay_rank  # noqa: E402
 
@@ -122,11 +122,11 @@ def main() -> None:
     add_mix_arguments(parser, [8, 16, 32, 64])
     parser.add_argument("--dry-run", action="store_true", help="CPU, reference backend, 8:2 heads of 16, 64 tokens per GPU")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no configuration after this")
-    add_staged_forward_arguments(parser)
+    add_forward_option_arguments(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     began = time.monotonic()
-    staged = apply_staged_forward(args)
+    options = apply_forward_options(args)
     if args.dry_run:
         device, shape = torch.device("cpu"), {"heads": 8, "kv_heads": 2, "head_dim": 16, "tokens_per_gpu": 64}
         backend = get_backend("reference")
@@ -137,7 +137,7 @@ def main() -> None:
         "magi_replay", device.type, **shape, causal=True, dtype="bfloat16",
         method="compute-only replay on one GPU: each ring rank alone with the real kernels (all of them), no transfers and no "
         "all-to-alls; CUDA events, median of 3 after one warm-up; MagiAttention's figures are its published H100 numbers",
-        magi_h100_tflops=MAGI_H100_TFLOPS, **staged, rows=[],
+        magi_h100_tflops=MAGI_H100_TFLOPS, **options, rows=[],
     )
     for mix, world, lengths in batches(args.mixes, args.world_sizes, shape["tokens_per_gpu"]):
         if args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes:
