@@ -25,8 +25,8 @@
 #   ring_new_dims  tests/gpu/test_fa4_ring.py at head dims 256 and 192/128: W = 2, 8, 72 and a 2 x 4 mesh, bf16 and fp16
 #   kernels_new_dims  bench/kernels.py --quick at head dims 256 and 192/128 (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
-#   staged_forward the staged forwards against fp64: q heads packed (PACK_GQA; alone and through the ring) and
-#                  the kept documents written finished (ROUNDED_VARLEN; through the ring)
+#   staged_forward the forward's options against fp64, each way: q heads packed or not (PACK_GQA; alone and
+#                  through the ring) and the kept documents written finished or merged (ROUNDED_VARLEN; the ring)
 #   magi_replay_unstaged  bench/magi_replay.py --no-pack-gqa --no-rounded-varlen: the forward as before 2026-12-06 (JSON)
 #   gpu_work_unstaged     bench/gpu_work.py --no-pack-gqa --no-rounded-varlen (JSON), the cases of UNSTAGED_CASES
 #   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back, the dK/dV finish,

@@ -132,7 +132,7 @@ PACKED_CASES = {  # GQA ratios that divide the 128-row tile: dense, windowed, od
 
 @pytest.mark.parametrize("name", PACKED_CASES)
 def test_packed_q_heads_against_fp64(name):
-    """`pack_gqa` (staged, forward_pass_sm90.PACK_GQA): the q heads of a KV head folded into the
+    """`pack_gqa` (forward_pass_sm90.PACK_GQA, the default): the q heads of a KV head folded into the
     merging kernel's rows, first write and then three merged key pieces into a NaN out with lse
     -inf, against fp64: within 1.1x of the unpacked kernel's error on the same inputs, no NaN."""
     torch.manual_seed(7 * len(name))

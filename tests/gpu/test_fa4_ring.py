@@ -69,13 +69,14 @@ PACKED_Q_HEAD_CASES = [case for case in FA4_CASES if case.kv_heads < case.heads 
 
 @pytest.mark.parametrize("world_size", [2, 8])
 @pytest.mark.parametrize("case", PACKED_Q_HEAD_CASES, ids=lambda case: case.name)
-def test_fa4_ring_with_packed_q_heads_matches_fp64(case, world_size, monkeypatch):
-    """The staged forward with the q heads of a KV head packed into its merging kernels' rows
-    (forward_pass_sm90.PACK_GQA) through the ring: GQA dense, packed documents, windows, softcap, sinks."""
+def test_fa4_ring_without_packed_q_heads_matches_fp64(case, world_size, monkeypatch):
+    """The forward with the q heads of a KV head in rows of their own, as before PACK_GQA became the
+    default (a bench's --no-pack-gqa) through the ring: GQA dense, packed documents, windows,
+    softcap, sinks. The other ring tests run the default, packed."""
     from fa4_cp.kernels.fa4 import forward_pass_sm90
 
-    monkeypatch.setattr(forward_pass_sm90, "PACK_GQA", True)
-    check_ring(dataclasses.replace(case, name=f"{case.name}_packed_q_heads"), world_size, seed=world_size)
+    monkeypatch.setattr(forward_pass_sm90, "PACK_GQA", False)
+    check_ring(dataclasses.replace(case, name=f"{case.name}_unpacked_q_heads"), world_size, seed=world_size)
 
 
 FINAL_ROW_CASES = [case for case in FA4_CASES if case.layout == "balanced" and not case.sinks]
@@ -83,13 +84,14 @@ FINAL_ROW_CASES = [case for case in FA4_CASES if case.layout == "balanced" and n
 
 @pytest.mark.parametrize("world_size", [1, 2, 8])
 @pytest.mark.parametrize("case", FINAL_ROW_CASES, ids=lambda case: case.name)
-def test_fa4_ring_with_kept_documents_written_finished_matches_fp64(case, world_size, monkeypatch):
-    """The staged forward that writes the balanced layout's kept documents finished in q's dtype,
-    through upstream's own varlen kernel (forward_pass_sm90.ROUNDED_VARLEN), out and lse poisoned."""
+def test_fa4_ring_with_kept_documents_merged_matches_fp64(case, world_size, monkeypatch):
+    """The forward that merges the balanced layout's kept documents into the fp32 out like every
+    other row, as before ROUNDED_VARLEN became the default (a bench's --no-rounded-varlen), out and
+    lse poisoned. The other ring tests run the default, kept documents written finished."""
     from fa4_cp.kernels.fa4 import forward_pass_sm90
 
-    monkeypatch.setattr(forward_pass_sm90, "ROUNDED_VARLEN", True)
-    check_ring(dataclasses.replace(case, name=f"{case.name}_kept_finished"), world_size, seed=world_size)
+    monkeypatch.setattr(forward_pass_sm90, "ROUNDED_VARLEN", False)
+    check_ring(dataclasses.replace(case, name=f"{case.name}_kept_merged"), world_size, seed=world_size)
 
 
 def test_fa4_ring_fp16():
