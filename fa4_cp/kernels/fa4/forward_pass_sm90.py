@@ -22,12 +22,12 @@ _compiled = kernel_cache("forward_sm90")
 ROUNDED_VARLEN = True
 """`write_rounded` for varlen blocks (the kept documents' finished rows): no fp32 out to fill and
 round for them. On since the H200 run of 2026-12-06 (bench/results/nvidia_h200_2026-12-06:
-gpu_work_staged.json, magi_replay_staged.json, measured with PACK_GQA)."""
+gpu_work_staged.json, magi_replay_staged.json.gz, measured with PACK_GQA)."""
 PACK_GQA = True
 """Fold the q heads of a KV head into a merging tile's rows, as upstream's forward does for GQA
 (one K/V tile load serves them all; a short sequence fills its tiles). On since the H200 run of
 2026-12-06 (with ROUNDED_VARLEN: the replays' forward attention 4-20% faster per rank,
-bench/results/nvidia_h200_2026-12-06/magi_replay_staged.json against magi_replay.json)."""
+bench/results/nvidia_h200_2026-12-06/magi_replay_staged.json.gz against magi_replay.json.gz)."""
 
 
 class Sm90ForwardPass:
