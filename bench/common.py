@@ -67,8 +67,19 @@ def apply_forward_options(args) -> dict:
     return {"forward_pack_gqa": forward_pass_sm90.PACK_GQA, "forward_rounded_varlen": forward_pass_sm90.ROUNDED_VARLEN}
 
 
-def median_ms(fns: dict, warmup: int = 3, iters: int = 15) -> dict[str, float]:
-    """Median CUDA-event time of each function; rounds interleave them so drift hits all alike."""
+QUEUE_AHEAD_CYCLES = 50_000_000  # about 25 ms of GPU clock: longer than any timed call's host time
+
+
+def queue_ahead(device_type: str = "cuda") -> None:
+    """Keep the GPU busy while the host queues what follows, so that a timing taken after it is
+    GPU time, never a wait for the host's launches (nothing to do on CPU)."""
+    if device_type == "cuda":
+        torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
+
+
+def median_ms(fns: dict, warmup: int = 3, iters: int = 15, queued: bool = False) -> dict[str, float]:
+    """Median CUDA-event time of each function; rounds interleave them so drift hits all alike.
+    `queued`: each call's launches queued behind a sleep kernel (`queue_ahead`): GPU time only."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -77,6 +88,8 @@ def median_ms(fns: dict, warmup: int = 3, iters: int = 15) -> dict[str, float]:
         for name, fn in fns.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
+            if queued:
+                queue_ahead()
             start.record()
             fn()
             end.record()

@@ -68,6 +68,8 @@ def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, back
             "modelled_imbalance": max(model) / statistics.mean(model) if any(model) else 1.0,
             "measured_over_modelled": [m / c if c else None for m, c in zip(measured, model)],
             "tflops_per_gpu": flops[direction] / world / (slowest * 1e-3) / 1e12,
+            # the same from an idle GPU, the host pacing the launches (bench/replay.py)
+            "tflops_per_gpu_paced": flops[direction] / world / (max(rank[f"{direction}_paced_ms"] for rank in ranks) * 1e-3) / 1e12,
             # what plan_mesh's per-step overhead stands for: a rank's time beside its attention kernels, per active step
             "other_ms_per_step": statistics.mean(
                 (rank[f"{direction}_ms"] - rank[f"{direction}_attention_ms"]) / max(len(rank["steps"]), 1) for rank in ranks
@@ -95,7 +97,7 @@ def upstream_one_device_ms(lengths: list[int], shape: dict) -> dict[str, float]:
 
     out = forward()
     dout = torch.randn_like(out)
-    times = median_ms({"forward": forward, "backward": lambda: out.backward(dout, retain_graph=True)}, warmup=1, iters=3)
+    times = median_ms({"forward": forward, "backward": lambda: out.backward(dout, retain_graph=True)}, warmup=1, iters=3, queued=True)
     return {"forward": times["forward"], "backward": times["backward"]}
 
 
@@ -136,7 +138,8 @@ def main() -> None:
     result = record(
         "magi_replay", device.type, **shape, causal=True, dtype="bfloat16",
         method="compute-only replay on one GPU: each ring rank alone with the real kernels (all of them), no transfers and no "
-        "all-to-alls; CUDA events, median of 3 after one warm-up; MagiAttention's figures are its published H100 numbers",
+        "all-to-alls; CUDA events, median of 3 after one warm-up, the launches queued behind a sleep kernel (GPU time; "
+        "*_paced: from an idle GPU, as the host launches); MagiAttention's figures are its published H100 numbers",
         magi_h100_tflops=MAGI_H100_TFLOPS, **options, rows=[],
     )
     for mix, world, lengths in batches(args.mixes, args.world_sizes, shape["tokens_per_gpu"]):

@@ -4,7 +4,8 @@ overhead (its prediction with the hops and all-to-alls left out, which one GPU c
 
 A rank of a u x r mesh runs the ring of r ranks on its h / u heads (KV heads repeated to u where
 fewer) over the r-way share of the sequence, u times the tokens of a rank of the plain ring.
-Dense causal zigzag sequences, rank 0, forward + backward, CUDA events, median of 3.
+Dense causal zigzag sequences, rank 0, forward + backward, CUDA events, median of 3 (GPU time:
+the launches queued behind a sleep kernel, bench/replay.py).
 
     python bench/mesh_replay.py --out bench/results/<device>_<date>/mesh_replay.json
 """

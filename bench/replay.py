@@ -4,8 +4,11 @@ A rank's GPU work in a ring call is its plan's blocks plus the executor's own ke
 adds); the values the KV buffers hold do not change it. So a rank can be replayed alone: the
 executor runs with a transport that moves nothing (every buffer keeps its random contents) and a
 backend that times each block's kernels with CUDA events. Summed over blocks that is the rank's
-attention time, per ring step; around the whole call, all of its kernels. Bytes per hop follow
-from the buffers' shapes. bench/varlen.py, bench/mesh_replay.py and bench/magi_replay.py use it.
+attention time, per ring step; around the whole call, all of its kernels. Each call is timed twice:
+with its launches queued behind a sleep kernel, so that the GPU never waits for the host (its GPU
+time: what a training step pays while the host runs ahead, and what the figures are), and from an
+idle GPU, paced by the host's launches (`*_paced_ms`; a short rank's small kernels can wait on the
+host there). Bytes per hop follow from the buffers' shapes. bench/varlen.py, bench/mesh_replay.py and bench/magi_replay.py use it.
 On CPU (a dry run of those benchmarks with the reference backend) the host clock stands in for
 CUDA events.
 """
@@ -17,6 +20,7 @@ import time
 
 import torch
 
+from common import queue_ahead
 from fa4_cp.comm.buffers import BufferPool
 from fa4_cp.runtime.executor import Ring, ring_backward, ring_forward
 from fa4_cp.plan.rows import RankPlan, rank_plan
@@ -115,27 +119,33 @@ def replay_rank(
 
     out, lse = forward()
     ring_backward(ring, q, k, v, out, lse, dout, None)
-    totals: dict[str, list[float]] = {"forward": [], "backward": []}
+    totals: dict[tuple[str, bool], list[float]] = {(name, paced): [] for name in ("forward", "backward") for paced in (False, True)}
     steps: dict[str, list[list[float]]] = {"forward": [], "backward": []}
     for _ in range(iters):
         for name, run, log in (
             ("forward", forward, timed.forward_log),
             ("backward", lambda: ring_backward(ring, q, k, v, out, lse, dout, None), timed.backward_log),
         ):
-            log.clear()
-            start, end = mark(device), mark(device)
-            start.record()
-            run()
-            end.record()
-            synchronize(device)
-            totals[name].append(start.elapsed_time(end))
-            steps[name].append(_per_step_ms(plan, log))
+            for paced in (False, True):
+                log.clear()
+                start, end = mark(device), mark(device)
+                if not paced:
+                    queue_ahead(device.type)
+                start.record()
+                run()
+                end.record()
+                synchronize(device)
+                totals[name, paced].append(start.elapsed_time(end))
+                if not paced:
+                    steps[name].append(_per_step_ms(plan, log))
     received_rows, hops = _received_rows(plan, sharding.local_len)
     kv_bytes = 2 * received_rows // max(hops, 1) * kv_heads * head_dim * 2
     return {
         "rank": rank,
-        "forward_ms": statistics.median(totals["forward"]),
-        "backward_ms": statistics.median(totals["backward"]),
+        "forward_ms": statistics.median(totals["forward", False]),
+        "backward_ms": statistics.median(totals["backward", False]),
+        "forward_paced_ms": statistics.median(totals["forward", True]),
+        "backward_paced_ms": statistics.median(totals["backward", True]),
         "forward_attention_ms": statistics.median(sum(s) for s in steps["forward"]),
         "backward_attention_ms": statistics.median(sum(s) for s in steps["backward"]),
         "steps": [step.step for step in plan.steps],

@@ -161,7 +161,7 @@ def main() -> None:
     files = corpus_file_lengths()
     result = record(
         "varlen", "cuda", head_dim=HEAD_DIM, causal=True, dtype="bfloat16", tokens_per_gpu=TOKENS_PER_GPU,
-        corpus_files=len(files), statistic="median of 3 after 1 warm-up, CUDA events; per rank replayed alone",
+        corpus_files=len(files), statistic="median of 3 after 1 warm-up, CUDA events; per rank replayed alone, its launches queued behind a sleep kernel (GPU time)",
         packed=[], dense=[],
     )
     out = args.out or RESULTS / f"varlen_{result['device'].lower().replace(' ', '_')}_{today()}.json"
