@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .consistency import count_call
-from .handles import backend_key, group_by_name, options_handle, ring_and_ulysses_names
+from .handles import backend_key, call_handle, group_by_name, options_handle, ring_and_ulysses_names
 from .kernels import AttentionBackend
 from .ops import ring_attention_op
 from .options import checked_options
@@ -119,7 +119,7 @@ def _run(
             count_call(group_by_name(name))
         raise
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
-    out, lse, *_for_backward = ring_attention_op(q, k, v, cu_seqlens, sinks, ring, ulysses, options, grad)
+    out, lse, *_for_backward = ring_attention_op(q, k, v, cu_seqlens, sinks, call_handle(ring, ulysses, options, grad))
     if not return_lse:
         return out
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

@@ -8,7 +8,7 @@ inside the Ulysses stage on a 2-D mesh (runtime/ulysses.py). It returns out, the
 on a 2-D mesh, the head-sharded tensors the backward reads (empty on a 1-D ring, whose backward
 reads the inputs). `fa4_cp::ring_attention_backward` finds the forward's PreparedCall in the
 cache and runs the ring backward. What the schema cannot carry travels as string handles
-(handles.py): the groups, the RingOptions. The fake implementations give every shape from the
+(handles.py): the groups and the RingOptions, in the forward as one call handle. The fake implementations give every shape from the
 inputs', so new sequence lengths are symbolic, as for SDPA.
 """
 
@@ -19,7 +19,7 @@ import torch
 from .call import PreparedCall, prepared_call, stand_in
 from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
-from .handles import backend_of, group_by_name, options_of
+from .handles import backend_of, call_of, group_by_name, options_of
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
 from .runtime.ring_run import ring_run_backward, ring_run_forward
 from .runtime.ulysses import ulysses_backward, ulysses_forward
@@ -37,11 +37,11 @@ def _prepared(q, k, v, cu_seqlens, sinks, ring: str, ulysses: str | None, option
 
 @torch.library.custom_op("fa4_cp::ring_attention", mutates_args=())
 def ring_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None,
-    ring: str, ulysses: str | None, options: str, grad: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, call: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (q's shape with v's head_dim, q's dtype), the final LSE in fp64 (sinks included), then
-    what a 2-D call's backward reads (empty tensors on a 1-D ring)."""
+    what a 2-D call's backward reads (empty tensors on a 1-D ring). `call`: handles.call_handle."""
+    ring, ulysses, options, grad = call_of(call)
     groups = [group_by_name(name) for name in (ring, ulysses) if name is not None]
     numbers = [count_call(group) for group in groups]  # before any check: a refused call counts
     prepared = _prepared(q, k, v, cu_seqlens, sinks, ring, ulysses, options, grad)
@@ -58,7 +58,8 @@ def _heads_shape(x: torch.Tensor, u: int, heads: int) -> tuple[int, ...]:
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, cu_seqlens, sinks, ring, ulysses, options, grad):
+def _(q, k, v, cu_seqlens, sinks, call):
+    ulysses = call_of(call)[1]
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3]), dtype=LSE_ACCUMULATOR_DTYPE)
     if ulysses is None:
@@ -99,7 +100,8 @@ def _(q, k, v, out, lse, dout, dlse, cu_seqlens, sinks, ring, ulysses, options, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, sinks, ring, ulysses, options, _grad = inputs
+    q, k, v, cu_seqlens, sinks, call = inputs
+    ring, ulysses, options, _grad = call_of(call)
     out, lse, *heads_saved = output
     saved = (q, k, v, out, lse) if ulysses is None else heads_saved
     ctx.save_for_backward(*saved, cu_seqlens, sinks)
@@ -112,7 +114,7 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, *_saved
     *saved, cu_seqlens, sinks = ctx.saved_tensors
     dout = saved[0].new_zeros(ctx.out_shape) if dout is None else dout
     dq, dk, dv, dsinks = ring_attention_backward_op(*saved, dout, dlse, cu_seqlens, sinks, *ctx.groups, ctx.options, ctx.kv_heads)
-    return dq, dk, dv, None, None if sinks is None else dsinks, None, None, None, None
+    return dq, dk, dv, None, None if sinks is None else dsinks, None
 
 
 torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
