@@ -100,9 +100,10 @@ def fit(steps: list[dict], direction: str) -> dict:
     forms.update({name: ({c: getattr(ONE_DEVICE, field) for c, field in fixed.items()}, free) for name, (fixed, free) in ANCHORED[direction].items()})
     fits = {}
     for name, (fixed, free) in forms.items():
-        anchored = counts(fixed) @ np.array(list(fixed.values())) if fixed else np.zeros(len(steps))
-        coefficients = np.linalg.lstsq(counts(free), measured - anchored, rcond=None)[0] if free else np.zeros(0)
-        modelled = anchored + (counts(free) @ coefficients if free else 0.0)
+        anchored = counts(fixed) @ np.array(list(fixed.values()), dtype=float)  # zeros where nothing is held fixed
+        free_counts = counts(free)
+        coefficients = np.linalg.lstsq(free_counts, measured - anchored, rcond=None)[0] if free else np.zeros(0)
+        modelled = anchored + free_counts @ coefficients
         relative = np.abs(modelled - measured) / measured
         fits[name] = {
             "us_per": {**fixed, **dict(zip(free, (float(c) for c in coefficients)))}, "held_fixed": sorted(fixed),

@@ -8,9 +8,9 @@ attention time, per ring step; around the whole call, all of its kernels. Each c
 with its launches queued behind a sleep kernel, so that the GPU never waits for the host (its GPU
 time: what a training step pays while the host runs ahead, and what the figures are), and from an
 idle GPU, paced by the host's launches (`*_paced_ms`; a short rank's small kernels can wait on the
-host there). Bytes per hop follow from the buffers' shapes. bench/varlen.py, bench/mesh_replay.py and bench/magi_replay.py use it.
-On CPU (a dry run of those benchmarks with the reference backend) the host clock stands in for
-CUDA events.
+host there). Bytes per hop follow from the buffers' shapes. bench/varlen.py, bench/mesh_replay.py
+and bench/magi_replay.py use it. On CPU (a dry run of those benchmarks with the reference backend)
+the host clock stands in for CUDA events.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ inside the Ulysses stage on a 2-D mesh (runtime/ulysses.py). It returns out, the
 on a 2-D mesh, the head-sharded tensors the backward reads (empty on a 1-D ring, whose backward
 reads the inputs). `fa4_cp::ring_attention_backward` finds the forward's PreparedCall in the
 cache and runs the ring backward. What the schema cannot carry travels as string handles
-(handles.py): the groups and the RingOptions, in the forward as one call handle. The fake implementations give every shape from the
-inputs', so new sequence lengths are symbolic, as for SDPA.
+(handles.py): the groups and the RingOptions, in the forward as one call handle. The fake
+implementations give every shape from the inputs', so new sequence lengths are symbolic, as for
+SDPA.
 """
 
 from __future__ import annotations
