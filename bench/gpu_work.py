@@ -15,7 +15,9 @@ bf16, head_dim 128. Kernels are sorted three ways:
   pre/post-processing);
 - other: everything else: torch's copies, fills, adds, index kernels, and fa4_cp's own read-back and
   finishing kernels (`RING_HELPER_KERNELS`), which stand where torch kernels stood.
-Each figure is the median of 3 profiled calls. Ratios are one device's time over the ring's (1.0: no work beyond one device's): attention kernels
+The profiled call is the attention call and torch.autograd.grad of it, on leaves made beforehand
+(no input copies, no .grad adds: until 2026-12-06 the ring's side cloned its inputs inside the
+profile and one device's added into .grad). Each figure is the median of 3 profiled calls. Ratios are one device's time over the ring's (1.0: no work beyond one device's): attention kernels
 against one device's attention kernels, and all kernels but the transport's against all of one
 device's. Per rank, the non-attention kernels are listed with their launches per call, so that a
 kernel launched per ring step shows (launches near the step count).
@@ -178,7 +180,7 @@ def one_device(case: Case, inputs) -> dict:
     def step():
         out = call()
         out = out[0] if isinstance(out, tuple) else out
-        torch.autograd.backward(out, dout)
+        torch.autograd.grad(out, leaves, dout)
 
     return median_sorted(step, {}, REPEATS)
 
@@ -206,15 +208,18 @@ def ring(case: Case, inputs, fa4_cp, deterministic: bool = False) -> dict:
         from fa4_cp.plan.mesh_sharding import mesh_sharding
 
         sharding = mesh_sharding(sharding, case.ulysses)
-    shards = [[sharding.shard(t, rank, seq_dim).contiguous() for t in (q, k, v, dout)] for rank in range(world)]
+    # Leaves made before the profiled calls, and gradients taken, not accumulated: the profile
+    # holds the attention call's kernels only (no input copies, no .grad adds).
+    shards = [
+        [*(sharding.shard(t, rank, seq_dim).contiguous().requires_grad_() for t in (q, k, v)), sharding.shard(dout, rank, seq_dim).contiguous()]
+        for rank in range(world)
+    ]
 
     def rank_call(group):
-        rank = group.rank
-        q_, k_, v_, dout_ = shards[rank]
-        leaves = [t.clone().requires_grad_() for t in (q_, k_, v_)]
+        *leaves, dout_ = shards[group.rank]
         options = dict(group=group, causal=True, backend="fa4", **({"deterministic": True} if deterministic else {}))
         out = fa4_cp.ring_attention(*leaves, **options) if lengths is None else fa4_cp.ring_attention_varlen(*leaves, cu_seqlens, **options)
-        torch.autograd.backward(out, dout_)
+        torch.autograd.grad(out, leaves, dout_)
 
     ranks = simulated.SimulatedMesh(case.ulysses, world // case.ulysses) if case.ulysses > 1 else simulated.SimulatedRing(world)
     with TransportStream(simulated, exchange) as streams:
@@ -275,7 +280,10 @@ def main() -> None:
 
     result = record(
         "gpu_work", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
-        method=f"kernel times of one fwd+bwd call summed over every simulated rank; median of {REPEATS} profiled calls after one warm-up",
+        method=(
+            f"kernel times of one fwd+bwd call (torch.autograd.grad on leaves made beforehand) summed over every simulated rank; "
+            f"median of {REPEATS} profiled calls after one warm-up"
+        ),
         deterministic=args.deterministic, **options, cases={},
     )
     for name in args.cases:
