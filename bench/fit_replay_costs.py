@@ -2,10 +2,14 @@
 rank's plan is rebuilt from the same documents, each active step's blocks counted (tile pairs, q
 tiles, KV tiles, launches), and the step's measured attention time fitted by least squares, forward
 and backward apart, for a few cost forms. What tuning/kernel_cost.py would take from the ring's own
-blocks, in place of upstream's one-device varlen runs.
+blocks, in place of upstream's one-device varlen runs. Beside them, each replayed rank's time
+beside its attention kernels (fills, read-backs, the finish, copies) against its active steps: a
+fixed cost per call and one per step (`beside_attention`; kernel_cost's `call_other` and
+`step_other`).
 
     python bench/fit_replay_costs.py REPLAY_JSON --tree CHECKOUT_OF_THE_REPLAYS_COMMIT --out PATH
     python bench/fit_replay_costs.py REPLAY_JSON --steps-of AN_EARLIER_FIT_OF_IT --out PATH
+    (--without-steps: the JSON without the counted steps, which --steps-of reads)
 
 The plan must be the one the replay ran: give `--tree` a checkout of the replay's commit
 (its `git_commit`) when the planner has changed since. Tile counts: 128 x 128 tiles per sequence of
@@ -113,11 +117,31 @@ def fit(steps: list[dict], direction: str) -> dict:
     return fits
 
 
+def fit_beside_attention(replay: dict) -> dict:
+    """Least squares over every replayed rank: its time beside attention (us, forward, backward and
+    both) against a cost per call and one per active step. Every rank of a replay at a fixed number
+    of tokens per GPU holds the same tokens x heads, so the per-call cost is at that shape."""
+    ranks = [rank for row in replay["rows"] for split in ("chosen", "plain_ring") if split in row for rank in row[split]["ranks"]]
+    design = np.array([[1.0, len(rank["steps"])] for rank in ranks])
+    fits = {}
+    for direction in ("forward", "backward", "both"):
+        parts = ("forward", "backward") if direction == "both" else (direction,)
+        measured = np.array([sum(rank[f"{part}_ms"] - rank[f"{part}_attention_ms"] for part in parts) * 1e3 for rank in ranks])
+        (per_call, per_step) = np.linalg.lstsq(design, measured, rcond=None)[0]
+        relative = np.abs(design @ np.array([per_call, per_step]) - measured) / measured
+        fits[direction] = {
+            "call_us": float(per_call), "step_us": float(per_step), "median_relative_error": float(np.median(relative)),
+            "max_relative_error": float(relative.max()),
+        }
+    return {"ranks": len(ranks), "tokens_per_gpu": replay["tokens_per_gpu"], "heads": replay["heads"], "head_dim": replay["head_dim"], "fits": fits}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("replay")
     parser.add_argument("--tree", help="a checkout of the replay's commit, whose planner rebuilds its plans")
     parser.add_argument("--steps-of", help="an earlier fit's JSON of this replay: its counted steps, not the plans rebuilt")
+    parser.add_argument("--without-steps", action="store_true", help="leave the counted steps out of the JSON (they are most of it)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     fa4_cp = fa4_cp_from(args.tree)
@@ -127,16 +151,20 @@ def main() -> None:
     else:
         steps = replay_steps(replay, fa4_cp)
     fits = {direction: fit(steps, direction) for direction in ("forward", "backward")}
+    beside = fit_beside_attention(replay)
     for direction, forms in fits.items():
         for name, result in forms.items():
             coefficients = ", ".join(f"{value:.3f} us per {count}" for count, value in result["us_per"].items())
             print(f"{direction:8} {name:28} {coefficients}; median error {result['median_relative_error']:.3f}, max {result['max_relative_error']:.3f}")
+    for direction, result in beside["fits"].items():
+        print(f"{direction:8} beside attention: {result['call_us']:.1f} us per call + {result['step_us']:.1f} per step; "
+              f"median error {result['median_relative_error']:.3f}, max {result['max_relative_error']:.3f}")
     write(record(
         "fit_replay_costs", "cpu", replay=args.replay, replay_device=replay["device"], replay_commit=replay["git_commit"],
         planner_tree=args.tree, steps_of=args.steps_of, steps=len(steps), median_step_us={d: statistics.median(s[f"{d}_us"] for s in steps) for d in ("forward", "backward")},
         method="least squares over each replayed rank's active steps: measured attention us of the step against its blocks' counts; "
         "pairs and tiles per 64 heads, launches as they are",
-        fits=fits, data=steps,
+        fits=fits, beside_attention=beside, **({} if args.without_steps else {"data": steps}),
     ), args.out)
 
 
