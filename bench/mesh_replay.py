@@ -34,7 +34,7 @@ def replay_split(candidate: dict, world_size: int, per_gpu: int, heads: int, kv_
     sharding = Sharding.dense(world_size * per_gpu, r, "zigzag")
     measured = replay_rank(sharding, CAUSAL, 0, heads // u, max(kv_heads // u, 1), head_dim, backend)
     measured_ms = measured["forward_ms"] + measured["backward_ms"]
-    predicted_ms = candidate["compute_ms"] + candidate["active_steps"] * H200.step_overhead_ms
+    predicted_ms = candidate["compute_ms"] + candidate["active_steps"] * H200.step_overhead_ms + candidate["call_ms"]
     return {
         "ulysses": u, "ring": r, "measured_ms": measured_ms, "forward_ms": measured["forward_ms"], "backward_ms": measured["backward_ms"],
         "attention_ms": measured["forward_attention_ms"] + measured["backward_attention_ms"],

@@ -21,10 +21,14 @@ bench/results/nvidia_h200_2026-12-06/fit_replay_costs_staged.json.gz):
   s11_fit_replay_costs_anchored.json.gz);
 - backward: one device's cost (median error 12%, 9% over the measured times on average; a free
   fit puts the ring's steps under one device's, which a model held against one device must not).
-- a ring step: besides the launches, 137 us of kernels and gaps beside attention (an H100
-  replay's fine-tuning-like steps at W = 8: 43 forward + 94 backward; its pretraining-like ones,
-  with more rows in flight, took 266). The H200 replay cannot tell this apart: every rank of a
-  split runs the same number of steps.
+- beside attention (fills, the dq read-back, the dK/dV finish, copies), fitted on every rank of an
+  H100 replay of both mixes at W = 8-64, plain rings of 8-32 active steps among them, as a cost per
+  call and one per active step: 353 us per call (at 8K tokens of 64 heads per rank) and 22.3 us per
+  step, forward and backward together (median error 8%;
+  bench/results/nvidia_h100_2026-12-06_s14/fit_replay_costs.json, `beside_attention`). Until then
+  the model charged 137 us per step and nothing per call (that replay's fine-tuning-like W = 8
+  ranks' time beside attention over their steps), which a 2-step rank bore about right and a
+  32-step rank about 4x over.
 So a short piece of a long document costs more per FLOP than a whole short document, and every
 ring step that a document's span adds costs each rank its launches and its fixed work. A free fit
 of the same steps (s11_fit_replay_costs.json.gz) has smaller errors (3-3.5%) but trades the
@@ -37,7 +41,7 @@ import math
 from dataclasses import dataclass
 
 TILE = 128
-CALIBRATED_HEADS, CALIBRATED_HEAD_DIM = 64, 128
+CALIBRATED_HEADS, CALIBRATED_HEAD_DIM, CALIBRATED_TOKENS = 64, 128, 8192
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,12 @@ class KernelCosts:
     """Per ring step (the forward's; the backward's is within its fit's error)."""
     step_other: float = 0.0
     """Per ring step, the kernels and gaps beside attention (forward + backward)."""
+    call_other: float = 0.0
+    """Per call, the kernels beside attention that do not grow with the steps (forward +
+    backward), at 8K tokens per rank: they scale with a rank's tokens."""
 
 
-RING = KernelCosts(forward_pair=0.884, forward_q_tile=1.28, backward_pair=2.383, backward_kv_tile=3.828, launch=37.8, step_other=43 + 94)
+RING = KernelCosts(forward_pair=0.884, forward_q_tile=1.28, backward_pair=2.383, backward_kv_tile=3.828, launch=37.8, step_other=22.3, call_other=353.0)
 ONE_DEVICE = KernelCosts(forward_pair=0.884, forward_q_tile=0.0, backward_pair=2.383, backward_kv_tile=3.828)
 
 
@@ -86,6 +93,11 @@ def step_us(heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) 
     """What one more ring step costs every rank beside its blocks: the launches, and the work and
     gaps beside attention."""
     return _scale(heads, head_dim) * (RING.launch + RING.step_other)
+
+
+def call_us(tokens: int, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> float:
+    """What a ring call costs a rank of `tokens` local tokens beside attention and its steps."""
+    return _scale(heads, head_dim) * RING.call_other * tokens / CALIBRATED_TOKENS
 
 
 def span_tiles(length: int, ranks: int) -> tuple[float, float, float]:

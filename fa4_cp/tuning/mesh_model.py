@@ -3,8 +3,9 @@ backward) for every split and returns the fastest, with its reason.
 
 The model is the ring model of bench/ring_model.py reduced to closed form:
 - a ring of r ranks makes r steps; each step costs max(its compute, its KV hop) plus a fixed
-  overhead (launches, merges, the dK/dV adds), forward and backward (whose hop also carries the
-  fp32 dK/dV);
+  overhead (launches, work beside attention), forward and backward (whose hop also carries the
+  fp32 dK/dV); the call adds its work beside attention that does not grow with the steps (fills,
+  the dq read-back, the dK/dV finish), in proportion to a GPU's tokens x heads;
 - compute is the call's attention FLOPs per GPU at a sustained rate, whatever the split (the
   FLOPs are the same; Ulysses only makes the blocks u times larger);
 - the Ulysses all-to-alls move q, k, v (one exchange), out and lse forward, dout, dq, dk and dv
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..plan.placement import balanced_sharding, rank_costs_ms
 from ..validation import heads_split
-from .kernel_cost import one_device_us
+from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
@@ -41,6 +42,9 @@ class Machine:
     """Sustained attention kernels, forward and backward together (TFLOP/s per GPU)."""
     step_overhead_ms: float
     """Fixed cost of one ring step, forward and backward together."""
+    call_overhead_ms: float
+    """Work beside attention per layer call, forward and backward, at 8K tokens of 64 heads of 128
+    per GPU (it scales with a GPU's tokens x heads x head_dim)."""
     hop_latency_ms: float
     hop_gib_per_s: float
     all_to_all_latency_ms: float
@@ -49,18 +53,23 @@ class Machine:
     """Where each figure comes from; a figure not named here is assumed."""
 
 
+# kernel_cost.RING's replay fits: a step's forward launch and its work beside attention, the call's
+# work beside attention (on an H100, whose memory is slower than the H200's: upper bounds here)
+_STEP_MS, _CALL_MS = (RING.launch + RING.step_other) / 1e3, RING.call_other / 1e3
+
 H200 = Machine(
-    "H200", attention_tflops=480.0, step_overhead_ms=0.19, hop_latency_ms=0.073, hop_gib_per_s=354.0,
-    all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0,
+    "H200", attention_tflops=480.0, step_overhead_ms=_STEP_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
+    hop_gib_per_s=354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0,
     measured={
         "attention_tflops": "bench/results/nvidia_h200_2026-12-01/kernels_nvidia_h200_2026-12-01_quick.json.gz (fa4_cp fwd and bwd step, d 128, 8K)",
-        "step_overhead_ms": "bench/results/ring_nvidia_h200_2026-11-21/ring_w4_8k_nocheck_profile.json (1.5 ms of non-attention kernels and gaps over 8 steps)",
+        "step_overhead_ms": "tuning/kernel_cost.py RING.launch (nvidia_h200_2026-12-06/fit_replay_costs_staged.json.gz) + RING.step_other (nvidia_h100_2026-12-06_s14/fit_replay_costs.json, an H100)",
+        "call_overhead_ms": "tuning/kernel_cost.py RING.call_other (bench/results/nvidia_h100_2026-12-06_s14/fit_replay_costs.json, an H100)",
         "hop_latency_ms": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json.gz (copy-engine hop fit)",
         "hop_gib_per_s": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json.gz (copy-engine hop fit)",
     },
 )
 GB200_NVL72 = Machine(
-    "GB200 NVL72 (assumed)", attention_tflops=480.0 * 2250.0 / 989.4, step_overhead_ms=0.19, hop_latency_ms=0.073,
+    "GB200 NVL72 (assumed)", attention_tflops=480.0 * 2250.0 / 989.4, step_overhead_ms=_STEP_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
     hop_gib_per_s=2 * 354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=600.0,
 )
 
@@ -130,9 +139,10 @@ def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machin
         per_head_bytes = local * head_dim * BYTES_16BIT * (u - 1) / u
         moved = per_head_bytes * (4 * heads + 4 * max(kv_heads, u))  # q, out, dout, dq; k, v, dk, dv
         all_to_all_ms = ALL_TO_ALLS * machine.all_to_all_latency_ms + moved / (machine.all_to_all_gib_per_s * 2**30) * 1e3
-    total = ring_ms + all_to_all_ms
+    call_ms = machine.call_overhead_ms * seq_len / (u * r) * heads * head_dim / (CALIBRATED_TOKENS * CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
+    total = ring_ms + all_to_all_ms + call_ms
     return {
-        "ulysses": u, "ring": r, "active_steps": steps, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms,
+        "ulysses": u, "ring": r, "active_steps": steps, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms, "call_ms": call_ms,
         "compute_ms": compute_ms, "efficiency": ideal_ms / total, "bound": bound, "hop_bytes": kv_bytes,
     }
 
