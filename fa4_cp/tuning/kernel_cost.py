@@ -95,11 +95,6 @@ def step_us(heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) 
     return _scale(heads, head_dim) * (RING.launch + RING.step_other)
 
 
-def call_us(tokens: int, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> float:
-    """What a ring call costs a rank of `tokens` local tokens beside attention and its steps."""
-    return _scale(heads, head_dim) * RING.call_other * tokens / CALIBRATED_TOKENS
-
-
 def span_tiles(length: int, ranks: int) -> tuple[float, float, float]:
     """(tile pairs, q tiles, KV tiles) of a document's causal attention on each rank of a span of
     `ranks` (placement.py: kept whole when 1; else 2 x ranks zigzag chunks, two per rank). A rank
