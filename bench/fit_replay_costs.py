@@ -78,6 +78,11 @@ def replay_steps(replay: dict, fa4_cp) -> list[dict]:
             for rank in row[split]["ranks"]:
                 plan = rank_plan(sharding, BandMask(hi=0), rank["rank"], torch.device("cpu"))
                 for step, forward, backward in zip(plan.steps, rank["forward_step_attention_ms"], rank["backward_step_attention_ms"]):
+                    if bool(step.blocks) != bool(forward or backward):
+                        raise ValueError(
+                            f"{row['mix']} W={row['world_size']} rank {rank['rank']} step {step.step}: this planner's blocks are not "
+                            f"the replay's (give --tree a checkout of {replay['git_commit']})"
+                        )
                     if not step.blocks:
                         continue
                     counts = {"pairs": 0, "q_tiles": 0, "kv_tiles": 0, "launches": len(step.blocks)}
