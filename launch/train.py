@@ -115,7 +115,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
     progress = Progress(total=config.steps, initial=start, enabled=rank == 0)
     offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if config.offload_activations else contextlib.nullcontext()
     losses = []
-    for step in range(start, min(config.steps, config.stop_at or config.steps)):
+    last_step = min(config.steps, config.stop_at or config.steps)
+    for step in range(start, last_step):
         began = time.perf_counter()
         input_ids, labels = data.batch(step * config.dp_shard + dp_rank)
         cu_seqlens = data.documents(step * config.dp_shard + dp_rank)
@@ -131,6 +132,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
         # Each rank's gradient is a partial sum of the true one; FSDP averages over the
         # world, so scale by the world size to sum (gloo has no pre-multiplied sum).
         (loss_sum * (world_size / valid)).backward()
+        if step + 1 < last_step:  # the next batch's placement, on a worker thread while the GPU runs this step
+            splits.plan_ahead(data.documents((step + 1) * config.dp_shard + dp_rank), config.seq_len)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         if on_step is not None:
             on_step(step, model, float(loss_sum.detach()))

@@ -214,6 +214,7 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from fa4_cp.integrations.splits import ContextSplits
+    from fa4_cp.plan.placement import balanced_sharding
 
     mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "cp"))
     auto = ContextSplits(mesh["cp"], heads=6, kv_heads=2, head_dim=16)
@@ -225,20 +226,29 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
         except ValueError as error:
             refusals.append(str(error))
     whole = torch.tensor([0, 50, 100, 150, 200], dtype=torch.int32)  # documents shorter than a rank's share
+    coming = torch.tensor([0, 130, 140, 200], dtype=torch.int32)  # a batch placed ahead, on the worker thread
+    auto.plan_ahead(coming, 200)
+    auto._wait()
+    misses = balanced_sharding.cache_info().misses
+    planned_ahead = {"choice": auto.choose(coming, 200)[0], "placed_again": balanced_sharding.cache_info().misses - misses}
     return {
         "auto": sorted(auto.groups),
         "shapes": {u: tuple(group.mesh.shape) for u, group in auto.groups.items()},
         "refusals": refusals,
         "choice": auto.choose(whole, 200)[0],
+        "planned_ahead": planned_ahead,
     }
 
 
 def test_context_splits_make_every_split_the_heads_allow_and_refuse_the_others(tmp_path):
     """6 q heads over 2 KV heads on 2 ranks: u = 1 and 2 split them. A fixed u that does not
-    divide the ranks, or that the heads cannot share, is refused."""
+    divide the ranks, or that the heads cannot share, is refused. A batch planned ahead is placed
+    on the worker thread, for every split choose weighs."""
     report = values(run_ranks(_splits_of_a_cp_group, 2, tmp_path))[0]
     assert report["auto"] == [1, 2] and report["shapes"] == {1: (2,), 2: (1, 2)}, report
     assert "must divide the cp size 2" in report["refusals"][0]
     assert report["refusals"][1] is None, "2 ranks share 4 q heads over 1 KV head (repeated)"
     assert "cannot share 3 q heads and 3 KV heads" in report["refusals"][2]
     assert report["choice"] in report["auto"]
+    # a batch planned ahead: choose finds every split's placement made on the worker thread
+    assert report["planned_ahead"]["choice"] in report["auto"] and report["planned_ahead"]["placed_again"] == 0, report

@@ -11,15 +11,23 @@ cp dim itself. `choose` is fa4_cp.plan_mesh's fastest split for the batch's docu
 tuning/mesh_model.py), or the one fixed split; the ranks of a cp group see the same batch, so
 they choose the same split without a word. launch/train.py, the accelerate plugin and the
 torchtitan batch sharding take one.
+
+Placing a batch's documents is host work (0.1-0.2 s for a fine-tuning-like batch at W = 72 on a
+slow host, per ring size weighed): `plan_ahead` starts it for a coming batch on a worker thread,
+while the GPU runs the current step, and `choose` and `fa4_cp.shard_inputs` then find the
+placements cached.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..plan.placement import balanced_sharding
 from ..tuning.mesh_model import plan_mesh
-from ..validation import heads_split
+from ..validation import check_cu_seqlens, heads_split
 
 
 def split_cp_dim(cp_mesh: DeviceMesh, ulysses: int) -> DeviceMesh:
@@ -57,9 +65,36 @@ class ContextSplits:
         self.groups: dict[int, DeviceMesh] = {
             u: cp_mesh if u == 1 else split_cp_dim(cp_mesh, u) for u in wanted if heads_split(heads, kv_heads, u)
         }
+        self._planner: ThreadPoolExecutor | None = None
+        self._ahead: Future | None = None
+
+    def plan_ahead(self, cu_seqlens: torch.Tensor | None, seq_len: int) -> None:
+        """Start placing a coming batch's documents (packed `cu_seqlens`, on the CPU) on a worker
+        thread, for every split `choose` weighs; a batch without documents needs nothing."""
+        if cu_seqlens is None:
+            return
+        documents = check_cu_seqlens(cu_seqlens)
+        self._wait()
+        if self._planner is None:
+            self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fa4_cp-plan")
+        self._ahead = self._planner.submit(self._place, documents, seq_len)
+
+    def _place(self, documents: tuple[int, ...], seq_len: int) -> None:
+        if len(self.groups) > 1:  # plan_mesh places them over every split's ring ranks
+            plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=list(documents))
+        else:
+            balanced_sharding(documents, self.cp_size // next(iter(self.groups)))
+
+    def _wait(self) -> None:
+        """Until the batch planned ahead is placed. Its failure is not raised here: `choose` and
+        the sharding place that batch again on the caller's thread, and raise there."""
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            ahead.exception()
 
     def choose(self, cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, DeviceMesh]:
         """(ulysses, its group) for a batch of `seq_len` tokens, packed `cu_seqlens` if any."""
+        self._wait()
         if len(self.groups) == 1:
             return next(iter(self.groups.items()))
         documents = None if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
