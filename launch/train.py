@@ -133,7 +133,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
         # world, so scale by the world size to sum (gloo has no pre-multiplied sum).
         (loss_sum * (world_size / valid)).backward()
         if step + 1 < last_step:  # the next batch's placement, on a worker thread while the GPU runs this step
-            splits.plan_ahead(data.documents((step + 1) * config.dp_shard + dp_rank), config.seq_len)
+            splits.plan_ahead(data.documents((step + 1) * config.dp_shard + dp_rank), config.seq_len, causal=True)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         if on_step is not None:
             on_step(step, model, float(loss_sum.detach()))

@@ -214,7 +214,10 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from fa4_cp.integrations.splits import ContextSplits
+    from fa4_cp.kernels import BandMask
     from fa4_cp.plan.placement import balanced_sharding
+    from fa4_cp.plan.schedule import band_interval
+    from fa4_cp.plan.span_rows import span_streams
 
     mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "cp"))
     auto = ContextSplits(mesh["cp"], heads=6, kv_heads=2, head_dim=16)
@@ -227,10 +230,15 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
             refusals.append(str(error))
     whole = torch.tensor([0, 50, 100, 150, 200], dtype=torch.int32)  # documents shorter than a rank's share
     coming = torch.tensor([0, 130, 140, 200], dtype=torch.int32)  # a batch placed ahead, on the worker thread
-    auto.plan_ahead(coming, 200)
+    auto.plan_ahead(coming, 200, causal=True)
     auto._wait()
-    misses = balanced_sharding.cache_info().misses
-    planned_ahead = {"choice": auto.choose(coming, 200)[0], "placed_again": balanced_sharding.cache_info().misses - misses}
+    misses, streams_misses = balanced_sharding.cache_info().misses, span_streams.cache_info().misses
+    choice = auto.choose(coming, 200)[0]
+    span_streams(balanced_sharding((130, 10, 60), world_size // choice), band_interval(BandMask(hi=0)))  # what the ring's first call works out
+    planned_ahead = {
+        "choice": choice, "placed_again": balanced_sharding.cache_info().misses - misses,
+        "streams_again": span_streams.cache_info().misses - streams_misses,
+    }
     return {
         "auto": sorted(auto.groups),
         "shapes": {u: tuple(group.mesh.shape) for u, group in auto.groups.items()},
@@ -243,7 +251,7 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
 def test_context_splits_make_every_split_the_heads_allow_and_refuse_the_others(tmp_path):
     """6 q heads over 2 KV heads on 2 ranks: u = 1 and 2 split them. A fixed u that does not
     divide the ranks, or that the heads cannot share, is refused. A batch planned ahead is placed
-    on the worker thread, for every split choose weighs."""
+    on the worker thread, for every split choose weighs, and its chosen split's streams worked out."""
     report = values(run_ranks(_splits_of_a_cp_group, 2, tmp_path))[0]
     assert report["auto"] == [1, 2] and report["shapes"] == {1: (2,), 2: (1, 2)}, report
     assert "must divide the cp size 2" in report["refusals"][0]
@@ -251,4 +259,5 @@ def test_context_splits_make_every_split_the_heads_allow_and_refuse_the_others(t
     assert "cannot share 3 q heads and 3 KV heads" in report["refusals"][2]
     assert report["choice"] in report["auto"]
     # a batch planned ahead: choose finds every split's placement made on the worker thread
-    assert report["planned_ahead"]["choice"] in report["auto"] and report["planned_ahead"]["placed_again"] == 0, report
+    ahead = report["planned_ahead"]
+    assert ahead["choice"] in report["auto"] and ahead["placed_again"] == 0 and ahead["streams_again"] == 0, report

@@ -13,9 +13,10 @@ they choose the same split without a word. launch/train.py, the accelerate plugi
 torchtitan batch sharding take one.
 
 Placing a batch's documents is host work (0.1-0.2 s for a fine-tuning-like batch at W = 72 on a
-slow host, per ring size weighed): `plan_ahead` starts it for a coming batch on a worker thread,
-while the GPU runs the current step, and `choose` and `fa4_cp.shard_inputs` then find the
-placements cached.
+slow host, per ring size weighed), and so is working out what its ring's streams carry (up to 0.1
+s for a pretraining-like one at W = 72): `plan_ahead` starts both for a coming batch on a worker
+thread, while the GPU runs the current step, and `choose`, `fa4_cp.shard_inputs` and the ring's
+first call then find them cached.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..kernels import BandMask
 from ..plan.placement import balanced_sharding
+from ..plan.schedule import band_interval
+from ..plan.span_rows import span_streams
 from ..tuning.mesh_model import plan_mesh
 from ..validation import check_cu_seqlens, heads_split
 
@@ -68,22 +72,26 @@ class ContextSplits:
         self._planner: ThreadPoolExecutor | None = None
         self._ahead: Future | None = None
 
-    def plan_ahead(self, cu_seqlens: torch.Tensor | None, seq_len: int) -> None:
+    def plan_ahead(
+        self, cu_seqlens: torch.Tensor | None, seq_len: int, *, causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+    ) -> None:
         """Start placing a coming batch's documents (packed `cu_seqlens`, on the CPU) on a worker
-        thread, for every split `choose` weighs; a batch without documents needs nothing."""
+        thread, for every split `choose` weighs, and working out the chosen split's streams under
+        the mask of ring_attention_varlen's `causal` and `window_size`; a batch without documents
+        needs nothing."""
         if cu_seqlens is None:
             return
-        documents = check_cu_seqlens(cu_seqlens)
+        documents, band = check_cu_seqlens(cu_seqlens), band_interval(BandMask.from_flags(causal, window_size))
         self._wait()
         if self._planner is None:
             self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fa4_cp-plan")
-        self._ahead = self._planner.submit(self._place, documents, seq_len)
+        self._ahead = self._planner.submit(self._place, documents, seq_len, band)
 
-    def _place(self, documents: tuple[int, ...], seq_len: int) -> None:
+    def _place(self, documents: tuple[int, ...], seq_len: int, band: tuple[float, float]) -> None:
+        ulysses = next(iter(self.groups))
         if len(self.groups) > 1:  # plan_mesh places them over every split's ring ranks
-            plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=list(documents))
-        else:
-            balanced_sharding(documents, self.cp_size // next(iter(self.groups)))
+            ulysses = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=list(documents)).ulysses
+        span_streams(balanced_sharding(documents, self.cp_size // ulysses), band)
 
     def _wait(self) -> None:
         """Until the batch planned ahead is placed. Its failure is not raised here: `choose` and
