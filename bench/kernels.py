@@ -13,8 +13,7 @@ fp32 sums zeroed first, then the finish), ours as one more
 step of a ring call already under way (kernel, dK/dV added into fp32), upstream's backward,
 cuDNN's (autograd of SDPA). TFLOPs count 2·S²·H·(d + d_v) forward (4·S²·H·d when v has q's
 head_dim) and 2.5x that backward, halved when causal. `--head-dims 256 192/128` adds today's
-models' shapes: the backend's forward takes them; its backward there is staged (compiled, refused
-by the backend until tests/gpu passes it), so the bench runs that Hopper pass directly; no
+models' shapes (the backend runs them forward and backward since their GPU tests passed); no
 cuDNN row where cuDNN refuses the shape. Times are CUDA-event medians after warm-up, the contenders interleaved.
 Also measures the first call of a new configuration with a cold and a warm on-disk compile
 cache, each in a fresh process. Writes bench/results/kernels_<gpu>_<date>.json, prints a table.
