@@ -234,7 +234,8 @@ def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> Balanced
             candidates.append((objective, sharding))
     # Once more with a widened span charged three ring steps a step: placing longest first, a
     # widening that is cheap early can leave the last short documents no balanced room
-    candidates.append(_greedy_placement(doc_lengths, world_size, RING, True, 0.0, widening=3.0)[::2])
+    objective, _, sharding = _greedy_placement(doc_lengths, world_size, RING, True, 0.0, widening=3.0)
+    candidates.append((objective, sharding))
     return min(candidates, key=lambda pair: pair[0])[1]
 
 
