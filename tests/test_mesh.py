@@ -231,13 +231,14 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     whole = torch.tensor([0, 50, 100, 150, 200], dtype=torch.int32)  # documents shorter than a rank's share
     coming = torch.tensor([0, 130, 140, 200], dtype=torch.int32)  # a batch placed ahead, on the worker thread
     auto.plan_ahead(coming, 200, causal=True)
-    auto._wait()
+    auto._ahead[-1].result()  # placed on the worker; choose takes its split
     misses, streams_misses = balanced_sharding.cache_info().misses, span_streams.cache_info().misses
     choice = auto.choose(coming, 200)[0]
     span_streams(balanced_sharding((130, 10, 60), world_size // choice), band_interval(BandMask(hi=0)))  # what the ring's first call works out
     planned_ahead = {
         "choice": choice, "placed_again": balanced_sharding.cache_info().misses - misses,
         "streams_again": span_streams.cache_info().misses - streams_misses,
+        "chosen_here": fa4_cp.plan_mesh(world_size, 6, 2, 200, head_dim=16, documents=[130, 10, 60]).ulysses,
     }
     return {
         "auto": sorted(auto.groups),
@@ -261,3 +262,4 @@ def test_context_splits_make_every_split_the_heads_allow_and_refuse_the_others(t
     # a batch planned ahead: choose finds every split's placement made on the worker thread
     ahead = report["planned_ahead"]
     assert ahead["choice"] in report["auto"] and ahead["placed_again"] == 0 and ahead["streams_again"] == 0, report
+    assert ahead["choice"] == ahead["chosen_here"], "the worker's split is the one plan_mesh picks on the caller's thread"

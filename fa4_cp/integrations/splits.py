@@ -70,7 +70,7 @@ class ContextSplits:
             u: cp_mesh if u == 1 else split_cp_dim(cp_mesh, u) for u in wanted if heads_split(heads, kv_heads, u)
         }
         self._planner: ThreadPoolExecutor | None = None
-        self._ahead: Future | None = None
+        self._ahead: tuple[tuple[int, ...], int, Future] | None = None  # (documents, seq_len, the split chosen for them)
 
     def plan_ahead(
         self, cu_seqlens: torch.Tensor | None, seq_len: int, *, causal: bool = False, window_size: tuple[int, int] = (-1, -1),
@@ -85,26 +85,31 @@ class ContextSplits:
         self._wait()
         if self._planner is None:
             self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fa4_cp-plan")
-        self._ahead = self._planner.submit(self._place, documents, seq_len, band)
+        self._ahead = (documents, seq_len, self._planner.submit(self._place, documents, seq_len, band))
 
-    def _place(self, documents: tuple[int, ...], seq_len: int, band: tuple[float, float]) -> None:
+    def _place(self, documents: tuple[int, ...], seq_len: int, band: tuple[float, float]) -> int:
         ulysses = next(iter(self.groups))
         if len(self.groups) > 1:  # plan_mesh places them over every split's ring ranks
             ulysses = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=list(documents)).ulysses
         span_streams(balanced_sharding(documents, self.cp_size // ulysses), band)
+        return ulysses
 
-    def _wait(self) -> None:
-        """Until the batch planned ahead is placed. Its failure is not raised here: `choose` and
-        the sharding place that batch again on the caller's thread, and raise there."""
-        if self._ahead is not None:
-            ahead, self._ahead = self._ahead, None
-            ahead.exception()
+    def _wait(self) -> tuple[tuple[int, ...], int, int] | None:
+        """Until the batch planned ahead is placed: (its documents, seq_len, the split chosen for
+        it), or None. A failure is not raised here: `choose` and the sharding place that batch
+        again on the caller's thread, and raise there."""
+        if self._ahead is None:
+            return None
+        (documents, seq_len, ahead), self._ahead = self._ahead, None
+        return None if ahead.exception() is not None else (documents, seq_len, ahead.result())
 
     def choose(self, cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, DeviceMesh]:
         """(ulysses, its group) for a batch of `seq_len` tokens, packed `cu_seqlens` if any."""
-        self._wait()
+        planned = self._wait()
         if len(self.groups) == 1:
             return next(iter(self.groups.items()))
         documents = None if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if planned is not None and documents is not None and planned[:2] == (tuple(documents), seq_len):
+            return planned[2], self.groups[planned[2]]  # the split the worker chose for this batch
         plan = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=documents)
         return plan.ulysses, self.groups[plan.ulysses]
