@@ -9,6 +9,15 @@ i + 1's exchange behind chunk i's ring (`head_chunked`, c = 2, 4, 8). A chunk's 
 step's fixed cost and hop latency again on h / (u c) heads; only the exchange's bytes and the
 compute shrink with c.
 
+And two bounds for the ring of every row (`gather_what_if`): issue 27's sparse gather, in one
+stage, not built (each rank fetches at once, from every span peer, all the KV its blocks read,
+runs them as one launch, and returns dK/dV to the owners), and the ceiling with no communication
+and no per-step cost at all (`no_transfer_ceiling`): the attention, the all-to-alls and the call's
+work beside attention alone. For packed documents, a third (`hop_aware_placement_what_if`): the plain
+ring on whichever of the balanced layout's candidate placements this model, hops included, finds
+fastest, where the layout keeps the one whose slowest rank plus its steps' fixed cost is least
+(blind to the hops' latency, which a step of little compute does not hide).
+
     python bench/mesh_model.py --out-dir bench/results/cpu_2026-12-04
 """
 
@@ -21,7 +30,8 @@ from pathlib import Path
 from common import record, write
 from mixes import lognormal_lengths
 
-from fa4_cp.tuning.mesh_model import ALL_TO_ALLS, GB200_NVL72, H200, Machine, plan_mesh
+from fa4_cp.plan.placement import placement_candidates, rank_costs_ms
+from fa4_cp.tuning.mesh_model import ALL_TO_ALLS, BACKWARD_FLOPS_RATIO, GB200_NVL72, H200, Machine, hop_ms, plan_mesh, predict_split
 
 WORLD_SIZES = (8, 16, 24, 32, 48, 64, 72)
 PER_GPU = (8192, 2048)
@@ -40,6 +50,63 @@ def head_chunked_ms(candidate: dict, chunks: int, machine: Machine) -> float:
     ring = (candidate["ring_ms"] - ring_fixed) / chunks + ring_fixed
     exchange = (candidate["all_to_all_ms"] - exchange_fixed) / chunks + exchange_fixed
     return exchange + (chunks - 1) * max(ring, exchange) + ring + candidate["call_ms"]
+
+
+def gathered_ms(candidate: dict, machine: Machine) -> float | None:
+    """A candidate's predicted ms were its ring steps one gather instead (None: a ring of one step).
+
+    Forward: the rank's own block (one step's mean compute) hides the gather of every remote row
+    the ring's hops bring (one latency; the bytes at the hop bandwidth), then the remote blocks
+    run; the backward gathers again beside its own block and ends with the fp32 dK/dV sent home,
+    exposed. Two launches' fixed cost a pass instead of one per step."""
+    steps = candidate["active_steps"]
+    if steps < 2:
+        return None
+    forward = candidate["compute_ms"] / (1 + BACKWARD_FLOPS_RATIO)
+    backward = candidate["compute_ms"] - forward
+    remote_bytes = candidate["hop_bytes"] * (steps - 1)
+    gather = hop_ms(remote_bytes, machine)
+    passes = (
+        max(forward / steps, gather) + forward * (steps - 1) / steps
+        + max(backward / steps, gather) + backward * (steps - 1) / steps + hop_ms(2 * remote_bytes, machine)
+    )
+    return passes + 2 * machine.step_overhead_ms + candidate["all_to_all_ms"] + candidate["call_ms"]
+
+
+def gather_what_if(plan, machine: Machine) -> dict:
+    """Efficiency of the chosen split and the plain ring as they are, gathered in one stage, and
+    with no transfer or step cost at all."""
+    ideal_ms = plan.predicted_ms * plan.efficiency
+    rows = {}
+    for name, candidate in (("chosen", next(c for c in plan.candidates if c["ulysses"] == plan.ulysses)),
+                            ("plain_ring", next(c for c in plan.candidates if c["ulysses"] == 1))):
+        gathered = gathered_ms(candidate, machine)
+        ceiling = candidate["compute_ms"] + candidate["all_to_all_ms"] + candidate["call_ms"]
+        rows[name] = {
+            "ulysses": candidate["ulysses"], "active_steps": candidate["active_steps"], "efficiency": ideal_ms / candidate["ms"],
+            "gathered_efficiency": None if gathered is None else ideal_ms / gathered,
+            "no_transfer_ceiling": ideal_ms / ceiling,
+        }
+    return rows
+
+
+def hop_aware_placement_what_if(plan, lengths: list[int], heads: int, kv_heads: int, machine: Machine) -> dict:
+    """The plain ring on the balanced layout's candidate placement (placement.placement_candidates)
+    that the model with hops finds fastest, against the one the layout keeps."""
+    world = plan.ulysses * plan.ring
+    ideal_ms = plan.predicted_ms * plan.efficiency
+    kept = next(c for c in plan.candidates if c["ulysses"] == 1)
+    best = None
+    for _, placement in placement_candidates(tuple(lengths), world):
+        candidate = predict_split(1, world, heads, kv_heads, sum(lengths), 128, True, lengths, machine, placement)
+        costs = [sum(cost) for cost in rank_costs_ms(placement)]
+        candidate["imbalance"] = max(costs) / (sum(costs) / len(costs))
+        if best is None or candidate["ms"] < best["ms"]:
+            best = candidate
+    return {
+        "kept": {"active_steps": kept["active_steps"], "efficiency": ideal_ms / kept["ms"]},
+        "hop_aware": {"active_steps": best["active_steps"], "efficiency": ideal_ms / best["ms"], "imbalance": best["imbalance"]},
+    }
 
 
 def main() -> None:
@@ -67,7 +134,8 @@ def main() -> None:
                         "machine": machine.name, "data": data, "tokens_per_gpu": per_gpu, "world_size": world,
                         "best": {"ulysses": plan.ulysses, "ring": plan.ring, "ms": plan.predicted_ms, "efficiency": plan.efficiency},
                         "plain_ring": {"ms": ring["ms"], "efficiency": ring["efficiency"]}, "reason": plan.reason,
-                        "head_chunked_what_if": chunked,
+                        "head_chunked_what_if": chunked, "gather_what_if": gather_what_if(plan, machine),
+                        "hop_aware_placement_what_if": None if lengths is None else hop_aware_placement_what_if(plan, lengths, 32, 8, machine),
                     })
     out = Path(args.out_dir)
     write(record("mesh_model", "cpu", heads=32, kv_heads=8, head_dim=128, causal=True,

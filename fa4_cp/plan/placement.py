@@ -225,6 +225,11 @@ def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> Balanced
     if world_size == 1:
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
+    return min(placement_candidates(doc_lengths, world_size), key=lambda pair: pair[0])[1]
+
+
+def placement_candidates(doc_lengths: tuple[int, ...], world_size: int) -> list[tuple[float, BalancedSharding]]:
+    """(modelled_ms, placement) of every greedy run that `balanced_sharding` chooses from."""
     candidates = []
     for costs, project in ((ONE_DEVICE, False), (RING, False), (RING, True)):
         floor = 0.0
@@ -236,7 +241,7 @@ def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> Balanced
     # widening that is cheap early can leave the last short documents no balanced room
     objective, _, sharding = _greedy_placement(doc_lengths, world_size, RING, True, 0.0, widening=3.0)
     candidates.append((objective, sharding))
-    return min(candidates, key=lambda pair: pair[0])[1]
+    return candidates
 
 
 def _greedy_placement(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..plan.placement import balanced_sharding, rank_costs_ms
+from ..plan.placement import BalancedSharding, balanced_sharding, rank_costs_ms
 from ..validation import heads_split
 from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us
 
@@ -95,7 +95,7 @@ def plan_mesh(
     if world_size < 1 or heads < 1 or kv_heads < 1 or heads % kv_heads or seq_len < 1:
         raise ValueError(f"world_size, heads, kv_heads, seq_len: expected positive counts with kv_heads dividing heads, got {(world_size, heads, kv_heads, seq_len)}")
     splits = [u for u in range(1, world_size + 1) if world_size % u == 0 and heads_split(heads, kv_heads, u)]
-    candidates = tuple(_predict(u, world_size // u, heads, kv_heads, seq_len, head_dim, causal, documents, machine) for u in splits)
+    candidates = tuple(predict_split(u, world_size // u, heads, kv_heads, seq_len, head_dim, causal, documents, machine) for u in splits)
     best = min(candidates, key=lambda c: c["ms"])
     ring = next(c for c in candidates if c["ulysses"] == 1)
     reason = (
@@ -107,10 +107,15 @@ def plan_mesh(
     return MeshPlan(best["ulysses"], best["ring"], best["ms"], best["efficiency"], reason, candidates)
 
 
-def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machine: Machine) -> dict:
+def predict_split(
+    u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, causal: bool, documents: list[int] | None,
+    machine: Machine, placement: BalancedSharding | None = None,
+) -> dict:
+    """One u x r split's predicted layer call (fwd+bwd) and its parts; packed causal documents
+    placed as `placement` places them over the r ring ranks (default: the balanced layout's)."""
     kv_heads_local = max(kv_heads // u, 1)
     if documents and causal:
-        forward_ms, backward_ms, ideal_ms, steps, travelling_rows = _documents_compute(documents, u, r, heads, head_dim)
+        forward_ms, backward_ms, ideal_ms, steps, travelling_rows = _documents_compute(documents, u, r, heads, head_dim, placement)
         compute_ms = forward_ms + backward_ms
     else:
         lengths = documents or [seq_len]
@@ -128,7 +133,7 @@ def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machin
     dkv_bytes = 2 * kv_bytes  # fp32
     step_fwd, step_bwd = forward_ms / steps, backward_ms / steps
     hops = steps - 1
-    hop_fwd, hop_bwd = _hop_ms(kv_bytes, machine), _hop_ms(kv_bytes + dkv_bytes, machine)
+    hop_fwd, hop_bwd = hop_ms(kv_bytes, machine), hop_ms(kv_bytes + dkv_bytes, machine)
     ring_ms = step_fwd + step_bwd + hops * (max(step_fwd, hop_fwd) + max(step_bwd, hop_bwd)) + steps * machine.step_overhead_ms
     bound = "hop" if hops and (hop_fwd > step_fwd or hop_bwd > step_bwd) else "compute"
     if machine.step_overhead_ms * steps > compute_ms / 2:
@@ -147,12 +152,14 @@ def _predict(u, r, heads, kv_heads, seq_len, head_dim, causal, documents, machin
     }
 
 
-def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_dim: int) -> tuple[float, float, float, int, float]:
+def _documents_compute(
+    documents: list[int], u: int, r: int, heads: int, head_dim: int, placement: BalancedSharding | None = None,
+) -> tuple[float, float, float, int, float]:
     """Packed causal documents on a u x r mesh, placed over the r ring ranks as the balanced layout
     places them: the slowest ring rank's forward and backward ms (its h/u heads), one device's
     work over the u x r ranks, the active ring steps, and the KV rows a step's hops bring the
     slowest-fed rank (both streams, on average over its steps)."""
-    sharding = balanced_sharding(tuple(int(n) for n in documents), r)
+    sharding = placement or balanced_sharding(tuple(int(n) for n in documents), r)
     costs = rank_costs_ms(sharding, heads // u, head_dim)
     ideal = sum(sum(one_device_us(n, heads, head_dim)) for n in documents if n) / (u * r)
     # A span of g ranks takes steps 1..g-1 after the local step 0 (span_rows.py); planning the
@@ -164,5 +171,6 @@ def _documents_compute(documents: list[int], u: int, r: int, heads: int, head_di
     )
 
 
-def _hop_ms(nbytes: float, machine: Machine) -> float:
+def hop_ms(nbytes: float, machine: Machine) -> float:
+    """One copy-engine hop of `nbytes` on `machine`: its latency and its bytes at the hop bandwidth."""
     return machine.hop_latency_ms + nbytes / (machine.hop_gib_per_s * 2**30) * 1e3
