@@ -120,7 +120,7 @@ def main() -> None:
                 for world in WORLD_SIZES:
                     total = world * per_gpu
                     lengths = None if data == "dense" else lognormal_lengths(total, data, seed=world)
-                    plan = plan_mesh(world, 32, 8, total, documents=lengths, machine=machine)
+                    plan = plan_mesh(world, 32, 8, total, documents=lengths, machine=machine, every_split=True)
                     ring = next(c for c in plan.candidates if c["ulysses"] == 1)
                     chunked = min(
                         ({"ulysses": c["ulysses"], "ring": c["ring"], "head_chunks": n, "ms": head_chunked_ms(c, n, machine)}

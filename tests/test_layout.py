@@ -1,10 +1,8 @@
 """Layouts and sharding: shard then unshard is the identity; zigzag matches torch's head-tail balancer."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from bench_modules import bench_module
 from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
 
 import fa4_cp
@@ -255,11 +253,7 @@ def test_balanced_placement_is_the_best_of_its_greedy_candidates(mix, world_size
     from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, modelled_ms
     from fa4_cp.tuning.kernel_cost import ONE_DEVICE
 
-    # by path, as tests/test_train_profile.py loads bench/ modules
-    spec = importlib.util.spec_from_file_location("mixes", Path(__file__).resolve().parents[1] / "bench" / "mixes.py")
-    mixes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mixes)
-    lengths = tuple(mixes.lognormal_lengths(8192 * world_size, mix, seed=world_size))
+    lengths = tuple(bench_module("mixes").lognormal_lengths(8192 * world_size, mix, seed=world_size))
 
     chosen = modelled_ms(balanced_sharding(lengths, world_size))
     replaced = modelled_ms(_greedy_placement(lengths, world_size, ONE_DEVICE, False, 0.0)[2])

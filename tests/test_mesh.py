@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from bench_modules import bench_module
 
 import fa4_cp
 from fa4_cp import SimulatedRing
@@ -181,14 +182,32 @@ def test_plan_mesh_chooses_the_split_for_the_batch_documents():
     from test_layout import lognormal_mix
 
     documents = lognormal_mix(64, seed=1)
-    plan = fa4_cp.plan_mesh(64, 32, 8, sum(documents), documents=documents)
+    plan = fa4_cp.plan_mesh(64, 32, 8, sum(documents), documents=documents, every_split=True)
     ring = next(c for c in plan.candidates if c["ulysses"] == 1)
     assert plan.ulysses >= 8 and ring["ms"] > 1.4 * plan.predicted_ms, plan.reason
     full_buffer = {c["ulysses"]: 2 * (sum(documents) / c["ring"] + 128) * max(8 // c["ulysses"], 1) * 128 * 2 for c in plan.candidates}
     travelling = {c["ulysses"]: c["hop_bytes"] / full_buffer[c["ulysses"]] for c in plan.candidates}
     assert all(fraction < 0.5 for fraction in travelling.values()), travelling  # only what the spans read
-    whole = fa4_cp.plan_mesh(8, 32, 8, 8 * 8192, documents=[300] * (8 * 8192 // 300) + [8 * 8192 % 300])
+    whole = fa4_cp.plan_mesh(8, 32, 8, 8 * 8192, documents=[300] * (8 * 8192 // 300) + [8 * 8192 % 300], every_split=True)
     assert all(c["active_steps"] == 1 for c in whole.candidates if c["ulysses"] > 1), "documents that fit stay home: no step travels"
+
+
+@pytest.mark.parametrize("mix", ["pretrain", "finetune"])
+def test_plan_mesh_leaves_out_only_splits_that_cannot_win(mix):
+    """A split whose floor is above the fastest prediction so far is not placed: the choice and its
+    prediction are those of weighing every split, and no split left out predicts below its floor."""
+    from fa4_cp.tuning.mesh_model import H200, _split_floor_ms
+
+    for world_size, seed in ((16, 3), (64, 5), (72, 7)):
+        documents = [int(n) for n in bench_module("mixes").lognormal_lengths(world_size * 8192, mix, seed=seed)]
+        quick = fa4_cp.plan_mesh(world_size, 32, 8, sum(documents), documents=documents)
+        every = fa4_cp.plan_mesh(world_size, 32, 8, sum(documents), documents=documents, every_split=True)
+        assert (quick.ulysses, quick.ring, quick.predicted_ms, quick.reason) == (every.ulysses, every.ring, every.predicted_ms, every.reason)
+        assert quick.candidates[0]["ulysses"] == 1, "the plain ring is always predicted: the reason names it"
+        for candidate in every.candidates:
+            floor = _split_floor_ms(candidate["ulysses"], candidate["ring"], 32, 8, sum(documents), 128, documents, H200)
+            assert floor <= candidate["ms"] * (1 + 1e-9), (candidate, floor)
+        assert len(quick.candidates) <= len(every.candidates)
 
 
 def test_a_1d_ring_over_packed_documents_says_once_what_a_2d_split_predicts(caplog, monkeypatch):

@@ -1,16 +1,9 @@
 """bench/train_profile.py sorts kernels by name into the groups its JSON reports."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from bench_modules import bench_module
 
-# Loaded by path: putting bench/ on sys.path would let its kernels.py shadow the PyPI `kernels`
-# package that transformers imports.
-_spec = importlib.util.spec_from_file_location("train_profile", Path(__file__).resolve().parents[1] / "bench" / "train_profile.py")
-train_profile = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_profile)
-kernel_group = train_profile.kernel_group
+kernel_group = bench_module("train_profile").kernel_group
 
 
 @pytest.mark.parametrize(

@@ -193,6 +193,9 @@ def span_cost(length: int, ranks: int, costs: KernelCosts = RING) -> float:
     return sum(span_us(length, ranks, costs=costs))
 
 
+_span_us = functools.lru_cache(maxsize=65536)(span_us)  # every candidate placement costs the same documents again
+
+
 def rank_costs_ms(
     sharding: BalancedSharding, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM,
 ) -> list[tuple[float, float]]:
@@ -202,7 +205,7 @@ def rank_costs_ms(
     for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
         if not ranks:  # an empty document
             continue
-        forward, backward = span_us(length, ranks, heads, head_dim)
+        forward, backward = _span_us(length, ranks, heads, head_dim)
         for offset in range(ranks):
             cost = costs[(first + offset) % sharding.world_size]
             cost[0] += forward / 1e3

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..plan.placement import BalancedSharding, balanced_sharding, rank_costs_ms
+from ..plan.placement import BalancedSharding, balanced_sharding, rank_costs_ms, span_cost
 from ..validation import heads_split
 from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us
 
@@ -83,19 +83,34 @@ class MeshPlan:
     """The attention compute alone over the predicted time."""
     reason: str
     candidates: tuple[dict, ...]
-    """Every split considered, with its prediction."""
+    """Every split predicted, with its prediction, by ulysses: the plain ring always; with packed
+    documents, a split whose lower bound is above the fastest so far is left out, unless
+    `every_split` was asked."""
 
 
 def plan_mesh(
     world_size: int, heads: int, kv_heads: int, seq_len: int, *, head_dim: int = 128, causal: bool = True,
-    documents: list[int] | None = None, machine: Machine = H200,
+    documents: list[int] | None = None, machine: Machine = H200, every_split: bool = False,
 ) -> MeshPlan:
     """The fastest (ulysses, ring) split of `world_size` ranks for a layer of `heads` / `kv_heads`
-    heads over `seq_len` tokens (packed `documents`, if given), on `machine`."""
+    heads over `seq_len` tokens (packed `documents`, if given), on `machine`.
+
+    Packed documents are placed once per split weighed (host time: 0.1-0.3 s at W = 64-72 on a
+    slow host for a fine-tuning-like batch), so a split whose lower bound (`_split_floor_ms`) is
+    above the fastest prediction so far is not placed; `every_split` predicts every one."""
     if world_size < 1 or heads < 1 or kv_heads < 1 or heads % kv_heads or seq_len < 1:
         raise ValueError(f"world_size, heads, kv_heads, seq_len: expected positive counts with kv_heads dividing heads, got {(world_size, heads, kv_heads, seq_len)}")
     splits = [u for u in range(1, world_size + 1) if world_size % u == 0 and heads_split(heads, kv_heads, u)]
-    candidates = tuple(predict_split(u, world_size // u, heads, kv_heads, seq_len, head_dim, causal, documents, machine) for u in splits)
+    placed = documents and causal and not every_split
+    if placed:  # the plain ring first (the reason names it), then the splits by their floor
+        floors = {u: _split_floor_ms(u, world_size // u, heads, kv_heads, seq_len, head_dim, documents, machine) for u in splits}
+        splits = sorted(splits, key=lambda u: (u != 1, floors[u]))
+    predicted: list[dict] = []
+    for u in splits:
+        if placed and predicted and floors[u] > min(c["ms"] for c in predicted) * (1 + 1e-9):
+            continue
+        predicted.append(predict_split(u, world_size // u, heads, kv_heads, seq_len, head_dim, causal, documents, machine))
+    candidates = tuple(sorted(predicted, key=lambda c: c["ulysses"]))
     best = min(candidates, key=lambda c: c["ms"])
     ring = next(c for c in candidates if c["ulysses"] == 1)
     reason = (
@@ -138,18 +153,38 @@ def predict_split(
     bound = "hop" if hops and (hop_fwd > step_fwd or hop_bwd > step_bwd) else "compute"
     if machine.step_overhead_ms * steps > compute_ms / 2:
         bound = "overhead"
-    all_to_all_ms = 0.0
-    if u > 1:
-        local = seq_len / (u * r)
-        per_head_bytes = local * head_dim * BYTES_16BIT * (u - 1) / u
-        moved = per_head_bytes * (4 * heads + 4 * max(kv_heads, u))  # q, out, dout, dq; k, v, dk, dv
-        all_to_all_ms = ALL_TO_ALLS * machine.all_to_all_latency_ms + moved / (machine.all_to_all_gib_per_s * 2**30) * 1e3
-    call_ms = machine.call_overhead_ms * seq_len / (u * r) * heads * head_dim / (CALIBRATED_TOKENS * CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
+    all_to_all_ms = _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
+    call_ms = _call_ms(u, r, heads, seq_len, head_dim, machine)
     total = ring_ms + all_to_all_ms + call_ms
     return {
         "ulysses": u, "ring": r, "active_steps": steps, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms, "call_ms": call_ms,
         "compute_ms": compute_ms, "efficiency": ideal_ms / total, "bound": bound, "hop_bytes": kv_bytes,
     }
+
+
+def _all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
+    """The Ulysses exchanges of one call: (u - 1) / u of each rank's q, out, dout, dq and k, v,
+    dk, dv (KV heads repeated to u where fewer), and a latency per exchange."""
+    if u == 1:
+        return 0.0
+    per_head_bytes = seq_len / (u * r) * head_dim * BYTES_16BIT * (u - 1) / u
+    moved = per_head_bytes * (4 * heads + 4 * max(kv_heads, u))  # q, out, dout, dq; k, v, dk, dv
+    return ALL_TO_ALLS * machine.all_to_all_latency_ms + moved / (machine.all_to_all_gib_per_s * 2**30) * 1e3
+
+
+def _call_ms(u: int, r: int, heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
+    """The call's work beside attention that does not grow with the steps, per a GPU's tokens x heads."""
+    return machine.call_overhead_ms * seq_len / (u * r) * heads * head_dim / (CALIBRATED_TOKENS * CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
+
+
+def _split_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, documents: list[int], machine: Machine) -> float:
+    """No placement of `documents` over the r ring ranks makes `predict_split` faster: its ring
+    takes at least the ranks' mean attention (each document at the span width that costs the
+    ranks least in all) and one step's fixed cost, beside the same all-to-alls and call work."""
+    widths = [1 << i for i in range(r.bit_length()) if 1 << i < r] + [r]  # the widths the placement tries
+    least = sum(min(g * span_cost(n, g) for g in widths) for n in documents if n)  # us, 64 heads of 128
+    compute_ms = least / r / 1e3 * (heads // u) * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
+    return compute_ms + machine.step_overhead_ms + _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
 
 
 def _documents_compute(
