@@ -3,6 +3,8 @@ packed mix of bench/mixes.py and ring size, the modelled time of the most loaded
 kernels plus the ring steps' fixed cost, its imbalance (most loaded / mean), the active steps, the
 short documents (under 2K tokens) cut over several ranks and the planning host time; for the
 placement kept and for the greedy by one device's costs alone (the placement before session 12).
+And plan_mesh's host time for the batch (32:8 heads of 128), placing only the splits that can
+win and every split, each from cold caches.
 A model, not a measurement: bench/magi_replay.py measures the placements on a GPU.
 
     python bench/placement_model.py --out bench/results/cpu_<date>/placement_model.json
@@ -16,8 +18,10 @@ import time
 from common import record, write
 from mixes import add_mix_arguments, batches
 
+from fa4_cp.plan import placement
 from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, modelled_ms, rank_costs_ms
 from fa4_cp.tuning.kernel_cost import ONE_DEVICE
+from fa4_cp.tuning.mesh_model import plan_mesh
 
 SHORT = 2048
 
@@ -31,6 +35,12 @@ def modelled(sharding) -> dict:
     }
 
 
+def clear_placement_caches() -> None:
+    """Cold caches, as a batch of new documents meets them."""
+    for cache in (placement.balanced_sharding, placement.span_cost, placement._span_us):
+        cache.cache_clear()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_mix_arguments(parser, [8, 16, 32, 64, 72])
@@ -40,7 +50,7 @@ def main() -> None:
     rows = []
     for mix, world_size, lengths in batches(args.mixes, args.world_sizes, args.tokens_per_gpu):
         lengths = tuple(lengths)
-        balanced_sharding.cache_clear()
+        clear_placement_caches()
         began = time.perf_counter()
         kept = balanced_sharding(lengths, world_size)
         planning_ms = (time.perf_counter() - began) * 1e3
@@ -50,13 +60,22 @@ def main() -> None:
             "kept": modelled(kept), "one_device_greedy": modelled(before),
         }
         row["kept_over_one_device_greedy"] = row["kept"]["slowest_rank_ms"] / row["one_device_greedy"]["slowest_rank_ms"]
+        row["plan_mesh"] = {"host_ms": {}, "splits_placed": {}}
+        for every_split in (False, True):
+            clear_placement_caches()
+            began = time.perf_counter()
+            plan = plan_mesh(world_size, 32, 8, sum(lengths), documents=list(lengths), every_split=every_split)
+            key = "every_split" if every_split else "can_win"
+            row["plan_mesh"]["host_ms"][key] = (time.perf_counter() - began) * 1e3
+            row["plan_mesh"]["splits_placed"][key] = [c["ulysses"] for c in plan.candidates]
         rows.append(row)
         print(
             f"{mix:9} W={world_size:<3} kept {row['kept']['slowest_rank_ms']:.3f} ms (imbalance {row['kept']['imbalance']:.3f}, "
             f"{row['kept']['active_steps']} steps, {row['kept']['short_documents_cut']} short cut) | one-device greedy "
             f"{row['one_device_greedy']['slowest_rank_ms']:.3f} ms ({row['one_device_greedy']['imbalance']:.3f}, "
             f"{row['one_device_greedy']['active_steps']}, {row['one_device_greedy']['short_documents_cut']}) | "
-            f"{row['kept_over_one_device_greedy']:.3f}; planned in {planning_ms:.0f} ms", flush=True,
+            f"{row['kept_over_one_device_greedy']:.3f}; planned in {planning_ms:.0f} ms; plan_mesh "
+            f"{row['plan_mesh']['host_ms']['can_win']:.0f} ms (every split {row['plan_mesh']['host_ms']['every_split']:.0f})", flush=True,
         )
     write(record(
         "placement_model", "cpu", tokens_per_gpu=args.tokens_per_gpu, heads=64, head_dim=128, causal=True,
