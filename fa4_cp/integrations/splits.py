@@ -12,8 +12,8 @@ tuning/mesh_model.py), or the one fixed split; the ranks of a cp group see the s
 they choose the same split without a word. launch/train.py, the accelerate plugin and the
 torchtitan batch sharding take one.
 
-Placing a batch's documents is host work (0.1-0.2 s for a fine-tuning-like batch at W = 72 on a
-slow host, per ring size weighed), and so is working out what its ring's streams carry (up to 0.1
+Placing a batch's documents is host work (plan_mesh 0.15 s for a fine-tuning-like batch at
+W = 64-72 on a slow host, which places only the splits that can win), and so is working out what its ring's streams carry (up to 0.1
 s for a pretraining-like one at W = 72): `plan_ahead` starts both for a coming batch on a worker
 thread, while the GPU runs the current step, and `choose`, `fa4_cp.shard_inputs` and the ring's
 first call then find them cached.
