@@ -194,7 +194,7 @@ def _documents_compute(
     places them: the slowest ring rank's forward and backward ms (its h/u heads), one device's
     work over the u x r ranks, the active ring steps, and the KV rows a step's hops bring the
     slowest-fed rank (both streams, on average over its steps)."""
-    sharding = placement or balanced_sharding(tuple(int(n) for n in documents), r)
+    sharding = placement if placement is not None else balanced_sharding(tuple(int(n) for n in documents), r)
     costs = rank_costs_ms(sharding, heads // u, head_dim)
     ideal = sum(sum(one_device_us(n, heads, head_dim)) for n in documents if n) / (u * r)
     # A span of g ranks takes steps 1..g-1 after the local step 0 (span_rows.py); planning the
