@@ -89,7 +89,7 @@ class ContextSplits:
 
     def _place(self, documents: tuple[int, ...], seq_len: int, band: tuple[float, float]) -> int:
         ulysses = next(iter(self.groups))
-        if len(self.groups) > 1:  # plan_mesh places them over every split's ring ranks
+        if len(self.groups) > 1:  # plan_mesh places them over the ring ranks of every split that can win
             ulysses = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=list(documents)).ulysses
         span_streams(balanced_sharding(documents, self.cp_size // ulysses), band)
         return ulysses

@@ -1,5 +1,5 @@
 """Which Ulysses x ring split of W ranks to use: `plan_mesh` predicts one layer call (forward and
-backward) for every split and returns the fastest, with its reason.
+backward) for every split that can win and returns the fastest, with its reason.
 
 The model is the ring model of bench/ring_model.py reduced to closed form:
 - a ring of r ranks makes r steps; each step costs max(its compute, its KV hop) plus a fixed
