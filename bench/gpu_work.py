@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -185,16 +186,17 @@ def one_device(case: Case, inputs) -> dict:
     return median_sorted(step, {}, REPEATS)
 
 
-def ring(case: Case, inputs, fa4_cp, deterministic: bool = False) -> dict:
-    import importlib
+@dataclass
+class RankInputs:
+    """Every simulated rank's leaves and dout, made before the profiled calls, so that the whole
+    input can be dropped first (a W = 64 mesh holds every rank's on one card)."""
 
-    from fa4_cp.comm import simulated
+    sharding: object
+    shards: list
+    lengths: list[int] | None
 
-    try:
-        exchange = importlib.import_module("fa4_cp.runtime.ulysses").Exchange
-    except (ImportError, AttributeError):
-        exchange = None
 
+def rank_inputs(case: Case, inputs, fa4_cp) -> RankInputs:
     q, k, v, dout, lengths = inputs
     world = case.world
     if lengths is None:
@@ -202,7 +204,6 @@ def ring(case: Case, inputs, fa4_cp, deterministic: bool = False) -> dict:
         seq_dim = 1
     else:
         sharding = fa4_cp.Sharding.documents(lengths, world // case.ulysses, "balanced")
-        cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
         seq_dim = 0
     if case.ulysses > 1:
         from fa4_cp.plan.mesh_sharding import mesh_sharding
@@ -214,6 +215,21 @@ def ring(case: Case, inputs, fa4_cp, deterministic: bool = False) -> dict:
         [*(sharding.shard(t, rank, seq_dim).contiguous().requires_grad_() for t in (q, k, v)), sharding.shard(dout, rank, seq_dim).contiguous()]
         for rank in range(world)
     ]
+    return RankInputs(sharding, shards, lengths)
+
+
+def ring(case: Case, inputs: RankInputs, fa4_cp, deterministic: bool = False) -> dict:
+    import importlib
+
+    from fa4_cp.comm import simulated
+
+    try:
+        exchange = importlib.import_module("fa4_cp.runtime.ulysses").Exchange
+    except (ImportError, AttributeError):
+        exchange = None
+
+    sharding, shards, lengths, world = inputs.sharding, inputs.shards, inputs.lengths, case.world
+    cu_seqlens = None if lengths is None else torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
 
     def rank_call(group):
         *leaves, dout_ = shards[group.rank]
@@ -289,15 +305,23 @@ def main() -> None:
     for name in args.cases:
         case = CASES[name]
         began = time.monotonic()
+        out_of_memory = None
         try:
             inputs = make_inputs(case)
-            row = summarize(case, one_device(case, inputs), ring(case, inputs, fa4_cp, args.deterministic))
+            one = one_device(case, inputs)
+            inputs = rank_inputs(case, inputs, fa4_cp)  # the whole input dropped: only the ranks' shards stay
+            row = summarize(case, one, ring(case, inputs, fa4_cp, args.deterministic))
         except torch.OutOfMemoryError as error:  # a simulated W = 64 holds every rank on one card: say so, go on
-            inputs = None
-            result["cases"][name] = {"world_size": case.world, "out_of_memory": str(error).splitlines()[0]}
+            out_of_memory = str(error).splitlines()[0]
+        inputs = None
+        if out_of_memory is not None:
+            # the failed call's frames sit in reference cycles (its rank threads, the exception):
+            # collect them, or the next case starts with their memory still allocated
+            gc.collect()
+            torch.cuda.empty_cache()
+            result["cases"][name] = {"world_size": case.world, "out_of_memory": out_of_memory}
             write(result, args.out)
             print(f"{name:18} W={case.world:<3} out of GPU memory, left out", flush=True)
-            torch.cuda.empty_cache()
             continue
         row["seconds"] = time.monotonic() - began
         result["cases"][name] = row
@@ -308,7 +332,6 @@ def main() -> None:
             f"transport {row['ring_ms']['transport_copies']:.1f} ms  all-to-all layout {row['ring_ms']['all_to_all_layout']:.1f} ms  "
             f"({row['seconds']:.0f} s)", flush=True,
         )
-        del inputs
         torch.cuda.empty_cache()
 
 
