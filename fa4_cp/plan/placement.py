@@ -300,19 +300,25 @@ def _greedy_placement(
     return modelled_ms(sharding), float(cost.mean()), sharding
 
 
+def span_widths(world_size: int) -> list[int]:
+    """The span widths the placement tries, narrowest first: 1, 2, 4, ... below W, then W."""
+    return [1 << i for i in range(world_size.bit_length()) if 1 << i < world_size] + [world_size]
+
+
 def _window_maxima(loads: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Per span width, narrowest first (1, 2, 4, ... below W, then W): the width and the maxima of
-    `loads` and of `rows` over the window of that many consecutive ranks (mod W) that each rank
-    begins. Lazily: most documents take the first width."""
-    world, width = len(loads), 1
-    while width < world:
+    """Per span width (`span_widths`): the width and the maxima of `loads` and of `rows` over the
+    window of that many consecutive ranks (mod W) that each rank begins. Lazily: most documents
+    take the first width."""
+    world, covered = len(loads), 1
+    for width in span_widths(world):
+        if width == world:
+            yield world, np.full(world, loads.max()), np.full(world, rows.max())
+            return
+        while covered < width:
+            ahead = _shifted(world, covered)  # window [i, i + 2w) = [i, i + w) and [i + w, i + 2w)
+            loads, rows = np.maximum(loads, loads.take(ahead)), np.maximum(rows, rows.take(ahead))
+            covered *= 2
         yield width, loads, rows
-        if 2 * width >= world:
-            break
-        ahead = _shifted(world, width)  # window [i, i + 2w) = [i, i + w) and [i + w, i + 2w)
-        loads, rows = np.maximum(loads, loads.take(ahead)), np.maximum(rows, rows.take(ahead))
-        width *= 2
-    yield world, np.full(world, loads.max()), np.full(world, rows.max())
 
 
 @functools.lru_cache(maxsize=256)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..plan.placement import BalancedSharding, balanced_sharding, rank_costs_ms, span_cost
+from ..plan.placement import BalancedSharding, balanced_sharding, rank_costs_ms, span_cost, span_widths
 from ..validation import heads_split
 from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us
 
@@ -181,7 +181,7 @@ def _split_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, hea
     """No placement of `documents` over the r ring ranks makes `predict_split` faster: its ring
     takes at least the ranks' mean attention (each document at the span width that costs the
     ranks least in all) and one step's fixed cost, beside the same all-to-alls and call work."""
-    widths = [1 << i for i in range(r.bit_length()) if 1 << i < r] + [r]  # the widths the placement tries
+    widths = span_widths(r)
     least = sum(min(g * span_cost(n, g) for g in widths) for n in documents if n)  # us, 64 heads of 128
     compute_ms = least / r / 1e3 * (heads // u) * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
     return compute_ms + machine.step_overhead_ms + _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
