@@ -5,7 +5,9 @@ and backward apart, for a few cost forms. What tuning/kernel_cost.py would take 
 blocks, in place of upstream's one-device varlen runs. Beside them, each replayed rank's time
 beside its attention kernels (fills, read-backs, the finish, copies) against its active steps: a
 fixed cost per call and one per step (`beside_attention`; kernel_cost's `call_other` and
-`step_other`).
+`step_other`); and each plain-ring rank's fwd + bwd time beyond its modelled attention against
+whether and at how many (step, stream) pairs it has remote blocks (`remote_blocks`; kernel_cost's
+`remote_fixed` and `remote_launch`).
 
     python bench/fit_replay_costs.py REPLAY_JSON --tree CHECKOUT_OF_THE_REPLAYS_COMMIT --out PATH
     python bench/fit_replay_costs.py REPLAY_JSON --steps-of AN_EARLIER_FIT_OF_IT --out PATH
@@ -19,6 +21,7 @@ a block, a causal block's pairs up to its diagonal (shifted by its extra keys); 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 
 import numpy as np
@@ -141,6 +144,42 @@ def fit_beside_attention(replay: dict) -> dict:
     return {"ranks": len(ranks), "tokens_per_gpu": replay["tokens_per_gpu"], "heads": replay["heads"], "head_dim": replay["head_dim"], "fits": fits}
 
 
+def fit_remote_blocks(replay: dict, fa4_cp) -> dict:
+    """Per mix, least squares over the plain rings' replayed ranks: each rank's fwd + bwd time
+    beyond the replay's modelled attention (`modelled_ms`) against a constant, whether the rank
+    has blocks against another rank's KV, and at how many (step, stream) pairs (its plan's
+    remote launches): kernel_cost's `remote_fixed` and `remote_launch`. Beside it, a constant
+    alone."""
+    from fa4_cp.kernels import BandMask
+    from fa4_cp.plan.rows import rank_plan
+
+    ranks = collections.defaultdict(list)
+    for row in replay["rows"]:
+        lengths = lognormal_lengths(replay["tokens_per_gpu"] * row["world_size"], row["mix"], seed=row["world_size"])
+        for split in ("chosen", "plain_ring"):
+            if split not in row or row[split]["ulysses"] != 1:
+                continue
+            sharding = fa4_cp.Sharding.documents(lengths, row[split]["ring"])
+            for rank in row[split]["ranks"]:
+                plan = rank_plan(sharding, BandMask(hi=0), rank["rank"], torch.device("cpu"))
+                launches = len({(step.step, block.stream) for step in plan.steps for block in step.blocks if not block.local})
+                beyond = (rank["forward_ms"] + rank["backward_ms"] - sum(rank["modelled_ms"])) * 1e3
+                ranks[row["mix"]].append((launches, beyond, (rank["forward_ms"] + rank["backward_ms"]) * 1e3))
+    fits = {}
+    for mix, rows in ranks.items():
+        launches, beyond, total = (np.array(column, dtype=float) for column in zip(*rows))
+        design = np.stack([np.ones_like(launches), launches > 0, launches], axis=1)
+        coefficients = np.linalg.lstsq(design, beyond, rcond=None)[0]
+        relative = np.abs(design @ coefficients - beyond) / total
+        constant = np.abs(beyond.mean() - beyond) / total
+        fits[mix] = {
+            "ranks": len(rows), "ranks_with_remote_blocks": int((launches > 0).sum()),
+            "us": dict(zip(("constant", "remote_fixed", "remote_launch"), (float(c) for c in coefficients))),
+            "median_relative_error": float(np.median(relative)), "constant_alone_median_relative_error": float(np.median(constant)),
+        }
+    return fits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("replay")
@@ -157,6 +196,7 @@ def main() -> None:
         steps = replay_steps(replay, fa4_cp)
     fits = {direction: fit(steps, direction) for direction in ("forward", "backward")}
     beside = fit_beside_attention(replay)
+    remote = fit_remote_blocks(replay, fa4_cp)
     for direction, forms in fits.items():
         for name, result in forms.items():
             coefficients = ", ".join(f"{value:.3f} us per {count}" for count, value in result["us_per"].items())
@@ -164,12 +204,15 @@ def main() -> None:
     for direction, result in beside["fits"].items():
         print(f"{direction:8} beside attention: {result['call_us']:.1f} us per call + {result['step_us']:.1f} per step; "
               f"median error {result['median_relative_error']:.3f}, max {result['max_relative_error']:.3f}")
+    for mix, result in remote.items():
+        print(f"{mix:8} remote blocks: " + ", ".join(f"{name} {value:.1f} us" for name, value in result["us"].items())
+              + f"; median error {result['median_relative_error']:.3f} (a constant alone {result['constant_alone_median_relative_error']:.3f})")
     write(record(
         "fit_replay_costs", "cpu", replay=args.replay, replay_device=replay["device"], replay_commit=replay["git_commit"],
         planner_tree=args.tree, steps_of=args.steps_of, steps=len(steps), median_step_us={d: statistics.median(s[f"{d}_us"] for s in steps) for d in ("forward", "backward")},
         method="least squares over each replayed rank's active steps: measured attention us of the step against its blocks' counts; "
         "pairs and tiles per 64 heads, launches as they are",
-        fits=fits, beside_attention=beside, **({} if args.without_steps else {"data": steps}),
+        fits=fits, beside_attention=beside, remote_blocks=remote, **({} if args.without_steps else {"data": steps}),
     ), args.out)
 
 

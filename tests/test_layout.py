@@ -262,6 +262,26 @@ def test_balanced_placement_is_the_best_of_its_greedy_candidates(mix, world_size
         assert chosen < 0.92 * replaced
 
 
+@pytest.mark.parametrize(("mix", "world_size"), [("finetune", 16), ("finetune", 64), ("pretrain", 16)])
+def test_remote_reach_counts_each_ranks_remote_launches_in_its_plan(mix, world_size):
+    """rank_loads_ms charges each rank per (step, stream) at which its plan has blocks against
+    another rank's KV: remote_reach counts them from the spans alone, as the plan lays them out."""
+    from fa4_cp.plan.placement import balanced_sharding, rank_costs_ms, rank_loads_ms, remote_reach
+    from fa4_cp.tuning.kernel_cost import remote_us
+
+    lengths = tuple(bench_module("mixes").lognormal_lengths(8192 * world_size, mix, seed=world_size))
+    sharding = balanced_sharding(lengths, world_size)
+    forward, backward = remote_reach(sharding.spans, world_size)
+    for rank in range(world_size):
+        plan = sharding.rank_plan(BandMask(hi=0), rank, torch.device("cpu"))
+        launches = {(step.step, block.stream) for step in plan.steps for block in step.blocks if not block.local}
+        assert len(launches) == forward[rank] + backward[rank]
+    attention = [sum(cost) for cost in rank_costs_ms(sharding)]
+    loads = rank_loads_ms(sharding)
+    assert all(load == pytest.approx(cost + remote_us(f + b) / 1e3) for load, cost, f, b in zip(loads, attention, forward, backward))
+    assert (forward + backward).any()
+
+
 @pytest.mark.parametrize("world_size", [2, 3, 5, 8, 12, 72])
 def test_window_maxima_match_a_direct_count(world_size):
     from fa4_cp.plan.placement import _window_maxima

@@ -22,8 +22,9 @@ communication.
 Cost model: the ring kernels' forward + backward time of each rank's blocks, as
 tuning/kernel_cost.py fits it on a one-GPU replay of the ring (tile pairs, a fixed cost per q
 tile of the forward and per KV tile of the backward, which make a short piece of a long document
-dearer per FLOP than a whole short one), and the fixed cost (launches, work beside attention)
-of every ring step that the widest span adds. Documents are placed longest first, as
+dearer per FLOP than a whole short one), the fixed cost (launches, work beside attention)
+of every ring step that the widest span adds, and, choosing between the greedy's placements, what
+each rank's own remote blocks cost it beside their tiles (`rank_loads_ms`). Documents are placed longest first, as
 longest-processing-time scheduling does: each takes the smallest span g in 1, 2, 4, ... W, and
 the window of g ranks with room for its rows (up to ceil(S / W) + 128 per rank), that keeps every
 rank within 3% of the mean load; if none does, the (span, window) that leaves the most loaded
@@ -56,7 +57,7 @@ import torch
 
 from ..kernels.interface import BandMask
 from .rows import RankPlan
-from ..tuning.kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, ONE_DEVICE, RING, TILE, KernelCosts, span_us, step_us
+from ..tuning.kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, ONE_DEVICE, RING, TILE, KernelCosts, remote_us, span_us, step_other_us, step_us
 from .sharding_rows import ShardingRows
 from .span_rows import span_plan
 
@@ -213,11 +214,33 @@ def rank_costs_ms(
     return [(forward, backward) for forward, backward in costs]
 
 
+def remote_reach(spans, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank, the furthest step at which it reads a span's KV from the forward stream (an
+    earlier member: its own index in the span) and from the backward stream (a later member);
+    their sum is the number of (step, stream) pairs at which the rank's plan launches blocks
+    against another rank's KV (span_rows.py: member i reads member j at step |i - j|)."""
+    forward, backward = np.zeros(world_size, dtype=np.int64), np.zeros(world_size, dtype=np.int64)
+    for first, ranks in spans:
+        if ranks > 1:
+            members, index = _members(world_size, first, ranks), np.arange(ranks)
+            forward[members] = np.maximum(forward[members], index)
+            backward[members] = np.maximum(backward[members], ranks - 1 - index)
+    return forward, backward
+
+
+def rank_loads_ms(sharding: BalancedSharding, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> np.ndarray:
+    """Each rank's modelled forward + backward ms: its attention (`rank_costs_ms`) and what its
+    remote blocks cost beside their tiles (kernel_cost.remote_us)."""
+    forward, backward = remote_reach(sharding.spans, sharding.world_size)
+    attention = np.array([sum(cost) for cost in rank_costs_ms(sharding, heads, head_dim)])
+    return attention + remote_us(forward + backward, heads, head_dim) / 1e3
+
+
 def modelled_ms(sharding: BalancedSharding) -> float:
-    """The placement's modelled time: its most loaded rank's attention (64 heads of 128) and the
-    fixed cost of every ring step that its widest span takes."""
+    """The placement's modelled time: its most loaded rank (`rank_loads_ms`, 64 heads of 128) and
+    the work beside attention of every ring step that its widest span takes."""
     widest = max((ranks for _, ranks in sharding.spans), default=1)
-    return max(sum(cost) for cost in rank_costs_ms(sharding)) + widest * step_us() / 1e3
+    return float(rank_loads_ms(sharding).max()) + widest * step_other_us() / 1e3
 
 
 @functools.lru_cache(maxsize=64)
@@ -291,7 +314,7 @@ def _greedy_placement(
             if score[0] <= target:
                 break  # the narrowest span that keeps the ranks balanced
         _, ranks, first = best or (None, world_size, 0)  # nothing has room: spread over every rank
-        members = first if ranks == 1 else [(first + offset) % world_size for offset in range(ranks)]
+        members = first if ranks == 1 else _members(world_size, first, ranks)
         cost[members] += span_cost_of(length, ranks)
         rows[members] += span_rows(length, ranks)
         spans[doc] = (first, ranks)
@@ -319,6 +342,11 @@ def _window_maxima(loads: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, n
             loads, rows = np.maximum(loads, loads.take(ahead)), np.maximum(rows, rows.take(ahead))
             covered *= 2
         yield width, loads, rows
+
+
+def _members(world: int, first: int, ranks: int) -> np.ndarray:
+    """The ranks of a span of `ranks` beginning at `first` (mod world), in member order."""
+    return (first + np.arange(ranks)) % world
 
 
 @functools.lru_cache(maxsize=256)
