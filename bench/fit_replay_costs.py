@@ -6,8 +6,9 @@ blocks, in place of upstream's one-device varlen runs. Beside them, each replaye
 beside its attention kernels (fills, read-backs, the finish, copies) against its active steps: a
 fixed cost per call and one per step (`beside_attention`; kernel_cost's `call_other` and
 `step_other`); and each plain-ring rank's fwd + bwd time beyond its modelled attention against
-whether and at how many (step, stream) pairs it has remote blocks (`remote_blocks`; kernel_cost's
-`remote_fixed` and `remote_launch`).
+whether and at how many (step, stream) pairs it has remote blocks, forward and backward
+(`remote_blocks`; kernel_cost's `remote_fixed` and `remote_launch`: fit it on a replay whose
+`modelled_ms` had none of them, such as one before 2026-12-06's session 16).
 
     python bench/fit_replay_costs.py REPLAY_JSON --tree CHECKOUT_OF_THE_REPLAYS_COMMIT --out PATH
     python bench/fit_replay_costs.py REPLAY_JSON --steps-of AN_EARLIER_FIT_OF_IT --out PATH
@@ -163,20 +164,24 @@ def fit_remote_blocks(replay: dict, fa4_cp) -> dict:
             for rank in row[split]["ranks"]:
                 plan = rank_plan(sharding, BandMask(hi=0), rank["rank"], torch.device("cpu"))
                 launches = len({(step.step, block.stream) for step in plan.steps for block in step.blocks if not block.local})
-                beyond = (rank["forward_ms"] + rank["backward_ms"] - sum(rank["modelled_ms"])) * 1e3
-                ranks[row["mix"]].append((launches, beyond, (rank["forward_ms"] + rank["backward_ms"]) * 1e3))
+                measured, modelled = (rank["forward_ms"], rank["backward_ms"]), rank["modelled_ms"]
+                ranks[row["mix"]].append((launches, *(m * 1e3 for m in measured), *(c * 1e3 for c in modelled)))
     fits = {}
     for mix, rows in ranks.items():
-        launches, beyond, total = (np.array(column, dtype=float) for column in zip(*rows))
+        launches, forward, backward, modelled_forward, modelled_backward = (np.array(column, dtype=float) for column in zip(*rows))
         design = np.stack([np.ones_like(launches), launches > 0, launches], axis=1)
-        coefficients = np.linalg.lstsq(design, beyond, rcond=None)[0]
-        relative = np.abs(design @ coefficients - beyond) / total
-        constant = np.abs(beyond.mean() - beyond) / total
-        fits[mix] = {
-            "ranks": len(rows), "ranks_with_remote_blocks": int((launches > 0).sum()),
-            "us": dict(zip(("constant", "remote_fixed", "remote_launch"), (float(c) for c in coefficients))),
-            "median_relative_error": float(np.median(relative)), "constant_alone_median_relative_error": float(np.median(constant)),
-        }
+        fits[mix] = {"ranks": len(rows), "ranks_with_remote_blocks": int((launches > 0).sum())}
+        for direction, measured, modelled in (
+            ("forward", forward, modelled_forward), ("backward", backward, modelled_backward),
+            ("both", forward + backward, modelled_forward + modelled_backward),
+        ):
+            beyond = measured - modelled
+            coefficients = np.linalg.lstsq(design, beyond, rcond=None)[0]
+            fits[mix][direction] = {
+                "us": dict(zip(("constant", "remote_fixed", "remote_launch"), (float(c) for c in coefficients))),
+                "median_relative_error": float(np.median(np.abs(design @ coefficients - beyond) / measured)),
+                "constant_alone_median_relative_error": float(np.median(np.abs(beyond.mean() - beyond) / measured)),
+            }
     return fits
 
 
@@ -205,8 +210,10 @@ def main() -> None:
         print(f"{direction:8} beside attention: {result['call_us']:.1f} us per call + {result['step_us']:.1f} per step; "
               f"median error {result['median_relative_error']:.3f}, max {result['max_relative_error']:.3f}")
     for mix, result in remote.items():
-        print(f"{mix:8} remote blocks: " + ", ".join(f"{name} {value:.1f} us" for name, value in result["us"].items())
-              + f"; median error {result['median_relative_error']:.3f} (a constant alone {result['constant_alone_median_relative_error']:.3f})")
+        for direction in ("forward", "backward", "both"):
+            part = result[direction]
+            print(f"{mix:8} {direction:8} remote blocks: " + ", ".join(f"{name} {value:.1f} us" for name, value in part["us"].items())
+                  + f"; median error {part['median_relative_error']:.3f} (a constant alone {part['constant_alone_median_relative_error']:.3f})")
     write(record(
         "fit_replay_costs", "cpu", replay=args.replay, replay_device=replay["device"], replay_commit=replay["git_commit"],
         planner_tree=args.tree, steps_of=args.steps_of, steps=len(steps), median_step_us={d: statistics.median(s[f"{d}_us"] for s in steps) for d in ("forward", "backward")},

@@ -12,8 +12,7 @@ ranks on h/u heads (KV heads repeated to u where fewer) over its ring rank's row
 so each ring rank is replayed alone (bench/replay.py, all its kernels) and stands for its u
 ulysses ranks. Balance: each ring rank's measured time against the calibrated kernel model's
 (plan/placement.rank_costs_ms over the balanced placement): measured and modelled imbalance
-(slowest / mean), and per rank measured / modelled; and of each rank's fwd + bwd against
-rank_loads_ms, which adds what a rank's remote blocks cost it beside their tiles ("imbalance"). The plain ring (u = 1) is replayed as well
+(slowest / mean), and per rank measured / modelled; and of each rank's fwd + bwd ("imbalance"). The plain ring (u = 1) is replayed as well
 when plan_mesh picks another split. Mixes: bench/mixes.py.
 """
 
@@ -34,7 +33,7 @@ from replay import replay_rank  # noqa: E402
 
 from fa4_cp import Sharding, plan_mesh  # noqa: E402
 from fa4_cp.kernels import BandMask, get_backend  # noqa: E402
-from fa4_cp.plan.placement import rank_costs_ms, rank_loads_ms  # noqa: E402
+from fa4_cp.plan.placement import rank_costs_ms  # noqa: E402
 
 CAUSAL = BandMask(hi=0)
 MAGI_H100_TFLOPS = {  # MagiAttention's published varlen-causal figures per GPU (H100, 64:8, d 128, 8K per GPU)
@@ -56,7 +55,6 @@ def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, back
     sharding = Sharding.documents(lengths, ring)
     ranks = [replay_rank(sharding, CAUSAL, rank, heads, kv_heads, shape["head_dim"], backend, device=device) for rank in range(ring)]
     modelled = rank_costs_ms(sharding, heads, shape["head_dim"])
-    loads = rank_loads_ms(sharding, heads, shape["head_dim"])  # with each rank's remote blocks' own cost
     flops = causal_flops(lengths, shape["heads"], shape["head_dim"])
     result = {"ulysses": ulysses, "ring": ring, "heads_per_rank": heads, "kv_heads_per_rank": kv_heads, "ring_rank_tokens": sharding.local_len}
     for index, direction in enumerate(DIRECTIONS):
@@ -79,9 +77,9 @@ def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, back
         }
         if world in MAGI_H100_TFLOPS[direction]:
             result[direction]["over_magi_h100"] = result[direction]["tflops_per_gpu"] / MAGI_H100_TFLOPS[direction][world]
-    measured = [rank["forward_ms"] + rank["backward_ms"] for rank in ranks]
-    result["imbalance"] = {"measured": max(measured) / statistics.mean(measured), "modelled": float(loads.max() / loads.mean())}
-    result["ranks"] = [{**rank, "modelled_ms": list(cost), "modelled_load_ms": float(load)} for rank, cost, load in zip(ranks, modelled, loads)]
+    measured, loads = [rank["forward_ms"] + rank["backward_ms"] for rank in ranks], [sum(cost) for cost in modelled]
+    result["imbalance"] = {"measured": max(measured) / statistics.mean(measured), "modelled": max(loads) / statistics.mean(loads)}
+    result["ranks"] = [{**rank, "modelled_ms": [float(c) for c in cost]} for rank, cost in zip(ranks, modelled)]
     return result
 
 
@@ -158,7 +156,7 @@ def main() -> None:
             f"{mix:8} W={world:<3} {chosen['ulysses']} x {chosen['ring']}: fwd {chosen['forward']['tflops_per_gpu']:6.1f} TF/s "
             f"bwd {chosen['backward']['tflops_per_gpu']:6.1f} TF/s, imbalance bwd {chosen['backward']['imbalance']:.3f} "
             f"(model {chosen['backward']['modelled_imbalance']:.3f}); fwd+bwd {chosen['imbalance']['measured']:.3f} "
-            f"(model with remote blocks {chosen['imbalance']['modelled']:.3f})", flush=True,
+            f"(model {chosen['imbalance']['modelled']:.3f})", flush=True,
         )
 
 

@@ -45,7 +45,7 @@ def head_chunked_ms(candidate: dict, chunks: int, machine: Machine) -> float:
     ring overlapped. The ring's fixed costs (step overhead, hop latencies) are paid per chunk; the
     call's work beside attention, in proportion to the heads, once in all."""
     hops = candidate["active_steps"] - 1
-    ring_fixed = candidate["active_steps"] * machine.step_overhead_ms + 2 * hops * machine.hop_latency_ms
+    ring_fixed = candidate["active_steps"] * candidate["step_ms"] + 2 * hops * machine.hop_latency_ms
     exchange_fixed = ALL_TO_ALLS * machine.all_to_all_latency_ms
     ring = (candidate["ring_ms"] - ring_fixed) / chunks + ring_fixed
     exchange = (candidate["all_to_all_ms"] - exchange_fixed) / chunks + exchange_fixed

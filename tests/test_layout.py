@@ -221,24 +221,23 @@ def lognormal_mix(world_size: int, seed: int, tokens_per_rank: int = 8192) -> li
 @pytest.mark.parametrize("world_size", [8, 16, 64])
 def test_balanced_placement_beats_cutting_every_document_and_is_deterministic(world_size):
     """On the log-normal mix at 8K tokens per rank, the modelled cost of the most loaded rank
-    (tuning/kernel_cost.py: the ring's kernels, fitted on a one-GPU replay) is under the
-    per-document zigzag's (by more as the ring grows: 0.44, 0.31 and 0.077 of it at W = 8, 16 and
-    64 when written), within 10-30% of a perfect split of the whole documents' work (0.90, 0.87,
-    0.71 when written: cutting long documents finely costs the forward's fixed cost per q tile
-    and the backward's per KV tile), padding under 2%, and a second computation gives the same
-    placement."""
-    from fa4_cp.plan.placement import balanced_sharding, span_cost
+    (plan/placement.rank_costs_ms: the ring's kernels, fitted on a one-GPU replay, and what its
+    remote blocks cost beside them) is under the per-document zigzag's (by more as the ring grows:
+    0.46, 0.36 and 0.094 of it at W = 8, 16 and 64 when written), within 15-33% of a perfect split
+    of the whole documents' work (0.85, 0.79, 0.67 when written: cutting long documents finely
+    costs the forward's fixed cost per q tile and the backward's per KV tile, and a rank's remote
+    blocks their own), padding under 2%, and a second computation gives the same placement."""
+    from fa4_cp.plan.placement import balanced_sharding, rank_costs_ms, span_cost
+    from fa4_cp.tuning.kernel_cost import remote_us
 
     lengths = lognormal_mix(world_size, seed=world_size)
     sharding = Sharding.documents(lengths, world_size)
-    load = [0] * world_size
-    for length, (first, ranks) in zip(lengths, sharding.spans):
-        for offset in range(ranks):
-            load[(first + offset) % world_size] += span_cost(length, ranks)
+    most_loaded = max(sum(cost) for cost in rank_costs_ms(sharding)) * 1e3
     one_device = sum(span_cost(length, 1) for length in lengths if length)
-    every_rank = sum(span_cost(length, world_size) for length in lengths if length)
-    assert max(load) < {8: 0.5, 16: 0.35, 64: 0.09}[world_size] * every_rank
-    assert one_device / (world_size * max(load)) > {8: 0.88, 16: 0.84, 64: 0.68}[world_size]
+    # every document zigzagged over every rank: each rank meets every other once, each stream
+    every_rank = sum(span_cost(length, world_size) for length in lengths if length) + sum(remote_us(world_size - 1))
+    assert most_loaded < {8: 0.5, 16: 0.4, 64: 0.11}[world_size] * every_rank
+    assert one_device / (world_size * most_loaded) > {8: 0.82, 16: 0.76, 64: 0.64}[world_size]
     assert 1 - sharding.total_len / (world_size * sharding.local_len) < 0.02
     balanced_sharding.cache_clear()
     assert Sharding.documents(lengths, world_size) == sharding
@@ -264,10 +263,9 @@ def test_balanced_placement_is_the_best_of_its_greedy_candidates(mix, world_size
 
 @pytest.mark.parametrize(("mix", "world_size"), [("finetune", 16), ("finetune", 64), ("pretrain", 16)])
 def test_remote_reach_counts_each_ranks_remote_launches_in_its_plan(mix, world_size):
-    """rank_loads_ms charges each rank per (step, stream) at which its plan has blocks against
+    """rank_costs_ms charges each rank per (step, stream) at which its plan has blocks against
     another rank's KV: remote_reach counts them from the spans alone, as the plan lays them out."""
-    from fa4_cp.plan.placement import balanced_sharding, rank_costs_ms, rank_loads_ms, remote_reach
-    from fa4_cp.tuning.kernel_cost import remote_us
+    from fa4_cp.plan.placement import balanced_sharding, remote_reach
 
     lengths = tuple(bench_module("mixes").lognormal_lengths(8192 * world_size, mix, seed=world_size))
     sharding = balanced_sharding(lengths, world_size)
@@ -276,9 +274,6 @@ def test_remote_reach_counts_each_ranks_remote_launches_in_its_plan(mix, world_s
         plan = sharding.rank_plan(BandMask(hi=0), rank, torch.device("cpu"))
         launches = {(step.step, block.stream) for step in plan.steps for block in step.blocks if not block.local}
         assert len(launches) == forward[rank] + backward[rank]
-    attention = [sum(cost) for cost in rank_costs_ms(sharding)]
-    loads = rank_loads_ms(sharding)
-    assert all(load == pytest.approx(cost + remote_us(f + b) / 1e3) for load, cost, f, b in zip(loads, attention, forward, backward))
     assert (forward + backward).any()
 
 

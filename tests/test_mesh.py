@@ -184,7 +184,7 @@ def test_plan_mesh_chooses_the_split_for_the_batch_documents():
     documents = lognormal_mix(64, seed=1)
     plan = fa4_cp.plan_mesh(64, 32, 8, sum(documents), documents=documents, every_split=True)
     ring = next(c for c in plan.candidates if c["ulysses"] == 1)
-    assert plan.ulysses >= 8 and ring["ms"] > 1.4 * plan.predicted_ms, plan.reason
+    assert plan.ulysses >= 8 and ring["ms"] > 1.3 * plan.predicted_ms, plan.reason
     full_buffer = {c["ulysses"]: 2 * (sum(documents) / c["ring"] + 128) * max(8 // c["ulysses"], 1) * 128 * 2 for c in plan.candidates}
     travelling = {c["ulysses"]: c["hop_bytes"] / full_buffer[c["ulysses"]] for c in plan.candidates}
     assert all(fraction < 0.5 for fraction in travelling.values()), travelling  # only what the spans read

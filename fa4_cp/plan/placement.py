@@ -24,7 +24,7 @@ tuning/kernel_cost.py fits it on a one-GPU replay of the ring (tile pairs, a fix
 tile of the forward and per KV tile of the backward, which make a short piece of a long document
 dearer per FLOP than a whole short one), the fixed cost (launches, work beside attention)
 of every ring step that the widest span adds, and, choosing between the greedy's placements, what
-each rank's own remote blocks cost it beside their tiles (`rank_loads_ms`). Documents are placed longest first, as
+each rank's own remote blocks cost it beside their tiles (`rank_costs_ms`). Documents are placed longest first, as
 longest-processing-time scheduling does: each takes the smallest span g in 1, 2, 4, ... W, and
 the window of g ranks with room for its rows (up to ceil(S / W) + 128 per rank), that keeps every
 rank within 3% of the mean load; if none does, the (span, window) that leaves the most loaded
@@ -42,7 +42,9 @@ the placement it keeps is the one whose most loaded rank the model finds fastest
   widening that is cheap early can leave the last short documents no balanced room (fine-tuning-
   like W = 16: 1.87 against 1.97 ms modelled, imbalance 1.014 against 1.097).
 So the threshold between whole and cut, and how widely to cut, come from the cost model and the
-mix, not from constants.
+mix, not from constants. Last, kept documents are traded off the most loaded rank, one for none,
+one or two of another rank's (`_rebalanced`): a rank with remote blocks pays for them beside
+their tiles, and a rank without can take more of the kept work in the same rows.
 """
 
 from __future__ import annotations
@@ -200,8 +202,9 @@ _span_us = functools.lru_cache(maxsize=65536)(span_us)  # every candidate placem
 def rank_costs_ms(
     sharding: BalancedSharding, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM,
 ) -> list[tuple[float, float]]:
-    """Each rank's modelled (forward, backward) attention ms under the placement: the ring's
-    kernel costs (kernel_cost.py) of its share of every document's span."""
+    """Each rank's modelled (forward, backward) ms under the placement: the ring's kernel costs
+    (kernel_cost.py) of its share of every document's span, and what its remote blocks cost it
+    beside their tiles (kernel_cost.remote_us)."""
     costs = [[0.0, 0.0] for _ in range(sharding.world_size)]
     for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
         if not ranks:  # an empty document
@@ -211,7 +214,9 @@ def rank_costs_ms(
             cost = costs[(first + offset) % sharding.world_size]
             cost[0] += forward / 1e3
             cost[1] += backward / 1e3
-    return [(forward, backward) for forward, backward in costs]
+    forward_reach, backward_reach = remote_reach(sharding.spans, sharding.world_size)
+    remote = remote_us(forward_reach + backward_reach, heads, head_dim)
+    return [(forward + float(remote[0][rank]) / 1e3, backward + float(remote[1][rank]) / 1e3) for rank, (forward, backward) in enumerate(costs)]
 
 
 def remote_reach(spans, world_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,30 +233,79 @@ def remote_reach(spans, world_size: int) -> tuple[np.ndarray, np.ndarray]:
     return forward, backward
 
 
-def rank_loads_ms(sharding: BalancedSharding, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> np.ndarray:
-    """Each rank's modelled forward + backward ms: its attention (`rank_costs_ms`) and what its
-    remote blocks cost beside their tiles (kernel_cost.remote_us)."""
-    forward, backward = remote_reach(sharding.spans, sharding.world_size)
-    attention = np.array([sum(cost) for cost in rank_costs_ms(sharding, heads, head_dim)])
-    return attention + remote_us(forward + backward, heads, head_dim) / 1e3
-
-
 def modelled_ms(sharding: BalancedSharding) -> float:
-    """The placement's modelled time: its most loaded rank (`rank_loads_ms`, 64 heads of 128) and
+    """The placement's modelled time: its most loaded rank (`rank_costs_ms`, 64 heads of 128) and
     the work beside attention of every ring step that its widest span takes."""
     widest = max((ranks for _, ranks in sharding.spans), default=1)
-    return float(rank_loads_ms(sharding).max()) + widest * step_other_us() / 1e3
+    return max(sum(cost) for cost in rank_costs_ms(sharding)) + widest * step_other_us() / 1e3
 
 
 @functools.lru_cache(maxsize=64)
 def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> BalancedSharding:
     """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
     of the greedy placements by cost alone and by projected load, the one whose most loaded rank,
-    with its ring steps' fixed cost, costs least."""
+    with its ring steps' fixed cost, costs least, its kept documents then traded (`_rebalanced`)."""
     if world_size == 1:
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
-    return min(placement_candidates(doc_lengths, world_size), key=lambda pair: pair[0])[1]
+    return _rebalanced(min(placement_candidates(doc_lengths, world_size), key=lambda pair: pair[0])[1])
+
+
+def _rebalanced(sharding: BalancedSharding) -> BalancedSharding:
+    """The placement with kept documents traded off its most loaded rank while a trade lowers the
+    larger load of the two ranks (`rank_costs_ms`) and both stay within the greedy's row limit: a
+    kept document moved, swapped for one, or swapped for two (as many rows, a quarter of the
+    work each when they are half as long). The greedy balances attention; a rank with remote
+    blocks also pays for them beside their tiles, and this hands its kept work to ranks without
+    (fine-tuning-like mixes at W = 16-72: the most loaded rank 2-11% lighter, modelled imbalance
+    1.00-1.08 from 1.02-1.17; pretraining-like ones seldom have a trade)."""
+    world, lengths, spans = sharding.world_size, sharding.doc_lengths, list(sharding.spans)
+    kept = np.array([doc for doc, (_, ranks) in enumerate(spans) if ranks == 1], dtype=np.int64)
+    if not kept.size:
+        return sharding
+    capacity = math.ceil(sum(lengths) / world) + TILE
+    loads, rows = np.array([sum(cost) for cost in rank_costs_ms(sharding)]), np.zeros(world, dtype=np.int64)
+    for length, (first, ranks) in zip(lengths, spans):
+        if ranks:
+            rows[_members(world, first, ranks)] += span_rows(length, ranks)
+    home = np.array([spans[doc][0] for doc in kept])
+    # every trade as (given, taken): a move takes nothing, a swap one document, two for one a pair
+    kept_rows = np.array([lengths[doc] for doc in kept] + [0])
+    kept_ms = np.append([span_cost(lengths[doc], 1) / 1e3 for doc in kept], 0.0)
+    nothing = len(kept)
+
+    def pairs_on(rank: int) -> np.ndarray:
+        on = np.flatnonzero(home == rank)
+        left, right = np.triu_indices(len(on), 1)
+        return np.stack([on[left], on[right]], axis=1)
+
+    pairs = [pairs_on(rank) for rank in range(world)]
+    for _ in range(4 * world):  # each trade lowers the most loaded rank; a bound, seldom reached
+        top = int(loads.argmax())
+        given = np.flatnonzero(home == top)
+        others = np.flatnonzero(home != top)
+        taken = np.concatenate([
+            np.full((world, 2), nothing), np.stack([others, np.full(len(others), nothing)], axis=1),
+            *(pairs[rank] for rank in range(world) if rank != top),
+        ])
+        to = np.concatenate([np.arange(world), home[others], *(home[pairs[rank][:, 0]] for rank in range(world) if rank != top)])
+        rows_moved = kept_rows[given][:, None] - kept_rows[taken].sum(axis=1)[None, :]
+        ms_moved = kept_ms[given][:, None] - kept_ms[taken].sum(axis=1)[None, :]
+        fits = (rows[to] + rows_moved <= capacity) & (rows[top] - rows_moved <= capacity) & (ms_moved > 0) & (to != top)
+        larger = np.where(fits, np.maximum(loads[top] - ms_moved, loads[to] + ms_moved), np.inf)
+        if not larger.size or larger.min() >= loads[top] * (1 - 1e-9):
+            break
+        which, trade = np.unravel_index(int(larger.argmin()), larger.shape)
+        receiver, gone, back = int(to[trade]), int(given[which]), [doc for doc in taken[trade] if doc != nothing]
+        home[gone], home[back] = receiver, top
+        loads[top] -= ms_moved[which, trade]
+        loads[receiver] += ms_moved[which, trade]
+        rows[top] -= rows_moved[which, trade]
+        rows[receiver] += rows_moved[which, trade]
+        pairs[top], pairs[receiver] = pairs_on(top), pairs_on(receiver)
+    for doc, rank in zip(kept.tolist(), home.tolist()):
+        spans[doc] = (rank, 1)
+    return BalancedSharding(world, lengths, tuple(spans), int(rows.max()))
 
 
 def placement_candidates(doc_lengths: tuple[int, ...], world_size: int) -> list[tuple[float, BalancedSharding]]:

@@ -30,16 +30,17 @@ bench/results/nvidia_h200_2026-12-06/fit_replay_costs_staged.json.gz):
   ranks' time beside attention over their steps), which a 2-step rank bore about right and a
   32-step rank about 4x over.
 - what a rank's remote blocks cost it beside their tiles (`remote_us`), fitted on every rank of
-  the fine-tuning-like mix in an H100 replay (W = 8-64, 120 ranks) as the rank's fwd + bwd time
-  beyond its modelled attention: 270 us once it has any (its blocks no longer write out and dK/dV
-  finished, so fp32 accumulators, fills, the read-back and the finish run) and 60 us per (step,
-  stream) of remote blocks: 73 us (median error 1.5%, where a constant alone gives 8.3%), 53 on
-  the pretraining-like ranks (all with remote blocks), 431 and 56 on an H200 replay of older
-  code (bench/results/nvidia_h100_2026-12-06_s16/fit_replay_costs*.json, `remote_blocks`). With it
-  the model finds the replays' measured imbalance (1.07-1.09 modelled against 1.09-1.16
-  measured, fine-tuning-like W = 16-64, where the attention alone gives 1.00-1.03); the placement takes it in choosing between its
-  greedy candidates. A greedy charging it while placing found no better placement (1 of 40
-  batches, by 0.03%), so it does not.
+  the fine-tuning-like mix in an H100 replay (W = 8-64, 120 ranks) as the rank's time beyond its
+  modelled attention: 120 us forward and 150 backward once it has any (its blocks no longer
+  write out and dK/dV finished, so fp32 accumulators, fills, the read-back and the finish run)
+  and 45 + 28 us per (step, stream) of remote blocks (fwd + bwd median error 1.5%, where a
+  constant alone gives 8.3%; the pretraining-like ranks, all with remote blocks, give 53 us per
+  launch; an H200 replay of older code 431 and 56 us fwd + bwd:
+  bench/results/nvidia_h100_2026-12-06_s16/fit_replay_costs*.json, `remote_blocks`). With it the
+  model finds the replays' measured imbalance (1.07-1.09 modelled against 1.09-1.16 measured,
+  fine-tuning-like W = 16-64, where the attention alone gives 1.00-1.03). It carries the ring's
+  launches per rank, so plan_mesh charges a step only its work beside attention for packed
+  documents.
 So a short piece of a long document costs more per FLOP than a whole short document, and every
 ring step that a document's span adds costs each rank its launches and its fixed work. A free fit
 of the same steps (s11_fit_replay_costs.json.gz) has smaller errors (3-3.5%) but trades the
@@ -70,14 +71,14 @@ class KernelCosts:
     call_other: float = 0.0
     """Per call, the kernels beside attention that do not grow with the steps (forward +
     backward), at 8K tokens per rank: they scale with a rank's tokens."""
-    remote_fixed: float = 0.0
-    """Per rank with any block against another rank's KV (forward + backward)."""
-    remote_launch: float = 0.0
-    """Per block launch of a rank against another rank's KV (forward + backward)."""
+    remote_fixed: tuple[float, float] = (0.0, 0.0)
+    """(forward, backward) per rank with any block against another rank's KV."""
+    remote_launch: tuple[float, float] = (0.0, 0.0)
+    """(forward, backward) per (step, stream) at which a rank has blocks against another rank's KV."""
 
 
 RING = KernelCosts(forward_pair=0.884, forward_q_tile=1.28, backward_pair=2.383, backward_kv_tile=3.828, launch=37.8, step_other=22.3, call_other=353.0,
-    remote_fixed=270.0, remote_launch=60.0,
+    remote_fixed=(120.0, 150.0), remote_launch=(45.0, 28.0),
 )
 ONE_DEVICE = KernelCosts(forward_pair=0.884, forward_q_tile=0.0, backward_pair=2.383, backward_kv_tile=3.828)
 
@@ -118,10 +119,13 @@ def step_other_us(heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD
     return _scale(heads, head_dim) * RING.step_other
 
 
-def remote_us(launches, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM):
-    """What a rank's remote blocks cost it beside their tile work, for `launches` (an int or an
-    array) remote block launches: the fixed cost of leaving the all-local path, then each launch."""
-    return _scale(heads, head_dim) * ((launches > 0) * RING.remote_fixed + launches * RING.remote_launch)
+def remote_us(launches, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> tuple:
+    """(forward, backward) of what a rank's remote blocks cost it beside their tile work, for
+    `launches` (an int or an array) (step, stream) pairs of them: the fixed cost of leaving the
+    all-local path, then each launch."""
+    return tuple(
+        _scale(heads, head_dim) * ((launches > 0) * fixed + launches * launch) for fixed, launch in zip(RING.remote_fixed, RING.remote_launch)
+    )
 
 
 def span_tiles(length: int, ranks: int) -> tuple[float, float, float]:

@@ -42,6 +42,9 @@ class Machine:
     """Sustained attention kernels, forward and backward together (TFLOP/s per GPU)."""
     step_overhead_ms: float
     """Fixed cost of one ring step, forward and backward together."""
+    step_launch_ms: float
+    """The part of `step_overhead_ms` that is the step's launches: packed documents' per-rank
+    costs carry their own (placement.rank_costs_ms)."""
     call_overhead_ms: float
     """Work beside attention per layer call, forward and backward, at 8K tokens of 64 heads of 128
     per GPU (it scales with a GPU's tokens x heads x head_dim)."""
@@ -55,10 +58,10 @@ class Machine:
 
 # kernel_cost.RING's replay fits: a step's forward launch and its work beside attention, the call's
 # work beside attention (on an H100, whose memory is slower than the H200's: upper bounds here)
-_STEP_MS, _CALL_MS = (RING.launch + RING.step_other) / 1e3, RING.call_other / 1e3
+_STEP_MS, _LAUNCH_MS, _CALL_MS = (RING.launch + RING.step_other) / 1e3, RING.launch / 1e3, RING.call_other / 1e3
 
 H200 = Machine(
-    "H200", attention_tflops=480.0, step_overhead_ms=_STEP_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
+    "H200", attention_tflops=480.0, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
     hop_gib_per_s=354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0,
     measured={
         "attention_tflops": "bench/results/nvidia_h200_2026-12-01/kernels_nvidia_h200_2026-12-01_quick.json.gz (fa4_cp fwd and bwd step, d 128, 8K)",
@@ -69,7 +72,7 @@ H200 = Machine(
     },
 )
 GB200_NVL72 = Machine(
-    "GB200 NVL72 (assumed)", attention_tflops=480.0 * 2250.0 / 989.4, step_overhead_ms=_STEP_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
+    "GB200 NVL72 (assumed)", attention_tflops=480.0 * 2250.0 / 989.4, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
     hop_gib_per_s=2 * 354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=600.0,
 )
 
@@ -129,9 +132,11 @@ def predict_split(
     """One u x r split's predicted layer call (fwd+bwd) and its parts; packed causal documents
     placed as `placement` places them over the r ring ranks (default: the balanced layout's)."""
     kv_heads_local = max(kv_heads // u, 1)
+    step_ms = machine.step_overhead_ms
     if documents and causal:
         forward_ms, backward_ms, ideal_ms, steps, travelling_rows = _documents_compute(documents, u, r, heads, head_dim, placement)
         compute_ms = forward_ms + backward_ms
+        step_ms -= machine.step_launch_ms  # each rank's costs carry its own launches
     else:
         lengths = documents or [seq_len]
         pair_fraction = 0.5 if causal else 1.0
@@ -149,15 +154,15 @@ def predict_split(
     step_fwd, step_bwd = forward_ms / steps, backward_ms / steps
     hops = steps - 1
     hop_fwd, hop_bwd = hop_ms(kv_bytes, machine), hop_ms(kv_bytes + dkv_bytes, machine)
-    ring_ms = step_fwd + step_bwd + hops * (max(step_fwd, hop_fwd) + max(step_bwd, hop_bwd)) + steps * machine.step_overhead_ms
+    ring_ms = step_fwd + step_bwd + hops * (max(step_fwd, hop_fwd) + max(step_bwd, hop_bwd)) + steps * step_ms
     bound = "hop" if hops and (hop_fwd > step_fwd or hop_bwd > step_bwd) else "compute"
-    if machine.step_overhead_ms * steps > compute_ms / 2:
+    if step_ms * steps > compute_ms / 2:
         bound = "overhead"
     all_to_all_ms = _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
     call_ms = _call_ms(u, r, heads, seq_len, head_dim, machine)
     total = ring_ms + all_to_all_ms + call_ms
     return {
-        "ulysses": u, "ring": r, "active_steps": steps, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms, "call_ms": call_ms,
+        "ulysses": u, "ring": r, "active_steps": steps, "step_ms": step_ms, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms, "call_ms": call_ms,
         "compute_ms": compute_ms, "efficiency": ideal_ms / total, "bound": bound, "hop_bytes": kv_bytes,
     }
 
@@ -184,7 +189,7 @@ def _split_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, hea
     widths = span_widths(r)
     least = sum(min(g * span_cost(n, g) for g in widths) for n in documents if n)  # us, 64 heads of 128
     compute_ms = least / r / 1e3 * (heads // u) * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
-    return compute_ms + machine.step_overhead_ms + _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
+    return compute_ms + machine.step_overhead_ms - machine.step_launch_ms + _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
 
 
 def _documents_compute(
