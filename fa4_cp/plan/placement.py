@@ -42,9 +42,7 @@ the placement it keeps is the one whose most loaded rank the model finds fastest
   widening that is cheap early can leave the last short documents no balanced room (fine-tuning-
   like W = 16: 1.87 against 1.97 ms modelled, imbalance 1.014 against 1.097).
 So the threshold between whole and cut, and how widely to cut, come from the cost model and the
-mix, not from constants. Last, kept documents are traded off the most loaded rank, one for none,
-one or two of another rank's (`_rebalanced`): a rank with remote blocks pays for them beside
-their tiles, and a rank without can take more of the kept work in the same rows.
+mix, not from constants.
 """
 
 from __future__ import annotations
@@ -244,68 +242,15 @@ def modelled_ms(sharding: BalancedSharding) -> float:
 def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> BalancedSharding:
     """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
     of the greedy placements by cost alone and by projected load, the one whose most loaded rank,
-    with its ring steps' fixed cost, costs least, its kept documents then traded (`_rebalanced`)."""
+    with its ring steps' fixed cost and its remote blocks' own cost (`rank_costs_ms`), costs least.
+    Trading kept documents off the most loaded rank afterwards (one for none, one or two, as the
+    model has it) left the replayed slowest rank 1.5-1.7% lighter at fine-tuning-like W = 16 and
+    32 and 3.4% heavier at W = 64: the model prices a short kept document below what it costs
+    (bench/results/nvidia_h100_2026-12-06_s16/README.md), so it is not done."""
     if world_size == 1:
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
-    return _rebalanced(min(placement_candidates(doc_lengths, world_size), key=lambda pair: pair[0])[1])
-
-
-def _rebalanced(sharding: BalancedSharding) -> BalancedSharding:
-    """The placement with kept documents traded off its most loaded rank while a trade lowers the
-    larger load of the two ranks (`rank_costs_ms`) and both stay within the greedy's row limit: a
-    kept document moved, swapped for one, or swapped for two (as many rows, a quarter of the
-    work each when they are half as long). The greedy balances attention; a rank with remote
-    blocks also pays for them beside their tiles, and this hands its kept work to ranks without
-    (fine-tuning-like mixes at W = 16-72: the most loaded rank 2-11% lighter, modelled imbalance
-    1.00-1.08 from 1.02-1.17; pretraining-like ones seldom have a trade)."""
-    world, lengths, spans = sharding.world_size, sharding.doc_lengths, list(sharding.spans)
-    kept = np.array([doc for doc, (_, ranks) in enumerate(spans) if ranks == 1], dtype=np.int64)
-    if not kept.size:
-        return sharding
-    capacity = math.ceil(sum(lengths) / world) + TILE
-    loads, rows = np.array([sum(cost) for cost in rank_costs_ms(sharding)]), np.zeros(world, dtype=np.int64)
-    for length, (first, ranks) in zip(lengths, spans):
-        if ranks:
-            rows[_members(world, first, ranks)] += span_rows(length, ranks)
-    home = np.array([spans[doc][0] for doc in kept])
-    # every trade as (given, taken): a move takes nothing, a swap one document, two for one a pair
-    kept_rows = np.array([lengths[doc] for doc in kept] + [0])
-    kept_ms = np.append([span_cost(lengths[doc], 1) / 1e3 for doc in kept], 0.0)
-    nothing = len(kept)
-
-    def pairs_on(rank: int) -> np.ndarray:
-        on = np.flatnonzero(home == rank)
-        left, right = np.triu_indices(len(on), 1)
-        return np.stack([on[left], on[right]], axis=1)
-
-    pairs = [pairs_on(rank) for rank in range(world)]
-    for _ in range(4 * world):  # each trade lowers the most loaded rank; a bound, seldom reached
-        top = int(loads.argmax())
-        given = np.flatnonzero(home == top)
-        others = np.flatnonzero(home != top)
-        taken = np.concatenate([
-            np.full((world, 2), nothing), np.stack([others, np.full(len(others), nothing)], axis=1),
-            *(pairs[rank] for rank in range(world) if rank != top),
-        ])
-        to = np.concatenate([np.arange(world), home[others], *(home[pairs[rank][:, 0]] for rank in range(world) if rank != top)])
-        rows_moved = kept_rows[given][:, None] - kept_rows[taken].sum(axis=1)[None, :]
-        ms_moved = kept_ms[given][:, None] - kept_ms[taken].sum(axis=1)[None, :]
-        fits = (rows[to] + rows_moved <= capacity) & (rows[top] - rows_moved <= capacity) & (ms_moved > 0) & (to != top)
-        larger = np.where(fits, np.maximum(loads[top] - ms_moved, loads[to] + ms_moved), np.inf)
-        if not larger.size or larger.min() >= loads[top] * (1 - 1e-9):
-            break
-        which, trade = np.unravel_index(int(larger.argmin()), larger.shape)
-        receiver, gone, back = int(to[trade]), int(given[which]), [doc for doc in taken[trade] if doc != nothing]
-        home[gone], home[back] = receiver, top
-        loads[top] -= ms_moved[which, trade]
-        loads[receiver] += ms_moved[which, trade]
-        rows[top] -= rows_moved[which, trade]
-        rows[receiver] += rows_moved[which, trade]
-        pairs[top], pairs[receiver] = pairs_on(top), pairs_on(receiver)
-    for doc, rank in zip(kept.tolist(), home.tolist()):
-        spans[doc] = (rank, 1)
-    return BalancedSharding(world, lengths, tuple(spans), int(rows.max()))
+    return min(placement_candidates(doc_lengths, world_size), key=lambda pair: pair[0])[1]
 
 
 def placement_candidates(doc_lengths: tuple[int, ...], world_size: int) -> list[tuple[float, BalancedSharding]]:
