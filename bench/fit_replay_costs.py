@@ -35,25 +35,33 @@ FORMS = {  # cost form: the step's counts it is linear in
     "pairs + launches": ("pairs", "launches"),
     "pairs + q tiles + launches": ("pairs", "q_tiles", "launches"),
     "pairs + kv tiles + launches": ("pairs", "kv_tiles", "launches"),
+    "pairs + kv tiles + sequences + launches": ("pairs", "kv_tiles", "sequences", "launches"),
 }
 # Forms anchored on one device's upstream costs (kernel_cost.ONE_DEVICE, held fixed): what the ring
 # pays beyond them. A free per-pair cost trades against the per-tile one (the counts move
 # together) and can fall below upstream's, which a model that sets the ring against one device
 # must not do.
 ANCHORED = {
-    "forward": {"one device + q tiles + launches": ({"pairs": "forward_pair"}, ("q_tiles", "launches"))},
-    "backward": {"one device": ({"pairs": "backward_pair", "kv_tiles": "backward_kv_tile"}, ())},
+    "forward": {
+        "one device + q tiles + launches": ({"pairs": "forward_pair"}, ("q_tiles", "launches")),
+        "one device + q tiles + sequences + launches": ({"pairs": "forward_pair"}, ("q_tiles", "sequences", "launches")),
+    },
+    "backward": {
+        "one device": ({"pairs": "backward_pair", "kv_tiles": "backward_kv_tile"}, ()),
+        "one device + sequences + launches": ({"pairs": "backward_pair", "kv_tiles": "backward_kv_tile"}, ("sequences", "launches")),
+    },
 }
 
 
 def block_counts(block) -> dict[str, int]:
-    """Tile pairs, q tiles and KV tiles of one planned varlen block."""
+    """Tile pairs, q tiles, KV tiles and sequences (of some rows and keys) of one planned varlen block."""
     from fa4_cp.tuning.kernel_cost import TILE, tiles  # after fa4_cp_from: the --tree's, like the planner
 
-    pairs = q_tiles = kv_tiles = 0
+    pairs = q_tiles = kv_tiles = sequences = 0
     for q_rows, kv_rows in zip(block.varlen.seqused_q.tolist(), block.varlen.seqused_k.tolist()):
         if not q_rows or not kv_rows:
             continue
+        sequences += 1
         q_count, kv_count = tiles(q_rows), tiles(kv_rows)
         if block.mask.hi is None and block.mask.lo is None:
             pairs += q_count * kv_count
@@ -61,7 +69,7 @@ def block_counts(block) -> dict[str, int]:
             shift = kv_rows - q_rows
             pairs += sum(min(kv_count, max(0, tiles((i + 1) * TILE + shift))) for i in range(q_count))
         q_tiles, kv_tiles = q_tiles + q_count, kv_tiles + kv_count
-    return {"pairs": pairs, "q_tiles": q_tiles, "kv_tiles": kv_tiles}
+    return {"pairs": pairs, "q_tiles": q_tiles, "kv_tiles": kv_tiles, "sequences": sequences}
 
 
 def replay_steps(replay: dict, fa4_cp) -> list[dict]:
@@ -89,7 +97,7 @@ def replay_steps(replay: dict, fa4_cp) -> list[dict]:
                         )
                     if not step.blocks:
                         continue
-                    counts = {"pairs": 0, "q_tiles": 0, "kv_tiles": 0, "launches": len(step.blocks)}
+                    counts = {"pairs": 0, "q_tiles": 0, "kv_tiles": 0, "sequences": 0, "launches": len(step.blocks)}
                     for block in step.blocks:
                         for name, value in block_counts(block).items():
                             counts[name] += value
@@ -106,11 +114,12 @@ def fit(steps: list[dict], direction: str) -> dict:
 
     measured = np.array([s[f"{direction}_us"] for s in steps])
 
-    def counts(columns) -> np.ndarray:  # tiles count per 64 heads, as kernel_cost.py counts them; a launch is a launch
+    def counts(columns) -> np.ndarray:  # tiles and sequences count per 64 heads, as kernel_cost.py counts them; a launch is a launch
         return np.array([[s[c] * s["heads"] / 64 if c != "launches" else s[c] for c in columns] for s in steps], dtype=float)
 
     forms = {name: ({}, columns) for name, columns in FORMS.items()}
     forms.update({name: ({c: getattr(ONE_DEVICE, field) for c, field in fixed.items()}, free) for name, (fixed, free) in ANCHORED[direction].items()})
+    forms = {name: form for name, form in forms.items() if all(c in steps[0] for c in (*form[0], *form[1]))}  # an earlier fit's steps: no sequences
     fits = {}
     for name, (fixed, free) in forms.items():
         anchored = counts(fixed) @ np.array(list(fixed.values()), dtype=float)  # zeros where nothing is held fixed
