@@ -16,6 +16,16 @@ def test_magi_replay_dry_run_records_gpu_and_paced_times(tmp_path):
         [sys.executable, "magi_replay.py", "--dry-run", "--world-sizes", "8", "--out", str(out)], cwd=BENCH, check=True,
         capture_output=True, text=True, timeout=300,
     )
+    # the replay's cost fits run on its JSON: per step, beside attention, and the remote blocks per rank
+    fitted = tmp_path / "fit.json"
+    subprocess.run(
+        [sys.executable, "fit_replay_costs.py", str(out), "--out", str(fitted)], cwd=BENCH, check=True, capture_output=True, text=True, timeout=300,
+    )
+    fits = json.loads(fitted.read_text())
+    assert "one device + q tiles + sequences + launches" in fits["fits"]["forward"] and fits["steps"] == len(fits["data"])
+    assert {"pretrain", "finetune"} <= set(fits["remote_blocks"]) and all(
+        set(fit["both"]["us"]) == {"constant", "remote_fixed", "remote_launch"} for fit in fits["remote_blocks"].values()
+    )
     result = json.loads(out.read_text())
     assert {row["mix"] for row in result["rows"]} == {"pretrain", "finetune"}
     for row in result["rows"]:
