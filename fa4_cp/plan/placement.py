@@ -24,12 +24,12 @@ tuning/kernel_cost.py fits it on a one-GPU replay of the ring (tile pairs, a fix
 tile of the forward and per KV tile of the backward, which make a short piece of a long document
 dearer per FLOP than a whole short one), the fixed cost (launches, work beside attention)
 of every ring step that the widest span adds, and, choosing between the greedy's placements, what
-each rank's own remote blocks cost it beside their tiles (`rank_costs_ms`). Documents are placed longest first, as
-longest-processing-time scheduling does: each takes the smallest span g in 1, 2, 4, ... W, and
-the window of g ranks with room for its rows (up to ceil(S / W) + 128 per rank), that keeps every
-rank within 3% of the mean load; if none does, the (span, window) that leaves the most loaded
-rank least loaded. The greedy runs a few ways and
-the placement it keeps is the one whose most loaded rank the model finds fastest:
+each rank's own remote blocks cost it beside their tiles (`rank_costs_ms`). Documents are placed
+longest first, as longest-processing-time scheduling does: each takes the smallest span g in 1,
+2, 4, ... W, and the window of g ranks with room for its rows (up to ceil(S / W) + 128 per rank),
+that keeps every rank within 3% of the mean load; if none does, the (span, window) that leaves
+the most loaded rank least loaded. The greedy runs a few ways and the placement it keeps is the
+one whose most loaded rank the model finds fastest:
 - by the cost placed so far, the mean counting what is left whole (one device's costs, and the
   ring's);
 - by projected load: every rank ends near the row limit, so a rank of costly long-document

@@ -77,7 +77,8 @@ class KernelCosts:
     """(forward, backward) per (step, stream) at which a rank has blocks against another rank's KV."""
 
 
-RING = KernelCosts(forward_pair=0.884, forward_q_tile=1.28, backward_pair=2.383, backward_kv_tile=3.828, launch=37.8, step_other=22.3, call_other=353.0,
+RING = KernelCosts(
+    forward_pair=0.884, forward_q_tile=1.28, backward_pair=2.383, backward_kv_tile=3.828, launch=37.8, step_other=22.3, call_other=353.0,
     remote_fixed=(120.0, 150.0), remote_launch=(45.0, 28.0),
 )
 ONE_DEVICE = KernelCosts(forward_pair=0.884, forward_q_tile=0.0, backward_pair=2.383, backward_kv_tile=3.828)
