@@ -8,6 +8,8 @@
 #   sinks          tests/gpu/test_fa4_ring.py: the sinks cases
 #   rest           the other cases of tests/gpu/test_fa4_ring.py
 #   other          the other tests/gpu files
+#   ring_all       the whole of tests/gpu/test_fa4_ring.py (with `other`, the whole of tests/gpu: about
+#                  400 s and 310 s on an H100 with 14 workers, so one call each)
 #   compile_block  bench/compile_block.py (JSON)
 #   mesh_replay    bench/mesh_replay.py (JSON)
 #   feature_errors bench/feature_errors.py with FA4, bf16, W = 2, 8, 72 (JSON)
@@ -68,6 +70,7 @@ for part in "${parts[@]}"; do
     sinks) tests tests_gpu_sinks.log "$seconds" tests/gpu/test_fa4_ring.py -k sinks ;;
     rest) tests tests_gpu_ring_rest.log "$seconds" tests/gpu/test_fa4_ring.py -k "not ($features)" ;;
     other) tests tests_gpu_other.log "$seconds" tests/gpu --ignore=tests/gpu/test_fa4_ring.py ;;
+    ring_all) tests tests_gpu_ring_all.log "$seconds" tests/gpu/test_fa4_ring.py ;;
     compile_block) run compile_block.log "$seconds" python3 bench/compile_block.py --out "$out/compile_block.json" ;;
     mesh_replay) run mesh_replay.log "$seconds" python3 bench/mesh_replay.py --world-sizes 8 16 32 72 --out "$out/mesh_replay.json" ;;
     feature_errors)
