@@ -2,7 +2,7 @@
 causal fwd+bwd call, summed (torch.profiler), against upstream FA4 on the whole input on one GPU.
 
     python bench/gpu_work.py [--cases dense_w8 pretrain_w8 finetune_w8 finetune_w16 pretrain_mesh_8x8
-                              pretrain_mesh_8x2 finetune_mesh_8x8] [--tree PATH] [--out PATH]
+                              pretrain_mesh_8x2 finetune_mesh_8x2 finetune_mesh_8x8] [--tree PATH] [--out PATH]
 
 Each case runs the real API on a SimulatedRing (or SimulatedMesh) of W virtual ranks, FA4 backend,
 bf16, head_dim 128. Kernels are sorted three ways:
@@ -63,8 +63,9 @@ CASES = {
     "finetune_w8": Case(8, (32, 8), 131072, "finetune"),
     "finetune_w16": Case(16, (32, 8), 131072, "finetune"),
     "pretrain_mesh_8x8": Case(64, (32, 8), 524288, "pretrain", ulysses=8),
-    # issue 27's other 2-D cases (8 x W/8, as its table): pretraining-like at W = 16, fine-tuning-like at 64
+    # issue 27's other 2-D cases (8 x W/8, as its table): both mixes at W = 16 and 64
     "pretrain_mesh_8x2": Case(16, (32, 8), 131072, "pretrain", ulysses=8),
+    "finetune_mesh_8x2": Case(16, (32, 8), 131072, "finetune", ulysses=8),
     "finetune_mesh_8x8": Case(64, (32, 8), 524288, "finetune", ulysses=8),
 }
 
