@@ -12,8 +12,8 @@ ranks on h/u heads (KV heads repeated to u where fewer) over its ring rank's row
 so each ring rank is replayed alone (bench/replay.py, all its kernels) and stands for its u
 ulysses ranks. Balance: each ring rank's measured time against the calibrated kernel model's
 (plan/placement.rank_costs_ms over the balanced placement): measured and modelled imbalance
-(slowest / mean), and per rank measured / modelled; and of each rank's fwd + bwd ("imbalance"). The plain ring (u = 1) is replayed as well
-when plan_mesh picks another split. Mixes: bench/mixes.py.
+(slowest / mean), and per rank measured / modelled; and of each rank's fwd + bwd ("imbalance").
+The plain ring (u = 1) is replayed as well when plan_mesh picks another split. Mixes: bench/mixes.py.
 """
 
 from __future__ import annotations

@@ -243,11 +243,7 @@ def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> Balanced
     """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
     of the greedy placements by cost alone and by projected load, the one whose most loaded rank,
     with its ring steps' fixed cost and its remote blocks' own cost (`rank_costs_ms`), costs least.
-    Trading kept documents off the most loaded rank afterwards (one for none, one or two, as the
-    model has it) is not done: replayed on another machine than its baseline, the slowest
-    fine-tuning-like rank came out 1.5-1.7% lighter at W = 16 and 32 and 3.4% heavier at W = 64,
-    whose slowest ranks' kept documents got lighter as modelled but their remote steps heavier
-    (bench/results/nvidia_h100_2026-12-06_s16/README.md); it waits for a same-machine A/B."""
+    (Kept documents are not traded afterwards: docs/packed_documents.md says why.)"""
     if world_size == 1:
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))

@@ -55,6 +55,12 @@ class Machine:
     measured: dict[str, str] = field(default_factory=dict)
     """Where each figure comes from; a figure not named here is assumed."""
 
+    @property
+    def packed_step_ms(self) -> float:
+        """A ring step's fixed cost over packed documents: its launches are in each rank's costs
+        (placement.rank_costs_ms), so only the work beside attention is left."""
+        return self.step_overhead_ms - self.step_launch_ms
+
 
 # kernel_cost.RING's replay fits: a step's forward launch and its work beside attention, the call's
 # work beside attention (on an H100, whose memory is slower than the H200's: upper bounds here)
@@ -136,7 +142,7 @@ def predict_split(
     if documents and causal:
         forward_ms, backward_ms, ideal_ms, steps, travelling_rows = _documents_compute(documents, u, r, heads, head_dim, placement)
         compute_ms = forward_ms + backward_ms
-        step_ms -= machine.step_launch_ms  # each rank's costs carry its own launches
+        step_ms = machine.packed_step_ms
     else:
         lengths = documents or [seq_len]
         pair_fraction = 0.5 if causal else 1.0
@@ -189,7 +195,7 @@ def _split_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, hea
     widths = span_widths(r)
     least = sum(min(g * span_cost(n, g) for g in widths) for n in documents if n)  # us, 64 heads of 128
     compute_ms = least / r / 1e3 * (heads // u) * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
-    return compute_ms + machine.step_overhead_ms - machine.step_launch_ms + _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
+    return compute_ms + machine.packed_step_ms + _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
 
 
 def _documents_compute(
