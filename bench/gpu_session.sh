@@ -26,6 +26,7 @@
 #   new_dims       tests/gpu/test_fa4_backend.py at head dims 192, 256 and MLA's 192/128: backward and forward
 #   ring_new_dims  tests/gpu/test_fa4_ring.py at head dims 256 and 192/128: W = 2, 8, 72 and a 2 x 4 mesh, bf16 and fp16
 #   kernels_new_dims  bench/kernels.py --quick at head dims 256 and 192/128 (JSON, in OUT_DIR/new_dims)
+#   placement_replay  bench/placement_replay.py: every placement the balanced layout chooses from, replayed (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
 #   staged_forward the forward's options against fp64, each way: q heads packed or not (PACK_GQA; alone and
 #                  through the ring) and the kept documents written finished or merged (ROUNDED_VARLEN; the ring)
@@ -103,6 +104,7 @@ for part in "${parts[@]}"; do
     kernels_new_dims)  # a folder of its own: bench/kernels.py names its JSON by device and date, as the kernels part's
       mkdir -p "$out/new_dims"
       run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out/new_dims" --head-dims 256 192/128 ;;
+    placement_replay) run placement_replay.log "$seconds" python3 bench/placement_replay.py --out "$out/placement_replay.json" ;;
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
     staged_forward) tests tests_gpu_staged_forward.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py \

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -35,3 +37,25 @@ def test_magi_replay_dry_run_records_gpu_and_paced_times(tmp_path):
             assert chosen[direction]["slowest_ms"] > 0 and chosen[direction]["tflops_per_gpu_paced"] > 0
             for rank in chosen["ranks"]:
                 assert rank[f"{direction}_paced_ms"] > 0 and len(rank[f"{direction}_step_attention_ms"]) == len(rank["steps"])
+
+
+def test_placement_replay_dry_run_replays_every_distinct_candidate(tmp_path):
+    out = tmp_path / "placements.json"
+    subprocess.run(
+        [sys.executable, "placement_replay.py", "--dry-run", "--cases", "finetune_w16", "pretrain_mesh_8x8", "--out", str(out)], cwd=BENCH,
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert [row["case"] for row in result["rows"]] == ["finetune_w16", "pretrain_mesh_8x8"]
+    for row in result["rows"]:
+        candidates = row["candidates"]
+        assert sum(c["chosen"] for c in candidates) == 1 and candidates[row["chosen_index"]]["chosen"]
+        assert row["ranked_by"] == "measured"
+        for candidate in candidates:
+            measured = candidate["measured"]
+            assert len(measured["ring_steps"]) == len(candidate["modelled"]["per_rank_ms"]) == row["ring"]
+            assert candidate["plans"]["blocks"] >= row["ring"] and candidate["plans"]["pairs"] > 0
+            for direction in ("forward", "backward"):
+                part = measured[direction]
+                assert len(part["per_rank_ms"]) == row["ring"] and part["slowest_ms"] > 0
+                assert part["sum_ms"] == pytest.approx(row["ulysses"] * sum(part["per_rank_ms"]))
