@@ -45,16 +45,20 @@ ANCHORED = {
     "forward": {
         "one device + q tiles + launches": ({"pairs": "forward_pair"}, ("q_tiles", "launches")),
         "one device + q tiles + sequences + launches": ({"pairs": "forward_pair"}, ("q_tiles", "sequences", "launches")),
+        # every sequence a block lists, computed or not: each adds about a q tile's CTAs (every head) to FA4's varlen grid
+        "one device + q tiles + listed + launches": ({"pairs": "forward_pair"}, ("q_tiles", "listed", "launches")),
     },
     "backward": {
         "one device": ({"pairs": "backward_pair", "kv_tiles": "backward_kv_tile"}, ()),
         "one device + sequences + launches": ({"pairs": "backward_pair", "kv_tiles": "backward_kv_tile"}, ("sequences", "launches")),
+        "one device + listed + launches": ({"pairs": "backward_pair", "kv_tiles": "backward_kv_tile"}, ("listed", "launches")),
     },
 }
 
 
 def block_counts(block) -> dict[str, int]:
-    """Tile pairs, q tiles, KV tiles and sequences (of some rows and keys) of one planned varlen block."""
+    """Tile pairs, q tiles, KV tiles, sequences (of some rows and keys) and the sequences it lists
+    (computed or not) of one planned varlen block."""
     from fa4_cp.tuning.kernel_cost import TILE, tiles  # after fa4_cp_from: the --tree's, like the planner
 
     pairs = q_tiles = kv_tiles = sequences = 0
@@ -69,7 +73,7 @@ def block_counts(block) -> dict[str, int]:
             shift = kv_rows - q_rows
             pairs += sum(min(kv_count, max(0, tiles((i + 1) * TILE + shift))) for i in range(q_count))
         q_tiles, kv_tiles = q_tiles + q_count, kv_tiles + kv_count
-    return {"pairs": pairs, "q_tiles": q_tiles, "kv_tiles": kv_tiles, "sequences": sequences}
+    return {"pairs": pairs, "q_tiles": q_tiles, "kv_tiles": kv_tiles, "sequences": sequences, "listed": len(block.varlen.seqused_q)}
 
 
 def replay_steps(replay: dict, fa4_cp) -> list[dict]:
@@ -97,7 +101,7 @@ def replay_steps(replay: dict, fa4_cp) -> list[dict]:
                         )
                     if not step.blocks:
                         continue
-                    counts = {"pairs": 0, "q_tiles": 0, "kv_tiles": 0, "sequences": 0, "launches": len(step.blocks)}
+                    counts = {"pairs": 0, "q_tiles": 0, "kv_tiles": 0, "sequences": 0, "listed": 0, "launches": len(step.blocks)}
                     for block in step.blocks:
                         for name, value in block_counts(block).items():
                             counts[name] += value

@@ -48,8 +48,8 @@ DIRECTIONS = ("forward", "backward")
 
 
 def plan_counts(sharding) -> dict[str, int]:
-    """What the ring ranks' plans launch, summed over the ring: tile pairs, q and KV tiles, blocks."""
-    totals = {"pairs": 0, "q_tiles": 0, "kv_tiles": 0, "sequences": 0, "blocks": 0}
+    """What the ring ranks' plans launch, summed over the ring: tile pairs, q and KV tiles, sequences computed and listed, blocks."""
+    totals = {"pairs": 0, "q_tiles": 0, "kv_tiles": 0, "sequences": 0, "listed": 0, "blocks": 0}
     for rank in range(sharding.world_size):
         for step in rank_plan(sharding, CAUSAL, rank, torch.device("cpu")).steps:
             for block in step.blocks:
