@@ -14,7 +14,8 @@
 #   mesh_replay    bench/mesh_replay.py (JSON)
 #   feature_errors bench/feature_errors.py with FA4, bf16, W = 2, 8, 72 (JSON)
 #   step_overhead  bench/step_overhead.py on the GPU, and on BASELINE_TREE (an older checkout) if set (JSON)
-#   kernels        bench/kernels.py --quick (JSON)
+#   kernels        bench/kernels.py --quick (JSON), GPU time (each call queued behind a sleep kernel)
+#   kernels_host_paced  bench/kernels.py --quick --seqs 8192 --host-paced: the 8K rows timed from an idle GPU, as before (JSON)
 #   backend        tests/gpu/test_fa4_backend.py, bf16 (the backward kernel per mask, GQA and not)
 #   deterministic  tests/gpu/test_fa4_deterministic.py
 #   ring_core      tests/gpu/test_fa4_ring.py at W = 2 and 8 (no W = 72, no mesh)
@@ -84,6 +85,9 @@ for part in "${parts[@]}"; do
           --out "$out/step_overhead_cuda_baseline.json"
       fi ;;
     kernels) run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" --head-dims ${KERNEL_HEAD_DIMS:-64 128} ;;
+    kernels_host_paced)
+      run kernels_host_paced.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --host-paced --out "$out" \
+        --head-dims ${KERNEL_HEAD_DIMS:-64 128} ;;
     backend) tests tests_gpu_backend.log "$seconds" tests/gpu/test_fa4_backend.py -k "not torch.float16" ;;
     deterministic) tests tests_gpu_deterministic.log "$seconds" -rA tests/gpu/test_fa4_deterministic.py -k "${DETERMINISTIC_CASES:-w}" ;;
     ring_core) tests tests_gpu_ring_core.log "$seconds" tests/gpu/test_fa4_ring.py -k "not (72 or ulysses or fp16)" ;;

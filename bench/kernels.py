@@ -14,7 +14,11 @@ step of a ring call already under way (kernel, dK/dV added into fp32), upstream'
 cuDNN's (autograd of SDPA). TFLOPs count 2·S²·H·(d + d_v) forward (4·S²·H·d when v has q's
 head_dim) and 2.5x that backward, halved when causal. `--head-dims 256 192/128` adds today's
 models' shapes (the backend runs them forward and backward since their GPU tests passed); no
-cuDNN row where cuDNN refuses the shape. Times are CUDA-event medians after warm-up, the contenders interleaved.
+cuDNN row where cuDNN refuses the shape. Times are CUDA-event medians after warm-up, the contenders interleaved,
+each call's launches queued behind a sleep kernel: GPU time, so that a host path slower than the
+kernels (a ring call's Python before its first launch) does not count here; bench/ring_overhead.py
+times whole calls with their host path. `--host-paced`: from an idle GPU, as this bench timed
+until 2026-12-06 (session 17), where at 8K a call's host path before its first kernel counts.
 Also measures the first call of a new configuration with a cold and a warm on-disk compile
 cache, each in a fresh process. Writes bench/results/kernels_<gpu>_<date>.json, prints a table.
 """
@@ -65,7 +69,7 @@ torch.cuda.synchronize(); print(time.perf_counter() - start)
 """
 
 
-def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> dict:
+def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, queued: bool = True) -> dict:
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.interface import _flash_attn_bwd
 
@@ -113,7 +117,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
         del contenders["fa4_cp_fwd_merge_kernel"]  # the stand-alone merge is not built for v narrower than k
     if not _runs(cudnn_forward):
         del contenders["cudnn_sdpa_fwd"]
-    forward = median_ms(contenders)
+    forward = median_ms(contenders, queued=queued)
 
     up_out, up_lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
     dk_acc, dv_acc = (torch.zeros(t.shape, device="cuda", dtype=torch.float32) for t in (k, v))
@@ -151,7 +155,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool) -> 
     if "cudnn_sdpa_fwd" in forward:
         cudnn_out, cudnn_dout = cudnn_forward(), dout.transpose(1, 2)
         contenders["cudnn_sdpa_bwd"] = lambda: torch.autograd.grad(cudnn_out, (q_t, k_t, v_t), cudnn_dout, retain_graph=True)
-    times = forward | median_ms(contenders)
+    times = forward | median_ms(contenders, queued=queued)
     flops = {name: 2 * seq * seq * heads * (dim + dim_v) / (2 if causal else 1) * (2.5 if "bwd" in name else 1) for name in times}
 
     def ratio(slower: str, ours_: str) -> float | None:
@@ -196,17 +200,19 @@ def main() -> None:
     parser.add_argument("--head-dims", nargs="+", default=["64", "128"], choices=DIMS, help="head_dim, or q/k / v head dims")
     parser.add_argument("--seqs", nargs="+", type=int, help="only these sequence lengths")
     parser.add_argument("--no-first-call", action="store_true", help="skip timing the first call's compile")
+    parser.add_argument("--host-paced", action="store_true", help="time from an idle GPU (host path included), not queued GPU time")
     args = parser.parse_args()
+    timing = "from an idle GPU, host-paced" if args.host_paced else "each call queued behind a sleep kernel (GPU time)"
     result = record(
         "kernels", "cuda", dtype="bfloat16", batch=1, quick=args.quick, head_dims=args.head_dims,
-        statistic="median of 15 interleaved rounds after 3 warm-up calls each, CUDA events", rows=[],
+        statistic=f"median of 15 interleaved rounds after 3 warm-up calls each, CUDA events, {timing}", host_paced=args.host_paced, rows=[],
     )
     device = result["device"].lower().replace(" ", "_")
-    path = os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}.json")
+    path = os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}{'_host_paced' if args.host_paced else ''}.json")
     rows = result["rows"]
     for config in GRID:
         if (not args.quick or config[0] <= 32768) and config[3] in args.head_dims and (not args.seqs or config[0] in args.seqs):
-            rows.append(run_config(*config))
+            rows.append(run_config(*config, queued=not args.host_paced))
             write(result, path)  # each row as it lands, so a run cut short keeps what it measured
     if not args.no_first_call:
         with tempfile.TemporaryDirectory() as cache_dir:
