@@ -139,9 +139,12 @@ def main() -> None:
         backend = get_backend("fa4", torch.empty(1, 1, 1, shape["head_dim"], device=device, dtype=torch.bfloat16))
     result = record(
         "placement_replay", "cpu" if device is None else device.type, **shape, causal=True, dtype="bfloat16",
-        method="each placement candidate's ring ranks replayed alone on one GPU (bench/replay.py: real kernels, all of them, no "
-        "transfers, no all-to-alls), CUDA events, median of 3 after one warm-up, launches queued behind a sleep kernel; sums "
-        "count every ulysses rank of a ring rank; the model at the ring rank's heads (placement.rank_costs_ms)",
+        method=(
+            "plans and the kernel model only (placement.rank_costs_ms at the ring rank's heads): nothing timed" if device is None else
+            "each placement candidate's ring ranks replayed alone (bench/replay.py: real kernels, all of them, no transfers, no "
+            "all-to-alls), CUDA events, median of 3 after one warm-up, launches queued behind a sleep kernel; beside each, the "
+            "kernel model at the ring rank's heads (placement.rank_costs_ms)"
+        ) + "; sums count every ulysses rank of a ring rank",
         **options, rows=[],
     )
     for name in args.cases:
