@@ -90,21 +90,23 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         # The four threads of a row all read its prior lse before one of them overwrites it.
         cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_epilogue_threads)
 
+        # A row's out moves between registers and memory in vectors (autovec_copy: the MMA
+        # layout's column pairs, 8 bytes a thread), not one fp32 at a time.
+        merged = cute.make_rmem_tensor_like(tOrO[0, None], Float32)
+        prior = cute.make_rmem_tensor_like(tOrO[0, None], Float32)
         for m in cutlass.range(num_rows, unroll_full=True):
             row = tOcO[m, 0][0]
             if row < rows_in_tile:
                 lse_new, weight_prior, weight_tile = merged_lse_and_weights(lse_prior[m], Float64(lse[m]))
+                for n in cutlass.range(num_cols, unroll_full=True):
+                    merged[n] = tOrO[m, n] * weight_tile
                 if const_expr(self.accumulate):
-                    if lse_prior[m] == -Float64.inf:
-                        # No key merged into this row yet: its out is not read, so it may be unset.
+                    # No key merged into this row yet: its out is not read, so it may be unset.
+                    if lse_prior[m] != -Float64.inf:
+                        cute.autovec_copy(tOgO[m, None], prior)
                         for n in cutlass.range(num_cols, unroll_full=True):
-                            tOgO[m, n] = tOrO[m, n] * weight_tile
-                    else:
-                        for n in cutlass.range(num_cols, unroll_full=True):
-                            tOgO[m, n] = tOgO[m, n] * weight_prior + tOrO[m, n] * weight_tile
-                else:
-                    for n in cutlass.range(num_cols, unroll_full=True):
-                        tOgO[m, n] = tOrO[m, n] * weight_tile
+                            merged[n] = prior[n] * weight_prior + merged[n]
+                cute.autovec_copy(merged, tOgO[m, None])
                 if tOcO[m, 0][1] == 0:
                     gLSE[row] = lse_new
 
