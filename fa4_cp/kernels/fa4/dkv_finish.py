@@ -5,8 +5,10 @@ k's dtype, into two new tensors.
 
 In torch this is up to four passes over fp32 buffers (the chains' sum, its add into the local
 sums, the scale, the conversions). The caller's tensors are viewed as (2, batch, rows, heads *
-head_dim); each thread takes `PER_THREAD` values of one (batch, dK or dV), a CTA's threads
-neighbours, so that rows of any width read coalesced and a CTA has work however narrow the row.
+head_dim); each thread finishes `VECTOR` neighbouring values of a row at a time, read and written
+as vectors (32 bytes of each fp32 sum, 16 of dK or dV), `GROUPS_PER_THREAD` groups of one (batch,
+dK or dV), a CTA's threads neighbours, so that rows of any width read coalesced and a CTA has
+work however narrow the row.
 """
 
 from __future__ import annotations
@@ -24,21 +26,33 @@ from ..interface import IndexedSums
 from .compile_cache import kernel_cache
 
 THREADS = 128
-PER_THREAD = 8
+VECTOR = 8  # values a thread finishes at once: every width (heads x head_dim) is a multiple
+GROUPS_PER_THREAD = 2
 MAX_TRAVELLED = 2  # the two chains of partial sums of a stream of all rows (runtime/travelling.py)
 MAX_INDEXED = 4  # the two chains of each of the balanced layout's two streams
 _compiled = kernel_cache("dkv_finish")
 
 
 @cute.jit
-def _at_position(sums: cute.Tensor, positions: cute.Tensor, which, batch, row, col) -> Float32:
-    """sums[which, batch, positions[row], col], or 0 where the row is not among the sums'."""
-    value = Float32(0.0)
+def _group(t: cute.Tensor, which, batch, row, group) -> cute.Tensor:
+    """Values VECTOR * group .. VECTOR * (group + 1) - 1 of row `row` of t[which, batch]."""
+    return cute.local_tile(t[which, batch, row, None], (VECTOR,), (group,))
+
+
+@cute.jit
+def _add_group(total: cute.Tensor, part: cute.Tensor, t: cute.Tensor, which, batch, row, group) -> None:
+    """total += t's values of the group (one vector load)."""
+    cute.autovec_copy(_group(t, which, batch, row, group), part)
+    total.store(total.load() + part.load())
+
+
+@cute.jit
+def _add_at_position(total: cute.Tensor, part: cute.Tensor, sums: cute.Tensor, positions: cute.Tensor, which, batch, row, group) -> None:
+    """total += the group's values of sums at row positions[row], where the row is among the sums'."""
     position = positions[row]
     if position >= 0:
         if position < sums.shape[2]:
-            value = sums[which, batch, position, col]
-    return value
+            _add_group(total, part, sums, which, batch, position, group)
 
 
 class FinishDkv:
@@ -56,7 +70,7 @@ class FinishDkv:
             mLocal, mPart0, mPart1, mIndexed0, mIndexed1, mIndexed2, mIndexed3, mPositions0, mPositions1, mPositions2, mPositions3,
             mDk, mDv, dk_scale,
         ).launch(
-            grid=[cute.ceil_div(mDk.shape[1] * mDk.shape[2], THREADS * PER_THREAD), mDk.shape[0], 2],
+            grid=[cute.ceil_div(mDk.shape[1] * mDk.shape[2] // VECTOR, THREADS * GROUPS_PER_THREAD), mDk.shape[0], 2],
             block=[THREADS, 1, 1], stream=stream,
         )
 
@@ -66,32 +80,33 @@ class FinishDkv:
                mPositions2: cute.Tensor, mPositions3: cute.Tensor, mDk: cute.Tensor, mDv: cute.Tensor, dk_scale: Float32):
         tidx, _, _ = cute.arch.thread_idx()
         block, batch, which = cute.arch.block_idx()
-        rows, width = mDk.shape[1], mDk.shape[2]
-        for i in cutlass.range_constexpr(PER_THREAD):
-            index = (block * PER_THREAD + i) * THREADS + tidx
-            if index < rows * width:
-                row = index // width
-                col = index % width
-                value = Float32(0.0)
+        rows, groups = mDk.shape[1], mDk.shape[2] // VECTOR
+        total = cute.make_rmem_tensor((VECTOR,), Float32)
+        part = cute.make_rmem_tensor((VECTOR,), Float32)
+        rounded = cute.make_rmem_tensor((VECTOR,), mDk.element_type)
+        for i in cutlass.range_constexpr(GROUPS_PER_THREAD):
+            index = (block * GROUPS_PER_THREAD + i) * THREADS + tidx
+            if index < rows * groups:
+                row = index // groups
+                group = index % groups
                 if cutlass.const_expr(self.has_local):
-                    value = mLocal[which, batch, row, col]
+                    cute.autovec_copy(_group(mLocal, which, batch, row, group), total)
+                else:
+                    total.fill(0.0)
                 if cutlass.const_expr(self.travelled > 0):
                     if row < mPart0.shape[2]:
-                        value = value + mPart0[which, batch, row, col]
+                        _add_group(total, part, mPart0, which, batch, row, group)
                         if cutlass.const_expr(self.travelled > 1):
-                            value = value + mPart1[which, batch, row, col]
-                if cutlass.const_expr(self.indexed > 0):
-                    value = value + _at_position(mIndexed0, mPositions0, which, batch, row, col)
-                if cutlass.const_expr(self.indexed > 1):
-                    value = value + _at_position(mIndexed1, mPositions1, which, batch, row, col)
-                if cutlass.const_expr(self.indexed > 2):
-                    value = value + _at_position(mIndexed2, mPositions2, which, batch, row, col)
-                if cutlass.const_expr(self.indexed > 3):
-                    value = value + _at_position(mIndexed3, mPositions3, which, batch, row, col)
+                            _add_group(total, part, mPart1, which, batch, row, group)
+                indexed = ((mIndexed0, mPositions0), (mIndexed1, mPositions1), (mIndexed2, mPositions2), (mIndexed3, mPositions3))
+                for sums, positions in indexed[: self.indexed]:
+                    _add_at_position(total, part, sums, positions, which, batch, row, group)
                 if which == 0:
-                    mDk[batch, row, col] = (value * dk_scale).to(mDk.element_type)
+                    rounded.store((total.load() * dk_scale).to(mDk.element_type))
+                    cute.autovec_copy(rounded, cute.local_tile(mDk[batch, row, None], (VECTOR,), (group,)))
                 else:
-                    mDv[batch, row, col] = value.to(mDv.element_type)
+                    rounded.store(total.load().to(mDv.element_type))
+                    cute.autovec_copy(rounded, cute.local_tile(mDv[batch, row, None], (VECTOR,), (group,)))
 
 
 def finish_dkv_cuda(
@@ -103,6 +118,8 @@ def finish_dkv_cuda(
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     if local is None and not travelled and not indexed:
         return dk.zero_(), dv.zero_()
+    if (k.shape[-2] * k.shape[-1]) % VECTOR:
+        raise ValueError(f"dK/dV finish: heads x head_dim must be a multiple of {VECTOR}, got {k.shape[-2]} x {k.shape[-1]}")
     if k[0].numel() >= 2**31:
         raise ValueError(f"dK/dV finish: a batch entry of k holds {k[0].numel()} values, the kernel indexes below 2**31")
     if len(travelled) > MAX_TRAVELLED or len(indexed) > MAX_INDEXED:
@@ -140,10 +157,11 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
 def _compile(dtype, has_local: bool, travelled: int, indexed: int):
     sym = cute.sym_int
     batch, rows, width = sym(), sym(), sym()
-    local = make_fake_tensor(Float32, (2, batch, sym(), width))  # dK's rows; a placeholder's differ
-    parts = [make_fake_tensor(Float32, (2, batch, sym(), width)) for _ in range(MAX_TRAVELLED + MAX_INDEXED)]
+    # rows of whole vectors: strides and bases divisible by VECTOR values
+    local = make_fake_tensor(Float32, (2, batch, sym(), width), divisibility=VECTOR)  # dK's rows; a placeholder's differ
+    parts = [make_fake_tensor(Float32, (2, batch, sym(), width), divisibility=VECTOR) for _ in range(MAX_TRAVELLED + MAX_INDEXED)]
     positions = [make_fake_tensor(Int32, (sym(),)) for _ in range(MAX_INDEXED)]
-    dk, dv = (make_fake_tensor(dtype, (batch, rows, width)) for _ in range(2))
+    dk, dv = (make_fake_tensor(dtype, (batch, rows, width), divisibility=VECTOR) for _ in range(2))
     return cute.compile(
         FinishDkv(has_local, travelled, indexed), local, *parts, *positions, dk, dv, Float32(1.0),
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
