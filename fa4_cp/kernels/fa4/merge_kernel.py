@@ -3,7 +3,8 @@
 The fallback and baseline for the merge fused into the Hopper forward's epilogue, and the merge
 of the Blackwell path, whose forward is upstream's plain kernel. One warp per (row, head): it
 reads the step's lse and the running lse (fp64), merges them, rescales and adds the step's
-16-bit output into the fp32 accumulator, and one lane writes the new lse. Rows whose step lse
+16-bit output into the fp32 accumulator, each lane a run of head_dim / 32 neighbouring values
+read and written as vectors, and one lane writes the new lse. Rows whose step lse
 is -inf (no visible key, or not selected by a varlen call) keep their (out, lse), out set to 0
 where no key has been merged yet: the accumulator's out is never read while its lse is -inf, so
 it need not start zeroed.
@@ -11,7 +12,6 @@ it need not start zeroed.
 
 from __future__ import annotations
 
-import cutlass
 import cutlass.cute as cute
 import torch
 from cutlass import Float32, Float64
@@ -29,7 +29,7 @@ class MergePartials:
     def __init__(self, head_dim: int):
         if head_dim % 32:
             raise ValueError(f"head_dim: the merge kernel needs a multiple of 32, got {head_dim}")
-        self.head_dim = head_dim
+        self.head_dim, self.run = head_dim, head_dim // 32
 
     @cute.jit
     def __call__(self, mOut: cute.Tensor, mLse: cute.Tensor, mOutAcc: cute.Tensor, mLseAcc: cute.Tensor, stream):
@@ -52,27 +52,27 @@ class MergePartials:
             batch = row // (heads * seqlen)
             lse_step = Float64(mLse[batch, head, token])
             lse_prior = Float64(mLseAcc[batch, head, token])
+            # this lane's run of the row: read and written as vectors, not one value at a time
+            acc = cute.local_tile(mOutAcc[batch, token, head, None], (self.run,), (lane,))
+            merged = cute.make_rmem_tensor((self.run,), Float32)
             if lse_step != -Float64.inf:
                 lse_new, weight_prior, weight_step = merged_lse_and_weights(lse_prior, lse_step)
-                if lse_prior == -Float64.inf:  # nothing merged yet: the accumulator is not read
-                    for i in cutlass.range_constexpr(self.head_dim // 32):
-                        col = lane + 32 * i
-                        mOutAcc[batch, token, head, col] = Float32(mOut[batch, token, head, col]) * weight_step
-                else:
-                    for i in cutlass.range_constexpr(self.head_dim // 32):
-                        col = lane + 32 * i
-                        mOutAcc[batch, token, head, col] = (
-                            mOutAcc[batch, token, head, col] * weight_prior
-                            + Float32(mOut[batch, token, head, col]) * weight_step
-                        )
+                step = cute.make_rmem_tensor((self.run,), mOut.element_type)
+                cute.autovec_copy(cute.local_tile(mOut[batch, token, head, None], (self.run,), (lane,)), step)
+                merged.store(step.load().to(Float32) * weight_step)
+                if lse_prior != -Float64.inf:  # else nothing merged yet: the accumulator is not read
+                    prior = cute.make_rmem_tensor((self.run,), Float32)
+                    cute.autovec_copy(acc, prior)
+                    merged.store(prior.load() * weight_prior + merged.load())
+                cute.autovec_copy(merged, acc)
                 # Every lane has read the prior lse before lane 0 replaces it.
                 cute.arch.sync_warp()
                 if lane == 0:
                     mLseAcc[batch, head, token] = lse_new
             else:
                 if lse_prior == -Float64.inf:  # a row that has seen no key so far holds out = 0
-                    for i in cutlass.range_constexpr(self.head_dim // 32):
-                        mOutAcc[batch, token, head, lane + 32 * i] = Float32(0.0)
+                    merged.fill(0.0)
+                    cute.autovec_copy(merged, acc)
 
 
 def merge_partials_cuda(out: torch.Tensor, lse: torch.Tensor, out_acc: torch.Tensor, lse_acc: torch.Tensor) -> None:
@@ -89,8 +89,10 @@ def merge_partials_cuda(out: torch.Tensor, lse: torch.Tensor, out_acc: torch.Ten
 def _compile(dtype, head_dim: int):
     sym = cute.sym_int
     batch, seqlen, heads = sym(), sym(), sym()
-    out = make_fake_tensor(dtype, (batch, seqlen, heads, head_dim))
-    out_acc = make_fake_tensor(Float32, (batch, seqlen, heads, head_dim))
+    run = head_dim // 32
+    aligned = run & -run  # rows start at a multiple of a lane's run, as far as a power of two can say
+    out = make_fake_tensor(dtype, (batch, seqlen, heads, head_dim), divisibility=aligned)
+    out_acc = make_fake_tensor(Float32, (batch, seqlen, heads, head_dim), divisibility=aligned)
     lse = make_fake_tensor(Float32, (batch, heads, seqlen))
     lse_acc = make_fake_tensor(Float64, (batch, heads, seqlen))
     return cute.compile(
