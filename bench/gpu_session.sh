@@ -110,7 +110,7 @@ for part in "${parts[@]}"; do
       mkdir -p "$out/new_dims"
       run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out/new_dims" --head-dims 256 192/128
       if [[ -n ${BASELINE_TREE:-} ]]; then  # this bench on the baseline's fa4_cp: its copy in that tree imports that tree's
-        mkdir -p "$out/new_dims_baseline" && cp -r bench "$BASELINE_TREE/"
+        mkdir -p "$out/new_dims_baseline" "$BASELINE_TREE/bench" && cp -r bench/. "$BASELINE_TREE/bench/"
         run kernels_new_dims_baseline.log "$seconds" bash -c "cd '$BASELINE_TREE' && python3 bench/kernels.py --quick --seqs 8192 \
           --no-first-call --out '$out/new_dims_baseline' --head-dims 256 192/128"
       fi ;;
