@@ -47,3 +47,10 @@ def test_every_kernel_compiles_for(arch, compile_runs):
         failed = {name: error for name, error in report["errors"].items() if error}
         assert not failed, "\n\n".join(f"{name}:\n{error}" for name, error in failed.items())
         assert report["ptx_files"] and report["ptx_targets"] == [arch], report  # the PTX kept is for the target
+        # rows of fp32 (and of dK/dV) stored as vectors, not one value at a time: only the lse's
+        # 8-byte values are stored singly
+        for kernel, stores in report["stores"].items():
+            assert all(".v" in op or op.endswith(".b64") for op in stores), (kernel, stores)
+    shards_stores = [json.loads(compile_runs[arch, shard][1].strip().splitlines()[-1])["stores"] for shard in range(SHARDS[arch])]
+    compiled = {kernel for stores in shards_stores for kernel, ops in stores.items() if ops}
+    assert compiled == ({"PartialsForwardSm90", "FinishDkv", "MergePartials"} if arch == "sm_90a" else {"MergePartials"}), compiled

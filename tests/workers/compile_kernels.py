@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +26,9 @@ import torch
 from cutlass import BFloat16
 
 SMS = int(os.environ.get("FLASH_ATTENTION_NUM_SMS", "132"))
+# kernels (their classes, as the PTX file names spell them) that store rows as vectors: the
+# forward's merging epilogue, the dK/dV finish and the stand-alone merge
+VECTOR_STORES = ("PartialsForwardSm90", "FinishDkv", "MergePartials")
 
 
 class DriverlessHardwareInfo:
@@ -180,7 +184,11 @@ def main() -> None:
             errors[name] = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=-3)}"[:3000]
     kept = list(Path.cwd().glob("*.ptx"))  # kernels of one class share a file name: fewer files than kernels
     targets = sorted({line.split()[1] for ptx in kept for line in ptx.read_text().splitlines() if line.startswith(".target")})
-    print(json.dumps({"arch": arch, "errors": errors, "ptx_targets": targets, "ptx_files": len(kept)}))
+    stores = {  # the global stores of the kernels whose fp32 rows move as vectors
+        kernel: sorted({op for ptx in kept if kernel in ptx.name for op in re.findall(r"\bst\.global[.\w]*", ptx.read_text())})
+        for kernel in VECTOR_STORES
+    }
+    print(json.dumps({"arch": arch, "errors": errors, "ptx_targets": targets, "ptx_files": len(kept), "stores": stores}))
 
 
 if __name__ == "__main__":
