@@ -34,15 +34,15 @@ _compiled = kernel_cache("dkv_finish")
 
 
 @cute.jit
-def _group(t: cute.Tensor, which, batch, row, group) -> cute.Tensor:
-    """Values VECTOR * group .. VECTOR * (group + 1) - 1 of row `row` of t[which, batch]."""
-    return cute.local_tile(t[which, batch, row, None], (VECTOR,), (group,))
+def _group(row: cute.Tensor, group) -> cute.Tensor:
+    """Values VECTOR * group .. VECTOR * (group + 1) - 1 of a row."""
+    return cute.local_tile(row, (VECTOR,), (group,))
 
 
 @cute.jit
 def _add_group(total: cute.Tensor, part: cute.Tensor, t: cute.Tensor, which, batch, row, group) -> None:
-    """total += t's values of the group (one vector load)."""
-    cute.autovec_copy(_group(t, which, batch, row, group), part)
+    """total += the group's values of row `row` of t[which, batch] (one vector load)."""
+    cute.autovec_copy(_group(t[which, batch, row, None], group), part)
     total.store(total.load() + part.load())
 
 
@@ -90,7 +90,7 @@ class FinishDkv:
                 row = index // groups
                 group = index % groups
                 if cutlass.const_expr(self.has_local):
-                    cute.autovec_copy(_group(mLocal, which, batch, row, group), total)
+                    cute.autovec_copy(_group(mLocal[which, batch, row, None], group), total)
                 else:
                     total.fill(0.0)
                 if cutlass.const_expr(self.travelled > 0):
@@ -103,10 +103,10 @@ class FinishDkv:
                     _add_at_position(total, part, sums, positions, which, batch, row, group)
                 if which == 0:
                     rounded.store((total.load() * dk_scale).to(mDk.element_type))
-                    cute.autovec_copy(rounded, cute.local_tile(mDk[batch, row, None], (VECTOR,), (group,)))
+                    cute.autovec_copy(rounded, _group(mDk[batch, row, None], group))
                 else:
                     rounded.store(total.load().to(mDv.element_type))
-                    cute.autovec_copy(rounded, cute.local_tile(mDv[batch, row, None], (VECTOR,), (group,)))
+                    cute.autovec_copy(rounded, _group(mDv[batch, row, None], group))
 
 
 def finish_dkv_cuda(
