@@ -26,7 +26,7 @@
 #   host_profile   bench/host_profile.py: cProfile of the ring's host path at W = 1 (text)
 #   new_dims       tests/gpu/test_fa4_backend.py at head dims 192, 256 and MLA's 192/128: backward and forward
 #   ring_new_dims  tests/gpu/test_fa4_ring.py at head dims 256 and 192/128: W = 2, 8, 72 and a 2 x 4 mesh, bf16 and fp16
-#   kernels_new_dims  bench/kernels.py --quick at head dims 256 and 192/128 (JSON, in OUT_DIR/new_dims), and on
+#   kernels_new_dims  bench/kernels.py --quick at head dims NEW_DIMS (default 256 and 192/128; JSON, in OUT_DIR/new_dims), and on
 #                  BASELINE_TREE's fa4_cp if set (this bench copied into it; OUT_DIR absolute)
 #   placement_replay  bench/placement_replay.py: every placement the balanced layout chooses from, replayed (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
@@ -108,11 +108,11 @@ for part in "${parts[@]}"; do
     ring_new_dims) tests tests_gpu_ring_new_dims.log "$seconds" tests/gpu/test_fa4_ring.py -k "new_head_dims or mla" ;;
     kernels_new_dims)  # a folder of its own: bench/kernels.py names its JSON by device and date, as the kernels part's
       mkdir -p "$out/new_dims"
-      run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out/new_dims" --head-dims 256 192/128
+      run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out/new_dims" --head-dims ${NEW_DIMS:-256 192/128}
       if [[ -n ${BASELINE_TREE:-} ]]; then  # this bench on the baseline's fa4_cp: its copy in that tree imports that tree's
         mkdir -p "$out/new_dims_baseline" "$BASELINE_TREE/bench" && cp -r bench/. "$BASELINE_TREE/bench/"
         run kernels_new_dims_baseline.log "$seconds" bash -c "cd '$BASELINE_TREE' && python3 bench/kernels.py --quick --seqs 8192 \
-          --no-first-call --out '$out/new_dims_baseline' --head-dims 256 192/128"
+          --no-first-call --out '$out/new_dims_baseline' --head-dims ${NEW_DIMS:-256 192/128}"
       fi ;;
     placement_replay) run placement_replay.log "$seconds" python3 bench/placement_replay.py --out "$out/placement_replay.json" ;;
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
