@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import inspect
 import json
 import os
 import platform
@@ -38,6 +39,14 @@ def fa4_cp_from(tree: str | None):
     import fa4_cp
 
     return fa4_cp
+
+
+def document_sharding(fa4_cp, lengths, ring: int, ulysses: int = 1):
+    """The balanced layout's placement of `lengths` over the ring of a `ulysses` x `ring` mesh, in
+    the given fa4_cp; one from before 2026-12-06's session 18 placed documents alike at any split."""
+    if "ulysses" in inspect.signature(fa4_cp.Sharding.documents).parameters:
+        return fa4_cp.Sharding.documents(lengths, ring, "balanced", ulysses)
+    return fa4_cp.Sharding.documents(lengths, ring, "balanced")
 
 
 def add_forward_option_arguments(parser) -> None:

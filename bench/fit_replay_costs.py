@@ -27,7 +27,7 @@ import statistics
 
 import numpy as np
 import torch
-from common import fa4_cp_from, load_result, record, write
+from common import document_sharding, fa4_cp_from, load_result, record, write
 from mixes import lognormal_lengths
 
 FORMS = {  # cost form: the step's counts it is linear in
@@ -89,8 +89,7 @@ def replay_steps(replay: dict, fa4_cp) -> list[dict]:
         for split in ("chosen", "plain_ring"):
             if split not in row:
                 continue
-            ring = row[split]["ring"]
-            sharding = fa4_cp.Sharding.documents(lengths, ring)
+            sharding = document_sharding(fa4_cp, lengths, row[split]["ring"], row[split].get("ulysses", 1))
             for rank in row[split]["ranks"]:
                 plan = rank_plan(sharding, BandMask(hi=0), rank["rank"], torch.device("cpu"))
                 for step, forward, backward in zip(plan.steps, rank["forward_step_attention_ms"], rank["backward_step_attention_ms"]):

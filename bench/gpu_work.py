@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import add_forward_option_arguments, apply_forward_options, fa4_cp_from, record, write
+from common import add_forward_option_arguments, apply_forward_options, document_sharding, fa4_cp_from, record, write
 from mixes import lognormal_lengths
 
 HEAD_DIM = 128
@@ -204,7 +204,7 @@ def rank_inputs(case: Case, inputs, fa4_cp) -> RankInputs:
         sharding = fa4_cp.Sharding.dense(case.tokens, world, "zigzag")
         seq_dim = 1
     else:
-        sharding = fa4_cp.Sharding.documents(lengths, world // case.ulysses, "balanced")
+        sharding = document_sharding(fa4_cp, lengths, world // case.ulysses, case.ulysses)
         seq_dim = 0
     if case.ulysses > 1:
         from fa4_cp.plan.mesh_sharding import mesh_sharding

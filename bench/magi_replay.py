@@ -52,7 +52,7 @@ def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, back
     """Every ring rank of a ulysses x (world / ulysses) split, replayed alone, with the model's cost beside."""
     ring = world // ulysses
     heads, kv_heads = shape["heads"] // ulysses, max(shape["kv_heads"] // ulysses, 1)
-    sharding = Sharding.documents(lengths, ring)
+    sharding = Sharding.documents(lengths, ring, ulysses=ulysses)
     ranks = [replay_rank(sharding, CAUSAL, rank, heads, kv_heads, shape["head_dim"], backend, device=device) for rank in range(ring)]
     modelled = rank_costs_ms(sharding, heads, shape["head_dim"])
     flops = causal_flops(lengths, shape["heads"], shape["head_dim"])

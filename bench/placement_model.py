@@ -54,7 +54,7 @@ def main() -> None:
         began = time.perf_counter()
         kept = balanced_sharding(lengths, world_size)
         planning_ms = (time.perf_counter() - began) * 1e3
-        before = _greedy_placement(lengths, world_size, ONE_DEVICE, False, 0.0)[2]
+        before = _greedy_placement(lengths, world_size, ONE_DEVICE, False, 0.0)[1]
         row = {
             "mix": mix, "world_size": world_size, "documents": len(lengths), "planning_host_ms": planning_ms,
             "kept": modelled(kept), "one_device_greedy": modelled(before),

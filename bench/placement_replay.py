@@ -33,7 +33,7 @@ from mixes import lognormal_lengths  # noqa: E402
 from replay import replay_rank  # noqa: E402
 
 from fa4_cp.kernels import BandMask, get_backend  # noqa: E402
-from fa4_cp.plan.placement import balanced_sharding, placement_candidates, rank_costs_ms  # noqa: E402
+from fa4_cp.plan.placement import balanced_sharding, placement_candidates, placement_heads, rank_costs_ms  # noqa: E402
 from fa4_cp.plan.rows import rank_plan  # noqa: E402
 
 CAUSAL = BandMask(hi=0)
@@ -96,13 +96,14 @@ def run_case(name: str, lengths: list[int], world: int, ulysses: int, shape: dic
     """Every distinct candidate of the batch, described and (unless `device` is None) replayed."""
     ring = world // ulysses
     heads, kv_heads = shape["heads"] // ulysses, max(shape["kv_heads"] // ulysses, 1)
-    chosen = balanced_sharding(tuple(lengths), ring)
+    priced = placement_heads(ulysses)
+    chosen = balanced_sharding(tuple(lengths), ring, priced)
     candidates, seen = [], set()
-    for objective, sharding in placement_candidates(tuple(lengths), ring):
+    for objective, sharding in placement_candidates(tuple(lengths), ring, priced):
         if sharding.spans in seen:
             continue
         seen.add(sharding.spans)
-        # objective_ms: the layout's own score of the placement (placement.modelled_ms, 64 heads of 128)
+        # objective_ms: the layout's own score of the placement (placement.modelled_ms at placement_heads(ulysses) of 128)
         candidate = {"objective_ms": objective, "chosen": sharding.spans == chosen.spans, **describe(sharding, heads, shape["head_dim"], ulysses)}
         if device is not None:
             candidate["measured"] = replay(sharding, heads, kv_heads, shape["head_dim"], ulysses, backend, device)
@@ -111,7 +112,7 @@ def run_case(name: str, lengths: list[int], world: int, ulysses: int, shape: dic
     part = (lambda c: c[timed]["both"]) if device is not None else (lambda c: c["modelled"])
     return {
         "case": name, "world_size": world, "ulysses": ulysses, "ring": ring, "heads_per_rank": heads, "kv_heads_per_rank": kv_heads,
-        "documents": len(lengths), "longest": max(lengths), "candidates": candidates,
+        "tokens": sum(lengths), "documents": len(lengths), "longest": max(lengths), "candidates": candidates,
         "chosen_index": next(i for i, c in enumerate(candidates) if c["chosen"]),
         # by the measured times where the candidates were replayed, else by the model's
         "fastest_index": min(range(len(candidates)), key=lambda i: part(candidates[i])["slowest_ms"]),

@@ -173,15 +173,16 @@ def _prepare(q, k, v, cu_seqlens, sinks, options: RingOptions, ring_size: int, u
 
 
 def _ring_sharding(
-    seq_len: int, cu_seqlens: torch.Tensor | None, options: RingOptions, ring_size: int, local_len: int | None = None,
+    seq_len: int, cu_seqlens: torch.Tensor | None, options: RingOptions, ring_size: int, local_len: int | None = None, ulysses: int = 1,
 ) -> ShardingRows:
-    """Who holds which tokens of a ring of `ring_size` ranks: a sequence of `seq_len` tokens (the
-    layout's length rule, checked once here) or the documents of `cu_seqlens`."""
+    """Who holds which tokens of a ring of `ring_size` ranks (of a `ulysses` x `ring_size` mesh): a
+    sequence of `seq_len` tokens (the layout's length rule, checked once here) or the documents of
+    `cu_seqlens`."""
     if cu_seqlens is None:
         layout = get_layout(options.layout)
         layout.check_length(seq_len, ring_size, "q", local_len=local_len)
         return DenseSharding(layout, ring_size, (seq_len,))
-    return Sharding.documents(check_cu_seqlens(cu_seqlens), ring_size, options.layout)
+    return Sharding.documents(check_cu_seqlens(cu_seqlens), ring_size, options.layout, ulysses)
 
 
 def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOptions, ring_size: int) -> ShardingRows:
@@ -198,7 +199,7 @@ def _sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOpt
 
 def _mesh_sharding(q: torch.Tensor, cu_seqlens: torch.Tensor | None, options: RingOptions, r: int, u: int) -> MeshSharding:
     """Who holds which tokens of a u x r mesh; the rows of q must be this rank's."""
-    sharding = mesh_sharding(_ring_sharding(q.shape[-3] * u * r, cu_seqlens, options, r), u)
+    sharding = mesh_sharding(_ring_sharding(q.shape[-3] * u * r, cu_seqlens, options, r, ulysses=u), u)
     if q.shape[-3] != sharding.local_len:
         raise ValueError(f"q: the {options.layout} layout over {u} x {r} ranks gives each rank {sharding.local_len} rows, got {q.shape[-3]}")
     return sharding

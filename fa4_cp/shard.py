@@ -17,15 +17,17 @@ from .plan.sharding_rows import ShardingRows
 from .validation import check_cu_seqlens
 
 
-def sharding_for(total_len: int, world_size: int, layout: str | None = None, cu_seqlens: torch.Tensor | None = None):
+def sharding_for(
+    total_len: int, world_size: int, layout: str | None = None, cu_seqlens: torch.Tensor | None = None, ulysses: int = 1,
+):
     """The dense sharding of `total_len` tokens (layout default "zigzag"), or the document
-    sharding of `cu_seqlens` (default "balanced")."""
+    sharding of `cu_seqlens` (default "balanced") over a ring of a `ulysses` x `world_size` mesh."""
     if cu_seqlens is None:
         return Sharding.dense(total_len, world_size, layout or "zigzag")
     doc_lengths = check_cu_seqlens(cu_seqlens)
     if sum(doc_lengths) != total_len:
         raise ValueError(f"cu_seqlens: expected to end at the {total_len} tokens of the tensor, got {sum(doc_lengths)}")
-    return Sharding.documents(doc_lengths, world_size, layout or "balanced")
+    return Sharding.documents(doc_lengths, world_size, layout or "balanced", ulysses)
 
 
 def placement(group: object, total_len: int, layout: str | None, cu_seqlens: torch.Tensor | None) -> tuple[ShardingRows, int, object]:
@@ -34,7 +36,7 @@ def placement(group: object, total_len: int, layout: str | None, cu_seqlens: tor
     if mesh is None:
         ring = resolve_group(group)
         return sharding_for(total_len, ring.world_size, layout, cu_seqlens), ring.rank, ring
-    ring_sharding = sharding_for(total_len, mesh.ring.world_size, layout, cu_seqlens)
+    ring_sharding = sharding_for(total_len, mesh.ring.world_size, layout, cu_seqlens, mesh.ulysses.world_size)
     return mesh_sharding(ring_sharding, mesh.ulysses.world_size), mesh.rank, mesh
 
 

@@ -87,7 +87,7 @@ class Case:
     def sharding(self, world_size: int):
         ring = world_size // self.ulysses
         if self.documents:
-            sharding = Sharding.documents(self.doc_lengths(world_size), ring, self.layout)
+            sharding = Sharding.documents(self.doc_lengths(world_size), ring, self.layout, self.ulysses)
         else:
             sharding = Sharding.dense(self.seq_len(world_size), ring, self.layout)
         return sharding if self.ulysses == 1 else MeshSharding(sharding, self.ulysses)

@@ -59,3 +59,12 @@ def test_placement_replay_dry_run_replays_every_distinct_candidate(tmp_path):
                 part = measured[direction]
                 assert len(part["per_rank_ms"]) == row["ring"] and part["slowest_ms"] > 0
                 assert part["sum_ms"] == pytest.approx(row["ulysses"] * sum(part["per_rank_ms"]))
+    # the remote launches' cost fitted on it: every candidate's ranks rebuilt from the same plans
+    fitted = tmp_path / "fit.json"
+    subprocess.run(
+        [sys.executable, "fit_placement_costs.py", str(out), "--out", str(fitted)], cwd=BENCH, check=True, capture_output=True, text=True,
+        timeout=300,
+    )
+    fits = json.loads(fitted.read_text())
+    assert set(fits["fits"]) == {"per launch", "per launch per 64 heads"} and [pick["case"] for pick in fits["picks"]] == ["finetune_w16", "pretrain_mesh_8x8"]
+    assert len(fits["ranks"]) == sum(len(row["candidates"]) * row["ring"] for row in result["rows"])

@@ -234,7 +234,7 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
 
     from fa4_cp.integrations.splits import ContextSplits
     from fa4_cp.kernels import BandMask
-    from fa4_cp.plan.placement import balanced_sharding
+    from fa4_cp.plan.placement import balanced_sharding, placement_heads
     from fa4_cp.plan.schedule import band_interval
     from fa4_cp.plan.span_rows import span_streams
 
@@ -253,7 +253,7 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     auto._ahead[-1].result()  # placed on the worker; choose takes its split
     misses, streams_misses = balanced_sharding.cache_info().misses, span_streams.cache_info().misses
     choice = auto.choose(coming, 200)[0]
-    span_streams(balanced_sharding((130, 10, 60), world_size // choice), band_interval(BandMask(hi=0)))  # what the ring's first call works out
+    span_streams(balanced_sharding((130, 10, 60), world_size // choice, placement_heads(choice)), band_interval(BandMask(hi=0)))  # what the ring's first call works out
     planned_ahead = {
         "choice": choice, "placed_again": balanced_sharding.cache_info().misses - misses,
         "streams_again": span_streams.cache_info().misses - streams_misses,

@@ -27,7 +27,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..kernels import BandMask
-from ..plan.placement import balanced_sharding
+from ..plan.placement import balanced_sharding, placement_heads
 from ..plan.schedule import band_interval
 from ..plan.span_rows import span_streams
 from ..tuning.mesh_model import plan_mesh
@@ -91,7 +91,7 @@ class ContextSplits:
         ulysses = next(iter(self.groups))
         if len(self.groups) > 1:  # plan_mesh places them over the ring ranks of every split that can win
             ulysses = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=list(documents)).ulysses
-        span_streams(balanced_sharding(documents, self.cp_size // ulysses), band)
+        span_streams(balanced_sharding(documents, self.cp_size // ulysses, placement_heads(ulysses)), band)
         return ulysses
 
     def _wait(self) -> tuple[tuple[int, ...], int, int] | None:

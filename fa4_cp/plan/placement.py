@@ -231,49 +231,59 @@ def remote_reach(spans, world_size: int) -> tuple[np.ndarray, np.ndarray]:
     return forward, backward
 
 
-def modelled_ms(sharding: BalancedSharding) -> float:
-    """The placement's modelled time: its most loaded rank (`rank_costs_ms`, 64 heads of 128) and
-    the work beside attention of every ring step that its widest span takes."""
+def modelled_ms(sharding: BalancedSharding, heads: int = CALIBRATED_HEADS) -> float:
+    """The placement's modelled time at `heads` q heads of 128 per ring rank: its most loaded rank
+    (`rank_costs_ms`) and the work beside attention of every ring step that its widest span takes."""
     widest = max((ranks for _, ranks in sharding.spans), default=1)
-    return max(sum(cost) for cost in rank_costs_ms(sharding)) + widest * step_other_us() / 1e3
+    return max(sum(cost) for cost in rank_costs_ms(sharding, heads)) + widest * step_other_us() / 1e3
+
+
+def placement_heads(ulysses: int) -> int:
+    """The q heads per ring rank at which the layout prices a placement: a 64-head model's share
+    under a `ulysses`-way split. A function of the mesh alone, since `shard` (which knows no
+    model) and the attention call must place the same documents alike. A launch costs the same
+    at any heads while a tile's work shrinks with them, so where a ring rank holds few heads
+    (a 2-D split) the placement with fewer blocks wins (bench/fit_placement_costs.py)."""
+    return max(CALIBRATED_HEADS // ulysses, 1)
 
 
 @functools.lru_cache(maxsize=64)
-def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int) -> BalancedSharding:
+def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int, heads: int = CALIBRATED_HEADS) -> BalancedSharding:
     """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
     of the greedy placements by cost alone and by projected load, the one whose most loaded rank,
-    with its ring steps' fixed cost and its remote blocks' own cost (`rank_costs_ms`), costs least.
-    (Kept documents are not traded afterwards: docs/packed_documents.md says why.)"""
+    with its ring steps' fixed cost and its remote blocks' own cost (`rank_costs_ms`), costs least
+    at `heads` q heads per ring rank (`placement_heads`). (Kept documents are not traded
+    afterwards: docs/packed_documents.md says why.)"""
     if world_size == 1:
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
-    return min(placement_candidates(doc_lengths, world_size), key=lambda pair: pair[0])[1]
+    return min(placement_candidates(doc_lengths, world_size, heads), key=lambda pair: pair[0])[1]
 
 
-def placement_candidates(doc_lengths: tuple[int, ...], world_size: int) -> list[tuple[float, BalancedSharding]]:
-    """(modelled_ms, placement) of every greedy run that `balanced_sharding` chooses from."""
-    candidates = []
+def placement_candidates(doc_lengths: tuple[int, ...], world_size: int, heads: int = CALIBRATED_HEADS) -> list[tuple[float, BalancedSharding]]:
+    """(modelled_ms at `heads`, placement) of every greedy run that `balanced_sharding` chooses
+    from. The runs themselves cost documents at 64 heads: the heads only weigh the choice."""
+    placements = []
     for costs, project in ((ONE_DEVICE, False), (RING, False), (RING, True)):
         floor = 0.0
         # the ring's runs again, with the mean load their first pass reached as the target's floor
         for _ in range(2 if costs is RING else 1):
-            objective, floor, sharding = _greedy_placement(doc_lengths, world_size, costs, project, floor)
-            candidates.append((objective, sharding))
+            floor, sharding = _greedy_placement(doc_lengths, world_size, costs, project, floor)
+            placements.append(sharding)
     # Once more with a widened span charged three ring steps a step: placing longest first, a
     # widening that is cheap early can leave the last short documents no balanced room
-    objective, _, sharding = _greedy_placement(doc_lengths, world_size, RING, True, 0.0, widening=3.0)
-    candidates.append((objective, sharding))
-    return candidates
+    placements.append(_greedy_placement(doc_lengths, world_size, RING, True, 0.0, widening=3.0)[1])
+    return [(modelled_ms(sharding, heads), sharding) for sharding in placements]
 
 
 def _greedy_placement(
     doc_lengths: tuple[int, ...], world_size: int, costs: KernelCosts, project: bool, floor: float, widening: float = 1.0,
-) -> tuple[float, float, BalancedSharding]:
+) -> tuple[float, BalancedSharding]:
     """Longest first, each document's narrowest span (and least loaded window) that keeps every
     rank within SLACK of the mean load; with `project`, a rank's load counts the rows it will
     still take at what the documents left cost per row; `floor`, a least mean load for the
     target; `widening`, what a span wider than any so far is charged per added step, in ring
-    steps. Returns (the placement's `modelled_ms`, the mean load under `costs`, the placement)."""
+    steps. Returns (the mean load under `costs`, the placement)."""
     spans = [(0, 0)] * len(doc_lengths)
     capacity = math.ceil(sum(doc_lengths) / world_size) + TILE
     cost, rows = np.zeros(world_size), np.zeros(world_size, dtype=np.int64)
@@ -315,8 +325,7 @@ def _greedy_placement(
         rows[members] += span_rows(length, ranks)
         spans[doc] = (first, ranks)
         widest = max(widest, ranks)
-    sharding = BalancedSharding(world_size, doc_lengths, tuple(spans), int(rows.max()))
-    return modelled_ms(sharding), float(cost.mean()), sharding
+    return float(cost.mean()), BalancedSharding(world_size, doc_lengths, tuple(spans), int(rows.max()))
 
 
 def span_widths(world_size: int) -> list[int]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .dense_sharding import DenseSharding
 from .document_sharding import DocumentSharding
 from .layout import Layout, check_document_layout, get_layout
-from .placement import BalancedSharding, balanced_sharding
+from .placement import BalancedSharding, balanced_sharding, placement_heads
 
 
 class Sharding:
@@ -28,11 +28,13 @@ class Sharding:
 
     @staticmethod
     def documents(
-        doc_lengths: Sequence[int], world_size: int, layout: str | Layout = "balanced",
+        doc_lengths: Sequence[int], world_size: int, layout: str | Layout = "balanced", ulysses: int = 1,
     ) -> DocumentSharding | BalancedSharding:
-        """Packed documents: "balanced" (the default: each document on a span of ranks of its own,
-        see placement.py), or "zigzag" / "contiguous", every document cut over all ranks."""
+        """Packed documents over a ring of `world_size` ranks: "balanced" (the default: each document
+        on a span of ranks of its own, see placement.py; priced at a ring rank's heads under a
+        `ulysses`-way split of the mesh whose ring this is), or "zigzag" / "contiguous", every
+        document cut over all ranks."""
         if isinstance(layout, str) and check_document_layout(layout) == "balanced":
-            return balanced_sharding(tuple(int(n) for n in doc_lengths), world_size)
+            return balanced_sharding(tuple(int(n) for n in doc_lengths), world_size, placement_heads(ulysses))
         layout = get_layout(layout) if isinstance(layout, str) else layout
         return DocumentSharding(layout, world_size, tuple(int(n) for n in doc_lengths))

@@ -1,7 +1,13 @@
 """What the ring's attention kernels cost: the cost that the balanced placement and the 2-D split's
 model use in place of raw tile counts, and what one device's upstream FA4 costs, the ideal they
-are held against. Causal, bf16, 64:8 heads, d 128; other head counts and head dims scale every
-cost linearly (heads x head_dim / (64 x 128)), an assumption not yet measured.
+are held against. Causal, bf16, 64:8 heads, d 128; other head counts and head dims scale the
+tiles' costs and the per-call work linearly (heads x head_dim / (64 x 128)), but not what a
+launch or a ring step costs beside them: a replay of every candidate placement at 32 and at 4
+heads per ring rank (bench/results/nvidia_h100_2026-12-06_s18/placement_replay.json.gz, fitted by
+bench/fit_placement_costs.py into fit_placement_costs.json there) fits a remote launch as a cost
+of its own (median error 6.3% forward, 2.6% backward) better than one per 64 heads (9.6%, 4.2%).
+Scaled, the model had put a 4-head ring rank's 7 remote launches at a sixteenth of their cost
+and chosen, for an 8 x 8 split, a placement 5.6% slower than the fastest candidate.
 
 One device's upstream FA4 varlen, fitted by least squares on the four log-normal mixes of
 bench/results/nvidia_h200_2026-12-01/varlen_packed_2026-12-01.json.gz (8K tokens x W = 8, 16, 32,
@@ -33,14 +39,13 @@ bench/results/nvidia_h200_2026-12-06/fit_replay_costs_staged.json.gz):
   the fine-tuning-like mix in an H100 replay (W = 8-64, 120 ranks) as the rank's time beyond its
   modelled attention: 120 us forward and 150 backward once it has any (its blocks no longer
   write out and dK/dV finished, so fp32 accumulators, fills, the read-back and the finish run)
-  and 45 + 28 us per (step, stream) of remote blocks (fwd + bwd median error 1.5%, where a
-  constant alone gives 8.3%; the pretraining-like ranks, all with remote blocks, give 53 us per
-  launch; an H200 replay of older code 431 and 56 us fwd + bwd:
-  bench/results/nvidia_h100_2026-12-06_s16/fit_replay_costs*.json, `remote_blocks`). With it the
-  model finds the replays' measured imbalance (1.07-1.09 modelled against 1.09-1.16 measured,
-  fine-tuning-like W = 16-64, where the attention alone gives 1.00-1.03). It carries the ring's
-  launches per rank, so plan_mesh charges a step only its work beside attention for packed
-  documents.
+  and per (step, stream) of remote blocks 47.8 us forward and 45.5 backward at any heads (the
+  placement replay above, with a constant per batch; at 64 heads the fine-tuning-like ranks had
+  given 45 + 28 us, fwd + bwd median error 1.5%: bench/results/nvidia_h100_2026-12-06_s16/
+  fit_replay_costs*.json, `remote_blocks`). With it the model finds the replays' measured
+  imbalance (1.07-1.09 modelled against 1.09-1.16 measured, fine-tuning-like W = 16-64, where the
+  attention alone gives 1.00-1.03). It carries the ring's launches per rank, so plan_mesh charges
+  a step only its work beside attention for packed documents.
 So a short piece of a long document costs more per FLOP than a whole short document, and every
 ring step that a document's span adds costs each rank its launches and its fixed work. A free fit
 of the same steps (s11_fit_replay_costs.json.gz) has smaller errors (3-3.5%) but trades the
@@ -58,7 +63,8 @@ CALIBRATED_HEADS, CALIBRATED_HEAD_DIM, CALIBRATED_TOKENS = 64, 128, 8192
 
 @dataclass(frozen=True)
 class KernelCosts:
-    """us per unit of all 64 heads at d 128."""
+    """us per unit: of all 64 heads at d 128 for tiles and per-call work; as they are for launches
+    and steps (`launch`, `step_other`, `remote_launch`), which cost the same at any heads."""
 
     forward_pair: float
     forward_q_tile: float
@@ -79,7 +85,7 @@ class KernelCosts:
 
 RING = KernelCosts(
     forward_pair=0.884, forward_q_tile=1.28, backward_pair=2.383, backward_kv_tile=3.828, launch=37.8, step_other=22.3, call_other=353.0,
-    remote_fixed=(120.0, 150.0), remote_launch=(45.0, 28.0),
+    remote_fixed=(120.0, 150.0), remote_launch=(47.8, 45.5),
 )
 ONE_DEVICE = KernelCosts(forward_pair=0.884, forward_q_tile=0.0, backward_pair=2.383, backward_kv_tile=3.828)
 
@@ -108,24 +114,25 @@ def block_us(
     )
 
 
-def step_us(heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> float:
+def step_us() -> float:
     """What one more ring step costs every rank: its forward launch, and the work and gaps beside
-    attention (the placement's cost of widening a span, charged to every rank alike)."""
-    return _scale(heads, head_dim) * (RING.launch + RING.step_other)
+    attention (the placement's cost of widening a span, charged to every rank alike). Launches and
+    gaps cost the same at any heads."""
+    return RING.launch + RING.step_other
 
 
-def step_other_us(heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> float:
+def step_other_us() -> float:
     """What one more ring step costs every rank beside its blocks' launches: the work and gaps
     beside attention (a rank's remote launches are its own: `remote_us`)."""
-    return _scale(heads, head_dim) * RING.step_other
+    return RING.step_other
 
 
 def remote_us(launches, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM) -> tuple:
     """(forward, backward) of what a rank's remote blocks cost it beside their tile work, for
     `launches` (an int or an array) (step, stream) pairs of them: the fixed cost of leaving the
-    all-local path, then each launch."""
+    all-local path, which moves the rank's heads x rows (scaled by heads), then each launch (not)."""
     return tuple(
-        _scale(heads, head_dim) * ((launches > 0) * fixed + launches * launch) for fixed, launch in zip(RING.remote_fixed, RING.remote_launch)
+        _scale(heads, head_dim) * (launches > 0) * fixed + launches * launch for fixed, launch in zip(RING.remote_fixed, RING.remote_launch)
     )
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..plan.placement import BalancedSharding, balanced_sharding, rank_costs_ms, span_cost, span_widths
+from ..plan.placement import BalancedSharding, balanced_sharding, placement_heads, rank_costs_ms, span_cost, span_widths
 from ..validation import heads_split
 from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us
 
@@ -205,7 +205,7 @@ def _documents_compute(
     places them: the slowest ring rank's forward and backward ms (its h/u heads), one device's
     work over the u x r ranks, the active ring steps, and the KV rows a step's hops bring the
     slowest-fed rank (both streams, on average over its steps)."""
-    sharding = placement if placement is not None else balanced_sharding(tuple(int(n) for n in documents), r)
+    sharding = placement if placement is not None else balanced_sharding(tuple(int(n) for n in documents), r, placement_heads(u))
     costs = rank_costs_ms(sharding, heads // u, head_dim)
     ideal = sum(sum(one_device_us(n, heads, head_dim)) for n in documents if n) / (u * r)
     # A span of g ranks takes steps 1..g-1 after the local step 0 (span_rows.py); planning the
