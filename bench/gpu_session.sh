@@ -14,7 +14,8 @@
 #   mesh_replay    bench/mesh_replay.py (JSON)
 #   feature_errors bench/feature_errors.py with FA4, bf16, W = 2, 8, 72 (JSON)
 #   step_overhead  bench/step_overhead.py on the GPU, and on BASELINE_TREE (an older checkout) if set (JSON)
-#   kernels        bench/kernels.py --quick (JSON), GPU time (each call queued behind a sleep kernel)
+#   kernels        bench/kernels.py --quick (JSON), GPU time (each call queued behind a sleep kernel); with
+#                  BASELINE_TREE its 8K rows on that tree's fa4_cp too (in OUT_DIR/kernels_baseline; OUT_DIR absolute)
 #   kernels_host_paced  bench/kernels.py --quick --seqs 8192 --host-paced: the 8K rows timed from an idle GPU, as before (JSON)
 #   backend        tests/gpu/test_fa4_backend.py, bf16 (the backward kernel per mask, GQA and not)
 #   deterministic  tests/gpu/test_fa4_deterministic.py
@@ -85,7 +86,13 @@ for part in "${parts[@]}"; do
         run step_overhead_baseline.log "$seconds" python3 bench/step_overhead.py --device cuda --tree "$BASELINE_TREE" \
           --out "$out/step_overhead_cuda_baseline.json"
       fi ;;
-    kernels) run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" --head-dims ${KERNEL_HEAD_DIMS:-64 128} ;;
+    kernels)
+      run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" --head-dims ${KERNEL_HEAD_DIMS:-64 128}
+      if [[ -n ${BASELINE_TREE:-} ]]; then  # the 8K rows on the baseline's fa4_cp, this bench copied into it
+        mkdir -p "$out/kernels_baseline" "$BASELINE_TREE/bench" && cp -r bench/. "$BASELINE_TREE/bench/"
+        run kernels_quick_baseline.log "$seconds" bash -c "cd '$BASELINE_TREE' && python3 bench/kernels.py --quick --seqs 8192 \
+          --no-first-call --out '$out/kernels_baseline' --head-dims ${KERNEL_HEAD_DIMS:-64 128}"
+      fi ;;
     kernels_host_paced)
       run kernels_host_paced.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --host-paced --out "$out" \
         --head-dims ${KERNEL_HEAD_DIMS:-64 128} ;;

@@ -51,6 +51,8 @@ def test_every_kernel_compiles_for(arch, compile_runs):
         # 8-byte values are stored singly
         for kernel, stores in report["stores"].items():
             assert all(".v" in op or op.endswith(".b64") for op in stores), (kernel, stores)
-    shards_stores = [json.loads(compile_runs[arch, shard][1].strip().splitlines()[-1])["stores"] for shard in range(SHARDS[arch])]
-    compiled = {kernel for stores in shards_stores for kernel, ops in stores.items() if ops}
+    reports = [json.loads(compile_runs[arch, shard][1].strip().splitlines()[-1]) for shard in range(SHARDS[arch])]
+    compiled = {kernel for report in reports for kernel, ops in report["stores"].items() if ops}
     assert compiled == ({"PartialsForwardSm90", "FinishDkv", "MergePartials"} if arch == "sm_90a" else {"MergePartials"}), compiled
+    # the merging forwards prefetch their rows' prior out into L2 (the first-write ones have none to read)
+    assert (sum(report["prefetches"] for report in reports) > 0) == (arch == "sm_90a")

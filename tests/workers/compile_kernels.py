@@ -188,7 +188,9 @@ def main() -> None:
         kernel: sorted({op for ptx in kept if kernel in ptx.name for op in re.findall(r"\bst\.global[.\w]*", ptx.read_text())})
         for kernel in VECTOR_STORES
     }
-    print(json.dumps({"arch": arch, "errors": errors, "ptx_targets": targets, "ptx_files": len(kept), "stores": stores}))
+    # the forward's merging epilogue asks L2 for the prior out it will read
+    prefetches = sum(ptx.read_text().count("prefetch.global.L2") for ptx in kept if "PartialsForwardSm90" in ptx.name)
+    print(json.dumps({"arch": arch, "errors": errors, "ptx_targets": targets, "ptx_files": len(kept), "stores": stores, "prefetches": prefetches}))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,15 @@ import cutlass.cute as cute
 from cutlass import Float32, Float64, const_expr
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.named_barrier import NamedBarrierFwd
+from flash_attn.cute.utils import elem_pointer
 from quack import layout_utils
 
 from .lse_merge import merged_lse_and_weights
+from .vector_memory import prefetch_l2
+
+# A thread's values of an MMA row are pairs of adjacent columns 8 apart: 8 of them span 32 fp32
+# columns, one 128-byte line
+VALUES_PER_LINE = 8
 
 
 class PartialsForwardSm90(FlashAttentionForwardSm90):
@@ -81,6 +87,15 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         num_rows = cute.size(tOrO, mode=[0])
         num_cols = cute.size(tOrO, mode=[1])
 
+        if const_expr(self.accumulate):
+            # The prior out that the rows below read, one at a time after the lse: asked of L2
+            # first, so those reads wait on L2 and not on memory (a tile's epilogue is a few us
+            # against a 60 us main loop at 8K causal: the fwd's merging step ran 4-7% under
+            # upstream there in GPU time, bench/results/nvidia_h100_2026-12-06_s18/)
+            for m in cutlass.range(num_rows, unroll_full=True):
+                if tOcO[m, 0][0] < rows_in_tile:
+                    for n in cutlass.range(0, num_cols, VALUES_PER_LINE, unroll_full=True):
+                        prefetch_l2(elem_pointer(gO, tOcO[m, n]))
         lse_prior = cute.make_rmem_tensor_like(lse, Float64)
         for m in cutlass.range(num_rows, unroll_full=True):
             lse_prior[m] = -Float64.inf

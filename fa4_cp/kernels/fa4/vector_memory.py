@@ -1,6 +1,7 @@
 """Global fp32 stores and reductions (sm90 PTX) for epilogues that write fp32 rows from MMA
 registers: two floats where each thread holds pairs of adjacent columns, one where the MMA's
-operands were swapped and a thread's pairs lie in adjacent rows."""
+operands were swapped and a thread's pairs lie in adjacent rows; and an L2 prefetch, for rows an
+epilogue will read."""
 
 from __future__ import annotations
 
@@ -56,3 +57,17 @@ def add_one(a: Float32, pointer: cute.Pointer, *, loc=None, ip=None) -> None:
 def store_one(a: Float32, pointer: cute.Pointer, *, loc=None, ip=None) -> None:
     """pointer[0] = a."""
     _one_asm("st.global.f32", a, pointer, loc, ip)
+
+
+@dsl_user_op
+def prefetch_l2(pointer: cute.Pointer, *, loc=None, ip=None) -> None:
+    """Bring the cache line holding pointer[0] into L2, without waiting for it."""
+    llvm.inline_asm(
+        None,
+        [pointer.toint(loc=loc, ip=ip).ir_value()],
+        "prefetch.global.L2 [$0];",
+        "l",
+        has_side_effects=True,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+    )
