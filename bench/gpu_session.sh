@@ -16,6 +16,7 @@
 #   step_overhead  bench/step_overhead.py on the GPU, and on BASELINE_TREE (an older checkout) if set (JSON)
 #   kernels        bench/kernels.py --quick (JSON), GPU time (each call queued behind a sleep kernel); with
 #                  BASELINE_TREE its 8K rows on that tree's fa4_cp too (in OUT_DIR/kernels_baseline; OUT_DIR absolute)
+#   kernels_breakdown  bench/kernels.py --breakdown at 8K, d 128 and 256: each contender's kernels, GPU us by name (JSON)
 #   kernels_host_paced  bench/kernels.py --quick --seqs 8192 --host-paced: the 8K rows timed from an idle GPU, as before (JSON)
 #   backend        tests/gpu/test_fa4_backend.py, bf16 (the backward kernel per mask, GQA and not)
 #   deterministic  tests/gpu/test_fa4_deterministic.py
@@ -93,6 +94,10 @@ for part in "${parts[@]}"; do
         run kernels_quick_baseline.log "$seconds" bash -c "cd '$BASELINE_TREE' && python3 bench/kernels.py --quick --seqs 8192 \
           --no-first-call --out '$out/kernels_baseline' --head-dims ${KERNEL_HEAD_DIMS:-64 128}"
       fi ;;
+    kernels_breakdown)  # each contender's kernels at 8K, d 128 and 256, by name: where the merging step and the backward lose
+      mkdir -p "$out/breakdown"
+      run kernels_breakdown.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --breakdown --out "$out/breakdown" \
+        --head-dims ${KERNEL_HEAD_DIMS:-128 256} ;;
     kernels_host_paced)
       run kernels_host_paced.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --host-paced --out "$out" \
         --head-dims ${KERNEL_HEAD_DIMS:-64 128} ;;

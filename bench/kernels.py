@@ -26,6 +26,7 @@ cache, each in a fresh process. Writes bench/results/kernels_<gpu>_<date>.json, 
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import subprocess
@@ -69,7 +70,7 @@ torch.cuda.synchronize(); print(time.perf_counter() - start)
 """
 
 
-def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, queued: bool = True) -> dict:
+def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, queued: bool = True, breakdown: bool = False) -> dict:
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.interface import _flash_attn_bwd
 
@@ -102,7 +103,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, que
         fused.forward(q, k, softmax_scale=scale).step(q, k, v, out16, lse32, mask=mask, accumulate=False, write_rounded=True)
         lse32.to(LSE_ACCUMULATOR_DTYPE)
 
-    contenders = {
+    forward_contenders = contenders = {
         "fa4_cp_fwd_merge": ours(fused, True),
         "fa4_cp_fwd_first": ours(fused, False),
         "fa4_cp_fwd_ring_of_one": ours_ring_of_one,
@@ -156,6 +157,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, que
         cudnn_out, cudnn_dout = cudnn_forward(), dout.transpose(1, 2)
         contenders["cudnn_sdpa_bwd"] = lambda: torch.autograd.grad(cudnn_out, (q_t, k_t, v_t), cudnn_dout, retain_graph=True)
     times = forward | median_ms(contenders, queued=queued)
+    kernels_us = kernel_breakdown({**forward_contenders, **contenders}) if breakdown else None
     flops = {name: 2 * seq * seq * heads * (dim + dim_v) / (2 if causal else 1) * (2.5 if "bwd" in name else 1) for name in times}
 
     def ratio(slower: str, ours_: str) -> float | None:
@@ -174,7 +176,23 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, que
         "bwd_ring_of_one_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_ring_of_one"),
         "bwd_step_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_step"),
         "bwd_vs_cudnn": ratio("cudnn_sdpa_bwd", "fa4_cp_bwd"),
+        **({"kernels_us": kernels_us} if breakdown else {}),
     }
+
+
+def kernel_breakdown(contenders: dict, calls: int = 3) -> dict:
+    """Per contender, the GPU us per call of each kernel it launches (torch.profiler over `calls`
+    calls after a warm-up), by kernel name (CuTe's long names cut to 120 characters), largest
+    first: where a contender's time beside the attention kernel goes."""
+    from gpu_work import kernel_events, profiled
+
+    breakdown = {}
+    for name, fn in contenders.items():
+        per_kernel = collections.Counter()
+        for event in kernel_events(profiled(lambda fn=fn: [fn() for _ in range(calls)])):
+            per_kernel[event.name[:120]] += event.time_range.elapsed_us() / calls
+        breakdown[name] = dict(per_kernel.most_common())
+    return breakdown
 
 
 def _runs(fn) -> bool:
@@ -201,6 +219,7 @@ def main() -> None:
     parser.add_argument("--seqs", nargs="+", type=int, help="only these sequence lengths")
     parser.add_argument("--no-first-call", action="store_true", help="skip timing the first call's compile")
     parser.add_argument("--host-paced", action="store_true", help="time from an idle GPU (host path included), not queued GPU time")
+    parser.add_argument("--breakdown", action="store_true", help="also each contender's kernels, GPU us per call by name (torch.profiler)")
     args = parser.parse_args()
     timing = "from an idle GPU, host-paced" if args.host_paced else "each call queued behind a sleep kernel (GPU time)"
     result = record(
@@ -212,7 +231,7 @@ def main() -> None:
     rows = result["rows"]
     for config in GRID:
         if (not args.quick or config[0] <= 32768) and config[3] in args.head_dims and (not args.seqs or config[0] in args.seqs):
-            rows.append(run_config(*config, queued=not args.host_paced))
+            rows.append(run_config(*config, queued=not args.host_paced, breakdown=args.breakdown))
             write(result, path)  # each row as it lands, so a run cut short keeps what it measured
     if not args.no_first_call:
         with tempfile.TemporaryDirectory() as cache_dir:
@@ -234,6 +253,11 @@ def main() -> None:
             + " ".join(cell(t.get(name), 5, 0) for name in ("fa4_cp_bwd", "fa4_cp_bwd_step", "upstream_fa4_bwd", "cudnn_sdpa_bwd"))
             + " | " + " ".join(cell(row[name], 9, 3) for name in ("fwd_vs_upstream", "fwd_vs_cudnn", "bwd_vs_upstream", "bwd_vs_cudnn"))
         )
+    for row in rows if args.breakdown else ():
+        for name in ("fa4_cp_fwd_merge", "upstream_fa4_fwd", "fa4_cp_bwd", "upstream_fa4_bwd"):
+            kernels = row["kernels_us"].get(name, {})
+            print(f"{row['seq']} {row['heads']}:{row['kv_heads']} d {row['head_dim']} causal {row['causal']} {name}: {sum(kernels.values()):.0f} us = "
+                  + ", ".join(f"{us:.0f} {kernel[:48]}" for kernel, us in kernels.items()))
     if "first_call_seconds" in result:
         cold, warm = result["first_call_seconds"].values()
         print(f"first call of a new configuration: {cold:.1f} s with a cold compile cache, {warm:.1f} s warm")
