@@ -29,7 +29,8 @@ longest first, as longest-processing-time scheduling does: each takes the smalle
 2, 4, ... W, and the window of g ranks with room for its rows (up to ceil(S / W) + 128 per rank),
 that keeps every rank within 3% of the mean load; if none does, the (span, window) that leaves
 the most loaded rank least loaded. The greedy runs a few ways and the placement it keeps is the
-one whose most loaded rank the model finds fastest:
+one whose most loaded rank the model finds fastest, at the heads a ring rank of the mesh holds
+(`placement_heads`: a launch weighs more against fewer heads' tiles):
 - by the cost placed so far, the mean counting what is left whole (one device's costs, and the
   ring's);
 - by projected load: every rank ends near the row limit, so a rank of costly long-document
