@@ -25,7 +25,8 @@ kernel launched per ring step shows (launches near the step count).
 The mixes: document lengths log-normal until the total is filled (the last one cut):
 pretraining-like median 1,200 tokens, sigma 1.4, capped at 64K; fine-tuning-like median 500,
 sigma 0.9, capped at 16K. `--tree` runs another checkout's fa4_cp (a baseline) instead;
-`--deterministic` makes the ring's calls with deterministic=True.
+`--deterministic` makes the ring's calls with deterministic=True, and times upstream's own
+deterministic backward on one device beside them (`upstream_deterministic_vs_default`).
 """
 
 from __future__ import annotations
@@ -167,17 +168,19 @@ def make_inputs(case: Case, seed: int = 0):
     return q, k, v, dout, lengths
 
 
-def one_device(case: Case, inputs) -> dict:
+def one_device(case: Case, inputs, deterministic: bool = False) -> dict:
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
     q, k, v, dout, lengths = inputs
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     if lengths is None:
-        call = lambda: flash_attn_func(*leaves, causal=True)  # noqa: E731
+        call = lambda: flash_attn_func(*leaves, causal=True, deterministic=deterministic)  # noqa: E731
     else:
         cu = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
         longest = max(lengths)
-        call = lambda: flash_attn_varlen_func(*leaves, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, causal=True)  # noqa: E731
+        call = lambda: flash_attn_varlen_func(  # noqa: E731
+            *leaves, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, causal=True, deterministic=deterministic,
+        )
 
     def step():
         out = call()
@@ -310,8 +313,13 @@ def main() -> None:
         try:
             inputs = make_inputs(case)
             one = one_device(case, inputs)
+            # beside a deterministic ring, upstream's own deterministic backward: what determinism costs one device
+            one_deterministic = one_device(case, inputs, deterministic=True) if args.deterministic else None
             inputs = rank_inputs(case, inputs, fa4_cp)  # the whole input dropped: only the ranks' shards stay
             row = summarize(case, one, ring(case, inputs, fa4_cp, args.deterministic))
+            if one_deterministic is not None:
+                row["one_device_deterministic_ms"] = one_deterministic["ms"]
+                row["upstream_deterministic_vs_default"] = sum(one["ms"].values()) / sum(one_deterministic["ms"].values())
         except torch.OutOfMemoryError as error:  # a simulated W = 64 holds every rank on one card: say so, go on
             out_of_memory = str(error).splitlines()[0]
         inputs = None
@@ -331,7 +339,8 @@ def main() -> None:
             f"{name:18} W={case.world:<3} attention {row['attention_vs_one_device']:.3f}  all kernels {row['all_kernels_vs_one_device']:.3f}  "
             f"non-attention/attention {row['ring_ms']['other']:.1f}/{row['ring_ms']['attention']:.1f} ms  "
             f"transport {row['ring_ms']['transport_copies']:.1f} ms  all-to-all layout {row['ring_ms']['all_to_all_layout']:.1f} ms  "
-            f"({row['seconds']:.0f} s)", flush=True,
+            + (f"upstream deterministic {row['upstream_deterministic_vs_default']:.3f}x its default  " if args.deterministic else "")
+            + f"({row['seconds']:.0f} s)", flush=True,
         )
         torch.cuda.empty_cache()
 
