@@ -29,8 +29,8 @@ from common import load_result, record, write  # noqa: E402
 from mixes import lognormal_lengths  # noqa: E402
 from placement_replay import CASES, plan_counts  # noqa: E402
 
-from fa4_cp.plan.placement import placement_candidates, placement_heads, remote_reach  # noqa: E402
-from fa4_cp.tuning.kernel_cost import CALIBRATED_HEADS, RING, span_us  # noqa: E402
+from fa4_cp.plan.placement import placement_candidates, placement_heads, rank_costs_ms, remote_reach  # noqa: E402
+from fa4_cp.tuning.kernel_cost import CALIBRATED_HEADS, RING, remote_us  # noqa: E402
 
 DIRECTIONS = ("forward", "backward")
 
@@ -52,14 +52,12 @@ def candidates_of(row: dict) -> list:
 
 def rank_rows(sharding, heads: int, head_dim: int) -> list[dict]:
     """Per ring rank: its tiles' modelled us (forward, backward), its remote (step, stream) pairs, its plan's steps."""
-    world = sharding.world_size
-    tiles = np.zeros((world, 2))
-    for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
-        if ranks:
-            tiles[(first + np.arange(ranks)) % world] += span_us(length, ranks, heads, head_dim)
-    forward_reach, backward_reach = remote_reach(sharding.spans, world)
+    forward_reach, backward_reach = remote_reach(sharding.spans, sharding.world_size)
+    launches = forward_reach + backward_reach
+    # the layout's own rank costs, less what they charge the remote blocks beside their tiles
+    tiles = np.array(rank_costs_ms(sharding, heads, head_dim)) * 1e3 - np.stack(remote_us(launches, heads, head_dim), axis=1)
     steps = max(ranks for _, ranks in sharding.spans)
-    return [{"tiles_us": tiles[rank], "remote_launches": int(forward_reach[rank] + backward_reach[rank]), "steps": steps} for rank in range(world)]
+    return [{"tiles_us": tiles[rank], "remote_launches": int(launches[rank]), "steps": steps} for rank in range(sharding.world_size)]
 
 
 def fit(rows: list[dict], per_64_heads: bool, step_other: float) -> tuple[dict, list[dict]]:

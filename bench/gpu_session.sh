@@ -62,6 +62,13 @@ run() {  # run LOG SECONDS command...: its output in OUT_DIR/LOG, its exit and t
 replay_minutes() {  # a replay part of SECONDS starts no configuration in its last 50 s
   awk "BEGIN { print ($1 - 50) / 60 }"
 }
+kernels_on_baseline() {  # kernels_on_baseline LOG SECONDS DIR HEAD_DIM...: bench/kernels.py's 8K rows on BASELINE_TREE's
+  # fa4_cp, if set (this bench copied into that tree, so that it imports that tree's), its JSON in OUT_DIR/DIR
+  [[ -n ${BASELINE_TREE:-} ]] || return 0
+  local log=$1 seconds=$2 dir=$3; shift 3
+  mkdir -p "$out/$dir" "$BASELINE_TREE/bench" && cp -r bench/. "$BASELINE_TREE/bench/"
+  run "$log" "$seconds" bash -c "cd '$BASELINE_TREE' && python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out '$out/$dir' --head-dims $*"
+}
 tests() {  # tests LOG SECONDS pytest-args...
   local log=$1 seconds=$2; shift 2
   run "$log" "$seconds" python3 -m pytest -v -rs -p no:warnings -n "$workers" --durations=10 "$@"
@@ -89,11 +96,7 @@ for part in "${parts[@]}"; do
       fi ;;
     kernels)
       run kernels_quick.log "$seconds" python3 bench/kernels.py --quick --out "$out" --head-dims ${KERNEL_HEAD_DIMS:-64 128}
-      if [[ -n ${BASELINE_TREE:-} ]]; then  # the 8K rows on the baseline's fa4_cp, this bench copied into it
-        mkdir -p "$out/kernels_baseline" "$BASELINE_TREE/bench" && cp -r bench/. "$BASELINE_TREE/bench/"
-        run kernels_quick_baseline.log "$seconds" bash -c "cd '$BASELINE_TREE' && python3 bench/kernels.py --quick --seqs 8192 \
-          --no-first-call --out '$out/kernels_baseline' --head-dims ${KERNEL_HEAD_DIMS:-64 128}"
-      fi ;;
+      kernels_on_baseline kernels_quick_baseline.log "$seconds" kernels_baseline ${KERNEL_HEAD_DIMS:-64 128} ;;
     kernels_breakdown)  # each contender's kernels at 8K, d 128 and 256, by name: where the merging step and the backward lose
       mkdir -p "$out/breakdown"
       run kernels_breakdown.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --breakdown --out "$out/breakdown" \
@@ -121,11 +124,7 @@ for part in "${parts[@]}"; do
     kernels_new_dims)  # a folder of its own: bench/kernels.py names its JSON by device and date, as the kernels part's
       mkdir -p "$out/new_dims"
       run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out/new_dims" --head-dims ${NEW_DIMS:-256 192/128}
-      if [[ -n ${BASELINE_TREE:-} ]]; then  # this bench on the baseline's fa4_cp: its copy in that tree imports that tree's
-        mkdir -p "$out/new_dims_baseline" "$BASELINE_TREE/bench" && cp -r bench/. "$BASELINE_TREE/bench/"
-        run kernels_new_dims_baseline.log "$seconds" bash -c "cd '$BASELINE_TREE' && python3 bench/kernels.py --quick --seqs 8192 \
-          --no-first-call --out '$out/new_dims_baseline' --head-dims ${NEW_DIMS:-256 192/128}"
-      fi ;;
+      kernels_on_baseline kernels_new_dims_baseline.log "$seconds" new_dims_baseline ${NEW_DIMS:-256 192/128} ;;
     placement_replay) run placement_replay.log "$seconds" python3 bench/placement_replay.py --out "$out/placement_replay.json" ;;
     magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
         --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;

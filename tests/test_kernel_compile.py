@@ -40,10 +40,12 @@ def compile_runs(tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHES)
 def test_every_kernel_compiles_for(arch, compile_runs):
+    reports = []
     for shard in range(SHARDS[arch]):
         process, stdout, stderr = compile_runs[arch, shard]
         assert process.returncode == 0, stderr[-4000:]
         report = json.loads(stdout.strip().splitlines()[-1])
+        reports.append(report)
         failed = {name: error for name, error in report["errors"].items() if error}
         assert not failed, "\n\n".join(f"{name}:\n{error}" for name, error in failed.items())
         assert report["ptx_files"] and report["ptx_targets"] == [arch], report  # the PTX kept is for the target
@@ -51,7 +53,6 @@ def test_every_kernel_compiles_for(arch, compile_runs):
         # 8-byte values are stored singly
         for kernel, stores in report["stores"].items():
             assert all(".v" in op or op.endswith(".b64") for op in stores), (kernel, stores)
-    reports = [json.loads(compile_runs[arch, shard][1].strip().splitlines()[-1]) for shard in range(SHARDS[arch])]
     compiled = {kernel for report in reports for kernel, ops in report["stores"].items() if ops}
     assert compiled == ({"PartialsForwardSm90", "FinishDkv", "MergePartials"} if arch == "sm_90a" else {"MergePartials"}), compiled
     # the merging forwards prefetch their rows' prior out into L2 (the first-write ones have none to read)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..plan.placement import BalancedSharding, balanced_sharding, placement_heads, rank_costs_ms, span_cost, span_widths
 from ..validation import heads_split
-from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us
+from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us, step_us
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
@@ -64,7 +64,7 @@ class Machine:
 
 # kernel_cost.RING's replay fits: a step's forward launch and its work beside attention, the call's
 # work beside attention (on an H100, whose memory is slower than the H200's: upper bounds here)
-_STEP_MS, _LAUNCH_MS, _CALL_MS = (RING.launch + RING.step_other) / 1e3, RING.launch / 1e3, RING.call_other / 1e3
+_STEP_MS, _LAUNCH_MS, _CALL_MS = step_us() / 1e3, RING.launch / 1e3, RING.call_other / 1e3
 
 H200 = Machine(
     "H200", attention_tflops=480.0, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
