@@ -87,11 +87,12 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         num_rows = cute.size(tOrO, mode=[0])
         num_cols = cute.size(tOrO, mode=[1])
 
-        if const_expr(self.accumulate):
+        if const_expr(self.accumulate and not self.pack_gqa):
             # The prior out that the rows below read, one at a time after the lse: asked of L2
-            # first, so those reads wait on L2 and not on memory (a tile's epilogue is a few us
-            # against a 60 us main loop at 8K causal: the fwd's merging step ran 4-7% under
-            # upstream there in GPU time, bench/results/nvidia_h100_2026-12-06_s18/)
+            # first, so those reads wait on L2 and not on memory. One q head per tile's rows only:
+            # at 8K, d 128 (H100, bench/results/nvidia_h100_2026-12-06_s19/) it took the merging
+            # step from 0.950-0.959 to 0.965-0.966x upstream at 32:32, but packed q heads (32:8)
+            # lost 3.6% causal, 0.931 to 0.895x
             for m in cutlass.range(num_rows, unroll_full=True):
                 if tOcO[m, 0][0] < rows_in_tile:
                     for n in cutlass.range(0, num_cols, VALUES_PER_LINE, unroll_full=True):
