@@ -63,10 +63,6 @@ class VarlenRows:
     """seqused_k[n] - seqused_q[n], the same for every sequence the block computes when its mask
     is not full (planners split blocks to make it so): the block's mask is top-left in every
     sequence, and a backend whose masks align bottom-right (FA4) moves its window by this."""
-    q_sequences: tuple[tuple[int, int], ...] | None = None
-    """On the host, (first row, rows) of each sequence that blocks sharing cu_seqlens_q may select
-    (seqused_q_all's counts, else seqused_q's), for a backend that sizes per-side state without a
-    device sync; None: not known."""
 
 
 @dataclass(frozen=True, eq=False)  # device tensors: identity is equality

@@ -134,16 +134,13 @@ class _DeviceRows:
         width = max((len(entry) for entry in entries), default=0)
         padded = [entry + [0] * (width - len(entry)) for entry in entries]
         self.table = torch.tensor(padded, dtype=torch.int32).to(device) if entries else None
-        self.entries, self.lengths = entries, [len(entry) for entry in entries]
-        self.sequences: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+        self.lengths = [len(entry) for entry in entries]
 
     def row(self, entry: int) -> torch.Tensor:
         return self.table[entry, : self.lengths[entry]]
 
     def block(self, q_side: tuple[int, int], kv_side: tuple[int, int], q_used: int, kv_used: int, shift: int) -> VarlenRows:
-        if q_side not in self.sequences:
-            self.sequences[q_side] = tuple(zip(self.entries[q_side[0]], self.entries[q_side[1]]))
         return VarlenRows(
             self.row(q_side[0]), self.row(kv_side[0]), self.row(q_used), self.row(kv_used),
-            seqused_q_all=self.row(q_side[1]), kv_shift=shift, q_sequences=self.sequences[q_side],
+            seqused_q_all=self.row(q_side[1]), kv_shift=shift,
         )

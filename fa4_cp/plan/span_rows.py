@@ -290,4 +290,4 @@ class _SpanRowsTable:
             kv_first.append(previous)  # unused entries repeat the last start: cu_seqlens stays monotone
         packed = torch.tensor([q_used, kv_used, [*kv_first]], dtype=torch.int32).to(self.device)
         cu_k = torch.cat([packed[2], packed.new_tensor([end])])
-        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift, q_sequences=host)
+        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift)

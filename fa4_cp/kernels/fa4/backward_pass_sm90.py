@@ -4,7 +4,8 @@ Once per call and per distinct set of q rows the steps use (a "q side": the whol
 one lane run), FA4's preprocess computes delta = rowsum(dout * out) - dlse and lse * log2(e) in
 the padded layout the kernel reads. Every step's kernel then adds its dq into the q side's fp32
 tiled accumulator; dense q sides that start on a tile boundary share one accumulator for the
-whole shard, a varlen side's starts zeroed only where its kernels write (varlen_dq.py). `dq`
+whole shard (zeroed once); any other side has its own, which the same preprocess zeroes at the
+tiles of the side's rows, all that its kernels write and its read-back reads (no fill kernel). `dq`
 reads the accumulators back once, rounded once to q's dtype: with upstream's postprocess when one
 accumulator holds all of dq, with one pass over the varlen sides' accumulators (dq_readback.py)
 for packed documents, else in fp32 and summed. dK/dV go straight from the kernel into the
@@ -32,7 +33,7 @@ from .dkv_finish import finish_dkv_cuda
 from .dq_readback import MAX_SIDES, read_back_dq
 from .masks import block_window
 from .tiled_accumulator import TileGeometry, tile_order
-from .varlen_dq import varlen_side, zeroed_where_written
+from .varlen_dq import varlen_row_map
 
 SM90 = 90
 
@@ -175,20 +176,20 @@ class Sm90BackwardPass:
         if varlen is None:
             start, stop, _ = q_rows.indices(q.shape[1])
             rows, padded = slice(start, stop), self.dq_tiles.padded_rows(stop - start)
-            if start % tile == 0:
-                accum, owned = self._whole_dq()[..., start * width : (start + padded) * width], False
-            else:
-                accum, owned = torch.zeros(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
+            shared = start % tile == 0
             row_map, cu, used = None, None, None
         else:  # statistics and read-back over the rows any block of the side selects
-            rows, cu = slice(None), varlen.cu_seqlens_q
+            rows, cu, shared = slice(None), varlen.cu_seqlens_q, False
             used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
             padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
-            row_map, written = varlen_side(varlen, used, tile, q.shape[0], padded)
-            accum, owned = zeroed_where_written(q.shape[-2], padded, width, tile, written, q.device), True
+            row_map = varlen_row_map(varlen, used, tile, q.shape[0])
+        if shared:
+            accum, owned = self._whole_dq()[..., start * width : (start + padded) * width], False
+        else:  # zeroed by the preprocess below at every tile of the side's rows (all that its kernels write and its read-back reads)
+            accum, owned = torch.empty(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
         _bwd_preprocess(
-            self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None,
+            self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None if shared else accum,
             cu, used, None if self.dlse is None else self.dlse[..., rows],
             torch2cute_dtype_map[q.dtype], q.shape[-1], self.dout.shape[-1], tile,
             fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
