@@ -206,6 +206,34 @@ def test_the_kept_documents_block_is_the_only_block_of_its_rows(world_size, mix,
             assert (rows < plan.final_rows.start).all(), "another block selects a kept document's row"
 
 
+
+@pytest.mark.parametrize("world_size", [3, 8])
+@pytest.mark.parametrize("mix", ["mixed", "one_huge", "short"])
+@pytest.mark.parametrize("mask", [BandMask(hi=0), BandMask(), BandMask(lo=-40, hi=0)], ids=["causal", "full", "window"])
+def test_a_block_launched_over_its_computed_prefix_selects_the_same_rows(world_size, mix, mask):
+    """VarlenRows.computed: a forward launches a block over its first sequences and q rows alone.
+    The prefix selects exactly the rows the whole block selects, every computed sequence lies in
+    it, and the remote blocks beside kept documents leave those out."""
+    from fa4_cp.kernels.reference import selected_rows
+
+    sharding, trimmed = Sharding.documents(BALANCED_MIXES[mix], world_size), 0
+    for rank in range(world_size):
+        plan = rank_plan(sharding, mask, rank, torch.device("cpu"))
+        kept = any(sharding.spans[doc][1] == 1 for doc, _, _ in sharding.rank_rows[rank])
+        for block in (block for step in plan.steps for block in step.blocks):
+            varlen, prefix = block.varlen, block.varlen.computed_prefix
+            whole = selected_rows(varlen.cu_seqlens_q, varlen.seqused_q)[0]
+            assert torch.equal(selected_rows(prefix.cu_seqlens_q, prefix.seqused_q)[0], whole)
+            assert torch.equal(selected_rows(prefix.cu_seqlens_k, prefix.seqused_k)[0], selected_rows(varlen.cu_seqlens_k, varlen.seqused_k)[0])
+            if varlen.computed is not None:
+                sequences, rows = varlen.computed
+                assert varlen.seqused_q[sequences:].eq(0).all() and int(varlen.cu_seqlens_q[sequences]) == rows
+                assert (whole < rows).all() and rows <= sharding.local_len
+                trimmed += 1
+            elif kept and not block.local:
+                raise AssertionError(f"a remote block of rank {rank} lists the kept documents")
+    assert trimmed or mask != BandMask(hi=0) or mix == "short"  # some launch is trimmed where documents are spread and kept
+
 def lognormal_mix(world_size: int, seed: int, tokens_per_rank: int = 8192) -> list[int]:
     """A pretraining-like mix: log-normal lengths, median about 1K, up to 64K."""
     import math

@@ -9,6 +9,7 @@ A backend knows nothing of ranks: it sees one (q rows, kv rows, mask) block at a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +64,35 @@ class VarlenRows:
     """seqused_k[n] - seqused_q[n], the same for every sequence the block computes when its mask
     is not full (planners split blocks to make it so): the block's mask is top-left in every
     sequence, and a backend whose masks align bottom-right (FA4) moves its window by this."""
+    computed: tuple[int, int] | None = None
+    """(sequences, rows): every sequence the block computes is among its first `sequences`, and
+    those lie in q's first `rows` rows. A launch over that prefix alone does the same work on a
+    smaller grid (a varlen launch's grid grows with its q rows and its sequences, and a remote
+    block of the balanced layout lists every local sequence but computes the spread ones, which
+    come first). None: no shorter prefix."""
+
+    @functools.cached_property
+    def computed_prefix(self) -> VarlenRows:
+        """This block over its `computed` sequences alone (views of its tensors; itself where
+        there is no shorter prefix), made once per block."""
+        if self.computed is None:
+            return self
+        sequences = self.computed[0]
+        return VarlenRows(
+            self.cu_seqlens_q[: sequences + 1], self.cu_seqlens_k[: sequences + 1], self.seqused_q[:sequences], self.seqused_k[:sequences],
+            kv_shift=self.kv_shift,
+        )
+
+
+def over_computed_rows(
+    varlen: VarlenRows | None, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+) -> tuple[VarlenRows | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A forward block's (varlen, q, out, lse) over the rows it computes (VarlenRows.computed):
+    views, the same rows at the same offsets, so that its launch covers no more than them."""
+    if varlen is None or varlen.computed is None:
+        return varlen, q, out, lse
+    rows = varlen.computed[1]
+    return varlen.computed_prefix, q[..., :rows, :, :], out[..., :rows, :, :], lse[..., :rows]
 
 
 @dataclass(frozen=True, eq=False)  # device tensors: identity is equality

@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 
 from .dkv_sum import TorchFinishedGradients
-from .interface import BandMask, VarlenRows, accumulator_dtype
+from .interface import BandMask, VarlenRows, accumulator_dtype, over_computed_rows
 from .merge import merge_partials_
 
 
@@ -185,6 +185,7 @@ class ReferenceForwardPass:
     ) -> None:
         if write_rounded and accumulate:
             raise ValueError("write_rounded: a block that writes its rows, not one that accumulates")
+        varlen, q, out_acc, lse_acc = over_computed_rows(varlen, q, out_acc, lse_acc)  # as FA4 launches it
         rows = _rows(q, k, mask, varlen)  # written rows take the accumulators' dtypes (q's and fp32 with write_rounded)
         block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs, lse = block.softmax()
@@ -225,7 +226,7 @@ class ReferenceBackwardPass(TorchFinishedGradients):
             dv_acc.zero_()
         q, dout = self.q[..., q_rows, :, :], self.dout[..., q_rows, :, :]
         lse, delta = self.lse[..., q_rows], self.delta[..., q_rows]
-        rows = _rows(q, k, mask, varlen)
+        rows = _rows(q, k, mask, None if varlen is None else varlen.computed_prefix)  # as FA4 launches it
         block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs = block.probabilities(rows.q(lse, seq_dim=-1))
         dout_g = block.grouped(rows.q(dout))

@@ -110,6 +110,15 @@ def _add(blocks: dict, key: BlockKey, sequence: int, rows: tuple[int, int, int])
     blocks.setdefault(key, {})[sequence] = rows
 
 
+def _computed(q_used: list[int], host: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
+    """VarlenRows.computed of a block: its sequences up to the last it computes, and the rows
+    before the next one. The spread documents' chunks come first in a rank's rows, so a remote
+    block's prefix leaves out the kept documents; None where it would leave out nothing."""
+    computed = [slot for slot, used in enumerate(q_used) if used]
+    sequences = computed[-1] + 1 if computed else len(q_used)
+    return None if sequences == len(q_used) else (sequences, host[sequences][0])
+
+
 def _direction(member: int, other: int) -> tuple[int, int]:
     """(stream, step) at which span member `member` reads member `other`'s KV."""
     if other == member:
@@ -290,4 +299,4 @@ class _SpanRowsTable:
             kv_first.append(previous)  # unused entries repeat the last start: cu_seqlens stays monotone
         packed = torch.tensor([q_used, kv_used, [*kv_first]], dtype=torch.int32).to(self.device)
         cu_k = torch.cat([packed[2], packed.new_tensor([end])])
-        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift)
+        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift, computed=_computed(q_used, host))

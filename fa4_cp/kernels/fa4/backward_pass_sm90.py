@@ -80,7 +80,10 @@ class Sm90BackwardPass:
                 dk_acc.zero_()
                 dv_acc.zero_()
             return
-        window = block_window(mask, q, k, varlen)
+        # the q side (its statistics and dq accumulator) is the whole block's; the launch lists
+        # only the sequences up to the last it computes, at the same offsets
+        launch = None if varlen is None else varlen.computed_prefix
+        window = block_window(mask, q, k, launch)
         key = (window.kind, varlen is not None, write_first, write_rounded)
         kernel = self._kernels.get(key)
         if kernel is None:
@@ -89,8 +92,8 @@ class Sm90BackwardPass:
                 write_first=write_first, deterministic=self.deterministic, write_rounded=write_rounded,
             )
         kernel(
-            q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale, *varlen_arguments(varlen),
-            window.left, window.right, *self._semaphores(q, k, varlen), NO_AUX, None, None,
+            q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale, *varlen_arguments(launch),
+            window.left, window.right, *self._semaphores(q, k, launch), NO_AUX, None, None,
         )
 
     def can_write_first(self, k: torch.Tensor) -> bool:

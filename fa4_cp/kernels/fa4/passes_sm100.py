@@ -15,7 +15,7 @@ import torch
 from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
 from ..dkv_sum import TorchFinishedGradients
-from ..interface import BandMask, VarlenRows
+from ..interface import BandMask, VarlenRows, over_computed_rows
 from .masks import block_window
 from .merge_kernel import merge_partials_cuda
 
@@ -44,6 +44,7 @@ class MergeAfterForwardPass:
     ) -> None:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
+        varlen, q, out_acc, lse_acc = over_computed_rows(varlen, q, out_acc, lse_acc)
         window = block_window(mask, q, k, varlen)
         if write_rounded:  # its rows have no other block: upstream's forward writes the 16-bit out and fp32 lse itself
             out, lse = out_acc, lse_acc
@@ -82,7 +83,7 @@ class UpstreamBackwardPass(TorchFinishedGradients):
         _flash_attn_bwd(
             q, k, v, out, dout, self.lse[..., q_rows], softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
             window_size_left=window.left, window_size_right=window.right, dq=dq, dk=dk, dv=dv,
-            dlse=None if self.dlse is None else self.dlse[..., q_rows], deterministic=self.deterministic, **_varlen_kwargs(varlen),
+            dlse=None if self.dlse is None else self.dlse[..., q_rows], deterministic=self.deterministic, **_varlen_kwargs(None if varlen is None else varlen.computed_prefix),
         )
         self.dq_acc[..., q_rows, :, :] += dq
         if write_first:
