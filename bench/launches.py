@@ -8,7 +8,11 @@ still save.
 8K tokens per rank, causal, the balanced layout (the 1-D ring over W ranks, and the ring of the
 2-D split plan_mesh picks, 32:8 heads of 128). Per configuration: active steps, blocks per rank
 (mean and max over ranks), blocks per active step, and the blocks a merge of all of a step's
-blocks against one KV buffer would leave (one per step and stream read).
+blocks against one KV buffer would leave (one per step and stream read). And the forward grid of
+the remote launches (tiles per KV head, summed over a rank's remote blocks, mean over ranks), as
+FA4's varlen scheduler sizes it, (q rows x q heads packed + sequences x (tile - 1)) / tile:
+listing every local sequence over all q rows, and over the block's computed prefix alone
+(VarlenRows.computed), as the launches have run since 2026-12-06's session 19.
 """
 
 from __future__ import annotations
@@ -29,21 +33,31 @@ from fa4_cp.kernels import BandMask  # noqa: E402
 from fa4_cp.plan.rows import rank_plan  # noqa: E402
 
 HEADS, KV_HEADS, TOKENS_PER_RANK = 32, 8, 8192
+FORWARD_TILE = 128  # FA4's Hopper forward tile rows at head_dim 128
 CPU = torch.device("cpu")
 
 
 def launches(lengths: list[int], ranks: int) -> dict:
     sharding = fa4_cp.Sharding.documents(lengths, ranks)
-    blocks, merged, steps = [], [], 0
+    blocks, merged, steps, grids = [], [], 0, {"every_sequence": [], "computed_prefix": []}
     for rank in range(ranks):
         plan = rank_plan(sharding, BandMask(hi=0), rank, CPU)
         steps = len(plan.steps)
         blocks.append(sum(len(step.blocks) for step in plan.steps))
         merged.append(sum(len({(block.local, block.stream) for block in step.blocks}) for step in plan.steps))
+        remote = [block.varlen for step in plan.steps for block in step.blocks if not block.local]
+        grids["every_sequence"].append(sum(forward_grid(sharding.local_len, len(varlen.seqused_q)) for varlen in remote))
+        grids["computed_prefix"].append(sum(forward_grid(*reversed(varlen.computed or (len(varlen.seqused_q), sharding.local_len))) for varlen in remote))
     return {
         "ranks": ranks, "active_steps": steps, "blocks_per_rank_mean": statistics.mean(blocks), "blocks_per_rank_max": max(blocks),
         "blocks_per_step_mean": statistics.mean(blocks) / max(steps, 1), "one_per_step_and_stream_mean": statistics.mean(merged),
+        "remote_forward_grid_tiles_per_kv_head_mean": {listing: statistics.mean(tiles) for listing, tiles in grids.items()},
     }
+
+
+def forward_grid(rows: int, sequences: int) -> int:
+    """Tiles per KV head of one varlen forward launch over `rows` q rows listing `sequences`."""
+    return (rows * (HEADS // KV_HEADS) + sequences * (FORWARD_TILE - 1)) // FORWARD_TILE
 
 
 def main() -> None:
@@ -61,7 +75,8 @@ def main() -> None:
         ring = result["ring"]
         print(
             f"{mix:8s} W={world_size:3d} ring: {ring['active_steps']:3d} steps, {ring['blocks_per_rank_mean']:6.2f} blocks per rank "
-            f"(max {ring['blocks_per_rank_max']}), merged {ring['one_per_step_and_stream_mean']:6.2f}", flush=True,
+            f"(max {ring['blocks_per_rank_max']}), merged {ring['one_per_step_and_stream_mean']:6.2f}; remote forward grid "
+            + " -> ".join(f"{tiles:.0f}" for tiles in ring["remote_forward_grid_tiles_per_kv_head_mean"].values()), flush=True,
         )
     write(record("launches", "cpu", heads=[HEADS, KV_HEADS], tokens_per_rank=TOKENS_PER_RANK, note="counted from the planner, per pass", rows=rows), args.out)
 

@@ -68,3 +68,15 @@ def test_placement_replay_dry_run_replays_every_distinct_candidate(tmp_path):
     fits = json.loads(fitted.read_text())
     assert set(fits["fits"]) == {"per launch", "per launch per 64 heads"} and [pick["case"] for pick in fits["picks"]] == ["finetune_w16", "pretrain_mesh_8x8"]
     assert len(fits["ranks"]) == sum(len(row["candidates"]) * row["ring"] for row in result["rows"])
+
+
+def test_launches_counts_the_remote_forward_grid_over_the_computed_prefix(tmp_path):
+    """bench/launches.py (planner counts, no GPU): a remote launch over its computed prefix alone
+    schedules fewer tiles than over every local sequence, never more."""
+    out = tmp_path / "launches.json"
+    subprocess.run(
+        [sys.executable, "launches.py", "--world-sizes", "8", "--out", str(out)], cwd=BENCH, check=True, capture_output=True, text=True, timeout=300,
+    )
+    for row in json.loads(out.read_text())["rows"]:
+        grid = row["ring"]["remote_forward_grid_tiles_per_kv_head_mean"]
+        assert 0 < grid["computed_prefix"] < grid["every_sequence"], row
