@@ -31,7 +31,8 @@
 #   kernels_new_dims  bench/kernels.py --quick at head dims NEW_DIMS (default 256 and 192/128; JSON, in OUT_DIR/new_dims), and on
 #                  BASELINE_TREE's fa4_cp if set (this bench copied into it; OUT_DIR absolute)
 #   placement_replay  bench/placement_replay.py: every placement the balanced layout chooses from, replayed (JSON)
-#   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON)
+#   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON);
+#                  with BASELINE_TREE, on that tree's fa4_cp too (OUT_DIR absolute)
 #   staged_forward the forward's options against fp64, each way: q heads packed or not (PACK_GQA; alone and
 #                  through the ring) and the kept documents written finished or merged (ROUNDED_VARLEN; the ring)
 #   magi_replay_unstaged  bench/magi_replay.py --no-pack-gqa --no-rounded-varlen: the forward as before 2026-12-06 (JSON)
@@ -62,12 +63,18 @@ run() {  # run LOG SECONDS command...: its output in OUT_DIR/LOG, its exit and t
 replay_minutes() {  # a replay part of SECONDS starts no configuration in its last 50 s
   awk "BEGIN { print ($1 - 50) / 60 }"
 }
-kernels_on_baseline() {  # kernels_on_baseline LOG SECONDS DIR HEAD_DIM...: bench/kernels.py's 8K rows on BASELINE_TREE's
-  # fa4_cp, if set (this bench copied into that tree, so that it imports that tree's), its JSON in OUT_DIR/DIR
+on_baseline() {  # on_baseline LOG SECONDS COMMAND: COMMAND (a bench of this checkout, OUT_DIR absolute) run in
+  # BASELINE_TREE, if set, with this bench copied into it, so that it imports that tree's fa4_cp
   [[ -n ${BASELINE_TREE:-} ]] || return 0
+  local log=$1 seconds=$2; shift 2
+  mkdir -p "$BASELINE_TREE/bench" && cp -r bench/. "$BASELINE_TREE/bench/"
+  run "$log" "$seconds" bash -c "cd '$BASELINE_TREE' && $*"
+}
+kernels_on_baseline() {  # kernels_on_baseline LOG SECONDS DIR HEAD_DIM...: bench/kernels.py's 8K rows on BASELINE_TREE's
+  # fa4_cp, if set, its JSON in OUT_DIR/DIR
   local log=$1 seconds=$2 dir=$3; shift 3
-  mkdir -p "$out/$dir" "$BASELINE_TREE/bench" && cp -r bench/. "$BASELINE_TREE/bench/"
-  run "$log" "$seconds" bash -c "cd '$BASELINE_TREE' && python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out '$out/$dir' --head-dims $*"
+  mkdir -p "$out/$dir"
+  on_baseline "$log" "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "'$out/$dir'" --head-dims "$*"
 }
 tests() {  # tests LOG SECONDS pytest-args...
   local log=$1 seconds=$2; shift 2
@@ -126,8 +133,11 @@ for part in "${parts[@]}"; do
       run kernels_new_dims.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "$out/new_dims" --head-dims ${NEW_DIMS:-256 192/128}
       kernels_on_baseline kernels_new_dims_baseline.log "$seconds" new_dims_baseline ${NEW_DIMS:-256 192/128} ;;
     placement_replay) run placement_replay.log "$seconds" python3 bench/placement_replay.py --out "$out/placement_replay.json" ;;
-    magi_replay) run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
-        --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json" ;;
+    magi_replay)
+      run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
+        --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json"
+      on_baseline magi_replay_baseline.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
+        --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "'$out/magi_replay_baseline.json'" ;;
     staged_forward) tests tests_gpu_staged_forward.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py \
         -k "packed_q_heads or kept_documents" ;;
     magi_replay_unstaged) run magi_replay_unstaged.log "$seconds" python3 bench/magi_replay.py --no-pack-gqa --no-rounded-varlen \
