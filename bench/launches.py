@@ -12,7 +12,8 @@ blocks against one KV buffer would leave (one per step and stream read). And the
 the remote launches (tiles per KV head, summed over a rank's remote blocks, mean over ranks), as
 FA4's varlen scheduler sizes it, (q rows x q heads packed + sequences x (tile - 1)) / tile:
 listing every local sequence over all q rows, and over the block's computed prefix alone
-(VarlenRows.computed), as the launches have run since 2026-12-06's session 19.
+(VarlenRows.computed_sequences and the block's q side), as the launches have run since
+2026-12-06's session 19.
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ def launches(lengths: list[int], ranks: int) -> dict:
         steps = len(plan.steps)
         blocks.append(sum(len(step.blocks) for step in plan.steps))
         merged.append(sum(len({(block.local, block.stream) for block in step.blocks}) for step in plan.steps))
-        remote = [block.varlen for step in plan.steps for block in step.blocks if not block.local]
-        grids["every_sequence"].append(sum(forward_grid(sharding.local_len, len(varlen.seqused_q)) for varlen in remote))
-        grids["computed_prefix"].append(sum(forward_grid(*reversed(varlen.computed or (len(varlen.seqused_q), sharding.local_len))) for varlen in remote))
+        remote = [block for step in plan.steps for block in step.blocks if not block.local]
+        grids["every_sequence"].append(sum(forward_grid(sharding.local_len, len(block.varlen.seqused_q)) for block in remote))
+        grids["computed_prefix"].append(sum(
+            forward_grid((plan.q_sides[block.q_side] or slice(0, sharding.local_len)).stop, len(block.varlen.computed_prefix.seqused_q))
+            for block in remote
+        ))
     return {
         "ranks": ranks, "active_steps": steps, "blocks_per_rank_mean": statistics.mean(blocks), "blocks_per_rank_max": max(blocks),
         "blocks_per_step_mean": statistics.mean(blocks) / max(steps, 1), "one_per_step_and_stream_mean": statistics.mean(merged),

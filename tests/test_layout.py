@@ -211,9 +211,9 @@ def test_the_kept_documents_block_is_the_only_block_of_its_rows(world_size, mix,
 @pytest.mark.parametrize("mix", ["mixed", "one_huge", "short"])
 @pytest.mark.parametrize("mask", [BandMask(hi=0), BandMask(), BandMask(lo=-40, hi=0)], ids=["causal", "full", "window"])
 def test_a_block_launched_over_its_computed_prefix_selects_the_same_rows(world_size, mix, mask):
-    """VarlenRows.computed: a forward launches a block over its first sequences and q rows alone.
-    The prefix selects exactly the rows the whole block selects, every computed sequence lies in
-    it, and the remote blocks beside kept documents leave those out."""
+    """VarlenRows.computed_sequences: a launch lists a block's first sequences alone, over its q
+    side's rows. The prefix selects exactly the rows the whole block selects, every one inside the
+    q side, and the remote blocks beside kept documents leave those out."""
     from fa4_cp.kernels.reference import selected_rows
 
     sharding, trimmed = Sharding.documents(BALANCED_MIXES[mix], world_size), 0
@@ -225,10 +225,12 @@ def test_a_block_launched_over_its_computed_prefix_selects_the_same_rows(world_s
             whole = selected_rows(varlen.cu_seqlens_q, varlen.seqused_q)[0]
             assert torch.equal(selected_rows(prefix.cu_seqlens_q, prefix.seqused_q)[0], whole)
             assert torch.equal(selected_rows(prefix.cu_seqlens_k, prefix.seqused_k)[0], selected_rows(varlen.cu_seqlens_k, varlen.seqused_k)[0])
-            if varlen.computed is not None:
-                sequences, rows = varlen.computed
-                assert varlen.seqused_q[sequences:].eq(0).all() and int(varlen.cu_seqlens_q[sequences]) == rows
-                assert (whole < rows).all() and rows <= sharding.local_len
+            side = plan.q_sides[block.q_side]
+            assert (varlen.computed_sequences is None) == (side is None)
+            if side is not None:
+                sequences = varlen.computed_sequences
+                assert varlen.seqused_q[sequences:].eq(0).all() and int(varlen.cu_seqlens_q[sequences]) == side.stop
+                assert side.start == 0 and (whole < side.stop).all() and side.stop <= sharding.local_len
                 trimmed += 1
             elif kept and not block.local:
                 raise AssertionError(f"a remote block of rank {rank} lists the kept documents")

@@ -64,35 +64,20 @@ class VarlenRows:
     """seqused_k[n] - seqused_q[n], the same for every sequence the block computes when its mask
     is not full (planners split blocks to make it so): the block's mask is top-left in every
     sequence, and a backend whose masks align bottom-right (FA4) moves its window by this."""
-    computed: tuple[int, int] | None = None
-    """(sequences, rows): every sequence the block computes is among its first `sequences`, and
-    those lie in q's first `rows` rows. A launch over that prefix alone does the same work on a
-    smaller grid (a varlen launch's grid grows with its q rows and its sequences, and a remote
-    block of the balanced layout lists every local sequence but computes the spread ones, which
-    come first). None: no shorter prefix."""
+    computed_sequences: int | None = None
+    """Every sequence the block computes is among its first `computed_sequences`, so a launch may
+    list those alone, and its q rows may end where the next sequence starts: the planner gives
+    such a block those rows as its q side. A varlen launch's grid grows with both. None: no
+    shorter list."""
 
     @functools.cached_property
     def computed_prefix(self) -> VarlenRows:
-        """This block over its `computed` sequences alone (views of its tensors; itself where
-        there is no shorter prefix), made once per block."""
-        if self.computed is None:
+        """This block listing its `computed_sequences` alone (views of its tensors at the same
+        offsets; itself where there is no shorter list), made once per block."""
+        if self.computed_sequences is None:
             return self
-        sequences = self.computed[0]
-        return VarlenRows(
-            self.cu_seqlens_q[: sequences + 1], self.cu_seqlens_k[: sequences + 1], self.seqused_q[:sequences], self.seqused_k[:sequences],
-            kv_shift=self.kv_shift,
-        )
-
-
-def over_computed_rows(
-    varlen: VarlenRows | None, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-) -> tuple[VarlenRows | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A forward block's (varlen, q, out, lse) over the rows it computes (VarlenRows.computed):
-    views, the same rows at the same offsets, so that its launch covers no more than them."""
-    if varlen is None or varlen.computed is None:
-        return varlen, q, out, lse
-    rows = varlen.computed[1]
-    return varlen.computed_prefix, q[..., :rows, :, :], out[..., :rows, :, :], lse[..., :rows]
+        n = self.computed_sequences
+        return VarlenRows(self.cu_seqlens_q[: n + 1], self.cu_seqlens_k[: n + 1], self.seqused_q[:n], self.seqused_k[:n], kv_shift=self.kv_shift)
 
 
 @dataclass(frozen=True, eq=False)  # device tensors: identity is equality

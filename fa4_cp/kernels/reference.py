@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 
 from .dkv_sum import TorchFinishedGradients
-from .interface import BandMask, VarlenRows, accumulator_dtype, over_computed_rows
+from .interface import BandMask, VarlenRows, accumulator_dtype
 from .merge import merge_partials_
 
 
@@ -185,8 +185,8 @@ class ReferenceForwardPass:
     ) -> None:
         if write_rounded and accumulate:
             raise ValueError("write_rounded: a block that writes its rows, not one that accumulates")
-        varlen, q, out_acc, lse_acc = over_computed_rows(varlen, q, out_acc, lse_acc)  # as FA4 launches it
-        rows = _rows(q, k, mask, varlen)  # written rows take the accumulators' dtypes (q's and fp32 with write_rounded)
+        # listed as FA4 launches it; written rows take the accumulators' dtypes (q's and fp32 with write_rounded)
+        rows = _rows(q, k, mask, None if varlen is None else varlen.computed_prefix)
         block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs, lse = block.softmax()
         out = block.ungrouped(probs @ block.v)

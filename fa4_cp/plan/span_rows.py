@@ -84,23 +84,25 @@ def span_plan(sharding: BalancedSharding, mask: BandMask, rank: int, device: tor
                 shift = 0 if call.mask.is_full else kv_used - q_used
                 _add(blocks, BlockKey(step, stream, call.mask, call.q_lanes, occurrence, shift), sequence, (q_used, kv_first, kv_used))
     table = _SpanRowsTable(sharding, rank, device)
-    planned = []
+    planned, q_sides = [], [None]  # every row; then each computed prefix's rows (`_computed`)
     for step in streams.plan_steps:
         keys = sorted(
             (key for key in blocks if key.step == step),
             key=lambda key: (key.stream, str(key.mask), key.q_lanes.start, key.q_lanes.stop, key.occurrence, key.kv_shift),
         )
-        step_blocks = tuple(
-            PlannedBlock(
-                0, 0, key.mask, accumulate=True,
-                varlen=table.rows(key.q_lanes, blocks[key], sharding.local_len if key.stream == LOCAL else streams.capacity, key.kv_shift),
+        step_blocks = []
+        for key in keys:
+            varlen, rows = table.rows(key.q_lanes, blocks[key], sharding.local_len if key.stream == LOCAL else streams.capacity, key.kv_shift)
+            side = None if rows is None else slice(0, rows)
+            if side not in q_sides:
+                q_sides.append(side)
+            step_blocks.append(PlannedBlock(
+                q_sides.index(side), 0, key.mask, accumulate=True, varlen=varlen,
                 local=key.stream == LOCAL, stream=max(key.stream, 0), final=key.occurrence == KEPT,
-            )
-            for key in keys
-        )
-        planned.append(PlannedStep(step, step_blocks))
+            ))
+        planned.append(PlannedStep(step, tuple(step_blocks)))
     return RankPlan(
-        world, rank, (None,), (None,), tuple(planned), writes_first=False, streams=streams.kv_streams(rank, device),
+        world, rank, tuple(q_sides), (None,), tuple(planned), writes_first=False, streams=streams.kv_streams(rank, device),
         unselected_rows=unselected_rows(table.selected, sharding.local_len, device),
         final_rows=slice(min(kept_starts), sharding.local_len) if kept_starts else None,
     )
@@ -110,13 +112,14 @@ def _add(blocks: dict, key: BlockKey, sequence: int, rows: tuple[int, int, int])
     blocks.setdefault(key, {})[sequence] = rows
 
 
-def _computed(q_used: list[int], host: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
-    """VarlenRows.computed of a block: its sequences up to the last it computes, and the rows
-    before the next one. The spread documents' chunks come first in a rank's rows, so a remote
-    block's prefix leaves out the kept documents; None where it would leave out nothing."""
+def _computed(q_used: list[int], host: tuple[tuple[int, int], ...]) -> tuple[int | None, int | None]:
+    """A block's sequences up to the last it computes (VarlenRows.computed_sequences), and the q
+    rows before the next one (its q side). The spread documents' chunks come first in a rank's
+    rows, so a remote block's prefix leaves out the kept documents; (None, None) where it would
+    leave out nothing."""
     computed = [slot for slot, used in enumerate(q_used) if used]
     sequences = computed[-1] + 1 if computed else len(q_used)
-    return None if sequences == len(q_used) else (sequences, host[sequences][0])
+    return (None, None) if sequences == len(q_used) else (sequences, host[sequences][0])
 
 
 def _direction(member: int, other: int) -> tuple[int, int]:
@@ -282,9 +285,10 @@ class _SpanRowsTable:
             self.layouts[lanes] = (cu, torch.tensor(used, dtype=torch.int32).to(self.device), tuple(zip(bounds, used)), index)
         return self.layouts[lanes]
 
-    def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], end: int, kv_shift: int) -> VarlenRows:
+    def rows(self, lanes: range, sequences: dict[int, tuple[int, int, int]], end: int, kv_shift: int) -> tuple[VarlenRows, int | None]:
         """A block over the run `lanes` of the local sequences in `sequences` (the others select
-        no rows), against KV of `end` rows."""
+        no rows), against KV of `end` rows; and the q rows its computed sequences end before
+        (None: all of them)."""
         cu_q, used_all, host, index = self._layout(lanes)
         slots = len(host)
         q_used, kv_first, kv_used = [0] * slots, [], [0] * slots
@@ -299,4 +303,5 @@ class _SpanRowsTable:
             kv_first.append(previous)  # unused entries repeat the last start: cu_seqlens stays monotone
         packed = torch.tensor([q_used, kv_used, [*kv_first]], dtype=torch.int32).to(self.device)
         cu_k = torch.cat([packed[2], packed.new_tensor([end])])
-        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift, computed=_computed(q_used, host))
+        computed, rows = _computed(q_used, host)
+        return VarlenRows(cu_q, cu_k, packed[0], packed[1], seqused_q_all=used_all, kv_shift=kv_shift, computed_sequences=computed), rows

@@ -89,10 +89,8 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             if block.final and finished is not None:
                 kernels.step(q, k, v, finished.out, finished.lse, mask=block.mask, accumulate=False, varlen=block.varlen, write_rounded=True)
                 continue
-            if block.local:
-                q_rows, out_rows, lse_rows, k_rows, v_rows = q, out_acc, lse_acc, k, v
-            else:
-                (q_rows, out_rows, lse_rows), (k_rows, v_rows) = q_sides[block.q_side], kv.held(block.stream, block.kv_side)
+            q_rows, out_rows, lse_rows = q_sides[block.q_side]
+            k_rows, v_rows = (k, v) if block.local else kv.held(block.stream, block.kv_side)
             kernels.step(q_rows, k_rows, v_rows, out_rows, lse_rows, mask=block.mask, accumulate=block.accumulate, varlen=block.varlen)
         kv.after_step()
     ring.end_of_call()
@@ -162,10 +160,11 @@ def ring_backward(
         writes_whole = first is not None and dkv.starts_chain(first.stream, step.step) and _writes_whole_buffer(first, plan, grads, k)
         reading = dkv.begin_step(step.step, first.stream if writes_whole else None)
         for block in step.blocks:
+            rows = q_rows[block.q_side]
             if block.local:
-                rows, (k_rows, v_rows), (dk_rows, dv_rows) = slice(None), (k, v), local_sums
+                (k_rows, v_rows), (dk_rows, dv_rows) = (k, v), local_sums
             else:
-                rows, (k_rows, v_rows) = q_rows[block.q_side], kv.held(block.stream, block.kv_side)
+                k_rows, v_rows = kv.held(block.stream, block.kv_side)
                 dk_rows, dv_rows = dkv.accumulator(block.stream, block.kv_side)
             grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen, write_first=writes_whole and block is first)
         dkv.end_step(reading)

@@ -11,7 +11,7 @@ from flash_attn.cute.interface import _tile_size_fwd_sm90, torch2cute_dtype_map
 from flash_attn.cute.utils import create_softcap_scoremod
 from quack.compile_utils import make_fake_tensor
 
-from ..interface import BandMask, VarlenRows, over_computed_rows
+from ..interface import BandMask, VarlenRows
 from .arguments import NO_AUX, varlen_arguments
 from .compile_cache import kernel_cache
 from .fake_tensors import FakeBlockRows
@@ -54,7 +54,7 @@ class Sm90ForwardPass:
     ) -> None:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
-        varlen, q, out_acc, lse_acc = over_computed_rows(varlen, q, out_acc, lse_acc)
+        varlen = None if varlen is None else varlen.computed_prefix
         window = block_window(mask, q, k, varlen)
         key = (window.kind, varlen is not None, accumulate, v.shape[-1], write_rounded)
         kernel = self._kernels.get(key)

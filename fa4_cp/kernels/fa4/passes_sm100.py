@@ -15,7 +15,7 @@ import torch
 from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
 from ..dkv_sum import TorchFinishedGradients
-from ..interface import BandMask, VarlenRows, over_computed_rows
+from ..interface import BandMask, VarlenRows
 from .masks import block_window
 from .merge_kernel import merge_partials_cuda
 
@@ -44,7 +44,7 @@ class MergeAfterForwardPass:
     ) -> None:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
-        varlen, q, out_acc, lse_acc = over_computed_rows(varlen, q, out_acc, lse_acc)
+        varlen = None if varlen is None else varlen.computed_prefix
         window = block_window(mask, q, k, varlen)
         if write_rounded:  # its rows have no other block: upstream's forward writes the 16-bit out and fp32 lse itself
             out, lse = out_acc, lse_acc
