@@ -78,12 +78,13 @@ class UpstreamBackwardPass(TorchFinishedGradients):
         if write_first and varlen is not None:
             raise ValueError("write_first: dense blocks only")
         q, out, dout = (t[..., q_rows, :, :] for t in (self.q, self.out, self.dout))
-        window = block_window(mask, q, k, varlen)
+        launch = None if varlen is None else varlen.computed_prefix  # its computed sequences alone
+        window = block_window(mask, q, k, launch)
         dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
         _flash_attn_bwd(
             q, k, v, out, dout, self.lse[..., q_rows], softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
             window_size_left=window.left, window_size_right=window.right, dq=dq, dk=dk, dv=dv,
-            dlse=None if self.dlse is None else self.dlse[..., q_rows], deterministic=self.deterministic, **_varlen_kwargs(None if varlen is None else varlen.computed_prefix),
+            dlse=None if self.dlse is None else self.dlse[..., q_rows], deterministic=self.deterministic, **_varlen_kwargs(launch),
         )
         self.dq_acc[..., q_rows, :, :] += dq
         if write_first:
