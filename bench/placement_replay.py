@@ -13,7 +13,9 @@ slowest rank (what a training step waits for) and the sum over ring ranks times 
 that bench/gpu_work.py sums, less its transport and all-to-all copies), forward and backward, each
 against the model at those heads (`rank_costs_ms`), which candidate the layout chose, and what its plans
 launch (tile pairs, q and KV tiles, blocks, over the ring's ranks). The cases are
-bench/gpu_work.py's packed ones (32:8 heads, d 128, its batches).
+bench/gpu_work.py's packed ones (32:8 heads, d 128, its batches). Beside them, the layout's choice
+with its kept documents traded (bench/kept_trades.py, a variant the layout does not make), where
+a trade changes it, to measure on the same machine.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import add_forward_option_arguments, apply_forward_options, record, write  # noqa: E402
 from fit_replay_costs import block_counts  # noqa: E402
+from kept_trades import kept_documents_traded  # noqa: E402
 from mixes import lognormal_lengths  # noqa: E402
 from replay import replay_rank  # noqa: E402
 
 from fa4_cp.kernels import BandMask, get_backend  # noqa: E402
-from fa4_cp.plan.placement import balanced_sharding, placement_candidates, placement_heads, rank_costs_ms  # noqa: E402
+from fa4_cp.plan.placement import balanced_sharding, modelled_ms, placement_candidates, placement_heads, rank_costs_ms  # noqa: E402
 from fa4_cp.plan.rows import rank_plan  # noqa: E402
 
 CAUSAL = BandMask(hi=0)
@@ -108,6 +111,12 @@ def run_case(name: str, lengths: list[int], world: int, ulysses: int, shape: dic
         if device is not None:
             candidate["measured"] = replay(sharding, heads, kv_heads, shape["head_dim"], ulysses, backend, device)
         candidates.append(candidate)
+    traded = kept_documents_traded(chosen, priced)
+    variant = None
+    if traded.spans != chosen.spans:
+        variant = {"objective_ms": modelled_ms(traded, priced), **describe(traded, heads, shape["head_dim"], ulysses)}
+        if device is not None:
+            variant["measured"] = replay(traded, heads, kv_heads, shape["head_dim"], ulysses, backend, device)
     timed = "measured" if device is not None else "modelled"
     part = (lambda c: c[timed]["both"]) if device is not None else (lambda c: c["modelled"])
     return {
@@ -118,6 +127,8 @@ def run_case(name: str, lengths: list[int], world: int, ulysses: int, shape: dic
         "fastest_index": min(range(len(candidates)), key=lambda i: part(candidates[i])["slowest_ms"]),
         "least_work_index": min(range(len(candidates)), key=lambda i: part(candidates[i])["sum_ms"]),
         "ranked_by": timed,
+        # the chosen placement with its kept documents traded (bench/kept_trades.py; not a candidate of the layout's), if any trade applies
+        "kept_documents_traded": variant,
     }
 
 
@@ -164,6 +175,14 @@ def main() -> None:
                 f"{name:18} #{index} widest {candidate['widest_span']:<2} spread {candidate['spread_documents']:<3} "
                 f"q tiles {candidate['plans']['q_tiles']:<6} blocks {candidate['plans']['blocks']:<4} {timed}"
                 f"model slowest {model['slowest_ms']:.3f} sum {model['sum_ms']:.1f} ms  {marks}", flush=True,
+            )
+        traded = row["kept_documents_traded"]
+        if traded is not None:
+            measured = traded.get("measured", {}).get("both")
+            timed = f"measured slowest {measured['slowest_ms']:.3f} sum {measured['sum_ms']:.1f} ms; " if measured else ""
+            print(
+                f"{name:18} chosen, kept documents traded: {timed}model slowest {traded['modelled']['slowest_ms']:.3f} "
+                f"sum {traded['modelled']['sum_ms']:.1f} ms", flush=True,
             )
 
 
