@@ -18,10 +18,11 @@ bf16, head_dim 128. Kernels are sorted three ways:
 The profiled call is the attention call and torch.autograd.grad of it, on leaves made beforehand
 (no input copies, no .grad adds: until 2026-12-06 the ring's side cloned its inputs inside the
 profile and one device's added into .grad). Each figure is the median of 3 profiled calls (one
-device's: of 7), with the range of their totals. Ratios are one device's time over the ring's (1.0: no work beyond one device's): attention kernels
-against one device's attention kernels, and all kernels but the transport's against all of one
-device's. Per rank, the non-attention kernels are listed with their launches per call, so that a
-kernel launched per ring step shows (launches near the step count).
+device's: of 7), with the range of their totals. Ratios are one device's time over the ring's
+(1.0: no work beyond one device's): attention kernels against one device's attention kernels,
+and all kernels but the transport's against all of one device's. Per rank, the non-attention
+kernels are listed with their launches per call, so that a kernel launched per ring step shows
+(launches near the step count).
 
 The mixes: document lengths log-normal until the total is filled (the last one cut):
 pretraining-like median 1,200 tokens, sigma 1.4, capped at 64K; fine-tuning-like median 500,
