@@ -92,9 +92,11 @@ def _cached_band(seqlen_q: int, seqlen_k: int, mask: BandMask, device: torch.dev
 
 
 def _rows(q: torch.Tensor, k: torch.Tensor, mask: BandMask, varlen: VarlenRows | None) -> _Rows:
-    """The block's rows, built once per (varlen rows, mask): a ring reuses both at every step."""
+    """The block's rows, built once per (varlen rows, mask): a ring reuses both at every step.
+    A varlen block lists its computed sequences alone, as FA4 launches it (VarlenRows.computed_prefix)."""
     if varlen is None:
         return _Rows(None, None, _cached_band(q.shape[1], k.shape[1], mask, q.device))
+    varlen = varlen.computed_prefix
     with _varlen_cache_lock:
         per_mask = _varlen_cache.setdefault(varlen, {})
         if mask not in per_mask:
@@ -185,8 +187,7 @@ class ReferenceForwardPass:
     ) -> None:
         if write_rounded and accumulate:
             raise ValueError("write_rounded: a block that writes its rows, not one that accumulates")
-        # listed as FA4 launches it; written rows take the accumulators' dtypes (q's and fp32 with write_rounded)
-        rows = _rows(q, k, mask, None if varlen is None else varlen.computed_prefix)
+        rows = _rows(q, k, mask, varlen)  # written rows take the accumulators' dtypes (q's and fp32 with write_rounded)
         block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs, lse = block.softmax()
         out = block.ungrouped(probs @ block.v)
@@ -226,7 +227,7 @@ class ReferenceBackwardPass(TorchFinishedGradients):
             dv_acc.zero_()
         q, dout = self.q[..., q_rows, :, :], self.dout[..., q_rows, :, :]
         lse, delta = self.lse[..., q_rows], self.delta[..., q_rows]
-        rows = _rows(q, k, mask, None if varlen is None else varlen.computed_prefix)  # as FA4 launches it
+        rows = _rows(q, k, mask, varlen)
         block = _Scores(rows.q(q), rows.k(k), rows.k(v), rows.visible, self.softmax_scale, self.softcap)
         probs = block.probabilities(rows.q(lse, seq_dim=-1))
         dout_g = block.grouped(rows.q(dout))

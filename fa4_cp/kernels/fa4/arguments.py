@@ -11,7 +11,9 @@ NO_AUX = AuxData(None, None)
 
 
 def varlen_arguments(varlen: VarlenRows | None) -> tuple:
-    """cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k as FA4's kernels take them."""
+    """cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k as FA4's kernels take them: the block's
+    computed sequences alone (VarlenRows.computed_prefix)."""
     if varlen is None:
         return (None, None, None, None)
-    return varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.seqused_q, varlen.seqused_k
+    launched = varlen.computed_prefix
+    return launched.cu_seqlens_q, launched.cu_seqlens_k, launched.seqused_q, launched.seqused_k

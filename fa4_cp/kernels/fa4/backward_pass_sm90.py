@@ -81,9 +81,8 @@ class Sm90BackwardPass:
                 dv_acc.zero_()
             return
         # the q side (its statistics and dq accumulator) is the whole block's; the launch lists
-        # only the sequences up to the last it computes, at the same offsets
-        launch = None if varlen is None else varlen.computed_prefix
-        window = block_window(mask, q, k, launch)
+        # only the sequences up to the last it computes, at the same offsets (varlen_arguments)
+        window = block_window(mask, q, k, varlen)
         key = (window.kind, varlen is not None, write_first, write_rounded)
         kernel = self._kernels.get(key)
         if kernel is None:
@@ -92,8 +91,8 @@ class Sm90BackwardPass:
                 write_first=write_first, deterministic=self.deterministic, write_rounded=write_rounded,
             )
         kernel(
-            q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale, *varlen_arguments(launch),
-            window.left, window.right, *self._semaphores(q, k, launch), NO_AUX, None, None,
+            q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale, *varlen_arguments(varlen),
+            window.left, window.right, *self._semaphores(q, k, varlen), NO_AUX, None, None,
         )
 
     def can_write_first(self, k: torch.Tensor) -> bool:
@@ -110,7 +109,7 @@ class Sm90BackwardPass:
         longest sequence by the total rows."""
         if not self.deterministic:
             return (None, None, None)
-        lead = (len(varlen.seqused_q),) if varlen is not None else q.shape[:1]
+        lead = (len(varlen.computed_prefix.seqused_q),) if varlen is not None else q.shape[:1]  # the sequences launched
         m_blocks = -(-q.shape[-3] // self.tiles.tile_m)
         n_blocks = -(-k.shape[-3] // self.tiles.tile_n)
         zeros = functools.partial(torch.zeros, dtype=torch.int32, device=q.device)

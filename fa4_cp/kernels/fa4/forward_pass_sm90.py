@@ -54,7 +54,6 @@ class Sm90ForwardPass:
     ) -> None:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
-        varlen = None if varlen is None else varlen.computed_prefix
         window = block_window(mask, q, k, varlen)
         key = (window.kind, varlen is not None, accumulate, v.shape[-1], write_rounded)
         kernel = self._kernels.get(key)

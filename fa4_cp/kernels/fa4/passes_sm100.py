@@ -21,11 +21,13 @@ from .merge_kernel import merge_partials_cuda
 
 
 def _varlen_kwargs(varlen: VarlenRows | None) -> dict:
+    """Upstream's varlen arguments: the block's computed sequences alone (VarlenRows.computed_prefix)."""
     if varlen is None:
         return {}
+    launched = varlen.computed_prefix
     return dict(
-        cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
-        seqused_q=varlen.seqused_q, seqused_k=varlen.seqused_k,
+        cu_seqlens_q=launched.cu_seqlens_q, cu_seqlens_k=launched.cu_seqlens_k,
+        seqused_q=launched.seqused_q, seqused_k=launched.seqused_k,
     )
 
 
@@ -44,7 +46,6 @@ class MergeAfterForwardPass:
     ) -> None:
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             return
-        varlen = None if varlen is None else varlen.computed_prefix
         window = block_window(mask, q, k, varlen)
         if write_rounded:  # its rows have no other block: upstream's forward writes the 16-bit out and fp32 lse itself
             out, lse = out_acc, lse_acc
@@ -78,13 +79,12 @@ class UpstreamBackwardPass(TorchFinishedGradients):
         if write_first and varlen is not None:
             raise ValueError("write_first: dense blocks only")
         q, out, dout = (t[..., q_rows, :, :] for t in (self.q, self.out, self.dout))
-        launch = None if varlen is None else varlen.computed_prefix  # its computed sequences alone
-        window = block_window(mask, q, k, launch)
+        window = block_window(mask, q, k, varlen)
         dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
         _flash_attn_bwd(
             q, k, v, out, dout, self.lse[..., q_rows], softmax_scale=self.softmax_scale, softcap=self.softcap, causal=window.causal,
             window_size_left=window.left, window_size_right=window.right, dq=dq, dk=dk, dv=dv,
-            dlse=None if self.dlse is None else self.dlse[..., q_rows], deterministic=self.deterministic, **_varlen_kwargs(launch),
+            dlse=None if self.dlse is None else self.dlse[..., q_rows], deterministic=self.deterministic, **_varlen_kwargs(varlen),
         )
         self.dq_acc[..., q_rows, :, :] += dq
         if write_first:
