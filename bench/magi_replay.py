@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import add_forward_option_arguments, apply_forward_options, record, write  # noqa: E402
+from common import add_forward_option_arguments, apply_forward_options, document_sharding, record, write  # noqa: E402
 from mixes import add_mix_arguments, batches  # noqa: E402
 from replay import replay_rank  # noqa: E402
 
-from fa4_cp import Sharding, plan_mesh  # noqa: E402
+import fa4_cp  # noqa: E402
+from fa4_cp import plan_mesh  # noqa: E402
 from fa4_cp.kernels import BandMask, get_backend  # noqa: E402
 from fa4_cp.plan.placement import rank_costs_ms  # noqa: E402
 
@@ -52,7 +53,7 @@ def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, back
     """Every ring rank of a ulysses x (world / ulysses) split, replayed alone, with the model's cost beside."""
     ring = world // ulysses
     heads, kv_heads = shape["heads"] // ulysses, max(shape["kv_heads"] // ulysses, 1)
-    sharding = Sharding.documents(lengths, ring, ulysses=ulysses)
+    sharding = document_sharding(fa4_cp, lengths, ring, ulysses)  # also in a baseline tree from before the split's pricing
     ranks = [replay_rank(sharding, CAUSAL, rank, heads, kv_heads, shape["head_dim"], backend, device=device) for rank in range(ring)]
     modelled = rank_costs_ms(sharding, heads, shape["head_dim"])
     flops = causal_flops(lengths, shape["heads"], shape["head_dim"])
