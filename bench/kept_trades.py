@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from fa4_cp.plan.placement import BalancedSharding, rank_costs_ms, span_rows
+from fa4_cp.plan.placement import BalancedSharding, _members, rank_costs_ms, span_rows
 from fa4_cp.tuning.kernel_cost import CALIBRATED_HEAD_DIM, TILE, span_us
 
 
@@ -32,7 +32,7 @@ def kept_documents_traded(sharding: BalancedSharding, heads: int, head_dim: int 
     loads, rows = np.array([sum(cost) for cost in rank_costs_ms(sharding, heads, head_dim)]), np.zeros(world, dtype=np.int64)
     for length, (first, ranks) in zip(lengths, spans):
         if ranks:
-            rows[(first + np.arange(ranks)) % world] += span_rows(length, ranks)
+            rows[_members(world, first, ranks)] += span_rows(length, ranks)
     home = np.array([spans[doc][0] for doc in kept])
     # every trade as (given, taken): a move takes nothing, a swap one document, two for one a pair
     kept_rows = np.array([lengths[doc] for doc in kept] + [0])
