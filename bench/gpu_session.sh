@@ -73,8 +73,8 @@ on_baseline() {  # on_baseline LOG SECONDS COMMAND: COMMAND (a bench of this che
 kernels_on_baseline() {  # kernels_on_baseline LOG SECONDS DIR HEAD_DIM...: bench/kernels.py's 8K rows on BASELINE_TREE's
   # fa4_cp, if set, its JSON in OUT_DIR/DIR
   local log=$1 seconds=$2 dir=$3; shift 3
-  mkdir -p "$out/$dir"
-  on_baseline "$log" "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "'$out/$dir'" --head-dims "$*"
+  on_baseline "$log" "$seconds" mkdir -p "'$out/$dir'" "&&" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --out "'$out/$dir'" \
+    --head-dims "$*"
 }
 tests() {  # tests LOG SECONDS pytest-args...
   local log=$1 seconds=$2; shift 2
