@@ -21,7 +21,8 @@
 #   backend        tests/gpu/test_fa4_backend.py, bf16 (the backward kernel per mask, GQA and not)
 #   deterministic  tests/gpu/test_fa4_deterministic.py
 #   ring_core      tests/gpu/test_fa4_ring.py at W = 2 and 8 (no W = 72, no mesh)
-#   gpu_work       bench/gpu_work.py (JSON), and on BASELINE_TREE if set
+#   gpu_work       bench/gpu_work.py (JSON), its cases GPU_WORK_CASES (default all; the 8 x 8 ones need an H200), and
+#                  on BASELINE_TREE if set (BASELINE_CASES)
 #   ring_overhead  bench/ring_overhead.py (JSON)
 #   gpu_work_deterministic  bench/gpu_work.py --deterministic (JSON), dense_w8 and pretrain_w8
 #   error_growth   bench/ring_error_growth.py with FA4: the same tokens at W = 1, 2, 8, 72 (JSON)
@@ -115,7 +116,7 @@ for part in "${parts[@]}"; do
     deterministic) tests tests_gpu_deterministic.log "$seconds" -rA tests/gpu/test_fa4_deterministic.py -k "${DETERMINISTIC_CASES:-w}" ;;
     ring_core) tests tests_gpu_ring_core.log "$seconds" tests/gpu/test_fa4_ring.py -k "not (72 or ulysses or fp16)" ;;
     gpu_work)
-      run gpu_work.log "$seconds" python3 bench/gpu_work.py --out "$out/gpu_work.json"
+      run gpu_work.log "$seconds" python3 bench/gpu_work.py --out "$out/gpu_work.json" ${GPU_WORK_CASES:+--cases $GPU_WORK_CASES}
       if [[ -n ${BASELINE_TREE:-} ]]; then
         run gpu_work_baseline.log "$seconds" python3 bench/gpu_work.py --tree "$BASELINE_TREE" --out "$out/gpu_work_baseline.json" \
           --cases ${BASELINE_CASES:-dense_w8 pretrain_w8 finetune_w8}
