@@ -100,7 +100,9 @@ def run_case(name: str, lengths: list[int], world: int, ulysses: int, shape: dic
     ring = world // ulysses
     heads, kv_heads = shape["heads"] // ulysses, max(shape["kv_heads"] // ulysses, 1)
     priced = placement_heads(ulysses)
+    began = time.perf_counter()
     chosen = balanced_sharding(tuple(lengths), ring, priced)
+    placement_seconds = time.perf_counter() - began  # the layout's host time for the batch (a fresh batch: no cache)
     candidates, seen = [], set()
     for objective, sharding in placement_candidates(tuple(lengths), ring, priced):
         if sharding.spans in seen:
@@ -111,17 +113,22 @@ def run_case(name: str, lengths: list[int], world: int, ulysses: int, shape: dic
         if device is not None:
             candidate["measured"] = replay(sharding, heads, kv_heads, shape["head_dim"], ulysses, backend, device)
         candidates.append(candidate)
+    began = time.perf_counter()
     traded = kept_documents_traded(chosen, priced)
+    trade_seconds = time.perf_counter() - began  # the host time the layout would add per batch
     variant = None
     if traded.spans != chosen.spans:
-        variant = {"objective_ms": modelled_ms(traded, priced), **describe(traded, heads, shape["head_dim"], ulysses)}
+        variant = {
+            "objective_ms": modelled_ms(traded, priced), "trade_host_s": trade_seconds, **describe(traded, heads, shape["head_dim"], ulysses),
+        }
         if device is not None:
             variant["measured"] = replay(traded, heads, kv_heads, shape["head_dim"], ulysses, backend, device)
     timed = "measured" if device is not None else "modelled"
     part = (lambda c: c[timed]["both"]) if device is not None else (lambda c: c["modelled"])
     return {
         "case": name, "world_size": world, "ulysses": ulysses, "ring": ring, "heads_per_rank": heads, "kv_heads_per_rank": kv_heads,
-        "tokens": sum(lengths), "documents": len(lengths), "longest": max(lengths), "candidates": candidates,
+        "tokens": sum(lengths), "documents": len(lengths), "longest": max(lengths), "placement_host_s": placement_seconds,
+        "candidates": candidates,
         "chosen_index": next(i for i, c in enumerate(candidates) if c["chosen"]),
         # by the measured times where the candidates were replayed, else by the model's
         "fastest_index": min(range(len(candidates)), key=lambda i: part(candidates[i])["slowest_ms"]),
@@ -182,7 +189,7 @@ def main() -> None:
             timed = f"measured slowest {measured['slowest_ms']:.3f} sum {measured['sum_ms']:.1f} ms; " if measured else ""
             print(
                 f"{name:18} chosen, kept documents traded: {timed}model slowest {traded['modelled']['slowest_ms']:.3f} "
-                f"sum {traded['modelled']['sum_ms']:.1f} ms", flush=True,
+                f"sum {traded['modelled']['sum_ms']:.1f} ms; trades {traded['trade_host_s']:.3f} s on the host", flush=True,
             )
 
 
