@@ -59,7 +59,7 @@ def test_placement_replay_dry_run_replays_every_distinct_candidate(tmp_path):
                 part = measured[direction]
                 assert len(part["per_rank_ms"]) == row["ring"] and part["slowest_ms"] > 0
                 assert part["sum_ms"] == pytest.approx(row["ulysses"] * sum(part["per_rank_ms"]))
-        traded = row["kept_documents_traded"]  # the variant beside the layout's choice, where a trade applies
+        traded = row["kept_documents_traded"]  # the layout's placement, where its trades change the chosen candidate
         assert traded is None or len(traded["measured"]["ring_steps"]) == row["ring"]
     # the remote launches' cost fitted on it: every candidate's ranks rebuilt from the same plans
     fitted = tmp_path / "fit.json"

@@ -43,7 +43,8 @@ one whose most loaded rank the model finds fastest, at the heads a ring rank of 
   widening that is cheap early can leave the last short documents no balanced room (fine-tuning-
   like W = 16: 1.87 against 1.97 ms modelled, imbalance 1.014 against 1.097).
 So the threshold between whole and cut, and how widely to cut, come from the cost model and the
-mix, not from constants.
+mix, not from constants. The placement kept then trades kept documents off its most loaded ranks
+(kept_trades.py), which the greedy, placing the longest first, cannot revisit.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import torch
 from ..kernels.interface import BandMask
 from .rows import RankPlan
 from ..tuning.kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, ONE_DEVICE, RING, TILE, KernelCosts, remote_us, span_us, step_other_us, step_us
+from .kept_trades import kept_documents_traded
 from .sharding_rows import ShardingRows
 from .span_rows import span_plan
 
@@ -253,12 +255,24 @@ def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int, heads: int 
     """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
     of the greedy placements by cost alone and by projected load, the one whose most loaded rank,
     with its ring steps' fixed cost and its remote blocks' own cost (`rank_costs_ms`), costs least
-    at `heads` q heads per ring rank (`placement_heads`). (Kept documents are not traded
-    afterwards: docs/packed_documents.md says why.)"""
+    at `heads` q heads per ring rank (`placement_heads`), with its kept documents then traded off
+    the most loaded ranks (kept_trades.py)."""
     if world_size == 1:
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
-    return min(placement_candidates(doc_lengths, world_size, heads), key=lambda pair: pair[0])[1]
+    picked = min(placement_candidates(doc_lengths, world_size, heads), key=lambda pair: pair[0])[1]
+    loads = np.array([sum(cost) for cost in rank_costs_ms(picked, heads)])
+    spans, local_len = kept_documents_traded(doc_lengths, picked.spans, loads, placed_rows(picked), heads, CALIBRATED_HEAD_DIM)
+    return BalancedSharding(world_size, doc_lengths, spans, local_len)
+
+
+def placed_rows(sharding: BalancedSharding) -> np.ndarray:
+    """Each rank's local rows under the placement, padding excluded."""
+    rows = np.zeros(sharding.world_size, dtype=np.int64)
+    for length, (first, ranks) in zip(sharding.doc_lengths, sharding.spans):
+        if ranks:
+            rows[first if ranks == 1 else _members(sharding.world_size, first, ranks)] += span_rows(length, ranks)
+    return rows
 
 
 def placement_candidates(doc_lengths: tuple[int, ...], world_size: int, heads: int = CALIBRATED_HEADS) -> list[tuple[float, BalancedSharding]]:
