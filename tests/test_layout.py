@@ -315,58 +315,69 @@ def test_kept_document_trades_lighten_the_most_loaded_rank_within_the_row_limit(
         assert modelled_ms(traded) < 0.97 * modelled_ms(picked)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_kept_document_trades_search_by_rows_finds_the_best_trade(seed):
-    """Each trade is the best of every offer (nothing, one or two of another rank's kept documents)
-    against every kept document of the most loaded rank: the search by rows and bisection takes the
-    same trade as trying them all, checked here one trade at a time on small random placements."""
-    import itertools
-
+@pytest.mark.parametrize("seed", range(16))
+def test_kept_document_trades_search_by_rows_finds_the_best_trade_on_random_placements(seed):
+    """Each rank's 6,000 rows cut into 5 kept documents at random: equal rows, unequal costs."""
     import numpy as np
+
+    from fa4_cp.tuning.kernel_cost import span_us
+
+    rng = np.random.default_rng(seed)
+    world = 2 + seed % 3
+    lengths, spans = [], []
+    for rank in range(world):
+        cuts = np.sort(rng.choice(np.arange(1, 6000), 4, replace=False))
+        lengths += np.diff(np.concatenate([[0], cuts, [6000]])).tolist()
+        spans += [(rank, 1)] * 5
+    loads = np.array([sum(sum(span_us(length, 1, 64, 128)) / 1e3 for length, (r, _) in zip(lengths, spans) if r == rank) for rank in range(world)])
+    _assert_first_trade_is_the_best(tuple(lengths), tuple(spans), loads + rng.random(world), np.full(world, 6000))
+
+
+@pytest.mark.parametrize(("world_size", "seed"), [(16, 0), (16, 1), (32, 0), (64, 0)])
+def test_kept_document_trades_search_by_rows_finds_the_best_trade_on_the_greedys_placements(world_size, seed):
+    """The greedy's choice for fine-tuning-like batches, spread documents and all, its rows and modelled loads."""
+    import numpy as np
+
+    from fa4_cp.plan.placement import placed_rows, placement_candidates, rank_costs_ms
+
+    lengths = tuple(bench_module("mixes").lognormal_lengths(8192 * world_size, "finetune", seed=seed))
+    picked = min(placement_candidates(lengths, world_size), key=lambda pair: pair[0])[1]
+    loads = np.array([sum(cost) for cost in rank_costs_ms(picked)])
+    _assert_first_trade_is_the_best(lengths, picked.spans, loads, placed_rows(picked))
+
+
+def _assert_first_trade_is_the_best(lengths, spans, loads, rows):
+    """The layout's first trade lowers the most loaded rank as far as the best of every offer
+    (nothing, one or two of another rank's kept documents) against every kept document of the most
+    loaded rank does: the search by rows and bisection against trying them all."""
+    import itertools
+    import math
 
     from fa4_cp.plan.kept_trades import kept_documents_traded
     from fa4_cp.tuning.kernel_cost import TILE, span_us
 
-    rng = np.random.default_rng(seed)
-    world = 4
-    lengths = tuple(int(x) for x in rng.integers(50, 3000, size=24))
-    # rows dealt out evenly (longest first, to the rank with fewest rows), so every rank is within the limit
-    held = [0] * world
-    spans = [None] * len(lengths)
-    for doc in sorted(range(len(lengths)), key=lambda d: -lengths[d]):
-        rank = held.index(min(held))
-        spans[doc], held[rank] = (rank, 1), held[rank] + lengths[doc]
-    spans = tuple(spans)
-    cost = {doc: sum(span_us(length, 1, 64, 128)) / 1e3 for doc, length in enumerate(lengths)}
-    loads = np.array([sum(cost[doc] for doc, (rank, _) in enumerate(spans) if rank == r) for r in range(world)]) + rng.random(world)
-    rows = np.array([sum(lengths[doc] for doc, (rank, _) in enumerate(spans) if rank == r) for r in range(world)])
-    capacity = -(-sum(lengths) // world) + TILE
+    world = len(loads)
+    capacity = math.ceil(sum(lengths) / world) + TILE
     assert (rows <= capacity).all()
-
-    def best_by_trying_all():
-        top = int(loads.argmax())
-        best = (loads[top] * (1 - 1e-9), None)
-        for doc in (d for d, (r, _) in enumerate(spans) if r == top):
-            for receiver in (r for r in range(world) if r != top):
-                there = [d for d, (r, _) in enumerate(spans) if r == receiver]
-                for back in itertools.chain([()], ((d,) for d in there), itertools.combinations(there, 2)):
-                    moved_rows = lengths[doc] - sum(lengths[d] for d in back)
-                    moved = cost[doc] - sum(cost[d] for d in back)
-                    fits = rows[receiver] + moved_rows <= capacity and rows[top] - moved_rows <= capacity
-                    if fits and moved > 0 and max(loads[top] - moved, loads[receiver] + moved) < best[0]:
-                        best = (max(loads[top] - moved, loads[receiver] + moved), (doc, receiver, back))
-        return best
-
-    expected_larger, trade = best_by_trying_all()
-    traded_spans, _ = kept_documents_traded(lengths, spans, loads, rows, 64, 128)
-    assert trade is not None  # these placements leave a trade to make
-    assert traded_spans != spans
-    # the first trade the layout makes lowers the most loaded rank as far as the best one does
-    first_only, _ = kept_documents_traded(lengths, spans, loads, rows, 64, 128, most_trades=1)
+    cost = {doc: sum(span_us(lengths[doc], 1, 64, 128)) / 1e3 for doc, (_, ranks) in enumerate(spans) if ranks == 1}
+    kept_on = [[doc for doc in cost if spans[doc][0] == rank] for rank in range(world)]
     top = int(loads.argmax())
-    moved = sum(cost[d] for d, (r, _) in enumerate(spans) if r == top) - sum(cost[d] for d, (r, _) in enumerate(first_only) if r == top)
-    receiver = next(r for d, (r, _) in enumerate(first_only) if spans[d][0] == top and r != top)
-    assert max(loads[top] - moved, loads[receiver] + moved) == pytest.approx(expected_larger, rel=1e-9)
+    best = loads[top] * (1 - 1e-9)
+    for doc in kept_on[top]:
+        for receiver in (rank for rank in range(world) if rank != top):
+            for back in itertools.chain([()], ((d,) for d in kept_on[receiver]), itertools.combinations(kept_on[receiver], 2)):
+                moved_rows = lengths[doc] - sum(lengths[d] for d in back)
+                moved = cost[doc] - sum(cost[d] for d in back)
+                if moved > 0 and rows[receiver] + moved_rows <= capacity and rows[top] - moved_rows <= capacity:
+                    best = min(best, max(loads[top] - moved, loads[receiver] + moved))
+    first, _ = kept_documents_traded(lengths, spans, loads, rows, 64, 128, most_trades=1)
+    if best == loads[top] * (1 - 1e-9):  # no trade lowers the most loaded rank: the layout makes none
+        assert first == spans
+        return
+    moved = sum(cost[d] for d in kept_on[top]) - sum(cost[d] for d in kept_on[top] if first[d][0] == top)
+    moved -= sum(cost[d] for d in cost if first[d][0] == top and spans[d][0] != top)
+    receiver = next(first[d][0] for d in kept_on[top] if first[d][0] != top)
+    assert max(loads[top] - moved, loads[receiver] + moved) == pytest.approx(best, rel=1e-9)
 
 
 def test_a_ring_of_a_2d_split_is_placed_at_its_ring_ranks_heads():
