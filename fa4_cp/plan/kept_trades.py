@@ -65,8 +65,8 @@ def kept_documents_traded(
             result = np.where((first < last) & (moved > 0), np.maximum(loads[top] - moved, loads[to] + moved), np.inf)
             better = result < larger
             best, larger = np.where(better, pick, best), np.where(better, result, larger)
-        option = int(larger.argmin()) if larger.size else 0
-        if not larger.size or larger[option] >= loads[top] * (1 - 1e-9):
+        option = int(larger.argmin())  # every other rank offers at least nothing
+        if larger[option] >= loads[top] * (1 - 1e-9):
             break
         receiver, gone = int(to[option]), int(given[best[option]])
         back = [doc for doc in taken[option] if doc >= 0]
