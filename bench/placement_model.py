@@ -2,7 +2,9 @@
 packed mix of bench/mixes.py and ring size, the modelled time of the most loaded rank's attention
 kernels plus the ring steps' fixed cost, its imbalance (most loaded / mean), the active steps, the
 short documents (under 2K tokens) cut over several ranks and the planning host time; for the
-placement kept and for the greedy by one device's costs alone (the placement before session 12).
+placement kept, for the greedy candidate it traded kept documents from (`untraded`), and for the greedy by
+one device's costs alone (the placement before session 12). Beside the slowest rank's fwd + bwd, the most
+loaded rank of each pass summed (`slowest_passes_ms`): the ring waits for each pass's slowest rank.
 And plan_mesh's host time for the batch (32:8 heads of 128), placing only the splits that can
 win and every split, each from cold caches.
 A model, not a measurement: bench/magi_replay.py measures the placements on a GPU.
@@ -19,7 +21,7 @@ from common import record, write
 from mixes import add_mix_arguments, batches
 
 from fa4_cp.plan import placement
-from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, modelled_ms, rank_costs_ms
+from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, modelled_ms, placement_candidates, rank_costs_ms
 from fa4_cp.tuning.kernel_cost import ONE_DEVICE
 from fa4_cp.tuning.mesh_model import plan_mesh
 
@@ -27,9 +29,14 @@ SHORT = 2048
 
 
 def modelled(sharding) -> dict:
-    load = [forward + backward for forward, backward in rank_costs_ms(sharding)]
+    costs = rank_costs_ms(sharding)
+    load = [forward + backward for forward, backward in costs]
+    passes = [max(cost[part] for cost in costs) for part in (0, 1)]
     return {
         "slowest_rank_ms": modelled_ms(sharding), "imbalance": max(load) / (sum(load) / sharding.world_size),
+        # the ring waits for each pass's most loaded rank: where they differ, this exceeds the slowest rank's fwd + bwd
+        "slowest_passes_ms": modelled_ms(sharding) - max(load) + sum(passes),
+        "pass_imbalance": [most / (sum(cost[part] for cost in costs) / sharding.world_size) for part, most in enumerate(passes)],
         "active_steps": max(ranks for _, ranks in sharding.spans),
         "short_documents_cut": sum(1 for length, (_, ranks) in zip(sharding.doc_lengths, sharding.spans) if length < SHORT and ranks > 1),
     }
@@ -55,9 +62,11 @@ def main() -> None:
         kept = balanced_sharding(lengths, world_size)
         planning_ms = (time.perf_counter() - began) * 1e3
         before = _greedy_placement(lengths, world_size, ONE_DEVICE, False, 0.0)[1]
+        picked = min(placement_candidates(lengths, world_size), key=lambda pair: pair[0])[1]
         row = {
             "mix": mix, "world_size": world_size, "documents": len(lengths), "planning_host_ms": planning_ms,
-            "kept": modelled(kept), "one_device_greedy": modelled(before),
+            # kept: the layout's placement; untraded: the greedy candidate it traded kept documents from
+            "kept": modelled(kept), "untraded": modelled(picked), "one_device_greedy": modelled(before),
         }
         row["kept_over_one_device_greedy"] = row["kept"]["slowest_rank_ms"] / row["one_device_greedy"]["slowest_rank_ms"]
         row["plan_mesh"] = {"host_ms": {}, "splits_placed": {}}
@@ -70,7 +79,8 @@ def main() -> None:
             row["plan_mesh"]["splits_placed"][key] = [c["ulysses"] for c in plan.candidates]
         rows.append(row)
         print(
-            f"{mix:9} W={world_size:<3} kept {row['kept']['slowest_rank_ms']:.3f} ms (imbalance {row['kept']['imbalance']:.3f}, "
+            f"{mix:9} W={world_size:<3} kept {row['kept']['slowest_rank_ms']:.3f} ms (passes {row['kept']['slowest_passes_ms']:.3f}; "
+            f"untraded {row['untraded']['slowest_rank_ms']:.3f}, passes {row['untraded']['slowest_passes_ms']:.3f}; imbalance {row['kept']['imbalance']:.3f}, "
             f"{row['kept']['active_steps']} steps, {row['kept']['short_documents_cut']} short cut) | one-device greedy "
             f"{row['one_device_greedy']['slowest_rank_ms']:.3f} ms ({row['one_device_greedy']['imbalance']:.3f}, "
             f"{row['one_device_greedy']['active_steps']}, {row['one_device_greedy']['short_documents_cut']}) | "
