@@ -374,8 +374,7 @@ def _assert_first_trade_is_the_best(lengths, spans, loads, rows):
     if best == loads[top] * (1 - 1e-9):  # no trade lowers the most loaded rank: the layout makes none
         assert first == spans
         return
-    moved = sum(cost[d] for d in kept_on[top]) - sum(cost[d] for d in kept_on[top] if first[d][0] == top)
-    moved -= sum(cost[d] for d in cost if first[d][0] == top and spans[d][0] != top)
+    moved = sum(cost[d] for d in kept_on[top]) - sum(cost[d] for d in cost if first[d][0] == top)
     receiver = next(first[d][0] for d in kept_on[top] if first[d][0] != top)
     assert max(loads[top] - moved, loads[receiver] + moved) == pytest.approx(best, rel=1e-9)
 
