@@ -1,5 +1,6 @@
 """Layouts and sharding: shard then unshard is the identity; zigzag matches torch's head-tail balancer."""
 
+import numpy as np
 import pytest
 import torch
 from bench_modules import bench_module
@@ -323,14 +324,30 @@ def test_kept_document_trades_search_by_rows_finds_the_best_trade_on_random_plac
     from fa4_cp.tuning.kernel_cost import span_us
 
     rng = np.random.default_rng(seed)
-    world = 2 + seed % 3
+    world = 2 + seed % 5
     lengths, spans = [], []
     for rank in range(world):
         cuts = np.sort(rng.choice(np.arange(1, 6000), 4, replace=False))
         lengths += np.diff(np.concatenate([[0], cuts, [6000]])).tolist()
         spans += [(rank, 1)] * 5
-    loads = np.array([sum(sum(span_us(length, 1, 64, 128)) / 1e3 for length, (r, _) in zip(lengths, spans) if r == rank) for rank in range(world)])
-    _assert_first_trade_is_the_best(tuple(lengths), tuple(spans), loads + rng.random(world), np.full(world, 6000))
+    costs = np.array([sum(np.array(span_us(length, 1, 64, 128)) / 1e3 for length, (r, _) in zip(lengths, spans) if r == rank) for rank in range(world)])
+    # beside the kept documents, remote work that weighs the passes unequally, as spans do
+    _assert_first_trades_are_the_best(tuple(lengths), tuple(spans), costs + rng.random((world, 2)), np.full(world, 6000))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kept_document_trades_see_each_pass_maximum_beside_the_two_trading_ranks(seed):
+    """The second round prices a trade by each pass's most loaded rank other than the two that
+    trade: against taking the maximum over the rest, with ties and the trading ranks among the
+    heaviest."""
+    from fa4_cp.plan.kept_trades import _maxima_without
+
+    rng = np.random.default_rng(seed)
+    costs = rng.integers(0, 4, size=(6, 2)).astype(np.float64)  # few values: ties
+    for top in range(6):
+        to = np.array([rank for rank in range(6) if rank != top])
+        expected = [[np.delete(costs, [top, receiver], axis=0)[:, part].max() for part in range(2)] for receiver in to]
+        assert _maxima_without(costs, top, to).tolist() == expected
 
 
 @pytest.mark.parametrize(("world_size", "seed"), [(16, 0), (16, 1), (32, 0), (64, 0)])
@@ -342,41 +359,74 @@ def test_kept_document_trades_search_by_rows_finds_the_best_trade_on_the_greedys
 
     lengths = tuple(bench_module("mixes").lognormal_lengths(8192 * world_size, "finetune", seed=seed))
     picked = min(placement_candidates(lengths, world_size), key=lambda pair: pair[0])[1]
-    loads = np.array([sum(cost) for cost in rank_costs_ms(picked)])
-    _assert_first_trade_is_the_best(lengths, picked.spans, loads, placed_rows(picked))
+    _assert_first_trades_are_the_best(lengths, picked.spans, np.array(rank_costs_ms(picked)), placed_rows(picked))
 
 
-def _assert_first_trade_is_the_best(lengths, spans, loads, rows):
-    """The layout's first trade lowers the most loaded rank as far as the best of every offer
-    (nothing, one or two of another rank's kept documents) against every kept document of the most
-    loaded rank does: the search by rows and bisection against trying them all."""
+def _every_trade(lengths, spans, costs, rows, tops):
+    """Every trade off a rank of `tops` that keeps both ranks within the row limit, tried: (the
+    loaded rank, the receiver, the ms moved per pass), by trying every offer (nothing, one or two
+    of the receiver's kept documents) against every kept document of the loaded rank."""
     import itertools
     import math
 
-    from fa4_cp.plan.kept_trades import kept_documents_traded
     from fa4_cp.tuning.kernel_cost import TILE, span_us
 
-    world = len(loads)
+    world = len(rows)
     capacity = math.ceil(sum(lengths) / world) + TILE
     assert (rows <= capacity).all()
-    cost = {doc: sum(span_us(lengths[doc], 1, 64, 128)) / 1e3 for doc, (_, ranks) in enumerate(spans) if ranks == 1}
+    cost = {doc: np.array(span_us(lengths[doc], 1, 64, 128)) / 1e3 for doc, (_, ranks) in enumerate(spans) if ranks == 1}
     kept_on = [[doc for doc in cost if spans[doc][0] == rank] for rank in range(world)]
+    for top in tops:
+        for doc in kept_on[top]:
+            for receiver in (rank for rank in range(world) if rank != top):
+                for back in itertools.chain([()], ((d,) for d in kept_on[receiver]), itertools.combinations(kept_on[receiver], 2)):
+                    moved_rows = lengths[doc] - sum(lengths[d] for d in back)
+                    if rows[receiver] + moved_rows <= capacity and rows[top] - moved_rows <= capacity:
+                        yield top, receiver, cost[doc] - sum((cost[d] for d in back), np.zeros(2))
+
+
+def _after_one_trade(lengths, spans, costs, rows, round_name):
+    """Each rank's (forward, backward) ms after the layout's first trade of a round."""
+    from fa4_cp.plan.kept_trades import KeptDocuments
+    from fa4_cp.tuning.kernel_cost import span_us
+
+    trades = KeptDocuments(lengths, spans, costs, rows, 64, 128)
+    getattr(trades, round_name)(1)
+    after = np.array(costs, dtype=np.float64).copy()
+    for doc, ((was, ranks), (now, _)) in enumerate(zip(spans, trades.spans())):
+        if ranks == 1 and now != was:
+            moved = np.array(span_us(lengths[doc], 1, 64, 128)) / 1e3
+            after[was] -= moved
+            after[now] += moved
+    return after
+
+
+def _assert_first_trades_are_the_best(lengths, spans, costs, rows):
+    """Each round's first trade is as good as the best found by trying every trade: the most
+    loaded rank (forward + backward) lowered as far as it can be (the search by rows and
+    bisection), and the sum of the passes' maxima (the search by rows)."""
+    loads = costs.sum(axis=1)
     top = int(loads.argmax())
     best = loads[top] * (1 - 1e-9)
-    for doc in kept_on[top]:
-        for receiver in (rank for rank in range(world) if rank != top):
-            for back in itertools.chain([()], ((d,) for d in kept_on[receiver]), itertools.combinations(kept_on[receiver], 2)):
-                moved_rows = lengths[doc] - sum(lengths[d] for d in back)
-                moved = cost[doc] - sum(cost[d] for d in back)
-                if moved > 0 and rows[receiver] + moved_rows <= capacity and rows[top] - moved_rows <= capacity:
-                    best = min(best, max(loads[top] - moved, loads[receiver] + moved))
-    first, _ = kept_documents_traded(lengths, spans, loads, rows, 64, 128, most_trades=1)
+    for _, receiver, moved in _every_trade(lengths, spans, costs, rows, [top]):
+        if moved.sum() > 0:
+            best = min(best, max(loads[top] - moved.sum(), loads[receiver] + moved.sum()))
+    after = _after_one_trade(lengths, spans, costs, rows, "even_loads").sum(axis=1)
+    changed = np.flatnonzero(~np.isclose(after, loads, rtol=1e-12))
     if best == loads[top] * (1 - 1e-9):  # no trade lowers the most loaded rank: the layout makes none
-        assert first == spans
-        return
-    moved = sum(cost[d] for d in kept_on[top]) - sum(cost[d] for d in cost if first[d][0] == top)
-    receiver = next(first[d][0] for d in kept_on[top] if first[d][0] != top)
-    assert max(loads[top] - moved, loads[receiver] + moved) == pytest.approx(best, rel=1e-9)
+        assert not changed.size
+    else:
+        assert top in changed and len(changed) == 2
+        assert after[changed].max() == pytest.approx(best, rel=1e-9)
+
+    passes = costs.max(axis=0).sum()
+    best = passes
+    for top, receiver, moved in _every_trade(lengths, spans, costs, rows, sorted(set(costs.argmax(axis=0).tolist()))):
+        trial = costs.copy()
+        trial[top] -= moved
+        trial[receiver] += moved
+        best = min(best, trial.max(axis=0).sum())
+    assert _after_one_trade(lengths, spans, costs, rows, "lower_pass_maxima").max(axis=0).sum() == pytest.approx(best, rel=1e-9)
 
 
 def test_a_ring_of_a_2d_split_is_placed_at_its_ring_ranks_heads():

@@ -1,21 +1,30 @@
-"""Kept documents traded off the most loaded rank, once the greedy (placement.py) has placed every
-document: placing longest first, the greedy's last short documents land wherever rows are left,
-so a rank can end a few kept documents heavier than the rest.
+"""Kept documents traded between ranks, once the greedy (placement.py) has placed every document:
+placing longest first, the greedy's last short documents land wherever rows are left, so a rank
+can end a few kept documents heavier than the rest.
 
-A trade hands one kept document of the most loaded rank to another rank, for nothing or for one
-or two of that rank's kept documents, where it lowers the larger load of the two ranks
-(placement.rank_costs_ms at the ring rank's heads) and both stay within the greedy's row limit.
-Trades repeat while the most loaded rank gets lighter. A kept document adds nothing to a rank's
-remote launches, which cover only the spread documents' rows (VarlenRows.computed_sequences).
+A trade hands one kept document of a loaded rank to another rank, for nothing or for one or two
+of that rank's kept documents, and both ranks stay within the greedy's row limit. A kept document
+adds nothing to a rank's remote launches, which cover only the spread documents' rows
+(VarlenRows.computed_sequences), so a trade moves only its documents' modelled ms
+(placement.rank_costs_ms at the ring rank's heads). Two rounds:
+- the ranks' loads evened: trades off the most loaded rank (forward + backward) while it gets
+  lighter;
+- the passes' maxima lowered: the ring waits for each pass's most loaded rank, and a rank of
+  many remote steps is heavier in the forward than its share of forward + backward says. Trades
+  off the forward's or the backward's most loaded rank while the sum of the two maxima falls.
+  Trades by this measure alone from the greedy's placement stall where two ranks tie for a
+  maximum; after the first round they lower it further (fine-tuning-like, modelled: W = 32
+  2.43 -> 2.37 ms, W = 72 3.01 -> 2.96).
 
 The search is by rows: every rank is near the row limit, so what a document can be traded for
 must have nearly its rows. For each offer of another rank (nothing, one document, a pair), the
-most loaded rank's documents whose rows fit form a run of them sorted by length, and a kept
-document's cost grows with its length, so the best of that run is found by bisection: one pass
-over the offers per trade, not every offer against every document.
+loaded rank's documents whose rows fit form a run of them sorted by length. In the first round a
+kept document's cost grows with its length, so the best of that run is found by bisection; in
+the second, with two maxima, every document of the run is tried (a rank keeps a few dozen).
 
 Replayed on an H100 beside the greedy's choice (bench/results/nvidia_h100_2026-12-06_s20/
-placement_replay.json.gz): fine-tuning-like W = 16, the slowest rank 1.401 -> 1.356 ms.
+placement_replay.json.gz), the first round: fine-tuning-like W = 16, the slowest rank 1.401 ->
+1.356 ms.
 """
 
 from __future__ import annotations
@@ -28,72 +37,139 @@ from ..tuning.kernel_cost import TILE, span_us
 
 
 def kept_documents_traded(
-    lengths: tuple[int, ...], spans: tuple[tuple[int, int], ...], loads: np.ndarray, rows: np.ndarray, heads: int, head_dim: int,
-    most_trades: int | None = None,
+    lengths: tuple[int, ...], spans: tuple[tuple[int, int], ...], costs: np.ndarray, rows: np.ndarray, heads: int, head_dim: int,
 ) -> tuple[tuple[tuple[int, int], ...], int]:
     """The spans with kept documents traded, and the most local rows a rank has after.
-    `loads`: each rank's modelled forward + backward ms; `rows`: its local rows; `most_trades`:
-    2W unless given (each trade lowers the most loaded rank; the bound keeps the host time near
-    the greedy's, where W more trades would add a little on fine-tuning-like mixes at W = 64)."""
-    world = len(loads)
-    kept = np.array([doc for doc, (_, ranks) in enumerate(spans) if ranks == 1], dtype=np.int64)
-    if world == 1 or not kept.size:
-        return spans, int(rows.max())
-    loads, rows = np.array(loads, dtype=np.float64), np.array(rows, dtype=np.int64)
-    capacity = math.ceil(sum(lengths) / world) + TILE
-    kept_rows = np.array([lengths[doc] for doc in kept])
-    kept_ms = np.array([sum(span_us(lengths[doc], 1, heads, head_dim)) / 1e3 for doc in kept])
-    home = np.array([spans[doc][0] for doc in kept])
-    offers = [_offers(rank, np.flatnonzero(home == rank), kept_rows, kept_ms) for rank in range(world)]
-    for _ in range(2 * world if most_trades is None else most_trades):
-        top = int(loads.argmax())
-        given = np.flatnonzero(home == top)
+    `costs`: each rank's modelled (forward, backward) ms; `rows`: its local rows. At most 2W
+    trades evening the loads and W lowering the passes' maxima: each lowers what the ring waits
+    for, and the bound keeps the host time near the greedy's."""
+    trades = KeptDocuments(lengths, spans, costs, rows, heads, head_dim)
+    trades.even_loads(2 * len(rows))
+    trades.lower_pass_maxima(len(rows))
+    return trades.spans(), int(trades.rows.max())
+
+
+class KeptDocuments:
+    """The kept documents, the ranks that hold them, and every rank's modelled ms and rows as
+    trades move them."""
+
+    def __init__(
+        self, lengths: tuple[int, ...], spans: tuple[tuple[int, int], ...], costs: np.ndarray, rows: np.ndarray, heads: int, head_dim: int,
+    ):
+        self.lengths, self.original = lengths, spans
+        self.costs, self.rows = np.array(costs, dtype=np.float64).reshape(-1, 2), np.array(rows, dtype=np.int64)
+        world = len(self.rows)
+        self.capacity = math.ceil(sum(lengths) / world) + TILE
+        self.kept = np.array([doc for doc, (_, ranks) in enumerate(spans) if ranks == 1], dtype=np.int64)
+        self.kept_rows = np.array([lengths[doc] for doc in self.kept], dtype=np.int64)
+        self.kept_ms = np.array([span_us(lengths[doc], 1, heads, head_dim) for doc in self.kept], dtype=np.float64).reshape(-1, 2) / 1e3
+        self.home = np.array([spans[doc][0] for doc in self.kept], dtype=np.int64)
+        # no offers, no trades: one rank, or no document kept whole
+        self.offers = [self._offers(rank) for rank in range(world)] if world > 1 and self.kept.size else []
+
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        traded = list(self.original)
+        for doc, rank in zip(self.kept.tolist(), self.home.tolist()):
+            traded[doc] = (rank, 1)
+        return tuple(traded)
+
+    def even_loads(self, most_trades: int) -> None:
+        """Trades off the most loaded rank (forward + backward) while it gets lighter."""
+        for _ in range(most_trades if self.offers else 0):
+            loads = self.costs.sum(axis=1)
+            top = int(loads.argmax())
+            run = self._fitting_run(top)
+            if run is None:
+                break  # the most loaded rank keeps no document whole: nothing to trade
+            given, first, last, to, taken, back_rows, back_ms = run
+            given_ms, back = self.kept_ms[given].sum(axis=1), back_ms.sum(axis=1)
+            # within the run, the document nearest the cost that would even the two ranks out, or its neighbour
+            ideal = np.searchsorted(given_ms, back + (loads[top] - loads[to]) / 2)
+            best, larger = np.zeros(len(to), dtype=np.int64), np.full(len(to), np.inf)
+            for pick in (np.clip(ideal - 1, first, last - 1), np.clip(ideal, first, last - 1)):
+                moved = given_ms[np.clip(pick, 0, len(given) - 1)] - back
+                result = np.where((first < last) & (moved > 0), np.maximum(loads[top] - moved, loads[to] + moved), np.inf)
+                better = result < larger
+                best, larger = np.where(better, pick, best), np.where(better, result, larger)
+            option = int(larger.argmin())  # every other rank offers at least nothing
+            if larger[option] >= loads[top] * (1 - 1e-9):
+                break
+            self._trade(top, int(to[option]), int(given[best[option]]), taken[option])
+
+    def lower_pass_maxima(self, most_trades: int) -> None:
+        """Trades off the forward's or the backward's most loaded rank while the sum of the two
+        passes' maxima falls."""
+        for _ in range(most_trades if self.offers else 0):
+            passes = self.costs.max(axis=0).sum()
+            best, choice = passes * (1 - 1e-9), None
+            for top in sorted(set(self.costs.argmax(axis=0).tolist())):
+                run = self._fitting_run(top)
+                if run is None:
+                    continue
+                given, first, last, to, taken, _, back_ms = run
+                moved = self.kept_ms[given][None, :, :] - back_ms[:, None, :]  # (offer, given document, pass)
+                others = _maxima_without(self.costs, top, to)[:, None, :]
+                after = np.maximum(np.maximum(others, self.costs[top] - moved), self.costs[to][:, None, :] + moved).sum(axis=2)
+                inside = np.arange(len(given))[None, :]
+                after = np.where((inside >= first[:, None]) & (inside < last[:, None]), after, np.inf)
+                option, document = np.unravel_index(int(after.argmin()), after.shape)
+                if after[option, document] < best:
+                    best, choice = after[option, document], (top, int(to[option]), int(given[document]), taken[option])
+            if choice is None:
+                break
+            self._trade(*choice)
+
+    def _fitting_run(self, top: int):
+        """`top`'s kept documents by rows, every other rank's offers, and per offer the run
+        [first, last) of those documents whose rows keep both ranks within the limit; None if
+        `top` keeps none."""
+        given = np.flatnonzero(self.home == top)
         if not given.size:
-            break  # the most loaded rank keeps no document whole: nothing to trade
-        given = given[np.argsort(kept_rows[given], kind="stable")]  # by rows, so by cost too
-        given_rows, given_ms = kept_rows[given], kept_ms[given]
-        others = offers[:top] + offers[top + 1:]
+            return None
+        given = given[np.argsort(self.kept_rows[given], kind="stable")]  # by rows, so by cost too
+        others = self.offers[:top] + self.offers[top + 1:]
         to, taken, back_rows, back_ms = (np.concatenate([offer[part] for offer in others]) for part in range(4))
-        # the given documents whose rows keep both ranks within the limit: a run [first, last)
-        first = np.searchsorted(given_rows, back_rows - (capacity - rows[top]), side="left")
-        last = np.searchsorted(given_rows, back_rows + (capacity - rows[to]), side="right")
-        # within it, the document nearest the cost that would even the two ranks out, or its neighbour
-        ideal = np.searchsorted(given_ms, back_ms + (loads[top] - loads[to]) / 2)
-        best, larger = np.zeros(len(to), dtype=np.int64), np.full(len(to), np.inf)
-        for pick in (np.clip(ideal - 1, first, last - 1), np.clip(ideal, first, last - 1)):
-            moved = given_ms[np.clip(pick, 0, len(given) - 1)] - back_ms
-            result = np.where((first < last) & (moved > 0), np.maximum(loads[top] - moved, loads[to] + moved), np.inf)
-            better = result < larger
-            best, larger = np.where(better, pick, best), np.where(better, result, larger)
-        option = int(larger.argmin())  # every other rank offers at least nothing
-        if larger[option] >= loads[top] * (1 - 1e-9):
-            break
-        receiver, gone = int(to[option]), int(given[best[option]])
-        back = [doc for doc in taken[option] if doc >= 0]
-        rows_moved = kept_rows[gone] - back_rows[option]
-        ms_moved = kept_ms[gone] - back_ms[option]
-        home[gone], home[back] = receiver, top
-        loads[top] -= ms_moved
-        loads[receiver] += ms_moved
-        rows[top] -= rows_moved
-        rows[receiver] += rows_moved
+        given_rows = self.kept_rows[given]
+        first = np.searchsorted(given_rows, back_rows - (self.capacity - self.rows[top]), side="left")
+        last = np.searchsorted(given_rows, back_rows + (self.capacity - self.rows[to]), side="right")
+        return given, first, last, to, taken, back_rows, back_ms
+
+    def _trade(self, top: int, receiver: int, gone: int, taken: np.ndarray) -> None:
+        back = [doc for doc in taken.tolist() if doc >= 0]
+        rows_moved = self.kept_rows[gone] - self.kept_rows[back].sum()
+        ms_moved = self.kept_ms[gone] - self.kept_ms[back].sum(axis=0)
+        self.home[gone], self.home[back] = receiver, top
+        self.costs[top] -= ms_moved
+        self.costs[receiver] += ms_moved
+        self.rows[top] -= rows_moved
+        self.rows[receiver] += rows_moved
         for rank in (top, receiver):
-            offers[rank] = _offers(rank, np.flatnonzero(home == rank), kept_rows, kept_ms)
-    traded_spans = list(spans)
-    for doc, rank in zip(kept.tolist(), home.tolist()):
-        traded_spans[doc] = (rank, 1)
-    return tuple(traded_spans), int(rows.max())
+            self.offers[rank] = self._offers(rank)
+
+    def _offers(self, rank: int) -> tuple[np.ndarray, ...]:
+        """What `rank` can hand back for a document: nothing, each of its kept documents, each
+        pair. (the rank per offer; indices into the kept documents (n, 2), -1 for none; their
+        rows; their (forward, backward) ms)"""
+        there = np.flatnonzero(self.home == rank)
+        left, right = np.triu_indices(len(there), 1)
+        taken = np.concatenate([
+            np.full((1, 2), -1), np.stack([there, np.full(len(there), -1)], axis=1), np.stack([there[left], there[right]], axis=1),
+        ])
+        some = taken >= 0
+        return (
+            np.full(len(taken), rank), taken, np.where(some, self.kept_rows[taken], 0).sum(axis=1),
+            np.where(some[:, :, None], self.kept_ms[taken], 0.0).sum(axis=1),
+        )
 
 
-def _offers(rank: int, there: np.ndarray, kept_rows: np.ndarray, kept_ms: np.ndarray) -> tuple[np.ndarray, ...]:
-    """What `rank`, holding kept documents `there` (indices into the kept ones), can hand back for
-    one of them: nothing, each one, each pair. (the rank per offer; indices (n, 2), -1 for none;
-    their rows; their ms)"""
-    left, right = np.triu_indices(len(there), 1)
-    taken = np.concatenate([
-        np.full((1, 2), -1), np.stack([there, np.full(len(there), -1)], axis=1), np.stack([there[left], there[right]], axis=1),
-    ])
-    some = taken >= 0
-    return (
-        np.full(len(taken), rank), taken, np.where(some, kept_rows[taken], 0).sum(axis=1), np.where(some, kept_ms[taken], 0.0).sum(axis=1),
-    )
+def _maxima_without(costs: np.ndarray, top: int, to: np.ndarray) -> np.ndarray:
+    """Per receiver in `to`, each pass's most loaded rank's ms among the ranks other than `top`
+    and it: the largest of the three heaviest that is neither. (len(to), 2)"""
+    maxima = np.full((len(to), 2), -np.inf)
+    for part in range(2):
+        found = np.zeros(len(to), dtype=bool)
+        for rank in np.argsort(-costs[:, part], kind="stable")[:3].tolist():
+            use = ~found & (to != rank) & (rank != top)
+            maxima[use, part] = costs[rank, part]
+            found |= use
+    return maxima

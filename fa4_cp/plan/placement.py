@@ -235,10 +235,12 @@ def remote_reach(spans, world_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def modelled_ms(sharding: BalancedSharding, heads: int = CALIBRATED_HEADS) -> float:
-    """The placement's modelled time at `heads` q heads of 128 per ring rank: its most loaded rank
-    (`rank_costs_ms`) and the work beside attention of every ring step that its widest span takes."""
+    """The placement's modelled time at `heads` q heads of 128 per ring rank: the forward's most
+    loaded rank and the backward's (`rank_costs_ms`; the ring waits for each pass's, as
+    tuning/mesh_model.py counts it) and the work beside attention of every ring step that its
+    widest span takes."""
     widest = max((ranks for _, ranks in sharding.spans), default=1)
-    return max(sum(cost) for cost in rank_costs_ms(sharding, heads)) + widest * step_other_us() / 1e3
+    return float(np.array(rank_costs_ms(sharding, heads)).max(axis=0).sum()) + widest * step_other_us() / 1e3
 
 
 def placement_heads(ulysses: int) -> int:
@@ -261,8 +263,8 @@ def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int, heads: int 
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
     picked = min(placement_candidates(doc_lengths, world_size, heads), key=lambda pair: pair[0])[1]
-    loads = np.array([sum(cost) for cost in rank_costs_ms(picked, heads)])
-    spans, local_len = kept_documents_traded(doc_lengths, picked.spans, loads, placed_rows(picked), heads, CALIBRATED_HEAD_DIM)
+    costs = np.array(rank_costs_ms(picked, heads))
+    spans, local_len = kept_documents_traded(doc_lengths, picked.spans, costs, placed_rows(picked), heads, CALIBRATED_HEAD_DIM)
     return BalancedSharding(world_size, doc_lengths, spans, local_len)
 
 
