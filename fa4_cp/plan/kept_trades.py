@@ -20,7 +20,7 @@ The search is by rows: every rank is near the row limit, so what a document can 
 must have nearly its rows. For each offer of another rank (nothing, one document, a pair), the
 loaded rank's documents whose rows fit form a run of them sorted by length. In the first round a
 kept document's cost grows with its length, so the best of that run is found by bisection; in
-the second, with two maxima, every document of the run is tried (a rank keeps a few dozen).
+the second, with two maxima, every document of the run is tried (runs are a few documents wide).
 
 Replayed on an H100 beside the greedy's choice (bench/results/nvidia_h100_2026-12-06_s20/
 placement_replay.json.gz), the first round: fine-tuning-like W = 16, the slowest rank 1.401 ->
@@ -107,14 +107,19 @@ class KeptDocuments:
                 if run is None:
                     continue
                 given, first, last, to, taken, _, back_ms = run
-                moved = self.kept_ms[given][None, :, :] - back_ms[:, None, :]  # (offer, given document, pass)
-                others = _maxima_without(self.costs, top, to)[:, None, :]
-                after = np.maximum(np.maximum(others, self.costs[top] - moved), self.costs[to][:, None, :] + moved).sum(axis=2)
-                inside = np.arange(len(given))[None, :]
-                after = np.where((inside >= first[:, None]) & (inside < last[:, None]), after, np.inf)
-                option, document = np.unravel_index(int(after.argmin()), after.shape)
-                if after[option, document] < best:
-                    best, choice = after[option, document], (top, int(to[option]), int(given[document]), taken[option])
+                # every (offer, document of its run) pair: the runs are a few documents wide
+                widths = np.maximum(last - first, 0)
+                option = np.repeat(np.arange(len(to)), widths)
+                if not option.size:
+                    continue
+                document = first[option] + np.arange(option.size) - np.repeat(np.cumsum(widths) - widths, widths)
+                moved = self.kept_ms[given[document]] - back_ms[option]  # (pair, pass)
+                receiver = to[option]
+                after = np.maximum(np.maximum(_maxima_without(self.costs, top, to)[option], self.costs[top] - moved), self.costs[receiver] + moved)
+                pair = int(after.sum(axis=1).argmin())
+                if after[pair].sum() < best:
+                    best = after[pair].sum()
+                    choice = (top, int(receiver[pair]), int(given[document[pair]]), taken[option[pair]])
             if choice is None:
                 break
             self._trade(*choice)
