@@ -276,8 +276,8 @@ def test_balanced_placement_beats_cutting_every_document_and_is_deterministic(wo
 
 @pytest.mark.parametrize(("mix", "world_size"), [("pretrain", 8), ("pretrain", 72), ("finetune", 16), ("finetune", 32), ("finetune", 64)])
 def test_balanced_placement_is_the_best_of_its_greedy_candidates(mix, world_size):
-    """The placement is never modelled slower (the most loaded rank's kernels and the ring steps'
-    fixed costs, under the ring's fitted costs) than the greedy placement by one device's costs that
+    """The placement is never modelled slower (each pass's most loaded rank's kernels and the ring
+    steps' fixed costs, under the ring's fitted costs) than the greedy placement by one device's costs that
     it replaced, and is faster on fine-tuning-like mixes, whose last short documents that greedy
     spread over several ranks to find rows, or piled on the ranks that still had room."""
     from fa4_cp.plan.placement import _greedy_placement, balanced_sharding, modelled_ms
@@ -295,9 +295,9 @@ def test_balanced_placement_is_the_best_of_its_greedy_candidates(mix, world_size
 @pytest.mark.parametrize(("mix", "world_size"), [("finetune", 16), ("finetune", 64), ("pretrain", 16)])
 def test_kept_document_trades_lighten_the_most_loaded_rank_within_the_row_limit(mix, world_size):
     """The layout trades kept documents off the greedy's choice: only kept documents move, each
-    still whole; no rank passes the greedy's row limit; the most loaded rank is never heavier, and
-    on fine-tuning-like mixes, whose last short documents the greedy leaves where rows are, it is
-    lighter (replayed on an H100: 1.401 -> 1.356 ms at W = 16, bench/results/
+    still whole; no rank passes the greedy's row limit; the passes' most loaded ranks are never
+    heavier, and on fine-tuning-like mixes, whose last short documents the greedy leaves where rows
+    are, lighter (replayed on an H100: 1.401 -> 1.356 ms at W = 16, bench/results/
     nvidia_h100_2026-12-06_s20/placement_replay.json.gz)."""
     import math
 

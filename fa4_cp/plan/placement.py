@@ -29,8 +29,9 @@ longest first, as longest-processing-time scheduling does: each takes the smalle
 2, 4, ... W, and the window of g ranks with room for its rows (up to ceil(S / W) + 128 per rank),
 that keeps every rank within 3% of the mean load; if none does, the (span, window) that leaves
 the most loaded rank least loaded. The greedy runs a few ways and the placement it keeps is the
-one whose most loaded rank the model finds fastest, at the heads a ring rank of the mesh holds
-(`placement_heads`: a launch weighs more against fewer heads' tiles):
+one the model finds fastest (`modelled_ms`: each pass's most loaded rank, which the ring waits
+for), at the heads a ring rank of the mesh holds (`placement_heads`: a launch weighs more against
+fewer heads' tiles):
 - by the cost placed so far, the mean counting what is left whole (one device's costs, and the
   ring's);
 - by projected load: every rank ends near the row limit, so a rank of costly long-document
@@ -44,7 +45,8 @@ one whose most loaded rank the model finds fastest, at the heads a ring rank of 
   like W = 16: 1.87 against 1.97 ms modelled, imbalance 1.014 against 1.097).
 So the threshold between whole and cut, and how widely to cut, come from the cost model and the
 mix, not from constants. The placement kept then trades kept documents off its most loaded ranks
-(kept_trades.py), which the greedy, placing the longest first, cannot revisit.
+(kept_trades.py), which the greedy, placing the longest first, cannot revisit: first evening the
+ranks' loads, then lowering each pass's maximum.
 """
 
 from __future__ import annotations
@@ -255,10 +257,10 @@ def placement_heads(ulysses: int) -> int:
 @functools.lru_cache(maxsize=64)
 def balanced_sharding(doc_lengths: tuple[int, ...], world_size: int, heads: int = CALIBRATED_HEADS) -> BalancedSharding:
     """The placement of `doc_lengths` on `world_size` ranks (cached: a batch's layers share it):
-    of the greedy placements by cost alone and by projected load, the one whose most loaded rank,
-    with its ring steps' fixed cost and its remote blocks' own cost (`rank_costs_ms`), costs least
-    at `heads` q heads per ring rank (`placement_heads`), with its kept documents then traded off
-    the most loaded ranks (kept_trades.py)."""
+    of the greedy placements by cost alone and by projected load, the one whose passes' most loaded
+    ranks, with the ring steps' fixed cost and the remote blocks' own cost (`modelled_ms`), cost
+    least at `heads` q heads per ring rank (`placement_heads`), with its kept documents then traded
+    off the most loaded ranks (kept_trades.py)."""
     if world_size == 1:
         spans = tuple((0, 1 if length else 0) for length in doc_lengths)
         return BalancedSharding(1, doc_lengths, spans, sum(doc_lengths))
