@@ -316,9 +316,10 @@ def test_kept_document_trades_lighten_the_most_loaded_rank_within_the_row_limit(
         assert modelled_ms(traded) < 0.97 * modelled_ms(picked)
 
 
-@pytest.mark.parametrize("seed", range(16))
-def test_kept_document_trades_search_by_rows_finds_the_best_trade_on_random_placements(seed):
-    """Each rank's 6,000 rows cut into 5 kept documents at random: equal rows, unequal costs."""
+@pytest.mark.parametrize(("seed", "documents"), [*((seed, 5) for seed in range(16)), (16, 40), (17, 40)])
+def test_kept_document_trades_search_by_rows_finds_the_best_trade_on_random_placements(seed, documents):
+    """Each rank's 6,000 rows cut into `documents` kept documents at random: equal rows, unequal
+    costs; with 40 a rank, past PAIRS_UP_TO, the second round takes none back in pairs."""
     import numpy as np
 
     from fa4_cp.tuning.kernel_cost import span_us
@@ -327,9 +328,9 @@ def test_kept_document_trades_search_by_rows_finds_the_best_trade_on_random_plac
     world = 2 + seed % 5
     lengths, spans = [], []
     for rank in range(world):
-        cuts = np.sort(rng.choice(np.arange(1, 6000), 4, replace=False))
+        cuts = np.sort(rng.choice(np.arange(1, 6000), documents - 1, replace=False))
         lengths += np.diff(np.concatenate([[0], cuts, [6000]])).tolist()
-        spans += [(rank, 1)] * 5
+        spans += [(rank, 1)] * documents
     costs = np.array([sum(np.array(span_us(length, 1, 64, 128)) / 1e3 for length, (r, _) in zip(lengths, spans) if r == rank) for rank in range(world)])
     # beside the kept documents, remote work that weighs the passes unequally, as spans do
     _assert_first_trades_are_the_best(tuple(lengths), tuple(spans), costs + rng.random((world, 2)), np.full(world, 6000))
@@ -362,10 +363,11 @@ def test_kept_document_trades_search_by_rows_finds_the_best_trade_on_the_greedys
     _assert_first_trades_are_the_best(lengths, picked.spans, np.array(rank_costs_ms(picked)), placed_rows(picked))
 
 
-def _every_trade(lengths, spans, costs, rows, tops):
+def _every_trade(lengths, spans, costs, rows, tops, pairs_up_to=None):
     """Every trade off a rank of `tops` that keeps both ranks within the row limit, tried: (the
     loaded rank, the receiver, the ms moved per pass), by trying every offer (nothing, one or two
-    of the receiver's kept documents) against every kept document of the loaded rank."""
+    of the receiver's kept documents; two only where it keeps at most `pairs_up_to`, if given)
+    against every kept document of the loaded rank."""
     import itertools
     import math
 
@@ -379,7 +381,9 @@ def _every_trade(lengths, spans, costs, rows, tops):
     for top in tops:
         for doc in kept_on[top]:
             for receiver in (rank for rank in range(world) if rank != top):
-                for back in itertools.chain([()], ((d,) for d in kept_on[receiver]), itertools.combinations(kept_on[receiver], 2)):
+                paired = pairs_up_to is None or len(kept_on[receiver]) <= pairs_up_to
+                pairs = itertools.combinations(kept_on[receiver], 2) if paired else ()
+                for back in itertools.chain([()], ((d,) for d in kept_on[receiver]), pairs):
                     moved_rows = lengths[doc] - sum(lengths[d] for d in back)
                     if rows[receiver] + moved_rows <= capacity and rows[top] - moved_rows <= capacity:
                         yield top, receiver, cost[doc] - sum((cost[d] for d in back), np.zeros(2))
@@ -419,9 +423,11 @@ def _assert_first_trades_are_the_best(lengths, spans, costs, rows):
         assert top in changed and len(changed) == 2
         assert after[changed].max() == pytest.approx(best, rel=1e-9)
 
+    from fa4_cp.plan.kept_trades import PAIRS_UP_TO
+
     passes = costs.max(axis=0).sum()
     best = passes
-    for top, receiver, moved in _every_trade(lengths, spans, costs, rows, sorted(set(costs.argmax(axis=0).tolist()))):
+    for top, receiver, moved in _every_trade(lengths, spans, costs, rows, sorted(set(costs.argmax(axis=0).tolist())), PAIRS_UP_TO):
         trial = costs.copy()
         trial[top] -= moved
         trial[receiver] += moved

@@ -11,7 +11,8 @@ adds nothing to a rank's remote launches, which cover only the spread documents'
   lighter;
 - the passes' maxima lowered: the ring waits for each pass's most loaded rank, and a rank of
   many remote steps is heavier in the forward than its share of forward + backward says. Trades
-  off the forward's or the backward's most loaded rank while the sum of the two maxima falls.
+  off the forward's or the backward's most loaded rank while the sum of the two maxima falls
+  (pairs taken back only from ranks that keep few documents: PAIRS_UP_TO).
   Trades by this measure alone from the greedy's placement stall where two ranks tie for a
   maximum; after the first round they lower it further (fine-tuning-like, modelled: W = 32
   2.43 -> 2.37 ms, W = 72 3.01 -> 2.96).
@@ -34,6 +35,11 @@ import math
 import numpy as np
 
 from ..tuning.kernel_cost import TILE, span_us
+
+# The second round takes pairs of documents back only from ranks that keep at most this many: an
+# 8 x 8 split's fine-tuning-like ring ranks keep about 90 each, 4,000 pairs a rank, and pairing
+# them took 0.3-0.9 s of host time a batch for 0.01% of the modelled time
+PAIRS_UP_TO = 32
 
 
 def kept_documents_traded(
@@ -107,8 +113,10 @@ class KeptDocuments:
                 if run is None:
                     continue
                 given, first, last, to, taken, _, back_ms = run
-                # every (offer, document of its run) pair: the runs are a few documents wide
-                widths = np.maximum(last - first, 0)
+                # every (offer, document of its run) pair: the runs are a few documents wide; pairs
+                # only from ranks that keep few documents (one that keeps many has fine steps singly)
+                offered = (taken[:, 1] < 0) | (np.bincount(self.home, minlength=len(self.rows))[to] <= PAIRS_UP_TO)
+                widths = np.where(offered, np.maximum(last - first, 0), 0)
                 option = np.repeat(np.arange(len(to)), widths)
                 if not option.size:
                     continue
