@@ -14,8 +14,8 @@ adds nothing to a rank's remote launches, which cover only the spread documents'
   off the forward's or the backward's most loaded rank while the sum of the two maxima falls
   (pairs taken back only from ranks that keep few documents: PAIRS_UP_TO).
   Trades by this measure alone from the greedy's placement stall where two ranks tie for a
-  maximum; after the first round they lower it further (fine-tuning-like, modelled: W = 32
-  2.43 -> 2.37 ms, W = 72 3.01 -> 2.96).
+  maximum; after the first round they lower it further (fine-tuning-like, the attention kernels
+  modelled: W = 32 2.43 -> 2.37 ms, W = 72 3.01 -> 2.93).
 
 The search is by rows: every rank is near the row limit, so what a document can be traded for
 must have nearly its rows. For each offer of another rank (nothing, one document, a pair), the
@@ -23,9 +23,10 @@ loaded rank's documents whose rows fit form a run of them sorted by length. In t
 kept document's cost grows with its length, so the best of that run is found by bisection; in
 the second, with two maxima, every document of the run is tried (runs are a few documents wide).
 
-Replayed on an H100 beside the greedy's choice (bench/results/nvidia_h100_2026-12-06_s20/
-placement_replay.json.gz), the first round: fine-tuning-like W = 16, the slowest rank 1.401 ->
-1.356 ms.
+Replayed on an H100 against the layout before any trades, in one call (bench/results/
+nvidia_h100_2026-12-06_s21/, MagiAttention's metric): fine-tuning-like per-rank imbalance 1.058 /
+1.086 / 1.101 -> 1.040 / 1.045 / 1.065 at W = 16 / 32 / 64; the forward's remote launches, which
+no trade of kept documents moves, keep its own at 1.13-1.17.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class KeptDocuments:
     def __init__(
         self, lengths: tuple[int, ...], spans: tuple[tuple[int, int], ...], costs: np.ndarray, rows: np.ndarray, heads: int, head_dim: int,
     ):
-        self.lengths, self.original = lengths, spans
+        self.original = spans
         self.costs, self.rows = np.array(costs, dtype=np.float64).reshape(-1, 2), np.array(rows, dtype=np.int64)
         world = len(self.rows)
         self.capacity = math.ceil(sum(lengths) / world) + TILE
