@@ -33,11 +33,12 @@ def modelled(sharding) -> dict:
     costs = rank_costs_ms(sharding)
     load = [forward + backward for forward, backward in costs]
     passes = [max(cost[part] for cost in costs) for part in (0, 1)]
+    # the layout's objective: the ring waits for each pass's most loaded rank, so where they differ this exceeds the
+    # slowest rank's fwd + bwd
+    objective = modelled_ms(sharding)
     return {
-        "slowest_rank_ms": modelled_ms(sharding) - sum(passes) + max(load), "imbalance": max(load) / (sum(load) / sharding.world_size),
-        # the layout's objective: the ring waits for each pass's most loaded rank, so where they differ this exceeds the
-        # slowest rank's fwd + bwd
-        "slowest_passes_ms": modelled_ms(sharding),
+        "slowest_rank_ms": objective - sum(passes) + max(load), "imbalance": max(load) / (sum(load) / sharding.world_size),
+        "slowest_passes_ms": objective,
         "pass_imbalance": [most / (sum(cost[part] for cost in costs) / sharding.world_size) for part, most in enumerate(passes)],
         "active_steps": max(ranks for _, ranks in sharding.spans),
         "short_documents_cut": sum(1 for length, (_, ranks) in zip(sharding.doc_lengths, sharding.spans) if length < SHORT and ranks > 1),

@@ -88,7 +88,7 @@ class KeptDocuments:
             run = self._fitting_run(top)
             if run is None:
                 break  # the most loaded rank keeps no document whole: nothing to trade
-            given, first, last, to, taken, back_rows, back_ms = run
+            given, first, last, to, taken, back_ms = run
             given_ms, back = self.kept_ms[given].sum(axis=1), back_ms.sum(axis=1)
             # within the run, the document nearest the cost that would even the two ranks out, or its neighbour
             ideal = np.searchsorted(given_ms, back + (loads[top] - loads[to]) / 2)
@@ -109,14 +109,15 @@ class KeptDocuments:
         for _ in range(most_trades if self.offers else 0):
             passes = self.costs.max(axis=0).sum()
             best, choice = passes * (1 - 1e-9), None
+            paired = np.bincount(self.home, minlength=len(self.rows)) <= PAIRS_UP_TO  # per rank: takes pairs back
             for top in sorted(set(self.costs.argmax(axis=0).tolist())):
                 run = self._fitting_run(top)
                 if run is None:
                     continue
-                given, first, last, to, taken, _, back_ms = run
+                given, first, last, to, taken, back_ms = run
                 # every (offer, document of its run) pair: the runs are a few documents wide; pairs
                 # only from ranks that keep few documents (one that keeps many has fine steps singly)
-                offered = (taken[:, 1] < 0) | (np.bincount(self.home, minlength=len(self.rows))[to] <= PAIRS_UP_TO)
+                offered = (taken[:, 1] < 0) | paired[to]
                 widths = np.where(offered, np.maximum(last - first, 0), 0)
                 option = np.repeat(np.arange(len(to)), widths)
                 if not option.size:
@@ -146,7 +147,7 @@ class KeptDocuments:
         given_rows = self.kept_rows[given]
         first = np.searchsorted(given_rows, back_rows - (self.capacity - self.rows[top]), side="left")
         last = np.searchsorted(given_rows, back_rows + (self.capacity - self.rows[to]), side="right")
-        return given, first, last, to, taken, back_rows, back_ms
+        return given, first, last, to, taken, back_ms
 
     def _trade(self, top: int, receiver: int, gone: int, taken: np.ndarray) -> None:
         back = [doc for doc in taken.tolist() if doc >= 0]
