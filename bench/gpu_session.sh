@@ -33,7 +33,8 @@
 #                  BASELINE_TREE's fa4_cp if set (this bench copied into it; OUT_DIR absolute)
 #   placement_replay  bench/placement_replay.py: every placement the balanced layout chooses from, replayed (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON);
-#                  with BASELINE_TREE, on that tree's fa4_cp too (OUT_DIR absolute)
+#                  with BASELINE_TREE, on that tree's fa4_cp too (OUT_DIR absolute); MAGI_ARGS: more of its arguments
+#                  (--mixes, --also-ulysses)
 #   staged_forward the forward's options against fp64, each way: q heads packed or not (PACK_GQA; alone and
 #                  through the ring) and the kept documents written finished or merged (ROUNDED_VARLEN; the ring)
 #   magi_replay_unstaged  bench/magi_replay.py --no-pack-gqa --no-rounded-varlen: the forward as before 2026-12-06 (JSON)
@@ -136,9 +137,9 @@ for part in "${parts[@]}"; do
     placement_replay) run placement_replay.log "$seconds" python3 bench/placement_replay.py --out "$out/placement_replay.json" ;;
     magi_replay)
       run magi_replay.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
-        --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "$out/magi_replay.json"
+        --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} ${MAGI_ARGS:-} --out "$out/magi_replay.json"
       on_baseline magi_replay_baseline.log "$seconds" python3 bench/magi_replay.py --max-minutes "$(replay_minutes "$seconds")" \
-        --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} --out "'$out/magi_replay_baseline.json'" ;;
+        --world-sizes ${MAGI_WORLD_SIZES:-8 16 32 64} ${MAGI_ARGS:-} --out "'$out/magi_replay_baseline.json'" ;;
     staged_forward) tests tests_gpu_staged_forward.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py \
         -k "packed_q_heads or kept_documents" ;;
     magi_replay_unstaged) run magi_replay_unstaged.log "$seconds" python3 bench/magi_replay.py --no-pack-gqa --no-rounded-varlen \

@@ -13,7 +13,8 @@ so each ring rank is replayed alone (bench/replay.py, all its kernels) and stand
 ulysses ranks. Balance: each ring rank's measured time against the calibrated kernel model's
 (plan/placement.rank_costs_ms over the balanced placement): measured and modelled imbalance
 (slowest / mean), and per rank measured / modelled; and of each rank's fwd + bwd ("imbalance").
-The plain ring (u = 1) is replayed as well when plan_mesh picks another split. Mixes: bench/mixes.py.
+The plain ring (u = 1) is replayed as well when plan_mesh picks another split, and the splits
+`--also-ulysses` names (bench/ring_model.py --replay-magi adds their transfers). Mixes: bench/mixes.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import fa4_cp  # noqa: E402
 from fa4_cp import plan_mesh  # noqa: E402
 from fa4_cp.kernels import BandMask, get_backend  # noqa: E402
 from fa4_cp.plan.placement import rank_costs_ms  # noqa: E402
+from fa4_cp.validation import heads_split  # noqa: E402
 
 CAUSAL = BandMask(hi=0)
 MAGI_H100_TFLOPS = {  # MagiAttention's published varlen-causal figures per GPU (H100, 64:8, d 128, 8K per GPU)
@@ -104,7 +106,9 @@ def upstream_one_device_ms(lengths: list[int], shape: dict) -> dict[str, float]:
     return {"forward": times["forward"], "backward": times["backward"]}
 
 
-def run_config(mix: str, world: int, lengths: list[int], shape: dict, backend, device: torch.device) -> dict:
+def run_config(
+    mix: str, world: int, lengths: list[int], shape: dict, backend, device: torch.device, also_ulysses: tuple[int, ...] = (),
+) -> dict:
     plan = plan_mesh(world, shape["heads"], shape["kv_heads"], sum(lengths), head_dim=shape["head_dim"], documents=lengths)
     row = {
         "mix": mix, "world_size": world, "documents": len(lengths), "median_length": statistics.median(lengths), "longest": max(lengths),
@@ -113,10 +117,14 @@ def run_config(mix: str, world: int, lengths: list[int], shape: dict, backend, d
     }
     if plan.ulysses != 1:
         row["plain_ring"] = replay_split(lengths, world, 1, shape, backend, device)
+    # the splits plan_mesh did not pick, where asked for: what bench/ring_model.py sets the choice against
+    others = [u for u in also_ulysses if u not in (1, plan.ulysses) and world % u == 0 and heads_split(shape["heads"], shape["kv_heads"], u)]
+    for u in others:
+        row[f"ulysses_{u}"] = replay_split(lengths, world, u, shape, backend, device)
     if device.type == "cuda":
         one_device = upstream_one_device_ms(lengths, shape)
         row["upstream_one_device_ms"] = one_device
-        for split in ("chosen", "plain_ring"):
+        for split in ("chosen", "plain_ring", *(f"ulysses_{u}" for u in others)):
             for direction in DIRECTIONS if split in row else ():
                 row[split][direction]["efficiency_vs_one_device"] = one_device[direction] / (world * row[split][direction]["slowest_ms"])
     return row
@@ -127,6 +135,9 @@ def main() -> None:
     add_mix_arguments(parser, [8, 16, 32, 64])
     parser.add_argument("--dry-run", action="store_true", help="CPU, reference backend, 8:2 heads of 16, 64 tokens per GPU")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no configuration after this")
+    parser.add_argument(
+        "--also-ulysses", type=int, nargs="*", default=[], help="replay these Ulysses sizes too where they divide W and the heads ('ulysses_U')",
+    )
     add_forward_option_arguments(parser)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -149,7 +160,7 @@ def main() -> None:
         if args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes:
             result["stopped_early"] = True
             break
-        row = run_config(mix, world, lengths, shape, backend, device)
+        row = run_config(mix, world, lengths, shape, backend, device, tuple(args.also_ulysses))
         result["rows"].append(row)
         write(result, args.out)
         chosen = row["chosen"]

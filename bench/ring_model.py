@@ -36,6 +36,7 @@ from common import RESULTS, load_result as load, record, write  # noqa: E402
 H200_RUNS = RESULTS / "ring_nvidia_h200_2026-11-21"
 DAY = RESULTS / "nvidia_h200_2026-12-01"
 PREDICT_WORLD_SIZES = (8, 16, 24, 32, 48, 64, 72)
+H200 = {"compute_scale": 1.0, "bandwidth_scale": 1.0, "assumed": False}
 GB200 = {"compute_scale": 989.4 / 2250.0, "bandwidth_scale": 2.0, "assumed": True}
 
 
@@ -63,13 +64,7 @@ def check_ms(checks: dict[int, float], world_size: int) -> float:
 
 def step_compute(row: dict, direction: str, compute_scale: float = 1.0) -> list[float]:
     """The slowest rank's compute at each active step (ms)."""
-    ranks = row["ranks"]
-    per_rank = []
-    for rank in ranks:
-        attention = rank[f"{direction}_step_attention_ms"]
-        other = (rank[f"{direction}_ms"] - sum(attention)) / len(attention)
-        per_rank.append([(a + other) * compute_scale for a in attention])
-    return [max(column) for column in zip(*per_rank)]
+    return [max(column) for column in zip(*rank_step_compute(row, direction, compute_scale))]
 
 
 def ring_ms(compute: dict[str, list[float]], hop: dict[str, float], link: dict, check: float, bandwidth_scale: float = 1.0) -> dict:
@@ -88,6 +83,38 @@ def ring_ms(compute: dict[str, list[float]], hop: dict[str, float], link: dict, 
         backward += max(c, following + hop_ms(hop["dkv"]))
     backward += hop_ms(hop["dkv"]) if steps > 1 else 0.0  # the last partial sums' hop home
     return {"fwd": forward, "fwdbwd": forward + backward}
+
+
+def ring_timeline_ms(per_rank: list[list[float]], hop_ms: float, trailing_ms: float = 0.0) -> float:
+    """When the last rank finishes a pass whose ranks run their own steps' compute (per_rank[r][s],
+    ms) as soon as the step's KV is there, instead of in lock-step: the KV of step s reaches rank r
+    from its neighbour once the neighbour holds it (its own at step 0, else received for step
+    s - 1) and r has freed the buffer (two per stream: finished step s - 2), a hop later. Both
+    streams of the balanced layout move alike. `trailing_ms`: a last hop after a rank's last step
+    (the backward's partial sums going home)."""
+    world, steps = len(per_rank), len(per_rank[0])
+    arrival = [[0.0] * steps for _ in range(world)]
+    finish = [[0.0] * steps for _ in range(world)]
+    for step in range(steps):
+        for rank in range(world):
+            if step:
+                neighbour = (rank - 1) % world
+                freed = finish[rank][step - 2] if step >= 2 else 0.0
+                arrival[rank][step] = max(arrival[neighbour][step - 1], freed) + hop_ms
+            began = max(finish[rank][step - 1] if step else 0.0, arrival[rank][step])
+            finish[rank][step] = began + per_rank[rank][step]
+    return max(row[-1] for row in finish) + (trailing_ms if steps > 1 else 0.0)
+
+
+def rank_step_compute(row: dict, direction: str, compute_scale: float = 1.0) -> list[list[float]]:
+    """Each rank's compute per active step (ms): its attention kernels, and its other kernels
+    spread evenly over its steps."""
+    per_rank = []
+    for rank in row["ranks"]:
+        attention = rank[f"{direction}_step_attention_ms"]
+        other = (rank[f"{direction}_ms"] - sum(attention)) / len(attention)
+        per_rank.append([(a + other) * compute_scale for a in attention])
+    return per_rank
 
 
 def replay_inputs(row: dict, compute_scale: float = 1.0) -> tuple[dict, dict]:
@@ -123,7 +150,7 @@ def dense_at(world_size: int, replay: dict, compute_scale: float) -> tuple[dict,
 def predict(dense: list[dict], packed: list[dict], link: dict, checks: dict[int, float], single_gpu_ms: dict[int, float]) -> list[dict]:
     """`single_gpu_ms`: one GPU over a W = 4 ring's whole sequence, fwd+bwd, by S per GPU."""
     out = []
-    for machine, scales in (("H200", {"compute_scale": 1.0, "bandwidth_scale": 1.0, "assumed": False}), ("GB200 NVL72", GB200)):
+    for machine, scales in (("H200", H200), ("GB200 NVL72", GB200)):
         for seq in (8192, 32768):
             replay = next(d for d in dense if (d["world_size"], d["heads"], d["kv_heads"], d["seq_per_gpu"]) == (4, 32, 8, seq))
             single = single_gpu_ms[seq] * scales["compute_scale"]
@@ -147,6 +174,52 @@ def predict(dense: list[dict], packed: list[dict], link: dict, checks: dict[int,
                     "world_size": row["world_size"], "fwdbwd_ms": ms["fwdbwd"],
                     "efficiency_vs_one_device": up / (row["world_size"] * ms["fwdbwd"]),
                     "tflops_per_gpu": flops / row["world_size"] / (ms["fwdbwd"] * 1e-3) / 1e12,
+                })
+    return out
+
+
+def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[dict]:
+    """Each split of a bench/magi_replay.py run (every ring rank of the split replayed alone on one
+    GPU, at that W, against upstream FA4 on one device in the same run) with its transfers
+    modelled: per active step, max(the slowest rank's replayed compute, the copy-engine hop of the
+    rank that receives the most); the Ulysses all-to-alls at tuning/mesh_model.py's figures
+    (ASSUMED: no multi-GPU run has measured them); the cross-rank check apart, since a group with a
+    CPU backend beside NCCL checks on the host. GB200 NVL72 as in `predict` (ASSUMED)."""
+    from fa4_cp.tuning.mesh_model import GB200_NVL72, H200 as H200_MACHINE, all_to_all_ms
+
+    out = []
+    for machine, scales, exchange in ((f"{replay['device']} compute, H200 hops", H200, H200_MACHINE), ("GB200 NVL72", GB200, GB200_NVL72)):
+        for row in replay["rows"]:
+            world, one_device = row["world_size"], row.get("upstream_one_device_ms")
+            if one_device is None:
+                continue
+            one_device_ms = (one_device["forward"] + one_device["backward"]) * scales["compute_scale"]
+            for split in ("chosen", "plain_ring", *sorted(key for key in row if key.startswith("ulysses_"))):
+                part = row.get(split)
+                if part is None:
+                    continue
+                compute = {direction: rank_step_compute(part, direction, scales["compute_scale"]) for direction in ("forward", "backward")}
+                hop_bytes = {name: max(rank[f"{name}_hop_bytes"] for rank in part["ranks"]) for name in ("kv", "dkv")}
+
+                def hop(nbytes: float) -> float:
+                    return link["latency_ms"] + nbytes * link["ms_per_byte"] / scales["bandwidth_scale"]
+
+                lock_step = ring_ms({d: [max(c) for c in zip(*per_rank)] for d, per_rank in compute.items()}, hop_bytes, link, 0.0, scales["bandwidth_scale"])
+                ring = ring_timeline_ms(compute["forward"], hop(hop_bytes["kv"])) + ring_timeline_ms(
+                    compute["backward"], hop(hop_bytes["kv"] + hop_bytes["dkv"]), hop(hop_bytes["dkv"]),
+                )
+                compute_ms = max(sum(f) + sum(b) for f, b in zip(compute["forward"], compute["backward"]))
+                exchanges = all_to_all_ms(
+                    part["ulysses"], part["ring"], replay["heads"], replay["kv_heads"], replay["tokens_per_gpu"] * world, replay["head_dim"], exchange,
+                )
+                total, check = ring + exchanges, check_ms(checks, world)
+                out.append({
+                    "machine": machine, "assumed": scales["assumed"], "mix": row["mix"], "world_size": world, "split": split,
+                    "ulysses": part["ulysses"], "ring": part["ring"], "active_steps": len(compute["forward"][0]),
+                    "slowest_rank_compute_ms": compute_ms, "ring_ms": ring, "lock_step_ring_ms": lock_step["fwdbwd"], "all_to_all_ms": exchanges,
+                    "fwdbwd_ms": total, "compute_only_efficiency": one_device_ms / (world * compute_ms),
+                    "efficiency_vs_one_device": one_device_ms / (world * total),
+                    "efficiency_with_nccl_check": one_device_ms / (world * (total + check)),
                 })
     return out
 
@@ -183,9 +256,31 @@ def main() -> None:
     parser.add_argument("--replay-dense", default=DAY / "varlen_dense_replay_2026-12-01.json")
     parser.add_argument("--replay-packed", default=DAY / "varlen_packed_2026-12-01.json.gz")
     parser.add_argument("--out-dir", default=DAY)
+    parser.add_argument(
+        "--replay-magi", nargs="+", help="bench/magi_replay.py runs: predict their splits with transfers (`replayed_splits`) into --out instead",
+    )
+    parser.add_argument("--out", help="with --replay-magi: the JSON to write")
     args = parser.parse_args()
     link = fit_link(load(H200_RUNS / "transport_bandwidth_w2.json"))
     checks = check_costs(load(RESULTS / "consistency_check_cuda_2026-11-21.json"), load(H200_RUNS / "ring_w4_8k_nocheck_profile.json"), load(H200_RUNS / "ring_w4.json"))
+    if args.replay_magi:
+        if not args.out:
+            parser.error("--replay-magi: give --out")
+        replays = {path: load(Path(path)) for path in args.replay_magi}
+        predictions = [
+            {"replay": path, "replay_commit": replay["git_commit"], **prediction}
+            for path, replay in replays.items() for prediction in replayed_splits(replay, link, checks)
+        ]
+        write(record(
+            "ring_model_replayed_splits", "cpu", link=link, check_ms_by_world_size=checks, gb200_assumptions=GB200, inputs=list(replays),
+            method="per active step max(the slowest replayed rank's compute, the copy-engine hop of the most received bytes), plus the "
+            "all-to-alls at tuning/mesh_model.py's assumed figures; the cross-rank check apart (efficiency_with_nccl_check)",
+            predictions=predictions,
+        ), args.out)
+        for p in predictions:
+            print(f"{p['machine'][:34]:34} {p['mix']:8} W={p['world_size']:<3} {p['ulysses']} x {p['ring']:<3} {p['split']:10} compute only "
+                  f"{p['compute_only_efficiency']:.3f}, with transfers {p['efficiency_vs_one_device']:.3f} (check on NCCL {p['efficiency_with_nccl_check']:.3f})")
+        return
     dense = load(Path(args.replay_dense))["dense"]
     packed = load(Path(args.replay_packed))["packed"]
     validation = validate(dense, link, checks)

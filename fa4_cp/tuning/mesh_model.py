@@ -164,16 +164,16 @@ def predict_split(
     bound = "hop" if hops and (hop_fwd > step_fwd or hop_bwd > step_bwd) else "compute"
     if step_ms * steps > compute_ms / 2:
         bound = "overhead"
-    all_to_all_ms = _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
+    exchange_ms = all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
     call_ms = _call_ms(u, r, heads, seq_len, head_dim, machine)
-    total = ring_ms + all_to_all_ms + call_ms
+    total = ring_ms + exchange_ms + call_ms
     return {
-        "ulysses": u, "ring": r, "active_steps": steps, "step_ms": step_ms, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": all_to_all_ms, "call_ms": call_ms,
+        "ulysses": u, "ring": r, "active_steps": steps, "step_ms": step_ms, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": exchange_ms, "call_ms": call_ms,
         "compute_ms": compute_ms, "efficiency": ideal_ms / total, "bound": bound, "hop_bytes": kv_bytes,
     }
 
 
-def _all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
+def all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
     """The Ulysses exchanges of one call: (u - 1) / u of each rank's q, out, dout, dq and k, v,
     dk, dv (KV heads repeated to u where fewer), and a latency per exchange."""
     if u == 1:
@@ -195,7 +195,7 @@ def _split_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, hea
     widths = span_widths(r)
     least = sum(min(g * span_cost(n, g) for g in widths) for n in documents if n)  # us, 64 heads of 128
     compute_ms = least / r / 1e3 * (heads // u) * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
-    return compute_ms + machine.packed_step_ms + _all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
+    return compute_ms + machine.packed_step_ms + all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
 
 
 def _documents_compute(
