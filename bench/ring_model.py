@@ -1,6 +1,11 @@
 """The ring's time from measured parts, validated on the committed multi-GPU runs, then predicted.
 
     python bench/ring_model.py [--replay-dense J] [--replay-packed J] [--out-dir DIR]
+    python bench/ring_model.py --replay-magi MAGI_REPLAY_JSON... --out PATH
+
+The second form takes bench/magi_replay.py runs (every ring rank of a split replayed alone, at the
+W it ran) and adds their transfers: `replayed_splits`, whose ranks run their own steps as their KV
+arrives (`ring_timeline_ms`) rather than in lock-step as below.
 
 One call's time = the cross-rank check's cost + the sum over active ring steps of
 max(the slowest rank's compute at that step, the step's hop: latency + bytes / bandwidth); the
@@ -85,22 +90,24 @@ def ring_ms(compute: dict[str, list[float]], hop: dict[str, float], link: dict, 
     return {"fwd": forward, "fwdbwd": forward + backward}
 
 
-def ring_timeline_ms(per_rank: list[list[float]], hop_ms: float, trailing_ms: float = 0.0) -> float:
-    """When the last rank finishes a pass whose ranks run their own steps' compute (per_rank[r][s],
-    ms) as soon as the step's KV is there, instead of in lock-step: the KV of step s reaches rank r
-    from its neighbour once the neighbour holds it (its own at step 0, else received for step
-    s - 1) and r has freed the buffer (two per stream: finished step s - 2), a hop later. Both
-    streams of the balanced layout move alike. `trailing_ms`: a last hop after a rank's last step
-    (the backward's partial sums going home)."""
+def ring_timeline_ms(per_rank: list[list[float]], hop_ms: float, trailing_ms: float = 0.0, ahead: int = 1) -> float:
+    """When the last rank finishes a pass whose ranks each run their own steps (per_rank[r][s], ms,
+    compute) as soon as the step's KV is held, not in lock-step. The KV of step s comes from the
+    neighbours on both sides (the balanced layout's two streams; for the dense ring's one stream
+    the same bound) a hop after it can move: the sender holds it (received for step s - 1), the
+    hop before it on the copy engine has landed, and on both ranks the buffer it lands in is free,
+    which with `ahead` + 1 buffers a stream (runtime/travelling.py: hops up to `ahead` steps ahead
+    of the compute) is once each has finished step s - 1 - `ahead`. `trailing_ms`: a last hop
+    after a rank's last step (the backward's partial sums going home)."""
     world, steps = len(per_rank), len(per_rank[0])
     arrival = [[0.0] * steps for _ in range(world)]
     finish = [[0.0] * steps for _ in range(world)]
     for step in range(steps):
         for rank in range(world):
             if step:
-                neighbour = (rank - 1) % world
-                freed = finish[rank][step - 2] if step >= 2 else 0.0
-                arrival[rank][step] = max(arrival[neighbour][step - 1], freed) + hop_ms
+                both = (rank, (rank - 1) % world, (rank + 1) % world)
+                freed = max(finish[r][step - 1 - ahead] for r in both) if step - 1 - ahead >= 0 else 0.0
+                arrival[rank][step] = max(freed, *(arrival[r][step - 1] for r in both)) + hop_ms
             began = max(finish[rank][step - 1] if step else 0.0, arrival[rank][step])
             finish[rank][step] = began + per_rank[rank][step]
     return max(row[-1] for row in finish) + (trailing_ms if steps > 1 else 0.0)
@@ -181,10 +188,12 @@ def predict(dense: list[dict], packed: list[dict], link: dict, checks: dict[int,
 def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[dict]:
     """Each split of a bench/magi_replay.py run (every ring rank of the split replayed alone on one
     GPU, at that W, against upstream FA4 on one device in the same run) with its transfers
-    modelled: per active step, max(the slowest rank's replayed compute, the copy-engine hop of the
-    rank that receives the most); the Ulysses all-to-alls at tuning/mesh_model.py's figures
+    modelled: each rank runs its replayed steps as their KV arrives (`ring_timeline_ms`, the
+    streams KV_HOPS_AHEAD hops ahead of the compute, and one ahead as before 2026-12-06's session
+    22), each hop the copy engine's fitted time for the most any rank receives; the Ulysses all-to-alls at tuning/mesh_model.py's figures
     (ASSUMED: no multi-GPU run has measured them); the cross-rank check apart, since a group with a
     CPU backend beside NCCL checks on the host. GB200 NVL72 as in `predict` (ASSUMED)."""
+    from fa4_cp.runtime.travelling import KV_HOPS_AHEAD
     from fa4_cp.tuning.mesh_model import GB200_NVL72, H200 as H200_MACHINE, all_to_all_ms
 
     out = []
@@ -205,8 +214,11 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                     return link["latency_ms"] + nbytes * link["ms_per_byte"] / scales["bandwidth_scale"]
 
                 lock_step = ring_ms({d: [max(c) for c in zip(*per_rank)] for d, per_rank in compute.items()}, hop_bytes, link, 0.0, scales["bandwidth_scale"])
-                ring = ring_timeline_ms(compute["forward"], hop(hop_bytes["kv"])) + ring_timeline_ms(
-                    compute["backward"], hop(hop_bytes["kv"] + hop_bytes["dkv"]), hop(hop_bytes["dkv"]),
+                # the balanced layout's streams run KV_HOPS_AHEAD hops ahead (runtime/travelling.py); before, one
+                ring, one_ahead = (
+                    ring_timeline_ms(compute["forward"], hop(hop_bytes["kv"]), ahead=depth)
+                    + ring_timeline_ms(compute["backward"], hop(hop_bytes["kv"] + hop_bytes["dkv"]), hop(hop_bytes["dkv"]), ahead=depth)
+                    for depth in (KV_HOPS_AHEAD, 1)
                 )
                 compute_ms = max(sum(f) + sum(b) for f, b in zip(compute["forward"], compute["backward"]))
                 exchanges = all_to_all_ms(
@@ -220,6 +232,7 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                     "fwdbwd_ms": total, "compute_only_efficiency": one_device_ms / (world * compute_ms),
                     "efficiency_vs_one_device": one_device_ms / (world * total),
                     "efficiency_with_nccl_check": one_device_ms / (world * (total + check)),
+                    "efficiency_one_hop_ahead": one_device_ms / (world * (one_ahead + exchanges)),
                 })
     return out
 
@@ -279,7 +292,8 @@ def main() -> None:
         ), args.out)
         for p in predictions:
             print(f"{p['machine'][:34]:34} {p['mix']:8} W={p['world_size']:<3} {p['ulysses']} x {p['ring']:<3} {p['split']:10} compute only "
-                  f"{p['compute_only_efficiency']:.3f}, with transfers {p['efficiency_vs_one_device']:.3f} (check on NCCL {p['efficiency_with_nccl_check']:.3f})")
+                  f"{p['compute_only_efficiency']:.3f}, with transfers {p['efficiency_vs_one_device']:.3f} (check on NCCL "
+                  f"{p['efficiency_with_nccl_check']:.3f}; one hop ahead {p['efficiency_one_hop_ahead']:.3f})")
         return
     dense = load(Path(args.replay_dense))["dense"]
     packed = load(Path(args.replay_packed))["packed"]

@@ -57,3 +57,59 @@ def test_returned_gradients_do_not_alias_the_reused_buffers():
     (second,) = torch.autograd.grad(ring_attention(q * 2, k, v, causal=True).sum(), k)
     assert not torch.equal(second, first_values)
     assert torch.equal(first, first_values)
+
+
+class _RecordingTransport:
+    """One rank's transport that moves nothing and records each hop it is asked for."""
+
+    stream_ordered = False
+    watchdog = None
+
+    def __init__(self):
+        self.pool, self.hops = BufferPool(), []
+
+    def buffers(self, channel, count, shape, dtype, device):
+        return self.pool.slots(channel, count, shape, dtype, device)
+
+    def shift(self, send, recv, offset, channel=0, lands_at=None):
+        self.hops.append((channel, offset))
+        return _Landed()
+
+
+class _Landed:
+    def wait(self) -> None:
+        pass
+
+
+def test_kv_hops_run_ahead_of_the_compute_on_a_stream_of_some_rows():
+    """A balanced layout's stream takes a buffer for each hop it runs ahead of the compute, up to
+    KV_HOPS_AHEAD, and posts a hop into every free buffer at the first step (where no step reads
+    the own KV, its buffer too, once the first hop has sent it); the dense ring's whole K and V
+    keep two buffers, one hop ahead."""
+    from fa4_cp import Sharding
+    from fa4_cp.kernels import BandMask
+    from fa4_cp.plan.rows import rank_plan
+    from fa4_cp.runtime.travelling import KV_HOPS_AHEAD, TravellingKV, _kv_buffers
+
+    cpu = torch.device("cpu")
+    sharding = Sharding.documents([4096, 64, 64, 64], 8, "balanced")  # the long document over all 8 ranks
+    assert max(ranks for _, ranks in sharding.spans) == 8
+    plan = rank_plan(sharding, BandMask(hi=0), 3, cpu)
+    spread = [stream for stream in plan.streams if len(stream.steps) > 2]
+    assert spread and all(stream.held_rows is not None for stream in plan.streams)
+    for stream in spread:
+        hops = len(stream.steps) - (1 if stream.steps[0] == 0 else 0)
+        assert _kv_buffers(plan, stream) == 1 + min(KV_HOPS_AHEAD, hops)
+    k = torch.randn(sharding.local_len, 2, 8)
+    transport = _RecordingTransport()
+    kv = TravellingKV(plan, transport, k, k)
+    hops = [len(stream.steps) - (1 if stream.steps[0] == 0 else 0) for stream in plan.streams]
+    free = [_kv_buffers(plan, stream) - (1 if stream.steps[0] == 0 else 0) for stream in plan.streams]
+    kv.before_step(plan.steps[0].step)
+    assert len(transport.hops) == 2 * sum(map(min, hops, free))  # a hop moves K's rows and V's
+    for step in plan.steps[1:]:
+        kv.before_step(step.step)
+    assert len(transport.hops) == 2 * sum(hops)
+
+    dense = rank_plan(Sharding.dense(8 * 64, 8, "zigzag"), BandMask(hi=0), 3, cpu)
+    assert [_kv_buffers(dense, stream) for stream in dense.streams] == [2]

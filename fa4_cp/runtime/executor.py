@@ -92,7 +92,6 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             q_rows, out_rows, lse_rows = q_sides[block.q_side]
             k_rows, v_rows = (k, v) if block.local else kv.held(block.stream, block.kv_side)
             kernels.step(q_rows, k_rows, v_rows, out_rows, lse_rows, mask=block.mask, accumulate=block.accumulate, varlen=block.varlen)
-        kv.after_step()
     ring.end_of_call()
     if finished is not None:
         return finished.joined(out_acc, lse_acc, plan.unselected_rows)
@@ -168,7 +167,6 @@ def ring_backward(
                 dk_rows, dv_rows = dkv.accumulator(block.stream, block.kv_side)
             grads.step(k_rows, v_rows, dk_rows, dv_rows, q_rows=rows, mask=block.mask, varlen=block.varlen, write_first=writes_whole and block is first)
         dkv.end_step(reading)
-        kv.after_step()
     travelled, indexed = dkv.at_home()
     ring.end_of_call()
     if dkv_dtype is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..comm.streams import Arrival, post_hop
+from ..comm.streams import Arrival, comm_stream, post_hop
 from ..comm.transport import Transport
 from ..comm.watchdog import Hop
 from ..kernels.interface import IndexedSums
@@ -22,6 +22,10 @@ from ..plan.rows import KVStream, RankPlan
 
 KV_CHANNEL = 0
 DKV_CHANNEL = 1
+KV_HOPS_AHEAD = 4
+"""How far the hops of a stream of some rows run ahead of the compute, at most. bench/ring_model.py,
+on replayed ranks with the copy engine's fitted hops: fine-tuning-like W = 64 0.545 -> 0.668 of
+one device with transfers, pretraining-like 8 x 8 0.813 -> 0.932 (one step ahead -> four)."""
 KV_TILE_OVERHANG = 256
 """Rows past a block's last K/V row that a kernel may load: it loads whole tiles of K and V and
 masks the scores past the block, and FA4's tiles hold at most 144 K/V rows. A masked score's zero
@@ -78,15 +82,20 @@ def _copy_own_rows(held: torch.Tensor, own: torch.Tensor, stream: KVStream) -> i
 
 
 class _StreamKV:
-    """One stream's KV: the rank's own rows copied into the first of two buffers, then moved from
-    one of the stream's steps to the next; a hop is posted while the step before it computes."""
+    """One stream's KV: the rank's own rows copied into the first of its buffers, then moved from
+    one of the stream's steps to the next, each hop into the next buffer in turn. With b buffers a
+    hop runs up to b - 1 steps ahead of the compute: it is posted as soon as the kernels that last
+    read its buffer are queued (a hop waits for the work queued before it), and the compute waits
+    for it only at the step that reads it. Hops go one after another, in the same order on every
+    rank, so each sends what the one before it brought."""
 
     def __init__(self, plan: RankPlan, stream: KVStream, transport: Transport, slots: list[torch.Tensor] | None, k, v):
         self.plan, self.stream, self.transport = plan, stream, transport
-        self.position = 0 if stream.steps and stream.steps[0] == 0 else -1  # index into steps of what is held; -1: own KV, unread
-        self.current, self.pending = 0, None
+        # index into steps of what is held; own KV at `first`: 0 where step 0 reads it, else -1 (unread)
+        self.first = self.position = self.posted = 0 if stream.steps and stream.steps[0] == 0 else -1
+        self.arrivals: dict[int, Arrival] = {}  # position -> the hop into it, not yet waited for
         if slots is None:  # read the caller's K and V in place
-            self.sides = [_sides((k, v), plan)]
+            self.slots, self.sides = [], [_sides((k, v), plan)]
             return
         self.slots = slots
         pairs = [pair_views(slot, k.shape[-1], v.shape[-1]) for slot in slots]
@@ -97,41 +106,64 @@ class _StreamKV:
         _zero_past(slots[0], sent, None if stream.held_rows is None else KV_TILE_OVERHANG)
         self.sides = [_sides(pair, plan) for pair in pairs]
 
+    def _slot(self, position: int) -> int:
+        return (position - self.first) % len(self.slots) if self.slots else 0
+
     def held(self, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sides[self.current][side]
+        return self.sides[self._slot(self.position)][side]
 
     def before_step(self, step: int) -> None:
         """At the start of plan step `step`: the stream's KV for this step is held (a hop that no
-        earlier step could hide waits here), and the hop after it is posted."""
+        earlier step could hide waits here), and every hop whose buffer is free is posted."""
+        if not self.slots:
+            return
         steps, following = self.stream.steps, self.position + 1
         if following < len(steps) and steps[following] == step:
-            if self.pending is None:
-                self._post(following)
-            self.after_step()
-        held_step = 0 if self.position < 0 else steps[self.position]
-        if self.pending is None and self.position + 1 < len(steps) and held_step <= step:
-            self._post(self.position + 1)
+            self._post_through(following)
+            arrival = self.arrivals.pop(following, None)
+            if arrival is not None:
+                arrival.arrive()
+            self.position = following
+        # the last position whose readers are queued: a buffer held for an earlier step, or never read
+        read = self.position - 1 if self.position >= 0 and steps[self.position] == step else self.position
+        self._post_through(min(read + len(self.slots), len(steps) - 1))
+
+    def _post_through(self, last: int) -> None:
+        while self.posted < last:
+            self._post(self.posted + 1)
+            self.posted += 1
 
     def _post(self, position: int) -> None:
         stream, plan = self.stream, self.plan
         rank, world = plan.rank, plan.world_size
-        here = 0 if self.position < 0 else stream.steps[self.position]
+        if not self.transport.stream_ordered:
+            # a send takes its buffer as it is when posted: the hop that fills it lands first
+            for earlier in sorted(self.arrivals):
+                self.arrivals.pop(earlier).arrive()
+        here = 0 if position - 1 < 0 else stream.steps[position - 1]
         offset = stream.direction * (stream.steps[position] - here)
-        sent = stream.rows(stream.origin(rank, world, self.position), position)
+        sent = stream.rows(stream.origin(rank, world, position - 1), position)
         received = stream.rows(stream.origin(rank, world, position), position)
-        if received is not None:  # in stream order after the kernels that last read this buffer
-            _zero_past(self.slots[1 - self.current], received, KV_TILE_OVERHANG)
+        into = self.slots[self._slot(position)]
+        if received is not None:
+            _zero_landing(into, received, self.transport.stream_ordered)
         hop = Hop("KV", here, offset, rank, world)
-        self.pending = post_hop(
-            self.transport, _pieces(self.slots[self.current], sent), _pieces(self.slots[1 - self.current], received),
-            offset, KV_CHANNEL, hop,
+        self.arrivals[position] = post_hop(
+            self.transport, _pieces(self.slots[self._slot(position - 1)], sent), _pieces(into, received), offset, KV_CHANNEL, hop,
         )
 
-    def after_step(self) -> None:
-        if self.pending is not None:
-            self.pending.arrive()
-            self.pending = None
-            self.current, self.position = 1 - self.current, self.position + 1
+
+def _zero_landing(pair: torch.Tensor, rows: int, stream_ordered: bool) -> None:
+    """The overhang past a hop's `rows` in the buffer it lands in, zeroed after the kernels that
+    last read the buffer and the hop that last sent it: on the hops' stream where they are stream
+    ordered (a hop that sent this buffer may still be running when the compute gets here)."""
+    if not stream_ordered:  # every earlier hop has landed
+        _zero_past(pair, rows, KV_TILE_OVERHANG)
+        return
+    comm = comm_stream(pair.device)
+    comm.wait_stream(torch.cuda.current_stream(pair.device))
+    with torch.cuda.stream(comm):
+        _zero_past(pair, rows, KV_TILE_OVERHANG)
 
 
 def _zero_past(pair: torch.Tensor, rows: int, count: int | None) -> None:
@@ -145,12 +177,12 @@ class TravellingKV:
     """Every stream of the plan: `held(stream, side)` is what a block reads."""
 
     def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor):
-        moving = [_moves(plan, stream) for stream in plan.streams]
-        slots = transport.buffers(KV_CHANNEL, 2 * sum(moving), _buffer_shape(plan, k, v), k.dtype, k.device) if any(moving) else []
+        counts = [_kv_buffers(plan, stream) if _moves(plan, stream) else 0 for stream in plan.streams]
+        slots = transport.buffers(KV_CHANNEL, sum(counts), _buffer_shape(plan, k, v), k.dtype, k.device) if any(counts) else []
         self.streams = []
-        for stream, moves in zip(plan.streams, moving):
-            self.streams.append(_StreamKV(plan, stream, transport, slots[:2] if moves else None, k, v))
-            slots = slots[2:] if moves else slots
+        for stream, count in zip(plan.streams, counts):
+            self.streams.append(_StreamKV(plan, stream, transport, slots[:count] if count else None, k, v))
+            slots = slots[count:]
 
     def held(self, stream: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.streams[stream].held(side)
@@ -159,9 +191,15 @@ class TravellingKV:
         for stream in self.streams:
             stream.before_step(step)
 
-    def after_step(self) -> None:
-        for stream in self.streams:
-            stream.after_step()
+
+def _kv_buffers(plan: RankPlan, stream: KVStream) -> int:
+    """Buffers of a moving stream: two for the whole K and V (the dense ring's steps cost alike,
+    so a hop a step ahead hides behind each); for a stream of some rows (the balanced layout, whose
+    ranks' steps cost unalike) one per hop up to KV_HOPS_AHEAD + 1, so that a rank's long step does
+    not hold up the hops that its neighbours' short ones wait for (bench/ring_model.py)."""
+    if stream.held_rows is None:
+        return 2
+    return 1 + max(1, min(KV_HOPS_AHEAD, len(stream.steps) - (0 if stream.steps[0] == 0 else -1) - 1))
 
 
 class _StreamDKV:
