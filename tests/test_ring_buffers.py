@@ -89,7 +89,7 @@ def test_kv_hops_run_ahead_of_the_compute_on_a_stream_of_some_rows():
     from fa4_cp import Sharding
     from fa4_cp.kernels import BandMask
     from fa4_cp.plan.rows import rank_plan
-    from fa4_cp.runtime.travelling import KV_HOPS_AHEAD, TravellingKV, _kv_buffers
+    from fa4_cp.runtime.travelling import KV_AHEAD_BYTES, KV_HOPS_AHEAD, TravellingKV, _kv_buffers
 
     cpu = torch.device("cpu")
     sharding = Sharding.documents([4096, 64, 64, 64], 8, "balanced")  # the long document over all 8 ranks
@@ -99,12 +99,14 @@ def test_kv_hops_run_ahead_of_the_compute_on_a_stream_of_some_rows():
     assert spread and all(stream.held_rows is not None for stream in plan.streams)
     for stream in spread:
         hops = len(stream.steps) - (1 if stream.steps[0] == 0 else 0)
-        assert _kv_buffers(plan, stream) == 1 + min(KV_HOPS_AHEAD, hops)
+        assert _kv_buffers(plan, stream, 2**20) == 1 + min(KV_HOPS_AHEAD, hops)
+        assert _kv_buffers(plan, stream, KV_AHEAD_BYTES // 2) == 4  # only two past the first two fit
+        assert _kv_buffers(plan, stream, KV_AHEAD_BYTES + 1) == 2
     k = torch.randn(sharding.local_len, 2, 8)
     transport = _RecordingTransport()
     kv = TravellingKV(plan, transport, k, k)
     hops = [len(stream.steps) - (1 if stream.steps[0] == 0 else 0) for stream in plan.streams]
-    free = [_kv_buffers(plan, stream) - (1 if stream.steps[0] == 0 else 0) for stream in plan.streams]
+    free = [_kv_buffers(plan, stream, 2**20) - (1 if stream.steps[0] == 0 else 0) for stream in plan.streams]
     kv.before_step(plan.steps[0].step)
     assert len(transport.hops) == 2 * sum(map(min, hops, free))  # a hop moves K's rows and V's
     for step in plan.steps[1:]:
@@ -112,4 +114,4 @@ def test_kv_hops_run_ahead_of_the_compute_on_a_stream_of_some_rows():
     assert len(transport.hops) == 2 * sum(hops)
 
     dense = rank_plan(Sharding.dense(8 * 64, 8, "zigzag"), BandMask(hi=0), 3, cpu)
-    assert [_kv_buffers(dense, stream) for stream in dense.streams] == [2]
+    assert [_kv_buffers(dense, stream, 2**20) for stream in dense.streams] == [2]

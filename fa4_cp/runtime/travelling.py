@@ -12,6 +12,8 @@ start at the same offsets on every rank.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..comm.streams import Arrival, comm_stream, post_hop
@@ -26,6 +28,9 @@ KV_HOPS_AHEAD = 4
 """How far the hops of a stream of some rows run ahead of the compute, at most. bench/ring_model.py,
 on replayed ranks with the copy engine's fitted hops: fine-tuning-like W = 64 0.545 -> 0.668 of
 one device with transfers, pretraining-like 8 x 8 0.813 -> 0.932 (one step ahead -> four)."""
+KV_AHEAD_BYTES = 512 * 2**20
+"""What a stream's buffers past the first two may take: a long sequence's spread documents make
+large buffers, and the hops ahead pay most where the steps are short."""
 KV_TILE_OVERHANG = 256
 """Rows past a block's last K/V row that a kernel may load: it loads whole tiles of K and V and
 masks the scores past the block, and FA4's tiles hold at most 144 K/V rows. A masked score's zero
@@ -177,8 +182,10 @@ class TravellingKV:
     """Every stream of the plan: `held(stream, side)` is what a block reads."""
 
     def __init__(self, plan: RankPlan, transport: Transport, k: torch.Tensor, v: torch.Tensor):
-        counts = [_kv_buffers(plan, stream) if _moves(plan, stream) else 0 for stream in plan.streams]
-        slots = transport.buffers(KV_CHANNEL, sum(counts), _buffer_shape(plan, k, v), k.dtype, k.device) if any(counts) else []
+        shape = _buffer_shape(plan, k, v)
+        buffer_bytes = math.prod(shape) * k.element_size()
+        counts = [_kv_buffers(plan, stream, buffer_bytes) if _moves(plan, stream) else 0 for stream in plan.streams]
+        slots = transport.buffers(KV_CHANNEL, sum(counts), shape, k.dtype, k.device) if any(counts) else []
         self.streams = []
         for stream, count in zip(plan.streams, counts):
             self.streams.append(_StreamKV(plan, stream, transport, slots[:count] if count else None, k, v))
@@ -192,14 +199,16 @@ class TravellingKV:
             stream.before_step(step)
 
 
-def _kv_buffers(plan: RankPlan, stream: KVStream) -> int:
+def _kv_buffers(plan: RankPlan, stream: KVStream, buffer_bytes: int) -> int:
     """Buffers of a moving stream: two for the whole K and V (the dense ring's steps cost alike,
     so a hop a step ahead hides behind each); for a stream of some rows (the balanced layout, whose
     ranks' steps cost unalike) one per hop up to KV_HOPS_AHEAD + 1, so that a rank's long step does
-    not hold up the hops that its neighbours' short ones wait for (bench/ring_model.py)."""
+    not hold up the hops that its neighbours' short ones wait for (bench/ring_model.py), as many of
+    the buffers past two as fit in KV_AHEAD_BYTES."""
     if stream.held_rows is None:
         return 2
-    return 1 + max(1, min(KV_HOPS_AHEAD, len(stream.steps) - (0 if stream.steps[0] == 0 else -1) - 1))
+    hops = len(stream.steps) - (1 if stream.steps[0] == 0 else 0)
+    return 2 + max(0, min(KV_HOPS_AHEAD - 1, hops - 1, KV_AHEAD_BYTES // max(buffer_bytes, 1)))
 
 
 class _StreamDKV:
