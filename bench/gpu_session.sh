@@ -9,7 +9,8 @@
 #   rest           the other cases of tests/gpu/test_fa4_ring.py
 #   other          the other tests/gpu files
 #   ring_all       the whole of tests/gpu/test_fa4_ring.py (with `other`, the whole of tests/gpu: about
-#                  400 s and 310 s on an H100 with 14 workers, so one call each)
+#                  400 s and 310 s on an H100 with 14 workers in session 16; in session 22 `other` reached
+#                  62% in 290 s, `features` 98% in 230 s and `rest` took 205 s: give `other` a call of its own)
 #   compile_block  bench/compile_block.py (JSON)
 #   mesh_replay    bench/mesh_replay.py (JSON)
 #   feature_errors bench/feature_errors.py with FA4, bf16, W = 2, 8, 72 (JSON)

@@ -15,8 +15,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def test_magi_replay_dry_run_records_gpu_and_paced_times(tmp_path):
     out = tmp_path / "magi.json"
     subprocess.run(
-        [sys.executable, "magi_replay.py", "--dry-run", "--world-sizes", "8", "--out", str(out)], cwd=BENCH, check=True,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "magi_replay.py", "--dry-run", "--world-sizes", "8", "--also-ulysses", "2", "--out", str(out)], cwd=BENCH,
+        check=True, capture_output=True, text=True, timeout=300,
     )
     # the replay's cost fits run on its JSON: per step, beside attention, and the remote blocks per rank
     fitted = tmp_path / "fit.json"
@@ -30,6 +30,14 @@ def test_magi_replay_dry_run_records_gpu_and_paced_times(tmp_path):
     )
     result = json.loads(out.read_text())
     assert {row["mix"] for row in result["rows"]} == {"pretrain", "finetune"}
+    assert all(row["ulysses_2"]["ulysses"] == 2 for row in result["rows"] if row["chosen"]["ulysses"] != 2)
+    # ring_model adds the transfers to every split the replay ran (no upstream time on CPU: none predicted there)
+    predicted = tmp_path / "ring_model.json"
+    subprocess.run(
+        [sys.executable, "ring_model.py", "--replay-magi", str(out), "--out", str(predicted)], cwd=BENCH, check=True, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert json.loads(predicted.read_text())["validation"]
     for row in result["rows"]:
         chosen = row["chosen"]
         assert len(chosen["ranks"]) == chosen["ring"]
@@ -82,3 +90,17 @@ def test_launches_counts_the_remote_forward_grid_over_the_computed_prefix(tmp_pa
     for row in json.loads(out.read_text())["rows"]:
         grid = row["ring"]["remote_forward_grid_tiles_per_kv_head_mean"]
         assert 0 < grid["computed_prefix"] < grid["every_sequence"], row
+
+
+def test_ring_timeline_couples_ranks_only_through_hops_and_buffers():
+    """bench/ring_model.py's timeline: ranks whose steps cost alike take the lock-step sum; a rank's
+    long first step delays its neighbours' later KV with two buffers a stream, less with more."""
+    from bench_modules import bench_module
+
+    model = bench_module("ring_model")
+    even = [[1.0, 1.0, 1.0, 1.0] for _ in range(4)]
+    assert model.ring_timeline_ms(even, 0.5) == pytest.approx(4.0)
+    assert model.ring_timeline_ms(even, 2.0) == pytest.approx(1.0 + 3 * 2.0)  # hop-bound: each step waits for its hop
+    uneven = [[5.0, 0.1, 0.1, 0.1]] + [[0.1, 1.0, 1.0, 1.0] for _ in range(3)]
+    one_ahead, four_ahead = (model.ring_timeline_ms(uneven, 0.2, ahead=ahead) for ahead in (1, 4))
+    assert four_ahead == pytest.approx(5.3) and one_ahead > 5.0 + 2 * 1.0  # rank 0's neighbours wait for its step 0
