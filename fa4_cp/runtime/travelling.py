@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..comm.streams import Arrival, comm_stream, post_hop
+from ..comm.streams import Arrival, post_hop
 from ..comm.transport import Transport
 from ..comm.watchdog import Hop
 from ..kernels.interface import IndexedSums
@@ -150,25 +150,14 @@ class _StreamKV:
         sent = stream.rows(stream.origin(rank, world, position - 1), position)
         received = stream.rows(stream.origin(rank, world, position), position)
         into = self.slots[self._slot(position)]
-        if received is not None:
-            _zero_landing(into, received, self.transport.stream_ordered)
+        # the kernels' overhang past the landing, zeroed behind the hop that last sent this buffer,
+        # which may still be running when the compute gets here
+        overhang = None if received is None else lambda: _zero_past(into, received, KV_TILE_OVERHANG)
         hop = Hop("KV", here, offset, rank, world)
         self.arrivals[position] = post_hop(
             self.transport, _pieces(self.slots[self._slot(position - 1)], sent), _pieces(into, received), offset, KV_CHANNEL, hop,
+            before_landing=overhang,
         )
-
-
-def _zero_landing(pair: torch.Tensor, rows: int, stream_ordered: bool) -> None:
-    """The overhang past a hop's `rows` in the buffer it lands in, zeroed after the kernels that
-    last read the buffer and the hop that last sent it: on the hops' stream where they are stream
-    ordered (a hop that sent this buffer may still be running when the compute gets here)."""
-    if not stream_ordered:  # every earlier hop has landed
-        _zero_past(pair, rows, KV_TILE_OVERHANG)
-        return
-    comm = comm_stream(pair.device)
-    comm.wait_stream(torch.cuda.current_stream(pair.device))
-    with torch.cuda.stream(comm):
-        _zero_past(pair, rows, KV_TILE_OVERHANG)
 
 
 def _zero_past(pair: torch.Tensor, rows: int, count: int | None) -> None:
