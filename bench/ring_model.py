@@ -113,17 +113,16 @@ def ring_timeline_ms(per_rank: list[list[float]], hop_ms: float, trailing_ms: fl
     return max(row[-1] for row in finish) + (trailing_ms if steps > 1 else 0.0)
 
 
-def timeline_ms(part: dict, hop_bytes: dict[str, float], link: dict, check: float, ahead: int, bandwidth_scale: float = 1.0,
-                compute_scale: float = 1.0) -> dict:
-    """Forward and forward+backward ms of a replayed call (`part`: its ranks) by `ring_timeline_ms`."""
+def timeline_ms(compute: dict[str, list[list[float]]], hop_bytes: dict[str, float], link: dict, check: float, ahead: int,
+                bandwidth_scale: float = 1.0) -> dict:
+    """Forward and forward+backward ms of a replayed call by `ring_timeline_ms`; `compute`: per
+    direction, each rank's compute per step (`rank_step_compute`)."""
 
     def hop(nbytes: float) -> float:
         return link["latency_ms"] + nbytes * link["ms_per_byte"] / bandwidth_scale
 
-    forward = check + ring_timeline_ms(rank_step_compute(part, "forward", compute_scale), hop(hop_bytes["kv"]), ahead=ahead)
-    backward = ring_timeline_ms(
-        rank_step_compute(part, "backward", compute_scale), hop(hop_bytes["kv"] + hop_bytes["dkv"]), hop(hop_bytes["dkv"]), ahead=ahead,
-    )
+    forward = check + ring_timeline_ms(compute["forward"], hop(hop_bytes["kv"]), ahead=ahead)
+    backward = ring_timeline_ms(compute["backward"], hop(hop_bytes["kv"] + hop_bytes["dkv"]), hop(hop_bytes["dkv"]), ahead=ahead)
     return {"fwd": forward, "fwdbwd": forward + backward}
 
 
@@ -155,7 +154,8 @@ def validate(dense: list[dict], link: dict, checks: dict[int, float]) -> list[di
             check = check_ms(checks, measured["gpus"]) if measured["settings"]["consistency_check"] else 0.0
             predicted = ring_ms(*replay_inputs(replay["zigzag"]), link, check)[r["mode"]]
             hop_bytes = {"kv": replay["zigzag"]["kv_hop_bytes"], "dkv": replay["zigzag"]["dkv_hop_bytes"]}
-            timeline = timeline_ms(replay["zigzag"], hop_bytes, link, check, ahead=1)[r["mode"]]  # the dense ring: one hop ahead
+            compute = {direction: rank_step_compute(replay["zigzag"], direction) for direction in ("forward", "backward")}
+            timeline = timeline_ms(compute, hop_bytes, link, check, ahead=1)[r["mode"]]  # the dense ring: one hop ahead
             rows.append({
                 "source": path, "world_size": measured["gpus"], "heads": r["heads"], "kv_heads": r["kv_heads"], "seq_per_gpu": r["seq_per_gpu"],
                 "mode": r["mode"], "measured_ms": ms, "predicted_ms": predicted, "error": predicted / ms - 1,
@@ -226,11 +226,11 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                     continue
                 compute = {direction: rank_step_compute(part, direction, scales["compute_scale"]) for direction in ("forward", "backward")}
                 hop_bytes = {name: max(rank[f"{name}_hop_bytes"] for rank in part["ranks"]) for name in ("kv", "dkv")}
-                lock_step = ring_ms({d: [max(c) for c in zip(*per_rank)] for d, per_rank in compute.items()}, hop_bytes, link, 0.0, scales["bandwidth_scale"])
+                slowest = {direction: step_compute(part, direction, scales["compute_scale"]) for direction in ("forward", "backward")}
+                lock_step = ring_ms(slowest, hop_bytes, link, 0.0, scales["bandwidth_scale"])
                 # the balanced layout's streams run KV_HOPS_AHEAD hops ahead (runtime/travelling.py); before, one
                 ring, one_ahead = (
-                    timeline_ms(part, hop_bytes, link, 0.0, depth, scales["bandwidth_scale"], scales["compute_scale"])["fwdbwd"]
-                    for depth in (KV_HOPS_AHEAD, 1)
+                    timeline_ms(compute, hop_bytes, link, 0.0, depth, scales["bandwidth_scale"])["fwdbwd"] for depth in (KV_HOPS_AHEAD, 1)
                 )
                 compute_ms = max(sum(f) + sum(b) for f, b in zip(compute["forward"], compute["backward"]))
                 exchanges = all_to_all_ms(
@@ -301,8 +301,10 @@ def main() -> None:
         write(record(
             "ring_model_replayed_splits", "cpu", link=link, check_ms_by_world_size=checks, gb200_assumptions=GB200, inputs=list(replays),
             validation=validation, max_abs_error={name: max(abs(v[name]) for v in validation) for name in ("error", "timeline_error")},
-            method="per active step max(the slowest replayed rank's compute, the copy-engine hop of the most received bytes), plus the "
-            "all-to-alls at tuning/mesh_model.py's assumed figures; the cross-rank check apart (efficiency_with_nccl_check)",
+            method="each rank runs its replayed steps as their KV arrives (ring_timeline_ms: a hop moves once the sender holds the KV, "
+            "the hop before it has landed and its buffer is free on both ranks), a hop the copy engine's fit for the most bytes any "
+            "rank receives; plus the all-to-alls at tuning/mesh_model.py's assumed figures; the cross-rank check apart "
+            "(efficiency_with_nccl_check); lock_step_ring_ms: the lock-step sum beside",
             predictions=predictions,
         ), args.out)
         for v in validation:
