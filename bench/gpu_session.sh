@@ -21,6 +21,7 @@
 #   kernels_host_paced  bench/kernels.py --quick --seqs 8192 --host-paced: the 8K rows timed from an idle GPU, as before (JSON)
 #   backend        tests/gpu/test_fa4_backend.py, bf16 (the backward kernel per mask, GQA and not)
 #   deterministic  tests/gpu/test_fa4_deterministic.py
+#   chunks         tests/gpu/test_fa4_ring.py: the 2-D mesh cases, head chunks (ulysses_chunks) and not
 #   ring_core      tests/gpu/test_fa4_ring.py at W = 2 and 8 (no W = 72, no mesh)
 #   gpu_work       bench/gpu_work.py (JSON), its cases GPU_WORK_CASES (default all; the 8 x 8 ones need an H200), and
 #                  on BASELINE_TREE if set (BASELINE_CASES)
@@ -35,7 +36,7 @@
 #   placement_replay  bench/placement_replay.py: every placement the balanced layout chooses from, replayed (JSON)
 #   magi_replay    bench/magi_replay.py: MagiAttention's metric on both mixes, the split plan_mesh picks, balance (JSON);
 #                  with BASELINE_TREE, on that tree's fa4_cp too (OUT_DIR absolute); MAGI_ARGS: more of its arguments
-#                  (--mixes, --also-ulysses)
+#                  (--mixes, --also-ulysses, --head-chunks)
 #   staged_forward the forward's options against fp64, each way: q heads packed or not (PACK_GQA; alone and
 #                  through the ring) and the kept documents written finished or merged (ROUNDED_VARLEN; the ring)
 #   magi_replay_unstaged  bench/magi_replay.py --no-pack-gqa --no-rounded-varlen: the forward as before 2026-12-06 (JSON)
@@ -116,6 +117,7 @@ for part in "${parts[@]}"; do
         --head-dims ${KERNEL_HEAD_DIMS:-64 128} ;;
     backend) tests tests_gpu_backend.log "$seconds" tests/gpu/test_fa4_backend.py -k "not torch.float16" ;;
     deterministic) tests tests_gpu_deterministic.log "$seconds" -rA tests/gpu/test_fa4_deterministic.py -k "${DETERMINISTIC_CASES:-w}" ;;
+    chunks) tests tests_gpu_chunks.log "$seconds" tests/gpu/test_fa4_ring.py -k "head_chunks or ulysses_by_ring" ;;
     ring_core) tests tests_gpu_ring_core.log "$seconds" tests/gpu/test_fa4_ring.py -k "not (72 or ulysses or fp16)" ;;
     gpu_work)
       run gpu_work.log "$seconds" python3 bench/gpu_work.py --out "$out/gpu_work.json" ${GPU_WORK_CASES:+--cases $GPU_WORK_CASES}

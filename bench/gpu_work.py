@@ -86,7 +86,9 @@ class TransportStream:
 
     def __enter__(self):
         ring, shift, exchange = self.simulated.SimulatedRing, self.simulated._SimulatedShift, self.exchange
-        self.saved = ring.post, shift.__init__, shift.wait, exchange and exchange._run
+        self.saved = ring.post, shift.__init__, shift.wait
+        # the exchange's layout copies: _run before head chunks (a baseline tree), then these three
+        self.layout = {name: getattr(exchange, name) for name in ("_run", "lay_out", "gather", "scatter_heads") if hasattr(exchange, name)}
 
         def on_stream(fn, stream):
             def wrapped(*args, **kwargs):
@@ -101,15 +103,15 @@ class TransportStream:
 
         # a shift copies what it sends when it is posted, and lands it when waited on
         ring.post, shift.__init__, shift.wait = (on_stream(fn, self.stream) for fn in self.saved[:3])
-        if exchange:
-            exchange._run = on_stream(exchange._run, self.exchange_stream)
+        for name, fn in self.layout.items():
+            setattr(exchange, name, on_stream(fn, self.exchange_stream))
         return self
 
     def __exit__(self, *exc):
         ring, shift = self.simulated.SimulatedRing, self.simulated._SimulatedShift
-        ring.post, shift.__init__, shift.wait = self.saved[:3]
-        if self.exchange:
-            self.exchange._run = self.saved[3]
+        ring.post, shift.__init__, shift.wait = self.saved
+        for name, fn in self.layout.items():
+            setattr(self.exchange, name, fn)
 
 
 def kernel_events(prof):

@@ -14,7 +14,8 @@ ulysses ranks. Balance: each ring rank's measured time against the calibrated ke
 (plan/placement.rank_costs_ms over the balanced placement): measured and modelled imbalance
 (slowest / mean), and per rank measured / modelled; and of each rank's fwd + bwd ("imbalance").
 The plain ring (u = 1) is replayed as well when plan_mesh picks another split, and the splits
-`--also-ulysses` names (bench/ring_model.py --replay-magi adds their transfers). Mixes: bench/mixes.py.
+`--also-ulysses` names (bench/ring_model.py --replay-magi adds their transfers); `--head-chunks`
+replays the 2-D ones cut into head chunks (runtime/ulysses.py), one chunk's ring taken C times. Mixes: bench/mixes.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from replay import replay_rank  # noqa: E402
 import fa4_cp  # noqa: E402
 from fa4_cp import plan_mesh  # noqa: E402
 from fa4_cp.kernels import BandMask, get_backend  # noqa: E402
+from fa4_cp.plan.head_chunks import HeadChunks  # noqa: E402
 from fa4_cp.plan.placement import rank_costs_ms  # noqa: E402
 from fa4_cp.validation import heads_split  # noqa: E402
 
@@ -51,15 +53,24 @@ def causal_flops(lengths: list[int], heads: int, head_dim: int) -> dict[str, flo
     return {"forward": forward, "backward": 2.5 * forward}
 
 
-def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, backend, device: torch.device) -> dict:
-    """Every ring rank of a ulysses x (world / ulysses) split, replayed alone, with the model's cost beside."""
+def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, backend, device: torch.device, chunks: int = 1) -> dict:
+    """Every ring rank of a ulysses x (world / ulysses) split, replayed alone, with the model's cost
+    beside. With head `chunks`, one chunk's ring is replayed (h / (u chunks) heads, its KV heads),
+    its times taken `chunks` times: a rank runs its chunks' rings one after another."""
     ring = world // ulysses
     heads, kv_heads = shape["heads"] // ulysses, max(shape["kv_heads"] // ulysses, 1)
     sharding = document_sharding(fa4_cp, lengths, ring, ulysses)  # also in a baseline tree from before the split's pricing
-    ranks = [replay_rank(sharding, CAUSAL, rank, heads, kv_heads, shape["head_dim"], backend, device=device) for rank in range(ring)]
+    chunk = HeadChunks.of(heads, kv_heads, chunks)
+    ranks = [
+        _times(replay_rank(sharding, CAUSAL, rank, chunk.q_heads, chunk.kv_heads, shape["head_dim"], backend, device=device), chunks)
+        for rank in range(ring)
+    ]
     modelled = rank_costs_ms(sharding, heads, shape["head_dim"])
     flops = causal_flops(lengths, shape["heads"], shape["head_dim"])
-    result = {"ulysses": ulysses, "ring": ring, "heads_per_rank": heads, "kv_heads_per_rank": kv_heads, "ring_rank_tokens": sharding.local_len}
+    result = {
+        "ulysses": ulysses, "ring": ring, "heads_per_rank": heads, "kv_heads_per_rank": kv_heads, "ring_rank_tokens": sharding.local_len,
+        "head_chunks": chunks,
+    }
     for index, direction in enumerate(DIRECTIONS):
         measured = [rank[f"{direction}_ms"] for rank in ranks]
         model = [cost[index] for cost in modelled]
@@ -86,6 +97,20 @@ def replay_split(lengths: list[int], world: int, ulysses: int, shape: dict, back
     return result
 
 
+def _times(rank: dict, chunks: int) -> dict:
+    """A replayed rank's times (every *_ms, per step too) taken `chunks` times."""
+    if chunks == 1:
+        return rank
+    scaled = {}
+    for key, value in rank.items():
+        if key.endswith("_ms") and isinstance(value, float):
+            value = value * chunks
+        elif key.endswith("_ms") and isinstance(value, list):
+            value = [x * chunks for x in value]
+        scaled[key] = value
+    return scaled
+
+
 def upstream_one_device_ms(lengths: list[int], shape: dict) -> dict[str, float]:
     """Upstream FA4 varlen over every document on this one device: forward and backward ms."""
     from common import median_ms
@@ -108,6 +133,7 @@ def upstream_one_device_ms(lengths: list[int], shape: dict) -> dict[str, float]:
 
 def run_config(
     mix: str, world: int, lengths: list[int], shape: dict, backend, device: torch.device, also_ulysses: tuple[int, ...] = (),
+    head_chunks: tuple[int, ...] = (),
 ) -> dict:
     plan = plan_mesh(world, shape["heads"], shape["kv_heads"], sum(lengths), head_dim=shape["head_dim"], documents=lengths)
     row = {
@@ -121,10 +147,21 @@ def run_config(
     others = [u for u in also_ulysses if u not in (1, plan.ulysses) and world % u == 0 and heads_split(shape["heads"], shape["kv_heads"], u)]
     for u in others:
         row[f"ulysses_{u}"] = replay_split(lengths, world, u, shape, backend, device)
+    # the 2-D splits again in head chunks, where asked for and the heads allow: what the chunks cost the compute
+    chunked = []
+    for split in ("chosen", *(f"ulysses_{u}" for u in others)):
+        u = row[split]["ulysses"]
+        for chunks in head_chunks if u > 1 else ():
+            try:
+                HeadChunks.of(shape["heads"] // u, max(shape["kv_heads"] // u, 1), chunks)
+            except ValueError:
+                continue
+            chunked.append(f"{split}_chunks_{chunks}")
+            row[chunked[-1]] = replay_split(lengths, world, u, shape, backend, device, chunks)
     if device.type == "cuda":
         one_device = upstream_one_device_ms(lengths, shape)
         row["upstream_one_device_ms"] = one_device
-        for split in ("chosen", "plain_ring", *(f"ulysses_{u}" for u in others)):
+        for split in ("chosen", "plain_ring", *(f"ulysses_{u}" for u in others), *chunked):
             for direction in DIRECTIONS if split in row else ():
                 row[split][direction]["efficiency_vs_one_device"] = one_device[direction] / (world * row[split][direction]["slowest_ms"])
     return row
@@ -137,6 +174,9 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=None, help="start no configuration after this")
     parser.add_argument(
         "--also-ulysses", type=int, nargs="*", default=[], help="replay these Ulysses sizes too where they divide W and the heads ('ulysses_U')",
+    )
+    parser.add_argument(
+        "--head-chunks", type=int, nargs="*", default=[], help="replay the 2-D splits in these head chunks too ('<split>_chunks_C')",
     )
     add_forward_option_arguments(parser)
     parser.add_argument("--out", required=True)
@@ -160,7 +200,7 @@ def main() -> None:
         if args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes:
             result["stopped_early"] = True
             break
-        row = run_config(mix, world, lengths, shape, backend, device, tuple(args.also_ulysses))
+        row = run_config(mix, world, lengths, shape, backend, device, tuple(args.also_ulysses), tuple(args.head_chunks))
         result["rows"].append(row)
         write(result, args.out)
         chosen = row["chosen"]

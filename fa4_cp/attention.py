@@ -40,6 +40,7 @@ def ring_attention(
     backend: str | AttentionBackend | None = None,
     transport: str | None = None,
     deterministic: bool = False,
+    ulysses_chunks: int = 1,
 ) -> Output:
     """Attention of this rank's shard of q against the whole sequence's k and v, around a ring.
 
@@ -58,11 +59,15 @@ def ring_attention(
     FA4_CP_TRANSPORT or "auto") picks how KV moves between GPUs. `deterministic` sums every
     gradient in a fixed order, so that the same inputs give bitwise the same gradients on every
     run, whatever the timing (FlashAttention's flag, kept around the ring; slower: the default
-    lets the kernels' atomic adds land in any order). torch.compile traces it (fullgraph=True
-    included) as one custom op.
+    lets the kernels' atomic adds land in any order). `ulysses_chunks` (a 2-D mesh only) cuts
+    each ulysses rank's heads into that many chunks, so that chunk i + 1's all-to-all runs behind
+    chunk i's ring (on the copy-engine transport; NCCL's all-to-all runs at once); it must divide
+    the rank's q heads and be a multiple or divisor of its KV heads (fa4_cp.plan_mesh suggests
+    one). torch.compile traces it (fullgraph=True included) as one custom op.
     """
     return _run(
         q, k, v, None, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
+        ulysses_chunks,
     )
 
 
@@ -83,13 +88,14 @@ def ring_attention_varlen(
     backend: str | AttentionBackend | None = None,
     transport: str | None = None,
     deterministic: bool = False,
+    ulysses_chunks: int = 1,
 ) -> Output:
     """Ring attention over packed documents, laid out by `shard(..., cu_seqlens=...)`.
 
     `layout` "balanced" (default) keeps each document whole on one rank or splits it across the
     ring, balancing attention work (plan/placement.py); "zigzag" and "contiguous" cut every
     document on its own. Every document sees the same `window_size` in token offsets, whatever
-    its chunk size. `softcap`, `sinks` and `deterministic` as for `ring_attention`.
+    its chunk size. `softcap`, `sinks`, `deterministic` and `ulysses_chunks` as for `ring_attention`.
 
     `cu_seqlens` is the global int32 boundaries of the unsharded documents, the same on every rank
     (a CPU tensor avoids a device sync). q (total_local, h, d), k and v (total_local, h_kv, d) hold
@@ -100,11 +106,13 @@ def ring_attention_varlen(
         raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor, got {cu_seqlens!r}")
     return _run(
         q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
+        ulysses_chunks,
     )
 
 
 def _run(
     q, k, v, cu_seqlens, sinks, group, causal, window_size, softmax_scale, softcap, layout, return_lse, backend, transport, deterministic,
+    ulysses_chunks,
 ) -> Output:
     ring, ulysses = ring_and_ulysses_names(group)
     try:  # the options, once; the tensors and documents in the op (call.py)
@@ -113,6 +121,7 @@ def _run(
         options = options_handle(*checked_options(
             documents=cu_seqlens is not None, causal=causal, window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
             layout=layout, backend=backend_key(backend), transport=transport, deterministic=deterministic,
+            ulysses_chunks=ulysses_chunks,
         ))
     except ValueError:  # a refused call counts, as the op counts its own (consistency.py)
         for name in (ring, ulysses) if ulysses is not None else (ring,):

@@ -26,6 +26,7 @@ from .handles import backend_of
 from .kernels import AttentionBackend, BandMask, get_backend
 from .options import RingOptions
 from .plan.dense_sharding import DenseSharding
+from .plan.head_chunks import HeadChunks
 from .plan.layout import get_layout
 from .plan.mesh_sharding import MeshSharding, mesh_sharding
 from .plan.sharding import Sharding
@@ -59,6 +60,8 @@ class RingCall:
     """Ranks of the Ulysses head all-to-all around the ring (a 2-D mesh); 1 for a plain ring."""
     deterministic: bool = False
     """Gradients summed in a fixed order, bitwise reproducible."""
+    ulysses_chunks: int = 1
+    """Head chunks of a 2-D call (plan/head_chunks.py)."""
 
     @functools.cached_property
     def digest(self) -> int:
@@ -90,6 +93,7 @@ class RingCall:
             "transport": self.transport,
             "ulysses": str(self.ulysses),
             "deterministic": str(self.deterministic),
+            "ulysses_chunks": str(self.ulysses_chunks),
         }
 
 
@@ -105,6 +109,8 @@ class PreparedCall:
     kernels: AttentionBackend
     mesh: MeshSharding | None
     """The tokens' split over a 2-D mesh; None on a 1-D group."""
+    head_chunks: HeadChunks | None = None
+    """How each ulysses rank's heads are cut for the all-to-all's pipeline; None on a 1-D group."""
 
 
 CACHED_CALLS = 256  # distinct call signatures a process keeps validated (a model meets a few)
@@ -154,6 +160,11 @@ def _documents_key(cu_seqlens: object) -> tuple | None:
 def _prepare(q, k, v, cu_seqlens, sinks, options: RingOptions, ring_size: int, ulysses_size: int, backward: bool) -> PreparedCall:
     check_qkv(q, k, v, varlen=cu_seqlens is not None)
     if ulysses_size == 1:
+        if options.ulysses_chunks != 1:
+            raise ValueError(
+                f"ulysses_chunks: {options.ulysses_chunks} head chunks need ulysses ranks to exchange with (a 2-D mesh whose "
+                "'ulysses' dim has more than one rank); expected 1"
+            )
         ring, kernels = _ring_call(q, k, v, check_sinks(sinks, q), options, _sharding(q, cu_seqlens, options, ring_size), backward)
         if ring.varlen and options.causal:
             _suggest_a_2d_split(ring.sharding.doc_lengths, ring_size, q.shape[-2], k.shape[-2], q.shape[-1])
@@ -163,13 +174,16 @@ def _prepare(q, k, v, cu_seqlens, sinks, options: RingOptions, ring_size: int, u
     sinks_shape = check_sinks(sinks, q)
     mesh = _mesh_sharding(q, cu_seqlens, options, ring_size, ulysses_size)
     head_group, kv_group = heads // ulysses_size, max(kv_heads // ulysses_size, 1)
-    ring_q, ring_k, ring_v = (
-        stand_in(t, (*t.shape[:-3], mesh.ring_rows, h, t.shape[-1])) for t, h in ((q, head_group), (k, kv_group), (v, kv_group))
+    chunks = HeadChunks.of(head_group, kv_group, options.ulysses_chunks)
+    ring_q, ring_k, ring_v = (  # one head chunk's ring
+        stand_in(t, (*t.shape[:-3], mesh.ring_rows, h, t.shape[-1])) for t, h in ((q, chunks.q_heads), (k, chunks.kv_heads), (v, chunks.kv_heads))
     )
-    ring_sinks = None if sinks is None else (head_group,)  # each ulysses rank's heads' sinks
+    ring_sinks = None if sinks is None else (chunks.q_heads,)  # each chunk's heads' sinks
     ring, kernels = _ring_call(ring_q, ring_k, ring_v, ring_sinks, options, mesh.ring, backward)
-    call = dataclasses.replace(ring, ulysses=ulysses_size, q_shape=tuple(q.shape), kv_shape=tuple(k.shape), sinks=sinks_shape)
-    return PreparedCall(call, ring, kernels, mesh)
+    call = dataclasses.replace(
+        ring, ulysses=ulysses_size, ulysses_chunks=chunks.count, q_shape=tuple(q.shape), kv_shape=tuple(k.shape), sinks=sinks_shape,
+    )
+    return PreparedCall(call, ring, kernels, mesh, chunks)
 
 
 def _ring_sharding(

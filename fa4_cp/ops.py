@@ -22,6 +22,7 @@ from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
 from .handles import backend_of, call_of, group_by_name, options_of
 from .kernels.interface import LSE_ACCUMULATOR_DTYPE
+from .plan.head_chunks import HeadChunks
 from .runtime.ring_run import ring_run_backward, ring_run_forward
 from .runtime.ulysses import ulysses_backward, ulysses_forward
 
@@ -54,22 +55,23 @@ def ring_attention_op(
     return ulysses_forward(prepared, UlyssesRing(groups[1], groups[0]), q, k, v, sinks)
 
 
-def _heads_shape(x: torch.Tensor, u: int, heads: int) -> tuple[int, ...]:
-    return (*x.shape[:-3], x.shape[-3] * u, heads, x.shape[-1])
+def _heads_shape(x: torch.Tensor, u: int, chunks: int, heads: int) -> tuple[int, ...]:
+    """A 2-D call's head-sharded tensor, chunk first (runtime/ulysses.py)."""
+    return (chunks, *x.shape[:-3], x.shape[-3] * u, heads, x.shape[-1])
 
 
 @ring_attention_op.register_fake
 def _(q, k, v, cu_seqlens, sinks, call):
-    ulysses = call_of(call)[1]
+    _, ulysses, options, _ = call_of(call)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3]), dtype=LSE_ACCUMULATOR_DTYPE)
     if ulysses is None:
         return out, lse, *(q.new_empty(0) for _ in range(SAVED_ON_A_MESH))
     u = group_by_name(ulysses).world_size
-    heads, kv_local = q.shape[-2] // u, max(k.shape[-2] // u, 1)
-    heads_q, heads_out = q.new_empty(_heads_shape(q, u, heads)), q.new_empty(_heads_shape(out, u, heads))
-    heads_k, heads_v = k.new_empty(_heads_shape(k, u, kv_local)), v.new_empty(_heads_shape(v, u, kv_local))
-    heads_lse = q.new_empty((*q.shape[:-3], heads, q.shape[-3] * u), dtype=LSE_ACCUMULATOR_DTYPE)
+    chunks = HeadChunks.of(q.shape[-2] // u, max(k.shape[-2] // u, 1), options_of(options).ulysses_chunks)
+    heads_q, heads_out = (q.new_empty(_heads_shape(t, u, chunks.count, chunks.q_heads)) for t in (q, out))
+    heads_k, heads_v = (t.new_empty(_heads_shape(t, u, chunks.kv_count, chunks.kv_heads)) for t in (k, v))
+    heads_lse = q.new_empty((chunks.count, *q.shape[:-3], chunks.q_heads, q.shape[-3] * u), dtype=LSE_ACCUMULATOR_DTYPE)
     return out, lse, heads_q, heads_k, heads_v, heads_out, heads_lse
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .comm.transport import TransportKind
 from .kernels import BandMask
 from .plan.layout import check_document_layout, get_layout
-from .validation import check_flag, check_mask, check_softcap, check_softmax_scale, check_transport
+from .validation import check_flag, check_mask, check_softcap, check_softmax_scale, check_transport, check_ulysses_chunks
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class RingOptions:
     transport: TransportKind
     """As asked, FA4_CP_TRANSPORT's default applied ("auto" is resolved by the group)."""
     deterministic: bool
+    ulysses_chunks: int = 1
+    """Head chunks of a 2-D call, each chunk's all-to-all behind the previous chunk's ring."""
 
     @property
     def mask(self) -> BandMask:
@@ -39,12 +41,13 @@ class RingOptions:
 
 def checked_options(
     *, documents: bool, causal: bool, window_size: tuple[int, int], softmax_scale: float | None, softcap: float | None,
-    layout: str, backend: str | None, transport: str | None, deterministic: bool,
+    layout: str, backend: str | None, transport: str | None, deterministic: bool, ulysses_chunks: int = 1,
 ) -> tuple:
     """RingOptions' fields in order, checked and normalized, as plain values (torch.compile traces
     this; handles.options_handle makes the object). ValueError naming a bad argument."""
     window = check_mask(causal, window_size)
     check_flag("deterministic", deterministic)
+    check_ulysses_chunks(ulysses_chunks)
     for name, value in (("layout", layout), ("transport", transport)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name}: expected a string, got {value!r}")
@@ -52,5 +55,5 @@ def checked_options(
     transport = check_transport(os.environ.get("FA4_CP_TRANSPORT", "auto") if transport is None else transport)
     return (
         causal, (int(window[0]), int(window[1])), check_softmax_scale(softmax_scale), check_softcap(softcap), layout, backend, transport,
-        deterministic,
+        deterministic, ulysses_chunks,
     )

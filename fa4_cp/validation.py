@@ -56,6 +56,11 @@ def check_flag(name: str, value: bool) -> None:
         raise ValueError(f"{name}: expected a bool, got {value!r}")
 
 
+def check_ulysses_chunks(chunks: int) -> None:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"ulysses_chunks: expected a positive int (head chunks of a 2-D call), got {chunks!r}")
+
+
 def check_transport(kind: str) -> TransportKind:
     if kind not in TRANSPORTS:
         raise ValueError(f"transport: expected one of {TRANSPORTS} (or FA4_CP_TRANSPORT set to one), got {kind!r}")

@@ -15,7 +15,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def test_magi_replay_dry_run_records_gpu_and_paced_times(tmp_path):
     out = tmp_path / "magi.json"
     subprocess.run(
-        [sys.executable, "magi_replay.py", "--dry-run", "--world-sizes", "8", "--also-ulysses", "2", "--out", str(out)], cwd=BENCH,
+        [sys.executable, "magi_replay.py", "--dry-run", "--world-sizes", "8", "--also-ulysses", "2", "--head-chunks", "2", "--out", str(out)],
+        cwd=BENCH,
         check=True, capture_output=True, text=True, timeout=300,
     )
     # the replay's cost fits run on its JSON: per step, beside attention, and the remote blocks per rank
@@ -31,6 +32,9 @@ def test_magi_replay_dry_run_records_gpu_and_paced_times(tmp_path):
     result = json.loads(out.read_text())
     assert {row["mix"] for row in result["rows"]} == {"pretrain", "finetune"}
     assert all(row["ulysses_2"]["ulysses"] == 2 for row in result["rows"] if row["chosen"]["ulysses"] != 2)
+    # a 2-D split in head chunks: one chunk's ring of h / (u c) heads, its times taken c times
+    chunked = [row[key] for row in result["rows"] for key in row if key.endswith("_chunks_2")]
+    assert chunked and all(split["head_chunks"] == 2 and split["forward"]["slowest_ms"] > 0 for split in chunked)
     # ring_model adds the transfers to every split the replay ran (no upstream time on CPU: none predicted there)
     predicted = tmp_path / "ring_model.json"
     subprocess.run(

@@ -32,6 +32,7 @@ CHANGED = {
     "transport": "nccl",
     "ulysses": 2,
     "deterministic": True,
+    "ulysses_chunks": 2,
 }
 
 

@@ -21,7 +21,7 @@ class RecordingBackend(ReferenceBackend):
         return super().backward(*args, deterministic=deterministic, **kwargs)
 
 
-def _grads(group, backend, deterministic, varlen: bool = False):
+def _grads(group, backend, deterministic, varlen: bool = False, **options):
     torch.manual_seed(0)
     if varlen:
         q, k, v = (torch.randn(10, 4, 8, requires_grad=True) for _ in range(3))
@@ -29,7 +29,7 @@ def _grads(group, backend, deterministic, varlen: bool = False):
         out = fa4_cp.ring_attention_varlen(q, k, v, cu, group=group, causal=True, layout="zigzag", backend=backend, deterministic=deterministic)
     else:
         q, k, v = (torch.randn(1, 8, 4, 8, requires_grad=True) for _ in range(3))
-        out = fa4_cp.ring_attention(q, k, v, group=group, causal=True, backend=backend, deterministic=deterministic)
+        out = fa4_cp.ring_attention(q, k, v, group=group, causal=True, backend=backend, deterministic=deterministic, **options)
     out.sum().backward()
     return q.grad, k.grad, v.grad
 
@@ -49,6 +49,17 @@ def test_the_flag_reaches_the_ring_of_a_two_dimensional_mesh():
     backend = RecordingBackend()
     SimulatedMesh(2, 2).run(lambda group: _grads(group, backend, True))
     assert backend.seen == [True] * 4
+
+
+def test_head_chunks_keep_the_flag_and_repeat_bitwise():
+    backend = RecordingBackend()
+
+    def run():
+        return SimulatedMesh(2, 2).run(lambda group: _grads(group, backend, True, ulysses_chunks=2))
+
+    first, again = run(), run()
+    assert backend.seen == [True] * 16  # 4 ranks x 2 chunks, twice
+    assert all(torch.equal(a, b) for ranks in zip(first, again) for a, b in zip(*ranks))
 
 
 def test_a_flag_that_is_not_a_bool_is_refused_before_any_communication():

@@ -4,7 +4,9 @@ too), gloo processes at W = 4 as 2 x 2, 4 x 1 and 1 x 4 on a named 2-D DeviceMes
 one named otherwise). A 1 x W mesh is today's ring bit for bit; bad input raises a ValueError
 naming the argument before any communication."""
 
+import collections
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -79,6 +81,78 @@ def test_one_by_w_is_the_ring_bit_for_bit(name):
         assert all(torch.equal(ours[tensor], theirs[tensor]) for tensor in TENSORS)
 
 
+# (u, r, case, heads, KV heads, chunks): chunks with KV heads of their own, chunks sharing one KV
+# head, KV heads repeated over the ulysses ranks, sinks, windows, packed documents, MLA's dims, W = 72.
+CHUNKED = [
+    (2, 2, "causal_zigzag", 8, 4, 2), (2, 2, "sinks_balanced_window", 8, 2, 4), (4, 3, "balanced_causal", 8, 1, 2),
+    (2, 2, "mla_causal_gqa", 8, 4, 4), (2, 3, "varlen_causal", 4, 4, 2), (8, 9, "balanced_short", 16, 8, 2),
+]
+
+
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize(("ulysses", "ring", "name", "heads", "kv_heads", "chunks"), CHUNKED, ids=[f"{u}x{r}-{n}-h{h}kv{k}-c{c}" for u, r, n, h, k, c in CHUNKED])
+def test_head_chunks_match_fp64_reference(ulysses, ring, name, heads, kv_heads, chunks):
+    case = mesh_case(name, ulysses, heads, kv_heads)
+    world = ulysses * ring
+    for dtype_name in DTYPES if world <= 16 else ["fp32"]:
+        dtype = DTYPES[dtype_name]
+        inputs = make_inputs(case, world, dtype, seed=world + heads + chunks)
+        per_rank = SimulatedMesh(ulysses, ring).run(
+            lambda group: ring_results_for_rank(case, world, inputs, group, group.rank, ulysses_chunks=chunks)
+        )
+        assert_ring_matches(case, world, inputs, dtype, per_rank)
+
+
+def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(monkeypatch):
+    """The pipeline's order on every rank: chunk j + 1's inbound all-to-all is posted before chunk
+    j's ring, and chunk j's outbound one right after it (forward and backward alike)."""
+    from fa4_cp.runtime import ulysses as stage
+
+    events = collections.defaultdict(list)
+    posted, forward, backward = stage.post_all_to_all, stage.ring_run_forward, stage.ring_run_backward
+
+    def logged(name, fn):
+        def run(*args, **kwargs):
+            events[threading.current_thread().name].append(name)
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(stage, "post_all_to_all", logged("post", posted))
+    monkeypatch.setattr(stage, "ring_run_forward", logged("ring", forward))
+    monkeypatch.setattr(stage, "ring_run_backward", logged("ring", backward))
+    case = mesh_case("causal_zigzag", 2, 8, 2)
+    inputs = make_inputs(case, 4, torch.float32, seed=3)
+    SimulatedMesh(2, 2).run(lambda group: ring_results_for_rank(case, 4, inputs, group, group.rank, ulysses_chunks=4))
+    pipeline = ["post", "post", "ring", "post", "post", "ring", "post", "post", "ring", "post", "ring", "post"]
+    assert len(events) == 4
+    for log in events.values():
+        assert log == pipeline * 2, log
+
+
+def test_bad_head_chunks_are_refused_before_any_communication():
+    q, k = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 8)
+    refused_on_mesh(lambda g: fa4_cp.ring_attention(q, k, k, group=g, ulysses_chunks=3), "ulysses_chunks", "do not split the 4 q heads")
+    q12, k6 = torch.randn(1, 8, 12, 8), torch.randn(1, 8, 6, 8)
+    refused_on_mesh(lambda g: fa4_cp.ring_attention(q12, k6, k6, group=g, ulysses_chunks=2), "ulysses_chunks", "2 chunks over 3 KV heads")
+    refused_on_mesh(lambda g: fa4_cp.ring_attention(q, k, k, group=g, ulysses_chunks=0), "ulysses_chunks", "a positive int")
+    refused_on_mesh(lambda g: fa4_cp.ring_attention(q, k, k, group=g, ulysses_chunks=True), "ulysses_chunks", "a positive int")
+    ring = SimulatedRing(2)
+    with pytest.raises(ValueError, match=r"^ulysses_chunks: 2 head chunks need ulysses ranks to exchange with"):
+        ring.run(lambda g: fa4_cp.ring_attention(q, k, k, group=g, ulysses_chunks=2))
+    assert sum(ring.collectives.values()) == 0
+
+
+def test_head_chunks_that_disagree_across_ranks_raise_naming_them():
+    q, k = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 8)
+
+    def call(group):
+        fa4_cp.ring_attention(q, k, k, group=group, ulysses_chunks=2 if group.rank != 1 else 1)
+
+    with pytest.raises(ValueError, match=r"ring attention call differs across the ranks of the group .*ulysses_chunks"):
+        SimulatedMesh(2, 2).run(call)
+
+
 def gloo_mesh(rank: int, world_size: int, ulysses: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -89,7 +163,8 @@ def gloo_mesh(rank: int, world_size: int, ulysses: int) -> dict:
         inputs = make_inputs(case, world_size, torch.float32, seed=ulysses)
         group = fa4_cp.comm.mesh.resolve_mesh(mesh)
         assert group.rank == rank, "the mesh's ring-major rank is the process rank"
-        results[case.name] = ring_results_for_rank(case, world_size, inputs, mesh, rank)
+        chunks = 2 if ulysses == 2 and name != "window_causal" else 1  # head chunks over gloo's all_to_all_single
+        results[case.name] = ring_results_for_rank(case, world_size, inputs, mesh, rank, ulysses_chunks=chunks)
     results["named_wrongly"] = refusal_on_a_mesh_named_wrongly(world_size // ulysses, ulysses)
     return results
 

@@ -1,34 +1,69 @@
-"""The Ulysses all-to-all. Over a transport that copies straight into its peers' buffers (the
-copy engine: no SM takes part; the simulated ring) it is u - 1 shifts, rank r's piece for rank
-r + o landing in that rank's slot r. Over NCCL or gloo the group's all_to_all_single runs it."""
+"""The Ulysses all-to-all, posted now and waited for later, so that the ring's compute runs while
+it moves. Over a transport that copies straight into its peers' buffers (the copy engine: no SM
+takes part; the simulated ring) it is u - 1 shifts, rank r's piece for rank r + o landing in row
+r of that rank's receive buffer, on the hops' stream. Over NCCL or gloo the group's
+all_to_all_single runs it, at once (the stream-ordered fallback: no overlap)."""
 
 from __future__ import annotations
 
 import torch
 
 from .group import RingGroup
-from .streams import post_hop
+from .streams import Arrival, post_hop
 from .transport import Transport
 from .watchdog import Hop
 
 ALL_TO_ALL_CHANNEL = 2
+ALIGNMENT = 256  # bytes: every receive region starts aligned, so typed views of it may be taken
 
 
-def all_to_all(group: RingGroup, transport: Transport, pieces: list[torch.Tensor], what: str) -> list[torch.Tensor]:
-    """`pieces[j]` (contiguous, one shape) to rank j; what each rank sent here, in rank order. On
-    the transport's path the result is the transport's buffers (and this rank's own piece itself),
-    valid until its next all-to-all."""
-    if not transport.copies_into_peers:
-        return group.all_to_all(pieces, what)
+class PendingAllToAll:
+    def __init__(self, arrivals: list[Arrival], send: torch.Tensor | None, received: torch.Tensor):
+        self._arrivals, self._send, self._received = arrivals, send, received
+
+    def wait(self) -> torch.Tensor:
+        """(u, piece bytes): row j what rank j sent here (this rank's own row included). The
+        current stream waits for it; the send buffer is let go only then, so that the allocator
+        cannot hand it out while a copy still reads it."""
+        for arrival in self._arrivals:
+            arrival.arrive()
+        self._arrivals, self._send = [], None
+        return self._received
+
+
+def receive_regions(group: RingGroup, transport: Transport | None, piece_bytes: list[int], device: torch.device) -> list[torch.Tensor | None]:
+    """One (u, piece bytes) receive region per exchange of `piece_bytes`, disjoint, carved from the
+    transport's all-to-all buffer (kept across calls): exchanges in flight together need regions of
+    their own. None each where the group's collective runs the exchange."""
+    if transport is None or not transport.copies_into_peers:
+        return [None] * len(piece_bytes)
+    ranks = group.world_size
+    sizes = [-(-ranks * size // ALIGNMENT) * ALIGNMENT for size in piece_bytes]
+    arena = transport.buffers(ALL_TO_ALL_CHANNEL, 1, (sum(sizes),), torch.uint8, device)[0]
+    regions, start = [], 0
+    for size, piece in zip(sizes, piece_bytes):
+        regions.append(arena[start : start + ranks * piece].view(ranks, piece))
+        start += size
+    return regions
+
+
+def post_all_to_all(
+    group: RingGroup, transport: Transport | None, send: torch.Tensor, region: torch.Tensor | None, what: str,
+) -> PendingAllToAll:
+    """Start sending row j of `send` (u, piece bytes; contiguous) to rank j. `region`: this
+    exchange's receive region (receive_regions, of at least send's piece bytes), used on the
+    transport's path."""
+    if transport is None:
+        return PendingAllToAll([], None, send)
+    if region is None:
+        return PendingAllToAll([], None, group.all_to_all(send, what))
     ranks, rank = transport.world_size, transport.rank
-    slots = transport.buffers(ALL_TO_ALL_CHANNEL, ranks, tuple(pieces[0].shape), pieces[0].dtype, pieces[0].device)
-    arrivals = [
+    region = region[:, : send.shape[1]]  # a region serves exchanges up to its size
+    arrivals = [  # offset 0, our own piece, is a local copy on the hops' stream
         post_hop(
-            transport, [pieces[(rank + offset) % ranks]], [slots[(rank - offset) % ranks]], offset, ALL_TO_ALL_CHANNEL,
-            Hop(what, 0, offset, rank, ranks), lands_at=[slots[rank]],
+            transport, [send[(rank + offset) % ranks]], [region[(rank - offset) % ranks]], offset, ALL_TO_ALL_CHANNEL,
+            Hop(what, 0, offset, rank, ranks), lands_at=[region[rank]],
         )
-        for offset in range(1, ranks)
+        for offset in range(ranks)
     ]
-    for arrival in arrivals:
-        arrival.arrive()
-    return [pieces[rank] if source == rank else slot for source, slot in enumerate(slots)]  # no copy of our own piece
+    return PendingAllToAll(arrivals, send, region)

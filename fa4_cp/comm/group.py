@@ -39,9 +39,9 @@ class RingGroup(Protocol):
         """Every rank's picklable `value`, in rank order."""
         ...
 
-    def all_to_all(self, tensors: list[torch.Tensor], what: str = "an all-to-all of the ring group") -> list[torch.Tensor]:
-        """`tensors[j]` (one per rank, all of one shape) to rank j; what each rank sent here, in
-        rank order. Stream-ordered on a GPU, as `all_gather`."""
+    def all_to_all(self, send: torch.Tensor, what: str = "an all-to-all of the ring group") -> torch.Tensor:
+        """`send[j]` (send: one row per rank) to rank j; row j of the result is what rank j sent
+        here. Stream-ordered on a GPU, as `all_gather`."""
         ...
 
     def transport(self, kind: TransportKind, device: torch.device) -> Transport:
@@ -73,8 +73,8 @@ class LocalGroup:
     def all_gather_object(self, value: Any) -> list[Any]:
         return [value]
 
-    def all_to_all(self, tensors: list[torch.Tensor], what: str = "") -> list[torch.Tensor]:
-        return list(tensors)
+    def all_to_all(self, send: torch.Tensor, what: str = "") -> torch.Tensor:
+        return send
 
     def transport(self, kind: TransportKind, device: torch.device) -> Transport:
         return self._transport
@@ -106,11 +106,11 @@ class ProcessGroupRing:
         dist.all_gather_object(everyone, value, group=self.group)
         return everyone
 
-    def all_to_all(self, tensors: list[torch.Tensor], what: str = "an all-to-all of the ring group") -> list[torch.Tensor]:
-        send = torch.stack([t.contiguous() for t in tensors])
+    def all_to_all(self, send: torch.Tensor, what: str = "an all-to-all of the ring group") -> torch.Tensor:
+        send = send.contiguous()
         received = torch.empty_like(send)
         self._finish(dist.all_to_all_single(received, send, group=self.group, async_op=True), send.device, what)
-        return list(received.unbind(0))
+        return received
 
     def _finish(self, work, device: torch.device, what: str) -> None:
         if device.type == "cuda":

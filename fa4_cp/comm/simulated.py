@@ -147,8 +147,8 @@ class SimulatedGroup:
     def all_gather_object(self, value: Any) -> list[Any]:
         return self._exchange("gather", [value] * self.world_size)
 
-    def all_to_all(self, tensors: list[torch.Tensor], what: str = "") -> list[torch.Tensor]:
-        return self._exchange("all_to_all", tensors)
+    def all_to_all(self, send: torch.Tensor, what: str = "") -> torch.Tensor:
+        return torch.stack(self._exchange("all_to_all", list(send.unbind(0))))
 
     def transport(self, kind: TransportKind, device: torch.device) -> SimulatedTransport:
         if self._transport is None:

@@ -1,4 +1,5 @@
-"""The Ulysses all-to-all: sequence shards to head shards over the ulysses ranks, and back.
+"""The Ulysses all-to-all: sequence shards to head shards over the ulysses ranks, and back,
+pipelined with the ring by head chunks.
 
 Rank i of u holds rows piece i of its ring rank's rows, all heads. Before the ring, every rank
 sends head group j of its piece to rank j and stacks the pieces it receives in rank order: it then
@@ -7,26 +8,84 @@ each rank its own rows of every head group. The backward of one exchange is the 
 exchanges go through the call's transport where it copies into peers (comm/all_to_all.py: the
 copy engine's take no SM), else through the group's all_to_all_single.
 
+A rank's head group is cut into `ulysses_chunks` chunks (plan/head_chunks.py): chunk j + 1's
+inbound exchange is posted before chunk j's ring runs, and chunk j's outbound exchange right after
+it, so that on a stream-ordered transport only the first chunk's inbound and the last chunk's
+outbound exchanges are exposed. One chunk is the plain 2-D call. KV heads fewer than u are
+repeated to u (one per rank), never to h; a KV head that several chunks read travels with the
+first, and its dK/dV is summed over them (unrounded) before it travels back.
+
 `ulysses_forward` and `ulysses_backward` are the stage a 2-D call runs around its ring: r steps
 of u-times larger blocks replace W steps, with every mask, layout and document feature of the
-ring. KV heads fewer than u are repeated to u (one per rank), never to h. The forward returns,
-besides out and lse, the head-sharded tensors its backward reads, padded to u x the local rows so
-that their shapes follow from q's (the ring's own rows depend on the documents' lengths).
+ring. The forward returns, besides out and lse, the head-sharded tensors its backward reads, chunk
+first ((chunks, ..., padded rows, heads, d)), padded to u x the local rows so that their shapes
+follow from q's (the ring's own rows depend on the documents' lengths).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..call import PreparedCall
-from ..comm.all_to_all import all_to_all
+from ..comm.all_to_all import PendingAllToAll, post_all_to_all, receive_regions
 from ..comm.group import RingGroup
 from ..comm.mesh import UlyssesRing
 from ..comm.transport import TransportKind
-from ..kernels.interface import accumulator_dtype
+from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, accumulator_dtype
+from ..plan.head_chunks import HeadChunks
 from .ring_run import ring_run_backward, ring_run_forward
+
+PIECE_ALIGNMENT = 16  # bytes between the typed parts of one piece
+
+
+@dataclass(frozen=True)
+class Rows:
+    """x's rows along `dim`, cut into one piece per rank, the last ones zero-padded."""
+
+    x: torch.Tensor
+    dim: int
+
+
+class Parts:
+    """What one exchange carries to each rank: typed parts side by side in one row of bytes."""
+
+    def __init__(self, shapes: list[tuple[tuple[int, ...], torch.dtype]]):
+        self.shapes, self.offsets, end = shapes, [], 0
+        for shape, dtype in shapes:
+            self.offsets.append(end)
+            end += -(-math.prod(shape) * dtype.itemsize // PIECE_ALIGNMENT) * PIECE_ALIGNMENT
+        self.nbytes = end
+
+    @classmethod
+    def of(cls, sources: list[torch.Tensor | Rows], ranks: int) -> Parts:
+        shapes = []
+        for source in sources:
+            if isinstance(source, Rows):
+                shape = list(source.x.shape)
+                shape[source.dim] = -(-shape[source.dim] // ranks)
+                shapes.append((tuple(shape), source.x.dtype))
+            else:
+                shapes.append((tuple(source.shape[1:]), source.dtype))
+        return cls(shapes)
+
+    def views(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each part of `rows` (u, nbytes) as a (u, *its shape) tensor of its dtype."""
+        return [
+            rows[:, start : start + math.prod(shape) * dtype.itemsize].view(dtype).unflatten(1, shape)
+            for start, (shape, dtype) in zip(self.offsets, self.shapes)
+        ]
+
+
+class PendingExchange:
+    def __init__(self, pending: PendingAllToAll, parts: Parts):
+        self._pending, self._parts = pending, parts
+
+    def wait(self) -> list[torch.Tensor]:
+        """Each part as (u, *its shape): row j from rank j."""
+        return self._parts.views(self._pending.wait())
 
 
 class Exchange:
@@ -34,43 +93,42 @@ class Exchange:
     when it copies into its peers (the copy engine, no SM), else the group's collective."""
 
     def __init__(self, group: RingGroup, transport: TransportKind, device: torch.device):
-        self.group = group
+        self.group, self.ranks, self.device = group, group.world_size, device
         self.transport = group.transport(transport, device) if group.world_size > 1 else None
 
-    def _run(self, xs: list[torch.Tensor], split_dim: int, cat_dim: int, padded: int | None = None) -> list[torch.Tensor]:
-        """One all-to-all for all of `xs` (one dtype): what a rank sends a peer of each travels as one piece."""
-        if self.transport is None:
-            return [x if padded is None else _pad_rows(x, padded, split_dim) for x in xs]
-        ranks = self.group.world_size
-        if len(xs) == 1:
-            pieces = _pieces(xs[0], ranks, split_dim, xs[0].shape[split_dim] if padded is None else padded)
-            return [torch.cat(all_to_all(self.group, self.transport, pieces, "the Ulysses all-to-all"), dim=cat_dim)]
-        packed = _packed_pieces(xs, ranks, split_dim)  # the pieces for rank j, of every tensor, in row j
-        arrived = all_to_all(self.group, self.transport, list(packed.unbind(0)), "the Ulysses all-to-all")
-        outputs, start = [], 0
-        for x in xs:
-            shape = _piece_shape(x, ranks, split_dim)
-            size = math.prod(shape)
-            outputs.append(torch.cat([piece[start : start + size].view(shape) for piece in arrived], dim=cat_dim))
-            start += size
-        return outputs
+    def regions(self, parts: list[Parts]) -> list[torch.Tensor | None]:
+        """A receive region for each exchange of `parts`, all in flight at once if need be."""
+        return receive_regions(self.group, self.transport, [p.nbytes for p in parts], self.device)
 
-    def sequence_to_heads(self, *xs: torch.Tensor) -> list[torch.Tensor]:
-        """(..., s/u, h, d) of every head -> (..., s, h/u, d) of this rank's head group, for each of
-        `xs` (one dtype) in one exchange."""
-        return self._run(list(xs), -2, -3)
+    def post(self, parts: Parts, sources: list[torch.Tensor | Rows], region: torch.Tensor | None) -> PendingExchange:
+        """Lay `sources` out (a (u, ...) tensor: row j to rank j; Rows: cut by rows) and start the exchange."""
+        send = torch.empty((self.ranks, parts.nbytes), dtype=torch.uint8, device=self.device)
+        self.lay_out(parts.views(send), sources)
+        return PendingExchange(post_all_to_all(self.group, self.transport, send, region, "the Ulysses all-to-all"), parts)
 
-    def heads_to_sequence(self, x: torch.Tensor, padded_rows: int | None = None) -> torch.Tensor:
-        """The inverse of `sequence_to_heads`; x's rows taken as zero-padded to `padded_rows`."""
-        return self._run([x], -3, -2, padded_rows)[0]
+    def lay_out(self, views: list[torch.Tensor], sources: list[torch.Tensor | Rows]) -> None:
+        """The copies that lay pieces out for sending (bench/gpu_work.py times them apart)."""
+        for view, source in zip(views, sources):
+            if isinstance(source, Rows):
+                _put_rows(view, source.x, source.dim)
+            else:
+                view.copy_(source)
 
-    def lse_heads_to_sequence(self, lse: torch.Tensor) -> torch.Tensor:
-        """lse (..., h/u, s) of this rank's head group -> (..., h, s/u) of its own rows."""
-        return self._run([lse], -1, -2)[0]
+    def gather(self, pieces: torch.Tensor, dim: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The pieces (u, ...) that arrived, stacked in rank order along `dim` (negative), in new
+        memory (or `into`): the receive region is reused by a later exchange."""
+        shape = list(pieces.shape[1:])
+        shape[dim] *= pieces.shape[0]
+        into = pieces.new_empty(shape) if into is None else into
+        into.unflatten(dim, (pieces.shape[0], -1)).copy_(pieces.movedim(0, dim - 1))
+        return into
 
-    def lse_sequence_to_heads(self, lse: torch.Tensor) -> torch.Tensor:
-        """The inverse of `lse_heads_to_sequence`."""
-        return self._run([lse], -2, -1)[0]
+    def scatter_heads(self, pieces: torch.Tensor, into: torch.Tensor, chunks: int, chunk: int, dim: int) -> None:
+        """Chunk `chunk`'s pieces (u, ...) from every rank into their heads of `into` along `dim`
+        (heads ordered rank, chunk, head)."""
+        ranks = pieces.shape[0]
+        target = into.unflatten(dim, (ranks, chunks, -1)).select(dim - 1, chunk)
+        target.copy_(pieces.movedim(0, dim - 1))
 
 
 def kv_heads_for(kv_heads: int, ulysses: int) -> torch.Tensor | None:
@@ -85,20 +143,56 @@ def kv_heads_for(kv_heads: int, ulysses: int) -> torch.Tensor | None:
 def ulysses_forward(
     prepared: PreparedCall, mesh: UlyssesRing, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
-    """out (q's shape) and lse of this rank's rows; then the head-sharded q, k, v, out and lse of
-    its ring rank's rows, padded to u x the local rows, for the backward."""
-    u, rows, padded_rows = mesh.ulysses.world_size, prepared.mesh.ring_rows, prepared.mesh.padded_ring_rows
-    head_group = q.shape[-2] // u
+    """out (q's shape with v's head_dim) and lse of this rank's rows; then the head-sharded q, k,
+    v, out and lse of its ring rank's rows, chunk first, padded to u x the local rows, for the
+    backward."""
+    u, rows, padded = mesh.ulysses.world_size, prepared.mesh.ring_rows, prepared.mesh.padded_ring_rows
+    chunks: HeadChunks = prepared.head_chunks
     if (repeat := kv_heads_for(k.shape[-2], u)) is not None:
         k, v = (t.index_select(-2, repeat.to(t.device)) for t in (k, v))
     exchange = Exchange(mesh.ulysses, prepared.ring.transport, q.device)
-    heads_q, heads_k, heads_v = exchange.sequence_to_heads(q, k, v)
-    out, lse = ring_run_forward(
-        prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v)),
-        _own_sinks(sinks, mesh.ulysses, head_group), padded_rows,
-    )
-    lse = _pad_rows(lse, padded_rows, -1, float("-inf"))  # padding rows: out 0, lse -inf
-    return exchange.heads_to_sequence(out), exchange.lse_heads_to_sequence(lse), heads_q, heads_k, heads_v, out, lse
+    q_pieces = _by_rank_and_chunk(q, u, chunks.count)  # (u, chunks, *batch, local rows, heads, d)
+    k_pieces, v_pieces = (_by_rank_and_chunk(t, u, chunks.kv_count) for t in (k, v))
+
+    def inbound(chunk: int) -> list[torch.Tensor]:
+        kv = chunks.kv_of(chunk)
+        return [q_pieces[:, chunk], *((k_pieces[:, kv], v_pieces[:, kv]) if chunks.brings_kv(chunk) else ())]
+
+    batch, local = q.shape[:-3], q.shape[-3]
+
+    def heads(pieces: torch.Tensor) -> torch.Tensor:  # (chunks, *batch, padded rows, heads, d) for (u, chunks, ...) pieces
+        return pieces.new_empty((pieces.shape[1], *batch, padded, *pieces.shape[-2:]))
+
+    heads_q, heads_k, heads_v = heads(q_pieces), heads(k_pieces), heads(v_pieces)
+    returning_parts = Parts([((*batch, local, chunks.q_heads, v.shape[-1]), q.dtype), ((*batch, chunks.q_heads, local), LSE_ACCUMULATOR_DTYPE)])
+    arriving_parts = Parts.of(inbound(0), u)  # the largest: the first chunk brings KV
+    regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts] * chunks.count)
+    pending = exchange.post(Parts.of(inbound(0), u), inbound(0), regions[0])
+    outs, lses, returning = [], [], []
+    for chunk in range(chunks.count):
+        arrived = pending.wait()
+        if chunk + 1 < chunks.count:  # its exchange runs behind this chunk's ring
+            pending = exchange.post(Parts.of(inbound(chunk + 1), u), inbound(chunk + 1), regions[(chunk + 1) % 2])
+        exchange.gather(arrived[0], -3, heads_q[chunk])
+        kv = chunks.kv_of(chunk)
+        if chunks.brings_kv(chunk):
+            exchange.gather(arrived[1], -3, heads_k[kv])
+            exchange.gather(arrived[2], -3, heads_v[kv])
+        out, lse = ring_run_forward(
+            prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q[chunk], heads_k[kv], heads_v[kv])),
+            _chunk_sinks(sinks, mesh.ulysses, chunks, chunk), padded,
+        )
+        lse = _pad_rows(lse, padded, -1, float("-inf"))  # padding rows: out 0, lse -inf
+        outs.append(out)
+        lses.append(lse)
+        returning.append(exchange.post(returning_parts, [Rows(out, -3), Rows(lse, -1)], regions[min(2, chunks.count) + chunk]))
+    out = q.new_empty((*batch, local, q.shape[-2], v.shape[-1]))
+    lse = q.new_empty((*batch, q.shape[-2], local), dtype=LSE_ACCUMULATOR_DTYPE)
+    for chunk, pending in enumerate(returning):
+        out_pieces, lse_pieces = pending.wait()
+        exchange.scatter_heads(out_pieces, out, chunks.count, chunk, -2)
+        exchange.scatter_heads(lse_pieces, lse, chunks.count, chunk, -2)
+    return out, lse, heads_q, heads_k, heads_v, _chunk_first(outs), _chunk_first(lses)
 
 
 def ulysses_backward(
@@ -107,65 +201,93 @@ def ulysses_backward(
     kv_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of this rank's rows and the sinks' gradient (empty without sinks): the
-    forward's all-to-alls in reverse around the ring's backward."""
-    u, rows, padded_rows = mesh.ulysses.world_size, prepared.mesh.ring_rows, prepared.mesh.padded_ring_rows
-    head_group = heads_q.shape[-2]
+    forward's all-to-alls in reverse around the ring's backward, chunk by chunk."""
+    u, rows = mesh.ulysses.world_size, prepared.mesh.ring_rows
+    chunks: HeadChunks = prepared.head_chunks
     exchange = Exchange(mesh.ulysses, prepared.ring.transport, dout.device)
-    heads_dout, = exchange.sequence_to_heads(dout.contiguous())
-    heads_dlse = None if dlse is None else exchange.lse_sequence_to_heads(dlse.contiguous())[..., :rows].contiguous()
+    dout_pieces = _by_rank_and_chunk(dout, u, chunks.count)
+    dlse_pieces = None if dlse is None else _by_rank_and_chunk(dlse, u, chunks.count)
+
+    def inbound(chunk: int) -> list[torch.Tensor]:
+        return [dout_pieces[:, chunk], *(() if dlse_pieces is None else (dlse_pieces[:, chunk],))]
+
     # A KV head repeated over ranks gets one partial dK/dV from each: they travel unrounded and
     # are added, in head order, before the one rounding (16-bit partials reached ~1.9x the error).
+    # A KV chunk that several head chunks read sums their partials unrounded too.
     repeated = kv_heads_for(kv_heads, u) is not None
-    dq, dk, dv, ring_dsinks = ring_run_backward(
-        prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q, heads_k, heads_v, heads_out)),
-        heads_lse[..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _own_sinks(sinks, mesh.ulysses, head_group),
-        dkv_dtype=accumulator_dtype(heads_k.dtype) if repeated else None,
-    )
-    dq, dk, dv = (exchange.heads_to_sequence(t, padded_rows) for t in (dq, dk, dv))
+    summed = repeated or chunks.per_kv > 1
+    dkv_dtype = accumulator_dtype(heads_k.dtype) if summed else None
+    travel_dtype = accumulator_dtype(heads_k.dtype) if repeated else heads_k.dtype
+    batch, local = dout.shape[:-3], dout.shape[-3]
+
+    def returning_parts(chunk: int) -> Parts:
+        shapes = [((*batch, local, chunks.q_heads, heads_q.shape[-1]), heads_q.dtype)]
+        if chunks.finishes_kv(chunk):
+            shapes += [((*batch, local, chunks.kv_heads, t.shape[-1]), travel_dtype) for t in (heads_k, heads_v)]
+        return Parts(shapes)
+
+    arriving_parts = Parts.of(inbound(0), u)
+    regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts(c) for c in range(chunks.count)])
+    pending = exchange.post(arriving_parts, inbound(0), regions[0])
+    returning, dsinks_parts, dk, dv = [], [], None, None
+    for chunk in range(chunks.count):
+        arrived = pending.wait()
+        if chunk + 1 < chunks.count:  # its exchange runs behind this chunk's ring
+            pending = exchange.post(arriving_parts, inbound(chunk + 1), regions[(chunk + 1) % 2])
+        heads_dout = exchange.gather(arrived[0], -3)
+        heads_dlse = None if dlse is None else exchange.gather(arrived[1], -1)[..., :rows].contiguous()
+        kv = chunks.kv_of(chunk)
+        dq, chunk_dk, chunk_dv, chunk_dsinks = ring_run_backward(
+            prepared.ring, prepared.kernels, mesh.ring,
+            *(t[..., :rows, :, :] for t in (heads_q[chunk], heads_k[kv], heads_v[kv], heads_out[chunk])),
+            heads_lse[chunk][..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _chunk_sinks(sinks, mesh.ulysses, chunks, chunk),
+            dkv_dtype=dkv_dtype,
+        )
+        dsinks_parts.append(chunk_dsinks)
+        dk, dv = (chunk_dk, chunk_dv) if chunks.brings_kv(chunk) else (dk.add_(chunk_dk), dv.add_(chunk_dv))
+        sources = [Rows(dq, -3)]
+        if chunks.finishes_kv(chunk):
+            sources += [Rows(t.to(travel_dtype), -3) for t in (dk, dv)]
+        returning.append(exchange.post(returning_parts(chunk), sources, regions[min(2, chunks.count) + chunk]))
+    dq = dout.new_empty((*batch, local, dout.shape[-2], heads_q.shape[-1]), dtype=heads_q.dtype)
+    # the KV heads as they travelled: kv_heads, or u where repeated (one per rank)
+    dk, dv = (dout.new_empty((*batch, local, max(kv_heads, u), t.shape[-1]), dtype=travel_dtype) for t in (heads_k, heads_v))
+    for chunk, pending in enumerate(returning):
+        pieces = pending.wait()
+        exchange.scatter_heads(pieces[0], dq, chunks.count, chunk, -2)
+        if chunks.finishes_kv(chunk):
+            for whole, part in zip((dk, dv), pieces[1:]):
+                exchange.scatter_heads(part, whole, chunks.kv_count, chunks.kv_of(chunk), -2)
     if repeated:
         dk, dv = (t.unflatten(-2, (kv_heads, u // kv_heads)).sum(-2).to(heads_k.dtype) for t in (dk, dv))
     dsinks = dout.new_empty(0)
     if sinks is not None:
         dsinks = torch.zeros_like(sinks)
-        dsinks[_own_heads(mesh.ulysses, head_group)] = ring_dsinks
+        dsinks[_own_heads(mesh.ulysses, chunks.count * chunks.q_heads)] = torch.cat(dsinks_parts)
     return dq, dk, dv, dsinks
 
 
-def _pieces(x: torch.Tensor, count: int, dim: int, length: int) -> list[torch.Tensor]:
-    """`count` equal contiguous pieces of x along `dim`, x taken as zero-padded to `length` there:
-    contiguous pieces stay views, and only a piece that reaches past x's end is copied, with its
-    padding, not the whole of x."""
-    size, rows = length // count, x.shape[dim]
-    if rows == length and size and not x.narrow(dim, 0, size).is_contiguous():
-        # strided pieces (a head group, or rows of a batch): one copy lays them all out, not one each
-        return list(_by_destination(x, count, dim).contiguous().unbind(0))
-    starts = [min(index * size, rows) for index in range(count)]
-    return [_pad_rows(x.narrow(dim, start, min(size, rows - start)), size, dim).contiguous() for start in starts]
+def _by_rank_and_chunk(x: torch.Tensor, ranks: int, chunks: int) -> torch.Tensor:
+    """A view of x (heads at dim -2, ordered rank, chunk, head) as (ranks, chunks, ..., heads / (ranks chunks), ...)."""
+    return x.unflatten(-2, (ranks, chunks, -1)).movedim(-4, 0).movedim(-3, 1)
 
 
-def _by_destination(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
-    """A view of x as (count, its pieces along `dim`): piece j, for rank j, first."""
-    axis = dim % x.dim()
-    return x.unflatten(axis, (count, x.shape[axis] // count)).movedim(axis, 0)
+def _put_rows(dest: torch.Tensor, x: torch.Tensor, dim: int) -> None:
+    """x's rows along `dim` into dest (u, ...), piece j in dest[j]; rows past x's end zero."""
+    size, rows = dest.shape[dim], x.shape[dim]
+    whole, rest = divmod(rows, size)
+    if whole:
+        dest[:whole].copy_(x.narrow(dim, 0, whole * size).unflatten(dim, (whole, size)).movedim(dim - 1, 0))
+    if rest:
+        dest[whole].narrow(dim, 0, rest).copy_(x.narrow(dim, whole * size, rest))
+        dest[whole].narrow(dim, rest, size - rest).zero_()
+    if whole + bool(rest) < dest.shape[0]:
+        dest[whole + bool(rest) :].zero_()
 
 
-def _piece_shape(x: torch.Tensor, count: int, dim: int) -> tuple[int, ...]:
-    shape = list(x.shape)
-    shape[dim] //= count
-    return tuple(shape)
-
-
-def _packed_pieces(xs: list[torch.Tensor], count: int, dim: int) -> torch.Tensor:
-    """(count, all pieces' elements): row j holds piece j of each of `xs`, one after another, each
-    laid out by one copy."""
-    sizes = [math.prod(_piece_shape(x, count, dim)) for x in xs]
-    packed = xs[0].new_empty(count, sum(sizes))
-    start = 0
-    for x, size in zip(xs, sizes):
-        pieces = _by_destination(x, count, dim)
-        packed[:, start : start + size].view(pieces.shape).copy_(pieces)
-        start += size
-    return packed
+def _chunk_first(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """(chunks, ...): a view of the one chunk's tensor, else one copy."""
+    return chunks[0].unsqueeze(0) if len(chunks) == 1 else torch.stack(chunks)
 
 
 def _pad_rows(t: torch.Tensor, rows: int, seq_dim: int, value: float = 0.0) -> torch.Tensor:
@@ -183,5 +305,8 @@ def _own_heads(group: RingGroup, head_group: int) -> slice:
     return slice(group.rank * head_group, (group.rank + 1) * head_group)
 
 
-def _own_sinks(sinks: torch.Tensor | None, group: RingGroup, head_group: int) -> torch.Tensor | None:
-    return None if sinks is None else sinks[_own_heads(group, head_group)]
+def _chunk_sinks(sinks: torch.Tensor | None, group: RingGroup, chunks: HeadChunks, chunk: int) -> torch.Tensor | None:
+    if sinks is None:
+        return None
+    first = (group.rank * chunks.count + chunk) * chunks.q_heads
+    return sinks[first : first + chunks.q_heads]

@@ -105,9 +105,9 @@ def test_fa4_ring_72_ranks_on_one_gpu(name):
     print(f"{name} W=72 errors", errors, "single-device FA4", baseline)
 
 
-def check_mesh(case, ring):
+def check_mesh(case, ring, **options):
     """A case on a simulated case.ulysses x ring mesh with FA4, by the 2x rule against upstream;
-    (errors, upstream's errors)."""
+    (errors, upstream's errors). `options`: more of the call's keywords."""
     from fa4_cp import SimulatedMesh
 
     world = case.ulysses * ring
@@ -115,13 +115,23 @@ def check_mesh(case, ring):
     truth = reference_results(case, world, inputs, torch.float64)
     baseline = errors_against(truth, upstream_results(case, world, inputs, torch.bfloat16))
     gpu_inputs = on_cuda(inputs)
-    per_rank = SimulatedMesh(case.ulysses, ring).run(lambda group: ring_results_for_rank(case, world, gpu_inputs, group, group.rank, backend="fa4"))
+    per_rank = SimulatedMesh(case.ulysses, ring).run(lambda group: ring_results_for_rank(case, world, gpu_inputs, group, group.rank, backend="fa4", **options))
     return assert_ring_matches(case, world, inputs, torch.bfloat16, per_rank, baseline), baseline
 
 
 @pytest.mark.parametrize(("ulysses", "ring", "name", "kv_heads"), [(2, 4, "causal_zigzag", 1), (4, 2, "balanced_window", 4), (8, 9, "causal_zigzag", 2)])
 def test_fa4_on_a_simulated_ulysses_by_ring_mesh(ulysses, ring, name, kv_heads):
     check_mesh(dataclasses.replace(CASES_BY_NAME[name], head_dim=64, heads=8, kv_heads=kv_heads, ulysses=ulysses, batch=1), ring)
+
+
+# head chunks: with KV heads of their own, sharing one (packed documents, sinks), repeated over the ranks, at 8 x 9
+@pytest.mark.parametrize(("ulysses", "ring", "name", "heads", "kv_heads", "chunks"), [
+    (2, 4, "causal_zigzag", 8, 4, 2), (2, 4, "sinks_balanced_window", 8, 2, 4), (4, 2, "balanced_causal", 8, 1, 2),
+    (8, 9, "causal_zigzag", 32, 8, 4),
+])
+def test_fa4_ulysses_head_chunks(ulysses, ring, name, heads, kv_heads, chunks):
+    case = dataclasses.replace(CASES_BY_NAME[name], head_dim=128, heads=heads, kv_heads=kv_heads, ulysses=ulysses, batch=1)
+    check_mesh(case, ring, ulysses_chunks=chunks)
 
 
 @pytest.mark.parametrize("name", ["gemma3_packed_window_256", "mla_packed_balanced"])
