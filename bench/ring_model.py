@@ -208,10 +208,12 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
     modelled: each rank runs its replayed steps as their KV arrives (`ring_timeline_ms`, the
     streams KV_HOPS_AHEAD hops ahead of the compute, and one ahead as before 2026-12-06's session
     22), each hop the copy engine's fitted time for the most any rank receives; the Ulysses all-to-alls at tuning/mesh_model.py's figures
-    (ASSUMED: no multi-GPU run has measured them); the cross-rank check apart, since a group with a
-    CPU backend beside NCCL checks on the host. GB200 NVL72 as in `predict` (ASSUMED)."""
+    (ASSUMED: no multi-GPU run has measured them), in a split replayed in head chunks pipelined
+    with the chunks' rings as runtime/ulysses.py posts them (mesh_model.pipeline_ms), else around
+    the ring; the cross-rank check apart, since a group with a CPU backend beside NCCL checks on
+    the host. GB200 NVL72 as in `predict` (ASSUMED)."""
     from fa4_cp.runtime.travelling import KV_HOPS_AHEAD
-    from fa4_cp.tuning.mesh_model import GB200_NVL72, H200 as H200_MACHINE, all_to_all_ms
+    from fa4_cp.tuning.mesh_model import GB200_NVL72, H200 as H200_MACHINE, all_to_all_ms, exchange_parts_ms, pipeline_ms
 
     out = []
     for machine, scales, exchange in ((f"{replay['device']} compute, H200 hops", H200, H200_MACHINE), ("GB200 NVL72", GB200, GB200_NVL72)):
@@ -220,31 +222,39 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
             if one_device is None:
                 continue
             one_device_ms = (one_device["forward"] + one_device["backward"]) * scales["compute_scale"]
-            for split in ("chosen", "plain_ring", *sorted(key for key in row if key.startswith("ulysses_"))):
+            for split in ("chosen", "plain_ring", *sorted(key for key in row if key.startswith(("ulysses_", "chosen_chunks_")))):
                 part = row.get(split)
                 if part is None:
                     continue
-                compute = {direction: rank_step_compute(part, direction, scales["compute_scale"]) for direction in ("forward", "backward")}
+                chunks = part.get("head_chunks", 1)  # a chunked replay's times are one chunk's ring's, taken `chunks` times
+                compute = {d: rank_step_compute(part, d, scales["compute_scale"] / chunks) for d in ("forward", "backward")}
                 hop_bytes = {name: max(rank[f"{name}_hop_bytes"] for rank in part["ranks"]) for name in ("kv", "dkv")}
-                slowest = {direction: step_compute(part, direction, scales["compute_scale"]) for direction in ("forward", "backward")}
+                slowest = {d: step_compute(part, d, scales["compute_scale"]) for d in ("forward", "backward")}
                 lock_step = ring_ms(slowest, hop_bytes, link, 0.0, scales["bandwidth_scale"])
                 # the balanced layout's streams run KV_HOPS_AHEAD hops ahead (runtime/travelling.py); before, one
-                ring, one_ahead = (
-                    timeline_ms(compute, hop_bytes, link, 0.0, depth, scales["bandwidth_scale"])["fwdbwd"] for depth in (KV_HOPS_AHEAD, 1)
-                )
-                compute_ms = max(sum(f) + sum(b) for f, b in zip(compute["forward"], compute["backward"]))
-                exchanges = all_to_all_ms(
-                    part["ulysses"], part["ring"], replay["heads"], replay["kv_heads"], replay["tokens_per_gpu"] * world, replay["head_dim"], exchange,
-                )
-                total, check = ring + exchanges, check_ms(checks, world)
+                passes, one_ahead = (timeline_ms(compute, hop_bytes, link, 0.0, depth, scales["bandwidth_scale"]) for depth in (KV_HOPS_AHEAD, 1))
+                compute_ms = chunks * max(sum(f) + sum(b) for f, b in zip(compute["forward"], compute["backward"]))
+                shape = (part["ulysses"], part["ring"], replay["heads"], replay["kv_heads"], replay["tokens_per_gpu"] * world, replay["head_dim"], exchange)
+                exchanges = all_to_all_ms(*shape)
+
+                def call_ms(ring: dict) -> float:
+                    """The chunks' rings between their exchanges (runtime/ulysses.py's pipeline), or the ring alone."""
+                    if part["ulysses"] == 1:
+                        return ring["fwdbwd"]
+                    parts = exchange_parts_ms(*shape, chunks)
+                    rings = {"forward": ring["fwd"], "backward": ring["fwdbwd"] - ring["fwd"]}
+                    return sum(pipeline_ms(parts[f"{d}_in"], [rings[d]] * chunks, parts[f"{d}_out"]) for d in rings)
+
+                ring, total = chunks * passes["fwdbwd"], call_ms(passes)
+                check = check_ms(checks, world)
                 out.append({
                     "machine": machine, "assumed": scales["assumed"], "mix": row["mix"], "world_size": world, "split": split,
-                    "ulysses": part["ulysses"], "ring": part["ring"], "active_steps": len(compute["forward"][0]),
+                    "ulysses": part["ulysses"], "ring": part["ring"], "head_chunks": chunks, "active_steps": len(compute["forward"][0]),
                     "slowest_rank_compute_ms": compute_ms, "ring_ms": ring, "lock_step_ring_ms": lock_step["fwdbwd"], "all_to_all_ms": exchanges,
-                    "fwdbwd_ms": total, "compute_only_efficiency": one_device_ms / (world * compute_ms),
+                    "exposed_all_to_all_ms": total - ring, "fwdbwd_ms": total, "compute_only_efficiency": one_device_ms / (world * compute_ms),
                     "efficiency_vs_one_device": one_device_ms / (world * total),
                     "efficiency_with_nccl_check": one_device_ms / (world * (total + check)),
-                    "efficiency_one_hop_ahead": one_device_ms / (world * (one_ahead + exchanges)),
+                    "efficiency_one_hop_ahead": one_device_ms / (world * call_ms(one_ahead)),
                 })
     return out
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from fa4_cp.comm.transport import TRANSPORTS
 from fa4_cp.kernels import BACKEND_NAMES
+from fa4_cp.plan.head_chunks import HeadChunks
 from fa4_cp.validation import heads_split
 
 
@@ -57,6 +58,9 @@ class TrainConfig:
     # fa4_cp.plan_mesh predicts fastest, per batch (its documents); None: "auto" with --packing
     # documents, else 1 (a plain ring)
     ulysses: int | str | None = None
+    # Head chunks of a 2-D split's all-to-all pipeline (ring_attention's ulysses_chunks) where a
+    # batch runs on one; "auto": the count plan_mesh predicts fastest with the split it picks
+    ulysses_chunks: int | str = 1
     device: str = "cuda"
     compute_dtype: str = "bfloat16"  # FSDP2 parameter dtype; master weights and optimizer stay fp32
     data: str = "python-sources"  # or "synthetic"
@@ -136,6 +140,10 @@ _OVERRIDES: dict[str, tuple[type, str]] = {
     "ulysses": (
         ulysses_flag, "Ulysses head all-to-all ranks inside each cp group, the ring spanning cp / ulysses; auto: the split "
         "fa4_cp.plan_mesh predicts fastest for each batch's documents (default auto with --packing documents, else 1)",
+    ),
+    "ulysses_chunks": (
+        ulysses_flag, "head chunks of a 2-D split (u > 1), each chunk's all-to-all behind the previous chunk's ring; auto: "
+        "plan_mesh's count for the split it picks (a batch on the plain ring runs one chunk)",
     ),
     "device": (str, "cuda or cpu"),
     "compute_dtype": (str, "FSDP2 parameter dtype: bfloat16 or float32 (master weights stay fp32)"),
@@ -249,6 +257,11 @@ def check_config(config: TrainConfig) -> None:
             f"ulysses: {config.ulysses} must divide n_heads ({model.n_heads}), and n_kv_heads ({model.n_kv_heads}) must be "
             "a multiple or a divisor of it"
         )
+    chunks = config.ulysses_chunks
+    if chunks != "auto" and chunks < 1:
+        raise ValueError(f"ulysses_chunks: expected a positive count or 'auto', got {chunks}")
+    if chunks != "auto" and ulysses != "auto" and ulysses > 1:  # the heads' split, before any process starts
+        HeadChunks.of(model.n_heads // ulysses, max(model.n_kv_heads // ulysses, 1), chunks)
     if config.packing == "none" and config.seq_len % (2 * config.cp):
         raise ValueError(
             f"seq_len: {config.seq_len} is not divisible by 2 * cp = {2 * config.cp} (the zigzag layout cuts the "

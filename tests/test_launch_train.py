@@ -48,10 +48,11 @@ def test_cp2_matches_one_rank_in_loss_and_gradients(tmp_path):
 
 
 def test_ulysses_2_by_ring_2_matches_one_rank(tmp_path):
-    """--ulysses 2 at cp 4: a 2 x 2 Ulysses x ring mesh trains like one rank."""
+    """--ulysses 2 at cp 4: a 2 x 2 Ulysses x ring mesh, its heads in 2 chunks, trains like one rank."""
     argv = ["--preset", "tiny", "--steps", "2"]
     ((losses_one, grads_one),) = values(run_ranks(train_tiny, 1, fresh_dir(tmp_path, "one"), argv + ["--cp", "1"], True))
-    losses_mesh, grads_mesh = values(run_ranks(train_tiny, 4, fresh_dir(tmp_path, "mesh"), argv + ["--cp", "4", "--ulysses", "2"], True))[0]
+    mesh_argv = argv + ["--cp", "4", "--ulysses", "2", "--ulysses-chunks", "2"]
+    losses_mesh, grads_mesh = values(run_ranks(train_tiny, 4, fresh_dir(tmp_path, "mesh"), mesh_argv, True))[0]
     torch.testing.assert_close(torch.tensor(losses_mesh), torch.tensor(losses_one), rtol=1e-5, atol=1e-6)
     for name in grads_one[-1]:
         torch.testing.assert_close(torch.from_numpy(grads_mesh[-1][name]), torch.from_numpy(grads_one[-1][name]), rtol=1e-4, atol=1e-6)
@@ -295,6 +296,8 @@ def test_dp_shard_2_by_cp_2_matches_one_rank_over_both_sequences(tmp_path):
         (["--qk-head-dim", "23"], r"qk_head_dim: expected an even head_dim of 2 or more \(RoPE rotates pairs\), got 23"),
         (["--cp", "4", "--ulysses", "3"], r"ulysses: expected a positive divisor of cp \(4\) or .auto., got 3"),
         (["--cp", "8", "--ulysses", "8"], r"ulysses: 8 must divide n_heads \(4\)"),
+        (["--cp", "4", "--ulysses", "2", "--ulysses-chunks", "4"], r"ulysses_chunks: 4 chunks do not split the 2 q heads"),
+        (["--ulysses-chunks", "0"], r"ulysses_chunks: expected a positive count or 'auto', got 0"),
     ],
 )
 def test_bad_ring_settings_fail_at_start(flags, message):
@@ -393,7 +396,10 @@ def test_ulysses_auto_picks_a_split_per_batch_and_trains_like_one_rank(tmp_path)
     for number, length in enumerate([1900, 17, 1, 120, 45, 600, 9, 250, 80, 33, 5, 400, 1700, 60]):
         (site / f"m{number:02d}.py").write_bytes(bytes([65 + number % 26]) * length)
     corpus = build_corpus(tmp_path / "corpus.bin", site)
-    argv = ["--preset", "tiny", "--steps", "3", "--data", "python-sources", "--corpus-path", str(corpus), "--packing", "documents", "--seq-len", "2048"]
+    argv = [
+        "--preset", "tiny", "--steps", "3", "--data", "python-sources", "--corpus-path", str(corpus), "--packing", "documents", "--seq-len", "2048",
+        "--ulysses-chunks", "auto",
+    ]
     ((losses_one, grads_one, _),) = values(run_ranks(train_recording_splits, 1, fresh_dir(tmp_path, "one"), argv + ["--cp", "1"]))
     losses_auto, grads_auto, shapes = values(run_ranks(train_recording_splits, 4, fresh_dir(tmp_path, "auto"), argv + ["--cp", "4"]))[0]
     assert all(shape in {(4,), (2, 2), (1, 4)} for shape in shapes) and len(shapes) == 3, shapes

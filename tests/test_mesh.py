@@ -15,6 +15,7 @@ from bench_modules import bench_module
 import fa4_cp
 from fa4_cp import SimulatedRing
 from fa4_cp.comm.simulated import SimulatedMesh
+from fa4_cp.plan.head_chunks import HeadChunks
 from oracle import (
     CASES_BY_NAME, DTYPES, TENSORS, assert_ring_matches, errors_against, make_inputs, reference_results, ring_results_for_rank,
     unshard_results,
@@ -246,6 +247,25 @@ def test_plan_mesh_picks_a_valid_split_and_says_why():
     assert prime_heads.ulysses == 1, "7 heads split over no ulysses group of 8 ranks"
     with pytest.raises(ValueError, match="kv_heads dividing heads"):
         fa4_cp.plan_mesh(8, 32, 5, 8192)
+
+
+def test_plan_mesh_weighs_head_chunks_against_the_exchanges_they_hide():
+    """The pipeline (runtime/ulysses.py's order): the first inbound and the last outbound exchange
+    stay exposed, the others hide behind the rings when they are shorter; plan_mesh keeps the head
+    chunks whose pipeline is fastest, a count the heads allow, and never one slower than none."""
+    from fa4_cp.tuning.mesh_model import pipeline_ms
+
+    assert pipeline_ms([1.0], [5.0], [1.0]) == 7.0
+    assert pipeline_ms([0.3] * 4, [1.25] * 4, [0.3] * 4) == pytest.approx(5.6)  # 0.3 + 4 x 1.25 + 0.3
+    assert pipeline_ms([1.0] * 2, [0.1] * 2, [1.0] * 2) == 4.0  # exchange-bound: every exchange in turn
+    plan = fa4_cp.plan_mesh(64, 64, 8, 64 * 8192)
+    for candidate in plan.candidates:
+        if candidate["ulysses"] == 1:
+            assert candidate["head_chunks"] == 1 and candidate["exposed_all_to_all_ms"] == 0
+            continue
+        HeadChunks.of(64 // candidate["ulysses"], max(8 // candidate["ulysses"], 1), candidate["head_chunks"])
+        assert candidate["exposed_all_to_all_ms"] <= candidate["all_to_all_ms"] * (1 + 1e-9)
+    assert plan.ulysses > 1 and plan.head_chunks > 1 and "head chunk(s)" in plan.reason, plan.reason
 
 
 def test_plan_mesh_chooses_the_split_for_the_batch_documents():

@@ -71,6 +71,9 @@ class ContextSplits:
         }
         self._planner: ThreadPoolExecutor | None = None
         self._ahead: tuple[tuple[int, ...], int, Future] | None = None  # (documents, seq_len, the split chosen for them)
+        self.head_chunks = 1
+        """The last chosen split's head chunks (plan_mesh's), for ring_attention's `ulysses_chunks`:
+        1 where the split was asked for or is the plain ring."""
 
     def plan_ahead(
         self, cu_seqlens: torch.Tensor | None, seq_len: int, *, causal: bool = False, window_size: tuple[int, int] = (-1, -1),
@@ -87,14 +90,15 @@ class ContextSplits:
             self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fa4_cp-plan")
         self._ahead = (documents, seq_len, self._planner.submit(self._place, documents, seq_len, band))
 
-    def _place(self, documents: tuple[int, ...], seq_len: int, band: tuple[float, float]) -> int:
-        ulysses = next(iter(self.groups))
+    def _place(self, documents: tuple[int, ...], seq_len: int, band: tuple[float, float]) -> tuple[int, int]:
+        ulysses, chunks = next(iter(self.groups)), 1
         if len(self.groups) > 1:  # plan_mesh places them over the ring ranks of every split that can win
-            ulysses = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=list(documents)).ulysses
+            plan = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=list(documents))
+            ulysses, chunks = plan.ulysses, plan.head_chunks
         span_streams(balanced_sharding(documents, self.cp_size // ulysses, placement_heads(ulysses)), band)
-        return ulysses
+        return ulysses, chunks
 
-    def _wait(self) -> tuple[tuple[int, ...], int, int] | None:
+    def _wait(self) -> tuple[tuple[int, ...], int, tuple[int, int]] | None:
         """Until the batch planned ahead is placed: (its documents, seq_len, the split chosen for
         it), or None. A failure is not raised here: `choose` and the sharding place that batch
         again on the caller's thread, and raise there."""
@@ -104,12 +108,16 @@ class ContextSplits:
         return None if ahead.exception() is not None else (documents, seq_len, ahead.result())
 
     def choose(self, cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, DeviceMesh]:
-        """(ulysses, its group) for a batch of `seq_len` tokens, packed `cu_seqlens` if any."""
+        """(ulysses, its group) for a batch of `seq_len` tokens, packed `cu_seqlens` if any; its
+        head chunks in `head_chunks`."""
         planned = self._wait()
+        self.head_chunks = 1
         if len(self.groups) == 1:
             return next(iter(self.groups.items()))
         documents = None if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         if planned is not None and documents is not None and planned[:2] == (tuple(documents), seq_len):
-            return planned[2], self.groups[planned[2]]  # the split the worker chose for this batch
+            ulysses, self.head_chunks = planned[2]  # the split the worker chose for this batch
+            return ulysses, self.groups[ulysses]
         plan = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=documents)
+        self.head_chunks = plan.head_chunks
         return plan.ulysses, self.groups[plan.ulysses]

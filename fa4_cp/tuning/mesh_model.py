@@ -10,7 +10,9 @@ The model is the ring model of bench/ring_model.py reduced to closed form:
   FLOPs are the same; Ulysses only makes the blocks u times larger);
 - the Ulysses all-to-alls move q, k, v (one exchange), out and lse forward, dout, dq, dk and dv
   backward, (u - 1) / u of each rank's share, KV heads repeated to u where fewer; each exchange
-  costs a latency;
+  costs a latency; in c head chunks (runtime/ulysses.py) chunk j + 1's inbound exchange and chunk
+  j's outbound one run behind chunk j's ring (`pipeline_ms`), while each chunk's ring pays its
+  steps' fixed costs again on 1/c of the compute;
 - packed causal documents are placed over the r ring ranks as the balanced layout places them
   (plan/placement.py), and each ring rank's compute is FA4's modelled time for its h/u heads
   (kernel_cost.py, fitted on one-GPU runs), the slowest rank setting the step; a hop carries the
@@ -26,13 +28,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..plan.head_chunks import HeadChunks
 from ..plan.placement import BalancedSharding, balanced_sharding, placement_heads, rank_costs_ms, span_cost, span_widths
 from ..validation import heads_split
 from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us, step_us
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
-ALL_TO_ALLS = 7  # runtime/ulysses.py: forward q, k and v in one, out, lse; backward dout, dq, dk, dv
+ALL_TO_ALLS = 4  # runtime/ulysses.py, per head chunk: forward (q, k, v) and (out, lse); backward dout and (dq, dk, dv)
+HEAD_CHUNKS = (1, 2, 4, 8)  # what plan_mesh weighs for a 2-D split, where the heads allow
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class MeshPlan:
     """Every split predicted, with its prediction, by ulysses: the plain ring always; with packed
     documents, a split whose lower bound is above the fastest so far is left out, unless
     `every_split` was asked."""
+    head_chunks: int = 1
+    """The split's head chunks (ring_attention's `ulysses_chunks`): 1 for the plain ring."""
 
 
 def plan_mesh(
@@ -126,9 +132,12 @@ def plan_mesh(
         f"{best['ulysses']} x {best['ring']} on {machine.name}: {best['ms']:.3f} ms per layer call (fwd+bwd), "
         f"{best['efficiency']:.0%} of the attention compute alone; the plain ring (1 x {world_size}) {ring['ms']:.3f} ms, "
         f"{ring['efficiency']:.0%}. Its ring steps are {best['bound']}-bound"
-        + (f"; the all-to-alls take {best['all_to_all_ms']:.3f} ms." if best["ulysses"] > 1 else ".")
+        + (
+            f"; the all-to-alls take {best['all_to_all_ms']:.3f} ms, {best['exposed_all_to_all_ms']:.3f} ms of it exposed in "
+            f"{best['head_chunks']} head chunk(s)." if best["ulysses"] > 1 else "."
+        )
     )
-    return MeshPlan(best["ulysses"], best["ring"], best["ms"], best["efficiency"], reason, candidates)
+    return MeshPlan(best["ulysses"], best["ring"], best["ms"], best["efficiency"], reason, candidates, best["head_chunks"])
 
 
 def predict_split(
@@ -160,17 +169,90 @@ def predict_split(
     step_fwd, step_bwd = forward_ms / steps, backward_ms / steps
     hops = steps - 1
     hop_fwd, hop_bwd = hop_ms(kv_bytes, machine), hop_ms(kv_bytes + dkv_bytes, machine)
-    ring_ms = step_fwd + step_bwd + hops * (max(step_fwd, hop_fwd) + max(step_bwd, hop_bwd)) + steps * step_ms
+
+    def ring_passes(share: float, kv_share: float) -> tuple[float, float]:
+        """A ring over `share` of the heads (whose KV is `kv_share` of the rank's): forward and
+        backward ms, each step's fixed cost paid in full, half to each pass."""
+        fwd, bwd = step_fwd * share, step_bwd * share
+        hop_f, hop_b = hop_ms(kv_bytes * kv_share, machine), hop_ms((kv_bytes + dkv_bytes) * kv_share, machine)
+        return fwd + hops * max(fwd, hop_f) + steps * step_ms / 2, bwd + hops * max(bwd, hop_b) + steps * step_ms / 2
+
+    forward_ring, backward_ring = ring_passes(1.0, 1.0)
+    ring_ms = forward_ring + backward_ring
     bound = "hop" if hops and (hop_fwd > step_fwd or hop_bwd > step_bwd) else "compute"
     if step_ms * steps > compute_ms / 2:
         bound = "overhead"
     exchange_ms = all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
     call_ms = _call_ms(u, r, heads, seq_len, head_dim, machine)
-    total = ring_ms + exchange_ms + call_ms
+    best_chunks, passes_ms = 1, ring_ms + exchange_ms
+    for chunks in head_chunk_counts(heads, kv_heads, u) if u > 1 else ():
+        kv_count = min(chunks, max(kv_heads // u, 1))
+        forward_chunk, backward_chunk = ring_passes(1 / chunks, 1 / kv_count)
+        parts = exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, chunks)
+        pipelined = (
+            pipeline_ms(parts["forward_in"], [forward_chunk] * chunks, parts["forward_out"])
+            + pipeline_ms(parts["backward_in"], [backward_chunk] * chunks, parts["backward_out"])
+        )
+        if chunks == 1 or pipelined < passes_ms * (1 - 1e-9):
+            best_chunks, passes_ms = chunks, pipelined
+    total = passes_ms + call_ms
     return {
         "ulysses": u, "ring": r, "active_steps": steps, "step_ms": step_ms, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": exchange_ms, "call_ms": call_ms,
+        "head_chunks": best_chunks, "exposed_all_to_all_ms": max(passes_ms - ring_ms, 0.0),
         "compute_ms": compute_ms, "efficiency": ideal_ms / total, "bound": bound, "hop_bytes": kv_bytes,
     }
+
+
+def head_chunk_counts(heads: int, kv_heads: int, u: int) -> list[int]:
+    """The head chunks of HEAD_CHUNKS that a u-way split of the heads allows (plan/head_chunks.py)."""
+    allowed = []
+    for chunks in HEAD_CHUNKS:
+        try:
+            HeadChunks.of(heads // u, max(kv_heads // u, 1), chunks)
+        except ValueError:
+            continue
+        allowed.append(chunks)
+    return allowed
+
+
+def exchange_parts_ms(
+    u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine, chunks: int,
+) -> dict[str, list[float]]:
+    """Each head chunk's exchanges as runtime/ulysses.py runs them, (u - 1) / u of a rank's share
+    of: forward in q (and the KV its chunk brings), out; backward in dout, out dq (and the dK/dV
+    its chunk finishes); a latency each. KV heads repeated to u where fewer."""
+    per_head_bytes = seq_len / (u * r) * head_dim * BYTES_16BIT * (u - 1) / u
+    kv_count = min(chunks, max(kv_heads // u, 1))
+    per_kv = chunks // kv_count
+    kv_travelling = 2 * max(kv_heads, u) / kv_count  # k and v heads of one KV chunk, over all ranks
+
+    def ms(head_count: float) -> float:
+        return machine.all_to_all_latency_ms + head_count * per_head_bytes / (machine.all_to_all_gib_per_s * 2**30) * 1e3
+
+    q_heads = heads / chunks
+    return {
+        "forward_in": [ms(q_heads + (kv_travelling if j % per_kv == 0 else 0)) for j in range(chunks)],
+        "forward_out": [ms(q_heads)] * chunks,
+        "backward_in": [ms(q_heads)] * chunks,
+        "backward_out": [ms(q_heads + (kv_travelling if (j + 1) % per_kv == 0 else 0)) for j in range(chunks)],
+    }
+
+
+def pipeline_ms(inbound: list[float], rings: list[float], outbound: list[float]) -> float:
+    """One pass of a 2-D call in head chunks, on a compute stream and one exchange stream, in
+    runtime/ulysses.py's order: inbound 0; then per chunk j, inbound j + 1 (queued behind ring
+    j - 1), ring j (once inbound j is in), outbound j (behind ring j). When the last outbound
+    exchange lands."""
+    exchange = inbound[0]
+    arrived = [exchange] + [0.0] * (len(rings) - 1)
+    ring_end = 0.0
+    for chunk, ring in enumerate(rings):
+        began = max(ring_end, arrived[chunk])
+        if chunk + 1 < len(rings):
+            exchange = arrived[chunk + 1] = max(exchange, ring_end) + inbound[chunk + 1]
+        ring_end = began + ring
+        exchange = max(exchange, ring_end) + outbound[chunk]
+    return exchange
 
 
 def all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
@@ -195,7 +277,21 @@ def _split_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, hea
     widths = span_widths(r)
     least = sum(min(g * span_cost(n, g) for g in widths) for n in documents if n)  # us, 64 heads of 128
     compute_ms = least / r / 1e3 * (heads // u) * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
-    return compute_ms + machine.packed_step_ms + all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(u, r, heads, seq_len, head_dim, machine)
+    return compute_ms + machine.packed_step_ms + _exposed_exchange_floor_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(
+        u, r, heads, seq_len, head_dim, machine,
+    )
+
+
+def _exposed_exchange_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
+    """The least of a split's exchanges that no head chunking hides: each pass's first inbound and
+    last outbound exchange."""
+    if u == 1:
+        return 0.0
+    floors = []
+    for chunks in head_chunk_counts(heads, kv_heads, u):
+        parts = exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, chunks)
+        floors.append(sum(parts[f"{name}_in"][0] + parts[f"{name}_out"][-1] for name in ("forward", "backward")))
+    return min(floors)
 
 
 def _documents_compute(
