@@ -4,10 +4,8 @@ the two packed mixes of bench/mixes.py (pretraining-like, fine-tuning-like; plac
 balanced layout places them, costed by the calibrated kernel model), 8K and 2K tokens per GPU,
 32:8 heads of 128. A model, not a measurement. Writes JSON and a PNG.
 
-Each 2-D row also carries a what-if, not built: the all-to-alls cut into c head chunks, chunk
-i + 1's exchange behind chunk i's ring (`head_chunked`, c = 2, 4, 8). A chunk's ring pays every
-step's fixed cost and hop latency again on h / (u c) heads; only the exchange's bytes and the
-compute shrink with c.
+Each 2-D split is predicted in the head chunks plan_mesh finds fastest for it (runtime/ulysses.py's
+pipeline; `best.head_chunks`).
 
 And two bounds for the ring of every row (`gather_what_if`): issue 27's sparse gather, in one
 stage, not built (each rank fetches at once, from every span peer, all the KV its blocks read,
@@ -31,25 +29,11 @@ from common import record, write
 from mixes import lognormal_lengths
 
 from fa4_cp.plan.placement import placement_candidates, rank_costs_ms
-from fa4_cp.tuning.mesh_model import ALL_TO_ALLS, BACKWARD_FLOPS_RATIO, GB200_NVL72, H200, Machine, hop_ms, plan_mesh, predict_split
+from fa4_cp.tuning.mesh_model import BACKWARD_FLOPS_RATIO, GB200_NVL72, H200, Machine, hop_ms, plan_mesh, predict_split
 
 WORLD_SIZES = (8, 16, 24, 32, 48, 64, 72)
 PER_GPU = (8192, 2048)
 DATA = ("dense", "pretrain", "finetune")
-HEAD_CHUNKS = (2, 4, 8)
-
-
-def head_chunked_ms(candidate: dict, chunks: int, machine: Machine) -> float:
-    """A u x r split's predicted ms with its all-to-alls pipelined over `chunks` head chunks: the
-    first chunk's exchanges and the last chunk's ring exposed, each other chunk's exchanges and
-    ring overlapped. The ring's fixed costs (step overhead, hop latencies) are paid per chunk; the
-    call's work beside attention, in proportion to the heads, once in all."""
-    hops = candidate["active_steps"] - 1
-    ring_fixed = candidate["active_steps"] * candidate["step_ms"] + 2 * hops * machine.hop_latency_ms
-    exchange_fixed = ALL_TO_ALLS * machine.all_to_all_latency_ms
-    ring = (candidate["ring_ms"] - ring_fixed) / chunks + ring_fixed
-    exchange = (candidate["all_to_all_ms"] - exchange_fixed) / chunks + exchange_fixed
-    return exchange + (chunks - 1) * max(ring, exchange) + ring + candidate["call_ms"]
 
 
 def gathered_ms(candidate: dict, machine: Machine) -> float | None:
@@ -122,19 +106,14 @@ def main() -> None:
                     lengths = None if data == "dense" else lognormal_lengths(total, data, seed=world)
                     plan = plan_mesh(world, 32, 8, total, documents=lengths, machine=machine, every_split=True)
                     ring = next(c for c in plan.candidates if c["ulysses"] == 1)
-                    chunked = min(
-                        ({"ulysses": c["ulysses"], "ring": c["ring"], "head_chunks": n, "ms": head_chunked_ms(c, n, machine)}
-                         for c in plan.candidates if c["ulysses"] > 1 for n in HEAD_CHUNKS),
-                        key=lambda c: c["ms"], default=None,
-                    )
-                    if chunked:
-                        ideal_ms = plan.predicted_ms * plan.efficiency
-                        chunked["efficiency"] = ideal_ms / chunked["ms"]
                     rows.append({
                         "machine": machine.name, "data": data, "tokens_per_gpu": per_gpu, "world_size": world,
-                        "best": {"ulysses": plan.ulysses, "ring": plan.ring, "ms": plan.predicted_ms, "efficiency": plan.efficiency},
+                        "best": {
+                            "ulysses": plan.ulysses, "ring": plan.ring, "head_chunks": plan.head_chunks, "ms": plan.predicted_ms,
+                            "efficiency": plan.efficiency,
+                        },
                         "plain_ring": {"ms": ring["ms"], "efficiency": ring["efficiency"]}, "reason": plan.reason,
-                        "head_chunked_what_if": chunked, "gather_what_if": gather_what_if(plan, machine),
+                        "gather_what_if": gather_what_if(plan, machine),
                         "hop_aware_placement_what_if": None if lengths is None else hop_aware_placement_what_if(plan, lengths, 32, 8, machine),
                     })
     out = Path(args.out_dir)
