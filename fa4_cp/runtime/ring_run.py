@@ -16,20 +16,20 @@ from .executor import Ring, ring_backward, ring_forward
 
 def ring_run_forward(
     call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    sinks: torch.Tensor | None, padded_rows: int | None = None,
+    sinks: torch.Tensor | None, padded_rows: int | None = None, into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's dtype; with zero rows appended up to `padded_rows`, in the same copy that rounds
-    it) and the fp64 LSE, sinks included."""
+    it; in `into` if given) and the fp64 LSE, sinks included."""
     rows = q.shape[-3]
-    rounded = sinks is None and padded_rows in (None, rows)  # nothing is added to out: it may come rounded
+    rounded = sinks is None and padded_rows in (None, rows) and into is None  # nothing is added to out: it may come rounded
     out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v, rounded)
     if sinks is not None:
         lse = add_sinks(out_acc, lse, sinks)
-    if padded_rows is None or padded_rows == rows:
+    if into is None and padded_rows in (None, rows):
         return out_acc.to(q.dtype), lse  # no copy where it came rounded
-    out = q.new_empty((*out_acc.shape[:-3], padded_rows, *out_acc.shape[-2:]))
+    out = q.new_empty((*out_acc.shape[:-3], padded_rows or rows, *out_acc.shape[-2:])) if into is None else into
     out.narrow(-3, 0, rows).copy_(out_acc)
-    out.narrow(-3, rows, padded_rows - rows).zero_()
+    out.narrow(-3, rows, out.shape[-3] - rows).zero_()
     return out, lse
 
 

@@ -164,11 +164,13 @@ def ulysses_forward(
         return pieces.new_empty((pieces.shape[1], *batch, padded, *pieces.shape[-2:]))
 
     heads_q, heads_k, heads_v = heads(q_pieces), heads(k_pieces), heads(v_pieces)
+    # one chunk's out is saved as it comes (a view); several chunks' rings write theirs in place
+    heads_out = q.new_empty((chunks.count, *batch, padded, chunks.q_heads, v.shape[-1])) if chunks.count > 1 else None
     returning_parts = Parts([((*batch, local, chunks.q_heads, v.shape[-1]), q.dtype), ((*batch, chunks.q_heads, local), LSE_ACCUMULATOR_DTYPE)])
     arriving_parts = Parts.of(inbound(0), u)  # the largest: the first chunk brings KV
     regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts] * chunks.count)
     pending = exchange.post(Parts.of(inbound(0), u), inbound(0), regions[0])
-    outs, lses, returning = [], [], []
+    lses, returning = [], []
     for chunk in range(chunks.count):
         arrived = pending.wait()
         if chunk + 1 < chunks.count:  # its exchange runs behind this chunk's ring
@@ -180,10 +182,10 @@ def ulysses_forward(
             exchange.gather(arrived[2], -3, heads_v[kv])
         out, lse = ring_run_forward(
             prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q[chunk], heads_k[kv], heads_v[kv])),
-            _chunk_sinks(sinks, mesh.ulysses, chunks, chunk), padded,
+            _chunk_sinks(sinks, mesh.ulysses, chunks, chunk), padded, None if heads_out is None else heads_out[chunk],
         )
         lse = _pad_rows(lse, padded, -1, float("-inf"))  # padding rows: out 0, lse -inf
-        outs.append(out)
+        heads_out = out.unsqueeze(0) if heads_out is None else heads_out
         lses.append(lse)
         returning.append(exchange.post(returning_parts, [Rows(out, -3), Rows(lse, -1)], regions[min(2, chunks.count) + chunk]))
     out = q.new_empty((*batch, local, q.shape[-2], v.shape[-1]))
@@ -192,7 +194,7 @@ def ulysses_forward(
         out_pieces, lse_pieces = pending.wait()
         exchange.scatter_heads(out_pieces, out, chunks.count, chunk, -2)
         exchange.scatter_heads(lse_pieces, lse, chunks.count, chunk, -2)
-    return out, lse, heads_q, heads_k, heads_v, _chunk_first(outs), _chunk_first(lses)
+    return out, lse, heads_q, heads_k, heads_v, heads_out, _chunk_first(lses)
 
 
 def ulysses_backward(
