@@ -258,7 +258,10 @@ def test_plan_mesh_weighs_head_chunks_against_the_exchanges_they_hide():
     assert pipeline_ms([1.0], [5.0], [1.0]) == 7.0
     assert pipeline_ms([0.3] * 4, [1.25] * 4, [0.3] * 4) == pytest.approx(5.6)  # 0.3 + 4 x 1.25 + 0.3
     assert pipeline_ms([1.0] * 2, [0.1] * 2, [1.0] * 2) == 4.0  # exchange-bound: every exchange in turn
-    plan = fa4_cp.plan_mesh(64, 64, 8, 64 * 8192)
+    from test_layout import lognormal_mix
+
+    documents = lognormal_mix(64, seed=1)
+    plan = fa4_cp.plan_mesh(64, 64, 8, sum(documents), documents=documents, every_split=True)
     for candidate in plan.candidates:
         if candidate["ulysses"] == 1:
             assert candidate["head_chunks"] == 1 and candidate["exposed_all_to_all_ms"] == 0

@@ -56,6 +56,13 @@ class Machine:
     hop_gib_per_s: float
     all_to_all_latency_ms: float
     all_to_all_gib_per_s: float
+    chunk_compute_penalty: float = 0.03
+    chunk_fixed_ms: float = 0.1
+    """What each head chunk past the first adds to a 2-D call beyond its steps' fixed costs (fewer
+    heads a launch run less well): `chunk_compute_penalty` of the split's attention and
+    `chunk_fixed_ms`, fwd + bwd. Fitted by hand on the 2-D splits replayed in 2 and 4 chunks on an
+    H100 (bench/results/nvidia_h100_2026-12-06_s23; the measured extra is 2-19% a chunk by split
+    and mix)."""
     measured: dict[str, str] = field(default_factory=dict)
     """Where each figure comes from; a figure not named here is assumed."""
 
@@ -79,6 +86,8 @@ H200 = Machine(
         "call_overhead_ms": "tuning/kernel_cost.py RING.call_other (bench/results/nvidia_h100_2026-12-06_s14/fit_replay_costs.json, an H100)",
         "hop_latency_ms": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json.gz (copy-engine hop fit)",
         "hop_gib_per_s": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json.gz (copy-engine hop fit)",
+        "chunk_compute_penalty": "bench/results/nvidia_h100_2026-12-06_s23/magi_replay.json.gz (chunked splits against unchunked, an H100)",
+        "chunk_fixed_ms": "bench/results/nvidia_h100_2026-12-06_s23/magi_replay.json.gz (chunked splits against unchunked, an H100)",
     },
 )
 GB200_NVL72 = Machine(
@@ -187,7 +196,10 @@ def predict_split(
     best_chunks, passes_ms = 1, ring_ms + exchange_ms
     for chunks in head_chunk_counts(heads, kv_heads, u) if u > 1 else ():
         kv_count = min(chunks, max(kv_heads // u, 1))
-        forward_chunk, backward_chunk = ring_passes(1 / chunks, 1 / kv_count)
+        forward_chunk, backward_chunk = (
+            ring + machine.chunk_fixed_ms / 2 * (chunks - 1) / chunks  # each chunk's share of the chunks' fixed cost, half a pass
+            for ring in ring_passes((1 + machine.chunk_compute_penalty * (chunks - 1)) / chunks, 1 / kv_count)
+        )
         parts = exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, chunks)
         pipelined = (
             pipeline_ms(parts["forward_in"], [forward_chunk] * chunks, parts["forward_out"])
