@@ -130,6 +130,28 @@ def test_two_ranks_match_the_unsharded_model(family, packed, kind, ring):
         assert _error(ring_grads[name], truth) <= bound, f"{name}: {_error(ring_grads[name], truth):.3e} > {bound:.3e}"
 
 
+def test_the_layer_passes_the_batch_head_chunks_to_the_call():
+    """A ContextSplits' head chunks reach the ring through attention_masks: on a simulated 2 x 1
+    mesh, 2 chunks give the unchunked call's out (reference backend), and 3 chunks of 4 heads are
+    refused naming ulysses_chunks."""
+    from fa4_cp.comm.simulated import SimulatedMesh
+    from fa4_cp.integrations.torchtitan import RingAttention, RingMasks
+
+    layer = RingAttention(RingAttention.Config())
+    torch.manual_seed(0)
+    q = torch.randn(1, 16, 8, 16)
+
+    def outs(group):
+        rows = slice(group.rank * 8, (group.rank + 1) * 8)  # the mesh's zigzag shard of 16 tokens over its one ring rank
+        local = q[:, rows]
+        return [layer(local, local, local, attention_masks=RingMasks(group, 2, 8, None, "zigzag", chunks)) for chunks in (1, 2)]
+
+    for unchunked, chunked in SimulatedMesh(2, 1).run(outs):
+        torch.testing.assert_close(chunked, unchunked)
+    with pytest.raises(ValueError, match="^ulysses_chunks: 3 chunks do not split"):
+        SimulatedMesh(2, 1).run(lambda group: layer(q[:, :8], q[:, :8], q[:, :8], attention_masks=RingMasks(group, 2, 8, None, "zigzag", 3)))
+
+
 def test_a_batch_it_did_not_shard_is_refused_and_unknown_attention_too():
     from torchtitan.models.common.attention import create_varlen_metadata_for_document
 

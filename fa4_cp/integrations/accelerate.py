@@ -51,6 +51,7 @@ class RingAttentionPlugin:
         self.cp_mesh = self._cp_mesh(accelerator, cp_size)
         self.cp_size = self.cp_mesh.size()
         self.splits = None
+        self.head_chunks = 1  # with ulysses="auto", the chosen split's (plan_mesh's)
         if ulysses == "auto":
             self.splits = self._auto_splits(model_config)
             self.ring_group = self.splits.groups[1]
@@ -88,8 +89,8 @@ class RingAttentionPlugin:
             positions = batch.get("position_ids")
             documents = None if positions is None else documents_from_positions(positions)
             _, group = self.splits.choose(documents, batch["input_ids"].shape[-1])
-            if group is not self.ring_group:
-                self.ring_group = rebind_ring(self.attn_implementation, group)
+            if group is not self.ring_group or self.splits.head_chunks != self.head_chunks:
+                self.ring_group, self.head_chunks = rebind_ring(self.attn_implementation, group, self.splits.head_chunks), self.splits.head_chunks
         local = shard_batch(batch, group=self.ring_group)
         local["num_items_in_batch"] = local["num_items_in_batch"] / self.cp_size
         device = self.accelerator.device

@@ -49,6 +49,7 @@ class RingMasks:
     local_len: int
     cu_seqlens: torch.Tensor | None  # global document boundaries (CPU int32); None: dense sequences
     layout: str
+    ulysses_chunks: int = 1  # a 2-D split's head chunks: a ContextSplits' choice for the batch
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def shard_titan_batch(
     the batch is then packed into one row of documents (balanced layout by default), padding
     slots labelled IGNORE_INDEX. Without them each sequence is cut zigzag. Positions are global.
     `group` may be a ContextSplits (integrations/splits.py): the batch then runs on the split
-    predicted fastest for its documents, which the layers read from `attention_masks`."""
+    (and head chunks) predicted fastest for its documents, which the layers read from
+    `attention_masks`."""
     if tokens.shape != labels.shape or tokens.ndim != 2:
         raise ValueError(f"labels: expected the (batch, seq) shape of tokens {tuple(tokens.shape)}, got {tuple(labels.shape)}")
     if positions is not None and positions.shape != tokens.shape:
@@ -78,8 +80,11 @@ def shard_titan_batch(
     num_tokens = int((labels != IGNORE_INDEX).sum())
     # packed: the batch's documents in one row, every sample starting one
     cu_seqlens = None if positions is None else document_bounds(positions, rows_start_documents=True)
+    chunks = 1
     if isinstance(group, ContextSplits):
-        _, group = group.choose(cu_seqlens, tokens.shape[1] if positions is None else tokens.numel())
+        splits = group
+        _, group = splits.choose(cu_seqlens, tokens.shape[1] if positions is None else tokens.numel())
+        chunks = splits.head_chunks
     if positions is None:
         sharding, rank, _ = placement(group, tokens.shape[1], layout or "zigzag", None)
         local_positions = sharding.positions(rank).to(tokens.device).expand(tokens.shape[0], -1)
@@ -89,7 +94,7 @@ def shard_titan_batch(
         local_positions = sharding.positions(rank).to(tokens.device)[None]
     local_tokens = sharding.shard(tokens, rank, seq_dim=1)
     local_labels = sharding.shard(labels, rank, seq_dim=1, pad_value=IGNORE_INDEX)
-    masks = RingMasks(group, world_size_of(group), local_tokens.shape[1], cu_seqlens, sharding.layout_name)
+    masks = RingMasks(group, world_size_of(group), local_tokens.shape[1], cu_seqlens, sharding.layout_name, chunks)
     return RingBatch(local_tokens, local_labels, local_positions, masks, num_tokens)
 
 
@@ -124,7 +129,7 @@ class RingAttention(Module):
         options = dict(
             group=masks.group, causal=right == 0, window_size=(left, right), softmax_scale=scale,
             layout=masks.layout, backend=self.backend, transport=self.transport, deterministic=self.deterministic,
-            return_lse=out_transform is not None,
+            ulysses_chunks=masks.ulysses_chunks, return_lse=out_transform is not None,
         )
         if masks.cu_seqlens is None:
             result = ring_attention(q_BLNH, k_BLNH, v_BLNH, **options)

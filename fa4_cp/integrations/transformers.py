@@ -51,6 +51,7 @@ class RingSetup:
     backend: str | None = None
     transport: str | None = None
     deterministic: bool = False
+    ulysses_chunks: int = 1  # a 2-D group's head chunks (ring_attention's ulysses_chunks)
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,11 @@ def register_ring_attention(
     return name
 
 
-def rebind_ring(name: str, group: object) -> object:
+def rebind_ring(name: str, group: object, ulysses_chunks: int = 1) -> object:
     """Move a registered attention to another group of the same ranks (the accelerate plugin's
-    split chosen per batch): the models built with the name follow it. Returns the group."""
-    _setups[name] = dataclasses.replace(_setups[name], group=group)
+    split chosen per batch), with that split's head chunks: the models built with the name follow
+    it. Returns the group."""
+    _setups[name] = dataclasses.replace(_setups[name], group=group, ulysses_chunks=ulysses_chunks)
     return group
 
 
@@ -152,6 +154,7 @@ def ring_attention_forward(
         group=setup.group, causal=causal, window_size=_window_size(module, kwargs.get("sliding_window"), causal),
         softmax_scale=scaling, softcap=kwargs.get("softcap"), sinks=_sinks(module, kwargs.get("s_aux")),
         layout=layout, backend=setup.backend, transport=setup.transport, deterministic=setup.deterministic,
+        ulysses_chunks=setup.ulysses_chunks,
     )
     if cu_seqlens is None:
         return ring_attention(q, k, v, **options), None
