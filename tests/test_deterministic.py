@@ -97,7 +97,11 @@ def test_transformers_passes_the_flag(monkeypatch):
     module = torch.nn.Module()
     query = torch.randn(1, 2, 8, 4)
     integration._entry(name)(module, query, query, query, None)
-    assert seen["deterministic"] is True
+    assert seen["deterministic"] is True and seen["ulysses_chunks"] == 1
+    # the accelerate plugin rebinds its attention to each batch's split and head chunks
+    integration.rebind_ring(name, None, ulysses_chunks=4)
+    integration._entry(name)(module, query, query, query, None)
+    assert seen["ulysses_chunks"] == 4 and seen["deterministic"] is True
     with pytest.raises(ValueError, match="deterministic: expected a bool"):
         integration.register_ring_attention(name="fa4_cp_ring_deterministic_bad", deterministic="yes")
 

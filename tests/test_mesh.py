@@ -144,28 +144,6 @@ def test_bad_head_chunks_are_refused_before_any_communication():
     assert sum(ring.collectives.values()) == 0
 
 
-def test_transformers_takes_the_head_chunks_the_split_was_rebound_with(monkeypatch):
-    """The accelerate plugin rebinds its attention to each batch's split and head chunks
-    (rebind_ring): the next call passes them on."""
-    pytest.importorskip("transformers")
-    from fa4_cp.integrations import transformers as integration
-
-    seen = {}
-
-    def recording(q, k, v, **options):
-        seen.update(options)
-        return q
-
-    monkeypatch.setattr(integration, "ring_attention", recording)
-    name = integration.register_ring_attention(name="fa4_cp_ring_chunks_test")
-    query = torch.randn(1, 2, 8, 4)
-    integration._entry(name)(torch.nn.Module(), query, query, query, None)
-    assert seen["ulysses_chunks"] == 1
-    integration.rebind_ring(name, None, ulysses_chunks=4)
-    integration._entry(name)(torch.nn.Module(), query, query, query, None)
-    assert seen["ulysses_chunks"] == 4
-
-
 def test_head_chunks_that_disagree_across_ranks_raise_naming_them():
     q, k = torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 8)
 
