@@ -23,7 +23,8 @@
 #   deterministic  tests/gpu/test_fa4_deterministic.py
 #   chunks         tests/gpu/test_fa4_ring.py: the 2-D mesh cases, head chunks (ulysses_chunks) and not
 #   ring_core      tests/gpu/test_fa4_ring.py at W = 2 and 8 (no W = 72, no mesh)
-#   gpu_work       bench/gpu_work.py (JSON), its cases GPU_WORK_CASES (default all; the 8 x 8 ones need an H200), and
+#   gpu_work       bench/gpu_work.py (JSON), its cases GPU_WORK_CASES (default all but the head-chunked ones; the 8 x 8
+#                  ones need an H200), and
 #                  on BASELINE_TREE if set (BASELINE_CASES)
 #   ring_overhead  bench/ring_overhead.py (JSON)
 #   gpu_work_deterministic  bench/gpu_work.py --deterministic (JSON), dense_w8 and pretrain_w8

@@ -2,7 +2,8 @@
 causal fwd+bwd call, summed (torch.profiler), against upstream FA4 on the whole input on one GPU.
 
     python bench/gpu_work.py [--cases dense_w8 pretrain_w8 finetune_w8 finetune_w16 pretrain_mesh_8x8
-                              pretrain_mesh_8x2 finetune_mesh_8x2 finetune_mesh_8x8] [--tree PATH] [--out PATH]
+                              pretrain_mesh_8x2 finetune_mesh_8x2 finetune_mesh_8x8
+                              pretrain_mesh_8x2_chunks_2 finetune_mesh_8x2_chunks_2] [--tree PATH] [--out PATH]
 
 Each case runs the real API on a SimulatedRing (or SimulatedMesh) of W virtual ranks, FA4 backend,
 bf16, head_dim 128. Kernels are sorted three ways:
@@ -60,6 +61,7 @@ class Case:
     tokens: int
     mix: str | None = None  # None: one dense sequence, zigzag; else packed documents, balanced layout
     ulysses: int = 1
+    chunks: int = 1  # a 2-D call's head chunks (ulysses_chunks)
 
 
 CASES = {
@@ -72,6 +74,9 @@ CASES = {
     "pretrain_mesh_8x2": Case(16, (32, 8), 131072, "pretrain", ulysses=8),
     "finetune_mesh_8x2": Case(16, (32, 8), 131072, "finetune", ulysses=8),
     "finetune_mesh_8x8": Case(64, (32, 8), 524288, "finetune", ulysses=8),
+    # the 8 x 2 cases in 2 head chunks: what the chunks add to every kernel (not in the default run)
+    "pretrain_mesh_8x2_chunks_2": Case(16, (32, 8), 131072, "pretrain", ulysses=8, chunks=2),
+    "finetune_mesh_8x2_chunks_2": Case(16, (32, 8), 131072, "finetune", ulysses=8, chunks=2),
 }
 
 
@@ -244,7 +249,10 @@ def ring(case: Case, inputs: RankInputs, fa4_cp, deterministic: bool = False) ->
 
     def rank_call(group):
         *leaves, dout_ = shards[group.rank]
-        options = dict(group=group, causal=True, backend="fa4", **({"deterministic": True} if deterministic else {}))
+        options = dict(
+            group=group, causal=True, backend="fa4", **({"deterministic": True} if deterministic else {}),
+            **({"ulysses_chunks": case.chunks} if case.chunks > 1 else {}),
+        )
         out = fa4_cp.ring_attention(*leaves, **options) if lengths is None else fa4_cp.ring_attention_varlen(*leaves, cu_seqlens, **options)
         torch.autograd.grad(out, leaves, dout_)
 
@@ -279,8 +287,8 @@ def summarize(case: Case, one: dict, ring_: dict) -> dict:
     one_attention, one_all = one["ms"].get("attention", 0.0), sum(one["ms"].values())
     per_rank = max(case.world, 1)
     return {
-        "world_size": case.world, "ulysses": case.ulysses, "heads": list(case.heads), "tokens": case.tokens, "mix": case.mix,
-        "ring_steps": ring_["ring_steps"],
+        "world_size": case.world, "ulysses": case.ulysses, "head_chunks": case.chunks, "heads": list(case.heads), "tokens": case.tokens,
+        "mix": case.mix, "ring_steps": ring_["ring_steps"],
         "one_device_ms": one["ms"],
         "one_device_total_ms_range": one["total_ms_range"],
         "ring_total_ms_range": ring_["total_ms_range"],
@@ -298,7 +306,7 @@ def summarize(case: Case, one: dict, ring_: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=[name for name, case in CASES.items() if case.chunks == 1])
     parser.add_argument("--tree", help="run the fa4_cp of this checkout (a baseline)")
     parser.add_argument("--deterministic", action="store_true", help="the ring calls with deterministic=True")
     add_forward_option_arguments(parser)

@@ -169,7 +169,7 @@ def ulysses_forward(
     returning_parts = Parts([((*batch, local, chunks.q_heads, v.shape[-1]), q.dtype), ((*batch, chunks.q_heads, local), LSE_ACCUMULATOR_DTYPE)])
     arriving_parts = Parts.of(inbound(0), u)  # the largest: the first chunk brings KV
     regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts] * chunks.count)
-    pending = exchange.post(Parts.of(inbound(0), u), inbound(0), regions[0])
+    pending = exchange.post(arriving_parts, inbound(0), regions[0])
     lses, returning = [], []
     for chunk in range(chunks.count):
         arrived = pending.wait()
