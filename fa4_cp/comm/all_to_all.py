@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from .buffers import aligned
 from .group import RingGroup
 from .streams import Arrival, post_hop
 from .transport import Transport
 from .watchdog import Hop
 
 ALL_TO_ALL_CHANNEL = 2
-ALIGNMENT = 256  # bytes: every receive region starts aligned, so typed views of it may be taken
 
 
 class PendingAllToAll:
@@ -38,7 +38,7 @@ def receive_regions(group: RingGroup, transport: Transport | None, piece_bytes: 
     if transport is None or not transport.copies_into_peers:
         return [None] * len(piece_bytes)
     ranks = group.world_size
-    sizes = [-(-ranks * size // ALIGNMENT) * ALIGNMENT for size in piece_bytes]
+    sizes = [aligned(ranks * size) for size in piece_bytes]  # each region starts aligned: typed views of it may be taken
     arena = transport.buffers(ALL_TO_ALL_CHANNEL, 1, (sum(sizes),), torch.uint8, device)[0]
     regions, start = [], 0
     for size, piece in zip(sizes, piece_bytes):

@@ -15,7 +15,8 @@ def plain_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
-def _aligned(nbytes: int, alignment: int = 256) -> int:
+def aligned(nbytes: int, alignment: int = 256) -> int:
+    """`nbytes` rounded up to a multiple of `alignment`."""
     return -(-nbytes // alignment) * alignment
 
 
@@ -38,7 +39,7 @@ class BufferPool:
         return self._arenas[channel]
 
     def slots(self, channel: int, count: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        slot_bytes = _aligned(math.prod(shape) * dtype.itemsize)
+        slot_bytes = aligned(math.prod(shape) * dtype.itemsize)
         arena = self._arenas.get(channel)
         if arena is None or arena.device != device or arena.numel() < count * slot_bytes:
             arena = self._grow(channel, count * slot_bytes, device)

@@ -31,6 +31,7 @@ import torch
 
 from ..call import PreparedCall
 from ..comm.all_to_all import PendingAllToAll, post_all_to_all, receive_regions
+from ..comm.buffers import aligned
 from ..comm.group import RingGroup
 from ..comm.mesh import UlyssesRing
 from ..comm.transport import TransportKind
@@ -56,7 +57,7 @@ class Parts:
         self.shapes, self.offsets, end = shapes, [], 0
         for shape, dtype in shapes:
             self.offsets.append(end)
-            end += -(-math.prod(shape) * dtype.itemsize // PIECE_ALIGNMENT) * PIECE_ALIGNMENT
+            end += aligned(math.prod(shape) * dtype.itemsize, PIECE_ALIGNMENT)
         self.nbytes = end
 
     @classmethod

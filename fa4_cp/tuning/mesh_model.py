@@ -35,7 +35,6 @@ from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKEN
 
 BYTES_16BIT = 2
 BACKWARD_FLOPS_RATIO = 2.5  # a backward does 2.5x the forward's matmul work
-ALL_TO_ALLS = 4  # runtime/ulysses.py, per head chunk: forward (q, k, v) and (out, lse); backward dout and (dq, dk, dv)
 HEAD_CHUNKS = (1, 2, 4, 8)  # what plan_mesh weighs for a 2-D split, where the heads allow
 
 
@@ -205,7 +204,7 @@ def predict_split(
             pipeline_ms(parts["forward_in"], [forward_chunk] * chunks, parts["forward_out"])
             + pipeline_ms(parts["backward_in"], [backward_chunk] * chunks, parts["backward_out"])
         )
-        if chunks == 1 or pipelined < passes_ms * (1 - 1e-9):
+        if pipelined < passes_ms * (1 - 1e-9):  # one chunk's pipeline is the call as it stands
             best_chunks, passes_ms = chunks, pipelined
     total = passes_ms + call_ms
     return {
@@ -230,9 +229,9 @@ def head_chunk_counts(heads: int, kv_heads: int, u: int) -> list[int]:
 def exchange_parts_ms(
     u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine, chunks: int,
 ) -> dict[str, list[float]]:
-    """Each head chunk's exchanges as runtime/ulysses.py runs them, (u - 1) / u of a rank's share
-    of: forward in q (and the KV its chunk brings), out; backward in dout, out dq (and the dK/dV
-    its chunk finishes); a latency each. KV heads repeated to u where fewer."""
+    """Each head chunk's exchanges as runtime/ulysses.py runs them (4 a chunk), (u - 1) / u of a
+    rank's share of: forward in q (and the KV its chunk brings), out (with lse); backward in dout,
+    out dq (and the dK/dV its chunk finishes); a latency each. KV heads repeated to u where fewer."""
     per_head_bytes = seq_len / (u * r) * head_dim * BYTES_16BIT * (u - 1) / u
     kv_count = min(chunks, max(kv_heads // u, 1))
     per_kv = chunks // kv_count
@@ -268,13 +267,10 @@ def pipeline_ms(inbound: list[float], rings: list[float], outbound: list[float])
 
 
 def all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
-    """The Ulysses exchanges of one call: (u - 1) / u of each rank's q, out, dout, dq and k, v,
-    dk, dv (KV heads repeated to u where fewer), and a latency per exchange."""
+    """The Ulysses exchanges of one call in one chunk, all of them (`exchange_parts_ms`)."""
     if u == 1:
         return 0.0
-    per_head_bytes = seq_len / (u * r) * head_dim * BYTES_16BIT * (u - 1) / u
-    moved = per_head_bytes * (4 * heads + 4 * max(kv_heads, u))  # q, out, dout, dq; k, v, dk, dv
-    return ALL_TO_ALLS * machine.all_to_all_latency_ms + moved / (machine.all_to_all_gib_per_s * 2**30) * 1e3
+    return sum(sum(times) for times in exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, 1).values())
 
 
 def _call_ms(u: int, r: int, heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
