@@ -211,10 +211,20 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
     (ASSUMED: no multi-GPU run has measured them), in a split replayed in head chunks pipelined
     with the chunks' rings as runtime/ulysses.py posts them (mesh_model.pipeline_ms), else around
     the ring; the cross-rank check apart, since a group with a CPU backend beside NCCL checks on
-    the host. GB200 NVL72 as in `predict` (ASSUMED)."""
+    the host. GB200 NVL72 as in `predict` (ASSUMED). `picked_by_plan_mesh`: whether plan_mesh, at
+    this checkout, picks the split and head chunks for the batch (bench/mixes.py regenerates it)."""
+    from mixes import batches
+
+    from fa4_cp import plan_mesh
     from fa4_cp.runtime.travelling import KV_HOPS_AHEAD
     from fa4_cp.tuning.mesh_model import GB200_NVL72, H200 as H200_MACHINE, all_to_all_ms, exchange_parts_ms, pipeline_ms
 
+    picks = {}
+    for row in replay["rows"]:
+        _, world, lengths = next(batches([row["mix"]], [row["world_size"]], replay["tokens_per_gpu"]))
+        assert len(lengths) == row["documents"], "the replay's batch is not bench/mixes.py's"
+        plan = plan_mesh(world, replay["heads"], replay["kv_heads"], sum(lengths), head_dim=replay["head_dim"], documents=lengths)
+        picks[row["mix"], world] = (plan.ulysses, plan.head_chunks)
     out = []
     for machine, scales, exchange in ((f"{replay['device']} compute, H200 hops", H200, H200_MACHINE), ("GB200 NVL72", GB200, GB200_NVL72)):
         for row in replay["rows"]:
@@ -250,6 +260,7 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                 out.append({
                     "machine": machine, "assumed": scales["assumed"], "mix": row["mix"], "world_size": world, "split": split,
                     "ulysses": part["ulysses"], "ring": part["ring"], "head_chunks": chunks, "active_steps": len(compute["forward"][0]),
+                    "picked_by_plan_mesh": picks[row["mix"], world] == (part["ulysses"], chunks),
                     "slowest_rank_compute_ms": compute_ms, "ring_ms": ring, "lock_step_ring_ms": lock_step["fwdbwd"], "all_to_all_ms": exchanges,
                     "exposed_all_to_all_ms": total - ring, "fwdbwd_ms": total, "compute_only_efficiency": one_device_ms / (world * compute_ms),
                     "efficiency_vs_one_device": one_device_ms / (world * total),
