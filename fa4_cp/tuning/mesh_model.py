@@ -11,8 +11,9 @@ The model is the ring model of bench/ring_model.py reduced to closed form:
 - the Ulysses all-to-alls move q, k, v (one exchange), out and lse forward, dout, dq, dk and dv
   backward, (u - 1) / u of each rank's share, KV heads repeated to u where fewer; each exchange
   costs a latency; in c head chunks (runtime/ulysses.py) chunk j + 1's inbound exchange and chunk
-  j's outbound one run behind chunk j's ring (`pipeline_ms`), while each chunk's ring pays its
-  steps' fixed costs again on 1/c of the compute;
+  j's outbound one run behind chunk j's ring (`pipeline_ms`), while each chunk's ring runs at its
+  own h / (u c) heads, paying its steps' fixed costs and its launches in full, and a fixed cost
+  beside (`Machine.chunk_fixed_ms`);
 - packed causal documents are placed over the r ring ranks as the balanced layout places them
   (plan/placement.py), and each ring rank's compute is FA4's modelled time for its h/u heads
   (kernel_cost.py, fitted on one-GPU runs), the slowest rank setting the step; a hop carries the
@@ -55,13 +56,11 @@ class Machine:
     hop_gib_per_s: float
     all_to_all_latency_ms: float
     all_to_all_gib_per_s: float
-    chunk_compute_penalty: float = 0.03
-    chunk_fixed_ms: float = 0.1
-    """What each head chunk past the first adds to a 2-D call beyond its steps' fixed costs (fewer
-    heads a launch run less well): `chunk_compute_penalty` of the split's attention and
-    `chunk_fixed_ms`, fwd + bwd. Fitted by hand on the 2-D splits replayed in 2 and 4 chunks on an
-    H100 (bench/results/nvidia_h100_2026-12-06_s23; the measured extra is 2-19% a chunk by split
-    and mix)."""
+    chunk_fixed_ms: float = 0.22
+    """What each head chunk past the first adds to a 2-D call beyond its ring's steps and launches,
+    fwd + bwd (its fills and partial sums; launches of fewer heads running less well): the median
+    over the 2-D splits replayed in 2 and 4 chunks on an H100 (bench/fit_chunk_cost.py on
+    bench/results/nvidia_h100_2026-12-06_s23/magi_replay.json.gz: 0.217 ms, quartiles 0.16-0.44)."""
     measured: dict[str, str] = field(default_factory=dict)
     """Where each figure comes from; a figure not named here is assumed."""
 
@@ -85,8 +84,7 @@ H200 = Machine(
         "call_overhead_ms": "tuning/kernel_cost.py RING.call_other (bench/results/nvidia_h100_2026-12-06_s14/fit_replay_costs.json, an H100)",
         "hop_latency_ms": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json.gz (copy-engine hop fit)",
         "hop_gib_per_s": "bench/results/nvidia_h200_2026-12-01/ring_model_2026-12-01.json.gz (copy-engine hop fit)",
-        "chunk_compute_penalty": "bench/results/nvidia_h100_2026-12-06_s23/magi_replay.json.gz (chunked splits against unchunked, an H100)",
-        "chunk_fixed_ms": "bench/results/nvidia_h100_2026-12-06_s23/magi_replay.json.gz (chunked splits against unchunked, an H100)",
+        "chunk_fixed_ms": "bench/results/cpu_2026-12-06_s24/fit_chunk_cost.json (the H100 replay of nvidia_h100_2026-12-06_s23, chunked splits against whole)",
     },
 )
 GB200_NVL72 = Machine(
@@ -157,37 +155,50 @@ def predict_split(
     kv_heads_local = max(kv_heads // u, 1)
     step_ms = machine.step_overhead_ms
     if documents and causal:
-        forward_ms, backward_ms, ideal_ms, steps, travelling_rows = _documents_compute(documents, u, r, heads, head_dim, placement)
-        compute_ms = forward_ms + backward_ms
+        sharding = placement if placement is not None else balanced_sharding(tuple(int(n) for n in documents), r, placement_heads(u))
+        ideal_ms, steps, travelling_rows = _documents_layout(sharding, u, r, heads, head_dim)
+
+        def chunk_compute(chunks: int) -> tuple[float, float]:
+            """One chunk's slowest ring rank, forward and backward: its tiles at its own heads, its
+            launches in full (they cost the same at any heads)."""
+            return _slowest_rank_ms(sharding, heads // u // chunks, head_dim)
+
         step_ms = machine.packed_step_ms
     else:
         lengths = documents or [seq_len]
         pair_fraction = 0.5 if causal else 1.0
         forward_flops = sum(4 * n * n * pair_fraction * heads * head_dim for n in lengths)
-        compute_ms = ideal_ms = forward_flops * (1 + BACKWARD_FLOPS_RATIO) / (u * r) / (machine.attention_tflops * 1e12) * 1e3
-        forward_ms = compute_ms / (1 + BACKWARD_FLOPS_RATIO)
-        backward_ms = compute_ms - forward_ms
+        ideal_ms = forward_flops * (1 + BACKWARD_FLOPS_RATIO) / (u * r) / (machine.attention_tflops * 1e12) * 1e3
         steps, travelling_rows = r, seq_len / r
         if documents:  # the balanced layout skips the steps no document's span reaches
             share = seq_len / r
             travelling_rows = sum(n for n in lengths if n > share) / r
             steps = 1 + min(r - 1, 2 * (min(r, math.ceil(max(lengths) / share)) - 1))
+
+        def chunk_compute(chunks: int) -> tuple[float, float]:
+            return ideal_ms / (1 + BACKWARD_FLOPS_RATIO) / chunks, ideal_ms * BACKWARD_FLOPS_RATIO / (1 + BACKWARD_FLOPS_RATIO) / chunks
+
     kv_bytes = 2 * travelling_rows * kv_heads_local * head_dim * BYTES_16BIT
     dkv_bytes = 2 * kv_bytes  # fp32
-    step_fwd, step_bwd = forward_ms / steps, backward_ms / steps
     hops = steps - 1
-    hop_fwd, hop_bwd = hop_ms(kv_bytes, machine), hop_ms(kv_bytes + dkv_bytes, machine)
 
-    def ring_passes(share: float, kv_share: float) -> tuple[float, float]:
-        """A ring over `share` of the heads (whose KV is `kv_share` of the rank's): forward and
-        backward ms, each step's fixed cost paid in full, half to each pass."""
-        fwd, bwd = step_fwd * share, step_bwd * share
+    def ring_passes(forward_ms: float, backward_ms: float, kv_share: float) -> tuple[float, float]:
+        """A ring whose slowest rank computes `forward_ms` and `backward_ms` over its steps and
+        whose hops carry `kv_share` of the rank's KV: forward and backward ms, each step's fixed
+        cost paid in full, half to each pass."""
+        step_fwd, step_bwd = forward_ms / steps, backward_ms / steps
         hop_f, hop_b = hop_ms(kv_bytes * kv_share, machine), hop_ms((kv_bytes + dkv_bytes) * kv_share, machine)
-        return fwd + hops * max(fwd, hop_f) + steps * step_ms / 2, bwd + hops * max(bwd, hop_b) + steps * step_ms / 2
+        return (
+            step_fwd + hops * max(step_fwd, hop_f) + steps * step_ms / 2,
+            step_bwd + hops * max(step_bwd, hop_b) + steps * step_ms / 2,
+        )
 
-    forward_ring, backward_ring = ring_passes(1.0, 1.0)
+    forward_ms, backward_ms = chunk_compute(1)
+    compute_ms = forward_ms + backward_ms
+    forward_ring, backward_ring = ring_passes(forward_ms, backward_ms, 1.0)
     ring_ms = forward_ring + backward_ring
-    bound = "hop" if hops and (hop_fwd > step_fwd or hop_bwd > step_bwd) else "compute"
+    hop_fwd, hop_bwd = hop_ms(kv_bytes, machine), hop_ms(kv_bytes + dkv_bytes, machine)
+    bound = "hop" if hops and (hop_fwd > forward_ms / steps or hop_bwd > backward_ms / steps) else "compute"
     if step_ms * steps > compute_ms / 2:
         bound = "overhead"
     exchange_ms = all_to_all_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
@@ -197,7 +208,7 @@ def predict_split(
         kv_count = min(chunks, max(kv_heads // u, 1))
         forward_chunk, backward_chunk = (
             ring + machine.chunk_fixed_ms / 2 * (chunks - 1) / chunks  # each chunk's share of the chunks' fixed cost, half a pass
-            for ring in ring_passes((1 + machine.chunk_compute_penalty * (chunks - 1)) / chunks, 1 / kv_count)
+            for ring in ring_passes(*chunk_compute(chunks), 1 / kv_count)
         )
         parts = exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, chunks)
         pipelined = (
@@ -302,23 +313,21 @@ def _exposed_exchange_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_le
     return min(floors)
 
 
-def _documents_compute(
-    documents: list[int], u: int, r: int, heads: int, head_dim: int, placement: BalancedSharding | None = None,
-) -> tuple[float, float, float, int, float]:
-    """Packed causal documents on a u x r mesh, placed over the r ring ranks as the balanced layout
-    places them: the slowest ring rank's forward and backward ms (its h/u heads), one device's
-    work over the u x r ranks, the active ring steps, and the KV rows a step's hops bring the
+def _documents_layout(sharding: BalancedSharding, u: int, r: int, heads: int, head_dim: int) -> tuple[float, int, float]:
+    """Packed causal documents placed over the r ring ranks of a u x r mesh: one device's work over
+    the u x r ranks (ms), the active ring steps, and the KV rows a step's hops bring the
     slowest-fed rank (both streams, on average over its steps)."""
-    sharding = placement if placement is not None else balanced_sharding(tuple(int(n) for n in documents), r, placement_heads(u))
-    costs = rank_costs_ms(sharding, heads // u, head_dim)
-    ideal = sum(sum(one_device_us(n, heads, head_dim)) for n in documents if n) / (u * r)
+    ideal = sum(sum(one_device_us(n, heads, head_dim)) for n in sharding.doc_lengths if n) / (u * r)
     # A span of g ranks takes steps 1..g-1 after the local step 0 (span_rows.py); planning the
     # streams per split and batch would cost more host time than the model is worth.
     steps = max(1, *(ranks for _, ranks in sharding.spans))
-    return (
-        max(forward for forward, _ in costs), max(backward for _, backward in costs), ideal / 1e3, steps,
-        max(sharding.causal_kv_rows) / max(steps - 1, 1),
-    )
+    return ideal / 1e3, steps, max(sharding.causal_kv_rows) / max(steps - 1, 1)
+
+
+def _slowest_rank_ms(sharding: BalancedSharding, heads: int, head_dim: int) -> tuple[float, float]:
+    """The placement's most loaded ring rank at `heads` q heads, forward and backward ms."""
+    costs = rank_costs_ms(sharding, heads, head_dim)
+    return max(forward for forward, _ in costs), max(backward for _, backward in costs)
 
 
 def hop_ms(nbytes: float, machine: Machine) -> float:
