@@ -110,7 +110,7 @@ def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(mon
     from fa4_cp.runtime import ulysses as stage
 
     events = collections.defaultdict(list)
-    posted, forward, backward = stage.post_all_to_all, stage.ring_run_forward, stage.ring_run_backward
+    posted, forward, backward, backward_sums = stage.post_all_to_all, stage.ring_run_forward, stage.ring_run_backward, stage.ring_run_backward_sums
 
     def logged(name, fn):
         def run(*args, **kwargs):
@@ -122,6 +122,7 @@ def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(mon
     monkeypatch.setattr(stage, "post_all_to_all", logged("post", posted))
     monkeypatch.setattr(stage, "ring_run_forward", logged("ring", forward))
     monkeypatch.setattr(stage, "ring_run_backward", logged("ring", backward))
+    monkeypatch.setattr(stage, "ring_run_backward_sums", logged("ring", backward_sums))
     case = mesh_case("causal_zigzag", 2, 8, 2)
     inputs = make_inputs(case, 4, torch.float32, seed=3)
     SimulatedMesh(2, 2).run(lambda group: ring_results_for_rank(case, 4, inputs, group, group.rank, ulysses_chunks=4))

@@ -16,8 +16,20 @@ def finished_dkv(
     """local: (2, ..., s, h, width) or None; travelled: (2, ..., rows, h, width) sums over k's first
     rows; indexed: sums at rows of their own; width the wider of k's and v's head_dims, each the
     first columns of its half. dK and dV come in `dtype` (default: k's and v's)."""
+    total = summed_dkv(local, travelled, k, v, indexed)
+    dk = torch.mul(total[0][..., : k.shape[-1]], dk_scale, out=torch.empty(k.shape, dtype=dtype or k.dtype, device=k.device))
+    return dk, total[1][..., : v.shape[-1]].to(dtype or v.dtype, copy=True)
+
+
+def summed_dkv(
+    local: torch.Tensor | None, travelled: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, indexed: tuple[IndexedSums, ...] = (),
+    *, owned: bool = False,
+) -> torch.Tensor:
+    """The pair of `finished_dkv`'s sums, unscaled and unrounded: `local` (added to in place) or,
+    unless `owned`, the first of `travelled` where it covers every row (transport buffers that a
+    later call reuses: `owned` keeps the sums in a tensor of their own)."""
     if local is None and travelled and travelled[0].shape[-3] == k.shape[-3]:
-        total, travelled = travelled[0], travelled[1:]
+        total, travelled = (travelled[0].clone() if owned else travelled[0]), travelled[1:]
     elif local is None:
         width = max(k.shape[-1], v.shape[-1])
         total = torch.zeros((2, *k.shape[:-1], width), dtype=accumulator_dtype(k.dtype), device=k.device)
@@ -29,8 +41,7 @@ def finished_dkv(
         # index_put_ with accumulate has a deterministic CUDA kernel; index_add_ would trip torch's
         # deterministic mode (its rows are distinct, but torch cannot know)
         total.movedim(-3, 0).index_put_((part.rows,), part.sums.movedim(-3, 0), accumulate=True)
-    dk = torch.mul(total[0][..., : k.shape[-1]], dk_scale, out=torch.empty(k.shape, dtype=dtype or k.dtype, device=k.device))
-    return dk, total[1][..., : v.shape[-1]].to(dtype or v.dtype, copy=True)
+    return total
 
 
 class TorchFinishedGradients:

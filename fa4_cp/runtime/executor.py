@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comm.transport import Transport
-from ..kernels.dkv_sum import finished_dkv
+from ..kernels.dkv_sum import finished_dkv, summed_dkv
 from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype
 from ..plan.rows import RankPlan
 from .travelling import TravellingDKV, TravellingKV, pair_shape, pair_views
@@ -130,28 +130,60 @@ def ring_backward(
     dout: torch.Tensor,
     dlse: torch.Tensor | None,
     dkv_dtype: torch.dtype | None = None,
+    dkv_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (accumulator dtype or q's), dk and dv (new tensors in k's dtype, or `dkv_dtype` for a
-    caller that adds them to other ranks' before rounding) of the local shard."""
+    caller that adds them to other ranks' before rounding) of the local shard. `dkv_sums`: the
+    unfinished dK/dV of earlier calls over the same K and V (`ring_backward_sums`), which this
+    call's kernels add to before the one finish."""
     plan = ring.plan
     grads = ring.backend.backward(
         q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap, deterministic=ring.deterministic,
     )
-    if not plan.steps:
-        return grads.dq(), torch.zeros_like(k, dtype=dkv_dtype), torch.zeros_like(v, dtype=dkv_dtype)
-    q_rows = [slice(None) if rows is None else rows for rows in plan.q_sides]
-    if dkv_dtype is None and plan.sole_block is not None and grads.can_write_rounded(k):
+    if dkv_dtype is None and dkv_sums is None and plan.steps and plan.sole_block is not None and grads.can_write_rounded(k):
         # a ring of one, or a call whose only block is the rank's own: the kernel writes dK/dV finished
         block = plan.sole_block
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        grads.step(k, v, dk, dv, q_rows=q_rows[block.q_side], mask=block.mask, write_rounded=True)
+        grads.step(k, v, dk, dv, q_rows=_q_rows(plan)[block.q_side], mask=block.mask, write_rounded=True)
         ring.end_of_call()
         return grads.dq(), dk, dv
-    dtype = accumulator_dtype(q.dtype)
+    local, travelled, indexed = _dkv_pass(ring, grads, k, v, dkv_sums)
+    if dkv_dtype is not None:
+        return (grads.dq(), *finished_dkv(local, travelled, k, v, grads.dk_scale, dkv_dtype, indexed))
+    return (grads.dq(), *grads.finish_dkv(local, travelled, k, v, indexed))
+
+
+def ring_backward_sums(
+    ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+    dlse: torch.Tensor | None, dkv_sums: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dq, and dK/dV left unfinished for a later call over the same K and V to add to and finish
+    (`ring_backward`'s `dkv_sums`; head chunks that read one KV head): one fp32 pair (2, ..., rows,
+    heads, width), dK in the kernels' units, in a tensor of its own. The chunks' sums are rounded
+    once, by the finish that rounds a single call's, with no sum, scale or copy between them."""
+    grads = ring.backend.backward(
+        q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap, deterministic=ring.deterministic,
+    )
+    local, travelled, indexed = _dkv_pass(ring, grads, k, v, dkv_sums)
+    return grads.dq(), summed_dkv(local, travelled, k, v, indexed, owned=True)
+
+
+def _dkv_pass(
+    ring: Ring, grads, k: torch.Tensor, v: torch.Tensor, dkv_sums: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, list[torch.Tensor], tuple]:
+    """The backward's steps: the local dK/dV sums (`dkv_sums` added to, where given), and the
+    partial sums that travelled home, over k's first rows and at rows of their own."""
+    plan = ring.plan
+    if not plan.steps:
+        return dkv_sums, [], ()
+    q_rows = _q_rows(plan)
+    dtype = accumulator_dtype(k.dtype)
     kv = TravellingKV(plan, ring.transport, k, v)
     dkv = TravellingDKV(plan, ring.transport, k, v, dtype)
     # dK/dV that local blocks add: they never travel
-    local_dkv = torch.zeros(pair_shape(k, v), dtype=dtype, device=k.device) if plan.has_local_blocks else None
+    local_dkv = dkv_sums
+    if local_dkv is None and plan.has_local_blocks:
+        local_dkv = torch.zeros(pair_shape(k, v), dtype=dtype, device=k.device)
     local_sums = None if local_dkv is None else pair_views(local_dkv, k.shape[-1], v.shape[-1])
     for step in plan.steps:
         kv.before_step(step.step)
@@ -169,9 +201,11 @@ def ring_backward(
         dkv.end_step(reading)
     travelled, indexed = dkv.at_home()
     ring.end_of_call()
-    if dkv_dtype is not None:
-        return (grads.dq(), *finished_dkv(local_dkv, travelled, k, v, grads.dk_scale, dkv_dtype, tuple(indexed)))
-    return (grads.dq(), *grads.finish_dkv(local_dkv, travelled, k, v, tuple(indexed)))
+    return local_dkv, travelled, tuple(indexed)
+
+
+def _q_rows(plan: RankPlan) -> list[slice]:
+    return [slice(None) if rows is None else rows for rows in plan.q_sides]
 
 
 def _rounded_lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -11,7 +11,7 @@ from ..comm.group import RingGroup
 from ..kernels import AttentionBackend
 from ..plan.rows import rank_plan
 from ..sinks import add_sinks, sinks_grad
-from .executor import Ring, ring_backward, ring_forward
+from .executor import Ring, ring_backward, ring_backward_sums, ring_forward
 
 
 def ring_run_forward(
@@ -36,14 +36,37 @@ def ring_run_forward(
 def ring_run_backward(
     call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, sinks: torch.Tensor | None,
-    dkv_dtype: torch.dtype | None = None,
+    dkv_dtype: torch.dtype | None = None, dkv_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq (q's dtype), dk, dv (k's dtype, or `dkv_dtype`) and the sinks' gradient (empty without sinks)."""
-    dout = dout.contiguous()  # a reduction's gradient arrives broadcast (stride 0); kernels need dense rows
-    dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = ring_backward(_ring(call, kernels, group, q), q, k, v, out, lse, dout, dlse, dkv_dtype)
-    dsinks = q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks, group)
-    return dq.to(q.dtype), dk, dv, dsinks
+    """dq (q's dtype), dk, dv (k's dtype, or `dkv_dtype`; `dkv_sums` added: executor.ring_backward)
+    and the sinks' gradient (empty without sinks)."""
+    dout, dlse = _dense(dout, dlse)
+    dq, dk, dv = ring_backward(_ring(call, kernels, group, q), q, k, v, out, lse, dout, dlse, dkv_dtype, dkv_sums)
+    return dq.to(q.dtype), dk, dv, _sinks_grad(out, lse, dout, dlse, sinks, group, q)
+
+
+def ring_run_backward_sums(
+    call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, sinks: torch.Tensor | None,
+    dkv_sums: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq (q's dtype), dK/dV left unfinished for a later call over the same K and V
+    (executor.ring_backward_sums) and the sinks' gradient (empty without sinks)."""
+    dout, dlse = _dense(dout, dlse)
+    dq, sums = ring_backward_sums(_ring(call, kernels, group, q), q, k, v, out, lse, dout, dlse, dkv_sums)
+    return dq.to(q.dtype), sums, _sinks_grad(out, lse, dout, dlse, sinks, group, q)
+
+
+def _dense(dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A reduction's gradient arrives broadcast (stride 0); kernels need dense rows."""
+    return dout.contiguous(), None if dlse is None else dlse.contiguous()
+
+
+def _sinks_grad(
+    out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None, sinks: torch.Tensor | None, group: RingGroup,
+    q: torch.Tensor,
+) -> torch.Tensor:
+    return q.new_empty(0) if sinks is None else sinks_grad(out, lse, dout, dlse, sinks, group)
 
 
 def _ring(call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor) -> Ring:

@@ -13,7 +13,8 @@ inbound exchange is posted before chunk j's ring runs, and chunk j's outbound ex
 it, so that on a stream-ordered transport only the first chunk's inbound and the last chunk's
 outbound exchanges are exposed. One chunk is the plain 2-D call. KV heads fewer than u are
 repeated to u (one per rank), never to h; a KV head that several chunks read travels with the
-first, and its dK/dV is summed over them (unrounded) before it travels back.
+first, and its dK/dV is summed over them unrounded (each chunk's kernels adding to the sums the
+one before left) and finished once, by its last chunk's ring, before it travels back.
 
 `ulysses_forward` and `ulysses_backward` are the stage a 2-D call runs around its ring: r steps
 of u-times larger blocks replace W steps, with every mask, layout and document feature of the
@@ -37,7 +38,7 @@ from ..comm.mesh import UlyssesRing
 from ..comm.transport import TransportKind
 from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, accumulator_dtype
 from ..plan.head_chunks import HeadChunks
-from .ring_run import ring_run_backward, ring_run_forward
+from .ring_run import ring_run_backward, ring_run_backward_sums, ring_run_forward
 
 PIECE_ALIGNMENT = 16  # bytes between the typed parts of one piece
 
@@ -216,11 +217,11 @@ def ulysses_backward(
 
     # A KV head repeated over ranks gets one partial dK/dV from each: they travel unrounded and
     # are added, in head order, before the one rounding (16-bit partials reached ~1.9x the error).
-    # A KV chunk that several head chunks read sums their partials unrounded too.
+    # A KV chunk that several head chunks read: each chunk's kernels add to the sums the chunk
+    # before left unfinished, and its last chunk finishes them once.
     repeated = kv_heads_for(kv_heads, u) is not None
-    summed = repeated or chunks.per_kv > 1
-    dkv_dtype = accumulator_dtype(heads_k.dtype) if summed else None
     travel_dtype = accumulator_dtype(heads_k.dtype) if repeated else heads_k.dtype
+    dkv_dtype = travel_dtype if repeated else None
     batch, local = dout.shape[:-3], dout.shape[-3]
 
     def returning_parts(chunk: int) -> Parts:
@@ -232,7 +233,7 @@ def ulysses_backward(
     arriving_parts = Parts.of(inbound(0), u)
     regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts(c) for c in range(chunks.count)])
     pending = exchange.post(arriving_parts, inbound(0), regions[0])
-    returning, dsinks_parts, dk, dv = [], [], None, None
+    returning, dsinks_parts, sums = [], [], None
     for chunk in range(chunks.count):
         arrived = pending.wait()
         if chunk + 1 < chunks.count:  # its exchange runs behind this chunk's ring
@@ -240,17 +241,20 @@ def ulysses_backward(
         heads_dout = exchange.gather(arrived[0], -3)
         heads_dlse = None if dlse is None else exchange.gather(arrived[1], -1)[..., :rows].contiguous()
         kv = chunks.kv_of(chunk)
-        dq, chunk_dk, chunk_dv, chunk_dsinks = ring_run_backward(
+        ring_args = (
             prepared.ring, prepared.kernels, mesh.ring,
             *(t[..., :rows, :, :] for t in (heads_q[chunk], heads_k[kv], heads_v[kv], heads_out[chunk])),
             heads_lse[chunk][..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _chunk_sinks(sinks, mesh.ulysses, chunks, chunk),
-            dkv_dtype=dkv_dtype,
         )
-        dsinks_parts.append(chunk_dsinks)
-        dk, dv = (chunk_dk, chunk_dv) if chunks.brings_kv(chunk) else (dk.add_(chunk_dk), dv.add_(chunk_dv))
-        sources = [Rows(dq, -3)]
+        sources = []
         if chunks.finishes_kv(chunk):
-            sources += [Rows(t.to(travel_dtype), -3) for t in (dk, dv)]
+            dq, dk, dv, chunk_dsinks = ring_run_backward(*ring_args, dkv_dtype=dkv_dtype, dkv_sums=sums)
+            sums = None
+            sources = [Rows(dk, -3), Rows(dv, -3)]
+        else:
+            dq, sums, chunk_dsinks = ring_run_backward_sums(*ring_args, dkv_sums=sums)
+        dsinks_parts.append(chunk_dsinks)
+        sources = [Rows(dq, -3), *sources]
         returning.append(exchange.post(returning_parts(chunk), sources, regions[min(2, chunks.count) + chunk]))
     dq = dout.new_empty((*batch, local, dout.shape[-2], heads_q.shape[-1]), dtype=heads_q.dtype)
     # the KV heads as they travelled: kv_heads, or u where repeated (one per rank)
