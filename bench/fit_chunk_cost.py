@@ -21,21 +21,20 @@ import statistics
 
 from common import load_result, record, write
 from mixes import batches
-from ring_model import rank_step_compute
+from ring_model import rank_step_compute, slowest_replayed_rank_ms
 
-from fa4_cp.plan.placement import balanced_sharding, placement_heads, rank_costs_ms
+from fa4_cp.plan.placement import balanced_sharding, placement_heads
+from fa4_cp.tuning.mesh_model import slowest_rank_ms
 
 
-def slowest_rank_ms(split: dict) -> float:
+def measured_rank_ms(split: dict) -> float:
     """A replayed split's slowest ring rank, fwd + bwd, every kernel (one chunk's ring taken c times)."""
-    forward, backward = (rank_step_compute(split, direction) for direction in ("forward", "backward"))
-    return max(sum(f) + sum(b) for f, b in zip(forward, backward))
+    return slowest_replayed_rank_ms({direction: rank_step_compute(split, direction) for direction in ("forward", "backward")})
 
 
 def modelled_rank_ms(lengths: list[int], ulysses: int, ring: int, q_heads: int, head_dim: int) -> float:
     """The model's slowest ring rank at `q_heads` heads (fwd + bwd): launches at any heads cost the same."""
-    costs = rank_costs_ms(balanced_sharding(tuple(lengths), ring, placement_heads(ulysses)), q_heads, head_dim)
-    return max(f for f, _ in costs) + max(b for _, b in costs)
+    return sum(slowest_rank_ms(balanced_sharding(tuple(lengths), ring, placement_heads(ulysses)), q_heads, head_dim))
 
 
 def chunk_rows(replay: dict) -> list[dict]:
@@ -48,7 +47,7 @@ def chunk_rows(replay: dict) -> list[dict]:
                 continue
             u, chunks = split["ulysses"], split["head_chunks"]
             ring, heads = world // u, replay["heads"] // u
-            measured = (slowest_rank_ms(split) - slowest_rank_ms(whole[u])) / (chunks - 1)
+            measured = (measured_rank_ms(split) - measured_rank_ms(whole[u])) / (chunks - 1)
             launches = (
                 chunks * modelled_rank_ms(lengths, u, ring, heads // chunks, replay["head_dim"]) - modelled_rank_ms(lengths, u, ring, heads, replay["head_dim"])
             ) / (chunks - 1)

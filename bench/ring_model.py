@@ -137,6 +137,11 @@ def rank_step_compute(row: dict, direction: str, compute_scale: float = 1.0) -> 
     return per_rank
 
 
+def slowest_replayed_rank_ms(compute: dict[str, list[list[float]]]) -> float:
+    """The rank whose steps take longest, forward and backward together (`rank_step_compute` per direction)."""
+    return max(sum(f) + sum(b) for f, b in zip(compute["forward"], compute["backward"]))
+
+
 def replay_inputs(row: dict, compute_scale: float = 1.0) -> tuple[dict, dict]:
     compute = {direction: step_compute(row, direction, compute_scale) for direction in ("forward", "backward")}
     return compute, {"kv": row["kv_hop_bytes"], "dkv": row["dkv_hop_bytes"]}
@@ -243,7 +248,7 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                 lock_step = ring_ms(slowest, hop_bytes, link, 0.0, scales["bandwidth_scale"])
                 # the balanced layout's streams run KV_HOPS_AHEAD hops ahead (runtime/travelling.py); before, one
                 passes, one_ahead = (timeline_ms(compute, hop_bytes, link, 0.0, depth, scales["bandwidth_scale"]) for depth in (KV_HOPS_AHEAD, 1))
-                compute_ms = chunks * max(sum(f) + sum(b) for f, b in zip(compute["forward"], compute["backward"]))
+                compute_ms = chunks * slowest_replayed_rank_ms(compute)
                 shape = (part["ulysses"], part["ring"], replay["heads"], replay["kv_heads"], replay["tokens_per_gpu"] * world, replay["head_dim"], exchange)
                 exchanges = all_to_all_ms(*shape)
 

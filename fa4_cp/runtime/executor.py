@@ -137,9 +137,7 @@ def ring_backward(
     unfinished dK/dV of earlier calls over the same K and V (`ring_backward_sums`), which this
     call's kernels add to before the one finish."""
     plan = ring.plan
-    grads = ring.backend.backward(
-        q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap, deterministic=ring.deterministic,
-    )
+    grads = _backward_pass(ring, q, out, lse, dout, dlse)
     if dkv_dtype is None and dkv_sums is None and plan.steps and plan.sole_block is not None and grads.can_write_rounded(k):
         # a ring of one, or a call whose only block is the rank's own: the kernel writes dK/dV finished
         block = plan.sole_block
@@ -161,11 +159,16 @@ def ring_backward_sums(
     (`ring_backward`'s `dkv_sums`; head chunks that read one KV head): one fp32 pair (2, ..., rows,
     heads, width), dK in the kernels' units, in a tensor of its own. The chunks' sums are rounded
     once, by the finish that rounds a single call's, with no sum, scale or copy between them."""
-    grads = ring.backend.backward(
-        q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap, deterministic=ring.deterministic,
-    )
+    grads = _backward_pass(ring, q, out, lse, dout, dlse)
     local, travelled, indexed = _dkv_pass(ring, grads, k, v, dkv_sums)
     return grads.dq(), summed_dkv(local, travelled, k, v, indexed, owned=True)
+
+
+def _backward_pass(ring: Ring, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None):
+    """The backend's backward pass for the call, before its steps."""
+    return ring.backend.backward(
+        q, out, lse, dout, dlse, softmax_scale=ring.softmax_scale, softcap=ring.softcap, deterministic=ring.deterministic,
+    )
 
 
 def _dkv_pass(

@@ -246,15 +246,13 @@ def ulysses_backward(
             *(t[..., :rows, :, :] for t in (heads_q[chunk], heads_k[kv], heads_v[kv], heads_out[chunk])),
             heads_lse[chunk][..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _chunk_sinks(sinks, mesh.ulysses, chunks, chunk),
         )
-        sources = []
         if chunks.finishes_kv(chunk):
             dq, dk, dv, chunk_dsinks = ring_run_backward(*ring_args, dkv_dtype=dkv_dtype, dkv_sums=sums)
-            sums = None
-            sources = [Rows(dk, -3), Rows(dv, -3)]
+            sums, sources = None, [Rows(dq, -3), Rows(dk, -3), Rows(dv, -3)]
         else:
             dq, sums, chunk_dsinks = ring_run_backward_sums(*ring_args, dkv_sums=sums)
+            sources = [Rows(dq, -3)]
         dsinks_parts.append(chunk_dsinks)
-        sources = [Rows(dq, -3), *sources]
         returning.append(exchange.post(returning_parts(chunk), sources, regions[min(2, chunks.count) + chunk]))
     dq = dout.new_empty((*batch, local, dout.shape[-2], heads_q.shape[-1]), dtype=heads_q.dtype)
     # the KV heads as they travelled: kv_heads, or u where repeated (one per rank)

@@ -161,7 +161,7 @@ def predict_split(
         def chunk_compute(chunks: int) -> tuple[float, float]:
             """One chunk's slowest ring rank, forward and backward: its tiles at its own heads, its
             launches in full (they cost the same at any heads)."""
-            return _slowest_rank_ms(sharding, heads // u // chunks, head_dim)
+            return slowest_rank_ms(sharding, heads // u // chunks, head_dim)
 
         step_ms = machine.packed_step_ms
     else:
@@ -324,8 +324,8 @@ def _documents_layout(sharding: BalancedSharding, u: int, r: int, heads: int, he
     return ideal / 1e3, steps, max(sharding.causal_kv_rows) / max(steps - 1, 1)
 
 
-def _slowest_rank_ms(sharding: BalancedSharding, heads: int, head_dim: int) -> tuple[float, float]:
-    """The placement's most loaded ring rank at `heads` q heads, forward and backward ms."""
+def slowest_rank_ms(sharding: BalancedSharding, heads: int, head_dim: int) -> tuple[float, float]:
+    """Each pass's most loaded ring rank under the placement at `heads` q heads: forward and backward ms (the ring waits for each)."""
     costs = rank_costs_ms(sharding, heads, head_dim)
     return max(forward for forward, _ in costs), max(backward for _, backward in costs)
 
