@@ -120,9 +120,9 @@ def train(config: TrainConfig, on_step: StepHook | None = None) -> list[float]:
         began = time.perf_counter()
         input_ids, labels = data.batch(step * config.dp_shard + dp_rank)
         cu_seqlens = data.documents(step * config.dp_shard + dp_rank)
-        ulysses, context = splits.choose(cu_seqlens, config.seq_len)
+        ulysses, context, chunks = splits.choose(cu_seqlens, config.seq_len)
         model.ring["group"] = context
-        model.ring["ulysses_chunks"] = 1 if ulysses == 1 else splits.head_chunks if config.ulysses_chunks == "auto" else config.ulysses_chunks
+        model.ring["ulysses_chunks"] = 1 if ulysses == 1 else chunks if config.ulysses_chunks == "auto" else config.ulysses_chunks
         local = fa4_cp.shard_inputs(input_ids[None], labels[None], group=context, cu_seqlens=cu_seqlens)
         valid = torch.tensor(float((labels != IGNORE_INDEX).sum()), device=device)
         if config.dp_shard > 1:

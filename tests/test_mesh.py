@@ -351,7 +351,7 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     auto.plan_ahead(coming, 200, causal=True)
     auto._ahead[-1].result()  # placed on the worker; choose takes its split
     misses, streams_misses = balanced_sharding.cache_info().misses, span_streams.cache_info().misses
-    choice = auto.choose(coming, 200)[0]
+    choice = auto.choose(coming, 200).ulysses
     span_streams(balanced_sharding((130, 10, 60), world_size // choice, placement_heads(choice)), band_interval(BandMask(hi=0)))  # what the ring's first call works out
     planned_ahead = {
         "choice": choice, "placed_again": balanced_sharding.cache_info().misses - misses,
@@ -362,7 +362,7 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
         "auto": sorted(auto.groups),
         "shapes": {u: tuple(group.mesh.shape) for u, group in auto.groups.items()},
         "refusals": refusals,
-        "choice": auto.choose(whole, 200)[0],
+        "choice": auto.choose(whole, 200).ulysses,
         "planned_ahead": planned_ahead,
     }
 

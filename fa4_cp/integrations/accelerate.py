@@ -88,9 +88,9 @@ class RingAttentionPlugin:
         if self.splits is not None:
             positions = batch.get("position_ids")
             documents = None if positions is None else documents_from_positions(positions)
-            _, group = self.splits.choose(documents, batch["input_ids"].shape[-1])
-            if group is not self.ring_group or self.splits.head_chunks != self.head_chunks:
-                self.ring_group, self.head_chunks = rebind_ring(self.attn_implementation, group, self.splits.head_chunks), self.splits.head_chunks
+            choice = self.splits.choose(documents, batch["input_ids"].shape[-1])
+            if choice.group is not self.ring_group or choice.head_chunks != self.head_chunks:
+                self.ring_group, self.head_chunks = rebind_ring(self.attn_implementation, choice.group, choice.head_chunks), choice.head_chunks
         local = shard_batch(batch, group=self.ring_group)
         local["num_items_in_batch"] = local["num_items_in_batch"] / self.cp_size
         device = self.accelerator.device

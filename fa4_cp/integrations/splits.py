@@ -1,8 +1,8 @@
 """The Ulysses x ring splits of one context-parallel group, one chosen per batch.
 
     splits = ContextSplits(mesh["cp"], heads=32, kv_heads=8, head_dim=128)        # ulysses="auto"
-    ulysses, group = splits.choose(cu_seqlens, seq_len)                           # per batch
-    local = fa4_cp.shard_inputs(input_ids, labels, group=group, cu_seqlens=cu_seqlens)
+    choice = splits.choose(cu_seqlens, seq_len)                                   # per batch
+    local = fa4_cp.shard_inputs(input_ids, labels, group=choice.group, cu_seqlens=cu_seqlens)
 
 Every split of the cp ranks that the heads allow is made at construction: a 2-D mesh with dims
 "ring" and "ulysses" (ulysses innermost, the nearest ranks) over the cp dim of the cp mesh's root
@@ -22,6 +22,7 @@ first call then find them cached.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -52,6 +53,17 @@ def split_cp_dim(cp_mesh: DeviceMesh, ulysses: int) -> DeviceMesh:
     return DeviceMesh(root.device_type, ranks, mesh_dim_names=tuple(names))["ring", "ulysses"]
 
 
+class SplitChoice(NamedTuple):
+    """The split chosen for one batch."""
+
+    ulysses: int
+    group: DeviceMesh
+    """The (ring, ulysses) mesh for ring_attention's `group`; the cp mesh itself where ulysses is 1."""
+    head_chunks: int
+    """plan_mesh's head chunks, for ring_attention's `ulysses_chunks`: 1 where the split was asked
+    for or is the plain ring."""
+
+
 class ContextSplits:
     """The groups of one cp mesh's Ulysses x ring splits: `groups[u]`, every u the heads allow
     (`ulysses="auto"`) or the one asked for."""
@@ -71,9 +83,6 @@ class ContextSplits:
         }
         self._planner: ThreadPoolExecutor | None = None
         self._ahead: tuple[tuple[int, ...], int, Future] | None = None  # (documents, seq_len, the split chosen for them)
-        self.head_chunks = 1
-        """The last chosen split's head chunks (plan_mesh's), for ring_attention's `ulysses_chunks`:
-        1 where the split was asked for or is the plain ring."""
 
     def plan_ahead(
         self, cu_seqlens: torch.Tensor | None, seq_len: int, *, causal: bool = False, window_size: tuple[int, int] = (-1, -1),
@@ -107,17 +116,14 @@ class ContextSplits:
         (documents, seq_len, ahead), self._ahead = self._ahead, None
         return None if ahead.exception() is not None else (documents, seq_len, ahead.result())
 
-    def choose(self, cu_seqlens: torch.Tensor | None, seq_len: int) -> tuple[int, DeviceMesh]:
-        """(ulysses, its group) for a batch of `seq_len` tokens, packed `cu_seqlens` if any; its
-        head chunks in `head_chunks`."""
+    def choose(self, cu_seqlens: torch.Tensor | None, seq_len: int) -> SplitChoice:
+        """The split for a batch of `seq_len` tokens, packed `cu_seqlens` if any."""
         planned = self._wait()
-        self.head_chunks = 1
         if len(self.groups) == 1:
-            return next(iter(self.groups.items()))
+            return SplitChoice(*next(iter(self.groups.items())), 1)
         documents = None if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         if planned is not None and documents is not None and planned[:2] == (tuple(documents), seq_len):
-            ulysses, self.head_chunks = planned[2]  # the split the worker chose for this batch
-            return ulysses, self.groups[ulysses]
+            ulysses, chunks = planned[2]  # the split the worker chose for this batch
+            return SplitChoice(ulysses, self.groups[ulysses], chunks)
         plan = plan_mesh(self.cp_size, self.heads, self.kv_heads, seq_len, head_dim=self.head_dim, documents=documents)
-        self.head_chunks = plan.head_chunks
-        return plan.ulysses, self.groups[plan.ulysses]
+        return SplitChoice(plan.ulysses, self.groups[plan.ulysses], plan.head_chunks)

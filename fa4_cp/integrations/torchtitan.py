@@ -82,9 +82,7 @@ def shard_titan_batch(
     cu_seqlens = None if positions is None else document_bounds(positions, rows_start_documents=True)
     chunks = 1
     if isinstance(group, ContextSplits):
-        splits = group
-        _, group = splits.choose(cu_seqlens, tokens.shape[1] if positions is None else tokens.numel())
-        chunks = splits.head_chunks
+        _, group, chunks = group.choose(cu_seqlens, tokens.shape[1] if positions is None else tokens.numel())
     if positions is None:
         sharding, rank, _ = placement(group, tokens.shape[1], layout or "zigzag", None)
         local_positions = sharding.positions(rank).to(tokens.device).expand(tokens.shape[0], -1)
