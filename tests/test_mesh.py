@@ -351,12 +351,15 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     auto.plan_ahead(coming, 200, causal=True)
     auto._ahead[-1].result()  # placed on the worker; choose takes its split
     misses, streams_misses = balanced_sharding.cache_info().misses, span_streams.cache_info().misses
-    choice = auto.choose(coming, 200).ulysses
+    chosen = auto.choose(coming, 200)
+    choice = chosen.ulysses
     span_streams(balanced_sharding((130, 10, 60), world_size // choice, placement_heads(choice)), band_interval(BandMask(hi=0)))  # what the ring's first call works out
     planned_ahead = {
         "choice": choice, "placed_again": balanced_sharding.cache_info().misses - misses,
         "streams_again": span_streams.cache_info().misses - streams_misses,
         "chosen_here": fa4_cp.plan_mesh(world_size, 6, 2, 200, head_dim=16, documents=[130, 10, 60]).ulysses,
+        "chunks": chosen.head_chunks, "group_is_the_split": chosen.group is auto.groups[choice],
+        "chunks_here": fa4_cp.plan_mesh(world_size, 6, 2, 200, head_dim=16, documents=[130, 10, 60]).head_chunks,
     }
     return {
         "auto": sorted(auto.groups),
@@ -381,3 +384,4 @@ def test_context_splits_make_every_split_the_heads_allow_and_refuse_the_others(t
     ahead = report["planned_ahead"]
     assert ahead["choice"] in report["auto"] and ahead["placed_again"] == 0 and ahead["streams_again"] == 0, report
     assert ahead["choice"] == ahead["chosen_here"], "the worker's split is the one plan_mesh picks on the caller's thread"
+    assert ahead["chunks"] == ahead["chunks_here"] and ahead["group_is_the_split"], "its head chunks and group come with it"
