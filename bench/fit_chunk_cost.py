@@ -23,8 +23,7 @@ from common import load_result, record, write
 from mixes import batches
 from ring_model import rank_step_compute, slowest_replayed_rank_ms
 
-from fa4_cp.plan.placement import balanced_sharding, placement_heads
-from fa4_cp.tuning.mesh_model import slowest_rank_ms
+from fa4_cp.plan.placement import balanced_sharding, placement_heads, slowest_rank_ms
 
 
 def measured_rank_ms(split: dict) -> float:

@@ -242,7 +242,16 @@ def modelled_ms(sharding: BalancedSharding, heads: int = CALIBRATED_HEADS) -> fl
     tuning/mesh_model.py counts it) and the work beside attention of every ring step that its
     widest span takes."""
     widest = max((ranks for _, ranks in sharding.spans), default=1)
-    return float(np.array(rank_costs_ms(sharding, heads)).max(axis=0).sum()) + widest * step_other_us() / 1e3
+    return sum(slowest_rank_ms(sharding, heads)) + widest * step_other_us() / 1e3
+
+
+def slowest_rank_ms(
+    sharding: BalancedSharding, heads: int = CALIBRATED_HEADS, head_dim: int = CALIBRATED_HEAD_DIM,
+) -> tuple[float, float]:
+    """Each pass's most loaded ring rank under the placement at `heads` q heads (`rank_costs_ms`):
+    forward and backward ms, which the ring waits for."""
+    costs = rank_costs_ms(sharding, heads, head_dim)
+    return max(forward for forward, _ in costs), max(backward for _, backward in costs)
 
 
 def placement_heads(ulysses: int) -> int:

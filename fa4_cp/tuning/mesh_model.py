@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..plan.head_chunks import HeadChunks
-from ..plan.placement import BalancedSharding, balanced_sharding, placement_heads, rank_costs_ms, span_cost, span_widths
+from ..plan.placement import BalancedSharding, balanced_sharding, placement_heads, slowest_rank_ms, span_cost, span_widths
 from ..validation import heads_split
 from .kernel_cost import CALIBRATED_HEAD_DIM, CALIBRATED_HEADS, CALIBRATED_TOKENS, RING, one_device_us, step_us
 
@@ -322,12 +322,6 @@ def _documents_layout(sharding: BalancedSharding, u: int, r: int, heads: int, he
     # streams per split and batch would cost more host time than the model is worth.
     steps = max(1, *(ranks for _, ranks in sharding.spans))
     return ideal / 1e3, steps, max(sharding.causal_kv_rows) / max(steps - 1, 1)
-
-
-def slowest_rank_ms(sharding: BalancedSharding, heads: int, head_dim: int) -> tuple[float, float]:
-    """Each pass's most loaded ring rank under the placement at `heads` q heads: forward and backward ms (the ring waits for each)."""
-    costs = rank_costs_ms(sharding, heads, head_dim)
-    return max(forward for forward, _ in costs), max(backward for _, backward in costs)
 
 
 def hop_ms(nbytes: float, machine: Machine) -> float:
