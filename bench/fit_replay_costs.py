@@ -159,10 +159,11 @@ def fit_beside_attention(replay: dict) -> dict:
 
 def fit_remote_blocks(replay: dict, fa4_cp) -> dict:
     """Per mix, least squares over the plain rings' replayed ranks: each rank's fwd + bwd time
-    beyond the replay's modelled attention (`modelled_ms`) against a constant, whether the rank
-    has blocks against another rank's KV, and at how many (step, stream) pairs (its plan's
-    remote launches): kernel_cost's `remote_fixed` and `remote_launch`. Beside it, a constant
-    alone."""
+    beyond the replay's modelled attention (`modelled_ms`) against a constant per ring size (what
+    the model misses alike on every rank of one replay), whether the rank has blocks against
+    another rank's KV, and at how many (step, stream) pairs (its plan's remote launches):
+    kernel_cost's `remote_fixed` and `remote_launch` (less what `modelled_ms` charged for them,
+    where it did). Beside it, a constant per ring size alone."""
     from fa4_cp.kernels import BandMask
     from fa4_cp.plan.rows import rank_plan
 
@@ -177,22 +178,30 @@ def fit_remote_blocks(replay: dict, fa4_cp) -> dict:
                 plan = rank_plan(sharding, BandMask(hi=0), rank["rank"], torch.device("cpu"))
                 launches = len({(step.step, block.stream) for step in plan.steps for block in step.blocks if not block.local})
                 measured, modelled = (rank["forward_ms"], rank["backward_ms"]), rank["modelled_ms"]
-                ranks[row["mix"]].append((launches, *(m * 1e3 for m in measured), *(c * 1e3 for c in modelled)))
+                ranks[row["mix"]].append((row["world_size"], launches, *(m * 1e3 for m in measured), *(c * 1e3 for c in modelled)))
     fits = {}
     for mix, rows in ranks.items():
-        launches, forward, backward, modelled_forward, modelled_backward = (np.array(column, dtype=float) for column in zip(*rows))
-        design = np.stack([np.ones_like(launches), launches > 0, launches], axis=1)
-        fits[mix] = {"ranks": len(rows), "ranks_with_remote_blocks": int((launches > 0).sum())}
+        world, launches, forward, backward, modelled_forward, modelled_backward = (np.array(column, dtype=float) for column in zip(*rows))
+        sizes = sorted(set(world))
+        per_size = np.stack([world == size for size in sizes], axis=1).astype(float)
+        design = np.concatenate([per_size, np.stack([launches > 0, launches], axis=1)], axis=1)
+        fits[mix] = {"ranks": len(rows), "ranks_with_remote_blocks": int((launches > 0).sum()), "world_sizes": [int(size) for size in sizes]}
         for direction, measured, modelled in (
             ("forward", forward, modelled_forward), ("backward", backward, modelled_backward),
             ("both", forward + backward, modelled_forward + modelled_backward),
         ):
             beyond = measured - modelled
+            # where every rank has remote blocks, the fixed cost and the constants cannot be told apart: lstsq's
+            # least-norm answer splits them, so only the per-launch cost means anything there
             coefficients = np.linalg.lstsq(design, beyond, rcond=None)[0]
+            constants = np.linalg.lstsq(per_size, beyond, rcond=None)[0]
             fits[mix][direction] = {
-                "us": dict(zip(("constant", "remote_fixed", "remote_launch"), (float(c) for c in coefficients))),
+                "us": {
+                    "constant_per_world_size": [float(c) for c in coefficients[: len(sizes)]],
+                    "remote_fixed": float(coefficients[-2]), "remote_launch": float(coefficients[-1]),
+                },
                 "median_relative_error": float(np.median(np.abs(design @ coefficients - beyond) / measured)),
-                "constant_alone_median_relative_error": float(np.median(np.abs(beyond.mean() - beyond) / measured)),
+                "constants_alone_median_relative_error": float(np.median(np.abs(per_size @ constants - beyond) / measured)),
             }
     return fits
 
@@ -224,8 +233,9 @@ def main() -> None:
     for mix, result in remote.items():
         for direction in ("forward", "backward", "both"):
             part = result[direction]
-            print(f"{mix:8} {direction:8} remote blocks: " + ", ".join(f"{name} {value:.1f} us" for name, value in part["us"].items())
-                  + f"; median error {part['median_relative_error']:.3f} (a constant alone {part['constant_alone_median_relative_error']:.3f})")
+            us = part["us"]
+            print(f"{mix:8} {direction:8} remote blocks beyond the model: fixed {us['remote_fixed']:.1f} us, per launch {us['remote_launch']:.1f} us"
+                  f"; median error {part['median_relative_error']:.3f} (constants per ring size alone {part['constants_alone_median_relative_error']:.3f})")
     write(record(
         "fit_replay_costs", "cpu", replay=args.replay, replay_device=replay["device"], replay_commit=replay["git_commit"],
         planner_tree=args.tree, steps_of=args.steps_of, steps=len(steps), median_step_us={d: statistics.median(s[f"{d}_us"] for s in steps) for d in ("forward", "backward")},

@@ -27,7 +27,7 @@ def test_magi_replay_dry_run_records_gpu_and_paced_times(tmp_path):
     fits = json.loads(fitted.read_text())
     assert "one device + q tiles + sequences + launches" in fits["fits"]["forward"] and fits["steps"] == len(fits["data"])
     assert {"pretrain", "finetune"} <= set(fits["remote_blocks"]) and all(
-        set(fit["both"]["us"]) == {"constant", "remote_fixed", "remote_launch"} for fit in fits["remote_blocks"].values()
+        set(fit["both"]["us"]) == {"constant_per_world_size", "remote_fixed", "remote_launch"} for fit in fits["remote_blocks"].values()
     )
     result = json.loads(out.read_text())
     assert {row["mix"] for row in result["rows"]} == {"pretrain", "finetune"}
