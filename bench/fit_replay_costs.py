@@ -7,8 +7,9 @@ beside its attention kernels (fills, read-backs, the finish, copies) against its
 fixed cost per call and one per step (`beside_attention`; kernel_cost's `call_other` and
 `step_other`); and each plain-ring rank's fwd + bwd time beyond its modelled attention against
 whether and at how many (step, stream) pairs it has remote blocks, forward and backward
-(`remote_blocks`; kernel_cost's `remote_fixed` and `remote_launch`: fit it on a replay whose
-`modelled_ms` had none of them, such as one before 2026-12-06's session 16).
+(`remote_blocks`; kernel_cost's `remote_fixed` and `remote_launch` on a replay whose `modelled_ms`
+had none of them, such as one before 2026-12-06's session 16; on a later one, what the model's
+own remote costs miss).
 
     python bench/fit_replay_costs.py REPLAY_JSON --tree CHECKOUT_OF_THE_REPLAYS_COMMIT --out PATH
     python bench/fit_replay_costs.py REPLAY_JSON --steps-of AN_EARLIER_FIT_OF_IT --out PATH
