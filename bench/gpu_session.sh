@@ -26,7 +26,7 @@
 #   gpu_work       bench/gpu_work.py (JSON), its cases GPU_WORK_CASES (default all but the head-chunked ones; the 8 x 8
 #                  ones need an H200), and
 #                  on BASELINE_TREE if set (BASELINE_CASES)
-#   ring_overhead  bench/ring_overhead.py (JSON)
+#   ring_overhead  bench/ring_overhead.py (JSON), and on BASELINE_TREE's fa4_cp if set
 #   gpu_work_deterministic  bench/gpu_work.py --deterministic (JSON), dense_w8 and pretrain_w8
 #   error_growth   bench/ring_error_growth.py with FA4: the same tokens at W = 1, 2, 8, 72 (JSON)
 #   host_profile   bench/host_profile.py: cProfile of the ring's host path at W = 1 (text)
@@ -126,7 +126,11 @@ for part in "${parts[@]}"; do
         run gpu_work_baseline.log "$seconds" python3 bench/gpu_work.py --tree "$BASELINE_TREE" --out "$out/gpu_work_baseline.json" \
           --cases ${BASELINE_CASES:-dense_w8 pretrain_w8 finetune_w8}
       fi ;;
-    ring_overhead) run ring_overhead.log "$seconds" python3 bench/ring_overhead.py --out "$out/ring_overhead.json" ;;
+    ring_overhead)
+      run ring_overhead.log "$seconds" python3 bench/ring_overhead.py --out "$out/ring_overhead.json"
+      if [[ -n ${BASELINE_TREE:-} ]]; then  # the same machine's figure for another commit: runs differ by machine
+        run ring_overhead_baseline.log "$seconds" python3 bench/ring_overhead.py --tree "$BASELINE_TREE" --out "$out/ring_overhead_baseline.json"
+      fi ;;
     gpu_work_deterministic)
       run gpu_work_deterministic.log "$seconds" python3 bench/gpu_work.py --deterministic --out "$out/gpu_work_deterministic.json" \
         --cases ${DETERMINISTIC_BENCH_CASES:-dense_w8 pretrain_w8} ;;
