@@ -354,12 +354,13 @@ def _splits_of_a_cp_group(rank: int, world_size: int) -> dict:
     chosen = auto.choose(coming, 200)
     choice = chosen.ulysses
     span_streams(balanced_sharding((130, 10, 60), world_size // choice, placement_heads(choice)), band_interval(BandMask(hi=0)))  # what the ring's first call works out
+    placed_again, streams_again = balanced_sharding.cache_info().misses - misses, span_streams.cache_info().misses - streams_misses
+    planned_here = fa4_cp.plan_mesh(world_size, 6, 2, 200, head_dim=16, documents=[130, 10, 60])
     planned_ahead = {
-        "choice": choice, "placed_again": balanced_sharding.cache_info().misses - misses,
-        "streams_again": span_streams.cache_info().misses - streams_misses,
-        "chosen_here": fa4_cp.plan_mesh(world_size, 6, 2, 200, head_dim=16, documents=[130, 10, 60]).ulysses,
+        "choice": choice, "placed_again": placed_again, "streams_again": streams_again,
+        "chosen_here": planned_here.ulysses,
         "chunks": chosen.head_chunks, "group_is_the_split": chosen.group is auto.groups[choice],
-        "chunks_here": fa4_cp.plan_mesh(world_size, 6, 2, 200, head_dim=16, documents=[130, 10, 60]).head_chunks,
+        "chunks_here": planned_here.head_chunks,
     }
     return {
         "auto": sorted(auto.groups),
