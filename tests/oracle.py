@@ -332,3 +332,32 @@ def assert_ring_matches(case: Case, world_size: int, inputs: Inputs, dtype: torc
     assert_flash_rule(errors, baseline, dtype, f"{case.name} {dtype} W={world_size}", scale)
     assert_clean_padding(case, world_size, per_rank)
     return errors
+
+
+@dataclass(frozen=True)
+class PrefixEntries:
+    """The 2g zigzag chunks of one document in one varlen launch, each against its own prefix of
+    the document's K/V: q holds the chunks in zigzag order (rank 0's two, then rank 1's, ...),
+    K/V the document in order, and every entry's kv rows start at row 0 (shared rows)."""
+
+    order: torch.Tensor  # q's rows as rows of the document
+    cu_seqlens_q: list[int]
+    cu_seqlens_k: list[int]
+    seqused_q: list[int]
+    seqused_k: list[int]
+
+    @staticmethod
+    def make(length: int, ranks: int) -> PrefixEntries:
+        bounds = [round(i * length / (2 * ranks)) for i in range(2 * ranks + 1)]
+        chunks = [c for rank in range(ranks) for c in (rank, 2 * ranks - 1 - rank)]
+        order = torch.cat([torch.arange(bounds[c], bounds[c + 1]) for c in chunks])
+        used_q = [bounds[c + 1] - bounds[c] for c in chunks]
+        starts = [sum(used_q[:i]) for i in range(len(chunks))]
+        return PrefixEntries(order, [*starts, length], [0] * (len(chunks) + 1), used_q, [bounds[c + 1] for c in chunks])
+
+    def varlen(self, device, **kwargs):
+        """The launch's VarlenRows: masks aligned at each entry's end, the shared rows' total declared."""
+        from fa4_cp.kernels import VarlenRows
+
+        tensors = (torch.tensor(x, dtype=torch.int32, device=device) for x in (self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_q, self.seqused_k))
+        return VarlenRows(*tensors, aligned_at_end=True, shared_kv_rows=sum(self.seqused_k), **kwargs)

@@ -160,3 +160,40 @@ def test_band_from_flags_follows_flash_attention():
     assert BandMask.from_flags(True, (-1, -1)) == BandMask(hi=0)
     assert BandMask.from_flags(True, (128, 0)) == BandMask(lo=-128, hi=0)
     assert BandMask.from_flags(False, (3, 5)) == BandMask(lo=-3, hi=5)
+
+
+@pytest.mark.parametrize("mask", [BandMask(hi=0), BandMask(lo=-40, hi=0)], ids=str)
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_entries_over_shared_kv_rows_equal_the_whole_document(mask, kv_heads):
+    """All 2g zigzag chunks of one document in one varlen block, each against its own prefix of the
+    same K/V rows, masks aligned at each entry's end: out, lse, dq, dk, dv (dK/dV summed over the
+    entries) equal the whole document's attention, in fp64 against autograd."""
+    from oracle import PrefixEntries
+
+    entries = PrefixEntries.make(100, ranks=4)
+    q, k, v = (t[0] for t in fresh(batch=1, seq_q=100, seq_k=100, kv_heads=kv_heads, seed=11))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = naive_attention(q, k, v, band_matrix(100, 100, mask), 0.3)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    torch.autograd.backward((out, lse), (dout, dlse))
+
+    varlen, order = entries.varlen("cpu"), entries.order
+    zq, zdout, zdlse = q.detach()[order], dout[order], dlse[:, order]
+    zout, zlse = (torch.full(shape, float("nan"), dtype=torch.float64) for shape in (zq.shape, (4, 100)))
+    BACKEND.forward(zq, k, softmax_scale=0.3).step(zq, k.detach(), v.detach(), zout, zlse, mask=mask, accumulate=False, varlen=varlen)
+    torch.testing.assert_close(zout, out.detach()[order], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(zlse, lse.detach()[:, order], rtol=1e-12, atol=1e-12)
+    grads = BACKEND.backward(zq, zout, zlse, zdout, zdlse, softmax_scale=0.3)
+    dk, dv = (torch.zeros(t.shape, dtype=torch.float64) for t in (k, v))
+    grads.step(k.detach(), v.detach(), dk, dv, q_rows=slice(None), mask=mask, varlen=varlen)
+    for mine, expected in ((grads.dq(), q.grad[order]), (dk, k.grad), (dv, v.grad)):
+        torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_deterministic_backward_refuses_entries_over_shared_kv_rows():
+    from oracle import PrefixEntries
+
+    q, k, v = (t[0] for t in fresh(batch=1, seq_q=20, seq_k=20))
+    grads = BACKEND.backward(q, q, torch.zeros(4, 20, dtype=torch.float64), q, None, softmax_scale=0.3, deterministic=True)
+    with pytest.raises(ValueError, match="deterministic: varlen sequences whose kv rows overlap"):
+        grads.step(k, v, torch.zeros_like(k), torch.zeros_like(v), q_rows=slice(None), mask=BandMask(hi=0), varlen=PrefixEntries.make(20, 2).varlen("cpu"))

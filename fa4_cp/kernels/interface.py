@@ -69,6 +69,16 @@ class VarlenRows:
     list those alone, and its q rows may end where the next sequence starts: the planner gives
     such a block those rows as its q side. A varlen launch's grid grows with both. None: no
     shorter list."""
+    aligned_at_end: bool = False
+    """The mask aligns every sequence at its end (its last q row against its last kv row, as FA4
+    aligns it), whatever seqused_k[n] - seqused_q[n]: so one launch takes sequences of different
+    shifts, such as the q chunks of one document each against its own KV prefix. `kv_shift` is
+    then unused."""
+    shared_kv_rows: int | None = None
+    """Where the sequences' kv rows overlap (several entries against one KV buffer): the kv rows
+    the computed sequences select, summed, which may exceed k's rows; k and v then need
+    `KV_TILE_OVERHANG` finite rows of their storage past their last row. None: the sequences'
+    kv rows are disjoint."""
 
     @functools.cached_property
     def computed_prefix(self) -> VarlenRows:
@@ -77,7 +87,17 @@ class VarlenRows:
         if self.computed_sequences is None:
             return self
         n = self.computed_sequences
-        return VarlenRows(self.cu_seqlens_q[: n + 1], self.cu_seqlens_k[: n + 1], self.seqused_q[:n], self.seqused_k[:n], kv_shift=self.kv_shift)
+        return VarlenRows(
+            self.cu_seqlens_q[: n + 1], self.cu_seqlens_k[: n + 1], self.seqused_q[:n], self.seqused_k[:n], kv_shift=self.kv_shift,
+            aligned_at_end=self.aligned_at_end, shared_kv_rows=self.shared_kv_rows,
+        )
+
+
+def check_fixed_order(varlen: VarlenRows | None, deterministic: bool) -> None:
+    """ValueError for a deterministic backward step over sequences whose kv rows overlap: their
+    dK/dV meet at a row in no fixed order."""
+    if deterministic and varlen is not None and varlen.shared_kv_rows is not None:
+        raise ValueError("deterministic: varlen sequences whose kv rows overlap (VarlenRows.shared_kv_rows) sum dK/dV in no fixed order")
 
 
 @dataclass(frozen=True, eq=False)  # device tensors: identity is equality
@@ -89,6 +109,12 @@ class IndexedSums:
     sums: torch.Tensor
     rows: torch.Tensor
     positions: torch.Tensor
+
+
+KV_TILE_OVERHANG = 256
+"""Rows past a block's last K/V row that a kernel may load: it loads whole tiles of K and V and
+masks the scores past the block, and FA4's tiles hold at most 144 K/V rows. A masked score's zero
+times a NaN is NaN, so those rows must be finite."""
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -162,9 +188,8 @@ class BackwardPass(Protocol):
         """Add the block's dq to the pass and its dk / dk_scale, dv to (dk_acc, dv_acc), which are
         in `accumulator_dtype`, shaped like k, v, with unit stride along head_dim. The block's q
         rows are ``q_rows`` of the pass's q (dense), or the rows ``varlen`` selects (varlen, with
-        ``q_rows`` everything). Varlen sequences whose kv rows overlap sum their dK/dV in the
-        reference; FA4's varlen grid covers the kv tensor's rows once, so there the selected kv
-        rows must not exceed them in total (the planners' blocks never do). With ``write_first``
+        ``q_rows`` everything). Varlen sequences whose kv rows overlap (`VarlenRows.shared_kv_rows`)
+        sum their dK/dV; a deterministic pass refuses them (they meet at a row in no fixed order). With ``write_first``
         (only where `can_write_first`), a dense block overwrites every row of (dk_acc, dv_acc)
         instead, so that they need not start zeroed. With ``write_rounded`` (only where
         `can_write_rounded`), a dense block that is the only one to add to any row of K and V

@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 
 from .dkv_sum import TorchFinishedGradients
-from .interface import BandMask, VarlenRows, accumulator_dtype
+from .interface import BandMask, VarlenRows, accumulator_dtype, check_fixed_order
 from .merge import merge_partials_
 
 
@@ -102,6 +102,8 @@ def _rows(q: torch.Tensor, k: torch.Tensor, mask: BandMask, varlen: VarlenRows |
         if mask not in per_mask:
             q_index, q_doc, q_pos = selected_rows(varlen.cu_seqlens_q, varlen.seqused_q)
             k_index, k_doc, k_pos = selected_rows(varlen.cu_seqlens_k, varlen.seqused_k)
+            if varlen.aligned_at_end:  # each sequence's last kv row at its last q row's position
+                k_pos = k_pos - (varlen.seqused_k.long() - varlen.seqused_q.long())[k_doc]
             per_mask[mask] = _Rows(q_index, k_index, (q_doc[:, None] == k_doc[None, :]) & _band(q_pos, k_pos, mask))
         return per_mask[mask]
 
@@ -171,8 +173,8 @@ class ReferenceBackend:
         deterministic: bool = False,
     ) -> ReferenceBackwardPass:
         # Deterministic as it is: one thread's sums on CPU; on GPU, a block's index_add selects
-        # each row once (overlapping varlen kv rows excepted).
-        return ReferenceBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
+        # each row once (overlapping varlen kv rows excepted, which a deterministic pass refuses).
+        return ReferenceBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap, deterministic)
 
 
 class ReferenceForwardPass:
@@ -202,7 +204,8 @@ class ReferenceForwardPass:
 class ReferenceBackwardPass(TorchFinishedGradients):
     """Backward of one ring call (see `BackwardPass`); dq accumulates in q's layout."""
 
-    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False):
+        self.deterministic = deterministic
         math = accumulator_dtype(q.dtype)
         # dS = P * (dP - delta) + P * dlse: an lse gradient folds into delta.
         delta = rearrange((dout.to(math) * out.to(math)).sum(-1), "... s h -> ... h s")
@@ -219,6 +222,7 @@ class ReferenceBackwardPass(TorchFinishedGradients):
     ) -> None:
         if (write_first or write_rounded) and varlen is not None:
             raise ValueError("write_first, write_rounded: dense blocks only")
+        check_fixed_order(varlen, self.deterministic)
         if write_rounded:  # sums in the accumulator dtype, rounded once into the caller's tensors
             finished = dk_acc, dv_acc
             dk_acc, dv_acc = (torch.zeros(t.shape, dtype=accumulator_dtype(t.dtype), device=t.device) for t in finished)

@@ -19,7 +19,7 @@ import torch
 from ..comm.streams import Arrival, post_hop
 from ..comm.transport import Transport
 from ..comm.watchdog import Hop
-from ..kernels.interface import IndexedSums
+from ..kernels.interface import KV_TILE_OVERHANG, IndexedSums
 from ..plan.rows import KVStream, RankPlan
 
 KV_CHANNEL = 0
@@ -31,11 +31,6 @@ one device with transfers, pretraining-like 8 x 8 0.813 -> 0.932 (one step ahead
 KV_AHEAD_BYTES = 512 * 2**20
 """What a stream's buffers past the first two may take: a long sequence's spread documents make
 large buffers, and the hops ahead pay most where the steps are short."""
-KV_TILE_OVERHANG = 256
-"""Rows past a block's last K/V row that a kernel may load: it loads whole tiles of K and V and
-masks the scores past the block, and FA4's tiles hold at most 144 K/V rows. A masked score's zero
-times a NaN is NaN, so the rows a prefix of a travelling buffer leaves this far past its end must
-be finite."""
 
 
 def pair_views(pair: torch.Tensor, k_head_dim: int, v_head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -290,3 +290,62 @@ def test_auto_says_why_it_falls_back_to_the_reference():
     assert [str(w.message) for w in caught] == [
         "fa4_cp: backend 'auto' runs the O(S^2) PyTorch reference on 16-bit CUDA inputs: head_dim must be one of (64, 96, 128, 192, 256), got 32"
     ]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2)])
+@pytest.mark.parametrize("mask_name", ["causal", "window"])
+def test_entries_over_shared_kv_rows_against_fp64(mask_name, heads, kv_heads):
+    """All 2g = 8 zigzag chunks of one 1000-token document in one varlen launch, each against its
+    own prefix of the same K/V rows (their kv rows add up to 4.6x K's): out, lse, dq, dk, dv against
+    fp64 of the whole document, by the 2x rule relative to upstream FA4 on the whole document.
+    Declared without their total (upstream's grid, K's rows once), dK/dV miss tiles: checked too."""
+    import dataclasses
+
+    from oracle import PrefixEntries
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Hopper backward")
+    from fa4_cp.kernels.interface import KV_TILE_OVERHANG
+
+    torch.manual_seed(heads + kv_heads)
+    mask, seq, dim, scale = MASKS[mask_name], 1000, 128, 128**-0.5
+    entries = PrefixEntries.make(seq, ranks=4)
+    q = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16)
+    # K and V end where their storage holds the kernel's tile overhang, finite
+    k, v = (torch.zeros(seq + KV_TILE_OVERHANG, kv_heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k[:seq], v[:seq] = torch.randn(seq, kv_heads, dim), torch.randn(seq, kv_heads, dim)
+    k, v = k[:seq], v[:seq]
+    dout, dlse = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16), torch.randn(1, heads, seq, device="cuda")
+    out64, lse64, leaves = fp64_attention(q, k[None], v[None], mask, scale)
+    truth = {"out": out64, "lse": lse64, **dict(zip(("dq", "dk", "dv"), grads_of(out64, lse64, leaves, dout, dlse)))}
+    window = fa4_window(mask, seq, seq)
+    up_q, up_k, up_v = (t.clone().requires_grad_() for t in (q, k[None], v[None]))
+    up_k, up_v, kv_grad = upstream_kv(up_q, up_k, up_v)
+    leaves = [up_q, up_k, up_v]
+    up_out, up_lse = flash_attn_func(*leaves, softmax_scale=scale, causal=window.causal, window_size=(window.left, window.right), return_lse=True)
+    up_dq, up_dk, up_dv = grads_of(up_out.float(), up_lse, leaves, dout, dlse)
+    upstream = {"out": up_out, "lse": up_lse, "dq": up_dq, "dk": kv_grad(up_dk), "dv": kv_grad(up_dv)}
+
+    order = entries.order.cuda()
+    zq, zdout, zdlse = q[0, order], dout[0, order], dlse[0][:, order]
+    varlen = entries.varlen("cuda")
+    backend = FA4Backend()
+    out = torch.full(zq.shape, math.nan, dtype=torch.float32, device="cuda")
+    lse = torch.full((heads, seq), math.nan, dtype=torch.float64, device="cuda")
+    backend.forward(zq, k, softmax_scale=scale).step(zq, k, v, out, lse, mask=mask, accumulate=False, varlen=varlen)
+
+    def backward(block):
+        grads = backend.backward(zq, out.to(q.dtype), lse, zdout, zdlse, softmax_scale=scale)
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device="cuda") for t in (k, v))
+        grads.step(k, v, dk, dv, q_rows=slice(None), mask=mask, varlen=block)
+        unzig = torch.empty_like(order)
+        unzig[order] = torch.arange(seq, device="cuda")
+        return {"out": out[unzig][None], "lse": lse[:, unzig][None], "dq": grads.dq()[unzig][None], "dk": (dk * grads.dk_scale)[None], "dv": dv[None]}
+
+    ours = backward(varlen)
+    atol = {"out": 1e-3, "lse": 1e-5, "dq": 1e-3, "dk": 1e-3, "dv": 1e-3}
+    bounds = {name: 2 * max_error(upstream[name], truth[name]) + atol[name] for name in ours}
+    for name in ours:
+        assert max_error(ours[name], truth[name]) <= bounds[name], f"{name}: {max_error(ours[name], truth[name]):.3e} > {bounds[name]:.3e}"
+    undeclared = backward(dataclasses.replace(varlen, shared_kv_rows=None))
+    assert max_error(undeclared["dk"], truth["dk"]) > bounds["dk"], "K's rows once should miss the later entries' tiles"

@@ -97,6 +97,9 @@ def hopper_kernels() -> dict:
             tiles, BFloat16, 4, causal, False, None, write_first=True, deterministic=True,
         ),
         "backward deterministic varlen window": lambda: backward_sm90._compile(tiles, BFloat16, 1, window, True, None, deterministic=True),
+        "backward varlen causal gqa, entries over shared KV rows (the grid by their total)": lambda: backward_sm90._compile(
+            tiles, BFloat16, 4, causal, True, None, shared_kv=True,
+        ),
         **{
             f"backward causal gqa head_dim {dim}": (lambda dim=dim: backward_sm90._compile(backward_sm90.BackwardTiles.for_head_dim(dim), BFloat16, 4, causal, False, None))
             for dim in (192, 256)

@@ -26,7 +26,7 @@ from einops import rearrange
 from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess, torch2cute_dtype_map
 
 from ..dkv_sum import finished_dkv
-from ..interface import BandMask, VarlenRows
+from ..interface import KV_TILE_OVERHANG, BandMask, VarlenRows, check_fixed_order
 from .arguments import NO_AUX, varlen_arguments
 from .backward_sm90 import BackwardTiles, backward_kernel
 from .dkv_finish import finish_dkv_cuda
@@ -75,6 +75,8 @@ class Sm90BackwardPass:
             raise ValueError("write_first: dense blocks, and GQA only when deterministic")
         if write_rounded and (varlen is not None or write_first or not self.can_write_rounded(k)):
             raise ValueError("write_rounded: a dense block, one q head per kv head, v of k's head_dim")
+        check_fixed_order(varlen, self.deterministic)
+        grid_rows = _shared_kv_rows(varlen, k, v)
         if q.shape[-3] == 0 or k.shape[-3] == 0:
             if write_first or write_rounded:
                 dk_acc.zero_()
@@ -83,16 +85,16 @@ class Sm90BackwardPass:
         # the q side (its statistics and dq accumulator) is the whole block's; the launch lists
         # only the sequences up to the last it computes, at the same offsets (varlen_arguments)
         window = block_window(mask, q, k, varlen)
-        key = (window.kind, varlen is not None, write_first, write_rounded)
+        key = (window.kind, varlen is not None, write_first, write_rounded, grid_rows is not None)
         kernel = self._kernels.get(key)
         if kernel is None:
             kernel = self._kernels[key] = backward_kernel(
                 self.tiles, q.dtype, q.shape[-2] // k.shape[-2], window, varlen is not None, self.softcap,
-                write_first=write_first, deterministic=self.deterministic, write_rounded=write_rounded,
+                write_first=write_first, deterministic=self.deterministic, write_rounded=write_rounded, shared_kv=grid_rows is not None,
             )
         kernel(
             q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale, *varlen_arguments(varlen),
-            window.left, window.right, *self._semaphores(q, k, varlen), NO_AUX, None, None,
+            window.left, window.right, *self._semaphores(q, k, varlen), NO_AUX, None, None, *(() if write_rounded else (grid_rows,)),
         )
 
     def can_write_first(self, k: torch.Tensor) -> bool:
@@ -204,6 +206,23 @@ class Sm90BackwardPass:
             padded = self.dq_tiles.padded_rows(q.shape[1])
             self.whole_dq = torch.zeros(q.shape[0], q.shape[2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=q.device)
         return self.whole_dq
+
+
+def _shared_kv_rows(varlen: VarlenRows | None, k: torch.Tensor, v: torch.Tensor) -> int | None:
+    """The kv rows a launch's grid must cover where its entries' KV rows overlap beyond K's rows
+    (None: K's rows). The kernel then reads up to a tile past K's last row: ValueError unless
+    K's and V's storage holds `KV_TILE_OVERHANG` rows there (their values are the caller's to
+    keep finite)."""
+    rows = None if varlen is None else varlen.shared_kv_rows
+    if rows is None or rows <= k.shape[-3]:
+        return None
+    for name, t in (("k", k), ("v", v)):
+        if t.untyped_storage().nbytes() // t.element_size() < t.storage_offset() + (t.shape[-3] + KV_TILE_OVERHANG) * t.stride(-3):
+            raise ValueError(
+                f"varlen entries over shared KV rows: {name} needs {KV_TILE_OVERHANG} rows of its storage past its last row "
+                f"(the kernel's tile overhang), got a tensor that ends its storage"
+            )
+    return rows
 
 
 @functools.cache

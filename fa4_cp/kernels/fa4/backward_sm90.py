@@ -5,8 +5,11 @@ dK/dV epilogue. Upstream writes dK/dV as 16-bit tensors (one q head per kv head)
 into fp32 accumulators in its own tiled layout (GQA), to be post-processed. Here the epilogue adds
 each tile's dK and dV straight into the caller's fp32 buffers, shaped like K and V (any row and
 head strides), at the rows the block addresses: the q heads of a kv head meet there through
-atomic adds, so GQA is reduced inside the kernel, and varlen entries whose KV ranges overlap sum
-(as far as upstream's grid reaches: it covers the kv tensor's rows once).
+atomic adds, so GQA is reduced inside the kernel, and varlen entries whose KV ranges overlap sum.
+Upstream's varlen grid covers K's rows once; for entries whose KV rows add up to more, the launch
+takes their total (`kv_rows_launched`) and presents K and V with that many rows, so that every
+entry's tiles get blocks. Those rows are read only up to one tile past the last entry's end,
+which the caller keeps finite (VarlenRows.shared_kv_rows).
 dK is left unscaled (the caller scales the sum once). In `write_first` mode the tile overwrites
 its rows instead (one q head per kv head, or deterministic GQA, where the first head writes).
 With `deterministic`, upstream's semaphores order dq's accumulation, and the q heads of a kv head
@@ -151,8 +154,11 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
         aux_data: AuxData = AuxData(),
         blocksparse_tensors: Optional[BlockSparseTensors] = None,
         mCuTotalMBlocks: Optional[cute.Tensor] = None,
+        kv_rows_launched: Int32 | int | None = None,
         stream: cuda.CUstream = None,
     ):
+        if const_expr(kv_rows_launched is not None):  # upstream sizes its varlen grid by K's rows
+            mK, mV = (_with_rows(t, kv_rows_launched) for t in (mK, mV))
         # Upstream's set-up permutes fp32 accumulators as (b, h_kv, rows) or (h_kv, rows); the
         # rows mode carries (s, d) whole to the epilogue.
         super().__call__(
@@ -231,6 +237,12 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
 
 
 @cute.jit
+def _with_rows(rows: cute.Tensor, count: Int32) -> cute.Tensor:
+    """A varlen (total, h, d) tensor presented with `count` rows, its strides unchanged."""
+    return cute.make_tensor(rows.iterator, cute.make_layout((count, rows.shape[1], rows.shape[2]), stride=rows.stride))
+
+
+@cute.jit
 def _rows_carrier(rows: cute.Tensor) -> cute.Tensor:
     """(b, s, h, d) -> (b, h, (s, d)); varlen (total, h, d) -> (h, (total, d))."""
     if const_expr(cute.rank(rows) == 4):
@@ -258,30 +270,35 @@ def _block_rows(carried: cute.Tensor, seqlen, head_kv: Int32, batch_idx: Int32) 
 
 def backward_kernel(
     tiles: BackwardTiles, dtype: torch.dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None = None,
-    *, write_first: bool = False, deterministic: bool = False, write_rounded: bool = False,
+    *, write_first: bool = False, deterministic: bool = False, write_rounded: bool = False, shared_kv: bool = False,
 ):
     """The compiled backward of one configuration (compiled at first use, then from the cache).
     A softcap is a constant of the kernel: upstream's score mod and its derivative. With
     `write_rounded` (one q head per kv head), upstream's own kernel, whose epilogue writes dK
-    (scaled) and dV in the inputs' dtype: for a block that is its rows' only contributor."""
-    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap, write_first, deterministic, write_rounded)
+    (scaled) and dV in the inputs' dtype: for a block that is its rows' only contributor. The
+    accumulating kernel's last launch argument is the kv rows its grid covers: None (K's), or
+    with `shared_kv` (varlen entries whose KV rows overlap) their total."""
+    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap, write_first, deterministic, write_rounded, shared_kv)
     if key not in _compiled:
         _compiled[key] = _compile(
             tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen, softcap, write_first, deterministic, write_rounded,
+            shared_kv,
         )
     return _compiled[key]
 
 
 def _compile(
     tiles: BackwardTiles, dtype, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None,
-    write_first: bool = False, deterministic: bool = False, write_rounded: bool = False,
+    write_first: bool = False, deterministic: bool = False, write_rounded: bool = False, shared_kv: bool = False,
 ):
     config = tiles.config
     score_mods = {} if softcap is None else dict(
         score_mod=create_softcap_scoremod(softcap), score_mod_bwd=create_softcap_scoremod_bwd(softcap),
     )
-    if write_rounded and (qhead_per_kvhead != 1 or write_first):
-        raise ValueError("write_rounded: one q head per kv head, and not with write_first")
+    if write_rounded and (qhead_per_kvhead != 1 or write_first or shared_kv):
+        raise ValueError("write_rounded: one q head per kv head, and not with write_first or shared KV rows")
+    if shared_kv and (not varlen or deterministic):
+        raise ValueError("shared KV rows: varlen entries, not deterministic")
     kernel_class, own = (FlashAttentionBackwardSm90, {}) if write_rounded else (AccumulatingBackwardSm90, dict(write_first=write_first))
     kernel = kernel_class(
         dtype,
@@ -328,9 +345,10 @@ def _compile(
         )
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
+    grid_rows = () if write_rounded else (Int32(0) if shared_kv else None,)
     return cute.compile(
         kernel, q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, Float32(1.0), *block.varlen_tensors,
-        window_left, window_right, *semaphores, NO_AUX, None, None,
+        window_left, window_right, *semaphores, NO_AUX, None, None, *grid_rows,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
     )

@@ -41,5 +41,8 @@ def fa4_window(mask: BandMask, seqlen_q: int, seqlen_k: int) -> Fa4Window:
 
 def block_window(mask: BandMask, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> Fa4Window:
     """The FA4 window of one block: dense blocks align on their own lengths, varlen blocks on the
-    per-sequence length difference that all their sequences share (`VarlenRows.kv_shift`)."""
-    return fa4_window(mask, 0, varlen.kv_shift) if varlen is not None else fa4_window(mask, q.shape[1], k.shape[1])
+    per-sequence length difference that all their sequences share (`VarlenRows.kv_shift`), or at
+    each sequence's end as FA4 does (`VarlenRows.aligned_at_end`)."""
+    if varlen is None:
+        return fa4_window(mask, q.shape[1], k.shape[1])
+    return fa4_window(mask, 0, 0 if varlen.aligned_at_end else varlen.kv_shift)

@@ -15,7 +15,7 @@ import torch
 from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
 from ..dkv_sum import TorchFinishedGradients
-from ..interface import BandMask, VarlenRows
+from ..interface import BandMask, VarlenRows, check_fixed_order
 from .masks import block_window
 from .merge_kernel import merge_partials_cuda
 
@@ -78,6 +78,9 @@ class UpstreamBackwardPass(TorchFinishedGradients):
     def step(self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False) -> None:
         if write_first and varlen is not None:
             raise ValueError("write_first: dense blocks only")
+        check_fixed_order(varlen, self.deterministic)
+        if varlen is not None and varlen.shared_kv_rows is not None and varlen.shared_kv_rows > k.shape[-3]:
+            raise ValueError("varlen entries whose KV rows exceed k's in total: upstream's Blackwell backward covers k's rows once")
         q, out, dout = (t[..., q_rows, :, :] for t in (self.q, self.out, self.dout))
         window = block_window(mask, q, k, varlen)
         dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
