@@ -1,5 +1,6 @@
 """The FA4 backend's host-side helpers, on CPU (flash-attn-4 imports without a GPU)."""
 
+import dataclasses
 import random
 
 import pytest
@@ -77,3 +78,22 @@ def test_backward_takes_upstreams_causal_tiles_at_every_head_dim():
     for dims in ((64, 64), (128, 128), (192, 192), (192, 128), (256, 256)):
         assert BackwardTiles.for_head_dim(*dims).config == _tile_size_bwd_sm90(*dims, True, False)
     assert BackwardTiles.for_head_dim(256).config.dKV_swapAB
+
+
+def test_a_launch_over_shared_kv_rows_covers_their_total_where_k_has_room_past_its_end():
+    """Entries whose kv rows add up to more than k's: the launch's grid takes their total, and
+    only where k's and v's storage holds the kernel's tile overhang past their last row (a tile
+    reads that far once the grid is wider); fewer rows in total launch as before."""
+    from fa4_cp.kernels.fa4.backward_pass_sm90 import _shared_kv_rows
+    from fa4_cp.kernels.interface import KV_TILE_OVERHANG
+    from oracle import PrefixEntries
+
+    entries = PrefixEntries.make(100, ranks=2)
+    varlen = entries.varlen("cpu")
+    room = torch.zeros(100 + KV_TILE_OVERHANG, 2, 8)[:100]
+    assert _shared_kv_rows(varlen, room, room) == sum(entries.seqused_k) > 100
+    assert _shared_kv_rows(None, room, room) is None
+    assert _shared_kv_rows(dataclasses.replace(varlen, shared_kv_rows=90), room, room) is None
+    with pytest.raises(ValueError, match=f"v needs {KV_TILE_OVERHANG} rows of its storage past its last row"):
+        _shared_kv_rows(varlen, room, torch.zeros(100, 2, 8))
+
