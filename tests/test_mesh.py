@@ -104,6 +104,26 @@ def test_head_chunks_match_fp64_reference(ulysses, ring, name, heads, kv_heads, 
         assert_ring_matches(case, world, inputs, dtype, per_rank)
 
 
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_kept_documents_are_written_finished_where_ring_rows_do_not_divide_by_u(monkeypatch, chunks):
+    """A ring rank's 182 rows, padded to 183 for u = 3: the kept documents' rows are still written
+    finished, in place in the buffer the exchange sends back, and only the spread documents' rows
+    are rounded into it (they were all rounded, in a copy of the whole out). Against fp64, bf16."""
+    from fa4_cp.runtime import executor
+
+    rounded_rows = []
+    join = executor._Finished.joined
+    monkeypatch.setattr(executor._Finished, "joined", lambda self, *args: rounded_rows.append(self.rows.start) or join(self, *args))
+    case = mesh_case("balanced_huge_gqa", 3, 6, 3)
+    sharding = case.sharding(6)
+    assert sharding.ring_rows % 3 and sharding.padded_ring_rows > sharding.ring_rows
+    inputs = make_inputs(case, 6, torch.bfloat16, seed=chunks)
+    per_rank = SimulatedMesh(3, 2).run(lambda group: ring_results_for_rank(case, 6, inputs, group, group.rank, ulysses_chunks=chunks))
+    assert_ring_matches(case, 6, inputs, torch.bfloat16, per_rank)
+    assert len(rounded_rows) == 6 * chunks and all(0 < start < sharding.ring_rows for start in rounded_rows)
+
+
 def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(monkeypatch):
     """The pipeline's order on every rank: chunk j + 1's inbound all-to-all is posted before chunk
     j's ring, and chunk j's outbound one right after it (forward and backward alike)."""

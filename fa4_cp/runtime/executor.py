@@ -51,14 +51,17 @@ def _rows(t: torch.Tensor, rows: slice | None, seq_dim: int) -> torch.Tensor:
     return t[..., rows, :, :] if seq_dim == -3 else t[..., rows]
 
 
-def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_forward(
+    ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rounded: bool = False, out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the local q against every rank's KV: (out, lse) in their accumulator dtypes;
-    with `rounded` (a caller that adds nothing to out), out may come in q's dtype instead."""
+    with `rounded` (a caller that adds nothing to out), out may come in q's dtype instead, in
+    `out` if given (q's dtype and rows, v's head_dim: a view into the caller's buffer)."""
     plan = ring.plan
     if rounded and plan.sole_block is not None:
         # a ring of one, or a call whose only block is the rank's own: the kernel writes out finished
         block = plan.sole_block
-        out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+        out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device) if out is None else out
         lse = torch.empty(_lse_shape(q), dtype=_rounded_lse_dtype(q.dtype), device=q.device)
         rows = plan.q_sides[block.q_side]
         if rows is not None:  # rows no block selects: out 0, lse -inf
@@ -81,7 +84,7 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
     # rows that only the final block selects are written finished, in q's dtype, not through out_acc
     writes_final = rounded and plan.final_rows is not None and kernels.writes_rounded_varlen
-    finished = _Finished(q, v, plan.final_rows) if writes_final else None
+    finished = _Finished(q, v, plan.final_rows, out) if writes_final else None
     kv = TravellingKV(plan, ring.transport, k, v)
     for step in plan.steps:
         kv.before_step(step.step)
@@ -103,9 +106,9 @@ class _Finished:
     fp32 beside 16-bit inputs, as the kernel writes it): `joined` rounds the other rows into it
     and widens the final rows' lse into the accumulator."""
 
-    def __init__(self, q: torch.Tensor, v: torch.Tensor, rows: slice):
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, rows: slice, out: torch.Tensor | None = None):
         self.rows = rows
-        self.out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+        self.out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device) if out is None else out
         self.lse = torch.empty(_lse_shape(q), dtype=_rounded_lse_dtype(q.dtype), device=q.device)
         # its padding rows are no sequence's: lse -inf (out is zeroed in `joined`)
         self.lse[..., rows].fill_(float("-inf"))

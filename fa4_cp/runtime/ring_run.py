@@ -18,19 +18,24 @@ def ring_run_forward(
     call: RingCall, kernels: AttentionBackend, group: RingGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sinks: torch.Tensor | None, padded_rows: int | None = None, into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (q's dtype; with zero rows appended up to `padded_rows`, in the same copy that rounds
-    it; in `into` if given) and the fp64 LSE, sinks included."""
+    """out (q's dtype; with zero rows appended up to `padded_rows`; in `into` if given) and the
+    fp64 LSE, sinks included. Without sinks nothing is added to out, so the ring may write its
+    rows finished, in place (the kept documents' rows; every row of a sole block), and round only
+    the rest into it."""
     rows = q.shape[-3]
-    rounded = sinks is None and padded_rows in (None, rows) and into is None  # nothing is added to out: it may come rounded
-    out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v, rounded)
+    placed = into is not None or padded_rows not in (None, rows)
+    if placed:
+        into = q.new_empty((*q.shape[:-3], padded_rows or rows, q.shape[-2], v.shape[-1])) if into is None else into
+        into.narrow(-3, rows, into.shape[-3] - rows).zero_()
+    own_rows = into.narrow(-3, 0, rows) if placed else None
+    out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v, rounded=sinks is None, out=own_rows)
     if sinks is not None:
         lse = add_sinks(out_acc, lse, sinks)
-    if into is None and padded_rows in (None, rows):
+    if not placed:
         return out_acc.to(q.dtype), lse  # no copy where it came rounded
-    out = q.new_empty((*out_acc.shape[:-3], padded_rows or rows, *out_acc.shape[-2:])) if into is None else into
-    out.narrow(-3, 0, rows).copy_(out_acc)
-    out.narrow(-3, rows, out.shape[-3] - rows).zero_()
-    return out, lse
+    if out_acc is not own_rows:
+        own_rows.copy_(out_acc)
+    return into, lse
 
 
 def ring_run_backward(
