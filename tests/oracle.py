@@ -359,5 +359,6 @@ class PrefixEntries:
         """The launch's VarlenRows: masks aligned at each entry's end, the shared rows' total declared."""
         from fa4_cp.kernels import VarlenRows
 
-        tensors = (torch.tensor(x, dtype=torch.int32, device=device) for x in (self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_q, self.seqused_k))
+        rows = (self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_q, self.seqused_k)
+        tensors = (torch.tensor(x, dtype=torch.int32, device=device) for x in rows)
         return VarlenRows(*tensors, aligned_at_end=True, shared_kv_rows=sum(self.seqused_k), **kwargs)

@@ -196,4 +196,5 @@ def test_a_deterministic_backward_refuses_entries_over_shared_kv_rows():
     q, k, v = (t[0] for t in fresh(batch=1, seq_q=20, seq_k=20))
     grads = BACKEND.backward(q, q, torch.zeros(4, 20, dtype=torch.float64), q, None, softmax_scale=0.3, deterministic=True)
     with pytest.raises(ValueError, match="deterministic: varlen sequences whose kv rows overlap"):
-        grads.step(k, v, torch.zeros_like(k), torch.zeros_like(v), q_rows=slice(None), mask=BandMask(hi=0), varlen=PrefixEntries.make(20, 2).varlen("cpu"))
+        varlen = PrefixEntries.make(20, 2).varlen("cpu")
+        grads.step(k, v, torch.zeros_like(k), torch.zeros_like(v), q_rows=slice(None), mask=BandMask(hi=0), varlen=varlen)

@@ -278,7 +278,10 @@ def backward_kernel(
     (scaled) and dV in the inputs' dtype: for a block that is its rows' only contributor. The
     accumulating kernel's last launch argument is the kv rows its grid covers: None (K's), or
     with `shared_kv` (varlen entries whose KV rows overlap) their total."""
-    key = (str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap, write_first, deterministic, write_rounded, shared_kv)
+    key = (
+        str(dtype), *tiles.compile_key, qhead_per_kvhead, *window.kind, varlen, softcap, write_first, deterministic, write_rounded,
+        shared_kv,
+    )
     if key not in _compiled:
         _compiled[key] = _compile(
             tiles, torch2cute_dtype_map[dtype], qhead_per_kvhead, window, varlen, softcap, write_first, deterministic, write_rounded,
