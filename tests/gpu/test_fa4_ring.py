@@ -134,6 +134,15 @@ def test_fa4_ulysses_head_chunks(ulysses, ring, name, heads, kv_heads, chunks):
     check_mesh(case, ring, ulysses_chunks=chunks)
 
 
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_fa4_kept_documents_written_finished_where_ring_rows_do_not_divide_by_u(chunks):
+    """182 rows per ring rank padded to 183 for u = 3: the kept documents' out is written finished
+    into the buffer the exchange sends back (tests/test_mesh.py counts it on CPU)."""
+    case = dataclasses.replace(CASES_BY_NAME["balanced_huge_gqa"], head_dim=128, heads=6, kv_heads=3, ulysses=3, batch=1)
+    assert case.sharding(6).padded_ring_rows > case.sharding(6).ring_rows
+    check_mesh(case, 2, ulysses_chunks=chunks)
+
+
 @pytest.mark.parametrize("name", ["gemma3_packed_window_256", "mla_packed_balanced"])
 def test_fa4_new_head_dims_on_a_2_by_4_mesh(name):
     check_mesh(dataclasses.replace(NEW_DIM_CASES[name], heads=8, kv_heads=2, ulysses=2, batch=1), 4)
