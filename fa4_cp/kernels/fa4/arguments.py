@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from flash_attn.cute.utils import AuxData
 
 from ..interface import VarlenRows
@@ -17,3 +18,11 @@ def varlen_arguments(varlen: VarlenRows | None) -> tuple:
         return (None, None, None, None)
     launched = varlen.computed_prefix
     return launched.cu_seqlens_q, launched.cu_seqlens_k, launched.seqused_q, launched.seqused_k
+
+
+def kv_rows_past_k(varlen: VarlenRows | None, k: torch.Tensor) -> int | None:
+    """The kv rows a varlen launch's entries select in total where that exceeds k's rows (entries
+    over shared KV rows, `VarlenRows.shared_kv_rows`), else None: upstream's varlen backward
+    sizes its grid by k's rows, so such a launch needs a grid of its own."""
+    rows = None if varlen is None else varlen.shared_kv_rows
+    return rows if rows is not None and rows > k.shape[-3] else None

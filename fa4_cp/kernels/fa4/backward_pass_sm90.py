@@ -27,7 +27,7 @@ from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess,
 
 from ..dkv_sum import finished_dkv
 from ..interface import KV_TILE_OVERHANG, BandMask, VarlenRows, check_fixed_order
-from .arguments import NO_AUX, varlen_arguments
+from .arguments import NO_AUX, kv_rows_past_k, varlen_arguments
 from .backward_sm90 import BackwardTiles, backward_kernel
 from .dkv_finish import finish_dkv_cuda
 from .dq_readback import MAX_SIDES, read_back_dq
@@ -213,8 +213,8 @@ def _shared_kv_rows(varlen: VarlenRows | None, k: torch.Tensor, v: torch.Tensor)
     (None: K's rows). The kernel then reads up to a tile past K's last row: ValueError unless
     K's and V's storage holds `KV_TILE_OVERHANG` rows there (their values are the caller's to
     keep finite)."""
-    rows = None if varlen is None else varlen.shared_kv_rows
-    if rows is None or rows <= k.shape[-3]:
+    rows = kv_rows_past_k(varlen, k)
+    if rows is None:
         return None
     for name, t in (("k", k), ("v", v)):
         if t.untyped_storage().nbytes() // t.element_size() < t.storage_offset() + (t.shape[-3] + KV_TILE_OVERHANG) * t.stride(-3):

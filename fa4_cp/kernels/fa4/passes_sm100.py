@@ -16,6 +16,7 @@ from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
 from ..dkv_sum import TorchFinishedGradients
 from ..interface import BandMask, VarlenRows, check_fixed_order
+from .arguments import kv_rows_past_k
 from .masks import block_window
 from .merge_kernel import merge_partials_cuda
 
@@ -79,7 +80,7 @@ class UpstreamBackwardPass(TorchFinishedGradients):
         if write_first and varlen is not None:
             raise ValueError("write_first: dense blocks only")
         check_fixed_order(varlen, self.deterministic)
-        if varlen is not None and varlen.shared_kv_rows is not None and varlen.shared_kv_rows > k.shape[-3]:
+        if kv_rows_past_k(varlen, k) is not None:
             raise ValueError("varlen entries whose KV rows exceed k's in total: upstream's Blackwell backward covers k's rows once")
         q, out, dout = (t[..., q_rows, :, :] for t in (self.q, self.out, self.dout))
         window = block_window(mask, q, k, varlen)
