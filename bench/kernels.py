@@ -7,7 +7,9 @@ with the q heads of a KV head packed into its rows, staged), ours as a ring of o
 it (upstream's own kernel writing 16-bit out, the lse widened), ours with upstream's forward plus
 the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA; ours
 is one step of a forward pass made once, as in a ring call.
-Backward: ours as a ring call of one step (preprocess, kernel, dq read-back), ours as a ring of
+Backward: ours as a ring call's first step (preprocess, kernel, dq read-back; the kernel writes
+its fp32 dK/dV first with one q head per kv head, else adds into a buffer zeroed first, as the
+ring's first step does; until 2026-12-07 it always added, which no ring step does first), ours as a ring of
 one rank launches it (with one q head per kv head the kernel writes finished 16-bit dK/dV; else
 fp32 sums zeroed first, then the finish), ours as one more
 step of a ring call already under way (kernel, dK/dV added into fp32), upstream's backward,
@@ -126,13 +128,19 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, que
     def backward_pass():
         return fused.backward(q, up_out, up_lse, dout, None, softmax_scale=scale)
 
-    def ours_backward():
-        grads = backward_pass()
-        grads.step(k, v, dk_acc, dv_acc, q_rows=slice(None), mask=mask)
-        grads.dq()
-
     dk16, dv16 = torch.empty_like(k), torch.empty_like(v)
     pair = torch.zeros((2, *k.shape[:-1], max(dim, dim_v)), device="cuda", dtype=torch.float32)  # the ring's stacked dK/dV
+
+    def ours_backward():
+        """What a ring call's first step launches (runtime/travelling.py): its kernel writes the fp32
+        dK/dV buffer first where the heads allow (one q head per kv head), else the buffer is zeroed
+        and the kernel adds into it."""
+        grads = backward_pass()
+        first_write = grads.can_write_first(k)
+        if not first_write:
+            pair.zero_()
+        grads.step(k, v, pair[0][..., :dim], pair[1][..., :dim_v], q_rows=slice(None), mask=mask, write_first=first_write)
+        grads.dq()
 
     def ours_ring_of_one():
         """What a ring call of one rank launches (runtime/executor.py): the sole block writes
@@ -224,7 +232,9 @@ def main() -> None:
     timing = "from an idle GPU, host-paced" if args.host_paced else "each call queued behind a sleep kernel (GPU time)"
     result = record(
         "kernels", "cuda", dtype="bfloat16", batch=1, quick=args.quick, head_dims=args.head_dims,
-        statistic=f"median of 15 interleaved rounds after 3 warm-up calls each, CUDA events, {timing}", host_paced=args.host_paced, rows=[],
+        statistic=f"median of 15 interleaved rounds after 3 warm-up calls each, CUDA events, {timing}", host_paced=args.host_paced,
+        fa4_cp_bwd="a ring call's first step: the fp32 dK/dV written first with one q head per kv head, else zeroed and added to",
+        rows=[],
     )
     device = result["device"].lower().replace(" ", "_")
     path = os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}{'_host_paced' if args.host_paced else ''}.json")
