@@ -47,6 +47,19 @@ def grads_of(out, lse, leaves, dout, dlse):
     return torch.autograd.grad(loss, leaves)
 
 
+def truth_and_upstream(q, k, v, dout, dlse, mask, scale):
+    """fp64's and upstream FA4's out, lse, dq, dk, dv of one attention on the same 16-bit inputs."""
+    out64, lse64, leaves = fp64_attention(q, k, v, mask, scale)
+    truth = {"out": out64, "lse": lse64, **dict(zip(("dq", "dk", "dv"), grads_of(out64, lse64, leaves, dout, dlse)))}
+    window = fa4_window(mask, q.shape[1], k.shape[1])
+    up_q, up_k, up_v = (t.clone().requires_grad_() for t in (q, k, v))
+    up_k, up_v, kv_grad = upstream_kv(up_q, up_k, up_v)
+    leaves = [up_q, up_k, up_v]
+    up_out, up_lse = flash_attn_func(*leaves, softmax_scale=scale, causal=window.causal, window_size=(window.left, window.right), return_lse=True)
+    up_dq, up_dk, up_dv = grads_of(up_out.float(), up_lse, leaves, dout, dlse)
+    return truth, {"out": up_out, "lse": up_lse, "dq": up_dq, "dk": kv_grad(up_dk), "dv": kv_grad(up_dv)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "dim,dim_v,heads,kv_heads", [(64, 64, 8, 8), (128, 128, 8, 8), (128, 128, 8, 2), (64, 64, 8, 1), (192, 192, 8, 2), (256, 256, 8, 8), (256, 256, 8, 2), (192, 128, 8, 8), (192, 128, 8, 2)],
@@ -82,16 +95,7 @@ def check_backward(mask_name, dim, dim_v, heads, kv_heads, dtype, sole_block=Fal
     k = torch.randn(2, seq, kv_heads, dim, device="cuda", dtype=dtype)
     v = torch.randn(2, seq, kv_heads, dim_v, device="cuda", dtype=dtype)
     dout, dlse = torch.randn(2, seq, heads, dim_v, device="cuda", dtype=dtype), torch.randn(2, heads, seq, device="cuda")
-    out64, lse64, leaves = fp64_attention(q, k, v, mask, scale)
-    truth = {"out": out64, "lse": lse64, **dict(zip(("dq", "dk", "dv"), grads_of(out64, lse64, leaves, dout, dlse)))}
-
-    window = fa4_window(mask, seq, seq)
-    up_q, up_k, up_v = (t.clone().requires_grad_() for t in (q, k, v))
-    up_k, up_v, kv_grad = upstream_kv(up_q, up_k, up_v)
-    leaves = [up_q, up_k, up_v]
-    up_out, up_lse = flash_attn_func(*leaves, softmax_scale=scale, causal=window.causal, window_size=(window.left, window.right), return_lse=True)
-    up_dq, up_dk, up_dv = grads_of(up_out.float(), up_lse, leaves, dout, dlse)
-    upstream = {"out": up_out, "lse": up_lse, "dq": up_dq, "dk": kv_grad(up_dk), "dv": kv_grad(up_dv)}
+    truth, upstream = truth_and_upstream(q, k, v, dout, dlse, mask, scale)
 
     backend = FA4Backend()
     out = torch.full(dout.shape, math.nan, dtype=torch.float32, device="cuda")
@@ -316,15 +320,7 @@ def test_entries_over_shared_kv_rows_against_fp64(mask_name, heads, kv_heads):
     k[:seq], v[:seq] = torch.randn(seq, kv_heads, dim), torch.randn(seq, kv_heads, dim)
     k, v = k[:seq], v[:seq]
     dout, dlse = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16), torch.randn(1, heads, seq, device="cuda")
-    out64, lse64, leaves = fp64_attention(q, k[None], v[None], mask, scale)
-    truth = {"out": out64, "lse": lse64, **dict(zip(("dq", "dk", "dv"), grads_of(out64, lse64, leaves, dout, dlse)))}
-    window = fa4_window(mask, seq, seq)
-    up_q, up_k, up_v = (t.clone().requires_grad_() for t in (q, k[None], v[None]))
-    up_k, up_v, kv_grad = upstream_kv(up_q, up_k, up_v)
-    leaves = [up_q, up_k, up_v]
-    up_out, up_lse = flash_attn_func(*leaves, softmax_scale=scale, causal=window.causal, window_size=(window.left, window.right), return_lse=True)
-    up_dq, up_dk, up_dv = grads_of(up_out.float(), up_lse, leaves, dout, dlse)
-    upstream = {"out": up_out, "lse": up_lse, "dq": up_dq, "dk": kv_grad(up_dk), "dv": kv_grad(up_dv)}
+    truth, upstream = truth_and_upstream(q, k[None], v[None], dout, dlse, mask, scale)
 
     order = entries.order.cuda()
     zq, zdout, zdlse = q[0, order], dout[0, order], dlse[0][:, order]
