@@ -108,3 +108,23 @@ def test_ring_timeline_couples_ranks_only_through_hops_and_buffers():
     uneven = [[5.0, 0.1, 0.1, 0.1]] + [[0.1, 1.0, 1.0, 1.0] for _ in range(3)]
     one_ahead, four_ahead = (model.ring_timeline_ms(uneven, 0.2, ahead=ahead) for ahead in (1, 4))
     assert four_ahead == pytest.approx(5.3) and one_ahead > 5.0 + 2 * 1.0  # rank 0's neighbours wait for its step 0
+
+
+def test_layout_cost_fits_the_copies_rate_and_predicts_each_split_with_and_without_them(tmp_path):
+    """bench/layout_cost.py on a committed gpu_work JSON: the layout copies' rate from its 2-D cases
+    (plan_mesh's H100 figure), and plan_mesh's predictions with and without the copies, which only
+    the 2-D splits pay."""
+    from fa4_cp.tuning.mesh_model import LAYOUT_H100_GIB_PER_S
+
+    out = tmp_path / "layout_cost.json"
+    gpu_work = BENCH / "results" / "nvidia_h100_2026-12-07_s28" / "gpu_work.json.gz"
+    subprocess.run(
+        [sys.executable, "layout_cost.py", str(gpu_work), "--out", str(out)], cwd=BENCH, check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert len(result["measured_cases"]) == 4 and result["fitted_gib_per_s"] == pytest.approx(LAYOUT_H100_GIB_PER_S, rel=0.01)
+    for before, after in zip(result["without_layout_copies"], result["with_layout_copies"], strict=True):
+        assert before["plain_ring_ms"] == after["plain_ring_ms"], "a plain ring exchanges nothing"
+        for split, predicted in after["splits"].items():
+            added = predicted["ms"] - before["splits"][split]["ms"]
+            assert added == pytest.approx(predicted["layout_copies_ms"]) and (predicted["layout_copies_ms"] == 0) == split.startswith("1 x")

@@ -10,7 +10,10 @@ The model is the ring model of bench/ring_model.py reduced to closed form:
   FLOPs are the same; Ulysses only makes the blocks u times larger);
 - the Ulysses all-to-alls move q, k, v (one exchange), out and lse forward, dout, dq, dk and dv
   backward, (u - 1) / u of each rank's share, KV heads repeated to u where fewer; each exchange
-  costs a latency; in c head chunks (runtime/ulysses.py) chunk j + 1's inbound exchange and chunk
+  costs a latency; every tensor exchanged is also copied into a send buffer and out of the
+  receive region, SM copies on the compute stream (`layout_ms`; until 2026-12-07 not charged,
+  though they took about as long as the fine-tuning-like mix's attention in bench/gpu_work.py's
+  2-D cases); in c head chunks (runtime/ulysses.py) chunk j + 1's inbound exchange and chunk
   j's outbound one run behind chunk j's ring (`pipeline_ms`), while each chunk's ring runs at its
   own h / (u c) heads, paying its steps' fixed costs and its launches in full, and a fixed cost
   beside (`Machine.chunk_fixed_ms`);
@@ -56,6 +59,8 @@ class Machine:
     hop_gib_per_s: float
     all_to_all_latency_ms: float
     all_to_all_gib_per_s: float
+    layout_gib_per_s: float = math.inf
+    """The exchanges' layout copies: bytes copied per second (`layout_bytes`); inf charges none."""
     chunk_fixed_ms: float = 0.22
     """What each head chunk past the first adds to a 2-D call beyond its ring's steps and launches,
     fwd + bwd (its fills and partial sums; launches of fewer heads running less well): the median
@@ -74,10 +79,14 @@ class Machine:
 # kernel_cost.RING's replay fits: a step's forward launch and its work beside attention, the call's
 # work beside attention (on an H100, whose memory is slower than the H200's: upper bounds here)
 _STEP_MS, _LAUNCH_MS, _CALL_MS = step_us() / 1e3, RING.launch / 1e3, RING.call_other / 1e3
+# The exchanges' layout copies on an H100: `layout_bytes` over their time, 716-727 GiB/s in the four
+# 2-D cases of bench/results/nvidia_h100_2026-12-07_s28/gpu_work.json.gz (bench/layout_cost.py,
+# median). Elsewhere ASSUMED: scaled by the HBM bandwidth (H200 4.8, GB200 8.0 TB/s against 3.35).
+LAYOUT_H100_GIB_PER_S = 718.0
 
 H200 = Machine(
     "H200", attention_tflops=480.0, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
-    hop_gib_per_s=354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0,
+    hop_gib_per_s=354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0, layout_gib_per_s=LAYOUT_H100_GIB_PER_S * 4.8 / 3.35,
     measured={
         "attention_tflops": "bench/results/nvidia_h200_2026-12-01/kernels_nvidia_h200_2026-12-01_quick.json.gz (fa4_cp fwd and bwd step, d 128, 8K)",
         "step_overhead_ms": "tuning/kernel_cost.py RING.launch (nvidia_h200_2026-12-06/fit_replay_costs_staged.json.gz) + RING.step_other (nvidia_h100_2026-12-06_s14/fit_replay_costs.json, an H100)",
@@ -89,7 +98,7 @@ H200 = Machine(
 )
 GB200_NVL72 = Machine(
     "GB200 NVL72 (assumed)", attention_tflops=480.0 * 2250.0 / 989.4, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
-    hop_gib_per_s=2 * 354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=600.0,
+    hop_gib_per_s=2 * 354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=600.0, layout_gib_per_s=LAYOUT_H100_GIB_PER_S * 8.0 / 3.35,
 )
 
 
@@ -140,7 +149,7 @@ def plan_mesh(
         f"{ring['efficiency']:.0%}. Its ring steps are {best['bound']}-bound"
         + (
             f"; the all-to-alls take {best['all_to_all_ms']:.3f} ms, {best['exposed_all_to_all_ms']:.3f} ms of it exposed in "
-            f"{best['head_chunks']} head chunk(s)." if best["ulysses"] > 1 else "."
+            f"{best['head_chunks']} head chunk(s), and their layout copies {best['layout_ms']:.3f} ms." if best["ulysses"] > 1 else "."
         )
     )
     return MeshPlan(best["ulysses"], best["ring"], best["ms"], best["efficiency"], reason, candidates, best["head_chunks"])
@@ -217,9 +226,11 @@ def predict_split(
         )
         if pipelined < passes_ms * (1 - 1e-9):  # one chunk's pipeline is the call as it stands
             best_chunks, passes_ms = chunks, pipelined
-    total = passes_ms + call_ms
+    copies_ms = layout_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
+    total = passes_ms + call_ms + copies_ms
     return {
         "ulysses": u, "ring": r, "active_steps": steps, "step_ms": step_ms, "ms": total, "ring_ms": ring_ms, "all_to_all_ms": exchange_ms, "call_ms": call_ms,
+        "layout_ms": copies_ms,
         "head_chunks": best_chunks, "exposed_all_to_all_ms": max(passes_ms - ring_ms, 0.0),
         "compute_ms": compute_ms, "efficiency": ideal_ms / total, "bound": bound, "hop_bytes": kv_bytes,
     }
@@ -284,6 +295,24 @@ def all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_
     return sum(sum(times) for times in exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, 1).values())
 
 
+def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int) -> float:
+    """Bytes a GPU's layout copies move in one call (fwd + bwd): every tensor a 2-D call exchanges
+    is copied into its send buffer and out of the receive region (runtime/ulysses.py): q, out,
+    dout, dq and k, v, dk, dv, KV heads repeated to u where fewer (their dK/dV then in fp32). SM
+    copies on the compute stream, on any transport."""
+    if u == 1:
+        return 0.0
+    tokens = seq_len / (u * r)
+    q = tokens * heads * head_dim * BYTES_16BIT
+    kv = tokens * max(kv_heads, u) * head_dim * BYTES_16BIT
+    dkv = kv * (2 if kv_heads < u else 1)
+    return 2 * (4 * q + 2 * kv + 2 * dkv)
+
+
+def layout_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
+    return layout_bytes(u, r, heads, kv_heads, seq_len, head_dim) / (machine.layout_gib_per_s * 2**30) * 1e3
+
+
 def _call_ms(u: int, r: int, heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
     """The call's work beside attention that does not grow with the steps, per a GPU's tokens x heads."""
     return machine.call_overhead_ms * seq_len / (u * r) * heads * head_dim / (CALIBRATED_TOKENS * CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
@@ -296,8 +325,9 @@ def _split_floor_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, hea
     widths = span_widths(r)
     least = sum(min(g * span_cost(n, g) for g in widths) for n in documents if n)  # us, 64 heads of 128
     compute_ms = least / r / 1e3 * (heads // u) * head_dim / (CALIBRATED_HEADS * CALIBRATED_HEAD_DIM)
-    return compute_ms + machine.packed_step_ms + _exposed_exchange_floor_ms(u, r, heads, kv_heads, seq_len, head_dim, machine) + _call_ms(
-        u, r, heads, seq_len, head_dim, machine,
+    return (
+        compute_ms + machine.packed_step_ms + _exposed_exchange_floor_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
+        + _call_ms(u, r, heads, seq_len, head_dim, machine) + layout_ms(u, r, heads, kv_heads, seq_len, head_dim, machine)
     )
 
 

@@ -1,0 +1,91 @@
+"""What the Ulysses exchange's layout copies cost, and what charging them changes in plan_mesh's picks.
+
+    python bench/layout_cost.py results/nvidia_h100_2026-12-07_s28/gpu_work.json.gz --out PATH
+
+A 2-D call copies every tensor it exchanges into a send buffer and out of the receive region (q,
+k, v and out forward, dout, dq, dk and dv backward; runtime/ulysses.py): SM copies on the compute
+stream, on any transport. From a gpu_work JSON, which times them apart (`all_to_all_layout`),
+this fits their rate: `mesh_model.layout_bytes` per rank over their ms per rank (the H100's rate
+is tuning/mesh_model.py's LAYOUT_H100_GIB_PER_S). Then, a model and not a measurement, it
+predicts every split of plan_mesh for the two packed mixes (64:8 heads of 128, 8K tokens per GPU,
+MagiAttention's metric's shape) on the H200 machine with the copies charged (plan_mesh as it is
+since 2026-12-07: the H100's rate scaled by HBM bandwidth, assumed), at the H100's rate, and
+without them (plan_mesh before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+from pathlib import Path
+
+from common import record, write
+from mixes import lognormal_lengths
+
+from fa4_cp.tuning import mesh_model
+
+WORLD_SIZES = (8, 16, 32, 64, 72)
+
+
+def fitted_rate(gpu_work: dict) -> tuple[float, list[dict]]:
+    """GiB/s of layout copies: the median over gpu_work's 2-D cases of bytes per rank over ms per rank."""
+    cases = []
+    for name, case in gpu_work["cases"].items():
+        if not isinstance(case, dict) or case.get("ulysses", 1) == 1 or "ring_ms" not in case:
+            continue
+        u, world = case["ulysses"], case["world_size"]
+        per_rank_ms = case["ring_ms"]["all_to_all_layout"] / world
+        nbytes = mesh_model.layout_bytes(u, world // u, 32, 8, case["tokens"], gpu_work["head_dim"])  # its cases' 32:8 heads
+        cases.append({"case": name, "layout_ms_per_rank": per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
+    rates = sorted(c["gib_per_s"] for c in cases)
+    return rates[len(rates) // 2], cases
+
+
+def picks(machine: mesh_model.Machine, seed: int) -> list[dict]:
+    """plan_mesh's split per mix and ring size on `machine`, every split predicted."""
+    rows = []
+    for mix in ("pretrain", "finetune"):
+        for world in WORLD_SIZES:
+            documents = [int(n) for n in lognormal_lengths(world * 8192, mix, seed=seed)]
+            plan = mesh_model.plan_mesh(world, 64, 8, sum(documents), documents=documents, machine=machine, every_split=True)
+            splits = {
+                f"{c['ulysses']} x {c['ring']}": {"ms": c["ms"], "layout_copies_ms": c["layout_ms"], "head_chunks": c["head_chunks"]}
+                for c in plan.candidates
+            }
+            rows.append({
+                "mix": mix, "world_size": world, "pick": f"{plan.ulysses} x {plan.ring}", "pick_ms": plan.predicted_ms,
+                "plain_ring_ms": splits[f"1 x {world}"]["ms"], "splits": splits,
+            })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gpu_work", help="a bench/gpu_work.py JSON (.json or .json.gz) with 2-D cases")
+    parser.add_argument("--seed", type=int, default=1, help="the mixes' batch")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    opener = gzip.open if args.gpu_work.endswith(".gz") else open
+    with opener(args.gpu_work, "rt") as f:
+        gpu_work = json.load(f)
+    rate, cases = fitted_rate(gpu_work)
+    h200 = mesh_model.H200
+    result = record(
+        "layout_cost", "cpu", gpu_work=args.gpu_work, gpu_work_device=gpu_work["device"], gpu_work_commit=gpu_work["git_commit"],
+        measured_cases=cases, fitted_gib_per_s=rate, h200_gib_per_s_assumed=h200.layout_gib_per_s, seed=args.seed,
+        note="plan_mesh's predictions on its H200 machine, a model",
+        with_layout_copies=picks(h200, args.seed),
+        with_layout_copies_at_the_h100_rate=picks(dataclasses.replace(h200, layout_gib_per_s=rate), args.seed),
+        without_layout_copies=picks(dataclasses.replace(h200, layout_gib_per_s=math.inf), args.seed),
+    )
+    write(result, Path(args.out))
+    print(f"layout copies: {rate:.0f} GiB/s (" + ", ".join(f"{c['case']} {c['gib_per_s']:.0f}" for c in cases) + f"); H200 assumed {h200.layout_gib_per_s:.0f}")
+    for key in ("without_layout_copies", "with_layout_copies", "with_layout_copies_at_the_h100_rate"):
+        print(key, "; ".join(f"{row['mix']} W={row['world_size']} {row['pick']} ({row['pick_ms'] / row['plain_ring_ms']:.2f} of the ring)" for row in result[key]))
+
+
+if __name__ == "__main__":
+    main()
