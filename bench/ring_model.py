@@ -31,6 +31,7 @@ NVLink 5 at twice the H200 hop bandwidth, the same latency and fixed costs. Writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -215,14 +216,17 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
     22), each hop the copy engine's fitted time for the most any rank receives; the Ulysses all-to-alls at tuning/mesh_model.py's figures
     (ASSUMED: no multi-GPU run has measured them), in a split replayed in head chunks pipelined
     with the chunks' rings as runtime/ulysses.py posts them (mesh_model.pipeline_ms), else around
-    the ring; the cross-rank check apart, since a group with a CPU backend beside NCCL checks on
+    the ring, plus the exchanges' layout copies (mesh_model.layout_ms: SM work the replay does not
+    run, charged since 2026-12-07); the cross-rank check apart, since a group with a CPU backend beside NCCL checks on
     the host. GB200 NVL72 as in `predict` (ASSUMED). `picked_by_plan_mesh`: whether plan_mesh, at
     this checkout, picks the split and head chunks for the batch (bench/mixes.py regenerates it)."""
     from mixes import batches
 
     from fa4_cp import plan_mesh
     from fa4_cp.runtime.travelling import KV_HOPS_AHEAD
-    from fa4_cp.tuning.mesh_model import GB200_NVL72, H200 as H200_MACHINE, all_to_all_ms, exchange_parts_ms, pipeline_ms
+    from fa4_cp.tuning.mesh_model import (
+        GB200_NVL72, H200 as H200_MACHINE, LAYOUT_H100_GIB_PER_S, all_to_all_ms, exchange_parts_ms, layout_ms, pipeline_ms,
+    )
 
     picks = {}
     for row in replay["rows"]:
@@ -231,7 +235,9 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
         plan = plan_mesh(world, replay["heads"], replay["kv_heads"], sum(lengths), head_dim=replay["head_dim"], documents=lengths)
         picks[row["mix"], world] = (plan.ulysses, plan.head_chunks)
     out = []
-    for machine, scales, exchange in ((f"{replay['device']} compute, H200 hops", H200, H200_MACHINE), ("GB200 NVL72", GB200, GB200_NVL72)):
+    # the layout copies at the replay's GPU's rate: its compute is that GPU's
+    replayed = dataclasses.replace(H200_MACHINE, layout_gib_per_s=LAYOUT_H100_GIB_PER_S) if "H100" in replay["device"] else H200_MACHINE
+    for machine, scales, exchange in ((f"{replay['device']} compute, H200 hops", H200, replayed), ("GB200 NVL72", GB200, GB200_NVL72)):
         for row in replay["rows"]:
             world, one_device = row["world_size"], row.get("upstream_one_device_ms")
             if one_device is None:
@@ -260,17 +266,19 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                     rings = {"forward": ring["fwd"], "backward": ring["fwdbwd"] - ring["fwd"]}
                     return sum(pipeline_ms(parts[f"{d}_in"], [rings[d]] * chunks, parts[f"{d}_out"]) for d in rings)
 
-                ring, total = chunks * passes["fwdbwd"], call_ms(passes)
+                # the exchanges' layout copies: SM work beside the ring on any transport (replays leave them out)
+                copies = layout_ms(*shape)
+                ring, total = chunks * passes["fwdbwd"], call_ms(passes) + copies
                 check = check_ms(checks, world)
                 out.append({
                     "machine": machine, "assumed": scales["assumed"], "mix": row["mix"], "world_size": world, "split": split,
                     "ulysses": part["ulysses"], "ring": part["ring"], "head_chunks": chunks, "active_steps": len(compute["forward"][0]),
                     "picked_by_plan_mesh": picks[row["mix"], world] == (part["ulysses"], chunks),
                     "slowest_rank_compute_ms": compute_ms, "ring_ms": ring, "lock_step_ring_ms": lock_step["fwdbwd"], "all_to_all_ms": exchanges,
-                    "exposed_all_to_all_ms": total - ring, "fwdbwd_ms": total, "compute_only_efficiency": one_device_ms / (world * compute_ms),
+                    "exposed_all_to_all_ms": total - copies - ring, "layout_copies_ms": copies, "fwdbwd_ms": total, "compute_only_efficiency": one_device_ms / (world * compute_ms),
                     "efficiency_vs_one_device": one_device_ms / (world * total),
                     "efficiency_with_nccl_check": one_device_ms / (world * (total + check)),
-                    "efficiency_one_hop_ahead": one_device_ms / (world * call_ms(one_ahead)),
+                    "efficiency_one_hop_ahead": one_device_ms / (world * (call_ms(one_ahead) + copies)),
                 })
     return out
 
