@@ -21,8 +21,8 @@
 #   kernels_host_paced  bench/kernels.py --quick --seqs 8192 --host-paced: the 8K rows timed from an idle GPU, as before (JSON)
 #   backend        tests/gpu/test_fa4_backend.py, bf16 (the backward kernel per mask, GQA and not)
 #   deterministic  tests/gpu/test_fa4_deterministic.py
-#   chunks         tests/gpu/test_fa4_ring.py: the 2-D mesh cases, head chunks (ulysses_chunks) and not, and
-#                  ring ranks whose rows pad to a multiple of u
+#   chunks         tests/gpu/test_fa4_ring.py: the 2-D mesh cases, head chunks (ulysses_chunks) and not, ring
+#                  ranks whose rows pad to a multiple of u, and the backward reading dout in the receive region
 #   shared_kv      tests/gpu/test_fa4_backend.py: varlen entries over shared KV rows in one launch
 #   ring_core      tests/gpu/test_fa4_ring.py at W = 2 and 8 (no W = 72, no mesh)
 #   gpu_work       bench/gpu_work.py (JSON), its cases GPU_WORK_CASES (default all but the head-chunked ones; the 8 x 8
@@ -120,7 +120,7 @@ for part in "${parts[@]}"; do
         --head-dims ${KERNEL_HEAD_DIMS:-64 128} ;;
     backend) tests tests_gpu_backend.log "$seconds" tests/gpu/test_fa4_backend.py -k "not torch.float16" ;;
     deterministic) tests tests_gpu_deterministic.log "$seconds" -rA tests/gpu/test_fa4_deterministic.py -k "${DETERMINISTIC_CASES:-w}" ;;
-    chunks) tests tests_gpu_chunks.log "$seconds" tests/gpu/test_fa4_ring.py -k "head_chunks or ulysses_by_ring or kept_documents_written" ;;
+    chunks) tests tests_gpu_chunks.log "$seconds" tests/gpu/test_fa4_ring.py -k "head_chunks or ulysses_by_ring or kept_documents_written or dout_where_it_lands" ;;
     shared_kv) tests tests_gpu_shared_kv.log "$seconds" tests/gpu/test_fa4_backend.py -k shared_kv ;;
     ring_core) tests tests_gpu_ring_core.log "$seconds" tests/gpu/test_fa4_ring.py -k "not (72 or ulysses or fp16)" ;;
     gpu_work)

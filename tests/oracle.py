@@ -134,7 +134,7 @@ class Inputs:
     k: torch.Tensor
     v: torch.Tensor
     dout: torch.Tensor
-    dlse: torch.Tensor
+    dlse: torch.Tensor | None  # None: the loss reads out alone, so the backward gets no lse gradient
     cu_seqlens: torch.Tensor | None = None
     sinks: torch.Tensor | None = None
 
@@ -221,8 +221,7 @@ def reference_results(case: Case, world_size: int, inputs: Inputs, dtype: torch.
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
     sinks = None if inputs.sinks is None else inputs.sinks.detach().to(dtype).requires_grad_()
     out, lse = naive_attention(q, k, v, visibility(case, world_size), case.head_dim**-0.5, case.softcap, sinks)
-    finite = torch.isfinite(lse)
-    loss = (out * inputs.dout.to(dtype)).sum() + (lse.where(finite, 0) * inputs.dlse.to(lse.dtype)).sum()
+    loss = (out * inputs.dout.to(dtype)).sum() + lse_loss(lse, inputs.dlse)
     loss.backward()
     results = {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     if sinks is not None:
@@ -230,12 +229,17 @@ def reference_results(case: Case, world_size: int, inputs: Inputs, dtype: torch.
     return results
 
 
+def lse_loss(lse: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor | float:
+    """The loss's lse term, over finite values (rows that see no key have lse -inf)."""
+    return 0.0 if dlse is None else (lse.where(torch.isfinite(lse), 0) * dlse.to(lse.dtype)).sum()
+
+
 def ring_results_for_rank(case: Case, world_size: int, inputs: Inputs, group, rank: int, **kwargs) -> dict[str, torch.Tensor]:
     """This rank's local out, lse, dq, dk, dv from fa4_cp's ring, with autograd."""
     sharding = case.sharding(world_size)
     seq_dim = 0 if case.documents else 1
     q, k, v, dout = (sharding.shard(t, rank, seq_dim) for t in (inputs.q, inputs.k, inputs.v, inputs.dout))
-    dlse = sharding.shard(inputs.dlse, rank, seq_dim=-1)
+    dlse = None if inputs.dlse is None else sharding.shard(inputs.dlse, rank, seq_dim=-1)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     sinks = None if inputs.sinks is None else inputs.sinks.clone().requires_grad_()
     options = dict(
@@ -246,8 +250,7 @@ def ring_results_for_rank(case: Case, world_size: int, inputs: Inputs, group, ra
         out, lse = fa4_cp.ring_attention_varlen(q, k, v, inputs.cu_seqlens, **options)
     else:
         out, lse = fa4_cp.ring_attention(q, k, v, **options)
-    finite = torch.isfinite(lse)
-    loss = (out * dout).sum() + (lse.where(finite, 0) * dlse).sum()
+    loss = (out * dout).sum() + lse_loss(lse, dlse)
     loss.backward()
     results = {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
     if sinks is not None:

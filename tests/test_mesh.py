@@ -124,6 +124,28 @@ def test_kept_documents_are_written_finished_where_ring_rows_do_not_divide_by_u(
     assert len(rounded_rows) == 6 * chunks and all(0 < start < sharding.ring_rows for start in rounded_rows)
 
 
+@pytest.mark.usefixtures("poisoned_memory")
+@pytest.mark.parametrize(("name", "with_dlse"), [("balanced_causal", False), ("balanced_causal", True), ("causal_zigzag", False)])
+def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
+    """A loss of out alone over packed documents (no batch dim): the backward's ring reads each
+    chunk's dout in the receive region, with no copy out of it. With the lse's gradient beside
+    dout, or a batch dim, it takes the copy (the pieces are not in row order). In 4 head chunks,
+    whose exchanges reuse two regions in turn. Against fp64."""
+    from fa4_cp.runtime.ulysses import Exchange
+
+    copied = collections.Counter()
+    gather = Exchange.gather
+    monkeypatch.setattr(Exchange, "gather", lambda self, pieces, dim, into=None: copied.update([into is None]) or gather(self, pieces, dim, into))
+    case = mesh_case(name, 2, 8, 2)
+    inputs = make_inputs(case, 4, torch.float32, seed=5)
+    inputs = inputs if with_dlse else dataclasses.replace(inputs, dlse=None)
+    per_rank = SimulatedMesh(2, 2).run(lambda group: ring_results_for_rank(case, 4, inputs, group, group.rank, ulysses_chunks=4))
+    assert_ring_matches(case, 4, inputs, torch.float32, per_rank)
+    copies_of_dout = 0 if case.documents and not with_dlse else 4 * 4  # 4 chunks on 4 ranks
+    assert copied[True] == copies_of_dout + (4 * 4 if with_dlse else 0), copied  # and the dlse's
+    assert copied[False] == 4 * (4 + 2)  # the forward's q of each chunk, k and v of its one KV chunk, into what it saves
+
+
 def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(monkeypatch):
     """The pipeline's order on every rank: chunk j + 1's inbound all-to-all is posted before chunk
     j's ring, and chunk j's outbound one right after it (forward and backward alike)."""

@@ -125,6 +125,17 @@ class Exchange:
         into.unflatten(dim, (pieces.shape[0], -1)).copy_(pieces.movedim(0, dim - 1))
         return into
 
+    def stacked(self, pieces: torch.Tensor, dim: int) -> torch.Tensor:
+        """The pieces (u, ...) stacked in rank order along `dim` (negative): a view where they lie
+        in that order already (one part to the exchange, no batch dims before `dim`), else a copy
+        (`gather`). The view is of the receive region: read it before a later exchange lands
+        there (on a stream-ordered transport a hop waits for the kernels queued before it)."""
+        moved = pieces.movedim(0, dim - 1)
+        ranks_dim = moved.dim() + dim - 1
+        if moved.stride(ranks_dim) == moved.shape[ranks_dim + 1] * moved.stride(ranks_dim + 1):
+            return moved.flatten(ranks_dim, ranks_dim + 1)
+        return self.gather(pieces, dim)
+
     def scatter_heads(self, pieces: torch.Tensor, into: torch.Tensor, chunks: int, chunk: int, dim: int) -> None:
         """Chunk `chunk`'s pieces (u, ...) from every rank into their heads of `into` along `dim`
         (heads ordered rank, chunk, head)."""
@@ -238,7 +249,8 @@ def ulysses_backward(
         arrived = pending.wait()
         if chunk + 1 < chunks.count:  # its exchange runs behind this chunk's ring
             pending = exchange.post(arriving_parts, inbound(chunk + 1), regions[(chunk + 1) % 2])
-        heads_dout = exchange.gather(arrived[0], -3)
+        # read by this chunk's ring alone, before the exchange two chunks on lands in its region
+        heads_dout = exchange.stacked(arrived[0], -3)
         heads_dlse = None if dlse is None else exchange.gather(arrived[1], -1)[..., :rows].contiguous()
         kv = chunks.kv_of(chunk)
         ring_args = (

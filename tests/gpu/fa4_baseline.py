@@ -1,6 +1,6 @@
 """Upstream FA4 on the full sequence on one device: the baseline error of FlashAttention's rule."""
 
-import torch
+from oracle import lse_loss
 
 
 def upstream_kv(q, k, v):
@@ -31,8 +31,7 @@ def upstream_results(case, world_size, inputs, dtype):
         out, lse = flash_attn_varlen_func(q, k_in, v_in, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, **options)
     else:
         out, lse = flash_attn_func(q, k_in, v_in, **options)
-    finite = torch.isfinite(lse)
-    loss = (out.float() * inputs.dout.cuda().float()).sum() + (lse.where(finite, 0) * inputs.dlse.cuda().to(lse.dtype)).sum()
+    loss = (out.float() * inputs.dout.cuda().float()).sum() + lse_loss(lse, None if inputs.dlse is None else inputs.dlse.cuda())
     loss.backward()
     results = {"out": out, "lse": lse, "dq": q.grad, "dk": kv_grad(k_in.grad), "dv": kv_grad(v_in.grad)}
     if sinks is not None:

@@ -105,13 +105,15 @@ def test_fa4_ring_72_ranks_on_one_gpu(name):
     print(f"{name} W=72 errors", errors, "single-device FA4", baseline)
 
 
-def check_mesh(case, ring, **options):
+def check_mesh(case, ring, with_dlse=True, **options):
     """A case on a simulated case.ulysses x ring mesh with FA4, by the 2x rule against upstream;
-    (errors, upstream's errors). `options`: more of the call's keywords."""
+    (errors, upstream's errors). `with_dlse`: whether the loss reads the lse too. `options`: more
+    of the call's keywords."""
     from fa4_cp import SimulatedMesh
 
     world = case.ulysses * ring
     inputs = make_inputs(case, world, torch.bfloat16, seed=world)
+    inputs = inputs if with_dlse else dataclasses.replace(inputs, dlse=None)
     truth = reference_results(case, world, inputs, torch.float64)
     baseline = errors_against(truth, upstream_results(case, world, inputs, torch.bfloat16))
     gpu_inputs = on_cuda(inputs)
@@ -132,6 +134,15 @@ def test_fa4_on_a_simulated_ulysses_by_ring_mesh(ulysses, ring, name, kv_heads):
 def test_fa4_ulysses_head_chunks(ulysses, ring, name, heads, kv_heads, chunks):
     case = dataclasses.replace(CASES_BY_NAME[name], head_dim=128, heads=heads, kv_heads=kv_heads, ulysses=ulysses, batch=1)
     check_mesh(case, ring, ulysses_chunks=chunks)
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_fa4_ulysses_backward_reading_dout_where_it_lands(chunks):
+    """A loss of out alone over packed documents: the backward's ring reads each chunk's dout in
+    the receive region, which the exchange two chunks on lands in next (tests/test_mesh.py counts
+    the copies on CPU)."""
+    case = dataclasses.replace(CASES_BY_NAME["balanced_causal"], head_dim=128, heads=8, kv_heads=2, ulysses=2, batch=1)
+    check_mesh(case, 4, with_dlse=False, ulysses_chunks=chunks)
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
