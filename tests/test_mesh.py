@@ -127,23 +127,32 @@ def test_kept_documents_are_written_finished_where_ring_rows_do_not_divide_by_u(
 @pytest.mark.usefixtures("poisoned_memory")
 @pytest.mark.parametrize(("name", "with_dlse"), [("balanced_causal", False), ("balanced_causal", True), ("causal_zigzag", False)])
 def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
-    """A loss of out alone over packed documents (no batch dim): the backward's ring reads each
-    chunk's dout in the receive region, with no copy out of it. With the lse's gradient beside
-    dout, or a batch dim, it takes the copy (the pieces are not in row order). In 4 head chunks,
-    whose exchanges reuse two regions in turn. Against fp64."""
-    from fa4_cp.runtime.ulysses import Exchange
+    """Packed documents (no batch dim): the backward's ring reads each chunk's dout in the receive
+    region, with no copy out of it, the lse's gradient beside it or not (each part lands in a
+    region of its own on a transport that copies into its peers). With a batch dim it takes the
+    copy (the pieces are not in row order). In 4 head chunks, whose exchanges reuse two regions in
+    turn. Against fp64."""
+    from fa4_cp.runtime.ulysses import Exchange, Rows
 
-    copied = collections.Counter()
-    gather = Exchange.gather
+    copied, laid_out = collections.Counter(), collections.Counter()
+    gather, lay_out = Exchange.gather, Exchange.lay_out
     monkeypatch.setattr(Exchange, "gather", lambda self, pieces, dim, into=None: copied.update([into is None]) or gather(self, pieces, dim, into))
+    monkeypatch.setattr(
+        Exchange, "lay_out", lambda self, views, sources: laid_out.update(isinstance(x, Rows) and x.dim for x in sources) or lay_out(self, views, sources),
+    )
     case = mesh_case(name, 2, 8, 2)
     inputs = make_inputs(case, 4, torch.float32, seed=5)
     inputs = inputs if with_dlse else dataclasses.replace(inputs, dlse=None)
     per_rank = SimulatedMesh(2, 2).run(lambda group: ring_results_for_rank(case, 4, inputs, group, group.rank, ulysses_chunks=4))
     assert_ring_matches(case, 4, inputs, torch.float32, per_rank)
-    copies_of_dout = 0 if case.documents and not with_dlse else 4 * 4  # 4 chunks on 4 ranks
+    copies_of_dout = 0 if case.documents else 4 * 4  # 4 chunks on 4 ranks
     assert copied[True] == copies_of_dout + (4 * 4 if with_dlse else 0), copied  # and the dlse's
     assert copied[False] == 4 * (4 + 2)  # the forward's q of each chunk, k and v of its one KV chunk, into what it saves
+    # what goes back by rows (out, lse, dq, dk, dv: these ring rows divide by u; a chunk's one q
+    # head keeps the lse's rows contiguous) is sent from where it lies, without a batch dim
+    assert case.sharding(4).ring_rows == case.sharding(4).padded_ring_rows
+    sent_by_rows = {-3: 4 * (4 + 4 + 2), -1: 4 * 4}  # per rank: out and dq of each chunk, dk and dv; the lse of each
+    assert laid_out == collections.Counter({False: 4 * (6 + 4 + 4 * with_dlse), **({} if case.documents else sent_by_rows)}), laid_out
 
 
 def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(monkeypatch):
@@ -152,7 +161,8 @@ def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(mon
     from fa4_cp.runtime import ulysses as stage
 
     events = collections.defaultdict(list)
-    posted, forward, backward, backward_sums = stage.post_all_to_all, stage.ring_run_forward, stage.ring_run_backward, stage.ring_run_backward_sums
+    posted, posted_parts = stage.post_all_to_all, stage.post_all_to_all_parts
+    forward, backward, backward_sums = stage.ring_run_forward, stage.ring_run_backward, stage.ring_run_backward_sums
 
     def logged(name, fn):
         def run(*args, **kwargs):
@@ -162,6 +172,7 @@ def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(mon
         return run
 
     monkeypatch.setattr(stage, "post_all_to_all", logged("post", posted))
+    monkeypatch.setattr(stage, "post_all_to_all_parts", logged("post", posted_parts))
     monkeypatch.setattr(stage, "ring_run_forward", logged("ring", forward))
     monkeypatch.setattr(stage, "ring_run_backward", logged("ring", backward))
     monkeypatch.setattr(stage, "ring_run_backward_sums", logged("ring", backward_sums))

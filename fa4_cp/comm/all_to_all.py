@@ -1,8 +1,10 @@
 """The Ulysses all-to-all, posted now and waited for later, so that the ring's compute runs while
 it moves. Over a transport that copies straight into its peers' buffers (the copy engine: no SM
 takes part; the simulated ring) it is u - 1 shifts, rank r's piece for rank r + o landing in row
-r of that rank's receive buffer, on the hops' stream. Over NCCL or gloo the group's
-all_to_all_single runs it, at once (the stream-ordered fallback: no overlap)."""
+r of that rank's receive buffer, on the hops' stream; `post_all_to_all_parts` sends several
+parts so, each piece from wherever it lies contiguous and each part into a region of its own, so
+that what arrives of a part is one tensor. Over NCCL or gloo the group's all_to_all_single runs it,
+at once (the stream-ordered fallback: no overlap)."""
 
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ ALL_TO_ALL_CHANNEL = 2
 
 
 class PendingAllToAll:
-    def __init__(self, arrivals: list[Arrival], send: torch.Tensor | None, received: torch.Tensor):
+    def __init__(self, arrivals: list[Arrival], send: object, received: torch.Tensor | list[torch.Tensor]):
         self._arrivals, self._send, self._received = arrivals, send, received
 
-    def wait(self) -> torch.Tensor:
-        """(u, piece bytes): row j what rank j sent here (this rank's own row included). The
-        current stream waits for it; the send buffer is let go only then, so that the allocator
-        cannot hand it out while a copy still reads it."""
+    def wait(self) -> torch.Tensor | list[torch.Tensor]:
+        """(u, piece bytes) (one per part for `post_all_to_all_parts`): row j what rank j sent here
+        (this rank's own row included). The current stream waits for it; what was sent is let go
+        only then, so that the allocator cannot hand it out while a copy still reads it."""
         for arrival in self._arrivals:
             arrival.arrive()
         self._arrivals, self._send = [], None
@@ -67,3 +69,18 @@ def post_all_to_all(
         for offset in range(ranks)
     ]
     return PendingAllToAll(arrivals, send, region)
+
+
+def post_all_to_all_parts(transport: Transport, sends: list[list[torch.Tensor]], regions: list[torch.Tensor], what: str) -> PendingAllToAll:
+    """Start sending `sends[j]` (contiguous byte pieces, one per part) to rank j, on a transport
+    that copies into its peers: part p lands in row (this rank) of rank j's `regions[p]` (u,
+    piece bytes each, carved from a receive region of receive_regions, every rank alike)."""
+    ranks, rank = transport.world_size, transport.rank
+    arrivals = [
+        post_hop(
+            transport, sends[(rank + offset) % ranks], [region[(rank - offset) % ranks] for region in regions], offset, ALL_TO_ALL_CHANNEL,
+            Hop(what, 0, offset, rank, ranks), lands_at=[region[rank] for region in regions],
+        )
+        for offset in range(ranks)
+    ]
+    return PendingAllToAll(arrivals, sends, regions)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..call import PreparedCall
-from ..comm.all_to_all import PendingAllToAll, post_all_to_all, receive_regions
+from ..comm.all_to_all import PendingAllToAll, post_all_to_all, post_all_to_all_parts, receive_regions
 from ..comm.buffers import aligned
 from ..comm.group import RingGroup
 from ..comm.mesh import UlyssesRing
@@ -73,21 +73,39 @@ class Parts:
                 shapes.append((tuple(source.shape[1:]), source.dtype))
         return cls(shapes)
 
+    def piece_bytes(self, part: int) -> int:
+        shape, dtype = self.shapes[part]
+        return math.prod(shape) * dtype.itemsize
+
     def views(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Each part of `rows` (u, nbytes) as a (u, *its shape) tensor of its dtype."""
         return [
-            rows[:, start : start + math.prod(shape) * dtype.itemsize].view(dtype).unflatten(1, shape)
-            for start, (shape, dtype) in zip(self.offsets, self.shapes)
+            rows[:, start : start + self.piece_bytes(part)].view(dtype).unflatten(1, shape)
+            for part, (start, (shape, dtype)) in enumerate(zip(self.offsets, self.shapes))
         ]
+
+    def part_regions(self, region: torch.Tensor) -> list[torch.Tensor]:
+        """A receive region (u, at least nbytes; contiguous) laid out part by part: part p's u
+        pieces back to back, as (u, its piece bytes), from u x its offset."""
+        flat, ranks = region.view(-1), region.shape[0]
+        return [
+            flat[ranks * start : ranks * (start + self.piece_bytes(part))].view(ranks, -1) for part, start in enumerate(self.offsets)
+        ]
+
+    def typed(self, regions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each part's region (u, piece bytes) as a (u, *its shape) tensor of its dtype."""
+        return [region.view(dtype).unflatten(1, shape) for region, (shape, dtype) in zip(regions, self.shapes)]
 
 
 class PendingExchange:
-    def __init__(self, pending: PendingAllToAll, parts: Parts):
-        self._pending, self._parts = pending, parts
+    def __init__(self, pending: PendingAllToAll, parts: Parts, by_part: bool):
+        self._pending, self._parts, self._by_part = pending, parts, by_part
 
     def wait(self) -> list[torch.Tensor]:
-        """Each part as (u, *its shape): row j from rank j."""
-        return self._parts.views(self._pending.wait())
+        """Each part as (u, *its shape): row j from rank j (part by part, one tensor each, where
+        the transport copies into its peers)."""
+        received = self._pending.wait()
+        return self._parts.typed(received) if self._by_part else self._parts.views(received)
 
 
 class Exchange:
@@ -103,10 +121,30 @@ class Exchange:
         return receive_regions(self.group, self.transport, [p.nbytes for p in parts], self.device)
 
     def post(self, parts: Parts, sources: list[torch.Tensor | Rows], region: torch.Tensor | None) -> PendingExchange:
-        """Lay `sources` out (a (u, ...) tensor: row j to rank j; Rows: cut by rows) and start the exchange."""
-        send = torch.empty((self.ranks, parts.nbytes), dtype=torch.uint8, device=self.device)
-        self.lay_out(parts.views(send), sources)
-        return PendingExchange(post_all_to_all(self.group, self.transport, send, region, "the Ulysses all-to-all"), parts)
+        """Start the exchange of `sources` (a (u, ...) tensor: row j to rank j; Rows: cut by rows).
+        Through the group's collective, every part is laid out into one send buffer. Where the
+        transport copies into its peers, a Rows source whose pieces lie whole and contiguous is
+        sent from where it is, the other parts laid out, and each part lands in a region of its own."""
+        send = None
+        if region is None:
+            send = self._send_buffer(parts)
+            self.lay_out(parts.views(send), sources)
+            return PendingExchange(post_all_to_all(self.group, self.transport, send, region, "the Ulysses all-to-all"), parts, False)
+        pieces: list[list[torch.Tensor]] = [[] for _ in range(self.ranks)]
+        for part, source in enumerate(sources):
+            direct = _whole_row_pieces(source, self.ranks, parts.piece_bytes(part)) if isinstance(source, Rows) else None
+            if direct is None:
+                send = self._send_buffer(parts) if send is None else send
+                self.lay_out([parts.views(send)[part]], [source])
+                start = parts.offsets[part]
+                direct = [send[j, start : start + parts.piece_bytes(part)] for j in range(self.ranks)]
+            for j, piece in enumerate(direct):
+                pieces[j].append(piece)
+        regions = parts.part_regions(region)
+        return PendingExchange(post_all_to_all_parts(self.transport, pieces, regions, "the Ulysses all-to-all"), parts, True)
+
+    def _send_buffer(self, parts: Parts) -> torch.Tensor:
+        return torch.empty((self.ranks, parts.nbytes), dtype=torch.uint8, device=self.device)
 
     def lay_out(self, views: list[torch.Tensor], sources: list[torch.Tensor | Rows]) -> None:
         """The copies that lay pieces out for sending (bench/gpu_work.py times them apart)."""
@@ -287,6 +325,18 @@ def ulysses_backward(
 def _by_rank_and_chunk(x: torch.Tensor, ranks: int, chunks: int) -> torch.Tensor:
     """A view of x (heads at dim -2, ordered rank, chunk, head) as (ranks, chunks, ..., heads / (ranks chunks), ...)."""
     return x.unflatten(-2, (ranks, chunks, -1)).movedim(-4, 0).movedim(-3, 1)
+
+
+def _whole_row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor] | None:
+    """Each rank's piece of `source` as contiguous bytes of its tensor, where its rows make
+    `ranks` whole pieces of `piece_bytes` and no dim before them is wider than one (packed
+    documents); else None (the piece is laid out: rows past the end zeroed, or strided)."""
+    x, dim = source.x, source.dim
+    rows = x.shape[dim]
+    if rows % ranks or x.numel() * x.element_size() != ranks * piece_bytes or not x.is_contiguous() or any(n != 1 for n in x.shape[:dim]):
+        return None
+    size = rows // ranks
+    return [x.narrow(dim, j * size, size).reshape(-1).view(torch.uint8) for j in range(ranks)]
 
 
 def _put_rows(dest: torch.Tensor, x: torch.Tensor, dim: int) -> None:

@@ -79,9 +79,10 @@ class Machine:
 # kernel_cost.RING's replay fits: a step's forward launch and its work beside attention, the call's
 # work beside attention (on an H100, whose memory is slower than the H200's: upper bounds here)
 _STEP_MS, _LAUNCH_MS, _CALL_MS = step_us() / 1e3, RING.launch / 1e3, RING.call_other / 1e3
-# The exchanges' layout copies on an H100: `layout_bytes` over their time, 716-727 GiB/s in the four
-# 2-D cases of bench/results/nvidia_h100_2026-12-07_s28/gpu_work.json.gz (bench/layout_cost.py,
-# median). Elsewhere ASSUMED: scaled by the HBM bandwidth (H200 4.8, GB200 8.0 TB/s against 3.35).
+# The exchanges' layout copies on an H100: `layout_bytes` (all laid out, as at 27070ae) over their
+# time, 716-727 GiB/s in the four 2-D cases of bench/results/nvidia_h100_2026-12-07_s28/
+# gpu_work.json.gz (bench/layout_cost.py, median). Elsewhere ASSUMED: scaled by the HBM bandwidth
+# (H200 4.8, GB200 8.0 TB/s against 3.35).
 LAYOUT_H100_GIB_PER_S = 718.0
 
 H200 = Machine(
@@ -295,18 +296,21 @@ def all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_
     return sum(sum(times) for times in exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, 1).values())
 
 
-def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int) -> float:
-    """Bytes a GPU's layout copies move in one call (fwd + bwd): every tensor a 2-D call exchanges
-    is copied into its send buffer and out of the receive region (runtime/ulysses.py): q, out,
-    dout, dq and k, v, dk, dv, KV heads repeated to u where fewer (their dK/dV then in fp32). SM
-    copies on the compute stream, on any transport."""
+def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, in_place: bool = True) -> float:
+    """Bytes a GPU's layout copies move in one call (fwd + bwd), SM copies on the compute stream on
+    any transport (runtime/ulysses.py): q, out, dout, dq and k, v, dk, dv (KV heads repeated to u
+    where fewer, their dK/dV then in fp32), each copied into the send buffer and out of the receive
+    region; with `in_place` (the code since 2026-12-07, where the transport copies into its peers
+    and no batch dim is wider than one) out goes back from where the ring wrote it and the
+    backward reads dout where it lands. dq, dk and dv are counted laid out: they are where a ring
+    rank's rows are padded to a multiple of u."""
     if u == 1:
         return 0.0
     tokens = seq_len / (u * r)
     q = tokens * heads * head_dim * BYTES_16BIT
     kv = tokens * max(kv_heads, u) * head_dim * BYTES_16BIT
     dkv = kv * (2 if kv_heads < u else 1)
-    return 2 * (4 * q + 2 * kv + 2 * dkv)
+    return 2 * (4 * q + 2 * kv + 2 * dkv) - (2 * q if in_place else 0)
 
 
 def layout_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
