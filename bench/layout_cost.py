@@ -68,7 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gpu_work", help="a bench/gpu_work.py JSON (.json or .json.gz) with 2-D cases")
     parser.add_argument("--seed", type=int, default=1, help="the mixes' batch")
-    parser.add_argument("--in-place", action="store_true", help="the run's code sent out from where it lay and read dout in place (mesh_model.layout_bytes in_place)")
+    parser.add_argument(
+        "--in-place", action="store_true", help="the run's code sent out from where it lay and read dout in place (layout_bytes in_place)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     opener = gzip.open if args.gpu_work.endswith(".gz") else open
@@ -85,9 +87,11 @@ def main() -> None:
         without_layout_copies=picks(dataclasses.replace(h200, layout_gib_per_s=math.inf), args.seed),
     )
     write(result, Path(args.out))
-    print(f"layout copies: {rate:.0f} GiB/s (" + ", ".join(f"{c['case']} {c['gib_per_s']:.0f}" for c in cases) + f"); H200 assumed {h200.layout_gib_per_s:.0f}")
+    fits = ", ".join(f"{c['case']} {c['gib_per_s']:.0f}" for c in cases)
+    print(f"layout copies: {rate:.0f} GiB/s ({fits}); H200 assumed {h200.layout_gib_per_s:.0f}")
     for key in ("without_layout_copies", "with_layout_copies", "with_layout_copies_at_the_h100_rate"):
-        print(key, "; ".join(f"{row['mix']} W={row['world_size']} {row['pick']} ({row['pick_ms'] / row['plain_ring_ms']:.2f} of the ring)" for row in result[key]))
+        rows = result[key]
+        print(key, "; ".join(f"{r['mix']} W={r['world_size']} {r['pick']} ({r['pick_ms'] / r['plain_ring_ms']:.2f} of the ring)" for r in rows))
 
 
 if __name__ == "__main__":

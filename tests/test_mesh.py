@@ -137,9 +137,12 @@ def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
     copied, laid_out = collections.Counter(), collections.Counter()
     gather, lay_out = Exchange.gather, Exchange.lay_out
     monkeypatch.setattr(Exchange, "gather", lambda self, pieces, dim, into=None: copied.update([into is None]) or gather(self, pieces, dim, into))
-    monkeypatch.setattr(
-        Exchange, "lay_out", lambda self, views, sources: laid_out.update(isinstance(x, Rows) and x.dim for x in sources) or lay_out(self, views, sources),
-    )
+
+    def counted_lay_out(self, views, sources):
+        laid_out.update(isinstance(source, Rows) and source.dim for source in sources)  # False: not by rows
+        return lay_out(self, views, sources)
+
+    monkeypatch.setattr(Exchange, "lay_out", counted_lay_out)
     case = mesh_case(name, 2, 8, 2)
     inputs = make_inputs(case, 4, torch.float32, seed=5)
     inputs = inputs if with_dlse else dataclasses.replace(inputs, dlse=None)

@@ -20,7 +20,9 @@ ALL_TO_ALL_CHANNEL = 2
 
 
 class PendingAllToAll:
-    def __init__(self, arrivals: list[Arrival], send: object, received: torch.Tensor | list[torch.Tensor]):
+    def __init__(
+        self, arrivals: list[Arrival], send: torch.Tensor | list[list[torch.Tensor]] | None, received: torch.Tensor | list[torch.Tensor],
+    ):
         self._arrivals, self._send, self._received = arrivals, send, received
 
     def wait(self) -> torch.Tensor | list[torch.Tensor]:

@@ -165,9 +165,10 @@ class Exchange:
 
     def stacked(self, pieces: torch.Tensor, dim: int) -> torch.Tensor:
         """The pieces (u, ...) stacked in rank order along `dim` (negative): a view where they lie
-        in that order already (one part to the exchange, no batch dims before `dim`), else a copy
-        (`gather`). The view is of the receive region: read it before a later exchange lands
-        there (on a stream-ordered transport a hop waits for the kernels queued before it)."""
+        in that order already (a part in a region of its own, or the exchange's only part, with
+        no batch dim wider than one before `dim`), else a copy (`gather`). The view is of the
+        receive region: read it before a later exchange lands there (on a stream-ordered
+        transport a hop waits for the kernels queued before it)."""
         moved = pieces.movedim(0, dim - 1)
         ranks_dim = moved.dim() + dim - 1
         if moved.stride(ranks_dim) == moved.shape[ranks_dim + 1] * moved.stride(ranks_dim + 1):
