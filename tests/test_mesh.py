@@ -109,12 +109,20 @@ def test_head_chunks_match_fp64_reference(ulysses, ring, name, heads, kv_heads, 
 def test_kept_documents_are_written_finished_where_ring_rows_do_not_divide_by_u(monkeypatch, chunks):
     """A ring rank's 182 rows, padded to 183 for u = 3: the kept documents' rows are still written
     finished, in place in the buffer the exchange sends back, and only the spread documents' rows
-    are rounded into it (they were all rounded, in a copy of the whole out). Against fp64, bf16."""
+    are rounded into it (they were all rounded, in a copy of the whole out). Of dq, dk and dv,
+    only the pieces that run past the 182 rows go through the send buffer. Against fp64, bf16."""
     from fa4_cp.runtime import executor
+    from fa4_cp.runtime.ulysses import Exchange, Rows
 
-    rounded_rows = []
-    join = executor._Finished.joined
+    rounded_rows, laid_out_rows = [], collections.Counter()
+    join, lay_out = executor._Finished.joined, Exchange.lay_out
     monkeypatch.setattr(executor._Finished, "joined", lambda self, *args: rounded_rows.append(self.rows.start) or join(self, *args))
+
+    def counted_lay_out(self, views, sources):
+        laid_out_rows.update({source.dim: source.x.shape[source.dim] for source in sources if isinstance(source, Rows)})
+        return lay_out(self, views, sources)
+
+    monkeypatch.setattr(Exchange, "lay_out", counted_lay_out)
     case = mesh_case("balanced_huge_gqa", 3, 6, 3)
     sharding = case.sharding(6)
     assert sharding.ring_rows % 3 and sharding.padded_ring_rows > sharding.ring_rows
@@ -122,6 +130,8 @@ def test_kept_documents_are_written_finished_where_ring_rows_do_not_divide_by_u(
     per_rank = SimulatedMesh(3, 2).run(lambda group: ring_results_for_rank(case, 6, inputs, group, group.rank, ulysses_chunks=chunks))
     assert_ring_matches(case, 6, inputs, torch.bfloat16, per_rank)
     assert len(rounded_rows) == 6 * chunks and all(0 < start < sharding.ring_rows for start in rounded_rows)
+    # per rank: dq of each chunk, dk and dv once, each the 182 - 2 x 61 rows of its last piece
+    assert laid_out_rows[-3] == 6 * (chunks + 2) * (sharding.ring_rows - 2 * sharding.padded_ring_rows // 3), laid_out_rows
 
 
 @pytest.mark.usefixtures("poisoned_memory")

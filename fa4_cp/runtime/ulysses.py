@@ -123,8 +123,9 @@ class Exchange:
     def post(self, parts: Parts, sources: list[torch.Tensor | Rows], region: torch.Tensor | None) -> PendingExchange:
         """Start the exchange of `sources` (a (u, ...) tensor: row j to rank j; Rows: cut by rows).
         Through the group's collective, every part is laid out into one send buffer. Where the
-        transport copies into its peers, a Rows source whose pieces lie whole and contiguous is
-        sent from where it is, the other parts laid out, and each part lands in a region of its own."""
+        transport copies into its peers, the pieces of a Rows source that lie whole and
+        contiguous are sent from where they are, the others laid out, and each part lands in a
+        region of its own."""
         send = None
         if region is None:
             send = self._send_buffer(parts)
@@ -132,19 +133,31 @@ class Exchange:
             return PendingExchange(post_all_to_all(self.group, self.transport, send, region, "the Ulysses all-to-all"), parts, False)
         pieces: list[list[torch.Tensor]] = [[] for _ in range(self.ranks)]
         for part, source in enumerate(sources):
-            direct = _whole_row_pieces(source, self.ranks, parts.piece_bytes(part)) if isinstance(source, Rows) else None
-            if direct is None:
+            direct = _row_pieces(source, self.ranks, parts.piece_bytes(part)) if isinstance(source, Rows) else None
+            if direct is None or None in direct:
                 send = self._send_buffer(parts) if send is None else send
-                self.lay_out([parts.views(send)[part]], [source])
-                start = parts.offsets[part]
-                direct = [send[j, start : start + parts.piece_bytes(part)] for j in range(self.ranks)]
-            for j, piece in enumerate(direct):
-                pieces[j].append(piece)
+                view = parts.views(send)[part]
+                if direct is None:
+                    self.lay_out([view], [source])
+                else:
+                    self._lay_out_past_end(view, source, [j for j, piece in enumerate(direct) if piece is None])
+            start = parts.offsets[part]
+            for j in range(self.ranks):
+                piece = None if direct is None else direct[j]
+                pieces[j].append(send[j, start : start + parts.piece_bytes(part)] if piece is None else piece)
         regions = parts.part_regions(region)
         return PendingExchange(post_all_to_all_parts(self.transport, pieces, regions, "the Ulysses all-to-all"), parts, True)
 
     def _send_buffer(self, parts: Parts) -> torch.Tensor:
         return torch.empty((self.ranks, parts.nbytes), dtype=torch.uint8, device=self.device)
+
+    def _lay_out_past_end(self, view: torch.Tensor, source: Rows, ranks: list[int]) -> None:
+        """The pieces of `source` for `ranks` that run past its rows' end, into their rows of
+        `view` (u, ...): what there is of each, then zeros."""
+        size, rows = view.shape[source.dim], source.x.shape[source.dim]
+        for j in ranks:
+            first = min(j * size, rows)
+            self.lay_out([view[j : j + 1]], [Rows(source.x.narrow(source.dim, first, min(size, rows - first)), source.dim)])
 
     def lay_out(self, views: list[torch.Tensor], sources: list[torch.Tensor | Rows]) -> None:
         """The copies that lay pieces out for sending (bench/gpu_work.py times them apart)."""
@@ -328,16 +341,19 @@ def _by_rank_and_chunk(x: torch.Tensor, ranks: int, chunks: int) -> torch.Tensor
     return x.unflatten(-2, (ranks, chunks, -1)).movedim(-4, 0).movedim(-3, 1)
 
 
-def _whole_row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor] | None:
-    """Each rank's piece of `source` as contiguous bytes of its tensor, where its rows make
-    `ranks` whole pieces of `piece_bytes` and no dim before them is wider than one (packed
-    documents); else None (the piece is laid out: rows past the end zeroed, or strided)."""
+def _row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor | None] | None:
+    """Each rank's piece of `source` (`piece_bytes` of its rows) as contiguous bytes of its tensor,
+    None where the piece runs past the rows' end (laid out, zeros after them); None for all where
+    a dim before the rows is wider than one or the tensor is strided (every piece laid out)."""
     x, dim = source.x, source.dim
     rows = x.shape[dim]
-    if rows % ranks or x.numel() * x.element_size() != ranks * piece_bytes or not x.is_contiguous() or any(n != 1 for n in x.shape[:dim]):
+    if not rows or not x.is_contiguous() or any(n != 1 for n in x.shape[:dim]):
         return None
-    size = rows // ranks
-    return [x.narrow(dim, j * size, size).reshape(-1).view(torch.uint8) for j in range(ranks)]
+    row_bytes = x.numel() * x.element_size() // rows
+    size = piece_bytes // row_bytes
+    if size * row_bytes != piece_bytes or rows > ranks * size:
+        return None
+    return [x.narrow(dim, j * size, size).reshape(-1).view(torch.uint8) if (j + 1) * size <= rows else None for j in range(ranks)]
 
 
 def _put_rows(dest: torch.Tensor, x: torch.Tensor, dim: int) -> None:

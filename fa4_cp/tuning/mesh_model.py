@@ -301,16 +301,17 @@ def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_d
     any transport (runtime/ulysses.py): q, out, dout, dq and k, v, dk, dv (KV heads repeated to u
     where fewer, their dK/dV then in fp32), each copied into the send buffer and out of the receive
     region; with `in_place` (the code since 2026-12-07, where the transport copies into its peers
-    and no batch dim is wider than one) out goes back from where the ring wrote it and the
-    backward reads dout where it lands. dq, dk and dv are counted laid out: they are where a ring
-    rank's rows are padded to a multiple of u."""
+    and no batch dim is wider than one) out, dq, dk and dv go back from where the ring wrote them
+    and the backward reads dout where it lands. Of dq, dk and dv the last rank's piece is counted
+    laid out: it is where a ring rank's rows are padded to a multiple of u."""
     if u == 1:
         return 0.0
     tokens = seq_len / (u * r)
     q = tokens * heads * head_dim * BYTES_16BIT
     kv = tokens * max(kv_heads, u) * head_dim * BYTES_16BIT
     dkv = kv * (2 if kv_heads < u else 1)
-    return 2 * (4 * q + 2 * kv + 2 * dkv) - (2 * q if in_place else 0)
+    sent_in_place = 2 * q + (q + 2 * dkv) * (u - 1) / u
+    return 2 * (4 * q + 2 * kv + 2 * dkv) - (sent_in_place if in_place else 0)
 
 
 def layout_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
