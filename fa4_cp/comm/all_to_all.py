@@ -1,10 +1,10 @@
 """The Ulysses all-to-all, posted now and waited for later, so that the ring's compute runs while
 it moves. Over a transport that copies straight into its peers' buffers (the copy engine: no SM
-takes part; the simulated ring) it is u - 1 shifts, rank r's piece for rank r + o landing in row
-r of that rank's receive buffer, on the hops' stream; `post_all_to_all_parts` sends several
-parts so, each piece from wherever it lies contiguous and each part into a region of its own, so
-that what arrives of a part is one tensor. Over NCCL or gloo the group's all_to_all_single runs it,
-at once (the stream-ordered fallback: no overlap)."""
+takes part; the simulated ring) it is u - 1 shifts, rank r's pieces for rank r + o landing in row
+r of that rank's receive regions, on the hops' stream (`post_all_to_all_parts`: each piece from
+wherever it lies contiguous, each part into a region of its own, so that what arrives of a part
+is one tensor). Over NCCL or gloo the group's all_to_all_single runs it, at once, on one send
+buffer (`post_all_to_all`; the stream-ordered fallback: no overlap)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,7 @@ ALL_TO_ALL_CHANNEL = 2
 
 
 class PendingAllToAll:
-    def __init__(
-        self, arrivals: list[Arrival], send: torch.Tensor | list[list[torch.Tensor]] | None, received: torch.Tensor | list[torch.Tensor],
-    ):
+    def __init__(self, arrivals: list[Arrival], send: list[list[torch.Tensor]] | None, received: torch.Tensor | list[torch.Tensor]):
         self._arrivals, self._send, self._received = arrivals, send, received
 
     def wait(self) -> torch.Tensor | list[torch.Tensor]:
@@ -51,26 +49,13 @@ def receive_regions(group: RingGroup, transport: Transport | None, piece_bytes: 
     return regions
 
 
-def post_all_to_all(
-    group: RingGroup, transport: Transport | None, send: torch.Tensor, region: torch.Tensor | None, what: str,
-) -> PendingAllToAll:
-    """Start sending row j of `send` (u, piece bytes; contiguous) to rank j. `region`: this
-    exchange's receive region (receive_regions, of at least send's piece bytes), used on the
-    transport's path."""
+def post_all_to_all(group: RingGroup, transport: Transport | None, send: torch.Tensor, what: str) -> PendingAllToAll:
+    """Row j of `send` (u, piece bytes; contiguous) to rank j through the group's collective, at
+    once; on a group of one (no transport) `send` is what arrives. A transport that copies into
+    its peers takes `post_all_to_all_parts` instead."""
     if transport is None:
         return PendingAllToAll([], None, send)
-    if region is None:
-        return PendingAllToAll([], None, group.all_to_all(send, what))
-    ranks, rank = transport.world_size, transport.rank
-    region = region[:, : send.shape[1]]  # a region serves exchanges up to its size
-    arrivals = [  # offset 0, our own piece, is a local copy on the hops' stream
-        post_hop(
-            transport, [send[(rank + offset) % ranks]], [region[(rank - offset) % ranks]], offset, ALL_TO_ALL_CHANNEL,
-            Hop(what, 0, offset, rank, ranks), lands_at=[region[rank]],
-        )
-        for offset in range(ranks)
-    ]
-    return PendingAllToAll(arrivals, send, region)
+    return PendingAllToAll([], None, group.all_to_all(send, what))
 
 
 def post_all_to_all_parts(transport: Transport, sends: list[list[torch.Tensor]], regions: list[torch.Tensor], what: str) -> PendingAllToAll:

@@ -126,11 +126,11 @@ class Exchange:
         transport copies into its peers, the pieces of a Rows source that lie whole and
         contiguous are sent from where they are, the others laid out, and each part lands in a
         region of its own."""
-        send = None
         if region is None:
             send = self._send_buffer(parts)
             self.lay_out(parts.views(send), sources)
-            return PendingExchange(post_all_to_all(self.group, self.transport, send, region, "the Ulysses all-to-all"), parts, False)
+            return PendingExchange(post_all_to_all(self.group, self.transport, send, "the Ulysses all-to-all"), parts, False)
+        send = None  # made once some part is laid out
         pieces: list[list[torch.Tensor]] = [[] for _ in range(self.ranks)]
         for part, source in enumerate(sources):
             direct = _row_pieces(source, self.ranks, parts.piece_bytes(part)) if isinstance(source, Rows) else None
