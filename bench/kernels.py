@@ -72,7 +72,9 @@ torch.cuda.synchronize(); print(time.perf_counter() - start)
 """
 
 
-def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, queued: bool = True, breakdown: bool = False) -> dict:
+def run_config(
+    seq: int, heads: int, kv_heads: int, dims: str, causal: bool, queued: bool = True, breakdown: bool = False, forward_only: bool = False,
+) -> dict:
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.interface import _flash_attn_bwd
 
@@ -121,6 +123,8 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, que
     if not _runs(cudnn_forward):
         del contenders["cudnn_sdpa_fwd"]
     forward = median_ms(contenders, queued=queued)
+    if forward_only:
+        return forward_row(seq, heads, kv_heads, dim, dim_v, causal, forward, kernel_breakdown(forward_contenders) if breakdown else None)
 
     up_out, up_lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
     dk_acc, dv_acc = (torch.zeros(t.shape, device="cuda", dtype=torch.float32) for t in (k, v))
@@ -166,6 +170,11 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, que
         contenders["cudnn_sdpa_bwd"] = lambda: torch.autograd.grad(cudnn_out, (q_t, k_t, v_t), cudnn_dout, retain_graph=True)
     times = forward | median_ms(contenders, queued=queued)
     kernels_us = kernel_breakdown({**forward_contenders, **contenders}) if breakdown else None
+    return forward_row(seq, heads, kv_heads, dim, dim_v, causal, times, kernels_us)
+
+
+def forward_row(seq: int, heads: int, kv_heads: int, dim: int, dim_v: int, causal: bool, times: dict, kernels_us: dict | None) -> dict:
+    """A config's row: times, TFLOPs and the ratios (None where a contender was not timed)."""
     flops = {name: 2 * seq * seq * heads * (dim + dim_v) / (2 if causal else 1) * (2.5 if "bwd" in name else 1) for name in times}
 
     def ratio(slower: str, ours_: str) -> float | None:
@@ -184,7 +193,7 @@ def run_config(seq: int, heads: int, kv_heads: int, dims: str, causal: bool, que
         "bwd_ring_of_one_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_ring_of_one"),
         "bwd_step_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd_step"),
         "bwd_vs_cudnn": ratio("cudnn_sdpa_bwd", "fa4_cp_bwd"),
-        **({"kernels_us": kernels_us} if breakdown else {}),
+        **({"kernels_us": kernels_us} if kernels_us is not None else {}),
     }
 
 
@@ -228,20 +237,21 @@ def main() -> None:
     parser.add_argument("--no-first-call", action="store_true", help="skip timing the first call's compile")
     parser.add_argument("--host-paced", action="store_true", help="time from an idle GPU (host path included), not queued GPU time")
     parser.add_argument("--breakdown", action="store_true", help="also each contender's kernels, GPU us per call by name (torch.profiler)")
+    parser.add_argument("--forward-only", action="store_true", help="the forward contenders only (no backward rows)")
     args = parser.parse_args()
     timing = "from an idle GPU, host-paced" if args.host_paced else "each call queued behind a sleep kernel (GPU time)"
     result = record(
         "kernels", "cuda", dtype="bfloat16", batch=1, quick=args.quick, head_dims=args.head_dims,
         statistic=f"median of 15 interleaved rounds after 3 warm-up calls each, CUDA events, {timing}", host_paced=args.host_paced,
         fa4_cp_bwd="a ring call's first step: the fp32 dK/dV written first with one q head per kv head, else zeroed and added to",
-        rows=[],
+        forward_only=args.forward_only, rows=[],
     )
     device = result["device"].lower().replace(" ", "_")
-    path = os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}{'_host_paced' if args.host_paced else ''}.json")
+    path = os.path.join(args.out, f"kernels_{device}_{today()}{'_quick' if args.quick else ''}{'_host_paced' if args.host_paced else ''}{'_forward' if args.forward_only else ''}.json")
     rows = result["rows"]
     for config in GRID:
         if (not args.quick or config[0] <= 32768) and config[3] in args.head_dims and (not args.seqs or config[0] in args.seqs):
-            rows.append(run_config(*config, queued=not args.host_paced, breakdown=args.breakdown))
+            rows.append(run_config(*config, queued=not args.host_paced, breakdown=args.breakdown, forward_only=args.forward_only))
             write(result, path)  # each row as it lands, so a run cut short keeps what it measured
     if not args.no_first_call:
         with tempfile.TemporaryDirectory() as cache_dir:
@@ -265,6 +275,8 @@ def main() -> None:
         )
     for row in rows if args.breakdown else ():
         for name in ("fa4_cp_fwd_merge", "upstream_fa4_fwd", "fa4_cp_bwd", "upstream_fa4_bwd"):
+            if name not in row["ms"]:
+                continue
             kernels = row["kernels_us"].get(name, {})
             print(f"{row['seq']} {row['heads']}:{row['kv_heads']} d {row['head_dim']} causal {row['causal']} {name}: {sum(kernels.values()):.0f} us = "
                   + ", ".join(f"{us:.0f} {kernel[:48]}" for kernel, us in kernels.items()))
