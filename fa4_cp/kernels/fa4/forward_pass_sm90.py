@@ -28,6 +28,11 @@ PACK_GQA = True
 (one K/V tile load serves them all; a short sequence fills its tiles). On since the H200 run of
 2026-12-06 (with ROUNDED_VARLEN: the replays' forward attention 4-20% faster per rank,
 bench/results/nvidia_h200_2026-12-06/magi_replay_staged.json.gz against magi_replay.json.gz)."""
+PACK_GQA_DENSE_PARTIALS = False
+"""Whether PACK_GQA also folds the q heads of the dense (not varlen) merging and first-write
+blocks. Off: long dense rows fill their tiles anyway, and there the merging epilogue is faster
+unfolded (one H100, 8K, d 128, 32:8: causal 0.967x upstream against 0.942x folded, full 0.973x
+against 0.975x; bench/results/nvidia_h100_2026-12-07_s29/kernels_d128_unpacked.json)."""
 
 
 class Sm90ForwardPass:
@@ -35,8 +40,8 @@ class Sm90ForwardPass:
     step looks its kernel up by the block's window kind, varlen and first-write mode, and launches.
     A block that is the only one of its rows (`write_rounded`: a ring of one, the kept documents of
     the balanced layout) runs upstream's own kernel, whose epilogue writes 16-bit out.
-    `pack_gqa`: fold q heads into the merging kernels' rows (None: `PACK_GQA`), where the GQA
-    ratio divides the tile."""
+    `pack_gqa`: fold q heads into the kernels' rows, where the GQA ratio divides the tile (None:
+    `PACK_GQA` for varlen and sole blocks, and `PACK_GQA_DENSE_PARTIALS` with it for the others)."""
 
     def __init__(
         self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float, softcap: float | None = None, pack_gqa: bool | None = None,
@@ -44,6 +49,7 @@ class Sm90ForwardPass:
         qhead_per_kvhead = q.shape[-2] // k.shape[-2]
         self.config = (q.dtype, q.shape[-1], qhead_per_kvhead, softcap)
         self.pack_gqa = PACK_GQA if pack_gqa is None else pack_gqa
+        self.pack_gqa_dense_partials = PACK_GQA and PACK_GQA_DENSE_PARTIALS if pack_gqa is None else pack_gqa
         self.writes_rounded_varlen = ROUNDED_VARLEN
         self.softmax_scale = softmax_scale
         self._kernels: dict[tuple, object] = {}
@@ -60,7 +66,8 @@ class Sm90ForwardPass:
         if kernel is None:
             kernel = self._kernels[key] = forward_kernel(
                 *self.config, window=window, varlen=varlen is not None, accumulate=accumulate, head_dim_v=v.shape[-1],
-                write_rounded=write_rounded, pack_gqa=self.pack_gqa,
+                write_rounded=write_rounded,
+                pack_gqa=self.pack_gqa if varlen is not None or write_rounded else self.pack_gqa_dense_partials,
             )
         kernel(
             q, k, v, out_acc, lse_acc, self.softmax_scale, *varlen_arguments(varlen), None,
