@@ -30,9 +30,11 @@ PACK_GQA = True
 bench/results/nvidia_h200_2026-12-06/magi_replay_staged.json.gz against magi_replay.json.gz)."""
 PACK_GQA_DENSE_PARTIALS = False
 """Whether PACK_GQA also folds the q heads of the dense (not varlen) merging and first-write
-blocks. Off: long dense rows fill their tiles anyway, and there the merging epilogue is faster
-unfolded (one H100, 8K, d 128, 32:8: causal 0.967x upstream against 0.942x folded, full 0.973x
-against 0.975x; bench/results/nvidia_h100_2026-12-07_s29/kernels_d128_unpacked.json)."""
+blocks. Off: long dense rows fill their tiles anyway, and there the merging step ran faster
+unfolded (one H100, 8K, d 128, 32:8 causal: 0.967x upstream against 0.939-0.942x folded, full
+0.961-0.973x against 0.965-0.975x; d 256 causal 0.929x against 0.925x; with an epilogue since
+reverted, bench/results/nvidia_h100_2026-12-07_s29/). Unfolded rows also get the epilogue's L2
+prefetch, which folded ones skip."""
 
 
 class Sm90ForwardPass:

@@ -24,21 +24,9 @@ from quack import layout_utils
 from .lse_merge import merged_lse_and_weights
 from .vector_memory import prefetch_l2
 
-# The prior out a thread reads with its lse, in fp32 values: all its rows up to head_dim 128 (two
-# rows of 32 values), one row at 256, so that they and the tile's out (acc_O) fit the consumer
-# warpgroups' registers
-PRIOR_VALUES_READ_AT_ONCE = 64
-FP32_PER_LINE = 32
-
-
-def _tile_of(mask_fn) -> dict:
-    """The tile (m_block, head_idx, batch_idx) upstream's consumer loop binds into the mask
-    function it hands each tile's first block (functools.partial keywords)."""
-    bound = getattr(mask_fn, "keywords", {})
-    tile = {name: bound.get(name) for name in ("m_block", "head_idx", "batch_idx")}
-    if any(value is None for value in tile.values()):
-        raise TypeError(f"flash-attn-4's forward no longer binds the tile into the mask function of a tile's first block ({sorted(bound)})")
-    return tile
+# A thread's values of an MMA row are pairs of adjacent columns 8 apart: 8 of them span 32 fp32
+# columns, one 128-byte line
+VALUES_PER_LINE = 8
 
 
 class PartialsForwardSm90(FlashAttentionForwardSm90):
@@ -65,43 +53,6 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
             raise TypeError("the out accumulator must be Float32 and the lse accumulator Float64")
         super()._check_type(mQ_type, mK_type, mV_type, mQ_type, Float32, *varlen_types)
 
-    def mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, *args, **kwargs):
-        # The consumer warpgroups' loop (upstream's): the accumulators are kept for the
-        # prefetch at each tile's first block
-        self._accumulators = (mO, mLSE)
-        return super().mma(tiled_mma_qk, tiled_mma_pv, mO, mLSE, *args, **kwargs)
-
-    @cute.jit
-    def first_half_block_overlap(self, n_block, mma_qk_fn, kv_consumer_state, pipeline_k, tOrP, smem_copy_params, softmax, seqlen, *args, **kwargs):
-        # A tile's prior out and lse, asked of L2 as its first block starts, so that its epilogue
-        # reads them from L2 and not from memory, a tile's mainloop later
-        if const_expr(self.accumulate):
-            self._prefetch_prior(seqlen, **_tile_of(kwargs.get("mask_fn")))
-        return super().first_half_block_overlap(
-            n_block, mma_qk_fn, kv_consumer_state, pipeline_k, tOrP, smem_copy_params, softmax, seqlen, *args, **kwargs,
-        )
-
-    @cute.jit
-    def _prefetch_prior(self, seqlen, m_block: cutlass.Int32, head_idx: cutlass.Int32, batch_idx):
-        """Every 128-byte line of the tile's prior out, and each row's prior lse, into L2: the
-        consumer threads share the lines out."""
-        mO, mLSE = self._accumulators
-        gO, gLSE, rows_in_tile = self._accumulator_tiles(mO, mLSE, seqlen, m_block, head_idx, batch_idx)
-        thread = cute.arch.thread_idx()[0] % self.num_mma_threads
-        lines_per_row = cute.ceil_div(self.tile_hdimv, FP32_PER_LINE)
-        lines = self.tile_m * lines_per_row
-        for i in cutlass.range_constexpr(cute.ceil_div(lines, self.num_mma_threads)):
-            line = thread + i * self.num_mma_threads
-            row = line // lines_per_row
-            if line < lines:
-                if row < rows_in_tile:
-                    prefetch_l2(elem_pointer(gO, (row, (line % lines_per_row) * FP32_PER_LINE)))
-        for i in cutlass.range_constexpr(cute.ceil_div(self.tile_m, self.num_mma_threads)):
-            row = thread + i * self.num_mma_threads
-            if row < self.tile_m:
-                if row < rows_in_tile:
-                    prefetch_l2(elem_pointer(gLSE, (row,)))
-
     @cute.jit
     def epilogue(
         self,
@@ -120,52 +71,6 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         batch_idx: cutlass.Int32,
     ):
         thr_mma = tiled_mma.get_slice(tidx)
-        gO, gLSE, rows_in_tile = self._accumulator_tiles(mO, mLSE, seqlen, m_block, head_idx, batch_idx)
-        tOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
-        tOrO = layout_utils.reshape_acc_to_mn(acc_O)
-        tOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_hdimv))))
-        num_rows = cute.size(tOrO, mode=[0])
-        num_cols = cute.size(tOrO, mode=[1])
-        # A row's out moves between registers and memory in vectors (autovec_copy: the MMA
-        # layout's column pairs, 8 bytes a thread), not one fp32 at a time. Each row's registers
-        # hold its prior out, then its merged out.
-        rows_out = [cute.make_rmem_tensor_like(tOrO[0, None], Float32) for _ in range(num_rows)]
-        rows_read_with_lse = min(num_rows, max(1, PRIOR_VALUES_READ_AT_ONCE // num_cols))
-
-        # One wait on memory for the prior lse and out: both are read before the barrier, the
-        # out whether or not the row saw a key (unset memory then, never used).
-        lse_prior = cute.make_rmem_tensor_like(lse, Float64)
-        for m in cutlass.range_constexpr(num_rows):
-            lse_prior[m] = -Float64.inf
-            if const_expr(self.accumulate):
-                if tOcO[m, 0][0] < rows_in_tile:
-                    lse_prior[m] = gLSE[tOcO[m, 0][0]]
-                    if const_expr(m < rows_read_with_lse):
-                        cute.autovec_copy(tOgO[m, None], rows_out[m])
-        # The four threads of a row all read its prior lse before one of them overwrites it.
-        cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_epilogue_threads)
-
-        for m in cutlass.range_constexpr(num_rows):
-            row = tOcO[m, 0][0]
-            if row < rows_in_tile:
-                lse_new, weight_prior, weight_tile = merged_lse_and_weights(lse_prior[m], Float64(lse[m]))
-                # No key merged into this row yet: its prior out is unset and not used.
-                if lse_prior[m] != -Float64.inf:
-                    if const_expr(m >= rows_read_with_lse):
-                        cute.autovec_copy(tOgO[m, None], rows_out[m])
-                    for n in cutlass.range(num_cols, unroll_full=True):
-                        rows_out[m][n] = rows_out[m][n] * weight_prior + tOrO[m, n] * weight_tile
-                else:
-                    for n in cutlass.range(num_cols, unroll_full=True):
-                        rows_out[m][n] = tOrO[m, n] * weight_tile
-                cute.autovec_copy(rows_out[m], tOgO[m, None])
-                if tOcO[m, 0][1] == 0:
-                    gLSE[row] = lse_new
-
-    @cute.jit
-    def _accumulator_tiles(self, mO: cute.Tensor, mLSE: cute.Tensor, seqlen, m_block: cutlass.Int32, head_idx: cutlass.Int32, batch_idx):
-        """Tile m_block's out (tile_m, head_dim_v) and lse (tile_m,) of the accumulators, and how
-        many of its rows the block has."""
         mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
         mLSE_cur = seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx]
         if const_expr(not self.pack_gqa):
@@ -176,7 +81,50 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
             gO = self._packed_tile(mO_cur, m_block, (0,), (self.tile_hdimv,))
             gLSE = self._packed_tile(mLSE_cur, m_block, (), ())
             rows_in_tile = seqlen.seqlen_q * self.qhead_per_kvhead - m_block * self.tile_m
-        return gO, gLSE, rows_in_tile
+        tOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
+        tOrO = layout_utils.reshape_acc_to_mn(acc_O)
+        tOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_hdimv))))
+        num_rows = cute.size(tOrO, mode=[0])
+        num_cols = cute.size(tOrO, mode=[1])
+
+        if const_expr(self.accumulate and not self.pack_gqa):
+            # The prior out that the rows below read, one at a time after the lse: asked of L2
+            # first, so those reads wait on L2 and not on memory. One q head per tile's rows only:
+            # at 8K, d 128 (H100, bench/results/nvidia_h100_2026-12-06_s19/) it took the merging
+            # step from 0.950-0.959 to 0.965-0.966x upstream at 32:32, but packed q heads (32:8)
+            # lost 3.6% causal, 0.931 to 0.895x
+            for m in cutlass.range(num_rows, unroll_full=True):
+                if tOcO[m, 0][0] < rows_in_tile:
+                    for n in cutlass.range(0, num_cols, VALUES_PER_LINE, unroll_full=True):
+                        prefetch_l2(elem_pointer(gO, tOcO[m, n]))
+        lse_prior = cute.make_rmem_tensor_like(lse, Float64)
+        for m in cutlass.range(num_rows, unroll_full=True):
+            lse_prior[m] = -Float64.inf
+            if const_expr(self.accumulate):
+                if tOcO[m, 0][0] < rows_in_tile:
+                    lse_prior[m] = gLSE[tOcO[m, 0][0]]
+        # The four threads of a row all read its prior lse before one of them overwrites it.
+        cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_epilogue_threads)
+
+        # A row's out moves between registers and memory in vectors (autovec_copy: the MMA
+        # layout's column pairs, 8 bytes a thread), not one fp32 at a time.
+        merged = cute.make_rmem_tensor_like(tOrO[0, None], Float32)
+        prior = cute.make_rmem_tensor_like(tOrO[0, None], Float32)
+        for m in cutlass.range(num_rows, unroll_full=True):
+            row = tOcO[m, 0][0]
+            if row < rows_in_tile:
+                lse_new, weight_prior, weight_tile = merged_lse_and_weights(lse_prior[m], Float64(lse[m]))
+                for n in cutlass.range(num_cols, unroll_full=True):
+                    merged[n] = tOrO[m, n] * weight_tile
+                if const_expr(self.accumulate):
+                    # No key merged into this row yet: its out is not read, so it may be unset.
+                    if lse_prior[m] != -Float64.inf:
+                        cute.autovec_copy(tOgO[m, None], prior)
+                        for n in cutlass.range(num_cols, unroll_full=True):
+                            merged[n] = prior[n] * weight_prior + merged[n]
+                cute.autovec_copy(merged, tOgO[m, None])
+                if tOcO[m, 0][1] == 0:
+                    gLSE[row] = lse_new
 
     @cute.jit
     def _packed_tile(self, packed: cute.Tensor, m_block: cutlass.Int32, rest_origin: tuple, rest_shape: tuple) -> cute.Tensor:
