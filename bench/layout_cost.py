@@ -39,8 +39,10 @@ def fitted_rate(gpu_work: dict, in_place: bool) -> tuple[float, list[dict]]:
             continue
         u, world = case["ulysses"], case["world_size"]
         per_rank_ms = case["ring_ms"]["all_to_all_layout"] / world
-        # its cases' 32:8 heads; every part laid out, as the code that ran (27070ae) did, unless --in-place
-        nbytes = mesh_model.layout_bytes(u, world // u, 32, 8, case["tokens"], gpu_work["head_dim"], in_place)
+        # the case's heads (32:8 where the JSON has none); every part laid out,
+        # as the code that ran (27070ae) did, unless --in-place
+        heads, kv_heads = case.get("heads", (32, 8))
+        nbytes = mesh_model.layout_bytes(u, world // u, heads, kv_heads, case["tokens"], gpu_work["head_dim"], in_place)
         cases.append({"case": name, "layout_ms_per_rank": per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
     rates = sorted(c["gib_per_s"] for c in cases)
     return rates[len(rates) // 2], cases
