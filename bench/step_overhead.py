@@ -44,7 +44,7 @@ class NullTransport:
     def buffers(self, channel, count, shape, dtype, device):
         return self._pool.slots(channel, count, shape, dtype, device)
 
-    def shift(self, send, recv, offset, channel=0, lands_at=None):
+    def shift(self, sends, recvs, offset, channel=0, lands_at=None):
         return self
 
     def wait(self) -> None:

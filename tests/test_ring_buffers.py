@@ -71,8 +71,8 @@ class _RecordingTransport:
     def buffers(self, channel, count, shape, dtype, device):
         return self.pool.slots(channel, count, shape, dtype, device)
 
-    def shift(self, send, recv, offset, channel=0, lands_at=None):
-        self.hops.append((channel, offset))
+    def shift(self, sends, recvs, offset, channel=0, lands_at=None):
+        self.hops.append((channel, offset, len(sends)))
         return _Landed()
 
 
@@ -108,10 +108,10 @@ def test_kv_hops_run_ahead_of_the_compute_on_a_stream_of_some_rows():
     hops = [len(stream.steps) - (1 if stream.steps[0] == 0 else 0) for stream in plan.streams]
     free = [_kv_buffers(plan, stream, 2**20) - (1 if stream.steps[0] == 0 else 0) for stream in plan.streams]
     kv.before_step(plan.steps[0].step)
-    assert len(transport.hops) == 2 * sum(map(min, hops, free))  # a hop moves K's rows and V's
+    assert len(transport.hops) == sum(map(min, hops, free))
     for step in plan.steps[1:]:
         kv.before_step(step.step)
-    assert len(transport.hops) == 2 * sum(hops)
+    assert len(transport.hops) == sum(hops) and all(pieces == 2 for *_, pieces in transport.hops)  # K's rows and V's, one transfer
 
     dense = rank_plan(Sharding.dense(8 * 64, 8, "zigzag"), BandMask(hi=0), 3, cpu)
     assert [_kv_buffers(dense, stream, 2**20) for stream in dense.streams] == [2]

@@ -16,7 +16,7 @@ def shift_everywhere(rank: int, world_size: int, group=None) -> list[tuple[int, 
     for offset in range(1, 2 * world_size + 1):
         sends = [torch.full((3, 5), float(100 * channel + rank)) for channel in (0, 1)]
         recvs = [torch.full((3, 5), float("nan")) for _ in (0, 1)]
-        pending = [transport.shift(sends[c], recvs[c], offset, channel=c) for c in (0, 1)]
+        pending = [transport.shift([sends[c]], [recvs[c]], offset, channel=c) for c in (0, 1)]
         for c in (1, 0):
             pending[c].wait()
         for c in (0, 1):
@@ -48,7 +48,7 @@ def test_simulated_ring_reports_a_failing_rank_instead_of_hanging():
         if group.rank == 2:
             raise RuntimeError("rank 2 fails on purpose")
         transport = group.transport("auto", torch.device("cpu"))
-        transport.shift(torch.zeros(2), torch.zeros(2), 1).wait()
+        transport.shift([torch.zeros(2)], [torch.zeros(2)], 1).wait()
 
     with pytest.raises(RuntimeError, match="rank 2 fails on purpose"):
         SimulatedRing(4, timeout=30).run(body)
@@ -61,3 +61,29 @@ def test_simulated_ring_times_out_a_missing_peer():
 
     with pytest.raises(RuntimeError, match="no peer answered"):
         SimulatedRing(2, timeout=1).run(body)
+
+
+def shift_pieces(rank: int, world_size: int, group=None) -> list[int]:
+    """A shift of a hop's pieces (sizes and dtypes of their own, one of them empty) moves them as
+    one transfer, each landing in its own recv, for every offset."""
+    transport = resolve_group(group).transport("auto", torch.device("cpu"))
+    sources = []
+    for offset in range(1, world_size + 2):
+        sends = [torch.full((4,), float(rank)), torch.empty(0), torch.full((2, 3), rank, dtype=torch.int64)]
+        recvs = [torch.full((4,), float("nan")), torch.empty(0), torch.full((2, 3), -1, dtype=torch.int64)]
+        transport.shift(sends, recvs, offset, channel=1).wait()
+        source = (rank - offset) % world_size
+        assert (recvs[0] == source).all() and (recvs[2] == source).all(), (offset, recvs)
+        sources.append(source)
+    return sources
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_simulated_shift_of_several_pieces(world_size):
+    results = SimulatedRing(world_size).run(lambda group: shift_pieces(group.rank, world_size, group))
+    assert results == [[(rank - offset) % world_size for offset in range(1, world_size + 2)] for rank in range(world_size)]
+
+
+@pytest.mark.slow
+def test_gloo_shift_of_several_pieces(tmp_path):
+    assert values(run_ranks(shift_pieces, 2, tmp_path, timeout=120)) == [[1, 0, 1], [0, 1, 0]]

@@ -5,8 +5,8 @@ Receive buffers live in torch symmetric memory, so every rank can address every 
 from rank s to rank d on a channel is two-way signalled with per-pair counters in a symmetric flag
 array, all as stream memory operations:
   1. d stores FREE (its receive buffer is no longer read) into s's flags;
-  2. s waits for d's FREE, copies its send buffer into d's receive buffer, then stores DATA
-     (the store is fenced behind the copy) into d's flags;
+  2. s waits for d's FREE, copies its send buffers (a hop's pieces) into d's receive buffers,
+     then stores DATA (the store is fenced behind the copies) into d's flags;
   3. d waits for s's DATA before anything later on its comm stream, and so before its compute
      stream reads the buffer.
 So a receiver never reads a buffer whose write is unfinished, and a sender never overwrites a
@@ -20,13 +20,14 @@ from __future__ import annotations
 import collections
 import os
 import socket
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import stream_memops
 from .buffers import BufferPool
-from .transport import Done
+from .transport import Done, copied_to_self
 from .watchdog import HopWatchdog
 
 CHANNELS = 3  # KV, dK/dV, the Ulysses all-to-all
@@ -94,28 +95,36 @@ class CopyEngineTransport:
         stream_memops.wait_value(stream, self._flag_address(self.rank, kind, channel, peer), self._awaited[key])
 
     def shift(
-        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+        self, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], offset: int, channel: int = 0,
+        lands_at: Sequence[torch.Tensor | None] | None = None,
     ) -> Done:
         stream = torch.cuda.current_stream(self.device)
         if offset % self.world_size == 0:
-            recv.copy_(send)
-            return Done()
+            return copied_to_self(sends, recvs)
         dst = (self.rank + offset) % self.world_size
         src = (self.rank - offset) % self.world_size
         arena = self._pool.arena(channel)
-        # The peer's receive buffer sits where mine (or `lands_at`) does in my arena: every rank's
-        # slots have one layout.
-        where = _arena_offset(recv if lands_at is None else lands_at, arena)
-        if not (send.is_contiguous() and recv.is_contiguous() and 0 <= where < arena.numel()):
-            raise ValueError("copy-engine shift: recv (and lands_at) must be contiguous views of buffers(); send contiguous")
-        if recv.numel():
+        places = [None] * len(recvs) if lands_at is None else lands_at
+        copies = []
+        for send, recv, place in zip(sends, recvs, places, strict=True):
+            # The peer's receive buffer sits where mine (or `lands_at`) does in my arena: every
+            # rank's slots have one layout.
+            where = _arena_offset(recv if place is None else place, arena)
+            if not (send.is_contiguous() and recv.is_contiguous() and 0 <= where < arena.numel()):
+                raise ValueError("copy-engine shift: recvs (and lands_at) must be contiguous views of buffers(); sends contiguous")
+            if send.numel():
+                copies.append((where, send))
+        receives = any(recv.numel() for recv in recvs)
+        # One handshake for all the pieces: a piece's peer receives it exactly when it sends it
+        if receives:
             self._signal(stream, FREE, channel, src)
-        if send.numel():
+        if copies:
             self._await(stream, FREE, channel, dst)
-            peer_recv = self._arenas[arena.data_ptr()][1][dst] + where
-            stream_memops.copy(stream, peer_recv, send.data_ptr(), send.numel() * send.element_size())
+            peer_arena = self._arenas[arena.data_ptr()][1][dst]
+            for where, send in copies:
+                stream_memops.copy(stream, peer_arena + where, send.data_ptr(), send.numel() * send.element_size())
             self._signal(stream, DATA, channel, dst)
-        if recv.numel():
+        if receives:
             self._await(stream, DATA, channel, src)
         return Done()
 

@@ -17,7 +17,7 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -165,22 +165,26 @@ class SimulatedGroup:
 
 class _SimulatedShift:
     """Matches its peer's send by posting order, as NCCL and gloo do: the n-th receive posted from
-    a rank on a channel takes that rank's n-th send, whatever order the receives are waited in."""
+    a rank on a channel takes that rank's n-th send, whatever order the receives are waited in. A
+    shift's pieces travel as one message."""
 
-    def __init__(self, transport: SimulatedTransport, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int):
+    def __init__(self, transport: SimulatedTransport, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], offset: int, channel: int):
         group = transport.group
-        self.transport, self.recv, self.channel = transport, recv, channel
+        self.transport, self.recvs, self.channel = transport, list(recvs), channel
         self.src = (group.rank - offset) % group.world_size
         group.ring.collectives[group.global_rank] += 1
-        if send.numel():
+        if any(send.numel() for send in sends):
             dst = (group.rank + offset) % group.world_size
-            group.post(dst, channel, (transport.count(transport.sent, dst, channel), send.clone()))
-        if recv.numel():
+            group.post(dst, channel, (transport.count(transport.sent, dst, channel), [send.clone() for send in sends]))
+        self.receives = any(recv.numel() for recv in self.recvs)
+        if self.receives:
             self.number = transport.count(transport.posted, self.src, channel)
 
     def wait(self) -> None:
-        if self.recv.numel():
-            self.recv.copy_(self.transport.take(self.src, self.channel, self.number))
+        if self.receives:
+            for recv, piece in zip(self.recvs, self.transport.take(self.src, self.channel, self.number), strict=True):
+                if recv.numel():
+                    recv.copy_(piece)
 
 
 class SimulatedTransport:
@@ -195,15 +199,15 @@ class SimulatedTransport:
         self._pool = BufferPool()
         self.sent: collections.Counter = collections.Counter()  # (peer, channel) -> sends posted
         self.posted: collections.Counter = collections.Counter()  # (peer, channel) -> receives posted
-        self._early: dict[tuple[int, int, int], torch.Tensor] = {}  # (peer, channel, number) -> taken before its turn
+        self._early: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (peer, channel, number) -> taken before its turn
 
     @staticmethod
     def count(counter: collections.Counter, peer: int, channel: int) -> int:
         counter[(peer, channel)] += 1
         return counter[(peer, channel)]
 
-    def take(self, src: int, channel: int, number: int) -> torch.Tensor:
-        """src's `number`-th send on `channel`, keeping any earlier-posted ones for their receives."""
+    def take(self, src: int, channel: int, number: int) -> list[torch.Tensor]:
+        """src's `number`-th send on `channel` (its pieces), keeping any earlier-posted ones for their receives."""
         while (src, channel, number) not in self._early:
             sent_number, tensor = self.group.take(src, channel)
             self._early[(src, channel, sent_number)] = tensor
@@ -213,9 +217,10 @@ class SimulatedTransport:
         return self._pool.slots(channel, count, shape, dtype, device)
 
     def shift(
-        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+        self, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], offset: int, channel: int = 0,
+        lands_at: Sequence[torch.Tensor | None] | None = None,
     ) -> _SimulatedShift:
-        return _SimulatedShift(self, send, recv, offset, channel)
+        return _SimulatedShift(self, sends, recvs, offset, channel)
 
 
 class SimulatedMesh:

@@ -1,12 +1,13 @@
 """Transports: how a buffer moves between the ranks of a ring.
 
-`shift(send, recv, offset)` sends `send` to rank (r + offset) mod W and receives into `recv` from
-rank (r - offset) mod W, both posted together, so every rank can call it at once for any W.
-Sizes may differ between ranks (a send matches its peer's recv); an empty send or recv is skipped,
-by both ends alike. Shifts between two ranks on a channel match in the order they are posted.
-Every rank's buffers have one layout; a send lands where `recv` is on this rank, or, given
-`lands_at` (a view of this rank's buffers), where that view is, for a piece whose place depends
-on the receiver's plan, not the sender's.
+`shift(sends, recvs, offset)` sends the pieces `sends` to rank (r + offset) mod W and receives into
+`recvs` from rank (r - offset) mod W, all posted together as one transfer (one handshake, one
+collective launch: a hop's K and V rows, an all-to-all's parts for one peer), so every rank can
+call it at once for any W. Sizes may differ between ranks (a piece matches its peer's piece); an
+empty piece is skipped, by both ends alike. Shifts between two ranks on a channel match in the
+order they are posted. Every rank's buffers have one layout; a piece lands where its recv is on
+this rank, or, given `lands_at` (views of this rank's buffers), where its view is, for a piece
+whose place depends on the receiver's plan, not the sender's.
 Receive buffers come from the transport's `buffers`, kept across calls. A stream-ordered (GPU)
 transport enqueues on the current CUDA stream and its `wait` makes the current stream wait;
 the others block the host, at most the ring timeout. A transport knows nothing of attention:
@@ -16,6 +17,7 @@ device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -49,9 +51,11 @@ class Transport(Protocol):
         ...
 
     def shift(
-        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+        self, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], offset: int, channel: int = 0,
+        lands_at: Sequence[torch.Tensor | None] | None = None,
     ) -> PendingShift:
-        """Start moving `send` `offset` ranks forward. Shifts on one channel complete in order."""
+        """Start moving the pieces `sends` `offset` ranks forward, into the peer's `recvs`, as one
+        transfer. Shifts on one channel complete in order."""
         ...
 
 
@@ -78,10 +82,17 @@ class LocalTransport:
         return self._pool.slots(channel, count, shape, dtype, device)
 
     def shift(
-        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+        self, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], offset: int, channel: int = 0,
+        lands_at: Sequence[torch.Tensor | None] | None = None,
     ) -> PendingShift:
+        return copied_to_self(sends, recvs)
+
+
+def copied_to_self(sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor]) -> Done:
+    """A shift by a multiple of W: each piece copied into its recv here."""
+    for send, recv in zip(sends, recvs, strict=True):
         recv.copy_(send)
-        return Done()
+    return Done()
 
 
 class _StreamOrderedRequests:
@@ -107,8 +118,8 @@ class _HostRequests:
 
 
 class ProcessGroupTransport:
-    """torch.distributed point-to-point: gloo on CPU; NCCL on GPU, each send grouped with its
-    receive (one batch_isend_irecv), stream-ordered behind the comm stream."""
+    """torch.distributed point-to-point: gloo on CPU; NCCL on GPU, a shift's sends grouped with its
+    receives (one batch_isend_irecv), stream-ordered behind the comm stream."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device, timeout: float):
         self.group = group
@@ -124,15 +135,16 @@ class ProcessGroupTransport:
         return self._pool.slots(channel, count, shape, dtype, device)
 
     def shift(
-        self, send: torch.Tensor, recv: torch.Tensor, offset: int, channel: int = 0, lands_at: torch.Tensor | None = None,
+        self, sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor], offset: int, channel: int = 0,
+        lands_at: Sequence[torch.Tensor | None] | None = None,
     ) -> PendingShift:
         if offset % self.world_size == 0:
-            recv.copy_(send)
-            return Done()
+            return copied_to_self(sends, recvs)
         dst = dist.get_global_rank(self.group, (self.rank + offset) % self.world_size)
         src = dist.get_global_rank(self.group, (self.rank - offset) % self.world_size)
         ops = [
             dist.P2POp(operation, tensor, peer, self.group, tag=channel)
+            for send, recv in zip(sends, recvs, strict=True)
             for operation, tensor, peer in ((dist.isend, send, dst), (dist.irecv, recv, src))
             if tensor.numel()
         ]
