@@ -39,7 +39,8 @@ PRIOR_IN_SHARED = False
 """Read the merging blocks' prior out into shared memory while each tile's main loop runs, not in
 its epilogue (prior_reads.py; where upstream's storage leaves room: head_dim_v 128 and 64). Off
 until a GPU has run it: compiled for sm_90a in CI, its GPU tests set it
-(tests/gpu/test_fa4_forward_partials.py), `bench/kernels.py --prior-in-shared` times it."""
+(tests/gpu/test_fa4_forward_partials.py, test_fa4_ring.py), and bench/kernels.py times it beside
+the default (`fa4_cp_fwd_merge_prior_in_shared`)."""
 
 
 class Sm90ForwardPass:
