@@ -344,11 +344,13 @@ def main() -> None:
         except torch.OutOfMemoryError as error:  # a simulated W = 64 holds every rank on one card: say so, go on
             out_of_memory = str(error).splitlines()[0]
         inputs = None
+        # a case's simulated ranks (their threads, transports and buffers; a failed call's frames
+        # and exception) sit in reference cycles: collect them, or the next case starts with their
+        # memory still allocated (session 29: pretraining-like 8 x 8 ran out of memory after
+        # fine-tuning-like 8 x 8 in one process, where it fits alone)
+        gc.collect()
+        torch.cuda.empty_cache()
         if out_of_memory is not None:
-            # the failed call's frames sit in reference cycles (its rank threads, the exception):
-            # collect them, or the next case starts with their memory still allocated
-            gc.collect()
-            torch.cuda.empty_cache()
             result["cases"][name] = {"world_size": case.world, "out_of_memory": out_of_memory}
             write(result, args.out)
             print(f"{name:18} W={case.world:<3} out of GPU memory, left out", flush=True)
@@ -366,7 +368,6 @@ def main() -> None:
             )
             + f"({row['seconds']:.0f} s)", flush=True,
         )
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
