@@ -347,7 +347,7 @@ def main() -> None:
         # a case's simulated ranks (their threads, transports and buffers; a failed call's frames
         # and exception) sit in reference cycles: collect them, or the next case starts with their
         # memory still allocated (session 29: pretraining-like 8 x 8 ran out of memory after
-        # fine-tuning-like 8 x 8 in one process, where it fits alone)
+        # fine-tuning-like 8 x 8 in one process; after the W = 8 and 16 cases it had fitted in session 28)
         gc.collect()
         torch.cuda.empty_cache()
         if out_of_memory is not None:
