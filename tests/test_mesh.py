@@ -168,6 +168,36 @@ def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
     assert laid_out == collections.Counter({False: 4 * (6 + 4 + 4 * with_dlse), **({} if case.documents else sent_by_rows)}), laid_out
 
 
+def test_a_peers_parts_of_an_exchange_travel_as_one_transfer(monkeypatch):
+    """On a transport that copies into its peers, each exchange is one shift per peer (the rank's
+    own row included) carrying all of its parts: one handshake per peer on the copy engine, not
+    one per part."""
+    from fa4_cp.comm import all_to_all, simulated
+    from fa4_cp.runtime import ulysses as stage
+
+    exchanges, shifts = collections.Counter(), collections.Counter()
+    post_parts, shift = stage.post_all_to_all_parts, simulated.SimulatedTransport.shift
+
+    def counted_post(transport, sends, regions, what):
+        exchanges[len(regions)] += 1
+        return post_parts(transport, sends, regions, what)
+
+    def counted_shift(self, sends, recvs, offset, channel=0, lands_at=None):
+        if channel == all_to_all.ALL_TO_ALL_CHANNEL:
+            shifts[len(sends)] += 1
+        return shift(self, sends, recvs, offset, channel, lands_at)
+
+    monkeypatch.setattr(stage, "post_all_to_all_parts", counted_post)
+    monkeypatch.setattr(simulated.SimulatedTransport, "shift", counted_shift)
+    case = mesh_case("balanced_causal", 2, 8, 2)
+    inputs = make_inputs(case, 4, torch.float32, seed=7)
+    per_rank = SimulatedMesh(2, 2).run(lambda group: ring_results_for_rank(case, 4, inputs, group, group.rank))
+    assert_ring_matches(case, 4, inputs, torch.float32, per_rank)
+    ulysses = 2  # every rank's exchanges counted: u shifts each
+    assert max(exchanges) > 1, exchanges  # some exchange has several parts (q, k and v)
+    assert shifts == collections.Counter({parts: count * ulysses for parts, count in exchanges.items()}), (shifts, exchanges)
+
+
 def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(monkeypatch):
     """The pipeline's order on every rank: chunk j + 1's inbound all-to-all is posted before chunk
     j's ring, and chunk j's outbound one right after it (forward and backward alike)."""
