@@ -130,13 +130,15 @@ class Exchange:
             send = self._send_buffer(parts)
             self.lay_out(parts.views(send), sources)
             return PendingExchange(post_all_to_all(self.group, self.transport, send, "the Ulysses all-to-all"), parts, False)
-        send = None  # made once some part is laid out
+        send = views = None  # made once some part is laid out
         pieces: list[list[torch.Tensor]] = [[] for _ in range(self.ranks)]
         for part, source in enumerate(sources):
             direct = _row_pieces(source, self.ranks, parts.piece_bytes(part)) if isinstance(source, Rows) else None
             if direct is None or None in direct:
-                send = self._send_buffer(parts) if send is None else send
-                view = parts.views(send)[part]
+                if send is None:
+                    send = self._send_buffer(parts)
+                    views = parts.views(send)
+                view = views[part]
                 if direct is None:
                     self.lay_out([view], [source])
                 else:

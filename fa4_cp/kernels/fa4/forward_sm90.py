@@ -64,7 +64,7 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         # the prior out's copies is kept here, while the kernel is traced
         self._consumer = (tiled_mma_pv, mO, mLSE, tidx)
         if const_expr(self._reads_prior_early(sQ, sK, sVt, sP)):
-            fragment = self._fragment_coordinates(tiled_mma_pv, tidx)
+            fragment = self._thread_fragment(tiled_mma_pv, tidx, self._tile_coordinates())
             self._prior_reads = PriorReads(self.num_mma_threads, cute.size(fragment, mode=[0]), cute.size(fragment, mode=[1]))
         return super().mma(
             tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, sK, sVt, sP, sO, learnable_sink, pipeline_k, pipeline_v, pipeline_q,
@@ -86,8 +86,8 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         if const_expr(self._prior_reads is not None):
             tiled_mma_pv, mO, mLSE, tidx = self._consumer
             gO, gLSE, rows_in_tile = self._accumulator_tiles(mO, mLSE, seqlen, **_tile_of(kwargs.get("mask_fn")))
-            tOcO = self._fragment_coordinates(tiled_mma_pv, tidx)
-            self._prior_reads.start(layout_utils.reshape_acc_to_mn(tiled_mma_pv.get_slice(tidx).partition_C(gO)), tOcO, rows_in_tile, tidx)
+            tOcO = self._thread_fragment(tiled_mma_pv, tidx, self._tile_coordinates())
+            self._prior_reads.start(self._thread_fragment(tiled_mma_pv, tidx, gO), tOcO, rows_in_tile, tidx)
             for m in cutlass.range_constexpr(cute.size(tOcO, mode=[0])):  # the lse, read before the out in the epilogue
                 if tOcO[m, 0][0] < rows_in_tile:
                     prefetch_l2(elem_pointer(gLSE, (tOcO[m, 0][0],)))
@@ -95,10 +95,13 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
             n_block, mma_qk_fn, kv_consumer_state, pipeline_k, tOrP, smem_copy_params, softmax, seqlen, *args, **kwargs,
         )
 
-    def _fragment_coordinates(self, tiled_mma: cute.TiledMma, tidx) -> cute.Tensor:
-        """The (row, column) in the tile of each value of the thread's out fragment, (rows, columns)."""
-        identity = cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-        return layout_utils.reshape_acc_to_mn(tiled_mma.get_slice(tidx).partition_C(identity))
+    def _thread_fragment(self, tiled_mma: cute.TiledMma, tidx, tile: cute.Tensor) -> cute.Tensor:
+        """The thread's values of an out tile (tile_m, head_dim_v) as its fragment holds them: (rows, columns)."""
+        return layout_utils.reshape_acc_to_mn(tiled_mma.get_slice(tidx).partition_C(tile))
+
+    def _tile_coordinates(self) -> cute.Tensor:
+        """Each value's (row, column) in an out tile."""
+        return cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
 
     @cute.jit
     def epilogue(
@@ -117,11 +120,10 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         head_idx: cutlass.Int32,
         batch_idx: cutlass.Int32,
     ):
-        thr_mma = tiled_mma.get_slice(tidx)
         gO, gLSE, rows_in_tile = self._accumulator_tiles(mO, mLSE, seqlen, m_block, head_idx, batch_idx)
-        tOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
+        tOgO = self._thread_fragment(tiled_mma, tidx, gO)
         tOrO = layout_utils.reshape_acc_to_mn(acc_O)
-        tOcO = self._fragment_coordinates(tiled_mma, tidx)
+        tOcO = self._thread_fragment(tiled_mma, tidx, self._tile_coordinates())
         num_rows = cute.size(tOrO, mode=[0])
         num_cols = cute.size(tOrO, mode=[1])
 

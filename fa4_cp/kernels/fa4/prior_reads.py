@@ -21,9 +21,9 @@ from cutlass import Float32
 from cutlass.cute.nvgpu import cpasync
 from cutlass.memory import SmemAllocator
 
-# What a block may keep of the SM's shared memory (sm_90, sm_100), less a margin for the barriers
-# and alignment of upstream's storage
-SHARED_MEMORY_BYTES = 232448 - 2048
+# What a block may keep of the SM's shared memory (sm_90; sm_100 has as much), less a margin for the
+# barriers and alignment of upstream's storage
+SHARED_MEMORY_BYTES = SmemAllocator.capacity_in_bytes("sm_90") - 2048
 
 
 def fits(storage_bytes: int, tile_m: int, tile_hdimv: int) -> bool:
