@@ -46,8 +46,6 @@
 #   gpu_work_unstaged     bench/gpu_work.py --no-pack-gqa --no-rounded-varlen (JSON), the cases of UNSTAGED_CASES
 #   staged_kernels the forward merging into an unset out, the stand-alone merge, the dq read-back, the dK/dV finish,
 #                  (with indexed chains), the sole block's 16-bit out and dK/dV, and no host sync in a steady-state call
-#   prior_in_shared the merging forward reading its prior out into shared memory during the main loop (PRIOR_IN_SHARED,
-#                  staged): its tests (alone and through the ring), then kernels.py --forward-only at 8K, d 128 and 64
 #
 # Set FA4_CP_GIT_COMMIT where the tree has no .git (a device machine's copy of it).
 set -uo pipefail
@@ -161,10 +159,6 @@ for part in "${parts[@]}"; do
     gpu_work_unstaged)
       run gpu_work_unstaged.log "$seconds" python3 bench/gpu_work.py --no-pack-gqa --no-rounded-varlen --out "$out/gpu_work_unstaged.json" \
         --cases ${UNSTAGED_CASES:-dense_w8 pretrain_w8 finetune_w8 finetune_w16} ;;
-    prior_in_shared)
-      tests tests_gpu_prior_in_shared.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_ring.py -k prior_in_shared
-      run kernels_prior_in_shared.log "$seconds" python3 bench/kernels.py --quick --seqs 8192 --no-first-call --forward-only \
-        --head-dims 128 64 --out "$out" ;;
     staged_kernels)
       tests tests_gpu_staged_kernels.log "$seconds" tests/gpu/test_fa4_forward_partials.py tests/gpu/test_fa4_backend.py \
         tests/gpu/test_no_host_sync.py -k "merge or split or no_key or varlen_rows or read_back or finish or sole_block or waits" ;;

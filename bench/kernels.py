@@ -3,8 +3,7 @@
     python bench/kernels.py            (the full grid; a few minutes on an H200)
 
 Forward: ours with the merge fused in the epilogue (accumulating, and first write; with GQA also
-with the q heads of a KV head packed into its rows; and, staged, with the prior out read into
-shared memory during the main loop, forward_pass_sm90.PRIOR_IN_SHARED), ours as a ring of one rank launches
+with the q heads of a KV head packed into its rows, staged), ours as a ring of one rank launches
 it (upstream's own kernel writing 16-bit out, the lse widened), ours with upstream's forward plus
 the stand-alone merge kernel, upstream flash_attn_func, cuDNN SDPA; ours
 is one step of a forward pass made once, as in a ring call.
@@ -119,8 +118,6 @@ def run_config(
     if heads != kv_heads:  # staged: the q heads of a KV head folded into the merging kernel's rows
         packed = Sm90ForwardPass(q, k, scale, pack_gqa=True)
         contenders["fa4_cp_fwd_merge_packed_q_heads"] = lambda: packed.step(q, k, v, out, lse, mask=mask, accumulate=True)
-    staged = Sm90ForwardPass(q, k, scale, prior_in_shared=True)  # the prior out read into shared memory during the main loop
-    contenders["fa4_cp_fwd_merge_prior_in_shared"] = lambda: staged.step(q, k, v, out, lse, mask=mask, accumulate=True)
     if dim != dim_v:
         del contenders["fa4_cp_fwd_merge_kernel"]  # the stand-alone merge is not built for v narrower than k
     if not _runs(cudnn_forward):
@@ -190,7 +187,6 @@ def forward_row(seq: int, heads: int, kv_heads: int, dim: int, dim_v: int, causa
         "fwd_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_merge"),
         "fwd_ring_of_one_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_ring_of_one"),
         "fwd_packed_q_heads_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_merge_packed_q_heads"),
-        "fwd_prior_in_shared_vs_upstream": ratio("upstream_fa4_fwd", "fa4_cp_fwd_merge_prior_in_shared"),
         "fwd_vs_cudnn": ratio("cudnn_sdpa_fwd", "fa4_cp_fwd_merge"),
         "fused_vs_merge_kernel": ratio("fa4_cp_fwd_merge_kernel", "fa4_cp_fwd_merge"),
         "bwd_vs_upstream": ratio("upstream_fa4_bwd", "fa4_cp_bwd"),

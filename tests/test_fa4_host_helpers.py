@@ -97,32 +97,3 @@ def test_a_launch_over_shared_kv_rows_covers_their_total_where_k_has_room_past_i
     with pytest.raises(ValueError, match=f"v needs {KV_TILE_OVERHANG} rows of its storage past its last row"):
         _shared_kv_rows(varlen, room, torch.zeros(100, 2, 8))
 
-
-
-def test_the_prior_out_fits_in_shared_memory_beside_upstreams_storage_only_where_it_has_room():
-    """Upstream's Hopper forward keeps sQ and two K and V stages: 160 KiB at d 128 (128 x 128
-    tiles) leaves room for a 64 KiB fp32 tile of prior out, 224 KiB at d 256 (n-tiles of 80) does
-    not, nor MLA's 208 KiB."""
-    from fa4_cp.kernels.fa4.prior_reads import fits
-
-    kib = 1024
-    assert fits(160 * kib, 128, 128) and fits(88 * kib, 192, 64)
-    assert not fits(224 * kib, 128, 256) and not fits(208 * kib, 128, 128)
-
-
-def test_the_merging_forward_refuses_an_upstream_that_no_longer_binds_the_tile_it_hooks():
-    """A tile's first block learns its tile from the mask function upstream's consumer loop binds;
-    an upstream that stops binding it fails the compile with a clear error, not a wrong tile."""
-    import functools
-
-    from fa4_cp.kernels.fa4.forward_sm90 import _tile_of
-
-    def apply_mask(**_):
-        pass
-
-    bound = functools.partial(functools.partial(apply_mask, batch_idx=1, head_idx=2, m_block=3), mask_mod=None)
-    assert _tile_of(bound) == {"m_block": 3, "head_idx": 2, "batch_idx": 1}
-    with pytest.raises(TypeError, match="no longer binds the tile"):
-        _tile_of(functools.partial(apply_mask, mask_mod=None))
-    with pytest.raises(TypeError, match="no longer binds the tile"):
-        _tile_of(None)

@@ -12,7 +12,6 @@ if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 pytest.importorskip("flash_attn.cute")
 from flash_attn.cute import flash_attn_func  # noqa: E402
 
-from fa4_cp.kernels.fa4 import forward_pass_sm90  # noqa: E402
 from fa4_cp.kernels.fa4.forward_pass_sm90 import forward_partials_sm90  # noqa: E402
 from oracle import max_error  # noqa: E402
 
@@ -52,14 +51,6 @@ def fresh(batch, seq, heads, kv_heads, dim, seq_k=None):
     )
 
 
-@pytest.fixture(params=[False, True], ids=["prior_in_epilogue", "prior_in_shared"])
-def prior_in_shared(request, monkeypatch):
-    """The merging epilogue reading the prior out from memory, and (PRIOR_IN_SHARED, staged) from
-    shared memory where each tile's first block copied it (d 256 and MLA keep the first: no room)."""
-    monkeypatch.setattr(forward_pass_sm90, "PRIOR_IN_SHARED", request.param)
-    return request.param
-
-
 CASES = {
     "causal": (128, 8, 8, 1024, BandMask(hi=0)),
     "full_gqa4": (128, 8, 2, 1024, BandMask()),
@@ -72,7 +63,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_write_then_split_merge_against_fp64(name, prior_in_shared):
+def test_write_then_split_merge_against_fp64(name):
     """Splitting the keys into 2..16 merged pieces keeps the error within 1.1x of one call. The
     merges start from an unset out (NaN) with lse -inf, as the ring's packed plans start them.
 
@@ -140,7 +131,7 @@ PACKED_CASES = {  # GQA ratios that divide the 128-row tile: dense, windowed, od
 
 
 @pytest.mark.parametrize("name", PACKED_CASES)
-def test_packed_q_heads_against_fp64(name, prior_in_shared):
+def test_packed_q_heads_against_fp64(name):
     """`pack_gqa` (forward_pass_sm90.PACK_GQA, the default): the q heads of a KV head folded into the
     merging kernel's rows, first write and then three merged key pieces into a NaN out with lse
     -inf, against fp64: within 1.1x of the unpacked kernel's error on the same inputs, no NaN."""
@@ -170,7 +161,7 @@ def test_packed_q_heads_against_fp64(name, prior_in_shared):
         assert packed <= 1.1 * unpacked + 1e-6, f"{what}: packed {packed:.3e} vs unpacked {unpacked:.3e}"
 
 
-def test_rows_that_see_no_key(prior_in_shared):
+def test_rows_that_see_no_key():
     torch.manual_seed(0)
     q, k, v = fresh(1, 256, 4, 4, 128)
     out, lse = poisoned(q)
@@ -183,7 +174,7 @@ def test_rows_that_see_no_key(prior_in_shared):
 
 
 @pytest.mark.parametrize("pack_gqa", [False, True], ids=["rows", "packed_q_heads"])
-def test_varlen_rows_with_shifted_key_starts(pack_gqa, prior_in_shared):
+def test_varlen_rows_with_shifted_key_starts(pack_gqa):
     torch.manual_seed(1)
     total = 700
     q = torch.randn(total, 8, 128, device="cuda", dtype=torch.bfloat16)

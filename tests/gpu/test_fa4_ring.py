@@ -79,18 +79,6 @@ def test_fa4_ring_without_packed_q_heads_matches_fp64(case, world_size, monkeypa
     check_ring(dataclasses.replace(case, name=f"{case.name}_unpacked_q_heads"), world_size, seed=world_size)
 
 
-@pytest.mark.parametrize("world_size", [2, 8])
-@pytest.mark.parametrize("case", FA4_CASES, ids=lambda case: case.name)
-def test_fa4_ring_with_prior_in_shared_matches_fp64(case, world_size, monkeypatch):
-    """The merging forward with each tile's prior out copied into shared memory during its main loop
-    (PRIOR_IN_SHARED, staged off until a GPU has measured it) through the ring, out and lse
-    poisoned: every case of the ring tests, folded q heads and not, packed documents included."""
-    from fa4_cp.kernels.fa4 import forward_pass_sm90
-
-    monkeypatch.setattr(forward_pass_sm90, "PRIOR_IN_SHARED", True)
-    check_ring(dataclasses.replace(case, name=f"{case.name}_prior_in_shared"), world_size, seed=world_size)
-
-
 FINAL_ROW_CASES = [case for case in FA4_CASES if case.layout == "balanced" and not case.sinks]
 
 

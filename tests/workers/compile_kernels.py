@@ -3,8 +3,7 @@
     CUTE_DSL_ARCH=sm_90a python tests/workers/compile_kernels.py sm_90a [SHARD SHARDS]
 
 sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dense and varlen,
-causal and windowed, softcapped, q heads packed or not, the prior out read in the epilogue or into
-shared memory during the main loop; head dims 64, 128, 256 and MLA's 192 / 128), its Hopper backward
+causal and windowed, softcapped, q heads packed or not; head dims 128, 256 and MLA's 192 / 128), its Hopper backward
 accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 128, 192, 256, MLA's 192 / 128), the varlen dq read-back, the dK/dV finish and the stand-alone merge
 kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
 them, under torch's FakeTensorMode; head dims 128, MLA's 192 / 128 and 256) and the merge kernel. Prints one JSON line: each kernel's
@@ -55,11 +54,11 @@ def hopper_kernels() -> dict:
 
     def forward_kernel(
         window_: Fa4Window, varlen: bool, accumulate: bool, qhead_per_kvhead: int, softcap: float | None = None, dims: tuple[int, int] = (128, 128),
-        pack_gqa: bool = False, prior_in_shared: bool = False,
+        pack_gqa: bool = False,
     ):
         config = _tile_size_fwd_sm90(*dims, window_.causal, window_.local)
         return lambda: forward_pass_sm90._compile(
-            BFloat16, dims[0], qhead_per_kvhead, window_, varlen, config, accumulate, softcap, dims[1], False, pack_gqa, prior_in_shared,
+            BFloat16, dims[0], qhead_per_kvhead, window_, varlen, config, accumulate, softcap, dims[1], False, pack_gqa,
         )
 
     tiles = backward_sm90.BackwardTiles.for_head_dim(128)
@@ -83,14 +82,6 @@ def hopper_kernels() -> dict:
         "forward varlen window softcap merging": forward_kernel(window, True, True, 2, 30.0),
         "forward causal merging head_dim 192 / v 128 (MLA)": forward_kernel(causal, False, True, 1, dims=(192, 128)),
         "forward varlen causal merging head_dim 256": forward_kernel(causal, True, True, 2, dims=(256, 256)),
-        "forward causal merging, prior out read into shared memory": forward_kernel(causal, False, True, 4, prior_in_shared=True),
-        "forward varlen window softcap merging, q heads packed, prior out in shared memory": forward_kernel(
-            window, True, True, 2, 30.0, pack_gqa=True, prior_in_shared=True,
-        ),
-        "forward causal merging head_dim 64, prior out in shared memory": forward_kernel(causal, False, True, 1, dims=(64, 64), prior_in_shared=True),
-        "forward causal merging head_dim 256, prior out asked for (no room: read in the epilogue)": forward_kernel(
-            causal, False, True, 1, dims=(256, 256), prior_in_shared=True,
-        ),
         "backward causal gqa": lambda: backward_sm90._compile(tiles, BFloat16, 4, causal, False, None),
         "backward causal": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None),
         "backward causal first write": lambda: backward_sm90._compile(tiles, BFloat16, 1, causal, False, None, write_first=True),

@@ -35,12 +35,6 @@ unfolded (one H100, 8K, d 128, 32:8 causal: 0.967x upstream against 0.939-0.942x
 0.961-0.973x against 0.965-0.975x; d 256 causal 0.929x against 0.925x; with an epilogue since
 reverted, bench/results/nvidia_h100_2026-12-07_s29/). Unfolded rows also get the epilogue's L2
 prefetch, which folded ones skip."""
-PRIOR_IN_SHARED = False
-"""Read the merging blocks' prior out into shared memory while each tile's main loop runs, not in
-its epilogue (prior_reads.py; where upstream's storage leaves room: head_dim_v 128 and 64). Off
-until a GPU has run it: compiled for sm_90a in CI, its GPU tests set it
-(tests/gpu/test_fa4_forward_partials.py, test_fa4_ring.py), and bench/kernels.py times it beside
-the default (`fa4_cp_fwd_merge_prior_in_shared`)."""
 
 
 class Sm90ForwardPass:
@@ -49,19 +43,16 @@ class Sm90ForwardPass:
     A block that is the only one of its rows (`write_rounded`: a ring of one, the kept documents of
     the balanced layout) runs upstream's own kernel, whose epilogue writes 16-bit out.
     `pack_gqa`: fold q heads into the kernels' rows, where the GQA ratio divides the tile (None:
-    `PACK_GQA` for varlen and sole blocks, and `PACK_GQA_DENSE_PARTIALS` with it for the others).
-    `prior_in_shared`: the merging kernels read the prior out as `PRIOR_IN_SHARED` says (None) or not."""
+    `PACK_GQA` for varlen and sole blocks, and `PACK_GQA_DENSE_PARTIALS` with it for the others)."""
 
     def __init__(
         self, q: torch.Tensor, k: torch.Tensor, softmax_scale: float, softcap: float | None = None, pack_gqa: bool | None = None,
-        prior_in_shared: bool | None = None,
     ):
         qhead_per_kvhead = q.shape[-2] // k.shape[-2]
         self.config = (q.dtype, q.shape[-1], qhead_per_kvhead, softcap)
         self.pack_gqa = PACK_GQA if pack_gqa is None else pack_gqa
         self.pack_gqa_dense_partials = PACK_GQA and PACK_GQA_DENSE_PARTIALS if pack_gqa is None else pack_gqa
         self.writes_rounded_varlen = ROUNDED_VARLEN
-        self.prior_in_shared = PRIOR_IN_SHARED if prior_in_shared is None else prior_in_shared
         self.softmax_scale = softmax_scale
         self._kernels: dict[tuple, object] = {}
 
@@ -79,7 +70,6 @@ class Sm90ForwardPass:
                 *self.config, window=window, varlen=varlen is not None, accumulate=accumulate, head_dim_v=v.shape[-1],
                 write_rounded=write_rounded,
                 pack_gqa=self.pack_gqa if varlen is not None or write_rounded else self.pack_gqa_dense_partials,
-                prior_in_shared=self.prior_in_shared,
             )
         kernel(
             q, k, v, out_acc, lse_acc, self.softmax_scale, *varlen_arguments(varlen), None,
@@ -89,27 +79,25 @@ class Sm90ForwardPass:
 
 def forward_kernel(
     dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, softcap: float | None, *, window: Fa4Window, varlen: bool,
-    accumulate: bool, head_dim_v: int | None = None, write_rounded: bool = False, pack_gqa: bool = False, prior_in_shared: bool = False,
+    accumulate: bool, head_dim_v: int | None = None, write_rounded: bool = False, pack_gqa: bool = False,
 ):
     """The compiled forward of one configuration (compiled at first use, then from the cache).
     The softcap is a constant of the kernel, as upstream compiles it. `head_dim_v`: v's, when it
     differs from q's and k's (MLA). `write_rounded`: upstream's own kernel, out in q's dtype and
     lse in fp32, for a block that is the only one of every row it selects. `pack_gqa` is taken
-    where there is more than one q head per KV head and their count divides the tile.
-    `prior_in_shared`: `PRIOR_IN_SHARED`, for a merging block."""
+    where there is more than one q head per KV head and their count divides the tile."""
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     config = _tile_size_fwd_sm90(head_dim, head_dim_v, window.causal, window.local)
     pack_gqa = pack_gqa and qhead_per_kvhead > 1 and config.m_block_size % qhead_per_kvhead == 0
-    prior_in_shared = prior_in_shared and accumulate
     key = (
         str(dtype), head_dim, head_dim_v, qhead_per_kvhead, *window.kind, varlen,
         config.m_block_size, config.n_block_size, config.mma_pv_is_rs, config.intra_wg_overlap, accumulate, softcap, write_rounded,
-        pack_gqa, prior_in_shared,
+        pack_gqa,
     )
     if key not in _compiled:
         _compiled[key] = _compile(
             torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, config, accumulate, softcap, head_dim_v,
-            write_rounded, pack_gqa, prior_in_shared,
+            write_rounded, pack_gqa,
         )
     return _compiled[key]
 
@@ -125,14 +113,12 @@ def forward_partials_sm90(
 
 def _compile(
     dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, config, accumulate: bool, softcap: float | None,
-    head_dim_v: int | None = None, write_rounded: bool = False, pack_gqa: bool = False, prior_in_shared: bool = False,
+    head_dim_v: int | None = None, write_rounded: bool = False, pack_gqa: bool = False,
 ):
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     if write_rounded and accumulate:
         raise ValueError("write_rounded: a block that writes its rows, not one that accumulates")
-    kernel_class, own = (FlashAttentionForwardSm90, {}) if write_rounded else (
-        PartialsForwardSm90, dict(accumulate=accumulate, prior_in_shared=prior_in_shared),
-    )
+    kernel_class, own = (FlashAttentionForwardSm90, {}) if write_rounded else (PartialsForwardSm90, dict(accumulate=accumulate))
     kernel = kernel_class(
         dtype,
         head_dim,

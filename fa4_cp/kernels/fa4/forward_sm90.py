@@ -5,8 +5,6 @@ With `accumulate`, the epilogue reads the prior (out, lse) of its rows, merges t
 normalized output and LSE into them in registers (the LSE in fp64), and writes them back; a row
 whose prior lse is -inf takes the tile's result without reading out, so out need not start
 zeroed. Without `accumulate`, it writes the tile's result. Every other part of the kernel is upstream's.
-With `prior_in_shared`, where upstream's storage leaves room, the prior out is copied into shared
-memory while the tile's main loop runs (prior_reads.py) and the epilogue reads it there.
 
 With `pack_gqa` (upstream's layout: the q heads of a KV head folded into the rows, packed row i
 of a tile being q head i % g of token i // g, g q heads per KV head), a tile's rows are viewed
@@ -24,7 +22,6 @@ from flash_attn.cute.utils import elem_pointer
 from quack import layout_utils
 
 from .lse_merge import merged_lse_and_weights
-from .prior_reads import PriorReads, fits
 from .vector_memory import prefetch_l2
 
 # A thread's values of an MMA row are pairs of adjacent columns 8 apart: 8 of them span 32 fp32
@@ -33,11 +30,9 @@ VALUES_PER_LINE = 8
 
 
 class PartialsForwardSm90(FlashAttentionForwardSm90):
-    def __init__(self, *args, accumulate: bool, prior_in_shared: bool = False, **kwargs):
+    def __init__(self, *args, accumulate: bool, **kwargs):
         super().__init__(*args, **kwargs)
         self.accumulate = accumulate
-        self.prior_in_shared = prior_in_shared
-        self._prior_reads: PriorReads | None = None  # made while the kernel is traced (`mma`)
         if self.check_hdim_v_oob:
             raise ValueError("PartialsForwardSm90 needs a head_dim_v multiple of 16")
         if self.pack_gqa and self.tile_m % self.qhead_per_kvhead:
@@ -58,51 +53,6 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
             raise TypeError("the out accumulator must be Float32 and the lse accumulator Float64")
         super()._check_type(mQ_type, mK_type, mV_type, mQ_type, Float32, *varlen_types)
 
-    def mma(self, tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, sK, sVt, sP, sO, learnable_sink, pipeline_k, pipeline_v, pipeline_q,
-            gmem_tiled_copy_O, tma_atom_O, tidx, *rest):
-        # The consumer warpgroups' loop (upstream's). What the tile's first block needs to start
-        # the prior out's copies is kept here, while the kernel is traced
-        self._consumer = (tiled_mma_pv, mO, mLSE, tidx)
-        if const_expr(self._reads_prior_early(sQ, sK, sVt, sP)):
-            fragment = self._thread_fragment(tiled_mma_pv, tidx, self._tile_coordinates())
-            self._prior_reads = PriorReads(self.num_mma_threads, cute.size(fragment, mode=[0]), cute.size(fragment, mode=[1]))
-        return super().mma(
-            tiled_mma_qk, tiled_mma_pv, mO, mLSE, sQ, sK, sVt, sP, sO, learnable_sink, pipeline_k, pipeline_v, pipeline_q,
-            gmem_tiled_copy_O, tma_atom_O, tidx, *rest,
-        )
-
-    def _reads_prior_early(self, *shared) -> bool:
-        """Whether the prior out is read during the main loop: asked for, merging, each tile's
-        first block through `first_half_block_overlap` (upstream's path with intra-warpgroup
-        overlap and no block sparsity), and room for it beside upstream's storage."""
-        storage = sum(cute.cosize(t.layout) * t.element_type.width // 8 for t in shared if t is not None)
-        return (
-            self.prior_in_shared and self.accumulate and self.intra_wg_overlap and not self.use_block_sparsity
-            and fits(storage, self.tile_m, self.tile_hdimv)
-        )
-
-    @cute.jit
-    def first_half_block_overlap(self, n_block, mma_qk_fn, kv_consumer_state, pipeline_k, tOrP, smem_copy_params, softmax, seqlen, *args, **kwargs):
-        if const_expr(self._prior_reads is not None):
-            tiled_mma_pv, mO, mLSE, tidx = self._consumer
-            gO, gLSE, rows_in_tile = self._accumulator_tiles(mO, mLSE, seqlen, **_tile_of(kwargs.get("mask_fn")))
-            tOcO = self._thread_fragment(tiled_mma_pv, tidx, self._tile_coordinates())
-            self._prior_reads.start(self._thread_fragment(tiled_mma_pv, tidx, gO), tOcO, rows_in_tile, tidx)
-            for m in cutlass.range_constexpr(cute.size(tOcO, mode=[0])):  # the lse, read before the out in the epilogue
-                if tOcO[m, 0][0] < rows_in_tile:
-                    prefetch_l2(elem_pointer(gLSE, (tOcO[m, 0][0],)))
-        return super().first_half_block_overlap(
-            n_block, mma_qk_fn, kv_consumer_state, pipeline_k, tOrP, smem_copy_params, softmax, seqlen, *args, **kwargs,
-        )
-
-    def _thread_fragment(self, tiled_mma: cute.TiledMma, tidx, tile: cute.Tensor) -> cute.Tensor:
-        """The thread's values of an out tile (tile_m, head_dim_v) as its fragment holds them: (rows, columns)."""
-        return layout_utils.reshape_acc_to_mn(tiled_mma.get_slice(tidx).partition_C(tile))
-
-    def _tile_coordinates(self) -> cute.Tensor:
-        """Each value's (row, column) in an out tile."""
-        return cute.make_identity_tensor((self.tile_m, self.tile_hdimv))
-
     @cute.jit
     def epilogue(
         self,
@@ -120,14 +70,24 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         head_idx: cutlass.Int32,
         batch_idx: cutlass.Int32,
     ):
-        gO, gLSE, rows_in_tile = self._accumulator_tiles(mO, mLSE, seqlen, m_block, head_idx, batch_idx)
-        tOgO = self._thread_fragment(tiled_mma, tidx, gO)
+        thr_mma = tiled_mma.get_slice(tidx)
+        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
+        mLSE_cur = seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx]
+        if const_expr(not self.pack_gqa):
+            gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
+            gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (m_block,))
+            rows_in_tile = seqlen.seqlen_q - m_block * self.tile_m
+        else:  # head_idx is the KV head; the tile's rows are (q head, token) pairs
+            gO = self._packed_tile(mO_cur, m_block, (0,), (self.tile_hdimv,))
+            gLSE = self._packed_tile(mLSE_cur, m_block, (), ())
+            rows_in_tile = seqlen.seqlen_q * self.qhead_per_kvhead - m_block * self.tile_m
+        tOgO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(gO))
         tOrO = layout_utils.reshape_acc_to_mn(acc_O)
-        tOcO = self._thread_fragment(tiled_mma, tidx, self._tile_coordinates())
+        tOcO = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_hdimv))))
         num_rows = cute.size(tOrO, mode=[0])
         num_cols = cute.size(tOrO, mode=[1])
 
-        if const_expr(self.accumulate and not self.pack_gqa and self._prior_reads is None):
+        if const_expr(self.accumulate and not self.pack_gqa):
             # The prior out that the rows below read, one at a time after the lse: asked of L2
             # first, so those reads wait on L2 and not on memory. One q head per tile's rows only:
             # at 8K, d 128 (H100, bench/results/nvidia_h100_2026-12-06_s19/) it took the merging
@@ -145,8 +105,6 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
                     lse_prior[m] = gLSE[tOcO[m, 0][0]]
         # The four threads of a row all read its prior lse before one of them overwrites it.
         cute.arch.barrier(barrier_id=int(NamedBarrierFwd.Epilogue), number_of_threads=self.num_epilogue_threads)
-        if const_expr(self._prior_reads is not None):
-            self._prior_reads.wait()
 
         # A row's out moves between registers and memory in vectors (autovec_copy: the MMA
         # layout's column pairs, 8 bytes a thread), not one fp32 at a time.
@@ -161,28 +119,12 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
                 if const_expr(self.accumulate):
                     # No key merged into this row yet: its out is not read, so it may be unset.
                     if lse_prior[m] != -Float64.inf:
-                        cute.autovec_copy(tOgO[m, None] if const_expr(self._prior_reads is None) else self._prior_reads.slot(tidx)[m, None], prior)
+                        cute.autovec_copy(tOgO[m, None], prior)
                         for n in cutlass.range(num_cols, unroll_full=True):
                             merged[n] = prior[n] * weight_prior + merged[n]
                 cute.autovec_copy(merged, tOgO[m, None])
                 if tOcO[m, 0][1] == 0:
                     gLSE[row] = lse_new
-
-    @cute.jit
-    def _accumulator_tiles(self, mO: cute.Tensor, mLSE: cute.Tensor, seqlen, m_block: cutlass.Int32, head_idx: cutlass.Int32, batch_idx):
-        """Tile m_block's out (tile_m, head_dim_v) and lse (tile_m,) of the accumulators, and how
-        many of its rows the block has."""
-        mO_cur = seqlen.offset_batch_Q(mO, batch_idx, dim=3)[None, None, head_idx]
-        mLSE_cur = seqlen.offset_batch_Q(mLSE, batch_idx, dim=2)[None, head_idx]
-        if const_expr(not self.pack_gqa):
-            gO = cute.local_tile(mO_cur, (self.tile_m, self.tile_hdimv), (m_block, 0))
-            gLSE = cute.local_tile(mLSE_cur, (self.tile_m,), (m_block,))
-            rows_in_tile = seqlen.seqlen_q - m_block * self.tile_m
-        else:  # head_idx is the KV head; the tile's rows are (q head, token) pairs
-            gO = self._packed_tile(mO_cur, m_block, (0,), (self.tile_hdimv,))
-            gLSE = self._packed_tile(mLSE_cur, m_block, (), ())
-            rows_in_tile = seqlen.seqlen_q * self.qhead_per_kvhead - m_block * self.tile_m
-        return gO, gLSE, rows_in_tile
 
     @cute.jit
     def _packed_tile(self, packed: cute.Tensor, m_block: cutlass.Int32, rest_origin: tuple, rest_shape: tuple) -> cute.Tensor:
@@ -192,13 +134,3 @@ class PartialsForwardSm90(FlashAttentionForwardSm90):
         origin = cute.domain_offset(((0, m_block * tokens), *rest_origin), packed)
         layout = cute.make_layout(((self.qhead_per_kvhead, tokens), *rest_shape), stride=origin.stride)
         return cute.make_tensor(origin.iterator, layout)
-
-
-def _tile_of(mask_fn) -> dict:
-    """The tile (m_block, head_idx, batch_idx) that upstream's consumer loop binds into the mask
-    function it hands a tile's first block (functools.partial keywords)."""
-    bound = getattr(mask_fn, "keywords", {})
-    tile = {name: bound.get(name) for name in ("m_block", "head_idx", "batch_idx")}
-    if any(value is None for value in tile.values()):
-        raise TypeError(f"flash-attn-4's forward no longer binds the tile into its first block's mask function ({sorted(bound)})")
-    return tile
