@@ -31,10 +31,10 @@ bench/results/nvidia_h200_2026-12-06/magi_replay_staged.json.gz against magi_rep
 PACK_GQA_DENSE_PARTIALS = False
 """Whether PACK_GQA also folds the q heads of the dense (not varlen) merging and first-write
 blocks. Off: long dense rows fill their tiles anyway, and there the merging step ran faster
-unfolded (one H100, 8K, d 128, 32:8 causal: 0.967x upstream against 0.939-0.942x folded, full
-0.961-0.973x against 0.965-0.975x; d 256 causal 0.929x against 0.925x; with an epilogue since
-reverted, bench/results/nvidia_h100_2026-12-07_s29/). Unfolded rows also get the epilogue's L2
-prefetch, which folded ones skip."""
+unfolded (one H100, 8K, 32:8, this epilogue, bench/results/nvidia_h100_2026-12-07_s30/: d 128
+causal 0.960x upstream against 0.931x folded in the same run, full 0.964x against 0.962x; d 256
+causal 0.935x against 0.930x). Unfolded rows also get the epilogue's L2 prefetch, which folded
+ones skip."""
 
 
 class Sm90ForwardPass:
