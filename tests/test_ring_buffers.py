@@ -22,6 +22,23 @@ def test_pool_reuses_and_grows():
     assert other_channel[0].data_ptr() not in {t.data_ptr() for t in bigger}
 
 
+def test_pool_slots_hold_finite_values_of_their_dtype():
+    """Fresh arenas are zeroed, and again when carved into another dtype: bytes written as one
+    dtype's finite values may read as another's NaN. Within one dtype a call's values stay."""
+    cpu = torch.device("cpu")
+    pool = BufferPool(lambda nbytes, device: torch.full((nbytes,), 255, dtype=torch.uint8, device=device))  # NaN as any float
+    (slot,) = pool.slots(0, 1, (4, 8), torch.bfloat16, cpu)
+    assert torch.isfinite(slot).all()
+    slot.fill_(1.5)
+    (shorter,) = pool.slots(0, 1, (2, 8), torch.bfloat16, cpu)
+    assert torch.equal(shorter, torch.full((2, 8), 1.5, dtype=torch.bfloat16))
+    (wide,) = pool.slots(0, 1, (4, 4), torch.float32, cpu)
+    wide.view(torch.int32).fill_(0x3F80FFFF)  # a finite float32 whose low half is a bfloat16 NaN
+    assert torch.isfinite(wide).all()
+    (narrow,) = pool.slots(0, 1, (4, 8), torch.bfloat16, cpu)
+    assert torch.isfinite(narrow).all()
+
+
 def test_one_transport_per_group_keeps_its_buffers_across_calls():
     group = resolve_group(None)
     assert isinstance(group, LocalGroup) and group is resolve_group(None)

@@ -1,5 +1,11 @@
 """Persistent ring buffers: allocated once per channel, grown when a larger call comes, reused by
-every later step and call (a training step's layers share them)."""
+every later step and call (a training step's layers share them).
+
+Every byte of a slot holds a finite value of the slot's dtype: an arena is zeroed when it is made,
+and again when a call carves it into another dtype than the call before; a call only writes finite
+values of its dtype into it (finite inputs' K and V, or their partial sums). So rows that a call
+does not fill, stale or never written, are finite: a kernel may load them in a tile whose scores
+it masks (a masked zero times a NaN would be NaN) without a per-call fill."""
 
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ class BufferPool:
     def __init__(self, allocate: Allocate = plain_bytes):
         self._allocate = allocate
         self._arenas: dict[int, torch.Tensor] = {}
+        self._dtypes: dict[int, torch.dtype] = {}  # channel -> the dtype its arena's bytes are finite in
 
     def nbytes(self) -> int:
         return sum(arena.numel() for arena in self._arenas.values())
@@ -43,6 +50,11 @@ class BufferPool:
         arena = self._arenas.get(channel)
         if arena is None or arena.device != device or arena.numel() < count * slot_bytes:
             arena = self._grow(channel, count * slot_bytes, device)
+        if self._dtypes.get(channel) != dtype:
+            # queued on the current stream: before any later hop into the arena, which a transport
+            # posts behind the current stream's work (a peer's copy behind this rank's FREE signal)
+            arena.zero_()
+            self._dtypes[channel] = dtype
         return [
             arena[i * slot_bytes : i * slot_bytes + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
             for i in range(count)
@@ -52,4 +64,5 @@ class BufferPool:
         # Allocate before dropping the old arena: a collective allocator first waits for the
         # transfers still queued on it.
         self._arenas[channel] = self._allocate(nbytes, device)
+        self._dtypes.pop(channel, None)
         return self._arenas[channel]

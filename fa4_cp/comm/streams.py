@@ -10,7 +10,6 @@ the simulated ring) the host waits at `arrive`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 
@@ -43,23 +42,17 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
 
 def post_hop(
     transport: Transport, sends: list[torch.Tensor], recvs: list[torch.Tensor], offset: int, channel: int, hop: Hop,
-    lands_at: list[torch.Tensor] | None = None, before_landing: Callable[[], None] | None = None,
+    lands_at: list[torch.Tensor] | None = None,
 ) -> Arrival:
     """Start moving `sends` (a hop's pieces, e.g. the K and V rows it carries) `offset` ranks on
     into the peer's matching `recvs`, as one transfer (Transport.shift), each landing where its
-    `lands_at` view is, if given; `hop` names it in errors. `before_landing`: work on the receive
-    buffers that must come after the kernels queued so far and the hops posted before this one,
-    and before it lands (on the hops' stream where they are stream ordered)."""
+    `lands_at` view is, if given; `hop` names it in errors."""
     if not transport.stream_ordered:
-        if before_landing is not None:
-            before_landing()
         return Arrival([transport.shift(sends, recvs, offset, channel, lands_at)])
     device = sends[0].device
     comm = comm_stream(device)
     comm.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(comm):
-        if before_landing is not None:
-            before_landing()
         transport.shift(sends, recvs, offset, channel, lands_at).wait()
         done = torch.cuda.Event()
         done.record(comm)

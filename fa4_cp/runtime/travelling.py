@@ -19,7 +19,7 @@ import torch
 from ..comm.streams import Arrival, post_hop
 from ..comm.transport import Transport
 from ..comm.watchdog import Hop
-from ..kernels.interface import KV_TILE_OVERHANG, IndexedSums
+from ..kernels.interface import IndexedSums
 from ..plan.rows import KVStream, RankPlan
 
 KV_CHANNEL = 0
@@ -67,18 +67,17 @@ def _moves(plan: RankPlan, stream: KVStream) -> bool:
     return plan.world_size > 1 and any(step % plan.world_size for step in stream.steps)
 
 
-def _copy_own_rows(held: torch.Tensor, own: torch.Tensor, stream: KVStream) -> int:
-    """The rank's K or V rows of the stream, at the start of `held`; how many."""
+def _copy_own_rows(held: torch.Tensor, own: torch.Tensor, stream: KVStream) -> None:
+    """The rank's K or V rows of the stream, at the start of `held`."""
     if stream.own_rows is None:
         held.narrow(-3, 0, own.shape[-3]).copy_(own)
-        return own.shape[-3]
+        return
     rows = stream.own_rows.numel()
     target = held.narrow(-3, 0, rows)
     if target.is_contiguous():
         torch.index_select(own, own.dim() - 3, stream.own_rows, out=target)  # gathered in place
     else:  # V narrower than the buffer (MLA): its rows are strided
         target.copy_(own.index_select(own.dim() - 3, stream.own_rows))
-    return rows
 
 
 class _StreamKV:
@@ -100,10 +99,9 @@ class _StreamKV:
         self.slots = slots
         pairs = [pair_views(slot, k.shape[-1], v.shape[-1]) for slot in slots]
         for held, own in zip(pairs[0], (k, v)):
-            sent = _copy_own_rows(held, own, stream)
-        # A hop of the whole buffer carries every row past the own ones; a prefix leaves only the
-        # kernels' overhang to be made finite (and each landing its own, in _post).
-        _zero_past(slots[0], sent, None if stream.held_rows is None else KV_TILE_OVERHANG)
+            _copy_own_rows(held, own, stream)
+        # The rows past what a rank copies or a hop lands are left as they are: the pool keeps them
+        # finite (comm.buffers), which is all that the kernels' tile overhang needs.
         self.sides = [_sides(pair, plan) for pair in pairs]
 
     def _slot(self, position: int) -> int:
@@ -145,21 +143,10 @@ class _StreamKV:
         sent = stream.rows(stream.origin(rank, world, position - 1), position)
         received = stream.rows(stream.origin(rank, world, position), position)
         into = self.slots[self._slot(position)]
-        # the kernels' overhang past the landing, zeroed behind the hop that last sent this buffer,
-        # which may still be running when the compute gets here
-        overhang = None if received is None else lambda: _zero_past(into, received, KV_TILE_OVERHANG)
         hop = Hop("KV", here, offset, rank, world)
         self.arrivals[position] = post_hop(
             self.transport, _pieces(self.slots[self._slot(position - 1)], sent), _pieces(into, received), offset, KV_CHANNEL, hop,
-            before_landing=overhang,
         )
-
-
-def _zero_past(pair: torch.Tensor, rows: int, count: int | None) -> None:
-    """Zero `count` rows (None: all) of both halves of a stacked pair past its first `rows`: one kernel."""
-    count = pair.shape[-3] - rows if count is None else min(count, pair.shape[-3] - rows)
-    if count > 0:
-        pair.narrow(-3, rows, count).zero_()
 
 
 class TravellingKV:
