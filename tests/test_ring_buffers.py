@@ -47,7 +47,8 @@ def test_one_transport_per_group_keeps_its_buffers_across_calls():
 
 
 def test_ring_calls_reuse_the_transports_buffers():
-    """Two calls on one simulated rank use the same KV and dKV buffers and give the same grads."""
+    """Two calls on one simulated rank use the same KV and dKV buffers and give the same grads, in
+    one run of the ring and in the next."""
 
     def body(group):
         q = torch.randn(1, 16, 2, 8, requires_grad=True)
@@ -60,9 +61,13 @@ def test_ring_calls_reuse_the_transports_buffers():
             pointers.append([pool.arena(channel).data_ptr() for channel in (0, 1)])
         return pointers, grads
 
-    for pointers, grads in SimulatedRing(2).run(body):
+    ring = SimulatedRing(2)
+    first_run, second_run = ring.run(body), ring.run(body)
+    for pointers, grads in first_run:
         assert pointers[0] == pointers[1]
         torch.testing.assert_close(grads[0], grads[1])
+    # a simulated rank keeps its group, and so its buffers, from one run to the next, as a process group does
+    assert [pointers for pointers, _ in first_run] == [pointers for pointers, _ in second_run]
 
 
 def test_returned_gradients_do_not_alias_the_reused_buffers():

@@ -44,9 +44,15 @@ class SimulatedRing:
         self._run_token = threading.Lock()
         self.collectives: collections.Counter[int] = collections.Counter()
         """Collectives each rank took part in: all-gathers, shifts, transport set-up."""
+        self._groups: dict[int, SimulatedGroup] = {}
 
     def group(self, rank: int) -> SimulatedGroup:
-        return SimulatedGroup(self, rank)
+        """Rank `rank`'s group: the same one for every run, as a process group keeps its transport
+        and the transport its buffers from one call to the next."""
+        with self._lock:
+            if rank not in self._groups:
+                self._groups[rank] = SimulatedGroup(self, rank)
+            return self._groups[rank]
 
     def run(self, fn: Callable[[SimulatedGroup], Any]) -> list[Any]:
         """Run `fn(group)` on every virtual rank at once; results in rank order.
@@ -233,18 +239,26 @@ class SimulatedMesh:
             raise ValueError(f"ulysses, ring: expected positive rank counts, got {ulysses} x {ring}")
         self.ulysses, self.ring = ulysses, ring
         self.ranks = SimulatedRing(ulysses * ring, timeout)
+        self._groups: dict[int, Any] = {}
+        self._lock = threading.Lock()
 
     @property
     def collectives(self) -> collections.Counter[int]:
         return self.ranks.collectives
 
     def group(self, rank: int):
+        """Rank `rank`'s mesh group, the same one for every run (as SimulatedRing.group)."""
         from .mesh import UlyssesRing
 
-        ring_rank, ulysses_rank = divmod(rank, self.ulysses)
-        within = tuple(ring_rank * self.ulysses + i for i in range(self.ulysses))
-        across = tuple(j * self.ulysses + ulysses_rank for j in range(self.ring))
-        return UlyssesRing(SimulatedGroup(self.ranks, rank, within, "ulysses"), SimulatedGroup(self.ranks, rank, across, "ring"))
+        with self._lock:
+            if rank not in self._groups:
+                ring_rank, ulysses_rank = divmod(rank, self.ulysses)
+                within = tuple(ring_rank * self.ulysses + i for i in range(self.ulysses))
+                across = tuple(j * self.ulysses + ulysses_rank for j in range(self.ring))
+                self._groups[rank] = UlyssesRing(
+                    SimulatedGroup(self.ranks, rank, within, "ulysses"), SimulatedGroup(self.ranks, rank, across, "ring"),
+                )
+            return self._groups[rank]
 
     def run(self, fn: Callable[[Any], Any]) -> list[Any]:
         return self.ranks.run(lambda group: fn(self.group(group.global_rank)))
