@@ -96,4 +96,3 @@ def test_a_launch_over_shared_kv_rows_covers_their_total_where_k_has_room_past_i
     assert _shared_kv_rows(dataclasses.replace(varlen, shared_kv_rows=90), room, room) is None
     with pytest.raises(ValueError, match=f"v needs {KV_TILE_OVERHANG} rows of its storage past its last row"):
         _shared_kv_rows(varlen, room, torch.zeros(100, 2, 8))
-
