@@ -6,7 +6,9 @@ Per configuration (bf16, head_dim 128, causal, batch 1): fa4_cp.ring_attention f
 autograd (the cross-rank check on, group=None: a ring of one rank) against upstream
 flash_attn_func fwd+bwd on the same inputs; CUDA-event medians of interleaved rounds after warm-up,
 ratio = upstream / ring. And the host time of a call (forward, and fwd+bwd) with the GPU kept
-busy, for the ring and for upstream: the host path the ring adds, every launch included.
+busy, for the ring and for upstream: the host path the ring adds, every launch included; and the
+host time from a forward call's start to its first kernel launch (issue 24's "host path"), read
+from the CUDA runtime and driver calls that the profiler records.
 `--tree` runs another checkout's fa4_cp (a baseline).
 """
 
@@ -40,6 +42,36 @@ def host_us(fn, calls: int = 25) -> float:
     return statistics.median(samples) * 1e6
 
 
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def first_launch_us(fn, calls: int = 25) -> float | None:
+    """Median host µs from the start of a call of `fn` to its first kernel launch, the GPU kept
+    busy: a CUDA event recorded just before the call marks its start, and both the record and
+    the launches are the CUDA API calls the profiler's CUDA activity traces (CUPTI's own cost per
+    API call counts against the call). None where the trace holds no such pair."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    marker, samples = torch.cuda.Event(), []
+    for _ in range(calls):
+        torch.cuda._sleep(GPU_BUSY_CYCLES)
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            marker.record()
+            fn()
+        torch.cuda.synchronize()
+        events = sorted(trace.profiler.kineto_results.events(), key=lambda event: event.start_ns())
+        marks = [event for event in events if event.name().startswith("cudaEventRecord")]
+        if not marks:
+            continue
+        start = marks[0].start_ns() + marks[0].duration_ns()
+        launches = [event.start_ns() for event in events if event.name() in LAUNCH_CALLS and event.start_ns() >= start]
+        if launches:
+            samples.append((launches[0] - start) / 1e3)
+    return statistics.median(samples) if samples else None
+
+
 def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
     from flash_attn.cute import flash_attn_func
 
@@ -62,11 +94,12 @@ def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
     ms = median_ms({"ring": both(ring_fwd), "upstream": both(upstream_fwd)}, iters=20)
     with torch.no_grad():
         host = {"ring_forward": host_us(ring_fwd), "upstream_forward": host_us(upstream_fwd)}
+        to_first_launch = {"ring_forward": first_launch_us(ring_fwd), "upstream_forward": first_launch_us(upstream_fwd)}
     host["ring_forward_backward"] = host_us(both(ring_fwd))
     host["upstream_forward_backward"] = host_us(both(upstream_fwd))
     return {
         "seq": seq, "heads": heads, "kv_heads": kv_heads, "ms": ms, "upstream_over_ring": ms["upstream"] / ms["ring"],
-        "host_us_gpu_busy": host,
+        "host_us_gpu_busy": host, "host_us_to_first_launch": to_first_launch,
     }
 
 
@@ -81,7 +114,8 @@ def main() -> None:
 
     result = record(
         "ring_overhead", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
-        statistic="median of 20 interleaved rounds after 3 warm-up calls, CUDA events; host: median of 25 calls behind a sleep kernel",
+        statistic="median of 20 interleaved rounds after 3 warm-up calls, CUDA events; host: median of 25 calls behind a sleep kernel; "
+        "to first launch: median of 25 profiled forward calls behind a sleep kernel",
         rows=[],
     )
     for seq in args.seqs:
@@ -94,7 +128,8 @@ def main() -> None:
                 f"S={seq:<6} {heads}:{kv_heads:<3} ring {row['ms']['ring']:.3f} ms  upstream {row['ms']['upstream']:.3f} ms  "
                 f"upstream/ring {row['upstream_over_ring']:.3f}  host us (fwd, fwd+bwd): ring {row['host_us_gpu_busy']['ring_forward']:.0f}, "
                 f"{row['host_us_gpu_busy']['ring_forward_backward']:.0f}  upstream {row['host_us_gpu_busy']['upstream_forward']:.0f}, "
-                f"{row['host_us_gpu_busy']['upstream_forward_backward']:.0f}", flush=True,
+                f"{row['host_us_gpu_busy']['upstream_forward_backward']:.0f}  to first launch: ring {row['host_us_to_first_launch']['ring_forward']}, "
+                f"upstream {row['host_us_to_first_launch']['upstream_forward']}", flush=True,
             )
 
 
