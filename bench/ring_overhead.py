@@ -43,33 +43,45 @@ def host_us(fn, calls: int = 25) -> float:
 
 
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+MARKER_CALL = "cudaEventSynchronize"  # neither the ring nor upstream waits on an event in a call
 
 
-def first_launch_us(fn, calls: int = 25) -> float | None:
-    """Median host µs from the start of a call of `fn` to its first kernel launch, the GPU kept
-    busy: a CUDA event recorded just before the call marks its start, and both the record and
-    the launches are the CUDA API calls the profiler's CUDA activity traces (CUPTI's own cost per
-    API call counts against the call). None where the trace holds no such pair."""
+def first_launch_us(fn, calls: int = 25) -> dict | None:
+    """Host µs from the start of a call of `fn` to its first kernel launch, and to its return,
+    medians over `calls` calls traced in one profiler session behind a sleep kernel (the GPU
+    busy): a wait on an event long complete marks each call's start and end, and it and the launches are the
+    CUDA API calls that the profiler's CUDA activity records. Both include CUPTI's own cost per
+    API call, so only their comparison with upstream's, and the first's share of the second,
+    mean much. None where the trace holds no such pairs."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
+    mark = torch.cuda.Event()
+    mark.record()
     torch.cuda.synchronize()
-    marker, samples = torch.cuda.Event(), []
-    for _ in range(calls):
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        fn()  # the session's first API calls pay CUPTI's set-up
         torch.cuda._sleep(GPU_BUSY_CYCLES)
-        with profile(activities=[ProfilerActivity.CUDA]) as trace:
-            marker.record()
+        for _ in range(calls):
+            mark.synchronize()
             fn()
+            mark.synchronize()
         torch.cuda.synchronize()
-        events = sorted(trace.profiler.kineto_results.events(), key=lambda event: event.start_ns())
-        marks = [event for event in events if event.name().startswith("cudaEventRecord")]
-        if not marks:
-            continue
-        start = marks[0].start_ns() + marks[0].duration_ns()
-        launches = [event.start_ns() for event in events if event.name() in LAUNCH_CALLS and event.start_ns() >= start]
+    events = sorted(
+        (event.start_ns(), event.duration_ns(), event.name()) for event in trace.profiler.kineto_results.events()
+        if event.name() == MARKER_CALL or event.name() in LAUNCH_CALLS
+    )
+    marks = [index for index, (_, _, name) in enumerate(events) if name == MARKER_CALL]
+    to_launch, to_return = [], []
+    for begin, end in zip(marks[0::2], marks[1::2]):  # each call between its two marks
+        started = events[begin][0] + events[begin][1]
+        launches = [start for start, _, name in events[begin + 1 : end] if name in LAUNCH_CALLS]
         if launches:
-            samples.append((launches[0] - start) / 1e3)
-    return statistics.median(samples) if samples else None
+            to_launch.append((launches[0] - started) / 1e3)
+            to_return.append((events[end][0] - started) / 1e3)
+    if not to_launch:
+        return None
+    return {"to_first_launch": statistics.median(to_launch), "to_return": statistics.median(to_return), "calls": len(to_launch)}
 
 
 def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
@@ -99,7 +111,7 @@ def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
     host["upstream_forward_backward"] = host_us(both(upstream_fwd))
     return {
         "seq": seq, "heads": heads, "kv_heads": kv_heads, "ms": ms, "upstream_over_ring": ms["upstream"] / ms["ring"],
-        "host_us_gpu_busy": host, "host_us_to_first_launch": to_first_launch,
+        "host_us_gpu_busy": host, "host_us_profiled": to_first_launch,
     }
 
 
@@ -115,7 +127,7 @@ def main() -> None:
     result = record(
         "ring_overhead", "cuda", fa4_cp_path=str(Path(fa4_cp.__file__).parent), head_dim=HEAD_DIM, dtype="bfloat16", causal=True,
         statistic="median of 20 interleaved rounds after 3 warm-up calls, CUDA events; host: median of 25 calls behind a sleep kernel; "
-        "to first launch: median of 25 profiled forward calls behind a sleep kernel",
+        "profiled: medians of 25 forward calls in one profiler session behind a sleep kernel",
         rows=[],
     )
     for seq in args.seqs:
@@ -128,8 +140,8 @@ def main() -> None:
                 f"S={seq:<6} {heads}:{kv_heads:<3} ring {row['ms']['ring']:.3f} ms  upstream {row['ms']['upstream']:.3f} ms  "
                 f"upstream/ring {row['upstream_over_ring']:.3f}  host us (fwd, fwd+bwd): ring {row['host_us_gpu_busy']['ring_forward']:.0f}, "
                 f"{row['host_us_gpu_busy']['ring_forward_backward']:.0f}  upstream {row['host_us_gpu_busy']['upstream_forward']:.0f}, "
-                f"{row['host_us_gpu_busy']['upstream_forward_backward']:.0f}  to first launch: ring {row['host_us_to_first_launch']['ring_forward']}, "
-                f"upstream {row['host_us_to_first_launch']['upstream_forward']}", flush=True,
+                f"{row['host_us_gpu_busy']['upstream_forward_backward']:.0f}  profiled fwd (to first launch, to return): ring {row['host_us_profiled']['ring_forward']}, "
+                f"upstream {row['host_us_profiled']['upstream_forward']}", flush=True,
             )
 
 
