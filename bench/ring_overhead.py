@@ -15,6 +15,7 @@ from the CUDA runtime and driver calls that the profiler records.
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 from pathlib import Path
@@ -49,10 +50,11 @@ MARKER_CALL = "cudaEventSynchronize"  # neither the ring nor upstream waits on a
 def first_launch_us(fn, calls: int = 25) -> dict | None:
     """Host µs from the start of a call of `fn` to its first kernel launch, and to its return,
     medians over `calls` calls traced in one profiler session behind a sleep kernel (the GPU
-    busy): a wait on an event long complete marks each call's start and end, and it and the launches are the
-    CUDA API calls that the profiler's CUDA activity records. Both include CUPTI's own cost per
-    API call, so only their comparison with upstream's, and the first's share of the second,
-    mean much. None where the trace holds no such pairs."""
+    busy): a wait on an event long complete marks each call's start and end, and it and the
+    launches are the CUDA API calls that the profiler's CUDA activity records. Both include
+    CUPTI's own cost per API call, so only their comparison with upstream's, and the first's
+    share of the second, mean much. Also the kernel that first launch ran (the most frequent
+    over the calls). None where the trace holds no such pairs."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -67,21 +69,27 @@ def first_launch_us(fn, calls: int = 25) -> dict | None:
             fn()
             mark.synchronize()
         torch.cuda.synchronize()
+    traced = list(trace.profiler.kineto_results.events())
+    kernel_names = {event.correlation_id(): event.name() for event in traced if str(event.device_type()).endswith("CUDA")}
     events = sorted(
-        (event.start_ns(), event.duration_ns(), event.name()) for event in trace.profiler.kineto_results.events()
+        (event.start_ns(), event.duration_ns(), event.name(), event.correlation_id()) for event in traced
         if event.name() == MARKER_CALL or event.name() in LAUNCH_CALLS
     )
-    marks = [index for index, (_, _, name) in enumerate(events) if name == MARKER_CALL]
-    to_launch, to_return = [], []
+    marks = [index for index, (_, _, name, _) in enumerate(events) if name == MARKER_CALL]
+    to_launch, to_return, first_kernels = [], [], collections.Counter()
     for begin, end in zip(marks[0::2], marks[1::2]):  # each call between its two marks
         started = events[begin][0] + events[begin][1]
-        launches = [start for start, _, name in events[begin + 1 : end] if name in LAUNCH_CALLS]
+        launches = [(start, correlation) for start, _, name, correlation in events[begin + 1 : end] if name in LAUNCH_CALLS]
         if launches:
-            to_launch.append((launches[0] - started) / 1e3)
+            to_launch.append((launches[0][0] - started) / 1e3)
             to_return.append((events[end][0] - started) / 1e3)
+            first_kernels[kernel_names.get(launches[0][1], "?")[:120]] += 1
     if not to_launch:
         return None
-    return {"to_first_launch": statistics.median(to_launch), "to_return": statistics.median(to_return), "calls": len(to_launch)}
+    return {
+        "to_first_launch": statistics.median(to_launch), "to_return": statistics.median(to_return), "calls": len(to_launch),
+        "first_kernel": first_kernels.most_common(1)[0][0],
+    }
 
 
 def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
