@@ -114,12 +114,12 @@ def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
     ms = median_ms({"ring": both(ring_fwd), "upstream": both(upstream_fwd)}, iters=20)
     with torch.no_grad():
         host = {"ring_forward": host_us(ring_fwd), "upstream_forward": host_us(upstream_fwd)}
-        to_first_launch = {"ring_forward": first_launch_us(ring_fwd), "upstream_forward": first_launch_us(upstream_fwd)}
+        profiled = {"ring_forward": first_launch_us(ring_fwd), "upstream_forward": first_launch_us(upstream_fwd)}
     host["ring_forward_backward"] = host_us(both(ring_fwd))
     host["upstream_forward_backward"] = host_us(both(upstream_fwd))
     return {
         "seq": seq, "heads": heads, "kv_heads": kv_heads, "ms": ms, "upstream_over_ring": ms["upstream"] / ms["ring"],
-        "host_us_gpu_busy": host, "host_us_profiled": to_first_launch,
+        "host_us_gpu_busy": host, "host_us_profiled": profiled,
     }
 
 
