@@ -1,23 +1,103 @@
-"""Where the ring's host path goes: cProfile of ring_attention fwd+bwd calls on a 1-rank group
-with the FA4 backend, the GPU kept busy so that no launch waits for it.
+"""Where the ring's host path goes at W = 1 (a 1-rank group, the FA4 backend, the GPU kept busy so
+that no launch waits for it), two ways:
 
-    python bench/host_profile.py --out host_profile.txt [--seq 8192] [--heads 32:8] [--calls 50]
+    python bench/host_profile.py --out host_profile.json [--seq 8192] [--heads 32:8] [--calls 50]
+    python bench/host_profile.py --dry-run --out PATH     # CPU, reference backend, tiny sizes
 
-Writes the profile sorted by own time and by cumulative time (text, for reading, not quoting).
+- spans (JSON): the wall time of the ring's own functions, each timed inclusively around its
+  calls (`SPANS`), median µs per ring call, beside the forward's and the backward's whole host time.
+  cProfile cannot give these: the launches through tvm-ffi are C calls it does not see, and the
+  custom op's dynamo-disabled body confuses its attribution (session 12's profile put 0.88 ms
+  per call in torch's backend_impl "own" time);
+- cProfile (text, beside the JSON: `.txt`), sorted by own and by cumulative time, for reading.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import collections
+import importlib
 import io
 import pstats
+import statistics
+import time
+from pathlib import Path
 
 import torch
+from common import record, write
 
 import fa4_cp
 
-GPU_BUSY_CYCLES = 400_000_000  # ~0.2 s of GPU time per call batch
+GPU_BUSY_CYCLES = 400_000_000  # ~0.2 s of GPU time per call: no launch of a call waits for the GPU
+
+SPANS = (
+    # the op's body (the rest of a call is the front door, torch's custom-op and autograd layers)
+    "fa4_cp.ops:_prepared", "fa4_cp.ops:check_consistency", "fa4_cp.ops:stand_in", "fa4_cp.ops:ring_run_forward",
+    "fa4_cp.ops:ring_run_backward",
+    # the ring run: the rank's plan and transport, the executor
+    "fa4_cp.runtime.ring_run:_ring", "fa4_cp.runtime.ring_run:ring_forward", "fa4_cp.runtime.ring_run:ring_backward",
+    "fa4_cp.runtime.ring_run:_dense", "fa4_cp.runtime.ring_run:_sinks_grad",
+    # the executor's backward: the pass (q side: lse, delta, dq accumulator), the steps, the buffers
+    "fa4_cp.runtime.executor:_backward_pass", "fa4_cp.runtime.executor:_dkv_pass",
+    "fa4_cp.runtime.travelling:TravellingKV.__init__", "fa4_cp.runtime.travelling:TravellingDKV.__init__",
+    # the kernels' passes: the inputs' checks, each step's launch (the q side's statistics made at
+    # the first), dq's read-back, dK/dV's finish
+    "fa4_cp.kernels.fa4.backend:FA4Backend.forward", "fa4_cp.kernels.fa4.backend:FA4Backend.backward",
+    "fa4_cp.kernels.fa4.forward_pass_sm90:Sm90ForwardPass.__init__", "fa4_cp.kernels.fa4.forward_pass_sm90:Sm90ForwardPass.step",
+    "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass.__init__", "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass.step",
+    "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass._side",
+    "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass.dq", "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass.finish_dkv",
+    "fa4_cp.kernels.reference:ReferenceForwardPass.step", "fa4_cp.kernels.reference:ReferenceBackwardPass.step",
+)
+
+
+class SpanTimer:
+    """Inclusive wall time of each span's calls, summed per ring call (`mark` ends a call)."""
+
+    def __init__(self, spans: tuple[str, ...]):
+        self.current: collections.Counter = collections.Counter()
+        self.entries: collections.Counter = collections.Counter()
+        self.calls: list[tuple[collections.Counter, collections.Counter]] = []
+        self.absent: list[str] = []
+        for span in spans:
+            self._wrap(span)
+
+    def _wrap(self, span: str) -> None:
+        module_name, path = span.split(":")
+        try:
+            owner = importlib.import_module(module_name)
+        except ImportError:  # the FA4 kernels without the GPU stack (a dry run)
+            self.absent.append(span)
+            return
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.current[span] += time.perf_counter() - start
+                self.entries[span] += 1
+
+        setattr(owner, name, timed)
+
+    def mark(self) -> None:
+        self.calls.append((self.current, self.entries))
+        self.current, self.entries = collections.Counter(), collections.Counter()
+
+    def medians_us(self) -> dict[str, dict[str, float]]:
+        spans = {span for times, _ in self.calls for span in times}
+        return {
+            span: {
+                "us": statistics.median(times[span] for times, _ in self.calls) * 1e6,
+                "entries_per_call": statistics.median(entries[span] for _, entries in self.calls),
+            }
+            for span in sorted(spans)
+        }
 
 
 def main() -> None:
@@ -25,33 +105,63 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--heads", default="32:8")
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, reference backend, 256 tokens")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    device, backend = ("cpu", "reference") if args.dry_run else ("cuda", "fa4")
+    seq, head_dim = (256, 64) if args.dry_run else (args.seq, 128)
     heads, kv_heads = (int(n) for n in args.heads.split(":"))
-    q = torch.randn(1, args.seq, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(1, args.seq, kv_heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    q = torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, seq, kv_heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     dout = torch.randn_like(q)
 
-    def call() -> None:
-        torch.autograd.backward(fa4_cp.ring_attention(q, k, v, causal=True, backend="fa4"), dout)
+    def keep_gpu_busy() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(GPU_BUSY_CYCLES)
+
+    def call(timings: dict | None = None) -> None:
+        start = time.perf_counter()
+        out = fa4_cp.ring_attention(q, k, v, causal=True, backend=backend)
+        returned = time.perf_counter()
+        torch.autograd.backward(out, dout)
+        if timings is not None:
+            timings["forward"].append(returned - start)
+            timings["backward"].append(time.perf_counter() - returned)
 
     for _ in range(3):
         call()
-    torch.cuda.synchronize()
+    timer, totals = SpanTimer(SPANS), collections.defaultdict(list)
+    for _ in range(args.calls):
+        keep_gpu_busy()
+        call(totals)
+        timer.mark()
     profiler = cProfile.Profile()
     for _ in range(args.calls):
-        torch.cuda._sleep(GPU_BUSY_CYCLES)
+        keep_gpu_busy()
         profiler.enable()
         call()
         profiler.disable()
+    if device == "cuda":
         torch.cuda.synchronize()
+
+    shape = f"S={seq}, heads {args.heads}, d {head_dim}, bf16, causal"
+    result = record(
+        "host_profile", device, shape=shape, calls=args.calls, backend=backend,
+        method="a 1-rank ring, fwd + bwd through autograd, the GPU kept busy (a sleep kernel queued before each call); "
+        "each span's inclusive perf_counter time summed over a call, the median over calls",
+        call_us={name: statistics.median(samples) * 1e6 for name, samples in totals.items()},
+        spans=timer.medians_us(), spans_absent=timer.absent,
+    )
+    write(result, args.out)
     text = io.StringIO()
     for order in ("tottime", "cumulative"):
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(60)
-    with open(args.out, "w") as file:
-        file.write(f"{args.calls} calls of ring_attention fwd+bwd, S={args.seq}, heads {args.heads}, d 128, bf16, causal\n")
-        file.write(text.getvalue())
-    print(text.getvalue()[:6000])
+    Path(args.out).with_suffix(".txt").write_text(f"{args.calls} calls of ring_attention fwd+bwd, {shape}\n{text.getvalue()}")
+    for name, value in result["call_us"].items():
+        print(f"{name}: {value:.0f} us")
+    for span, value in result["spans"].items():
+        print(f"{value['us']:8.1f} us  x{value['entries_per_call']:g}  {span}")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,19 @@ def test_layout_cost_fits_the_copies_rate_and_predicts_each_split_with_and_witho
         for split, predicted in after["splits"].items():
             added = predicted["ms"] - before["splits"][split]["ms"]
             assert added == pytest.approx(predicted["layout_copies_ms"]) and (predicted["layout_copies_ms"] == 0) == split.startswith("1 x")
+
+
+def test_host_profile_dry_run_times_the_ring_functions_of_each_call(tmp_path):
+    out = tmp_path / "host_profile.json"
+    subprocess.run(
+        [sys.executable, "host_profile.py", "--dry-run", "--calls", "3", "--heads", "4:2", "--out", str(out)],
+        cwd=BENCH, check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert set(result["call_us"]) == {"forward", "backward"} and all(us > 0 for us in result["call_us"].values())
+    spans = result["spans"]
+    # one ring run each way; the plan and transport looked up once per direction
+    assert spans["fa4_cp.ops:ring_run_forward"]["entries_per_call"] == spans["fa4_cp.ops:ring_run_backward"]["entries_per_call"] == 1
+    assert spans["fa4_cp.runtime.ring_run:_ring"]["entries_per_call"] == 2
+    assert spans["fa4_cp.ops:ring_run_forward"]["us"] <= result["call_us"]["forward"]
+    assert out.with_suffix(".txt").read_text().startswith("3 calls of ring_attention fwd+bwd")
