@@ -22,6 +22,23 @@ def test_pool_reuses_and_grows():
     assert other_channel[0].data_ptr() not in {t.data_ptr() for t in bigger}
 
 
+def test_pool_carves_a_request_once_per_arena_and_keeps_few():
+    """A repeated request gets the same views (no carving at every call); views of a grown arena
+    are carved afresh; the pool keeps the views of its last CARVED_KEPT requests only."""
+    from fa4_cp.comm.buffers import CARVED_KEPT
+
+    cpu, pool = torch.device("cpu"), BufferPool()
+    first = pool.slots(0, 2, (3, 5), torch.float32, cpu)
+    again = pool.slots(0, 2, (3, 5), torch.float32, cpu)
+    assert all(a is b for a, b in zip(first, again)) and first is not again  # a list of its own each
+    pool.slots(0, 3, (30, 5), torch.float32, cpu)  # the arena grows
+    regrown = pool.slots(0, 2, (3, 5), torch.float32, cpu)
+    assert regrown[0] is not first[0] and regrown[0].data_ptr() == pool.arena(0).data_ptr()
+    for rows in range(1, 3 * CARVED_KEPT):
+        pool.slots(1, 1, (rows, 5), torch.float32, cpu)
+    assert len(pool._carved) <= CARVED_KEPT
+
+
 def test_pool_slots_hold_finite_values_of_their_dtype():
     """Fresh arenas are zeroed, and again when carved into another dtype: bytes written as one
     dtype's finite values may read as another's NaN. Within one dtype a call's values stay."""

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 Allocate = Callable[[int, torch.device], torch.Tensor]
+CARVED_KEPT = 16
 
 
 def plain_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -35,6 +36,9 @@ class BufferPool:
         self._allocate = allocate
         self._arenas: dict[int, torch.Tensor] = {}
         self._dtypes: dict[int, torch.dtype] = {}  # channel -> the dtype its arena's bytes are finite in
+        # the views of the last requests, made once per arena: carving costs host time at every call,
+        # and a training step's calls ask for the same few shapes (packed batches vary: bounded)
+        self._carved: dict[tuple, list[torch.Tensor]] = {}
 
     def nbytes(self) -> int:
         return sum(arena.numel() for arena in self._arenas.values())
@@ -55,14 +59,20 @@ class BufferPool:
             # posts behind the current stream's work (a peer's copy behind this rank's FREE signal)
             arena.zero_()
             self._dtypes[channel] = dtype
-        return [
-            arena[i * slot_bytes : i * slot_bytes + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-            for i in range(count)
-        ]
+        key = (channel, count, tuple(shape), dtype)
+        if key not in self._carved:
+            if len(self._carved) >= CARVED_KEPT:
+                del self._carved[next(iter(self._carved))]  # the oldest
+            self._carved[key] = [
+                arena[i * slot_bytes : i * slot_bytes + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                for i in range(count)
+            ]
+        return list(self._carved[key])
 
     def _grow(self, channel: int, nbytes: int, device: torch.device) -> torch.Tensor:
         # Allocate before dropping the old arena: a collective allocator first waits for the
         # transfers still queued on it.
         self._arenas[channel] = self._allocate(nbytes, device)
         self._dtypes.pop(channel, None)
+        self._carved = {key: views for key, views in self._carved.items() if key[0] != channel}
         return self._arenas[channel]
