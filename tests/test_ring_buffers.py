@@ -34,8 +34,11 @@ def test_pool_carves_a_request_once_per_arena_and_keeps_few():
     pool.slots(0, 3, (30, 5), torch.float32, cpu)  # the arena grows
     regrown = pool.slots(0, 2, (3, 5), torch.float32, cpu)
     assert regrown[0] is not first[0] and regrown[0].data_ptr() == pool.arena(0).data_ptr()
+    pool.slots(1, 1, (3 * CARVED_KEPT, 5), torch.float32, cpu)  # channel 1's arena at its largest: no growth below
     for rows in range(1, 3 * CARVED_KEPT):
         pool.slots(1, 1, (rows, 5), torch.float32, cpu)
+        kept = pool.slots(0, 2, (3, 5), torch.float32, cpu)  # asked for at every step: never the one dropped
+        assert kept[0] is regrown[0]
     assert len(pool._carved) <= CARVED_KEPT
 
 

@@ -60,14 +60,16 @@ class BufferPool:
             arena.zero_()
             self._dtypes[channel] = dtype
         key = (channel, count, tuple(shape), dtype)
-        if key not in self._carved:
+        views = self._carved.pop(key, None)  # re-inserted last: the least recently asked for goes first
+        if views is None:
             if len(self._carved) >= CARVED_KEPT:
-                del self._carved[next(iter(self._carved))]  # the oldest
-            self._carved[key] = [
+                del self._carved[next(iter(self._carved))]
+            views = [
                 arena[i * slot_bytes : i * slot_bytes + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
                 for i in range(count)
             ]
-        return list(self._carved[key])
+        self._carved[key] = views
+        return list(views)
 
     def _grow(self, channel: int, nbytes: int, device: torch.device) -> torch.Tensor:
         # Allocate before dropping the old arena: a collective allocator first waits for the
