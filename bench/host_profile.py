@@ -32,7 +32,11 @@ import fa4_cp
 GPU_BUSY_CYCLES = 400_000_000  # ~0.2 s of GPU time per call: no launch of a call waits for the GPU
 
 SPANS = (
-    # the op's body (the rest of a call is the front door, torch's custom-op and autograd layers)
+    # the layers around the op's body: the front door's checks, the forward op's dispatch, what
+    # autograd calls of ours (the saved context, the backward formula), the backward op's dispatch
+    "fa4_cp.attention:_run", "fa4_cp.attention:ring_attention_op", "fa4_cp.ops:ring_attention_op._setup_context_fn",
+    "fa4_cp.ops:ring_attention_op._backward_fn", "fa4_cp.ops:ring_attention_backward_op",
+    # the op's body
     "fa4_cp.ops:_prepared", "fa4_cp.ops:check_consistency", "fa4_cp.ops:stand_in", "fa4_cp.ops:ring_run_forward",
     "fa4_cp.ops:ring_run_backward",
     # the ring run: the rank's plan and transport, the executor
