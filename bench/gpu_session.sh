@@ -31,7 +31,7 @@
 #   ring_overhead  bench/ring_overhead.py (JSON), and on BASELINE_TREE's fa4_cp if set
 #   gpu_work_deterministic  bench/gpu_work.py --deterministic (JSON), dense_w8 and pretrain_w8
 #   error_growth   bench/ring_error_growth.py with FA4: the same tokens at W = 1, 2, 8, 72 (JSON)
-#   host_profile   bench/host_profile.py: the ring's host path at W = 1, its own functions timed (JSON) and cProfile (text)
+#   host_profile   bench/host_profile.py: the ring's host path at W = 1, its own functions timed (JSON), cProfile (text), a CPU trace
 #   new_dims       tests/gpu/test_fa4_backend.py at head dims 192, 256 and MLA's 192/128: backward and forward
 #   ring_new_dims  tests/gpu/test_fa4_ring.py at head dims 256 and 192/128: W = 2, 8, 72 and a 2 x 4 mesh, bf16 and fp16
 #   kernels_new_dims  bench/kernels.py --quick at head dims NEW_DIMS (default 256 and 192/128; JSON, in OUT_DIR/new_dims), and on

@@ -9,7 +9,10 @@ that no launch waits for it), two ways:
   cProfile cannot give these: the launches through tvm-ffi are C calls it does not see, and the
   custom op's dynamo-disabled body confuses its attribution (session 12's profile put 0.88 ms
   per call in torch's backend_impl "own" time);
-- cProfile (text, beside the JSON: `.txt`), sorted by own and by cumulative time, for reading.
+- cProfile (text, beside the JSON: `.txt`), sorted by own and by cumulative time, for reading;
+- torch.profiler's CPU events of a few calls with Python stacks (beside the JSON: `.trace.json.gz`
+  for chrome://tracing or Perfetto, and `.ops.txt`, its ops by own CPU time): what lies between the
+  spans, torch's own layers included.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import collections
+import gzip
 import importlib
 import io
 import pstats
@@ -104,6 +108,23 @@ class SpanTimer:
         }
 
 
+def trace_calls(call, keep_gpu_busy, path: Path, calls: int = 3) -> None:
+    """CPU events only: CUPTI's cost per CUDA API call would weigh on the very launches measured."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as trace:
+        for _ in range(calls):
+            keep_gpu_busy()
+            call()
+    raw = path.with_suffix(".trace.json")
+    trace.export_chrome_trace(str(raw))
+    with open(raw, "rb") as plain, gzip.open(f"{raw}.gz", "wb") as packed:
+        packed.write(plain.read())
+    raw.unlink()
+    table = trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    path.with_suffix(".ops.txt").write_text(f"{calls} calls of ring_attention fwd+bwd, the GPU kept busy\n{table}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=8192)
@@ -163,6 +184,7 @@ def main() -> None:
     for order in ("tottime", "cumulative"):
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(60)
     Path(args.out).with_suffix(".txt").write_text(f"{args.calls} calls of ring_attention fwd+bwd, {shape}\n{text.getvalue()}")
+    trace_calls(call, keep_gpu_busy, Path(args.out))
     for name, value in result["call_us"].items():
         print(f"{name}: {value:.0f} us")
     for span, value in result["spans"].items():
