@@ -4,9 +4,9 @@ alike: torch.compile traces a model that calls it without a graph break, eager r
 `fa4_cp::ring_attention` runs a call in full: it counts the call on its groups, prepares it
 (call.py, cached: ValueError naming a bad argument, before any communication), has the ranks
 check that they make the same call (consistency.py), then runs the ring (runtime/ring_run.py),
-inside the Ulysses stage on a 2-D mesh (runtime/ulysses.py). It returns out, the fp64 LSE and,
-on a 2-D mesh, the head-sharded tensors the backward reads (empty on a 1-D ring, whose backward
-reads the inputs). `fa4_cp::ring_attention_backward` finds the forward's PreparedCall in the
+inside the Ulysses stage on a 2-D mesh (runtime/ulysses.py). It returns out, the LSE rounded
+once and, on a 2-D mesh, the head-sharded tensors the backward reads (empty on a 1-D ring, whose
+backward reads the inputs). `fa4_cp::ring_attention_backward` finds the forward's PreparedCall in the
 cache and runs the ring backward. What the schema cannot carry travels as string handles
 (handles.py): the groups and the RingOptions, in the forward as one call handle. The fake
 implementations give every shape from the inputs', so new sequence lengths are symbolic, as for
@@ -21,7 +21,7 @@ from .call import PreparedCall, prepared_call, stand_in
 from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
 from .handles import backend_of, call_of, group_by_name, options_of
-from .kernels.interface import LSE_ACCUMULATOR_DTYPE
+from .kernels.interface import returned_lse_dtype
 from .plan.head_chunks import HeadChunks
 from .runtime.ring_run import ring_run_backward, ring_run_forward
 from .runtime.ulysses import ulysses_backward, ulysses_forward
@@ -41,8 +41,9 @@ def _prepared(q, k, v, cu_seqlens, sinks, ring: str, ulysses: str | None, option
 def ring_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, call: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out (q's shape with v's head_dim, q's dtype), the final LSE in fp64 (sinks included), then
-    what a 2-D call's backward reads (empty tensors on a 1-D ring). `call`: handles.call_handle."""
+    """out (q's shape with v's head_dim, q's dtype), the final LSE (sinks included; fp32 beside
+    16-bit inputs: returned_lse_dtype), then what a 2-D call's backward reads (empty tensors on a
+    1-D ring). `call`: handles.call_handle."""
     ring, ulysses, options, grad = call_of(call)
     groups = [group_by_name(name) for name in (ring, ulysses) if name is not None]
     numbers = [count_call(group) for group in groups]  # before any check: a refused call counts
@@ -64,14 +65,14 @@ def _heads_shape(x: torch.Tensor, u: int, chunks: int, heads: int) -> tuple[int,
 def _(q, k, v, cu_seqlens, sinks, call):
     _, ulysses, options, _ = call_of(call)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3]), dtype=LSE_ACCUMULATOR_DTYPE)
+    lse = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3]), dtype=returned_lse_dtype(q.dtype))
     if ulysses is None:
         return out, lse, *(q.new_empty(0) for _ in range(SAVED_ON_A_MESH))
     u = group_by_name(ulysses).world_size
     chunks = HeadChunks.of(q.shape[-2] // u, max(k.shape[-2] // u, 1), options_of(options).ulysses_chunks)
     heads_q, heads_out = (q.new_empty(_heads_shape(t, u, chunks.count, chunks.q_heads)) for t in (q, out))
     heads_k, heads_v = (t.new_empty(_heads_shape(t, u, chunks.kv_count, chunks.kv_heads)) for t in (k, v))
-    heads_lse = q.new_empty((chunks.count, *q.shape[:-3], chunks.q_heads, q.shape[-3] * u), dtype=LSE_ACCUMULATOR_DTYPE)
+    heads_lse = q.new_empty((chunks.count, *q.shape[:-3], chunks.q_heads, q.shape[-3] * u), dtype=returned_lse_dtype(q.dtype))
     return out, lse, heads_q, heads_k, heads_v, heads_out, heads_lse
 
 

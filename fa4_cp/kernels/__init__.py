@@ -7,7 +7,9 @@ import warnings
 
 import torch
 
-from .interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, BandMask, IndexedSums, VarlenRows, accumulator_dtype
+from .interface import (
+    LSE_ACCUMULATOR_DTYPE, AttentionBackend, BandMask, IndexedSums, VarlenRows, accumulator_dtype, returned_lse_dtype,
+)
 from .reference import ReferenceBackend
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "VarlenRows",
     "accumulator_dtype",
     "LSE_ACCUMULATOR_DTYPE",
+    "returned_lse_dtype",
     "ReferenceBackend",
     "get_backend",
 ]

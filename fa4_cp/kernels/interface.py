@@ -126,7 +126,15 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 LSE_ACCUMULATOR_DTYPE = torch.float64
 """The running LSE is fp64 whatever the inputs: it is one value per row, so the width costs
 nothing, while an fp32 LSE is rounded at every merge and its error grows as sqrt(merges) ulps
-(4x at 72 ranks). The LSE a ring call returns, and its backward reads, is rounded once."""
+(4x at 72 ranks). The LSE a ring call returns, and its backward reads, is rounded once
+(`returned_lse_dtype`)."""
+
+
+def returned_lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The LSE a ring call returns and saves for its backward, rounded once from the running LSE:
+    fp32 beside 16-bit inputs (what FA4's kernels write and read, so a ring of one converts
+    nothing), fp64 beside fp32/fp64."""
+    return accumulator_dtype(dtype)
 
 
 class ForwardPass(Protocol):

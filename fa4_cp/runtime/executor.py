@@ -18,7 +18,7 @@ import torch
 
 from ..comm.transport import Transport
 from ..kernels.dkv_sum import finished_dkv, summed_dkv
-from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype
+from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, AttentionBackend, accumulator_dtype, returned_lse_dtype
 from ..plan.rows import RankPlan
 from .travelling import TravellingDKV, TravellingKV, pair_shape, pair_views
 
@@ -56,13 +56,14 @@ def ring_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the local q against every rank's KV: (out, lse) in their accumulator dtypes;
     with `rounded` (a caller that adds nothing to out), out may come in q's dtype instead, in
-    `out` if given (q's dtype and rows, v's head_dim: a view into the caller's buffer)."""
+    `out` if given (q's dtype and rows, v's head_dim: a view into the caller's buffer), and lse
+    rounded already (`returned_lse_dtype`)."""
     plan = ring.plan
     if rounded and plan.sole_block is not None:
         # a ring of one, or a call whose only block is the rank's own: the kernel writes out finished
         block = plan.sole_block
         out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device) if out is None else out
-        lse = torch.empty(_lse_shape(q), dtype=_rounded_lse_dtype(q.dtype), device=q.device)
+        lse = torch.empty(_lse_shape(q), dtype=returned_lse_dtype(q.dtype), device=q.device)
         rows = plan.q_sides[block.q_side]
         if rows is not None:  # rows no block selects: out 0, lse -inf
             out.zero_()
@@ -71,7 +72,7 @@ def ring_forward(
         kernels = ring.backend.forward(q, k, softmax_scale=ring.softmax_scale, softcap=ring.softcap)
         kernels.step(q_rows, k, v, out_rows, lse_rows, mask=block.mask, accumulate=False, write_rounded=True)
         ring.end_of_call()
-        return out, lse.to(LSE_ACCUMULATOR_DTYPE)
+        return out, lse
     out_acc = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=accumulator_dtype(q.dtype), device=q.device)
     lse_acc = torch.empty(_lse_shape(q), dtype=LSE_ACCUMULATOR_DTYPE, device=q.device)
     if not plan.writes_first:
@@ -103,13 +104,13 @@ def ring_forward(
 
 class _Finished:
     """The forward's out in q's dtype where the final block writes its rows finished (and lse in
-    fp32 beside 16-bit inputs, as the kernel writes it): `joined` rounds the other rows into it
-    and widens the final rows' lse into the accumulator."""
+    `returned_lse_dtype`, as the kernel writes it): `joined` rounds the other rows of both into
+    them."""
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor, rows: slice, out: torch.Tensor | None = None):
         self.rows = rows
         self.out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device) if out is None else out
-        self.lse = torch.empty(_lse_shape(q), dtype=_rounded_lse_dtype(q.dtype), device=q.device)
+        self.lse = torch.empty(_lse_shape(q), dtype=returned_lse_dtype(q.dtype), device=q.device)
         # its padding rows are no sequence's: lse -inf (out is zeroed in `joined`)
         self.lse[..., rows].fill_(float("-inf"))
 
@@ -119,8 +120,8 @@ class _Finished:
         self.out[..., others, :, :].copy_(out_acc[..., others, :, :])
         if unselected.numel():
             self.out.index_fill_(-3, unselected, 0.0)
-        lse_acc[..., self.rows].copy_(self.lse[..., self.rows])
-        return self.out, lse_acc
+        self.lse[..., others].copy_(lse_acc[..., others])
+        return self.out, self.lse
 
 
 def ring_backward(
@@ -212,11 +213,6 @@ def _dkv_pass(
 
 def _q_rows(plan: RankPlan) -> list[slice]:
     return [slice(None) if rows is None else rows for rows in plan.q_sides]
-
-
-def _rounded_lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """A sole block's lse: fp32 beside 16-bit inputs (as FA4 writes it), else the accumulator's."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else LSE_ACCUMULATOR_DTYPE
 
 
 def _writes_whole_buffer(block, plan: RankPlan, grads, k: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@ import torch
 
 from ..call import RingCall
 from ..comm.group import RingGroup
-from ..kernels import AttentionBackend
+from ..kernels import AttentionBackend, returned_lse_dtype
 from ..plan.rows import rank_plan
 from ..sinks import add_sinks, sinks_grad
 from .executor import Ring, ring_backward, ring_backward_sums, ring_forward
@@ -19,7 +19,7 @@ def ring_run_forward(
     sinks: torch.Tensor | None, padded_rows: int | None = None, into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's dtype; with zero rows appended up to `padded_rows`; in `into` if given) and the
-    fp64 LSE, sinks included. Without sinks nothing is added to out, so the ring may write its
+    LSE rounded once (`returned_lse_dtype`), sinks included. Without sinks nothing is added to out, so the ring may write its
     rows finished, in place (the kept documents' rows; every row of a sole block), and round only
     the rest into it."""
     rows = q.shape[-3]
@@ -31,6 +31,7 @@ def ring_run_forward(
     out_acc, lse = ring_forward(_ring(call, kernels, group, q), q, k, v, rounded=sinks is None, out=own_rows)
     if sinks is not None:
         lse = add_sinks(out_acc, lse, sinks)
+    lse = lse.to(returned_lse_dtype(q.dtype))  # no copy where it came rounded
     if not placed:
         return out_acc.to(q.dtype), lse  # no copy where it came rounded
     if out_acc is not own_rows:

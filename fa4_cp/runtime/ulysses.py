@@ -36,7 +36,7 @@ from ..comm.buffers import aligned
 from ..comm.group import RingGroup
 from ..comm.mesh import UlyssesRing
 from ..comm.transport import TransportKind
-from ..kernels.interface import LSE_ACCUMULATOR_DTYPE, accumulator_dtype
+from ..kernels.interface import accumulator_dtype, returned_lse_dtype
 from ..plan.head_chunks import HeadChunks
 from .ring_run import ring_run_backward, ring_run_backward_sums, ring_run_forward
 
@@ -233,7 +233,7 @@ def ulysses_forward(
     heads_q, heads_k, heads_v = heads(q_pieces), heads(k_pieces), heads(v_pieces)
     # one chunk's out is saved as it comes (a view); several chunks' rings write theirs in place
     heads_out = q.new_empty((chunks.count, *batch, padded, chunks.q_heads, v.shape[-1])) if chunks.count > 1 else None
-    returning_parts = Parts([((*batch, local, chunks.q_heads, v.shape[-1]), q.dtype), ((*batch, chunks.q_heads, local), LSE_ACCUMULATOR_DTYPE)])
+    returning_parts = Parts([((*batch, local, chunks.q_heads, v.shape[-1]), q.dtype), ((*batch, chunks.q_heads, local), returned_lse_dtype(q.dtype))])
     arriving_parts = Parts.of(inbound(0), u)  # the largest: the first chunk brings KV
     regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts] * chunks.count)
     pending = exchange.post(arriving_parts, inbound(0), regions[0])
@@ -256,7 +256,7 @@ def ulysses_forward(
         lses.append(lse)
         returning.append(exchange.post(returning_parts, [Rows(out, -3), Rows(lse, -1)], regions[min(2, chunks.count) + chunk]))
     out = q.new_empty((*batch, local, q.shape[-2], v.shape[-1]))
-    lse = q.new_empty((*batch, q.shape[-2], local), dtype=LSE_ACCUMULATOR_DTYPE)
+    lse = q.new_empty((*batch, q.shape[-2], local), dtype=returned_lse_dtype(q.dtype))
     for chunk, pending in enumerate(returning):
         out_pieces, lse_pieces = pending.wait()
         exchange.scatter_heads(out_pieces, out, chunks.count, chunk, -2)
