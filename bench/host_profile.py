@@ -41,7 +41,7 @@ SPANS = (
     "fa4_cp.attention:_run", "fa4_cp.attention:ring_attention_op", "fa4_cp.ops:ring_attention_op._setup_context_fn",
     "fa4_cp.ops:ring_attention_op._backward_fn", "fa4_cp.ops:ring_attention_backward_op",
     # the op's body
-    "fa4_cp.ops:_prepared", "fa4_cp.ops:check_consistency", "fa4_cp.ops:stand_in", "fa4_cp.ops:ring_run_forward",
+    "fa4_cp.ops:_prepared", "fa4_cp.ops:backward_prepared_call", "fa4_cp.ops:check_consistency", "fa4_cp.ops:ring_run_forward",
     "fa4_cp.ops:ring_run_backward",
     # the ring run: the rank's plan and transport, the executor
     "fa4_cp.runtime.ring_run:_ring", "fa4_cp.runtime.ring_run:ring_forward", "fa4_cp.runtime.ring_run:ring_backward",

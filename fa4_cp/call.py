@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,14 +127,41 @@ def prepared_call(
     naming a bad argument. Cached by everything the checks read (the tensors' shapes, dtype and
     device, the documents by value), so that a signature is validated once per process; the
     ranks of a simulated ring are threads, and one validates for all."""
-    key = (
-        _tensor_key(q), _tensor_key(k), _tensor_key(v), _documents_key(cu_seqlens), None if sinks is None else _tensor_key(sinks),
-        options, ring_size, ulysses_size, backward,
+    key = _call_key(_tensor_key(q), _tensor_key(k), _tensor_key(v), cu_seqlens, sinks, options, ring_size, ulysses_size, backward)
+    return _cached(key, lambda: _prepare(q, k, v, cu_seqlens, sinks, options, ring_size, ulysses_size, backward))
+
+
+def backward_prepared_call(
+    dout: torch.Tensor, q_head_dim: int, kv_heads: int, k_head_dim: int, v_head_dim: int, cu_seqlens: torch.Tensor | None,
+    sinks: torch.Tensor | None, options: RingOptions, *, ring_size: int, ulysses_size: int = 1,
+) -> PreparedCall:
+    """The forward's PreparedCall, found from its backward's dout (q's rows and heads, v's
+    head_dim) and the forward's head sizes: keyed without making the stand-in tensors that only
+    a call the cache has dropped needs."""
+    lead, heads = dout.shape[:-2], dout.shape[-2]
+    shapes = ((*lead, heads, q_head_dim), (*lead, kv_heads, k_head_dim), (*lead, kv_heads, v_head_dim))
+    key = _call_key(*((shape, dout.dtype, dout.device) for shape in shapes), cu_seqlens, sinks, options, ring_size, ulysses_size, True)
+
+    def prepare() -> PreparedCall:
+        q, k, v = (stand_in(dout, shape) for shape in shapes)
+        return _prepare(q, k, v, cu_seqlens, sinks, options, ring_size, ulysses_size, True)
+
+    return _cached(key, prepare)
+
+
+def _call_key(q_key, k_key, v_key, cu_seqlens, sinks, options: RingOptions, ring_size: int, ulysses_size: int, backward: bool) -> tuple:
+    """Everything the checks read: the tensors' shapes, dtype and device, the documents by value."""
+    return (
+        q_key, k_key, v_key, _documents_key(cu_seqlens), None if sinks is None else _tensor_key(sinks), options, ring_size, ulysses_size,
+        backward,
     )
+
+
+def _cached(key: tuple, prepare: Callable[[], PreparedCall]) -> PreparedCall:
     with _prepared_lock:
         hit = _prepared.get(key)
         if hit is None:
-            hit = _prepared[key] = _prepare(q, k, v, cu_seqlens, sinks, options, ring_size, ulysses_size, backward)
+            hit = _prepared[key] = prepare()
             if len(_prepared) > CACHED_CALLS:
                 _prepared.popitem(last=False)
         else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .call import PreparedCall, prepared_call, stand_in
+from .call import PreparedCall, backward_prepared_call, prepared_call
 from .comm.mesh import UlyssesRing
 from .consistency import check_consistency, count_call
 from .handles import backend_of, call_of, group_by_name, options_of
@@ -30,11 +30,14 @@ SAVED_ON_A_MESH = 5  # the head-sharded q, k, v, out and lse
 
 
 def _prepared(q, k, v, cu_seqlens, sinks, ring: str, ulysses: str | None, options: str, backward: bool) -> PreparedCall:
-    ulysses_size = 1 if ulysses is None else group_by_name(ulysses).world_size
     return prepared_call(
-        q, k, v, cu_seqlens, sinks, options_of(options), ring_size=group_by_name(ring).world_size, ulysses_size=ulysses_size,
+        q, k, v, cu_seqlens, sinks, options_of(options), ring_size=group_by_name(ring).world_size, ulysses_size=_ulysses_size(ulysses),
         backward=backward,
     )
+
+
+def _ulysses_size(ulysses: str | None) -> int:
+    return 1 if ulysses is None else group_by_name(ulysses).world_size
 
 
 @torch.library.custom_op("fa4_cp::ring_attention", mutates_args=())
@@ -84,11 +87,10 @@ def ring_attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and the sinks' gradient of this rank's rows (empty without sinks). q ... lse are
     the forward's inputs and outputs on a 1-D ring, its head-sharded tensors on a 2-D mesh."""
-    # the forward's q, k and v as the cache keys them: dout has q's rows and heads and v's head_dim
-    q_like, k_like, v_like = (stand_in(dout, (*dout.shape[:-2], heads, dim)) for heads, dim in (
-        (dout.shape[-2], q.shape[-1]), (kv_heads, k.shape[-1]), (kv_heads, v.shape[-1])
-    ))
-    prepared = _prepared(q_like, k_like, v_like, cu_seqlens, sinks, ring, ulysses, options, True)
+    prepared = backward_prepared_call(
+        dout, q.shape[-1], kv_heads, k.shape[-1], v.shape[-1], cu_seqlens, sinks, options_of(options),
+        ring_size=group_by_name(ring).world_size, ulysses_size=_ulysses_size(ulysses),
+    )
     if ulysses is None:
         return ring_run_backward(prepared.ring, prepared.kernels, group_by_name(ring), q, k, v, out, lse, dout, dlse, sinks)
     mesh = UlyssesRing(group_by_name(ulysses), group_by_name(ring))

@@ -82,3 +82,26 @@ def test_the_2d_call_checks_once_and_its_backward_nothing(counts):
     fa4_cp.SimulatedMesh(2, 1).run(rank_call)
     per_rank = {"check_devices", "check_mask", "check_softmax_scale", "check_softcap"}
     assert dict(counts) == {**{name: 2 for name in per_rank}, "check_qkv": 1, "check_sinks": 1}
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_a_backward_whose_call_the_cache_dropped_prepares_it_again(counts, heads):
+    """The backward finds its forward's prepared call by dout's shape and the forward's head sizes;
+    where the cache has dropped it meanwhile (more signatures than CACHED_CALLS), the backward
+    prepares it again from stand-ins, with the same gradients."""
+    q_heads, kv_heads = heads
+    q = torch.randn(1, 16, q_heads, 16, requires_grad=True)
+    k, v = (torch.randn(1, 16, kv_heads, 16, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def grads(drop: bool) -> tuple[torch.Tensor, ...]:
+        out = fa4_cp.ring_attention(q, k, v, causal=True, backend="reference")
+        if drop:
+            call._prepared.clear()
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    kept = grads(drop=False)
+    assert counts["check_qkv"] == 1
+    for expected, got in zip(kept, grads(drop=True), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert counts["check_qkv"] == 2  # the forward's prepared call was found; the dropped one was made again
