@@ -8,7 +8,10 @@ flash_attn_func fwd+bwd on the same inputs; CUDA-event medians of interleaved ro
 ratio = upstream / ring. And the host time of a call (forward, and fwd+bwd) with the GPU kept
 busy, for the ring and for upstream: the host path the ring adds, every launch included; and the
 host time from a forward call's start to its first kernel launch (issue 24's "host path"), read
-from the CUDA runtime and driver calls that the profiler records.
+from the CUDA runtime and driver calls that the profiler records. And where the GPU waits within
+a fwd+bwd call started on an idle GPU, as the timed rounds start: its kernels' busy and idle time
+and the largest gaps, each between the two kernels named, from a profiler trace (CUPTI's cost per
+launch included, for the ring and upstream alike).
 `--tree` runs another checkout's fa4_cp (a baseline).
 """
 
@@ -92,6 +95,55 @@ def first_launch_us(fn, calls: int = 25) -> dict | None:
     }
 
 
+GAPS_KEPT = 6
+
+
+def gpu_gaps(fn, calls: int = 10) -> dict:
+    """A call's GPU activity when it starts on an idle GPU: from the end of a marker kernel queued
+    just before the call to the end of the call's last kernel (span), the time some kernel or copy
+    ran (busy), the rest (idle), and the call of median span's largest gaps with the activity on
+    either side. Medians over `calls` calls in one profiler session."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(calls + 1):  # the session's first call pays CUPTI's set-up
+            torch.cuda.synchronize()
+            torch.cuda._sleep(1)  # the marker: the call's activity follows it
+            fn()
+        torch.cuda.synchronize()
+    activity = sorted(
+        (event.start_ns(), event.start_ns() + event.duration_ns(), event.name()) for event in trace.profiler.kineto_results.events()
+        if str(event.device_type()).endswith("CUDA") and event.duration_ns() > 0
+    )
+    markers = [index for index, (_, _, name) in enumerate(activity) if "sleep" in name.lower() or "spin" in name.lower()]
+    rows = []
+    for begin, end in zip(markers[1:], [*markers[2:], len(activity)]):
+        events, cursor, busy, gaps = activity[begin + 1 : end], activity[begin][1], 0, []
+        previous = "the marker"
+        for start, stop, name in events:
+            if start > cursor:
+                gaps.append(((start - cursor) / 1e3, previous[:70], name[:70]))
+            busy += max(0, stop - max(start, cursor))
+            if stop > cursor:
+                cursor, previous = stop, name
+        if events:
+            rows.append({"span_us": (cursor - activity[begin][1]) / 1e3, "busy_us": busy / 1e3, "gaps": gaps})
+    if not rows:
+        return {}
+    median = sorted(rows, key=lambda row: row["span_us"])[len(rows) // 2]
+    return {
+        "calls": len(rows),
+        "span_us": statistics.median(row["span_us"] for row in rows),
+        "busy_us": statistics.median(row["busy_us"] for row in rows),
+        "idle_us": statistics.median(row["span_us"] - row["busy_us"] for row in rows),
+        "largest_gaps_of_the_median_call": [
+            {"us": us, "after": after, "before": before} for us, after, before in sorted(median["gaps"], reverse=True)[:GAPS_KEPT]
+        ],
+    }
+
+
 def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
     from flash_attn.cute import flash_attn_func
 
@@ -117,9 +169,10 @@ def run_config(fa4_cp, seq: int, heads: int, kv_heads: int) -> dict:
         profiled = {"ring_forward": first_launch_us(ring_fwd), "upstream_forward": first_launch_us(upstream_fwd)}
     host["ring_forward_backward"] = host_us(both(ring_fwd))
     host["upstream_forward_backward"] = host_us(both(upstream_fwd))
+    gaps = {"ring": gpu_gaps(both(ring_fwd)), "upstream": gpu_gaps(both(upstream_fwd))}
     return {
         "seq": seq, "heads": heads, "kv_heads": kv_heads, "ms": ms, "upstream_over_ring": ms["upstream"] / ms["ring"],
-        "host_us_gpu_busy": host, "host_us_profiled": profiled,
+        "host_us_gpu_busy": host, "host_us_profiled": profiled, "gpu_from_idle_fwd_bwd": gaps,
     }
 
 
@@ -151,6 +204,8 @@ def main() -> None:
                 f"{row['host_us_gpu_busy']['upstream_forward_backward']:.0f}  profiled fwd (to first launch, to return): ring {row['host_us_profiled']['ring_forward']}, "
                 f"upstream {row['host_us_profiled']['upstream_forward']}", flush=True,
             )
+            for name, gaps in row["gpu_from_idle_fwd_bwd"].items():
+                print(f"  {name}: GPU from idle {gaps}", flush=True)
 
 
 if __name__ == "__main__":
