@@ -6,8 +6,8 @@ alike: torch.compile traces a model that calls it without a graph break, eager r
 check that they make the same call (consistency.py), then runs the ring (runtime/ring_run.py),
 inside the Ulysses stage on a 2-D mesh (runtime/ulysses.py). It returns out, the LSE rounded
 once and, on a 2-D mesh, the head-sharded tensors the backward reads (empty on a 1-D ring, whose
-backward reads the inputs). `fa4_cp::ring_attention_backward` finds the forward's PreparedCall in the
-cache and runs the ring backward. What the schema cannot carry travels as string handles
+backward reads the inputs). `fa4_cp::ring_attention_backward` finds the forward's PreparedCall
+in the cache (call.backward_prepared_call) and runs the ring backward. What the schema cannot carry travels as string handles
 (handles.py): the groups and the RingOptions, in the forward as one call handle. The fake
 implementations give every shape from the inputs', so new sequence lengths are symbolic, as for
 SDPA.

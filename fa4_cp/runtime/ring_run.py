@@ -19,9 +19,9 @@ def ring_run_forward(
     sinks: torch.Tensor | None, padded_rows: int | None = None, into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's dtype; with zero rows appended up to `padded_rows`; in `into` if given) and the
-    LSE rounded once (`returned_lse_dtype`), sinks included. Without sinks nothing is added to out, so the ring may write its
-    rows finished, in place (the kept documents' rows; every row of a sole block), and round only
-    the rest into it."""
+    LSE rounded once (`returned_lse_dtype`), sinks included. Without sinks nothing is added to
+    out, so the ring may write its rows finished, in place (the kept documents' rows; every row
+    of a sole block), and round only the rest into it."""
     rows = q.shape[-3]
     placed = into is not None or padded_rows not in (None, rows)
     if placed:
