@@ -52,7 +52,7 @@ def sinks_grad(
 ) -> torch.Tensor:
     """dL/ds over the ring's rows on ring rank 0, zeros elsewhere, from each rank's final (out', L')
     and their gradients."""
-    math = lse.dtype
+    math = torch.float64  # sums over every row of the ring: as wide as the running LSE (the saved one is rounded)
     delta = (dout.to(math) * out.to(math)).sum(-1).transpose(-1, -2)  # (..., h, s)
     if dlse is not None:
         delta = delta - dlse.to(math)
