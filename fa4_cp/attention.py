@@ -17,7 +17,7 @@ import torch
 from .consistency import count_call
 from .handles import backend_key, call_handle, group_by_name, options_handle, ring_and_ulysses_names
 from .kernels import AttentionBackend
-from .ops import ring_attention_op
+from .ops import EagerRingAttention, ring_attention_op, runs_eager
 from .options import checked_options
 from .validation import check_devices, check_flag
 
@@ -128,7 +128,8 @@ def _run(
             count_call(group_by_name(name))
         raise
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, sinks))
-    out, lse, *_for_backward = ring_attention_op(q, k, v, cu_seqlens, sinks, call_handle(ring, ulysses, options, grad))
+    run = EagerRingAttention.apply if runs_eager(q, k, v, cu_seqlens, sinks) else ring_attention_op
+    out, lse, *_for_backward = run(q, k, v, cu_seqlens, sinks, call_handle(ring, ulysses, options, grad))
     if not return_lse:
         return out
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)

@@ -40,8 +40,7 @@ def _ulysses_size(ulysses: str | None) -> int:
     return 1 if ulysses is None else group_by_name(ulysses).world_size
 
 
-@torch.library.custom_op("fa4_cp::ring_attention", mutates_args=())
-def ring_attention_op(
+def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, call: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (q's shape with v's head_dim, q's dtype), the final LSE (sinks included; fp32 beside
@@ -57,6 +56,9 @@ def ring_attention_op(
         out, lse = ring_run_forward(prepared.ring, prepared.kernels, groups[0], q, k, v, sinks)
         return out, lse, *(q.new_empty(0) for _ in range(SAVED_ON_A_MESH))
     return ulysses_forward(prepared, UlyssesRing(groups[1], groups[0]), q, k, v, sinks)
+
+
+ring_attention_op = torch.library.custom_op("fa4_cp::ring_attention", _forward, mutates_args=())
 
 
 def _heads_shape(x: torch.Tensor, u: int, chunks: int, heads: int) -> tuple[int, ...]:
@@ -79,8 +81,7 @@ def _(q, k, v, cu_seqlens, sinks, call):
     return out, lse, heads_q, heads_k, heads_v, heads_out, heads_lse
 
 
-@torch.library.custom_op("fa4_cp::ring_attention_backward", mutates_args=())
-def ring_attention_backward_op(
+def _backward_body(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
     dlse: torch.Tensor | None, cu_seqlens: torch.Tensor | None, sinks: torch.Tensor | None, ring: str, ulysses: str | None,
     options: str, kv_heads: int,
@@ -95,6 +96,9 @@ def ring_attention_backward_op(
         return ring_run_backward(prepared.ring, prepared.kernels, group_by_name(ring), q, k, v, out, lse, dout, dlse, sinks)
     mesh = UlyssesRing(group_by_name(ulysses), group_by_name(ring))
     return ulysses_backward(prepared, mesh, q, k, v, out, lse, dout, dlse, sinks, kv_heads)
+
+
+ring_attention_backward_op = torch.library.custom_op("fa4_cp::ring_attention_backward", _backward_body, mutates_args=())
 
 
 @ring_attention_backward_op.register_fake
@@ -116,13 +120,77 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, *_saved_grads):
+def _gradients(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, run_backward) -> tuple:
     *saved, cu_seqlens, sinks = ctx.saved_tensors
     dout = saved[0].new_zeros(ctx.out_shape) if dout is None else dout
-    dq, dk, dv, dsinks = ring_attention_backward_op(*saved, dout, dlse, cu_seqlens, sinks, *ctx.groups, ctx.options, ctx.kv_heads)
+    dq, dk, dv, dsinks = run_backward(*saved, dout, dlse, cu_seqlens, sinks, *ctx.groups, ctx.options, ctx.kv_heads)
     return dq, dk, dv, None, None if sinks is None else dsinks, None
+
+
+def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, *_saved_grads):
+    return _gradients(ctx, dout, dlse, ring_attention_backward_op)
 
 
 torch.library.register_autograd("fa4_cp::ring_attention", _backward, setup_context=_setup_context)
 
-__all__ = ["ring_attention_op", "ring_attention_backward_op"]
+
+class EagerRingAttention(torch.autograd.Function):
+    """The op pair's bodies under autograd without torch's dispatcher, for an eager call that no
+    torch layer needs to see as an op (`runs_eager`). The custom op's own layers (the Autograd
+    key's Python kernel and its redispatch, the dynamo-disabled wrapper, the outputs' aliasing
+    check), once forward and once backward, are host time between the forward's kernel and the
+    backward's first, which the GPU waits out at 8K tokens; upstream's flash_attn_func is an
+    autograd.Function as well. The same bodies, saved context and formula as the op's."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, sinks, call):
+        output = _forward(q, k, v, cu_seqlens, sinks, call)
+        _setup_context(ctx, (q, k, v, cu_seqlens, sinks, call), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse, *_saved_grads):
+        with torch.no_grad():
+            gradients = _gradients(ctx, dout, dlse, _backward_body)
+        if torch.is_grad_enabled():  # create_graph: as the op's (it registers no formula for its backward)
+            return _SecondDerivativeRefused.marking(gradients, ctx.saved_tensors)
+        return gradients
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """Gradients that raise when differentiated again, so that a second derivative through ring
+    attention is refused, never taken as zero. The forward's saved tensors join as inputs: the
+    node lies on every path from the gradients to the call's inputs."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("fa4_cp.ring_attention has no second derivative: its backward is not differentiable")
+
+    @staticmethod
+    def marking(gradients: tuple, saved: tuple) -> tuple:
+        present = [g for g in gradients if g is not None]
+        anchors = [t for t in saved if t is not None and t.requires_grad]
+        marked = iter(_SecondDerivativeRefused.apply(len(present), *present, *anchors))
+        return tuple(None if g is None else next(marked) for g in gradients)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def runs_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call may take `EagerRingAttention`: not under torch.compile (checked first, so
+    that dynamo folds the rest away), no dispatch or function mode (fake tensors, FlopCounter,
+    selective checkpointing, `with torch.device`), no functorch transform, plain tensors off the
+    meta device. Any of those sees the op instead."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or (type(t) in _PLAIN_TENSORS and not t.is_meta) for t in tensors)
+
+
+__all__ = ["EagerRingAttention", "ring_attention_op", "ring_attention_backward_op", "runs_eager"]
