@@ -4,9 +4,8 @@ Once per call and per distinct set of q rows the steps use (a "q side": the whol
 one lane run), FA4's preprocess computes delta = rowsum(dout * out) - dlse and lse * log2(e) in
 the padded layout the kernel reads. Every step's kernel then adds its dq into the q side's fp32
 tiled accumulator; dense q sides that start on a tile boundary share one accumulator for the
-whole shard, zeroed once (by the first side's preprocess where that side spans it); any other
-side has its own, which the same preprocess zeroes at the tiles of the side's rows, all that its
-kernels write and its read-back reads (no fill kernel). `dq`
+whole shard (zeroed once); any other side has its own, which the same preprocess zeroes at the
+tiles of the side's rows, all that its kernels write and its read-back reads (no fill kernel). `dq`
 reads the accumulators back once, rounded once to q's dtype: with upstream's postprocess when one
 accumulator holds all of dq, with one pass over the varlen sides' accumulators (dq_readback.py)
 for packed documents, else in fp32 and summed. dK/dV go straight from the kernel into the
@@ -182,37 +181,30 @@ class Sm90BackwardPass:
             start, stop, _ = q_rows.indices(q.shape[1])
             rows, padded = slice(start, stop), self.dq_tiles.padded_rows(stop - start)
             shared = start % tile == 0
-            # the first side of a shared accumulator that spans it (a ring of one, a dense ring's
-            # steps over all rows) has the preprocess zero all of it, as for a side's own: no fill
-            zeroes_shared = shared and self.whole_dq is None and start == 0 and stop == q.shape[1]
             row_map, cu, used = None, None, None
         else:  # statistics and read-back over the rows any block of the side selects
-            rows, cu, shared, zeroes_shared = slice(None), varlen.cu_seqlens_q, False, False
+            rows, cu, shared = slice(None), varlen.cu_seqlens_q, False
             used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
             padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
             row_map = varlen_row_map(varlen, used, tile, q.shape[0])
         if shared:
-            accum, owned = self._whole_dq(zeroed=not zeroes_shared)[..., start * width : (start + padded) * width], False
+            accum, owned = self._whole_dq()[..., start * width : (start + padded) * width], False
         else:  # zeroed by the preprocess below at every tile of the side's rows (all that its kernels write and its read-back reads)
             accum, owned = torch.empty(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
         _bwd_preprocess(
-            self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2,
-            accum if zeroes_shared or not shared else None,
+            self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None if shared else accum,
             cu, used, None if self.dlse is None else self.dlse[..., rows],
             torch2cute_dtype_map[q.dtype], q.shape[-1], self.dout.shape[-1], tile,
             fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
         )
         return _QSide(rows, q[..., rows, :, :], self.dout[..., rows, :, :], lse_log2, dpsum, accum, owned, row_map)
 
-    def _whole_dq(self, zeroed: bool = True) -> torch.Tensor:
-        """The shard's shared dq accumulator, made at its first side (`zeroed`: filled with zeros,
-        else left to that side's preprocess, which spans it)."""
+    def _whole_dq(self) -> torch.Tensor:
         if self.whole_dq is None:
             q = self.q
             padded = self.dq_tiles.padded_rows(q.shape[1])
-            make = torch.zeros if zeroed else torch.empty
-            self.whole_dq = make(q.shape[0], q.shape[2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=q.device)
+            self.whole_dq = torch.zeros(q.shape[0], q.shape[2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=q.device)
         return self.whole_dq
 
 
