@@ -10,6 +10,9 @@ that no launch waits for it), two ways:
   custom op's dynamo-disabled body confuses its attribution (session 12's profile put 0.88 ms
   per call in torch's backend_impl "own" time);
 - cProfile (text, beside the JSON: `.txt`), sorted by own and by cumulative time, for reading;
+- the whole call's host time each way it can reach the op bodies (`call_us_by_dispatch`): an eager
+  call's autograd.Function (ops.EagerRingAttention), and torch's custom op, as under torch.compile
+  or a dispatch mode, the way every call went before 2026-12-08;
 - torch.profiler's CPU events of a few calls with Python stacks (beside the JSON: `.trace.json.gz`
   for chrome://tracing or Perfetto, and `.ops.txt`, its ops by own CPU time): what lies between the
   spans, torch's own layers included.
@@ -32,13 +35,16 @@ import torch
 from common import record, write
 
 import fa4_cp
+import fa4_cp.attention
 
 GPU_BUSY_CYCLES = 400_000_000  # ~0.2 s of GPU time per call: no launch of a call waits for the GPU
 
 SPANS = (
-    # the layers around the op's body: the front door's checks, the forward op's dispatch, what
-    # autograd calls of ours (the saved context, the backward formula), the backward op's dispatch
-    "fa4_cp.attention:_run", "fa4_cp.attention:ring_attention_op", "fa4_cp.ops:ring_attention_op._setup_context_fn",
+    # the layers around the op's body: the front door's checks, the forward op's dispatch (the
+    # custom op, or an eager call's autograd.Function), what autograd calls of ours (the saved
+    # context, the backward formula), the backward op's dispatch
+    "fa4_cp.attention:_run", "fa4_cp.attention:ring_attention_op", "fa4_cp.ops:EagerRingAttention.forward",
+    "fa4_cp.ops:EagerRingAttention.backward", "fa4_cp.ops:ring_attention_op._setup_context_fn",
     "fa4_cp.ops:ring_attention_op._backward_fn", "fa4_cp.ops:ring_attention_backward_op",
     # the op's body
     "fa4_cp.ops:_prepared", "fa4_cp.ops:backward_prepared_call", "fa4_cp.ops:check_consistency", "fa4_cp.ops:ring_run_forward",
@@ -125,6 +131,21 @@ def trace_calls(call, keep_gpu_busy, path: Path, calls: int = 3) -> None:
     path.with_suffix(".ops.txt").write_text(f"{calls} calls of ring_attention fwd+bwd, the GPU kept busy\n{table}")
 
 
+def _through_the_op(call, keep_gpu_busy, calls: int) -> dict[str, list[float]]:
+    """The same calls through torch's custom op (as when something must see it), no spans."""
+    eager, totals = fa4_cp.attention.runs_eager, collections.defaultdict(list)
+    fa4_cp.attention.runs_eager = lambda *tensors: False
+    try:
+        for _ in range(3):
+            call()
+        for _ in range(calls):
+            keep_gpu_busy()
+            call(totals)
+    finally:
+        fa4_cp.attention.runs_eager = eager
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=8192)
@@ -170,6 +191,7 @@ def main() -> None:
         timer.mark()
     if device == "cuda":
         torch.cuda.synchronize()
+    by_dispatch = {"eager": totals, "op": _through_the_op(call, keep_gpu_busy, args.calls)}
 
     shape = f"S={seq}, heads {args.heads}, d {head_dim}, bf16, causal"
     result = record(
@@ -177,6 +199,9 @@ def main() -> None:
         method="a 1-rank ring, fwd + bwd through autograd, the GPU kept busy (a sleep kernel queued before each call); "
         "each span's inclusive perf_counter time summed over a call, the median over calls",
         call_us={name: statistics.median(samples) * 1e6 for name, samples in totals.items()},
+        call_us_by_dispatch={
+            way: {name: statistics.median(samples) * 1e6 for name, samples in timings.items()} for way, timings in by_dispatch.items()
+        },
         spans=timer.medians_us(), spans_absent=timer.absent,
     )
     write(result, args.out)
@@ -185,8 +210,8 @@ def main() -> None:
         pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(60)
     Path(args.out).with_suffix(".txt").write_text(f"{args.calls} calls of ring_attention fwd+bwd, {shape}\n{text.getvalue()}")
     trace_calls(call, keep_gpu_busy, Path(args.out))
-    for name, value in result["call_us"].items():
-        print(f"{name}: {value:.0f} us")
+    for way, timings in result["call_us_by_dispatch"].items():
+        print(way, ", ".join(f"{name}: {value:.0f} us" for name, value in timings.items()))
     for span, value in result["spans"].items():
         print(f"{value['us']:8.1f} us  x{value['entries_per_call']:g}  {span}")
 

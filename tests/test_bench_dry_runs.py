@@ -138,7 +138,10 @@ def test_host_profile_dry_run_times_the_ring_functions_of_each_call(tmp_path):
     )
     result = json.loads(out.read_text())
     assert set(result["call_us"]) == {"forward", "backward"} and all(us > 0 for us in result["call_us"].values())
+    assert result["call_us_by_dispatch"]["eager"] == result["call_us"] and set(result["call_us_by_dispatch"]["op"]) == {"forward", "backward"}
     spans = result["spans"]
+    # an eager call runs the bodies through the autograd.Function, not torch's custom op
+    assert spans["fa4_cp.ops:EagerRingAttention.forward"]["entries_per_call"] == 1 and "fa4_cp.attention:ring_attention_op" not in spans
     # one ring run each way; the plan and transport looked up once per direction
     assert spans["fa4_cp.ops:ring_run_forward"]["entries_per_call"] == spans["fa4_cp.ops:ring_run_backward"]["entries_per_call"] == 1
     assert spans["fa4_cp.runtime.ring_run:_ring"]["entries_per_call"] == 2
