@@ -1,5 +1,7 @@
 """Ring attention as one pair of torch custom ops, for a 1-D ring and a 2-D Ulysses x ring mesh
-alike: torch.compile traces a model that calls it without a graph break, eager runs the same ops.
+alike: torch.compile traces a model that calls it without a graph break. An eager call runs the
+same bodies under a plain autograd.Function (`EagerRingAttention`), without the dispatcher's
+layers; `runs_eager` says which way a call goes.
 
 `fa4_cp::ring_attention` runs a call in full: it counts the call on its groups, prepares it
 (call.py, cached: ValueError naming a bad argument, before any communication), has the ranks
