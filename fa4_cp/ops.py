@@ -18,6 +18,7 @@ SDPA.
 from __future__ import annotations
 
 import torch
+from torch.utils._device import DeviceContext
 
 from .call import PreparedCall, backward_prepared_call, prepared_call
 from .comm.mesh import UlyssesRing
@@ -186,13 +187,21 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def runs_eager(*tensors: torch.Tensor | None) -> bool:
     """Whether a call may take `EagerRingAttention`: not under torch.compile (checked first, so
     that dynamo folds the rest away), no dispatch or function mode (fake tensors, FlopCounter,
-    selective checkpointing, `with torch.device`), no functorch transform, plain tensors off the
-    meta device. Any of those sees the op instead."""
+    selective checkpointing), no functorch transform, plain tensors off the
+    meta device. Any of those sees the op instead. A default device (`torch.set_default_device`,
+    `with torch.device(...)`) is a function mode that needs nothing of the op: it acts inside the
+    bodies alike either way."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._is_torch_function_mode_enabled() and not _only_a_default_device():
         return False
     return all(t is None or (type(t) in _PLAIN_TENSORS and not t.is_meta) for t in tensors)
+
+
+def _only_a_default_device() -> bool:
+    return all(isinstance(mode, DeviceContext) for mode in torch.overrides._get_current_function_mode_stack())
 
 
 __all__ = ["EagerRingAttention", "ring_attention_op", "ring_attention_backward_op", "runs_eager"]

@@ -65,7 +65,11 @@ def test_layers_that_must_see_the_op_get_it():
     assert not ops.runs_eager(q.to("meta"), k.to("meta"), v.to("meta"), None, None)
     with FlopCounterMode(display=False):
         assert not ops.runs_eager(q, k, v, None, sinks)
-    with torch.device("cpu"):
+    with torch.device("cpu"):  # a default device acts alike either way
+        assert ops.runs_eager(q, k, v, None, sinks)
+        with FlopCounterMode(display=False):
+            assert not ops.runs_eager(q, k, v, None, sinks)
+    with torch.overrides.TorchFunctionMode():
         assert not ops.runs_eager(q, k, v, None, sinks)
     seen = []
     torch.func.vmap(lambda x: seen.append(ops.runs_eager(x, k, v, None, None)) or x)(q)
