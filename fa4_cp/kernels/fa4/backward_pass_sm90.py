@@ -188,17 +188,18 @@ class Sm90BackwardPass:
             padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
             row_map = varlen_row_map(varlen, used, tile, q.shape[0])
         if shared:
-            accum, owned = self._whole_dq()[..., start * width : (start + padded) * width], False
+            accum, owned = _of_rows(self._whole_dq(), slice(start * width, (start + padded) * width), -1), False
         else:  # zeroed by the preprocess below at every tile of the side's rows (all that its kernels write and its read-back reads)
             accum, owned = torch.empty(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
         lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
+        side_q, side_out, side_dout = (_of_rows(t, rows, -3) for t in (q, self.out, self.dout))
         _bwd_preprocess(
-            self.out[..., rows, :, :], self.dout[..., rows, :, :], dpsum, self.lse[..., rows], lse_log2, None if shared else accum,
-            cu, used, None if self.dlse is None else self.dlse[..., rows],
+            side_out, side_dout, dpsum, _of_rows(self.lse, rows, -1), lse_log2, None if shared else accum,
+            cu, used, None if self.dlse is None else _of_rows(self.dlse, rows, -1),
             torch2cute_dtype_map[q.dtype], q.shape[-1], self.dout.shape[-1], tile,
             fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
         )
-        return _QSide(rows, q[..., rows, :, :], self.dout[..., rows, :, :], lse_log2, dpsum, accum, owned, row_map)
+        return _QSide(rows, side_q, side_dout, lse_log2, dpsum, accum, owned, row_map)
 
     def _whole_dq(self) -> torch.Tensor:
         if self.whole_dq is None:
@@ -206,6 +207,15 @@ class Sm90BackwardPass:
             padded = self.dq_tiles.padded_rows(q.shape[1])
             self.whole_dq = torch.zeros(q.shape[0], q.shape[2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=q.device)
         return self.whole_dq
+
+
+def _of_rows(t: torch.Tensor, rows: slice, dim: int) -> torch.Tensor:
+    """`rows` of `t` along `dim`: `t` itself where they are all of its rows (a ring of one, a dense
+    ring's whole shard, a varlen side), since each view made costs host time on every call."""
+    start, stop, _ = rows.indices(t.shape[dim])
+    if start == 0 and stop == t.shape[dim]:
+        return t
+    return t.narrow(dim, start, stop - start)
 
 
 def _shared_kv_rows(varlen: VarlenRows | None, k: torch.Tensor, v: torch.Tensor) -> int | None:
