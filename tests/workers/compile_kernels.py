@@ -6,8 +6,10 @@ sm_90a: fa4_cp's Hopper forward with LSE partials (merging and first-write, dens
 causal and windowed, softcapped, q heads packed or not; head dims 128, 256 and MLA's 192 / 128), its Hopper backward
 accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 128, 192, 256, MLA's 192 / 128), the varlen dq read-back, the dK/dV finish and the stand-alone merge
 kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
-them, under torch's FakeTensorMode; head dims 128, MLA's 192 / 128 and 256) and the merge kernel. Prints one JSON line: each kernel's
-name and error (None when it compiled), and the `.target` of the PTX kept.
+them, under torch's FakeTensorMode; head dims 128, MLA's 192 / 128 and 256), the accumulating
+Blackwell backward (backward_sm100.py: GQA and not, varlen, windowed, softcapped; head dims 64, 96,
+128) and the merge kernel. Prints one JSON line: each kernel's name and error (None when it
+compiled), the `.target` of the PTX kept, and the global reductions of the accumulating backwards.
 Upstream's persistent schedulers ask the driver for the SM count while tracing; here a stand-in
 answers with FLASH_ATTENTION_NUM_SMS (compile check only).
 """
@@ -29,6 +31,8 @@ SMS = int(os.environ.get("FLASH_ATTENTION_NUM_SMS", "132"))
 # kernels (their classes, as the PTX file names spell them) that store rows as vectors: the
 # forward's merging epilogue, the dK/dV finish and the stand-alone merge
 VECTOR_STORES = ("PartialsForwardSm90", "FinishDkv", "MergePartials")
+# kernels whose epilogue adds dK/dV into the caller's rows by global reductions
+ACCUMULATING = ("AccumulatingBackwardSm90", "AccumulatingBackwardSm100")
 
 
 class DriverlessHardwareInfo:
@@ -141,7 +145,10 @@ def hopper_kernels() -> dict:
 def blackwell_kernels() -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fa4_cp.kernels.fa4 import merge_kernel
+    from fa4_cp.kernels.fa4 import backward_sm100, merge_kernel
+    from fa4_cp.kernels.fa4.masks import Fa4Window
+
+    causal, full, window = Fa4Window(True, False, None, None), Fa4Window(False, False, None, None), Fa4Window(False, True, 200, 0)
 
     def upstream(causal: bool, backward: bool, dims: tuple[int, int] = (128, 128)):
         def compile_() -> None:
@@ -165,6 +172,17 @@ def blackwell_kernels() -> dict:
         "upstream sm100 forward and backward causal, MLA 192 / 128": upstream(True, True, (192, 128)),
         "upstream sm100 forward and backward causal, head_dim 256": upstream(True, True, (256, 256)),
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
+        **{
+            f"accumulating backward {name}": (lambda case=case: backward_sm100._compile(BFloat16, *case))
+            for name, case in {
+                "causal gqa": (128, 4, causal, False, None),
+                "causal": (128, 1, causal, False, None),
+                "varlen full gqa": (128, 4, full, True, None),
+                "varlen window softcap": (128, 1, window, True, 30.0),
+                "causal gqa head_dim 64": (64, 8, causal, False, None),
+                "varlen causal head_dim 96": (96, 2, causal, True, None),
+            }.items()
+        },
     }
 
 
@@ -191,9 +209,13 @@ def main() -> None:
         kernel: sorted({op for ptx in kept if kernel in ptx.name for op in re.findall(r"\bst\.global[.\w]*", ptx.read_text())})
         for kernel in VECTOR_STORES
     }
+    reductions = {  # the global reductions of the accumulating backwards' epilogues
+        kernel: sorted({op for ptx in kept if kernel in ptx.name for op in re.findall(r"\bred\.[.\w]*", ptx.read_text())})
+        for kernel in ACCUMULATING
+    }
     # the forward's merging epilogue asks L2 for the prior out it will read
     prefetches = sum(ptx.read_text().count("prefetch.global.L2") for ptx in kept if "PartialsForwardSm90" in ptx.name)
-    print(json.dumps({"arch": arch, "errors": errors, "ptx_targets": targets, "ptx_files": len(kept), "stores": stores, "prefetches": prefetches}))
+    print(json.dumps({"arch": arch, "errors": errors, "ptx_targets": targets, "ptx_files": len(kept), "stores": stores, "prefetches": prefetches, "reductions": reductions}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from .backward_pass_sm100 import Sm100BackwardPass
 from .backward_pass_sm90 import Sm90BackwardPass
 from .passes_sm100 import MergeAfterForwardPass, UpstreamBackwardPass
 from .forward_pass_sm90 import Sm90ForwardPass
@@ -53,8 +54,10 @@ class FA4Backend:
     no 16-bit rounding per step), or with `fused_merge=False` runs upstream's forward and the
     stand-alone merge kernel (the baseline). The backward accumulates dq in FA4's own layout
     across the steps of a call, and dK/dV in the ring's fp32 buffers from inside the kernel.
-    Blackwell: see passes_sm100.py (untested here). The inputs and the architecture are checked
-    once per pass, not per step.
+    Blackwell (untested here): the forward and, for deterministic calls and head dims 192 and 256,
+    the backward as passes_sm100.py runs them; the other backwards accumulate dK/dV inside the
+    kernel as on Hopper (backward_pass_sm100.py). The inputs and the architecture are checked once
+    per pass, not per step.
     """
 
     name = "fa4"
@@ -72,6 +75,8 @@ class FA4Backend:
         check_inputs(q, backward=True)
         if fa4_arch(q.device) == 9:
             return Sm90BackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap, deterministic)
+        if Sm100BackwardPass.takes(q, dout, deterministic):
+            return Sm100BackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
         return UpstreamBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap, deterministic)
 
 

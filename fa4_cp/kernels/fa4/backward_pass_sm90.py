@@ -19,10 +19,7 @@ by window kind and launches.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-
 import torch
-from einops import rearrange
 from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess, torch2cute_dtype_map
 
 from ..dkv_sum import finished_dkv
@@ -32,22 +29,11 @@ from .backward_sm90 import BackwardTiles, backward_kernel
 from .dkv_finish import finish_dkv_cuda
 from .dq_readback import MAX_SIDES, read_back_dq
 from .masks import block_window
+from .q_sides import QSide, side_for, summed_dq
 from .tiled_accumulator import TileGeometry, tile_order
 from .varlen_dq import varlen_row_map
 
 SM90 = 90
-
-
-@dataclass
-class _QSide:
-    rows: slice  # dense rows of q, or everything for varlen
-    q: torch.Tensor  # those rows of q and of dout
-    dout: torch.Tensor
-    lse_log2: torch.Tensor
-    dpsum: torch.Tensor
-    dq_accum: torch.Tensor
-    owns_accum: bool
-    row_map: torch.Tensor | None  # varlen: each row's padded row in the accumulator, -1 where unselected
 
 
 class Sm90BackwardPass:
@@ -61,7 +47,7 @@ class Sm90BackwardPass:
         self.dlse = None if dlse is None else dlse.float()
         self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1], dout.shape[-1])
         self.dq_tiles = _dq_geometry(tiles)
-        self.sides: dict[tuple, _QSide] = {}
+        self.sides: dict[tuple, QSide] = {}
         self.whole_dq: torch.Tensor | None = None
         self._kernels: dict[tuple, object] = {}
 
@@ -124,26 +110,14 @@ class Sm90BackwardPass:
         if self.whole_dq is None and 0 < len(owned) <= MAX_SIDES and all(side.row_map is not None for side in owned):
             return self._read_back_varlen(owned)
         order = tile_order(self.dq_tiles, SM90, self.q.device)
-        rows = self.q.shape[-3]
-        if self.whole_dq is not None:
-            dq = rearrange(self.dq_tiles.untile(self.whole_dq, order)[..., :rows, :], "b h s d -> b s h d").contiguous()
-        else:
-            dq = torch.zeros(self.q.shape, dtype=torch.float32, device=self.q.device)
-        for side in owned:
-            values = self.dq_tiles.untile(side.dq_accum, order)
-            if side.row_map is None:
-                dq[:, side.rows] += rearrange(values[..., : dq[:, side.rows].shape[1], :], "b h s d -> b s h d")
-            else:
-                index = (side.row_map >= 0).nonzero().squeeze(1)
-                dq.index_add_(0, index, rearrange(values[:, side.row_map[index].long()], "h s d -> s h d"))
-        return dq.mul_(self.softmax_scale)
+        return summed_dq(self.q, self.whole_dq, owned, self.dq_tiles, order, self.softmax_scale)
 
     def finish_dkv(self, local, travelled, k, v, indexed=()):
         if k.shape[-1] != v.shape[-1]:  # the one-pass finish takes one width; MLA's two go through torch
             return finished_dkv(local, travelled, k, v, self.dk_scale, indexed=indexed)
         return finish_dkv_cuda(local, travelled, k, self.dk_scale, indexed)
 
-    def _read_back_varlen(self, sides: list[_QSide]) -> torch.Tensor:
+    def _read_back_varlen(self, sides: list[QSide]) -> torch.Tensor:
         """The varlen sides' accumulators in one pass (dq_readback.py), scaled and rounded once."""
         dq = torch.empty_like(self.q)
         row_maps = torch.stack([side.row_map for side in sides])
@@ -162,19 +136,10 @@ class Sm90BackwardPass:
         )
         return dq
 
-    def _side(self, q_rows: slice, varlen: VarlenRows | None) -> _QSide:
-        if varlen is None:
-            key = (q_rows.start, q_rows.stop)
-        elif varlen.seqused_q_all is not None:  # blocks over one cu_seqlens_q share a side
-            key = varlen.cu_seqlens_q.data_ptr()
-        else:
-            key = (varlen.cu_seqlens_q.data_ptr(), varlen.seqused_q.data_ptr())
-        side = self.sides.get(key)
-        if side is None:
-            side = self.sides[key] = self._new_side(q_rows, varlen)
-        return side
+    def _side(self, q_rows: slice, varlen: VarlenRows | None) -> QSide:
+        return side_for(self.sides, q_rows, varlen, self._new_side)
 
-    def _new_side(self, q_rows: slice, varlen: VarlenRows | None) -> _QSide:
+    def _new_side(self, q_rows: slice, varlen: VarlenRows | None) -> QSide:
         q, tile, width = self.q, self.dq_tiles.tile, self.tiles.head_dim_rounded
         lead = q.shape[:-3]
         if varlen is None:
@@ -199,7 +164,7 @@ class Sm90BackwardPass:
             torch2cute_dtype_map[q.dtype], q.shape[-1], self.dout.shape[-1], tile,
             fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
         )
-        return _QSide(rows, side_q, side_dout, lse_log2, dpsum, accum, owned, row_map)
+        return QSide(rows, side_q, side_dout, lse_log2, dpsum, accum, owned, row_map)
 
     def _whole_dq(self) -> torch.Tensor:
         if self.whole_dq is None:

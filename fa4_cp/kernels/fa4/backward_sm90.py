@@ -40,6 +40,7 @@ from flash_attn.cute.utils import AuxData, create_softcap_scoremod, create_softc
 from quack import layout_utils
 from quack.compile_utils import make_fake_tensor
 
+from .accumulator_rows import OneHeadAsGroup, block_rows, rows_carrier
 from .arguments import NO_AUX
 from .compile_cache import kernel_cache
 from .fake_tensors import FakeBlockRows
@@ -96,25 +97,6 @@ class BackwardTiles:
         return (self.config.num_wg + 1) * 128
 
 
-class _OneHeadAsGroup(int):
-    """A GQA ratio of 1 that upstream's set-up reads as a group. Upstream routes on
-    `qhead_per_kvhead == 1` (16-bit dK/dV through TMA) against `> 1` (fp32 accumulators, a kv head
-    index divided by the ratio, dK left unscaled); this kernel always takes the second route, so
-    its ratio of 1 answers as a group there, while its value (the divisor, the `%` of the dK/dV
-    turn) stays 1."""
-
-    def __eq__(self, other):
-        return False if other == 1 else int.__eq__(self, other)
-
-    def __ne__(self, other):
-        return not self.__eq__(other)
-
-    def __gt__(self, other):
-        return True if other == 1 else int.__gt__(self, other)
-
-    __hash__ = int.__hash__
-
-
 class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
     """Upstream's Hopper backward whose epilogue accumulates dK/dV into fp32 row buffers (see the
     module's docstring). dK and dV are (b, s, h_kv, d) or varlen (total, h_kv, d) fp32 tensors with
@@ -124,7 +106,7 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
         # Upstream's set-up asserts equal K and V head dims for GQA because its own dK/dV epilogue
         # needs them; this class replaces that epilogue, so the ratio is set after the set-up.
         super().__init__(*args, qhead_per_kvhead=1, **kwargs)
-        self.qhead_per_kvhead = _OneHeadAsGroup(1) if qhead_per_kvhead == 1 else qhead_per_kvhead
+        self.qhead_per_kvhead = OneHeadAsGroup(1) if qhead_per_kvhead == 1 else qhead_per_kvhead
         if write_first and qhead_per_kvhead > 1 and not self.deterministic:
             raise ValueError("write_first with GQA needs deterministic: the q heads of a kv head race otherwise")
         self.write_first = write_first
@@ -162,7 +144,7 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
         # Upstream's set-up permutes fp32 accumulators as (b, h_kv, rows) or (h_kv, rows); the
         # rows mode carries (s, d) whole to the epilogue.
         super().__call__(
-            mQ, mK, mV, mdO, mLSE, mdPsum, mdQaccum, _rows_carrier(mdK), _rows_carrier(mdV), softmax_scale,
+            mQ, mK, mV, mdO, mLSE, mdPsum, mdQaccum, rows_carrier(mdK), rows_carrier(mdV), softmax_scale,
             mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, window_size_left, window_size_right,
             mdQ_semaphore, mdK_semaphore, mdV_semaphore, aux_data, blocksparse_tensors, mCuTotalMBlocks, stream,
         )
@@ -200,7 +182,7 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
             barrier.wait_eq(lock, tidx, 0, turn)
             epilogue_threads.arrive_and_wait()
         for acc, mX, tiled_mma, width in ((acc_dK, mdK, tiled_mma_dK, self.tile_hdim), (acc_dV, mdV, tiled_mma_dV, self.tile_hdimv)):
-            rows = _block_rows(mX, seqlen, head_kv, batch_idx)
+            rows = block_rows(mX, seqlen, head_kv, batch_idx)
             gX = cute.local_tile(rows, (self.tile_n, width), (n_block, 0))
             thr_mma = tiled_mma.get_slice(tidx)
             tXrX = layout_utils.reshape_acc_to_mn(acc)
@@ -240,32 +222,6 @@ class AccumulatingBackwardSm90(FlashAttentionBackwardSm90):
 def _with_rows(rows: cute.Tensor, count: Int32) -> cute.Tensor:
     """A varlen (total, h, d) tensor presented with `count` rows, its strides unchanged."""
     return cute.make_tensor(rows.iterator, cute.make_layout((count, rows.shape[1], rows.shape[2]), stride=rows.stride))
-
-
-@cute.jit
-def _rows_carrier(rows: cute.Tensor) -> cute.Tensor:
-    """(b, s, h, d) -> (b, h, (s, d)); varlen (total, h, d) -> (h, (total, d))."""
-    if const_expr(cute.rank(rows) == 4):
-        shape = (rows.shape[0], rows.shape[2], (rows.shape[1], rows.shape[3]))
-        stride = (rows.stride[0], rows.stride[2], (rows.stride[1], rows.stride[3]))
-    else:
-        shape = (rows.shape[1], (rows.shape[0], rows.shape[2]))
-        stride = (rows.stride[1], (rows.stride[0], rows.stride[2]))
-    return cute.make_tensor(rows.iterator, cute.make_layout(shape, stride=stride))
-
-
-@cute.jit
-def _block_rows(carried: cute.Tensor, seqlen, head_kv: Int32, batch_idx: Int32) -> cute.Tensor:
-    """The (rows, d) buffer of one kv head and batch (dense) or sequence (varlen), from the
-    carrier as upstream's set-up permuted it: ((s, d), h, b) or ((total, d), h)."""
-    if const_expr(cute.rank(carried) == 3):
-        per_head = carried[None, head_kv, batch_idx]
-    else:
-        per_head = carried[None, head_kv]
-    rows = cute.make_tensor(per_head.iterator, cute.make_layout(per_head.shape[0], stride=per_head.stride[0]))
-    if const_expr(seqlen.has_cu_seqlens_k):
-        rows = cute.domain_offset((seqlen.offset_k, 0), rows)
-    return rows
 
 
 def backward_kernel(

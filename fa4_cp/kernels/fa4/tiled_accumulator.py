@@ -31,6 +31,8 @@ class TileGeometry:
     atom_layout: int
     swap_ab: bool
     hdim_multiple_of: int
+    accum_order: object = None
+    """Blackwell's storage order of the tiles (upstream's AccumTileOrder); None on Hopper."""
 
     def padded_rows(self, rows: int) -> int:
         return -(-rows // self.tile) * self.tile
@@ -58,7 +60,7 @@ def tile_order(geometry: TileGeometry, arch: int, device: torch.device) -> torch
         digits = torch.empty(1, g.tile, 1, g.head_dim, dtype=torch.bfloat16, device=device)
         _bwd_postprocess_convert(
             accum, digits, 1.0, None, None, arch, BFloat16, g.head_dim, g.tile, g.num_threads, g.atom_layout,
-            g.swap_ab, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of,
+            g.swap_ab, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of, accum_order=g.accum_order,
         )
         order += digits.flatten().long() * weight
         weight *= DIGIT_BASE

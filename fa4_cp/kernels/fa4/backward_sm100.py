@@ -1,0 +1,194 @@
+"""FA4's Blackwell backward for one block, with dK/dV accumulated by the kernel itself.
+
+UNTESTED on a GPU: this project's machines are Hoppers. It compiles for sm_100a in CI
+(tests/test_kernel_compile.py), and the GPU tests that select the FA4 backend on any sm90/sm100
+device run it wherever a B200 or GB200 is.
+
+`AccumulatingBackwardSm100` is upstream's FlashAttentionBackwardSm100 with one part replaced: the
+dK/dV epilogue. Upstream writes dK/dV as 16-bit tensors (one q head per kv head) or, for GQA,
+reduces each tile into fp32 accumulators of its own tiled layout by TMA, to be post-processed. Here
+every tile takes the second route (`OneHeadAsGroup`), and the epilogue reads the tile from tensor
+memory and adds it straight into the caller's fp32 buffers, shaped like K and V, at the rows the
+block addresses, as the Hopper kernel does (backward_sm90.py): the q heads of a kv head meet there
+through atomic adds, so GQA is reduced inside the kernel, and the ring's travelling dK/dV and the
+home sums take every step's tiles with no partial, fill or add kernel. dK is left unscaled (the
+caller scales the sum once).
+
+What it takes: one CTA per tile (upstream's 2-CTA schedules, which head dims 192 and 256 need,
+stay upstream's), head dims up to 128 with v's equal to k's, no deterministic mode (the ring's
+Blackwell pass runs upstream's backward for those: passes_sm100.py). Everything else, main loop,
+dq accumulation and schedulers, is upstream's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import torch
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import tcgen05
+from flash_attn.cute.block_sparsity import BlockSparseTensors
+from flash_attn.cute.flash_bwd_sm100 import FlashAttentionBackwardSm100
+from flash_attn.cute.interface import torch2cute_dtype_map
+from flash_attn.cute.utils import AuxData, create_softcap_scoremod, create_softcap_scoremod_bwd, elem_pointer
+from quack.compile_utils import make_fake_tensor
+
+from .accumulator_rows import OneHeadAsGroup, block_rows, rows_carrier
+from .arguments import NO_AUX
+from .compile_cache import kernel_cache
+from .fake_tensors import FakeBlockRows
+from .masks import Fa4Window
+from .vector_memory import add_pair
+
+_compiled = kernel_cache("backward_sm100")
+
+TILE_M = TILE_N = 128
+"""Upstream's Blackwell backward tiles (flash_attn.cute.interface, for every head dim it runs)."""
+HEAD_DIMS = (64, 96, 128)
+"""Head dims (k's and v's alike) that one CTA per tile takes; upstream runs 192 and 256 on two."""
+
+
+class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
+    """Upstream's Blackwell backward whose epilogue accumulates dK/dV into fp32 row buffers (see
+    the module's docstring). dK and dV are (b, s, h_kv, d) or varlen (total, h_kv, d) fp32 tensors
+    with unit stride along d."""
+
+    def __init__(self, head_dim: int, *args, qhead_per_kvhead: int, **kwargs):
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"the accumulating Blackwell backward takes head_dim in {HEAD_DIMS}, got {head_dim}")
+        ratio = OneHeadAsGroup(1) if qhead_per_kvhead == 1 else qhead_per_kvhead
+        super().__init__(head_dim, *args, qhead_per_kvhead=ratio, **kwargs)
+        if self.use_2cta_instrs or self.deterministic or not self.same_hdim_kv:
+            raise ValueError("the accumulating Blackwell backward: one CTA per tile, v's head_dim equal to k's, not deterministic")
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        mdO: cute.Tensor,
+        mLSE: cute.Tensor,
+        mdPsum: cute.Tensor,
+        mdQaccum: cute.Tensor,
+        mdK: cute.Tensor,
+        mdV: cute.Tensor,
+        softmax_scale: Float32,
+        mCuSeqlensQ: Optional[cute.Tensor] = None,
+        mCuSeqlensK: Optional[cute.Tensor] = None,
+        mSeqUsedQ: Optional[cute.Tensor] = None,
+        mSeqUsedK: Optional[cute.Tensor] = None,
+        window_size_left: Int32 | int | None = None,
+        window_size_right: Int32 | int | None = None,
+        mdQ_semaphore: Optional[cute.Tensor] = None,
+        mdK_semaphore: Optional[cute.Tensor] = None,
+        mdV_semaphore: Optional[cute.Tensor] = None,
+        aux_data: AuxData = AuxData(),
+        blocksparse_tensors: Optional[BlockSparseTensors] = None,
+        mCuTotalMBlocks: Optional[cute.Tensor] = None,
+        stream: cuda.CUstream = None,
+    ):
+        # Upstream's set-up permutes fp32 accumulators as (b, h_kv, rows) or (h_kv, rows); the
+        # rows mode carries (s, d) whole to the epilogue.
+        super().__call__(
+            mQ, mK, mV, mdO, mLSE, mdPsum, mdQaccum, rows_carrier(mdK), rows_carrier(mdV), softmax_scale,
+            mCuSeqlensQ, mCuSeqlensK, mSeqUsedQ, mSeqUsedK, window_size_left, window_size_right,
+            mdQ_semaphore, mdK_semaphore, mdV_semaphore, aux_data, blocksparse_tensors, mCuTotalMBlocks, stream,
+        )
+
+    @cute.jit
+    def epilogue_dK_or_dV_tma(
+        self,
+        tidx: Int32,
+        batch_idx: Int32,
+        head_idx: Int32,
+        n_block: Int32,
+        seqlen,
+        thr_mma: cute.ThrMma,
+        tdKVtdKV: cute.Tensor,
+        mdKV: cute.Tensor,
+        sdKV: cute.Tensor,
+        tma_atom_dKV: cute.CopyAtom,
+        thr_copy_r2s_dKV: cute.TiledCopy,
+        pipeline_dKV: cutlass.pipeline.PipelineAsync,
+        consumer_state_dKV: cutlass.pipeline.PipelineState,
+        scale: Optional[Float32],
+        barrier_id: Int32,
+        mdKV_semaphore: Optional[cute.Tensor],
+        K_or_V: cutlass.Constexpr[str],
+    ) -> cutlass.pipeline.PipelineState:
+        """One of dK or dV of the tile, from tensor memory into the caller's rows by atomic adds
+        (no shared memory, TMA or semaphore: upstream's arguments for those go unused)."""
+        width = self.tile_hdim if const_expr(K_or_V == "K") else self.tile_hdimv
+        num_compute_threads = cute.arch.WARP_SIZE * len(self.compute_warp_ids)
+        wg_idx = (cute.arch.thread_idx()[0] % num_compute_threads) // 128
+        num_wg = num_compute_threads // 128
+        rows = block_rows(mdKV, seqlen, head_idx // self.qhead_per_kvhead, batch_idx)
+        gX = cute.local_tile(rows, (self.tile_n, width), (n_block, 0))
+        rows_in_tile = seqlen.seqlen_k - n_block * self.tile_n
+        # Each thread loads one row of the tile (a tensor-memory lane), `repetition` adjacent
+        # columns per load: each warpgroup a whole number of loads of its half of the columns.
+        repetition = math.gcd(16, width // num_wg)
+        load_atom = cute.make_copy_atom(tcgen05.copy.Ld32x32bOp(tcgen05.copy.Repetition(repetition)), Float32)
+        pipeline_dKV.consumer_wait(consumer_state_dKV)
+        thr_load = tcgen05.make_tmem_copy(load_atom, tdKVtdKV).get_slice(tidx)
+        tXtX = self.split_wg(thr_load.partition_S(tdKVtdKV), wg_idx, num_wg)
+        tXcX = self.split_wg(thr_load.partition_D(thr_mma.partition_C(cute.make_identity_tensor((self.tile_n, width)))), wg_idx, num_wg)
+        tXrX = cute.make_rmem_tensor(tXcX.shape, Float32)
+        cute.copy(thr_load, tXtX, tXrX)
+        cute.arch.fence_view_async_tmem_load()
+        # ((repetition, 1), loads, 1, 1): a load's values are adjacent columns of the thread's row
+        for load in cutlass.range_constexpr(cute.size(tXrX, mode=[1])):
+            if tXcX[(0, 0), load, 0, 0][0] < rows_in_tile:
+                for pair in cutlass.range_constexpr(repetition // 2):
+                    column = 2 * pair
+                    pointer = elem_pointer(gX, tXcX[(column, 0), load, 0, 0])
+                    add_pair(tXrX[(column, 0), load, 0, 0], tXrX[(column + 1, 0), load, 0, 0], pointer)
+        cute.arch.sync_warp()
+        with cute.arch.elect_one():
+            pipeline_dKV.consumer_release(consumer_state_dKV)
+        consumer_state_dKV.advance()
+        return consumer_state_dKV
+
+
+def backward_kernel_sm100(dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None = None):
+    """The compiled accumulating Blackwell backward of one configuration (compiled at first use,
+    then from the cache). A softcap is a constant of the kernel: upstream's score mod and its
+    derivative."""
+    key = (str(dtype), head_dim, qhead_per_kvhead, *window.kind, varlen, softcap)
+    if key not in _compiled:
+        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, softcap)
+    return _compiled[key]
+
+
+def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None):
+    score_mods = {} if softcap is None else dict(
+        score_mod=create_softcap_scoremod(softcap), score_mod_bwd=create_softcap_scoremod_bwd(softcap),
+    )
+    kernel = AccumulatingBackwardSm100(
+        head_dim, head_dim, is_causal=window.causal, is_local=window.local, qhead_per_kvhead=qhead_per_kvhead,
+        tile_m=TILE_M, tile_n=TILE_N, **score_mods,
+    )
+    sym = cute.sym_int
+    heads, kv_heads = sym(), sym()
+    block = FakeBlockRows.make(varlen)
+    rows_q, rows_k, lead = block.rows_q, block.rows_k, block.lead
+    vector = 128 // dtype.width
+    q, dout = (make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector) for _ in range(2))
+    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, head_dim), divisibility=vector) for _ in range(2))
+    rows_padded = sym()
+    lse_log2, dpsum = (make_fake_tensor(Float32, (*lead, heads, rows_padded), divisibility=4) for _ in range(2))
+    dq_accum = make_fake_tensor(Float32, (*lead, heads, sym()), divisibility=4)
+    dk, dv = (make_fake_tensor(Float32, (*rows_k, kv_heads, head_dim), divisibility=4) for _ in range(2))
+    window_left = Int32(0) if window.left is not None else None
+    window_right = Int32(0) if window.right is not None else None
+    return cute.compile(
+        kernel, q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, Float32(1.0), *block.varlen_tensors,
+        window_left, window_right, None, None, None, NO_AUX, None, None,
+        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+        options="--enable-tvm-ffi",
+    )
