@@ -46,7 +46,9 @@ def test_the_accumulating_pass_takes_the_calls_its_kernel_runs(blackwell):
     assert pass_for(q, dout) == "Sm100BackwardPass"
     assert pass_for(q, dout, deterministic=True) == "UpstreamBackwardPass"
     wide = torch.zeros(1, 8, 4, 256, dtype=torch.bfloat16)
-    assert pass_for(wide, wide) == "UpstreamBackwardPass"  # head_dim 256 needs upstream's 2-CTA backward
+    assert pass_for(wide, wide) == "UpstreamBackwardPass"  # upstream's 64-row KV tiles at 256
+    mla_q, mla_dout = torch.zeros(1, 8, 4, 192, dtype=torch.bfloat16), torch.zeros(1, 8, 4, 128, dtype=torch.bfloat16)
+    assert pass_for(mla_q, mla_dout) == "Sm100BackwardPass"
 
 
 def _ring_call(group, varlen: bool, heads=(8, 2)):
@@ -71,8 +73,8 @@ def test_each_step_launches_one_kernel_into_fp32_dkv_rows_and_dq_reads_back_once
     shapes = SimulatedRing(world).run(lambda group: tuple(t.shape for t in _ring_call(group, varlen)))
     assert blackwell["launch"]
     for key, args in blackwell["launch"]:
-        dtype, head_dim, q_heads_per_kv_head, _window, launched_varlen, softcap = key
-        assert (dtype, head_dim, q_heads_per_kv_head, launched_varlen, softcap) == (torch.bfloat16, 128, 4, varlen, None)
+        dtype, head_dim, head_dim_v, q_heads_per_kv_head, _window, launched_varlen, softcap = key
+        assert (dtype, head_dim, head_dim_v, q_heads_per_kv_head, launched_varlen, softcap) == (torch.bfloat16, 128, 128, 4, varlen, None)
         q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv = args[:9]
         assert dk.dtype == dv.dtype == dq_accum.dtype == torch.float32 and dk.shape == k.shape and dv.shape == v.shape
         assert dk.stride(-1) == 1 and dk.shape[-2] * 4 == q.shape[-2]

@@ -8,7 +8,7 @@ accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 1
 kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
 them, under torch's FakeTensorMode; head dims 128, MLA's 192 / 128 and 256), the accumulating
 Blackwell backward (backward_sm100.py: GQA and not, varlen, windowed, softcapped; head dims 64, 96,
-128) and the merge kernel. Prints one JSON line: each kernel's name and error (None when it
+128 and MLA's 192 / 128) and the merge kernel. Prints one JSON line: each kernel's name and error (None when it
 compiled), the `.target` of the PTX kept, and the global reductions of the accumulating backwards.
 Upstream's persistent schedulers ask the driver for the SM count while tracing; here a stand-in
 answers with FLASH_ATTENTION_NUM_SMS (compile check only).
@@ -174,13 +174,14 @@ def blackwell_kernels() -> dict:
         "merge": lambda: merge_kernel._compile(BFloat16, 128),
         **{
             f"accumulating backward {name}": (lambda case=case: backward_sm100._compile(BFloat16, *case))
-            for name, case in {
-                "causal gqa": (128, 4, causal, False, None),
-                "causal": (128, 1, causal, False, None),
-                "varlen full gqa": (128, 4, full, True, None),
-                "varlen window softcap": (128, 1, window, True, 30.0),
-                "causal gqa head_dim 64": (64, 8, causal, False, None),
-                "varlen causal head_dim 96": (96, 2, causal, True, None),
+            for name, case in {  # head_dim 128 and MLA's 192 / 128 on CTA pairs, 64 and 96 on one CTA
+                "causal gqa": (128, 128, 4, causal, False, None),
+                "causal": (128, 128, 1, causal, False, None),
+                "varlen full gqa": (128, 128, 4, full, True, None),
+                "varlen window softcap": (128, 128, 1, window, True, 30.0),
+                "varlen causal gqa MLA 192 / 128": (192, 128, 2, causal, True, None),
+                "causal gqa head_dim 64": (64, 64, 8, causal, False, None),
+                "varlen causal head_dim 96": (96, 96, 2, causal, True, None),
             }.items()
         },
     }

@@ -23,7 +23,7 @@ from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess,
 from ..dkv_sum import finished_dkv
 from ..interface import BandMask, VarlenRows
 from .arguments import NO_AUX, kv_rows_past_k, varlen_arguments
-from .backward_sm100 import HEAD_DIMS, TILE_M, TILE_N, backward_kernel_sm100
+from .backward_sm100 import HEAD_DIMS, TILE_M, TILE_N, backward_kernel_sm100, two_ctas
 from .masks import block_window
 from .q_sides import QSide, side_for, summed_dq
 from .tiled_accumulator import TileGeometry, tile_order
@@ -39,7 +39,7 @@ class Sm100BackwardPass:
 
     @staticmethod
     def takes(q: torch.Tensor, dout: torch.Tensor, deterministic: bool) -> bool:
-        return not deterministic and q.shape[-1] in HEAD_DIMS and dout.shape[-1] == q.shape[-1]
+        return not deterministic and (q.shape[-1], dout.shape[-1]) in HEAD_DIMS
 
     def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
         self.q, self.out, self.dout, self.softmax_scale, self.softcap = q, out, dout, softmax_scale, softcap
@@ -73,7 +73,7 @@ class Sm100BackwardPass:
         kernel = self._kernels.get(key)
         if kernel is None:
             kernel = self._kernels[key] = backward_kernel_sm100(
-                side.q.dtype, k.shape[-1], side.q.shape[-2] // k.shape[-2], window, varlen is not None, self.softcap,
+                side.q.dtype, k.shape[-1], v.shape[-1], side.q.shape[-2] // k.shape[-2], window, varlen is not None, self.softcap,
             )
         kernel(
             side.q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale,
@@ -99,7 +99,8 @@ class Sm100BackwardPass:
         g = self.geometry
         _bwd_postprocess_convert(
             accum, dq, self.softmax_scale, cu_seqlens, seqused, SM100, torch2cute_dtype_map[dq.dtype], g.head_dim, g.tile,
-            g.num_threads, g.atom_layout, g.swap_ab, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of, accum_order=g.accum_order,
+            g.num_threads, g.atom_layout, g.swap_ab, use_2cta_instrs=g.use_2cta_instrs, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of,
+            accum_order=g.accum_order,
         )
         return dq
 
@@ -144,9 +145,10 @@ class Sm100BackwardPass:
 @functools.cache
 def _dq_geometry(head_dim: int) -> TileGeometry:
     """How the accumulating kernel's dq accumulator is tiled (upstream's Blackwell dq layout for
-    one CTA per tile)."""
-    dq_order, _ = FlashAttentionBackwardSm100.accum_tile_orders(False, TILE_N)
+    its tiles and CTA pairing at this head_dim)."""
+    pair = two_ctas(head_dim)
+    dq_order, _ = FlashAttentionBackwardSm100.accum_tile_orders(pair, TILE_N)
     return TileGeometry(
         TILE_M, head_dim=head_dim, head_dim_rounded=-(-head_dim // 32) * 32, num_threads=POSTPROCESS_THREADS, atom_layout=1,
-        swap_ab=False, hdim_multiple_of=32, accum_order=dq_order,
+        swap_ab=False, hdim_multiple_of=32, accum_order=dq_order, use_2cta_instrs=pair,
     )

@@ -14,10 +14,11 @@ through atomic adds, so GQA is reduced inside the kernel, and the ring's travell
 home sums take every step's tiles with no partial, fill or add kernel. dK is left unscaled (the
 caller scales the sum once).
 
-What it takes: one CTA per tile (upstream's 2-CTA schedules, which head dims 192 and 256 need,
-stay upstream's), head dims up to 128 with v's equal to k's, no deterministic mode (the ring's
-Blackwell pass runs upstream's backward for those: passes_sm100.py). Everything else, main loop,
-dq accumulation and schedulers, is upstream's.
+What it takes: upstream's tiles and CTA pairing for the head dims (`two_ctas`: one CTA per tile
+below 128, two from 128, as upstream's interface chooses), head dims 64, 96, 128 and MLA's
+192 / 128; not 256 (upstream's 64-row KV tiles there split each row across two tensor-memory
+lanes) nor a deterministic mode (the ring's Blackwell pass runs upstream's backward for those:
+passes_sm100.py). Everything else, main loop, dq accumulation and schedulers, is upstream's.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ from .vector_memory import add_pair
 _compiled = kernel_cache("backward_sm100")
 
 TILE_M = TILE_N = 128
-"""Upstream's Blackwell backward tiles (flash_attn.cute.interface, for every head dim it runs)."""
-HEAD_DIMS = (64, 96, 128)
-"""Head dims (k's and v's alike) that one CTA per tile takes; upstream runs 192 and 256 on two."""
+"""Upstream's Blackwell backward tiles (flash_attn.cute.interface) at the head dims below."""
+HEAD_DIMS = ((64, 64), (96, 96), (128, 128), (192, 128))
+"""(k's head_dim, v's) that the kernel takes."""
+
+
+def two_ctas(head_dim: int) -> bool:
+    """Whether a tile's MMAs span a pair of CTAs, as upstream's interface decides it."""
+    return head_dim >= 128
 
 
 class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
@@ -57,13 +63,13 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
     the module's docstring). dK and dV are (b, s, h_kv, d) or varlen (total, h_kv, d) fp32 tensors
     with unit stride along d."""
 
-    def __init__(self, head_dim: int, *args, qhead_per_kvhead: int, **kwargs):
-        if head_dim not in HEAD_DIMS:
-            raise ValueError(f"the accumulating Blackwell backward takes head_dim in {HEAD_DIMS}, got {head_dim}")
+    def __init__(self, head_dim: int, head_dim_v: int, *, qhead_per_kvhead: int, **kwargs):
+        if (head_dim, head_dim_v) not in HEAD_DIMS:
+            raise ValueError(f"the accumulating Blackwell backward takes (head_dim, v's head_dim) in {HEAD_DIMS}, got {(head_dim, head_dim_v)}")
         ratio = OneHeadAsGroup(1) if qhead_per_kvhead == 1 else qhead_per_kvhead
-        super().__init__(head_dim, *args, qhead_per_kvhead=ratio, **kwargs)
-        if self.use_2cta_instrs or self.deterministic or not self.same_hdim_kv:
-            raise ValueError("the accumulating Blackwell backward: one CTA per tile, v's head_dim equal to k's, not deterministic")
+        super().__init__(head_dim, head_dim_v, qhead_per_kvhead=ratio, **kwargs)
+        if self.acc_m64 or self.deterministic:
+            raise ValueError("the accumulating Blackwell backward: 128-row KV tiles, not deterministic")
 
     @cute.jit
     def __call__(
@@ -122,14 +128,18 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
         K_or_V: cutlass.Constexpr[str],
     ) -> cutlass.pipeline.PipelineState:
         """One of dK or dV of the tile, from tensor memory into the caller's rows by atomic adds
-        (no shared memory, TMA or semaphore: upstream's arguments for those go unused)."""
+        (no shared memory, TMA or semaphore: upstream's arguments for those go unused). With a
+        CTA pair, `n_block` is this CTA's tile and the coordinates are the pair's: its MMA slice
+        holds this CTA's rows of the pair's tile."""
         width = self.tile_hdim if const_expr(K_or_V == "K") else self.tile_hdimv
         num_compute_threads = cute.arch.WARP_SIZE * len(self.compute_warp_ids)
         wg_idx = (cute.arch.thread_idx()[0] % num_compute_threads) // 128
         num_wg = num_compute_threads // 128
         rows = block_rows(mdKV, seqlen, head_idx // self.qhead_per_kvhead, batch_idx)
-        gX = cute.local_tile(rows, (self.tile_n, width), (n_block, 0))
-        rows_in_tile = seqlen.seqlen_k - n_block * self.tile_n
+        pair_rows = self.cta_group_size * self.tile_n
+        pair_block = n_block // self.cta_group_size
+        gX = cute.local_tile(rows, (pair_rows, width), (pair_block, 0))
+        rows_in_tile = seqlen.seqlen_k - pair_block * pair_rows
         # Each thread loads one row of the tile (a tensor-memory lane), `repetition` adjacent
         # columns per load: each warpgroup a whole number of loads of its half of the columns.
         repetition = math.gcd(16, width // num_wg)
@@ -137,7 +147,7 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
         pipeline_dKV.consumer_wait(consumer_state_dKV)
         thr_load = tcgen05.make_tmem_copy(load_atom, tdKVtdKV).get_slice(tidx)
         tXtX = self.split_wg(thr_load.partition_S(tdKVtdKV), wg_idx, num_wg)
-        tXcX = self.split_wg(thr_load.partition_D(thr_mma.partition_C(cute.make_identity_tensor((self.tile_n, width)))), wg_idx, num_wg)
+        tXcX = self.split_wg(thr_load.partition_D(thr_mma.partition_C(cute.make_identity_tensor((pair_rows, width)))), wg_idx, num_wg)
         tXrX = cute.make_rmem_tensor(tXcX.shape, Float32)
         cute.copy(thr_load, tXtX, tXrX)
         cute.arch.fence_view_async_tmem_load()
@@ -155,35 +165,39 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
         return consumer_state_dKV
 
 
-def backward_kernel_sm100(dtype: torch.dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None = None):
+def backward_kernel_sm100(
+    dtype: torch.dtype, head_dim: int, head_dim_v: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None = None,
+):
     """The compiled accumulating Blackwell backward of one configuration (compiled at first use,
     then from the cache). A softcap is a constant of the kernel: upstream's score mod and its
     derivative."""
-    key = (str(dtype), head_dim, qhead_per_kvhead, *window.kind, varlen, softcap)
+    key = (str(dtype), head_dim, head_dim_v, qhead_per_kvhead, *window.kind, varlen, softcap)
     if key not in _compiled:
-        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, qhead_per_kvhead, window, varlen, softcap)
+        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, head_dim_v, qhead_per_kvhead, window, varlen, softcap)
     return _compiled[key]
 
 
-def _compile(dtype, head_dim: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None):
+def _compile(dtype, head_dim: int, head_dim_v: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None):
     score_mods = {} if softcap is None else dict(
         score_mod=create_softcap_scoremod(softcap), score_mod_bwd=create_softcap_scoremod_bwd(softcap),
     )
+    pair = two_ctas(head_dim)
     kernel = AccumulatingBackwardSm100(
-        head_dim, head_dim, is_causal=window.causal, is_local=window.local, qhead_per_kvhead=qhead_per_kvhead,
-        tile_m=TILE_M, tile_n=TILE_N, **score_mods,
+        head_dim, head_dim_v, is_causal=window.causal, is_local=window.local, qhead_per_kvhead=qhead_per_kvhead,
+        tile_m=TILE_M, tile_n=TILE_N, cluster_size=2 if pair else 1, use_2cta_instrs=pair, **score_mods,
     )
     sym = cute.sym_int
     heads, kv_heads = sym(), sym()
     block = FakeBlockRows.make(varlen)
     rows_q, rows_k, lead = block.rows_q, block.rows_k, block.lead
     vector = 128 // dtype.width
-    q, dout = (make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector) for _ in range(2))
-    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, head_dim), divisibility=vector) for _ in range(2))
+    q = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
+    dout = make_fake_tensor(dtype, (*rows_q, heads, head_dim_v), divisibility=vector)
+    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, dim), divisibility=vector) for dim in (head_dim, head_dim_v))
     rows_padded = sym()
     lse_log2, dpsum = (make_fake_tensor(Float32, (*lead, heads, rows_padded), divisibility=4) for _ in range(2))
     dq_accum = make_fake_tensor(Float32, (*lead, heads, sym()), divisibility=4)
-    dk, dv = (make_fake_tensor(Float32, (*rows_k, kv_heads, head_dim), divisibility=4) for _ in range(2))
+    dk, dv = (make_fake_tensor(Float32, (*rows_k, kv_heads, dim), divisibility=4) for dim in (head_dim, head_dim_v))
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(

@@ -33,6 +33,8 @@ class TileGeometry:
     hdim_multiple_of: int
     accum_order: object = None
     """Blackwell's storage order of the tiles (upstream's AccumTileOrder); None on Hopper."""
+    use_2cta_instrs: bool = False
+    """Blackwell: whether the kernel that fills it pairs CTAs (its dq comes per pair)."""
 
     def padded_rows(self, rows: int) -> int:
         return -(-rows // self.tile) * self.tile
@@ -61,6 +63,7 @@ def tile_order(geometry: TileGeometry, arch: int, device: torch.device) -> torch
         _bwd_postprocess_convert(
             accum, digits, 1.0, None, None, arch, BFloat16, g.head_dim, g.tile, g.num_threads, g.atom_layout,
             g.swap_ab, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of, accum_order=g.accum_order,
+            use_2cta_instrs=g.use_2cta_instrs,
         )
         order += digits.flatten().long() * weight
         weight *= DIGIT_BASE
