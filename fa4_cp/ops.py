@@ -187,13 +187,13 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def runs_eager(*tensors: torch.Tensor | None) -> bool:
     """Whether a call may take `EagerRingAttention`: not under torch.compile (checked first, so
     that dynamo folds the rest away), no dispatch or function mode (fake tensors, FlopCounter,
-    selective checkpointing), no functorch transform, plain tensors off the
+    selective checkpointing, export), no functorch transform or jit trace, plain tensors off the
     meta device. Any of those sees the op instead. A default device (`torch.set_default_device`,
     `with torch.device(...)`) is a function mode that needs nothing of the op: it acts inside the
     bodies alike either way."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
         return False
     if torch._C._is_torch_function_mode_enabled() and not _only_a_default_device():
         return False

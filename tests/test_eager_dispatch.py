@@ -58,6 +58,7 @@ def test_eager_calls_skip_the_dispatcher_and_equal_the_op_bitwise(monkeypatch, v
             assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_layers_that_must_see_the_op_get_it():
     q, k, v, sinks = _inputs(0, varlen=False)
     assert ops.runs_eager(q, k, v, None, sinks)
@@ -74,6 +75,10 @@ def test_layers_that_must_see_the_op_get_it():
     seen = []
     torch.func.vmap(lambda x: seen.append(ops.runs_eager(x, k, v, None, None)) or x)(q)
     assert seen == [False]
+
+    traced = []
+    torch.jit.trace(lambda x: traced.append(ops.runs_eager(x, k, v, None, None)) or x * 2, q.detach(), check_trace=False)
+    assert traced == [False]
 
     class Marked(torch.Tensor):
         pass
