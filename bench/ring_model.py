@@ -138,6 +138,30 @@ def rank_step_compute(row: dict, direction: str, compute_scale: float = 1.0) -> 
     return per_rank
 
 
+SAVED_LAUNCH_MS = {"forward": 0.0209, "backward": 0.0401}
+"""What a remote launch costs a plain-ring rank beyond its tiles (ms), refitted on session 26's
+H100 replay: kernel_cost.RING.remote_launch less what the fit found it over-charges on the
+fine-tuning-like rings (bench/results/cpu_2026-12-07/fit_replay_costs_s26.json, `remote_blocks`)."""
+
+
+def one_remote_launch_compute(row: dict, direction: str, compute_scale: float = 1.0) -> list[list[float]]:
+    """A what-if for issue 27's sparse gather, a model, not a run: `rank_step_compute` with each
+    rank's blocks against other ranks' KV in one launch at its last active step, their replayed
+    times summed less SAVED_LAUNCH_MS for every launch saved (one per active remote step: a step
+    whose blocks came in two launches, one a stream, saves one more, not counted). The KV still
+    travels as the ring's streams carry it."""
+    per_rank = []
+    for rank in row["ranks"]:
+        attention = rank[f"{direction}_step_attention_ms"]
+        other = (rank[f"{direction}_ms"] - sum(attention)) / len(attention)
+        remote = [step for step in range(1, len(attention)) if attention[step] > 0]
+        steps = [attention[0]] + [0.0] * (len(attention) - 1)
+        if remote:
+            steps[remote[-1]] = max(sum(attention[step] for step in remote) - SAVED_LAUNCH_MS[direction] * (len(remote) - 1), 0.0)
+        per_rank.append([(a + other) * compute_scale for a in steps])
+    return per_rank
+
+
 def slowest_replayed_rank_ms(compute: dict[str, list[list[float]]]) -> float:
     """The rank whose steps take longest, forward and backward together (`rank_step_compute` per direction)."""
     return max(sum(f) + sum(b) for f, b in zip(compute["forward"], compute["backward"]))
@@ -270,6 +294,14 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                 copies = layout_ms(*shape)
                 ring, total = chunks * passes["fwdbwd"], call_ms(passes) + copies
                 check = check_ms(checks, world)
+                what_if = {}
+                if part["ulysses"] == 1:  # a plain ring's remote blocks in one launch a rank (a model)
+                    merged = {d: one_remote_launch_compute(part, d, scales["compute_scale"]) for d in ("forward", "backward")}
+                    merged_passes = timeline_ms(merged, hop_bytes, link, 0.0, KV_HOPS_AHEAD, scales["bandwidth_scale"])
+                    what_if = {
+                        "one_remote_launch_compute_only_efficiency": one_device_ms / (world * slowest_replayed_rank_ms(merged)),
+                        "one_remote_launch_efficiency_vs_one_device": one_device_ms / (world * merged_passes["fwdbwd"]),
+                    }
                 out.append({
                     "machine": machine, "assumed": scales["assumed"], "mix": row["mix"], "world_size": world, "split": split,
                     "ulysses": part["ulysses"], "ring": part["ring"], "head_chunks": chunks, "active_steps": len(compute["forward"][0]),
@@ -279,6 +311,7 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                     "efficiency_vs_one_device": one_device_ms / (world * total),
                     "efficiency_with_nccl_check": one_device_ms / (world * (total + check)),
                     "efficiency_one_hop_ahead": one_device_ms / (world * (call_ms(one_ahead) + copies)),
+                    **what_if,
                 })
     return out
 
@@ -338,7 +371,8 @@ def main() -> None:
             method="each rank runs its replayed steps as their KV arrives (ring_timeline_ms: a hop moves once the sender holds the KV, "
             "the hop before it has landed and its buffer is free on both ranks), a hop the copy engine's fit for the most bytes any "
             "rank receives; plus the all-to-alls at tuning/mesh_model.py's assumed figures; the cross-rank check apart "
-            "(efficiency_with_nccl_check); lock_step_ring_ms: the lock-step sum beside",
+            "(efficiency_with_nccl_check); lock_step_ring_ms: the lock-step sum beside; one_remote_launch_*: a plain ring's "
+            "what-if with each rank's remote blocks in one launch (one_remote_launch_compute), a model",
             predictions=predictions,
         ), args.out)
         for v in validation:

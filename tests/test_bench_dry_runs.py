@@ -110,6 +110,25 @@ def test_ring_timeline_couples_ranks_only_through_hops_and_buffers():
     assert four_ahead == pytest.approx(5.3) and one_ahead > 5.0 + 2 * 1.0  # rank 0's neighbours wait for its step 0
 
 
+def test_one_remote_launch_what_if_sums_a_ranks_remote_steps_less_the_launches_saved():
+    """bench/ring_model.py's sparse-gather what-if: a rank's remote steps become one at its last
+    active step, their times summed less a launch for each step merged; the local step and the
+    work beside attention stay."""
+    from bench_modules import bench_module
+
+    model = bench_module("ring_model")
+    saved = model.SAVED_LAUNCH_MS["forward"]
+    row = {"ranks": [
+        {"forward_step_attention_ms": [1.0, 0.1, 0.0, 0.2, 0.1, 0.0], "forward_ms": 1.6},  # 0.2 ms beside attention
+        {"forward_step_attention_ms": [2.0, 0.0, 0.0, 0.0, 0.0, 0.0], "forward_ms": 2.0},  # all local
+    ]}
+    merged, plain = model.one_remote_launch_compute(row, "forward"), model.rank_step_compute(row, "forward")
+    other = 0.2 / 6
+    assert merged[0] == pytest.approx([1.0 + other, other, other, other, 0.4 - 2 * saved + other, other])
+    assert merged[1] == plain[1]
+    assert sum(merged[0]) == pytest.approx(sum(plain[0]) - 2 * saved)
+
+
 def test_layout_cost_fits_the_copies_rate_and_predicts_each_split_with_and_without_them(tmp_path):
     """bench/layout_cost.py on a committed gpu_work JSON: the layout copies' rate from its 2-D cases
     (plan_mesh's H100 figure), and plan_mesh's predictions with and without the copies, which only
