@@ -144,20 +144,23 @@ H100 replay: kernel_cost.RING.remote_launch less what the fit found it over-char
 fine-tuning-like rings (bench/results/cpu_2026-12-07/fit_replay_costs_s26.json, `remote_blocks`)."""
 
 
-def one_remote_launch_compute(row: dict, direction: str, compute_scale: float = 1.0) -> list[list[float]]:
+def one_remote_launch_compute(row: dict, direction: str, compute_scale: float = 1.0, one_hop: bool = False) -> list[list[float]]:
     """A what-if for issue 27's sparse gather, a model, not a run: `rank_step_compute` with each
     rank's blocks against other ranks' KV in one launch at its last active step, their replayed
     times summed less SAVED_LAUNCH_MS for every launch saved (one per active remote step: a step
     whose blocks came in two launches, one a stream, saves one more, not counted). The KV still
-    travels as the ring's streams carry it."""
+    travels as the ring's streams carry it; with `one_hop`, every rank's remote KV arrives as one
+    step's would (two steps a rank, the work beside attention spread over them): a bound for a
+    gather as fast as one hop."""
     per_rank = []
     for rank in row["ranks"]:
         attention = rank[f"{direction}_step_attention_ms"]
-        other = (rank[f"{direction}_ms"] - sum(attention)) / len(attention)
         remote = [step for step in range(1, len(attention)) if attention[step] > 0]
-        steps = [attention[0]] + [0.0] * (len(attention) - 1)
-        if remote:
-            steps[remote[-1]] = max(sum(attention[step] for step in remote) - SAVED_LAUNCH_MS[direction] * (len(remote) - 1), 0.0)
+        merged = max(sum(attention[step] for step in remote) - SAVED_LAUNCH_MS[direction] * (len(remote) - 1), 0.0) if remote else 0.0
+        steps = [attention[0], merged] if one_hop else [attention[0]] + [0.0] * (len(attention) - 1)
+        if remote and not one_hop:
+            steps[remote[-1]] = merged
+        other = (rank[f"{direction}_ms"] - sum(attention)) / len(steps)
         per_rank.append([(a + other) * compute_scale for a in steps])
     return per_rank
 
@@ -297,10 +300,14 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
                 what_if = {}
                 if part["ulysses"] == 1:  # a plain ring's remote blocks in one launch a rank (a model)
                     merged = {d: one_remote_launch_compute(part, d, scales["compute_scale"]) for d in ("forward", "backward")}
-                    merged_passes = timeline_ms(merged, hop_bytes, link, 0.0, KV_HOPS_AHEAD, scales["bandwidth_scale"])
+                    gathered = {d: one_remote_launch_compute(part, d, scales["compute_scale"], one_hop=True) for d in ("forward", "backward")}
+                    merged_passes, gathered_passes = (
+                        timeline_ms(c, hop_bytes, link, 0.0, KV_HOPS_AHEAD, scales["bandwidth_scale"]) for c in (merged, gathered)
+                    )
                     what_if = {
                         "one_remote_launch_compute_only_efficiency": one_device_ms / (world * slowest_replayed_rank_ms(merged)),
                         "one_remote_launch_efficiency_vs_one_device": one_device_ms / (world * merged_passes["fwdbwd"]),
+                        "one_remote_launch_one_hop_efficiency_vs_one_device": one_device_ms / (world * gathered_passes["fwdbwd"]),
                     }
                 out.append({
                     "machine": machine, "assumed": scales["assumed"], "mix": row["mix"], "world_size": world, "split": split,
@@ -372,7 +379,8 @@ def main() -> None:
             "the hop before it has landed and its buffer is free on both ranks), a hop the copy engine's fit for the most bytes any "
             "rank receives; plus the all-to-alls at tuning/mesh_model.py's assumed figures; the cross-rank check apart "
             "(efficiency_with_nccl_check); lock_step_ring_ms: the lock-step sum beside; one_remote_launch_*: a plain ring's "
-            "what-if with each rank's remote blocks in one launch (one_remote_launch_compute), a model",
+            "what-if with each rank's remote blocks in one launch (one_remote_launch_compute), a model; *_one_hop: with their KV "
+            "gathered as fast as one hop (a bound)",
             predictions=predictions,
         ), args.out)
         for v in validation:

@@ -127,6 +127,8 @@ def test_one_remote_launch_what_if_sums_a_ranks_remote_steps_less_the_launches_s
     assert merged[0] == pytest.approx([1.0 + other, other, other, other, 0.4 - 2 * saved + other, other])
     assert merged[1] == plain[1]
     assert sum(merged[0]) == pytest.approx(sum(plain[0]) - 2 * saved)
+    gathered = model.one_remote_launch_compute(row, "forward", one_hop=True)
+    assert gathered == [pytest.approx([1.1, 0.4 - 2 * saved + 0.1]), pytest.approx([2.0, 0.0])]
 
 
 def test_layout_cost_fits_the_copies_rate_and_predicts_each_split_with_and_without_them(tmp_path):
