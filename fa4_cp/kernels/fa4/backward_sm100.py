@@ -36,12 +36,11 @@ from flash_attn.cute.block_sparsity import BlockSparseTensors
 from flash_attn.cute.flash_bwd_sm100 import FlashAttentionBackwardSm100
 from flash_attn.cute.interface import torch2cute_dtype_map
 from flash_attn.cute.utils import AuxData, create_softcap_scoremod, create_softcap_scoremod_bwd, elem_pointer
-from quack.compile_utils import make_fake_tensor
 
 from .accumulator_rows import OneHeadAsGroup, block_rows, rows_carrier
 from .arguments import NO_AUX
 from .compile_cache import kernel_cache
-from .fake_tensors import FakeBlockRows
+from .fake_tensors import FakeBackwardArguments
 from .masks import Fa4Window
 from .vector_memory import add_pair
 
@@ -186,22 +185,11 @@ def _compile(dtype, head_dim: int, head_dim_v: int, qhead_per_kvhead: int, windo
         head_dim, head_dim_v, is_causal=window.causal, is_local=window.local, qhead_per_kvhead=qhead_per_kvhead,
         tile_m=TILE_M, tile_n=TILE_N, cluster_size=2 if pair else 1, use_2cta_instrs=pair, **score_mods,
     )
-    sym = cute.sym_int
-    heads, kv_heads = sym(), sym()
-    block = FakeBlockRows.make(varlen)
-    rows_q, rows_k, lead = block.rows_q, block.rows_k, block.lead
-    vector = 128 // dtype.width
-    q = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
-    dout = make_fake_tensor(dtype, (*rows_q, heads, head_dim_v), divisibility=vector)
-    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, dim), divisibility=vector) for dim in (head_dim, head_dim_v))
-    rows_padded = sym()
-    lse_log2, dpsum = (make_fake_tensor(Float32, (*lead, heads, rows_padded), divisibility=4) for _ in range(2))
-    dq_accum = make_fake_tensor(Float32, (*lead, heads, sym()), divisibility=4)
-    dk, dv = (make_fake_tensor(Float32, (*rows_k, kv_heads, dim), divisibility=4) for dim in (head_dim, head_dim_v))
+    arguments = FakeBackwardArguments.make(dtype, head_dim, head_dim_v, varlen)
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(
-        kernel, q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, Float32(1.0), *block.varlen_tensors,
+        kernel, *arguments.tensors, Float32(1.0), *arguments.block.varlen_tensors,
         window_left, window_right, None, None, None, NO_AUX, None, None,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",

@@ -43,7 +43,7 @@ from quack.compile_utils import make_fake_tensor
 from .accumulator_rows import OneHeadAsGroup, block_rows, rows_carrier
 from .arguments import NO_AUX
 from .compile_cache import kernel_cache
-from .fake_tensors import FakeBlockRows
+from .fake_tensors import FakeBackwardArguments
 from .masks import Fa4Window
 from .vector_memory import add_one, add_pair, store_one, store_pair
 
@@ -284,18 +284,8 @@ def _compile(
         **score_mods,
     )
     sym = cute.sym_int
-    heads, kv_heads, head_dim, head_dim_v = sym(), sym(), tiles.head_dim, tiles.head_dim_v
-    block = FakeBlockRows.make(varlen)
-    rows_q, rows_k, lead = block.rows_q, block.rows_k, block.lead
-    vector = 128 // dtype.width
-    q = make_fake_tensor(dtype, (*rows_q, heads, head_dim), divisibility=vector)
-    dout = make_fake_tensor(dtype, (*rows_q, heads, head_dim_v), divisibility=vector)
-    k, v = (make_fake_tensor(dtype, (*rows_k, kv_heads, dim), divisibility=vector) for dim in (head_dim, head_dim_v))
-    rows_padded = sym()
-    lse_log2, dpsum = (make_fake_tensor(Float32, (*lead, heads, rows_padded), divisibility=4) for _ in range(2))
-    dq_accum = make_fake_tensor(Float32, (*lead, heads, sym()), divisibility=4)
-    dkv_dtype = dtype if write_rounded else Float32
-    dk, dv = (make_fake_tensor(dkv_dtype, (*rows_k, kv_heads, dim), divisibility=128 // dkv_dtype.width) for dim in (head_dim, head_dim_v))
+    arguments = FakeBackwardArguments.make(dtype, tiles.head_dim, tiles.head_dim_v, varlen, dtype if write_rounded else Float32)
+    lead, heads, kv_heads = arguments.block.lead, arguments.heads, arguments.kv_heads
     semaphores = (None, None, None)
     if deterministic:  # dq: (b, h, m blocks, 1); dK, dV: (b, h_kv, n blocks, 2), as upstream's
         semaphores = (
@@ -306,7 +296,7 @@ def _compile(
     window_right = Int32(0) if window.right is not None else None
     grid_rows = () if write_rounded else (Int32(0) if shared_kv else None,)
     return cute.compile(
-        kernel, q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, Float32(1.0), *block.varlen_tensors,
+        kernel, *arguments.tensors, Float32(1.0), *arguments.block.varlen_tensors,
         window_left, window_right, *semaphores, NO_AUX, None, None, *grid_rows,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
