@@ -7,8 +7,8 @@ causal and windowed, softcapped, q heads packed or not; head dims 128, 256 and M
 accumulating dK/dV (GQA and not, varlen, first-write, deterministic; head dims 128, 192, 256, MLA's 192 / 128), the varlen dq read-back, the dK/dV finish and the stand-alone merge
 kernel. sm_100a: the Blackwell path, upstream's sm100 forward and backward (as passes_sm100.py calls
 them, under torch's FakeTensorMode; head dims 128, MLA's 192 / 128 and 256), the accumulating
-Blackwell backward (backward_sm100.py: GQA and not, varlen, windowed, softcapped; head dims 64, 96,
-128 and MLA's 192 / 128) and the merge kernel. Prints one JSON line: each kernel's name and error (None when it
+Blackwell backward (backward_sm100.py: GQA and not, varlen, windowed, softcapped, deterministic; head
+dims 64, 96, 128 and MLA's 192 / 128) and the merge kernel. Prints one JSON line: each kernel's name and error (None when it
 compiled), the `.target` of the PTX kept, and the global reductions of the accumulating backwards.
 Upstream's persistent schedulers ask the driver for the SM count while tracing; here a stand-in
 answers with FLASH_ATTENTION_NUM_SMS (compile check only).
@@ -182,6 +182,8 @@ def blackwell_kernels() -> dict:
                 "varlen causal gqa MLA 192 / 128": (192, 128, 2, causal, True, None),
                 "causal gqa head_dim 64": (64, 64, 8, causal, False, None),
                 "varlen causal head_dim 96": (96, 96, 2, causal, True, None),
+                "deterministic causal gqa": (128, 128, 4, causal, False, None, True),
+                "deterministic varlen window head_dim 64": (64, 64, 1, window, True, None, True),
             }.items()
         },
     }

@@ -54,9 +54,9 @@ class FA4Backend:
     no 16-bit rounding per step), or with `fused_merge=False` runs upstream's forward and the
     stand-alone merge kernel (the baseline). The backward accumulates dq in FA4's own layout
     across the steps of a call, and dK/dV in the ring's fp32 buffers from inside the kernel.
-    Blackwell (untested here): the forward and, for deterministic calls and head dims 192 and 256,
-    the backward as passes_sm100.py runs them; the other backwards accumulate dK/dV inside the
-    kernel as on Hopper (backward_pass_sm100.py). The inputs and the architecture are checked once
+    Blackwell (untested here): the forward and, at head_dim 256, the backward as passes_sm100.py
+    runs them; the other backwards accumulate dK/dV inside the kernel as on Hopper
+    (backward_pass_sm100.py). The inputs and the architecture are checked once
     per pass, not per step.
     """
 
@@ -75,8 +75,8 @@ class FA4Backend:
         check_inputs(q, backward=True)
         if fa4_arch(q.device) == 9:
             return Sm90BackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap, deterministic)
-        if Sm100BackwardPass.takes(q, dout, deterministic):
-            return Sm100BackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap)
+        if Sm100BackwardPass.takes(q, dout):
+            return Sm100BackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap, deterministic)
         return UpstreamBackwardPass(q, out, lse, dout, dlse, softmax_scale, softcap, deterministic)
 
 

@@ -16,14 +16,15 @@ fp32 through the accumulators' tile order, summed. dK/dV are finished in torch (
 from __future__ import annotations
 
 import functools
+import math
 import torch
 from flash_attn.cute.flash_bwd_sm100 import FlashAttentionBackwardSm100
 from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess, torch2cute_dtype_map
 
 from ..dkv_sum import finished_dkv
-from ..interface import BandMask, VarlenRows
+from ..interface import BandMask, VarlenRows, check_fixed_order
 from .arguments import NO_AUX, kv_rows_past_k, varlen_arguments
-from .backward_sm100 import HEAD_DIMS, TILE_M, TILE_N, backward_kernel_sm100, two_ctas
+from .backward_sm100 import HEAD_DIMS, TILE_M, TILE_N, backward_kernel_sm100, semaphore_shapes, two_ctas
 from .masks import block_window
 from .q_sides import QSide, side_for, summed_dq
 from .tiled_accumulator import TileGeometry, tile_order
@@ -38,11 +39,12 @@ class Sm100BackwardPass:
     upstream's backward per step, passes_sm100.UpstreamBackwardPass)."""
 
     @staticmethod
-    def takes(q: torch.Tensor, dout: torch.Tensor, deterministic: bool) -> bool:
-        return not deterministic and (q.shape[-1], dout.shape[-1]) in HEAD_DIMS
+    def takes(q: torch.Tensor, dout: torch.Tensor) -> bool:
+        return (q.shape[-1], dout.shape[-1]) in HEAD_DIMS
 
-    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None):
+    def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False):
         self.q, self.out, self.dout, self.softmax_scale, self.softcap = q, out, dout, softmax_scale, softcap
+        self.deterministic = deterministic
         self.dk_scale = softmax_scale  # the kernel adds dK unscaled
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
@@ -63,6 +65,7 @@ class Sm100BackwardPass:
     ) -> None:
         if write_first or write_rounded:
             raise ValueError("the accumulating Blackwell backward adds every block: no write_first or write_rounded")
+        check_fixed_order(varlen, self.deterministic)
         if kv_rows_past_k(varlen, k) is not None:
             raise ValueError("varlen entries whose KV rows exceed k's in total: Blackwell's backward covers k's rows once")
         side = self._side(q_rows, varlen)
@@ -74,11 +77,21 @@ class Sm100BackwardPass:
         if kernel is None:
             kernel = self._kernels[key] = backward_kernel_sm100(
                 side.q.dtype, k.shape[-1], v.shape[-1], side.q.shape[-2] // k.shape[-2], window, varlen is not None, self.softcap,
+                self.deterministic,
             )
         kernel(
             side.q, k, v, side.dout, side.lse_log2, side.dpsum, side.dq_accum, dk_acc, dv_acc, self.softmax_scale,
-            *varlen_arguments(varlen), window.left, window.right, None, None, None, NO_AUX, None, None,
+            *varlen_arguments(varlen), window.left, window.right, *self._semaphores(side.q, k, varlen), NO_AUX, None, None,
         )
+
+    def _semaphores(self, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> tuple:
+        """Deterministic mode: upstream's turn counters, zeroed for each launch (one allocation)."""
+        if not self.deterministic:
+            return (None, None, None)
+        lead = (len(varlen.computed_prefix.seqused_q),) if varlen is not None else q.shape[:1]  # the sequences launched
+        shapes = semaphore_shapes(lead, q.shape[-2], k.shape[-2], q.shape[-3], k.shape[-3], k.shape[-1])
+        counters = torch.zeros(sum(math.prod(shape) for shape in shapes), dtype=torch.int32, device=q.device)
+        return tuple(part.view(shape) for part, shape in zip(counters.split([math.prod(shape) for shape in shapes]), shapes))
 
     def dq(self) -> torch.Tensor:
         owned = [side for side in self.sides.values() if side.owns_accum]

@@ -12,13 +12,16 @@ memory and adds it straight into the caller's fp32 buffers, shaped like K and V,
 block addresses, as the Hopper kernel does (backward_sm90.py): the q heads of a kv head meet there
 through atomic adds, so GQA is reduced inside the kernel, and the ring's travelling dK/dV and the
 home sums take every step's tiles with no partial, fill or add kernel. dK is left unscaled (the
-caller scales the sum once).
+caller scales the sum once). With `deterministic`, upstream's semaphores order dq's accumulation,
+and the q heads of a kv head take turns on a tile's dK/dV in head order (each warpgroup on its
+half of the columns, as upstream's own epilogue takes its turns), so every sum is added in a
+fixed order.
 
 What it takes: upstream's tiles and CTA pairing for the head dims (`two_ctas`: one CTA per tile
 below 128, two from 128, as upstream's interface chooses), head dims 64, 96, 128 and MLA's
 192 / 128; not 256 (upstream's 64-row KV tiles there split each row across two tensor-memory
-lanes) nor a deterministic mode (the ring's Blackwell pass runs upstream's backward for those:
-passes_sm100.py). Everything else, main loop, dq accumulation and schedulers, is upstream's.
+lanes: the ring's Blackwell pass runs upstream's backward for it, passes_sm100.py). Everything
+else, main loop, dq accumulation and schedulers, is upstream's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import cutlass.cute as cute
 import torch
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import tcgen05
+from flash_attn.cute import barrier
 from flash_attn.cute.block_sparsity import BlockSparseTensors
 from flash_attn.cute.flash_bwd_sm100 import FlashAttentionBackwardSm100
 from flash_attn.cute.interface import torch2cute_dtype_map
@@ -67,8 +71,8 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
             raise ValueError(f"the accumulating Blackwell backward takes (head_dim, v's head_dim) in {HEAD_DIMS}, got {(head_dim, head_dim_v)}")
         ratio = OneHeadAsGroup(1) if qhead_per_kvhead == 1 else qhead_per_kvhead
         super().__init__(head_dim, head_dim_v, qhead_per_kvhead=ratio, **kwargs)
-        if self.acc_m64 or self.deterministic:
-            raise ValueError("the accumulating Blackwell backward: 128-row KV tiles, not deterministic")
+        if self.acc_m64:
+            raise ValueError("the accumulating Blackwell backward: 128-row KV tiles only")
 
     @cute.jit
     def __call__(
@@ -127,9 +131,9 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
         K_or_V: cutlass.Constexpr[str],
     ) -> cutlass.pipeline.PipelineState:
         """One of dK or dV of the tile, from tensor memory into the caller's rows by atomic adds
-        (no shared memory, TMA or semaphore: upstream's arguments for those go unused). With a
-        CTA pair, `n_block` is this CTA's tile and the coordinates are the pair's: its MMA slice
-        holds this CTA's rows of the pair's tile."""
+        (no shared memory or TMA: upstream's arguments for those go unused). With a CTA pair,
+        `n_block` is this CTA's tile and the coordinates are the pair's: its MMA slice holds this
+        CTA's rows of the pair's tile. `tidx` is the thread's index in its warpgroup."""
         width = self.tile_hdim if const_expr(K_or_V == "K") else self.tile_hdimv
         num_compute_threads = cute.arch.WARP_SIZE * len(self.compute_warp_ids)
         wg_idx = (cute.arch.thread_idx()[0] % num_compute_threads) // 128
@@ -144,6 +148,10 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
         repetition = math.gcd(16, width // num_wg)
         load_atom = cute.make_copy_atom(tcgen05.copy.Ld32x32bOp(tcgen05.copy.Repetition(repetition)), Float32)
         pipeline_dKV.consumer_wait(consumer_state_dKV)
+        if const_expr(self.deterministic):  # this q head's turn on the tile, for this warpgroup's columns
+            lock = mdKV_semaphore[n_block, None, head_idx // self.qhead_per_kvhead, batch_idx].iterator
+            barrier.wait_eq(lock, tidx, wg_idx, head_idx % self.qhead_per_kvhead)
+            cute.arch.barrier(barrier_id=barrier_id + wg_idx, number_of_threads=128)
         thr_load = tcgen05.make_tmem_copy(load_atom, tdKVtdKV).get_slice(tidx)
         tXtX = self.split_wg(thr_load.partition_S(tdKVtdKV), wg_idx, num_wg)
         tXcX = self.split_wg(thr_load.partition_D(thr_mma.partition_C(cute.make_identity_tensor((pair_rows, width)))), wg_idx, num_wg)
@@ -157,6 +165,10 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
                     column = 2 * pair
                     pointer = elem_pointer(gX, tXcX[(column, 0), load, 0, 0])
                     add_pair(tXrX[(column, 0), load, 0, 0], tXrX[(column + 1, 0), load, 0, 0], pointer)
+        if const_expr(self.deterministic):  # every thread's adds land before the next head's turn starts
+            cute.arch.fence_acq_rel_gpu()
+            cute.arch.barrier(barrier_id=barrier_id + wg_idx, number_of_threads=128)
+            barrier.arrive_inc(lock, tidx, wg_idx, 1)
         cute.arch.sync_warp()
         with cute.arch.elect_one():
             pipeline_dKV.consumer_release(consumer_state_dKV)
@@ -166,31 +178,46 @@ class AccumulatingBackwardSm100(FlashAttentionBackwardSm100):
 
 def backward_kernel_sm100(
     dtype: torch.dtype, head_dim: int, head_dim_v: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None = None,
+    deterministic: bool = False,
 ):
     """The compiled accumulating Blackwell backward of one configuration (compiled at first use,
     then from the cache). A softcap is a constant of the kernel: upstream's score mod and its
-    derivative."""
-    key = (str(dtype), head_dim, head_dim_v, qhead_per_kvhead, *window.kind, varlen, softcap)
+    derivative. A deterministic kernel takes upstream's three semaphore tensors
+    (`semaphore_shapes`), zeroed, after the window."""
+    key = (str(dtype), head_dim, head_dim_v, qhead_per_kvhead, *window.kind, varlen, softcap, deterministic)
     if key not in _compiled:
-        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, head_dim_v, qhead_per_kvhead, window, varlen, softcap)
+        _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, head_dim_v, qhead_per_kvhead, window, varlen, softcap, deterministic)
     return _compiled[key]
 
 
-def _compile(dtype, head_dim: int, head_dim_v: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None):
+def semaphore_shapes(lead: tuple[int, ...], heads: int, kv_heads: int, q_rows: int, kv_rows: int, head_dim: int) -> tuple[tuple[int, ...], ...]:
+    """Upstream's deterministic turn counters for one launch: dq (b, h, m blocks, CTAs a pair), dK
+    and dV (b, h_kv, n blocks, 2), the n blocks a whole number of CTA pairs. `lead`: the batch, or
+    a varlen launch's sequences."""
+    pair = 2 if two_ctas(head_dim) else 1
+    m_blocks, n_blocks = -(-q_rows // TILE_M), -(-kv_rows // (TILE_N * pair)) * pair
+    return (*lead, heads, m_blocks, pair), (*lead, kv_heads, n_blocks, 2), (*lead, kv_heads, n_blocks, 2)
+
+
+def _compile(
+    dtype, head_dim: int, head_dim_v: int, qhead_per_kvhead: int, window: Fa4Window, varlen: bool, softcap: float | None,
+    deterministic: bool = False,
+):
     score_mods = {} if softcap is None else dict(
         score_mod=create_softcap_scoremod(softcap), score_mod_bwd=create_softcap_scoremod_bwd(softcap),
     )
     pair = two_ctas(head_dim)
     kernel = AccumulatingBackwardSm100(
         head_dim, head_dim_v, is_causal=window.causal, is_local=window.local, qhead_per_kvhead=qhead_per_kvhead,
-        tile_m=TILE_M, tile_n=TILE_N, cluster_size=2 if pair else 1, use_2cta_instrs=pair, **score_mods,
+        tile_m=TILE_M, tile_n=TILE_N, cluster_size=2 if pair else 1, use_2cta_instrs=pair, deterministic=deterministic, **score_mods,
     )
     arguments = FakeBackwardArguments.make(dtype, head_dim, head_dim_v, varlen)
+    semaphores = arguments.semaphores(2 if pair else 1) if deterministic else (None, None, None)
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
     return cute.compile(
         kernel, *arguments.tensors, Float32(1.0), *arguments.block.varlen_tensors,
-        window_left, window_right, None, None, None, NO_AUX, None, None,
+        window_left, window_right, *semaphores, NO_AUX, None, None,
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
         options="--enable-tvm-ffi",
     )

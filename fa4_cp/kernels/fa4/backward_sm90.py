@@ -38,7 +38,6 @@ from flash_attn.cute.block_sparsity import BlockSparseTensors
 from flash_attn.cute.named_barrier import NamedBarrierBwd
 from flash_attn.cute.utils import AuxData, create_softcap_scoremod, create_softcap_scoremod_bwd, elem_pointer
 from quack import layout_utils
-from quack.compile_utils import make_fake_tensor
 
 from .accumulator_rows import OneHeadAsGroup, block_rows, rows_carrier
 from .arguments import NO_AUX
@@ -283,15 +282,8 @@ def _compile(
         **own,
         **score_mods,
     )
-    sym = cute.sym_int
     arguments = FakeBackwardArguments.make(dtype, tiles.head_dim, tiles.head_dim_v, varlen, dtype if write_rounded else Float32)
-    lead, heads, kv_heads = arguments.block.lead, arguments.heads, arguments.kv_heads
-    semaphores = (None, None, None)
-    if deterministic:  # dq: (b, h, m blocks, 1); dK, dV: (b, h_kv, n blocks, 2), as upstream's
-        semaphores = (
-            make_fake_tensor(Int32, (*lead, heads, sym(), 1) if lead else (sym(), heads, sym(), 1)),
-            *(make_fake_tensor(Int32, (*lead, kv_heads, sym(), 2) if lead else (sym(), kv_heads, sym(), 2)) for _ in range(2)),
-        )
+    semaphores = arguments.semaphores() if deterministic else (None, None, None)
     window_left = Int32(0) if window.left is not None else None
     window_right = Int32(0) if window.right is not None else None
     grid_rows = () if write_rounded else (Int32(0) if shared_kv else None,)

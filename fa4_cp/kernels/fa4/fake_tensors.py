@@ -64,3 +64,13 @@ class FakeBackwardArguments:
         dq_accum = make_fake_tensor(Float32, (*lead, heads, sym()), divisibility=4)
         dk, dv = (make_fake_tensor(dkv_dtype, (*rows_k, kv_heads, dim), divisibility=128 // dkv_dtype.width) for dim in (head_dim, head_dim_v))
         return FakeBackwardArguments(block, heads, kv_heads, (q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv))
+
+    def semaphores(self, ctas: int = 1) -> tuple:
+        """Upstream's deterministic turn counters: dq (b, h, m blocks, `ctas` a tile), dK and dV
+        (b, h_kv, n blocks, 2); varlen: b is the launch's sequences."""
+        sym = cute.sym_int
+        lead = self.block.lead or (sym(),)
+        return (
+            make_fake_tensor(Int32, (*lead, self.heads, sym(), ctas)),
+            *(make_fake_tensor(Int32, (*lead, self.kv_heads, sym(), 2)) for _ in range(2)),
+        )

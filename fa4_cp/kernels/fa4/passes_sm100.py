@@ -5,8 +5,8 @@ GPU tests as the Hopper path (they select the FA4 backend on any sm90/sm100 devi
 wherever a B200 or GB200 is.
 
 Forward: upstream's plain forward (16-bit out, fp32 lse), then `merge_partials_cuda` folds it
-into the accumulators. Backward, where the accumulating kernel does not run (deterministic calls,
-head dims 192 and 256: backward_pass_sm100.py): upstream's backward per step from the final
+into the accumulators. Backward, where the accumulating kernel does not run (head_dim 256:
+backward_pass_sm100.py): upstream's backward per step from the final
 (out, lse); its dq, dk, dv partials are added in fp32. Delta and the dq layout are upstream's per
 call here.
 """
