@@ -12,7 +12,7 @@ pytest.importorskip("flash_attn.cute")
 
 import fa4_cp  # noqa: E402
 from fa4_cp import SimulatedRing  # noqa: E402
-from fa4_cp.kernels.fa4 import backend, backward_pass_sm100, passes_sm100  # noqa: E402
+from fa4_cp.kernels.fa4 import backend, backward_pass_sm100, passes_sm100, q_sides, tiled_accumulator  # noqa: E402
 
 DOCUMENTS = [300, 400, 324]
 
@@ -23,8 +23,8 @@ def blackwell(monkeypatch) -> dict[str, list]:
     calls: dict[str, list] = {"launch": [], "preprocess": [], "postprocess": []}
     monkeypatch.setattr(backend, "fa4_arch", lambda device: 10)
     monkeypatch.setattr(backward_pass_sm100, "backward_kernel_sm100", lambda *key: lambda *args: calls["launch"].append((key, args)))
-    monkeypatch.setattr(backward_pass_sm100, "_bwd_preprocess", lambda *args, **kwargs: calls["preprocess"].append(args))
-    monkeypatch.setattr(backward_pass_sm100, "_bwd_postprocess_convert", lambda *args, **kwargs: calls["postprocess"].append(args))
+    monkeypatch.setattr(q_sides, "_bwd_preprocess", lambda *args, **kwargs: calls["preprocess"].append(args))
+    monkeypatch.setattr(tiled_accumulator, "_bwd_postprocess_convert", lambda *args, **kwargs: calls["postprocess"].append(args))
     monkeypatch.setattr(backward_pass_sm100, "tile_order", lambda geometry, arch, device: torch.arange(geometry.tile * geometry.head_dim))
 
     def forward(q, k, v, out=None, lse=None, **kwargs):  # upstream's forward: shapes only

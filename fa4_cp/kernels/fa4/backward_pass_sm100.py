@@ -16,19 +16,17 @@ fp32 through the accumulators' tile order, summed. dK/dV are finished in torch (
 from __future__ import annotations
 
 import functools
-import math
+
 import torch
 from flash_attn.cute.flash_bwd_sm100 import FlashAttentionBackwardSm100
-from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess, torch2cute_dtype_map
 
 from ..dkv_sum import finished_dkv
 from ..interface import BandMask, VarlenRows, check_fixed_order
-from .arguments import NO_AUX, kv_rows_past_k, varlen_arguments
-from .backward_sm100 import HEAD_DIMS, TILE_M, TILE_N, backward_kernel_sm100, semaphore_shapes, two_ctas
+from .arguments import NO_AUX, kv_rows_past_k, turn_counters, varlen_arguments
+from .backward_sm100 import HEAD_DIMS, TILE_M, TILE_N, backward_kernel_sm100, two_ctas
 from .masks import block_window
-from .q_sides import QSide, side_for, summed_dq
+from .q_sides import DqSides
 from .tiled_accumulator import TileGeometry, tile_order
-from .varlen_dq import varlen_row_map
 
 SM100 = 100
 POSTPROCESS_THREADS = 128  # upstream's dq postprocess on Blackwell
@@ -43,14 +41,13 @@ class Sm100BackwardPass:
         return (q.shape[-1], dout.shape[-1]) in HEAD_DIMS
 
     def __init__(self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False):
-        self.q, self.out, self.dout, self.softmax_scale, self.softcap = q, out, dout, softmax_scale, softcap
+        self.q, self.softmax_scale, self.softcap = q, softmax_scale, softcap
         self.deterministic = deterministic
         self.dk_scale = softmax_scale  # the kernel adds dK unscaled
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
         self.geometry = _dq_geometry(q.shape[-1])
-        self.sides: dict[tuple, QSide] = {}
-        self.whole_dq: torch.Tensor | None = None
+        self.dq_sides = DqSides(q, out, dout, self.lse, self.dlse, self.geometry)
         self._kernels: dict[tuple, object] = {}
 
     def can_write_first(self, k: torch.Tensor) -> bool:
@@ -68,7 +65,7 @@ class Sm100BackwardPass:
         check_fixed_order(varlen, self.deterministic)
         if kv_rows_past_k(varlen, k) is not None:
             raise ValueError("varlen entries whose KV rows exceed k's in total: Blackwell's backward covers k's rows once")
-        side = self._side(q_rows, varlen)
+        side = self.dq_sides.side(q_rows, varlen)
         if side.q.shape[-3] == 0 or k.shape[-3] == 0:
             return
         window = block_window(mask, side.q, k, varlen)
@@ -85,74 +82,28 @@ class Sm100BackwardPass:
         )
 
     def _semaphores(self, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> tuple:
-        """Deterministic mode: upstream's turn counters, zeroed for each launch (one allocation)."""
+        """Deterministic mode: upstream's turn counters, zeroed for each launch."""
         if not self.deterministic:
             return (None, None, None)
-        lead = (len(varlen.computed_prefix.seqused_q),) if varlen is not None else q.shape[:1]  # the sequences launched
-        shapes = semaphore_shapes(lead, q.shape[-2], k.shape[-2], q.shape[-3], k.shape[-3], k.shape[-1])
-        counters = torch.zeros(sum(math.prod(shape) for shape in shapes), dtype=torch.int32, device=q.device)
-        return tuple(part.view(shape) for part, shape in zip(counters.split([math.prod(shape) for shape in shapes]), shapes))
+        return turn_counters(q, k, varlen, TILE_M, TILE_N, 2 if two_ctas(k.shape[-1]) else 1)
 
     def dq(self) -> torch.Tensor:
-        owned = [side for side in self.sides.values() if side.owns_accum]
-        if self.whole_dq is not None and not owned:
-            return self._postprocessed(self.whole_dq, None, None, torch.empty_like(self.q))
-        if self.whole_dq is None and len(owned) == 1 and owned[0].row_map is not None:
-            side = owned[0]  # rows of no sequence get no gradient: the postprocess writes only the sequences'
-            return self._postprocessed(side.dq_accum, side.cu_seqlens, side.seqused, torch.zeros_like(self.q))
-        order = tile_order(self.geometry, SM100, self.q.device)
-        return summed_dq(self.q, self.whole_dq, owned, self.geometry, order, self.softmax_scale)
+        whole, owned = self.dq_sides.whole, self.dq_sides.owned()
+        # one accumulator holds all of dq: upstream's postprocess reads it back, scaled and rounded
+        # once to q's dtype, as upstream's own backward does
+        if whole is not None and not owned:
+            dq = torch.empty_like(self.q)
+            self.geometry.postprocess(whole, dq, self.softmax_scale, SM100)
+            return dq
+        if whole is None and len(owned) == 1 and owned[0].row_map is not None:
+            side = owned[0]
+            dq = torch.zeros_like(self.q)  # rows of no sequence get no gradient: the postprocess writes only the sequences'
+            self.geometry.postprocess(side.dq_accum, dq, self.softmax_scale, SM100, side.cu_seqlens, side.seqused)
+            return dq
+        return self.dq_sides.summed(tile_order(self.geometry, SM100, self.q.device), self.softmax_scale)
 
     def finish_dkv(self, local, travelled, k, v, indexed=()):
         return finished_dkv(local, travelled, k, v, self.dk_scale, indexed=indexed)
-
-    def _postprocessed(self, accum: torch.Tensor, cu_seqlens, seqused, dq: torch.Tensor) -> torch.Tensor:
-        """One accumulator holding all of dq, read back into `dq`, scaled and rounded once to q's
-        dtype by upstream's postprocess, as upstream's own backward does."""
-        g = self.geometry
-        _bwd_postprocess_convert(
-            accum, dq, self.softmax_scale, cu_seqlens, seqused, SM100, torch2cute_dtype_map[dq.dtype], g.head_dim, g.tile,
-            g.num_threads, g.atom_layout, g.swap_ab, use_2cta_instrs=g.use_2cta_instrs, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of,
-            accum_order=g.accum_order,
-        )
-        return dq
-
-    def _side(self, q_rows: slice, varlen: VarlenRows | None) -> QSide:
-        return side_for(self.sides, q_rows, varlen, self._new_side)
-
-    def _new_side(self, q_rows: slice, varlen: VarlenRows | None) -> QSide:
-        q, g = self.q, self.geometry
-        lead = q.shape[:-3]
-        if varlen is None:
-            start, stop, _ = q_rows.indices(q.shape[1])
-            rows, padded, row_map, cu, used = slice(start, stop), g.padded_rows(stop - start), None, None, None
-            shared = start % g.tile == 0
-        else:  # statistics and read-back over the rows any block of the side selects
-            rows, cu, shared = slice(None), varlen.cu_seqlens_q, False
-            used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
-            padded = g.varlen_padded_rows(q.shape[0], used.shape[0])
-            row_map = varlen_row_map(varlen, used, g.tile, q.shape[0])
-        width = g.head_dim_rounded
-        if shared:
-            dq_accum = self._whole_dq()[..., start * width : (start + padded) * width]
-        else:  # zeroed by the preprocess below at every tile of the side's rows (all that its kernels write and dq reads)
-            dq_accum = torch.empty(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device)
-        lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
-        dout = self.dout[..., rows, :, :]
-        _bwd_preprocess(
-            self.out[..., rows, :, :], dout, dpsum, self.lse[..., rows], lse_log2, None if shared else dq_accum, cu, used,
-            None if self.dlse is None else self.dlse[..., rows], torch2cute_dtype_map[q.dtype], q.shape[-1], self.dout.shape[-1],
-            g.tile, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of,
-        )
-        return QSide(rows, q[..., rows, :, :], dout, lse_log2, dpsum, dq_accum, not shared, row_map, cu, used)
-
-    def _whole_dq(self) -> torch.Tensor:
-        """The shard's shared dq accumulator, zeroed when first made."""
-        if self.whole_dq is None:
-            q = self.q
-            padded = self.geometry.padded_rows(q.shape[1])
-            self.whole_dq = torch.zeros(q.shape[0], q.shape[2], padded * self.geometry.head_dim_rounded, dtype=torch.float32, device=q.device)
-        return self.whole_dq
 
 
 @functools.cache

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import functools
 import torch
-from flash_attn.cute.interface import _bwd_postprocess_convert, _bwd_preprocess, torch2cute_dtype_map
 
 from ..dkv_sum import finished_dkv
 from ..interface import KV_TILE_OVERHANG, BandMask, VarlenRows, check_fixed_order
-from .arguments import NO_AUX, kv_rows_past_k, varlen_arguments
+from .arguments import NO_AUX, kv_rows_past_k, turn_counters, varlen_arguments
 from .backward_sm90 import BackwardTiles, backward_kernel
 from .dkv_finish import finish_dkv_cuda
 from .dq_readback import MAX_SIDES, read_back_dq
 from .masks import block_window
-from .q_sides import QSide, side_for, summed_dq
+from .q_sides import DqSides, QSide
 from .tiled_accumulator import TileGeometry, tile_order
-from .varlen_dq import varlen_row_map
 
 SM90 = 90
 
@@ -40,22 +38,21 @@ class Sm90BackwardPass:
     def __init__(
         self, q, out, lse, dout, dlse, softmax_scale: float, softcap: float | None = None, deterministic: bool = False,
     ):
-        self.q, self.out, self.dout, self.softmax_scale, self.softcap = q, out, dout, softmax_scale, softcap
+        self.q, self.dout, self.softmax_scale, self.softcap = q, dout, softmax_scale, softcap
         self.deterministic = deterministic
         self.dk_scale = softmax_scale  # the kernel adds dK unscaled
         self.lse = lse.float()
         self.dlse = None if dlse is None else dlse.float()
         self.tiles = tiles = BackwardTiles.for_head_dim(q.shape[-1], dout.shape[-1])
         self.dq_tiles = _dq_geometry(tiles)
-        self.sides: dict[tuple, QSide] = {}
-        self.whole_dq: torch.Tensor | None = None
+        self.dq_sides = DqSides(q, out, dout, self.lse, self.dlse, self.dq_tiles)
         self._kernels: dict[tuple, object] = {}
 
     def step(
         self, k, v, dk_acc, dv_acc, *, q_rows: slice, mask: BandMask, varlen: VarlenRows | None = None, write_first: bool = False,
         write_rounded: bool = False,
     ) -> None:
-        side = self._side(q_rows, varlen)
+        side = self.dq_sides.side(q_rows, varlen)
         q = side.q
         if write_first and (varlen is not None or not self.can_write_first(k)):
             raise ValueError("write_first: dense blocks, and GQA only when deterministic")
@@ -92,25 +89,22 @@ class Sm90BackwardPass:
         return self.q.shape[-2] == k.shape[-2] and self.dout.shape[-1] == self.q.shape[-1]
 
     def _semaphores(self, q: torch.Tensor, k: torch.Tensor, varlen: VarlenRows | None) -> tuple:
-        """Deterministic mode: upstream's turn counters, zeroed for each launch. dq: (b, h, m blocks,
-        1); dK/dV: (b, h_kv, n blocks, 2). For varlen, b is the sequences, and the blocks bound the
-        longest sequence by the total rows."""
+        """Deterministic mode: upstream's turn counters, zeroed for each launch."""
         if not self.deterministic:
             return (None, None, None)
-        lead = (len(varlen.computed_prefix.seqused_q),) if varlen is not None else q.shape[:1]  # the sequences launched
-        m_blocks = -(-q.shape[-3] // self.tiles.tile_m)
-        n_blocks = -(-k.shape[-3] // self.tiles.tile_n)
-        zeros = functools.partial(torch.zeros, dtype=torch.int32, device=q.device)
-        return zeros(*lead, q.shape[-2], m_blocks, 1), zeros(*lead, k.shape[-2], n_blocks, 2), zeros(*lead, k.shape[-2], n_blocks, 2)
+        return turn_counters(q, k, varlen, self.tiles.tile_m, self.tiles.tile_n)
 
     def dq(self) -> torch.Tensor:
-        owned = [side for side in self.sides.values() if side.owns_accum]
-        if self.whole_dq is not None and not owned:
-            return self._postprocess_whole_dq()
-        if self.whole_dq is None and 0 < len(owned) <= MAX_SIDES and all(side.row_map is not None for side in owned):
+        whole, owned = self.dq_sides.whole, self.dq_sides.owned()
+        if whole is not None and not owned:
+            # one accumulator holds all of dq: upstream's postprocess reads it back, scaled and
+            # rounded once to q's dtype, as upstream's own backward does
+            dq = torch.empty_like(self.q)
+            self.dq_tiles.postprocess(whole, dq, self.softmax_scale, SM90)
+            return dq
+        if whole is None and 0 < len(owned) <= MAX_SIDES and all(side.row_map is not None for side in owned):
             return self._read_back_varlen(owned)
-        order = tile_order(self.dq_tiles, SM90, self.q.device)
-        return summed_dq(self.q, self.whole_dq, owned, self.dq_tiles, order, self.softmax_scale)
+        return self.dq_sides.summed(tile_order(self.dq_tiles, SM90, self.q.device), self.softmax_scale)
 
     def finish_dkv(self, local, travelled, k, v, indexed=()):
         if k.shape[-1] != v.shape[-1]:  # the one-pass finish takes one width; MLA's two go through torch
@@ -124,63 +118,6 @@ class Sm90BackwardPass:
         order = _int32_tile_order(self.dq_tiles, self.q.device)
         read_back_dq([side.dq_accum for side in sides], row_maps, order, self.dq_tiles, self.softmax_scale, dq)
         return dq
-
-    def _postprocess_whole_dq(self) -> torch.Tensor:
-        """One accumulator holds all of dq: upstream's postprocess reads it back, scaled and
-        rounded once to q's dtype, as upstream's own backward does."""
-        g = self.dq_tiles
-        dq = torch.empty_like(self.q)
-        _bwd_postprocess_convert(
-            self.whole_dq, dq, self.softmax_scale, None, None, SM90, torch2cute_dtype_map[dq.dtype], g.head_dim,
-            g.tile, g.num_threads, g.atom_layout, g.swap_ab, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of,
-        )
-        return dq
-
-    def _side(self, q_rows: slice, varlen: VarlenRows | None) -> QSide:
-        return side_for(self.sides, q_rows, varlen, self._new_side)
-
-    def _new_side(self, q_rows: slice, varlen: VarlenRows | None) -> QSide:
-        q, tile, width = self.q, self.dq_tiles.tile, self.tiles.head_dim_rounded
-        lead = q.shape[:-3]
-        if varlen is None:
-            start, stop, _ = q_rows.indices(q.shape[1])
-            rows, padded = slice(start, stop), self.dq_tiles.padded_rows(stop - start)
-            shared = start % tile == 0
-            row_map, cu, used = None, None, None
-        else:  # statistics and read-back over the rows any block of the side selects
-            rows, cu, shared = slice(None), varlen.cu_seqlens_q, False
-            used = varlen.seqused_q if varlen.seqused_q_all is None else varlen.seqused_q_all
-            padded = self.dq_tiles.varlen_padded_rows(q.shape[0], used.shape[0])
-            row_map = varlen_row_map(varlen, used, tile, q.shape[0])
-        if shared:
-            accum, owned = _of_rows(self._whole_dq(), slice(start * width, (start + padded) * width), -1), False
-        else:  # zeroed by the preprocess below at every tile of the side's rows (all that its kernels write and its read-back reads)
-            accum, owned = torch.empty(*lead, q.shape[-2], padded * width, dtype=torch.float32, device=q.device), True
-        lse_log2, dpsum = (torch.empty(*lead, q.shape[-2], padded, dtype=torch.float32, device=q.device) for _ in range(2))
-        side_q, side_out, side_dout = (_of_rows(t, rows, -3) for t in (q, self.out, self.dout))
-        _bwd_preprocess(
-            side_out, side_dout, dpsum, _of_rows(self.lse, rows, -1), lse_log2, None if shared else accum,
-            cu, used, None if self.dlse is None else _of_rows(self.dlse, rows, -1),
-            torch2cute_dtype_map[q.dtype], q.shape[-1], self.dout.shape[-1], tile,
-            fake_mode=False, hdim_multiple_of=self.tiles.hdim_multiple_of,
-        )
-        return QSide(rows, side_q, side_dout, lse_log2, dpsum, accum, owned, row_map)
-
-    def _whole_dq(self) -> torch.Tensor:
-        if self.whole_dq is None:
-            q = self.q
-            padded = self.dq_tiles.padded_rows(q.shape[1])
-            self.whole_dq = torch.zeros(q.shape[0], q.shape[2], padded * self.tiles.head_dim_rounded, dtype=torch.float32, device=q.device)
-        return self.whole_dq
-
-
-def _of_rows(t: torch.Tensor, rows: slice, dim: int) -> torch.Tensor:
-    """`rows` of `t` along `dim`: `t` itself where they are all of its rows (a ring of one, a dense
-    ring's whole shard, a varlen side), since each view made costs host time on every call."""
-    start, stop, _ = rows.indices(t.shape[dim])
-    if start == 0 and stop == t.shape[dim]:
-        return t
-    return t.narrow(dim, start, stop - start)
 
 
 def _shared_kv_rows(varlen: VarlenRows | None, k: torch.Tensor, v: torch.Tensor) -> int | None:

@@ -183,20 +183,11 @@ def backward_kernel_sm100(
     """The compiled accumulating Blackwell backward of one configuration (compiled at first use,
     then from the cache). A softcap is a constant of the kernel: upstream's score mod and its
     derivative. A deterministic kernel takes upstream's three semaphore tensors
-    (`semaphore_shapes`), zeroed, after the window."""
+    (`arguments.turn_counters`), zeroed, after the window."""
     key = (str(dtype), head_dim, head_dim_v, qhead_per_kvhead, *window.kind, varlen, softcap, deterministic)
     if key not in _compiled:
         _compiled[key] = _compile(torch2cute_dtype_map[dtype], head_dim, head_dim_v, qhead_per_kvhead, window, varlen, softcap, deterministic)
     return _compiled[key]
-
-
-def semaphore_shapes(lead: tuple[int, ...], heads: int, kv_heads: int, q_rows: int, kv_rows: int, head_dim: int) -> tuple[tuple[int, ...], ...]:
-    """Upstream's deterministic turn counters for one launch: dq (b, h, m blocks, CTAs a pair), dK
-    and dV (b, h_kv, n blocks, 2), the n blocks a whole number of CTA pairs. `lead`: the batch, or
-    a varlen launch's sequences."""
-    pair = 2 if two_ctas(head_dim) else 1
-    m_blocks, n_blocks = -(-q_rows // TILE_M), -(-kv_rows // (TILE_N * pair)) * pair
-    return (*lead, heads, m_blocks, pair), (*lead, kv_heads, n_blocks, 2), (*lead, kv_heads, n_blocks, 2)
 
 
 def _compile(

@@ -14,8 +14,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from cutlass import BFloat16
-from flash_attn.cute.interface import _bwd_postprocess_convert
+from flash_attn.cute.interface import _bwd_postprocess_convert, torch2cute_dtype_map
 
 DIGIT_BASE = 256  # every integer below 256 is exact in bf16
 
@@ -43,6 +42,15 @@ class TileGeometry:
         """Rows of a varlen accumulator: every sequence starts on a tile of its own."""
         return (total + (sequences + 1) * self.tile - 1) // self.tile * self.tile
 
+    def postprocess(self, accum: torch.Tensor, out: torch.Tensor, scale: float, arch: int, cu_seqlens=None, seqused=None) -> None:
+        """Upstream's postprocess of an accumulator of this tiling: its values, times `scale`,
+        written into `out` (rows, heads, head_dim) in `out`'s dtype, rounded once."""
+        _bwd_postprocess_convert(
+            accum, out, scale, cu_seqlens, seqused, arch, torch2cute_dtype_map[out.dtype], self.head_dim, self.tile, self.num_threads,
+            self.atom_layout, self.swap_ab, use_2cta_instrs=self.use_2cta_instrs, fake_mode=False, hdim_multiple_of=self.hdim_multiple_of,
+            accum_order=self.accum_order,
+        )
+
     def untile(self, accum: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """(..., tiles * tile * head_dim_rounded) fp32 -> (..., tiles * tile, head_dim) fp32."""
         per_tile = accum.view(*accum.shape[:-1], -1, self.tile * self.head_dim_rounded)
@@ -60,11 +68,7 @@ def tile_order(geometry: TileGeometry, arch: int, device: torch.device) -> torch
     while weight < size:
         accum = ((index // weight) % DIGIT_BASE).float().view(1, 1, size)
         digits = torch.empty(1, g.tile, 1, g.head_dim, dtype=torch.bfloat16, device=device)
-        _bwd_postprocess_convert(
-            accum, digits, 1.0, None, None, arch, BFloat16, g.head_dim, g.tile, g.num_threads, g.atom_layout,
-            g.swap_ab, fake_mode=False, hdim_multiple_of=g.hdim_multiple_of, accum_order=g.accum_order,
-            use_2cta_instrs=g.use_2cta_instrs,
-        )
+        g.postprocess(accum, digits, 1.0, arch)
         order += digits.flatten().long() * weight
         weight *= DIGIT_BASE
     if order.unique().numel() != order.numel() or int(order.max()) >= size:
