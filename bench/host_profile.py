@@ -60,7 +60,7 @@ SPANS = (
     "fa4_cp.kernels.fa4.backend:FA4Backend.forward", "fa4_cp.kernels.fa4.backend:FA4Backend.backward",
     "fa4_cp.kernels.fa4.forward_pass_sm90:Sm90ForwardPass.__init__", "fa4_cp.kernels.fa4.forward_pass_sm90:Sm90ForwardPass.step",
     "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass.__init__", "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass.step",
-    "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass._side",
+    "fa4_cp.kernels.fa4.q_sides:DqSides.side",
     "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass.dq", "fa4_cp.kernels.fa4.backward_pass_sm90:Sm90BackwardPass.finish_dkv",
     "fa4_cp.kernels.reference:ReferenceForwardPass.step", "fa4_cp.kernels.reference:ReferenceBackwardPass.step",
 )
