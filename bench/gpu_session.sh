@@ -25,6 +25,7 @@
 #                  ranks whose rows pad to a multiple of u, and the backward reading dout in the receive region
 #   shared_kv      tests/gpu/test_fa4_backend.py: varlen entries over shared KV rows in one launch
 #   ring_core      tests/gpu/test_fa4_ring.py at W = 2 and 8 (no W = 72, no mesh)
+#   pieces         tests/gpu/test_copy_engine_pieces.py: the driver's 2-D copy, and a mesh sending head groups where they lie
 #   gpu_work       bench/gpu_work.py (JSON), its cases GPU_WORK_CASES (default all but the head-chunked ones; the 8 x 8
 #                  ones need an H200), and
 #                  on BASELINE_TREE if set (BASELINE_CASES)
@@ -123,6 +124,7 @@ for part in "${parts[@]}"; do
     chunks) tests tests_gpu_chunks.log "$seconds" tests/gpu/test_fa4_ring.py -k "head_chunks or ulysses_by_ring or kept_documents_written or dout_where_it_lands" ;;
     shared_kv) tests tests_gpu_shared_kv.log "$seconds" tests/gpu/test_fa4_backend.py -k shared_kv ;;
     ring_core) tests tests_gpu_ring_core.log "$seconds" tests/gpu/test_fa4_ring.py -k "not (72 or ulysses or fp16)" ;;
+    pieces) tests tests_gpu_pieces.log "$seconds" tests/gpu/test_copy_engine_pieces.py ;;
     gpu_work)
       run gpu_work.log "$seconds" python3 bench/gpu_work.py --out "$out/gpu_work.json" ${GPU_WORK_CASES:+--cases $GPU_WORK_CASES}
       if [[ -n ${BASELINE_TREE:-} ]]; then

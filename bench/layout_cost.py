@@ -5,13 +5,13 @@
 A 2-D call copies every tensor it exchanges into a send buffer and out of the receive region (q,
 k, v and out forward, dout, dq, dk and dv backward; runtime/ulysses.py): SM copies on the compute
 stream, on any transport. From a gpu_work JSON, which times them apart (`all_to_all_layout`),
-this fits their rate: `mesh_model.layout_bytes` per rank (as the run's code copied: every part laid
-out before the copies in place of 2026-12-07, `--in-place` after) over their ms per rank (the
-H100's rate is tuning/mesh_model.py's LAYOUT_H100_GIB_PER_S). Then, a model and not a measurement, it
+this fits their rate: `mesh_model.layout_bytes` per rank (as the run's code copied: `--code`, one of
+mesh_model.LAYOUT_CODES) over their ms per rank (the H100's rate is tuning/mesh_model.py's
+LAYOUT_H100_GIB_PER_S). Then, a model and not a measurement, it
 predicts every split of plan_mesh for the two packed mixes (64:8 heads of 128, 8K tokens per GPU,
-MagiAttention's metric's shape) on the H200 machine with the copies charged (plan_mesh as it is
-since 2026-12-07: the H100's rate scaled by HBM bandwidth, assumed), at the H100's rate, and
-without them (plan_mesh before).
+MagiAttention's metric's shape) on the H200 machine with the copies the code makes now charged
+(plan_mesh as it is since 2026-12-07: the H100's rate scaled by HBM bandwidth, assumed), at the
+H100's rate, and without them (plan_mesh before).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fa4_cp.tuning import mesh_model
 WORLD_SIZES = (8, 16, 32, 64, 72)
 
 
-def fitted_rate(gpu_work: dict, in_place: bool) -> tuple[float, list[dict]]:
+def fitted_rate(gpu_work: dict, code: str) -> tuple[float, list[dict]]:
     """GiB/s of layout copies: the median over gpu_work's 2-D cases of bytes per rank over ms per rank."""
     cases = []
     for name, case in gpu_work["cases"].items():
@@ -39,10 +39,9 @@ def fitted_rate(gpu_work: dict, in_place: bool) -> tuple[float, list[dict]]:
             continue
         u, world = case["ulysses"], case["world_size"]
         per_rank_ms = case["ring_ms"]["all_to_all_layout"] / world
-        # the case's heads (32:8 where the JSON has none); every part laid out,
-        # as the code that ran (27070ae) did, unless --in-place
+        # the case's heads (32:8 where the JSON has none); the copies of the code that ran (--code)
         heads, kv_heads = case.get("heads", (32, 8))
-        nbytes = mesh_model.layout_bytes(u, world // u, heads, kv_heads, case["tokens"], gpu_work["head_dim"], in_place)
+        nbytes = mesh_model.layout_bytes(u, world // u, heads, kv_heads, case["tokens"], gpu_work["head_dim"], code)
         cases.append({"case": name, "layout_ms_per_rank": per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
     rates = sorted(c["gib_per_s"] for c in cases)
     return rates[len(rates) // 2], cases
@@ -71,18 +70,19 @@ def main() -> None:
     parser.add_argument("gpu_work", help="a bench/gpu_work.py JSON (.json or .json.gz) with 2-D cases")
     parser.add_argument("--seed", type=int, default=1, help="the mixes' batch")
     parser.add_argument(
-        "--in-place", action="store_true", help="the run's code sent out from where it lay and read dout in place (layout_bytes in_place)",
+        "--code", choices=mesh_model.LAYOUT_CODES, default="laid_out",
+        help="what the run's code copied (mesh_model.LAYOUT_CODES; laid_out: 27070ae, as in session 28's gpu_work)",
     )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     opener = gzip.open if args.gpu_work.endswith(".gz") else open
     with opener(args.gpu_work, "rt") as f:
         gpu_work = json.load(f)
-    rate, cases = fitted_rate(gpu_work, args.in_place)
+    rate, cases = fitted_rate(gpu_work, args.code)
     h200 = mesh_model.H200
     result = record(
         "layout_cost", "cpu", gpu_work=args.gpu_work, gpu_work_device=gpu_work["device"], gpu_work_commit=gpu_work["git_commit"],
-        measured_cases=cases, fitted_gib_per_s=rate, h200_gib_per_s_assumed=h200.layout_gib_per_s, seed=args.seed,
+        measured_cases=cases, run_code=args.code, fitted_gib_per_s=rate, h200_gib_per_s_assumed=h200.layout_gib_per_s, seed=args.seed,
         note="plan_mesh's predictions on its H200 machine, a model",
         with_layout_copies=picks(h200, args.seed),
         with_layout_copies_at_the_h100_rate=picks(dataclasses.replace(h200, layout_gib_per_s=rate), args.seed),

@@ -5,8 +5,8 @@ Receive buffers live in torch symmetric memory, so every rank can address every 
 from rank s to rank d on a channel is two-way signalled with per-pair counters in a symmetric flag
 array, all as stream memory operations:
   1. d stores FREE (its receive buffer is no longer read) into s's flags;
-  2. s waits for d's FREE, copies its send buffers (a hop's pieces) into d's receive buffers,
-     then stores DATA (the store is fenced behind the copies) into d's flags;
+  2. s waits for d's FREE, copies its send buffers (a hop's pieces; a piece of pitched rows by
+     one 2-D copy, landing contiguous) into d's receive buffers, then stores DATA (the store is fenced behind the copies) into d's flags;
   3. d waits for s's DATA before anything later on its comm stream, and so before its compute
      stream reads the buffer.
 So a receiver never reads a buffer whose write is unfinished, and a sender never overwrites a
@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from . import stream_memops
 from .buffers import BufferPool
+from .pitched import pitched_rows
 from .transport import Done, copied_to_self
 from .watchdog import HopWatchdog
 
@@ -110,10 +111,11 @@ class CopyEngineTransport:
             # The peer's receive buffer sits where mine (or `lands_at`) does in my arena: every
             # rank's slots have one layout.
             where = _arena_offset(recv if place is None else place, arena)
-            if not (send.is_contiguous() and recv.is_contiguous() and 0 <= where < arena.numel()):
-                raise ValueError("copy-engine shift: recvs (and lands_at) must be contiguous views of buffers(); sends contiguous")
-            if send.numel():
-                copies.append((where, send))
+            rows = pitched_rows(send)
+            if not ((rows or not send.numel()) and recv.is_contiguous() and 0 <= where < arena.numel()):
+                raise ValueError("copy-engine shift: recvs (and lands_at) must be contiguous views of buffers(); sends contiguous or pitched rows")
+            if rows:
+                copies.append((where, send, rows))
         receives = any(recv.numel() for recv in recvs)
         # One handshake for all the pieces: a piece's peer receives it exactly when it sends it
         if receives:
@@ -121,8 +123,11 @@ class CopyEngineTransport:
         if copies:
             self._await(stream, FREE, channel, dst)
             peer_arena = self._arenas[arena.data_ptr()][1][dst]
-            for where, send in copies:
-                stream_memops.copy(stream, peer_arena + where, send.data_ptr(), send.numel() * send.element_size())
+            for where, send, rows in copies:
+                if rows.height == 1:
+                    stream_memops.copy(stream, peer_arena + where, send.data_ptr(), rows.width)
+                else:  # lands as its contiguous bytes
+                    stream_memops.copy_2d(stream, peer_arena + where, rows.width, send.data_ptr(), rows.pitch, rows.width, rows.height)
             self._signal(stream, DATA, channel, dst)
         if receives:
             self._await(stream, DATA, channel, src)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .buffers import BufferPool
+from .pitched import copy_piece
 from .transport import TransportKind
 
 
@@ -181,7 +182,7 @@ class _SimulatedShift:
         group.ring.collectives[group.global_rank] += 1
         if any(send.numel() for send in sends):
             dst = (group.rank + offset) % group.world_size
-            group.post(dst, channel, (transport.count(transport.sent, dst, channel), [send.clone() for send in sends]))
+            group.post(dst, channel, (transport.count(transport.sent, dst, channel), [send.clone(memory_format=torch.contiguous_format) for send in sends]))
         self.receives = any(recv.numel() for recv in self.recvs)
         if self.receives:
             self.number = transport.count(transport.posted, self.src, channel)
@@ -190,7 +191,7 @@ class _SimulatedShift:
         if self.receives:
             for recv, piece in zip(self.recvs, self.transport.take(self.src, self.channel, self.number), strict=True):
                 if recv.numel():
-                    recv.copy_(piece)
+                    copy_piece(recv, piece)
 
 
 class SimulatedTransport:

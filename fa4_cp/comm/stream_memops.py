@@ -10,6 +10,19 @@ import functools
 import torch
 
 WAIT_GEQ = 0x0  # (int32)(*addr - value) >= 0: wrap-around safe for increasing counters
+MEMORY_TYPE_DEVICE = 0x2
+
+
+class _Memcpy2D(ctypes.Structure):
+    """cuda.h's CUDA_MEMCPY2D (v2), device to device: the fields a copy between device addresses sets."""
+
+    _fields_ = [
+        ("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int), ("srcHost", ctypes.c_void_p),
+        ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p), ("srcPitch", ctypes.c_size_t),
+        ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int), ("dstHost", ctypes.c_void_p),
+        ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p), ("dstPitch", ctypes.c_size_t),
+        ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t),
+    ]
 
 
 class DriverError(RuntimeError):
@@ -23,6 +36,7 @@ def _driver() -> ctypes.CDLL:
         "cuStreamWriteValue32_v2": [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint],
         "cuStreamWaitValue32_v2": [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint],
         "cuMemcpyDtoDAsync_v2": [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p],
+        "cuMemcpy2DAsync_v2": [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p],
     }
     for name, argtypes in signatures.items():
         function = getattr(driver, name)
@@ -58,3 +72,14 @@ def wait_value(stream: torch.cuda.Stream, address: int, value: int) -> None:
 def copy(stream: torch.cuda.Stream, destination: int, source: int, nbytes: int) -> None:
     """Device-to-device copy on a copy engine (peer-mapped addresses go over NVLink)."""
     _check(_driver().cuMemcpyDtoDAsync_v2(destination, source, nbytes, stream.cuda_stream), "cuMemcpyDtoDAsync")
+
+
+def copy_2d(stream: torch.cuda.Stream, destination: int, destination_pitch: int, source: int, source_pitch: int, width: int, height: int) -> None:
+    """`height` rows of `width` bytes, `source_pitch` apart from `source`, to rows `destination_pitch`
+    apart from `destination`, on a copy engine: one copy gathers a head group from every row."""
+    copy = _Memcpy2D(
+        srcMemoryType=MEMORY_TYPE_DEVICE, srcDevice=source, srcPitch=source_pitch,
+        dstMemoryType=MEMORY_TYPE_DEVICE, dstDevice=destination, dstPitch=destination_pitch,
+        WidthInBytes=width, Height=height,
+    )
+    _check(_driver().cuMemcpy2DAsync_v2(ctypes.byref(copy), stream.cuda_stream), "cuMemcpy2DAsync")

@@ -7,7 +7,9 @@ call it at once for any W. Sizes may differ between ranks (a piece matches its p
 empty piece is skipped, by both ends alike. Shifts between two ranks on a channel match in the
 order they are posted. Every rank's buffers have one layout; a piece lands where its recv is on
 this rank, or, given `lands_at` (views of this rank's buffers), where its view is, for a piece
-whose place depends on the receiver's plan, not the sender's.
+whose place depends on the receiver's plan, not the sender's. A transport that copies into its
+peers also takes a send of pitched rows (comm/pitched.py: a head group of q, say) as it lies; it
+lands as its contiguous bytes, in a recv of bytes.
 Receive buffers come from the transport's `buffers`, kept across calls. A stream-ordered (GPU)
 transport enqueues on the current CUDA stream and its `wait` makes the current stream wait;
 the others block the host, at most the ring timeout. A transport knows nothing of attention:
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .buffers import BufferPool
+from .pitched import copy_piece
 from .watchdog import HopWatchdog, wait_within
 
 TransportKind = Literal["auto", "nccl", "copy_engine"]
@@ -91,7 +94,7 @@ class LocalTransport:
 def copied_to_self(sends: Sequence[torch.Tensor], recvs: Sequence[torch.Tensor]) -> Done:
     """A shift by a multiple of W: each piece copied into its recv here."""
     for send, recv in zip(sends, recvs, strict=True):
-        recv.copy_(send)
+        copy_piece(recv, send)
     return Done()
 
 

@@ -35,6 +35,7 @@ from ..comm.all_to_all import PendingAllToAll, post_all_to_all, post_all_to_all_
 from ..comm.buffers import aligned
 from ..comm.group import RingGroup
 from ..comm.mesh import UlyssesRing
+from ..comm.pitched import pitched_rows
 from ..comm.transport import TransportKind
 from ..kernels.interface import accumulator_dtype, returned_lse_dtype
 from ..plan.head_chunks import HeadChunks
@@ -123,9 +124,10 @@ class Exchange:
     def post(self, parts: Parts, sources: list[torch.Tensor | Rows], region: torch.Tensor | None) -> PendingExchange:
         """Start the exchange of `sources` (a (u, ...) tensor: row j to rank j; Rows: cut by rows).
         Through the group's collective, every part is laid out into one send buffer. Where the
-        transport copies into its peers, the pieces of a Rows source that lie whole and
-        contiguous are sent from where they are, the others laid out, and each part lands in a
-        region of its own."""
+        transport copies into its peers, each part lands in a region of its own, and its pieces
+        are sent from where they lie: a (u, ...) tensor's rows where each is pitched rows (a head
+        group of q, k, v or dout: the copy engine's 2-D copy gathers it), a Rows source's pieces
+        that lie whole and contiguous. Only the others are laid out."""
         if region is None:
             send = self._send_buffer(parts)
             self.lay_out(parts.views(send), sources)
@@ -133,7 +135,7 @@ class Exchange:
         send = views = None  # made once some part is laid out
         pieces: list[list[torch.Tensor]] = [[] for _ in range(self.ranks)]
         for part, source in enumerate(sources):
-            direct = _row_pieces(source, self.ranks, parts.piece_bytes(part)) if isinstance(source, Rows) else None
+            direct = _row_pieces(source, self.ranks, parts.piece_bytes(part)) if isinstance(source, Rows) else _pitched_pieces(source)
             if direct is None or None in direct:
                 if send is None:
                     send = self._send_buffer(parts)
@@ -356,6 +358,12 @@ def _row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor
     if size * row_bytes != piece_bytes or rows > ranks * size:
         return None
     return [x.narrow(dim, j * size, size).reshape(-1).view(torch.uint8) if (j + 1) * size <= rows else None for j in range(ranks)]
+
+
+def _pitched_pieces(source: torch.Tensor) -> list[torch.Tensor] | None:
+    """Each row of `source` (u, ...) as it lies, where each is pitched rows; else None (laid out)."""
+    rows = list(source.unbind(0))
+    return rows if all(pitched_rows(row) is not None for row in rows) else None
 
 
 def _put_rows(dest: torch.Tensor, x: torch.Tensor, dim: int) -> None:

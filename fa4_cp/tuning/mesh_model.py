@@ -79,7 +79,7 @@ class Machine:
 # kernel_cost.RING's replay fits: a step's forward launch and its work beside attention, the call's
 # work beside attention (on an H100, whose memory is slower than the H200's: upper bounds here)
 _STEP_MS, _LAUNCH_MS, _CALL_MS = step_us() / 1e3, RING.launch / 1e3, RING.call_other / 1e3
-# The exchanges' layout copies on an H100: `layout_bytes` (all laid out, as at 27070ae) over their
+# The exchanges' layout copies on an H100: `layout_bytes` ("laid_out", as at 27070ae) over their
 # time, 716-727 GiB/s in the four 2-D cases of bench/results/nvidia_h100_2026-12-07_s28/
 # gpu_work.json.gz (bench/layout_cost.py, median). Elsewhere ASSUMED: scaled by the HBM bandwidth
 # (H200 4.8, GB200 8.0 TB/s against 3.35).
@@ -296,22 +296,35 @@ def all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_
     return sum(sum(times) for times in exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, 1).values())
 
 
-def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, in_place: bool = True) -> float:
-    """Bytes a GPU's layout copies move in one call (fwd + bwd), SM copies on the compute stream on
-    any transport (runtime/ulysses.py): q, out, dout, dq and k, v, dk, dv (KV heads repeated to u
-    where fewer, their dK/dV then in fp32), each copied into the send buffer and out of the receive
-    region; with `in_place` (the code since 2026-12-07, where the transport copies into its peers
-    and no batch dim is wider than one) out, dq, dk and dv go back from where the ring wrote them
-    and the backward reads dout where it lands. Of dq, dk and dv the last rank's piece is counted
-    laid out: it is where a ring rank's rows are padded to a multiple of u."""
+LAYOUT_CODES = ("laid_out", "rows_in_place", "heads_in_place")
+"""What the exchanges copied, by the code's date: every part laid out (27070ae); out, dq, dk and dv
+sent from where the ring wrote them and dout read where it lands (2026-12-07, b7711fb); and q, k,
+v and dout sent as their head groups lie (2026-12-08)."""
+
+
+def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, code: str = "heads_in_place") -> float:
+    """Bytes a GPU's layout copies move in one call (fwd + bwd) on the compute stream
+    (runtime/ulysses.py): q, out, dout, dq and k, v, dk, dv (KV heads repeated to u where fewer,
+    their dK/dV then in fp32), each copied into the send buffer and out of the receive region
+    ("laid_out"). Where the transport copies into its peers and no batch dim is wider than one,
+    out, dq, dk and dv go back from where the ring wrote them and the backward reads dout where it
+    lands ("rows_in_place"); and q, k, v and dout go from where they lie, the copy engine's 2-D
+    copies gathering each head group ("heads_in_place"). Of dq, dk and dv the last rank's piece is
+    counted laid out: it is where a ring rank's rows are padded to a multiple of u. What is left:
+    q, k and v out of the receive region into what the backward keeps, and out, dq, dk and dv
+    into their heads."""
+    if code not in LAYOUT_CODES:
+        raise ValueError(f"code: expected one of {LAYOUT_CODES}, got {code!r}")
     if u == 1:
         return 0.0
     tokens = seq_len / (u * r)
     q = tokens * heads * head_dim * BYTES_16BIT
     kv = tokens * max(kv_heads, u) * head_dim * BYTES_16BIT
     dkv = kv * (2 if kv_heads < u else 1)
-    sent_in_place = 2 * q + (q + 2 * dkv) * (u - 1) / u
-    return 2 * (4 * q + 2 * kv + 2 * dkv) - (sent_in_place if in_place else 0)
+    rows_in_place = 2 * q + (q + 2 * dkv) * (u - 1) / u
+    heads_in_place = 2 * q + 2 * kv
+    saved = {"laid_out": 0.0, "rows_in_place": rows_in_place, "heads_in_place": rows_in_place + heads_in_place}[code]
+    return 2 * (4 * q + 2 * kv + 2 * dkv) - saved
 
 
 def layout_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:

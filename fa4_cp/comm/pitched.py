@@ -1,0 +1,88 @@
+"""Tensors whose bytes are rows of one width at one pitch: what a copy engine moves in one 2-D copy
+(cuMemcpy2DAsync), with no SM and no send buffer. A head group of a contiguous (rows, heads, d)
+tensor is one: the group's heads lie together in each row, and the rows lie a row of all heads
+apart. A transport that copies into its peers takes such a piece as it lies (comm/transport.py);
+what arrives lands contiguous."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import stream_memops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PitchedRows:
+    width: int
+    """Bytes of one row, contiguous."""
+    pitch: int
+    """Bytes from one row's start to the next's (the width where the tensor is contiguous)."""
+    height: int
+
+
+def pitched_rows(x: torch.Tensor) -> PitchedRows | None:
+    """x's elements, in order, as `height` rows of `width` contiguous bytes `pitch` apart (one row
+    where x is contiguous); None where x is empty, its last dim is strided, or no one pitch
+    describes its other dims."""
+    dims = [(size, stride) for size, stride in zip(x.shape, x.stride()) if size != 1]
+    if not x.numel() or (dims and dims[-1][1] != 1):
+        return None
+    inner, row = len(dims), 1  # the contiguous trailing dims make a row
+    while inner and dims[inner - 1][1] == row:
+        inner -= 1
+        row *= dims[inner][0]
+    element = x.element_size()
+    if not inner:
+        return PitchedRows(row * element, row * element, 1)
+    height, pitch = dims[inner - 1]
+    for outer in range(inner - 2, -1, -1):  # the other dims must step whole rows on
+        if dims[outer][1] != dims[outer + 1][1] * dims[outer + 1][0]:
+            return None
+        height *= dims[outer][0]
+    if pitch < row:  # overlapping (expanded) rows
+        return None
+    return PitchedRows(row * element, pitch * element, height)
+
+
+def copy_piece(recv: torch.Tensor, send: torch.Tensor) -> None:
+    """`send` into `recv`: the same shape and dtype, or `recv` the contiguous bytes of `send` in
+    order (a piece laid out as it lands). A CUDA piece of pitched rows goes by the copy engine."""
+    if recv.shape == send.shape and recv.dtype == send.dtype:
+        recv.copy_(send)
+        return
+    if not recv.is_contiguous() or recv.numel() * recv.element_size() != send.numel() * send.element_size():
+        raise ValueError(f"a piece of {tuple(send.shape)} {send.dtype} does not fit a receive buffer of {tuple(recv.shape)} {recv.dtype}")
+    rows = pitched_rows(send)
+    if rows is not None and send.is_cuda and recv.device == send.device and _LOCAL_COPIES.by_copy_engine():
+        try:
+            stream = torch.cuda.current_stream(send.device)
+            stream_memops.copy_2d(stream, recv.data_ptr(), rows.width, send.data_ptr(), rows.pitch, rows.width, rows.height)
+            return
+        except stream_memops.DriverError as error:  # the driver may refuse an intra-device pitch
+            _LOCAL_COPIES.refused(error)
+    recv.view(-1).view(send.dtype).view(send.shape).copy_(send)
+
+
+class _LocalCopies:
+    """Whether this process copies a local piece of pitched rows on the copy engine: where the
+    driver has the stream memory operations, until it refuses one such copy."""
+
+    def __init__(self):
+        self._verdict: bool | None = None
+
+    def by_copy_engine(self) -> bool:
+        if self._verdict is None:
+            self._verdict = stream_memops.available()
+        return self._verdict
+
+    def refused(self, error: Exception) -> None:
+        self._verdict = False
+        log.warning("fa4_cp: the CUDA driver refused a local 2-D copy (%s); such pieces are copied by SM kernels from now on", error)
+
+
+_LOCAL_COPIES = _LocalCopies()

@@ -1,0 +1,101 @@
+"""Pitched rows (comm/pitched.py): the description a copy engine's 2-D copy takes, checked against
+the bytes of the tensor it describes, and the piece copies the transports make of them."""
+
+import itertools
+
+import pytest
+import torch
+
+from fa4_cp.comm.pitched import PitchedRows, copy_piece, pitched_rows
+
+
+def bytes_in_order(x: torch.Tensor) -> bytes:
+    return x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def bytes_by_rows(x: torch.Tensor, rows: PitchedRows) -> bytes:
+    storage = bytes(x.untyped_storage())
+    start = x.storage_offset() * x.element_size()
+    return b"".join(storage[start + k * rows.pitch : start + k * rows.pitch + rows.width] for k in range(rows.height))
+
+
+def views_of(base: torch.Tensor):
+    """Head groups, row ranges, batch slices, permutations and expansions of a (2, 12, 8, 4) tensor."""
+    yield base
+    for first, size in ((0, 2), (2, 4), (6, 2), (0, 8)):
+        group = base.narrow(-2, first, size)
+        yield group
+        yield group[1]
+        yield group[:, 3:9]
+        yield group[:, 5:6]
+        yield group.unflatten(-2, (size // 2, 2))
+    yield base.unflatten(-2, (2, 2, 2)).movedim(-4, 0)[1]  # a rank's heads of every chunk
+    yield base.transpose(1, 2)
+    yield base[..., ::2]
+    yield base[:, ::2]
+    yield base[:, :1].expand(2, 12, 8, 4)
+    yield base.narrow(-1, 0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pitched_rows_describe_the_bytes_of_the_tensor_in_order(dtype):
+    base = torch.randn(2, 12, 8, 4).to(dtype)
+    described = 0
+    for view in views_of(base):
+        rows = pitched_rows(view)
+        if rows is None:
+            continue
+        described += 1
+        assert rows.width * rows.height == view.numel() * view.element_size()
+        assert rows.pitch >= rows.width
+        assert bytes_by_rows(view, rows) == bytes_in_order(view), (tuple(view.shape), view.stride(), rows)
+    assert described >= 20
+
+
+def test_pitched_rows_of_a_head_group_and_what_has_none():
+    q = torch.empty(1, 300, 16, 128, dtype=torch.bfloat16)
+    assert pitched_rows(q) == PitchedRows(width=300 * 16 * 128 * 2, pitch=300 * 16 * 128 * 2, height=1)
+    assert pitched_rows(q[..., 4:8, :]) == PitchedRows(width=4 * 128 * 2, pitch=16 * 128 * 2, height=300)
+    assert pitched_rows(torch.empty(3, 300, 16, 128)[..., 4:8, :]) == PitchedRows(width=4 * 128 * 4, pitch=16 * 128 * 4, height=900)
+    assert pitched_rows(q.transpose(1, 2)) is None  # rows of one element a row apart: not one pitch
+    assert pitched_rows(q[..., ::2]) is None  # the last dim strided
+    assert pitched_rows(q[:, :0]) is None  # empty
+    assert pitched_rows(torch.empty(5, 1, 4)[:, :, :2].expand(5, 3, 2)) is None  # rows repeated
+
+
+def test_copy_piece_lands_a_pitched_piece_as_its_bytes_and_refuses_a_misfit():
+    q = torch.randn(1, 30, 8, 16, dtype=torch.bfloat16)
+    group = q[..., 2:4, :]
+    landed = torch.full((group.numel() * 2,), 255, dtype=torch.uint8)
+    copy_piece(landed, group)
+    assert torch.equal(landed.view(torch.bfloat16).view(group.shape), group)
+    same = torch.empty_like(group)
+    copy_piece(same, group)
+    assert torch.equal(same, group)
+    with pytest.raises(ValueError, match=r"does not fit a receive buffer"):
+        copy_piece(torch.empty(group.numel() * 2 - 2, dtype=torch.uint8), group)
+
+
+def test_the_simulated_transport_takes_pitched_sends_as_the_copy_engine_does():
+    """Each rank sends the head group of its peer (offset 0 included, copied to itself) into a
+    receive buffer of bytes; what lands is the group's bytes in order."""
+    from fa4_cp import SimulatedRing
+
+    world = 3
+    q = [torch.randn(1, 10, 2 * world, 8) for _ in range(world)]
+
+    def rank(group):
+        transport = group.transport("auto", torch.device("cpu"))
+        nbytes = 10 * 2 * 8 * 4
+        landed = []
+        for offset in range(world):
+            recv = transport.buffers(2, 1, (nbytes,), torch.uint8, torch.device("cpu"))[0]
+            peer = (group.rank + offset) % world
+            transport.shift([q[group.rank][..., 2 * peer : 2 * peer + 2, :]], [recv], offset, 2).wait()
+            landed.append(recv.view(torch.float32).view(1, 10, 2, 8).clone())
+        return landed
+
+    for me, landed in enumerate(SimulatedRing(world).run(rank)):
+        for offset, piece in zip(itertools.count(), landed):
+            sender = (me - offset) % world
+            assert torch.equal(piece, q[sender][..., 2 * me : 2 * me + 2, :])
