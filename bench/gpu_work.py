@@ -9,9 +9,11 @@ Each case runs the real API on a SimulatedRing (or SimulatedMesh) of W virtual r
 bf16, head_dim 128. Kernels are sorted three ways:
 - transport: the simulated transport's own copies (they stand for NVLink transfers; run on a stream
   of their own here, so that they are told apart by stream), reported apart and left out of the ratio;
-- all_to_all_layout (2-D meshes): the Ulysses exchange's packing of head groups and concatenation of
-  what arrives, on a stream of their own; reported apart, and the all-kernels ratio given with and
-  without them (they are SM work on real GPUs too);
+- all_to_all_layout (2-D meshes): the Ulysses exchange's layout copies, on a stream of their own:
+  its SM kernels (packing head groups and concatenating what arrives, until 2026-12-08; since, the
+  pieces a transfer cannot take where they lie), reported apart, and the all-kernels ratio given
+  with and without them (they are SM work on real GPUs too); and apart from them its copy-engine
+  copies (`all_to_all_layout_copy_engine`: placing what arrives into its heads, no SM);
 - attention: the CuTe-DSL kernels of attention (FA4's and fa4_cp's: forward, backward, FA4's
   pre/post-processing);
 - other: everything else: torch's copies, fills, adds, index kernels, and fa4_cp's own read-back and
@@ -85,15 +87,18 @@ class TransportStream:
     layout work (packing head groups, concatenating what arrives) on another (each ordered both
     ways with the calling thread's stream), so that the profile tells them apart."""
 
-    def __init__(self, simulated, exchange):
-        self.simulated, self.exchange = simulated, exchange  # exchange: None in a tree without runtime.ulysses.Exchange
+    def __init__(self, simulated, exchange, all_to_all):
+        # exchange: None in a tree without runtime.ulysses.Exchange; all_to_all: comm.all_to_all, or None
+        self.simulated, self.exchange, self.all_to_all = simulated, exchange, all_to_all
         self.stream, self.exchange_stream = torch.cuda.Stream(), torch.cuda.Stream()
 
     def __enter__(self):
         ring, shift, exchange = self.simulated.SimulatedRing, self.simulated._SimulatedShift, self.exchange
         self.saved = ring.post, shift.__init__, shift.wait
-        # the exchange's layout copies: _run before head chunks (a baseline tree), then these three
+        # the exchange's layout copies: _run before head chunks (a baseline tree), lay_out, gather and
+        # scatter_heads (before 2026-12-08), then the placing of what arrives (comm.all_to_all)
         self.layout = {name: getattr(exchange, name) for name in ("_run", "lay_out", "gather", "scatter_heads") if hasattr(exchange, name)}
+        self.placing = getattr(self.all_to_all, "place_arrived", None)
 
         def on_stream(fn, stream):
             def wrapped(*args, **kwargs):
@@ -110,6 +115,8 @@ class TransportStream:
         ring.post, shift.__init__, shift.wait = (on_stream(fn, self.stream) for fn in self.saved[:3])
         for name, fn in self.layout.items():
             setattr(exchange, name, on_stream(fn, self.exchange_stream))
+        if self.placing is not None:
+            self.all_to_all.place_arrived = on_stream(self.placing, self.exchange_stream)
         return self
 
     def __exit__(self, *exc):
@@ -117,6 +124,8 @@ class TransportStream:
         ring.post, shift.__init__, shift.wait = self.saved
         for name, fn in self.layout.items():
             setattr(self.exchange, name, fn)
+        if self.placing is not None:
+            self.all_to_all.place_arrived = self.placing
 
 
 def kernel_events(prof):
@@ -134,6 +143,8 @@ def sort_kernels(events, streams: dict[int, str]) -> dict:
         us = e.time_range.elapsed_us()
         if getattr(e, "device_resource_id", None) in streams:
             kind = streams[e.device_resource_id]
+            if kind == "all_to_all_layout" and e.name.startswith("Memcpy"):  # the copy engine's: no SM
+                kind = "all_to_all_layout_copy_engine"
         elif (CUTE_PREFIX in e.name or "flash" in e.name.lower()) and not any(name in e.name for name in RING_HELPER_KERNELS):
             kind = "attention"
         else:
@@ -243,6 +254,10 @@ def ring(case: Case, inputs: RankInputs, fa4_cp, deterministic: bool = False) ->
         exchange = importlib.import_module("fa4_cp.runtime.ulysses").Exchange
     except (ImportError, AttributeError):
         exchange = None
+    try:
+        all_to_all = importlib.import_module("fa4_cp.comm.all_to_all")
+    except ImportError:
+        all_to_all = None
 
     sharding, shards, lengths, world = inputs.sharding, inputs.shards, inputs.lengths, case.world
     cu_seqlens = None if lengths is None else torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
@@ -257,7 +272,7 @@ def ring(case: Case, inputs: RankInputs, fa4_cp, deterministic: bool = False) ->
         torch.autograd.grad(out, leaves, dout_)
 
     ranks = simulated.SimulatedMesh(case.ulysses, world // case.ulysses) if case.ulysses > 1 else simulated.SimulatedRing(world)
-    with TransportStream(simulated, exchange) as streams:
+    with TransportStream(simulated, exchange, all_to_all) as streams:
         kinds = {profiler_stream_id(streams.stream): "transport", profiler_stream_id(streams.exchange_stream): "all_to_all_layout"}
         result = median_sorted(lambda: ranks.run(rank_call), kinds, REPEATS)
     result["ring_steps"] = len(rank_plan_of(fa4_cp, sharding, case).steps)
@@ -283,7 +298,9 @@ def rank_plan_of(fa4_cp, sharding, case: Case):
 
 
 def summarize(case: Case, one: dict, ring_: dict) -> dict:
-    attention, other, transport, layout = (ring_["ms"].get(kind, 0.0) for kind in ("attention", "other", "transport", "all_to_all_layout"))
+    attention, other, transport, layout, layout_copy_engine = (
+        ring_["ms"].get(kind, 0.0) for kind in ("attention", "other", "transport", "all_to_all_layout", "all_to_all_layout_copy_engine")
+    )
     one_attention, one_all = one["ms"].get("attention", 0.0), sum(one["ms"].values())
     per_rank = max(case.world, 1)
     return {
@@ -292,7 +309,10 @@ def summarize(case: Case, one: dict, ring_: dict) -> dict:
         "one_device_ms": one["ms"],
         "one_device_total_ms_range": one["total_ms_range"],
         "ring_total_ms_range": ring_["total_ms_range"],
-        "ring_ms": {"attention": attention, "other": other, "transport_copies": transport, "all_to_all_layout": layout},
+        "ring_ms": {
+            "attention": attention, "other": other, "transport_copies": transport, "all_to_all_layout": layout,
+            "all_to_all_layout_copy_engine": layout_copy_engine,
+        },
         "attention_vs_one_device": one_attention / attention,
         "all_kernels_vs_one_device": one_all / (attention + other),
         "all_kernels_with_all_to_all_layout_vs_one_device": one_all / (attention + other + layout),
@@ -361,7 +381,8 @@ def main() -> None:
         print(
             f"{name:18} W={case.world:<3} attention {row['attention_vs_one_device']:.3f}  all kernels {row['all_kernels_vs_one_device']:.3f}  "
             f"non-attention/attention {row['ring_ms']['other']:.1f}/{row['ring_ms']['attention']:.1f} ms  "
-            f"transport {row['ring_ms']['transport_copies']:.1f} ms  all-to-all layout {row['ring_ms']['all_to_all_layout']:.1f} ms  "
+            f"transport {row['ring_ms']['transport_copies']:.1f} ms  all-to-all layout {row['ring_ms']['all_to_all_layout']:.1f} ms "
+            f"(+ {row['ring_ms']['all_to_all_layout_copy_engine']:.1f} ms copy engine)  "
             + (
                 f"deterministic {row['deterministic_vs_default']:.3f}x the default ring, upstream's {row['upstream_deterministic_vs_default']:.3f}x its own  "
                 if args.deterministic else ""

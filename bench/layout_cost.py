@@ -9,9 +9,10 @@ this fits their rate: `mesh_model.layout_bytes` per rank (as the run's code copi
 mesh_model.LAYOUT_CODES) over their ms per rank (the H100's rate is tuning/mesh_model.py's
 LAYOUT_H100_GIB_PER_S). Then, a model and not a measurement, it
 predicts every split of plan_mesh for the two packed mixes (64:8 heads of 128, 8K tokens per GPU,
-MagiAttention's metric's shape) on the H200 machine with the copies the code makes now charged
-(plan_mesh as it is since 2026-12-07: the H100's rate scaled by HBM bandwidth, assumed), at the
-H100's rate, and without them (plan_mesh before).
+MagiAttention's metric's shape) on the H200 machine with the SM copies the code makes now charged
+(plan_mesh as it is: the H100's rate scaled by HBM bandwidth, assumed), at the H100's rate, without
+them, and without the copy engine's placing of what arrives either (`Machine.local_copy_gib_per_s`,
+assumed; no copies at all, as plan_mesh before 2026-12-07).
 """
 
 from __future__ import annotations
@@ -87,11 +88,12 @@ def main() -> None:
         with_layout_copies=picks(h200, args.seed),
         with_layout_copies_at_the_h100_rate=picks(dataclasses.replace(h200, layout_gib_per_s=rate), args.seed),
         without_layout_copies=picks(dataclasses.replace(h200, layout_gib_per_s=math.inf), args.seed),
+        without_any_copies=picks(dataclasses.replace(h200, layout_gib_per_s=math.inf, local_copy_gib_per_s=math.inf), args.seed),
     )
     write(result, Path(args.out))
     fits = ", ".join(f"{c['case']} {c['gib_per_s']:.0f}" for c in cases)
     print(f"layout copies: {rate:.0f} GiB/s ({fits}); H200 assumed {h200.layout_gib_per_s:.0f}")
-    for key in ("without_layout_copies", "with_layout_copies", "with_layout_copies_at_the_h100_rate"):
+    for key in ("without_any_copies", "without_layout_copies", "with_layout_copies", "with_layout_copies_at_the_h100_rate"):
         rows = result[key]
         print(key, "; ".join(f"{r['mix']} W={r['world_size']} {r['pick']} ({r['pick_ms'] / r['plain_ring_ms']:.2f} of the ring)" for r in rows))
 

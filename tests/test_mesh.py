@@ -141,13 +141,16 @@ def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
     region, with no copy out of it, the lse's gradient beside it or not (each part lands in a
     region of its own on a transport that copies into its peers). With a batch dim it takes the
     copy (the pieces are not in row order). What goes by heads is never laid out: each rank's head
-    group travels from where it lies (pitched rows). In 4 head chunks, whose exchanges reuse two
-    regions in turn. Against fp64."""
+    group travels from where it lies (pitched rows). What arrives is placed peer by peer as it
+    comes, not gathered after. In 4 head chunks, whose exchanges reuse two regions in turn.
+    Against fp64."""
+    from fa4_cp.comm import all_to_all
     from fa4_cp.runtime.ulysses import Exchange, Rows
 
-    copied, laid_out = collections.Counter(), collections.Counter()
-    gather, lay_out = Exchange.gather, Exchange.lay_out
+    copied, laid_out, placed = collections.Counter(), collections.Counter(), collections.Counter()
+    gather, lay_out, place = Exchange.gather, Exchange.lay_out, all_to_all.place_arrived
     monkeypatch.setattr(Exchange, "gather", lambda self, pieces, dim, into=None: copied.update([into is None]) or gather(self, pieces, dim, into))
+    monkeypatch.setattr(all_to_all, "place_arrived", lambda landed, places: placed.update([sum(p is not None for p in places)]) or place(landed, places))
 
     def counted_lay_out(self, views, sources):
         laid_out.update(isinstance(source, Rows) and source.dim for source in sources)  # False: not by rows
@@ -161,7 +164,11 @@ def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
     assert_ring_matches(case, 4, inputs, torch.float32, per_rank)
     copies_of_dout = 0 if case.documents else 4 * 4  # 4 chunks on 4 ranks
     assert copied[True] == copies_of_dout + (4 * 4 if with_dlse else 0), copied  # and the dlse's
-    assert copied[False] == 4 * (4 + 2)  # the forward's q of each chunk, k and v of its one KV chunk, into what it saves
+    assert copied[False] == 0
+    # each peer's pieces placed as they arrive (a call per peer: 2 peers, 4 ranks), by how many
+    # parts: the forward's q of each chunk, with k and v of its one KV chunk in the first, into what
+    # it saves; out and lse of each chunk, dq of each, with dk and dv in the last, into their heads
+    assert placed == collections.Counter({1: 2 * 4 * (3 + 3), 2: 2 * 4 * 4, 3: 2 * 4 * 2}), placed
     # what goes back by rows (out, lse, dq, dk, dv: these ring rows divide by u; a chunk's one q
     # head keeps the lse's rows contiguous) is sent from where it lies, without a batch dim
     assert case.sharding(4).ring_rows == case.sharding(4).padded_ring_rows
@@ -180,9 +187,9 @@ def test_a_peers_parts_of_an_exchange_travel_as_one_transfer(monkeypatch):
     exchanges, shifts = collections.Counter(), collections.Counter()
     post_parts, shift = stage.post_all_to_all_parts, simulated.SimulatedTransport.shift
 
-    def counted_post(transport, sends, regions, what):
+    def counted_post(transport, sends, regions, what, places=None):
         exchanges[len(regions)] += 1
-        return post_parts(transport, sends, regions, what)
+        return post_parts(transport, sends, regions, what, places)
 
     def counted_shift(self, sends, recvs, offset, channel=0, lands_at=None):
         if channel == all_to_all.ALL_TO_ALL_CHANNEL:

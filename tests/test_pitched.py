@@ -63,7 +63,7 @@ def test_pitched_rows_of_a_head_group_and_what_has_none():
     assert pitched_rows(torch.empty(5, 1, 4)[:, :, :2].expand(5, 3, 2)) is None  # rows repeated
 
 
-def test_copy_piece_lands_a_pitched_piece_as_its_bytes_and_refuses_a_misfit():
+def test_copy_piece_lands_a_pitched_piece_as_its_bytes_places_it_back_and_refuses_a_misfit():
     q = torch.randn(1, 30, 8, 16, dtype=torch.bfloat16)
     group = q[..., 2:4, :]
     landed = torch.full((group.numel() * 2,), 255, dtype=torch.uint8)
@@ -72,8 +72,13 @@ def test_copy_piece_lands_a_pitched_piece_as_its_bytes_and_refuses_a_misfit():
     same = torch.empty_like(group)
     copy_piece(same, group)
     assert torch.equal(same, group)
-    with pytest.raises(ValueError, match=r"does not fit a receive buffer"):
+    placed = torch.full_like(q, float("nan"))  # and back from the bytes into a head group
+    copy_piece(placed[..., 5:7, :], landed)
+    assert torch.equal(placed[..., 5:7, :], group) and placed[..., :5, :].isnan().all() and placed[..., 7:, :].isnan().all()
+    with pytest.raises(ValueError, match=r"does not fit"):
         copy_piece(torch.empty(group.numel() * 2 - 2, dtype=torch.uint8), group)
+    with pytest.raises(ValueError, match=r"neither is its bytes in order"):
+        copy_piece(placed[..., 0:2, :], group)
 
 
 def test_the_simulated_transport_takes_pitched_sends_as_the_copy_engine_does():

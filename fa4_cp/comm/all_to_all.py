@@ -2,16 +2,20 @@
 it moves. Over a transport that copies straight into its peers' buffers (the copy engine: no SM
 takes part; the simulated ring) it is u - 1 shifts, rank r's pieces for rank r + o landing in row
 r of that rank's receive regions, on the hops' stream (`post_all_to_all_parts`: each piece from
-wherever it lies contiguous, each part into a region of its own, so that what arrives of a part
-is one tensor). Over NCCL or gloo the group's all_to_all_single runs it, at once, on one send
-buffer (`post_all_to_all`; the stream-ordered fallback: no overlap)."""
+where it lies, contiguous or pitched rows; each part into a region of its own, so that what
+arrives of a part is one tensor; from there, on the same stream, into its place if it has one).
+Over NCCL or gloo the group's all_to_all_single runs it, at once, on one send buffer
+(`post_all_to_all`; the stream-ordered fallback: no overlap)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from .buffers import aligned
 from .group import RingGroup
+from .pitched import copy_piece
 from .streams import Arrival, post_hop
 from .transport import Transport
 from .watchdog import Hop
@@ -58,16 +62,33 @@ def post_all_to_all(group: RingGroup, transport: Transport | None, send: torch.T
     return PendingAllToAll([], None, group.all_to_all(send, what))
 
 
-def post_all_to_all_parts(transport: Transport, sends: list[list[torch.Tensor]], regions: list[torch.Tensor], what: str) -> PendingAllToAll:
-    """Start sending `sends[j]` (contiguous byte pieces, one per part) to rank j, on a transport
-    that copies into its peers: part p lands in row (this rank) of rank j's `regions[p]` (u,
-    piece bytes each, carved from a receive region of receive_regions, every rank alike)."""
+def post_all_to_all_parts(
+    transport: Transport, sends: list[list[torch.Tensor]], regions: list[torch.Tensor], what: str,
+    places: list[torch.Tensor | None] | None = None,
+) -> PendingAllToAll:
+    """Start sending `sends[j]` (one piece per part: contiguous, or pitched rows) to rank j, on a
+    transport that copies into its peers: part p lands in row (this rank) of rank j's `regions[p]`
+    (u, piece bytes each, carved from a receive region of receive_regions, every rank alike).
+    Where `places[p]` (u, ...) is given, what arrives of part p from rank j is copied on into its
+    row j as soon as it is here (`place_arrived`), behind the transfer on its stream."""
     ranks, rank = transport.world_size, transport.rank
-    arrivals = [
-        post_hop(
-            transport, sends[(rank + offset) % ranks], [region[(rank - offset) % ranks] for region in regions], offset, ALL_TO_ALL_CHANNEL,
-            Hop(what, 0, offset, rank, ranks), lands_at=[region[rank] for region in regions],
-        )
-        for offset in range(ranks)
-    ]
+    places = None if places is None or all(place is None for place in places) else places
+    arrivals = []
+    for offset in range(ranks):
+        source = (rank - offset) % ranks
+        landed = [region[source] for region in regions]
+        then = None if places is None else functools.partial(place_arrived, landed, [None if p is None else p[source] for p in places])
+        arrivals.append(post_hop(
+            transport, sends[(rank + offset) % ranks], landed, offset, ALL_TO_ALL_CHANNEL,
+            Hop(what, 0, offset, rank, ranks), lands_at=[region[rank] for region in regions], then=then,
+        ))
     return PendingAllToAll(arrivals, sends, regions)
+
+
+def place_arrived(landed: list[torch.Tensor], places: list[torch.Tensor | None]) -> None:
+    """Each piece that landed (a row of bytes of a receive region) into its place, where it has
+    one: on a GPU the copy engine's copies, on the stream the transfer ran on (bench/gpu_work.py
+    times them apart)."""
+    for piece, place in zip(landed, places, strict=True):
+        if place is not None:
+            copy_piece(place, piece)

@@ -2,7 +2,8 @@
 (cuMemcpy2DAsync), with no SM and no send buffer. A head group of a contiguous (rows, heads, d)
 tensor is one: the group's heads lie together in each row, and the rows lie a row of all heads
 apart. A transport that copies into its peers takes such a piece as it lies (comm/transport.py);
-what arrives lands contiguous."""
+what arrives lands contiguous, and is placed from there into a head group of the receiver's
+tensor the same way (comm/all_to_all.py)."""
 
 from __future__ import annotations
 
@@ -49,23 +50,30 @@ def pitched_rows(x: torch.Tensor) -> PitchedRows | None:
     return PitchedRows(row * element, pitch * element, height)
 
 
-def copy_piece(recv: torch.Tensor, send: torch.Tensor) -> None:
-    """`send` into `recv`: the same shape and dtype, or `recv` the contiguous bytes of `send` in
-    order (a piece laid out as it lands). A CUDA piece of pitched rows goes by the copy engine."""
-    if recv.shape == send.shape and recv.dtype == send.dtype:
-        recv.copy_(send)
+def copy_piece(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`src`'s elements, in order, into `dst`: of one shape and dtype, or one of them the other's
+    contiguous bytes (a piece as it lands in a receive buffer, or as it is placed from there). On
+    a GPU, a piece of pitched rows beside a contiguous one goes by the copy engine (no SM)."""
+    if dst.shape == src.shape and dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous():
+        dst.copy_(src)
         return
-    if not recv.is_contiguous() or recv.numel() * recv.element_size() != send.numel() * send.element_size():
-        raise ValueError(f"a piece of {tuple(send.shape)} {send.dtype} does not fit a receive buffer of {tuple(recv.shape)} {recv.dtype}")
-    rows = pitched_rows(send)
-    if rows is not None and send.is_cuda and recv.device == send.device and _LOCAL_COPIES.by_copy_engine():
+    if dst.numel() * dst.element_size() != src.numel() * src.element_size() or not (dst.is_contiguous() or src.is_contiguous()):
+        raise ValueError(f"a piece of {tuple(src.shape)} {src.dtype} does not fit {tuple(dst.shape)} {dst.dtype}: neither is its bytes in order")
+    strided, contiguous = (src, dst) if dst.is_contiguous() else (dst, src)
+    rows = pitched_rows(strided)
+    if rows is not None and dst.is_cuda and src.device == dst.device and _LOCAL_COPIES.by_copy_engine():
+        dst_pitch, src_pitch = (rows.width, rows.pitch) if strided is src else (rows.pitch, rows.width)
         try:
-            stream = torch.cuda.current_stream(send.device)
-            stream_memops.copy_2d(stream, recv.data_ptr(), rows.width, send.data_ptr(), rows.pitch, rows.width, rows.height)
+            stream = torch.cuda.current_stream(dst.device)
+            stream_memops.copy_2d(stream, dst.data_ptr(), dst_pitch, src.data_ptr(), src_pitch, rows.width, rows.height)
             return
         except stream_memops.DriverError as error:  # the driver may refuse an intra-device pitch
             _LOCAL_COPIES.refused(error)
-    recv.view(-1).view(send.dtype).view(send.shape).copy_(send)
+    typed = contiguous.view(-1).view(strided.dtype).view(strided.shape)
+    if strided is src:
+        typed.copy_(src)
+    else:
+        dst.copy_(typed)
 
 
 class _LocalCopies:

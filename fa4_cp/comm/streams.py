@@ -10,6 +10,7 @@ the simulated ring) the host waits at `arrive`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -18,12 +19,15 @@ from .watchdog import Hop
 
 
 class Arrival:
-    def __init__(self, pending: list[PendingShift]):
-        self._pending = pending
+    def __init__(self, pending: list[PendingShift], then: Callable[[], None] | None = None):
+        self._pending, self._then = pending, then
 
     def arrive(self) -> None:
         for shift in self._pending:
             shift.wait()
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
 
 
 class _StreamArrival(Arrival):
@@ -42,18 +46,21 @@ def comm_stream(device: torch.device) -> torch.cuda.Stream:
 
 def post_hop(
     transport: Transport, sends: list[torch.Tensor], recvs: list[torch.Tensor], offset: int, channel: int, hop: Hop,
-    lands_at: list[torch.Tensor] | None = None,
+    lands_at: list[torch.Tensor] | None = None, then: Callable[[], None] | None = None,
 ) -> Arrival:
     """Start moving `sends` (a hop's pieces, e.g. the K and V rows it carries) `offset` ranks on
     into the peer's matching `recvs`, as one transfer (Transport.shift), each landing where its
-    `lands_at` view is, if given; `hop` names it in errors."""
+    `lands_at` view is, if given; `hop` names it in errors. `then` runs once the data is here:
+    on the comm stream, before the hop counts as arrived (stream-ordered), else at `arrive`."""
     if not transport.stream_ordered:
-        return Arrival([transport.shift(sends, recvs, offset, channel, lands_at)])
+        return Arrival([transport.shift(sends, recvs, offset, channel, lands_at)], then)
     device = sends[0].device
     comm = comm_stream(device)
     comm.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(comm):
         transport.shift(sends, recvs, offset, channel, lands_at).wait()
+        if then is not None:
+            then()
         done = torch.cuda.Event()
         done.record(comm)
     transport.watchdog.track(done, hop)

@@ -99,14 +99,21 @@ class Parts:
 
 
 class PendingExchange:
-    def __init__(self, pending: PendingAllToAll, parts: Parts, by_part: bool):
-        self._pending, self._parts, self._by_part = pending, parts, by_part
+    def __init__(self, pending: PendingAllToAll, parts: Parts, by_part: bool, places: list[torch.Tensor | None]):
+        self._pending, self._parts, self._by_part, self._places = pending, parts, by_part, places
 
     def wait(self) -> list[torch.Tensor]:
         """Each part as (u, *its shape): row j from rank j (part by part, one tensor each, where
-        the transport copies into its peers)."""
+        the transport copies into its peers). A part with a place is there by now (and its row
+        here is not to be read)."""
         received = self._pending.wait()
-        return self._parts.typed(received) if self._by_part else self._parts.views(received)
+        if self._by_part:  # placed as each peer's pieces arrived
+            return self._parts.typed(received)
+        arrived = self._parts.views(received)
+        for part, place in zip(arrived, self._places):
+            if place is not None:
+                place.copy_(part)
+        return arrived
 
 
 class Exchange:
@@ -121,17 +128,23 @@ class Exchange:
         """A receive region for each exchange of `parts`, all in flight at once if need be."""
         return receive_regions(self.group, self.transport, [p.nbytes for p in parts], self.device)
 
-    def post(self, parts: Parts, sources: list[torch.Tensor | Rows], region: torch.Tensor | None) -> PendingExchange:
-        """Start the exchange of `sources` (a (u, ...) tensor: row j to rank j; Rows: cut by rows).
-        Through the group's collective, every part is laid out into one send buffer. Where the
-        transport copies into its peers, each part lands in a region of its own, and its pieces
-        are sent from where they lie: a (u, ...) tensor's rows where each is pitched rows (a head
-        group of q, k, v or dout: the copy engine's 2-D copy gathers it), a Rows source's pieces
-        that lie whole and contiguous. Only the others are laid out."""
+    def post(
+        self, parts: Parts, sources: list[torch.Tensor | Rows], region: torch.Tensor | None, places: list[torch.Tensor | None] | None = None,
+    ) -> PendingExchange:
+        """Start the exchange of `sources` (a (u, ...) tensor: row j to rank j; Rows: cut by rows);
+        what arrives of part p goes on into `places[p]` ((u, ...), row j from rank j) where given.
+        Through the group's collective, every part is laid out into one send buffer, and placed
+        once the whole exchange is here. Where the transport copies into its peers, each part
+        lands in a region of its own, from which each peer's piece is placed as soon as it
+        arrives, and its pieces are sent from where they lie: a (u, ...) tensor's rows where each
+        is pitched rows (a head group of q, k, v or dout), a Rows source's pieces that lie whole
+        and contiguous. Only the others are laid out. On a GPU the copy engine makes the pitched
+        copies, the sender's and the receiver's: no SM takes part."""
+        places = [None] * len(sources) if places is None else places
         if region is None:
             send = self._send_buffer(parts)
             self.lay_out(parts.views(send), sources)
-            return PendingExchange(post_all_to_all(self.group, self.transport, send, "the Ulysses all-to-all"), parts, False)
+            return PendingExchange(post_all_to_all(self.group, self.transport, send, "the Ulysses all-to-all"), parts, False, places)
         send = views = None  # made once some part is laid out
         pieces: list[list[torch.Tensor]] = [[] for _ in range(self.ranks)]
         for part, source in enumerate(sources):
@@ -150,7 +163,8 @@ class Exchange:
                 piece = None if direct is None else direct[j]
                 pieces[j].append(send[j, start : start + parts.piece_bytes(part)] if piece is None else piece)
         regions = parts.part_regions(region)
-        return PendingExchange(post_all_to_all_parts(self.transport, pieces, regions, "the Ulysses all-to-all"), parts, True)
+        pending = post_all_to_all_parts(self.transport, pieces, regions, "the Ulysses all-to-all", places)
+        return PendingExchange(pending, parts, True, places)
 
     def _send_buffer(self, parts: Parts) -> torch.Tensor:
         return torch.empty((self.ranks, parts.nbytes), dtype=torch.uint8, device=self.device)
@@ -192,12 +206,18 @@ class Exchange:
             return moved.flatten(ranks_dim, ranks_dim + 1)
         return self.gather(pieces, dim)
 
-    def scatter_heads(self, pieces: torch.Tensor, into: torch.Tensor, chunks: int, chunk: int, dim: int) -> None:
-        """Chunk `chunk`'s pieces (u, ...) from every rank into their heads of `into` along `dim`
-        (heads ordered rank, chunk, head)."""
-        ranks = pieces.shape[0]
-        target = into.unflatten(dim, (ranks, chunks, -1)).select(dim - 1, chunk)
-        target.copy_(pieces.movedim(0, dim - 1))
+
+
+def heads_place(into: torch.Tensor, ranks: int, chunks: int, chunk: int, dim: int) -> torch.Tensor:
+    """Where chunk `chunk`'s pieces from every rank go in `into`, as (u, ...): their heads along
+    `dim` (negative; heads ordered rank, chunk, head)."""
+    return into.unflatten(dim, (ranks, chunks, -1)).select(dim - 1, chunk).movedim(dim - 1, 0)
+
+
+def rows_place(into: torch.Tensor, ranks: int, dim: int) -> torch.Tensor:
+    """Where the pieces from every rank go in `into`, as (u, ...): stacked in rank order along
+    `dim` (negative)."""
+    return into.unflatten(dim, (ranks, -1)).movedim(dim - 1, 0)
 
 
 def kv_heads_for(kv_heads: int, ulysses: int) -> torch.Tensor | None:
@@ -233,36 +253,37 @@ def ulysses_forward(
         return pieces.new_empty((pieces.shape[1], *batch, padded, *pieces.shape[-2:]))
 
     heads_q, heads_k, heads_v = heads(q_pieces), heads(k_pieces), heads(v_pieces)
+
+    def inbound_places(chunk: int) -> list[torch.Tensor]:  # what arrives, stacked by rows into what the backward keeps
+        kv = chunks.kv_of(chunk)
+        return [rows_place(t, u, -3) for t in (heads_q[chunk], *((heads_k[kv], heads_v[kv]) if chunks.brings_kv(chunk) else ()))]
+
     # one chunk's out is saved as it comes (a view); several chunks' rings write theirs in place
     heads_out = q.new_empty((chunks.count, *batch, padded, chunks.q_heads, v.shape[-1])) if chunks.count > 1 else None
+    # made before any exchange: each chunk's returning pieces are placed into their heads as they come
+    out = q.new_empty((*batch, local, q.shape[-2], v.shape[-1]))
+    lse = q.new_empty((*batch, q.shape[-2], local), dtype=returned_lse_dtype(q.dtype))
     returning_parts = Parts([((*batch, local, chunks.q_heads, v.shape[-1]), q.dtype), ((*batch, chunks.q_heads, local), returned_lse_dtype(q.dtype))])
     arriving_parts = Parts.of(inbound(0), u)  # the largest: the first chunk brings KV
     regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts] * chunks.count)
-    pending = exchange.post(arriving_parts, inbound(0), regions[0])
+    pending = exchange.post(arriving_parts, inbound(0), regions[0], inbound_places(0))
     lses, returning = [], []
     for chunk in range(chunks.count):
-        arrived = pending.wait()
+        pending.wait()
         if chunk + 1 < chunks.count:  # its exchange runs behind this chunk's ring
-            pending = exchange.post(Parts.of(inbound(chunk + 1), u), inbound(chunk + 1), regions[(chunk + 1) % 2])
-        exchange.gather(arrived[0], -3, heads_q[chunk])
+            pending = exchange.post(Parts.of(inbound(chunk + 1), u), inbound(chunk + 1), regions[(chunk + 1) % 2], inbound_places(chunk + 1))
         kv = chunks.kv_of(chunk)
-        if chunks.brings_kv(chunk):
-            exchange.gather(arrived[1], -3, heads_k[kv])
-            exchange.gather(arrived[2], -3, heads_v[kv])
-        out, lse = ring_run_forward(
+        chunk_out, chunk_lse = ring_run_forward(
             prepared.ring, prepared.kernels, mesh.ring, *(t[..., :rows, :, :] for t in (heads_q[chunk], heads_k[kv], heads_v[kv])),
             _chunk_sinks(sinks, mesh.ulysses, chunks, chunk), padded, None if heads_out is None else heads_out[chunk],
         )
-        lse = _pad_rows(lse, padded, -1, float("-inf"))  # padding rows: out 0, lse -inf
-        heads_out = out.unsqueeze(0) if heads_out is None else heads_out
-        lses.append(lse)
-        returning.append(exchange.post(returning_parts, [Rows(out, -3), Rows(lse, -1)], regions[min(2, chunks.count) + chunk]))
-    out = q.new_empty((*batch, local, q.shape[-2], v.shape[-1]))
-    lse = q.new_empty((*batch, q.shape[-2], local), dtype=returned_lse_dtype(q.dtype))
-    for chunk, pending in enumerate(returning):
-        out_pieces, lse_pieces = pending.wait()
-        exchange.scatter_heads(out_pieces, out, chunks.count, chunk, -2)
-        exchange.scatter_heads(lse_pieces, lse, chunks.count, chunk, -2)
+        chunk_lse = _pad_rows(chunk_lse, padded, -1, float("-inf"))  # padding rows: out 0, lse -inf
+        heads_out = chunk_out.unsqueeze(0) if heads_out is None else heads_out
+        lses.append(chunk_lse)
+        places = [heads_place(t, u, chunks.count, chunk, -2) for t in (out, lse)]
+        returning.append(exchange.post(returning_parts, [Rows(chunk_out, -3), Rows(chunk_lse, -1)], regions[min(2, chunks.count) + chunk], places))
+    for pending in returning:
+        pending.wait()
     return out, lse, heads_q, heads_k, heads_v, heads_out, _chunk_first(lses)
 
 
@@ -297,6 +318,17 @@ def ulysses_backward(
             shapes += [((*batch, local, chunks.kv_heads, t.shape[-1]), travel_dtype) for t in (heads_k, heads_v)]
         return Parts(shapes)
 
+    # made before any exchange: each chunk's returning pieces are placed into their heads as they come;
+    # dK/dV with the KV heads as they travelled: kv_heads, or u where repeated (one per rank)
+    dq = dout.new_empty((*batch, local, dout.shape[-2], heads_q.shape[-1]), dtype=heads_q.dtype)
+    dk, dv = (dout.new_empty((*batch, local, max(kv_heads, u), t.shape[-1]), dtype=travel_dtype) for t in (heads_k, heads_v))
+
+    def returning_places(chunk: int) -> list[torch.Tensor]:
+        places = [heads_place(dq, u, chunks.count, chunk, -2)]
+        if chunks.finishes_kv(chunk):
+            places += [heads_place(t, u, chunks.kv_count, chunks.kv_of(chunk), -2) for t in (dk, dv)]
+        return places
+
     arriving_parts = Parts.of(inbound(0), u)
     regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts(c) for c in range(chunks.count)])
     pending = exchange.post(arriving_parts, inbound(0), regions[0])
@@ -315,22 +347,15 @@ def ulysses_backward(
             heads_lse[chunk][..., :rows], heads_dout[..., :rows, :, :], heads_dlse, _chunk_sinks(sinks, mesh.ulysses, chunks, chunk),
         )
         if chunks.finishes_kv(chunk):
-            dq, dk, dv, chunk_dsinks = ring_run_backward(*ring_args, dkv_dtype=dkv_dtype, dkv_sums=sums)
-            sums, sources = None, [Rows(dq, -3), Rows(dk, -3), Rows(dv, -3)]
+            chunk_dq, chunk_dk, chunk_dv, chunk_dsinks = ring_run_backward(*ring_args, dkv_dtype=dkv_dtype, dkv_sums=sums)
+            sums, sources = None, [Rows(chunk_dq, -3), Rows(chunk_dk, -3), Rows(chunk_dv, -3)]
         else:
-            dq, sums, chunk_dsinks = ring_run_backward_sums(*ring_args, dkv_sums=sums)
-            sources = [Rows(dq, -3)]
+            chunk_dq, sums, chunk_dsinks = ring_run_backward_sums(*ring_args, dkv_sums=sums)
+            sources = [Rows(chunk_dq, -3)]
         dsinks_parts.append(chunk_dsinks)
-        returning.append(exchange.post(returning_parts(chunk), sources, regions[min(2, chunks.count) + chunk]))
-    dq = dout.new_empty((*batch, local, dout.shape[-2], heads_q.shape[-1]), dtype=heads_q.dtype)
-    # the KV heads as they travelled: kv_heads, or u where repeated (one per rank)
-    dk, dv = (dout.new_empty((*batch, local, max(kv_heads, u), t.shape[-1]), dtype=travel_dtype) for t in (heads_k, heads_v))
-    for chunk, pending in enumerate(returning):
-        pieces = pending.wait()
-        exchange.scatter_heads(pieces[0], dq, chunks.count, chunk, -2)
-        if chunks.finishes_kv(chunk):
-            for whole, part in zip((dk, dv), pieces[1:]):
-                exchange.scatter_heads(part, whole, chunks.kv_count, chunks.kv_of(chunk), -2)
+        returning.append(exchange.post(returning_parts(chunk), sources, regions[min(2, chunks.count) + chunk], returning_places(chunk)))
+    for pending in returning:
+        pending.wait()
     if repeated:
         dk, dv = (t.unflatten(-2, (kv_heads, u // kv_heads)).sum(-2).to(heads_k.dtype) for t in (dk, dv))
     dsinks = dout.new_empty(0)

@@ -10,10 +10,12 @@ The model is the ring model of bench/ring_model.py reduced to closed form:
   FLOPs are the same; Ulysses only makes the blocks u times larger);
 - the Ulysses all-to-alls move q, k, v (one exchange), out and lse forward, dout, dq, dk and dv
   backward, (u - 1) / u of each rank's share, KV heads repeated to u where fewer; each exchange
-  costs a latency; every tensor exchanged is also copied into a send buffer and out of the
-  receive region, SM copies on the compute stream (`layout_ms`; until 2026-12-07 not charged,
-  though they took about as long as the fine-tuning-like mix's attention in bench/gpu_work.py's
-  2-D cases); in c head chunks (runtime/ulysses.py) chunk j + 1's inbound exchange and chunk
+  costs a latency; until 2026-12-08 every tensor exchanged was also copied into a send buffer
+  and out of the receive region, SM copies on the compute stream (charged since 2026-12-07:
+  they took about as long as the fine-tuning-like mix's attention in bench/gpu_work.py's 2-D
+  cases); since, the copy engine gathers what is sent from where it lies and places what
+  arrives, behind each transfer on its stream (`exchange_parts_ms`), and only the pieces past a
+  ring rank's padded rows are SM copies (`layout_ms`); in c head chunks (runtime/ulysses.py) chunk j + 1's inbound exchange and chunk
   j's outbound one run behind chunk j's ring (`pipeline_ms`), while each chunk's ring runs at its
   own h / (u c) heads, paying its steps' fixed costs and its launches in full, and a fixed cost
   beside (`Machine.chunk_fixed_ms`);
@@ -60,7 +62,11 @@ class Machine:
     all_to_all_latency_ms: float
     all_to_all_gib_per_s: float
     layout_gib_per_s: float = math.inf
-    """The exchanges' layout copies: bytes copied per second (`layout_bytes`); inf charges none."""
+    """The exchanges' layout copies, SM work on the compute stream: bytes copied per second
+    (`layout_bytes`); inf charges none."""
+    local_copy_gib_per_s: float = math.inf
+    """The copy engine's copies within a GPU that place what an exchange brings into its heads
+    (comm/all_to_all.place_arrived), on the exchange's stream (`exchange_parts_ms`); inf charges none."""
     chunk_fixed_ms: float = 0.22
     """What each head chunk past the first adds to a 2-D call beyond its ring's steps and launches,
     fwd + bwd (its fills and partial sums; launches of fewer heads running less well): the median
@@ -82,12 +88,14 @@ _STEP_MS, _LAUNCH_MS, _CALL_MS = step_us() / 1e3, RING.launch / 1e3, RING.call_o
 # The exchanges' layout copies on an H100: `layout_bytes` ("laid_out", as at 27070ae) over their
 # time, 716-727 GiB/s in the four 2-D cases of bench/results/nvidia_h100_2026-12-07_s28/
 # gpu_work.json.gz (bench/layout_cost.py, median). Elsewhere ASSUMED: scaled by the HBM bandwidth
-# (H200 4.8, GB200 8.0 TB/s against 3.35).
+# (H200 4.8, GB200 8.0 TB/s against 3.35). The copy engine's copies within a GPU, which place what
+# arrives since 2026-12-08, are ASSUMED to run at the same rate: no run has timed them yet.
 LAYOUT_H100_GIB_PER_S = 718.0
 
 H200 = Machine(
     "H200", attention_tflops=480.0, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
     hop_gib_per_s=354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0, layout_gib_per_s=LAYOUT_H100_GIB_PER_S * 4.8 / 3.35,
+    local_copy_gib_per_s=LAYOUT_H100_GIB_PER_S * 4.8 / 3.35,
     measured={
         "attention_tflops": "bench/results/nvidia_h200_2026-12-01/kernels_nvidia_h200_2026-12-01_quick.json.gz (fa4_cp fwd and bwd step, d 128, 8K)",
         "step_overhead_ms": "tuning/kernel_cost.py RING.launch (nvidia_h200_2026-12-06/fit_replay_costs_staged.json.gz) + RING.step_other (nvidia_h100_2026-12-06_s14/fit_replay_costs.json, an H100)",
@@ -100,6 +108,7 @@ H200 = Machine(
 GB200_NVL72 = Machine(
     "GB200 NVL72 (assumed)", attention_tflops=480.0 * 2250.0 / 989.4, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
     hop_gib_per_s=2 * 354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=600.0, layout_gib_per_s=LAYOUT_H100_GIB_PER_S * 8.0 / 3.35,
+    local_copy_gib_per_s=LAYOUT_H100_GIB_PER_S * 8.0 / 3.35,
 )
 
 
@@ -254,20 +263,24 @@ def exchange_parts_ms(
 ) -> dict[str, list[float]]:
     """Each head chunk's exchanges as runtime/ulysses.py runs them (4 a chunk), (u - 1) / u of a
     rank's share of: forward in q (and the KV its chunk brings), out (with lse); backward in dout,
-    out dq (and the dK/dV its chunk finishes); a latency each. KV heads repeated to u where fewer."""
-    per_head_bytes = seq_len / (u * r) * head_dim * BYTES_16BIT * (u - 1) / u
+    out dq (and the dK/dV its chunk finishes); a latency each. KV heads repeated to u where fewer.
+    Behind each transfer, on its stream, the copy engine places all u pieces of what arrived into
+    their heads (at `local_copy_gib_per_s`), but for dout, which the backward reads where it lands."""
+    rank_head_bytes = seq_len / (u * r) * head_dim * BYTES_16BIT
     kv_count = min(chunks, max(kv_heads // u, 1))
     per_kv = chunks // kv_count
     kv_travelling = 2 * max(kv_heads, u) / kv_count  # k and v heads of one KV chunk, over all ranks
 
-    def ms(head_count: float) -> float:
-        return machine.all_to_all_latency_ms + head_count * per_head_bytes / (machine.all_to_all_gib_per_s * 2**30) * 1e3
+    def ms(head_count: float, placed: bool = True) -> float:
+        moved = head_count * rank_head_bytes * (u - 1) / u / (machine.all_to_all_gib_per_s * 2**30)
+        placing = head_count * rank_head_bytes / (machine.local_copy_gib_per_s * 2**30) if placed else 0.0
+        return machine.all_to_all_latency_ms + (moved + placing) * 1e3
 
     q_heads = heads / chunks
     return {
         "forward_in": [ms(q_heads + (kv_travelling if j % per_kv == 0 else 0)) for j in range(chunks)],
         "forward_out": [ms(q_heads)] * chunks,
-        "backward_in": [ms(q_heads)] * chunks,
+        "backward_in": [ms(q_heads, placed=False)] * chunks,
         "backward_out": [ms(q_heads + (kv_travelling if (j + 1) % per_kv == 0 else 0)) for j in range(chunks)],
     }
 
@@ -296,23 +309,23 @@ def all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_
     return sum(sum(times) for times in exchange_parts_ms(u, r, heads, kv_heads, seq_len, head_dim, machine, 1).values())
 
 
-LAYOUT_CODES = ("laid_out", "rows_in_place", "heads_in_place")
-"""What the exchanges copied, by the code's date: every part laid out (27070ae); out, dq, dk and dv
-sent from where the ring wrote them and dout read where it lands (2026-12-07, b7711fb); and q, k,
-v and dout sent as their head groups lie (2026-12-08)."""
+LAYOUT_CODES = ("laid_out", "rows_in_place", "placed")
+"""What the exchanges copied on the SMs, by the code's date: every part laid out (27070ae); out,
+dq, dk and dv sent from where the ring wrote them and dout read where it lands (2026-12-07,
+b7711fb); and since 2026-12-08 q, k, v and dout sent as their head groups lie, and what arrives
+placed into its heads by the copy engine (exchange_parts_ms charges that, on the exchange's stream)."""
 
 
-def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, code: str = "heads_in_place") -> float:
-    """Bytes a GPU's layout copies move in one call (fwd + bwd) on the compute stream
+def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, code: str = "placed") -> float:
+    """Bytes a GPU's SM layout copies move in one call (fwd + bwd) on the compute stream
     (runtime/ulysses.py): q, out, dout, dq and k, v, dk, dv (KV heads repeated to u where fewer,
     their dK/dV then in fp32), each copied into the send buffer and out of the receive region
     ("laid_out"). Where the transport copies into its peers and no batch dim is wider than one,
     out, dq, dk and dv go back from where the ring wrote them and the backward reads dout where it
     lands ("rows_in_place"); and q, k, v and dout go from where they lie, the copy engine's 2-D
-    copies gathering each head group ("heads_in_place"). Of dq, dk and dv the last rank's piece is
-    counted laid out: it is where a ring rank's rows are padded to a multiple of u. What is left:
-    q, k and v out of the receive region into what the backward keeps, and out, dq, dk and dv
-    into their heads."""
+    copies gathering each head group and placing what arrives ("placed"). Of dq, dk and dv the
+    last rank's piece is counted laid out: it is where a ring rank's rows are padded to a multiple
+    of u. That is all "placed" leaves on the SMs."""
     if code not in LAYOUT_CODES:
         raise ValueError(f"code: expected one of {LAYOUT_CODES}, got {code!r}")
     if u == 1:
@@ -321,10 +334,11 @@ def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_d
     q = tokens * heads * head_dim * BYTES_16BIT
     kv = tokens * max(kv_heads, u) * head_dim * BYTES_16BIT
     dkv = kv * (2 if kv_heads < u else 1)
-    rows_in_place = 2 * q + (q + 2 * dkv) * (u - 1) / u
-    heads_in_place = 2 * q + 2 * kv
-    saved = {"laid_out": 0.0, "rows_in_place": rows_in_place, "heads_in_place": rows_in_place + heads_in_place}[code]
-    return 2 * (4 * q + 2 * kv + 2 * dkv) - saved
+    past_the_rows = (q + 2 * dkv) / u
+    if code == "placed":
+        return past_the_rows
+    rows_in_place = 2 * q + (q + 2 * dkv) - past_the_rows
+    return 2 * (4 * q + 2 * kv + 2 * dkv) - (rows_in_place if code == "rows_in_place" else 0.0)
 
 
 def layout_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
