@@ -88,7 +88,7 @@ class TransportStream:
     ways with the calling thread's stream), so that the profile tells them apart."""
 
     def __init__(self, simulated, exchange, all_to_all):
-        # exchange: None in a tree without runtime.ulysses.Exchange; all_to_all: comm.all_to_all, or None
+        # exchange: None in a tree without an Exchange class; all_to_all: comm.all_to_all, or None
         self.simulated, self.exchange, self.all_to_all = simulated, exchange, all_to_all
         self.stream, self.exchange_stream = torch.cuda.Stream(), torch.cuda.Stream()
 
@@ -250,10 +250,13 @@ def ring(case: Case, inputs: RankInputs, fa4_cp, deterministic: bool = False) ->
 
     from fa4_cp.comm import simulated
 
-    try:
-        exchange = importlib.import_module("fa4_cp.runtime.ulysses").Exchange
-    except (ImportError, AttributeError):
-        exchange = None
+    exchange = None  # runtime/exchange.py since 2026-12-08, runtime/ulysses.py before, none before that
+    for module in ("fa4_cp.runtime.exchange", "fa4_cp.runtime.ulysses"):
+        try:
+            exchange = importlib.import_module(module).Exchange
+            break
+        except (ImportError, AttributeError):
+            continue
     try:
         all_to_all = importlib.import_module("fa4_cp.comm.all_to_all")
     except ImportError:

@@ -112,7 +112,7 @@ def test_kept_documents_are_written_finished_where_ring_rows_do_not_divide_by_u(
     are rounded into it (they were all rounded, in a copy of the whole out). Of dq, dk and dv,
     only the pieces that run past the 182 rows go through the send buffer. Against fp64, bf16."""
     from fa4_cp.runtime import executor
-    from fa4_cp.runtime.ulysses import Exchange, Rows
+    from fa4_cp.runtime.exchange import Exchange, Rows
 
     rounded_rows, laid_out_rows = [], collections.Counter()
     join, lay_out = executor._Finished.joined, Exchange.lay_out
@@ -145,7 +145,7 @@ def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
     comes, not gathered after. In 4 head chunks, whose exchanges reuse two regions in turn.
     Against fp64."""
     from fa4_cp.comm import all_to_all
-    from fa4_cp.runtime.ulysses import Exchange, Rows
+    from fa4_cp.runtime.exchange import Exchange, Rows
 
     copied, laid_out, placed = collections.Counter(), collections.Counter(), collections.Counter()
     gather, lay_out, place = Exchange.gather, Exchange.lay_out, all_to_all.place_arrived
@@ -182,7 +182,7 @@ def test_a_peers_parts_of_an_exchange_travel_as_one_transfer(monkeypatch):
     own row included) carrying all of its parts: one handshake per peer on the copy engine, not
     one per part."""
     from fa4_cp.comm import all_to_all, simulated
-    from fa4_cp.runtime import ulysses as stage
+    from fa4_cp.runtime import exchange as stage
 
     exchanges, shifts = collections.Counter(), collections.Counter()
     post_parts, shift = stage.post_all_to_all_parts, simulated.SimulatedTransport.shift
@@ -210,10 +210,10 @@ def test_a_peers_parts_of_an_exchange_travel_as_one_transfer(monkeypatch):
 def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(monkeypatch):
     """The pipeline's order on every rank: chunk j + 1's inbound all-to-all is posted before chunk
     j's ring, and chunk j's outbound one right after it (forward and backward alike)."""
-    from fa4_cp.runtime import ulysses as stage
+    from fa4_cp.runtime import exchange, ulysses as stage
 
     events = collections.defaultdict(list)
-    posted, posted_parts = stage.post_all_to_all, stage.post_all_to_all_parts
+    posted, posted_parts = exchange.post_all_to_all, exchange.post_all_to_all_parts
     forward, backward, backward_sums = stage.ring_run_forward, stage.ring_run_backward, stage.ring_run_backward_sums
 
     def logged(name, fn):
@@ -223,8 +223,8 @@ def test_each_chunks_exchange_is_posted_before_the_previous_chunks_ring_runs(mon
 
         return run
 
-    monkeypatch.setattr(stage, "post_all_to_all", logged("post", posted))
-    monkeypatch.setattr(stage, "post_all_to_all_parts", logged("post", posted_parts))
+    monkeypatch.setattr(exchange, "post_all_to_all", logged("post", posted))
+    monkeypatch.setattr(exchange, "post_all_to_all_parts", logged("post", posted_parts))
     monkeypatch.setattr(stage, "ring_run_forward", logged("ring", forward))
     monkeypatch.setattr(stage, "ring_run_backward", logged("ring", backward))
     monkeypatch.setattr(stage, "ring_run_backward_sums", logged("ring", backward_sums))
