@@ -7,6 +7,7 @@ tensor the same way (comm/all_to_all.py)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -30,14 +31,18 @@ def pitched_rows(x: torch.Tensor) -> PitchedRows | None:
     """x's elements, in order, as `height` rows of `width` contiguous bytes `pitch` apart (one row
     where x is contiguous); None where x is empty, its last dim is strided, or no one pitch
     describes its other dims."""
-    dims = [(size, stride) for size, stride in zip(x.shape, x.stride()) if size != 1]
-    if not x.numel() or (dims and dims[-1][1] != 1):
+    return _pitched(tuple(x.shape), x.stride(), x.element_size()) if x.numel() else None
+
+
+@functools.lru_cache(maxsize=1024)  # a call's exchanges ask for the same few layouts, every call
+def _pitched(shape: tuple[int, ...], strides: tuple[int, ...], element: int) -> PitchedRows | None:
+    dims = [(size, stride) for size, stride in zip(shape, strides) if size != 1]
+    if dims and dims[-1][1] != 1:
         return None
     inner, row = len(dims), 1  # the contiguous trailing dims make a row
     while inner and dims[inner - 1][1] == row:
         inner -= 1
         row *= dims[inner][0]
-    element = x.element_size()
     if not inner:
         return PitchedRows(row * element, row * element, 1)
     height, pitch = dims[inner - 1]

@@ -213,8 +213,8 @@ def _row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor
 
 def _pitched_pieces(source: torch.Tensor) -> list[torch.Tensor] | None:
     """Each row of `source` (u, ...) as it lies, where each is pitched rows; else None (laid out)."""
-    rows = list(source.unbind(0))
-    return rows if all(pitched_rows(row) is not None for row in rows) else None
+    rows = source.unbind(0)  # one shape and strides: the first row's answer is every row's
+    return list(rows) if pitched_rows(rows[0]) is not None else None
 
 
 def _put_rows(dest: torch.Tensor, x: torch.Tensor, dim: int) -> None:
