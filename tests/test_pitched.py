@@ -104,3 +104,34 @@ def test_the_simulated_transport_takes_pitched_sends_as_the_copy_engine_does():
         for offset, piece in zip(itertools.count(), landed):
             sender = (me - offset) % world
             assert torch.equal(piece, q[sender][..., 2 * me : 2 * me + 2, :])
+
+
+def test_the_copy_engine_sends_a_pitched_piece_by_one_2d_copy_into_its_peer(monkeypatch):
+    """CopyEngineTransport.shift on this CPU, the driver calls recorded: a head group goes by one
+    2-D copy landing contiguous at its place in the peer's arena, a contiguous piece by one plain
+    copy, and a piece no pitch describes is refused."""
+    import collections
+    import types
+
+    from fa4_cp.comm import copy_engine, stream_memops
+
+    calls = []
+    monkeypatch.setattr(stream_memops, "copy", lambda stream, dst, src, nbytes: calls.append(("copy", dst, src, nbytes)))
+    monkeypatch.setattr(stream_memops, "copy_2d", lambda stream, *args: calls.append(("copy_2d", *args)))
+    monkeypatch.setattr(stream_memops, "write_value", lambda *args: None)
+    monkeypatch.setattr(stream_memops, "wait_value", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    transport = object.__new__(copy_engine.CopyEngineTransport)
+    transport.rank, transport.world_size, transport.device = 0, 2, torch.device("cpu")
+    arena = torch.zeros(4096, dtype=torch.uint8)
+    peer_arena = 1 << 40
+    transport._pool = types.SimpleNamespace(arena=lambda channel: arena)
+    transport._arenas = {arena.data_ptr(): (None, [arena.data_ptr(), peer_arena])}
+    transport._stored, transport._awaited, transport._flag_ptrs = collections.Counter(), collections.Counter(), [0, 0]
+    q = torch.randn(1, 10, 4, 8, dtype=torch.bfloat16)
+    group, contiguous = q[..., 2:4, :], torch.randn(16)
+    transport.shift([group, contiguous], [arena[256 : 256 + 320], arena[1024 : 1024 + 64]], 1, 2)
+    row, pitch = 2 * 8 * 2, 4 * 8 * 2
+    assert calls == [("copy_2d", peer_arena + 256, row, group.data_ptr(), pitch, row, 10), ("copy", peer_arena + 1024, contiguous.data_ptr(), 64)]
+    with pytest.raises(ValueError, match=r"sends contiguous or pitched rows"):
+        transport.shift([q.transpose(1, 2)], [arena[:640]], 1, 2)
