@@ -165,10 +165,11 @@ def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
     copies_of_dout = 0 if case.documents else 4 * 4  # 4 chunks on 4 ranks
     assert copied[True] == copies_of_dout + (4 * 4 if with_dlse else 0), copied  # and the dlse's
     assert copied[False] == 0
-    # each peer's pieces placed as they arrive (a call per peer: 2 peers, 4 ranks), by how many
-    # parts: the forward's q of each chunk, with k and v of its one KV chunk in the first, into what
-    # it saves; out and lse of each chunk, dq of each, with dk and dv in the last, into their heads
-    assert placed == collections.Counter({1: 2 * 4 * (3 + 3), 2: 2 * 4 * 4, 3: 2 * 4 * 2}), placed
+    # the other peer's pieces placed as they arrive (a call each: 1 other peer, 4 ranks; a rank's
+    # own pieces go straight to their places), by how many parts: the forward's q of each chunk,
+    # with k and v of its one KV chunk in the first, into what it saves; out and lse of each chunk,
+    # dq of each, with dk and dv in the last, into their heads
+    assert placed == collections.Counter({1: 4 * (3 + 3), 2: 4 * 4, 3: 4 * 2}), placed
     # what goes back by rows (out, lse, dq, dk, dv: these ring rows divide by u; a chunk's one q
     # head keeps the lse's rows contiguous) is sent from where it lies, without a batch dim
     assert case.sharding(4).ring_rows == case.sharding(4).padded_ring_rows

@@ -70,16 +70,22 @@ def post_all_to_all_parts(
     transport that copies into its peers: part p lands in row (this rank) of rank j's `regions[p]`
     (u, piece bytes each, carved from a receive region of receive_regions, every rank alike).
     Where `places[p]` (u, ...) is given, what arrives of part p from rank j is copied on into its
-    row j as soon as it is here (`place_arrived`), behind the transfer on its stream."""
+    row j as soon as it is here (`place_arrived`), behind the transfer on its stream; this rank's
+    own piece is copied there straight away."""
     ranks, rank = transport.world_size, transport.rank
     places = None if places is None or all(place is None for place in places) else places
     arrivals = []
     for offset in range(ranks):
         source = (rank - offset) % ranks
         landed = [region[source] for region in regions]
-        then = None if places is None else functools.partial(place_arrived, landed, [None if p is None else p[source] for p in places])
+        if places is None:
+            recvs, then = landed, None
+        elif offset == 0:  # this rank's own pieces go straight to their places
+            recvs, then = [piece if place is None else place[rank] for piece, place in zip(landed, places)], None
+        else:
+            recvs, then = landed, functools.partial(place_arrived, landed, [None if place is None else place[source] for place in places])
         arrivals.append(post_hop(
-            transport, sends[(rank + offset) % ranks], landed, offset, ALL_TO_ALL_CHANNEL,
+            transport, sends[(rank + offset) % ranks], recvs, offset, ALL_TO_ALL_CHANNEL,
             Hop(what, 0, offset, rank, ranks), lands_at=[region[rank] for region in regions], then=then,
         ))
     return PendingAllToAll(arrivals, sends, regions)
