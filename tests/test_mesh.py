@@ -140,10 +140,10 @@ def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
     """Packed documents (no batch dim): the backward's ring reads each chunk's dout in the receive
     region, with no copy out of it, the lse's gradient beside it or not (each part lands in a
     region of its own on a transport that copies into its peers). With a batch dim it takes the
-    copy (the pieces are not in row order). What goes by heads is never laid out: each rank's head
-    group travels from where it lies (pitched rows). What arrives is placed peer by peer as it
-    comes, not gathered after. In 4 head chunks, whose exchanges reuse two regions in turn.
-    Against fp64."""
+    copy (the pieces are not in row order). Nothing is laid out: each rank's head group, and its
+    rows of what goes back, travel from where they lie (pitched rows). What arrives is placed
+    peer by peer as it comes, not gathered after. In 4 head chunks, whose exchanges reuse two
+    regions in turn. Against fp64."""
     from fa4_cp.comm import all_to_all
     from fa4_cp.runtime.exchange import Exchange, Rows
 
@@ -170,12 +170,11 @@ def test_the_backward_reads_dout_where_it_lands(monkeypatch, name, with_dlse):
     # with k and v of its one KV chunk in the first, into what it saves; out and lse of each chunk,
     # dq of each, with dk and dv in the last, into their heads
     assert placed == collections.Counter({1: 4 * (3 + 3), 2: 4 * 4, 3: 4 * 2}), placed
-    # what goes back by rows (out, lse, dq, dk, dv: these ring rows divide by u; a chunk's one q
-    # head keeps the lse's rows contiguous) is sent from where it lies, without a batch dim
+    # nothing is laid out: what goes back by rows (out, lse, dq, dk, dv; these ring rows divide
+    # by u) is sent from where it lies, a batch dim or not, and q, k, v, dout and dlse go by
+    # heads, each rank's head group as pitched rows of where it lies
     assert case.sharding(4).ring_rows == case.sharding(4).padded_ring_rows
-    sent_by_rows = {-3: 4 * (4 + 4 + 2), -1: 4 * 4}  # per rank: out and dq of each chunk, dk and dv; the lse of each
-    # q, k, v, dout and dlse go by heads, each rank's head group as pitched rows of where it lies
-    assert laid_out == collections.Counter({} if case.documents else sent_by_rows), laid_out
+    assert not laid_out, laid_out
 
 
 def test_a_peers_parts_of_an_exchange_travel_as_one_transfer(monkeypatch):
@@ -492,3 +491,42 @@ def test_context_splits_make_every_split_the_heads_allow_and_refuse_the_others(t
     assert ahead["choice"] in report["auto"] and ahead["placed_again"] == 0 and ahead["streams_again"] == 0, report
     assert ahead["choice"] == ahead["chosen_here"], "the worker's split is the one plan_mesh picks on the caller's thread"
     assert ahead["chunks"] == ahead["chunks_here"] and ahead["group_is_the_split"], "its head chunks and group come with it"
+
+
+@pytest.mark.parametrize("name", ["causal_zigzag", "balanced_causal"])
+def test_inputs_whose_head_groups_no_pitch_describes_are_laid_out_with_the_same_results(monkeypatch, name):
+    """q, k, v and dout laid out heads first ((heads, rows, d) seen as (rows, heads, d)): no one
+    pitch describes a head group, so the exchange lays them out into a send buffer, and every
+    result and gradient is bitwise that of contiguous inputs."""
+    from fa4_cp.runtime.exchange import Exchange
+
+    laid_out = collections.Counter()
+    lay_out = Exchange.lay_out
+    monkeypatch.setattr(Exchange, "lay_out", lambda self, views, sources: laid_out.update([len(sources)]) or lay_out(self, views, sources))
+    case = mesh_case(name, 2, 4, 2)
+    inputs = make_inputs(case, 4, torch.float32, seed=11)
+    sharding = case.sharding(4)
+    seq_dim = 0 if case.documents else 1
+
+    def rank_results(group, heads_first: bool):
+        shards = [sharding.shard(t, group.rank, seq_dim) for t in (inputs.q, inputs.k, inputs.v, inputs.dout)]
+        if heads_first:
+            shards = [t.transpose(-2, -3).contiguous().transpose(-2, -3) for t in shards]
+        q, k, v, dout = shards
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        options = dict(group=group, causal=case.causal, layout=case.layout, return_lse=True)
+        if case.documents:
+            out, lse = fa4_cp.ring_attention_varlen(*leaves, inputs.cu_seqlens, **options)
+        else:
+            out, lse = fa4_cp.ring_attention(*leaves, **options)
+        lse_weights = torch.linspace(-1, 1, lse.numel()).view_as(lse)  # an lse gradient of its own layout, not an expanded one
+        grads = torch.autograd.grad((out * dout).sum() + (lse * lse_weights).sum(), leaves)
+        return [out.detach(), lse.detach(), *grads]
+
+    contiguous = SimulatedMesh(2, 2).run(lambda group: rank_results(group, False))
+    assert not laid_out
+    strided = SimulatedMesh(2, 2).run(lambda group: rank_results(group, True))
+    assert laid_out[1] > 0, laid_out  # q, k, v and dout, each laid out on its own
+    for mine, theirs in zip(strided, contiguous, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            assert torch.equal(a, b)

@@ -197,18 +197,22 @@ def rows_place(into: torch.Tensor, ranks: int, dim: int) -> torch.Tensor:
 
 
 def _row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor | None] | None:
-    """Each rank's piece of `source` (`piece_bytes` of its rows) as contiguous bytes of its tensor,
-    None where the piece runs past the rows' end (laid out, zeros after them); None for all where
-    a dim before the rows is wider than one or the tensor is strided (every piece laid out)."""
+    """Each rank's piece of `source` (`piece_bytes` of its rows) as it lies, where pitched rows
+    describe it (contiguous; or, with a batch dim or several heads before the rows, one run of
+    rows in each); None where the piece runs past the rows' end (laid out, zeros after them);
+    None for all where no pitch describes a piece (every piece laid out)."""
     x, dim = source.x, source.dim
     rows = x.shape[dim]
-    if not rows or not x.is_contiguous() or any(n != 1 for n in x.shape[:dim]):
+    if not rows:
         return None
     row_bytes = x.numel() * x.element_size() // rows
     size = piece_bytes // row_bytes
     if size * row_bytes != piece_bytes or rows > ranks * size:
         return None
-    return [x.narrow(dim, j * size, size).reshape(-1).view(torch.uint8) if (j + 1) * size <= rows else None for j in range(ranks)]
+    pieces = [x.narrow(dim, j * size, size) if (j + 1) * size <= rows else None for j in range(ranks)]
+    if pieces[0] is not None and pitched_rows(pieces[0]) is None:  # every whole piece has the first's layout
+        return None
+    return pieces
 
 
 def _pitched_pieces(source: torch.Tensor) -> list[torch.Tensor] | None:
