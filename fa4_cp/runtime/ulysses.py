@@ -145,17 +145,31 @@ def ulysses_backward(
             places += [heads_place(t, u, chunks.kv_count, chunks.kv_of(chunk), -2) for t in (dk, dv)]
         return places
 
+    # dout is read where it lands when its pieces stack in row order there (no batch dim wider
+    # than one), else placed by rows as it comes, as the lse's gradient always is
+    read_in_place = all(n == 1 for n in batch)
+    padded = prepared.mesh.padded_ring_rows
+    hc = chunks.q_heads
+    placed_dout = None if read_in_place else dout.new_empty((chunks.count, *batch, padded, hc, dout.shape[-1]))
+    placed_dlse = None if dlse is None else dlse.new_empty((chunks.count, *batch, hc, padded))
+
+    def inbound_places(chunk: int) -> list[torch.Tensor | None]:
+        return [
+            None if placed_dout is None else rows_place(placed_dout[chunk], u, -3),
+            *(() if placed_dlse is None else (rows_place(placed_dlse[chunk], u, -1),)),
+        ]
+
     arriving_parts = Parts.of(inbound(0), u)
     regions = exchange.regions([arriving_parts] * min(2, chunks.count) + [returning_parts(c) for c in range(chunks.count)])
-    pending = exchange.post(arriving_parts, inbound(0), regions[0])
+    pending = exchange.post(arriving_parts, inbound(0), regions[0], inbound_places(0))
     returning, dsinks_parts, sums = [], [], None
     for chunk in range(chunks.count):
         arrived = pending.wait()
         if chunk + 1 < chunks.count:  # its exchange runs behind this chunk's ring
-            pending = exchange.post(arriving_parts, inbound(chunk + 1), regions[(chunk + 1) % 2])
+            pending = exchange.post(arriving_parts, inbound(chunk + 1), regions[(chunk + 1) % 2], inbound_places(chunk + 1))
         # read by this chunk's ring alone, before the exchange two chunks on lands in its region
-        heads_dout = exchange.stacked(arrived[0], -3)
-        heads_dlse = None if dlse is None else exchange.gather(arrived[1], -1)[..., :rows].contiguous()
+        heads_dout = exchange.stacked(arrived[0], -3) if placed_dout is None else placed_dout[chunk]
+        heads_dlse = None if placed_dlse is None else placed_dlse[chunk][..., :rows].contiguous()
         kv = chunks.kv_of(chunk)
         ring_args = (
             prepared.ring, prepared.kernels, mesh.ring,
