@@ -77,8 +77,10 @@ def test_copy_piece_lands_a_pitched_piece_as_its_bytes_places_it_back_and_refuse
     assert torch.equal(placed[..., 5:7, :], group) and placed[..., :5, :].isnan().all() and placed[..., 7:, :].isnan().all()
     with pytest.raises(ValueError, match=r"does not fit"):
         copy_piece(torch.empty(group.numel() * 2 - 2, dtype=torch.uint8), group)
+    copy_piece(placed[..., 0:2, :], group)  # both strided, of one shape and dtype
+    assert torch.equal(placed[..., 0:2, :], group)
     with pytest.raises(ValueError, match=r"neither is its bytes in order"):
-        copy_piece(placed[..., 0:2, :], group)
+        copy_piece(torch.zeros(1, 30, 16, 8)[..., 0:2, :], group)  # as many bytes, strided, another dtype
 
 
 def test_the_simulated_transport_takes_pitched_sends_as_the_copy_engine_does():
@@ -135,3 +137,16 @@ def test_the_copy_engine_sends_a_pitched_piece_by_one_2d_copy_into_its_peer(monk
     assert calls == [("copy_2d", peer_arena + 256, row, group.data_ptr(), pitch, row, 10), ("copy", peer_arena + 1024, contiguous.data_ptr(), 64)]
     with pytest.raises(ValueError, match=r"sends contiguous or pitched rows"):
         transport.shift([q.transpose(1, 2)], [arena[:640]], 1, 2)
+
+
+def test_one_2d_copy_where_both_sides_are_rows_of_one_width_and_height():
+    """The copy a GPU makes of a piece into its place: the strided side's rows (the other side
+    contiguous), or, both strided, rows of one width and height on both; else none (an SM copy)."""
+    from fa4_cp.comm.pitched import _matching_rows
+
+    into, out_of = torch.empty(1, 30, 8, 16, dtype=torch.bfloat16), torch.empty(1, 30, 4, 16, dtype=torch.bfloat16)
+    assert _matching_rows(into[..., 2:4, :], out_of[..., 0:2, :]) == (8 * 16 * 2, 4 * 16 * 2, 2 * 16 * 2, 30)
+    assert _matching_rows(torch.empty(30 * 2 * 16 * 2, dtype=torch.uint8), out_of[..., 0:2, :]) == (64, 128, 64, 30)
+    assert _matching_rows(into[..., 2:4, :], torch.empty(30 * 2 * 16 * 2, dtype=torch.uint8)) == (256, 64, 64, 30)
+    batch_rows = torch.empty(2, 60, 2, 16)[:, :30]  # a batch of rows: one row a batch, 30 x 2 x 16 wide
+    assert _matching_rows(batch_rows, torch.empty(2, 30, 8, 16)[..., 2:4, :]) is None

@@ -6,7 +6,8 @@ from rank s to rank d on a channel is two-way signalled with per-pair counters i
 array, all as stream memory operations:
   1. d stores FREE (its receive buffer is no longer read) into s's flags;
   2. s waits for d's FREE, copies its send buffers (a hop's pieces; a piece of pitched rows by
-     one 2-D copy, landing contiguous) into d's receive buffers, then stores DATA (the store is fenced behind the copies) into d's flags;
+     one 2-D copy, landing contiguous) into d's receive buffers, then stores DATA (the store is
+     fenced behind the copies) into d's flags;
   3. d waits for s's DATA before anything later on its comm stream, and so before its compute
      stream reads the buffer.
 So a receiver never reads a buffer whose write is unfinished, and a sender never overwrites a

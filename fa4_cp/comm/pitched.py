@@ -58,27 +58,42 @@ def _pitched(shape: tuple[int, ...], strides: tuple[int, ...], element: int) -> 
 def copy_piece(dst: torch.Tensor, src: torch.Tensor) -> None:
     """`src`'s elements, in order, into `dst`: of one shape and dtype, or one of them the other's
     contiguous bytes (a piece as it lands in a receive buffer, or as it is placed from there). On
-    a GPU, a piece of pitched rows beside a contiguous one goes by the copy engine (no SM)."""
-    if dst.shape == src.shape and dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous():
+    a GPU, pieces that one width and height of pitched rows describe go by the copy engine (no SM)."""
+    same = dst.shape == src.shape and dst.dtype == src.dtype
+    if dst.numel() * dst.element_size() != src.numel() * src.element_size() or not (same or dst.is_contiguous() or src.is_contiguous()):
+        raise ValueError(f"a piece of {tuple(src.shape)} {src.dtype} does not fit {tuple(dst.shape)} {dst.dtype}: neither is its bytes in order")
+    if same and dst.is_contiguous() and src.is_contiguous():
         dst.copy_(src)
         return
-    if dst.numel() * dst.element_size() != src.numel() * src.element_size() or not (dst.is_contiguous() or src.is_contiguous()):
-        raise ValueError(f"a piece of {tuple(src.shape)} {src.dtype} does not fit {tuple(dst.shape)} {dst.dtype}: neither is its bytes in order")
-    strided, contiguous = (src, dst) if dst.is_contiguous() else (dst, src)
-    rows = pitched_rows(strided)
+    rows = _matching_rows(dst, src)
     if rows is not None and dst.is_cuda and src.device == dst.device and _LOCAL_COPIES.by_copy_engine():
-        dst_pitch, src_pitch = (rows.width, rows.pitch) if strided is src else (rows.pitch, rows.width)
         try:
-            stream = torch.cuda.current_stream(dst.device)
-            stream_memops.copy_2d(stream, dst.data_ptr(), dst_pitch, src.data_ptr(), src_pitch, rows.width, rows.height)
+            stream_memops.copy_2d(torch.cuda.current_stream(dst.device), dst.data_ptr(), rows[0], src.data_ptr(), *rows[1:])
             return
         except stream_memops.DriverError as error:  # the driver may refuse an intra-device pitch
             _LOCAL_COPIES.refused(error)
-    typed = contiguous.view(-1).view(strided.dtype).view(strided.shape)
-    if strided is src:
-        typed.copy_(src)
+    if same:
+        dst.copy_(src)
+    elif dst.is_contiguous():
+        dst.view(-1).view(src.dtype).view(src.shape).copy_(src)
     else:
-        dst.copy_(typed)
+        dst.copy_(src.view(-1).view(dst.dtype).view(dst.shape))
+
+
+def _matching_rows(dst: torch.Tensor, src: torch.Tensor) -> tuple[int, int, int, int, int] | None:
+    """(dst pitch, src pitch, width, height) of one 2-D copy of `src` into `dst`: the strided
+    side's rows, the contiguous side's at the same width; where both are strided, rows of one
+    width and height on both sides. None where no one copy does it."""
+    if dst.is_contiguous() or src.is_contiguous():
+        strided = src if dst.is_contiguous() else dst
+        rows = pitched_rows(strided)
+        if rows is None:
+            return None
+        return (rows.width, rows.pitch, rows.width, rows.height) if strided is src else (rows.pitch, rows.width, rows.width, rows.height)
+    into, out_of = pitched_rows(dst), pitched_rows(src)
+    if into is None or out_of is None or (into.width, into.height) != (out_of.width, out_of.height):
+        return None
+    return into.pitch, out_of.pitch, into.width, into.height
 
 
 class _LocalCopies:

@@ -36,6 +36,15 @@ def test_copy_piece_takes_the_copy_engine_on_a_gpu():
     assert torch.equal(landed.view(torch.bfloat16).view(piece.shape), piece)
 
 
+def test_a_head_group_goes_into_another_head_group_by_one_2d_copy():
+    source = torch.randn(1, 1024, 16, 128, device="cuda", dtype=torch.bfloat16)
+    into = torch.full((1, 1024, 32, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+    pitched.copy_piece(into[..., 8:12, :], source[..., 4:8, :])
+    torch.cuda.synchronize()
+    assert pitched._LOCAL_COPIES.by_copy_engine()
+    assert torch.equal(into[..., 8:12, :], source[..., 4:8, :]) and into[..., :8, :].isnan().all() and into[..., 12:, :].isnan().all()
+
+
 @pytest.mark.usefixtures("poisoned_memory")
 @pytest.mark.parametrize(("ulysses", "ring", "name", "heads", "kv_heads"), [(2, 2, "balanced_causal", 4, 2), (4, 2, "causal_zigzag", 8, 2)])
 def test_a_mesh_sending_head_groups_where_they_lie_matches_fp64(ulysses, ring, name, heads, kv_heads):
