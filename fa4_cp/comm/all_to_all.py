@@ -64,20 +64,22 @@ def post_all_to_all(group: RingGroup, transport: Transport | None, send: torch.T
 
 def post_all_to_all_parts(
     transport: Transport, sends: list[list[torch.Tensor]], regions: list[torch.Tensor], what: str,
-    places: list[torch.Tensor | None] | None = None,
+    places: list[torch.Tensor | None] | None = None, arriving: list[int] | None = None,
 ) -> PendingAllToAll:
     """Start sending `sends[j]` (one piece per part: contiguous, or pitched rows) to rank j, on a
     transport that copies into its peers: part p lands in row (this rank) of rank j's `regions[p]`
-    (u, piece bytes each, carved from a receive region of receive_regions, every rank alike).
+    (u, piece bytes each, carved from a receive region of receive_regions, every rank alike), at
+    its start: `arriving[p]` bytes from each peer, where given (a short piece), else the row.
     Where `places[p]` (u, ...) is given, what arrives of part p from rank j is copied on into its
     row j as soon as it is here (`place_arrived`), behind the transfer on its stream; this rank's
     own piece is copied there straight away."""
     ranks, rank = transport.world_size, transport.rank
     places = None if places is None or all(place is None for place in places) else places
+    arriving = [region.shape[1] for region in regions] if arriving is None else arriving
     arrivals = []
     for offset in range(ranks):
         source = (rank - offset) % ranks
-        landed = [region[source] for region in regions]
+        landed = [region[source, :nbytes] for region, nbytes in zip(regions, arriving, strict=True)]
         if places is None:
             recvs, then = landed, None
         elif offset == 0:  # this rank's own pieces go straight to their places
@@ -86,7 +88,7 @@ def post_all_to_all_parts(
             recvs, then = landed, functools.partial(place_arrived, landed, [None if place is None else place[source] for place in places])
         arrivals.append(post_hop(
             transport, sends[(rank + offset) % ranks], recvs, offset, ALL_TO_ALL_CHANNEL,
-            Hop(what, 0, offset, rank, ranks), lands_at=[region[rank] for region in regions], then=then,
+            Hop(what, 0, offset, rank, ranks), lands_at=[region[rank, :nbytes] for region, nbytes in zip(regions, arriving)], then=then,
         ))
     return PendingAllToAll(arrivals, sends, regions)
 
@@ -96,5 +98,5 @@ def place_arrived(landed: list[torch.Tensor], places: list[torch.Tensor | None])
     one: on a GPU the copy engine's copies, on the stream the transfer ran on (bench/gpu_work.py
     times them apart)."""
     for piece, place in zip(landed, places, strict=True):
-        if place is not None:
+        if place is not None and place.numel():
             copy_piece(place, piece)

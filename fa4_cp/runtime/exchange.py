@@ -123,35 +123,31 @@ class Exchange:
             return PendingExchange(post_all_to_all(self.group, self.transport, send, "the Ulysses all-to-all"), parts, False, places)
         send = views = None  # made once some part is laid out
         pieces: list[list[torch.Tensor]] = [[] for _ in range(self.ranks)]
+        arriving = [parts.piece_bytes(part) for part in range(len(sources))]
         for part, source in enumerate(sources):
             direct = _row_pieces(source, self.ranks, parts.piece_bytes(part)) if isinstance(source, Rows) else _pitched_pieces(source)
-            if direct is None or None in direct:
+            if direct is None:
                 if send is None:
                     send = self._send_buffer(parts)
                     views = parts.views(send)
-                view = views[part]
-                if direct is None:
-                    self.lay_out([view], [source])
-                else:
-                    self._lay_out_past_end(view, source, [j for j, piece in enumerate(direct) if piece is None])
-            start = parts.offsets[part]
+                self.lay_out([views[part]], [source])
+                start = parts.offsets[part]
+                direct = [send[j, start : start + parts.piece_bytes(part)] for j in range(self.ranks)]
+            elif isinstance(source, Rows):  # pieces past the rows' end arrive short; the rest of their place is zeros
+                size, rows = direct[0].shape[source.dim], source.x.shape[source.dim]
+                here = min(max(rows - self.group.rank * size, 0), size)
+                arriving[part] = parts.piece_bytes(part) // size * here
+                if places[part] is not None and here < size:
+                    places[part].narrow(source.dim, here, size - here).zero_()
+                    places[part] = places[part].narrow(source.dim, 0, here)
             for j in range(self.ranks):
-                piece = None if direct is None else direct[j]
-                pieces[j].append(send[j, start : start + parts.piece_bytes(part)] if piece is None else piece)
+                pieces[j].append(direct[j])
         regions = parts.part_regions(region)
-        pending = post_all_to_all_parts(self.transport, pieces, regions, "the Ulysses all-to-all", places)
+        pending = post_all_to_all_parts(self.transport, pieces, regions, "the Ulysses all-to-all", places, arriving)
         return PendingExchange(pending, parts, True, places)
 
     def _send_buffer(self, parts: Parts) -> torch.Tensor:
         return torch.empty((self.ranks, parts.nbytes), dtype=torch.uint8, device=self.device)
-
-    def _lay_out_past_end(self, view: torch.Tensor, source: Rows, ranks: list[int]) -> None:
-        """The pieces of `source` for `ranks` that run past its rows' end, into their rows of
-        `view` (u, ...): what there is of each, then zeros."""
-        size, rows = view.shape[source.dim], source.x.shape[source.dim]
-        for j in ranks:
-            first = min(j * size, rows)
-            self.lay_out([view[j : j + 1]], [Rows(source.x.narrow(source.dim, first, min(size, rows - first)), source.dim)])
 
     def lay_out(self, views: list[torch.Tensor], sources: list[torch.Tensor | Rows]) -> None:
         """The copies that lay pieces out for sending (bench/gpu_work.py times them apart)."""
@@ -183,7 +179,6 @@ class Exchange:
         return self.gather(pieces, dim)
 
 
-
 def heads_place(into: torch.Tensor, ranks: int, chunks: int, chunk: int, dim: int) -> torch.Tensor:
     """Where chunk `chunk`'s pieces from every rank go in `into`, as (u, ...): their heads along
     `dim` (negative; heads ordered rank, chunk, head)."""
@@ -196,11 +191,11 @@ def rows_place(into: torch.Tensor, ranks: int, dim: int) -> torch.Tensor:
     return into.unflatten(dim, (ranks, -1)).movedim(dim - 1, 0)
 
 
-def _row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor | None] | None:
-    """Each rank's piece of `source` (`piece_bytes` of its rows) as it lies, where pitched rows
-    describe it (contiguous; or, with a batch dim or several heads before the rows, one run of
-    rows in each); None where the piece runs past the rows' end (laid out, zeros after them);
-    None for all where no pitch describes a piece (every piece laid out)."""
+def _row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor] | None:
+    """Each rank's piece of `source` (`piece_bytes` of its rows) as it lies: those past the rows'
+    end short or empty (the ring rank's rows padded to a multiple of u). None where pitched rows
+    do not describe them (contiguous; or, with a batch dim or several heads before the rows, one
+    run of rows in each): every piece laid out."""
     x, dim = source.x, source.dim
     rows = x.shape[dim]
     if not rows:
@@ -209,8 +204,8 @@ def _row_pieces(source: Rows, ranks: int, piece_bytes: int) -> list[torch.Tensor
     size = piece_bytes // row_bytes
     if size * row_bytes != piece_bytes or rows > ranks * size:
         return None
-    pieces = [x.narrow(dim, j * size, size) if (j + 1) * size <= rows else None for j in range(ranks)]
-    if pieces[0] is not None and pitched_rows(pieces[0]) is None:  # every whole piece has the first's layout
+    pieces = [x.narrow(dim, min(j * size, rows), min(max(rows - j * size, 0), size)) for j in range(ranks)]
+    if any(piece.numel() and pitched_rows(piece) is None for piece in pieces):
         return None
     return pieces
 

@@ -13,9 +13,9 @@ The model is the ring model of bench/ring_model.py reduced to closed form:
   costs a latency; until 2026-12-08 every tensor exchanged was also copied into a send buffer
   and out of the receive region, SM copies on the compute stream (charged since 2026-12-07:
   they took about as long as the fine-tuning-like mix's attention in bench/gpu_work.py's 2-D
-  cases); since, the copy engine gathers what is sent from where it lies and places what
-  arrives, behind each transfer on its stream (`exchange_parts_ms`), and only the pieces past a
-  ring rank's padded rows are SM copies (`layout_ms`); in c head chunks (runtime/ulysses.py) chunk j + 1's inbound exchange and chunk
+  cases; `layout_ms` for older code); since, the copy engine sends each piece from where it
+  lies and places what arrives, behind each transfer on its stream (`exchange_parts_ms`), and no
+  SM copy is left; in c head chunks (runtime/ulysses.py) chunk j + 1's inbound exchange and chunk
   j's outbound one run behind chunk j's ring (`pipeline_ms`), while each chunk's ring runs at its
   own h / (u c) heads, paying its steps' fixed costs and its launches in full, and a fixed cost
   beside (`Machine.chunk_fixed_ms`);
@@ -312,32 +312,29 @@ def all_to_all_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_
 LAYOUT_CODES = ("laid_out", "rows_in_place", "placed")
 """What the exchanges copied on the SMs, by the code's date: every part laid out (27070ae); out,
 dq, dk and dv sent from where the ring wrote them and dout read where it lands (2026-12-07,
-b7711fb); and since 2026-12-08 q, k, v and dout sent as their head groups lie, and what arrives
-placed into its heads by the copy engine (exchange_parts_ms charges that, on the exchange's stream)."""
+b7711fb); and since 2026-12-08 nothing: every piece sent as it lies and what arrives placed into
+its heads by the copy engine (exchange_parts_ms charges that, on the exchange's stream)."""
 
 
 def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, code: str = "placed") -> float:
     """Bytes a GPU's SM layout copies move in one call (fwd + bwd) on the compute stream
-    (runtime/ulysses.py): q, out, dout, dq and k, v, dk, dv (KV heads repeated to u where fewer,
+    (runtime/exchange.py): q, out, dout, dq and k, v, dk, dv (KV heads repeated to u where fewer,
     their dK/dV then in fp32), each copied into the send buffer and out of the receive region
     ("laid_out"). Where the transport copies into its peers and no batch dim is wider than one,
     out, dq, dk and dv go back from where the ring wrote them and the backward reads dout where it
-    lands ("rows_in_place"); and q, k, v and dout go from where they lie, the copy engine's 2-D
-    copies gathering each head group and placing what arrives ("placed"). Of dq, dk and dv the
-    last rank's piece is counted laid out: it is where a ring rank's rows are padded to a multiple
-    of u. That is all "placed" leaves on the SMs."""
+    lands ("rows_in_place"; of dq, dk and dv the last rank's piece is counted laid out: it is
+    where a ring rank's rows are padded to a multiple of u). Since "placed", the copy engine's
+    2-D copies send every piece as it lies (short past the rows' end) and place what arrives:
+    no SM copy is left."""
     if code not in LAYOUT_CODES:
         raise ValueError(f"code: expected one of {LAYOUT_CODES}, got {code!r}")
-    if u == 1:
+    if u == 1 or code == "placed":
         return 0.0
     tokens = seq_len / (u * r)
     q = tokens * heads * head_dim * BYTES_16BIT
     kv = tokens * max(kv_heads, u) * head_dim * BYTES_16BIT
     dkv = kv * (2 if kv_heads < u else 1)
-    past_the_rows = (q + 2 * dkv) / u
-    if code == "placed":
-        return past_the_rows
-    rows_in_place = 2 * q + (q + 2 * dkv) - past_the_rows
+    rows_in_place = 2 * q + (q + 2 * dkv) * (u - 1) / u
     return 2 * (4 * q + 2 * kv + 2 * dkv) - (rows_in_place if code == "rows_in_place" else 0.0)
 
 
