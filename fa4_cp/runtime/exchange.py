@@ -112,11 +112,12 @@ class Exchange:
         Through the group's collective, every part is laid out into one send buffer, and placed
         once the whole exchange is here. Where the transport copies into its peers, each part
         lands in a region of its own, from which each peer's piece is placed as soon as it
-        arrives, and its pieces are sent from where they lie: a (u, ...) tensor's rows where each
-        is pitched rows (a head group of q, k, v or dout), a Rows source's pieces that lie whole
-        and contiguous. Only the others are laid out. On a GPU the copy engine makes the pitched
-        copies, the sender's and the receiver's: no SM takes part."""
-        places = [None] * len(sources) if places is None else places
+        arrives, and its pieces are sent from where they lie, where pitched rows describe them: a
+        (u, ...) tensor's rows (a head group of q, k, v or dout), a Rows source's pieces (short or
+        empty past its rows' end, the rest of their place zeroed). Only the others are laid out.
+        On a GPU the copy engine makes the pitched copies, the sender's and the receiver's: no SM
+        takes part."""
+        places = [None] * len(sources) if places is None else list(places)
         if region is None:
             send = self._send_buffer(parts)
             self.lay_out(parts.views(send), sources)
@@ -134,7 +135,7 @@ class Exchange:
                 start = parts.offsets[part]
                 direct = [send[j, start : start + parts.piece_bytes(part)] for j in range(self.ranks)]
             elif isinstance(source, Rows):  # pieces past the rows' end arrive short; the rest of their place is zeros
-                size, rows = direct[0].shape[source.dim], source.x.shape[source.dim]
+                size, rows = parts.shapes[part][0][source.dim], source.x.shape[source.dim]
                 here = min(max(rows - self.group.rank * size, 0), size)
                 arriving[part] = parts.piece_bytes(part) // size * here
                 if places[part] is not None and here < size:
