@@ -61,6 +61,10 @@ def test_pitched_rows_of_a_head_group_and_what_has_none():
     assert pitched_rows(q[..., ::2]) is None  # the last dim strided
     assert pitched_rows(q[:, :0]) is None  # empty
     assert pitched_rows(torch.empty(5, 1, 4)[:, :, :2].expand(5, 3, 2)) is None  # rows repeated
+    from fa4_cp.comm.pitched import _pitched
+
+    assert _pitched((2, 64), (2**30 - 1, 1), 2) == PitchedRows(width=128, pitch=2**31 - 2, height=2)
+    assert _pitched((2, 64), (2**30, 1), 2) is None  # a pitch of 2 GiB: past what the driver's 2-D copy takes
 
 
 def test_copy_piece_lands_a_pitched_piece_as_its_bytes_places_it_back_and_refuses_a_misfit():

@@ -16,6 +16,7 @@ import torch
 from . import stream_memops
 
 log = logging.getLogger(__name__)
+MAX_PITCH = 2**31 - 1  # bytes: CU_DEVICE_ATTRIBUTE_MAX_PITCH on the GPUs this project runs on
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class PitchedRows:
 
 def pitched_rows(x: torch.Tensor) -> PitchedRows | None:
     """x's elements, in order, as `height` rows of `width` contiguous bytes `pitch` apart (one row
-    where x is contiguous); None where x is empty, its last dim is strided, or no one pitch
-    describes its other dims."""
+    where x is contiguous); None where x is empty, its last dim is strided, no one pitch describes
+    its other dims, or the pitch is past what a 2-D copy takes."""
     return _pitched(tuple(x.shape), x.stride(), x.element_size()) if x.numel() else None
 
 
@@ -50,7 +51,7 @@ def _pitched(shape: tuple[int, ...], strides: tuple[int, ...], element: int) -> 
         if dims[outer][1] != dims[outer + 1][1] * dims[outer + 1][0]:
             return None
         height *= dims[outer][0]
-    if pitch < row:  # overlapping (expanded) rows
+    if pitch < row or pitch * element > MAX_PITCH:  # overlapping (expanded) rows; a pitch the driver refuses
         return None
     return PitchedRows(row * element, pitch * element, height)
 
