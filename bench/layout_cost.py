@@ -32,8 +32,9 @@ from fa4_cp.tuning import mesh_model
 WORLD_SIZES = (8, 16, 32, 64, 72)
 
 
-def fitted_rate(gpu_work: dict, code: str) -> tuple[float, list[dict]]:
-    """GiB/s of layout copies: the median over gpu_work's 2-D cases of bytes per rank over ms per rank."""
+def fitted_rate(gpu_work: dict, code: str) -> tuple[float | None, list[dict]]:
+    """GiB/s of SM layout copies: the median over gpu_work's 2-D cases of bytes per rank over ms per
+    rank. None where the run's code made none (`code` "placed")."""
     cases = []
     for name, case in gpu_work["cases"].items():
         if not isinstance(case, dict) or case.get("ulysses", 1) == 1 or "ring_ms" not in case:
@@ -43,9 +44,30 @@ def fitted_rate(gpu_work: dict, code: str) -> tuple[float, list[dict]]:
         # the case's heads (32:8 where the JSON has none); the copies of the code that ran (--code)
         heads, kv_heads = case.get("heads", (32, 8))
         nbytes = mesh_model.layout_bytes(u, world // u, heads, kv_heads, case["tokens"], gpu_work["head_dim"], code)
-        cases.append({"case": name, "layout_ms_per_rank": per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
+        if nbytes and per_rank_ms:
+            cases.append({"case": name, "layout_ms_per_rank": per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
     rates = sorted(c["gib_per_s"] for c in cases)
-    return rates[len(rates) // 2], cases
+    return (rates[len(rates) // 2] if rates else None), cases
+
+
+def fitted_copy_engine_rate(gpu_work: dict) -> tuple[float | None, list[dict]]:
+    """GiB/s of the copy engine's placing (code "placed"): the median over gpu_work's un-chunked 2-D
+    cases of the bytes a rank places from its peers (`mesh_model.placed_bytes`, less its own
+    pieces, which the simulated transport copies) over the ms per rank its exchange stream spent
+    in copy-engine copies. None where the run has no such cases."""
+    cases = []
+    for name, case in gpu_work["cases"].items():
+        if not isinstance(case, dict) or case.get("ulysses", 1) == 1 or case.get("head_chunks", 1) != 1:
+            continue
+        per_rank_ms = case["ring_ms"].get("all_to_all_layout_copy_engine", 0.0) / case["world_size"]
+        if not per_rank_ms:
+            continue
+        u, world = case["ulysses"], case["world_size"]
+        heads, kv_heads = case.get("heads", (32, 8))
+        nbytes = mesh_model.placed_bytes(u, world // u, heads, kv_heads, case["tokens"], gpu_work["head_dim"]) * (u - 1) / u
+        cases.append({"case": name, "copy_engine_ms_per_rank": per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
+    rates = sorted(c["gib_per_s"] for c in cases)
+    return (rates[len(rates) // 2] if rates else None), cases
 
 
 def picks(machine: mesh_model.Machine, seed: int) -> list[dict]:
@@ -80,19 +102,28 @@ def main() -> None:
     with opener(args.gpu_work, "rt") as f:
         gpu_work = json.load(f)
     rate, cases = fitted_rate(gpu_work, args.code)
+    copy_engine_rate, copy_engine_cases = fitted_copy_engine_rate(gpu_work) if args.code == "placed" else (None, [])
     h200 = mesh_model.H200
     result = record(
         "layout_cost", "cpu", gpu_work=args.gpu_work, gpu_work_device=gpu_work["device"], gpu_work_commit=gpu_work["git_commit"],
-        measured_cases=cases, run_code=args.code, fitted_gib_per_s=rate, h200_gib_per_s_assumed=h200.layout_gib_per_s, seed=args.seed,
+        measured_cases=cases, run_code=args.code, fitted_gib_per_s=rate,
+        copy_engine_cases=copy_engine_cases, fitted_copy_engine_gib_per_s=copy_engine_rate,
+        h200_gib_per_s_assumed=h200.layout_gib_per_s, h200_copy_engine_gib_per_s=h200.local_copy_gib_per_s, seed=args.seed,
         note="plan_mesh's predictions on its H200 machine, a model",
         with_layout_copies=picks(h200, args.seed),
-        with_layout_copies_at_the_h100_rate=picks(dataclasses.replace(h200, layout_gib_per_s=rate), args.seed),
+        with_layout_copies_at_the_h100_rate=picks(dataclasses.replace(
+            h200, layout_gib_per_s=rate or h200.layout_gib_per_s, local_copy_gib_per_s=copy_engine_rate or h200.local_copy_gib_per_s,
+        ), args.seed),
         without_layout_copies=picks(dataclasses.replace(h200, layout_gib_per_s=math.inf), args.seed),
         without_any_copies=picks(dataclasses.replace(h200, layout_gib_per_s=math.inf, local_copy_gib_per_s=math.inf), args.seed),
     )
     write(result, Path(args.out))
-    fits = ", ".join(f"{c['case']} {c['gib_per_s']:.0f}" for c in cases)
-    print(f"layout copies: {rate:.0f} GiB/s ({fits}); H200 assumed {h200.layout_gib_per_s:.0f}")
+    for what, fitted, fitted_cases, assumed in (
+        ("SM layout copies", rate, cases, h200.layout_gib_per_s), ("copy-engine placing", copy_engine_rate, copy_engine_cases, h200.local_copy_gib_per_s),
+    ):
+        if fitted is not None:
+            fits = ", ".join(f"{c['case']} {c['gib_per_s']:.0f}" for c in fitted_cases)
+            print(f"{what}: {fitted:.0f} GiB/s ({fits}); H200's {assumed:.0f}")
     for key in ("without_any_copies", "without_layout_copies", "with_layout_copies", "with_layout_copies_at_the_h100_rate"):
         rows = result[key]
         print(key, "; ".join(f"{r['mix']} W={r['world_size']} {r['pick']} ({r['pick_ms'] / r['plain_ring_ms']:.2f} of the ring)" for r in rows))

@@ -244,7 +244,8 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
     (ASSUMED: no multi-GPU run has measured them), in a split replayed in head chunks pipelined
     with the chunks' rings as runtime/ulysses.py posts them (mesh_model.pipeline_ms), else around
     the ring, plus the exchanges' layout copies (mesh_model.layout_ms: SM work the replay does not
-    run, charged since 2026-12-07); the cross-rank check apart, since a group with a CPU backend beside NCCL checks on
+    run, charged since 2026-12-07; none since 2026-12-08, whose copy engine places what arrives
+    inside each exchange); the cross-rank check apart, since a group with a CPU backend beside NCCL checks on
     the host. GB200 NVL72 as in `predict` (ASSUMED). `picked_by_plan_mesh`: whether plan_mesh, at
     this checkout, picks the split and head chunks for the batch (bench/mixes.py regenerates it)."""
     from mixes import batches
@@ -252,7 +253,8 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
     from fa4_cp import plan_mesh
     from fa4_cp.runtime.travelling import KV_HOPS_AHEAD
     from fa4_cp.tuning.mesh_model import (
-        GB200_NVL72, H200 as H200_MACHINE, LAYOUT_H100_GIB_PER_S, all_to_all_ms, exchange_parts_ms, layout_ms, pipeline_ms,
+        GB200_NVL72, H200 as H200_MACHINE, LAYOUT_H100_GIB_PER_S, LOCAL_COPY_H100_GIB_PER_S, all_to_all_ms, exchange_parts_ms, layout_ms,
+        pipeline_ms,
     )
 
     picks = {}
@@ -262,8 +264,9 @@ def replayed_splits(replay: dict, link: dict, checks: dict[int, float]) -> list[
         plan = plan_mesh(world, replay["heads"], replay["kv_heads"], sum(lengths), head_dim=replay["head_dim"], documents=lengths)
         picks[row["mix"], world] = (plan.ulysses, plan.head_chunks)
     out = []
-    # the layout copies at the replay's GPU's rate: its compute is that GPU's
-    replayed = dataclasses.replace(H200_MACHINE, layout_gib_per_s=LAYOUT_H100_GIB_PER_S) if "H100" in replay["device"] else H200_MACHINE
+    # the exchanges' copies at the replay's GPU's rates: its compute is that GPU's
+    h100_copies = dict(layout_gib_per_s=LAYOUT_H100_GIB_PER_S, local_copy_gib_per_s=LOCAL_COPY_H100_GIB_PER_S)
+    replayed = dataclasses.replace(H200_MACHINE, **h100_copies) if "H100" in replay["device"] else H200_MACHINE
     for machine, scales, exchange in ((f"{replay['device']} compute, H200 hops", H200, replayed), ("GB200 NVL72", GB200, GB200_NVL72)):
         for row in replay["rows"]:
             world, one_device = row["world_size"], row.get("upstream_one_device_ms")

@@ -152,6 +152,22 @@ def test_layout_cost_fits_the_copies_rate_and_predicts_each_split_with_and_witho
             assert placing == 0 if split.startswith("1 x") else placing > 0
 
 
+def test_layout_cost_fits_the_copy_engines_placing_from_a_run_of_the_placing_code(tmp_path):
+    """bench/layout_cost.py --code placed on session 37's H100 gpu_work: no SM copy to fit, and the
+    copy engine's placing at plan_mesh's H100 figure."""
+    from fa4_cp.tuning.mesh_model import LOCAL_COPY_H100_GIB_PER_S
+
+    out = tmp_path / "layout_cost.json"
+    gpu_work = BENCH / "results" / "nvidia_h100_2026-12-08_s37" / "gpu_work_2d.json"
+    subprocess.run(
+        [sys.executable, "layout_cost.py", str(gpu_work), "--code", "placed", "--out", str(out)],
+        cwd=BENCH, check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert result["fitted_gib_per_s"] is None and not result["measured_cases"]
+    assert len(result["copy_engine_cases"]) == 2 and result["fitted_copy_engine_gib_per_s"] == pytest.approx(LOCAL_COPY_H100_GIB_PER_S, rel=0.01)
+
+
 def test_host_profile_dry_run_times_the_ring_functions_of_each_call(tmp_path):
     out = tmp_path / "host_profile.json"
     subprocess.run(

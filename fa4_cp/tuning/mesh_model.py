@@ -88,14 +88,18 @@ _STEP_MS, _LAUNCH_MS, _CALL_MS = step_us() / 1e3, RING.launch / 1e3, RING.call_o
 # The exchanges' layout copies on an H100: `layout_bytes` ("laid_out", as at 27070ae) over their
 # time, 716-727 GiB/s in the four 2-D cases of bench/results/nvidia_h100_2026-12-07_s28/
 # gpu_work.json.gz (bench/layout_cost.py, median). Elsewhere ASSUMED: scaled by the HBM bandwidth
-# (H200 4.8, GB200 8.0 TB/s against 3.35). The copy engine's copies within a GPU, which place what
-# arrives since 2026-12-08, are ASSUMED to run at the same rate: no run has timed them yet.
+# (H200 4.8, GB200 8.0 TB/s against 3.35).
 LAYOUT_H100_GIB_PER_S = 718.0
+# The copy engine's copies within a GPU that place what arrives (since 2026-12-08): `placed_bytes`
+# from the peers over their time on the exchange's stream, 550-558 GiB/s in the two un-chunked 2-D
+# cases of bench/results/nvidia_h100_2026-12-08_s37/gpu_work_2d.json (bench/layout_cost.py --code
+# placed, median). Elsewhere ASSUMED: scaled by HBM bandwidth as above.
+LOCAL_COPY_H100_GIB_PER_S = 558.0
 
 H200 = Machine(
     "H200", attention_tflops=480.0, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
     hop_gib_per_s=354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=300.0, layout_gib_per_s=LAYOUT_H100_GIB_PER_S * 4.8 / 3.35,
-    local_copy_gib_per_s=LAYOUT_H100_GIB_PER_S * 4.8 / 3.35,
+    local_copy_gib_per_s=LOCAL_COPY_H100_GIB_PER_S * 4.8 / 3.35,
     measured={
         "attention_tflops": "bench/results/nvidia_h200_2026-12-01/kernels_nvidia_h200_2026-12-01_quick.json.gz (fa4_cp fwd and bwd step, d 128, 8K)",
         "step_overhead_ms": "tuning/kernel_cost.py RING.launch (nvidia_h200_2026-12-06/fit_replay_costs_staged.json.gz) + RING.step_other (nvidia_h100_2026-12-06_s14/fit_replay_costs.json, an H100)",
@@ -108,7 +112,7 @@ H200 = Machine(
 GB200_NVL72 = Machine(
     "GB200 NVL72 (assumed)", attention_tflops=480.0 * 2250.0 / 989.4, step_overhead_ms=_STEP_MS, step_launch_ms=_LAUNCH_MS, call_overhead_ms=_CALL_MS, hop_latency_ms=0.073,
     hop_gib_per_s=2 * 354.0, all_to_all_latency_ms=0.05, all_to_all_gib_per_s=600.0, layout_gib_per_s=LAYOUT_H100_GIB_PER_S * 8.0 / 3.35,
-    local_copy_gib_per_s=LAYOUT_H100_GIB_PER_S * 8.0 / 3.35,
+    local_copy_gib_per_s=LOCAL_COPY_H100_GIB_PER_S * 8.0 / 3.35,
 )
 
 
@@ -336,6 +340,16 @@ def layout_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_d
     dkv = kv * (2 if kv_heads < u else 1)
     rows_in_place = 2 * q + (q + 2 * dkv) * (u - 1) / u
     return 2 * (4 * q + 2 * kv + 2 * dkv) - (rows_in_place if code == "rows_in_place" else 0.0)
+
+
+def placed_bytes(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int) -> float:
+    """Bytes the copy engine places on a GPU in one call (fwd + bwd), all u pieces of each exchange,
+    as `exchange_parts_ms` charges them: q, k and v in; out out; dq, dk and dv out (dout is read
+    where it lands). KV heads repeated to u where fewer."""
+    if u == 1:
+        return 0.0
+    kv_travelling = 2 * max(kv_heads, u)
+    return (3 * heads + 2 * kv_travelling) * seq_len / (u * r) * head_dim * BYTES_16BIT
 
 
 def layout_ms(u: int, r: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, machine: Machine) -> float:
