@@ -32,42 +32,43 @@ from fa4_cp.tuning import mesh_model
 WORLD_SIZES = (8, 16, 32, 64, 72)
 
 
-def fitted_rate(gpu_work: dict, code: str) -> tuple[float | None, list[dict]]:
-    """GiB/s of SM layout copies: the median over gpu_work's 2-D cases of bytes per rank over ms per
-    rank. None where the run's code made none (`code` "placed")."""
+def _median_rate(gpu_work: dict, ms_kind: str, ms_name: str, nbytes_of, cases_of=lambda case: True) -> tuple[float | None, list[dict]]:
+    """The median GiB/s over gpu_work's 2-D cases (those `cases_of` takes) of `nbytes_of(case, u,
+    r, heads, kv_heads)` bytes per rank over the ms per rank of `ring_ms[ms_kind]` (recorded as
+    `ms_name`), leaving out cases with neither; None where none is left."""
     cases = []
     for name, case in gpu_work["cases"].items():
-        if not isinstance(case, dict) or case.get("ulysses", 1) == 1 or "ring_ms" not in case:
+        if not isinstance(case, dict) or case.get("ulysses", 1) == 1 or "ring_ms" not in case or not cases_of(case):
             continue
         u, world = case["ulysses"], case["world_size"]
-        per_rank_ms = case["ring_ms"]["all_to_all_layout"] / world
-        # the case's heads (32:8 where the JSON has none); the copies of the code that ran (--code)
-        heads, kv_heads = case.get("heads", (32, 8))
-        nbytes = mesh_model.layout_bytes(u, world // u, heads, kv_heads, case["tokens"], gpu_work["head_dim"], code)
+        per_rank_ms = case["ring_ms"].get(ms_kind, 0.0) / world
+        heads, kv_heads = case.get("heads", (32, 8))  # 32:8 where the JSON has none
+        nbytes = nbytes_of(case, u, world // u, heads, kv_heads)
         if nbytes and per_rank_ms:
-            cases.append({"case": name, "layout_ms_per_rank": per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
+            cases.append({"case": name, ms_name: per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
     rates = sorted(c["gib_per_s"] for c in cases)
     return (rates[len(rates) // 2] if rates else None), cases
+
+
+def fitted_rate(gpu_work: dict, code: str) -> tuple[float | None, list[dict]]:
+    """GiB/s of SM layout copies: bytes per rank (the copies of the code that ran, `code`) over ms
+    per rank. None where the run's code made none (`code` "placed")."""
+    return _median_rate(
+        gpu_work, "all_to_all_layout", "layout_ms_per_rank",
+        lambda case, u, r, heads, kv_heads: mesh_model.layout_bytes(u, r, heads, kv_heads, case["tokens"], gpu_work["head_dim"], code),
+    )
 
 
 def fitted_copy_engine_rate(gpu_work: dict) -> tuple[float | None, list[dict]]:
-    """GiB/s of the copy engine's placing (code "placed"): the median over gpu_work's un-chunked 2-D
-    cases of the bytes a rank places from its peers (`mesh_model.placed_bytes`, less its own
-    pieces, which the simulated transport copies) over the ms per rank its exchange stream spent
-    in copy-engine copies. None where the run has no such cases."""
-    cases = []
-    for name, case in gpu_work["cases"].items():
-        if not isinstance(case, dict) or case.get("ulysses", 1) == 1 or case.get("head_chunks", 1) != 1:
-            continue
-        per_rank_ms = case["ring_ms"].get("all_to_all_layout_copy_engine", 0.0) / case["world_size"]
-        if not per_rank_ms:
-            continue
-        u, world = case["ulysses"], case["world_size"]
-        heads, kv_heads = case.get("heads", (32, 8))
-        nbytes = mesh_model.placed_bytes(u, world // u, heads, kv_heads, case["tokens"], gpu_work["head_dim"]) * (u - 1) / u
-        cases.append({"case": name, "copy_engine_ms_per_rank": per_rank_ms, "bytes_per_rank": nbytes, "gib_per_s": nbytes / 2**30 / (per_rank_ms / 1e3)})
-    rates = sorted(c["gib_per_s"] for c in cases)
-    return (rates[len(rates) // 2] if rates else None), cases
+    """GiB/s of the copy engine's placing (code "placed"), over the un-chunked 2-D cases: the bytes a
+    rank places from its peers (`mesh_model.placed_bytes`, less its own pieces, which the
+    simulated transport copies) over the ms per rank its exchange stream spent in copy-engine
+    copies. None where the run has no such cases."""
+    return _median_rate(
+        gpu_work, "all_to_all_layout_copy_engine", "copy_engine_ms_per_rank",
+        lambda case, u, r, heads, kv_heads: mesh_model.placed_bytes(u, r, heads, kv_heads, case["tokens"], gpu_work["head_dim"]) * (u - 1) / u,
+        cases_of=lambda case: case.get("head_chunks", 1) == 1,
+    )
 
 
 def picks(machine: mesh_model.Machine, seed: int) -> list[dict]:

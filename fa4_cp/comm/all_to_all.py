@@ -76,6 +76,7 @@ def post_all_to_all_parts(
     ranks, rank = transport.world_size, transport.rank
     places = None if places is None or all(place is None for place in places) else places
     arriving = [region.shape[1] for region in regions] if arriving is None else arriving
+    mine = [region[rank, :nbytes] for region, nbytes in zip(regions, arriving)]  # where this rank's pieces land on each peer
     arrivals = []
     for offset in range(ranks):
         source = (rank - offset) % ranks
@@ -88,7 +89,7 @@ def post_all_to_all_parts(
             recvs, then = landed, functools.partial(place_arrived, landed, [None if place is None else place[source] for place in places])
         arrivals.append(post_hop(
             transport, sends[(rank + offset) % ranks], recvs, offset, ALL_TO_ALL_CHANNEL,
-            Hop(what, 0, offset, rank, ranks), lands_at=[region[rank, :nbytes] for region, nbytes in zip(regions, arriving)], then=then,
+            Hop(what, 0, offset, rank, ranks), lands_at=mine, then=then,
         ))
     return PendingAllToAll(arrivals, sends, regions)
 

@@ -164,7 +164,7 @@ class Exchange:
         shape = list(pieces.shape[1:])
         shape[dim] *= pieces.shape[0]
         into = pieces.new_empty(shape) if into is None else into
-        into.unflatten(dim, (pieces.shape[0], -1)).copy_(pieces.movedim(0, dim - 1))
+        rows_place(into, pieces.shape[0], dim).copy_(pieces)
         return into
 
     def stacked(self, pieces: torch.Tensor, dim: int) -> torch.Tensor:
